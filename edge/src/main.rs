@@ -1,0 +1,135 @@
+//! `tandem-edge`: the edge client.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+use tandem_edge::{GenerateRequest, LocalGenerator};
+use tandem_model::{fetch, DraftSpec, LoadedModel, SamplingParams};
+
+#[derive(Parser)]
+#[command(name = "tandem-edge", version, about = "Tandem edge client: draft locally, verify on a server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage the default model.
+    Model {
+        #[command(subcommand)]
+        action: ModelAction,
+    },
+    /// Generate text for one prompt.
+    Generate(GenerateArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelAction {
+    /// Download SmolLM2-135M-Instruct into $TANDEM_HOME (default ~/.cache/tandem),
+    /// check its sha256 and print its path. Does nothing if it is already there.
+    Fetch,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Run draft and verification in this process (no server).
+    #[arg(long)]
+    local: bool,
+    /// Target model: a llama-family GGUF file (default: SmolLM2-135M-Instruct, fetched on first use).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Draft source: none, ngram, layers:N (the target's first N layers) or model:PATH.
+    #[arg(long, default_value = "layers:25")]
+    draft: String,
+    /// Drafted tokens per verification round.
+    #[arg(long, default_value_t = 4)]
+    draft_len: usize,
+    #[arg(long)]
+    prompt: String,
+    /// Send the prompt as is, without the model's chat template.
+    #[arg(long)]
+    raw: bool,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0 keeps all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object with the text, token ids and speculation statistics.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Model { action: ModelAction::Fetch } => {
+            let path = fetch::ensure_default_model(true)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Generate(args) => generate(args),
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    if !args.local {
+        anyhow::bail!("`--local` is required: the networked mode needs a tandem-server, which this build does not have yet");
+    }
+    let draft: DraftSpec = args.draft.parse()?;
+    let model_path = match &args.model {
+        Some(p) => p.clone(),
+        None => fetch::ensure_default_model(false).context("fetching the default model (or pass --model PATH)")?,
+    };
+    let target = LoadedModel::load(&model_path).with_context(|| format!("loading --model {}", model_path.display()))?;
+    let draft_source = draft.build(&target).with_context(|| format!("building --draft {draft}"))?;
+    let text = if args.raw { args.prompt.clone() } else { target.tokenizer.chat_prompt(&args.prompt) };
+    let prompt = target.tokenizer.encode(&text)?;
+    let request = GenerateRequest {
+        prompt,
+        max_new_tokens: args.max_new_tokens,
+        draft_len: args.draft_len,
+        sampling: SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
+    };
+    let tokenizer = target.tokenizer.clone();
+    let mut generator = LocalGenerator::new(target, draft_source);
+    let mut stream = tokenizer.stream();
+    let mut stdout = std::io::stdout();
+    let json = args.json;
+    let generation = generator.generate(&request, |t| {
+        if !json {
+            if let Ok(piece) = stream.push(t) {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            }
+        }
+    })?;
+    if json {
+        let mut value = serde_json::to_value(&generation)?;
+        value["draft"] = serde_json::Value::String(draft.to_string());
+        value["model"] = serde_json::Value::String(model_path.display().to_string());
+        println!("{value}");
+    } else {
+        println!();
+        eprintln!(
+            "[{} tokens, {} rounds, acceptance {:.1} %, {:.2} tokens/round, {:.0} ms]",
+            generation.tokens.len(),
+            generation.rounds,
+            100.0 * generation.acceptance_rate,
+            generation.tokens_per_round,
+            generation.wall_ms
+        );
+    }
+    Ok(())
+}

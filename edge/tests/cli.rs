@@ -1,0 +1,78 @@
+//! The `tandem-edge` binary as a user runs it.
+
+use std::process::Command;
+
+fn edge() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tandem-edge"))
+}
+
+#[test]
+fn model_fetch_is_idempotent_and_prints_the_path() {
+    for _ in 0..2 {
+        let out = edge().args(["model", "fetch"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let path = String::from_utf8(out.stdout).unwrap();
+        assert!(path.trim().ends_with("SmolLM2-135M-Instruct.Q4_1.gguf"), "{path}");
+        assert!(std::path::Path::new(path.trim()).is_file());
+    }
+}
+
+#[test]
+fn generate_local_json_reports_the_run() {
+    let out = edge()
+        .args(["generate", "--local", "--draft", "layers:25", "--prompt", "Name a colour.", "--max-new-tokens", "12", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tokens = v["tokens"].as_array().unwrap();
+    assert!(!tokens.is_empty() && tokens.len() <= 12);
+    assert!(!v["text"].as_str().unwrap().is_empty());
+    for field in ["rounds", "drafted", "accepted", "acceptance_rate", "tokens_per_round", "wall_ms", "ttft_ms"] {
+        assert!(v[field].is_number(), "missing {field} in {v}");
+    }
+    let rate = v["acceptance_rate"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&rate));
+    assert_eq!(v["draft"], "layers:25");
+}
+
+#[test]
+fn sampled_generation_is_reproducible_for_a_seed() {
+    let run = |seed: &str| {
+        let out = edge()
+            .args(["generate", "--local", "--draft", "ngram", "--prompt", "Tell me a story.", "--max-new-tokens", "16"])
+            .args(["--temperature", "0.9", "--top-p", "0.95", "--seed", seed, "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["tokens"].clone()
+    };
+    assert_eq!(run("5"), run("5"));
+}
+
+#[test]
+fn text_mode_streams_the_answer() {
+    let out = edge()
+        .args(["generate", "--local", "--draft", "none", "--raw", "--prompt", "The capital of France is", "--max-new-tokens", "4"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
+}
+
+#[test]
+fn bad_flags_get_messages_naming_them() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["generate", "--local", "--draft", "bogus", "--prompt", "x"], "--draft"),
+        (&["generate", "--local", "--draft", "layers:99", "--prompt", "x"], "--draft"),
+        (&["generate", "--local", "--model", "/nonexistent.gguf", "--prompt", "x"], "--model"),
+        (&["generate", "--local", "--prompt", "x", "--top-p", "0"], "top_p"),
+        (&["generate", "--prompt", "x"], "--local"),
+    ];
+    for (args, flag) in cases {
+        let out = edge().args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag), "{args:?}: error does not name {flag}: {err}");
+    }
+}

@@ -1,0 +1,228 @@
+//! Draft sources: what proposes tokens for the target to verify.
+
+use crate::sampling::{argmax, SamplingParams, SessionRng, SparseDist};
+use crate::{Llama, LoadedModel, LogitsFor, ModelError, Result, SeqPass};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// Tokens proposed for one verification round.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Proposal {
+    pub tokens: Vec<u32>,
+    /// The distribution each token was drawn from (after temperature, top-k
+    /// ≤ 64 and top-p); empty for greedy requests.
+    pub dists: Vec<SparseDist>,
+}
+
+/// Anything that can propose continuations. Sources keep their own state
+/// (a KV cache) and resynchronise from `context` on every call, so a
+/// rejection needs no separate rollback call.
+pub trait DraftSource: Send {
+    /// Proposes up to `k` tokens to follow `context` (prompt and every token
+    /// accepted so far).
+    fn propose(&mut self, context: &[u32], k: usize, sampling: &SamplingParams, rng: &mut SessionRng) -> Result<Proposal>;
+}
+
+/// The `--draft` argument.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DraftSpec {
+    /// No drafting: plain target decoding.
+    None,
+    /// Prompt lookup over the session's own tokens.
+    Ngram,
+    /// The target's own first N layers, final norm and head.
+    Layers(usize),
+    /// Another GGUF model with the target's vocabulary.
+    Model(PathBuf),
+}
+
+impl FromStr for DraftSpec {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |why: &str| ModelError::InvalidArgument(format!("`--draft {s}`: {why} (expected none, ngram, layers:N or model:PATH)"));
+        match s.split_once(':') {
+            None if s == "none" => Ok(DraftSpec::None),
+            None if s == "ngram" => Ok(DraftSpec::Ngram),
+            Some(("layers", n)) => n.parse().map(DraftSpec::Layers).map_err(|_| bad("N must be a positive integer")),
+            Some(("model", p)) if !p.is_empty() => Ok(DraftSpec::Model(PathBuf::from(p))),
+            _ => Err(bad("unknown draft")),
+        }
+    }
+}
+
+impl std::fmt::Display for DraftSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DraftSpec::None => write!(f, "none"),
+            DraftSpec::Ngram => write!(f, "ngram"),
+            DraftSpec::Layers(n) => write!(f, "layers:{n}"),
+            DraftSpec::Model(p) => write!(f, "model:{}", p.display()),
+        }
+    }
+}
+
+impl DraftSpec {
+    /// Builds the source for `target`. Model drafts must share the target's
+    /// vocabulary token for token.
+    pub fn build(&self, target: &LoadedModel) -> Result<Box<dyn DraftSource>> {
+        let stop = target.tokenizer.eos_tokens().to_vec();
+        Ok(match self {
+            DraftSpec::None => Box::new(NoDraft),
+            DraftSpec::Ngram => Box::new(NgramDraft::new(3)),
+            DraftSpec::Layers(n) => {
+                let total = target.llama.config().n_layers;
+                if *n == 0 || *n > total {
+                    return Err(ModelError::InvalidArgument(format!(
+                        "`--draft layers:{n}`: N must be between 1 and the target's {total} layers"
+                    )));
+                }
+                Box::new(ModelDraft::new(target.llama.clone(), *n, stop))
+            }
+            DraftSpec::Model(path) => {
+                let draft = LoadedModel::load(path)?;
+                check_same_vocab(target, &draft, &self.to_string())?;
+                let n = draft.llama.config().n_layers;
+                Box::new(ModelDraft::new(draft.llama, n, stop))
+            }
+        })
+    }
+}
+
+fn check_same_vocab(target: &LoadedModel, draft: &LoadedModel, name: &str) -> Result<()> {
+    let (t, d) = (&target.tokenizer, &draft.tokenizer);
+    let mismatch = |reason: String| Err(ModelError::DraftMismatch { draft: name.to_string(), reason });
+    if t.vocab_size() != d.vocab_size() || target.llama.config().vocab != draft.llama.config().vocab {
+        return mismatch(format!(
+            "vocabulary of {} tokens, the target has {}",
+            draft.llama.config().vocab,
+            target.llama.config().vocab
+        ));
+    }
+    if let Some(id) = (0..t.vocab_size() as u32).find(|&i| t.decode(&[i]).ok() != d.decode(&[i]).ok()) {
+        return mismatch(format!("token {id} differs from the target's"));
+    }
+    Ok(())
+}
+
+/// Proposes nothing: every round verifies only the last token.
+pub struct NoDraft;
+
+impl DraftSource for NoDraft {
+    fn propose(&mut self, _: &[u32], _: usize, _: &SamplingParams, _: &mut SessionRng) -> Result<Proposal> {
+        Ok(Proposal::default())
+    }
+}
+
+/// Prompt lookup: find the latest earlier occurrence of the context's last
+/// n tokens (n from `max_ngram` down to 1) and propose what followed it.
+pub struct NgramDraft {
+    max_ngram: usize,
+}
+
+impl NgramDraft {
+    pub fn new(max_ngram: usize) -> Self {
+        NgramDraft { max_ngram }
+    }
+
+    fn lookup(&self, context: &[u32], k: usize) -> Vec<u32> {
+        let len = context.len();
+        for n in (1..=self.max_ngram.min(len.saturating_sub(1))).rev() {
+            let suffix = &context[len - n..];
+            // Latest match whose continuation lies inside the context.
+            if let Some(start) = (0..len - n).rev().find(|&i| &context[i..i + n] == suffix) {
+                let from = start + n;
+                return context[from..(from + k).min(len)].to_vec();
+            }
+        }
+        Vec::new()
+    }
+}
+
+impl DraftSource for NgramDraft {
+    fn propose(&mut self, context: &[u32], k: usize, sampling: &SamplingParams, _: &mut SessionRng) -> Result<Proposal> {
+        let tokens = self.lookup(context, k);
+        // A lookup is deterministic: its distribution is a point mass.
+        let dists = if sampling.is_greedy() { vec![] } else { tokens.iter().map(|&t| SparseDist::point(t)).collect() };
+        Ok(Proposal { tokens, dists })
+    }
+}
+
+/// A llama-family model (or the first N layers of one) drafting
+/// autoregressively with its own KV cache.
+pub struct ModelDraft {
+    llama: Arc<Llama>,
+    cache: crate::KvCache,
+    /// Tokens whose keys and values the cache holds.
+    cached: Vec<u32>,
+    stop: Vec<u32>,
+}
+
+impl ModelDraft {
+    pub fn new(llama: Arc<Llama>, n_layers: usize, stop: Vec<u32>) -> Self {
+        let cache = llama.new_cache(n_layers);
+        ModelDraft { llama, cache, cached: Vec::new(), stop }
+    }
+}
+
+impl DraftSource for ModelDraft {
+    fn propose(&mut self, context: &[u32], k: usize, sampling: &SamplingParams, rng: &mut SessionRng) -> Result<Proposal> {
+        let mut proposal = Proposal::default();
+        if k == 0 || context.is_empty() {
+            return Ok(proposal);
+        }
+        // Keep the cached prefix the context still agrees with; at least the
+        // last context token is fed again to get its logits.
+        let common = self.cached.iter().zip(context).take_while(|(a, b)| a == b).count().min(context.len() - 1);
+        self.cache.truncate(common);
+        self.cached.truncate(common);
+        let draft_sampling = sampling.for_draft();
+        let mut feed = context[common..].to_vec();
+        for _ in 0..k {
+            let logits = self.llama.forward(&mut [SeqPass { cache: &mut self.cache, tokens: &feed, logits: LogitsFor::Last }])?;
+            self.cached.extend_from_slice(&feed);
+            let row = logits[0].row(0);
+            let token = if sampling.is_greedy() {
+                argmax(row)
+            } else {
+                let q = draft_sampling.distribution(row);
+                let t = q.sample(rng);
+                proposal.dists.push(q);
+                t
+            };
+            proposal.tokens.push(token);
+            if self.stop.contains(&token) {
+                break;
+            }
+            feed = vec![token];
+        }
+        Ok(proposal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_print() {
+        for s in ["none", "ngram", "layers:20", "model:/tmp/x.gguf"] {
+            assert_eq!(s.parse::<DraftSpec>().unwrap().to_string(), s);
+        }
+        for bad in ["layers:", "layers:x", "model:", "bogus"] {
+            let err = bad.parse::<DraftSpec>().unwrap_err().to_string();
+            assert!(err.contains("--draft"), "{err}");
+        }
+    }
+
+    #[test]
+    fn ngram_proposes_what_followed_the_latest_match() {
+        let d = NgramDraft::new(3);
+        // "1 2 3 4 5 | 1 2 3" → continue with 4 5.
+        assert_eq!(d.lookup(&[1, 2, 3, 4, 5, 9, 1, 2, 3], 2), vec![4, 5]);
+        // Longest suffix first: "7 8" matches at the end of the first run.
+        assert_eq!(d.lookup(&[7, 8, 1, 6, 8, 2, 7, 8], 3), vec![1, 6, 8]);
+        assert_eq!(d.lookup(&[1, 2, 3], 4), Vec::<u32>::new());
+        assert_eq!(d.lookup(&[], 4), Vec::<u32>::new());
+    }
+}

@@ -1,0 +1,47 @@
+//! Tandem's model core: GGUF loading, the tokenizer, a llama-family forward
+//! over ragged multi-sequence batches with per-sequence KV caches, draft
+//! sources, sampling and the lossless verification rule.
+//!
+//! Everything here is pure computation over model files: no network, no
+//! clocks (the one exception, fetching the default model, is in `fetch`).
+
+mod draft;
+mod error;
+pub mod fetch;
+pub mod kernels;
+mod kv_cache;
+mod llama;
+mod sampling;
+mod tokenizer;
+mod verify;
+
+pub use draft::{DraftSource, DraftSpec, ModelDraft, NgramDraft, NoDraft, Proposal};
+pub use error::{ModelError, Result};
+pub use kv_cache::KvCache;
+pub use llama::{Llama, LlamaConfig, Logits, LogitsFor, SeqPass};
+pub use sampling::{argmax, SamplingParams, SessionRng, SparseDist};
+pub use tokenizer::{TextStream, Tokenizer};
+pub use verify::{verify_greedy, verify_sampled, Verdict};
+
+use candle_core::quantized::gguf_file;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A model file loaded once: weights and tokenizer.
+#[derive(Clone)]
+pub struct LoadedModel {
+    pub llama: Arc<Llama>,
+    pub tokenizer: Arc<Tokenizer>,
+}
+
+impl LoadedModel {
+    pub fn load(path: &Path) -> Result<Self> {
+        let io_err = |source| ModelError::Io { path: path.display().to_string(), source };
+        let mut file = std::fs::File::open(path).map_err(io_err)?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| ModelError::Format(format!("`{}` is not a readable GGUF file: {e}", path.display())))?;
+        let tokenizer = Tokenizer::from_gguf(&content)?;
+        let llama = Llama::from_gguf(&content, &mut file)?;
+        Ok(LoadedModel { llama: Arc::new(llama), tokenizer: Arc::new(tokenizer) })
+    }
+}

@@ -1,0 +1,443 @@
+//! Llama-family decoder (llama, SmolLM, Mistral-style GQA) from GGUF files.
+//!
+//! Unlike candle-transformers' `quantized_llama`, one forward call takes a
+//! ragged batch of sequences, each with its own KV cache and start position,
+//! concatenates their new tokens so every linear layer runs once over the
+//! whole batch, runs attention per sequence, and returns logits for every
+//! position asked for. Every kernel is batch-invariant (see `kernels`).
+
+use crate::kernels::{dot_f32, rms_norm, QLinear, QMatrix};
+use crate::{KvCache, ModelError, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{CpuStorage, CustomOp2, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::io::{Read, Seek};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Shape of a llama-family model, read once from GGUF metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    pub hidden: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    /// Longest sequence (prompt + generated) the model accepts.
+    pub context_len: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+}
+
+impl LlamaConfig {
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
+        let md = &content.metadata;
+        let get = |key: &str| md.get(key).ok_or_else(|| ModelError::Format(format!("missing metadata `{key}`")));
+        let arch = get("general.architecture")?.to_string()?.clone();
+        if !matches!(arch.as_str(), "llama" | "mistral") {
+            return Err(ModelError::Format(format!(
+                "architecture `{arch}` is not llama-family (expected `llama` or `mistral`)"
+            )));
+        }
+        let u = |key: &str| -> Result<usize> { Ok(get(&format!("{arch}.{key}"))?.to_u32()? as usize) };
+        let hidden = u("embedding_length")?;
+        let n_heads = u("attention.head_count")?;
+        let n_kv_heads = u("attention.head_count_kv").unwrap_or(n_heads);
+        let head_dim = hidden / n_heads;
+        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || head_dim % 2 != 0 {
+            return Err(ModelError::Format(format!(
+                "unsupported head layout: {n_heads} heads, {n_kv_heads} kv heads, hidden {hidden}"
+            )));
+        }
+        let embd = content
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| ModelError::Format("missing tensor `token_embd.weight`".into()))?;
+        Ok(LlamaConfig {
+            hidden,
+            n_layers: u("block_count")?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            ffn: u("feed_forward_length")?,
+            vocab: embd.shape.dims2()?.0,
+            context_len: u("context_length").unwrap_or(4096),
+            rope_theta: md.get(&format!("{arch}.rope.freq_base")).map_or(Ok(10_000.0), |v| v.to_f32())?,
+            rms_eps: md
+                .get(&format!("{arch}.attention.layer_norm_rms_epsilon"))
+                .map_or(Ok(1e-5), |v| v.to_f32())?,
+        })
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
+struct Layer {
+    attn_norm: Arc<Vec<f32>>,
+    wq: QLinear,
+    wk: QLinear,
+    wv: QLinear,
+    wo: QLinear,
+    ffn_norm: Arc<Vec<f32>>,
+    gate: QLinear,
+    up: QLinear,
+    down: QLinear,
+}
+
+/// Which positions of a sequence's pass need logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Every new token (verification: k + 1 rows).
+    All,
+    /// Only the last new token (prefill, decode step).
+    Last,
+    /// None (a prefill chunk that is not the last).
+    None,
+}
+
+/// One sequence's share of a batched forward pass.
+pub struct SeqPass<'a> {
+    pub cache: &'a mut KvCache,
+    /// New tokens, placed at positions `cache.len()..`.
+    pub tokens: &'a [u32],
+    pub logits: LogitsFor,
+}
+
+/// Logits of one sequence, `rows × vocab`, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Logits {
+    pub vocab: usize,
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    pub fn rows(&self) -> usize {
+        self.data.len() / self.vocab
+    }
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+}
+
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Arc<QMatrix>,
+    layers: Vec<Layer>,
+    norm: Arc<Vec<f32>>,
+    head: QLinear,
+    /// cos/sin per (position, pair), `context_len × head_dim/2` each.
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
+}
+
+impl Llama {
+    pub fn load(path: &Path) -> Result<Self> {
+        let io_err = |source| ModelError::Io { path: path.display().to_string(), source };
+        let mut file = std::fs::File::open(path).map_err(io_err)?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| ModelError::Format(format!("`{}` is not a readable GGUF file: {e}", path.display())))?;
+        Self::from_gguf(&content, &mut file)
+    }
+
+    pub fn from_gguf<R: Read + Seek>(content: &gguf_file::Content, reader: &mut R) -> Result<Self> {
+        let cfg = LlamaConfig::from_gguf(content)?;
+        let mut tensors = TensorReader { content, reader };
+        let embed = Arc::new(tensors.matrix("token_embd.weight")?);
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = format!("blk.{i}");
+            layers.push(Layer {
+                attn_norm: Arc::new(tensors.vector(&format!("{p}.attn_norm.weight"), cfg.hidden)?),
+                wq: tensors.linear(&format!("{p}.attn_q.weight"), cfg.n_heads * cfg.head_dim, cfg.hidden)?,
+                wk: tensors.linear(&format!("{p}.attn_k.weight"), cfg.kv_dim(), cfg.hidden)?,
+                wv: tensors.linear(&format!("{p}.attn_v.weight"), cfg.kv_dim(), cfg.hidden)?,
+                wo: tensors.linear(&format!("{p}.attn_output.weight"), cfg.hidden, cfg.n_heads * cfg.head_dim)?,
+                ffn_norm: Arc::new(tensors.vector(&format!("{p}.ffn_norm.weight"), cfg.hidden)?),
+                gate: tensors.linear(&format!("{p}.ffn_gate.weight"), cfg.ffn, cfg.hidden)?,
+                up: tensors.linear(&format!("{p}.ffn_up.weight"), cfg.ffn, cfg.hidden)?,
+                down: tensors.linear(&format!("{p}.ffn_down.weight"), cfg.hidden, cfg.ffn)?,
+            });
+        }
+        let norm = Arc::new(tensors.vector("output_norm.weight", cfg.hidden)?);
+        // Tied embeddings (SmolLM2) have no `output.weight`: reuse the table.
+        let head = if content.tensor_infos.contains_key("output.weight") {
+            tensors.linear("output.weight", cfg.vocab, cfg.hidden)?
+        } else {
+            QLinear::from_arc(embed.clone())
+        };
+        let (rope_cos, rope_sin) = rope_tables(&cfg);
+        Ok(Llama { cfg, embed, layers, norm, head, rope_cos, rope_sin })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// An empty cache for this model's first `n_layers` layers.
+    pub fn new_cache(&self, n_layers: usize) -> KvCache {
+        KvCache::new(n_layers.min(self.cfg.n_layers), self.cfg.kv_dim())
+    }
+
+    /// Bytes of weights the kernels read in one pass over `n_layers` layers.
+    pub fn weight_bytes(&self, n_layers: usize) -> usize {
+        let per_layer = |l: &Layer| {
+            [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down].iter().map(|w| w.weight().bytes()).sum::<usize>()
+        };
+        self.layers.iter().take(n_layers).map(per_layer).sum::<usize>() + self.head.weight().bytes()
+    }
+
+    /// Runs one batched pass. Every sequence's cache must cover the same
+    /// number of layers (the full model, or the first N for a layer-skip
+    /// draft; the final norm and head are always applied). Returns one
+    /// `Logits` per sequence with the rows `logits` asked for. On error every
+    /// cache is left as it was.
+    pub fn forward(&self, batch: &mut [SeqPass]) -> Result<Vec<Logits>> {
+        let n_layers = self.validate(batch)?;
+        let starts: Vec<usize> = batch.iter().map(|s| s.cache.len()).collect();
+        let result = self.forward_unchecked(batch, n_layers, &starts);
+        if result.is_err() {
+            for (s, &start) in batch.iter_mut().zip(&starts) {
+                s.cache.truncate(start);
+            }
+        }
+        result
+    }
+
+    fn validate(&self, batch: &[SeqPass]) -> Result<usize> {
+        let n_layers = batch.first().map_or(self.cfg.n_layers, |s| s.cache.n_layers());
+        for (i, s) in batch.iter().enumerate() {
+            if s.tokens.is_empty() {
+                return Err(ModelError::InvalidArgument(format!("sequence {i}: `tokens` is empty")));
+            }
+            if s.cache.n_layers() != n_layers || n_layers > self.cfg.n_layers || s.cache.kv_dim() != self.cfg.kv_dim() {
+                return Err(ModelError::InvalidArgument(format!(
+                    "sequence {i}: cache for {} layers × {} values does not fit a pass over {n_layers} of {} layers × {}",
+                    s.cache.n_layers(),
+                    s.cache.kv_dim(),
+                    self.cfg.n_layers,
+                    self.cfg.kv_dim()
+                )));
+            }
+            if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+                return Err(ModelError::InvalidArgument(format!(
+                    "sequence {i}: token id {t} is outside the vocabulary of {}",
+                    self.cfg.vocab
+                )));
+            }
+            let end = s.cache.len() + s.tokens.len();
+            if end > self.cfg.context_len {
+                return Err(ModelError::InvalidArgument(format!(
+                    "sequence {i}: {end} positions exceed the model's context length {}",
+                    self.cfg.context_len
+                )));
+            }
+        }
+        Ok(n_layers)
+    }
+
+    fn forward_unchecked(&self, batch: &mut [SeqPass], n_layers: usize, starts: &[usize]) -> Result<Vec<Logits>> {
+        let cfg = &self.cfg;
+        let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        let positions: Vec<usize> =
+            batch.iter().zip(starts).flat_map(|(s, &start)| start..start + s.tokens.len()).collect();
+
+        let mut embedded = Vec::with_capacity(total * cfg.hidden);
+        for s in batch.iter() {
+            for &t in s.tokens {
+                embedded.extend(self.embed.dequantize_row(t as usize));
+            }
+        }
+        let mut x = Tensor::from_vec(embedded, (total, cfg.hidden), &Device::Cpu)?;
+
+        for (li, layer) in self.layers.iter().take(n_layers).enumerate() {
+            let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
+            let mut q = layer.wq.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut k = layer.wk.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let v = layer.wv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            self.apply_rope(&mut q, cfg.n_heads, &positions);
+            self.apply_rope(&mut k, cfg.n_kv_heads, &positions);
+
+            let mut attn = vec![0f32; total * cfg.n_heads * cfg.head_dim];
+            let mut row = 0;
+            for (s, &start) in batch.iter_mut().zip(starts) {
+                let n = s.tokens.len();
+                let kvd = cfg.kv_dim();
+                s.cache.append(li, &k[row * kvd..(row + n) * kvd], &v[row * kvd..(row + n) * kvd]);
+                let qd = cfg.n_heads * cfg.head_dim;
+                self.attention(s.cache, li, start, &q[row * qd..(row + n) * qd], &mut attn[row * qd..(row + n) * qd]);
+                row += n;
+            }
+            let attn = Tensor::from_vec(attn, (total, cfg.n_heads * cfg.head_dim), &Device::Cpu)?;
+            x = (x + layer.wo.forward(&attn)?)?;
+
+            let h = rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
+            let gated = layer.gate.forward(&h)?.apply_op2_no_bwd(&layer.up.forward(&h)?, &SwiGlu)?;
+            x = (x + layer.down.forward(&gated)?)?;
+        }
+
+        // Only the rows whose logits are wanted go through the head.
+        let mut wanted = Vec::new();
+        let mut row = 0u32;
+        for s in batch.iter() {
+            let n = s.tokens.len() as u32;
+            match s.logits {
+                LogitsFor::All => wanted.extend(row..row + n),
+                LogitsFor::Last => wanted.push(row + n - 1),
+                LogitsFor::None => {}
+            }
+            row += n;
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        let logits = if wanted.is_empty() {
+            vec![]
+        } else {
+            let idx = Tensor::from_vec(wanted.clone(), wanted.len(), &Device::Cpu)?;
+            let h = rms_norm(&x.index_select(&idx, 0)?, &self.norm, cfg.rms_eps)?;
+            self.head.forward(&h)?.flatten_all()?.to_vec1::<f32>()?
+        };
+        let mut offset = 0;
+        for s in batch.iter() {
+            let rows = match s.logits {
+                LogitsFor::All => s.tokens.len(),
+                LogitsFor::Last => 1,
+                LogitsFor::None => 0,
+            };
+            out.push(Logits { vocab: cfg.vocab, data: logits[offset * cfg.vocab..(offset + rows) * cfg.vocab].to_vec() });
+            offset += rows;
+        }
+        Ok(out)
+    }
+
+    /// Rotates adjacent pairs `(x[2i], x[2i+1])` of every head (GGUF stores
+    /// llama Q/K weights permuted for this interleaved form).
+    fn apply_rope(&self, x: &mut [f32], n_heads: usize, positions: &[usize]) {
+        let hd = self.cfg.head_dim;
+        let half = hd / 2;
+        for (t, &pos) in positions.iter().enumerate() {
+            let cos = &self.rope_cos[pos * half..(pos + 1) * half];
+            let sin = &self.rope_sin[pos * half..(pos + 1) * half];
+            for h in 0..n_heads {
+                let head = &mut x[(t * n_heads + h) * hd..(t * n_heads + h + 1) * hd];
+                for i in 0..half {
+                    let (a, b) = (head[2 * i], head[2 * i + 1]);
+                    head[2 * i] = a * cos[i] - b * sin[i];
+                    head[2 * i + 1] = a * sin[i] + b * cos[i];
+                }
+            }
+        }
+    }
+
+    /// Causal attention of `q` (new tokens at positions `start..`) against
+    /// the sequence's cache, which already holds their keys and values.
+    /// One (token, head) per task; scores, softmax and the weighted sum run
+    /// in position order, so results never depend on the batch.
+    fn attention(&self, cache: &KvCache, layer: usize, start: usize, q: &[f32], out: &mut [f32]) {
+        let cfg = &self.cfg;
+        let (hd, kvd) = (cfg.head_dim, cfg.kv_dim());
+        let group = cfg.n_heads / cfg.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (keys, values) = cache.layer(layer);
+        out.par_chunks_mut(hd).enumerate().for_each(|(task, o)| {
+            let (t, h) = (task / cfg.n_heads, task % cfg.n_heads);
+            let g = h / group;
+            let qh = &q[task * hd..(task + 1) * hd];
+            let visible = start + t + 1;
+            let mut scores: Vec<f32> =
+                (0..visible).map(|j| dot_f32(qh, &keys[j * kvd + g * hd..j * kvd + (g + 1) * hd]) * scale).collect();
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            o.fill(0.0);
+            for (j, &p) in scores.iter().enumerate() {
+                let w = p / sum;
+                let vj = &values[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+                for (oi, &vi) in o.iter_mut().zip(vj) {
+                    *oi += w * vi;
+                }
+            }
+        });
+    }
+}
+
+/// Reads named tensors of one GGUF file, checking their shapes.
+struct TensorReader<'a, R> {
+    content: &'a gguf_file::Content,
+    reader: &'a mut R,
+}
+
+impl<R: Read + Seek> TensorReader<'_, R> {
+    fn qtensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
+        self.content
+            .tensor(self.reader, name, &Device::Cpu)
+            .map_err(|e| ModelError::Format(format!("tensor `{name}`: {e}")))
+    }
+
+    fn matrix(&mut self, name: &str) -> Result<QMatrix> {
+        QMatrix::from_qtensor(name, &self.qtensor(name)?)
+    }
+
+    fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let v = self.qtensor(name)?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        if v.len() != len {
+            return Err(ModelError::Format(format!("tensor `{name}` has {} values, expected {len}", v.len())));
+        }
+        Ok(v)
+    }
+
+    fn linear(&mut self, name: &str, rows: usize, cols: usize) -> Result<QLinear> {
+        let m = self.matrix(name)?;
+        if (m.rows(), m.cols()) != (rows, cols) {
+            return Err(ModelError::Format(format!(
+                "tensor `{name}` is [{}, {}], expected [{rows}, {cols}]",
+                m.rows(),
+                m.cols()
+            )));
+        }
+        Ok(QLinear::new(m))
+    }
+}
+
+fn rope_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
+    let half = cfg.head_dim / 2;
+    let mut cos = Vec::with_capacity(cfg.context_len * half);
+    let mut sin = Vec::with_capacity(cfg.context_len * half);
+    for pos in 0..cfg.context_len {
+        for i in 0..half {
+            let freq = 1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / cfg.head_dim as f64);
+            let angle = pos as f64 * freq;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
+
+/// `silu(gate) · up`, element-wise.
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "tandem-swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("swiglu: shapes {:?} and {:?} differ", l1.shape(), l2.shape());
+        }
+        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (s1, s2) else {
+            candle_core::bail!("swiglu: expected f32 inputs");
+        };
+        let (Some((g0, g1)), Some((u0, u1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("swiglu: inputs must be contiguous");
+        };
+        let out = g[g0..g1].iter().zip(&u[u0..u1]).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}

@@ -1,0 +1,220 @@
+//! Sampling parameters, truncated distributions and the per-session RNG.
+
+use crate::{ModelError, Result};
+use tandem_protocol::limits::MAX_SPARSE_SUPPORT;
+
+/// How tokens are chosen. Temperature 0 is greedy (argmax, ties to the
+/// lowest id); otherwise softmax(logits / T), then top-k, then top-p.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose mass reaches p; 1 keeps all.
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(ModelError::InvalidArgument(format!("`temperature` must be ≥ 0, got {}", self.temperature)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(ModelError::InvalidArgument(format!("`top_p` must be in (0, 1], got {}", self.top_p)));
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
+    /// The parameters a draft samples with: the same, but never more than
+    /// `MAX_SPARSE_SUPPORT` tokens, so the draft distribution is exactly
+    /// sparse and travels exactly.
+    pub fn for_draft(&self) -> SamplingParams {
+        let top_k = if self.top_k == 0 { MAX_SPARSE_SUPPORT } else { self.top_k.min(MAX_SPARSE_SUPPORT) };
+        SamplingParams { top_k, ..self.clone() }
+    }
+
+    /// The distribution these parameters sample from, given raw logits.
+    pub fn distribution(&self, logits: &[f32]) -> SparseDist {
+        if self.is_greedy() {
+            return SparseDist { tokens: vec![argmax(logits)], probs: vec![1.0] };
+        }
+        let inv_t = 1.0 / self.temperature as f64;
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
+        let mut entries: Vec<(u32, f64)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp())).collect();
+        let truncate = self.top_k > 0 || self.top_p < 1.0;
+        if truncate {
+            // Most likely first; equal probabilities by id, so the order is total.
+            entries.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            if self.top_k > 0 {
+                entries.truncate(self.top_k);
+            }
+        }
+        let total: f64 = entries.iter().map(|e| e.1).sum();
+        if self.top_p < 1.0 {
+            let mut mass = 0.0;
+            let keep = entries
+                .iter()
+                .position(|e| {
+                    mass += e.1 / total;
+                    mass >= self.top_p as f64
+                })
+                .map_or(entries.len(), |i| i + 1);
+            entries.truncate(keep);
+        }
+        let total: f64 = entries.iter().map(|e| e.1).sum();
+        SparseDist {
+            tokens: entries.iter().map(|e| e.0).collect(),
+            probs: entries.iter().map(|e| (e.1 / total) as f32).collect(),
+        }
+    }
+}
+
+/// Index of the largest logit, ties to the lowest index.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// A probability distribution over the tokens it lists (all others have
+/// probability 0). Probabilities sum to 1 up to rounding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SparseDist {
+    pub tokens: Vec<u32>,
+    pub probs: Vec<f32>,
+}
+
+impl SparseDist {
+    /// A distribution that puts all its mass on one token.
+    pub fn point(token: u32) -> Self {
+        SparseDist { tokens: vec![token], probs: vec![1.0] }
+    }
+
+    pub fn prob(&self, token: u32) -> f64 {
+        self.tokens.iter().position(|&t| t == token).map_or(0.0, |i| self.probs[i] as f64)
+    }
+
+    pub fn sample(&self, rng: &mut SessionRng) -> u32 {
+        sample_weighted(self.tokens.iter().copied().zip(self.probs.iter().map(|&p| p as f64)), rng)
+            .unwrap_or(self.tokens[0])
+    }
+}
+
+/// Draws from unnormalised non-negative weights in the order given; `None`
+/// when they sum to zero.
+pub(crate) fn sample_weighted(weights: impl Iterator<Item = (u32, f64)> + Clone, rng: &mut SessionRng) -> Option<u32> {
+    let total: f64 = weights.clone().map(|w| w.1).sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let target = rng.next_f64() * total;
+    let mut acc = 0.0;
+    let mut last = None;
+    for (t, w) in weights {
+        if w <= 0.0 {
+            continue;
+        }
+        acc += w;
+        last = Some(t);
+        if target < acc {
+            return Some(t);
+        }
+    }
+    last
+}
+
+/// Seeded per-session generator (xoshiro256**, seeded through SplitMix64),
+/// so a session's draws are reproducible on every platform and version.
+#[derive(Clone, Debug)]
+pub struct SessionRng {
+    s: [u64; 4],
+}
+
+impl SessionRng {
+    pub fn new(seed: u64) -> Self {
+        let mut z = seed;
+        let mut next = || {
+            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut x = z;
+            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            x ^ (x >> 31)
+        };
+        SessionRng { s: [next(), next(), next(), next()] }
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = self.s[1] << 17;
+        self.s[2] ^= self.s[0];
+        self.s[3] ^= self.s[1];
+        self.s[1] ^= self.s[2];
+        self.s[0] ^= self.s[3];
+        self.s[2] ^= t;
+        self.s[3] = self.s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_picks_lowest_index_on_ties() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+        let d = SamplingParams::default().distribution(&[0.0, 5.0, 5.0]);
+        assert_eq!(d, SparseDist::point(1));
+    }
+
+    #[test]
+    fn top_k_and_top_p_truncate_and_renormalise() {
+        let logits = [0.0f32, 1.0, 2.0, 3.0];
+        let p = SamplingParams { temperature: 1.0, top_k: 2, ..Default::default() }.distribution(&logits);
+        assert_eq!(p.tokens, vec![3, 2]);
+        assert!((p.probs.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        let p = SamplingParams { temperature: 1.0, top_p: 0.5, ..Default::default() }.distribution(&logits);
+        // softmax mass of token 3 alone is 0.64 ≥ 0.5.
+        assert_eq!(p.tokens, vec![3]);
+        assert_eq!(SamplingParams { temperature: 1.0, ..Default::default() }.for_draft().top_k, MAX_SPARSE_SUPPORT);
+    }
+
+    #[test]
+    fn rng_is_reproducible_and_uniform_enough() {
+        let a: Vec<u64> = (0..4).scan(SessionRng::new(7), |r, _| Some(r.next_u64())).collect();
+        let b: Vec<u64> = (0..4).scan(SessionRng::new(7), |r, _| Some(r.next_u64())).collect();
+        assert_eq!(a, b);
+        let mut rng = SessionRng::new(1);
+        let mean = (0..10_000).map(|_| rng.next_f64()).sum::<f64>() / 10_000.0;
+        assert!((mean - 0.5).abs() < 0.02, "mean {mean}");
+    }
+
+    #[test]
+    fn invalid_parameters_name_the_field() {
+        let err = SamplingParams { top_p: 0.0, ..Default::default() }.validate().unwrap_err();
+        assert!(err.to_string().contains("top_p"));
+        let err = SamplingParams { temperature: -1.0, ..Default::default() }.validate().unwrap_err();
+        assert!(err.to_string().contains("temperature"));
+    }
+}

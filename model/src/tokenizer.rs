@@ -1,0 +1,244 @@
+//! Tokenizer built from GGUF metadata (`tokenizer.ggml.*`).
+//!
+//! candle's `Tokenizer::from_gguf` prepends a space to the input ("ĠHello"
+//! for "Hello"), which the reference tokenizer of GPT-2-style BPE models does
+//! not. Here the BPE model, its pre-tokenizer and the special tokens are
+//! assembled explicitly with the HF `tokenizers` crate, as the model's own
+//! `tokenizer.json` declares them.
+
+use crate::{ModelError, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
+
+/// GGUF token types (llama.cpp's `llama_token_type`).
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+pub struct Tokenizer {
+    inner: HfTokenizer,
+    /// Byte string of every token (byte-level BPE undone), for exact
+    /// streaming decode.
+    token_bytes: Vec<Vec<u8>>,
+    special: Vec<bool>,
+    eos: Vec<u32>,
+    bos: Option<u32>,
+    chat: Option<ChatTemplate>,
+}
+
+/// The chat formats Tandem renders (Jinja templates are not evaluated; the
+/// format is recognised from the template text).
+#[derive(Clone, Debug, PartialEq)]
+enum ChatTemplate {
+    /// `<|im_start|>role\ncontent<|im_end|>\n`, with the default system
+    /// message the template inserts when none is given.
+    ChatMl { default_system: Option<String> },
+}
+
+impl Tokenizer {
+    pub fn from_gguf(content: &Content) -> Result<Self> {
+        let md = &content.metadata;
+        let get = |key: &str| md.get(key).ok_or_else(|| ModelError::Tokenizer(format!("missing metadata `{key}`")));
+        let model = get("tokenizer.ggml.model")?.to_string()?;
+        if model != "gpt2" {
+            return Err(ModelError::Tokenizer(format!(
+                "tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`)"
+            )));
+        }
+        let strings = |key: &str| -> Result<Vec<String>> {
+            get(key)?.to_vec()?.iter().map(|v| Ok(v.to_string()?.clone())).collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| ModelError::Tokenizer(format!("merge `{m}` is not two tokens")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
+            Some(v) => v.to_vec()?.iter().map(Value::to_i32).collect::<candle_core::Result<_>>()?,
+            None => vec![1; tokens.len()],
+        };
+        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| ModelError::Tokenizer(format!("building BPE: {e}")))?;
+        let mut inner = HfTokenizer::new(bpe);
+        let pre = pre_tokenizer(md.get("tokenizer.ggml.pre").map(|v| v.to_string()).transpose()?.map(String::as_str))?;
+        inner.with_pre_tokenizer(Some(pre));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let special: Vec<bool> =
+            types.iter().map(|&t| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED).collect();
+        let added: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&special)
+            .filter(|(_, &s)| s)
+            .map(|(t, _)| AddedToken::from(t.clone(), true))
+            .collect();
+        inner.add_special_tokens(&added);
+
+        let unbyte = byte_decoder();
+        let token_bytes = tokens
+            .iter()
+            .zip(&special)
+            .map(|(t, &s)| if s { t.as_bytes().to_vec() } else { t.chars().map(|c| unbyte(c)).collect() })
+            .collect();
+        let id = |key: &str| md.get(key).map(|v| v.to_u32()).transpose();
+        let mut eos: Vec<u32> = id("tokenizer.ggml.eos_token_id")?.into_iter().collect();
+        // ChatML models end a turn with <|im_end|> and a document with
+        // <|endoftext|>; either ends generation.
+        for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
+            if let Some(i) = tokens.iter().position(|t| t == name) {
+                if !eos.contains(&(i as u32)) {
+                    eos.push(i as u32);
+                }
+            }
+        }
+        let chat = md.get("tokenizer.chat_template").map(|v| v.to_string()).transpose()?.and_then(|t| chat_template(t));
+        Ok(Tokenizer { inner, token_bytes, special, eos, bos: id("tokenizer.ggml.bos_token_id")?, chat })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.token_bytes.len()
+    }
+
+    /// Encodes text exactly as given: special-token strings become their
+    /// ids, nothing is prepended.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Decodes ids to text, special tokens included.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        Ok(String::from_utf8_lossy(&self.bytes(ids)?).into_owned())
+    }
+
+    fn bytes(&self, ids: &[u32]) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for &id in ids {
+            let b = self
+                .token_bytes
+                .get(id as usize)
+                .ok_or_else(|| ModelError::InvalidArgument(format!("token id {id} is outside the vocabulary")))?;
+            out.extend_from_slice(b);
+        }
+        Ok(out)
+    }
+
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.get(id as usize).copied().unwrap_or(false)
+    }
+
+    /// Tokens that end generation.
+    pub fn eos_tokens(&self) -> &[u32] {
+        &self.eos
+    }
+
+    pub fn bos_token(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// The prompt for one user message in the model's chat format, ending
+    /// where the assistant's answer begins. Models without a recognised
+    /// template get the text unchanged.
+    pub fn chat_prompt(&self, user: &str) -> String {
+        match &self.chat {
+            Some(ChatTemplate::ChatMl { default_system }) => {
+                let mut s = String::new();
+                if let Some(sys) = default_system {
+                    s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
+                }
+                s.push_str(&format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"));
+                s
+            }
+            None => user.to_string(),
+        }
+    }
+
+    /// A decoder that turns a stream of ids into text pieces, holding back
+    /// bytes of a UTF-8 character split across tokens.
+    pub fn stream(&self) -> TextStream<'_> {
+        TextStream { tok: self, pending: Vec::new() }
+    }
+}
+
+/// Incremental detokenizer (see [`Tokenizer::stream`]).
+pub struct TextStream<'a> {
+    tok: &'a Tokenizer,
+    pending: Vec<u8>,
+}
+
+impl TextStream<'_> {
+    /// Text completed by `id`; special tokens produce nothing.
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        if self.tok.is_special(id) {
+            return Ok(String::new());
+        }
+        self.pending.extend(self.tok.bytes(&[id])?);
+        let valid = match std::str::from_utf8(&self.pending) {
+            Ok(_) => self.pending.len(),
+            // An incomplete character at the end waits for the next token;
+            // an invalid sequence is emitted lossily.
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(_) => self.pending.len(),
+        };
+        let rest = self.pending.split_off(valid);
+        let text = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending = rest;
+        Ok(text)
+    }
+}
+
+fn pre_tokenizer(pre: Option<&str>) -> Result<PreTokenizerWrapper> {
+    // `use_regex` applies GPT-2's split pattern; no prefix space is added.
+    let byte_level = ByteLevel::new(false, false, true);
+    match pre.unwrap_or("default") {
+        // SmolLM / StarCoder: every digit on its own, then GPT-2 byte-level.
+        "smollm" | "starcoder" | "refact" => {
+            Ok(PreTokenizerWrapper::Sequence(Sequence::new(vec![Digits::new(true).into(), byte_level.into()])))
+        }
+        "default" | "gpt2" | "gpt-2" => Ok(byte_level.into()),
+        other => Err(ModelError::Tokenizer(format!(
+            "pre-tokenizer `{other}` is not supported (supported: smollm, starcoder, refact, gpt2, default)"
+        ))),
+    }
+}
+
+fn chat_template(text: &str) -> Option<ChatTemplate> {
+    if !text.contains("<|im_start|>") {
+        return None;
+    }
+    let marker = "<|im_start|>system\n";
+    let default_system = text.find(marker).and_then(|i| {
+        let rest = &text[i + marker.len()..];
+        rest.find("<|im_end|>").map(|j| rest[..j].to_string()).filter(|s| !s.contains("{{") && !s.contains('\''))
+    });
+    Some(ChatTemplate::ChatMl { default_system })
+}
+
+/// Inverse of GPT-2's `bytes_to_unicode`: printable bytes map to
+/// themselves, the other 68 to U+0100 onwards.
+fn byte_decoder() -> impl Fn(char) -> u8 {
+    let mut table = std::collections::HashMap::new();
+    let mut next = 0u32;
+    for b in 0u32..=255 {
+        let printable = (b'!' as u32..=b'~' as u32).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let c = if printable {
+            b
+        } else {
+            next += 1;
+            255 + next
+        };
+        table.insert(char::from_u32(c).expect("valid code point"), b as u8);
+    }
+    move |c| table.get(&c).copied().unwrap_or(b'?')
+}

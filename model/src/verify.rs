@@ -1,0 +1,90 @@
+//! The lossless verification rule (DESIGN.md), as pure functions.
+//!
+//! The caller ran the target over `[last, d_1..d_k]` and hands in the k + 1
+//! rows of logits (greedy) or the target's distributions p_1..p_{k+1} under
+//! the request's sampling parameters. The verdict says how many drafts are
+//! accepted and which token follows them.
+
+use crate::sampling::{argmax, sample_weighted, SessionRng, SparseDist};
+
+/// Outcome of one verification round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// Drafts accepted, a prefix of the proposal.
+    pub accepted: usize,
+    /// The target's token after the accepted prefix: the correction at the
+    /// first rejection, or the bonus token when all were accepted.
+    pub next: u32,
+}
+
+/// Greedy rule: accept d_i while it is the target's argmax; emit the argmax
+/// at the first mismatch, or after the last draft.
+pub fn verify_greedy<'a>(drafts: &[u32], mut target_rows: impl FnMut(usize) -> &'a [f32]) -> Verdict {
+    for (i, &d) in drafts.iter().enumerate() {
+        let best = argmax(target_rows(i));
+        if best != d {
+            return Verdict { accepted: i, next: best };
+        }
+    }
+    Verdict { accepted: drafts.len(), next: argmax(target_rows(drafts.len())) }
+}
+
+/// Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): accept
+/// d_i with probability min(1, p_i(d_i) / q_i(d_i)); on rejection draw from
+/// normalize(max(0, p_i − q_i)); if all are accepted draw from p_{k+1}.
+/// The output is distributed exactly as sampling from p autoregressively.
+///
+/// `q[i]` must give d_i positive probability (the wire validation ensures
+/// it); `p` has k + 1 entries.
+pub fn verify_sampled(drafts: &[u32], q: &[SparseDist], p: &[SparseDist], rng: &mut SessionRng) -> Verdict {
+    debug_assert_eq!(drafts.len(), q.len());
+    debug_assert_eq!(p.len(), drafts.len() + 1);
+    for (i, &d) in drafts.iter().enumerate() {
+        let (pd, qd) = (p[i].prob(d), q[i].prob(d));
+        if rng.next_f64() * qd < pd {
+            continue;
+        }
+        let residual = p[i].tokens.iter().zip(&p[i].probs).map(|(&t, &pt)| (t, (pt as f64 - q[i].prob(t)).max(0.0)));
+        // A zero residual means p ≤ q everywhere, i.e. p = q, where
+        // rejection has probability zero; fall back to p for rounding.
+        let next = sample_weighted(residual, rng).unwrap_or_else(|| p[i].sample(rng));
+        return Verdict { accepted: i, next };
+    }
+    Verdict { accepted: drafts.len(), next: p[drafts.len()].sample(rng) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_accepts_prefix_and_corrects() {
+        let rows = [vec![0.0, 1.0, 0.0], vec![1.0, 0.0, 0.0], vec![0.0, 0.0, 1.0]];
+        assert_eq!(verify_greedy(&[1, 0], |i| &rows[i]), Verdict { accepted: 2, next: 2 });
+        assert_eq!(verify_greedy(&[1, 2], |i| &rows[i]), Verdict { accepted: 1, next: 0 });
+        assert_eq!(verify_greedy(&[0, 0], |i| &rows[i]), Verdict { accepted: 0, next: 1 });
+        assert_eq!(verify_greedy(&[], |i| &rows[i]), Verdict { accepted: 0, next: 1 });
+    }
+
+    #[test]
+    fn sampled_rejects_tokens_the_target_cannot_produce() {
+        let q = [SparseDist::point(3)];
+        let p = [SparseDist { tokens: vec![1, 2], probs: vec![0.5, 0.5] }, SparseDist::point(0)];
+        let mut rng = SessionRng::new(3);
+        for _ in 0..100 {
+            let v = verify_sampled(&[3], &q, &p, &mut rng);
+            assert_eq!(v.accepted, 0);
+            assert!(v.next == 1 || v.next == 2);
+        }
+    }
+
+    #[test]
+    fn sampled_always_accepts_when_draft_equals_target() {
+        let d = SparseDist { tokens: vec![4, 5], probs: vec![0.25, 0.75] };
+        let mut rng = SessionRng::new(9);
+        for _ in 0..100 {
+            let v = verify_sampled(&[5, 4], &[d.clone(), d.clone()], &[d.clone(), d.clone(), SparseDist::point(7)], &mut rng);
+            assert_eq!(v, Verdict { accepted: 2, next: 7 });
+        }
+    }
+}
