@@ -1,2 +1,5 @@
-//! Benchmark harness: live runs against a real server and a discrete-event
-//! simulator sharing the scheduler code. Filled in by the bench work.
+//! Benchmark harness. `kernels` measures the model's batched forward passes
+//! against candle's stock kernels in the same run; the live harness and the
+//! simulator (DESIGN.md) build on it.
+
+pub mod kernels;

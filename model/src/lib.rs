@@ -36,12 +36,16 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, kernels::MatmulKernels::Tandem)
+    }
+
+    pub fn load_with(path: &Path, kernels: kernels::MatmulKernels) -> Result<Self> {
         let io_err = |source| ModelError::Io { path: path.display().to_string(), source };
         let mut file = std::fs::File::open(path).map_err(io_err)?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| ModelError::Format(format!("`{}` is not a readable GGUF file: {e}", path.display())))?;
         let tokenizer = Tokenizer::from_gguf(&content)?;
-        let llama = Llama::from_gguf(&content, &mut file)?;
+        let llama = Llama::from_gguf_with(&content, &mut file, kernels)?;
         Ok(LoadedModel { llama: Arc::new(llama), tokenizer: Arc::new(tokenizer) })
     }
 }

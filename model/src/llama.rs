@@ -6,13 +6,12 @@
 //! whole batch, runs attention per sequence, and returns logits for every
 //! position asked for. Every kernel is batch-invariant (see `kernels`).
 
-use crate::kernels::{dot_f32, rms_norm, QLinear, QMatrix};
+use crate::kernels::{dot_f32, rms_norm, MatmulKernels, QLinear, QMatrix};
 use crate::{KvCache, ModelError, Result};
-use candle_core::quantized::gguf_file;
-use candle_core::{CpuStorage, CustomOp2, Device, Layout, Shape, Tensor};
+use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::io::{Read, Seek};
-use std::path::Path;
 use std::sync::Arc;
 
 /// Shape of a llama-family model, read once from GGUF metadata.
@@ -78,13 +77,12 @@ impl LlamaConfig {
 
 struct Layer {
     attn_norm: Arc<Vec<f32>>,
-    wq: QLinear,
-    wk: QLinear,
-    wv: QLinear,
+    /// Q, K and V projections fused: `[t, hidden] → [t, q_dim + 2·kv_dim]`.
+    qkv: QLinear,
     wo: QLinear,
     ffn_norm: Arc<Vec<f32>>,
-    gate: QLinear,
-    up: QLinear,
+    /// Gate and up projections fused: `[t, hidden] → [t, 2·ffn]`.
+    gate_up: QLinear,
     down: QLinear,
 }
 
@@ -135,30 +133,31 @@ pub struct Llama {
 }
 
 impl Llama {
-    pub fn load(path: &Path) -> Result<Self> {
-        let io_err = |source| ModelError::Io { path: path.display().to_string(), source };
-        let mut file = std::fs::File::open(path).map_err(io_err)?;
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| ModelError::Format(format!("`{}` is not a readable GGUF file: {e}", path.display())))?;
-        Self::from_gguf(&content, &mut file)
+    pub fn from_gguf<R: Read + Seek>(content: &gguf_file::Content, reader: &mut R) -> Result<Self> {
+        Self::from_gguf_with(content, reader, MatmulKernels::Tandem)
     }
 
-    pub fn from_gguf<R: Read + Seek>(content: &gguf_file::Content, reader: &mut R) -> Result<Self> {
+    /// Loads with a choice of matmul kernels (the bench's stock baseline).
+    pub fn from_gguf_with<R: Read + Seek>(content: &gguf_file::Content, reader: &mut R, kernels: MatmulKernels) -> Result<Self> {
         let cfg = LlamaConfig::from_gguf(content)?;
-        let mut tensors = TensorReader { content, reader };
+        let mut tensors = TensorReader { content, reader, kernels };
         let embed = Arc::new(tensors.matrix("token_embd.weight")?);
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("blk.{i}");
             layers.push(Layer {
                 attn_norm: Arc::new(tensors.vector(&format!("{p}.attn_norm.weight"), cfg.hidden)?),
-                wq: tensors.linear(&format!("{p}.attn_q.weight"), cfg.n_heads * cfg.head_dim, cfg.hidden)?,
-                wk: tensors.linear(&format!("{p}.attn_k.weight"), cfg.kv_dim(), cfg.hidden)?,
-                wv: tensors.linear(&format!("{p}.attn_v.weight"), cfg.kv_dim(), cfg.hidden)?,
+                qkv: QLinear::fused(vec![
+                    tensors.linear(&format!("{p}.attn_q.weight"), cfg.n_heads * cfg.head_dim, cfg.hidden)?,
+                    tensors.linear(&format!("{p}.attn_k.weight"), cfg.kv_dim(), cfg.hidden)?,
+                    tensors.linear(&format!("{p}.attn_v.weight"), cfg.kv_dim(), cfg.hidden)?,
+                ]),
                 wo: tensors.linear(&format!("{p}.attn_output.weight"), cfg.hidden, cfg.n_heads * cfg.head_dim)?,
                 ffn_norm: Arc::new(tensors.vector(&format!("{p}.ffn_norm.weight"), cfg.hidden)?),
-                gate: tensors.linear(&format!("{p}.ffn_gate.weight"), cfg.ffn, cfg.hidden)?,
-                up: tensors.linear(&format!("{p}.ffn_up.weight"), cfg.ffn, cfg.hidden)?,
+                gate_up: QLinear::fused(vec![
+                    tensors.linear(&format!("{p}.ffn_gate.weight"), cfg.ffn, cfg.hidden)?,
+                    tensors.linear(&format!("{p}.ffn_up.weight"), cfg.ffn, cfg.hidden)?,
+                ]),
                 down: tensors.linear(&format!("{p}.ffn_down.weight"), cfg.hidden, cfg.ffn)?,
             });
         }
@@ -167,7 +166,7 @@ impl Llama {
         let head = if content.tensor_infos.contains_key("output.weight") {
             tensors.linear("output.weight", cfg.vocab, cfg.hidden)?
         } else {
-            QLinear::from_arc(embed.clone())
+            tensors.stock(QLinear::from_arc(embed.clone()), "token_embd.weight")?
         };
         let (rope_cos, rope_sin) = rope_tables(&cfg);
         Ok(Llama { cfg, embed, layers, norm, head, rope_cos, rope_sin })
@@ -184,10 +183,8 @@ impl Llama {
 
     /// Bytes of weights the kernels read in one pass over `n_layers` layers.
     pub fn weight_bytes(&self, n_layers: usize) -> usize {
-        let per_layer = |l: &Layer| {
-            [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down].iter().map(|w| w.weight().bytes()).sum::<usize>()
-        };
-        self.layers.iter().take(n_layers).map(per_layer).sum::<usize>() + self.head.weight().bytes()
+        let per_layer = |l: &Layer| [&l.qkv, &l.wo, &l.gate_up, &l.down].iter().map(|w| w.bytes()).sum::<usize>();
+        self.layers.iter().take(n_layers).map(per_layer).sum::<usize>() + self.head.bytes()
     }
 
     /// Runs one batched pass. Every sequence's cache must cover the same
@@ -198,7 +195,10 @@ impl Llama {
     pub fn forward(&self, batch: &mut [SeqPass]) -> Result<Vec<Logits>> {
         let n_layers = self.validate(batch)?;
         let starts: Vec<usize> = batch.iter().map(|s| s.cache.len()).collect();
-        let result = self.forward_unchecked(batch, n_layers, &starts);
+        // The whole pass runs on a pool thread: the kernels' parallel loops
+        // are then cheap work-stealing joins, where each one entered from
+        // outside the pool would cost a thread hand-off (hundreds a pass).
+        let result = rayon::scope(|_| self.forward_unchecked(batch, n_layers, &starts));
         if result.is_err() {
             for (s, &start) in batch.iter_mut().zip(&starts) {
                 s.cache.truncate(start);
@@ -255,9 +255,8 @@ impl Llama {
 
         for (li, layer) in self.layers.iter().take(n_layers).enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-            let mut q = layer.wq.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut k = layer.wk.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let v = layer.wv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let qkv = layer.qkv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let (mut q, mut k, v) = split_qkv(&qkv, total, cfg.n_heads * cfg.head_dim, cfg.kv_dim());
             self.apply_rope(&mut q, cfg.n_heads, &positions);
             self.apply_rope(&mut k, cfg.n_kv_heads, &positions);
 
@@ -275,7 +274,7 @@ impl Llama {
             x = (x + layer.wo.forward(&attn)?)?;
 
             let h = rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
-            let gated = layer.gate.forward(&h)?.apply_op2_no_bwd(&layer.up.forward(&h)?, &SwiGlu)?;
+            let gated = layer.gate_up.forward(&h)?.apply_op1_no_bwd(&SwiGlu)?;
             x = (x + layer.down.forward(&gated)?)?;
         }
 
@@ -370,6 +369,7 @@ impl Llama {
 struct TensorReader<'a, R> {
     content: &'a gguf_file::Content,
     reader: &'a mut R,
+    kernels: MatmulKernels,
 }
 
 impl<R: Read + Seek> TensorReader<'_, R> {
@@ -400,7 +400,14 @@ impl<R: Read + Seek> TensorReader<'_, R> {
                 m.cols()
             )));
         }
-        Ok(QLinear::new(m))
+        self.stock(QLinear::new(m), name)
+    }
+
+    fn stock(&mut self, linear: QLinear, name: &str) -> Result<QLinear> {
+        Ok(match self.kernels {
+            MatmulKernels::Tandem => linear,
+            MatmulKernels::CandleStock => linear.with_stock(QMatMul::from_qtensor(self.qtensor(name)?)?),
+        })
     }
 }
 
@@ -419,25 +426,41 @@ fn rope_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
     (cos, sin)
 }
 
-/// `silu(gate) · up`, element-wise.
+/// Splits fused `[t, q | k | v]` rows into three row-major buffers.
+fn split_qkv(qkv: &[f32], t: usize, q_dim: usize, kv_dim: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let width = q_dim + 2 * kv_dim;
+    let (mut q, mut k, mut v) =
+        (Vec::with_capacity(t * q_dim), Vec::with_capacity(t * kv_dim), Vec::with_capacity(t * kv_dim));
+    for row in qkv.chunks_exact(width) {
+        q.extend_from_slice(&row[..q_dim]);
+        k.extend_from_slice(&row[q_dim..q_dim + kv_dim]);
+        v.extend_from_slice(&row[q_dim + kv_dim..]);
+    }
+    (q, k, v)
+}
+
+/// `silu(gate) · up` over fused `[t, gate | up]` rows → `[t, ffn]`.
 struct SwiGlu;
 
-impl CustomOp2 for SwiGlu {
+impl CustomOp1 for SwiGlu {
     fn name(&self) -> &'static str {
         "tandem-swiglu"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("swiglu: shapes {:?} and {:?} differ", l1.shape(), l2.shape());
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (t, width) = layout.shape().dims2()?;
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("swiglu: expected f32 input");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("swiglu: input must be contiguous");
+        };
+        let ffn = width / 2;
+        let mut out = Vec::with_capacity(t * ffn);
+        for row in data[start..end].chunks_exact(width) {
+            let (gate, up) = row.split_at(ffn);
+            out.extend(gate.iter().zip(up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
         }
-        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (s1, s2) else {
-            candle_core::bail!("swiglu: expected f32 inputs");
-        };
-        let (Some((g0, g1)), Some((u0, u1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("swiglu: inputs must be contiguous");
-        };
-        let out = g[g0..g1].iter().zip(&u[u0..u1]).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(out), Shape::from((t, ffn))))
     }
 }

@@ -9,11 +9,16 @@ use std::sync::OnceLock;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SimdLevel {
     Scalar,
+    /// AVX2 with FMA.
     Avx2,
+    /// AVX2 with FMA and AVX-VNNI (`vpdpbusd`: four u8×i8 products summed
+    /// into an i32 lane in one instruction, the same lanes `maddubs`+`madd`
+    /// give, so the bits do not change).
+    Avx2Vnni,
 }
 
-/// Detected once; `TANDEM_SIMD=scalar` forces the portable path (tests use it
-/// to check both paths agree).
+/// Detected once; `TANDEM_SIMD=scalar` forces the portable path and
+/// `TANDEM_SIMD=avx2` plain AVX2 (to compare paths; all give the same bits).
 pub fn simd_level() -> SimdLevel {
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
     *LEVEL.get_or_init(|| {
@@ -21,8 +26,11 @@ pub fn simd_level() -> SimdLevel {
             return SimdLevel::Scalar;
         }
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") {
-            return SimdLevel::Avx2;
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if std::env::var("TANDEM_SIMD").is_ok_and(|v| v == "avx2") || !is_x86_feature_detected!("avxvnni") {
+                return SimdLevel::Avx2;
+            }
+            return SimdLevel::Avx2Vnni;
         }
         SimdLevel::Scalar
     })
@@ -38,14 +46,14 @@ pub(crate) fn reduce8(a: [f32; 8]) -> f32 {
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
-    if simd_level() == SimdLevel::Avx2 {
-        // SAFETY: AVX2 support was detected at runtime above.
+    if simd_level() != SimdLevel::Scalar {
+        // SAFETY: AVX2 support was detected at runtime (simd_level).
         return unsafe { avx2::dot_f32(a, b) };
     }
     dot_f32_scalar(a, b)
 }
 
-fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let body = a.len() / 8 * 8;
     for i in (0..body).step_by(8) {
@@ -59,50 +67,83 @@ fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
     reduce8(acc)
 }
 
-/// One row's worth of 32-element blocks in the layout the kernels read:
-/// scales widened to f32 at load, quants packed as in GGUF.
+/// Weight block formats the integer kernels read (blocks of 32 weights).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum BlockKind {
+    /// 4-bit q, w = d·(q − 8).
+    Q4_0,
+    /// 4-bit q, w = d·q + m (also Q4_K, converted exactly at load).
+    Q4_1,
+    /// 8-bit signed q, w = d·q.
+    Q8_0,
+    /// 8-bit signed q with one scale per 16-element half (Q6_K, converted
+    /// exactly at load).
+    Q8Half,
+}
+
+impl BlockKind {
+    /// Bytes of quants per block.
+    pub(crate) fn quant_bytes(self) -> usize {
+        match self {
+            BlockKind::Q4_0 | BlockKind::Q4_1 => 16,
+            BlockKind::Q8_0 | BlockKind::Q8Half => 32,
+        }
+    }
+    /// Scales per block.
+    pub(crate) fn scales(self) -> usize {
+        if self == BlockKind::Q8Half {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// One weight row in the kernels' layout.
 pub(crate) struct BlockRow<'a> {
+    /// `kind.scales()` per block.
     pub d: &'a [f32],
-    /// Q4_1 minimums; empty for the other types.
+    /// Q4_1 minimums, one per block; empty for the other kinds.
     pub m: &'a [f32],
-    /// 16 bytes a block for 4-bit types, 32 for Q8_0.
     pub qs: &'a [u8],
 }
 
 /// An activation row quantized to 8 bits in blocks of 32.
 pub(crate) struct ActRow<'a> {
     pub d: &'a [f32],
-    /// Sum of the block's integer quants (for the Q4 offsets and minimums).
-    pub isum: &'a [i32],
+    /// d × (sum of the block's quants): what a weight minimum multiplies.
+    pub dsum: &'a [f32],
     pub qs: &'a [i8],
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum BlockKind {
-    Q4_0,
-    Q4_1,
-    Q8_0,
-}
-
-/// Dot product of one weight row and one activation row.
+/// Dot products of one weight row with R activation rows. Each row's result
+/// is computed by exactly the same operations whatever R is, so grouping
+/// rows never changes a bit.
 #[inline]
-pub(crate) fn dot_blocks(kind: BlockKind, w: &BlockRow, a: &ActRow) -> f32 {
+pub(crate) fn dot_rows<const R: usize>(kind: BlockKind, w: &BlockRow, a: &[ActRow; R], out: &mut [f32]) {
+    debug_assert!(a.iter().all(|a| a.qs.len() == a.d.len() * 32 && a.dsum.len() == a.d.len()));
+    debug_assert!(w.qs.len() == a[0].d.len() * kind.quant_bytes() && w.d.len() == a[0].d.len() * kind.scales());
     #[cfg(target_arch = "x86_64")]
-    if simd_level() == SimdLevel::Avx2 {
-        // SAFETY: AVX2 support was detected at runtime above.
-        return unsafe { avx2::dot_blocks(kind, w, a) };
+    match simd_level() {
+        // SAFETY: the features were detected at runtime (simd_level); the
+        // slice lengths are those checked above (guaranteed by QMatrix and
+        // quantize_activations).
+        SimdLevel::Avx2 => return unsafe { avx2::dot_rows::<R>(kind, w, a, out) },
+        SimdLevel::Avx2Vnni => return unsafe { avx2::dot_rows_vnni::<R>(kind, w, a, out) },
+        SimdLevel::Scalar => {}
     }
-    dot_blocks_scalar(kind, w, a)
+    for (o, a) in out.iter_mut().zip(a) {
+        *o = dot_blocks_scalar(kind, w, a);
+    }
 }
 
 fn dot_blocks_scalar(kind: BlockKind, w: &BlockRow, a: &ActRow) -> f32 {
     let mut acc = [0f32; 8];
-    let mut acc_min = 0f32;
     for b in 0..a.d.len() {
         let aq = &a.qs[b * 32..b * 32 + 32];
         let mut lanes = [0i32; 8];
         match kind {
-            BlockKind::Q8_0 => {
+            BlockKind::Q8_0 | BlockKind::Q8Half => {
                 let wq = &w.qs[b * 32..b * 32 + 32];
                 for (j, (&x, &y)) in wq.iter().zip(aq).enumerate() {
                     lanes[j / 4] += (x as i8 as i32) * y as i32;
@@ -117,15 +158,19 @@ fn dot_blocks_scalar(kind: BlockKind, w: &BlockRow, a: &ActRow) -> f32 {
                 }
             }
         }
-        let scale = w.d[b] * a.d[b];
+        let (lo, hi) = if kind == BlockKind::Q8Half {
+            (w.d[2 * b] * a.d[b], w.d[2 * b + 1] * a.d[b])
+        } else {
+            let s = w.d[b] * a.d[b];
+            (s, s)
+        };
         for l in 0..8 {
-            acc[l] += scale * lanes[l] as f32;
-        }
-        if kind == BlockKind::Q4_1 {
-            acc_min += w.m[b] * (a.d[b] * a.isum[b] as f32);
+            // Fused multiply-add, as the SIMD paths do (one rounding).
+            acc[l] = (if l < 4 { lo } else { hi }).mul_add(lanes[l] as f32, acc[l]);
         }
     }
-    reduce8(acc) + acc_min
+    let min = if kind == BlockKind::Q4_1 { dot_f32_scalar(w.m, a.dsum) } else { 0.0 };
+    reduce8(acc) + min
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -166,39 +211,142 @@ mod avx2 {
         _mm256_set_m128i(hi, lo)
     }
 
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn dot_blocks(kind: BlockKind, w: &BlockRow, a: &ActRow) -> f32 {
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut acc_min = 0f32;
-        for b in 0..a.d.len() {
-            // SAFETY: each row holds a.d.len() blocks of 32 activations and
-            // the matching weight quants (checked when the matrix was built).
-            let av = unsafe { _mm256_loadu_si256(a.qs.as_ptr().add(b * 32) as *const __m256i) };
-            let prod16 = match kind {
-                BlockKind::Q8_0 => {
-                    let wv = unsafe { _mm256_loadu_si256(w.qs.as_ptr().add(b * 32) as *const __m256i) };
-                    _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv))
+    /// Defines a kernel over R activation rows for one weight row; `$idot`
+    /// turns 32 unsigned weight bytes and 32 signed activation bytes into
+    /// eight i32 lanes of four products each.
+    macro_rules! dot_rows_kernel {
+        ($name:ident, $inner:ident, $features:literal, |$wu:ident, $av:ident| $idot:expr) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name<const R: usize>(kind: BlockKind, w: &BlockRow, a: &[ActRow; R], out: &mut [f32]) {
+                // SAFETY (all arms): forwarded from the caller.
+                unsafe {
+                    match kind {
+                        BlockKind::Q4_0 => $inner::<R, 0>(w, a, out),
+                        BlockKind::Q4_1 => $inner::<R, 1>(w, a, out),
+                        BlockKind::Q8_0 => $inner::<R, 2>(w, a, out),
+                        BlockKind::Q8Half => $inner::<R, 3>(w, a, out),
+                    }
                 }
-                BlockKind::Q4_0 => {
-                    let wv = _mm256_sub_epi8(unsafe { unpack_nibbles(w.qs.as_ptr().add(b * 16)) }, _mm256_set1_epi8(8));
-                    _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv))
+            }
+
+            /// K: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0, 3 = Q8Half.
+            #[target_feature(enable = $features)]
+            unsafe fn $inner<const R: usize, const K: u8>(w: &BlockRow, a: &[ActRow; R], out: &mut [f32]) {
+                let mut acc = [_mm256_setzero_ps(); R];
+                let nb = a[0].d.len();
+                let (wq, wd) = (w.qs.as_ptr(), w.d.as_ptr());
+                for b in 0..nb {
+                    // The weight block is decoded once for all R rows.
+                    // Unsigned 4-bit weights multiply directly; signed ones
+                    // use |w| · sign(a, w), since the u8×i8 instructions
+                    // want an unsigned side.
+                    // SAFETY: the caller guarantees nb blocks of quants and
+                    // scales in every row.
+                    let (wu, wsign) = unsafe {
+                        match K {
+                            1 => (unpack_nibbles(wq.add(b * 16)), _mm256_setzero_si256()),
+                            0 => {
+                                let v = _mm256_sub_epi8(unpack_nibbles(wq.add(b * 16)), _mm256_set1_epi8(8));
+                                (_mm256_sign_epi8(v, v), v)
+                            }
+                            _ => {
+                                let v = _mm256_loadu_si256(wq.add(b * 32) as *const __m256i);
+                                (_mm256_sign_epi8(v, v), v)
+                            }
+                        }
+                    };
+                    for r in 0..R {
+                        // SAFETY: as above.
+                        let (av, ad) = unsafe {
+                            (_mm256_loadu_si256(a[r].qs.as_ptr().add(b * 32) as *const __m256i), *a[r].d.get_unchecked(b))
+                        };
+                        let av = if K == 1 { av } else { _mm256_sign_epi8(av, wsign) };
+                        let lanes = _mm256_cvtepi32_ps({
+                            let ($wu, $av) = (wu, av);
+                            $idot
+                        });
+                        // SAFETY: as above.
+                        let scale = unsafe {
+                            if K == 3 {
+                                _mm256_set_m128(_mm_set1_ps(*wd.add(2 * b + 1) * ad), _mm_set1_ps(*wd.add(2 * b) * ad))
+                            } else {
+                                _mm256_set1_ps(*wd.add(b) * ad)
+                            }
+                        };
+                        acc[r] = _mm256_fmadd_ps(scale, lanes, acc[r]);
+                    }
                 }
-                BlockKind::Q4_1 => {
-                    let wv = unsafe { unpack_nibbles(w.qs.as_ptr().add(b * 16)) };
-                    _mm256_maddubs_epi16(wv, av)
+                for r in 0..R {
+                    let mut lanes = [0f32; 8];
+                    // SAFETY: lanes has room for eight f32.
+                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]) };
+                    // SAFETY: AVX2 is enabled here.
+                    let min = if K == 1 { unsafe { dot_f32(w.m, a[r].dsum) } } else { 0.0 };
+                    out[r] = reduce8(lanes) + min;
                 }
-            };
-            let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod16, ones));
-            let scale = _mm256_set1_ps(w.d[b] * a.d[b]);
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(scale, lanes));
-            if kind == BlockKind::Q4_1 {
-                acc_min += w.m[b] * (a.d[b] * a.isum[b] as f32);
+            }
+        };
+    }
+
+    dot_rows_kernel!(dot_rows, dot_rows_k, "avx2,fma", |wu, av| _mm256_madd_epi16(
+        _mm256_maddubs_epi16(wu, av),
+        _mm256_set1_epi16(1)
+    ));
+    dot_rows_kernel!(dot_rows_vnni, dot_rows_vnni_k, "avx2,fma,avxvnni", |wu, av| _mm256_dpbusd_avx_epi32(
+        _mm256_setzero_si256(),
+        wu,
+        av
+    ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SessionRng;
+
+    /// The AVX2 kernels and their scalar twins give identical bits.
+    #[test]
+    fn simd_and_scalar_paths_agree_bit_for_bit() {
+        if simd_level() == SimdLevel::Scalar {
+            eprintln!("skipped: this machine has no AVX2+FMA (only the scalar path runs)");
+            return;
+        }
+        let vnni = simd_level() == SimdLevel::Avx2Vnni;
+        let mut rng = SessionRng::new(17);
+        let mut f = |scale: f32| (rng.next_f64() as f32 * 2.0 - 1.0) * scale;
+        for len in [1, 7, 8, 64, 77] {
+            let a: Vec<f32> = (0..len).map(|_| f(3.0)).collect();
+            let b: Vec<f32> = (0..len).map(|_| f(3.0)).collect();
+            // SAFETY: AVX2 was detected above.
+            assert_eq!(unsafe { avx2::dot_f32(&a, &b) }.to_bits(), dot_f32_scalar(&a, &b).to_bits());
+        }
+        let nb = 5;
+        for kind in [BlockKind::Q4_0, BlockKind::Q4_1, BlockKind::Q8_0, BlockKind::Q8Half] {
+            let qs: Vec<u8> = (0..nb * kind.quant_bytes()).map(|_| (f(128.0) as i32 & 0xFF) as u8).collect();
+            let d: Vec<f32> = (0..nb * kind.scales()).map(|_| f(0.1)).collect();
+            let m: Vec<f32> = if kind == BlockKind::Q4_1 { (0..nb).map(|_| f(0.5)).collect() } else { vec![] };
+            let aq: Vec<Vec<i8>> = (0..4).map(|_| (0..nb * 32).map(|_| f(127.0) as i8).collect()).collect();
+            let ad: Vec<Vec<f32>> = (0..4).map(|_| (0..nb).map(|_| f(0.05)).collect()).collect();
+            let dsum: Vec<Vec<f32>> = (0..4).map(|_| (0..nb).map(|_| f(2.0)).collect()).collect();
+            let w = BlockRow { d: &d, m: &m, qs: &qs };
+            let rows: [ActRow; 4] = std::array::from_fn(|r| ActRow { d: &ad[r], dsum: &dsum[r], qs: &aq[r] });
+            let mut simd = [0f32; 4];
+            // SAFETY: AVX2 was detected above.
+            unsafe { avx2::dot_rows::<4>(kind, &w, &rows, &mut simd) };
+            for r in 0..4 {
+                let scalar = dot_blocks_scalar(kind, &w, &rows[r]);
+                assert_eq!(simd[r].to_bits(), scalar.to_bits(), "{kind:?} row {r}: {} vs {scalar}", simd[r]);
+                let mut one = [0f32];
+                // SAFETY: AVX2 was detected above.
+                unsafe { avx2::dot_rows::<1>(kind, &w, &[ActRow { d: &ad[r], dsum: &dsum[r], qs: &aq[r] }], &mut one) };
+                assert_eq!(one[0].to_bits(), scalar.to_bits());
+                if vnni {
+                    let mut v = [0f32; 4];
+                    // SAFETY: AVX-VNNI was detected above.
+                    unsafe { avx2::dot_rows_vnni::<4>(kind, &w, &rows, &mut v) };
+                    assert_eq!(v[r].to_bits(), scalar.to_bits(), "{kind:?} VNNI row {r}");
+                }
             }
         }
-        let mut lanes = [0f32; 8];
-        // SAFETY: lanes has room for eight f32.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
-        reduce8(lanes) + acc_min
     }
 }

@@ -20,5 +20,5 @@ mod matmul;
 mod ops;
 
 pub use dot::{dot_f32, simd_level, SimdLevel};
-pub use matmul::{quantize_activations, QActivations, QMatrix, WeightType};
-pub use ops::{rms_norm, QLinear};
+pub use matmul::{matmul_parts, quantize_activations, QActivations, QMatrix, WeightType};
+pub use ops::{rms_norm, MatmulKernels, QLinear};

@@ -1,29 +1,76 @@
 //! The kernels as candle custom ops, so the model file stays a plain forward.
 
 use super::dot::dot_f32;
-use super::matmul::QMatrix;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use super::matmul::{matmul_parts, QMatrix};
+use candle_core::quantized::QMatMul;
+use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
 use std::sync::Arc;
 
-/// A linear layer without bias over a quantized weight: `[t, in] → [t, out]`.
+/// Which implementation the linear layers run on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MatmulKernels {
+    /// Tandem's batched, batch-invariant kernels.
+    #[default]
+    Tandem,
+    /// candle's own `QMatMul`: the baseline `tandem-bench kernels` measures
+    /// against in the same run. Not guaranteed batch-invariant.
+    CandleStock,
+}
+
+/// A linear layer without bias, `[t, in] → [t, out]`, over one weight
+/// matrix or several stacked ones (fused projections).
 #[derive(Clone)]
 pub struct QLinear {
-    weight: Arc<QMatrix>,
+    parts: Vec<Arc<QMatrix>>,
+    /// candle's stock kernels for the same parts, when benchmarking them.
+    stock: Vec<Arc<QMatMul>>,
 }
 
 impl QLinear {
     pub fn new(weight: QMatrix) -> Self {
-        QLinear { weight: Arc::new(weight) }
+        Self::from_arc(Arc::new(weight))
     }
     /// Shares a weight with another user (tied embedding and output head).
     pub fn from_arc(weight: Arc<QMatrix>) -> Self {
-        QLinear { weight }
+        QLinear { parts: vec![weight], stock: vec![] }
     }
-    pub fn weight(&self) -> &QMatrix {
-        &self.weight
+    /// Runs on candle's stock kernel instead (same weights, for baselines).
+    pub fn with_stock(mut self, stock: QMatMul) -> Self {
+        self.stock = vec![Arc::new(stock)];
+        self
+    }
+    /// One layer computing all of `linears` over the same input, outputs
+    /// side by side in order.
+    pub fn fused(linears: Vec<QLinear>) -> Self {
+        let stock_all = linears.iter().all(|l| !l.stock.is_empty());
+        let mut fused = QLinear { parts: vec![], stock: vec![] };
+        for l in linears {
+            fused.parts.extend(l.parts);
+            fused.stock.extend(l.stock);
+        }
+        if !stock_all {
+            fused.stock.clear();
+        }
+        fused
+    }
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.parts.iter().map(|p| p.rows()).sum()
+    }
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.parts[0].cols()
+    }
+    /// Weight bytes one pass reads.
+    pub fn bytes(&self) -> usize {
+        self.parts.iter().map(|p| p.bytes()).sum()
     }
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.apply_op1_no_bwd(self)
+        match self.stock.as_slice() {
+            [] => x.apply_op1_no_bwd(self),
+            [one] => one.forward(x),
+            many => Tensor::cat(&many.iter().map(|s| s.forward(x)).collect::<candle_core::Result<Vec<_>>>()?, 1),
+        }
     }
 }
 
@@ -44,12 +91,13 @@ impl CustomOp1 for QLinear {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (t, cols) = layout.shape().dims2()?;
-        if cols != self.weight.cols() {
-            candle_core::bail!("qlinear: input has {cols} features, weight expects {}", self.weight.cols());
+        if cols != self.cols() {
+            candle_core::bail!("qlinear: input has {cols} features, weight expects {}", self.cols());
         }
         let x = contiguous_f32(storage, layout, "qlinear")?;
-        let out = self.weight.matmul(x, t);
-        Ok((CpuStorage::F32(out), Shape::from((t, self.weight.rows()))))
+        let parts: Vec<&QMatrix> = self.parts.iter().map(|p| p.as_ref()).collect();
+        let out = matmul_parts(&parts, x, t);
+        Ok((CpuStorage::F32(out), Shape::from((t, self.rows()))))
     }
 }
 

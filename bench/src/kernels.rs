@@ -1,0 +1,209 @@
+//! `tandem-bench kernels`: cost of one forward pass by shape.
+//!
+//! Single-sequence passes of n new tokens after a 64-token context (logits
+//! for every new row, as verification needs, except the 98-token prefill,
+//! which needs only the last), and a ragged batch of 8 sessions × 5 tokens
+//! at different context lengths. Each row is timed with Tandem's kernels
+//! and with candle's stock `QMatMul` on the same weights, in the same run.
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+use tandem_model::kernels::MatmulKernels;
+use tandem_model::{KvCache, Llama, LoadedModel, LogitsFor, SeqPass};
+
+pub struct KernelBenchConfig {
+    pub model: PathBuf,
+    pub repeats: usize,
+    /// Also time candle's stock kernels.
+    pub stock: bool,
+    /// Print each row to stderr as it completes.
+    pub progress: bool,
+}
+
+const PASS_SIZES: [usize; 7] = [1, 2, 5, 8, 16, 32, 98];
+const CONTEXT: usize = 64;
+const RAGGED_CONTEXTS: [usize; 8] = [16, 48, 96, 160, 224, 320, 448, 640];
+const RAGGED_TOKENS: usize = 5;
+
+#[derive(Serialize)]
+pub struct PassRow {
+    /// Label: `n` for a single sequence, `8x5 ragged` for the batch.
+    pub shape: String,
+    pub tokens: usize,
+    /// Median wall time of the pass, Tandem's kernels.
+    pub ms: f64,
+    pub tokens_per_s: f64,
+    /// Median with candle's stock QMatMul (absent with --no-stock).
+    pub stock_ms: Option<f64>,
+    /// stock_ms / ms.
+    pub speedup: Option<f64>,
+    /// Weight bytes the pass reads once, over its duration.
+    pub weight_gb_per_s: f64,
+}
+
+#[derive(Serialize)]
+pub struct KernelReport {
+    pub model: String,
+    pub threads: usize,
+    pub simd: String,
+    pub weight_bytes_per_pass: usize,
+    /// Read bandwidth of a plain parallel sum over 256 MiB, this process.
+    pub probe_gb_per_s: f64,
+    pub passes: Vec<PassRow>,
+    pub ragged: PassRow,
+    /// Ragged 8×5 batch over the single 5-token pass (target ≤ 4).
+    pub ragged_over_single5: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median ms of `pass` after one warm-up; caches are rolled back each time.
+fn time_pass(llama: &Llama, caches: &mut [KvCache], tokens: &[Vec<u32>], logits: LogitsFor, repeats: usize) -> Result<f64> {
+    let bases: Vec<usize> = caches.iter().map(KvCache::len).collect();
+    let mut samples = Vec::with_capacity(repeats);
+    for i in 0..=repeats {
+        let start = Instant::now();
+        let mut batch: Vec<SeqPass> =
+            caches.iter_mut().zip(tokens).map(|(cache, t)| SeqPass { cache, tokens: t, logits }).collect();
+        llama.forward(&mut batch)?;
+        if i > 0 {
+            samples.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        for (cache, &base) in caches.iter_mut().zip(&bases) {
+            cache.truncate(base);
+        }
+    }
+    Ok(median(samples))
+}
+
+fn context_cache(llama: &Llama, text: &[u32], len: usize) -> Result<KvCache> {
+    let mut cache = llama.new_cache(llama.config().n_layers);
+    let tokens: Vec<u32> = text.iter().cycle().take(len).copied().collect();
+    llama.forward(&mut [SeqPass { cache: &mut cache, tokens: &tokens, logits: LogitsFor::None }])?;
+    Ok(cache)
+}
+
+/// Times every row on one model; returns (single-pass ms per size, ragged ms).
+fn time_model(llama: &Llama, text: &[u32], repeats: usize, mut report: impl FnMut(&str, f64)) -> Result<(Vec<f64>, f64)> {
+    let mut singles = Vec::new();
+    for &n in &PASS_SIZES {
+        let mut cache = [context_cache(llama, text, CONTEXT)?];
+        let tokens = vec![text[CONTEXT % text.len()..].iter().cycle().take(n).copied().collect::<Vec<u32>>()];
+        let logits = if n == 98 { LogitsFor::Last } else { LogitsFor::All };
+        let reps = if n >= 32 { repeats.div_ceil(2) } else { repeats };
+        let ms = time_pass(llama, &mut cache, &tokens, logits, reps)?;
+        report(&n.to_string(), ms);
+        singles.push(ms);
+    }
+    let mut caches = RAGGED_CONTEXTS.iter().map(|&c| context_cache(llama, text, c)).collect::<Result<Vec<_>>>()?;
+    let tokens: Vec<Vec<u32>> = (0..RAGGED_CONTEXTS.len()).map(|i| text[i..i + RAGGED_TOKENS].to_vec()).collect();
+    let ragged = time_pass(llama, &mut caches, &tokens, LogitsFor::All, repeats)?;
+    report("8x5 ragged", ragged);
+    Ok((singles, ragged))
+}
+
+/// Read bandwidth of this machine as this process sees it.
+fn bandwidth_probe() -> f64 {
+    use rayon::prelude::*;
+    let data = vec![1u64; 32 << 20]; // 256 MiB
+    let mut best = f64::MAX;
+    let mut sink = 0u64;
+    for _ in 0..4 {
+        let start = Instant::now();
+        sink = sink.wrapping_add(data.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v))).sum::<u64>());
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(sink);
+    (data.len() * 8) as f64 / best / 1e9
+}
+
+pub fn run(cfg: &KernelBenchConfig) -> Result<KernelReport> {
+    let progress = |m: &str| {
+        if cfg.progress {
+            eprintln!("{m}");
+        }
+    };
+    let model = LoadedModel::load(&cfg.model).with_context(|| format!("loading --model {}", cfg.model.display()))?;
+    let text = model.tokenizer.encode(&corpus())?;
+    anyhow::ensure!(text.len() > 100, "the benchmark text tokenizes to too few tokens");
+    let llama = &model.llama;
+    let bytes = llama.weight_bytes(llama.config().n_layers);
+    let probe = bandwidth_probe();
+    progress(&format!("bandwidth probe: {probe:.1} GB/s"));
+
+    let (ours, ours_ragged) = time_model(llama, &text, cfg.repeats, |s, ms| progress(&format!("tandem  {s:>11}: {ms:8.1} ms")))?;
+    let (stock, stock_ragged) = if cfg.stock {
+        drop(model);
+        let stock_model = LoadedModel::load_with(&cfg.model, MatmulKernels::CandleStock)?;
+        let (s, r) = time_model(&stock_model.llama, &text, cfg.repeats.div_ceil(2), |s, ms| progress(&format!("stock   {s:>11}: {ms:8.1} ms")))?;
+        (s.into_iter().map(Some).collect(), Some(r))
+    } else {
+        (vec![None; PASS_SIZES.len()], None)
+    };
+    let row = |shape: String, tokens: usize, ms: f64, stock_ms: Option<f64>| PassRow {
+        shape,
+        tokens,
+        ms,
+        tokens_per_s: tokens as f64 / ms * 1e3,
+        stock_ms,
+        speedup: stock_ms.map(|s| s / ms),
+        weight_gb_per_s: bytes as f64 / ms / 1e6,
+    };
+    let passes: Vec<PassRow> =
+        PASS_SIZES.iter().zip(ours.iter().zip(stock)).map(|(&n, (&ms, s))| row(n.to_string(), n, ms, s)).collect();
+    let single5 = passes.iter().find(|p| p.tokens == 5).map_or(f64::NAN, |p| p.ms);
+    Ok(KernelReport {
+        model: cfg.model.display().to_string(),
+        threads: rayon::current_num_threads(),
+        simd: format!("{:?}", tandem_model::kernels::simd_level()),
+        weight_bytes_per_pass: bytes,
+        probe_gb_per_s: probe,
+        passes,
+        ragged: row("8x5 ragged".into(), RAGGED_CONTEXTS.len() * RAGGED_TOKENS, ours_ragged, stock_ragged),
+        ragged_over_single5: ours_ragged / single5,
+    })
+}
+
+impl KernelReport {
+    pub fn markdown(&self) -> String {
+        let mut s = format!(
+            "model {}\nthreads {}, SIMD {}, weights read per pass {:.1} MB, bandwidth probe {:.1} GB/s\n\n",
+            self.model,
+            self.threads,
+            self.simd,
+            self.weight_bytes_per_pass as f64 / 1e6,
+            self.probe_gb_per_s
+        );
+        s += "| pass | tokens | ms (median) | tokens/s | stock candle ms | speed-up | weight GB/s |\n|---|---|---|---|---|---|---|\n";
+        for r in self.passes.iter().chain([&self.ragged]) {
+            let opt = |v: Option<f64>, suffix: &str| v.map_or("–".to_string(), |v| format!("{v:.1}{suffix}"));
+            s += &format!(
+                "| {} | {} | {:.1} | {:.0} | {} | {} | {:.1} |\n",
+                r.shape,
+                r.tokens,
+                r.ms,
+                r.tokens_per_s,
+                opt(r.stock_ms, ""),
+                opt(r.speedup, "×"),
+                r.weight_gb_per_s
+            );
+        }
+        s += &format!("\nragged 8×5 batch / single 5-token pass: {:.2}× (target ≤ 4×)\n", self.ragged_over_single5);
+        s
+    }
+}
+
+/// Real English and code to tokenize for pass inputs.
+fn corpus() -> String {
+    "Speculative decoding lets a small draft model propose several tokens that a large target model \
+     verifies in a single forward pass. def merge_sort(items):\n    if len(items) <= 1:\n        return items\n    \
+     middle = len(items) // 2\n    left = merge_sort(items[:middle])\n    right = merge_sort(items[middle:])\n    \
+     return merge(left, right)\n The verifier accepts the longest prefix it agrees with and adds one token of \
+     its own, so the output is exactly what the target alone would have written."
+        .to_string()
+}
