@@ -1,9 +1,12 @@
-//! Tandem's edge side: draft sources drive speculative rounds against a
-//! verifier. For now the verifier is the target model in the same process
-//! (`generate --local`); the gRPC client plugs in behind the same loop.
+//! Tandem's edge side: a draft source proposes tokens, a target verifies
+//! them (the model in this process, or a Tandem server over gRPC), and the
+//! accepted text streams out.
 
+pub mod client;
 mod error;
-mod local;
+mod generate;
+mod target;
 
 pub use error::EdgeError;
-pub use local::{GenerateRequest, Generation, LocalGenerator};
+pub use generate::{GenerateRequest, Generation, Speculator};
+pub use target::{LocalTarget, RoundOutcome, Target};

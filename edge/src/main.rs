@@ -4,7 +4,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
-use tandem_edge::{GenerateRequest, LocalGenerator};
+use tandem_edge::client::{ClientConfig, RemoteTarget};
+use tandem_edge::{GenerateRequest, Generation, LocalTarget, Speculator};
 use tandem_model::{fetch, DraftSpec, LoadedModel, SamplingParams};
 
 #[derive(Parser)]
@@ -35,8 +36,20 @@ enum ModelAction {
 #[derive(Args)]
 struct GenerateArgs {
     /// Run draft and verification in this process (no server).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "server")]
     local: bool,
+    /// Verify on a Tandem server, e.g. http://127.0.0.1:50051 (https:// for TLS).
+    #[arg(long)]
+    server: Option<String>,
+    /// API key for the server (sent as `authorization: Bearer KEY`).
+    #[arg(long, env = "TANDEM_API_KEY", requires = "server")]
+    api_key: Option<String>,
+    /// CA certificate (PEM) that signed an https server's certificate.
+    #[arg(long, requires = "server")]
+    ca_cert: Option<PathBuf>,
+    /// Let the server decode everything itself (no drafting here).
+    #[arg(long, requires = "server")]
+    server_only: bool,
     /// Target model: a llama-family GGUF file (default: SmolLM2-135M-Instruct, fetched on first use).
     #[arg(long)]
     model: Option<PathBuf>,
@@ -84,8 +97,8 @@ fn main() -> Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    if !args.local {
-        anyhow::bail!("`--local` is required: the networked mode needs a tandem-server, which this build does not have yet");
+    if !args.local && args.server.is_none() {
+        anyhow::bail!("say where to verify: `--local` (this process) or `--server URL`");
     }
     let draft: DraftSpec = args.draft.parse()?;
     let model_path = match &args.model {
@@ -103,21 +116,37 @@ fn generate(args: GenerateArgs) -> Result<()> {
         sampling: SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
     };
     let tokenizer = target.tokenizer.clone();
-    let mut generator = LocalGenerator::new(target, draft_source);
     let mut stream = tokenizer.stream();
     let mut stdout = std::io::stdout();
     let json = args.json;
-    let generation = generator.generate(&request, |t| {
+    let on_token = |t: u32| {
         if !json {
             if let Ok(piece) = stream.push(t) {
                 let _ = stdout.write_all(piece.as_bytes());
                 let _ = stdout.flush();
             }
         }
-    })?;
+    };
+    let generation = match &args.server {
+        None => Speculator::new(LocalTarget::new(target), draft_source, tokenizer.clone()).generate(&request, on_token)?,
+        Some(url) => {
+            let mut cfg = ClientConfig::new(url.clone());
+            cfg.api_key = args.api_key.clone();
+            if let Some(ca) = &args.ca_cert {
+                cfg.ca_cert = Some(std::fs::read(ca).with_context(|| format!("reading --ca-cert {}", ca.display()))?);
+            }
+            let remote = RemoteTarget::new(cfg)?;
+            if args.server_only {
+                server_only(remote, &request, &tokenizer, on_token)?
+            } else {
+                Speculator::new(remote, draft_source, tokenizer.clone()).generate(&request, on_token)?
+            }
+        }
+    };
     if json {
         let mut value = serde_json::to_value(&generation)?;
-        value["draft"] = serde_json::Value::String(draft.to_string());
+        let mode = if args.server_only { "server_only".to_string() } else { draft.to_string() };
+        value["draft"] = serde_json::Value::String(mode);
         value["model"] = serde_json::Value::String(model_path.display().to_string());
         println!("{value}");
     } else {
@@ -132,4 +161,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--server-only`: the server decodes; tokens stream back.
+fn server_only(mut remote: RemoteTarget, req: &GenerateRequest, tokenizer: &tandem_model::Tokenizer, on_token: impl FnMut(u32)) -> Result<Generation> {
+    req.validate()?;
+    let start = std::time::Instant::now();
+    let eos = tokenizer.eos_tokens().to_vec();
+    let tokens = remote.generate_server_only(&req.prompt, &req.sampling, req.max_new_tokens, on_token, &eos)?;
+    let g = Generation { prompt_tokens: req.prompt.len(), rounds: tokens.len().saturating_sub(1), tokens, ..Default::default() };
+    Ok(g.finish(tokenizer, &eos, start)?)
 }

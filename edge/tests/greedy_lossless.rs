@@ -5,7 +5,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
-use tandem_edge::{GenerateRequest, LocalGenerator};
+use tandem_edge::{GenerateRequest, LocalTarget, Speculator};
 use tandem_model::{fetch, DraftSpec, LoadedModel, ModelError, SamplingParams};
 
 fn prompts(tok: &tandem_model::Tokenizer) -> Vec<(&'static str, Vec<u32>)> {
@@ -51,6 +51,10 @@ fn requantized_copy(src: &Path, dst: &Path, corrupt_token: Option<usize>) -> Pat
     dst.to_path_buf()
 }
 
+fn speculator(target: &LoadedModel, draft: &DraftSpec) -> Speculator<LocalTarget> {
+    Speculator::new(LocalTarget::new(target.clone()), draft.build(target).unwrap(), target.tokenizer.clone())
+}
+
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tandem-edge-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -67,10 +71,10 @@ fn every_draft_source_reproduces_plain_greedy_decoding() {
     let mut failures = Vec::new();
     for (name, prompt) in prompts(&target.tokenizer) {
         let req = GenerateRequest { prompt, max_new_tokens: 32, draft_len: 4, sampling: SamplingParams::default() };
-        let plain = LocalGenerator::new(target.clone(), DraftSpec::None.build(&target).unwrap()).generate(&req, |_| {}).unwrap();
+        let plain = speculator(&target, &DraftSpec::None).generate(&req, |_| {}).unwrap();
         assert_eq!(plain.rounds, plain.tokens.len() - 1, "plain decoding verifies one token per round");
         for spec in &drafts {
-            let mut gen = LocalGenerator::new(target.clone(), spec.build(&target).unwrap());
+            let mut gen = speculator(&target, spec);
             let mut streamed = Vec::new();
             let g = gen.generate(&req, |t| streamed.push(t)).unwrap();
             let label = if matches!(spec, DraftSpec::Model(_)) { "model:q4_0".to_string() } else { spec.to_string() };

@@ -159,6 +159,14 @@ impl SessionRng {
         SessionRng { s: [next(), next(), next(), next()] }
     }
 
+    /// The generator for the draws made at sequence position `position`
+    /// of a session seeded with `seed`. Keying draws by position (not by
+    /// how many came before) lets a resumed session, or another server,
+    /// make exactly the draws an uninterrupted one would.
+    pub fn at(seed: u64, position: usize) -> Self {
+        Self::new(seed ^ (position as u64).wrapping_mul(0xA076_1D64_78BD_642F).rotate_left(17))
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
         let t = self.s[1] << 17;

@@ -1,2 +1,14 @@
-//! The verification server: sessions, scheduler loop, batch runner and gRPC
-//! service. Filled in by the verification-service work (see DESIGN.md).
+//! The verification server: sessions and their KV memory, the batch runner,
+//! the gRPC service, auth and metrics (see DESIGN.md).
+
+pub mod auth;
+pub mod batcher;
+pub mod config;
+pub mod engine;
+mod error;
+pub mod kv_budget;
+pub mod metrics;
+pub mod service;
+pub mod validate;
+
+pub use error::ServeError;

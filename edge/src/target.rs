@@ -1,0 +1,64 @@
+//! Where verification happens: the target model in this process, or a
+//! Tandem server (see `client`). The speculative loop is the same for both.
+
+use crate::EdgeError;
+use tandem_model::{verify_greedy, verify_sampled, KvCache, LoadedModel, LogitsFor, SamplingParams, SeqPass, SessionRng, SparseDist, Verdict};
+
+/// Verifies drafts for one generation at a time.
+pub trait Target {
+    /// Starts a generation of `prompt`; returns the first generated token.
+    fn open(&mut self, prompt: &[u32], sampling: &SamplingParams, max_new_tokens: usize) -> Result<u32, EdgeError>;
+
+    /// Verifies `drafts` continuing `context` (prompt and every generated
+    /// token; the last one has not been verified against yet).
+    fn verify(&mut self, context: &[u32], drafts: &[u32], q: &[SparseDist]) -> Result<RoundOutcome, EdgeError>;
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct RoundOutcome {
+    pub verdict: Verdict,
+    /// Server-side time of the round, queueing included (remote targets).
+    pub server_ms: Option<f64>,
+}
+
+/// The target model in this process (`generate --local`).
+pub struct LocalTarget {
+    model: LoadedModel,
+    cache: KvCache,
+    sampling: SamplingParams,
+}
+
+impl LocalTarget {
+    pub fn new(model: LoadedModel) -> Self {
+        let cache = model.llama.new_cache(model.llama.config().n_layers);
+        LocalTarget { model, cache, sampling: SamplingParams::default() }
+    }
+}
+
+impl Target for LocalTarget {
+    fn open(&mut self, prompt: &[u32], sampling: &SamplingParams, _max_new_tokens: usize) -> Result<u32, EdgeError> {
+        let llama = &self.model.llama;
+        self.cache = llama.new_cache(llama.config().n_layers);
+        self.sampling = sampling.clone();
+        let logits = llama.forward(&mut [SeqPass { cache: &mut self.cache, tokens: prompt, logits: LogitsFor::Last }])?;
+        Ok(sampling.distribution(logits[0].row(0)).sample(&mut SessionRng::at(sampling.seed, prompt.len())))
+    }
+
+    fn verify(&mut self, context: &[u32], drafts: &[u32], q: &[SparseDist]) -> Result<RoundOutcome, EdgeError> {
+        // The cache holds everything but the last token: verify it and the
+        // drafts in one pass, k + 1 rows of logits.
+        let base = self.cache.len();
+        debug_assert_eq!(base + 1, context.len());
+        let mut feed = vec![*context.last().expect("context is never empty")];
+        feed.extend_from_slice(drafts);
+        let logits = self.model.llama.forward(&mut [SeqPass { cache: &mut self.cache, tokens: &feed, logits: LogitsFor::All }])?;
+        let verdict = if self.sampling.is_greedy() {
+            verify_greedy(drafts, |i| logits[0].row(i))
+        } else {
+            let p: Vec<_> = (0..=drafts.len()).map(|i| self.sampling.distribution(logits[0].row(i))).collect();
+            verify_sampled(drafts, q, &p, &mut SessionRng::at(self.sampling.seed, context.len()))
+        };
+        self.cache.truncate(base + 1 + verdict.accepted);
+        Ok(RoundOutcome { verdict, server_ms: None })
+    }
+}

@@ -1,0 +1,88 @@
+//! Server configuration: a TOML file (`--config`), overridden by flags.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Everything the server needs to start. Field defaults are the documented
+/// defaults; see README.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// Target GGUF; None fetches the default model.
+    pub model: Option<PathBuf>,
+    /// `cpu` (default build); `cuda` / `metal` need those cargo features.
+    pub device: String,
+    /// KV cache memory all sessions together may hold, MiB.
+    pub kv_budget_mb: usize,
+    /// TOML file with `[[tenant]]` tables; None admits only loopback clients.
+    pub tenants: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Prometheus `/metrics` address; None disables it.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Sessions with no message for this long are dropped, seconds.
+    pub idle_ttl_s: u64,
+    pub batcher: BatcherConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:50051".parse().expect("literal address"),
+            model: None,
+            device: "cpu".into(),
+            kv_budget_mb: 2048,
+            tenants: None,
+            tls_cert: None,
+            tls_key: None,
+            metrics_listen: None,
+            idle_ttl_s: 60,
+            batcher: BatcherConfig::default(),
+        }
+    }
+}
+
+/// Limits of one forward pass.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatcherConfig {
+    /// New tokens per pass (prefill chunks are cut to fit).
+    pub max_batch_tokens: usize,
+    /// Sequences per pass.
+    pub max_batch_seqs: usize,
+}
+
+impl Default for BatcherConfig {
+    fn default() -> Self {
+        BatcherConfig { max_batch_tokens: 256, max_batch_seqs: 32 }
+    }
+}
+
+/// One `[[tenant]]` table of the tenants file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    pub api_key: String,
+    #[serde(default = "one")]
+    pub weight: f64,
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn default_max_sessions() -> usize {
+    64
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantsFile {
+    #[serde(default)]
+    pub tenant: Vec<TenantConfig>,
+}

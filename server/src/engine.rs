@@ -1,0 +1,538 @@
+//! The batch runner: one thread owns the model and every session's KV
+//! cache and runs `intake → next_batch → forward → judge → send → requeue`
+//! forever. Stream tasks talk to it through a bounded command channel.
+
+use crate::auth::Tenant;
+use crate::batcher::{Batcher, PendingWork, Scheduled, SessionId, WorkKind};
+use crate::kv_budget::{KvBudget, KvLease};
+use crate::metrics::Metrics;
+use crate::validate::{ValidOpen, ValidVerify};
+use crate::ServeError;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tandem_model::{verify_greedy, verify_sampled, KvCache, LoadedModel, LogitsFor, SamplingParams, SeqPass, SessionRng, Verdict};
+use tandem_protocol::limits::MAX_DRAFT_TOKENS;
+use tandem_protocol::wire::{Hints, Opened, ServerKind, ServerMessage, Tokens, Verdict as WireVerdict};
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+use tracing::{debug, info, instrument, warn};
+
+/// Messages for one session's stream.
+pub type OutSender = mpsc::Sender<Result<ServerMessage, Status>>;
+
+pub enum Command {
+    Open { tenant: Arc<Tenant>, open: ValidOpen, out: OutSender, reply: oneshot::Sender<Result<SessionId, ServeError>> },
+    /// Answered once the verdict is on the session's stream (or refused).
+    Verify { session: SessionId, verify: ValidVerify, reply: oneshot::Sender<Result<(), ServeError>> },
+    Close { session: SessionId },
+    /// Finish the pass in flight, tell every client UNAVAILABLE, stop.
+    Shutdown,
+}
+
+/// Cloneable handle the stream tasks use.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl EngineHandle {
+    fn gone() -> ServeError {
+        ServeError::Unavailable("the server is shutting down; resume elsewhere".into())
+    }
+
+    pub async fn open(&self, tenant: Arc<Tenant>, open: ValidOpen, out: OutSender) -> Result<SessionId, ServeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Open { tenant, open, out, reply }).await.map_err(|_| Self::gone())?;
+        rx.await.map_err(|_| Self::gone())?
+    }
+
+    /// # Cancel safety
+    /// Dropping the future leaves the verification queued; its verdict
+    /// still goes to the session's stream.
+    pub async fn verify(&self, session: SessionId, verify: ValidVerify) -> Result<(), ServeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Verify { session, verify, reply }).await.map_err(|_| Self::gone())?;
+        rx.await.map_err(|_| Self::gone())?
+    }
+
+    pub async fn close(&self, session: SessionId) {
+        let _ = self.tx.send(Command::Close { session }).await;
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown).await;
+    }
+}
+
+/// Settings of the runner.
+pub struct EngineConfig {
+    pub kv_budget_bytes: usize,
+    pub idle_ttl: Duration,
+}
+
+struct Session {
+    tenant: Arc<Tenant>,
+    cache: KvCache,
+    _lease: KvLease,
+    /// Prompt and every generated token; the last is not yet in the cache
+    /// (once prefill is done).
+    context: Vec<u32>,
+    /// Positions of `context` to prefill before the session is open.
+    prefill_target: usize,
+    /// Generate a first token after prefill (false on resume).
+    sample_first: bool,
+    generated: usize,
+    max_new: usize,
+    sampling: SamplingParams,
+    server_only: bool,
+    opened: bool,
+    pending_verify: Option<(ValidVerify, oneshot::Sender<Result<(), ServeError>>, Instant)>,
+    out: OutSender,
+    last_active: Instant,
+}
+
+impl Session {
+    /// Draws for the round that continues the current context.
+    fn rng(&self) -> SessionRng {
+        SessionRng::at(self.sampling.seed, self.context.len())
+    }
+
+    fn finished(&self, eos: &[u32]) -> bool {
+        self.generated >= self.max_new || (self.generated > 0 && self.context.last().is_some_and(|t| eos.contains(t)))
+    }
+}
+
+pub struct Engine {
+    model: LoadedModel,
+    batcher: Box<dyn Batcher>,
+    cfg: EngineConfig,
+    budget: KvBudget,
+    metrics: Arc<Metrics>,
+    rx: mpsc::Receiver<Command>,
+    runtime: tokio::runtime::Handle,
+    sessions: HashMap<SessionId, Session>,
+    per_tenant: HashMap<String, usize>,
+    queue: VecDeque<PendingWork>,
+    next_id: SessionId,
+    /// EWMA of pass time per token and of the last pass, for hints.
+    ms_per_token: f64,
+    last_pass_ms: f64,
+}
+
+impl Engine {
+    /// Starts the runner thread.
+    pub fn spawn(model: LoadedModel, batcher: Box<dyn Batcher>, cfg: EngineConfig, metrics: Arc<Metrics>) -> (EngineHandle, std::thread::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let budget = KvBudget::new(cfg.kv_budget_bytes);
+        metrics.kv_budget_bytes.store(cfg.kv_budget_bytes as i64, Ordering::Relaxed);
+        let engine = Engine {
+            model,
+            batcher,
+            cfg,
+            budget,
+            metrics,
+            rx,
+            runtime: tokio::runtime::Handle::current(),
+            sessions: HashMap::new(),
+            per_tenant: HashMap::new(),
+            queue: VecDeque::new(),
+            next_id: 1,
+            ms_per_token: 5.0,
+            last_pass_ms: 10.0,
+        };
+        let thread = std::thread::Builder::new()
+            .name("tandem-runner".into())
+            .spawn(move || {
+                // Without its runner the server cannot serve anything: exit
+                // rather than answer UNAVAILABLE forever.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run_loop())).is_err() {
+                    tracing::error!("the batch runner panicked; exiting");
+                    std::process::exit(70);
+                }
+            })
+            .expect("spawn runner");
+        (EngineHandle { tx }, thread)
+    }
+
+    fn run_loop(mut self) {
+        info!("runner started");
+        loop {
+            if !self.intake() {
+                break;
+            }
+            self.expire_idle(Instant::now());
+            let batch = self.batcher.next_batch(Instant::now(), &mut self.queue);
+            if !batch.is_empty() {
+                self.run_batch(batch);
+            }
+            self.update_gauges();
+        }
+        self.drain();
+        info!("runner stopped");
+    }
+
+    /// Takes every waiting command, blocking (up to a second, for idle
+    /// expiry) when there is no work. Returns false on shutdown.
+    fn intake(&mut self) -> bool {
+        if self.queue.is_empty() {
+            let rx = &mut self.rx;
+            let wait = self.runtime.block_on(async { tokio::time::timeout(Duration::from_secs(1), rx.recv()).await });
+            match wait {
+                Ok(Some(cmd)) => {
+                    if !self.handle(cmd) {
+                        return false;
+                    }
+                }
+                Ok(None) => return false,
+                Err(_) => return true,
+            }
+        }
+        while let Ok(cmd) = self.rx.try_recv() {
+            if !self.handle(cmd) {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Open { tenant, open, out, reply } => {
+                let _ = reply.send(self.admit(tenant, open, out));
+            }
+            Command::Verify { session, verify, reply } => {
+                if let Err(e) = self.accept_verify(session, verify, reply) {
+                    debug!(session, error = %e, "verify refused");
+                }
+            }
+            Command::Close { session } => self.drop_session(session, None),
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn admit(&mut self, tenant: Arc<Tenant>, open: ValidOpen, out: OutSender) -> Result<SessionId, ServeError> {
+        let count = self.per_tenant.get(&tenant.name).copied().unwrap_or(0);
+        if count >= tenant.max_sessions {
+            self.metrics.refused("tenant_sessions");
+            return Err(ServeError::ResourceExhausted(format!(
+                "tenant `{}` already has its maximum of {} sessions",
+                tenant.name, tenant.max_sessions
+            )));
+        }
+        let llama = &self.model.llama;
+        let cache = llama.new_cache(llama.config().n_layers);
+        // The most this cache can hold: prompt, every token still to
+        // generate, and one round of drafts beyond.
+        let positions = open.prompt.len() + (open.max_new_tokens - open.resumed) + MAX_DRAFT_TOKENS + 1;
+        let bytes = positions * cache.bytes_per_position();
+        let lease = self.budget.try_reserve(bytes).ok_or_else(|| {
+            self.metrics.refused("kv_budget");
+            ServeError::ResourceExhausted(format!(
+                "KV memory budget exhausted: the session needs {} KiB, {} KiB of {} KiB are free",
+                bytes / 1024,
+                (self.budget.capacity() - self.budget.reserved()) / 1024,
+                self.budget.capacity() / 1024
+            ))
+        })?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let resumed = open.resumed > 0;
+        let prefill_target = if resumed { open.prompt.len() - 1 } else { open.prompt.len() };
+        self.metrics.tenant(&tenant.name, |t| {
+            t.sessions_opened += 1;
+            t.prefill_tokens += prefill_target as u64;
+        });
+        *self.per_tenant.entry(tenant.name.clone()).or_default() += 1;
+        let now = Instant::now();
+        self.queue.push_back(PendingWork { session: id, tenant: tenant.name.clone(), kind: WorkKind::Prefill, tokens: prefill_target, enqueued: now });
+        debug!(session = id, tenant = %tenant.name, prompt = open.prompt.len(), resumed = open.resumed, "session admitted");
+        self.sessions.insert(
+            id,
+            Session {
+                tenant,
+                cache,
+                _lease: lease,
+                context: open.prompt,
+                prefill_target,
+                sample_first: !resumed,
+                generated: open.resumed,
+                max_new: open.max_new_tokens,
+                sampling: open.sampling,
+                server_only: open.server_only,
+                opened: false,
+                pending_verify: None,
+                out,
+                last_active: now,
+            },
+        );
+        Ok(id)
+    }
+
+    fn accept_verify(&mut self, id: SessionId, verify: ValidVerify, reply: oneshot::Sender<Result<(), ServeError>>) -> Result<(), ServeError> {
+        let refuse = |reply: oneshot::Sender<Result<(), ServeError>>, e: ServeError| {
+            let msg = e.to_string();
+            let _ = reply.send(Err(e));
+            Err(ServeError::FailedPrecondition(msg))
+        };
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return refuse(reply, ServeError::NotFound(format!("session {id} does not exist (closed, finished or expired)")));
+        };
+        s.last_active = Instant::now();
+        let problem = if !s.opened {
+            Some("the session is still prefilling; wait for `Opened`".to_string())
+        } else if s.server_only {
+            Some("`verify` is not accepted in server-only mode".to_string())
+        } else if s.pending_verify.is_some() {
+            Some("a verification for this session is already in flight".to_string())
+        } else if verify.base_len != s.context.len() {
+            Some(format!("`verify.base_len` is {}, the session holds {} tokens (stale drafts)", verify.base_len, s.context.len()))
+        } else if s.generated + verify.draft.len() + 1 > s.max_new {
+            let remaining = s.max_new - s.generated;
+            return refuse(reply, ServeError::InvalidArgument(format!(
+                "`verify.draft` has {} tokens, but only {} may be drafted with {remaining} left before `max_new_tokens`",
+                verify.draft.len(),
+                remaining.saturating_sub(1)
+            )));
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            return refuse(reply, ServeError::FailedPrecondition(p));
+        }
+        let tokens = verify.draft.len() + 1;
+        let tenant = s.tenant.name.clone();
+        s.pending_verify = Some((verify, reply, Instant::now()));
+        self.queue.push_back(PendingWork { session: id, tenant, kind: WorkKind::Verify, tokens, enqueued: Instant::now() });
+        Ok(())
+    }
+
+    /// Forward pass over the batch, then each member's outcome.
+    #[instrument(skip_all, fields(seqs = batch.len()))]
+    fn run_batch(&mut self, batch: Vec<Scheduled>) {
+        // Take the members out of the table so their caches can be
+        // borrowed mutably side by side; closed ones are skipped.
+        let mut members: Vec<(Scheduled, Session)> =
+            batch.into_iter().filter_map(|s| self.sessions.remove(&s.work.session).map(|sess| (s, sess))).collect();
+        if members.is_empty() {
+            return;
+        }
+        let feeds: Vec<(Vec<u32>, LogitsFor)> = members.iter().map(|(s, sess)| feed(s, sess)).collect();
+        let total: usize = feeds.iter().map(|f| f.0.len()).sum();
+        let start = Instant::now();
+        let result = {
+            let mut passes: Vec<SeqPass> = members
+                .iter_mut()
+                .zip(&feeds)
+                .map(|((_, sess), (tokens, logits))| SeqPass { cache: &mut sess.cache, tokens, logits: *logits })
+                .collect();
+            self.model.llama.forward(&mut passes)
+        };
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        self.observe_pass(members.len(), total, ms);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // Validation makes this unreachable; never crash the server.
+                warn!(error = %e, "forward pass failed; ending its sessions");
+                for (s, sess) in members {
+                    self.sessions.insert(s.work.session, sess);
+                    self.drop_session(s.work.session, Some(ServeError::Model(tandem_model::ModelError::InvalidArgument(e.to_string()))));
+                }
+                return;
+            }
+        };
+        for ((scheduled, mut sess), logits) in members.into_iter().zip(logits) {
+            let id = scheduled.work.session;
+            let keep = match scheduled.work.kind {
+                WorkKind::Prefill => self.after_prefill(id, &scheduled, &mut sess, &logits),
+                WorkKind::Verify => self.after_verify(&mut sess, &logits),
+                WorkKind::Decode => self.after_decode(id, &mut sess, &logits),
+            };
+            self.sessions.insert(id, sess);
+            if !keep {
+                self.drop_session(id, None);
+            }
+        }
+    }
+
+    fn hints(&self) -> Hints {
+        let queued: usize = self.queue.iter().map(|w| w.tokens).sum();
+        Hints { est_queue_ms: (queued as f64 * self.ms_per_token) as f32, est_verify_ms: self.last_pass_ms as f32, suggested_k: 4 }
+    }
+
+    /// Returns whether the session lives on.
+    fn after_prefill(&mut self, id: SessionId, scheduled: &Scheduled, s: &mut Session, logits: &tandem_model::Logits) -> bool {
+        let done = s.cache.len();
+        if done < s.prefill_target {
+            // Continue with the next chunk before anything queued later.
+            self.queue.push_front(PendingWork { tokens: s.prefill_target - done, enqueued: Instant::now(), ..scheduled.work.clone() });
+            return true;
+        }
+        if s.sample_first {
+            let first = s.sampling.distribution(logits.row(0)).sample(&mut s.rng());
+            s.context.push(first);
+            s.generated += 1;
+            self.metrics.tenant(&s.tenant.name, |t| t.generated_tokens += 1);
+        }
+        s.opened = true;
+        let finished = s.finished(self.model.tokenizer.eos_tokens());
+        let msg = Opened { session_id: id.to_string(), first_token: *s.context.last().expect("prompt non-empty"), hints: Some(self.hints()), finished };
+        if !send(&s.out, ServerKind::Opened(msg)) || finished {
+            return false;
+        }
+        if s.server_only {
+            self.queue.push_back(PendingWork { session: id, tenant: s.tenant.name.clone(), kind: WorkKind::Decode, tokens: 1, enqueued: Instant::now() });
+        }
+        true
+    }
+
+    fn after_verify(&mut self, s: &mut Session, logits: &tandem_model::Logits) -> bool {
+        let Some((verify, reply, queued_at)) = s.pending_verify.take() else { return true };
+        let drafts = &verify.draft;
+        let verdict = if s.sampling.is_greedy() {
+            verify_greedy(drafts, |i| logits.row(i))
+        } else {
+            let p: Vec<_> = (0..=drafts.len()).map(|i| s.sampling.distribution(logits.row(i))).collect();
+            verify_sampled(drafts, &verify.q, &p, &mut s.rng())
+        };
+        // An accepted end-of-sequence draft ends the output there.
+        let eos = self.model.tokenizer.eos_tokens();
+        let verdict = match drafts[..verdict.accepted].iter().position(|t| eos.contains(t)) {
+            Some(j) => Verdict { accepted: j, next: drafts[j] },
+            None => verdict,
+        };
+        let base = s.context.len() - 1;
+        s.cache.truncate(base + 1 + verdict.accepted);
+        s.context.extend_from_slice(&drafts[..verdict.accepted]);
+        s.context.push(verdict.next);
+        s.generated += verdict.accepted + 1;
+        self.metrics.tenant(&s.tenant.name, |t| {
+            if !drafts.is_empty() {
+                t.num_drafts += 1;
+            }
+            t.num_draft_tokens += drafts.len() as u64;
+            t.num_accepted_tokens += verdict.accepted as u64;
+            t.verified_positions += drafts.len() as u64 + 1;
+            t.generated_tokens += verdict.accepted as u64 + 1;
+        });
+        let finished = s.finished(eos);
+        let msg = WireVerdict {
+            seq: verify.seq,
+            accepted: verdict.accepted as u32,
+            next_token: verdict.next,
+            hints: Some(self.hints()),
+            finished,
+            server_ms: queued_at.elapsed().as_secs_f32() * 1e3,
+        };
+        let delivered = send(&s.out, ServerKind::Verdict(msg));
+        let _ = reply.send(Ok(()));
+        delivered && !finished
+    }
+
+    fn after_decode(&mut self, id: SessionId, s: &mut Session, logits: &tandem_model::Logits) -> bool {
+        let token = s.sampling.distribution(logits.row(0)).sample(&mut s.rng());
+        s.context.push(token);
+        s.generated += 1;
+        self.metrics.tenant(&s.tenant.name, |t| {
+            t.verified_positions += 1;
+            t.generated_tokens += 1;
+        });
+        let finished = s.finished(self.model.tokenizer.eos_tokens());
+        if !send(&s.out, ServerKind::Tokens(Tokens { tokens: vec![token], finished })) || finished {
+            return false;
+        }
+        self.queue.push_back(PendingWork { session: id, tenant: s.tenant.name.clone(), kind: WorkKind::Decode, tokens: 1, enqueued: Instant::now() });
+        true
+    }
+
+    fn observe_pass(&mut self, seqs: usize, tokens: usize, ms: f64) {
+        self.metrics.batch_seqs.observe(seqs as f64);
+        self.metrics.batch_tokens.observe(tokens as f64);
+        self.metrics.pass_seconds.observe(ms / 1e3);
+        self.ms_per_token = 0.8 * self.ms_per_token + 0.2 * ms / tokens.max(1) as f64;
+        self.last_pass_ms = 0.8 * self.last_pass_ms + 0.2 * ms;
+    }
+
+    /// Ends a session; with an error, the client receives it as its status.
+    fn drop_session(&mut self, id: SessionId, error: Option<ServeError>) {
+        let Some(s) = self.sessions.remove(&id) else { return };
+        self.queue.retain(|w| w.session != id);
+        if let Some(n) = self.per_tenant.get_mut(&s.tenant.name) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some((_, reply, _)) = s.pending_verify {
+            let _ = reply.send(Err(ServeError::NotFound(format!("session {id} ended"))));
+        }
+        if let Some(e) = error {
+            let _ = s.out.try_send(Err(e.into()));
+        }
+        debug!(session = id, "session dropped");
+    }
+
+    fn expire_idle(&mut self, now: Instant) {
+        let ttl = self.cfg.idle_ttl;
+        let idle: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.pending_verify.is_none() && !s.server_only && s.opened && now.duration_since(s.last_active) > ttl)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in idle {
+            self.drop_session(id, Some(ServeError::Idle(format!("no message for {} s; resume to continue", ttl.as_secs()))));
+        }
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        m.sessions.store(self.sessions.len() as i64, Ordering::Relaxed);
+        m.queue_depth.store(self.queue.len() as i64, Ordering::Relaxed);
+        m.kv_bytes_in_use.store(self.sessions.values().map(|s| s.cache.bytes()).sum::<usize>() as i64, Ordering::Relaxed);
+        m.kv_bytes_reserved.store(self.budget.reserved() as i64, Ordering::Relaxed);
+    }
+
+    /// Shutdown: every client is told to resume elsewhere.
+    fn drain(&mut self) {
+        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for id in ids {
+            self.drop_session(id, Some(ServeError::Unavailable("the server is shutting down; resume elsewhere".into())));
+        }
+        self.rx.close();
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Command::Open { reply, .. } => drop(reply.send(Err(EngineHandle::gone()))),
+                Command::Verify { reply, .. } => drop(reply.send(Err(EngineHandle::gone()))),
+                Command::Close { .. } | Command::Shutdown => {}
+            }
+        }
+        self.update_gauges();
+    }
+}
+
+/// The tokens a scheduled request feeds to the model, and which logits it needs.
+fn feed(s: &Scheduled, sess: &Session) -> (Vec<u32>, LogitsFor) {
+    match s.work.kind {
+        WorkKind::Prefill => {
+            let from = sess.cache.len();
+            let to = from + s.tokens;
+            let logits = if to == sess.prefill_target && sess.sample_first { LogitsFor::Last } else { LogitsFor::None };
+            (sess.context[from..to].to_vec(), logits)
+        }
+        WorkKind::Verify => {
+            let mut tokens = vec![*sess.context.last().expect("non-empty")];
+            if let Some((v, _, _)) = &sess.pending_verify {
+                tokens.extend_from_slice(&v.draft);
+            }
+            (tokens, LogitsFor::All)
+        }
+        WorkKind::Decode => (vec![*sess.context.last().expect("non-empty")], LogitsFor::Last),
+    }
+}
+
+/// Puts a message on a session's stream; false when the client is gone or
+/// not reading (its session is then dropped rather than buffered without bound).
+fn send(out: &OutSender, msg: ServerKind) -> bool {
+    out.try_send(Ok(ServerMessage { kind: Some(msg) })).is_ok()
+}

@@ -1,0 +1,161 @@
+//! `tandem-server`: the verification service.
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_model::{fetch, LoadedModel};
+use tandem_protocol::limits::MAX_MESSAGE_BYTES;
+use tandem_protocol::wire::VerifierServer;
+use tandem_server::auth::Auth;
+use tandem_server::batcher::FifoBatcher;
+use tandem_server::config::ServerConfig;
+use tandem_server::engine::{Engine, EngineConfig};
+use tandem_server::metrics::{serve_metrics, Metrics};
+use tandem_server::service::VerifierService;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tracing::info;
+
+#[derive(Parser)]
+#[command(name = "tandem-server", version, about = "Tandem verification server")]
+struct Cli {
+    /// TOML configuration file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Target model, a llama-family GGUF [default: SmolLM2-135M-Instruct, fetched on first use].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// cpu, cuda or metal [default: cpu].
+    #[arg(long)]
+    device: Option<String>,
+    /// KV cache memory budget in MiB [default: 2048].
+    #[arg(long)]
+    kv_budget_mb: Option<usize>,
+    /// Tenants file (TOML `[[tenant]]` tables with name, api_key, weight, max_sessions).
+    #[arg(long)]
+    tenants: Option<PathBuf>,
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Address for Prometheus `/metrics`.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Seconds without a message after which a session is dropped [default: 60].
+    #[arg(long)]
+    idle_ttl_s: Option<u64>,
+}
+
+fn load_config(cli: Cli) -> Result<ServerConfig> {
+    let mut cfg = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading --config {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing --config {}", path.display()))?
+        }
+        None => ServerConfig::default(),
+    };
+    macro_rules! set {
+        ($($field:ident),*) => { $(if let Some(v) = cli.$field { cfg.$field = v; })* };
+    }
+    macro_rules! set_opt {
+        ($($field:ident),*) => { $(if cli.$field.is_some() { cfg.$field = cli.$field; })* };
+    }
+    set!(listen, device, kv_budget_mb, idle_ttl_s);
+    set_opt!(model, tenants, tls_cert, tls_key, metrics_listen);
+    Ok(cfg)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = load_config(Cli::parse())?;
+    match cfg.device.as_str() {
+        "cpu" => {}
+        "cuda" | "metal" => bail!(
+            "`--device {}`: this build runs the model on the CPU only (GPU kernels for Tandem's model are not implemented yet)",
+            cfg.device
+        ),
+        other => bail!("`--device {other}`: expected cpu, cuda or metal"),
+    }
+    let auth = match &cfg.tenants {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading --tenants {}", path.display()))?;
+            Auth::from_file(&text).map_err(|e| anyhow::anyhow!("--tenants {}: {e}", path.display()))?
+        }
+        None if cfg.listen.ip().is_loopback() => Auth::local_only(),
+        None => bail!(
+            "`--listen {}` is not a loopback address: pass `--tenants FILE` so clients must authenticate",
+            cfg.listen
+        ),
+    };
+    let model_path = match &cfg.model {
+        Some(p) => p.clone(),
+        None => fetch::ensure_default_model(false).context("fetching the default model (or pass --model PATH)")?,
+    };
+    let model = LoadedModel::load(&model_path).with_context(|| format!("loading --model {}", model_path.display()))?;
+    let (vocab, context_len) = (model.llama.config().vocab, model.llama.config().context_len);
+    let metrics = Arc::new(Metrics::default());
+    let batcher = Box::new(FifoBatcher { max_tokens: cfg.batcher.max_batch_tokens, max_seqs: cfg.batcher.max_batch_seqs });
+    let engine_cfg = EngineConfig { kv_budget_bytes: cfg.kv_budget_mb << 20, idle_ttl: Duration::from_secs(cfg.idle_ttl_s) };
+    let (engine, runner) = Engine::spawn(model, batcher, engine_cfg, metrics.clone());
+
+    if let Some(addr) = cfg.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding --metrics-listen {addr}"))?;
+        info!(%addr, "metrics on /metrics");
+        tokio::spawn(serve_metrics(listener, metrics.clone()));
+    }
+    let service = VerifierServer::new(VerifierService { engine: engine.clone(), auth: Arc::new(auth), vocab, context_len })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut server = Server::builder();
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
+        let cert = std::fs::read(cert).with_context(|| format!("reading --tls-cert {}", cert.display()))?;
+        let key = std::fs::read(key).with_context(|| format!("reading --tls-key {}", key.display()))?;
+        server = server.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key))).context("TLS configuration")?;
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding --listen {}", cfg.listen))?;
+    let local = listener.local_addr()?;
+    info!(addr = %local, model = %model_path.display(), "serving");
+    // Printed for scripts and tests that listen on port 0.
+    println!("listening on {local}");
+
+    let shutdown = {
+        let engine = engine.clone();
+        async move {
+            wait_for_signal().await;
+            info!("shutting down: finishing the pass in flight");
+            engine.shutdown().await;
+        }
+    };
+    server
+        .add_service(service)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+        .context("gRPC server")?;
+    drop(engine);
+    let _ = tokio::task::spawn_blocking(move || runner.join()).await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,173 @@
+//! Prometheus text-format metrics and the `/metrics` HTTP endpoint.
+//! Speculative-decoding counters follow vLLM's names
+//! (`spec_decode_num_drafts`, `…_num_draft_tokens`, `…_num_accepted_tokens`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Cumulative histogram with fixed upper bounds.
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, v: f64) {
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            if v <= *b {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros.fetch_add((v * 1e6) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", c.load(Ordering::Relaxed));
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// Per-tenant counters.
+#[derive(Default, Clone, Copy)]
+pub struct TenantStats {
+    pub sessions_opened: u64,
+    /// Verification rounds with at least one draft token.
+    pub num_drafts: u64,
+    pub num_draft_tokens: u64,
+    pub num_accepted_tokens: u64,
+    /// Positions the model verified (drafts + 1 per round).
+    pub verified_positions: u64,
+    pub prefill_tokens: u64,
+    pub generated_tokens: u64,
+}
+
+pub struct Metrics {
+    pub sessions: AtomicI64,
+    pub queue_depth: AtomicI64,
+    pub kv_bytes_in_use: AtomicI64,
+    pub kv_bytes_reserved: AtomicI64,
+    pub kv_budget_bytes: AtomicI64,
+    pub batch_seqs: Histogram,
+    pub batch_tokens: Histogram,
+    pub pass_seconds: Histogram,
+    refused: Mutex<BTreeMap<&'static str, u64>>,
+    tenants: Mutex<BTreeMap<String, TenantStats>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            sessions: AtomicI64::new(0),
+            queue_depth: AtomicI64::new(0),
+            kv_bytes_in_use: AtomicI64::new(0),
+            kv_bytes_reserved: AtomicI64::new(0),
+            kv_budget_bytes: AtomicI64::new(0),
+            batch_seqs: Histogram::new(&[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+            batch_tokens: Histogram::new(&[1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0]),
+            pass_seconds: Histogram::new(&[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]),
+            refused: Mutex::new(BTreeMap::new()),
+            tenants: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn refused(&self, reason: &'static str) {
+        *self.refused.lock().expect("metrics lock").entry(reason).or_default() += 1;
+    }
+
+    pub fn tenant(&self, name: &str, f: impl FnOnce(&mut TenantStats)) {
+        f(self.tenants.lock().expect("metrics lock").entry(name.to_string()).or_default());
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        gauge(&mut out, "tandem_sessions", "Open sessions.", self.sessions.load(Ordering::Relaxed));
+        gauge(&mut out, "tandem_queue_depth", "Requests waiting for a forward pass.", self.queue_depth.load(Ordering::Relaxed));
+        gauge(&mut out, "tandem_kv_bytes_in_use", "KV cache bytes held by sessions.", self.kv_bytes_in_use.load(Ordering::Relaxed));
+        gauge(&mut out, "tandem_kv_bytes_reserved", "KV cache bytes reserved by admitted sessions.", self.kv_bytes_reserved.load(Ordering::Relaxed));
+        gauge(&mut out, "tandem_kv_budget_bytes", "KV cache budget.", self.kv_budget_bytes.load(Ordering::Relaxed));
+        self.batch_seqs.render(&mut out, "tandem_batch_sequences", "Sequences per forward pass.");
+        self.batch_tokens.render(&mut out, "tandem_batch_tokens", "New tokens per forward pass.");
+        self.pass_seconds.render(&mut out, "tandem_pass_seconds", "Forward pass latency.");
+        let _ = writeln!(out, "# HELP tandem_sessions_refused_total Sessions refused at admission.\n# TYPE tandem_sessions_refused_total counter");
+        for (reason, n) in self.refused.lock().expect("metrics lock").iter() {
+            let _ = writeln!(out, "tandem_sessions_refused_total{{reason=\"{reason}\"}} {n}");
+        }
+        let tenants = self.tenants.lock().expect("metrics lock").clone();
+        let counters: [(&str, &str, fn(&TenantStats) -> u64); 7] = [
+            ("tandem_sessions_opened_total", "Sessions opened.", |t| t.sessions_opened),
+            ("tandem_spec_decode_num_drafts_total", "Verification rounds with drafts.", |t| t.num_drafts),
+            ("tandem_spec_decode_num_draft_tokens_total", "Draft tokens verified.", |t| t.num_draft_tokens),
+            ("tandem_spec_decode_num_accepted_tokens_total", "Draft tokens accepted.", |t| t.num_accepted_tokens),
+            ("tandem_verified_positions_total", "Positions verified (drafts + 1 per round).", |t| t.verified_positions),
+            ("tandem_prefill_tokens_total", "Prompt tokens prefilled.", |t| t.prefill_tokens),
+            ("tandem_generated_tokens_total", "Tokens generated.", |t| t.generated_tokens),
+        ];
+        for (name, help, get) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (tenant, stats) in &tenants {
+                let _ = writeln!(out, "{name}{{tenant=\"{tenant}\"}} {}", get(stats));
+            }
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` until the task is dropped.
+pub async fn serve_metrics(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else { continue };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            // Read the request head (bounded in size and time).
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while len < buf.len() {
+                    match conn.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => len += n,
+                    }
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            })
+            .await;
+            let response = if read.is_ok() && buf[..len].starts_with(b"GET /metrics") {
+                let body = metrics.render();
+                format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+            };
+            let _ = conn.write_all(response.as_bytes()).await;
+        });
+    }
+}

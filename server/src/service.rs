@@ -1,0 +1,99 @@
+//! The gRPC service: authenticates a stream, validates every message into a
+//! `Valid*` type and hands it to the runner.
+
+use crate::auth::Auth;
+use crate::engine::EngineHandle;
+use crate::validate::{ValidOpen, ValidVerify};
+use crate::ServeError;
+use std::sync::Arc;
+use tandem_protocol::wire::{EdgeKind, EdgeMessage, ServerMessage, Verifier};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::debug;
+
+pub struct VerifierService {
+    pub engine: EngineHandle,
+    pub auth: Arc<Auth>,
+    pub vocab: usize,
+    pub context_len: usize,
+}
+
+/// Messages a session's stream may hold before the runner drops a client
+/// that does not read.
+const OUT_CAPACITY: usize = 64;
+
+#[tonic::async_trait]
+impl Verifier for VerifierService {
+    type SessionStream = ReceiverStream<Result<ServerMessage, Status>>;
+
+    async fn session(&self, request: Request<Streaming<EdgeMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+        let tenant = self.auth.authenticate(request.metadata())?;
+        let inbound = request.into_inner();
+        let (out, rx) = mpsc::channel(OUT_CAPACITY);
+        let stream = StreamTask { engine: self.engine.clone(), vocab: self.vocab, context_len: self.context_len, out };
+        tokio::spawn(stream.run(tenant, inbound));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+struct StreamTask {
+    engine: EngineHandle,
+    vocab: usize,
+    context_len: usize,
+    out: mpsc::Sender<Result<ServerMessage, Status>>,
+}
+
+impl StreamTask {
+    async fn run(self, tenant: Arc<crate::auth::Tenant>, mut inbound: Streaming<EdgeMessage>) {
+        // The first message opens the session.
+        let open = match inbound.message().await {
+            Ok(Some(EdgeMessage { kind: Some(EdgeKind::Open(open)) })) => open,
+            Ok(Some(EdgeMessage { kind: Some(EdgeKind::Verify(_)) })) => {
+                return self.fail(ServeError::NotFound("no session is open on this stream; send `open` first".into())).await;
+            }
+            Ok(Some(_)) => return self.fail(ServeError::FailedPrecondition("the first message must be `open`".into())).await,
+            Ok(None) | Err(_) => return,
+        };
+        let sampled = open.sampling.as_ref().is_some_and(|s| s.temperature > 0.0);
+        let valid = match ValidOpen::new(open, self.vocab, self.context_len) {
+            Ok(v) => v,
+            Err(e) => return self.fail(e).await,
+        };
+        let id = match self.engine.open(tenant, valid, self.out.clone()).await {
+            Ok(id) => id,
+            Err(e) => return self.fail(e).await,
+        };
+        debug!(session = id, "stream open");
+        // One message at a time: the next is read only when the previous
+        // verification's verdict is out, so a client sending drafts faster
+        // than verdicts return is held back by flow control.
+        loop {
+            let msg = tokio::select! {
+                m = inbound.message() => m,
+                _ = self.out.closed() => break,
+            };
+            let result = match msg {
+                Ok(Some(EdgeMessage { kind: Some(EdgeKind::Verify(v)) })) => match ValidVerify::new(v, self.vocab, sampled) {
+                    Ok(v) => self.engine.verify(id, v).await,
+                    Err(e) => Err(e),
+                },
+                Ok(Some(EdgeMessage { kind: Some(EdgeKind::Open(_)) })) => {
+                    Err(ServeError::FailedPrecondition("a session is already open on this stream".into()))
+                }
+                Ok(Some(EdgeMessage { kind: Some(EdgeKind::Close(_)) })) | Ok(None) | Err(_) => break,
+                Ok(Some(EdgeMessage { kind: None })) => Err(ServeError::InvalidArgument("empty message".into())),
+            };
+            if let Err(e) = result {
+                self.engine.close(id).await;
+                return self.fail(e).await;
+            }
+        }
+        self.engine.close(id).await;
+    }
+
+    async fn fail(&self, e: ServeError) {
+        debug!(error = %e, "stream refused");
+        let _ = self.out.send(Err(e.into())).await;
+    }
+}

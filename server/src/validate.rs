@@ -1,0 +1,73 @@
+//! Wire messages → validated requests. Nothing past this point sees raw
+//! protobuf, and nothing invalid reaches the model.
+
+use crate::ServeError;
+use tandem_model::{SamplingParams, SparseDist};
+use tandem_protocol::wire::{DraftMode, Open, Verify};
+use tandem_protocol::{validate_open, validate_verify};
+
+/// An `Open` with every default filled in.
+#[derive(Clone, Debug)]
+pub struct ValidOpen {
+    /// Prompt, with resumed tokens at the end.
+    pub prompt: Vec<u32>,
+    /// How many tokens at the end of `prompt` were generated earlier.
+    pub resumed: usize,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub server_only: bool,
+    /// TTFT and TPOT objectives, ms (None: no objective).
+    pub ttft_ms: Option<u32>,
+    pub tpot_ms: Option<u32>,
+}
+
+impl ValidOpen {
+    pub fn new(open: Open, vocab: usize, context_len: usize) -> Result<Self, ServeError> {
+        validate_open(&open, vocab)?;
+        let sampling = open.sampling.unwrap_or_default();
+        let fresh_prompt = open.prompt.len() - open.resumed as usize;
+        if fresh_prompt + open.max_new_tokens as usize > context_len {
+            return Err(ServeError::InvalidArgument(format!(
+                "`open.prompt` ({fresh_prompt} tokens) + `open.max_new_tokens` ({}) exceed the model's context of {context_len}",
+                open.max_new_tokens
+            )));
+        }
+        let slo = open.slo.unwrap_or_default();
+        Ok(ValidOpen {
+            resumed: open.resumed as usize,
+            max_new_tokens: open.max_new_tokens as usize,
+            sampling: SamplingParams {
+                temperature: sampling.temperature,
+                top_k: sampling.top_k as usize,
+                top_p: if sampling.top_p == 0.0 { 1.0 } else { sampling.top_p },
+                seed: sampling.seed,
+            },
+            server_only: open.draft_mode == DraftMode::ServerOnly as i32,
+            ttft_ms: (slo.ttft_ms > 0).then_some(slo.ttft_ms),
+            tpot_ms: (slo.tpot_ms > 0).then_some(slo.tpot_ms),
+            prompt: open.prompt,
+        })
+    }
+}
+
+/// A `Verify` whose drafts and distributions are well-formed.
+#[derive(Clone, Debug)]
+pub struct ValidVerify {
+    pub seq: u64,
+    pub base_len: usize,
+    pub draft: Vec<u32>,
+    /// Empty for greedy sessions.
+    pub q: Vec<SparseDist>,
+}
+
+impl ValidVerify {
+    pub fn new(v: Verify, vocab: usize, sampled: bool) -> Result<Self, ServeError> {
+        validate_verify(&v, vocab, sampled)?;
+        Ok(ValidVerify {
+            seq: v.seq,
+            base_len: v.base_len as usize,
+            q: v.q.into_iter().map(|q| SparseDist { tokens: q.ids, probs: q.probs }).collect(),
+            draft: v.draft,
+        })
+    }
+}
