@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+use tandem_bench::estimator;
 use tandem_bench::kernels::{self, KernelBenchConfig};
 use tandem_model::fetch;
 
@@ -34,6 +35,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Accuracy of the verification-time estimator over real batches of
+    /// varied shapes: MAPE, p50/p95 error, coverage of the T_q bound.
+    Estimator {
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Batches to run after the warm-start sweep.
+        #[arg(long, default_value_t = 300)]
+        batches: usize,
+        /// q of the T_q bound.
+        #[arg(long, default_value_t = 0.9)]
+        q: f64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn model_path(model: Option<PathBuf>) -> Result<PathBuf> {
+    match model {
+        Some(p) => Ok(p),
+        None => fetch::ensure_default_model(false).context("fetching the default model (or pass --model PATH)"),
+    }
 }
 
 fn main() -> Result<()> {
@@ -45,11 +67,19 @@ fn main() -> Result<()> {
                 rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting --threads")?;
             }
             anyhow::ensure!(repeats > 0, "`--repeats` must be at least 1");
-            let model = match model {
-                Some(p) => p,
-                None => fetch::ensure_default_model(false).context("fetching the default model (or pass --model PATH)")?,
-            };
+            let model = model_path(model)?;
             let report = kernels::run(&KernelBenchConfig { model, repeats, stock: !no_stock, progress: !json })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.markdown());
+            }
+            Ok(())
+        }
+        Command::Estimator { model, batches, q, json } => {
+            anyhow::ensure!(batches >= 20, "`--batches` must be at least 20");
+            anyhow::ensure!(q > 0.0 && q < 1.0, "`--q` must be in (0, 1)");
+            let report = estimator::run(&model_path(model)?, batches, q, !json)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -50,6 +50,12 @@ struct GenerateArgs {
     /// Let the server decode everything itself (no drafting here).
     #[arg(long, requires = "server")]
     server_only: bool,
+    /// Time-to-first-token objective sent to the server, ms (0: none).
+    #[arg(long, default_value_t = 0, requires = "server")]
+    slo_ttft_ms: u32,
+    /// Time-per-output-token objective sent to the server, ms (0: none).
+    #[arg(long, default_value_t = 0, requires = "server")]
+    slo_tpot_ms: u32,
     /// Target model: a llama-family GGUF file (default: SmolLM2-135M-Instruct, fetched on first use).
     #[arg(long)]
     model: Option<PathBuf>,
@@ -132,6 +138,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         Some(url) => {
             let mut cfg = ClientConfig::new(url.clone());
             cfg.api_key = args.api_key.clone();
+            (cfg.ttft_ms, cfg.tpot_ms) = (args.slo_ttft_ms, args.slo_tpot_ms);
             if let Some(ca) = &args.ca_cert {
                 cfg.ca_cert = Some(std::fs::read(ca).with_context(|| format!("reading --ca-cert {}", ca.display()))?);
             }

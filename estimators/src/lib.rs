@@ -1,2 +1,11 @@
-//! Pure estimators for Tandem's scheduler: no clocks, no I/O; time is passed
-//! in. Filled in by the WISP scheduling work (see DESIGN.md).
+//! Pure estimators for Tandem's scheduler: no clocks, no I/O; time and
+//! measurements are passed in, so the live server and the simulator run the
+//! same code.
+
+mod acceptance;
+mod counters;
+mod verify_time;
+
+pub use acceptance::AcceptanceEstimator;
+pub use counters::{CounterWeights, TenantCounters};
+pub use verify_time::{BatchShape, VerifyTimeCalibration, VerifyTimeEstimator};

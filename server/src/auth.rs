@@ -58,7 +58,8 @@ impl Auth {
         self.by_key.get(key).cloned().ok_or_else(|| ServeError::Unauthenticated("invalid API key".into()))
     }
 
-    pub fn tenant_names(&self) -> Vec<String> {
-        self.open.iter().chain(self.by_key.values()).map(|t| t.name.clone()).collect()
+    /// Every tenant's name and fair-share weight.
+    pub fn tenant_weights(&self) -> Vec<(String, f64)> {
+        self.open.iter().chain(self.by_key.values()).map(|t| (t.name.clone(), t.weight)).collect()
     }
 }

@@ -3,7 +3,8 @@
 //! reuse them.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tandem_estimators::BatchShape;
 
 /// Opaque session handle.
 pub type SessionId = u64;
@@ -28,6 +29,24 @@ pub struct PendingWork {
     pub tokens: usize,
     /// When it was queued.
     pub enqueued: Instant,
+    /// When it must be done to meet its session's SLO (None: no objective).
+    pub deadline: Option<Instant>,
+    /// Positions already in the session's KV cache (attention work).
+    pub context: usize,
+    /// Tokens it is expected to yield (E_r; 1 for prefill and decode).
+    pub expected_tokens: f64,
+}
+
+impl PendingWork {
+    /// The shape of running `tokens` of this request.
+    pub fn shape(&self, tokens: usize) -> BatchShape {
+        BatchShape {
+            seqs: 1,
+            tokens,
+            token_context: tokens * (self.context + tokens),
+            prefill_tokens: if self.kind == WorkKind::Prefill { tokens } else { 0 },
+        }
+    }
 }
 
 /// A request chosen for the next pass, with the tokens it gets now (less
@@ -38,14 +57,37 @@ pub struct Scheduled {
     pub tokens: usize,
 }
 
-/// Picks the next batch from the queue (removing what it takes).
-pub trait Batcher: Send {
-    fn next_batch(&mut self, now: Instant, queue: &mut VecDeque<PendingWork>) -> Vec<Scheduled>;
+/// The shape of a whole batch.
+pub fn batch_shape(batch: &[Scheduled]) -> BatchShape {
+    batch.iter().fold(BatchShape::default(), |acc, s| acc.add(s.work.shape(s.tokens)))
 }
 
-/// First come, first served, up to a token and a sequence budget. Prefill
-/// is cut into chunks that fit, so a long prompt never stalls the queue
-/// behind it for more than one pass.
+/// Picks the next batch from the queue (removing what it takes). An empty
+/// batch with work queued means "wait up to `max_delay` for more".
+pub trait Batcher: Send {
+    fn next_batch(&mut self, now: Instant, queue: &mut VecDeque<PendingWork>) -> Vec<Scheduled>;
+    /// Feedback: what ran and how long it took.
+    fn executed(&mut self, _batch: &[Scheduled], _measured_ms: f64) {}
+    /// Estimated (expected, upper bound T_q) time of a pass of this shape,
+    /// ms (None: no estimator).
+    fn estimate_ms(&self, _shape: BatchShape) -> Option<(f64, f64)> {
+        None
+    }
+    /// Calibrates from a profiling sweep at start (shape, measured ms).
+    fn warm_start(&mut self, _samples: &[(BatchShape, f64)]) {}
+    fn set_tenant_weight(&mut self, _tenant: &str, _weight: f64) {}
+    /// Fair-share counters per tenant, for metrics.
+    fn tenant_counters(&self) -> Vec<(String, f64)> {
+        vec![]
+    }
+    fn max_delay(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+/// First come, first served, up to a token and a sequence budget (the SLED
+/// baseline's policy). Prefill is cut into chunks that fit, so a long prompt
+/// never stalls the queue behind it for more than one pass.
 pub struct FifoBatcher {
     pub max_tokens: usize,
     pub max_seqs: usize,
@@ -81,7 +123,7 @@ mod tests {
     use super::*;
 
     fn work(session: SessionId, kind: WorkKind, tokens: usize, now: Instant) -> PendingWork {
-        PendingWork { session, tenant: "t".into(), kind, tokens, enqueued: now }
+        PendingWork { session, tenant: "t".into(), kind, tokens, enqueued: now, deadline: None, context: 0, expected_tokens: 1.0 }
     }
 
     #[test]

@@ -45,19 +45,40 @@ impl Default for ServerConfig {
     }
 }
 
-/// Limits of one forward pass.
+/// How passes are formed.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BatcherConfig {
+    /// `wisp` (SLO-aware, estimator, fair counters) or `fcfs` (first come,
+    /// first served: the SLED baseline).
+    pub policy: String,
     /// New tokens per pass (prefill chunks are cut to fit).
     pub max_batch_tokens: usize,
     /// Sequences per pass.
     pub max_batch_seqs: usize,
+    /// Largest prefill chunk per pass (wisp).
+    pub prefill_chunk: usize,
+    /// Longest wait for more arrivals when nobody is in a hurry, ms (wisp).
+    pub max_delay_ms: u64,
+    /// q of the verification-time bound T_q (wisp).
+    pub quantile: f64,
+    /// Counter cost per prefill token and per verified position (wisp).
+    pub charge_prefill: f64,
+    pub charge_verify: f64,
 }
 
 impl Default for BatcherConfig {
     fn default() -> Self {
-        BatcherConfig { max_batch_tokens: 256, max_batch_seqs: 32 }
+        BatcherConfig {
+            policy: "wisp".into(),
+            max_batch_tokens: 256,
+            max_batch_seqs: 32,
+            prefill_chunk: 128,
+            max_delay_ms: 2,
+            quantile: 0.9,
+            charge_prefill: 1.0,
+            charge_verify: 2.0,
+        }
     }
 }
 

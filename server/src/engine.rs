@@ -3,7 +3,7 @@
 //! forever. Stream tasks talk to it through a bounded command channel.
 
 use crate::auth::Tenant;
-use crate::batcher::{Batcher, PendingWork, Scheduled, SessionId, WorkKind};
+use crate::batcher::{batch_shape, Batcher, PendingWork, Scheduled, SessionId, WorkKind};
 use crate::kv_budget::{KvBudget, KvLease};
 use crate::metrics::Metrics;
 use crate::validate::{ValidOpen, ValidVerify};
@@ -12,6 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tandem_estimators::AcceptanceEstimator;
 use tandem_model::{verify_greedy, verify_sampled, KvCache, LoadedModel, LogitsFor, SamplingParams, SeqPass, SessionRng, Verdict};
 use tandem_protocol::limits::MAX_DRAFT_TOKENS;
 use tandem_protocol::wire::{Hints, Opened, ServerKind, ServerMessage, Tokens, Verdict as WireVerdict};
@@ -91,9 +92,40 @@ struct Session {
     pending_verify: Option<(ValidVerify, oneshot::Sender<Result<(), ServeError>>, Instant)>,
     out: OutSender,
     last_active: Instant,
+    opened_at: Instant,
+    ttft: Option<Duration>,
+    tpot: Option<Duration>,
+    /// Per-position acceptance of this session's drafts.
+    acceptance: AcceptanceEstimator,
+    /// Draft length of the last round (for hints).
+    last_k: usize,
 }
 
 impl Session {
+    /// A queue entry for `tokens` of `kind` work, with the deadline its SLO
+    /// sets: TTFT from the open for prefill, the TPOT budget of the tokens
+    /// a round is expected to yield for verification and decode.
+    fn work(&self, id: SessionId, kind: WorkKind, tokens: usize, now: Instant) -> PendingWork {
+        let expected_tokens = match kind {
+            WorkKind::Verify => self.acceptance.expected_tokens(tokens - 1),
+            WorkKind::Prefill | WorkKind::Decode => 1.0,
+        };
+        let deadline = match kind {
+            WorkKind::Prefill => self.ttft.map(|t| self.opened_at + t),
+            WorkKind::Verify | WorkKind::Decode => self.tpot.map(|t| now + t.mul_f64(expected_tokens)),
+        };
+        PendingWork {
+            session: id,
+            tenant: self.tenant.name.clone(),
+            kind,
+            tokens,
+            enqueued: now,
+            deadline,
+            context: self.cache.len(),
+            expected_tokens,
+        }
+    }
+
     /// Draws for the round that continues the current context.
     fn rng(&self) -> SessionRng {
         SessionRng::at(self.sampling.seed, self.context.len())
@@ -123,7 +155,15 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the runner thread.
-    pub fn spawn(model: LoadedModel, batcher: Box<dyn Batcher>, cfg: EngineConfig, metrics: Arc<Metrics>) -> (EngineHandle, std::thread::JoinHandle<()>) {
+    /// Starts the runner thread. A batcher with an estimator is first
+    /// calibrated by a profiling sweep on the real model (a few seconds).
+    pub fn spawn(model: LoadedModel, mut batcher: Box<dyn Batcher>, cfg: EngineConfig, metrics: Arc<Metrics>) -> Result<(EngineHandle, std::thread::JoinHandle<()>), ServeError> {
+        if batcher.estimate_ms(Default::default()).is_some() {
+            let start = Instant::now();
+            let samples = crate::profile::sweep(&model.llama)?;
+            batcher.warm_start(&samples);
+            info!(batches = samples.len(), ms = start.elapsed().as_millis() as u64, "verification-time estimator calibrated");
+        }
         let (tx, rx) = mpsc::channel(1024);
         let budget = KvBudget::new(cfg.kv_budget_bytes);
         metrics.kv_budget_bytes.store(cfg.kv_budget_bytes as i64, Ordering::Relaxed);
@@ -153,7 +193,7 @@ impl Engine {
                 }
             })
             .expect("spawn runner");
-        (EngineHandle { tx }, thread)
+        Ok((EngineHandle { tx }, thread))
     }
 
     fn run_loop(mut self) {
@@ -166,6 +206,14 @@ impl Engine {
             let batch = self.batcher.next_batch(Instant::now(), &mut self.queue);
             if !batch.is_empty() {
                 self.run_batch(batch);
+            } else if !self.queue.is_empty() {
+                // The batcher chose to wait for more arrivals (bounded).
+                let (rx, delay) = (&mut self.rx, self.batcher.max_delay().max(Duration::from_micros(100)));
+                if let Ok(Some(cmd)) = self.runtime.block_on(async { tokio::time::timeout(delay, rx.recv()).await }) {
+                    if !self.handle(cmd) {
+                        break;
+                    }
+                }
             }
             self.update_gauges();
         }
@@ -247,11 +295,8 @@ impl Engine {
         });
         *self.per_tenant.entry(tenant.name.clone()).or_default() += 1;
         let now = Instant::now();
-        self.queue.push_back(PendingWork { session: id, tenant: tenant.name.clone(), kind: WorkKind::Prefill, tokens: prefill_target, enqueued: now });
         debug!(session = id, tenant = %tenant.name, prompt = open.prompt.len(), resumed = open.resumed, "session admitted");
-        self.sessions.insert(
-            id,
-            Session {
+        let session = Session {
                 tenant,
                 cache,
                 _lease: lease,
@@ -266,8 +311,14 @@ impl Engine {
                 pending_verify: None,
                 out,
                 last_active: now,
-            },
-        );
+                opened_at: now,
+                ttft: open.ttft_ms.map(|ms| Duration::from_millis(ms as u64)),
+                tpot: open.tpot_ms.map(|ms| Duration::from_millis(ms as u64)),
+                acceptance: AcceptanceEstimator::new(MAX_DRAFT_TOKENS, 0.5, 0.2),
+                last_k: 4,
+            };
+        self.queue.push_back(session.work(id, WorkKind::Prefill, prefill_target, now));
+        self.sessions.insert(id, session);
         Ok(id)
     }
 
@@ -303,9 +354,9 @@ impl Engine {
             return refuse(reply, ServeError::FailedPrecondition(p));
         }
         let tokens = verify.draft.len() + 1;
-        let tenant = s.tenant.name.clone();
-        s.pending_verify = Some((verify, reply, Instant::now()));
-        self.queue.push_back(PendingWork { session: id, tenant, kind: WorkKind::Verify, tokens, enqueued: Instant::now() });
+        let now = Instant::now();
+        s.pending_verify = Some((verify, reply, now));
+        self.queue.push_back(s.work(id, WorkKind::Verify, tokens, now));
         Ok(())
     }
 
@@ -319,6 +370,8 @@ impl Engine {
         if members.is_empty() {
             return;
         }
+        let executed: Vec<Scheduled> = members.iter().map(|(s, _)| s.clone()).collect();
+        let estimate = self.batcher.estimate_ms(batch_shape(&executed));
         let feeds: Vec<(Vec<u32>, LogitsFor)> = members.iter().map(|(s, sess)| feed(s, sess)).collect();
         let total: usize = feeds.iter().map(|f| f.0.len()).sum();
         let start = Instant::now();
@@ -332,6 +385,10 @@ impl Engine {
         };
         let ms = start.elapsed().as_secs_f64() * 1e3;
         self.observe_pass(members.len(), total, ms);
+        if let Some((predicted, _)) = estimate {
+            self.metrics.observe_estimate(predicted, ms);
+        }
+        self.batcher.executed(&executed, ms);
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
@@ -346,6 +403,13 @@ impl Engine {
         };
         for ((scheduled, mut sess), logits) in members.into_iter().zip(logits) {
             let id = scheduled.work.session;
+            if let Some(deadline) = scheduled.work.deadline {
+                let final_step = scheduled.work.kind != WorkKind::Prefill || sess.cache.len() >= sess.prefill_target;
+                if final_step {
+                    let met = Instant::now() <= deadline;
+                    self.metrics.tenant(&sess.tenant.name, |t| if met { t.slo_met += 1 } else { t.slo_missed += 1 });
+                }
+            }
             let keep = match scheduled.work.kind {
                 WorkKind::Prefill => self.after_prefill(id, &scheduled, &mut sess, &logits),
                 WorkKind::Verify => self.after_verify(&mut sess, &logits),
@@ -358,9 +422,34 @@ impl Engine {
         }
     }
 
-    fn hints(&self) -> Hints {
-        let queued: usize = self.queue.iter().map(|w| w.tokens).sum();
-        Hints { est_queue_ms: (queued as f64 * self.ms_per_token) as f32, est_verify_ms: self.last_pass_ms as f32, suggested_k: 4 }
+    /// What the edge should know for its next round: expected queueing,
+    /// verification time by draft length, and the draft length that gives
+    /// the most expected tokens per ms of verification.
+    fn hints(&self, s: &Session) -> Hints {
+        let queued = self.queue.iter().fold(tandem_estimators::BatchShape::default(), |acc, w| acc.add(w.shape(w.tokens)));
+        let Some((queue_ms, _)) = self.batcher.estimate_ms(queued) else {
+            let queued_tokens: usize = self.queue.iter().map(|w| w.tokens).sum();
+            return Hints {
+                est_queue_ms: (queued_tokens as f64 * self.ms_per_token) as f32,
+                est_verify_ms: self.last_pass_ms as f32,
+                suggested_k: 4,
+                est_verify_ms_by_k: vec![],
+            };
+        };
+        let probe = |k: usize| s.work(0, WorkKind::Verify, k + 1, Instant::now()).shape(k + 1);
+        let by_k: Vec<f32> = (1..=8).map(|k| self.batcher.estimate_ms(probe(k)).map_or(0.0, |e| e.1 as f32)).collect();
+        let suggested_k = (1..=8usize)
+            .max_by(|&a, &b| {
+                let rate = |k: usize| s.acceptance.expected_tokens(k) / (by_k[k - 1] as f64).max(1e-3);
+                rate(a).total_cmp(&rate(b))
+            })
+            .unwrap_or(4);
+        Hints {
+            est_queue_ms: queue_ms as f32,
+            est_verify_ms: by_k[s.last_k.clamp(1, 8) - 1],
+            suggested_k: suggested_k as u32,
+            est_verify_ms_by_k: by_k,
+        }
     }
 
     /// Returns whether the session lives on.
@@ -368,7 +457,7 @@ impl Engine {
         let done = s.cache.len();
         if done < s.prefill_target {
             // Continue with the next chunk before anything queued later.
-            self.queue.push_front(PendingWork { tokens: s.prefill_target - done, enqueued: Instant::now(), ..scheduled.work.clone() });
+            self.queue.push_front(PendingWork { tokens: s.prefill_target - done, context: done, ..scheduled.work.clone() });
             return true;
         }
         if s.sample_first {
@@ -379,12 +468,12 @@ impl Engine {
         }
         s.opened = true;
         let finished = s.finished(self.model.tokenizer.eos_tokens());
-        let msg = Opened { session_id: id.to_string(), first_token: *s.context.last().expect("prompt non-empty"), hints: Some(self.hints()), finished };
+        let msg = Opened { session_id: id.to_string(), first_token: *s.context.last().expect("prompt non-empty"), hints: Some(self.hints(s)), finished };
         if !send(&s.out, ServerKind::Opened(msg)) || finished {
             return false;
         }
         if s.server_only {
-            self.queue.push_back(PendingWork { session: id, tenant: s.tenant.name.clone(), kind: WorkKind::Decode, tokens: 1, enqueued: Instant::now() });
+            self.queue.push_back(s.work(id, WorkKind::Decode, 1, Instant::now()));
         }
         true
     }
@@ -409,6 +498,8 @@ impl Engine {
         s.context.extend_from_slice(&drafts[..verdict.accepted]);
         s.context.push(verdict.next);
         s.generated += verdict.accepted + 1;
+        s.acceptance.observe(drafts.len(), verdict.accepted);
+        s.last_k = drafts.len();
         self.metrics.tenant(&s.tenant.name, |t| {
             if !drafts.is_empty() {
                 t.num_drafts += 1;
@@ -423,7 +514,7 @@ impl Engine {
             seq: verify.seq,
             accepted: verdict.accepted as u32,
             next_token: verdict.next,
-            hints: Some(self.hints()),
+            hints: Some(self.hints(s)),
             finished,
             server_ms: queued_at.elapsed().as_secs_f32() * 1e3,
         };
@@ -444,7 +535,7 @@ impl Engine {
         if !send(&s.out, ServerKind::Tokens(Tokens { tokens: vec![token], finished })) || finished {
             return false;
         }
-        self.queue.push_back(PendingWork { session: id, tenant: s.tenant.name.clone(), kind: WorkKind::Decode, tokens: 1, enqueued: Instant::now() });
+        self.queue.push_back(s.work(id, WorkKind::Decode, 1, Instant::now()));
         true
     }
 
@@ -491,6 +582,7 @@ impl Engine {
         m.queue_depth.store(self.queue.len() as i64, Ordering::Relaxed);
         m.kv_bytes_in_use.store(self.sessions.values().map(|s| s.cache.bytes()).sum::<usize>() as i64, Ordering::Relaxed);
         m.kv_bytes_reserved.store(self.budget.reserved() as i64, Ordering::Relaxed);
+        m.set_service_counters(self.batcher.tenant_counters());
     }
 
     /// Shutdown: every client is told to resume elsewhere.

@@ -9,6 +9,8 @@ mod error;
 pub mod kv_budget;
 pub mod metrics;
 pub mod service;
+pub mod profile;
 pub mod validate;
+pub mod wisp;
 
 pub use error::ServeError;

@@ -10,7 +10,9 @@ use tandem_model::{fetch, LoadedModel};
 use tandem_protocol::limits::MAX_MESSAGE_BYTES;
 use tandem_protocol::wire::VerifierServer;
 use tandem_server::auth::Auth;
-use tandem_server::batcher::FifoBatcher;
+use tandem_estimators::CounterWeights;
+use tandem_server::batcher::{Batcher, FifoBatcher};
+use tandem_server::wisp::{WispBatcher, WispConfig};
 use tandem_server::config::ServerConfig;
 use tandem_server::engine::{Engine, EngineConfig};
 use tandem_server::metrics::{serve_metrics, Metrics};
@@ -49,6 +51,9 @@ struct Cli {
     /// Seconds without a message after which a session is dropped [default: 60].
     #[arg(long)]
     idle_ttl_s: Option<u64>,
+    /// Batch scheduling: wisp (SLO-aware, estimator, fair counters) or fcfs [default: wisp].
+    #[arg(long)]
+    policy: Option<String>,
 }
 
 fn load_config(cli: Cli) -> Result<ServerConfig> {
@@ -64,6 +69,9 @@ fn load_config(cli: Cli) -> Result<ServerConfig> {
     }
     macro_rules! set_opt {
         ($($field:ident),*) => { $(if cli.$field.is_some() { cfg.$field = cli.$field; })* };
+    }
+    if let Some(p) = cli.policy.clone() {
+        cfg.batcher.policy = p;
     }
     set!(listen, device, kv_budget_mb, idle_ttl_s);
     set_opt!(model, tenants, tls_cert, tls_key, metrics_listen);
@@ -103,9 +111,25 @@ async fn main() -> Result<()> {
     let model = LoadedModel::load(&model_path).with_context(|| format!("loading --model {}", model_path.display()))?;
     let (vocab, context_len) = (model.llama.config().vocab, model.llama.config().context_len);
     let metrics = Arc::new(Metrics::default());
-    let batcher = Box::new(FifoBatcher { max_tokens: cfg.batcher.max_batch_tokens, max_seqs: cfg.batcher.max_batch_seqs });
+    let b = &cfg.batcher;
+    let mut batcher: Box<dyn Batcher> = match b.policy.as_str() {
+        "fcfs" => Box::new(FifoBatcher { max_tokens: b.max_batch_tokens, max_seqs: b.max_batch_seqs }),
+        "wisp" => Box::new(WispBatcher::new(WispConfig {
+            max_tokens: b.max_batch_tokens,
+            max_seqs: b.max_batch_seqs,
+            prefill_chunk: b.prefill_chunk,
+            max_delay: Duration::from_millis(b.max_delay_ms),
+            quantile: b.quantile,
+            weights: CounterWeights { prefill: b.charge_prefill, verify: b.charge_verify },
+            ..WispConfig::default()
+        })),
+        other => bail!("`--policy {other}`: expected wisp or fcfs"),
+    };
+    for (name, weight) in auth.tenant_weights() {
+        batcher.set_tenant_weight(&name, weight);
+    }
     let engine_cfg = EngineConfig { kv_budget_bytes: cfg.kv_budget_mb << 20, idle_ttl: Duration::from_secs(cfg.idle_ttl_s) };
-    let (engine, runner) = Engine::spawn(model, batcher, engine_cfg, metrics.clone());
+    let (engine, runner) = Engine::spawn(model, batcher, engine_cfg, metrics.clone())?;
 
     if let Some(addr) = cfg.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding --metrics-listen {addr}"))?;

@@ -61,6 +61,9 @@ pub struct TenantStats {
     pub verified_positions: u64,
     pub prefill_tokens: u64,
     pub generated_tokens: u64,
+    /// Requests (prefill, verification round, decode step) done by their deadline.
+    pub slo_met: u64,
+    pub slo_missed: u64,
 }
 
 pub struct Metrics {
@@ -74,6 +77,10 @@ pub struct Metrics {
     pub pass_seconds: Histogram,
     refused: Mutex<BTreeMap<&'static str, u64>>,
     tenants: Mutex<BTreeMap<String, TenantStats>>,
+    /// Fair-share counters per tenant (scheduler's view).
+    service_counters: Mutex<Vec<(String, f64)>>,
+    /// EWMA of |predicted − measured| / measured pass time.
+    estimator_error: Mutex<Option<f64>>,
 }
 
 impl Default for Metrics {
@@ -89,6 +96,8 @@ impl Default for Metrics {
             pass_seconds: Histogram::new(&[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]),
             refused: Mutex::new(BTreeMap::new()),
             tenants: Mutex::new(BTreeMap::new()),
+            service_counters: Mutex::new(Vec::new()),
+            estimator_error: Mutex::new(None),
         }
     }
 }
@@ -100,6 +109,18 @@ impl Metrics {
 
     pub fn tenant(&self, name: &str, f: impl FnOnce(&mut TenantStats)) {
         f(self.tenants.lock().expect("metrics lock").entry(name.to_string()).or_default());
+    }
+
+    pub fn set_service_counters(&self, counters: Vec<(String, f64)>) {
+        *self.service_counters.lock().expect("metrics lock") = counters;
+    }
+
+    pub fn observe_estimate(&self, predicted_ms: f64, measured_ms: f64) {
+        if measured_ms > 0.0 {
+            let e = (predicted_ms - measured_ms).abs() / measured_ms;
+            let mut cur = self.estimator_error.lock().expect("metrics lock");
+            *cur = Some(cur.map_or(e, |c| 0.95 * c + 0.05 * e));
+        }
     }
 
     /// Prometheus text exposition format 0.0.4.
@@ -121,7 +142,16 @@ impl Metrics {
             let _ = writeln!(out, "tandem_sessions_refused_total{{reason=\"{reason}\"}} {n}");
         }
         let tenants = self.tenants.lock().expect("metrics lock").clone();
-        let counters: [(&str, &str, fn(&TenantStats) -> u64); 7] = [
+        if let Some(e) = *self.estimator_error.lock().expect("metrics lock") {
+            gauge_f(&mut out, "tandem_estimator_relative_error", "EWMA of |predicted - measured| / measured pass time.", e);
+        }
+        let _ = writeln!(out, "# HELP tandem_tenant_service_counter Fair-share service counter (weighted cost served).\n# TYPE tandem_tenant_service_counter gauge");
+        for (tenant, c) in self.service_counters.lock().expect("metrics lock").iter() {
+            let _ = writeln!(out, "tandem_tenant_service_counter{{tenant=\"{tenant}\"}} {c}");
+        }
+        let counters: [(&str, &str, fn(&TenantStats) -> u64); 9] = [
+            ("tandem_slo_met_total", "Requests finished by their SLO deadline.", |t| t.slo_met),
+            ("tandem_slo_missed_total", "Requests finished after their SLO deadline.", |t| t.slo_missed),
             ("tandem_sessions_opened_total", "Sessions opened.", |t| t.sessions_opened),
             ("tandem_spec_decode_num_drafts_total", "Verification rounds with drafts.", |t| t.num_drafts),
             ("tandem_spec_decode_num_draft_tokens_total", "Draft tokens verified.", |t| t.num_draft_tokens),
@@ -138,6 +168,10 @@ impl Metrics {
         }
         out
     }
+}
+
+fn gauge_f(out: &mut String, name: &str, help: &str, v: f64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
 }
 
 /// Serves `GET /metrics` until the task is dropped.

@@ -25,8 +25,17 @@ max_sessions = 1
 
 #[test]
 fn drafting_server_only_and_local_outputs_are_identical() {
-    let server = ServerProcess::start(&[]);
-    for prompt in ["Write a Python function that reverses a string.", "Name three planets."] {
+    lossless_under_policy("wisp", &["Write a Python function that reverses a string.", "Name three planets."]);
+}
+
+#[test]
+fn the_fcfs_policy_is_lossless_too() {
+    lossless_under_policy("fcfs", &["Name three planets."]);
+}
+
+fn lossless_under_policy(policy: &str, prompts: &[&str]) {
+    let server = ServerProcess::start(&["--policy", policy]);
+    for &prompt in prompts {
         let req = request(prompt, 24);
         let reference = local(&req);
         for draft in [DraftSpec::None, DraftSpec::Layers(25), DraftSpec::Ngram] {
@@ -69,6 +78,11 @@ fn concurrent_sessions_of_two_tenants_are_each_lossless() {
     assert!(get("tandem_pass_seconds_count").unwrap() > 0.0);
     assert_eq!(get("tandem_sessions"), Some(0.0));
     assert_eq!(get("tandem_kv_bytes_reserved"), Some(0.0), "finished sessions must return their KV reservation");
+    // Every round had a deadline (the client sends TTFT and TPOT objectives).
+    let rounds = get("tandem_slo_met_total{tenant=\"alpha\"}").unwrap() + get("tandem_slo_missed_total{tenant=\"alpha\"}").unwrap();
+    assert!(rounds > 2.0, "SLO attainment is not counted");
+    assert!(get("tandem_tenant_service_counter{tenant=\"beta\"}").unwrap() > 0.0, "fair-share counters are not exported");
+    assert!(get("tandem_estimator_relative_error").is_some());
     let _ = std::fs::remove_file(tenants);
 }
 
@@ -283,4 +297,55 @@ fn client_resumes_after_the_server_is_killed_and_restarted() {
     let (tokens, resumes) = worker.join().unwrap();
     assert_eq!(tokens.unwrap(), reference, "resumed output differs from an uninterrupted run");
     assert!(resumes >= 1, "the client never resumed");
+}
+
+#[test]
+fn a_verify_without_an_open_session_is_not_found() {
+    let server = ServerProcess::start(&[]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut client = VerifierClient::connect(server.url()).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(verify(3, vec![5], vec![])).await.unwrap();
+        let mut inbound = client.session(tonic::Request::new(ReceiverStream::new(rx))).await.unwrap().into_inner();
+        let status = inbound.message().await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        assert!(status.message().contains("open"), "{status:?}");
+    });
+}
+
+#[test]
+fn config_file_is_read_and_flags_override_it() {
+    let config = write_file("server.toml", "kv_budget_mb = 1\n[batcher]\npolicy = \"fcfs\"\nmax_batch_tokens = 64\n");
+    let server = ServerProcess::start(&["--config", config.to_str().unwrap()]);
+    let (_, status) = raw(&server.url(), None, open_msg(vec![1, 9690, 198], 64, 0.0), |_| vec![]);
+    expect_status(&status, Code::ResourceExhausted, "KV memory budget");
+    drop(server);
+    let server = ServerProcess::start(&["--config", config.to_str().unwrap(), "--kv-budget-mb", "64"]);
+    let (got, status) = raw(&server.url(), None, open_msg(vec![1, 9690, 198], 64, 0.0), |_| vec![]);
+    assert!(status.is_ok() && !got.is_empty(), "the flag did not override the file's budget: {status:?}");
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
+fn an_idle_session_is_dropped_and_its_kv_reservation_freed() {
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let server = ServerProcess::start(&["--idle-ttl-s", "1", "--metrics-listen", &metrics_addr]);
+    let reserved = || {
+        parse_metrics(&scrape(&metrics_addr)).into_iter().find(|(n, _)| n == "tandem_kv_bytes_reserved").map(|(_, v)| v).unwrap()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut client = VerifierClient::connect(server.url()).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(EdgeMessage { kind: Some(EdgeKind::Open(open_msg(vec![1, 9690, 198], 16, 0.0))) }).await.unwrap();
+        let mut inbound = client.session(tonic::Request::new(ReceiverStream::new(rx))).await.unwrap().into_inner();
+        assert!(matches!(inbound.message().await.unwrap().unwrap().kind, Some(ServerKind::Opened(_))));
+        assert!(reserved() > 0.0, "an open session holds a KV reservation");
+        // Say nothing: the server ends the session after the TTL.
+        let status = tokio::time::timeout(Duration::from_secs(10), inbound.message()).await.expect("expiry").unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        drop(tx);
+    });
+    assert_eq!(reserved(), 0.0, "the expired session's KV reservation was not returned");
 }

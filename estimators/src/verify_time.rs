@@ -1,0 +1,279 @@
+//! Verification-time estimator: T = c0 + c1·seqs + c2·tokens + c3·Σ(tokens×context)
+//! + c4·prefill_tokens, non-negative coefficients, refitted online by
+//! recursive least squares with forgetting; an upper bound T_q from the
+//! quantiles of the ratio measured / predicted.
+//!
+//! The recursion keeps the exponentially forgotten normal equations
+//! (R = λR + xxᵀ, r = λr + xy) and solves the non-negative least-squares
+//! problem on them after each batch by coordinate descent. Clamping the
+//! classic covariance-form RLS instead breaks its recursion and diverges.
+
+use quantiles::ckms::CKMS;
+use serde::{Deserialize, Serialize};
+
+/// The shape of a candidate batch: what its latency depends on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BatchShape {
+    pub seqs: usize,
+    /// New tokens in the pass (all kinds).
+    pub tokens: usize,
+    /// Σ over sequences of new tokens × context length (attention work).
+    pub token_context: usize,
+    /// Of `tokens`, how many are prefill.
+    pub prefill_tokens: usize,
+}
+
+impl BatchShape {
+    pub fn add(self, other: BatchShape) -> BatchShape {
+        BatchShape {
+            seqs: self.seqs + other.seqs,
+            tokens: self.tokens + other.tokens,
+            token_context: self.token_context + other.token_context,
+            prefill_tokens: self.prefill_tokens + other.prefill_tokens,
+        }
+    }
+
+    /// Features, scaled so the coefficients have similar magnitudes.
+    fn features(&self) -> [f64; DIM] {
+        [1.0, self.seqs as f64, self.tokens as f64, self.token_context as f64 / 1000.0, self.prefill_tokens as f64]
+    }
+}
+
+const DIM: usize = 5;
+/// Residual ratios kept to rebuild the quantile sketch as old ones age out.
+const WINDOW: usize = 512;
+
+/// What the server measured, for the simulator or a restart.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VerifyTimeCalibration {
+    /// c0..c4 in ms (c3 per 1000 token×context).
+    pub coefficients: [f64; DIM],
+    pub quantile: f64,
+    /// Recent measured/predicted ratios.
+    pub residual_ratios: Vec<f64>,
+    /// The forgotten normal equations, so fitting continues where it was.
+    pub gram: [[f64; DIM]; DIM],
+    pub moment: [f64; DIM],
+}
+
+pub struct VerifyTimeEstimator {
+    theta: [f64; DIM],
+    /// Forgotten Σ x xᵀ and Σ x y.
+    gram: [[f64; DIM]; DIM],
+    moment: [f64; DIM],
+    forgetting: f64,
+    quantile: f64,
+    sketch: CKMS<f64>,
+    recent: Vec<f64>,
+    next: usize,
+    samples: u64,
+}
+
+impl VerifyTimeEstimator {
+    /// `quantile` is q of T_q (default 0.9); `forgetting` in (0, 1] weighs
+    /// old batches down (0.995 ≈ the last few hundred batches matter).
+    pub fn new(quantile: f64, forgetting: f64) -> Self {
+        VerifyTimeEstimator {
+            theta: [1.0, 0.0, 1.0, 0.0, 0.0],
+            gram: [[0.0; DIM]; DIM],
+            moment: [0.0; DIM],
+            forgetting,
+            quantile,
+            sketch: CKMS::new(0.001),
+            recent: Vec::with_capacity(WINDOW),
+            next: 0,
+            samples: 0,
+        }
+    }
+
+    pub fn from_calibration(c: &VerifyTimeCalibration, forgetting: f64) -> Self {
+        let mut e = Self::new(c.quantile, forgetting);
+        e.theta = c.coefficients;
+        e.gram = c.gram;
+        e.moment = c.moment;
+        for &r in &c.residual_ratios {
+            e.push_ratio(r);
+        }
+        e
+    }
+
+    pub fn calibration(&self) -> VerifyTimeCalibration {
+        VerifyTimeCalibration {
+            coefficients: self.theta,
+            quantile: self.quantile,
+            residual_ratios: self.recent.clone(),
+            gram: self.gram,
+            moment: self.moment,
+        }
+    }
+
+    /// Warm start from a profiling sweep: refits from scratch on `samples`
+    /// (shape, measured ms), several passes so the fit settles.
+    pub fn warm_start(&mut self, samples: &[(BatchShape, f64)]) {
+        *self = Self::new(self.quantile, self.forgetting);
+        let keep = self.forgetting;
+        self.forgetting = 1.0;
+        for _ in 0..3 {
+            for &(shape, ms) in samples {
+                self.fit(shape, ms);
+            }
+        }
+        self.forgetting = keep;
+        for &(shape, ms) in samples {
+            self.push_ratio(ms / self.predict(shape).max(1e-6));
+        }
+    }
+
+    pub fn coefficients(&self) -> [f64; DIM] {
+        self.theta
+    }
+
+    /// Expected latency of a batch of this shape, ms.
+    pub fn predict(&self, shape: BatchShape) -> f64 {
+        let x = shape.features();
+        (0..DIM).map(|i| self.theta[i] * x[i]).sum::<f64>().max(0.0)
+    }
+
+    /// Upper bound T_q: the prediction times the q-quantile of recent
+    /// measured/predicted ratios (never below the prediction).
+    pub fn upper(&self, shape: BatchShape) -> f64 {
+        self.predict(shape) * self.ratio_quantile().max(1.0)
+    }
+
+    fn ratio_quantile(&self) -> f64 {
+        self.sketch.query(self.quantile).map_or(1.2, |(_, v)| v)
+    }
+
+    /// Learns from one executed batch.
+    pub fn observe(&mut self, shape: BatchShape, measured_ms: f64) {
+        if !(measured_ms.is_finite() && measured_ms >= 0.0) {
+            return;
+        }
+        let predicted = self.predict(shape);
+        if predicted > 0.0 {
+            self.push_ratio(measured_ms / predicted);
+        }
+        self.fit(shape, measured_ms);
+    }
+
+    pub fn samples(&self) -> u64 {
+        self.samples
+    }
+
+    /// One forgetting step of the normal equations, then the
+    /// non-negative solution (warm-started from the previous one).
+    fn fit(&mut self, shape: BatchShape, y: f64) {
+        let x = shape.features();
+        let lambda = self.forgetting;
+        for i in 0..DIM {
+            for j in 0..DIM {
+                self.gram[i][j] = lambda * self.gram[i][j] + x[i] * x[j];
+            }
+            self.moment[i] = lambda * self.moment[i] + x[i] * y;
+        }
+        self.samples += 1;
+        // A light ridge keeps unobserved directions at their previous value.
+        let ridge = 1e-6 * (0..DIM).map(|i| self.gram[i][i]).fold(0.0, f64::max).max(1e-9);
+        for _ in 0..64 {
+            let mut moved = 0.0f64;
+            for i in 0..DIM {
+                let diag = self.gram[i][i] + ridge;
+                let others: f64 = (0..DIM).filter(|&j| j != i).map(|j| self.gram[i][j] * self.theta[j]).sum();
+                let next = ((self.moment[i] - others + ridge * self.theta[i]) / diag).max(0.0);
+                moved = moved.max((next - self.theta[i]).abs());
+                self.theta[i] = next;
+            }
+            if moved < 1e-9 {
+                break;
+            }
+        }
+    }
+
+    fn push_ratio(&mut self, r: f64) {
+        if !r.is_finite() {
+            return;
+        }
+        if self.recent.len() < WINDOW {
+            self.recent.push(r);
+        } else {
+            self.recent[self.next] = r;
+            self.next = (self.next + 1) % WINDOW;
+            // Rebuild the sketch from the window now and then so old
+            // residuals age out with the model they belonged to.
+            if self.next == 0 {
+                self.sketch = CKMS::new(0.001);
+                for &v in &self.recent {
+                    self.sketch.insert(v);
+                }
+                return;
+            }
+        }
+        self.sketch.insert(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic noise in [-1, 1).
+    fn noise(i: u64) -> f64 {
+        let x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(23) ^ 0xD1B5_4A32_D192_ED03;
+        (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    }
+
+    fn shape(i: u64) -> BatchShape {
+        let seqs = 1 + (i % 8) as usize;
+        let tokens = seqs * (1 + (i / 8 % 6) as usize);
+        let prefill = if i % 5 == 0 { 32 } else { 0 };
+        BatchShape { seqs, tokens: tokens + prefill, token_context: (tokens + prefill) * (50 + (i % 13) as usize * 40), prefill_tokens: prefill }
+    }
+
+    const TRUE: [f64; DIM] = [4.0, 0.3, 3.5, 0.8, 0.5];
+
+    fn truth(s: BatchShape) -> f64 {
+        let x = s.features();
+        (0..DIM).map(|i| TRUE[i] * x[i]).sum()
+    }
+
+    #[test]
+    fn converges_to_known_coefficients_under_noise() {
+        let mut e = VerifyTimeEstimator::new(0.9, 0.995);
+        for i in 0..3000 {
+            let s = shape(i);
+            e.observe(s, truth(s) * (1.0 + 0.05 * noise(i)));
+        }
+        let c = e.coefficients();
+        for i in 0..DIM {
+            assert!((c[i] - TRUE[i]).abs() < 0.15 * TRUE[i].max(1.0), "coefficient {i}: {} vs {}", c[i], TRUE[i]);
+        }
+        // T_q covers about q of fresh batches.
+        let covered = (5000..6000).filter(|&i| truth(shape(i)) * (1.0 + 0.05 * noise(i)) <= e.upper(shape(i))).count();
+        assert!((850..=960).contains(&covered), "coverage {covered} / 1000");
+    }
+
+    #[test]
+    fn coefficients_stay_non_negative_and_calibration_round_trips() {
+        let mut e = VerifyTimeEstimator::new(0.9, 0.99);
+        // Data that an unconstrained fit would explain with a negative slope.
+        for i in 0..500 {
+            let s = BatchShape { seqs: 1 + (i % 4) as usize, tokens: 4, token_context: 400, prefill_tokens: 0 };
+            e.observe(s, 10.0 - s.seqs as f64);
+        }
+        assert!(e.coefficients().iter().all(|&c| c >= 0.0), "{:?}", e.coefficients());
+        let json = serde_json::to_string(&e.calibration()).unwrap();
+        let back = VerifyTimeEstimator::from_calibration(&serde_json::from_str(&json).unwrap(), 0.99);
+        let s = shape(7);
+        assert!((back.predict(s) - e.predict(s)).abs() < 1e-9 * e.predict(s));
+        assert!((back.upper(s) - e.upper(s)).abs() < 1e-9 * e.upper(s).max(1.0) + 0.05 * e.upper(s));
+    }
+
+    #[test]
+    fn warm_start_fits_a_sweep() {
+        let sweep: Vec<(BatchShape, f64)> = (0..60).map(|i| (shape(i), truth(shape(i)))).collect();
+        let mut e = VerifyTimeEstimator::new(0.9, 0.995);
+        e.warm_start(&sweep);
+        let mape = (100..200).map(|i| (e.predict(shape(i)) - truth(shape(i))).abs() / truth(shape(i))).sum::<f64>() / 100.0;
+        assert!(mape < 0.05, "MAPE after warm start {mape}");
+    }
+}

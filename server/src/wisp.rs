@@ -1,0 +1,376 @@
+//! The WISP batch scheduler (DESIGN.md): SLO deadlines, a verification-time
+//! estimator's upper bound T_q, and fair tenant counters decide each batch.
+//!
+//! 1. Urgent phase: requests whose slack is shorter than the next pass take
+//!    their place in least-slack order.
+//! 2. Density fill: the rest by expected tokens per marginal estimated time,
+//!    lowest tenant counter first (in quanta of service).
+//! 3. Batching delay: when everyone has ample slack and the batch is small,
+//!    wait (bounded) for more arrivals.
+//! 4. Requests already late are served best-effort after on-time work.
+//!
+//! Every addition must keep `now + T_q(batch)` within the deadline of every
+//! on-time member, so a loose request never makes a tight one miss.
+//! Pure: time is passed in.
+
+use crate::batcher::{batch_shape, Batcher, PendingWork, Scheduled, WorkKind};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use tandem_estimators::{BatchShape, CounterWeights, TenantCounters, VerifyTimeEstimator};
+
+/// Settings of the WISP scheduler.
+#[derive(Clone, Debug)]
+pub struct WispConfig {
+    /// New tokens per pass.
+    pub max_tokens: usize,
+    pub max_seqs: usize,
+    /// Largest prefill chunk in one pass.
+    pub prefill_chunk: usize,
+    /// Longest wait for more arrivals when nobody is in a hurry.
+    pub max_delay: Duration,
+    /// q of the T_q bound.
+    pub quantile: f64,
+    /// Service (counter units) within which tenants count as even.
+    pub fairness_quantum: f64,
+    pub weights: CounterWeights,
+}
+
+impl Default for WispConfig {
+    fn default() -> Self {
+        WispConfig {
+            max_tokens: 256,
+            max_seqs: 32,
+            prefill_chunk: 128,
+            max_delay: Duration::from_millis(2),
+            quantile: 0.9,
+            fairness_quantum: 64.0,
+            weights: CounterWeights::default(),
+        }
+    }
+}
+
+pub struct WispBatcher {
+    cfg: WispConfig,
+    pub estimator: VerifyTimeEstimator,
+    pub counters: TenantCounters,
+    /// When the current batching delay began.
+    delaying_since: Option<Instant>,
+}
+
+#[derive(Clone, Copy)]
+struct Candidate {
+    index: usize,
+    tokens: usize,
+    deadline: Option<Instant>,
+    late: bool,
+    /// Deadline − now − T_q(alone), ms (infinite without a deadline).
+    slack_ms: f64,
+}
+
+impl WispBatcher {
+    pub fn new(cfg: WispConfig) -> Self {
+        let estimator = VerifyTimeEstimator::new(cfg.quantile, 0.995);
+        Self::with_estimator(cfg, estimator)
+    }
+
+    /// With a given (for instance calibrated or simulated) estimator.
+    pub fn with_estimator(cfg: WispConfig, estimator: VerifyTimeEstimator) -> Self {
+        let counters = TenantCounters::new(cfg.weights);
+        WispBatcher { cfg, estimator, counters, delaying_since: None }
+    }
+
+    fn tq(&self, shape: BatchShape) -> Duration {
+        Duration::from_secs_f64(self.estimator.upper(shape).max(0.0) / 1e3)
+    }
+
+    /// Whether `batch` plus `extra` (tokens of queue[index]) fits the
+    /// budgets and every on-time member still meets its deadline.
+    fn fits(&self, now: Instant, queue: &VecDeque<PendingWork>, batch: &[Candidate], extra: &Candidate) -> bool {
+        let tokens: usize = batch.iter().map(|c| c.tokens).sum::<usize>() + extra.tokens;
+        if tokens > self.cfg.max_tokens || batch.len() + 1 > self.cfg.max_seqs {
+            return false;
+        }
+        let shape = batch.iter().chain([extra]).fold(BatchShape::default(), |acc, c| acc.add(queue[c.index].shape(c.tokens)));
+        let end = now + self.tq(shape);
+        batch.iter().chain([extra]).filter(|c| !c.late).all(|c| c.deadline.is_none_or(|d| end <= d))
+    }
+
+    fn shape_of(queue: &VecDeque<PendingWork>, batch: &[Candidate]) -> BatchShape {
+        batch.iter().fold(BatchShape::default(), |acc, c| acc.add(queue[c.index].shape(c.tokens)))
+    }
+}
+
+impl Batcher for WispBatcher {
+    fn next_batch(&mut self, now: Instant, queue: &mut VecDeque<PendingWork>) -> Vec<Scheduled> {
+        if queue.is_empty() {
+            return vec![];
+        }
+        self.counters.set_backlogged(queue.iter().map(|w| w.tenant.as_str()));
+        let chunk = |w: &PendingWork| if w.kind == WorkKind::Prefill { w.tokens.min(self.cfg.prefill_chunk).min(self.cfg.max_tokens) } else { w.tokens };
+        let mut pool: Vec<Candidate> = queue
+            .iter()
+            .enumerate()
+            .map(|(index, w)| {
+                let tokens = chunk(w).max(1);
+                let alone = self.tq(w.shape(tokens));
+                let slack_ms = match w.deadline {
+                    Some(d) => {
+                        let until = if d >= now { (d - now).as_secs_f64() } else { -(now - d).as_secs_f64() };
+                        (until - alone.as_secs_f64()) * 1e3
+                    }
+                    None => f64::INFINITY,
+                };
+                Candidate { index, tokens, deadline: w.deadline, late: slack_ms < 0.0, slack_ms }
+            })
+            .collect();
+        // What the next pass would take if it were filled first come, first served.
+        let mut fifo_tokens = 0;
+        let horizon_shape = queue
+            .iter()
+            .zip(&pool)
+            .take(self.cfg.max_seqs)
+            .take_while(|(_, c)| {
+                fifo_tokens += c.tokens;
+                fifo_tokens <= self.cfg.max_tokens
+            })
+            .fold(BatchShape::default(), |acc, (w, c)| acc.add(w.shape(c.tokens)));
+        let horizon_ms = self.estimator.upper(horizon_shape);
+
+        let mut batch: Vec<Candidate> = Vec::new();
+        // 1. Urgent: least slack first.
+        let mut urgent: Vec<usize> = (0..pool.len()).filter(|&i| !pool[i].late && pool[i].slack_ms < horizon_ms).collect();
+        urgent.sort_by(|&a, &b| pool[a].slack_ms.total_cmp(&pool[b].slack_ms));
+        let mut taken = vec![false; pool.len()];
+        for i in urgent {
+            if self.fits(now, queue, &batch, &pool[i]) {
+                taken[i] = true;
+                batch.push(pool[i]);
+            }
+        }
+        // 2. Density fill: lowest counter quantum first, then most expected
+        //    tokens per marginal estimated time.
+        loop {
+            let base = self.estimator.upper(Self::shape_of(queue, &batch));
+            let mut best: Option<(usize, (i64, f64))> = None;
+            for (i, c) in pool.iter().enumerate() {
+                if taken[i] || c.late || !self.fits(now, queue, &batch, c) {
+                    continue;
+                }
+                let w = &queue[c.index];
+                let marginal = (self.estimator.upper(Self::shape_of(queue, &batch).add(w.shape(c.tokens))) - base).max(1e-3);
+                let quantum = (self.counters.counter(&w.tenant) / self.cfg.fairness_quantum).floor() as i64;
+                let key = (quantum, -(w.expected_tokens / marginal));
+                if best.as_ref().is_none_or(|(_, k)| key.0 < k.0 || (key.0 == k.0 && key.1 < k.1)) {
+                    best = Some((i, key));
+                }
+            }
+            let Some((i, _)) = best else { break };
+            taken[i] = true;
+            batch.push(pool[i]);
+        }
+        // 3. Batching delay: small batch, everyone relaxed, nobody late.
+        let relaxed = batch.iter().all(|c| c.slack_ms > 4.0 * horizon_ms.max(1.0));
+        let small = batch.iter().map(|c| c.tokens).sum::<usize>() * 4 < self.cfg.max_tokens && batch.len() * 4 < self.cfg.max_seqs;
+        let any_late = pool.iter().any(|c| c.late);
+        if !batch.is_empty() && relaxed && small && !any_late && batch.len() == pool.len() {
+            let since = *self.delaying_since.get_or_insert(now);
+            if now.duration_since(since) < self.cfg.max_delay {
+                return vec![];
+            }
+        }
+        self.delaying_since = None;
+        // 4. Late requests, best effort, never at on-time members' expense.
+        for (i, c) in pool.iter().enumerate() {
+            if !taken[i] && c.late && self.fits(now, queue, &batch, c) {
+                taken[i] = true;
+                batch.push(*c);
+            }
+        }
+        // Nothing fits (a single request over budget): run the oldest alone.
+        if batch.is_empty() {
+            taken[0] = true;
+            batch.push(pool.swap_remove(0));
+            pool.clear();
+        }
+        let mut chosen: Vec<(usize, usize)> = batch.iter().map(|c| (c.index, c.tokens)).collect();
+        let order: Vec<usize> = chosen.iter().map(|c| c.0).collect();
+        chosen.sort_by(|a, b| b.0.cmp(&a.0));
+        let mut picked: Vec<(usize, Scheduled)> = chosen
+            .into_iter()
+            .map(|(index, tokens)| (index, Scheduled { work: queue.remove(index).expect("index in queue"), tokens }))
+            .collect();
+        picked.sort_by_key(|(index, _)| order.iter().position(|o| o == index));
+        picked.into_iter().map(|(_, s)| s).collect()
+    }
+
+    fn executed(&mut self, batch: &[Scheduled], measured_ms: f64) {
+        self.estimator.observe(batch_shape(batch), measured_ms);
+        for s in batch {
+            let (prefill, verified) = if s.work.kind == WorkKind::Prefill { (s.tokens, 0) } else { (0, s.tokens) };
+            self.counters.charge(&s.work.tenant, prefill, verified);
+        }
+    }
+
+    fn estimate_ms(&self, shape: BatchShape) -> Option<(f64, f64)> {
+        Some((self.estimator.predict(shape), self.estimator.upper(shape)))
+    }
+
+    fn warm_start(&mut self, samples: &[(BatchShape, f64)]) {
+        self.estimator.warm_start(samples);
+    }
+
+    fn set_tenant_weight(&mut self, tenant: &str, weight: f64) {
+        self.counters.set_weight(tenant, weight);
+    }
+
+    fn tenant_counters(&self) -> Vec<(String, f64)> {
+        self.counters.counters().map(|(n, c)| (n.to_string(), c)).collect()
+    }
+
+    fn max_delay(&self) -> Duration {
+        self.cfg.max_delay
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tandem_estimators::VerifyTimeCalibration;
+
+    /// Known costs: T = 3 + 0.5·seqs + 2·tokens + 0.2·(Σ tokens×context)/1000
+    /// + 0.5·prefill ms, and T_q = T exactly.
+    fn known() -> VerifyTimeEstimator {
+        VerifyTimeEstimator::from_calibration(
+            &VerifyTimeCalibration {
+                coefficients: [3.0, 0.5, 2.0, 0.2, 0.5],
+                quantile: 0.9,
+                residual_ratios: vec![1.0; 64],
+                gram: [[0.0; 5]; 5],
+                moment: [0.0; 5],
+            },
+            1.0,
+        )
+    }
+
+    fn batcher() -> WispBatcher {
+        let cfg = WispConfig { max_tokens: 48, max_seqs: 6, prefill_chunk: 16, max_delay: Duration::ZERO, ..WispConfig::default() };
+        WispBatcher::with_estimator(cfg, known())
+    }
+
+    fn arb_work(now: Instant) -> impl Strategy<Value = PendingWork> {
+        (0u8..3, 1usize..10, 0usize..600, prop::option::weighted(0.8, -30i64..250), 0u8..2).prop_map(move |(kind, k, context, deadline, tenant)| {
+            let kind = [WorkKind::Verify, WorkKind::Decode, WorkKind::Prefill][kind as usize];
+            let tokens = match kind {
+                WorkKind::Verify => k,
+                WorkKind::Decode => 1,
+                WorkKind::Prefill => k * 9,
+            };
+            let deadline = deadline.map(|ms| if ms >= 0 { now + Duration::from_millis(ms as u64) } else { now - Duration::from_millis((-ms) as u64) });
+            PendingWork { session: 0, tenant: ["a", "b"][tenant as usize].into(), kind, tokens, enqueued: now, deadline, context, expected_tokens: 1.0 + k as f64 * 0.3 }
+        })
+    }
+
+    fn shape(batch: &[(PendingWork, usize)]) -> BatchShape {
+        batch.iter().fold(BatchShape::default(), |acc, (w, t)| acc.add(w.shape(*t)))
+    }
+
+    fn meets_alone(b: &WispBatcher, now: Instant, w: &PendingWork, tokens: usize) -> bool {
+        w.deadline.is_none_or(|d| now + b.tq(w.shape(tokens)) <= d)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn wisp_keeps_on_time_members_on_time_and_late_work_last(
+            mut works in prop::collection::vec(arb_work(Instant::now() + Duration::from_secs(3600)), 1..16)
+        ) {
+            let now = Instant::now() + Duration::from_secs(3600);
+            for (i, w) in works.iter_mut().enumerate() {
+                w.session = i as u64;
+            }
+            let mut b = batcher();
+            let mut queue: VecDeque<PendingWork> = works.iter().cloned().collect();
+            let batch = b.next_batch(now, &mut queue);
+            prop_assert!(!batch.is_empty(), "with no batching delay a non-empty queue gives a batch");
+            let members: Vec<(PendingWork, usize)> = batch.iter().map(|s| (s.work.clone(), s.tokens)).collect();
+            let total: usize = members.iter().map(|m| m.1).sum();
+            // Budgets: tokens and prefill chunks (a lone oversized request excepted).
+            prop_assert!(total <= 48 || members.len() == 1, "{total} tokens");
+            prop_assert!(members.len() <= 6);
+            for (w, t) in &members {
+                if w.kind == WorkKind::Prefill {
+                    prop_assert!(*t <= 16 && *t <= w.tokens);
+                } else {
+                    prop_assert_eq!(*t, w.tokens);
+                }
+            }
+            // Every member that could meet its deadline alone meets it in the batch.
+            let end = now + b.tq(shape(&members));
+            for (w, t) in &members {
+                if meets_alone(&b, now, w, *t) {
+                    prop_assert!(w.deadline.is_none_or(|d| end <= d), "an on-time member misses in the batch");
+                }
+            }
+            // No on-time request waits behind a late one: if a late request
+            // was taken, each on-time one left out could not have joined the
+            // on-time members.
+            let any_late = members.iter().any(|(w, t)| !meets_alone(&b, now, w, *t));
+            if any_late {
+                let on_time: Vec<(PendingWork, usize)> = members.iter().filter(|(w, t)| meets_alone(&b, now, w, *t)).cloned().collect();
+                for w in queue.iter() {
+                    let t = if w.kind == WorkKind::Prefill { w.tokens.min(16) } else { w.tokens };
+                    if !meets_alone(&b, now, w, t) {
+                        continue;
+                    }
+                    let mut with: Vec<(PendingWork, usize)> = on_time.clone();
+                    with.push((w.clone(), t));
+                    let tokens: usize = with.iter().map(|m| m.1).sum();
+                    let end = now + b.tq(shape(&with));
+                    let fits = tokens <= 48 && with.len() <= 6 && with.iter().all(|(m, _)| m.deadline.is_none_or(|d| end <= d));
+                    prop_assert!(!fits, "an on-time request was left out while a late one ran");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_tenant_with_less_service_goes_first_under_contention() {
+        let now = Instant::now();
+        let mut b = WispBatcher::with_estimator(WispConfig { max_tokens: 10, max_seqs: 2, max_delay: Duration::ZERO, ..WispConfig::default() }, known());
+        b.counters.charge("heavy", 0, 500);
+        let w = |tenant: &str, session| PendingWork {
+            session,
+            tenant: tenant.into(),
+            kind: WorkKind::Verify,
+            tokens: 5,
+            enqueued: now,
+            deadline: None,
+            context: 10,
+            expected_tokens: 2.0,
+        };
+        let mut queue: VecDeque<_> = [w("heavy", 1), w("heavy", 2), w("light", 3)].into();
+        let batch = b.next_batch(now, &mut queue);
+        assert!(batch.iter().any(|s| s.work.tenant == "light"), "the light tenant waited behind the heavy one");
+    }
+
+    #[test]
+    fn batching_delay_is_bounded() {
+        let now = Instant::now();
+        let mut b = WispBatcher::with_estimator(WispConfig { max_delay: Duration::from_millis(2), ..WispConfig::default() }, known());
+        let relaxed = PendingWork {
+            session: 1,
+            tenant: "a".into(),
+            kind: WorkKind::Verify,
+            tokens: 3,
+            enqueued: now,
+            deadline: Some(now + Duration::from_secs(10)),
+            context: 10,
+            expected_tokens: 2.0,
+        };
+        let mut queue: VecDeque<_> = [relaxed].into();
+        assert!(b.next_batch(now, &mut queue).is_empty(), "a lone relaxed request waits for company");
+        assert_eq!(b.next_batch(now + Duration::from_millis(3), &mut queue).len(), 1, "but not past max_delay");
+    }
+}
