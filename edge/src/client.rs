@@ -239,6 +239,7 @@ impl Target for RemoteTarget {
                 Ok(Some(ServerMessage { kind: Some(ServerKind::Verdict(v)) })) => Ok(RoundOutcome {
                     verdict: Verdict { accepted: v.accepted as usize, next: v.next_token },
                     server_ms: Some(v.server_ms as f64),
+                    hinted_verify_ms: v.hints.map(|h| h.est_verify_ms_by_k).unwrap_or_default(),
                 }),
                 Ok(Some(other)) => Err(EdgeError::Server(Status::internal(format!("expected a verdict, got {other:?}")))),
                 Ok(None) => Err(EdgeError::Server(Status::unavailable("stream ended"))),

@@ -1,10 +1,12 @@
 //! The speculative loop: draft, verify, apply the verdict, repeat.
 
+use crate::controller::SpeculationController;
 use crate::target::Target;
 use crate::EdgeError;
 use serde::Serialize;
+use std::io::Write;
 use std::time::Instant;
-use tandem_model::{DraftSource, SamplingParams, SessionRng, Tokenizer};
+use tandem_model::{DraftFeatures, DraftSource, SamplingParams, SessionRng, Tokenizer};
 use tandem_protocol::limits::{MAX_DRAFT_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS};
 
 /// One generation.
@@ -57,6 +59,21 @@ pub struct Generation {
     /// Server time of each round (remote runs only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub server_ms: Vec<f64>,
+    /// Edge time spent drafting.
+    pub draft_ms: f64,
+    /// Drafting time spent on tokens after the first rejected position:
+    /// thrown away, and waited on.
+    pub wasted_draft_ms: f64,
+    /// Mean round trip beyond the server's own time (remote runs).
+    pub mean_rtt_ms: f64,
+}
+
+/// One drafted token's features and whether the target accepted it: a
+/// training example for the rejection predictor (JSONL, one per line).
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct ControllerSample {
+    pub features: DraftFeatures,
+    pub accepted: bool,
 }
 
 impl Generation {
@@ -77,11 +94,26 @@ pub struct Speculator<T: Target> {
     pub target: T,
     draft: Box<dyn DraftSource>,
     tokenizer: std::sync::Arc<Tokenizer>,
+    /// None: a fixed `draft_len` every round.
+    controller: Option<SpeculationController>,
+    /// Where (features, accepted?) of each judged draft token go.
+    log: Option<Box<dyn Write + Send>>,
 }
 
 impl<T: Target> Speculator<T> {
     pub fn new(target: T, draft: Box<dyn DraftSource>, tokenizer: std::sync::Arc<Tokenizer>) -> Self {
-        Speculator { target, draft, tokenizer }
+        Speculator { target, draft, tokenizer, controller: None, log: None }
+    }
+
+    pub fn with_controller(mut self, controller: SpeculationController) -> Self {
+        self.controller = Some(controller);
+        self
+    }
+
+    /// Records training samples for the rejection predictor.
+    pub fn with_log(mut self, log: Box<dyn Write + Send>) -> Self {
+        self.log = Some(log);
+        self
     }
 
     /// Generates, calling `on_token` with each token as soon as it is final.
@@ -96,21 +128,56 @@ impl<T: Target> Speculator<T> {
 
         let mut context = req.prompt.clone();
         context.push(first);
+        let mut rtt_total = 0.0;
         while g.tokens.len() < req.max_new_tokens && !eos.contains(g.tokens.last().expect("non-empty")) {
             // A round emits at most k + 1 tokens; never draft past the limit.
-            let k = req.draft_len.min(req.max_new_tokens - g.tokens.len() - 1);
+            let planned = self.controller.as_ref().map_or(req.draft_len, |c| c.round_k().min(req.draft_len));
+            let k = planned.min(req.max_new_tokens - g.tokens.len() - 1);
             // Draft draws are keyed like the target's, from their own stream.
             let mut draft_rng = SessionRng::at(req.sampling.seed ^ 0x5EED_D4AF_7000_0001, context.len());
-            let proposal = self.draft.propose(&context, k, &req.sampling, &mut draft_rng)?;
+            let draft_start = Instant::now();
+            let mut stamps = Vec::with_capacity(k);
+            let proposal = {
+                let controller = &mut self.controller;
+                if let Some(c) = controller.as_mut() {
+                    c.begin_round();
+                }
+                self.draft.propose_until(&context, k, &req.sampling, &mut draft_rng, &mut |f| {
+                    stamps.push(draft_start.elapsed().as_secs_f64() * 1e3);
+                    controller.as_mut().is_none_or(|c| c.keep_going(f))
+                })?
+            };
+            let draft_ms = draft_start.elapsed().as_secs_f64() * 1e3;
             let n = proposal.tokens.len().min(k);
             let drafts = &proposal.tokens[..n];
             let q = if req.sampling.is_greedy() { &[][..] } else { &proposal.dists[..n] };
+            let verify_start = Instant::now();
             let round = self.target.verify(&context, drafts, q)?;
+            let verify_ms = verify_start.elapsed().as_secs_f64() * 1e3;
             let verdict = round.verdict;
+            let rtt = round.server_ms.map_or(0.0, |s| (verify_ms - s).max(0.0));
             g.rounds += 1;
             g.drafted += drafts.len();
             g.accepted += verdict.accepted;
             g.server_ms.extend(round.server_ms);
+            g.draft_ms += draft_ms;
+            rtt_total += rtt;
+            // Tokens strictly after the first rejected position were wasted.
+            if verdict.accepted + 1 < stamps.len().min(n) {
+                g.wasted_draft_ms += stamps[n.min(stamps.len()) - 1] - stamps[verdict.accepted];
+            }
+            if let Some(c) = self.controller.as_mut() {
+                let per_token = (n > 0).then(|| draft_ms / n as f64);
+                c.end_round(n, verdict.accepted, per_token, rtt, round.server_ms.unwrap_or(verify_ms), &round.hinted_verify_ms);
+            }
+            if let Some(log) = self.log.as_mut() {
+                // Positions after the first rejection were never judged.
+                for (i, f) in proposal.features.iter().take(n).enumerate().take(verdict.accepted + 1) {
+                    let sample = ControllerSample { features: *f, accepted: i < verdict.accepted };
+                    serde_json::to_writer(&mut *log, &sample).map_err(|e| EdgeError::InvalidArgument(format!("writing the controller log: {e}")))?;
+                    let _ = log.write_all(b"\n");
+                }
+            }
             // An accepted end-of-sequence draft ends the generation there.
             for &t in drafts[..verdict.accepted].iter().chain([&verdict.next]) {
                 g.tokens.push(t);
@@ -121,6 +188,10 @@ impl<T: Target> Speculator<T> {
                 }
             }
         }
+        if let Some(log) = self.log.as_mut() {
+            let _ = log.flush();
+        }
+        g.mean_rtt_ms = if g.rounds == 0 { 0.0 } else { rtt_total / g.rounds as f64 };
         g.finish(&self.tokenizer, &eos, start)
     }
 }

@@ -3,10 +3,11 @@
 //! accepted text streams out.
 
 pub mod client;
+pub mod controller;
 mod error;
 mod generate;
 mod target;
 
 pub use error::EdgeError;
-pub use generate::{GenerateRequest, Generation, Speculator};
+pub use generate::{ControllerSample, GenerateRequest, Generation, Speculator};
 pub use target::{LocalTarget, RoundOutcome, Target};

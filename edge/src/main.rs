@@ -5,7 +5,8 @@ use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use tandem_edge::client::{ClientConfig, RemoteTarget};
-use tandem_edge::{GenerateRequest, Generation, LocalTarget, Speculator};
+use tandem_edge::controller::{RejectionPredictor, SpeculationController, StopRule};
+use tandem_edge::{ControllerSample, GenerateRequest, Generation, LocalTarget, Speculator, Target};
 use tandem_model::{fetch, DraftSpec, LoadedModel, SamplingParams};
 
 #[derive(Parser)]
@@ -24,6 +25,26 @@ enum Command {
     },
     /// Generate text for one prompt.
     Generate(GenerateArgs),
+    /// The speculation controller's rejection predictor.
+    Controller {
+        #[command(subcommand)]
+        action: ControllerAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ControllerAction {
+    /// Fit the rejection predictor to a log written by `generate --log-controller`;
+    /// prints precision, recall and false-stop rate on a held-out fifth.
+    Train {
+        /// JSONL log of (features, accepted) samples.
+        log: PathBuf,
+        /// Where to write the weights (JSON).
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 400)]
+        epochs: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -62,9 +83,19 @@ struct GenerateArgs {
     /// Draft source: none, ngram, layers:N (the target's first N layers) or model:PATH.
     #[arg(long, default_value = "layers:25")]
     draft: String,
-    /// Drafted tokens per verification round.
+    /// Drafted tokens per verification round (the most, with a controller).
     #[arg(long, default_value_t = 4)]
     draft_len: usize,
+    /// When to stop drafting in a round: fixed, confidence[:MIN_TOP1]
+    /// (default 0.4) or predictor:WEIGHTS.json[:TAU] (default 0.5).
+    #[arg(long, default_value = "fixed")]
+    controller: String,
+    /// Choose each round's draft length from measured costs and acceptance.
+    #[arg(long)]
+    adaptive_k: bool,
+    /// Append (features, accepted?) of every judged draft token to this JSONL file.
+    #[arg(long)]
+    log_controller: Option<PathBuf>,
     #[arg(long)]
     prompt: String,
     /// Send the prompt as is, without the model's chat template.
@@ -99,6 +130,63 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Generate(args) => generate(args),
+        Command::Controller { action: ControllerAction::Train { log, output, epochs } } => train(&log, &output, epochs),
+    }
+}
+
+fn train(log: &std::path::Path, output: &std::path::Path, epochs: usize) -> Result<()> {
+    let text = std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let samples: Vec<(tandem_model::DraftFeatures, bool)> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str::<ControllerSample>(l)
+                .map(|s| (s.features, s.accepted))
+                .with_context(|| format!("{} line {}: not a controller sample", log.display(), i + 1))
+        })
+        .collect::<Result<_>>()?;
+    anyhow::ensure!(samples.len() >= 20, "{}: {} samples, need at least 20", log.display(), samples.len());
+    // Every fifth sample is held out for the printed figures.
+    let (held, fit): (Vec<_>, Vec<_>) = samples.iter().enumerate().partition(|(i, _)| i % 5 == 0);
+    let fit: Vec<_> = fit.into_iter().map(|(_, s)| *s).collect();
+    let held: Vec<_> = held.into_iter().map(|(_, s)| *s).collect();
+    let model = RejectionPredictor::train(&fit, epochs);
+    let q = model.evaluate(&held, 0.5);
+    let rejected = samples.iter().filter(|s| !s.1).count();
+    println!(
+        "{} samples ({:.1} % rejected); held-out {}: precision {:.3}, recall {:.3}, false-stop rate {:.3}",
+        samples.len(),
+        100.0 * rejected as f64 / samples.len() as f64,
+        q.samples,
+        q.precision,
+        q.recall,
+        q.false_stop_rate
+    );
+    std::fs::write(output, serde_json::to_string_pretty(&model)?).with_context(|| format!("writing {}", output.display()))?;
+    println!("weights written to {}", output.display());
+    Ok(())
+}
+
+fn parse_controller(spec: &str) -> Result<StopRule> {
+    let bad = || anyhow::anyhow!("`--controller {spec}`: expected fixed, confidence[:MIN_TOP1] or predictor:WEIGHTS.json[:TAU]");
+    let mut parts = spec.splitn(2, ':');
+    match (parts.next(), parts.next()) {
+        (Some("fixed"), None) => Ok(StopRule::Fixed),
+        (Some("confidence"), p) => {
+            let min_top1 = p.map(str::parse).transpose().map_err(|_| bad())?.unwrap_or(0.4);
+            Ok(StopRule::Confidence { min_top1 })
+        }
+        (Some("predictor"), Some(rest)) => {
+            let (path, tau) = match rest.rsplit_once(':') {
+                Some((p, t)) if t.parse::<f64>().is_ok() => (p, t.parse().expect("checked")),
+                _ => (rest, 0.5),
+            };
+            let text = std::fs::read_to_string(path).with_context(|| format!("`--controller`: reading {path}"))?;
+            let model: RejectionPredictor = serde_json::from_str(&text).with_context(|| format!("`--controller`: {path} is not predictor weights"))?;
+            Ok(StopRule::Predictor { model, tau })
+        }
+        _ => Err(bad()),
     }
 }
 
@@ -107,6 +195,13 @@ fn generate(args: GenerateArgs) -> Result<()> {
         anyhow::bail!("say where to verify: `--local` (this process) or `--server URL`");
     }
     let draft: DraftSpec = args.draft.parse()?;
+    let rule = parse_controller(&args.controller)?;
+    let log: Option<Box<dyn Write + Send>> = match &args.log_controller {
+        Some(p) => Some(Box::new(std::io::BufWriter::new(
+            std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("opening --log-controller {}", p.display()))?,
+        ))),
+        None => None,
+    };
     let model_path = match &args.model {
         Some(p) => p.clone(),
         None => fetch::ensure_default_model(false).context("fetching the default model (or pass --model PATH)")?,
@@ -133,8 +228,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
             }
         }
     };
+    let controller = SpeculationController::new(rule, args.draft_len, args.adaptive_k);
     let generation = match &args.server {
-        None => Speculator::new(LocalTarget::new(target), draft_source, tokenizer.clone()).generate(&request, on_token)?,
+        None => configured(Speculator::new(LocalTarget::new(target), draft_source, tokenizer.clone()), controller, log)
+            .generate(&request, on_token)?,
         Some(url) => {
             let mut cfg = ClientConfig::new(url.clone());
             cfg.api_key = args.api_key.clone();
@@ -146,7 +243,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
             if args.server_only {
                 server_only(remote, &request, &tokenizer, on_token)?
             } else {
-                Speculator::new(remote, draft_source, tokenizer.clone()).generate(&request, on_token)?
+                configured(Speculator::new(remote, draft_source, tokenizer.clone()), controller, log).generate(&request, on_token)?
             }
         }
     };
@@ -168,6 +265,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn configured<T: Target>(s: Speculator<T>, controller: SpeculationController, log: Option<Box<dyn Write + Send>>) -> Speculator<T> {
+    let s = s.with_controller(controller);
+    match log {
+        Some(log) => s.with_log(log),
+        None => s,
+    }
 }
 
 /// `--server-only`: the server decodes; tokens stream back.

@@ -14,11 +14,13 @@ pub trait Target {
     fn verify(&mut self, context: &[u32], drafts: &[u32], q: &[SparseDist]) -> Result<RoundOutcome, EdgeError>;
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct RoundOutcome {
     pub verdict: Verdict,
     /// Server-side time of the round, queueing included (remote targets).
     pub server_ms: Option<f64>,
+    /// The server's estimated verification time for k = 1..8 (remote targets).
+    pub hinted_verify_ms: Vec<f32>,
 }
 
 /// The target model in this process (`generate --local`).
@@ -59,6 +61,6 @@ impl Target for LocalTarget {
             verify_sampled(drafts, q, &p, &mut SessionRng::at(self.sampling.seed, context.len()))
         };
         self.cache.truncate(base + 1 + verdict.accepted);
-        Ok(RoundOutcome { verdict, server_ms: None })
+        Ok(RoundOutcome { verdict, server_ms: None, hinted_verify_ms: vec![] })
     }
 }

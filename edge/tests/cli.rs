@@ -76,3 +76,40 @@ fn bad_flags_get_messages_naming_them() {
         assert!(err.contains(flag), "{args:?}: error does not name {flag}: {err}");
     }
 }
+
+fn tokens_of(args: &[&str]) -> serde_json::Value {
+    let out = edge().args(args).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+}
+
+#[test]
+fn controller_log_train_and_every_stop_rule_stay_lossless() {
+    let dir = std::env::temp_dir().join(format!("tandem-controller-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (log, weights) = (dir.join("log.jsonl"), dir.join("weights.json"));
+    let base = ["generate", "--local", "--draft", "layers:25", "--max-new-tokens", "24", "--json"];
+    let prompts = ["Write a Python function that adds two numbers.", "Explain what a hash map is.", "Name four oceans."];
+    let mut reference = Vec::new();
+    for p in prompts {
+        let v = tokens_of(&[&base[..], &["--prompt", p, "--log-controller", log.to_str().unwrap()]].concat());
+        assert!(v["wasted_draft_ms"].is_number() && v["draft_ms"].as_f64().unwrap() > 0.0, "{v}");
+        reference.push(v["tokens"].clone());
+    }
+    let samples = std::fs::read_to_string(&log).unwrap().lines().count();
+    assert!(samples >= 20, "only {samples} controller samples logged");
+    let out = edge().args(["controller", "train", log.to_str().unwrap(), "-o", weights.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("precision") && report.contains("false-stop rate"), "{report}");
+    let predictor = format!("predictor:{}", weights.display());
+    for controller in [&["--controller", "confidence"][..], &["--controller", &predictor], &["--controller", &predictor, "--adaptive-k"]] {
+        for (p, want) in prompts.iter().zip(&reference) {
+            let v = tokens_of(&[&base[..], &["--prompt", p], controller].concat());
+            assert_eq!(&v["tokens"], want, "{controller:?} changed the output");
+        }
+    }
+    let out = edge().args([&base[..], &["--prompt", "x", "--controller", "predictor:/nonexistent.json"]].concat()).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--controller"));
+    let _ = std::fs::remove_dir_all(dir);
+}

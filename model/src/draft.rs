@@ -13,6 +13,53 @@ pub struct Proposal {
     /// The distribution each token was drawn from (after temperature, top-k
     /// ≤ 64 and top-p); empty for greedy requests.
     pub dists: Vec<SparseDist>,
+    /// Features of the draft distribution behind each token (model drafts only).
+    pub features: Vec<DraftFeatures>,
+}
+
+/// Cheap summary of the draft model's distribution at one draft step: what
+/// a speculation controller uses to guess whether the token will be rejected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DraftFeatures {
+    /// Probability of the most likely token.
+    pub top1: f32,
+    /// Entropy of the distribution, nats.
+    pub entropy: f32,
+    /// Top-1 minus top-2 probability.
+    pub margin: f32,
+    /// Largest logit minus the mean logit.
+    pub spread: f32,
+    /// Draft position in the round (0 = first draft token).
+    pub position: u32,
+}
+
+impl DraftFeatures {
+    /// From raw logits (temperature 1).
+    pub fn from_logits(logits: &[f32], position: usize) -> Self {
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
+        let mean = logits.iter().map(|&l| l as f64).sum::<f64>() / logits.len().max(1) as f64;
+        let (mut z, mut second) = (0.0f64, f64::NEG_INFINITY);
+        let mut seen_max = false;
+        for &l in logits {
+            let l = l as f64;
+            z += (l - max).exp();
+            if l == max && !seen_max {
+                seen_max = true;
+            } else if l > second {
+                second = l;
+            }
+        }
+        let entropy = logits
+            .iter()
+            .map(|&l| {
+                let p = ((l as f64 - max).exp()) / z;
+                if p > 0.0 { -p * p.ln() } else { 0.0 }
+            })
+            .sum::<f64>();
+        let top1 = 1.0 / z;
+        let top2 = if second.is_finite() { (second - max).exp() / z } else { 0.0 };
+        DraftFeatures { top1: top1 as f32, entropy: entropy as f32, margin: (top1 - top2) as f32, spread: (max - mean) as f32, position: position as u32 }
+    }
 }
 
 /// Anything that can propose continuations. Sources keep their own state
@@ -20,8 +67,21 @@ pub struct Proposal {
 /// rejection needs no separate rollback call.
 pub trait DraftSource: Send {
     /// Proposes up to `k` tokens to follow `context` (prompt and every token
-    /// accepted so far).
-    fn propose(&mut self, context: &[u32], k: usize, sampling: &SamplingParams, rng: &mut SessionRng) -> Result<Proposal>;
+    /// accepted so far). After each drafted token `keep_going` sees its
+    /// features (model drafts) and may end the round early.
+    fn propose_until(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        sampling: &SamplingParams,
+        rng: &mut SessionRng,
+        keep_going: &mut dyn FnMut(&DraftFeatures) -> bool,
+    ) -> Result<Proposal>;
+
+    /// Proposes exactly up to `k` tokens, never stopping early.
+    fn propose(&mut self, context: &[u32], k: usize, sampling: &SamplingParams, rng: &mut SessionRng) -> Result<Proposal> {
+        self.propose_until(context, k, sampling, rng, &mut |_| true)
+    }
 }
 
 /// The `--draft` argument.
@@ -109,7 +169,7 @@ fn check_same_vocab(target: &LoadedModel, draft: &LoadedModel, name: &str) -> Re
 pub struct NoDraft;
 
 impl DraftSource for NoDraft {
-    fn propose(&mut self, _: &[u32], _: usize, _: &SamplingParams, _: &mut SessionRng) -> Result<Proposal> {
+    fn propose_until(&mut self, _: &[u32], _: usize, _: &SamplingParams, _: &mut SessionRng, _: &mut dyn FnMut(&DraftFeatures) -> bool) -> Result<Proposal> {
         Ok(Proposal::default())
     }
 }
@@ -140,11 +200,11 @@ impl NgramDraft {
 }
 
 impl DraftSource for NgramDraft {
-    fn propose(&mut self, context: &[u32], k: usize, sampling: &SamplingParams, _: &mut SessionRng) -> Result<Proposal> {
+    fn propose_until(&mut self, context: &[u32], k: usize, sampling: &SamplingParams, _: &mut SessionRng, _: &mut dyn FnMut(&DraftFeatures) -> bool) -> Result<Proposal> {
         let tokens = self.lookup(context, k);
         // A lookup is deterministic: its distribution is a point mass.
         let dists = if sampling.is_greedy() { vec![] } else { tokens.iter().map(|&t| SparseDist::point(t)).collect() };
-        Ok(Proposal { tokens, dists })
+        Ok(Proposal { tokens, dists, features: vec![] })
     }
 }
 
@@ -166,7 +226,14 @@ impl ModelDraft {
 }
 
 impl DraftSource for ModelDraft {
-    fn propose(&mut self, context: &[u32], k: usize, sampling: &SamplingParams, rng: &mut SessionRng) -> Result<Proposal> {
+    fn propose_until(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        sampling: &SamplingParams,
+        rng: &mut SessionRng,
+        keep_going: &mut dyn FnMut(&DraftFeatures) -> bool,
+    ) -> Result<Proposal> {
         let mut proposal = Proposal::default();
         if k == 0 || context.is_empty() {
             return Ok(proposal);
@@ -191,7 +258,9 @@ impl DraftSource for ModelDraft {
                 t
             };
             proposal.tokens.push(token);
-            if self.stop.contains(&token) {
+            let features = DraftFeatures::from_logits(row, proposal.features.len());
+            proposal.features.push(features);
+            if self.stop.contains(&token) || !keep_going(&features) {
                 break;
             }
             feed = vec![token];
@@ -213,6 +282,16 @@ mod tests {
             let err = bad.parse::<DraftSpec>().unwrap_err().to_string();
             assert!(err.contains("--draft"), "{err}");
         }
+    }
+
+    #[test]
+    fn features_summarise_the_distribution() {
+        let sharp = DraftFeatures::from_logits(&[10.0, 0.0, 0.0, 0.0], 2);
+        let flat = DraftFeatures::from_logits(&[1.0, 1.0, 1.0, 1.0], 0);
+        assert!(sharp.top1 > 0.99 && sharp.margin > 0.99 && sharp.entropy < 0.01 && sharp.position == 2);
+        assert!((flat.top1 - 0.25).abs() < 1e-6 && flat.margin.abs() < 1e-6);
+        assert!((flat.entropy - 4f32.ln()).abs() < 1e-5 && flat.spread == 0.0);
+        assert!((sharp.spread - 7.5).abs() < 1e-5);
     }
 
     #[test]

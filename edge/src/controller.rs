@@ -1,0 +1,288 @@
+//! Speculation controller (DESIGN.md): how many tokens to draft each round.
+//! Pure logic — measurements are passed in — so the bench simulator reuses it.
+//!
+//! * Stop rule inside a round: a rejection predictor (logistic regression on
+//!   cheap features of the draft distribution, weights in JSON) stops when
+//!   the cumulative P(some rejection) = 1 − Π(1 − p_j) passes τ; without a
+//!   trained file, a confidence threshold on the draft's top-1 probability.
+//! * Cost-aware k_max: the draft length maximising expected tokens per unit
+//!   of wall time, E[tokens](k) / (k·t_draft + RTT + T_verify(k)).
+
+use serde::{Deserialize, Serialize};
+use tandem_model::DraftFeatures;
+
+const N_FEATURES: usize = 5;
+
+fn feature_vector(f: &DraftFeatures) -> [f64; N_FEATURES] {
+    [f.top1 as f64, f.entropy as f64, f.margin as f64, f.spread as f64, f.position as f64]
+}
+
+/// Logistic regression P(reject | features), on standardised features.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RejectionPredictor {
+    pub mean: [f64; N_FEATURES],
+    pub std: [f64; N_FEATURES],
+    pub weights: [f64; N_FEATURES],
+    pub bias: f64,
+}
+
+/// How well a predictor separates accepted from rejected draft tokens.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct PredictorQuality {
+    pub samples: usize,
+    /// Of the tokens predicted rejected, the fraction that were.
+    pub precision: f64,
+    /// Of the rejected tokens, the fraction predicted.
+    pub recall: f64,
+    /// Of the accepted tokens, the fraction predicted rejected (each would
+    /// have stopped drafting too early).
+    pub false_stop_rate: f64,
+}
+
+impl RejectionPredictor {
+    pub fn p_reject(&self, f: &DraftFeatures) -> f64 {
+        let x = feature_vector(f);
+        let z = self.bias + (0..N_FEATURES).map(|i| self.weights[i] * (x[i] - self.mean[i]) / self.std[i]).sum::<f64>();
+        1.0 / (1.0 + (-z).exp())
+    }
+
+    /// Fits by full-batch gradient descent on the log loss (light L2).
+    /// `samples` are (features, accepted?).
+    pub fn train(samples: &[(DraftFeatures, bool)], epochs: usize) -> Self {
+        let n = samples.len().max(1) as f64;
+        let xs: Vec<[f64; N_FEATURES]> = samples.iter().map(|(f, _)| feature_vector(f)).collect();
+        let mut mean = [0.0; N_FEATURES];
+        let mut std = [0.0; N_FEATURES];
+        for x in &xs {
+            for i in 0..N_FEATURES {
+                mean[i] += x[i] / n;
+            }
+        }
+        for x in &xs {
+            for i in 0..N_FEATURES {
+                std[i] += (x[i] - mean[i]).powi(2) / n;
+            }
+        }
+        let std = std.map(|v| v.sqrt().max(1e-6));
+        let mut model = RejectionPredictor { mean, std, weights: [0.0; N_FEATURES], bias: 0.0 };
+        let lr = 0.5;
+        for _ in 0..epochs {
+            let mut grad = [0.0; N_FEATURES];
+            let mut grad_b = 0.0;
+            for ((f, accepted), x) in samples.iter().zip(&xs) {
+                let err = model.p_reject(f) - if *accepted { 0.0 } else { 1.0 };
+                for i in 0..N_FEATURES {
+                    grad[i] += err * (x[i] - mean[i]) / std[i] / n;
+                }
+                grad_b += err / n;
+            }
+            for i in 0..N_FEATURES {
+                model.weights[i] -= lr * (grad[i] + 1e-4 * model.weights[i]);
+            }
+            model.bias -= lr * grad_b;
+        }
+        model
+    }
+
+    pub fn evaluate(&self, samples: &[(DraftFeatures, bool)], threshold: f64) -> PredictorQuality {
+        let (mut tp, mut fp, mut fn_, mut tn) = (0usize, 0usize, 0usize, 0usize);
+        for (f, accepted) in samples {
+            match (self.p_reject(f) >= threshold, *accepted) {
+                (true, false) => tp += 1,
+                (true, true) => fp += 1,
+                (false, false) => fn_ += 1,
+                (false, true) => tn += 1,
+            }
+        }
+        let ratio = |a: usize, b: usize| if a + b == 0 { 0.0 } else { a as f64 / (a + b) as f64 };
+        PredictorQuality { samples: samples.len(), precision: ratio(tp, fp), recall: ratio(tp, fn_), false_stop_rate: ratio(fp, tn) }
+    }
+}
+
+/// When to stop drafting inside a round.
+#[derive(Clone, Debug)]
+pub enum StopRule {
+    /// Always draft k tokens.
+    Fixed,
+    /// Stop after a token whose draft probability is below `min_top1`.
+    Confidence { min_top1: f32 },
+    /// Stop once 1 − Π(1 − P(reject)) passes `tau`.
+    Predictor { model: RejectionPredictor, tau: f64 },
+}
+
+/// Expected tokens a round of k drafts emits at per-token acceptance α.
+pub fn expected_tokens(alpha: f64, k: usize) -> f64 {
+    (0..=k).map(|j| alpha.powi(j as i32)).sum()
+}
+
+/// The k in 0..=k_max with the most expected tokens per ms of wall time.
+pub fn best_k(alpha: f64, t_draft_ms: f64, rtt_ms: f64, verify_ms: impl Fn(usize) -> f64, k_max: usize) -> usize {
+    (0..=k_max)
+        .map(|k| (k, expected_tokens(alpha, k) / (k as f64 * t_draft_ms + rtt_ms + verify_ms(k)).max(1e-9)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or(0, |(k, _)| k)
+}
+
+/// Exponentially weighted mean.
+#[derive(Clone, Copy, Debug)]
+struct Ewma {
+    value: Option<f64>,
+    weight: f64,
+}
+
+impl Ewma {
+    fn add(&mut self, x: f64) {
+        self.value = Some(self.value.map_or(x, |v| v + self.weight * (x - v)));
+    }
+    fn get(&self, default: f64) -> f64 {
+        self.value.unwrap_or(default)
+    }
+}
+
+/// Per-round decisions and what they are based on.
+pub struct SpeculationController {
+    rule: StopRule,
+    k_max: usize,
+    /// Choose k per round from measured costs (else always k_max).
+    adaptive: bool,
+    alpha: Ewma,
+    t_draft_ms: Ewma,
+    rtt_ms: Ewma,
+    /// Verification time by k (index k), from the server's hints or measured.
+    verify_ms: Vec<Option<f64>>,
+    keep_prob: f64,
+}
+
+impl SpeculationController {
+    pub fn new(rule: StopRule, k_max: usize, adaptive: bool) -> Self {
+        SpeculationController {
+            rule,
+            k_max,
+            adaptive,
+            alpha: Ewma { value: None, weight: 0.1 },
+            t_draft_ms: Ewma { value: None, weight: 0.2 },
+            rtt_ms: Ewma { value: None, weight: 0.2 },
+            verify_ms: vec![None; k_max + 1],
+            keep_prob: 1.0,
+        }
+    }
+
+    /// Drafts to aim for this round.
+    pub fn round_k(&self) -> usize {
+        if !self.adaptive {
+            return self.k_max;
+        }
+        let known = |k: usize| self.verify_ms.get(k).copied().flatten();
+        // Unmeasured lengths: interpolate from the nearest measured one.
+        let verify = |k: usize| {
+            known(k).or_else(|| (0..=self.k_max).filter_map(|j| known(j).map(|v| (j.abs_diff(k), v))).min_by_key(|p| p.0).map(|p| p.1)).unwrap_or(10.0)
+        };
+        best_k(self.alpha.get(0.5), self.t_draft_ms.get(5.0), self.rtt_ms.get(1.0), verify, self.k_max)
+    }
+
+    pub fn begin_round(&mut self) {
+        self.keep_prob = 1.0;
+    }
+
+    /// Called after each drafted token: whether to draft another.
+    pub fn keep_going(&mut self, f: &DraftFeatures) -> bool {
+        match &self.rule {
+            StopRule::Fixed => true,
+            StopRule::Confidence { min_top1 } => f.top1 >= *min_top1,
+            StopRule::Predictor { model, tau } => {
+                self.keep_prob *= 1.0 - model.p_reject(f);
+                1.0 - self.keep_prob <= *tau
+            }
+        }
+    }
+
+    /// Learns from a finished round.
+    pub fn end_round(&mut self, drafted: usize, accepted: usize, draft_ms_per_token: Option<f64>, rtt_ms: f64, verify_ms: f64, hinted_verify_ms: &[f32]) {
+        if drafted > 0 {
+            // Per-position acceptance α from the accepted prefix (a geometric fit).
+            let judged = (accepted + 1).min(drafted) as f64;
+            self.alpha.add(accepted as f64 / judged);
+        }
+        if let Some(t) = draft_ms_per_token {
+            self.t_draft_ms.add(t);
+        }
+        self.rtt_ms.add(rtt_ms.max(0.0));
+        if let Some(slot) = self.verify_ms.get_mut(drafted) {
+            *slot = Some(slot.map_or(verify_ms, |v| v + 0.2 * (verify_ms - v)));
+        }
+        for (i, &ms) in hinted_verify_ms.iter().enumerate() {
+            if let Some(slot) = self.verify_ms.get_mut(i + 1) {
+                *slot = Some(ms as f64);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_aware_k_picks_the_analytic_optimum() {
+        // Closed form check by brute force over a fine grid of inputs.
+        for &(alpha, t, rtt) in &[(0.8, 2.0, 20.0), (0.3, 5.0, 1.0), (0.95, 1.0, 50.0), (0.0, 3.0, 5.0)] {
+            let verify = |k: usize| 10.0 + 2.0 * k as f64;
+            let k = best_k(alpha, t, rtt, verify, 8);
+            let rate = |k: usize| expected_tokens(alpha, k) / (k as f64 * t + rtt + verify(k));
+            for other in 0..=8 {
+                assert!(rate(k) >= rate(other), "alpha {alpha}: k={k} worse than {other}");
+            }
+        }
+        // Known values: free drafting and verification → longest draft;
+        // hopeless drafts → none.
+        assert_eq!(best_k(0.9, 0.0, 10.0, |_| 0.0, 8), 8);
+        assert_eq!(best_k(0.0, 5.0, 10.0, |k| 10.0 + k as f64, 8), 0);
+        assert!((expected_tokens(0.5, 3) - 1.875).abs() < 1e-12);
+    }
+
+    fn feat(top1: f32, position: u32) -> DraftFeatures {
+        DraftFeatures { top1, entropy: 1.0 - top1, margin: top1 / 2.0, spread: 3.0 * top1, position }
+    }
+
+    #[test]
+    fn predictor_stop_rule_uses_the_cumulative_rejection_probability() {
+        let model = RejectionPredictor { mean: [0.0; 5], std: [1.0; 5], weights: [0.0; 5], bias: (0.3f64 / 0.7).ln() };
+        // p = 0.3 each: cumulative 0.3, 0.51, 0.657 → stop at the third with τ = 0.6.
+        let mut c = SpeculationController::new(StopRule::Predictor { model, tau: 0.6 }, 8, false);
+        c.begin_round();
+        assert!(c.keep_going(&feat(0.5, 0)));
+        assert!(c.keep_going(&feat(0.5, 1)));
+        assert!(!c.keep_going(&feat(0.5, 2)));
+        c.begin_round();
+        assert!(c.keep_going(&feat(0.5, 0)), "each round starts afresh");
+        let mut conf = SpeculationController::new(StopRule::Confidence { min_top1: 0.4 }, 8, false);
+        assert!(conf.keep_going(&feat(0.9, 0)) && !conf.keep_going(&feat(0.2, 1)));
+    }
+
+    #[test]
+    fn a_trained_predictor_separates_confident_from_unsure_drafts() {
+        // Accepted when top1 is high, with a little label noise.
+        let samples: Vec<(DraftFeatures, bool)> =
+            (0..400).map(|i| { let top1 = (i % 100) as f32 / 100.0; (feat(top1, (i % 6) as u32), (top1 > 0.5) ^ (i % 37 == 0)) }).collect();
+        let model = RejectionPredictor::train(&samples, 300);
+        assert!(model.p_reject(&feat(0.95, 0)) < 0.2 && model.p_reject(&feat(0.05, 0)) > 0.8);
+        let q = model.evaluate(&samples, 0.5);
+        assert!(q.precision > 0.85 && q.recall > 0.85 && q.false_stop_rate < 0.15, "{q:?}");
+        let json = serde_json::to_string(&model).unwrap();
+        assert_eq!(serde_json::from_str::<RejectionPredictor>(&json).unwrap().p_reject(&feat(0.3, 1)), model.p_reject(&feat(0.3, 1)));
+    }
+
+    #[test]
+    fn adaptive_k_follows_measured_acceptance() {
+        let mut c = SpeculationController::new(StopRule::Fixed, 8, true);
+        for _ in 0..50 {
+            c.end_round(4, 4, Some(1.0), 10.0, 12.0, &[10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0]);
+        }
+        let high = c.round_k();
+        for _ in 0..80 {
+            c.end_round(4, 0, Some(1.0), 10.0, 12.0, &[]);
+        }
+        assert!(high >= 6, "a draft that is always right should draft long, got {high}");
+        assert!(c.round_k() <= 1, "a draft that is always wrong should barely draft, got {}", c.round_k());
+    }
+}
