@@ -349,3 +349,35 @@ fn an_idle_session_is_dropped_and_its_kv_reservation_freed() {
     });
     assert_eq!(reserved(), 0.0, "the expired session's KV reservation was not returned");
 }
+
+#[test]
+fn tls_serves_https_clients_and_refuses_plaintext() {
+    let dir = std::env::temp_dir().join(format!("tandem-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    // A self-signed leaf certificate for localhost / 127.0.0.1.
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (installed by .ci/run)");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let server = ServerProcess::start(&["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    let port = server.addr.rsplit(':').next().unwrap().to_string();
+    let req = request("Name a colour.", 8);
+    let mut cfg = tandem_edge::client::ClientConfig::new(format!("https://localhost:{port}"));
+    cfg.ca_cert = Some(std::fs::read(&cert).unwrap());
+    let m = model();
+    let tls = tandem_edge::Speculator::new(tandem_edge::client::RemoteTarget::new(cfg).unwrap(), DraftSpec::Ngram.build(&m).unwrap(), m.tokenizer.clone())
+        .generate(&req, |_| {})
+        .unwrap();
+    assert_eq!(tls.tokens, local(&req));
+    // A plaintext client gets no session.
+    let (_, status) = raw(&server.url(), None, open_msg(vec![1, 9690, 198], 2, 0.0), |_| vec![]);
+    assert!(status.is_err(), "a plaintext client was served over a TLS port");
+    let _ = std::fs::remove_dir_all(dir);
+}
