@@ -244,6 +244,9 @@ impl Llama {
         let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
         let positions: Vec<usize> =
             batch.iter().zip(starts).flat_map(|(s, &start)| start..start + s.tokens.len()).collect();
+        // Which sequence each new token belongs to.
+        let rows: Vec<usize> = batch.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i, s.tokens.len())).collect();
+        let rows: Vec<(usize, usize)> = rows.into_iter().zip(positions.iter().copied()).collect();
 
         let mut embedded = Vec::with_capacity(total * cfg.hidden);
         for s in batch.iter() {
@@ -260,16 +263,15 @@ impl Llama {
             self.apply_rope(&mut q, cfg.n_heads, &positions);
             self.apply_rope(&mut k, cfg.n_kv_heads, &positions);
 
-            let mut attn = vec![0f32; total * cfg.n_heads * cfg.head_dim];
+            let kvd = cfg.kv_dim();
             let mut row = 0;
-            for (s, &start) in batch.iter_mut().zip(starts) {
+            for s in batch.iter_mut() {
                 let n = s.tokens.len();
-                let kvd = cfg.kv_dim();
                 s.cache.append(li, &k[row * kvd..(row + n) * kvd], &v[row * kvd..(row + n) * kvd]);
-                let qd = cfg.n_heads * cfg.head_dim;
-                self.attention(s.cache, li, start, &q[row * qd..(row + n) * qd], &mut attn[row * qd..(row + n) * qd]);
                 row += n;
             }
+            let caches: Vec<&KvCache> = batch.iter().map(|s| &*s.cache).collect();
+            let attn = self.attention(&caches, &rows, li, &q);
             let attn = Tensor::from_vec(attn, (total, cfg.n_heads * cfg.head_dim), &Device::Cpu)?;
             x = (x + layer.wo.forward(&attn)?)?;
 
@@ -330,21 +332,24 @@ impl Llama {
         }
     }
 
-    /// Causal attention of `q` (new tokens at positions `start..`) against
-    /// the sequence's cache, which already holds their keys and values.
-    /// One (token, head) per task; scores, softmax and the weighted sum run
-    /// in position order, so results never depend on the batch.
-    fn attention(&self, cache: &KvCache, layer: usize, start: usize, q: &[f32], out: &mut [f32]) {
+    /// Causal attention for every new token of the batch against its own
+    /// sequence's cache, which already holds the new keys and values.
+    /// `rows[t]` = (sequence, position) of token t. One (token, head) per
+    /// task, all sequences in one parallel loop; scores, softmax and the
+    /// weighted sum run in position order, so results never depend on the batch.
+    fn attention(&self, caches: &[&KvCache], rows: &[(usize, usize)], layer: usize, q: &[f32]) -> Vec<f32> {
         let cfg = &self.cfg;
         let (hd, kvd) = (cfg.head_dim, cfg.kv_dim());
         let group = cfg.n_heads / cfg.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let (keys, values) = cache.layer(layer);
+        let mut out = vec![0f32; rows.len() * cfg.n_heads * hd];
         out.par_chunks_mut(hd).enumerate().for_each(|(task, o)| {
             let (t, h) = (task / cfg.n_heads, task % cfg.n_heads);
+            let (seq, pos) = rows[t];
+            let (keys, values) = caches[seq].layer(layer);
             let g = h / group;
             let qh = &q[task * hd..(task + 1) * hd];
-            let visible = start + t + 1;
+            let visible = pos + 1;
             let mut scores: Vec<f32> =
                 (0..visible).map(|j| dot_f32(qh, &keys[j * kvd + g * hd..j * kvd + (g + 1) * hd]) * scale).collect();
             let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
@@ -353,7 +358,6 @@ impl Llama {
                 *s = (*s - max).exp();
                 sum += *s;
             }
-            o.fill(0.0);
             for (j, &p) in scores.iter().enumerate() {
                 let w = p / sum;
                 let vj = &values[j * kvd + g * hd..j * kvd + (g + 1) * hd];
@@ -362,6 +366,7 @@ impl Llama {
                 }
             }
         });
+        out
     }
 }
 

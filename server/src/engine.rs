@@ -76,7 +76,7 @@ pub struct EngineConfig {
 struct Session {
     tenant: Arc<Tenant>,
     cache: KvCache,
-    _lease: KvLease,
+    lease: KvLease,
     /// Prompt and every generated token; the last is not yet in the cache
     /// (once prefill is done).
     context: Vec<u32>,
@@ -299,7 +299,7 @@ impl Engine {
         let session = Session {
                 tenant,
                 cache,
-                _lease: lease,
+                lease,
                 context: open.prompt,
                 prefill_target,
                 sample_first: !resumed,
@@ -319,6 +319,7 @@ impl Engine {
             };
         self.queue.push_back(session.work(id, WorkKind::Prefill, prefill_target, now));
         self.sessions.insert(id, session);
+        self.update_gauges();
         Ok(id)
     }
 
@@ -557,6 +558,10 @@ impl Engine {
         if let Some((_, reply, _)) = s.pending_verify {
             let _ = reply.send(Err(ServeError::NotFound(format!("session {id} ended"))));
         }
+        // Gauges first, so a client that sees its stream end sees the
+        // memory returned too.
+        drop(s.lease);
+        self.update_gauges();
         if let Some(e) = error {
             let _ = s.out.try_send(Err(e.into()));
         }
