@@ -4,8 +4,9 @@
 
 use crate::auth::Tenant;
 use crate::batcher::{batch_shape, Batcher, PendingWork, Scheduled, SessionId, WorkKind};
-use crate::kv_budget::{KvBudget, KvLease};
+use crate::kv_budget::KvBudget;
 use crate::metrics::Metrics;
+use crate::session::{feed, Session};
 use crate::validate::{ValidOpen, ValidVerify};
 use crate::ServeError;
 use std::collections::{HashMap, VecDeque};
@@ -13,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_estimators::AcceptanceEstimator;
-use tandem_model::{verify_greedy, verify_sampled, KvCache, LoadedModel, LogitsFor, SamplingParams, SeqPass, SessionRng, Verdict};
+use tandem_model::{verify_greedy, verify_sampled, LoadedModel, LogitsFor, SeqPass, Verdict};
 use tandem_protocol::limits::MAX_DRAFT_TOKENS;
 use tandem_protocol::wire::{Hints, Opened, ServerKind, ServerMessage, Tokens, Verdict as WireVerdict};
 use tokio::sync::{mpsc, oneshot};
@@ -71,69 +72,6 @@ impl EngineHandle {
 pub struct EngineConfig {
     pub kv_budget_bytes: usize,
     pub idle_ttl: Duration,
-}
-
-struct Session {
-    tenant: Arc<Tenant>,
-    cache: KvCache,
-    lease: KvLease,
-    /// Prompt and every generated token; the last is not yet in the cache
-    /// (once prefill is done).
-    context: Vec<u32>,
-    /// Positions of `context` to prefill before the session is open.
-    prefill_target: usize,
-    /// Generate a first token after prefill (false on resume).
-    sample_first: bool,
-    generated: usize,
-    max_new: usize,
-    sampling: SamplingParams,
-    server_only: bool,
-    opened: bool,
-    pending_verify: Option<(ValidVerify, oneshot::Sender<Result<(), ServeError>>, Instant)>,
-    out: OutSender,
-    last_active: Instant,
-    opened_at: Instant,
-    ttft: Option<Duration>,
-    tpot: Option<Duration>,
-    /// Per-position acceptance of this session's drafts.
-    acceptance: AcceptanceEstimator,
-    /// Draft length of the last round (for hints).
-    last_k: usize,
-}
-
-impl Session {
-    /// A queue entry for `tokens` of `kind` work, with the deadline its SLO
-    /// sets: TTFT from the open for prefill, the TPOT budget of the tokens
-    /// a round is expected to yield for verification and decode.
-    fn work(&self, id: SessionId, kind: WorkKind, tokens: usize, now: Instant) -> PendingWork {
-        let expected_tokens = match kind {
-            WorkKind::Verify => self.acceptance.expected_tokens(tokens - 1),
-            WorkKind::Prefill | WorkKind::Decode => 1.0,
-        };
-        let deadline = match kind {
-            WorkKind::Prefill => self.ttft.map(|t| self.opened_at + t),
-            WorkKind::Verify | WorkKind::Decode => self.tpot.map(|t| now + t.mul_f64(expected_tokens)),
-        };
-        PendingWork {
-            session: id,
-            tenant: self.tenant.name.clone(),
-            kind,
-            tokens,
-            enqueued: now,
-            deadline,
-            context: self.cache.len(),
-            expected_tokens,
-        }
-    }
-
-    /// Draws for the round that continues the current context.
-    fn rng(&self) -> SessionRng {
-        SessionRng::at(self.sampling.seed, self.context.len())
-    }
-
-    fn finished(&self, eos: &[u32]) -> bool {
-        self.generated >= self.max_new || (self.generated > 0 && self.context.last().is_some_and(|t| eos.contains(t)))
-    }
 }
 
 pub struct Engine {
@@ -605,26 +543,6 @@ impl Engine {
             }
         }
         self.update_gauges();
-    }
-}
-
-/// The tokens a scheduled request feeds to the model, and which logits it needs.
-fn feed(s: &Scheduled, sess: &Session) -> (Vec<u32>, LogitsFor) {
-    match s.work.kind {
-        WorkKind::Prefill => {
-            let from = sess.cache.len();
-            let to = from + s.tokens;
-            let logits = if to == sess.prefill_target && sess.sample_first { LogitsFor::Last } else { LogitsFor::None };
-            (sess.context[from..to].to_vec(), logits)
-        }
-        WorkKind::Verify => {
-            let mut tokens = vec![*sess.context.last().expect("non-empty")];
-            if let Some((v, _, _)) = &sess.pending_verify {
-                tokens.extend_from_slice(&v.draft);
-            }
-            (tokens, LogitsFor::All)
-        }
-        WorkKind::Decode => (vec![*sess.context.last().expect("non-empty")], LogitsFor::Last),
     }
 }
 

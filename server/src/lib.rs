@@ -9,6 +9,7 @@ mod error;
 pub mod kv_budget;
 pub mod metrics;
 pub mod service;
+mod session;
 pub mod profile;
 pub mod validate;
 pub mod wisp;

@@ -78,6 +78,9 @@ fn load_config(cli: Cli) -> Result<ServerConfig> {
     Ok(cfg)
 }
 
+/// How long open connections may linger after a drain.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -151,19 +154,30 @@ async fn main() -> Result<()> {
     // Printed for scripts and tests that listen on port 0.
     println!("listening on {local}");
 
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = {
         let engine = engine.clone();
         async move {
             wait_for_signal().await;
             info!("shutting down: finishing the pass in flight");
             engine.shutdown().await;
+            let _ = drained_tx.send(());
         }
     };
-    server
-        .add_service(service)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
-        .await
-        .context("gRPC server")?;
+    let serve = server.add_service(service).serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown);
+    // Every client has been told to resume elsewhere; one that keeps its
+    // connection open anyway must not hold the process up for long.
+    let grace = async {
+        if drained_rx.await.is_ok() {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        served = serve => served.context("gRPC server")?,
+        _ = grace => tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after shutdown; closing them"),
+    }
     drop(engine);
     let _ = tokio::task::spawn_blocking(move || runner.join()).await;
     info!("stopped");
