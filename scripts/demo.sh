@@ -16,7 +16,7 @@ LOG="$(mktemp)"
 "$BIN/tandem-server" --listen "$ADDR" >"$LOG" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; rm -f "$LOG"' EXIT
-for _ in $(seq 1 100); do
+for _ in $(seq 1 600); do
     grep -q "listening on" "$LOG" && break
     kill -0 $SERVER 2>/dev/null || { cat "$LOG"; exit 1; }
     sleep 0.1
