@@ -2,7 +2,7 @@
 //! Tandem server (see `client`). The speculative loop is the same for both.
 
 use crate::EdgeError;
-use tandem_model::{verify_greedy, verify_sampled, KvCache, LoadedModel, LogitsFor, SamplingParams, SeqPass, SessionRng, SparseDist, Verdict};
+use tandem_model::{judge_round, KvCache, LoadedModel, LogitsFor, SamplingParams, SeqPass, SparseDist, Verdict};
 
 /// Verifies drafts for one generation at a time.
 pub trait Target {
@@ -43,7 +43,7 @@ impl Target for LocalTarget {
         self.cache = llama.new_cache(llama.config().n_layers);
         self.sampling = sampling.clone();
         let logits = llama.forward(&mut [SeqPass { cache: &mut self.cache, tokens: prompt, logits: LogitsFor::Last }])?;
-        Ok(sampling.distribution(logits[0].row(0)).sample(&mut SessionRng::at(sampling.seed, prompt.len())))
+        Ok(sampling.sample_at(logits[0].row(0), prompt.len()))
     }
 
     fn verify(&mut self, context: &[u32], drafts: &[u32], q: &[SparseDist]) -> Result<RoundOutcome, EdgeError> {
@@ -54,12 +54,7 @@ impl Target for LocalTarget {
         let mut feed = vec![*context.last().expect("context is never empty")];
         feed.extend_from_slice(drafts);
         let logits = self.model.llama.forward(&mut [SeqPass { cache: &mut self.cache, tokens: &feed, logits: LogitsFor::All }])?;
-        let verdict = if self.sampling.is_greedy() {
-            verify_greedy(drafts, |i| logits[0].row(i))
-        } else {
-            let p: Vec<_> = (0..=drafts.len()).map(|i| self.sampling.distribution(logits[0].row(i))).collect();
-            verify_sampled(drafts, q, &p, &mut SessionRng::at(self.sampling.seed, context.len()))
-        };
+        let verdict = judge_round(&self.sampling, context.len(), drafts, q, &logits[0]);
         self.cache.truncate(base + 1 + verdict.accepted);
         Ok(RoundOutcome { verdict, server_ms: None, hinted_verify_ms: vec![] })
     }

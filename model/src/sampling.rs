@@ -44,6 +44,12 @@ impl SamplingParams {
         SamplingParams { top_k, ..self.clone() }
     }
 
+    /// Draws a token from `logits` for sequence position `position`
+    /// (draws keyed by position, see [`SessionRng::at`]).
+    pub fn sample_at(&self, logits: &[f32], position: usize) -> u32 {
+        self.distribution(logits).sample(&mut SessionRng::at(self.seed, position))
+    }
+
     /// The distribution these parameters sample from, given raw logits.
     pub fn distribution(&self, logits: &[f32]) -> SparseDist {
         if self.is_greedy() {

@@ -5,7 +5,8 @@
 //! the request's sampling parameters. The verdict says how many drafts are
 //! accepted and which token follows them.
 
-use crate::sampling::{argmax, sample_weighted, SessionRng, SparseDist};
+use crate::sampling::{argmax, sample_weighted, SamplingParams, SessionRng, SparseDist};
+use crate::Logits;
 
 /// Outcome of one verification round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +52,18 @@ pub fn verify_sampled(drafts: &[u32], q: &[SparseDist], p: &[SparseDist], rng: &
         return Verdict { accepted: i, next };
     }
     Verdict { accepted: drafts.len(), next: p[drafts.len()].sample(rng) }
+}
+
+/// Judges one round from the target's k + 1 rows of logits: the greedy
+/// rule, or speculative sampling under `sampling` with the draws keyed by
+/// `position` (the session's length before the round), so any verifier of
+/// the same session (local, a server, a resumed one) makes the same draws.
+pub fn judge_round(sampling: &SamplingParams, position: usize, drafts: &[u32], q: &[SparseDist], logits: &Logits) -> Verdict {
+    if sampling.is_greedy() {
+        return verify_greedy(drafts, |i| logits.row(i));
+    }
+    let p: Vec<SparseDist> = (0..=drafts.len()).map(|i| sampling.distribution(logits.row(i))).collect();
+    verify_sampled(drafts, q, &p, &mut SessionRng::at(sampling.seed, position))
 }
 
 #[cfg(test)]

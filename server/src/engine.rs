@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_estimators::AcceptanceEstimator;
-use tandem_model::{verify_greedy, verify_sampled, LoadedModel, LogitsFor, SeqPass, Verdict};
+use tandem_model::{judge_round, LoadedModel, LogitsFor, SeqPass, Verdict};
 use tandem_protocol::limits::MAX_DRAFT_TOKENS;
 use tandem_protocol::wire::{Hints, Opened, ServerKind, ServerMessage, Tokens, Verdict as WireVerdict};
 use tokio::sync::{mpsc, oneshot};
@@ -400,7 +400,7 @@ impl Engine {
             return true;
         }
         if s.sample_first {
-            let first = s.sampling.distribution(logits.row(0)).sample(&mut s.rng());
+            let first = s.sampling.sample_at(logits.row(0), s.context.len());
             s.context.push(first);
             s.generated += 1;
             self.metrics.tenant(&s.tenant.name, |t| t.generated_tokens += 1);
@@ -420,12 +420,7 @@ impl Engine {
     fn after_verify(&mut self, s: &mut Session, logits: &tandem_model::Logits) -> bool {
         let Some((verify, reply, queued_at)) = s.pending_verify.take() else { return true };
         let drafts = &verify.draft;
-        let verdict = if s.sampling.is_greedy() {
-            verify_greedy(drafts, |i| logits.row(i))
-        } else {
-            let p: Vec<_> = (0..=drafts.len()).map(|i| s.sampling.distribution(logits.row(i))).collect();
-            verify_sampled(drafts, &verify.q, &p, &mut s.rng())
-        };
+        let verdict = judge_round(&s.sampling, s.context.len(), drafts, &verify.q, logits);
         // An accepted end-of-sequence draft ends the output there.
         let eos = self.model.tokenizer.eos_tokens();
         let verdict = match drafts[..verdict.accepted].iter().position(|t| eos.contains(t)) {
@@ -463,7 +458,7 @@ impl Engine {
     }
 
     fn after_decode(&mut self, id: SessionId, s: &mut Session, logits: &tandem_model::Logits) -> bool {
-        let token = s.sampling.distribution(logits.row(0)).sample(&mut s.rng());
+        let token = s.sampling.sample_at(logits.row(0), s.context.len());
         s.context.push(token);
         s.generated += 1;
         self.metrics.tenant(&s.tenant.name, |t| {

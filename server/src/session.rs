@@ -9,7 +9,7 @@ use crate::ServeError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_estimators::AcceptanceEstimator;
-use tandem_model::{KvCache, LogitsFor, SamplingParams, SessionRng};
+use tandem_model::{KvCache, LogitsFor, SamplingParams};
 use tokio::sync::oneshot;
 
 /// One generation's state on the server: its KV cache and reservation,
@@ -65,11 +65,6 @@ impl Session {
             context: self.cache.len(),
             expected_tokens,
         }
-    }
-
-    /// Draws for the round that continues the current context.
-    pub(crate) fn rng(&self) -> SessionRng {
-        SessionRng::at(self.sampling.seed, self.context.len())
     }
 
     pub(crate) fn finished(&self, eos: &[u32]) -> bool {

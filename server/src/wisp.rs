@@ -107,7 +107,7 @@ impl Batcher for WispBatcher {
         }
         self.counters.set_backlogged(queue.iter().map(|w| w.tenant.as_str()));
         let chunk = |w: &PendingWork| if w.kind == WorkKind::Prefill { w.tokens.min(self.cfg.prefill_chunk).min(self.cfg.max_tokens) } else { w.tokens };
-        let mut pool: Vec<Candidate> = queue
+        let pool: Vec<Candidate> = queue
             .iter()
             .enumerate()
             .map(|(index, w)| {
@@ -188,19 +188,16 @@ impl Batcher for WispBatcher {
         }
         // Nothing fits (a single request over budget): run the oldest alone.
         if batch.is_empty() {
-            taken[0] = true;
-            batch.push(pool.swap_remove(0));
-            pool.clear();
+            batch.push(pool[0]);
         }
-        let mut chosen: Vec<(usize, usize)> = batch.iter().map(|c| (c.index, c.tokens)).collect();
-        let order: Vec<usize> = chosen.iter().map(|c| c.0).collect();
-        chosen.sort_by(|a, b| b.0.cmp(&a.0));
-        let mut picked: Vec<(usize, Scheduled)> = chosen
-            .into_iter()
-            .map(|(index, tokens)| (index, Scheduled { work: queue.remove(index).expect("index in queue"), tokens }))
+        // Take the chosen entries out in batch order; the rest keep theirs.
+        let mut slots: Vec<Option<PendingWork>> = queue.drain(..).map(Some).collect();
+        let scheduled = batch
+            .iter()
+            .map(|c| Scheduled { work: slots[c.index].take().expect("each candidate is taken once"), tokens: c.tokens })
             .collect();
-        picked.sort_by_key(|(index, _)| order.iter().position(|o| o == index));
-        picked.into_iter().map(|(_, s)| s).collect()
+        queue.extend(slots.into_iter().flatten());
+        scheduled
     }
 
     fn executed(&mut self, batch: &[Scheduled], measured_ms: f64) {
