@@ -238,6 +238,7 @@ impl Target for RemoteTarget {
             match reply {
                 Ok(Some(ServerMessage { kind: Some(ServerKind::Verdict(v)) })) => Ok(RoundOutcome {
                     verdict: Verdict { accepted: v.accepted as usize, next: v.next_token },
+                    verified: (v.verified as usize).min(drafts.len()),
                     server_ms: Some(v.server_ms as f64),
                     hinted_verify_ms: v.hints.map(|h| h.est_verify_ms_by_k).unwrap_or_default(),
                 }),

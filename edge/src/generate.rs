@@ -168,11 +168,12 @@ impl<T: Target> Speculator<T> {
             }
             if let Some(c) = self.controller.as_mut() {
                 let per_token = (n > 0).then(|| draft_ms / n as f64);
-                c.end_round(n, verdict.accepted, per_token, rtt, round.server_ms.unwrap_or(verify_ms), &round.hinted_verify_ms);
+                c.end_round(round.verified, verdict.accepted, per_token, rtt, round.server_ms.unwrap_or(verify_ms), &round.hinted_verify_ms);
             }
             if let Some(log) = self.log.as_mut() {
-                // Positions after the first rejection were never judged.
-                for (i, f) in proposal.features.iter().take(n).enumerate().take(verdict.accepted + 1) {
+                // Positions after the first rejection, or past those the
+                // target verified, were never judged.
+                for (i, f) in proposal.features.iter().take(round.verified).enumerate().take(verdict.accepted + 1) {
                     let sample = ControllerSample { features: *f, accepted: i < verdict.accepted };
                     serde_json::to_writer(&mut *log, &sample).map_err(|e| EdgeError::InvalidArgument(format!("writing the controller log: {e}")))?;
                     let _ = log.write_all(b"\n");

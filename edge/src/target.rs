@@ -17,6 +17,9 @@ pub trait Target {
 #[derive(Clone, Debug)]
 pub struct RoundOutcome {
     pub verdict: Verdict,
+    /// Drafts the target judged, a prefix of those sent (a server verifies
+    /// only the positions a session's history says may be reached).
+    pub verified: usize,
     /// Server-side time of the round, queueing included (remote targets).
     pub server_ms: Option<f64>,
     /// The server's estimated verification time for k = 1..8 (remote targets).
@@ -56,6 +59,6 @@ impl Target for LocalTarget {
         let logits = self.model.llama.forward(&mut [SeqPass { cache: &mut self.cache, tokens: &feed, logits: LogitsFor::All }])?;
         let verdict = judge_round(&self.sampling, context.len(), drafts, q, &logits[0]);
         self.cache.truncate(base + 1 + verdict.accepted);
-        Ok(RoundOutcome { verdict, server_ms: None, hinted_verify_ms: vec![] })
+        Ok(RoundOutcome { verdict, verified: drafts.len(), server_ms: None, hinted_verify_ms: vec![] })
     }
 }

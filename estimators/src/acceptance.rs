@@ -40,6 +40,20 @@ impl AcceptanceEstimator {
         self.per_position[..k].iter().sum::<f64>() / k as f64
     }
 
+    /// How many of `k` drafted positions are worth verifying: those reached
+    /// (every earlier one accepted) with estimated probability at least
+    /// `floor`. The first is always verified, so the estimate keeps learning.
+    pub fn reachable(&self, k: usize, floor: f64) -> usize {
+        let mut reach = 1.0;
+        for i in 0..k {
+            if reach < floor {
+                return i.max(1);
+            }
+            reach *= self.rate(i);
+        }
+        k
+    }
+
     /// Expected tokens a round with `k` drafts emits: accepted drafts plus
     /// the target's own token, Σ_{j=0..k} Π_{i<j} rate(i).
     pub fn expected_tokens(&self, k: usize) -> f64 {

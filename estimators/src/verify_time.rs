@@ -56,6 +56,7 @@ pub struct VerifyTimeCalibration {
     pub moment: [f64; DIM],
 }
 
+#[derive(Clone)]
 pub struct VerifyTimeEstimator {
     theta: [f64; DIM],
     /// Forgotten Σ x xᵀ and Σ x y.

@@ -305,3 +305,50 @@ mod tests {
         assert_eq!(d.lookup(&[], 4), Vec::<u32>::new());
     }
 }
+
+/// A synthetic draft for tests and benchmarks, always labelled as such: it
+/// knows the target's greedy output (`reference`: prompt followed by the
+/// output) and proposes its next token with probability `alpha` per
+/// position, a wrong token otherwise, so the acceptance rate is set rather
+/// than learned. Its features carry a confidence signal correlated with
+/// correctness. `pace` is slept per token to stand for an edge device's
+/// drafting time without using this machine's cores. Greedy requests only.
+pub struct SyntheticDraft {
+    reference: Vec<u32>,
+    alpha: f64,
+    pace: std::time::Duration,
+}
+
+impl SyntheticDraft {
+    pub fn new(reference: Vec<u32>, alpha: f64, pace: std::time::Duration) -> Self {
+        SyntheticDraft { reference, alpha: alpha.clamp(0.0, 1.0), pace }
+    }
+}
+
+impl DraftSource for SyntheticDraft {
+    fn propose_until(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        _sampling: &SamplingParams,
+        rng: &mut SessionRng,
+        keep_going: &mut dyn FnMut(&DraftFeatures) -> bool,
+    ) -> Result<Proposal> {
+        let mut proposal = Proposal::default();
+        for position in 0..k {
+            let Some(&truth) = self.reference.get(context.len() + position) else { break };
+            std::thread::sleep(self.pace);
+            let right = rng.next_f64() < self.alpha;
+            // Any other token is wrong; its neighbour will do.
+            let token = if right { truth } else { truth ^ 1 };
+            let top1 = if right { 0.55 + 0.45 * rng.next_f64() } else { 0.1 + 0.6 * rng.next_f64() } as f32;
+            let features = DraftFeatures { top1, entropy: 2.0 * (1.0 - top1), margin: top1 / 2.0, spread: 10.0 * top1, position: position as u32 };
+            proposal.tokens.push(token);
+            proposal.features.push(features);
+            if !keep_going(&features) {
+                break;
+            }
+        }
+        Ok(proposal)
+    }
+}

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
-use tandem_estimators::BatchShape;
+use tandem_estimators::{BatchShape, VerifyTimeEstimator};
 
 /// Opaque session handle.
 pub type SessionId = u64;
@@ -71,6 +71,10 @@ pub trait Batcher: Send {
     /// Estimated (expected, upper bound T_q) time of a pass of this shape,
     /// ms (None: no estimator).
     fn estimate_ms(&self, _shape: BatchShape) -> Option<(f64, f64)> {
+        None
+    }
+    /// The verification-time estimator, for admission (None: no estimator).
+    fn estimator(&self) -> Option<&VerifyTimeEstimator> {
         None
     }
     /// Calibrates from a profiling sweep at start (shape, measured ms).

@@ -2,9 +2,11 @@
 //! cache and runs `intake → next_batch → forward → judge → send → requeue`
 //! forever. Stream tasks talk to it through a bounded command channel.
 
+use crate::admission::{self, Admission, PassLimits, Prefill, Ticket};
 use crate::auth::Tenant;
 use crate::batcher::{batch_shape, Batcher, PendingWork, Scheduled, SessionId, WorkKind};
 use crate::kv_budget::KvBudget;
+use crate::session::{new_acceptance, opening_demand};
 use crate::metrics::Metrics;
 use crate::session::{feed, Session};
 use crate::validate::{ValidOpen, ValidVerify};
@@ -21,11 +23,16 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 use tracing::{debug, info, instrument, warn};
 
+/// Draft positions reached (every earlier one accepted) with a smaller
+/// estimated probability than this are not verified.
+const REACH_FLOOR: f64 = 0.05;
+
 /// Messages for one session's stream.
 pub type OutSender = mpsc::Sender<Result<ServerMessage, Status>>;
 
 pub enum Command {
-    Open { tenant: Arc<Tenant>, open: ValidOpen, out: OutSender, reply: oneshot::Sender<Result<SessionId, ServeError>> },
+    /// An admitted session (its ticket holds its KV reservation and slot).
+    Open { tenant: Arc<Tenant>, open: ValidOpen, ticket: Ticket, out: OutSender, reply: oneshot::Sender<Result<SessionId, ServeError>> },
     /// Answered once the verdict is on the session's stream (or refused).
     Verify { session: SessionId, verify: ValidVerify, reply: oneshot::Sender<Result<(), ServeError>> },
     Close { session: SessionId },
@@ -37,6 +44,9 @@ pub enum Command {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
+    admission: Arc<Admission>,
+    metrics: Arc<Metrics>,
+    kv_bytes_per_position: usize,
 }
 
 impl EngineHandle {
@@ -44,9 +54,25 @@ impl EngineHandle {
         ServeError::Unavailable("the server is shutting down; resume elsewhere".into())
     }
 
+    /// Admits the session here, on the stream task, so a refusal never
+    /// waits for the runner's pass; then hands it to the runner.
     pub async fn open(&self, tenant: Arc<Tenant>, open: ValidOpen, out: OutSender) -> Result<SessionId, ServeError> {
+        // The most the cache can hold: prompt, every token still to
+        // generate, and one round of drafts beyond.
+        let positions = open.prompt.len() + (open.max_new_tokens - open.resumed) + MAX_DRAFT_TOKENS + 1;
+        let request = admission::Request {
+            tenant: &tenant.name,
+            max_sessions: tenant.max_sessions,
+            kv_bytes: positions * self.kv_bytes_per_position,
+            demand: opening_demand(&open),
+            prefill: Prefill { tokens: open.prompt.len(), ttft_ms: open.ttft_ms.map(f64::from) },
+        };
+        let ticket = self.admission.admit(request).map_err(|r| {
+            self.metrics.refused(r.reason);
+            ServeError::ResourceExhausted(r.message)
+        })?;
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Open { tenant, open, out, reply }).await.map_err(|_| Self::gone())?;
+        self.tx.send(Command::Open { tenant, open, ticket, out, reply }).await.map_err(|_| Self::gone())?;
         rx.await.map_err(|_| Self::gone())?
     }
 
@@ -72,27 +98,29 @@ impl EngineHandle {
 pub struct EngineConfig {
     pub kv_budget_bytes: usize,
     pub idle_ttl: Duration,
+    /// The batcher's pass limits, for admission.
+    pub limits: PassLimits,
 }
 
 pub struct Engine {
     model: LoadedModel,
     batcher: Box<dyn Batcher>,
     cfg: EngineConfig,
-    budget: KvBudget,
+    admission: Arc<Admission>,
     metrics: Arc<Metrics>,
     rx: mpsc::Receiver<Command>,
     runtime: tokio::runtime::Handle,
     sessions: HashMap<SessionId, Session>,
-    per_tenant: HashMap<String, usize>,
+    /// Each tenant's recent draft acceptance: a new session starts from it,
+    /// so opening fresh sessions does not reset a junk drafter's record.
+    tenant_acceptance: HashMap<String, AcceptanceEstimator>,
     queue: VecDeque<PendingWork>,
-    next_id: SessionId,
     /// EWMA of pass time per token and of the last pass, for hints.
     ms_per_token: f64,
     last_pass_ms: f64,
 }
 
 impl Engine {
-    /// Starts the runner thread.
     /// Starts the runner thread. A batcher with an estimator is first
     /// calibrated by a profiling sweep on the real model (a few seconds).
     pub fn spawn(model: LoadedModel, mut batcher: Box<dyn Batcher>, cfg: EngineConfig, metrics: Arc<Metrics>) -> Result<(EngineHandle, std::thread::JoinHandle<()>), ServeError> {
@@ -103,20 +131,22 @@ impl Engine {
             info!(batches = samples.len(), ms = start.elapsed().as_millis() as u64, "verification-time estimator calibrated");
         }
         let (tx, rx) = mpsc::channel(1024);
-        let budget = KvBudget::new(cfg.kv_budget_bytes);
+        let admission = Admission::new(KvBudget::new(cfg.kv_budget_bytes), cfg.limits);
+        admission.publish(batcher.estimator());
         metrics.kv_budget_bytes.store(cfg.kv_budget_bytes as i64, Ordering::Relaxed);
+        let kv_bytes_per_position = model.llama.new_cache(model.llama.config().n_layers).bytes_per_position();
+        let handle = EngineHandle { tx, admission: admission.clone(), metrics: metrics.clone(), kv_bytes_per_position };
         let engine = Engine {
             model,
             batcher,
             cfg,
-            budget,
+            admission,
             metrics,
             rx,
             runtime: tokio::runtime::Handle::current(),
             sessions: HashMap::new(),
-            per_tenant: HashMap::new(),
+            tenant_acceptance: HashMap::new(),
             queue: VecDeque::new(),
-            next_id: 1,
             ms_per_token: 5.0,
             last_pass_ms: 10.0,
         };
@@ -131,7 +161,7 @@ impl Engine {
                 }
             })
             .expect("spawn runner");
-        Ok((EngineHandle { tx }, thread))
+        Ok((handle, thread))
     }
 
     fn run_loop(mut self) {
@@ -185,8 +215,8 @@ impl Engine {
 
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
-            Command::Open { tenant, open, out, reply } => {
-                let _ = reply.send(self.admit(tenant, open, out));
+            Command::Open { tenant, open, ticket, out, reply } => {
+                let _ = reply.send(Ok(self.admit(tenant, open, ticket, out)));
             }
             Command::Verify { session, verify, reply } => {
                 if let Err(e) = self.accept_verify(session, verify, reply) {
@@ -199,45 +229,23 @@ impl Engine {
         true
     }
 
-    fn admit(&mut self, tenant: Arc<Tenant>, open: ValidOpen, out: OutSender) -> Result<SessionId, ServeError> {
-        let count = self.per_tenant.get(&tenant.name).copied().unwrap_or(0);
-        if count >= tenant.max_sessions {
-            self.metrics.refused("tenant_sessions");
-            return Err(ServeError::ResourceExhausted(format!(
-                "tenant `{}` already has its maximum of {} sessions",
-                tenant.name, tenant.max_sessions
-            )));
-        }
+    fn admit(&mut self, tenant: Arc<Tenant>, open: ValidOpen, ticket: Ticket, out: OutSender) -> SessionId {
         let llama = &self.model.llama;
         let cache = llama.new_cache(llama.config().n_layers);
-        // The most this cache can hold: prompt, every token still to
-        // generate, and one round of drafts beyond.
-        let positions = open.prompt.len() + (open.max_new_tokens - open.resumed) + MAX_DRAFT_TOKENS + 1;
-        let bytes = positions * cache.bytes_per_position();
-        let lease = self.budget.try_reserve(bytes).ok_or_else(|| {
-            self.metrics.refused("kv_budget");
-            ServeError::ResourceExhausted(format!(
-                "KV memory budget exhausted: the session needs {} KiB, {} KiB of {} KiB are free",
-                bytes / 1024,
-                (self.budget.capacity() - self.budget.reserved()) / 1024,
-                self.budget.capacity() / 1024
-            ))
-        })?;
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = ticket.id;
         let resumed = open.resumed > 0;
         let prefill_target = if resumed { open.prompt.len() - 1 } else { open.prompt.len() };
         self.metrics.tenant(&tenant.name, |t| {
             t.sessions_opened += 1;
             t.prefill_tokens += prefill_target as u64;
         });
-        *self.per_tenant.entry(tenant.name.clone()).or_default() += 1;
         let now = Instant::now();
         debug!(session = id, tenant = %tenant.name, prompt = open.prompt.len(), resumed = open.resumed, "session admitted");
+        let acceptance = self.tenant_acceptance.get(&tenant.name).cloned().unwrap_or_else(new_acceptance);
         let session = Session {
                 tenant,
                 cache,
-                lease,
+                ticket,
                 context: open.prompt,
                 prefill_target,
                 sample_first: !resumed,
@@ -252,13 +260,13 @@ impl Engine {
                 opened_at: now,
                 ttft: open.ttft_ms.map(|ms| Duration::from_millis(ms as u64)),
                 tpot: open.tpot_ms.map(|ms| Duration::from_millis(ms as u64)),
-                acceptance: AcceptanceEstimator::new(MAX_DRAFT_TOKENS, 0.5, 0.2),
+                acceptance,
                 last_k: 4,
             };
         self.queue.push_back(session.work(id, WorkKind::Prefill, prefill_target, now));
         self.sessions.insert(id, session);
         self.update_gauges();
-        Ok(id)
+        id
     }
 
     fn accept_verify(&mut self, id: SessionId, verify: ValidVerify, reply: oneshot::Sender<Result<(), ServeError>>) -> Result<(), ServeError> {
@@ -292,6 +300,10 @@ impl Engine {
         if let Some(p) = problem {
             return refuse(reply, ServeError::FailedPrecondition(p));
         }
+        // Verify only the positions this session's history says may be
+        // reached: junk drafts cost one position a round, not sixteen.
+        let mut verify = verify;
+        verify.clip(s.acceptance.reachable(verify.draft.len(), REACH_FLOOR));
         let tokens = verify.draft.len() + 1;
         let now = Instant::now();
         s.pending_verify = Some((verify, reply, now));
@@ -328,6 +340,7 @@ impl Engine {
             self.metrics.observe_estimate(predicted, ms);
         }
         self.batcher.executed(&executed, ms);
+        self.admission.publish(self.batcher.estimator());
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
@@ -406,6 +419,7 @@ impl Engine {
             self.metrics.tenant(&s.tenant.name, |t| t.generated_tokens += 1);
         }
         s.opened = true;
+        s.ticket.update(s.demand());
         let finished = s.finished(self.model.tokenizer.eos_tokens());
         let msg = Opened { session_id: id.to_string(), first_token: *s.context.last().expect("prompt non-empty"), hints: Some(self.hints(s)), finished };
         if !send(&s.out, ServerKind::Opened(msg)) || finished {
@@ -433,6 +447,7 @@ impl Engine {
         s.context.push(verdict.next);
         s.generated += verdict.accepted + 1;
         s.acceptance.observe(drafts.len(), verdict.accepted);
+        self.tenant_acceptance.entry(s.tenant.name.clone()).or_insert_with(new_acceptance).observe(drafts.len(), verdict.accepted);
         s.last_k = drafts.len();
         self.metrics.tenant(&s.tenant.name, |t| {
             if !drafts.is_empty() {
@@ -451,7 +466,9 @@ impl Engine {
             hints: Some(self.hints(s)),
             finished,
             server_ms: queued_at.elapsed().as_secs_f32() * 1e3,
+            verified: drafts.len() as u32,
         };
+        s.ticket.update(s.demand());
         let delivered = send(&s.out, ServerKind::Verdict(msg));
         let _ = reply.send(Ok(()));
         delivered && !finished
@@ -485,15 +502,12 @@ impl Engine {
     fn drop_session(&mut self, id: SessionId, error: Option<ServeError>) {
         let Some(s) = self.sessions.remove(&id) else { return };
         self.queue.retain(|w| w.session != id);
-        if let Some(n) = self.per_tenant.get_mut(&s.tenant.name) {
-            *n = n.saturating_sub(1);
-        }
         if let Some((_, reply, _)) = s.pending_verify {
             let _ = reply.send(Err(ServeError::NotFound(format!("session {id} ended"))));
         }
         // Gauges first, so a client that sees its stream end sees the
         // memory returned too.
-        drop(s.lease);
+        drop(s.ticket);
         self.update_gauges();
         if let Some(e) = error {
             let _ = s.out.try_send(Err(e.into()));
@@ -519,7 +533,8 @@ impl Engine {
         m.sessions.store(self.sessions.len() as i64, Ordering::Relaxed);
         m.queue_depth.store(self.queue.len() as i64, Ordering::Relaxed);
         m.kv_bytes_in_use.store(self.sessions.values().map(|s| s.cache.bytes()).sum::<usize>() as i64, Ordering::Relaxed);
-        m.kv_bytes_reserved.store(self.budget.reserved() as i64, Ordering::Relaxed);
+        m.kv_bytes_reserved.store(self.admission.reserved_bytes() as i64, Ordering::Relaxed);
+        m.set_admission_headroom(self.admission.headroom_ms());
         m.set_service_counters(self.batcher.tenant_counters());
     }
 

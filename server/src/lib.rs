@@ -1,12 +1,14 @@
 //! The verification server: sessions and their KV memory, the batch runner,
 //! the gRPC service, auth and metrics (see DESIGN.md).
 
+pub mod admission;
 pub mod auth;
 pub mod batcher;
 pub mod config;
 pub mod engine;
 mod error;
 pub mod kv_budget;
+pub mod listen;
 pub mod metrics;
 pub mod service;
 mod session;

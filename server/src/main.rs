@@ -14,6 +14,7 @@ use tandem_estimators::CounterWeights;
 use tandem_server::batcher::{Batcher, FifoBatcher};
 use tandem_server::wisp::{WispBatcher, WispConfig};
 use tandem_server::config::ServerConfig;
+use tandem_server::admission::PassLimits;
 use tandem_server::engine::{Engine, EngineConfig};
 use tandem_server::metrics::{serve_metrics, Metrics};
 use tandem_server::service::VerifierService;
@@ -131,7 +132,11 @@ async fn main() -> Result<()> {
     for (name, weight) in auth.tenant_weights() {
         batcher.set_tenant_weight(&name, weight);
     }
-    let engine_cfg = EngineConfig { kv_budget_bytes: cfg.kv_budget_mb << 20, idle_ttl: Duration::from_secs(cfg.idle_ttl_s) };
+    let engine_cfg = EngineConfig {
+        kv_budget_bytes: cfg.kv_budget_mb << 20,
+        idle_ttl: Duration::from_secs(cfg.idle_ttl_s),
+        limits: PassLimits { max_batch_tokens: b.max_batch_tokens, prefill_chunk: b.prefill_chunk },
+    };
     let (engine, runner) = Engine::spawn(model, batcher, engine_cfg, metrics.clone())?;
 
     if let Some(addr) = cfg.metrics_listen {
@@ -139,10 +144,16 @@ async fn main() -> Result<()> {
         info!(%addr, "metrics on /metrics");
         tokio::spawn(serve_metrics(listener, metrics.clone()));
     }
-    let service = VerifierServer::new(VerifierService { engine: engine.clone(), auth: Arc::new(auth), vocab, context_len })
+    let open_timeout = Duration::from_secs(cfg.idle_ttl_s);
+    let service = VerifierServer::new(VerifierService { engine: engine.clone(), auth: Arc::new(auth), vocab, context_len, open_timeout })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let mut server = Server::builder();
+    // Keepalive pings find clients that vanished without closing their
+    // connection; a per-connection stream cap bounds what one client holds.
+    let mut server = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
     if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
         let cert = std::fs::read(cert).with_context(|| format!("reading --tls-cert {}", cert.display()))?;
         let key = std::fs::read(key).with_context(|| format!("reading --tls-key {}", key.display()))?;
@@ -164,7 +175,7 @@ async fn main() -> Result<()> {
             let _ = drained_tx.send(());
         }
     };
-    let serve = server.add_service(service).serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown);
+    let serve = server.add_service(service).serve_with_incoming_shutdown(tandem_server::listen::incoming(listener), shutdown);
     // Every client has been told to resume elsewhere; one that keeps its
     // connection open anyway must not hold the process up for long.
     let grace = async {
@@ -183,6 +194,9 @@ async fn main() -> Result<()> {
     info!("stopped");
     Ok(())
 }
+
+/// Concurrent streams (sessions) one connection may hold.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

@@ -81,6 +81,8 @@ pub struct Metrics {
     service_counters: Mutex<Vec<(String, f64)>>,
     /// EWMA of |predicted − measured| / measured pass time.
     estimator_error: Mutex<Option<f64>>,
+    /// Admission's estimated slack of the tightest round budget, ms.
+    admission_headroom_ms: Mutex<Option<f64>>,
 }
 
 impl Default for Metrics {
@@ -98,6 +100,7 @@ impl Default for Metrics {
             tenants: Mutex::new(BTreeMap::new()),
             service_counters: Mutex::new(Vec::new()),
             estimator_error: Mutex::new(None),
+            admission_headroom_ms: Mutex::new(None),
         }
     }
 }
@@ -123,6 +126,10 @@ impl Metrics {
         }
     }
 
+    pub fn set_admission_headroom(&self, ms: Option<f64>) {
+        *self.admission_headroom_ms.lock().expect("metrics lock") = ms;
+    }
+
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -144,6 +151,14 @@ impl Metrics {
         let tenants = self.tenants.lock().expect("metrics lock").clone();
         if let Some(e) = *self.estimator_error.lock().expect("metrics lock") {
             gauge_f(&mut out, "tandem_estimator_relative_error", "EWMA of |predicted - measured| / measured pass time.", e);
+        }
+        if let Some(ms) = *self.admission_headroom_ms.lock().expect("metrics lock") {
+            gauge_f(
+                &mut out,
+                "tandem_admission_headroom_ms",
+                "Estimated slack of the tightest round budget over two cycles of every session's round; new sessions are refused below zero.",
+                ms,
+            );
         }
         let _ = writeln!(out, "# HELP tandem_tenant_service_counter Fair-share service counter (weighted cost served).\n# TYPE tandem_tenant_service_counter gauge");
         for (tenant, c) in self.service_counters.lock().expect("metrics lock").iter() {

@@ -17,6 +17,9 @@ pub struct VerifierService {
     pub auth: Arc<Auth>,
     pub vocab: usize,
     pub context_len: usize,
+    /// A stream that sends no `open` for this long is ended (it holds no
+    /// KV memory, but a task and an HTTP/2 stream).
+    pub open_timeout: std::time::Duration,
 }
 
 /// Messages a session's stream may hold before the runner drops a client
@@ -31,7 +34,7 @@ impl Verifier for VerifierService {
         let tenant = self.auth.authenticate(request.metadata())?;
         let inbound = request.into_inner();
         let (out, rx) = mpsc::channel(OUT_CAPACITY);
-        let stream = StreamTask { engine: self.engine.clone(), vocab: self.vocab, context_len: self.context_len, out };
+        let stream = StreamTask { engine: self.engine.clone(), vocab: self.vocab, context_len: self.context_len, open_timeout: self.open_timeout, out };
         tokio::spawn(stream.run(tenant, inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -41,19 +44,29 @@ struct StreamTask {
     engine: EngineHandle,
     vocab: usize,
     context_len: usize,
+    open_timeout: std::time::Duration,
     out: mpsc::Sender<Result<ServerMessage, Status>>,
 }
 
 impl StreamTask {
     async fn run(self, tenant: Arc<crate::auth::Tenant>, mut inbound: Streaming<EdgeMessage>) {
         // The first message opens the session.
-        let open = match inbound.message().await {
+        let first = match tokio::time::timeout(self.open_timeout, inbound.message()).await {
+            Ok(first) => first,
+            Err(_) => {
+                let secs = self.open_timeout.as_secs();
+                return self.fail(ServeError::Idle(format!("no `open` within {secs} s of the stream starting"))).await;
+            }
+        };
+        let open = match first {
             Ok(Some(EdgeMessage { kind: Some(EdgeKind::Open(open)) })) => open,
             Ok(Some(EdgeMessage { kind: Some(EdgeKind::Verify(_)) })) => {
                 return self.fail(ServeError::NotFound("no session is open on this stream; send `open` first".into())).await;
             }
             Ok(Some(_)) => return self.fail(ServeError::FailedPrecondition("the first message must be `open`".into())).await,
-            Ok(None) | Err(_) => return,
+            Ok(None) => return,
+            // Undecodable or oversized: say so (the client may still be reading).
+            Err(status) => return drop(self.out.send(Err(status)).await),
         };
         let sampled = open.sampling.as_ref().is_some_and(|s| s.temperature > 0.0);
         let valid = match ValidOpen::new(open, self.vocab, self.context_len) {
@@ -81,7 +94,11 @@ impl StreamTask {
                 Ok(Some(EdgeMessage { kind: Some(EdgeKind::Open(_)) })) => {
                     Err(ServeError::FailedPrecondition("a session is already open on this stream".into()))
                 }
-                Ok(Some(EdgeMessage { kind: Some(EdgeKind::Close(_)) })) | Ok(None) | Err(_) => break,
+                Ok(Some(EdgeMessage { kind: Some(EdgeKind::Close(_)) })) | Ok(None) => break,
+                Err(status) => {
+                    let _ = self.out.send(Err(status)).await;
+                    break;
+                }
                 Ok(Some(EdgeMessage { kind: None })) => Err(ServeError::InvalidArgument("empty message".into())),
             };
             if let Err(e) = result {

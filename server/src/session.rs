@@ -1,23 +1,25 @@
 //! A session as the runner holds it.
 
+use crate::admission::{Demand, Ticket};
 use crate::auth::Tenant;
 use crate::batcher::{PendingWork, Scheduled, SessionId, WorkKind};
 use crate::engine::OutSender;
-use crate::kv_budget::KvLease;
-use crate::validate::ValidVerify;
+use crate::validate::{ValidOpen, ValidVerify};
 use crate::ServeError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tandem_estimators::AcceptanceEstimator;
+use tandem_estimators::{AcceptanceEstimator, BatchShape};
 use tandem_model::{KvCache, LogitsFor, SamplingParams};
+use tandem_protocol::limits::MAX_DRAFT_TOKENS;
 use tokio::sync::oneshot;
 
-/// One generation's state on the server: its KV cache and reservation,
-/// its tokens, sampling, objectives and stream.
+/// One generation's state on the server: its KV cache and admission ticket
+/// (KV reservation, tenant slot, demand), its tokens, sampling, objectives
+/// and stream.
 pub(crate) struct Session {
     pub(crate) tenant: Arc<Tenant>,
     pub(crate) cache: KvCache,
-    pub(crate) lease: KvLease,
+    pub(crate) ticket: Ticket,
     /// Prompt and every generated token; the last is not yet in the cache
     /// (once prefill is done).
     pub(crate) context: Vec<u32>,
@@ -67,6 +69,12 @@ impl Session {
         }
     }
 
+    /// What the session asks of each cycle now, for admission.
+    pub(crate) fn demand(&self) -> Demand {
+        let (tokens, expected) = if self.server_only { (1, 1.0) } else { (self.last_k + 1, self.acceptance.expected_tokens(self.last_k)) };
+        round_demand(tokens, self.context.len() + (self.max_new - self.generated) / 2, self.tpot, expected)
+    }
+
     pub(crate) fn finished(&self, eos: &[u32]) -> bool {
         self.generated >= self.max_new || (self.generated > 0 && self.context.last().is_some_and(|t| eos.contains(t)))
     }
@@ -92,3 +100,26 @@ pub(crate) fn feed(s: &Scheduled, sess: &Session) -> (Vec<u32>, LogitsFor) {
     }
 }
 
+
+/// Draft length assumed for a session that has not sent a round yet.
+const ASSUMED_DRAFTS: usize = 4;
+
+/// A fresh session's per-position acceptance: a 0.5 prior, EWMA weight 0.2.
+pub(crate) fn new_acceptance() -> AcceptanceEstimator {
+    AcceptanceEstimator::new(MAX_DRAFT_TOKENS, 0.5, 0.2)
+}
+
+/// An opening session's demand: the assumed draft length at the prior
+/// acceptance, at the context half way through its generation.
+pub(crate) fn opening_demand(open: &ValidOpen) -> Demand {
+    let (tokens, expected) = if open.server_only { (1, 1.0) } else { (ASSUMED_DRAFTS + 1, new_acceptance().expected_tokens(ASSUMED_DRAFTS)) };
+    let tpot = open.tpot_ms.map(|ms| Duration::from_millis(ms.into()));
+    round_demand(tokens, open.prompt.len() + (open.max_new_tokens - open.resumed) / 2, tpot, expected)
+}
+
+fn round_demand(tokens: usize, context: usize, tpot: Option<Duration>, expected_tokens: f64) -> Demand {
+    Demand {
+        round: BatchShape { seqs: 1, tokens, token_context: tokens * (context + tokens), prefill_tokens: 0 },
+        budget_ms: tpot.map(|t| t.as_secs_f64() * 1e3 * expected_tokens),
+    }
+}

@@ -61,6 +61,12 @@ pub struct ValidVerify {
 }
 
 impl ValidVerify {
+    /// Keeps only the first `n` drafts (and their distributions).
+    pub fn clip(&mut self, n: usize) {
+        self.draft.truncate(n);
+        self.q.truncate(n);
+    }
+
     pub fn new(v: Verify, vocab: usize, sampled: bool) -> Result<Self, ServeError> {
         validate_verify(&v, vocab, sampled)?;
         Ok(ValidVerify {

@@ -212,6 +212,10 @@ impl Batcher for WispBatcher {
         Some((self.estimator.predict(shape), self.estimator.upper(shape)))
     }
 
+    fn estimator(&self) -> Option<&VerifyTimeEstimator> {
+        Some(&self.estimator)
+    }
+
     fn warm_start(&mut self, samples: &[(BatchShape, f64)]) {
         self.estimator.warm_start(samples);
     }

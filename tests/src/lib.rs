@@ -1,1 +1,240 @@
-//! End-to-end tests live in `tests/`; this library is empty on purpose.
+//! The end-to-end harness: a real `tandem-server` process on loopback,
+//! the real model and client library, and raw protocol streams for the
+//! cases the client library would never send.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tandem_edge::client::{ClientConfig, RemoteTarget};
+use tandem_edge::{GenerateRequest, Generation, LocalTarget, Speculator};
+use tandem_model::{fetch, DraftSpec, LoadedModel, SamplingParams};
+use tandem_protocol::wire::{EdgeKind, EdgeMessage, Open, Sampling, ServerMessage, SparseDist, Verify, VerifierClient};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+/// A binary of this workspace's build: `$TANDEM_<NAME>_BIN`, else the one
+/// beside the test executable's `deps/` folder. Cargo builds `tandem-server`
+/// and `tandem-edge` for their packages' integration tests, so a
+/// `cargo test --workspace` has both.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let var = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
+    if let Some(path) = std::env::var_os(&var) {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps").join(name);
+    assert!(bin.exists(), "{} is missing: run `cargo build --release -p {name}` (or the whole `cargo test --workspace`) first, or set {var}", bin.display());
+    bin
+}
+
+pub struct ServerProcess {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl ServerProcess {
+    /// Starts the server with `args` (plus `--listen 127.0.0.1:0` unless
+    /// given) and waits until it listens.
+    pub fn start(args: &[&str]) -> Self {
+        let mut cmd = Command::new(workspace_binary("tandem-server"));
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = cmd
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tandem-server");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("server did not start listening");
+        ServerProcess { child, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by number (15 = SIGTERM, 9 = SIGKILL).
+    pub fn signal(&self, sig: i32) {
+        Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn model() -> LoadedModel {
+    static MODEL: std::sync::OnceLock<LoadedModel> = std::sync::OnceLock::new();
+    MODEL.get_or_init(|| LoadedModel::load(&fetch::ensure_default_model(false).unwrap()).unwrap()).clone()
+}
+
+pub fn request(prompt: &str, max_new_tokens: usize) -> GenerateRequest {
+    let m = model();
+    GenerateRequest {
+        prompt: m.tokenizer.encode(&m.tokenizer.chat_prompt(prompt)).unwrap(),
+        max_new_tokens,
+        draft_len: 4,
+        sampling: SamplingParams::default(),
+    }
+}
+
+/// Plain target decoding in this process: the reference output.
+pub fn local(req: &GenerateRequest) -> Vec<u32> {
+    let m = model();
+    Speculator::new(LocalTarget::new(m.clone()), DraftSpec::None.build(&m).unwrap(), m.tokenizer.clone()).generate(req, |_| {}).unwrap().tokens
+}
+
+pub fn client(url: &str, api_key: Option<&str>) -> RemoteTarget {
+    let mut cfg = ClientConfig::new(url);
+    cfg.api_key = api_key.map(str::to_string);
+    // Objectives generous enough for a loaded 2-core CI machine.
+    (cfg.ttft_ms, cfg.tpot_ms) = (5_000, 1_000);
+    RemoteTarget::new(cfg).unwrap()
+}
+
+/// Drafting with `draft` against the server.
+pub fn remote(url: &str, api_key: Option<&str>, draft: &DraftSpec, req: &GenerateRequest) -> Result<Generation, tandem_edge::EdgeError> {
+    let m = model();
+    Speculator::new(client(url, api_key), draft.build(&m).unwrap(), m.tokenizer.clone()).generate(req, |_| {})
+}
+
+/// Server-only decoding.
+pub fn remote_server_only(url: &str, req: &GenerateRequest) -> Vec<u32> {
+    let m = model();
+    client(url, None).generate_server_only(&req.prompt, &req.sampling, req.max_new_tokens, |_| {}, m.tokenizer.eos_tokens()).unwrap()
+}
+
+/// `GET /metrics` over plain HTTP/1.1.
+pub fn scrape(addr: &str) -> String {
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    body.split("\r\n\r\n").nth(1).unwrap().to_string()
+}
+
+/// Parses Prometheus text into (name with labels, value).
+pub fn parse_metrics(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad metrics line {l:?}"));
+            (name.to_string(), value.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {l:?}")))
+        })
+        .collect()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn write_file(name: &str, text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("tandem-test-{}-{name}", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Resident memory of a process, bytes (Linux).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).expect("VmRSS");
+    kb * 1024
+}
+
+/// One named value of a metrics scrape.
+pub fn metric(metrics: &[(String, f64)], name: &str) -> Option<f64> {
+    metrics.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+}
+
+/// A current-thread runtime for raw protocol work inside a sync test.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// Opens a raw stream: sends `open` first, with `key` as bearer token.
+/// Returns the sender for further messages and the inbound stream (or the
+/// status the call was refused with).
+pub async fn open_raw(
+    url: &str,
+    key: Option<&str>,
+    open: Open,
+) -> Result<(tokio::sync::mpsc::Sender<EdgeMessage>, tonic::Streaming<ServerMessage>), tonic::Status> {
+    let mut client = VerifierClient::connect(url.to_string()).await.expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(EdgeMessage { kind: Some(EdgeKind::Open(open)) }).await.unwrap();
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(k) = key {
+        request.metadata_mut().insert("authorization", format!("Bearer {k}").parse().unwrap());
+    }
+    Ok((tx, client.session(request).await?.into_inner()))
+}
+
+/// Sends `open`, waits for the first answer, then sends `then` one message
+/// per answer; returns the messages received and the final status (Ok when
+/// the stream ended cleanly).
+pub fn raw(url: &str, key: Option<&str>, open: Open, then: impl Fn(&ServerMessage) -> Vec<EdgeMessage>) -> (Vec<ServerMessage>, Result<(), tonic::Status>) {
+    runtime().block_on(async {
+        let (tx, mut inbound) = match open_raw(url, key, open).await {
+            Ok(s) => s,
+            Err(s) => return (vec![], Err(s)),
+        };
+        let mut got = Vec::new();
+        let mut queued: Vec<EdgeMessage> = Vec::new();
+        let mut tx = Some(tx);
+        loop {
+            let msg = match tokio::time::timeout(Duration::from_secs(30), inbound.message()).await.expect("server answered in time") {
+                Ok(Some(m)) => m,
+                Ok(None) => return (got, Ok(())),
+                Err(s) => return (got, Err(s)),
+            };
+            if got.is_empty() {
+                queued = then(&msg);
+                queued.reverse();
+            }
+            got.push(msg);
+            match (queued.pop(), &tx) {
+                (Some(next), Some(sender)) => sender.send(next).await.unwrap(),
+                // Nothing more to say: half-close and read to the end.
+                _ => tx = None,
+            }
+        }
+    })
+}
+
+pub fn open_msg(prompt: Vec<u32>, max_new: u32, temperature: f32) -> Open {
+    Open { prompt, max_new_tokens: max_new, sampling: Some(Sampling { temperature, top_k: 0, top_p: 1.0, seed: 1 }), ..Default::default() }
+}
+
+pub fn verify(base_len: usize, draft: Vec<u32>, q: Vec<SparseDist>) -> EdgeMessage {
+    EdgeMessage { kind: Some(EdgeKind::Verify(Verify { seq: 1, base_len: base_len as u32, draft, q })) }
+}
+
+pub fn expect_status(result: &Result<(), tonic::Status>, code: Code, needle: &str) {
+    match result {
+        Err(s) => {
+            assert_eq!(s.code(), code, "{s:?}");
+            assert!(s.message().contains(needle), "status {:?} does not name {needle:?}", s.message());
+        }
+        Ok(()) => panic!("expected {code:?} naming {needle:?}, the stream ended cleanly"),
+    }
+}

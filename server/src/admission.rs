@@ -1,0 +1,284 @@
+//! Admission control, decided on the stream task the moment an `open`
+//! arrives. The runner may be in the middle of a pass for a few hundred
+//! milliseconds; a client that cannot be served should hear so at once
+//! (RESOURCE_EXHAUSTED), and admitted sessions must not be slowed by ones
+//! that never should have started.
+//!
+//! Three gates, in order: the tenant's session cap, the KV memory budget,
+//! and SLO capacity. The last is the estimator's job (DESIGN.md: T_q is
+//! "used for admission decisions"): a session is admitted only while one
+//! verification round of every admitted session, the newcomer's included,
+//! still fits each session's round budget, and the newcomer's prefill fits
+//! its TTFT. The runner keeps each session's demand current and publishes
+//! the estimator after every pass; the decision itself is the pure
+//! [`check_capacity`].
+
+use crate::batcher::SessionId;
+use crate::kv_budget::{KvBudget, KvLease};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tandem_estimators::{BatchShape, VerifyTimeEstimator};
+
+/// What one session asks of the verifier per round.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Demand {
+    /// One round: its tokens (drafts + 1, or 1 decode step) at its context.
+    pub round: BatchShape,
+    /// How long a round may take, queueing included, ms: the TPOT budget
+    /// of the tokens the round is expected to yield. None: no objective.
+    pub budget_ms: Option<f64>,
+}
+
+/// A newcomer's prefill and its time-to-first-token objective.
+#[derive(Clone, Copy, Debug)]
+pub struct Prefill {
+    pub tokens: usize,
+    pub ttft_ms: Option<f64>,
+}
+
+/// Pass limits the batcher works under.
+#[derive(Clone, Copy, Debug)]
+pub struct PassLimits {
+    pub max_batch_tokens: usize,
+    pub prefill_chunk: usize,
+}
+
+/// Time to serve `shape` when passes hold at most `max_tokens` tokens: the
+/// work split into equal passes, each bounded by `upper`.
+fn cycle_ms(upper: &dyn Fn(BatchShape) -> f64, shape: BatchShape, max_tokens: usize) -> f64 {
+    if shape.tokens == 0 {
+        return 0.0;
+    }
+    let passes = shape.tokens.div_ceil(max_tokens.max(1));
+    let part = BatchShape {
+        seqs: shape.seqs.div_ceil(passes),
+        tokens: shape.tokens.div_ceil(passes),
+        token_context: shape.token_context.div_ceil(passes),
+        prefill_tokens: shape.prefill_tokens.div_ceil(passes),
+    };
+    passes as f64 * upper(part)
+}
+
+/// Whether `newcomer` (with its `prefill`) can join `admitted` with every
+/// objective still met; Ok carries the headroom left, ms.
+///
+/// A round that arrives just after a pass started waits for that pass and
+/// then rides the next, so the rule asks for two full cycles (every
+/// session's round in one go, by the upper bound T_q) within the tightest
+/// round budget. Prefill is chunked: each chunk rides a cycle.
+pub fn check_capacity(
+    upper: &dyn Fn(BatchShape) -> f64,
+    admitted: &[Demand],
+    newcomer: Demand,
+    prefill: Prefill,
+    limits: PassLimits,
+) -> Result<f64, String> {
+    let others = admitted.iter().fold(BatchShape::default(), |acc, d| acc.add(d.round));
+    let all = others.add(newcomer.round);
+    let cycle = cycle_ms(upper, all, limits.max_batch_tokens);
+    let tightest = admitted.iter().chain([&newcomer]).filter_map(|d| d.budget_ms).fold(f64::INFINITY, f64::min);
+    if 2.0 * cycle > tightest {
+        return Err(format!(
+            "at SLO capacity: {} sessions' rounds take an estimated {cycle:.0} ms per cycle, the tightest round budget is {tightest:.0} ms",
+            admitted.len() + 1
+        ));
+    }
+    if let Some(ttft) = prefill.ttft_ms {
+        let chunk = limits.prefill_chunk.clamp(1, prefill.tokens.max(1));
+        let chunks = prefill.tokens.div_ceil(chunk);
+        let chunk_shape = BatchShape { seqs: 1, tokens: chunk, token_context: chunk * prefill.tokens, prefill_tokens: chunk };
+        let need = chunks as f64 * cycle_ms(upper, others.add(chunk_shape), limits.max_batch_tokens);
+        if need > ttft {
+            return Err(format!("at SLO capacity: prefilling {} tokens would take an estimated {need:.0} ms, over the TTFT objective of {ttft:.0} ms", prefill.tokens));
+        }
+    }
+    Ok(tightest / 2.0 - cycle)
+}
+
+/// Why an `open` was refused, and the metric label counting it.
+#[derive(Debug)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The admission gate shared by the stream tasks and the runner.
+pub struct Admission {
+    budget: KvBudget,
+    limits: PassLimits,
+    next_id: AtomicU64,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The runner's latest estimator; None (policy `fcfs`, the SLED
+    /// baseline) disables the SLO gate.
+    estimator: Option<VerifyTimeEstimator>,
+    demands: HashMap<SessionId, Demand>,
+    per_tenant: HashMap<String, usize>,
+}
+
+/// One admitted session's claim: its id, KV reservation, tenant slot and
+/// demand. Dropping it gives all of them back.
+pub struct Ticket {
+    pub id: SessionId,
+    tenant: String,
+    admission: Arc<Admission>,
+    _lease: KvLease,
+}
+
+/// What an `open` asks for.
+pub struct Request<'a> {
+    pub tenant: &'a str,
+    pub max_sessions: usize,
+    pub kv_bytes: usize,
+    pub demand: Demand,
+    pub prefill: Prefill,
+}
+
+impl Admission {
+    pub fn new(budget: KvBudget, limits: PassLimits) -> Arc<Self> {
+        Arc::new(Admission { budget, limits, next_id: AtomicU64::new(1), state: Mutex::default() })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // The state is plain bookkeeping: a panic elsewhere cannot leave it torn.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn admit(self: &Arc<Self>, req: Request<'_>) -> Result<Ticket, Refusal> {
+        let mut state = self.state();
+        let count = state.per_tenant.get(req.tenant).copied().unwrap_or(0);
+        if count >= req.max_sessions {
+            return Err(Refusal {
+                reason: "tenant_sessions",
+                message: format!("tenant `{}` already has its maximum of {} sessions", req.tenant, req.max_sessions),
+            });
+        }
+        if let Some(est) = &state.estimator {
+            let admitted: Vec<Demand> = state.demands.values().copied().collect();
+            check_capacity(&|s| est.upper(s), &admitted, req.demand, req.prefill, self.limits)
+                .map_err(|message| Refusal { reason: "slo_capacity", message })?;
+        }
+        let lease = self.budget.try_reserve(req.kv_bytes).ok_or_else(|| Refusal {
+            reason: "kv_budget",
+            message: format!(
+                "KV memory budget exhausted: the session needs {} KiB, {} KiB of {} KiB are free",
+                req.kv_bytes / 1024,
+                (self.budget.capacity() - self.budget.reserved()) / 1024,
+                self.budget.capacity() / 1024
+            ),
+        })?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        state.demands.insert(id, req.demand);
+        *state.per_tenant.entry(req.tenant.to_string()).or_default() += 1;
+        Ok(Ticket { id, tenant: req.tenant.to_string(), admission: self.clone(), _lease: lease })
+    }
+
+    /// The runner's estimator after its latest pass.
+    pub fn publish(&self, estimator: Option<&VerifyTimeEstimator>) {
+        self.state().estimator = estimator.cloned();
+    }
+
+    /// Estimated headroom of the admitted sessions' tightest round budget
+    /// over two cycles, ms (None without an estimator or objectives).
+    pub fn headroom_ms(&self) -> Option<f64> {
+        let state = self.state();
+        let est = state.estimator.as_ref()?;
+        let all = state.demands.values().fold(BatchShape::default(), |acc, d| acc.add(d.round));
+        let tightest = state.demands.values().filter_map(|d| d.budget_ms).reduce(f64::min)?;
+        Some(tightest / 2.0 - cycle_ms(&|s| est.upper(s), all, self.limits.max_batch_tokens))
+    }
+
+    pub fn reserved_bytes(&self) -> usize {
+        self.budget.reserved()
+    }
+}
+
+impl Ticket {
+    /// The session's demand changed (its draft length, context or acceptance).
+    pub fn update(&self, demand: Demand) {
+        if let Some(d) = self.admission.state().demands.get_mut(&self.id) {
+            *d = demand;
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut state = self.admission.state();
+        state.demands.remove(&self.id);
+        if let Some(n) = state.per_tenant.get_mut(&self.tenant) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 10 ms per pass plus 2 ms per token.
+    fn upper(s: BatchShape) -> f64 {
+        10.0 + 2.0 * s.tokens as f64
+    }
+
+    fn round(tokens: usize, budget_ms: Option<f64>) -> Demand {
+        Demand { round: BatchShape { seqs: 1, tokens, token_context: tokens * 100, prefill_tokens: 0 }, budget_ms }
+    }
+
+    const LIMITS: PassLimits = PassLimits { max_batch_tokens: 1000, prefill_chunk: 64 };
+    const NO_PREFILL: Prefill = Prefill { tokens: 0, ttft_ms: None };
+
+    #[test]
+    fn admits_while_two_cycles_fit_the_tightest_budget() {
+        // Each 5-token round adds 10 ms: n sessions cost 10 + 10 n per cycle.
+        let mut admitted = vec![];
+        while check_capacity(&upper, &admitted, round(5, Some(200.0)), NO_PREFILL, LIMITS).is_ok() {
+            admitted.push(round(5, Some(200.0)));
+        }
+        // 2 × (10 + 10 n) ≤ 200  ⇔  n ≤ 9.
+        assert_eq!(admitted.len(), 9);
+        // A session with no objective still costs time: it is refused only
+        // through the others' budgets.
+        assert!(check_capacity(&upper, &admitted, round(5, None), NO_PREFILL, LIMITS).is_err());
+        assert!(check_capacity(&upper, &admitted[..3], round(5, None), NO_PREFILL, LIMITS).is_ok());
+    }
+
+    #[test]
+    fn a_tight_newcomer_is_refused_where_a_loose_one_fits() {
+        let admitted = vec![round(5, Some(1000.0)); 4];
+        // Cycle with the newcomer: 10 + 50 = 60 ms.
+        assert!(check_capacity(&upper, &admitted, round(5, Some(100.0)), NO_PREFILL, LIMITS).is_err());
+        let headroom = check_capacity(&upper, &admitted, round(5, Some(400.0)), NO_PREFILL, LIMITS).unwrap();
+        assert_eq!(headroom, 200.0 - 60.0);
+    }
+
+    #[test]
+    fn prefill_must_fit_the_ttft_objective() {
+        let admitted = vec![round(5, None); 2];
+        let prefill = |ttft| Prefill { tokens: 256, ttft_ms: Some(ttft) };
+        // 4 chunks of 64, each riding a cycle of 10 + 2 × (10 + 64) ms.
+        assert!(check_capacity(&upper, &admitted, round(5, None), prefill(4.0 * 158.0), LIMITS).is_ok());
+        assert!(check_capacity(&upper, &admitted, round(5, None), prefill(4.0 * 158.0 - 1.0), LIMITS).is_err());
+    }
+
+    #[test]
+    fn tickets_return_tenant_slots_and_kv_bytes_when_dropped() {
+        let admission = Admission::new(KvBudget::new(1000), LIMITS);
+        let req = |tenant, kv_bytes| Request { tenant, max_sessions: 2, kv_bytes, demand: round(5, None), prefill: NO_PREFILL };
+        let a = admission.admit(req("a", 400)).unwrap();
+        let b = admission.admit(req("a", 400)).unwrap();
+        assert_eq!(admission.admit(req("a", 1)).unwrap_err().reason, "tenant_sessions");
+        assert_eq!(admission.admit(req("b", 400)).unwrap_err().reason, "kv_budget");
+        assert_ne!(a.id, b.id);
+        drop(a);
+        assert_eq!(admission.reserved_bytes(), 400);
+        let c = admission.admit(req("a", 400)).unwrap();
+        drop((b, c));
+        assert_eq!(admission.reserved_bytes(), 0);
+        assert!(admission.state().demands.is_empty() && admission.state().per_tenant.values().all(|&n| n == 0));
+    }
+}
