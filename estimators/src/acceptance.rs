@@ -92,4 +92,21 @@ mod tests {
         assert_eq!(e.rate(2), 0.5);
         assert!((e.expected_tokens(4) - 2.0).abs() < 0.1);
     }
+
+    #[test]
+    fn reachable_positions_shrink_for_junk_and_recover() {
+        let mut e = AcceptanceEstimator::new(16, 0.5, 0.2);
+        // Prior 0.5: positions reached with ≥ 5 % are the first five.
+        assert_eq!(e.reachable(16, 0.05), 5);
+        assert_eq!(e.reachable(3, 0.05), 3);
+        for _ in 0..30 {
+            e.observe(16, 0);
+        }
+        assert_eq!(e.reachable(16, 0.05), 1, "junk keeps one position, so it can recover");
+        assert_eq!(e.reachable(0, 0.05), 0);
+        for _ in 0..30 {
+            e.observe(1, 1);
+        }
+        assert!(e.reachable(16, 0.05) >= 2);
+    }
 }

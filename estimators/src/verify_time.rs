@@ -65,6 +65,9 @@ pub struct VerifyTimeEstimator {
     forgetting: f64,
     quantile: f64,
     sketch: CKMS<f64>,
+    /// The sketch's q-quantile, refreshed on insert: `upper` is called many
+    /// times per scheduling decision and must not walk the sketch.
+    ratio_q: f64,
     recent: Vec<f64>,
     next: usize,
     samples: u64,
@@ -81,6 +84,7 @@ impl VerifyTimeEstimator {
             forgetting,
             quantile,
             sketch: CKMS::new(0.001),
+            ratio_q: 1.2,
             recent: Vec::with_capacity(WINDOW),
             next: 0,
             samples: 0,
@@ -138,11 +142,7 @@ impl VerifyTimeEstimator {
     /// Upper bound T_q: the prediction times the q-quantile of recent
     /// measured/predicted ratios (never below the prediction).
     pub fn upper(&self, shape: BatchShape) -> f64 {
-        self.predict(shape) * self.ratio_quantile().max(1.0)
-    }
-
-    fn ratio_quantile(&self) -> f64 {
-        self.sketch.query(self.quantile).map_or(1.2, |(_, v)| v)
+        self.predict(shape) * self.ratio_q.max(1.0)
     }
 
     /// Learns from one executed batch.
@@ -206,10 +206,16 @@ impl VerifyTimeEstimator {
                 for &v in &self.recent {
                     self.sketch.insert(v);
                 }
+                self.refresh_quantile();
                 return;
             }
         }
         self.sketch.insert(r);
+        self.refresh_quantile();
+    }
+
+    fn refresh_quantile(&mut self) {
+        self.ratio_q = self.sketch.query(self.quantile).map_or(1.2, |(_, v)| v);
     }
 }
 

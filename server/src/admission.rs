@@ -271,8 +271,8 @@ mod tests {
         let req = |tenant, kv_bytes| Request { tenant, max_sessions: 2, kv_bytes, demand: round(5, None), prefill: NO_PREFILL };
         let a = admission.admit(req("a", 400)).unwrap();
         let b = admission.admit(req("a", 400)).unwrap();
-        assert_eq!(admission.admit(req("a", 1)).unwrap_err().reason, "tenant_sessions");
-        assert_eq!(admission.admit(req("b", 400)).unwrap_err().reason, "kv_budget");
+        assert_eq!(admission.admit(req("a", 1)).err().expect("over the cap").reason, "tenant_sessions");
+        assert_eq!(admission.admit(req("b", 400)).err().expect("over the budget").reason, "kv_budget");
         assert_ne!(a.id, b.id);
         drop(a);
         assert_eq!(admission.reserved_bytes(), 400);
