@@ -31,18 +31,43 @@ pub struct ClientConfig {
     pub tpot_ms: u32,
     /// Give up reconnecting after this long without success.
     pub reconnect_deadline: Duration,
+    /// Routing key of the next generation (`x-tandem-session`); None draws
+    /// a random one per generation. After a failed open a random key is
+    /// drawn either way.
+    pub routing_key: Option<String>,
 }
 
 impl ClientConfig {
     pub fn new(url: impl Into<String>) -> Self {
-        ClientConfig { url: url.into(), api_key: None, ca_cert: None, ttft_ms: 0, tpot_ms: 0, reconnect_deadline: Duration::from_secs(60) }
+        ClientConfig { url: url.into(), api_key: None, ca_cert: None, ttft_ms: 0, tpot_ms: 0, reconnect_deadline: Duration::from_secs(60), routing_key: None }
     }
 }
 
 /// Codes after which a resume can succeed (the server went away or
-/// dropped the session); everything else is the request's fault.
+/// dropped the session); everything else is the request's fault. An
+/// `INTERNAL` status made by the transport itself (it carries the h2 error
+/// as its source: a proxy reset the stream when its replica died) is a lost
+/// connection too; one sent by a server is not.
 fn retryable(status: &Status) -> bool {
-    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted | Code::DeadlineExceeded)
+    use std::error::Error;
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted | Code::DeadlineExceeded => true,
+        Code::Internal => status.source().is_some(),
+        _ => false,
+    }
+}
+
+/// Header carrying a session's routing key, for proxies that hash on it
+/// (see `deploy/nginx/tandem.conf`).
+pub const ROUTING_HEADER: &str = "x-tandem-session";
+
+/// A fresh random routing key.
+fn new_routing_key() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seed = nanos ^ (u64::from(std::process::id()) << 32) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    format!("{:016x}", tandem_model::SessionRng::new(seed).next_u64())
 }
 
 struct Stream {
@@ -59,6 +84,10 @@ pub struct RemoteTarget {
     prompt_len: usize,
     sampling: SamplingParams,
     max_new_tokens: usize,
+    /// Sent with every stream of a generation so a consistent-hash proxy
+    /// keeps them on one replica; replaced when an open fails, so a
+    /// session refused by a draining or dead replica lands on another.
+    routing_key: String,
     /// Streams re-opened after a failure, over this target's life.
     pub resumes: usize,
 }
@@ -69,7 +98,16 @@ impl RemoteTarget {
             .enable_all()
             .build()
             .map_err(|e| EdgeError::Connect { url: cfg.url.clone(), reason: e.to_string() })?;
-        Ok(RemoteTarget { cfg, rt, stream: None, prompt_len: 0, sampling: SamplingParams::default(), max_new_tokens: 0, resumes: 0 })
+        Ok(RemoteTarget {
+            cfg,
+            rt,
+            stream: None,
+            prompt_len: 0,
+            sampling: SamplingParams::default(),
+            max_new_tokens: 0,
+            routing_key: new_routing_key(),
+            resumes: 0,
+        })
     }
 
     async fn channel(cfg: &ClientConfig) -> Result<Channel, EdgeError> {
@@ -86,13 +124,25 @@ impl RemoteTarget {
         endpoint.connect().await.map_err(|e| err(e.to_string()))
     }
 
+    /// Opens a stream with this generation's routing key; a failed open
+    /// draws a new key for the next attempt.
+    fn open_stream(&mut self, open: Open) -> Result<(Stream, u32, bool), EdgeError> {
+        let result = self.rt.block_on(Self::open_stream_with(&self.cfg, &self.routing_key, open));
+        if result.is_err() {
+            self.routing_key = new_routing_key();
+        }
+        result
+    }
+
     /// Opens a stream and sends `open`; returns the stream and `Opened`'s first token.
-    async fn open_stream(cfg: &ClientConfig, open: Open) -> Result<(Stream, u32, bool), EdgeError> {
+    async fn open_stream_with(cfg: &ClientConfig, routing_key: &str, open: Open) -> Result<(Stream, u32, bool), EdgeError> {
         let channel = Self::channel(cfg).await?;
         let mut client = VerifierClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (tx, rx) = mpsc::channel(4);
         tx.send(EdgeMessage { kind: Some(EdgeKind::Open(open)) }).await.expect("fresh channel");
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        let key = routing_key.parse().map_err(|_| EdgeError::InvalidArgument("the routing key has characters not allowed in a header".into()))?;
+        request.metadata_mut().insert(ROUTING_HEADER, key);
         if let Some(key) = &cfg.api_key {
             let value = format!("Bearer {key}").parse().map_err(|_| EdgeError::InvalidArgument("`--api-key` has characters not allowed in a header".into()))?;
             request.metadata_mut().insert("authorization", value);
@@ -118,6 +168,14 @@ impl RemoteTarget {
             draft_mode: if server_only { DraftMode::ServerOnly } else { DraftMode::Edge } as i32,
             resumed: (context.len() - self.prompt_len) as u32,
         }
+    }
+
+    /// A new generation: its parameters and its own routing key.
+    fn start(&mut self, prompt: &[u32], sampling: &SamplingParams, max_new_tokens: usize) {
+        self.prompt_len = prompt.len();
+        self.sampling = sampling.clone();
+        self.max_new_tokens = max_new_tokens;
+        self.routing_key = self.cfg.routing_key.clone().unwrap_or_else(new_routing_key);
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the reconnect
@@ -153,7 +211,7 @@ impl RemoteTarget {
             return Ok(());
         }
         let open = self.open_message(context, server_only);
-        let (stream, _, _) = self.rt.block_on(Self::open_stream(&self.cfg, open))?;
+        let (stream, _, _) = self.open_stream(open)?;
         self.stream = Some(stream);
         self.resumes += 1;
         info!(tokens = context.len(), "session resumed");
@@ -162,13 +220,11 @@ impl RemoteTarget {
 
     /// Server-only generation: the server decodes; tokens stream back.
     pub fn generate_server_only(&mut self, prompt: &[u32], sampling: &SamplingParams, max_new_tokens: usize, mut on_token: impl FnMut(u32), eos: &[u32]) -> Result<Vec<u32>, EdgeError> {
-        self.prompt_len = prompt.len();
-        self.sampling = sampling.clone();
-        self.max_new_tokens = max_new_tokens;
+        self.start(prompt, sampling, max_new_tokens);
         let mut context = prompt.to_vec();
         let open = self.open_message(&context, true);
         let (first, finished) = self.with_resume(|t| {
-            let (stream, first, finished) = t.rt.block_on(Self::open_stream(&t.cfg, open.clone()))?;
+            let (stream, first, finished) = t.open_stream(open.clone())?;
             t.stream = Some(stream);
             Ok((first, finished))
         })?;
@@ -201,12 +257,10 @@ impl RemoteTarget {
 
 impl Target for RemoteTarget {
     fn open(&mut self, prompt: &[u32], sampling: &SamplingParams, max_new_tokens: usize) -> Result<u32, EdgeError> {
-        self.prompt_len = prompt.len();
-        self.sampling = sampling.clone();
-        self.max_new_tokens = max_new_tokens;
+        self.start(prompt, sampling, max_new_tokens);
         let open = self.open_message(prompt, false);
         self.with_resume(|t| {
-            let (stream, first, _) = t.rt.block_on(Self::open_stream(&t.cfg, open.clone()))?;
+            let (stream, first, _) = t.open_stream(open.clone())?;
             t.stream = Some(stream);
             Ok(first)
         })

@@ -16,7 +16,7 @@
 use crate::batcher::SessionId;
 use crate::kv_budget::{KvBudget, KvLease};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tandem_estimators::{BatchShape, VerifyTimeEstimator};
 
@@ -96,6 +96,9 @@ pub fn check_capacity(
     Ok(tightest / 2.0 - cycle)
 }
 
+/// The refusal reason of a draining server (UNAVAILABLE: go elsewhere).
+pub const DRAINING: &str = "draining";
+
 /// Why an `open` was refused, and the metric label counting it.
 #[derive(Debug)]
 pub struct Refusal {
@@ -108,6 +111,7 @@ pub struct Admission {
     budget: KvBudget,
     limits: PassLimits,
     next_id: AtomicU64,
+    draining: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -140,7 +144,7 @@ pub struct Request<'a> {
 
 impl Admission {
     pub fn new(budget: KvBudget, limits: PassLimits) -> Arc<Self> {
-        Arc::new(Admission { budget, limits, next_id: AtomicU64::new(1), state: Mutex::default() })
+        Arc::new(Admission { budget, limits, next_id: AtomicU64::new(1), draining: AtomicBool::new(false), state: Mutex::default() })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -149,6 +153,9 @@ impl Admission {
     }
 
     pub fn admit(self: &Arc<Self>, req: Request<'_>) -> Result<Ticket, Refusal> {
+        if self.is_draining() {
+            return Err(Refusal { reason: DRAINING, message: "the server is draining; open the session on another replica".into() });
+        }
         let mut state = self.state();
         let count = state.per_tenant.get(req.tenant).copied().unwrap_or(0);
         if count >= req.max_sessions {
@@ -190,6 +197,20 @@ impl Admission {
         let all = state.demands.values().fold(BatchShape::default(), |acc, d| acc.add(d.round));
         let tightest = state.demands.values().filter_map(|d| d.budget_ms).reduce(f64::min)?;
         Some(tightest / 2.0 - cycle_ms(&|s| est.upper(s), all, self.limits.max_batch_tokens))
+    }
+
+    /// From now on every `open` is refused (the server is going away).
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Sessions holding a ticket.
+    pub fn sessions(&self) -> usize {
+        self.state().demands.len()
     }
 
     pub fn reserved_bytes(&self) -> usize {

@@ -25,6 +25,10 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Sessions with no message for this long are dropped, seconds.
     pub idle_ttl_s: u64,
+    /// On SIGTERM: refuse new sessions and connections, report NOT_SERVING,
+    /// and let open sessions finish for up to this long, seconds; then the
+    /// rest are told to resume elsewhere.
+    pub drain_s: u64,
     pub batcher: BatcherConfig,
 }
 
@@ -40,6 +44,7 @@ impl Default for ServerConfig {
             tls_key: None,
             metrics_listen: None,
             idle_ttl_s: 60,
+            drain_s: 10,
             batcher: BatcherConfig::default(),
         }
     }

@@ -69,7 +69,10 @@ impl EngineHandle {
         };
         let ticket = self.admission.admit(request).map_err(|r| {
             self.metrics.refused(r.reason);
-            ServeError::ResourceExhausted(r.message)
+            match r.reason {
+                admission::DRAINING => ServeError::Unavailable(r.message),
+                _ => ServeError::ResourceExhausted(r.message),
+            }
         })?;
         let (reply, rx) = oneshot::channel();
         self.tx.send(Command::Open { tenant, open, ticket, out, reply }).await.map_err(|_| Self::gone())?;
@@ -87,6 +90,17 @@ impl EngineHandle {
 
     pub async fn close(&self, session: SessionId) {
         let _ = self.tx.send(Command::Close { session }).await;
+    }
+
+    /// Refuses new sessions (UNAVAILABLE) and waits until the open ones
+    /// finish or `grace` passes.
+    pub async fn drain(&self, grace: Duration) {
+        self.admission.start_draining();
+        self.metrics.draining.store(1, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.admission.sessions() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn shutdown(&self) {
@@ -358,8 +372,7 @@ impl Engine {
             if let Some(deadline) = scheduled.work.deadline {
                 let final_step = scheduled.work.kind != WorkKind::Prefill || sess.cache.len() >= sess.prefill_target;
                 if final_step {
-                    let met = Instant::now() <= deadline;
-                    self.metrics.tenant(&sess.tenant.name, |t| if met { t.slo_met += 1 } else { t.slo_missed += 1 });
+                    self.metrics.observe_slo(&sess.tenant.name, Instant::now() <= deadline);
                 }
             }
             let keep = match scheduled.work.kind {

@@ -4,10 +4,16 @@
 //! connects and stalls mid-handshake would otherwise hold a socket and a
 //! task for ever (after the handshake, HTTP/2 keepalive pings find stalled
 //! peers).
+//!
+//! When `stop` turns true (draining) the listening socket is closed — new
+//! connections are refused, so a proxy sends new sessions to another
+//! replica — while the connections already open carry on, health checks
+//! on them included (the stream of connections stays open; ending it would
+//! make the gRPC server send GOAWAY everywhere).
 
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::debug;
 
@@ -15,11 +21,15 @@ pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 const PREFACE_LEN: usize = 24;
 
 /// Accepted connections that have started talking.
-pub fn incoming(listener: TcpListener) -> ReceiverStream<std::io::Result<TcpStream>> {
+pub fn incoming(listener: TcpListener, mut stop: watch::Receiver<bool>) -> ReceiverStream<std::io::Result<TcpStream>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
-            let conn = match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.wait_for(|&s| s) => break,
+            };
+            let conn = match accepted {
                 // Verdicts are small and latency is the product: no Nagle.
                 Ok((conn, _)) => {
                     let _ = conn.set_nodelay(true);
@@ -40,6 +50,9 @@ pub fn incoming(listener: TcpListener) -> ReceiverStream<std::io::Result<TcpStre
                 }
             });
         }
+        drop(listener);
+        // Keep the stream of connections open until the server stops.
+        tx.closed().await;
     });
     ReceiverStream::new(rx)
 }

@@ -52,6 +52,9 @@ struct Cli {
     /// Seconds without a message after which a session is dropped [default: 60].
     #[arg(long)]
     idle_ttl_s: Option<u64>,
+    /// On SIGTERM, seconds open sessions may finish before they are sent elsewhere [default: 10].
+    #[arg(long)]
+    drain_s: Option<u64>,
     /// Batch scheduling: wisp (SLO-aware, estimator, fair counters) or fcfs [default: wisp].
     #[arg(long)]
     policy: Option<String>,
@@ -74,7 +77,7 @@ fn load_config(cli: Cli) -> Result<ServerConfig> {
     if let Some(p) = cli.policy.clone() {
         cfg.batcher.policy = p;
     }
-    set!(listen, device, kv_budget_mb, idle_ttl_s);
+    set!(listen, device, kv_budget_mb, idle_ttl_s, drain_s);
     set_opt!(model, tenants, tls_cert, tls_key, metrics_listen);
     Ok(cfg)
 }
@@ -165,17 +168,32 @@ async fn main() -> Result<()> {
     // Printed for scripts and tests that listen on port 0.
     println!("listening on {local}");
 
+    // grpc.health.v1: SERVING from here on (the model is loaded and the
+    // estimator calibrated before the port opens), NOT_SERVING once draining.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<VerifierServer<VerifierService>>().await;
+
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_accepting, accepting) = tokio::sync::watch::channel(false);
     let shutdown = {
         let engine = engine.clone();
+        let drain = Duration::from_secs(cfg.drain_s);
         async move {
             wait_for_signal().await;
-            info!("shutting down: finishing the pass in flight");
+            info!(drain_s = drain.as_secs(), "draining: NOT_SERVING, no new connections or sessions");
+            health.set_not_serving::<VerifierServer<VerifierService>>().await;
+            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            let _ = stop_accepting.send(true);
+            engine.drain(drain).await;
+            info!("shutting down: finishing the pass in flight, sending the remaining sessions elsewhere");
             engine.shutdown().await;
             let _ = drained_tx.send(());
         }
     };
-    let serve = server.add_service(service).serve_with_incoming_shutdown(tandem_server::listen::incoming(listener), shutdown);
+    let serve = server
+        .add_service(health_service)
+        .add_service(service)
+        .serve_with_incoming_shutdown(tandem_server::listen::incoming(listener, accepting), shutdown);
     // Every client has been told to resume elsewhere; one that keeps its
     // connection open anyway must not hold the process up for long.
     let grace = async {

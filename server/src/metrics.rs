@@ -68,6 +68,8 @@ pub struct TenantStats {
 
 pub struct Metrics {
     pub sessions: AtomicI64,
+    /// 1 while draining (refusing new sessions before shutdown).
+    pub draining: AtomicI64,
     pub queue_depth: AtomicI64,
     pub kv_bytes_in_use: AtomicI64,
     pub kv_bytes_reserved: AtomicI64,
@@ -83,12 +85,15 @@ pub struct Metrics {
     estimator_error: Mutex<Option<f64>>,
     /// Admission's estimated slack of the tightest round budget, ms.
     admission_headroom_ms: Mutex<Option<f64>>,
+    /// EWMA over recent requests with a deadline of "met" (1) or not (0).
+    slo_recent: Mutex<Option<f64>>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             sessions: AtomicI64::new(0),
+            draining: AtomicI64::new(0),
             queue_depth: AtomicI64::new(0),
             kv_bytes_in_use: AtomicI64::new(0),
             kv_bytes_reserved: AtomicI64::new(0),
@@ -101,6 +106,7 @@ impl Default for Metrics {
             service_counters: Mutex::new(Vec::new()),
             estimator_error: Mutex::new(None),
             admission_headroom_ms: Mutex::new(None),
+            slo_recent: Mutex::new(None),
         }
     }
 }
@@ -112,6 +118,15 @@ impl Metrics {
 
     pub fn tenant(&self, name: &str, f: impl FnOnce(&mut TenantStats)) {
         f(self.tenants.lock().expect("metrics lock").entry(name.to_string()).or_default());
+    }
+
+    /// A request with a deadline finished: counted per tenant and in the
+    /// recent attainment an autoscaler watches.
+    pub fn observe_slo(&self, tenant: &str, met: bool) {
+        self.tenant(tenant, |t| if met { t.slo_met += 1 } else { t.slo_missed += 1 });
+        let x = if met { 1.0 } else { 0.0 };
+        let mut recent = self.slo_recent.lock().expect("metrics lock");
+        *recent = Some(recent.map_or(x, |r| 0.98 * r + 0.02 * x));
     }
 
     pub fn set_service_counters(&self, counters: Vec<(String, f64)>) {
@@ -138,6 +153,7 @@ impl Metrics {
         };
         gauge(&mut out, "tandem_sessions", "Open sessions.", self.sessions.load(Ordering::Relaxed));
         gauge(&mut out, "tandem_queue_depth", "Requests waiting for a forward pass.", self.queue_depth.load(Ordering::Relaxed));
+        gauge(&mut out, "tandem_draining", "1 while the server drains before shutdown (new sessions refused).", self.draining.load(Ordering::Relaxed));
         gauge(&mut out, "tandem_kv_bytes_in_use", "KV cache bytes held by sessions.", self.kv_bytes_in_use.load(Ordering::Relaxed));
         gauge(&mut out, "tandem_kv_bytes_reserved", "KV cache bytes reserved by admitted sessions.", self.kv_bytes_reserved.load(Ordering::Relaxed));
         gauge(&mut out, "tandem_kv_budget_bytes", "KV cache budget.", self.kv_budget_bytes.load(Ordering::Relaxed));
@@ -159,6 +175,9 @@ impl Metrics {
                 "Estimated slack of the tightest round budget over two cycles of every session's round; new sessions are refused below zero.",
                 ms,
             );
+        }
+        if let Some(r) = *self.slo_recent.lock().expect("metrics lock") {
+            gauge_f(&mut out, "tandem_slo_attainment_recent", "Fraction of recent requests (EWMA over ~50) that met their deadline.", r);
         }
         let _ = writeln!(out, "# HELP tandem_tenant_service_counter Fair-share service counter (weighted cost served).\n# TYPE tandem_tenant_service_counter gauge");
         for (tenant, c) in self.service_counters.lock().expect("metrics lock").iter() {

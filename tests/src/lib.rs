@@ -238,3 +238,70 @@ pub fn expect_status(result: &Result<(), tonic::Status>, code: Code, needle: &st
         Ok(()) => panic!("expected {code:?} naming {needle:?}, the stream ended cleanly"),
     }
 }
+
+/// Debian's nginx in front of replicas, with `deploy/nginx/tandem.conf`
+/// (its listen address and upstream servers swapped for the test's),
+/// running unprivileged under its own prefix.
+pub struct Nginx {
+    child: Child,
+    pub addr: String,
+    prefix: PathBuf,
+}
+
+impl Nginx {
+    pub fn start(replicas: &[&str]) -> Self {
+        let binary = std::env::var_os("TANDEM_NGINX").map(PathBuf::from).unwrap_or_else(|| {
+            ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.exists())
+                .expect("nginx is not installed (.ci/run installs Debian's nginx; or set TANDEM_NGINX)")
+        });
+        let template = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/nginx/tandem.conf")).expect("deploy/nginx/tandem.conf");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let servers: String = replicas.iter().map(|r| format!("        server {r} max_fails=1 fail_timeout=10s;\n")).collect();
+        let mut conf = String::new();
+        let mut upstream_done = false;
+        for line in template.lines() {
+            if line.trim_start().starts_with("server 127.0.0.1:") {
+                if !upstream_done {
+                    conf.push_str(&servers);
+                    upstream_done = true;
+                }
+                continue;
+            }
+            conf.push_str(&line.replace("listen 127.0.0.1:50050", &format!("listen {addr}")));
+            conf.push('\n');
+            if line.starts_with("worker_processes") {
+                // One process, so killing it leaves no workers behind.
+                conf.push_str("master_process off;\n");
+            }
+        }
+        let prefix = std::env::temp_dir().join(format!("tandem-nginx-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(prefix.join("temp")).unwrap();
+        // Workers run as `nobody` when the master is root.
+        let _ = Command::new("chmod").arg("-R").arg("a+rwx").arg(&prefix).status();
+        std::fs::write(prefix.join("nginx.conf"), conf).unwrap();
+        // Its log (failovers are logged as errors) goes to the prefix.
+        let log = std::fs::File::create(prefix.join("error.log")).unwrap();
+        let child = Command::new(binary).arg("-p").arg(&prefix).arg("-c").arg(prefix.join("nginx.conf")).stderr(log).spawn().expect("start nginx");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(std::time::Instant::now() < deadline, "nginx did not start listening on {addr}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Nginx { child, addr, prefix }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.prefix);
+    }
+}
