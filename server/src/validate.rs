@@ -61,12 +61,6 @@ pub struct ValidVerify {
 }
 
 impl ValidVerify {
-    /// Keeps only the first `n` drafts (and their distributions).
-    pub fn clip(&mut self, n: usize) {
-        self.draft.truncate(n);
-        self.q.truncate(n);
-    }
-
     pub fn new(v: Verify, vocab: usize, sampled: bool) -> Result<Self, ServeError> {
         validate_verify(&v, vocab, sampled)?;
         Ok(ValidVerify {
@@ -75,5 +69,11 @@ impl ValidVerify {
             q: v.q.into_iter().map(|q| SparseDist { tokens: q.ids, probs: q.probs }).collect(),
             draft: v.draft,
         })
+    }
+
+    /// Keeps only the first `n` drafts (and their distributions).
+    pub fn clip(&mut self, n: usize) {
+        self.draft.truncate(n);
+        self.q.truncate(n);
     }
 }
