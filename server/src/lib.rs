@@ -10,6 +10,7 @@ mod error;
 pub mod kv_budget;
 pub mod listen;
 pub mod metrics;
+pub mod process;
 pub mod service;
 mod session;
 pub mod profile;

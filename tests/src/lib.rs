@@ -2,9 +2,9 @@
 //! the real model and client library, and raw protocol streams for the
 //! cases the client library would never send.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 use tandem_edge::client::{ClientConfig, RemoteTarget};
 use tandem_edge::{GenerateRequest, Generation, LocalTarget, Speculator};
@@ -13,73 +13,13 @@ use tandem_protocol::wire::{EdgeKind, EdgeMessage, Open, Sampling, ServerMessage
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
-/// A binary of this workspace's build: `$TANDEM_<NAME>_BIN`, else the one
-/// beside the test executable's `deps/` folder. Cargo builds `tandem-server`
-/// and `tandem-edge` for their packages' integration tests, so a
-/// `cargo test --workspace` has both.
+pub use tandem_server::process::ServerProcess;
+
+/// A binary of this workspace's build (cargo builds `tandem-server` and
+/// `tandem-edge` for their packages' integration tests, so a
+/// `cargo test --workspace` has both).
 pub fn workspace_binary(name: &str) -> PathBuf {
-    let var = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
-    if let Some(path) = std::env::var_os(&var) {
-        return path.into();
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps").join(name);
-    assert!(bin.exists(), "{} is missing: run `cargo build --release -p {name}` (or the whole `cargo test --workspace`) first, or set {var}", bin.display());
-    bin
-}
-
-pub struct ServerProcess {
-    pub child: Child,
-    pub addr: String,
-}
-
-impl ServerProcess {
-    /// Starts the server with `args` (plus `--listen 127.0.0.1:0` unless
-    /// given) and waits until it listens.
-    pub fn start(args: &[&str]) -> Self {
-        let mut cmd = Command::new(workspace_binary("tandem-server"));
-        if !args.contains(&"--listen") {
-            cmd.args(["--listen", "127.0.0.1:0"]);
-        }
-        let mut child = cmd
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start tandem-server");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(addr.to_string());
-                }
-            }
-        });
-        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("server did not start listening");
-        ServerProcess { child, addr }
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends a signal by number (15 = SIGTERM, 9 = SIGKILL).
-    pub fn signal(&self, sig: i32) {
-        Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    tandem_server::process::sibling_binary(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub fn model() -> LoadedModel {

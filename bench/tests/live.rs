@@ -1,0 +1,28 @@
+//! `tandem-bench live` end to end: a real server per policy, emulated
+//! edges, the JSON report. A smoke run (a few seconds per policy); the
+//! figures themselves come from longer runs (README "Benchmarks").
+
+#[test]
+fn live_runs_every_policy_losslessly_and_reports_ratios() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem-bench"))
+        .args(["live", "--duration-s", "4", "--devices", "2", "--max-new-tokens", "12", "--prompts", "chat", "--num-prompts", "3", "--json"])
+        .output()
+        .expect("run tandem-bench");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let policies = report["policies"].as_array().expect("policies");
+    assert_eq!(policies.len(), 3);
+    for p in policies {
+        let name = p["policy"].as_str().unwrap();
+        assert!(p["sessions"].as_u64().unwrap() > 0, "{name}: no sessions");
+        assert_eq!(p["failed"].as_u64(), Some(0), "{name}: failed sessions");
+        assert_eq!(p["mismatched"].as_u64(), Some(0), "{name}: outputs differ from the target's");
+        assert!(p["throughput_tok_s"].as_f64().unwrap() > 0.0, "{name}");
+    }
+    assert!(report["synthetic_drafts"].as_bool().unwrap(), "the default profile's synthetic draft must be labelled");
+    let goodput = |i: usize| policies[i]["goodput_tok_s"].as_f64().unwrap();
+    for (ratio, base) in [("goodput_vs_centralized", 0), ("goodput_vs_sled", 1)] {
+        // A ratio is reported whenever its baseline had any goodput.
+        assert_eq!(report["ratios"].get(ratio).is_some(), goodput(base) > 0.0, "{ratio}");
+    }
+}
