@@ -157,6 +157,48 @@ pub struct LiveConfig {
     pub seed: u64,
     /// An already running server (policies then differ only at the edge).
     pub server: Option<String>,
+    /// Also search each policy's capacity: the largest load (devices, or
+    /// arrivals per second) with ≥ 90 % SLO attainment.
+    pub capacity_search: bool,
+}
+
+/// Pause of a closed-loop device before asking again after a refusal.
+const REFUSED_RETRY: Duration = Duration::from_millis(200);
+
+/// SLO attainment a load must keep to count as within capacity.
+pub const CAPACITY_ATTAINMENT: f64 = 0.9;
+
+/// One load tried by the capacity search.
+#[derive(Clone, Debug, Serialize)]
+pub struct Probe {
+    pub load: f64,
+    pub slo_attainment: f64,
+    pub goodput_tok_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Capacity {
+    /// Largest load found with ≥ 90 % attainment (0: not even the smallest).
+    pub load: f64,
+    /// `devices` (closed loop) or `sessions/s` (open loop).
+    pub unit: &'static str,
+    pub probes: Vec<Probe>,
+}
+
+impl Workload {
+    fn load(&self) -> f64 {
+        match *self {
+            Workload::Closed { devices, .. } => devices as f64,
+            Workload::Open { rate } => rate,
+        }
+    }
+
+    fn with_load(&self, load: f64) -> Workload {
+        match *self {
+            Workload::Closed { think_ms, .. } => Workload::Closed { devices: load.round().max(1.0) as usize, think_ms },
+            Workload::Open { .. } => Workload::Open { rate: load },
+        }
+    }
 }
 
 /// One session as its edge saw it.
@@ -199,6 +241,7 @@ pub struct PolicyReport {
     pub tokens_per_round: f64,
     pub wasted_draft_ms_per_session: f64,
     pub wall_s: f64,
+    pub capacity: Option<Capacity>,
     pub records: Vec<SessionRecord>,
 }
 
@@ -369,11 +412,21 @@ fn run_policy(policy: Policy, cfg: &LiveConfig, url: &str, model: &LoadedModel, 
                     let mut n = 0;
                     while Instant::now() < until {
                         let prompt = &prompts[(device + n * devices) % prompts.len()];
-                        let r = run_session(policy, cfg, url, model, device, &profiles[device % profiles.len()], prompt);
-                        let refused = r.refused;
+                        // A refused request is tried again after a pause, as
+                        // a user would; its wait counts against its TTFT.
+                        let asked = Instant::now();
+                        let mut r = run_session(policy, cfg, url, model, device, &profiles[device % profiles.len()], prompt);
+                        while r.refused && Instant::now() < until {
+                            std::thread::sleep(REFUSED_RETRY);
+                            let waited = asked.elapsed().as_secs_f64() * 1e3;
+                            r = run_session(policy, cfg, url, model, device, &profiles[device % profiles.len()], prompt);
+                            if !r.refused && r.failed.is_none() {
+                                r.ttft_ms += waited;
+                                r.slo_met = r.ttft_ms <= cfg.slo_ttft_ms as f64 && r.tpot_ms <= cfg.slo_tpot_ms as f64;
+                            }
+                        }
                         records.lock().unwrap().push(r);
-                        // A refused device waits before it tries again.
-                        std::thread::sleep(Duration::from_millis(if refused { think_ms.max(200) } else { think_ms }));
+                        std::thread::sleep(Duration::from_millis(think_ms));
                         n += 1;
                     }
                 });
@@ -428,8 +481,47 @@ fn summarize(policy: Policy, records: Vec<SessionRecord>, wall_s: f64) -> Policy
         tokens_per_round: if rounds == 0 { 0.0 } else { (accepted + rounds) as f64 / rounds as f64 },
         wasted_draft_ms_per_session: served.iter().map(|r| r.wasted_draft_ms).sum::<f64>() / served.len().max(1) as f64,
         wall_s,
+        capacity: None,
         records,
     }
+}
+
+/// Doubling from the configured load until attainment drops below 90 %,
+/// then bisection between the last load that held and the first that did
+/// not (to one device, or 10 % of the rate).
+fn search_capacity(policy: Policy, cfg: &LiveConfig, url: &str, model: &LoadedModel, profiles: &[DeviceProfile], prompts: &[BenchPrompt]) -> Capacity {
+    let closed = matches!(cfg.workload, Workload::Closed { .. });
+    let mut probes = Vec::new();
+    let mut probe = |load: f64| {
+        let c = LiveConfig { workload: cfg.workload.with_load(load), ..cfg.clone() };
+        let r = run_policy(policy, &c, url, model, profiles, prompts);
+        eprintln!("live: {} capacity probe at {load:.2}: {:.0} % met SLO", policy.name(), r.slo_attainment * 100.0);
+        probes.push(Probe { load, slo_attainment: r.slo_attainment, goodput_tok_s: r.goodput_tok_s });
+        r.slo_attainment >= CAPACITY_ATTAINMENT
+    };
+    let (mut good, mut bad) = (0.0, cfg.workload.load());
+    // Ten doublings at most: 1 → 1024 devices.
+    for _ in 0..10 {
+        if !probe(bad) {
+            break;
+        }
+        good = bad;
+        bad *= 2.0;
+    }
+    let resolution = if closed { 1.0 } else { 0.1 * bad };
+    let floor = if closed { 1.0 } else { 0.0 };
+    while bad - good > resolution && bad - good > 1e-9 {
+        let mid = if closed { ((good + bad) / 2.0).floor().max(floor) } else { (good + bad) / 2.0 };
+        if mid <= good {
+            break;
+        }
+        if probe(mid) {
+            good = mid;
+        } else {
+            bad = mid;
+        }
+    }
+    Capacity { load: good, unit: if closed { "devices" } else { "sessions/s" }, probes }
 }
 
 /// Every policy in turn, each on a fresh server (or on `cfg.server`).
@@ -443,7 +535,10 @@ pub fn run(cfg: &LiveConfig, model: &LoadedModel, profiles: &[DeviceProfile], pr
         };
         let url = cfg.server.clone().unwrap_or_else(|| server.as_ref().expect("started").url());
         eprintln!("live: {} against {url} for {:.0} s ...", policy.name(), cfg.duration_s);
-        let report = run_policy(policy, cfg, &url, model, profiles, prompts);
+        let mut report = run_policy(policy, cfg, &url, model, profiles, prompts);
+        if cfg.capacity_search {
+            report.capacity = Some(search_capacity(policy, cfg, &url, model, profiles, prompts));
+        }
         eprintln!(
             "live: {}: {} sessions, {:.0} % met SLO, goodput {:.1} tok/s",
             policy.name(),
@@ -457,12 +552,15 @@ pub fn run(cfg: &LiveConfig, model: &LoadedModel, profiles: &[DeviceProfile], pr
         anyhow::ensure!(report.mismatched == 0, "{}: {} outputs differ from the target's own greedy output", policy.name(), report.mismatched);
         reports.push(report);
     }
-    let goodput = |p: Policy| reports.iter().find(|r| r.policy == p).map(|r| r.goodput_tok_s);
     let mut ratios = HashMap::new();
-    if let Some(w) = goodput(Policy::Wisp) {
-        for (name, base) in [("goodput_vs_centralized", Policy::Centralized), ("goodput_vs_sled", Policy::Sled)] {
-            if let Some(b) = goodput(base).filter(|&b| b > 0.0) {
-                ratios.insert(name.to_string(), w / b);
+    let figures: [(&str, fn(&PolicyReport) -> Option<f64>); 2] =
+        [("goodput", |r| Some(r.goodput_tok_s)), ("capacity", |r| r.capacity.as_ref().map(|c| c.load))];
+    for (figure, get) in figures {
+        let of = |p: Policy| reports.iter().find(|r| r.policy == p).and_then(get);
+        let Some(w) = of(Policy::Wisp) else { continue };
+        for (base_name, base) in [("centralized", Policy::Centralized), ("sled", Policy::Sled)] {
+            if let Some(b) = of(base).filter(|&b| b > 0.0) {
+                ratios.insert(format!("{figure}_vs_{base_name}"), w / b);
             }
         }
     }
@@ -511,6 +609,15 @@ impl LiveReport {
                 r.tokens_per_round,
                 r.wasted_draft_ms_per_session
             ));
+        }
+        for r in &self.policies {
+            if let Some(c) = &r.capacity {
+                out.push_str(&format!("\n{} capacity: {} {} (≥ {:.0} % SLO attainment); probes:", r.policy.name(), c.load, c.unit, CAPACITY_ATTAINMENT * 100.0));
+                for p in &c.probes {
+                    out.push_str(&format!(" {}→{:.0} %", p.load, p.slo_attainment * 100.0));
+                }
+                out.push('\n');
+            }
         }
         let mut ratios: Vec<_> = self.ratios.iter().collect();
         ratios.sort_by(|a, b| a.0.cmp(b.0));

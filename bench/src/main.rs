@@ -95,6 +95,10 @@ struct LiveArgs {
     model: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Also find each policy's capacity (largest load with ≥ 90 % SLO
+    /// attainment) by doubling and bisecting the load, `--duration-s` per probe.
+    #[arg(long)]
+    capacity: bool,
     /// Write report.json and report.md here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -134,6 +138,7 @@ fn live(args: LiveArgs) -> Result<()> {
         slo_tpot_ms: args.slo_tpot_ms,
         seed: args.seed,
         server: args.server,
+        capacity_search: args.capacity,
     };
     let report = live::run(&cfg, &model, &profiles, &prompts, &provenance)?;
     if let Some(dir) = &args.out {
