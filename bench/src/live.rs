@@ -135,7 +135,7 @@ impl DraftKind {
 }
 
 /// How load arrives.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "kind")]
 pub enum Workload {
     /// `devices` edges, each starting its next session `think_ms` after the last.
@@ -144,7 +144,7 @@ pub enum Workload {
     Open { rate: f64 },
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LiveConfig {
     pub policies: Vec<Policy>,
     pub workload: Workload,
@@ -169,19 +169,19 @@ const REFUSED_RETRY: Duration = Duration::from_millis(200);
 pub const CAPACITY_ATTAINMENT: f64 = 0.9;
 
 /// One load tried by the capacity search.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Probe {
     pub load: f64,
     pub slo_attainment: f64,
     pub goodput_tok_s: f64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Capacity {
     /// Largest load found with ≥ 90 % attainment (0: not even the smallest).
     pub load: f64,
     /// `devices` (closed loop) or `sessions/s` (open loop).
-    pub unit: &'static str,
+    pub unit: String,
     pub probes: Vec<Probe>,
 }
 
@@ -202,7 +202,7 @@ impl Workload {
 }
 
 /// One session as its edge saw it.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SessionRecord {
     pub device: usize,
     pub prompt: String,
@@ -220,7 +220,7 @@ pub struct SessionRecord {
     pub mismatch: bool,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PolicyReport {
     pub policy: Policy,
     pub sessions: usize,
@@ -245,7 +245,7 @@ pub struct PolicyReport {
     pub records: Vec<SessionRecord>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LiveReport {
     pub config: LiveConfig,
     pub profiles: Vec<DeviceProfile>,
@@ -521,7 +521,7 @@ fn search_capacity(policy: Policy, cfg: &LiveConfig, url: &str, model: &LoadedMo
             bad = mid;
         }
     }
-    Capacity { load: good, unit: if closed { "devices" } else { "sessions/s" }, probes }
+    Capacity { load: good, unit: if closed { "devices" } else { "sessions/s" }.into(), probes }
 }
 
 /// Every policy in turn, each on a fresh server (or on `cfg.server`).

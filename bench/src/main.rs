@@ -52,6 +52,11 @@ enum Command {
     /// Policies side by side on real servers with emulated edge devices
     /// (centralized, sled, wisp): SLO attainment, goodput, latencies.
     Live(LiveArgs),
+    /// Re-renders a `live` report (`report.json`) as its Markdown table.
+    Report {
+        /// A report.json written by `live --out DIR`.
+        run: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -180,6 +185,12 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Live(args) => live(args),
+        Command::Report { run } => {
+            let text = std::fs::read_to_string(&run).with_context(|| format!("reading {}", run.display()))?;
+            let report: live::LiveReport = serde_json::from_str(&text).with_context(|| format!("{} is not a live report", run.display()))?;
+            print!("{}", report.markdown());
+            Ok(())
+        }
         Command::Estimator { model, batches, q, json } => {
             anyhow::ensure!(batches >= 20, "`--batches` must be at least 20");
             anyhow::ensure!(q > 0.0 && q < 1.0, "`--q` must be in (0, 1)");

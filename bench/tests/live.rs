@@ -4,8 +4,10 @@
 
 #[test]
 fn live_runs_every_policy_losslessly_and_reports_ratios() {
+    let dir = std::env::temp_dir().join(format!("tandem-bench-live-{}", std::process::id()));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem-bench"))
-        .args(["live", "--duration-s", "4", "--devices", "2", "--max-new-tokens", "12", "--prompts", "chat", "--num-prompts", "3", "--json"])
+        .args(["live", "--duration-s", "4", "--devices", "2", "--max-new-tokens", "12", "--prompts", "chat", "--num-prompts", "3", "--json", "--out"])
+        .arg(&dir)
         .output()
         .expect("run tandem-bench");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -25,4 +27,9 @@ fn live_runs_every_policy_losslessly_and_reports_ratios() {
         // A ratio is reported whenever its baseline had any goodput.
         assert_eq!(report["ratios"].get(ratio).is_some(), goodput(base) > 0.0, "{ratio}");
     }
+    // `report` re-renders the saved run exactly as it was written.
+    let rendered = std::process::Command::new(env!("CARGO_BIN_EXE_tandem-bench")).arg("report").arg(dir.join("report.json")).output().unwrap();
+    assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
+    assert_eq!(String::from_utf8(rendered.stdout).unwrap(), std::fs::read_to_string(dir.join("report.md")).unwrap());
+    let _ = std::fs::remove_dir_all(dir);
 }
