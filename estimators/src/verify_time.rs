@@ -56,7 +56,26 @@ pub struct VerifyTimeCalibration {
     pub moment: [f64; DIM],
 }
 
-#[derive(Clone)]
+/// The upper bound T_q as a small copy: what a reader on another thread
+/// (admission) needs, without the estimator's fitting state.
+#[derive(Clone, Copy, Debug)]
+pub struct UpperBound {
+    theta: [f64; DIM],
+    ratio: f64,
+}
+
+impl UpperBound {
+    /// T_q of a batch of this shape, ms.
+    pub fn upper(&self, shape: BatchShape) -> f64 {
+        predict(&self.theta, shape) * self.ratio.max(1.0)
+    }
+}
+
+fn predict(theta: &[f64; DIM], shape: BatchShape) -> f64 {
+    let x = shape.features();
+    (0..DIM).map(|i| theta[i] * x[i]).sum::<f64>().max(0.0)
+}
+
 pub struct VerifyTimeEstimator {
     theta: [f64; DIM],
     /// Forgotten Σ x xᵀ and Σ x y.
@@ -135,14 +154,17 @@ impl VerifyTimeEstimator {
 
     /// Expected latency of a batch of this shape, ms.
     pub fn predict(&self, shape: BatchShape) -> f64 {
-        let x = shape.features();
-        (0..DIM).map(|i| self.theta[i] * x[i]).sum::<f64>().max(0.0)
+        predict(&self.theta, shape)
     }
 
     /// Upper bound T_q: the prediction times the q-quantile of recent
     /// measured/predicted ratios (never below the prediction).
     pub fn upper(&self, shape: BatchShape) -> f64 {
-        self.predict(shape) * self.ratio_q.max(1.0)
+        self.bound().upper(shape)
+    }
+
+    pub fn bound(&self) -> UpperBound {
+        UpperBound { theta: self.theta, ratio: self.ratio_q }
     }
 
     /// Learns from one executed batch.

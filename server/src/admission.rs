@@ -18,7 +18,7 @@ use crate::kv_budget::{KvBudget, KvLease};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tandem_estimators::{BatchShape, VerifyTimeEstimator};
+use tandem_estimators::{BatchShape, UpperBound};
 
 /// What one session asks of the verifier per round.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -119,7 +119,7 @@ pub struct Admission {
 struct State {
     /// The runner's latest estimator; None (policy `fcfs`, the SLED
     /// baseline) disables the SLO gate.
-    estimator: Option<VerifyTimeEstimator>,
+    estimator: Option<UpperBound>,
     demands: HashMap<SessionId, Demand>,
     per_tenant: HashMap<String, usize>,
 }
@@ -184,9 +184,9 @@ impl Admission {
         Ok(Ticket { id, tenant: req.tenant.to_string(), admission: self.clone(), _lease: lease })
     }
 
-    /// The runner's estimator after its latest pass.
-    pub fn publish(&self, estimator: Option<&VerifyTimeEstimator>) {
-        self.state().estimator = estimator.cloned();
+    /// The runner's estimator bound after its latest pass.
+    pub fn publish(&self, bound: Option<UpperBound>) {
+        self.state().estimator = bound;
     }
 
     /// Estimated headroom of the admitted sessions' tightest round budget

@@ -145,7 +145,7 @@ impl Engine {
         }
         let (tx, rx) = mpsc::channel(1024);
         let admission = Admission::new(KvBudget::new(cfg.kv_budget_bytes), cfg.limits);
-        admission.publish(batcher.estimator());
+        admission.publish(batcher.estimator().map(|e| e.bound()));
         metrics.kv_budget_bytes.store(cfg.kv_budget_bytes as i64, Ordering::Relaxed);
         let kv_bytes_per_position = model.llama.new_cache(model.llama.config().n_layers).bytes_per_position();
         let handle = EngineHandle { tx, admission: admission.clone(), metrics: metrics.clone(), kv_bytes_per_position };
@@ -353,7 +353,7 @@ impl Engine {
             self.metrics.observe_estimate(predicted, ms);
         }
         self.batcher.executed(&executed, ms);
-        self.admission.publish(self.batcher.estimator());
+        self.admission.publish(self.batcher.estimator().map(|e| e.bound()));
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
