@@ -90,6 +90,10 @@ pub struct RemoteTarget {
     routing_key: String,
     /// Streams re-opened after a failure, over this target's life.
     pub resumes: usize,
+    /// A stream has been opened once: from then on an unreachable server
+    /// is waited for (it may be restarting); before, it is reported at
+    /// once (a wrong URL or a server that is not running).
+    reached: bool,
 }
 
 impl RemoteTarget {
@@ -107,6 +111,7 @@ impl RemoteTarget {
             max_new_tokens: 0,
             routing_key: new_routing_key(),
             resumes: 0,
+            reached: false,
         })
     }
 
@@ -128,8 +133,9 @@ impl RemoteTarget {
     /// draws a new key for the next attempt.
     fn open_stream(&mut self, open: Open) -> Result<(Stream, u32, bool), EdgeError> {
         let result = self.rt.block_on(Self::open_stream_with(&self.cfg, &self.routing_key, open));
-        if result.is_err() {
-            self.routing_key = new_routing_key();
+        match result {
+            Ok(_) => self.reached = true,
+            Err(_) => self.routing_key = new_routing_key(),
         }
         result
     }
@@ -190,7 +196,7 @@ impl RemoteTarget {
                 Err(e) => {
                     let again = match &e {
                         EdgeError::Server(s) => retryable(s),
-                        EdgeError::Connect { .. } => true,
+                        EdgeError::Connect { .. } => self.reached,
                         _ => false,
                     };
                     if !again || started.elapsed() > self.cfg.reconnect_deadline {

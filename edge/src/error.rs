@@ -13,3 +13,25 @@ pub enum EdgeError {
     #[error("connecting to {url}: {reason}")]
     Connect { url: String, reason: String },
 }
+
+/// A message for the person at the keyboard: the error, and for the usual
+/// causes what to do about it.
+pub fn explain(e: &EdgeError) -> String {
+    use tonic::Code;
+    match e {
+        EdgeError::Server(s) => {
+            let hint = match s.code() {
+                Code::Unauthenticated => " — the server wants an API key: pass `--api-key`, set TANDEM_API_KEY, or `api_key` in the config file",
+                Code::PermissionDenied => " — the server refused this API key",
+                Code::ResourceExhausted => " — the server is at capacity; try again shortly",
+                Code::Unavailable => " — the server is unreachable or shutting down",
+                _ => "",
+            };
+            format!("server said {:?}: {}{hint}", s.code(), s.message())
+        }
+        EdgeError::Connect { url, reason } => {
+            format!("cannot reach the server at {url} ({reason}) — is it running? (`--server`, TANDEM_SERVER or `server` in the config file)")
+        }
+        other => other.to_string(),
+    }
+}

@@ -1,12 +1,14 @@
 //! The speculative loop: draft, verify, apply the verdict, repeat.
 
 use crate::controller::SpeculationController;
-use crate::target::Target;
+use crate::target::{RoundOutcome, Target};
 use crate::EdgeError;
 use serde::Serialize;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
-use tandem_model::{DraftFeatures, DraftSource, SamplingParams, SessionRng, Tokenizer};
+use tandem_model::{DraftFeatures, DraftSource, Proposal, SamplingParams, SessionRng, SparseDist, Tokenizer};
 use tandem_protocol::limits::{MAX_DRAFT_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS};
 
 /// One generation.
@@ -66,6 +68,12 @@ pub struct Generation {
     pub wasted_draft_ms: f64,
     /// Mean round trip beyond the server's own time (remote runs).
     pub mean_rtt_ms: f64,
+    /// Pipelining: tokens drafted while rounds were verified, and those of
+    /// them used as the next round's drafts.
+    pub ahead_drafted: usize,
+    pub ahead_kept: usize,
+    /// Ended early by the cancel flag.
+    pub cancelled: bool,
 }
 
 /// One drafted token's features and whether the target accepted it: a
@@ -93,16 +101,29 @@ impl Generation {
 pub struct Speculator<T: Target> {
     pub target: T,
     draft: Box<dyn DraftSource>,
-    tokenizer: std::sync::Arc<Tokenizer>,
+    tokenizer: Arc<Tokenizer>,
     /// None: a fixed `draft_len` every round.
     controller: Option<SpeculationController>,
     /// Where (features, accepted?) of each judged draft token go.
     log: Option<Box<dyn Write + Send>>,
+    /// Draft the next round while this one is being verified.
+    pipeline: bool,
+    /// Set from elsewhere (Ctrl-C, a client that went away) to end the
+    /// current generation after its round.
+    cancel: Option<Arc<AtomicBool>>,
 }
 
-impl<T: Target> Speculator<T> {
-    pub fn new(target: T, draft: Box<dyn DraftSource>, tokenizer: std::sync::Arc<Tokenizer>) -> Self {
-        Speculator { target, draft, tokenizer, controller: None, log: None }
+/// Drafts made ahead while a round was being verified, for the context
+/// "every draft accepted, and the target's token is the draft's guess".
+struct Ahead {
+    /// The draft's guess of the target's token, then drafts after it.
+    proposal: Proposal,
+    ms: f64,
+}
+
+impl<T: Target + Send> Speculator<T> {
+    pub fn new(target: T, draft: Box<dyn DraftSource>, tokenizer: Arc<Tokenizer>) -> Self {
+        Speculator { target, draft, tokenizer, controller: None, log: None, pipeline: false, cancel: None }
     }
 
     pub fn with_controller(mut self, controller: SpeculationController) -> Self {
@@ -114,6 +135,27 @@ impl<T: Target> Speculator<T> {
     pub fn with_log(mut self, log: Box<dyn Write + Send>) -> Self {
         self.log = Some(log);
         self
+    }
+
+    /// Pipelining: while a round is verified, keep drafting as if all its
+    /// drafts were accepted; the work is kept when they were and the
+    /// target's token matched the draft's guess, and discarded otherwise.
+    /// It pays when verification happens elsewhere (a server): with a
+    /// local target both would share this machine's cores.
+    pub fn with_pipelining(mut self, on: bool) -> Self {
+        self.pipeline = on;
+        self
+    }
+
+    /// A flag that, once set, ends the running generation after the round
+    /// in flight (the tokens so far are returned, `cancelled` set).
+    pub fn with_cancel(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.cancel = Some(flag);
+        self
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
     }
 
     /// Generates, calling `on_token` with each token as soon as it is final.
@@ -129,45 +171,54 @@ impl<T: Target> Speculator<T> {
         let mut context = req.prompt.clone();
         context.push(first);
         let mut rtt_total = 0.0;
+        let mut carried: Option<Proposal> = None;
         while g.tokens.len() < req.max_new_tokens && !eos.contains(g.tokens.last().expect("non-empty")) {
+            if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+                g.cancelled = true;
+                break;
+            }
             // A round emits at most k + 1 tokens; never draft past the limit.
             let planned = self.controller.as_ref().map_or(req.draft_len, |c| c.round_k().min(req.draft_len));
             let k = planned.min(req.max_new_tokens - g.tokens.len() - 1);
-            // Draft draws are keyed like the target's, from their own stream.
-            let mut draft_rng = SessionRng::at(req.sampling.seed ^ 0x5EED_D4AF_7000_0001, context.len());
             let draft_start = Instant::now();
-            let mut stamps = Vec::with_capacity(k);
-            let proposal = {
-                let controller = &mut self.controller;
-                if let Some(c) = controller.as_mut() {
-                    c.begin_round();
-                }
-                self.draft.propose_until(&context, k, &req.sampling, &mut draft_rng, &mut |f| {
-                    stamps.push(draft_start.elapsed().as_secs_f64() * 1e3);
-                    controller.as_mut().is_none_or(|c| c.keep_going(f))
-                })?
-            };
+            let (proposal, stamps, fresh) = self.draft_round(&context, k, carried.take(), &req.sampling)?;
             let draft_ms = draft_start.elapsed().as_secs_f64() * 1e3;
-            let n = proposal.tokens.len().min(k);
-            let drafts = &proposal.tokens[..n];
-            let q = if req.sampling.is_greedy() { &[][..] } else { &proposal.dists[..n] };
+            let n = proposal.tokens.len();
+            let drafts = &proposal.tokens[..];
+            let q = if req.sampling.is_greedy() { &[][..] } else { &proposal.dists[..] };
             let verify_start = Instant::now();
-            let round = self.target.verify(&context, drafts, q)?;
+            let (round, ahead) = if self.pipeline && n > 0 {
+                self.verify_drafting_ahead(&context, drafts, q, req)?
+            } else {
+                (self.target.verify(&context, drafts, q)?, None)
+            };
             let verify_ms = verify_start.elapsed().as_secs_f64() * 1e3;
             let verdict = round.verdict;
             let rtt = round.server_ms.map_or(0.0, |s| (verify_ms - s).max(0.0));
             g.rounds += 1;
-            g.drafted += drafts.len();
+            g.drafted += n;
             g.accepted += verdict.accepted;
             g.server_ms.extend(round.server_ms);
             g.draft_ms += draft_ms;
             rtt_total += rtt;
             // Tokens strictly after the first rejected position were wasted.
-            if verdict.accepted + 1 < stamps.len().min(n) {
-                g.wasted_draft_ms += stamps[n.min(stamps.len()) - 1] - stamps[verdict.accepted];
+            if verdict.accepted + 1 < n {
+                g.wasted_draft_ms += stamps[n - 1] - stamps[verdict.accepted];
+            }
+            if let Some(ahead) = ahead {
+                g.draft_ms += ahead.ms;
+                g.ahead_drafted += ahead.proposal.tokens.len();
+                let all_accepted = verdict.accepted == n;
+                if all_accepted && ahead.proposal.tokens.first() == Some(&verdict.next) && !eos.contains(&verdict.next) {
+                    let kept = tail(ahead.proposal, 1);
+                    g.ahead_kept += kept.tokens.len();
+                    carried = Some(kept);
+                } else {
+                    g.wasted_draft_ms += ahead.ms;
+                }
             }
             if let Some(c) = self.controller.as_mut() {
-                let per_token = (n > 0).then(|| draft_ms / n as f64);
+                let per_token = (fresh > 0).then(|| draft_ms / fresh as f64);
                 c.end_round(round.verified, verdict.accepted, per_token, rtt, round.server_ms.unwrap_or(verify_ms), &round.hinted_verify_ms);
             }
             if let Some(log) = self.log.as_mut() {
@@ -195,4 +246,90 @@ impl<T: Target> Speculator<T> {
         g.mean_rtt_ms = if g.rounds == 0 { 0.0 } else { rtt_total / g.rounds as f64 };
         g.finish(&self.tokenizer, &eos, start)
     }
+
+    /// This round's drafts (at most `k`): those carried over from drafting
+    /// ahead, re-judged by the controller, then fresh ones. Returns the
+    /// proposal, each token's completion time (ms since the round began;
+    /// carried tokens cost the round nothing) and how many were fresh.
+    fn draft_round(&mut self, context: &[u32], k: usize, carried: Option<Proposal>, sampling: &SamplingParams) -> Result<(Proposal, Vec<f64>, usize), EdgeError> {
+        let started = Instant::now();
+        let mut proposal = carried.unwrap_or_default();
+        truncate(&mut proposal, k);
+        let controller = &mut self.controller;
+        if let Some(c) = controller.as_mut() {
+            c.begin_round();
+            if let Some(stop) = proposal.features.iter().position(|f| !c.keep_going(f)) {
+                truncate(&mut proposal, stop + 1);
+                let stamps = vec![0.0; proposal.tokens.len()];
+                return Ok((proposal, stamps, 0));
+            }
+        }
+        let carried_n = proposal.tokens.len();
+        let mut stamps = vec![0.0; carried_n];
+        if k > carried_n {
+            let mut extended = context.to_vec();
+            extended.extend_from_slice(&proposal.tokens);
+            // Draft draws are keyed like the target's, from their own stream.
+            let mut rng = SessionRng::at(sampling.seed ^ DRAFT_STREAM, extended.len());
+            let fresh = self.draft.propose_until(&extended, k - carried_n, sampling, &mut rng, &mut |f| {
+                stamps.push(started.elapsed().as_secs_f64() * 1e3);
+                controller.as_mut().is_none_or(|c| c.keep_going(f))
+            })?;
+            append(&mut proposal, fresh);
+            truncate(&mut proposal, k);
+            // Drafts without features (n-gram lookup) finish all at once.
+            stamps.resize(proposal.tokens.len(), started.elapsed().as_secs_f64() * 1e3);
+        }
+        let fresh = proposal.tokens.len() - carried_n;
+        Ok((proposal, stamps, fresh))
+    }
+
+    /// Verifies on another thread and drafts ahead here until the verdict
+    /// is back (or a full round plus the guess is drafted, or the
+    /// controller would stop).
+    fn verify_drafting_ahead(&mut self, context: &[u32], drafts: &[u32], q: &[SparseDist], req: &GenerateRequest) -> Result<(RoundOutcome, Option<Ahead>), EdgeError> {
+        let arrived = AtomicBool::new(false);
+        let target = &mut self.target;
+        let draft = &mut self.draft;
+        let controller = &mut self.controller;
+        let mut assumed = context.to_vec();
+        assumed.extend_from_slice(drafts);
+        let mut rng = SessionRng::at(req.sampling.seed ^ DRAFT_STREAM, assumed.len());
+        let (round, ahead) = std::thread::scope(|scope| {
+            let verifying = scope.spawn(|| {
+                let r = target.verify(context, drafts, q);
+                arrived.store(true, Ordering::Release);
+                r
+            });
+            let started = Instant::now();
+            // The cumulative stop rule goes on from the round in flight:
+            // ahead work is kept only if all of it is accepted.
+            let ahead = draft.propose_until(&assumed, req.draft_len + 1, &req.sampling, &mut rng, &mut |f| {
+                !arrived.load(Ordering::Acquire) && controller.as_mut().is_none_or(|c| c.keep_going(f))
+            });
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            (verifying.join().expect("the verifying thread does not panic"), ahead.map(|proposal| Ahead { proposal, ms }))
+        });
+        Ok((round?, Some(ahead?)))
+    }
+}
+
+/// Key of the draft's random stream (the target's is the seed itself).
+const DRAFT_STREAM: u64 = 0x5EED_D4AF_7000_0001;
+
+/// The proposal without its first `skip` tokens.
+fn tail(p: Proposal, skip: usize) -> Proposal {
+    Proposal { tokens: p.tokens.into_iter().skip(skip).collect(), dists: p.dists.into_iter().skip(skip).collect(), features: p.features.into_iter().skip(skip).collect() }
+}
+
+fn truncate(p: &mut Proposal, n: usize) {
+    p.tokens.truncate(n);
+    p.dists.truncate(n);
+    p.features.truncate(n);
+}
+
+fn append(p: &mut Proposal, more: Proposal) {
+    p.tokens.extend(more.tokens);
+    p.dists.extend(more.dists);
+    p.features.extend(more.features);
 }

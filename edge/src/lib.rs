@@ -2,12 +2,17 @@
 //! them (the model in this process, or a Tandem server over gRPC), and the
 //! accepted text streams out.
 
+pub mod chat;
 pub mod client;
+pub mod config;
 pub mod controller;
+mod edge;
 mod error;
 mod generate;
+pub mod openai;
 mod target;
 
-pub use error::EdgeError;
+pub use edge::{build_draft, Backend, Edge, EdgeOptions, Verifier};
+pub use error::{explain, EdgeError};
 pub use generate::{ControllerSample, GenerateRequest, Generation, Speculator};
 pub use target::{LocalTarget, RoundOutcome, Target};

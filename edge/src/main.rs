@@ -2,16 +2,25 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tandem_edge::chat::Conversation;
 use tandem_edge::client::{ClientConfig, RemoteTarget};
+use tandem_edge::config::EdgeConfig;
 use tandem_edge::controller::{RejectionPredictor, SpeculationController, StopRule};
-use tandem_edge::{ControllerSample, GenerateRequest, Generation, LocalTarget, Speculator, Target};
+use tandem_edge::{explain, Backend, ControllerSample, Edge, EdgeError, EdgeOptions, GenerateRequest, Generation, Verifier};
 use tandem_model::{fetch, DraftSpec, LoadedModel, SamplingParams};
 
 #[derive(Parser)]
 #[command(name = "tandem-edge", version, about = "Tandem edge client: draft locally, verify on a server")]
 struct Cli {
+    /// Settings file (TOML; default: $TANDEM_CONFIG, else
+    /// ~/.config/tandem/edge.toml if it exists). Flags and environment
+    /// variables override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -25,6 +34,13 @@ enum Command {
     },
     /// Generate text for one prompt.
     Generate(GenerateArgs),
+    /// Talk with the model: an interactive conversation with history.
+    /// Commands: /stats, /reset, /help, /exit. Ctrl-C stops the answer
+    /// being written; Ctrl-D or /exit quits.
+    Chat(ChatArgs),
+    /// A local OpenAI-compatible HTTP endpoint (/v1/chat/completions,
+    /// /v1/completions, /v1/models) backed by the edge–cloud loop.
+    Serve(ServeArgs),
     /// The speculation controller's rejection predictor.
     Controller {
         #[command(subcommand)]
@@ -54,53 +70,58 @@ enum ModelAction {
     Fetch,
 }
 
+/// Where to verify, which model and draft, how to speculate.
 #[derive(Args)]
-struct GenerateArgs {
+struct EdgeArgs {
     /// Run draft and verification in this process (no server).
-    #[arg(long, conflicts_with = "server")]
+    #[arg(long)]
     local: bool,
     /// Verify on a Tandem server, e.g. http://127.0.0.1:50051 (https:// for TLS).
-    #[arg(long)]
+    #[arg(long, env = "TANDEM_SERVER")]
     server: Option<String>,
     /// API key for the server (sent as `authorization: Bearer KEY`).
-    #[arg(long, env = "TANDEM_API_KEY", requires = "server")]
+    #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// CA certificate (PEM) that signed an https server's certificate.
-    #[arg(long, requires = "server")]
+    #[arg(long)]
     ca_cert: Option<PathBuf>,
-    /// Let the server decode everything itself (no drafting here).
-    #[arg(long, requires = "server")]
-    server_only: bool,
     /// Time-to-first-token objective sent to the server, ms (0: none).
-    #[arg(long, default_value_t = 0, requires = "server")]
-    slo_ttft_ms: u32,
+    #[arg(long)]
+    slo_ttft_ms: Option<u32>,
     /// Time-per-output-token objective sent to the server, ms (0: none).
-    #[arg(long, default_value_t = 0, requires = "server")]
-    slo_tpot_ms: u32,
+    #[arg(long)]
+    slo_tpot_ms: Option<u32>,
     /// Target model: a llama-family GGUF file (default: SmolLM2-135M-Instruct, fetched on first use).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Draft source: none, ngram, layers:N (the target's first N layers) or model:PATH.
-    #[arg(long, default_value = "layers:25")]
-    draft: String,
-    /// Drafted tokens per verification round (the most, with a controller).
-    #[arg(long, default_value_t = 4)]
-    draft_len: usize,
+    /// Draft source: none, ngram, layers:N (the target's first N layers) or
+    /// model:PATH [default: layers:25].
+    #[arg(long)]
+    draft: Option<String>,
+    /// Where the draft model runs: cpu or wgpu [default: cpu].
+    #[arg(long)]
+    backend: Option<String>,
+    /// Drafted tokens per verification round (the most, with a controller) [default: 4].
+    #[arg(long)]
+    draft_len: Option<usize>,
     /// When to stop drafting in a round: fixed, confidence[:MIN_TOP1]
-    /// (default 0.4) or predictor:WEIGHTS.json[:TAU] (default 0.5).
-    #[arg(long, default_value = "fixed")]
-    controller: String,
+    /// (default 0.4) or predictor:WEIGHTS.json[:TAU] (default 0.5) [default: fixed].
+    #[arg(long)]
+    controller: Option<String>,
     /// Choose each round's draft length from measured costs and acceptance.
     #[arg(long)]
     adaptive_k: bool,
+    /// Do not draft the next round while a round is being verified.
+    #[arg(long)]
+    no_pipeline: bool,
     /// Append (features, accepted?) of every judged draft token to this JSONL file.
     #[arg(long)]
     log_controller: Option<PathBuf>,
-    #[arg(long)]
-    prompt: String,
-    /// Send the prompt as is, without the model's chat template.
-    #[arg(long)]
-    raw: bool,
+}
+
+/// How to pick tokens.
+#[derive(Args)]
+struct SamplingArgs {
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     /// 0 is greedy decoding.
@@ -113,9 +134,51 @@ struct GenerateArgs {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    edge: EdgeArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Let the server decode everything itself (no drafting here).
+    #[arg(long)]
+    server_only: bool,
+    #[arg(long)]
+    prompt: String,
+    /// Send the prompt as is, without the model's chat template.
+    #[arg(long)]
+    raw: bool,
     /// Print one JSON object with the text, token ids and speculation statistics.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    edge: EdgeArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// System prompt (default: the model's own).
+    #[arg(long)]
+    system: Option<String>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    edge: EdgeArgs,
+    /// Address of the HTTP endpoint.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
 }
 
 fn main() -> Result<()> {
@@ -123,15 +186,21 @@ fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Model { action: ModelAction::Fetch } => {
-            let path = fetch::ensure_default_model(true)?;
-            println!("{}", path.display());
-            Ok(())
-        }
-        Command::Generate(args) => generate(args),
+    let cli = Cli::parse();
+    let config = || EdgeConfig::load(cli.config.as_deref()).map_err(anyhow::Error::from);
+    let result = match cli.command {
+        Command::Model { action: ModelAction::Fetch } => fetch::ensure_default_model(true).map(|path| println!("{}", path.display())).map_err(Into::into),
+        Command::Generate(args) => config().and_then(|c| generate(args, &c)),
+        Command::Chat(args) => config().and_then(|c| chat(args, &c)),
+        Command::Serve(args) => config().and_then(|c| serve(args, &c)),
         Command::Controller { action: ControllerAction::Train { log, output, epochs } } => train(&log, &output, epochs),
-    }
+    };
+    // Server errors get their explanation: what to do about an
+    // unreachable server or a refused key.
+    result.map_err(|e| match e.downcast_ref::<EdgeError>() {
+        Some(edge @ (EdgeError::Server(_) | EdgeError::Connect { .. })) => anyhow::anyhow!(explain(edge)),
+        _ => e,
+    })
 }
 
 fn train(log: &std::path::Path, output: &std::path::Path, epochs: usize) -> Result<()> {
@@ -190,89 +259,238 @@ fn parse_controller(spec: &str) -> Result<StopRule> {
     }
 }
 
-fn generate(args: GenerateArgs) -> Result<()> {
-    if !args.local && args.server.is_none() {
-        anyhow::bail!("say where to verify: `--local` (this process) or `--server URL`");
+/// The model file: `--model`, the config file's, or the default (fetched).
+fn model_path(args: &EdgeArgs, file: &EdgeConfig) -> Result<PathBuf> {
+    match args.model.clone().or_else(|| file.model.clone()) {
+        Some(p) if p.is_file() => Ok(p),
+        Some(p) => anyhow::bail!("`--model {}`: no such file", p.display()),
+        None => fetch::ensure_default_model(false).context("fetching the default model (or pass --model PATH)"),
     }
-    let draft: DraftSpec = args.draft.parse()?;
-    let rule = parse_controller(&args.controller)?;
+}
+
+/// Where to verify: `--local` wins; else the server from the flag,
+/// TANDEM_SERVER or the config file.
+fn verifier(args: &EdgeArgs, file: &EdgeConfig) -> Result<Verifier> {
+    if args.local {
+        return Ok(Verifier::Local);
+    }
+    let Some(url) = args.server.clone().or_else(|| file.server.clone()) else {
+        anyhow::bail!("say where to verify: `--local` (this process) or `--server URL` (or TANDEM_SERVER, or `server` in the config file)");
+    };
+    let mut cfg = ClientConfig::new(url);
+    cfg.api_key = args.api_key.clone().or_else(|| file.api_key.clone());
+    cfg.ttft_ms = args.slo_ttft_ms.or(file.slo_ttft_ms).unwrap_or(0);
+    cfg.tpot_ms = args.slo_tpot_ms.or(file.slo_tpot_ms).unwrap_or(0);
+    if let Some(ca) = args.ca_cert.as_ref().or(file.ca_cert.as_ref()) {
+        cfg.ca_cert = Some(std::fs::read(ca).with_context(|| format!("reading --ca-cert {}", ca.display()))?);
+    }
+    Ok(Verifier::Server(cfg))
+}
+
+/// Everything an [`Edge`] needs, from flags over environment over file.
+fn edge_options(args: &EdgeArgs, file: &EdgeConfig) -> Result<EdgeOptions> {
+    let draft: DraftSpec = args.draft.as_deref().or(file.draft.as_deref()).unwrap_or("layers:25").parse()?;
+    let backend: Backend = args.backend.as_deref().or(file.backend.as_deref()).unwrap_or("cpu").parse()?;
+    let draft_len = args.draft_len.or(file.draft_len).unwrap_or(4);
+    let rule = parse_controller(args.controller.as_deref().or(file.controller.as_deref()).unwrap_or("fixed"))?;
     let log: Option<Box<dyn Write + Send>> = match &args.log_controller {
         Some(p) => Some(Box::new(std::io::BufWriter::new(
             std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("opening --log-controller {}", p.display()))?,
         ))),
         None => None,
     };
-    let model_path = match &args.model {
-        Some(p) => p.clone(),
-        None => fetch::ensure_default_model(false).context("fetching the default model (or pass --model PATH)")?,
-    };
-    let target = LoadedModel::load(&model_path).with_context(|| format!("loading --model {}", model_path.display()))?;
-    let draft_source = draft.build(&target).with_context(|| format!("building --draft {draft}"))?;
-    let text = if args.raw { args.prompt.clone() } else { target.tokenizer.chat_prompt(&args.prompt) };
-    let prompt = target.tokenizer.encode(&text)?;
-    let request = GenerateRequest {
-        prompt,
-        max_new_tokens: args.max_new_tokens,
-        draft_len: args.draft_len,
-        sampling: SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
-    };
-    let tokenizer = target.tokenizer.clone();
-    let mut stream = tokenizer.stream();
-    let mut stdout = std::io::stdout();
+    Ok(EdgeOptions {
+        model: model_path(args, file)?,
+        controller: Some(SpeculationController::new(rule, draft_len, args.adaptive_k)),
+        draft,
+        backend,
+        draft_len,
+        pipeline: !args.no_pipeline,
+        verifier: verifier(args, file)?,
+        log,
+    })
+}
+
+fn open_edge(args: &EdgeArgs, file: &EdgeConfig) -> Result<Edge> {
+    let opts = edge_options(args, file)?;
+    let (model, draft) = (opts.model.clone(), opts.draft.clone());
+    Edge::open(opts).map_err(|e| match e {
+        EdgeError::Model(m) => anyhow::anyhow!("loading --model {} with --draft {draft}: {m}", model.display()),
+        other => other.into(),
+    })
+}
+
+fn generate(args: GenerateArgs, file: &EdgeConfig) -> Result<()> {
+    let sampling = args.sampling.params();
     let json = args.json;
-    let on_token = |t: u32| {
-        if !json {
-            if let Ok(piece) = stream.push(t) {
-                let _ = stdout.write_all(piece.as_bytes());
-                let _ = stdout.flush();
-            }
+    if args.server_only {
+        let Verifier::Server(cfg) = verifier(&args.edge, file)? else {
+            anyhow::bail!("`--server-only` needs `--server URL`, not `--local`");
+        };
+        let path = model_path(&args.edge, file)?;
+        let model = LoadedModel::load(&path).with_context(|| format!("loading --model {}", path.display()))?;
+        let prompt = encode_prompt(&model.tokenizer, &args.prompt, args.raw)?;
+        let req = GenerateRequest { prompt, max_new_tokens: args.sampling.max_new_tokens, draft_len: 0, sampling };
+        let mut out = TokenPrinter::new(&model.tokenizer, !json);
+        let g = server_only(RemoteTarget::new(cfg)?, &req, &model.tokenizer, |t| out.push(t))?;
+        return report(&g, json, "server_only", &path);
+    }
+    let mut edge = open_edge(&args.edge, file)?;
+    let tokenizer = edge.tokenizer.clone();
+    let prompt = encode_prompt(&tokenizer, &args.prompt, args.raw)?;
+    let req = GenerateRequest { prompt, max_new_tokens: args.sampling.max_new_tokens, draft_len: edge.draft_len, sampling };
+    let mut out = TokenPrinter::new(&tokenizer, !json);
+    let g = edge.generate(&req, |t| out.push(t))?;
+    report(&g, json, &edge.draft.to_string(), &edge.model_path)
+}
+
+fn encode_prompt(tokenizer: &tandem_model::Tokenizer, prompt: &str, raw: bool) -> Result<Vec<u32>> {
+    let text = if raw { prompt.to_string() } else { tokenizer.chat_prompt(prompt) };
+    Ok(tokenizer.encode(&text)?)
+}
+
+/// Writes tokens to stdout as text as soon as they are final.
+struct TokenPrinter<'a> {
+    stream: Option<tandem_model::TextStream<'a>>,
+    shown: String,
+}
+
+impl<'a> TokenPrinter<'a> {
+    fn new(tokenizer: &'a tandem_model::Tokenizer, print: bool) -> Self {
+        TokenPrinter { stream: print.then(|| tokenizer.stream()), shown: String::new() }
+    }
+
+    fn push(&mut self, t: u32) {
+        if let Some(piece) = self.stream.as_mut().and_then(|s| s.push(t).ok()) {
+            let mut stdout = std::io::stdout();
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+            self.shown.push_str(&piece);
         }
-    };
-    let controller = SpeculationController::new(rule, args.draft_len, args.adaptive_k);
-    let generation = match &args.server {
-        None => configured(Speculator::new(LocalTarget::new(target), draft_source, tokenizer.clone()), controller, log)
-            .generate(&request, on_token)?,
-        Some(url) => {
-            let mut cfg = ClientConfig::new(url.clone());
-            cfg.api_key = args.api_key.clone();
-            (cfg.ttft_ms, cfg.tpot_ms) = (args.slo_ttft_ms, args.slo_tpot_ms);
-            if let Some(ca) = &args.ca_cert {
-                cfg.ca_cert = Some(std::fs::read(ca).with_context(|| format!("reading --ca-cert {}", ca.display()))?);
-            }
-            let remote = RemoteTarget::new(cfg)?;
-            if args.server_only {
-                server_only(remote, &request, &tokenizer, on_token)?
-            } else {
-                configured(Speculator::new(remote, draft_source, tokenizer.clone()), controller, log).generate(&request, on_token)?
-            }
-        }
-    };
+    }
+}
+
+/// The end of a `generate`: a JSON summary, or a stats line after the text.
+fn report(g: &Generation, json: bool, draft: &str, model: &std::path::Path) -> Result<()> {
     if json {
-        let mut value = serde_json::to_value(&generation)?;
-        let mode = if args.server_only { "server_only".to_string() } else { draft.to_string() };
-        value["draft"] = serde_json::Value::String(mode);
-        value["model"] = serde_json::Value::String(model_path.display().to_string());
+        let mut value = serde_json::to_value(g)?;
+        value["draft"] = serde_json::Value::String(draft.to_string());
+        value["model"] = serde_json::Value::String(model.display().to_string());
         println!("{value}");
     } else {
         println!();
         eprintln!(
             "[{} tokens, {} rounds, acceptance {:.1} %, {:.2} tokens/round, {:.0} ms]",
-            generation.tokens.len(),
-            generation.rounds,
-            100.0 * generation.acceptance_rate,
-            generation.tokens_per_round,
-            generation.wall_ms
+            g.tokens.len(),
+            g.rounds,
+            100.0 * g.acceptance_rate,
+            g.tokens_per_round,
+            g.wall_ms
         );
     }
     Ok(())
 }
 
-fn configured<T: Target>(s: Speculator<T>, controller: SpeculationController, log: Option<Box<dyn Write + Send>>) -> Speculator<T> {
-    let s = s.with_controller(controller);
-    match log {
-        Some(log) => s.with_log(log),
-        None => s,
+/// `chat`: read a line, answer it, repeat. Ctrl-C while an answer is being
+/// written stops that answer (it stays in the history as far as it got);
+/// at the prompt it only reminds how to quit.
+fn chat(args: ChatArgs, file: &EdgeConfig) -> Result<()> {
+    let mut edge = open_edge(&args.edge, file)?;
+    let tokenizer = edge.tokenizer.clone();
+    let generating = Arc::new(AtomicBool::new(false));
+    watch_ctrl_c(edge.cancel_flag(), generating.clone())?;
+    let mut conversation = Conversation::new(args.system.clone());
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    println!("Tandem chat ({}, draft {}). /help lists commands; Ctrl-D quits.", edge.model_id(), edge.draft);
+    loop {
+        print!("> ");
+        stdout.flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            println!();
+            return Ok(());
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => return Ok(()),
+            "/stats" => println!("{}", conversation.stats()),
+            "/reset" => {
+                conversation.reset();
+                println!("(history cleared)");
+            }
+            "/help" => println!("/stats  speculation statistics\n/reset  forget the conversation\n/exit   quit (or Ctrl-D)\nCtrl-C stops the answer being written."),
+            cmd if cmd.starts_with('/') => println!("unknown command {cmd}; /help lists them"),
+            question => {
+                let prompt = match conversation.ask(question, &tokenizer) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("error: {}", explain(&e));
+                        continue;
+                    }
+                };
+                let req = GenerateRequest { prompt, max_new_tokens: args.sampling.max_new_tokens, draft_len: edge.draft_len, sampling: args.sampling.params() };
+                let mut out = TokenPrinter::new(&tokenizer, true);
+                generating.store(true, Ordering::SeqCst);
+                let result = edge.generate(&req, |t| out.push(t));
+                generating.store(false, Ordering::SeqCst);
+                match result {
+                    Ok(g) => {
+                        println!("{}", if g.cancelled { " [stopped]" } else { "" });
+                        conversation.answered(&out.shown, g);
+                    }
+                    Err(e) => {
+                        eprintln!("\nerror: {}", explain(&e));
+                        conversation.unanswered();
+                    }
+                }
+            }
+        }
     }
+}
+
+/// Ctrl-C sets `cancel` while `generating`; otherwise prints a reminder.
+fn watch_ctrl_c(cancel: Arc<AtomicBool>, generating: Arc<AtomicBool>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                if generating.load(Ordering::SeqCst) {
+                    cancel.store(true, Ordering::SeqCst);
+                } else {
+                    eprint!("\n(Ctrl-D or /exit quits)\n> ");
+                }
+            }
+        })
+    });
+    Ok(())
+}
+
+/// `serve`: the OpenAI-compatible endpoint until Ctrl-C or SIGTERM.
+fn serve(args: ServeArgs, file: &EdgeConfig) -> Result<()> {
+    let edge = open_edge(&args.edge, file)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("`--listen {}`", args.listen))?;
+        // Scripts wait for this line.
+        eprintln!("tandem-edge serve: OpenAI-compatible endpoint on http://{}/v1 (model {})", listener.local_addr()?, edge.model_id());
+        tandem_edge::openai::serve(listener, edge, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// `--server-only`: the server decodes; tokens stream back.

@@ -20,7 +20,7 @@ pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use llama::{Llama, LlamaConfig, Logits, LogitsFor, SeqPass};
 pub use sampling::{argmax, SamplingParams, SessionRng, SparseDist};
-pub use tokenizer::{TextStream, Tokenizer};
+pub use tokenizer::{ChatMessage, TextStream, Tokenizer};
 pub use verify::{judge_round, verify_greedy, verify_sampled, Verdict};
 
 use candle_core::quantized::gguf_file;

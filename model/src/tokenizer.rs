@@ -20,6 +20,14 @@ use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
+/// One turn of a conversation.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    pub content: String,
+}
+
 pub struct Tokenizer {
     inner: HfTokenizer,
     /// Byte string of every token (byte-level BPE undone), for exact
@@ -151,16 +159,28 @@ impl Tokenizer {
     /// where the assistant's answer begins. Models without a recognised
     /// template get the text unchanged.
     pub fn chat_prompt(&self, user: &str) -> String {
+        self.chat_messages(&[ChatMessage { role: "user".into(), content: user.into() }])
+    }
+
+    /// The prompt for a conversation (`system`, `user` and `assistant`
+    /// turns), ending where the next assistant answer begins. The model's
+    /// default system prompt is added when the conversation has none.
+    /// Models without a recognised template get the turns' text joined by
+    /// blank lines.
+    pub fn chat_messages(&self, messages: &[ChatMessage]) -> String {
         match &self.chat {
             Some(ChatTemplate::ChatMl { default_system }) => {
                 let mut s = String::new();
-                if let Some(sys) = default_system {
+                if let Some(sys) = default_system.as_ref().filter(|_| messages.first().is_none_or(|m| m.role != "system")) {
                     s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
                 }
-                s.push_str(&format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"));
+                for m in messages {
+                    s.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
+                }
+                s.push_str("<|im_start|>assistant\n");
                 s
             }
-            None => user.to_string(),
+            None => messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n"),
         }
     }
 

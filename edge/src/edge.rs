@@ -1,0 +1,163 @@
+//! One edge device's generator: the model, its draft, the controller and
+//! where verification happens, assembled once and used for many
+//! generations (`generate`, `chat`, `serve`).
+
+use crate::client::{ClientConfig, RemoteTarget};
+use crate::controller::SpeculationController;
+use crate::{EdgeError, GenerateRequest, Generation, LocalTarget, Speculator};
+use std::io::Write;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tandem_model::{DraftSource, DraftSpec, LoadedModel, Tokenizer};
+
+/// Where the draft model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// candle on the CPU with Tandem's quantized kernels.
+    Cpu,
+    /// Tandem's WGSL kernels through wgpu (Vulkan, Metal, DX12).
+    Wgpu,
+}
+
+impl FromStr for Backend {
+    type Err = EdgeError;
+    fn from_str(s: &str) -> Result<Self, EdgeError> {
+        match s {
+            "cpu" => Ok(Backend::Cpu),
+            "wgpu" => Ok(Backend::Wgpu),
+            "metal" => Err(EdgeError::InvalidArgument(
+                "`--backend metal`: candle's Metal backend is not wired to Tandem's model yet; use `--backend wgpu`, which runs on Metal through wgpu".into(),
+            )),
+            other => Err(EdgeError::InvalidArgument(format!("`--backend {other}`: expected cpu or wgpu"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Cpu => "cpu",
+            Backend::Wgpu => "wgpu",
+        })
+    }
+}
+
+/// Where drafts are verified.
+#[derive(Clone, Debug)]
+pub enum Verifier {
+    /// The target model in this process.
+    Local,
+    /// A Tandem server.
+    Server(ClientConfig),
+}
+
+/// What an [`Edge`] is made of.
+pub struct EdgeOptions {
+    pub model: PathBuf,
+    pub draft: DraftSpec,
+    pub backend: Backend,
+    /// Drafted tokens per round (the most, with a controller).
+    pub draft_len: usize,
+    /// None: a fixed draft length every round.
+    pub controller: Option<SpeculationController>,
+    /// Draft ahead while a round is verified (remote verification only).
+    pub pipeline: bool,
+    pub verifier: Verifier,
+    /// Where to record the controller's training samples.
+    pub log: Option<Box<dyn Write + Send>>,
+}
+
+enum AnySpeculator {
+    Local(Speculator<LocalTarget>),
+    Remote(Speculator<RemoteTarget>),
+}
+
+/// A ready generator.
+pub struct Edge {
+    speculator: AnySpeculator,
+    pub tokenizer: Arc<Tokenizer>,
+    pub model_path: PathBuf,
+    /// The draft as given (`layers:25`, `ngram`, …).
+    pub draft: DraftSpec,
+    pub draft_len: usize,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Edge {
+    /// Loads the model, builds the draft and (for a server) the client.
+    /// No connection is made until the first generation.
+    pub fn open(opts: EdgeOptions) -> Result<Self, EdgeError> {
+        let model = LoadedModel::load(&opts.model)?;
+        let draft = build_draft(&opts.draft, opts.backend, &model)?;
+        let tokenizer = model.tokenizer.clone();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let speculator = match opts.verifier {
+            Verifier::Local => {
+                let s = Speculator::new(LocalTarget::new(model), draft, tokenizer.clone());
+                AnySpeculator::Local(configure(s, &cancel, opts.controller, opts.log))
+            }
+            Verifier::Server(cfg) => {
+                let s = Speculator::new(RemoteTarget::new(cfg)?, draft, tokenizer.clone()).with_pipelining(opts.pipeline);
+                AnySpeculator::Remote(configure(s, &cancel, opts.controller, opts.log))
+            }
+        };
+        Ok(Edge { speculator, tokenizer, model_path: opts.model, draft: opts.draft, draft_len: opts.draft_len, cancel })
+    }
+
+    /// Generates; ends early (keeping the tokens so far) once the flag of
+    /// [`Edge::cancel_flag`] is set. The flag is cleared at the start.
+    pub fn generate(&mut self, req: &GenerateRequest, on_token: impl FnMut(u32)) -> Result<Generation, EdgeError> {
+        self.cancel.store(false, Ordering::Relaxed);
+        match &mut self.speculator {
+            AnySpeculator::Local(s) => s.generate(req, on_token),
+            AnySpeculator::Remote(s) => s.generate(req, on_token),
+        }
+    }
+
+    /// Setting it ends the generation in progress after its current round.
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
+    }
+
+    /// Model name as the OpenAI endpoint reports it (the file's stem).
+    pub fn model_id(&self) -> String {
+        self.model_path.file_stem().map_or_else(|| "tandem".into(), |s| s.to_string_lossy().into_owned())
+    }
+}
+
+fn configure<T: crate::Target + Send>(
+    s: Speculator<T>,
+    cancel: &Arc<AtomicBool>,
+    controller: Option<SpeculationController>,
+    log: Option<Box<dyn Write + Send>>,
+) -> Speculator<T> {
+    let s = s.with_cancel(cancel.clone());
+    let s = match controller {
+        Some(c) => s.with_controller(c),
+        None => s,
+    };
+    match log {
+        Some(log) => s.with_log(log),
+        None => s,
+    }
+}
+
+/// The draft source for `spec` on `backend`.
+pub fn build_draft(spec: &DraftSpec, backend: Backend, target: &LoadedModel) -> Result<Box<dyn DraftSource>, EdgeError> {
+    match backend {
+        Backend::Cpu => Ok(spec.build(target)?),
+        Backend::Wgpu => wgpu_draft(spec, target),
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_draft(spec: &DraftSpec, target: &LoadedModel) -> Result<Box<dyn DraftSource>, EdgeError> {
+    crate::wgpu::build_draft(spec, target)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_draft(_: &DraftSpec, _: &LoadedModel) -> Result<Box<dyn DraftSource>, EdgeError> {
+    Err(EdgeError::InvalidArgument("`--backend wgpu`: this build has no wgpu backend (build with `--features wgpu`)".into()))
+}

@@ -1,0 +1,516 @@
+//! `tandem-edge serve`: a local OpenAI-compatible HTTP endpoint backed by
+//! the edge–cloud loop, so apps on the device use Tandem unchanged.
+//!
+//! Routes: `POST /v1/chat/completions`, `POST /v1/completions` (both with
+//! `stream: true` as server-sent events), `GET /v1/models`, `GET /health`.
+//! Choices made where the OpenAI API leaves room:
+//! * One device, one draft model: requests are served one at a time, in
+//!   arrival order; the others wait.
+//! * The `model` field is echoed but not checked (as llama.cpp's server
+//!   does): apps configured with another name keep working.
+//! * Defaults follow OpenAI: `temperature` 1, `top_p` 1, `max_tokens` 16
+//!   for completions, up to the protocol's limit for chat; `seed` absent
+//!   draws one. `n` must be 1; `stop` takes up to 4 strings.
+//! * Parameters Tandem cannot honour (`tools`, `logprobs`, penalties,
+//!   `response_format`, …) are refused with a 400 naming them rather than
+//!   silently ignored.
+//! * `usage.tandem` carries the speculation counts (drafted, accepted,
+//!   rounds, …); streaming responses carry usage when asked with
+//!   `stream_options: {"include_usage": true}`.
+//! * A client that disconnects mid-stream cancels its generation.
+
+use crate::edge::Edge;
+use crate::{EdgeError, GenerateRequest, Generation};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Map, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tandem_model::{ChatMessage, SamplingParams, Tokenizer};
+use tandem_protocol::limits::{MAX_NEW_TOKENS, MAX_PROMPT_TOKENS};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tracing::{info, warn};
+
+#[derive(Clone)]
+struct AppState {
+    edge: Arc<Mutex<Edge>>,
+    /// Shared with the edge, so requests are checked while another generates.
+    tokenizer: Arc<Tokenizer>,
+    model_id: Arc<str>,
+    draft_len: usize,
+}
+
+/// The endpoint's routes over `edge`.
+pub fn router(edge: Edge) -> Router {
+    let model_id: Arc<str> = edge.model_id().into();
+    let state = AppState { tokenizer: edge.tokenizer.clone(), draft_len: edge.draft_len, edge: Arc::new(Mutex::new(edge)), model_id };
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { "ok" }))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(listener: tokio::net::TcpListener, edge: Edge, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    axum::serve(listener, router(edge)).with_graceful_shutdown(shutdown).await
+}
+
+/// An OpenAI-style error response.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    param: Option<&'static str>,
+}
+
+impl ApiError {
+    fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::BAD_REQUEST, message: message.into(), param: Some(param) }
+    }
+
+    fn body(&self) -> Value {
+        let kind = if self.status.is_client_error() { "invalid_request_error" } else { "server_error" };
+        json!({"error": {"message": self.message, "type": kind, "param": self.param, "code": null}})
+    }
+}
+
+impl From<EdgeError> for ApiError {
+    fn from(e: EdgeError) -> Self {
+        let status = match &e {
+            EdgeError::InvalidArgument(_) | EdgeError::Model(tandem_model::ModelError::InvalidArgument(_)) => StatusCode::BAD_REQUEST,
+            EdgeError::Server(s) => match s.code() {
+                tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => StatusCode::BAD_GATEWAY,
+                tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+                _ => StatusCode::BAD_GATEWAY,
+            },
+            EdgeError::Connect { .. } => StatusCode::BAD_GATEWAY,
+            EdgeError::Model(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError { status, message: crate::explain(&e), param: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, [(header::CONTENT_TYPE, "application/json")], self.body().to_string()).into_response()
+    }
+}
+
+fn json_response(v: Value) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+}
+
+async fn models(State(s): State<AppState>) -> Response {
+    json_response(json!({"object": "list", "data": [{"id": &*s.model_id, "object": "model", "created": unix_now(), "owned_by": "tandem"}]}))
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+/// A request checked once: everything the generation needs.
+#[derive(Debug)]
+struct ValidCompletion {
+    prompt: Vec<u32>,
+    max_new_tokens: usize,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+/// Fields refused rather than ignored (unless null, false or empty).
+const UNSUPPORTED: [&str; 8] = ["tools", "functions", "logprobs", "top_logprobs", "response_format", "logit_bias", "echo", "suffix"];
+
+fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer) -> Result<ValidCompletion, ApiError> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", format!("the body is not JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| ApiError::invalid("body", "the body must be a JSON object"))?;
+    for name in UNSUPPORTED {
+        let off = |x: &Value| match x {
+            Value::Null | Value::Bool(false) => true,
+            Value::Array(a) => a.is_empty(),
+            Value::Object(o) => o.is_empty() || o.get("type").and_then(Value::as_str) == Some("text"),
+            _ => false,
+        };
+        if obj.get(name).is_some_and(|x| !off(x)) {
+            return Err(ApiError::invalid(name, format!("`{name}` is not supported by Tandem")));
+        }
+    }
+    for name in ["frequency_penalty", "presence_penalty"] {
+        if number(obj, name)?.is_some_and(|p| p != 0.0) {
+            return Err(ApiError::invalid(name, format!("`{name}` is not supported by Tandem (only 0)")));
+        }
+    }
+    if number(obj, "n")?.is_some_and(|n| n != 1.0) {
+        return Err(ApiError::invalid("n", "`n` must be 1"));
+    }
+    let text = match kind {
+        Kind::Chat => tokenizer.chat_messages(&messages(obj)?),
+        Kind::Text => prompt_text(obj)?,
+    };
+    let prompt = tokenizer.encode(&text).map_err(EdgeError::from)?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    if prompt.len() > MAX_PROMPT_TOKENS {
+        let param = if kind == Kind::Chat { "messages" } else { "prompt" };
+        return Err(ApiError::invalid(param, format!("the prompt is {} tokens; at most {MAX_PROMPT_TOKENS}", prompt.len())));
+    }
+    let default_max = if kind == Kind::Chat { MAX_NEW_TOKENS } else { 16 };
+    let (max_name, max) = match (number(obj, "max_completion_tokens")?, number(obj, "max_tokens")?) {
+        (Some(m), _) => ("max_completion_tokens", m),
+        (None, Some(m)) => ("max_tokens", m),
+        (None, None) => ("max_tokens", default_max as f64),
+    };
+    if !(max >= 1.0 && max <= MAX_NEW_TOKENS as f64 && max.fract() == 0.0) {
+        return Err(ApiError::invalid(max_name, format!("`{max_name}` must be an integer in 1..={MAX_NEW_TOKENS}")));
+    }
+    let temperature = number(obj, "temperature")?.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid("temperature", "`temperature` must be in [0, 2]"));
+    }
+    let top_p = number(obj, "top_p")?.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid("top_p", "`top_p` must be in (0, 1]"));
+    }
+    let seed = match obj.get("seed") {
+        None | Some(Value::Null) => fresh_seed(),
+        Some(s) => s.as_u64().or_else(|| s.as_i64().map(|i| i as u64)).ok_or_else(|| ApiError::invalid("seed", "`seed` must be an integer"))?,
+    };
+    let stop = match obj.get("stop") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if a.len() <= 4 => {
+            a.iter().map(|s| s.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or_else(|| ApiError::invalid("stop", "`stop` must be a string or up to 4 strings"))?
+        }
+        Some(_) => return Err(ApiError::invalid("stop", "`stop` must be a string or up to 4 strings")),
+    };
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid("stop", "`stop` strings must not be empty"));
+    }
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::invalid("stream", "`stream` must be true or false")),
+    };
+    let include_usage = obj.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
+    Ok(ValidCompletion {
+        prompt,
+        max_new_tokens: max as usize,
+        sampling: SamplingParams { temperature: temperature as f32, top_k: 0, top_p: top_p as f32, seed },
+        stop,
+        stream,
+        include_usage,
+    })
+}
+
+fn number(obj: &Map<String, Value>, name: &'static str) -> Result<Option<f64>, ApiError> {
+    match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_f64().map(Some).ok_or_else(|| ApiError::invalid(name, format!("`{name}` must be a number"))),
+    }
+}
+
+fn messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
+    let list = obj.get("messages").and_then(Value::as_array).ok_or_else(|| ApiError::invalid("messages", "`messages` must be an array of {role, content}"))?;
+    if list.is_empty() {
+        return Err(ApiError::invalid("messages", "`messages` is empty"));
+    }
+    list.iter()
+        .map(|m| {
+            let role = m.get("role").and_then(Value::as_str).ok_or_else(|| ApiError::invalid("messages", "each message needs a `role`"))?;
+            // The API's "developer" role is its new name for "system".
+            let role = match role {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => return Err(ApiError::invalid("messages", format!("message role `{other}` is not supported (system, user, assistant)"))),
+            };
+            Ok(ChatMessage { role: role.into(), content: content_text(m.get("content"))? })
+        })
+        .collect()
+}
+
+/// A message's content: a string, or an array of parts of which only
+/// `text` parts are supported.
+fn content_text(content: Option<&Value>) -> Result<String, ApiError> {
+    match content {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                (Some("text"), Some(t)) => Ok(t),
+                _ => Err(ApiError::invalid("messages", "only `text` content parts are supported")),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|t| t.concat()),
+        Some(_) => Err(ApiError::invalid("messages", "message `content` must be a string or an array of text parts")),
+    }
+}
+
+fn prompt_text(obj: &Map<String, Value>) -> Result<String, ApiError> {
+    match obj.get("prompt") {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => Ok(a[0].as_str().expect("checked").to_string()),
+        _ => Err(ApiError::invalid("prompt", "`prompt` must be a string (or an array of one string)")),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn fresh_seed() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn next_id(kind: Kind) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
+    format!("{prefix}-{:x}{n:04x}", unix_now())
+}
+
+/// Holds back the end of the text while it could still become a stop
+/// string, and reports when one appears.
+#[derive(Debug)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+}
+
+impl StopMatcher {
+    pub fn new(stops: Vec<String>) -> Self {
+        StopMatcher { stops, held: String::new() }
+    }
+
+    /// Adds generated text; returns what may be shown now and whether a
+    /// stop string was reached (the text before it is all that is shown).
+    pub fn push(&mut self, text: &str) -> (String, bool) {
+        self.held.push_str(text);
+        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+            let shown = self.held[..at].to_string();
+            self.held.clear();
+            return (shown, true);
+        }
+        // Keep the longest suffix that is a prefix of some stop string.
+        let keep = self
+            .stops
+            .iter()
+            .flat_map(|s| (1..s.len()).rev().filter(|&n| s.is_char_boundary(n)).find(|&n| self.held.ends_with(&s[..n])))
+            .max()
+            .unwrap_or(0);
+        let cut = self.held.len() - keep;
+        let shown = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        (shown, false)
+    }
+
+    /// The generation ended without a stop string: the rest.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+/// What the generating thread sends to the response.
+enum Update {
+    Text(String),
+    Done { generation: Box<Generation>, stopped: bool },
+    Failed(ApiError),
+}
+
+/// Runs the generation on a blocking thread (one at a time per edge),
+/// sending text as it becomes final.
+fn spawn_generation(state: &AppState, req: ValidCompletion, tx: mpsc::Sender<Update>) {
+    let edge = state.edge.clone();
+    let request = GenerateRequest { prompt: req.prompt, max_new_tokens: req.max_new_tokens, draft_len: state.draft_len, sampling: req.sampling };
+    tokio::task::spawn_blocking(move || {
+        let mut edge = edge.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let cancel = edge.cancel_flag();
+        let tokenizer = edge.tokenizer.clone();
+        let mut pieces = tokenizer.stream();
+        let mut matcher = StopMatcher::new(req.stop);
+        let mut stopped = false;
+        let result = edge.generate(&request, |t| {
+            if stopped {
+                return;
+            }
+            let piece = pieces.push(t).unwrap_or_default();
+            let (shown, hit) = matcher.push(&piece);
+            // A client that went away ends the generation.
+            if !shown.is_empty() && tx.blocking_send(Update::Text(shown)).is_err() {
+                cancel.store(true, Ordering::Relaxed);
+            }
+            if hit {
+                stopped = true;
+                cancel.store(true, Ordering::Relaxed);
+            }
+        });
+        let update = match result {
+            Ok(generation) => {
+                let rest = if stopped { String::new() } else { matcher.finish() };
+                if !rest.is_empty() {
+                    let _ = tx.blocking_send(Update::Text(rest));
+                }
+                info!(tokens = generation.tokens.len(), acceptance = generation.acceptance_rate, "completion served");
+                Update::Done { generation: Box::new(generation), stopped }
+            }
+            Err(e) => {
+                warn!(error = %e, "completion failed");
+                Update::Failed(e.into())
+            }
+        };
+        let _ = tx.blocking_send(update);
+    });
+}
+
+fn usage(g: &Generation) -> Value {
+    json!({
+        "prompt_tokens": g.prompt_tokens,
+        "completion_tokens": g.tokens.len(),
+        "total_tokens": g.prompt_tokens + g.tokens.len(),
+        "tandem": {
+            "drafted": g.drafted,
+            "accepted": g.accepted,
+            "acceptance_rate": g.acceptance_rate,
+            "rounds": g.rounds,
+            "tokens_per_round": g.tokens_per_round,
+            "wasted_draft_ms": g.wasted_draft_ms,
+            "ttft_ms": g.ttft_ms,
+            "wall_ms": g.wall_ms,
+        }
+    })
+}
+
+fn finish_reason(g: &Generation, stopped: bool) -> &'static str {
+    if stopped || g.stopped_on_eos {
+        "stop"
+    } else {
+        "length"
+    }
+}
+
+async fn chat_completions(State(s): State<AppState>, body: Bytes) -> Response {
+    complete(s, Kind::Chat, body).await
+}
+
+async fn completions(State(s): State<AppState>, body: Bytes) -> Response {
+    complete(s, Kind::Text, body).await
+}
+
+async fn complete(state: AppState, kind: Kind, body: Bytes) -> Response {
+    let req = match parse_request(kind, &body, &state.tokenizer) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let (tx, rx) = mpsc::channel(64);
+    let (stream, include_usage) = (req.stream, req.include_usage);
+    spawn_generation(&state, req, tx);
+    let id = next_id(kind);
+    let created = unix_now();
+    let model = state.model_id.to_string();
+    if stream {
+        stream_response(kind, id, created, model, include_usage, rx).into_response()
+    } else {
+        whole_response(kind, id, created, model, rx).await
+    }
+}
+
+async fn whole_response(kind: Kind, id: String, created: u64, model: String, mut rx: mpsc::Receiver<Update>) -> Response {
+    let mut text = String::new();
+    while let Some(update) = rx.recv().await {
+        match update {
+            Update::Text(t) => text.push_str(&t),
+            Update::Failed(e) => return e.into_response(),
+            Update::Done { generation, stopped } => {
+                let reason = finish_reason(&generation, stopped);
+                let choice = match kind {
+                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": null}),
+                    Kind::Text => json!({"index": 0, "text": text, "finish_reason": reason, "logprobs": null}),
+                };
+                let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+                return json_response(json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage(&generation)}));
+            }
+        }
+    }
+    ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: "the generation ended without a result".into(), param: None }.into_response()
+}
+
+fn stream_response(kind: Kind, id: String, created: u64, model: String, include_usage: bool, mut rx: mpsc::Receiver<Update>) -> impl IntoResponse {
+    let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+    let chunk = move |choices: Value, usage: Option<Value>| {
+        let mut c = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
+        if let Some(u) = usage {
+            c["usage"] = u;
+        }
+        Event::default().data(c.to_string())
+    };
+    let choice = move |text: Option<&str>, reason: Option<&str>| match kind {
+        Kind::Chat => json!([{"index": 0, "delta": text.map_or(json!({}), |t| json!({"content": t})), "finish_reason": reason, "logprobs": null}]),
+        Kind::Text => json!([{"index": 0, "text": text.unwrap_or(""), "finish_reason": reason, "logprobs": null}]),
+    };
+    // Updates become events on a task of their own; a full channel waits
+    // for the client, a closed one (client gone) drops the updates.
+    let (events_tx, events_rx) = mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        if kind == Kind::Chat {
+            let opening = chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null, "logprobs": null}]), None);
+            let _ = events_tx.send(opening).await;
+        }
+        while let Some(update) = rx.recv().await {
+            let events = match update {
+                Update::Text(t) => vec![chunk(choice(Some(&t), None), None)],
+                Update::Done { generation, stopped } => {
+                    let mut last = vec![chunk(choice(None, Some(finish_reason(&generation, stopped))), None)];
+                    if include_usage {
+                        last.push(chunk(json!([]), Some(usage(&generation))));
+                    }
+                    last.push(Event::default().data("[DONE]"));
+                    last
+                }
+                Update::Failed(e) => vec![Event::default().data(e.body().to_string())],
+            };
+            for e in events {
+                if events_tx.send(e).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let events = ReceiverStream::new(events_rx).map(Ok::<_, std::convert::Infallible>);
+    Sse::new(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopMatcher;
+
+    #[test]
+    fn stop_strings_hold_back_possible_prefixes_and_cut_at_the_match() {
+        let mut m = StopMatcher::new(vec!["\n\n".into(), "END".into()]);
+        assert_eq!(m.push("Hello"), ("Hello".into(), false));
+        assert_eq!(m.push(" wor"), (" wor".into(), false));
+        assert_eq!(m.push("ld\n"), ("ld".into(), false), "a lone newline may start a stop string");
+        assert_eq!(m.push("E"), ("\n".into(), false), "\\nE cannot become \\n\\n, but E may become END");
+        assert_eq!(m.push("NDING"), (String::new(), true));
+        let mut m = StopMatcher::new(vec!["\n\n".into()]);
+        assert_eq!(m.push("a\n"), ("a".into(), false));
+        assert_eq!(m.finish(), "\n", "the held text comes out at the end");
+        let mut none = StopMatcher::new(vec![]);
+        assert_eq!(none.push("x\n\n"), ("x\n\n".into(), false));
+    }
+}
