@@ -1,0 +1,52 @@
+"""Drives `tandem-edge serve` with the official OpenAI Python client.
+
+Usage: openai_client.py BASE_URL
+Prints one JSON object: the non-streamed and streamed answers and usage.
+"""
+import json
+import sys
+
+import openai
+
+client = openai.OpenAI(base_url=sys.argv[1], api_key="unused-by-a-local-endpoint")
+question = [{"role": "user", "content": "Name three colours."}]
+
+whole = client.chat.completions.create(model="tandem", messages=question, max_tokens=24, temperature=0)
+chunks = list(
+    client.chat.completions.create(
+        model="tandem",
+        messages=question,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+)
+streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+usage = [c.usage for c in chunks if c.usage]
+text = client.completions.create(model="tandem", prompt="The capital of France is", max_tokens=4, temperature=0)
+models = [m.id for m in client.models.list()]
+
+try:
+    client.chat.completions.create(model="tandem", messages=question, temperature=5)
+    refused = None
+except openai.BadRequestError as e:
+    refused = e.body.get("param") if isinstance(e.body, dict) else str(e.body)
+
+print(
+    json.dumps(
+        {
+            "whole": whole.choices[0].message.content,
+            "whole_finish": whole.choices[0].finish_reason,
+            "whole_usage": whole.usage.model_dump(),
+            "streamed": streamed,
+            "stream_chunks": len(chunks),
+            "stream_finish": finish,
+            "stream_usage": usage[0].model_dump() if usage else None,
+            "completion": text.choices[0].text,
+            "models": models,
+            "refused_param": refused,
+        }
+    )
+)

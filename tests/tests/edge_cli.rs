@@ -1,0 +1,224 @@
+//! The `tandem-edge` binary as a user runs it, against a real server over
+//! loopback: `generate` (pipelined or not, equal to server-only decoding,
+//! across a server restart), settings from the config file and the
+//! environment, clear errors, `serve` driven by the official OpenAI Python
+//! client, and `chat` driven through a pseudo-terminal.
+
+use serde_json::Value;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tandem_tests::{free_port, workspace_binary, write_file, ServerProcess};
+
+/// One test at a time: each starts servers, and two cores are all there is.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The edge binary with no settings from this machine's user.
+fn edge() -> Command {
+    let mut c = Command::new(workspace_binary("tandem-edge"));
+    c.env_remove("TANDEM_SERVER").env_remove("TANDEM_API_KEY").env_remove("TANDEM_CONFIG").env("XDG_CONFIG_HOME", std::env::temp_dir().join("tandem-test-no-config"));
+    c
+}
+
+fn succeed(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn json_of(cmd: &mut Command) -> Value {
+    serde_json::from_slice(&succeed(cmd).stdout).unwrap()
+}
+
+const PROMPT: &str = "Write a Python function that checks whether a number is prime.";
+
+fn generate_args(extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["generate", "--prompt", PROMPT, "--max-new-tokens", "48", "--json"].iter().map(|s| s.to_string()).collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+#[test]
+fn generate_equals_server_only_with_settings_from_flags_env_or_file() {
+    let _one = serial();
+    let server = ServerProcess::start(&[]);
+    let url = server.url();
+    let reference = json_of(edge().args(generate_args(&["--server", &url, "--server-only"])));
+    let reference_tokens = &reference["tokens"];
+    assert_eq!(reference_tokens.as_array().unwrap().len(), 48);
+
+    let pipelined = json_of(edge().args(generate_args(&["--server", &url, "--draft", "layers:25"])));
+    assert_eq!(&pipelined["tokens"], reference_tokens, "pipelined drafting changed the output");
+    assert!(pipelined["ahead_drafted"].as_u64().unwrap() > 0, "nothing was drafted ahead: {pipelined}");
+    let plain = json_of(edge().args(generate_args(&["--server", &url, "--draft", "ngram", "--no-pipeline"])));
+    assert_eq!(&plain["tokens"], reference_tokens);
+    assert_eq!(plain["ahead_drafted"], 0);
+
+    // The server from the environment, then from the config file (which
+    // also sets the draft); a flag beats both.
+    let from_env = json_of(edge().args(generate_args(&["--draft", "ngram"])).env("TANDEM_SERVER", &url));
+    assert_eq!(&from_env["tokens"], reference_tokens);
+    let config = write_file("edge.toml", &format!("server = \"{url}\"\ndraft = \"ngram\"\ndraft_len = 3\n"));
+    let from_file = json_of(edge().args(generate_args(&[])).env("TANDEM_CONFIG", &config));
+    assert_eq!(&from_file["tokens"], reference_tokens);
+    assert_eq!(from_file["draft"], "ngram");
+    let flag_wins = json_of(edge().args(generate_args(&["--draft", "layers:20"])).arg("--config").arg(&config));
+    assert_eq!(flag_wins["draft"], "layers:20");
+    assert_eq!(&flag_wins["tokens"], reference_tokens);
+
+    let typo = write_file("typo.toml", "sever = \"http://x\"\n");
+    let out = edge().args(generate_args(&[])).arg("--config").arg(&typo).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--config") && err.contains("sever"), "{err}");
+}
+
+#[test]
+fn unreachable_server_bad_key_and_missing_model_get_clear_errors() {
+    let _one = serial();
+    let tenants = write_file("tenants.toml", "[[tenant]]\nname = \"alpha\"\napi_key = \"alpha-key-123\"\n");
+    let server = ServerProcess::start(&["--tenants", tenants.to_str().unwrap()]);
+    let url = server.url();
+    let expect_error = |cmd: &mut Command, needles: &[&str]| {
+        let started = Instant::now();
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{cmd:?} succeeded");
+        for n in needles {
+            assert!(err.contains(n), "{cmd:?}: error does not say {n:?}: {err}");
+        }
+        started.elapsed()
+    };
+    expect_error(edge().args(generate_args(&["--server", &url, "--draft", "ngram"])), &["API key", "TANDEM_API_KEY"]);
+    expect_error(edge().args(generate_args(&["--server", &url, "--draft", "ngram", "--api-key", "wrong"])), &["API key"]);
+    let ok = json_of(edge().args(generate_args(&["--server", &url, "--draft", "ngram"])).env("TANDEM_API_KEY", "alpha-key-123"));
+    assert_eq!(ok["tokens"].as_array().unwrap().len(), 48);
+
+    // Nothing listens there: reported at once, not after a minute of retries.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let waited = expect_error(edge().args(generate_args(&["--server", &dead, "--draft", "ngram"])), &["cannot reach the server", &dead]);
+    assert!(waited < Duration::from_secs(20), "took {waited:?} to report an unreachable server");
+    expect_error(edge().args(generate_args(&["--local", "--model", "/nonexistent/model.gguf"])), &["--model", "/nonexistent/model.gguf"]);
+    expect_error(edge().args(generate_args(&["--local", "--backend", "tpu"])), &["--backend tpu"]);
+    expect_error(edge().args(generate_args(&[])), &["--local", "--server", "TANDEM_SERVER"]);
+}
+
+#[test]
+fn generate_resumes_across_a_server_restart_with_identical_text() {
+    let _one = serial();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut server = ServerProcess::start(&["--listen", &listen]);
+    let url = server.url();
+    let args = ["generate", "--server", &url, "--draft", "layers:25", "--prompt", "Write a short story about a lighthouse keeper.", "--max-new-tokens", "160"];
+    let reference = String::from_utf8(succeed(edge().args(args)).stdout).unwrap();
+    assert!(reference.len() > 200, "{reference}");
+
+    let mut child = edge().args(args).env("RUST_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    // Kill the server once a fifth of the answer is out.
+    while seen.len() < reference.len() / 5 {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "the edge ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    server.signal(9);
+    let _ = server.child.wait();
+    server = ServerProcess::start(&["--listen", &listen]);
+    stdout.read_to_end(&mut seen).unwrap();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("resuming"), "no resume happened: {stderr}");
+    assert_eq!(String::from_utf8(seen).unwrap(), reference, "the resumed text differs from the uninterrupted one");
+    drop(server);
+}
+
+/// Where `.ci/run` installs the `openai` package (`pip install --target`).
+fn python_path() -> PathBuf {
+    std::env::var_os("TANDEM_PYTHONPATH").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tandem-ci-python"))
+}
+
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("py").join(name)
+}
+
+#[test]
+fn serve_answers_the_official_openai_client() {
+    let _one = serial();
+    let pythonpath = python_path();
+    let probe = Command::new("python3").args(["-c", "import openai"]).env("PYTHONPATH", &pythonpath).output().unwrap();
+    assert!(
+        probe.status.success(),
+        "the `openai` Python package is missing: `.ci/run` installs it (python3 -m pip install --target {} openai)",
+        pythonpath.display()
+    );
+    let server = ServerProcess::start(&[]);
+    let port = free_port();
+    let mut serve = edge()
+        .args(["serve", "--server", &server.url(), "--draft", "layers:25", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut banner = String::new();
+    let mut stderr = serve.stderr.take().unwrap();
+    let mut byte = [0u8; 1];
+    while !banner.contains("/v1") && stderr.read(&mut byte).unwrap() == 1 {
+        banner.push(byte[0] as char);
+    }
+    assert!(banner.contains("OpenAI-compatible endpoint"), "{banner}");
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+
+    let out = Command::new("python3").arg(script("openai_client.py")).arg(format!("http://127.0.0.1:{port}/v1")).env("PYTHONPATH", &pythonpath).output().unwrap();
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    // The reference: the same question through `generate`.
+    let generated = json_of(edge().args(["generate", "--server", &server.url(), "--draft", "ngram", "--prompt", "Name three colours.", "--max-new-tokens", "24", "--json"]));
+    assert_eq!(v["whole"], generated["text"], "{v}");
+    assert_eq!(v["streamed"], generated["text"], "{v}");
+    assert!(v["stream_chunks"].as_u64().unwrap() >= 3, "{v}");
+    assert_eq!(v["whole_finish"], "length");
+    assert_eq!(v["stream_finish"], serde_json::json!(["length"]));
+    for usage in [&v["whole_usage"], &v["stream_usage"]] {
+        assert_eq!(usage["completion_tokens"], 24, "{v}");
+        let drafted = usage["tandem"]["drafted"].as_u64().unwrap();
+        let accepted = usage["tandem"]["accepted"].as_u64().unwrap();
+        assert!(drafted > 0 && accepted <= drafted, "{v}");
+    }
+    assert!(v["completion"].as_str().unwrap().contains("Paris"), "{v}");
+    assert_eq!(v["models"], serde_json::json!(["SmolLM2-135M-Instruct.Q4_1"]));
+    assert_eq!(v["refused_param"], "temperature");
+}
+
+#[test]
+fn chat_through_a_terminal_keeps_going_after_ctrl_c() {
+    let _one = serial();
+    let edge_bin = workspace_binary("tandem-edge");
+    let out = Command::new("python3")
+        .arg(script("chat_pty.py"))
+        .arg(&edge_bin)
+        .args(["chat", "--local", "--draft", "layers:25", "--max-new-tokens", "400"])
+        .env("XDG_CONFIG_HOME", std::env::temp_dir().join("tandem-test-no-config"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let transcript = v["transcript"].as_str().unwrap();
+    for step in ["banner", "answer", "stats", "stopped", "stats_after_stop"] {
+        assert_eq!(v["steps"][step], true, "step {step} did not happen:\n{transcript}");
+    }
+    assert!(transcript.contains("acceptance"), "{transcript}");
+    assert!(transcript.contains("(cancelled)"), "/stats after Ctrl-C should say the answer was cancelled:\n{transcript}");
+    assert!(transcript.contains("2 answers"), "{transcript}");
+    assert_eq!(v["exit_status"], 0, "{transcript}");
+}
