@@ -6,11 +6,12 @@ use crate::client::{ClientConfig, RemoteTarget};
 use crate::controller::SpeculationController;
 use crate::{EdgeError, GenerateRequest, Generation, LocalTarget, Speculator};
 use std::io::Write;
-use std::path::PathBuf;
+use crate::candle_draft::CandleLayers;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tandem_model::{DraftSource, DraftSpec, LoadedModel, Tokenizer};
+use tandem_model::{Autoregressive, DraftSource, DraftSpec, LoadedModel, Tokenizer};
 
 /// Where the draft model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +20,11 @@ pub enum Backend {
     Cpu,
     /// Tandem's WGSL kernels through wgpu (Vulkan, Metal, DX12).
     Wgpu,
+    /// candle's Metal backend (cargo feature `metal`).
+    Metal,
+    /// The same candle code on candle's CPU device: how the Metal path is
+    /// tested where there is no Metal.
+    CandleCpu,
 }
 
 impl FromStr for Backend {
@@ -27,10 +33,9 @@ impl FromStr for Backend {
         match s {
             "cpu" => Ok(Backend::Cpu),
             "wgpu" => Ok(Backend::Wgpu),
-            "metal" => Err(EdgeError::InvalidArgument(
-                "`--backend metal`: candle's Metal backend is not wired to Tandem's model yet; use `--backend wgpu`, which runs on Metal through wgpu".into(),
-            )),
-            other => Err(EdgeError::InvalidArgument(format!("`--backend {other}`: expected cpu or wgpu"))),
+            "metal" => Ok(Backend::Metal),
+            "candle-cpu" => Ok(Backend::CandleCpu),
+            other => Err(EdgeError::InvalidArgument(format!("`--backend {other}`: expected cpu, wgpu, metal or candle-cpu"))),
         }
     }
 }
@@ -40,6 +45,8 @@ impl std::fmt::Display for Backend {
         f.write_str(match self {
             Backend::Cpu => "cpu",
             Backend::Wgpu => "wgpu",
+            Backend::Metal => "metal",
+            Backend::CandleCpu => "candle-cpu",
         })
     }
 }
@@ -90,7 +97,7 @@ impl Edge {
     /// No connection is made until the first generation.
     pub fn open(opts: EdgeOptions) -> Result<Self, EdgeError> {
         let model = LoadedModel::load(&opts.model)?;
-        let draft = build_draft(&opts.draft, opts.backend, &model)?;
+        let draft = build_draft(&opts.draft, opts.backend, &model, &opts.model)?;
         let tokenizer = model.tokenizer.clone();
         let cancel = Arc::new(AtomicBool::new(false));
         let speculator = match opts.verifier {
@@ -144,11 +151,26 @@ fn configure<T: crate::Target + Send>(
     }
 }
 
-/// The draft source for `spec` on `backend`.
-pub fn build_draft(spec: &DraftSpec, backend: Backend, target: &LoadedModel) -> Result<Box<dyn DraftSource>, EdgeError> {
+/// The draft source for `spec` on `backend` (`target_path`: the target's
+/// file, whose first layers a `layers:N` draft runs). Drafts without a
+/// model (`none`, `ngram`) ignore the backend.
+pub fn build_draft(spec: &DraftSpec, backend: Backend, target: &LoadedModel, target_path: &Path) -> Result<Box<dyn DraftSource>, EdgeError> {
+    let (path, layers) = match spec {
+        DraftSpec::None | DraftSpec::Ngram => return Ok(spec.build(target)?),
+        DraftSpec::Layers(n) => (target_path, Some(*n)),
+        DraftSpec::Model(p) => (p.as_path(), None),
+    };
+    let stop = target.tokenizer.eos_tokens().to_vec();
     match backend {
         Backend::Cpu => Ok(spec.build(target)?),
         Backend::Wgpu => wgpu_draft(spec, target),
+        Backend::Metal | Backend::CandleCpu => {
+            if let DraftSpec::Model(p) = spec {
+                tandem_model::check_same_vocab(target, &LoadedModel::load(p)?, &spec.to_string())?;
+            }
+            let device = crate::candle_draft::device(&backend.to_string())?;
+            Ok(Box::new(Autoregressive::new(CandleLayers::load(path, layers, &device)?, stop)))
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! them (the model in this process, or a Tandem server over gRPC), and the
 //! accepted text streams out.
 
+mod candle_draft;
 pub mod chat;
 pub mod client;
 pub mod config;

@@ -137,19 +137,20 @@ impl DraftSpec {
                         "`--draft layers:{n}`: N must be between 1 and the target's {total} layers"
                     )));
                 }
-                Box::new(ModelDraft::new(target.llama.clone(), *n, stop))
+                Box::new(ModelDraft::from_layers(target.llama.clone(), *n, stop))
             }
             DraftSpec::Model(path) => {
                 let draft = LoadedModel::load(path)?;
                 check_same_vocab(target, &draft, &self.to_string())?;
                 let n = draft.llama.config().n_layers;
-                Box::new(ModelDraft::new(draft.llama, n, stop))
+                Box::new(ModelDraft::from_layers(draft.llama, n, stop))
             }
         })
     }
 }
 
-fn check_same_vocab(target: &LoadedModel, draft: &LoadedModel, name: &str) -> Result<()> {
+/// Refuses a draft whose vocabulary differs from the target's.
+pub fn check_same_vocab(target: &LoadedModel, draft: &LoadedModel, name: &str) -> Result<()> {
     let (t, d) = (&target.tokenizer, &draft.tokenizer);
     let mismatch = |reason: String| Err(ModelError::DraftMismatch { draft: name.to_string(), reason });
     if t.vocab_size() != d.vocab_size() || target.llama.config().vocab != draft.llama.config().vocab {
@@ -208,24 +209,33 @@ impl DraftSource for NgramDraft {
     }
 }
 
-/// A llama-family model (or the first N layers of one) drafting
-/// autoregressively with its own KV cache.
-pub struct ModelDraft {
-    llama: Arc<Llama>,
-    cache: crate::KvCache,
+/// A model that turns tokens into next-token logits, keeping its own KV
+/// cache: what an autoregressive draft needs from a backend (Tandem's CPU
+/// kernels here; candle devices and wgpu in the edge crate).
+pub trait StepForward: Send {
+    /// Forgets the cached positions from `len` on.
+    fn truncate(&mut self, len: usize);
+    /// Appends `tokens` to the cache; returns the logits after the last.
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+}
+
+/// Drafts autoregressively with a [`StepForward`], reusing the cached
+/// prefix the context still agrees with.
+pub struct Autoregressive<F> {
+    forward: F,
     /// Tokens whose keys and values the cache holds.
     cached: Vec<u32>,
     stop: Vec<u32>,
 }
 
-impl ModelDraft {
-    pub fn new(llama: Arc<Llama>, n_layers: usize, stop: Vec<u32>) -> Self {
-        let cache = llama.new_cache(n_layers);
-        ModelDraft { llama, cache, cached: Vec::new(), stop }
+impl<F: StepForward> Autoregressive<F> {
+    /// `stop`: tokens after which drafting ends (end of sequence).
+    pub fn new(forward: F, stop: Vec<u32>) -> Self {
+        Autoregressive { forward, cached: Vec::new(), stop }
     }
 }
 
-impl DraftSource for ModelDraft {
+impl<F: StepForward> DraftSource for Autoregressive<F> {
     fn propose_until(
         &mut self,
         context: &[u32],
@@ -241,24 +251,23 @@ impl DraftSource for ModelDraft {
         // Keep the cached prefix the context still agrees with; at least the
         // last context token is fed again to get its logits.
         let common = self.cached.iter().zip(context).take_while(|(a, b)| a == b).count().min(context.len() - 1);
-        self.cache.truncate(common);
+        self.forward.truncate(common);
         self.cached.truncate(common);
         let draft_sampling = sampling.for_draft();
         let mut feed = context[common..].to_vec();
         for _ in 0..k {
-            let logits = self.llama.forward(&mut [SeqPass { cache: &mut self.cache, tokens: &feed, logits: LogitsFor::Last }])?;
+            let row = self.forward.step(&feed)?;
             self.cached.extend_from_slice(&feed);
-            let row = logits[0].row(0);
             let token = if sampling.is_greedy() {
-                argmax(row)
+                argmax(&row)
             } else {
-                let q = draft_sampling.distribution(row);
+                let q = draft_sampling.distribution(&row);
                 let t = q.sample(rng);
                 proposal.dists.push(q);
                 t
             };
             proposal.tokens.push(token);
-            let features = DraftFeatures::from_logits(row, proposal.features.len());
+            let features = DraftFeatures::from_logits(&row, proposal.features.len());
             proposal.features.push(features);
             if self.stop.contains(&token) || !keep_going(&features) {
                 break;
@@ -266,6 +275,35 @@ impl DraftSource for ModelDraft {
             feed = vec![token];
         }
         Ok(proposal)
+    }
+}
+
+/// The first N layers of a [`Llama`] (all of them for a separate draft
+/// model) on Tandem's kernels.
+pub struct LlamaLayers {
+    llama: Arc<Llama>,
+    cache: crate::KvCache,
+}
+
+impl StepForward for LlamaLayers {
+    fn truncate(&mut self, len: usize) {
+        self.cache.truncate(len);
+    }
+
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut logits = self.llama.forward(&mut [SeqPass { cache: &mut self.cache, tokens, logits: LogitsFor::Last }])?;
+        Ok(logits.swap_remove(0).row(0).to_vec())
+    }
+}
+
+/// A llama-family model (or the first N layers of one) drafting on
+/// Tandem's CPU kernels.
+pub type ModelDraft = Autoregressive<LlamaLayers>;
+
+impl ModelDraft {
+    pub fn from_layers(llama: Arc<Llama>, n_layers: usize, stop: Vec<u32>) -> Self {
+        let cache = llama.new_cache(n_layers);
+        Autoregressive::new(LlamaLayers { llama, cache }, stop)
     }
 }
 

@@ -15,7 +15,7 @@ mod sampling;
 mod tokenizer;
 mod verify;
 
-pub use draft::{DraftFeatures, DraftSource, DraftSpec, ModelDraft, NgramDraft, NoDraft, Proposal, SyntheticDraft};
+pub use draft::{check_same_vocab, Autoregressive, DraftFeatures, DraftSource, DraftSpec, LlamaLayers, ModelDraft, NgramDraft, NoDraft, Proposal, StepForward, SyntheticDraft};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use llama::{Llama, LlamaConfig, Logits, LogitsFor, SeqPass};

@@ -118,7 +118,7 @@ fn run(params: SamplingParams, rule: Rule) -> (f64, f64) {
     // A different random model: its q differs a lot from p, so rejections
     // (and the residual distribution) matter.
     let draft_model = LoadedModel::load(&tiny_llama(&dir, "draft.gguf", &spec(1, 3.0), 29)).unwrap().llama;
-    let mut draft = ModelDraft::new(draft_model, 1, vec![]);
+    let mut draft = ModelDraft::from_layers(draft_model, 1, vec![]);
     let joint = exact_joint(&target, &params);
     let mut counts = vec![0usize; VOCAB * VOCAB];
     let mut rng = SessionRng::new(params.seed);
