@@ -154,10 +154,6 @@ impl<T: Target + Send> Speculator<T> {
         self
     }
 
-    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
-        &self.tokenizer
-    }
-
     /// Generates, calling `on_token` with each token as soon as it is final.
     pub fn generate(&mut self, req: &GenerateRequest, mut on_token: impl FnMut(u32)) -> Result<Generation, EdgeError> {
         req.validate()?;
@@ -188,7 +184,8 @@ impl<T: Target + Send> Speculator<T> {
             let q = if req.sampling.is_greedy() { &[][..] } else { &proposal.dists[..] };
             let verify_start = Instant::now();
             let (round, ahead) = if self.pipeline && n > 0 {
-                self.verify_drafting_ahead(&context, drafts, q, req)?
+                let (round, ahead) = self.verify_drafting_ahead(&context, drafts, q, req)?;
+                (round, Some(ahead))
             } else {
                 (self.target.verify(&context, drafts, q)?, None)
             };
@@ -287,7 +284,7 @@ impl<T: Target + Send> Speculator<T> {
     /// Verifies on another thread and drafts ahead here until the verdict
     /// is back (or a full round plus the guess is drafted, or the
     /// controller would stop).
-    fn verify_drafting_ahead(&mut self, context: &[u32], drafts: &[u32], q: &[SparseDist], req: &GenerateRequest) -> Result<(RoundOutcome, Option<Ahead>), EdgeError> {
+    fn verify_drafting_ahead(&mut self, context: &[u32], drafts: &[u32], q: &[SparseDist], req: &GenerateRequest) -> Result<(RoundOutcome, Ahead), EdgeError> {
         let arrived = AtomicBool::new(false);
         let target = &mut self.target;
         let draft = &mut self.draft;
@@ -310,7 +307,7 @@ impl<T: Target + Send> Speculator<T> {
             let ms = started.elapsed().as_secs_f64() * 1e3;
             (verifying.join().expect("the verifying thread does not panic"), ahead.map(|proposal| Ahead { proposal, ms }))
         });
-        Ok((round?, Some(ahead?)))
+        Ok((round?, ahead?))
     }
 }
 

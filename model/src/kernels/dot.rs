@@ -1,4 +1,5 @@
-//! Block dot products: runtime-dispatched AVX2 with a scalar twin that gives
+//! Block dot products: runtime-dispatched AVX2 on x86-64, NEON on aarch64
+//! (edge devices: phones, Apple silicon), and a scalar twin that gives
 //! identical bits. Lane `l` of an eight-lane accumulator always holds the
 //! products of elements `4l..4l+4` of each 32-element block (integer kernels)
 //! or elements `i` with `i % 8 == l` (f32 kernel).
@@ -15,6 +16,8 @@ pub enum SimdLevel {
     /// into an i32 lane in one instruction, the same lanes `maddubs`+`madd`
     /// give, so the bits do not change).
     Avx2Vnni,
+    /// aarch64's baseline Advanced SIMD (every aarch64 CPU has it).
+    Neon,
 }
 
 /// Detected once; `TANDEM_SIMD=scalar` forces the portable path and
@@ -31,6 +34,10 @@ pub fn simd_level() -> SimdLevel {
                 return SimdLevel::Avx2;
             }
             return SimdLevel::Avx2Vnni;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            return SimdLevel::Neon;
         }
         SimdLevel::Scalar
     })
@@ -49,6 +56,11 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     if simd_level() != SimdLevel::Scalar {
         // SAFETY: AVX2 support was detected at runtime (simd_level).
         return unsafe { avx2::dot_f32(a, b) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if simd_level() == SimdLevel::Neon {
+        // SAFETY: NEON support was detected at runtime (simd_level).
+        return unsafe { neon::dot_f32(a, b) };
     }
     dot_f32_scalar(a, b)
 }
@@ -130,7 +142,12 @@ pub(crate) fn dot_rows<const R: usize>(kind: BlockKind, w: &BlockRow, a: &[ActRo
         // quantize_activations).
         SimdLevel::Avx2 => return unsafe { avx2::dot_rows::<R>(kind, w, a, out) },
         SimdLevel::Avx2Vnni => return unsafe { avx2::dot_rows_vnni::<R>(kind, w, a, out) },
-        SimdLevel::Scalar => {}
+        _ => {}
+    }
+    #[cfg(target_arch = "aarch64")]
+    if simd_level() == SimdLevel::Neon {
+        // SAFETY: NEON was detected at runtime; slice lengths as above.
+        return unsafe { neon::dot_rows::<R>(kind, w, a, out) };
     }
     for (o, a) in out.iter_mut().zip(a) {
         *o = dot_blocks_scalar(kind, w, a);
@@ -299,52 +316,145 @@ mod avx2 {
     ));
 }
 
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::{reduce8, ActRow, BlockKind, BlockRow};
+    use std::arch::aarch64::*;
+
+    /// Lanes 0–3 and 4–7 of the eight-lane order, unfused like the scalar twin.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let body = n / 8 * 8;
+        let (mut lo, mut hi) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + 8 <= body <= len of both slices.
+            unsafe {
+                lo = vaddq_f32(lo, vmulq_f32(vld1q_f32(a.as_ptr().add(i)), vld1q_f32(b.as_ptr().add(i))));
+                hi = vaddq_f32(hi, vmulq_f32(vld1q_f32(a.as_ptr().add(i + 4)), vld1q_f32(b.as_ptr().add(i + 4))));
+            }
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: lanes has room for eight f32.
+        unsafe {
+            vst1q_f32(lanes.as_mut_ptr(), lo);
+            vst1q_f32(lanes.as_mut_ptr().add(4), hi);
+        }
+        for i in body..n {
+            lanes[i % 8] += a[i] * b[i];
+        }
+        reduce8(lanes)
+    }
+
+    /// Sums of four consecutive products of 16 signed bytes: lane l holds
+    /// elements 4l..4l+4 (i8×i8 fits i16; the sums are exact integers, so
+    /// the lanes equal every other path's).
+    #[inline(always)]
+    unsafe fn dot16(w: int8x16_t, a: int8x16_t) -> int32x4_t {
+        let lo = vpaddlq_s16(vmull_s8(vget_low_s8(w), vget_low_s8(a)));
+        let hi = vpaddlq_s16(vmull_high_s8(w, a));
+        vpaddq_s32(lo, hi)
+    }
+
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn dot_rows<const R: usize>(kind: BlockKind, w: &BlockRow, a: &[ActRow; R], out: &mut [f32]) {
+        let mut acc = [(vdupq_n_f32(0.0), vdupq_n_f32(0.0)); R];
+        let nb = a[0].d.len();
+        let (wq, wd) = (w.qs.as_ptr(), w.d.as_ptr());
+        for b in 0..nb {
+            // The weight block is decoded once for all R rows: elements
+            // 0..16 and 16..32 as signed bytes.
+            // SAFETY: the caller guarantees nb blocks of quants and scales.
+            let (w_lo, w_hi) = unsafe {
+                match kind {
+                    BlockKind::Q4_0 | BlockKind::Q4_1 => {
+                        let raw = vld1q_u8(wq.add(b * 16));
+                        let (lo, hi) = (vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(0x0F))), vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)));
+                        if kind == BlockKind::Q4_0 {
+                            (vsubq_s8(lo, vdupq_n_s8(8)), vsubq_s8(hi, vdupq_n_s8(8)))
+                        } else {
+                            (lo, hi)
+                        }
+                    }
+                    BlockKind::Q8_0 | BlockKind::Q8Half => (vld1q_s8(wq.add(b * 32) as *const i8), vld1q_s8(wq.add(b * 32 + 16) as *const i8)),
+                }
+            };
+            for r in 0..R {
+                // SAFETY: as above.
+                unsafe {
+                    let aq = a[r].qs.as_ptr().add(b * 32);
+                    let ad = *a[r].d.get_unchecked(b);
+                    let lanes_lo = vcvtq_f32_s32(dot16(w_lo, vld1q_s8(aq)));
+                    let lanes_hi = vcvtq_f32_s32(dot16(w_hi, vld1q_s8(aq.add(16))));
+                    let (s_lo, s_hi) = if kind == BlockKind::Q8Half { (*wd.add(2 * b) * ad, *wd.add(2 * b + 1) * ad) } else { (*wd.add(b) * ad, *wd.add(b) * ad) };
+                    // Fused, as the scalar twin's mul_add.
+                    acc[r].0 = vfmaq_n_f32(acc[r].0, lanes_lo, s_lo);
+                    acc[r].1 = vfmaq_n_f32(acc[r].1, lanes_hi, s_hi);
+                }
+            }
+        }
+        for r in 0..R {
+            let mut lanes = [0f32; 8];
+            // SAFETY: lanes has room for eight f32; NEON is enabled here.
+            let min = unsafe {
+                vst1q_f32(lanes.as_mut_ptr(), acc[r].0);
+                vst1q_f32(lanes.as_mut_ptr().add(4), acc[r].1);
+                if kind == BlockKind::Q4_1 { dot_f32(w.m, a[r].dsum) } else { 0.0 }
+            };
+            out[r] = reduce8(lanes) + min;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::SessionRng;
 
-    /// The AVX2 kernels and their scalar twins give identical bits.
+    /// The SIMD kernels of this machine (AVX2 and AVX-VNNI, or NEON) and
+    /// their scalar twins give identical bits.
     #[test]
     fn simd_and_scalar_paths_agree_bit_for_bit() {
         if simd_level() == SimdLevel::Scalar {
-            eprintln!("skipped: this machine has no AVX2+FMA (only the scalar path runs)");
+            eprintln!("skipped: this machine has neither AVX2+FMA nor NEON (only the scalar path runs)");
             return;
         }
-        let vnni = simd_level() == SimdLevel::Avx2Vnni;
         let mut rng = SessionRng::new(17);
         let mut f = |scale: f32| (rng.next_f64() as f32 * 2.0 - 1.0) * scale;
         for len in [1, 7, 8, 64, 77] {
             let a: Vec<f32> = (0..len).map(|_| f(3.0)).collect();
             let b: Vec<f32> = (0..len).map(|_| f(3.0)).collect();
-            // SAFETY: AVX2 was detected above.
-            assert_eq!(unsafe { avx2::dot_f32(&a, &b) }.to_bits(), dot_f32_scalar(&a, &b).to_bits());
+            assert_eq!(dot_f32(&a, &b).to_bits(), dot_f32_scalar(&a, &b).to_bits());
         }
         let nb = 5;
         for kind in [BlockKind::Q4_0, BlockKind::Q4_1, BlockKind::Q8_0, BlockKind::Q8Half] {
             let qs: Vec<u8> = (0..nb * kind.quant_bytes()).map(|_| (f(128.0) as i32 & 0xFF) as u8).collect();
             let d: Vec<f32> = (0..nb * kind.scales()).map(|_| f(0.1)).collect();
             let m: Vec<f32> = if kind == BlockKind::Q4_1 { (0..nb).map(|_| f(0.5)).collect() } else { vec![] };
-            let aq: Vec<Vec<i8>> = (0..4).map(|_| (0..nb * 32).map(|_| f(127.0) as i8).collect()).collect();
+            // The extremes activation quantization makes (±127; never −128,
+            // which the AVX2 sign trick could not negate) are included.
+            let aq: Vec<Vec<i8>> = (0..4).map(|r| (0..nb * 32).map(|i| if i == r { -127 } else if i == r + 1 { 127 } else { f(127.0) as i8 }).collect()).collect();
             let ad: Vec<Vec<f32>> = (0..4).map(|_| (0..nb).map(|_| f(0.05)).collect()).collect();
             let dsum: Vec<Vec<f32>> = (0..4).map(|_| (0..nb).map(|_| f(2.0)).collect()).collect();
             let w = BlockRow { d: &d, m: &m, qs: &qs };
             let rows: [ActRow; 4] = std::array::from_fn(|r| ActRow { d: &ad[r], dsum: &dsum[r], qs: &aq[r] });
             let mut simd = [0f32; 4];
-            // SAFETY: AVX2 was detected above.
-            unsafe { avx2::dot_rows::<4>(kind, &w, &rows, &mut simd) };
+            dot_rows::<4>(kind, &w, &rows, &mut simd);
             for r in 0..4 {
                 let scalar = dot_blocks_scalar(kind, &w, &rows[r]);
                 assert_eq!(simd[r].to_bits(), scalar.to_bits(), "{kind:?} row {r}: {} vs {scalar}", simd[r]);
                 let mut one = [0f32];
-                // SAFETY: AVX2 was detected above.
-                unsafe { avx2::dot_rows::<1>(kind, &w, &[ActRow { d: &ad[r], dsum: &dsum[r], qs: &aq[r] }], &mut one) };
+                dot_rows::<1>(kind, &w, &[ActRow { d: &ad[r], dsum: &dsum[r], qs: &aq[r] }], &mut one);
                 assert_eq!(one[0].to_bits(), scalar.to_bits());
-                if vnni {
+                // On AVX-VNNI machines the plain AVX2 kernel is checked too.
+                #[cfg(target_arch = "x86_64")]
+                if simd_level() == SimdLevel::Avx2Vnni {
                     let mut v = [0f32; 4];
-                    // SAFETY: AVX-VNNI was detected above.
-                    unsafe { avx2::dot_rows_vnni::<4>(kind, &w, &rows, &mut v) };
-                    assert_eq!(v[r].to_bits(), scalar.to_bits(), "{kind:?} VNNI row {r}");
+                    // SAFETY: AVX-VNNI implies AVX2 and FMA, detected above.
+                    unsafe { avx2::dot_rows::<4>(kind, &w, &rows, &mut v) };
+                    assert_eq!(v[r].to_bits(), scalar.to_bits(), "{kind:?} AVX2 row {r}");
                 }
             }
         }
