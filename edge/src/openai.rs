@@ -497,7 +497,54 @@ fn stream_response(kind: Kind, id: String, created: u64, model: String, include_
 
 #[cfg(test)]
 mod tests {
-    use super::StopMatcher;
+    use super::*;
+
+    fn tokenizer() -> Arc<Tokenizer> {
+        let path = tandem_model::fetch::ensure_default_model(false).unwrap();
+        tandem_model::LoadedModel::load(&path).unwrap().tokenizer
+    }
+
+    #[test]
+    fn requests_are_checked_once_with_errors_naming_the_field() {
+        let tok = tokenizer();
+        let chat = |body: &str| parse_request(Kind::Chat, body.as_bytes(), &tok);
+        let ok = chat(r#"{"model":"x","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":[{"type":"text","text":"Hi"}]}]}"#).unwrap();
+        assert_eq!(ok.max_new_tokens, MAX_NEW_TOKENS);
+        assert_eq!((ok.sampling.temperature, ok.sampling.top_p, ok.stream), (1.0, 1.0, false));
+        assert!(ok.stop.is_empty());
+        let text = tok.decode(&ok.prompt).unwrap();
+        assert!(text.contains("Be brief.") && text.contains("Hi") && !text.contains("named SmolLM"), "{text}");
+        let ok = chat(r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":7,"temperature":0,"seed":3,"stop":["\n","END"],"stream":true,"stream_options":{"include_usage":true},"tools":[],"logprobs":false}"#).unwrap();
+        assert_eq!((ok.max_new_tokens, ok.sampling.seed, ok.stop.len(), ok.stream, ok.include_usage), (7, 3, 2, true, true));
+        let text = parse_request(Kind::Text, br#"{"prompt":["Once upon"],"max_tokens":5}"#, &tok).unwrap();
+        assert_eq!(tok.decode(&text.prompt).unwrap(), "Once upon");
+        assert_eq!(parse_request(Kind::Text, br#"{"prompt":"x"}"#, &tok).unwrap().max_new_tokens, 16);
+
+        let cases = [
+            ("not json", "body"),
+            (r#"{"messages":[]}"#, "messages"),
+            (r#"{"messages":[{"role":"tool","content":"x"}]}"#, "messages"),
+            (r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#, "messages"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, "max_tokens"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"max_completion_tokens":1e9}"#, "max_completion_tokens"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#, "temperature"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"top_p":0}"#, "top_p"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#, "n"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#, "stop"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"stop":[""]}"#, "stop"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"seed":"s"}"#, "seed"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"stream":"yes"}"#, "stream"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}"#, "tools"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"presence_penalty":0.5}"#, "presence_penalty"),
+        ];
+        for (body, param) in cases {
+            let err = chat(body).expect_err(body);
+            assert_eq!(err.param, Some(param), "{body}: {}", err.message);
+            assert_eq!(err.status, StatusCode::BAD_REQUEST);
+            assert_eq!(err.body()["error"]["param"], param);
+        }
+        assert_eq!(parse_request(Kind::Text, br#"{"prompt":7}"#, &tok).unwrap_err().param, Some("prompt"));
+    }
 
     #[test]
     fn stop_strings_hold_back_possible_prefixes_and_cut_at_the_match() {
