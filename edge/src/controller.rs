@@ -180,6 +180,15 @@ impl SpeculationController {
         best_k(self.alpha.get(0.5), self.t_draft_ms.get(5.0), self.rtt_ms.get(1.0), verify, self.k_max)
     }
 
+    /// Whether drafting ahead while `in_flight` drafts are verified is
+    /// likely to pay: the work is kept only if every one of them is
+    /// accepted, so it is done when that has a fair chance (α^n ≥ 1/4, α
+    /// the measured per-position acceptance). Otherwise it would only burn
+    /// the device's cores (and, where the server shares them, the server's).
+    pub fn worth_drafting_ahead(&self, in_flight: usize) -> bool {
+        self.alpha.get(0.5).powi(in_flight as i32) >= 0.25
+    }
+
     pub fn begin_round(&mut self) {
         self.keep_prob = 1.0;
     }
@@ -270,6 +279,20 @@ mod tests {
         assert!(q.precision > 0.85 && q.recall > 0.85 && q.false_stop_rate < 0.15, "{q:?}");
         let json = serde_json::to_string(&model).unwrap();
         assert_eq!(serde_json::from_str::<RejectionPredictor>(&json).unwrap().p_reject(&feat(0.3, 1)), model.p_reject(&feat(0.3, 1)));
+    }
+
+    #[test]
+    fn drafting_ahead_only_when_a_whole_round_is_likely_accepted() {
+        let mut c = SpeculationController::new(StopRule::Fixed, 4, false);
+        for _ in 0..50 {
+            c.end_round(4, 4, Some(1.0), 10.0, 12.0, &[]);
+        }
+        assert!(c.worth_drafting_ahead(4), "all accepted so far");
+        for _ in 0..50 {
+            c.end_round(4, 1, Some(1.0), 10.0, 12.0, &[]);
+        }
+        // α = 1/2: a one-draft round is worth it, a four-draft one is not.
+        assert!(c.worth_drafting_ahead(1) && !c.worth_drafting_ahead(4));
     }
 
     #[test]

@@ -140,6 +140,8 @@ impl<T: Target + Send> Speculator<T> {
     /// Pipelining: while a round is verified, keep drafting as if all its
     /// drafts were accepted; the work is kept when they were and the
     /// target's token matched the draft's guess, and discarded otherwise.
+    /// With a controller, only in rounds it judges likely to be accepted
+    /// whole.
     /// It pays when verification happens elsewhere (a server): with a
     /// local target both would share this machine's cores.
     pub fn with_pipelining(mut self, on: bool) -> Self {
@@ -183,7 +185,8 @@ impl<T: Target + Send> Speculator<T> {
             let drafts = &proposal.tokens[..];
             let q = if req.sampling.is_greedy() { &[][..] } else { &proposal.dists[..] };
             let verify_start = Instant::now();
-            let (round, ahead) = if self.pipeline && n > 0 {
+            let ahead_pays = self.controller.as_ref().is_none_or(|c| c.worth_drafting_ahead(n));
+            let (round, ahead) = if self.pipeline && n > 0 && ahead_pays {
                 let (round, ahead) = self.verify_drafting_ahead(&context, drafts, q, req)?;
                 (round, Some(ahead))
             } else {

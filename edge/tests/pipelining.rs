@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tandem_edge::controller::{SpeculationController, StopRule};
 use tandem_edge::{GenerateRequest, LocalTarget, Speculator};
 use tandem_model::{fetch, DraftSpec, LoadedModel, SamplingParams, SyntheticDraft};
 
@@ -46,6 +47,24 @@ fn drafting_ahead_is_kept_when_right_and_discarded_when_wrong() {
             _ => {}
         }
     }
+}
+
+#[test]
+fn with_a_controller_drafting_ahead_follows_measured_acceptance() {
+    let (model, req, reference) = setup();
+    let run = |alpha: f64| {
+        let controller = SpeculationController::new(StopRule::Fixed, req.draft_len, false);
+        let mut spec = Speculator::new(LocalTarget::new(model.clone()), synthetic(&req, &reference, alpha), model.tokenizer.clone())
+            .with_controller(controller)
+            .with_pipelining(true);
+        let g = spec.generate(&req, |_| {}).unwrap();
+        assert_eq!(g.tokens, reference, "alpha {alpha}");
+        g
+    };
+    let right = run(1.0);
+    assert!(right.ahead_kept > 0, "an always-right draft should draft ahead: {right:?}");
+    let wrong = run(0.0);
+    assert_eq!(wrong.ahead_drafted, 0, "an always-wrong draft should not draft ahead");
 }
 
 #[test]
