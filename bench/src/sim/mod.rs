@@ -180,3 +180,123 @@ pub fn run(cfg: &SimConfig, inputs: &SimInputs, epoch: Instant) -> Result<Report
         ],
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_estimators::VerifyTimeCalibration;
+
+    /// A CPU-like pass cost: 9 ms + 4 ms per token (what this machine's
+    /// server measures for the default model), ±10 % residuals.
+    fn cpu_like() -> VerifyTimeProfile {
+        VerifyTimeProfile {
+            label: "test: CPU-like".into(),
+            measured: false,
+            calibration: VerifyTimeCalibration {
+                coefficients: [9.0, 0.0, 4.0, 0.05, 0.0],
+                quantile: 0.9,
+                residual_ratios: vec![0.9, 0.95, 1.0, 1.05, 1.1],
+                gram: [[0.0; 5]; 5],
+                moment: [0.0; 5],
+            },
+        }
+    }
+
+    /// Prompts of made-up tokens: the simulator only compares drafts with
+    /// the reference, so any tokens do.
+    fn prompts() -> Vec<BenchPrompt> {
+        (0..6)
+            .map(|i| {
+                let prompt: Vec<u32> = (0..20 + 10 * i).map(|t| 100 + t as u32).collect();
+                let reference = prompt.iter().copied().chain((0..24).map(|t| 5000 + (t * 7 + i) as u32)).collect();
+                BenchPrompt { id: format!("p{i}"), tokens: prompt, reference }
+            })
+            .collect()
+    }
+
+    fn config(devices: usize, tpot_ms: u32) -> SimConfig {
+        SimConfig {
+            policies: vec![Policy::Centralized, Policy::Sled, Policy::Wisp],
+            workload: Workload::Closed { devices, think_ms: 0 },
+            duration_s: 20.0,
+            max_new_tokens: 24,
+            draft_len: 4,
+            slo_ttft_ms: 3000,
+            slo_tpot_ms: tpot_ms,
+            seed: 7,
+            tenants: 2,
+            max_batch_tokens: 256,
+            max_batch_seqs: 32,
+            capacity_search: false,
+        }
+    }
+
+    fn run_one(policy: Policy, cfg: &SimConfig) -> PolicyReport {
+        let calibration = cpu_like();
+        let prompts = prompts();
+        let profiles = [DeviceProfile::laptop()];
+        let inputs = SimInputs { calibration: &calibration, profiles: &profiles, prompts: &prompts, provenance: "test", real: None };
+        let epoch = Instant::now();
+        let arrivals = match cfg.workload {
+            Workload::Closed { devices, think_ms } => Arrivals::Closed { devices, think_ms: think_ms as f64 },
+            Workload::Open { rate } => Arrivals::Open { rate },
+        };
+        let world = WorldConfig {
+            policy,
+            arrivals,
+            duration_s: cfg.duration_s,
+            max_new_tokens: cfg.max_new_tokens,
+            draft_len: cfg.draft_len,
+            slo_ttft_ms: cfg.slo_ttft_ms,
+            slo_tpot_ms: cfg.slo_tpot_ms,
+            seed: cfg.seed,
+            tenants: cfg.tenants,
+            profiles: &profiles,
+            prompts: &prompts,
+            calibration: &calibration.calibration,
+        };
+        let edges = Edges { real: None };
+        let out = World::new(world, batcher(policy, cfg, &calibration), &edges, epoch).run();
+        // Conservation: every session ends with its whole output, made of
+        // the prefill's first token plus each round's accepted drafts and
+        // one more token.
+        for r in &out.records {
+            let p = prompts.iter().find(|p| p.id == r.prompt).expect("known prompt");
+            assert_eq!(r.tokens, p.reference.len() - p.tokens.len(), "{policy:?}: a session ended early");
+            if policy != Policy::Centralized {
+                assert_eq!(r.tokens, 1 + r.rounds + r.accepted, "{policy:?}: tokens not conserved");
+                assert!(r.accepted <= r.drafted);
+            }
+            assert!(r.ttft_ms > 0.0 && r.tpot_ms >= 0.0);
+        }
+        // Busy time fits in the run and each device ran sessions back to back.
+        assert!(out.busy_ms <= out.wall_s * 1e3 + 1e-6, "the server was busy longer than the run");
+        let report = simulate(policy, cfg, cfg.workload, &inputs, epoch);
+        assert!((0.0..=1.0).contains(&report.slo_attainment));
+        assert_eq!(report.sessions, out.records.len(), "simulate and World agree");
+        report
+    }
+
+    #[test]
+    fn sim_conserves_tokens_and_is_deterministic_for_a_seed() {
+        let cfg = config(4, 300);
+        for policy in [Policy::Centralized, Policy::Sled, Policy::Wisp] {
+            let a = run_one(policy, &cfg);
+            let b = run_one(policy, &cfg);
+            assert!(a.sessions > 10, "{policy:?}: only {} sessions", a.sessions);
+            assert_eq!(serde_json::to_string(&a).unwrap(), serde_json::to_string(&b).unwrap(), "{policy:?}: two runs with one seed differ");
+        }
+        let other = run_one(Policy::Wisp, &SimConfig { seed: 8, ..cfg.clone() });
+        assert_ne!(serde_json::to_string(&other).unwrap(), serde_json::to_string(&run_one(Policy::Wisp, &cfg)).unwrap(), "the seed is used");
+    }
+
+    #[test]
+    fn wisp_keeps_more_sessions_within_slo_than_fcfs_when_overloaded() {
+        // Far more devices than the CPU-like server can serve at 150 ms TPOT.
+        let cfg = config(12, 150);
+        let sled = run_one(Policy::Sled, &cfg);
+        let wisp = run_one(Policy::Wisp, &cfg);
+        assert!(sled.slo_attainment < 0.9, "the configuration must overload fcfs ({:.2})", sled.slo_attainment);
+        assert!(wisp.slo_attainment > sled.slo_attainment, "wisp {:.3} ≤ sled {:.3}", wisp.slo_attainment, sled.slo_attainment);
+    }
+}
