@@ -68,7 +68,11 @@ impl DeviceProfile {
             "device `{}`: draft {}{}, {} ms/token, RTT {} ± {} ms, {}/{} kbit/s up/down",
             self.name,
             self.draft,
-            if self.draft.starts_with("synthetic") { " (SYNTHETIC draft)" } else { "" },
+            match self.draft.split(':').next() {
+                Some("synthetic") => " (SYNTHETIC draft)",
+                Some("real") => " (real draft model, proposals precomputed and cached)",
+                _ => "",
+            },
             self.draft_ms_per_token,
             self.rtt_ms,
             self.jitter_ms,
@@ -248,8 +252,16 @@ impl<D: DraftSource> DraftSource for Paced<D> {
         rng: &mut SessionRng,
         keep_going: &mut dyn FnMut(&DraftFeatures) -> bool,
     ) -> tandem_model::Result<Proposal> {
-        let proposal = self.inner.propose_until(context, k, sampling, rng, keep_going)?;
-        std::thread::sleep(self.pace * proposal.tokens.len() as u32);
+        // Each token's time passes before the stop rule sees it, as on a
+        // device, so the edge's timestamps (wasted drafting) include it;
+        // a source that never asks (n-gram lookup) is paced after.
+        let (pace, mut paced) = (self.pace, 0u32);
+        let proposal = self.inner.propose_until(context, k, sampling, rng, &mut |f| {
+            std::thread::sleep(pace);
+            paced += 1;
+            keep_going(f)
+        })?;
+        std::thread::sleep(pace * (proposal.tokens.len() as u32).saturating_sub(paced));
         Ok(proposal)
     }
 }
