@@ -143,8 +143,9 @@ struct LiveArgs {
 struct SimArgs {
     #[command(flatten)]
     load: LoadArgs,
-    /// A calibration file (`tandem-server --calibration-out`) or
-    /// `roofline:h100-llama3-8b` (computed, not measured).
+    /// A calibration file (`tandem-server --calibration-out`), or a GPU
+    /// roofline (computed, not measured): `roofline:h100-llama3-8b`,
+    /// `roofline:a100-qwen3-32b`.
     #[arg(long, default_value = "roofline:h100-llama3-8b")]
     calibration: String,
     /// Devices belong to this many tenants in turn.

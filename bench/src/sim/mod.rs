@@ -7,7 +7,7 @@
 mod roofline;
 mod world;
 
-pub use roofline::{coefficients, profile as roofline_profile, Gpu, ModelShape, H100_SXM, LLAMA3_8B_BF16};
+pub use roofline::{named as roofline, pass_ms, profile as roofline_profile, Gpu, ModelShape, A100_SXM_80GB, H100_SXM, LLAMA3_8B_BF16, QWEN3_32B_BF16};
 pub use world::{Arrivals, EdgeFactory, Outcome, World, WorldConfig};
 
 use crate::live::{self, DeviceProfile, DraftKind, Workload};
@@ -47,10 +47,10 @@ pub struct SimConfig {
 
 /// Where a calibration comes from: a file, or a named roofline.
 pub fn load_calibration(spec: &str) -> Result<VerifyTimeProfile> {
-    if spec == "roofline:h100-llama3-8b" {
-        return Ok(roofline_profile(&H100_SXM, &LLAMA3_8B_BF16));
+    if let Some(name) = spec.strip_prefix("roofline:") {
+        return roofline(name).with_context(|| format!("--calibration {spec}: known rooflines are roofline:h100-llama3-8b and roofline:a100-qwen3-32b"));
     }
-    let text = std::fs::read_to_string(spec).with_context(|| format!("reading --calibration {spec} (a file, or roofline:h100-llama3-8b)"))?;
+    let text = std::fs::read_to_string(spec).with_context(|| format!("reading --calibration {spec} (a file, roofline:h100-llama3-8b or roofline:a100-qwen3-32b)"))?;
     serde_json::from_str(&text).with_context(|| format!("--calibration {spec} is not a VerifyTimeProfile (tandem-server --calibration-out writes one)"))
 }
 
