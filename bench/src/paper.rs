@@ -91,9 +91,10 @@ pub fn run(dir: &Path, model: &LoadedModel) -> Result<()> {
     steps.inc(1);
 
     // 4. At GPU scale, rooflines (not measured): an H100 with Llama-3-8B,
-    //    passes up to 512 tokens / 128 sequences (a pass costs about its
-    //    weight read up to ~300 tokens), objectives of an interactive
-    //    service; and the paper's own hardware, an A100 with Qwen3-32B
+    //    passes up to 512 tokens / 64 sequences (a pass costs about its
+    //    weight read up to ~300 tokens; more sequences per pass make the
+    //    WISP scheduler's search, quadratic in them, dominate the run
+    //    time), objectives of an interactive service; and the paper's own hardware, an A100 with Qwen3-32B
     //    (32 ms a pass at least: TPOT 150 ms so every device class meets
     //    it when unloaded), passes up to 256 tokens / 64 sequences.
     steps.set_message("paper: sim at scale, GPU rooflines");
@@ -101,11 +102,11 @@ pub fn run(dir: &Path, model: &LoadedModel) -> Result<()> {
     std::fs::write(dir.join("calibration-h100-llama3-8b-roofline.json"), serde_json::to_string_pretty(&gpu)?)?;
     let gpu_scale = SimConfig {
         workload: Workload::Closed { devices: 64, think_ms: 0 },
-        duration_s: 20.0,
+        duration_s: 15.0,
         slo_ttft_ms: 1000,
         slo_tpot_ms: 100,
         max_batch_tokens: 512,
-        max_batch_seqs: 128,
+        max_batch_seqs: 64,
         ..cpu_scale.clone()
     };
     let gpu_report = sim::run(&gpu_scale, &sim_inputs(&gpu, &mixed), Instant::now())?;

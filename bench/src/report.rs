@@ -268,9 +268,11 @@ pub fn ratios(reports: &[PolicyReport]) -> HashMap<String, f64> {
 /// A whole run of `live` or `sim`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
-    /// `live` or `sim`.
+    /// `live` or `sim` (reports from before `sim` existed are live ones).
+    #[serde(default = "live_kind")]
     pub kind: String,
     /// What ran, one line each (configuration, devices, calibration).
+    #[serde(default)]
     pub header: Vec<String>,
     /// The run's configuration as given.
     pub config: serde_json::Value,
@@ -281,7 +283,12 @@ pub struct Report {
     /// `goodput_vs_sled` (goodput: the peak over the loads tried).
     pub ratios: HashMap<String, f64>,
     /// Where each figure comes from.
+    #[serde(default)]
     pub notes: Vec<String>,
+}
+
+fn live_kind() -> String {
+    "live".into()
 }
 
 fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
