@@ -149,11 +149,11 @@ fn agreement_table(live: &Report, sim: &Report) -> String {
         let cap = |r: &crate::report::PolicyReport| r.capacity.as_ref().map_or("–".into(), |c| format!("{}", c.load));
         let _ = writeln!(
             out,
-            "| {} | {:.1} tok/s | {:.1} tok/s | {:+.1} % | {:.1} % | {:.1} % | {:+.1} pt | {} | {} |",
+            "| {} | {:.1} tok/s | {:.1} tok/s | {} | {:.1} % | {:.1} % | {:+.1} pt | {} | {} |",
             l.policy.name(),
             l.goodput_tok_s,
             s.goodput_tok_s,
-            if l.goodput_tok_s > 0.0 { (s.goodput_tok_s / l.goodput_tok_s - 1.0) * 100.0 } else { f64::NAN },
+            if l.goodput_tok_s > 0.0 { format!("{:+.1} %", (s.goodput_tok_s / l.goodput_tok_s - 1.0) * 100.0) } else { "–".into() },
             l.slo_attainment * 100.0,
             s.slo_attainment * 100.0,
             (s.slo_attainment - l.slo_attainment) * 100.0,
