@@ -276,7 +276,8 @@ fn draft_for(profile: &DeviceProfile, prompt: &BenchPrompt, real: Option<&RealDr
 }
 
 /// One session of `policy` by device `device`.
-fn run_session(policy: Policy, cfg: &LiveConfig, url: &str, model: &LoadedModel, real: Option<&RealDrafts>, device: usize, profile: &DeviceProfile, prompt: &BenchPrompt) -> SessionRecord {
+fn run_session(policy: Policy, cfg: &LiveConfig, url: &str, inputs: &LiveInputs, device: usize, profile: &DeviceProfile, prompt: &BenchPrompt) -> SessionRecord {
+    let (model, real) = (inputs.model, inputs.real);
     let mut record = SessionRecord { device, prompt: prompt.id.clone(), ..Default::default() };
     let mut client = ClientConfig::new(url);
     (client.ttft_ms, client.tpot_ms) = (cfg.slo_ttft_ms, cfg.slo_tpot_ms);
@@ -347,7 +348,8 @@ fn run_session(policy: Policy, cfg: &LiveConfig, url: &str, model: &LoadedModel,
 
 /// Runs the workload once against `url` with `policy`'s edges: every
 /// session's record and the wall time, s.
-fn run_policy(policy: Policy, cfg: &LiveConfig, url: &str, model: &LoadedModel, real: Option<&RealDrafts>, profiles: &[DeviceProfile], prompts: &[BenchPrompt]) -> (Vec<SessionRecord>, f64) {
+fn run_policy(policy: Policy, cfg: &LiveConfig, url: &str, inputs: &LiveInputs) -> (Vec<SessionRecord>, f64) {
+    let (profiles, prompts) = (inputs.profiles, inputs.prompts);
     let records = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
     let until = start + Duration::from_secs_f64(cfg.duration_s);
@@ -362,11 +364,11 @@ fn run_policy(policy: Policy, cfg: &LiveConfig, url: &str, model: &LoadedModel, 
                         // A refused request is tried again after a pause, as
                         // a user would; its wait counts against its TTFT.
                         let asked = Instant::now();
-                        let mut r = run_session(policy, cfg, url, model, real, device, &profiles[device % profiles.len()], prompt);
+                        let mut r = run_session(policy, cfg, url, inputs, device, &profiles[device % profiles.len()], prompt);
                         while r.refused && Instant::now() < until {
                             std::thread::sleep(REFUSED_RETRY);
                             let waited = asked.elapsed().as_secs_f64() * 1e3;
-                            r = run_session(policy, cfg, url, model, real, device, &profiles[device % profiles.len()], prompt);
+                            r = run_session(policy, cfg, url, inputs, device, &profiles[device % profiles.len()], prompt);
                             if !r.refused && r.failed.is_none() {
                                 r.ttft_ms += waited;
                                 r.slo_met = r.ttft_ms <= cfg.slo_ttft_ms as f64 && r.tpot_ms <= cfg.slo_tpot_ms as f64;
@@ -391,7 +393,7 @@ fn run_policy(policy: Policy, cfg: &LiveConfig, url: &str, model: &LoadedModel, 
                 let records = records.clone();
                 let (device, prompt) = (arrival, &prompts[arrival % prompts.len()]);
                 s.spawn(move || {
-                    let r = run_session(policy, cfg, url, model, real, device, &profiles[device % profiles.len()], prompt);
+                    let r = run_session(policy, cfg, url, inputs, device, &profiles[device % profiles.len()], prompt);
                     records.lock().unwrap().push(r);
                 });
                 arrival += 1;
@@ -443,7 +445,7 @@ fn free_port() -> Result<u16> {
 /// Every policy in turn, each on a fresh server (or on `cfg.server`).
 /// `calibration_out`: where the wisp server writes its calibration.
 pub fn run(cfg: &LiveConfig, inputs: &LiveInputs, calibration_out: Option<&Path>) -> Result<Report> {
-    let LiveInputs { model, profiles, prompts, provenance, real } = *inputs;
+    let (profiles, prompts, provenance) = (inputs.profiles, inputs.prompts, inputs.provenance);
     anyhow::ensure!(!prompts.is_empty(), "no prompts");
     let mut reports = Vec::new();
     for &policy in &cfg.policies {
@@ -462,7 +464,7 @@ pub fn run(cfg: &LiveConfig, inputs: &LiveInputs, calibration_out: Option<&Path>
         let url = cfg.server.clone().unwrap_or_else(|| server.as_ref().expect("started").url());
         let bar = progress::spinner(&format!("live {} ({url}, {:.0} s per run)", policy.name(), cfg.duration_s));
         let before = server.as_ref().map(|_| scrape(&metrics)).transpose()?;
-        let (records, wall_s) = run_policy(policy, cfg, &url, model, real, profiles, prompts);
+        let (records, wall_s) = run_policy(policy, cfg, &url, inputs);
         let figures = match before {
             Some(before) => {
                 let after = scrape(&metrics)?;
@@ -481,7 +483,7 @@ pub fn run(cfg: &LiveConfig, inputs: &LiveInputs, calibration_out: Option<&Path>
             let closed = matches!(cfg.workload, Workload::Closed { .. });
             report.capacity = Some(search_capacity(cfg.workload.load(), closed, |load| {
                 let c = LiveConfig { workload: cfg.workload.with_load(load), ..cfg.clone() };
-                let (records, wall_s) = run_policy(policy, &c, &url, model, real, profiles, prompts);
+                let (records, wall_s) = run_policy(policy, &c, &url, inputs);
                 let r = summarize(policy, records, wall_s, ServerFigures::default());
                 bar.set_message(format!("live {}: capacity probe at {load:.2}: {:.0} % met SLO", policy.name(), r.slo_attainment * 100.0));
                 Probe { load, slo_attainment: r.slo_attainment, goodput_tok_s: r.goodput_tok_s }

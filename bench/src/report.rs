@@ -252,7 +252,8 @@ pub fn peak_goodput(r: &PolicyReport) -> f64 {
 /// the baseline's is positive).
 pub fn ratios(reports: &[PolicyReport]) -> HashMap<String, f64> {
     let mut ratios = HashMap::new();
-    let figures: [(&str, fn(&PolicyReport) -> Option<f64>); 2] = [("goodput", |r| Some(peak_goodput(r))), ("capacity", |r| r.capacity.as_ref().map(|c| c.load))];
+    type Figure = fn(&PolicyReport) -> Option<f64>;
+    let figures: [(&str, Figure); 2] = [("goodput", |r| Some(peak_goodput(r))), ("capacity", |r| r.capacity.as_ref().map(|c| c.load))];
     for (figure, get) in figures {
         let of = |p: Policy| reports.iter().find(|r| r.policy == p).and_then(get);
         let Some(w) = of(Policy::Wisp) else { continue };
