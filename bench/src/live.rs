@@ -13,10 +13,12 @@
 //!   rule, cost-aware k from the server's hints), the SLO-aware scheduler,
 //!   the estimator and the fair counters.
 
+use crate::progress;
 use crate::prompts::BenchPrompt;
+use crate::real_draft::RealDrafts;
+use crate::report::{ratios, search_capacity, summarize, Policy, Probe, Report, ServerFigures, SessionRecord};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,43 +27,6 @@ use tandem_edge::controller::{SpeculationController, StopRule};
 use tandem_edge::{EdgeError, GenerateRequest, RoundOutcome, Speculator, Target};
 use tandem_model::{DraftFeatures, DraftSource, LoadedModel, NgramDraft, Proposal, SamplingParams, SessionRng, SparseDist, SyntheticDraft};
 use tandem_server::process::ServerProcess;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Policy {
-    Centralized,
-    Sled,
-    Wisp,
-}
-
-impl std::str::FromStr for Policy {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "centralized" => Ok(Policy::Centralized),
-            "sled" => Ok(Policy::Sled),
-            "wisp" => Ok(Policy::Wisp),
-            _ => bail!("`--policies`: unknown policy `{s}` (expected centralized, sled, wisp)"),
-        }
-    }
-}
-
-impl Policy {
-    fn name(self) -> &'static str {
-        match self {
-            Policy::Centralized => "centralized",
-            Policy::Sled => "sled",
-            Policy::Wisp => "wisp",
-        }
-    }
-
-    fn server_policy(self) -> &'static str {
-        match self {
-            Policy::Centralized | Policy::Sled => "fcfs",
-            Policy::Wisp => "wisp",
-        }
-    }
-}
 
 /// An edge device: how fast it drafts and what its link is like.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -96,6 +61,27 @@ impl DeviceProfile {
     }
 }
 
+impl DeviceProfile {
+    /// One line for a report header; synthetic drafts are labelled.
+    pub fn describe(&self) -> String {
+        format!(
+            "device `{}`: draft {}{}, {} ms/token, RTT {} ± {} ms, {}/{} kbit/s up/down",
+            self.name,
+            self.draft,
+            match self.draft.split(':').next() {
+                Some("synthetic") => " (SYNTHETIC draft)",
+                Some("real") => " (real draft model, proposals precomputed and cached)",
+                _ => "",
+            },
+            self.draft_ms_per_token,
+            self.rtt_ms,
+            self.jitter_ms,
+            self.uplink_kbps,
+            self.downlink_kbps
+        )
+    }
+}
+
 /// `[[device]]` tables; devices take profiles in turn.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,8 +91,13 @@ pub struct ProfilesFile {
 
 pub fn load_profiles(path: &Path) -> Result<Vec<DeviceProfile>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading --profiles {}", path.display()))?;
-    let file: ProfilesFile = toml::from_str(&text).with_context(|| format!("parsing --profiles {}", path.display()))?;
-    anyhow::ensure!(!file.device.is_empty(), "`--profiles {}` has no [[device]] table", path.display());
+    parse_profiles(&text, &path.display().to_string())
+}
+
+/// Profiles from TOML text (`origin` names it in errors).
+pub fn parse_profiles(text: &str, origin: &str) -> Result<Vec<DeviceProfile>> {
+    let file: ProfilesFile = toml::from_str(text).with_context(|| format!("parsing --profiles {origin}"))?;
+    anyhow::ensure!(!file.device.is_empty(), "`--profiles {origin}` has no [[device]] table");
     for d in &file.device {
         DraftKind::parse(&d.draft)?;
         anyhow::ensure!(d.draft_ms_per_token >= 0.0 && d.rtt_ms >= 0.0 && d.jitter_ms >= 0.0, "profile `{}`: times must be ≥ 0", d.name);
@@ -115,23 +106,55 @@ pub fn load_profiles(path: &Path) -> Result<Vec<DeviceProfile>> {
     Ok(file.device)
 }
 
-#[derive(Clone, Copy, Debug)]
-enum DraftKind {
+/// Laptops, phones and desktops in turn (`bench/profiles/mixed.toml`).
+pub fn mixed_profiles() -> Vec<DeviceProfile> {
+    parse_profiles(include_str!("../profiles/mixed.toml"), "bench/profiles/mixed.toml").expect("the shipped profiles parse")
+}
+
+/// Where an edge's drafts come from (a profile's `draft`).
+#[derive(Clone, Debug)]
+pub enum DraftKind {
+    /// Right with probability alpha per token (labelled SYNTHETIC).
     Synthetic { alpha: f64 },
+    /// Prompt lookup.
     Ngram,
+    /// A real draft model's proposals (`real:SPEC`, e.g. `real:layers:25`),
+    /// precomputed and cached (see `real_draft`).
+    Real(String),
 }
 
 impl DraftKind {
-    fn parse(s: &str) -> Result<Self> {
+    pub fn parse(s: &str) -> Result<Self> {
         match s.split_once(':') {
             None if s == "ngram" => Ok(DraftKind::Ngram),
             Some(("synthetic", rest)) => {
                 let alpha = rest.strip_prefix("alpha=").and_then(|a| a.parse::<f64>().ok()).filter(|a| (0.0..=1.0).contains(a));
                 alpha.map(|alpha| DraftKind::Synthetic { alpha }).context(format!("draft `{s}`: expected synthetic:alpha=A with A in [0, 1]"))
             }
-            _ => bail!("draft `{s}`: expected synthetic:alpha=A or ngram"),
+            Some(("real", spec)) => {
+                spec.parse::<tandem_model::DraftSpec>().with_context(|| format!("draft `{s}`"))?;
+                Ok(DraftKind::Real(spec.to_string()))
+            }
+            _ => bail!("draft `{s}`: expected synthetic:alpha=A, ngram or real:SPEC (e.g. real:layers:25)"),
         }
     }
+}
+
+/// The one real draft spec the profiles ask for, if any.
+pub fn real_draft_spec(profiles: &[DeviceProfile]) -> Result<Option<String>> {
+    let mut specs: Vec<String> = profiles.iter().filter_map(|p| match DraftKind::parse(&p.draft) {
+        Ok(DraftKind::Real(spec)) => Some(spec),
+        _ => None,
+    }).collect();
+    specs.dedup();
+    anyhow::ensure!(specs.len() <= 1, "profiles ask for several real drafts ({specs:?}); use one");
+    Ok(specs.pop())
+}
+
+/// The speculation controller of `wisp` edges: a confidence stop rule and
+/// cost-aware k (the simulator builds the same).
+pub fn wisp_controller(draft_len: usize) -> SpeculationController {
+    SpeculationController::new(StopRule::Confidence { min_top1: 0.4 }, draft_len, true)
 }
 
 /// How load arrives.
@@ -165,97 +188,20 @@ pub struct LiveConfig {
 /// Pause of a closed-loop device before asking again after a refusal.
 const REFUSED_RETRY: Duration = Duration::from_millis(200);
 
-/// SLO attainment a load must keep to count as within capacity.
-pub const CAPACITY_ATTAINMENT: f64 = 0.9;
-
-/// One load tried by the capacity search.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Probe {
-    pub load: f64,
-    pub slo_attainment: f64,
-    pub goodput_tok_s: f64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Capacity {
-    /// Largest load found with ≥ 90 % attainment (0: not even the smallest).
-    pub load: f64,
-    /// `devices` (closed loop) or `sessions/s` (open loop).
-    pub unit: String,
-    pub probes: Vec<Probe>,
-}
-
 impl Workload {
-    fn load(&self) -> f64 {
+    pub fn load(&self) -> f64 {
         match *self {
             Workload::Closed { devices, .. } => devices as f64,
             Workload::Open { rate } => rate,
         }
     }
 
-    fn with_load(&self, load: f64) -> Workload {
+    pub fn with_load(&self, load: f64) -> Workload {
         match *self {
             Workload::Closed { think_ms, .. } => Workload::Closed { devices: load.round().max(1.0) as usize, think_ms },
             Workload::Open { .. } => Workload::Open { rate: load },
         }
     }
-}
-
-/// One session as its edge saw it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct SessionRecord {
-    pub device: usize,
-    pub prompt: String,
-    pub refused: bool,
-    pub failed: Option<String>,
-    pub tokens: usize,
-    pub ttft_ms: f64,
-    pub tpot_ms: f64,
-    pub rounds: usize,
-    pub drafted: usize,
-    pub accepted: usize,
-    pub wasted_draft_ms: f64,
-    pub slo_met: bool,
-    /// The output differs from the target's own greedy output (a bug).
-    pub mismatch: bool,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PolicyReport {
-    pub policy: Policy,
-    pub sessions: usize,
-    pub refused: usize,
-    pub failed: usize,
-    /// Outputs that differ from the target's own (must be 0: lossless).
-    pub mismatched: usize,
-    /// Sessions meeting both objectives, of all offered (refused count as misses).
-    pub slo_attainment: f64,
-    /// Tokens per second of sessions that met their objectives.
-    pub goodput_tok_s: f64,
-    pub throughput_tok_s: f64,
-    pub ttft_p50_ms: f64,
-    pub ttft_p99_ms: f64,
-    pub tpot_p50_ms: f64,
-    pub tpot_p99_ms: f64,
-    pub acceptance: f64,
-    pub tokens_per_round: f64,
-    pub wasted_draft_ms_per_session: f64,
-    pub wall_s: f64,
-    pub capacity: Option<Capacity>,
-    pub records: Vec<SessionRecord>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct LiveReport {
-    pub config: LiveConfig,
-    pub profiles: Vec<DeviceProfile>,
-    /// Where the prompts come from.
-    pub prompts: String,
-    /// Every synthetic draft is labelled as such.
-    pub synthetic_drafts: bool,
-    pub policies: Vec<PolicyReport>,
-    /// WISP's goodput over the others' (when both ran).
-    pub ratios: HashMap<String, f64>,
 }
 
 /// A link between an emulated edge and the server: each message waits half
@@ -306,31 +252,32 @@ impl<D: DraftSource> DraftSource for Paced<D> {
         rng: &mut SessionRng,
         keep_going: &mut dyn FnMut(&DraftFeatures) -> bool,
     ) -> tandem_model::Result<Proposal> {
-        let proposal = self.inner.propose_until(context, k, sampling, rng, keep_going)?;
-        std::thread::sleep(self.pace * proposal.tokens.len() as u32);
+        // Each token's time passes before the stop rule sees it, as on a
+        // device, so the edge's timestamps (wasted drafting) include it;
+        // a source that never asks (n-gram lookup) is paced after.
+        let (pace, mut paced) = (self.pace, 0u32);
+        let proposal = self.inner.propose_until(context, k, sampling, rng, &mut |f| {
+            std::thread::sleep(pace);
+            paced += 1;
+            keep_going(f)
+        })?;
+        std::thread::sleep(pace * (proposal.tokens.len() as u32).saturating_sub(paced));
         Ok(proposal)
     }
 }
 
-fn draft_for(profile: &DeviceProfile, prompt: &BenchPrompt) -> Result<Box<dyn DraftSource>> {
+fn draft_for(profile: &DeviceProfile, prompt: &BenchPrompt, real: Option<&RealDrafts>) -> Result<Box<dyn DraftSource>> {
     let pace = Duration::from_secs_f64(profile.draft_ms_per_token / 1e3);
     Ok(match DraftKind::parse(&profile.draft)? {
         DraftKind::Synthetic { alpha } => Box::new(SyntheticDraft::new(prompt.reference.clone(), alpha, pace)),
         DraftKind::Ngram => Box::new(Paced { inner: NgramDraft::new(3), pace }),
+        DraftKind::Real(spec) => Box::new(Paced { inner: real.context(format!("draft `real:{spec}`: proposals not loaded"))?.source(prompt), pace }),
     })
 }
 
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((p * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)]
-}
-
 /// One session of `policy` by device `device`.
-fn run_session(policy: Policy, cfg: &LiveConfig, url: &str, model: &LoadedModel, device: usize, profile: &DeviceProfile, prompt: &BenchPrompt) -> SessionRecord {
+fn run_session(policy: Policy, cfg: &LiveConfig, url: &str, inputs: &LiveInputs, device: usize, profile: &DeviceProfile, prompt: &BenchPrompt) -> SessionRecord {
+    let (model, real) = (inputs.model, inputs.real);
     let mut record = SessionRecord { device, prompt: prompt.id.clone(), ..Default::default() };
     let mut client = ClientConfig::new(url);
     (client.ttft_ms, client.tpot_ms) = (cfg.slo_ttft_ms, cfg.slo_tpot_ms);
@@ -368,7 +315,7 @@ fn run_session(policy: Policy, cfg: &LiveConfig, url: &str, model: &LoadedModel,
                 })
         }
         Policy::Sled | Policy::Wisp => {
-            let draft = match draft_for(profile, prompt) {
+            let draft = match draft_for(profile, prompt, real) {
                 Ok(d) => d,
                 Err(e) => {
                     record.failed = Some(e.to_string());
@@ -378,7 +325,7 @@ fn run_session(policy: Policy, cfg: &LiveConfig, url: &str, model: &LoadedModel,
             let link = EmulatedLink { inner: target, profile: profile.clone(), rng: SessionRng::new(link_seed) };
             let mut spec = Speculator::new(link, draft, model.tokenizer.clone());
             if policy == Policy::Wisp {
-                spec = spec.with_controller(SpeculationController::new(StopRule::Confidence { min_top1: 0.4 }, cfg.draft_len, true));
+                spec = spec.with_controller(wisp_controller(cfg.draft_len));
             }
             spec.generate(&request, |_| {}).map(|g| (g.tokens, g.ttft_ms, g.wall_ms, g.rounds, g.drafted, g.accepted, g.wasted_draft_ms))
         }
@@ -399,8 +346,10 @@ fn run_session(policy: Policy, cfg: &LiveConfig, url: &str, model: &LoadedModel,
     record
 }
 
-/// Runs the workload once against `url` with `policy`'s edges.
-fn run_policy(policy: Policy, cfg: &LiveConfig, url: &str, model: &LoadedModel, profiles: &[DeviceProfile], prompts: &[BenchPrompt]) -> PolicyReport {
+/// Runs the workload once against `url` with `policy`'s edges: every
+/// session's record and the wall time, s.
+fn run_policy(policy: Policy, cfg: &LiveConfig, url: &str, inputs: &LiveInputs) -> (Vec<SessionRecord>, f64) {
+    let (profiles, prompts) = (inputs.profiles, inputs.prompts);
     let records = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
     let until = start + Duration::from_secs_f64(cfg.duration_s);
@@ -415,11 +364,11 @@ fn run_policy(policy: Policy, cfg: &LiveConfig, url: &str, model: &LoadedModel, 
                         // A refused request is tried again after a pause, as
                         // a user would; its wait counts against its TTFT.
                         let asked = Instant::now();
-                        let mut r = run_session(policy, cfg, url, model, device, &profiles[device % profiles.len()], prompt);
+                        let mut r = run_session(policy, cfg, url, inputs, device, &profiles[device % profiles.len()], prompt);
                         while r.refused && Instant::now() < until {
                             std::thread::sleep(REFUSED_RETRY);
                             let waited = asked.elapsed().as_secs_f64() * 1e3;
-                            r = run_session(policy, cfg, url, model, device, &profiles[device % profiles.len()], prompt);
+                            r = run_session(policy, cfg, url, inputs, device, &profiles[device % profiles.len()], prompt);
                             if !r.refused && r.failed.is_none() {
                                 r.ttft_ms += waited;
                                 r.slo_met = r.ttft_ms <= cfg.slo_ttft_ms as f64 && r.tpot_ms <= cfg.slo_tpot_ms as f64;
@@ -444,7 +393,7 @@ fn run_policy(policy: Policy, cfg: &LiveConfig, url: &str, model: &LoadedModel, 
                 let records = records.clone();
                 let (device, prompt) = (arrival, &prompts[arrival % prompts.len()]);
                 s.spawn(move || {
-                    let r = run_session(policy, cfg, url, model, device, &profiles[device % profiles.len()], prompt);
+                    let r = run_session(policy, cfg, url, inputs, device, &profiles[device % profiles.len()], prompt);
                     records.lock().unwrap().push(r);
                 });
                 arrival += 1;
@@ -454,177 +403,122 @@ fn run_policy(policy: Policy, cfg: &LiveConfig, url: &str, model: &LoadedModel, 
     });
     let wall_s = start.elapsed().as_secs_f64();
     let records = Arc::try_unwrap(records).expect("threads joined").into_inner().unwrap();
-    summarize(policy, records, wall_s)
+    (records, wall_s)
 }
 
-fn summarize(policy: Policy, records: Vec<SessionRecord>, wall_s: f64) -> PolicyReport {
-    let served: Vec<&SessionRecord> = records.iter().filter(|r| !r.refused && r.failed.is_none()).collect();
-    let ttft: Vec<f64> = served.iter().map(|r| r.ttft_ms).collect();
-    let tpot: Vec<f64> = served.iter().map(|r| r.tpot_ms).collect();
-    let (drafted, accepted, rounds) = served.iter().fold((0, 0, 0), |a, r| (a.0 + r.drafted, a.1 + r.accepted, a.2 + r.rounds));
-    let tokens: usize = served.iter().map(|r| r.tokens).sum();
-    let good: usize = served.iter().filter(|r| r.slo_met).map(|r| r.tokens).sum();
-    PolicyReport {
-        policy,
-        sessions: records.len(),
-        refused: records.iter().filter(|r| r.refused).count(),
-        failed: records.iter().filter(|r| r.failed.is_some()).count(),
-        mismatched: records.iter().filter(|r| r.mismatch).count(),
-        slo_attainment: served.iter().filter(|r| r.slo_met).count() as f64 / records.len().max(1) as f64,
-        goodput_tok_s: good as f64 / wall_s,
-        throughput_tok_s: tokens as f64 / wall_s,
-        ttft_p50_ms: percentile(&ttft, 0.5),
-        ttft_p99_ms: percentile(&ttft, 0.99),
-        tpot_p50_ms: percentile(&tpot, 0.5),
-        tpot_p99_ms: percentile(&tpot, 0.99),
-        acceptance: if drafted == 0 { 0.0 } else { accepted as f64 / drafted as f64 },
-        tokens_per_round: if rounds == 0 { 0.0 } else { (accepted + rounds) as f64 / rounds as f64 },
-        wasted_draft_ms_per_session: served.iter().map(|r| r.wasted_draft_ms).sum::<f64>() / served.len().max(1) as f64,
-        wall_s,
-        capacity: None,
-        records,
-    }
+/// What a live run reads besides its configuration.
+#[derive(Clone, Copy)]
+pub struct LiveInputs<'a> {
+    pub model: &'a LoadedModel,
+    pub profiles: &'a [DeviceProfile],
+    pub prompts: &'a [BenchPrompt],
+    pub provenance: &'a str,
+    pub real: Option<&'a RealDrafts>,
 }
 
-/// Doubling from the configured load until attainment drops below 90 %,
-/// then bisection between the last load that held and the first that did
-/// not (to one device, or 10 % of the rate).
-fn search_capacity(policy: Policy, cfg: &LiveConfig, url: &str, model: &LoadedModel, profiles: &[DeviceProfile], prompts: &[BenchPrompt]) -> Capacity {
-    let closed = matches!(cfg.workload, Workload::Closed { .. });
-    let mut probes = Vec::new();
-    let mut probe = |load: f64| {
-        let c = LiveConfig { workload: cfg.workload.with_load(load), ..cfg.clone() };
-        let r = run_policy(policy, &c, url, model, profiles, prompts);
-        eprintln!("live: {} capacity probe at {load:.2}: {:.0} % met SLO", policy.name(), r.slo_attainment * 100.0);
-        probes.push(Probe { load, slo_attainment: r.slo_attainment, goodput_tok_s: r.goodput_tok_s });
-        r.slo_attainment >= CAPACITY_ATTAINMENT
-    };
-    let (mut good, mut bad) = (0.0, cfg.workload.load());
-    // Ten doublings at most: 1 → 1024 devices.
-    for _ in 0..10 {
-        if !probe(bad) {
-            break;
-        }
-        good = bad;
-        bad *= 2.0;
-    }
-    let resolution = if closed { 1.0 } else { 0.1 * bad };
-    let floor = if closed { 1.0 } else { 0.0 };
-    while bad - good > resolution && bad - good > 1e-9 {
-        let mid = if closed { ((good + bad) / 2.0).floor().max(floor) } else { (good + bad) / 2.0 };
-        if mid <= good {
-            break;
-        }
-        if probe(mid) {
-            good = mid;
-        } else {
-            bad = mid;
-        }
-    }
-    Capacity { load: good, unit: if closed { "devices" } else { "sessions/s" }.into(), probes }
+/// A few figures from the server's Prometheus `/metrics`.
+#[derive(Clone, Copy, Debug, Default)]
+struct Scrape {
+    /// `tandem_pass_seconds_sum`: forward-pass seconds so far.
+    pass_seconds: f64,
+    /// `tandem_estimator_relative_error` (absent without an estimator).
+    estimator_error: Option<f64>,
+}
+
+/// Reads `/metrics` at `addr` with a plain HTTP/1.0 GET.
+fn scrape(addr: &str) -> Result<Scrape> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).with_context(|| format!("connecting to the metrics endpoint {addr}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body)?;
+    let value = |name: &str| body.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse::<f64>().ok()));
+    Ok(Scrape { pass_seconds: value("tandem_pass_seconds_sum").context("no tandem_pass_seconds_sum in /metrics")?, estimator_error: value("tandem_estimator_relative_error") })
+}
+
+/// A free loopback port for the server's metrics endpoint.
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Every policy in turn, each on a fresh server (or on `cfg.server`).
-pub fn run(cfg: &LiveConfig, model: &LoadedModel, profiles: &[DeviceProfile], prompts: &[BenchPrompt], provenance: &str) -> Result<LiveReport> {
+/// `calibration_out`: where the wisp server writes its calibration.
+pub fn run(cfg: &LiveConfig, inputs: &LiveInputs, calibration_out: Option<&Path>) -> Result<Report> {
+    let (profiles, prompts, provenance) = (inputs.profiles, inputs.prompts, inputs.provenance);
     anyhow::ensure!(!prompts.is_empty(), "no prompts");
     let mut reports = Vec::new();
     for &policy in &cfg.policies {
+        let metrics = format!("127.0.0.1:{}", free_port()?);
         let server = match &cfg.server {
             Some(_) => None,
-            None => Some(ServerProcess::try_start(&["--policy", policy.server_policy()]).context("starting tandem-server")?),
+            None => {
+                let mut args = vec!["--policy", policy.server_policy(), "--metrics-listen", &metrics];
+                let out = calibration_out.filter(|_| policy == Policy::Wisp).map(|p| p.display().to_string());
+                if let Some(out) = &out {
+                    args.extend(["--calibration-out", out]);
+                }
+                Some(ServerProcess::try_start(&args).context("starting tandem-server")?)
+            }
         };
         let url = cfg.server.clone().unwrap_or_else(|| server.as_ref().expect("started").url());
-        eprintln!("live: {} against {url} for {:.0} s ...", policy.name(), cfg.duration_s);
-        let mut report = run_policy(policy, cfg, &url, model, profiles, prompts);
+        let bar = progress::spinner(&format!("live {} ({url}, {:.0} s per run)", policy.name(), cfg.duration_s));
+        let before = server.as_ref().map(|_| scrape(&metrics)).transpose()?;
+        let (records, wall_s) = run_policy(policy, cfg, &url, inputs);
+        let figures = match before {
+            Some(before) => {
+                let after = scrape(&metrics)?;
+                let tokens: usize = records.iter().map(|r| r.tokens).sum();
+                ServerFigures {
+                    estimator_mape: after.estimator_error,
+                    max_service_gap: None,
+                    verify_s_per_token: (tokens > 0).then(|| (after.pass_seconds - before.pass_seconds) / tokens as f64),
+                }
+            }
+            None => ServerFigures::default(),
+        };
+        let mut report = summarize(policy, records, wall_s, figures);
+        report.load = cfg.workload.load();
         if cfg.capacity_search {
-            report.capacity = Some(search_capacity(policy, cfg, &url, model, profiles, prompts));
+            let closed = matches!(cfg.workload, Workload::Closed { .. });
+            report.capacity = Some(search_capacity(cfg.workload.load(), closed, |load| {
+                let c = LiveConfig { workload: cfg.workload.with_load(load), ..cfg.clone() };
+                let (records, wall_s) = run_policy(policy, &c, &url, inputs);
+                let r = summarize(policy, records, wall_s, ServerFigures::default());
+                bar.set_message(format!("live {}: capacity probe at {load:.2}: {:.0} % met SLO", policy.name(), r.slo_attainment * 100.0));
+                Probe { load, slo_attainment: r.slo_attainment, goodput_tok_s: r.goodput_tok_s }
+            }));
         }
-        eprintln!(
-            "live: {}: {} sessions, {:.0} % met SLO, goodput {:.1} tok/s",
+        bar.finish_with_message(format!(
+            "live {}: {} sessions, {:.0} % met SLO, goodput {:.1} tok/s",
             policy.name(),
             report.sessions,
             report.slo_attainment * 100.0,
             report.goodput_tok_s
-        );
+        ));
         if let Some(r) = report.records.iter().find(|r| r.failed.is_some()) {
             eprintln!("live: {}: {} sessions failed, first: {}", policy.name(), report.failed, r.failed.as_deref().unwrap_or_default());
         }
         anyhow::ensure!(report.mismatched == 0, "{}: {} outputs differ from the target's own greedy output", policy.name(), report.mismatched);
         reports.push(report);
     }
-    let mut ratios = HashMap::new();
-    let figures: [(&str, fn(&PolicyReport) -> Option<f64>); 2] =
-        [("goodput", |r| Some(r.goodput_tok_s)), ("capacity", |r| r.capacity.as_ref().map(|c| c.load))];
-    for (figure, get) in figures {
-        let of = |p: Policy| reports.iter().find(|r| r.policy == p).and_then(get);
-        let Some(w) = of(Policy::Wisp) else { continue };
-        for (base_name, base) in [("centralized", Policy::Centralized), ("sled", Policy::Sled)] {
-            if let Some(b) = of(base).filter(|&b| b > 0.0) {
-                ratios.insert(format!("{figure}_vs_{base_name}"), w / b);
-            }
-        }
-    }
     let synthetic_drafts = profiles.iter().any(|p| p.draft.starts_with("synthetic"));
-    Ok(LiveReport { config: cfg.clone(), profiles: profiles.to_vec(), prompts: provenance.to_string(), synthetic_drafts, policies: reports, ratios })
-}
-
-impl LiveReport {
-    pub fn markdown(&self) -> String {
-        let mut out = String::new();
-        let w = &self.config.workload;
-        out.push_str(&format!(
-            "live: {w:?}, {:.0} s per policy, {} new tokens, SLO TTFT {} ms / TPOT {} ms; prompts: {}\n",
-            self.config.duration_s, self.config.max_new_tokens, self.config.slo_ttft_ms, self.config.slo_tpot_ms, self.prompts
-        ));
-        for p in &self.profiles {
-            out.push_str(&format!(
-                "device `{}`: draft {}{}, {} ms/token, RTT {} ± {} ms, {}/{} kbit/s up/down\n",
-                p.name,
-                p.draft,
-                if p.draft.starts_with("synthetic") { " (SYNTHETIC draft)" } else { "" },
-                p.draft_ms_per_token,
-                p.rtt_ms,
-                p.jitter_ms,
-                p.uplink_kbps,
-                p.downlink_kbps
-            ));
-        }
-        out.push_str("\n| policy | sessions | refused | failed | SLO attainment | goodput tok/s | throughput tok/s | TTFT p50/p99 ms | TPOT p50/p99 ms | acceptance | tokens/round | wasted draft ms/session |\n");
-        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-        for r in &self.policies {
-            out.push_str(&format!(
-                "| {} | {} | {} | {} | {:.1} % | {:.2} | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} % | {:.2} | {:.0} |\n",
-                r.policy.name(),
-                r.sessions,
-                r.refused,
-                r.failed,
-                r.slo_attainment * 100.0,
-                r.goodput_tok_s,
-                r.throughput_tok_s,
-                r.ttft_p50_ms,
-                r.ttft_p99_ms,
-                r.tpot_p50_ms,
-                r.tpot_p99_ms,
-                r.acceptance * 100.0,
-                r.tokens_per_round,
-                r.wasted_draft_ms_per_session
-            ));
-        }
-        for r in &self.policies {
-            if let Some(c) = &r.capacity {
-                out.push_str(&format!("\n{} capacity: {} {} (≥ {:.0} % SLO attainment); probes:", r.policy.name(), c.load, c.unit, CAPACITY_ATTAINMENT * 100.0));
-                for p in &c.probes {
-                    out.push_str(&format!(" {}→{:.0} %", p.load, p.slo_attainment * 100.0));
-                }
-                out.push('\n');
-            }
-        }
-        let mut ratios: Vec<_> = self.ratios.iter().collect();
-        ratios.sort_by(|a, b| a.0.cmp(b.0));
-        for (name, v) in ratios {
-            out.push_str(&format!("\n{name}: {v:.2}×"));
-        }
-        out.push('\n');
-        out
-    }
+    let mut header = vec![format!(
+        "live: {:?}, {:.0} s per policy, {} new tokens, SLO TTFT {} ms / TPOT {} ms; prompts: {}",
+        cfg.workload, cfg.duration_s, cfg.max_new_tokens, cfg.slo_ttft_ms, cfg.slo_tpot_ms, provenance
+    )];
+    header.extend(profiles.iter().map(DeviceProfile::describe));
+    Ok(Report {
+        kind: "live".into(),
+        header,
+        config: serde_json::to_value(cfg)?,
+        synthetic_drafts,
+        ratios: ratios(&reports),
+        policies: reports,
+        notes: vec![
+            "live server figures come from the server's Prometheus /metrics (scraped before and after the main run): estimator MAPE is its EWMA of |predicted − measured| / measured pass time; verify s/token is forward-pass seconds over the tokens the edges received".into(),
+            "Jain's index is over tokens served per device, from what the edges saw; the per-tenant service gap is simulator-only (live runs one tenant)".into(),
+            "timings on this shared 2-core CPU machine are perturbed by whatever else runs (e.g. compilers)".into(),
+        ],
+    })
 }

@@ -3,7 +3,10 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use tandem_bench::{estimator, live};
+use std::time::Instant;
+use tandem_bench::real_draft::RealDrafts;
+use tandem_bench::report::{parse_policies, Policy, Report};
+use tandem_bench::{estimator, live, paper, sim};
 use tandem_bench::kernels::{self, KernelBenchConfig};
 use tandem_model::fetch;
 
@@ -52,16 +55,31 @@ enum Command {
     /// Policies side by side on real servers with emulated edge devices
     /// (centralized, sled, wisp): SLO attainment, goodput, latencies.
     Live(LiveArgs),
-    /// Re-renders a `live` report (`report.json`) as its Markdown table.
+    /// The same policies in a discrete-event simulation of many devices,
+    /// with the server's scheduler, estimator and counters and the edge's
+    /// controller, and pass times from a calibration file.
+    Sim(SimArgs),
+    /// The standard configuration end to end: live on this machine, sim
+    /// with this machine's calibration and with a GPU roofline, and their
+    /// agreement, all written to one folder.
+    Paper {
+        #[arg(long, default_value = "paper")]
+        out: PathBuf,
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Re-renders a `live` or `sim` report (`report.json`): its Markdown
+    /// table, and its plots beside it.
     Report {
-        /// A report.json written by `live --out DIR`.
+        /// A report.json written by `live --out DIR` or `sim --out DIR`.
         run: PathBuf,
     },
 }
 
+/// What `live` and `sim` share: the workload, objectives, prompts, devices.
 #[derive(clap::Args)]
-struct LiveArgs {
-    /// Policies to compare, each on a fresh server: centralized, sled, wisp.
+struct LoadArgs {
+    /// Policies to compare: centralized, sled, wisp.
     #[arg(long, value_delimiter = ',', default_value = "centralized,sled,wisp")]
     policies: Vec<String>,
     /// Closed loop: this many edge devices, each running sessions back to back.
@@ -90,12 +108,10 @@ struct LiveArgs {
     prompts: String,
     #[arg(long, default_value_t = 12)]
     num_prompts: usize,
-    /// Device profiles (TOML `[[device]]` tables); default: one laptop profile.
+    /// Device profiles (TOML `[[device]]` tables, `draft` = synthetic:alpha=A,
+    /// ngram or real:SPEC such as real:layers:25); default: one laptop profile.
     #[arg(long)]
     profiles: Option<PathBuf>,
-    /// Drive a running server instead of starting one per policy.
-    #[arg(long)]
-    server: Option<String>,
     #[arg(long)]
     model: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
@@ -104,16 +120,57 @@ struct LiveArgs {
     /// attainment) by doubling and bisecting the load, `--duration-s` per probe.
     #[arg(long)]
     capacity: bool,
-    /// Write report.json and report.md here.
+    /// Write report.json, report.md and the plots here.
     #[arg(long)]
     out: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
 
-fn live(args: LiveArgs) -> Result<()> {
-    let policies = args.policies.iter().map(|p| p.parse()).collect::<Result<Vec<live::Policy>>>()?;
-    anyhow::ensure!(!policies.is_empty(), "`--policies` is empty");
+#[derive(clap::Args)]
+struct LiveArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Drive a running server instead of starting one per policy.
+    #[arg(long)]
+    server: Option<String>,
+    /// Have the wisp server write its calibration here (for `sim --calibration`).
+    #[arg(long)]
+    calibration_out: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// A calibration file (`tandem-server --calibration-out`), or a GPU
+    /// roofline (computed, not measured): `roofline:h100-llama3-8b`,
+    /// `roofline:a100-qwen3-32b`.
+    #[arg(long, default_value = "roofline:h100-llama3-8b")]
+    calibration: String,
+    /// Devices belong to this many tenants in turn.
+    #[arg(long, default_value_t = 4)]
+    tenants: usize,
+    /// The server's pass budgets [default: the server's defaults].
+    #[arg(long)]
+    max_batch_tokens: Option<usize>,
+    #[arg(long)]
+    max_batch_seqs: Option<usize>,
+}
+
+/// The inputs `live` and `sim` load from their arguments.
+struct Loaded {
+    policies: Vec<Policy>,
+    workload: live::Workload,
+    model: tandem_model::LoadedModel,
+    prompts: Vec<tandem_bench::prompts::BenchPrompt>,
+    provenance: String,
+    profiles: Vec<live::DeviceProfile>,
+    real: Option<RealDrafts>,
+}
+
+fn load(args: &LoadArgs) -> Result<Loaded> {
+    let policies = parse_policies(&args.policies)?;
     anyhow::ensure!(args.duration_s > 0.0, "`--duration-s` must be positive");
     anyhow::ensure!(args.max_new_tokens > 1, "`--max-new-tokens` must be at least 2");
     anyhow::ensure!((1..=tandem_protocol::limits::MAX_DRAFT_TOKENS).contains(&args.draft_len), "`--draft-len` must be 1..=16");
@@ -131,32 +188,68 @@ fn live(args: LiveArgs) -> Result<()> {
         Some(p) => live::load_profiles(p)?,
         None => vec![live::DeviceProfile::laptop()],
     };
-    let model = tandem_model::LoadedModel::load(&model_path(args.model)?).context("loading the target model")?;
+    let model = tandem_model::LoadedModel::load(&model_path(args.model.clone())?).context("loading the target model")?;
     let (prompts, provenance) = tandem_bench::prompts::load(&args.prompts, args.num_prompts, args.max_new_tokens, &model)?;
-    let cfg = live::LiveConfig {
-        policies,
-        workload,
-        duration_s: args.duration_s,
-        max_new_tokens: args.max_new_tokens,
-        draft_len: args.draft_len,
-        slo_ttft_ms: args.slo_ttft_ms,
-        slo_tpot_ms: args.slo_tpot_ms,
-        seed: args.seed,
-        server: args.server,
-        capacity_search: args.capacity,
-    };
-    let report = live::run(&cfg, &model, &profiles, &prompts, &provenance)?;
-    if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating --out {}", dir.display()))?;
-        std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
-        std::fs::write(dir.join("report.md"), report.markdown())?;
+    let real = live::real_draft_spec(&profiles)?.map(|spec| RealDrafts::load(&spec, args.draft_len, &model, &prompts)).transpose()?;
+    Ok(Loaded { policies, workload, model, prompts, provenance, profiles, real })
+}
+
+fn emit(report: &Report, out: Option<&PathBuf>, json: bool) -> Result<()> {
+    if let Some(dir) = out {
+        report.write(dir)?;
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
     } else {
         print!("{}", report.markdown());
     }
     Ok(())
+}
+
+fn live(args: LiveArgs) -> Result<()> {
+    let l = load(&args.load)?;
+    let a = &args.load;
+    let cfg = live::LiveConfig {
+        policies: l.policies.clone(),
+        workload: l.workload,
+        duration_s: a.duration_s,
+        max_new_tokens: a.max_new_tokens,
+        draft_len: a.draft_len,
+        slo_ttft_ms: a.slo_ttft_ms,
+        slo_tpot_ms: a.slo_tpot_ms,
+        seed: a.seed,
+        server: args.server,
+        capacity_search: a.capacity,
+    };
+    let inputs = live::LiveInputs { model: &l.model, profiles: &l.profiles, prompts: &l.prompts, provenance: &l.provenance, real: l.real.as_ref() };
+    let report = live::run(&cfg, &inputs, args.calibration_out.as_deref())?;
+    emit(&report, a.out.as_ref(), a.json)
+}
+
+fn sim(args: SimArgs) -> Result<()> {
+    let l = load(&args.load)?;
+    let a = &args.load;
+    anyhow::ensure!(args.tenants > 0, "`--tenants` must be at least 1");
+    let defaults = tandem_server::config::BatcherConfig::default();
+    let cfg = sim::SimConfig {
+        policies: l.policies.clone(),
+        workload: l.workload,
+        duration_s: a.duration_s,
+        max_new_tokens: a.max_new_tokens,
+        draft_len: a.draft_len,
+        slo_ttft_ms: a.slo_ttft_ms,
+        slo_tpot_ms: a.slo_tpot_ms,
+        seed: a.seed,
+        tenants: args.tenants,
+        max_batch_tokens: args.max_batch_tokens.unwrap_or(defaults.max_batch_tokens),
+        max_batch_seqs: args.max_batch_seqs.unwrap_or(defaults.max_batch_seqs),
+        capacity_search: a.capacity,
+    };
+    let calibration = sim::load_calibration(&args.calibration)?;
+    let inputs = sim::SimInputs { calibration: &calibration, profiles: &l.profiles, prompts: &l.prompts, provenance: &l.provenance, real: l.real.as_ref() };
+    // The one clock read: simulated time 0 is mapped to this instant.
+    let report = sim::run(&cfg, &inputs, Instant::now())?;
+    emit(&report, a.out.as_ref(), a.json)
 }
 
 fn model_path(model: Option<PathBuf>) -> Result<PathBuf> {
@@ -185,9 +278,16 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Live(args) => live(args),
+        Command::Sim(args) => sim(args),
+        Command::Paper { out, model } => {
+            let model = tandem_model::LoadedModel::load(&model_path(model)?).context("loading the target model")?;
+            paper::run(&out, &model)
+        }
         Command::Report { run } => {
-            let text = std::fs::read_to_string(&run).with_context(|| format!("reading {}", run.display()))?;
-            let report: live::LiveReport = serde_json::from_str(&text).with_context(|| format!("{} is not a live report", run.display()))?;
+            let report = Report::read(&run)?;
+            if let Some(dir) = run.parent() {
+                tandem_bench::plots::render(&report, dir)?;
+            }
             print!("{}", report.markdown());
             Ok(())
         }

@@ -8,4 +8,4 @@ mod verify_time;
 
 pub use acceptance::AcceptanceEstimator;
 pub use counters::{CounterWeights, TenantCounters};
-pub use verify_time::{BatchShape, UpperBound, VerifyTimeCalibration, VerifyTimeEstimator};
+pub use verify_time::{BatchShape, UpperBound, VerifyTimeCalibration, VerifyTimeEstimator, VerifyTimeProfile};

@@ -56,6 +56,21 @@ pub struct VerifyTimeCalibration {
     pub moment: [f64; DIM],
 }
 
+/// A calibration with what it describes: the file `tandem-server
+/// --calibration-out` writes and `tandem-bench sim` reads. It holds
+/// measured profiles (a server's warm-start sweep) and computed ones (a
+/// GPU's roofline), told apart by `measured` and named in `label`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VerifyTimeProfile {
+    /// What was measured or computed, on which device and model, e.g.
+    /// "measured: tandem-server warm-start sweep, cpu, SmolLM2-135M" or
+    /// "roofline, not measured: H100 SXM, Llama-3-8B bf16".
+    pub label: String,
+    /// False for a profile computed from datasheet figures.
+    pub measured: bool,
+    pub calibration: VerifyTimeCalibration,
+}
+
 /// The upper bound T_q as a small copy: what a reader on another thread
 /// (admission) needs, without the estimator's fitting state.
 #[derive(Clone, Copy, Debug)]

@@ -1,6 +1,10 @@
 //! Server configuration: a TOML file (`--config`), overridden by flags.
 
+use crate::batcher::FifoBatcher;
+use crate::wisp::WispConfig;
 use serde::Deserialize;
+use std::time::Duration;
+use tandem_estimators::CounterWeights;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -84,6 +88,27 @@ impl Default for BatcherConfig {
             charge_prefill: 1.0,
             charge_verify: 2.0,
         }
+    }
+}
+
+impl BatcherConfig {
+    /// The WISP scheduler's settings from these (what the server and the
+    /// simulator both build).
+    pub fn wisp(&self) -> WispConfig {
+        WispConfig {
+            max_tokens: self.max_batch_tokens,
+            max_seqs: self.max_batch_seqs,
+            prefill_chunk: self.prefill_chunk,
+            max_delay: Duration::from_millis(self.max_delay_ms),
+            quantile: self.quantile,
+            weights: CounterWeights { prefill: self.charge_prefill, verify: self.charge_verify },
+            ..WispConfig::default()
+        }
+    }
+
+    /// The first-come-first-served batcher with these budgets.
+    pub fn fifo(&self) -> FifoBatcher {
+        FifoBatcher { max_tokens: self.max_batch_tokens, max_seqs: self.max_batch_seqs }
     }
 }
 

@@ -14,7 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tandem_estimators::AcceptanceEstimator;
+use tandem_estimators::{AcceptanceEstimator, BatchShape, VerifyTimeCalibration};
 use tandem_model::{judge_round, LoadedModel, LogitsFor, SeqPass, Verdict};
 use tandem_protocol::limits::MAX_DRAFT_TOKENS;
 use tandem_protocol::wire::{Hints, Opened, ServerKind, ServerMessage, Tokens, Verdict as WireVerdict};
@@ -23,8 +23,9 @@ use tonic::Status;
 use tracing::{debug, info, instrument, warn};
 
 /// Draft positions reached (every earlier one accepted) with a smaller
-/// estimated probability than this are not verified.
-const REACH_FLOOR: f64 = 0.05;
+/// estimated probability than this are not verified. Public for the
+/// simulator, which applies the same clip.
+pub const REACH_FLOOR: f64 = 0.05;
 
 /// Messages for one session's stream.
 pub type OutSender = mpsc::Sender<Result<ServerMessage, Status>>;
@@ -46,9 +47,17 @@ pub struct EngineHandle {
     admission: Arc<Admission>,
     metrics: Arc<Metrics>,
     kv_bytes_per_position: usize,
+    /// The estimator's calibration right after the warm-start sweep.
+    calibration: Option<VerifyTimeCalibration>,
 }
 
 impl EngineHandle {
+    /// The verification-time calibration the warm-start sweep produced
+    /// (None: the batcher has no estimator), for `--calibration-out`.
+    pub fn warm_start_calibration(&self) -> Option<&VerifyTimeCalibration> {
+        self.calibration.as_ref()
+    }
+
     fn gone() -> ServeError {
         ServeError::Unavailable("the server is shutting down; resume elsewhere".into())
     }
@@ -148,7 +157,8 @@ impl Engine {
         admission.publish(batcher.estimator().map(|e| e.bound()));
         metrics.kv_budget_bytes.store(cfg.kv_budget_bytes as i64, Ordering::Relaxed);
         let kv_bytes_per_position = model.llama.new_cache(model.llama.config().n_layers).bytes_per_position();
-        let handle = EngineHandle { tx, admission: admission.clone(), metrics: metrics.clone(), kv_bytes_per_position };
+        let calibration = batcher.estimator().map(|e| e.calibration());
+        let handle = EngineHandle { tx, admission: admission.clone(), metrics: metrics.clone(), kv_bytes_per_position, calibration };
         let engine = Engine {
             model,
             batcher,
@@ -390,7 +400,7 @@ impl Engine {
     /// verification time by draft length, and the draft length that gives
     /// the most expected tokens per ms of verification.
     fn hints(&self, s: &Session) -> Hints {
-        let queued = self.queue.iter().fold(tandem_estimators::BatchShape::default(), |acc, w| acc.add(w.shape(w.tokens)));
+        let queued = self.queue.iter().fold(BatchShape::default(), |acc, w| acc.add(w.shape(w.tokens)));
         let Some((queue_ms, _)) = self.batcher.estimate_ms(queued) else {
             let queued_tokens: usize = self.queue.iter().map(|w| w.tokens).sum();
             return Hints {
@@ -400,8 +410,7 @@ impl Engine {
                 est_verify_ms_by_k: vec![],
             };
         };
-        let probe = |k: usize| s.work(0, WorkKind::Verify, k + 1, Instant::now()).shape(k + 1);
-        let by_k: Vec<f32> = (1..=8).map(|k| self.batcher.estimate_ms(probe(k)).map_or(0.0, |e| e.1 as f32)).collect();
+        let by_k = verify_ms_by_k(self.batcher.as_ref(), s.cache.len());
         let suggested_k = (1..=8usize)
             .max_by(|&a, &b| {
                 let rate = |k: usize| s.acceptance.expected_tokens(k) / (by_k[k - 1] as f64).max(1e-3);
@@ -566,6 +575,14 @@ impl Engine {
         }
         self.update_gauges();
     }
+}
+
+/// The batcher's upper bound T_q of one session's verification round of
+/// k = 1..=8 drafts at `context` positions, ms: the hint edges size their
+/// rounds by. Public for the simulator.
+pub fn verify_ms_by_k(batcher: &dyn Batcher, context: usize) -> Vec<f32> {
+    let probe = |k: usize| BatchShape { seqs: 1, tokens: k + 1, token_context: (k + 1) * (context + k + 1), prefill_tokens: 0 };
+    (1..=8).map(|k| batcher.estimate_ms(probe(k)).map_or(0.0, |e| e.1 as f32)).collect()
 }
 
 /// Puts a message on a session's stream; false when the client is gone or

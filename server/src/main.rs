@@ -10,9 +10,9 @@ use tandem_model::{fetch, LoadedModel};
 use tandem_protocol::limits::MAX_MESSAGE_BYTES;
 use tandem_protocol::wire::VerifierServer;
 use tandem_server::auth::Auth;
-use tandem_estimators::CounterWeights;
-use tandem_server::batcher::{Batcher, FifoBatcher};
-use tandem_server::wisp::{WispBatcher, WispConfig};
+use tandem_estimators::VerifyTimeProfile;
+use tandem_server::batcher::Batcher;
+use tandem_server::wisp::WispBatcher;
 use tandem_server::config::ServerConfig;
 use tandem_server::admission::PassLimits;
 use tandem_server::engine::{Engine, EngineConfig};
@@ -58,6 +58,11 @@ struct Cli {
     /// Batch scheduling: wisp (SLO-aware, estimator, fair counters) or fcfs [default: wisp].
     #[arg(long)]
     policy: Option<String>,
+    /// Write the verification-time calibration of the warm-start sweep here
+    /// (JSON `VerifyTimeProfile`, what `tandem-bench sim --calibration` reads).
+    /// Needs a policy with an estimator (wisp).
+    #[arg(long)]
+    calibration_out: Option<PathBuf>,
 }
 
 fn load_config(cli: Cli) -> Result<ServerConfig> {
@@ -91,7 +96,9 @@ async fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let cfg = load_config(Cli::parse())?;
+    let cli = Cli::parse();
+    let calibration_out = cli.calibration_out.clone();
+    let cfg = load_config(cli)?;
     match cfg.device.as_str() {
         "cpu" => {}
         "cuda" | "metal" => bail!(
@@ -120,16 +127,8 @@ async fn main() -> Result<()> {
     let metrics = Arc::new(Metrics::default());
     let b = &cfg.batcher;
     let mut batcher: Box<dyn Batcher> = match b.policy.as_str() {
-        "fcfs" => Box::new(FifoBatcher { max_tokens: b.max_batch_tokens, max_seqs: b.max_batch_seqs }),
-        "wisp" => Box::new(WispBatcher::new(WispConfig {
-            max_tokens: b.max_batch_tokens,
-            max_seqs: b.max_batch_seqs,
-            prefill_chunk: b.prefill_chunk,
-            max_delay: Duration::from_millis(b.max_delay_ms),
-            quantile: b.quantile,
-            weights: CounterWeights { prefill: b.charge_prefill, verify: b.charge_verify },
-            ..WispConfig::default()
-        })),
+        "fcfs" => Box::new(b.fifo()),
+        "wisp" => Box::new(WispBatcher::new(b.wisp())),
         other => bail!("`--policy {other}`: expected wisp or fcfs"),
     };
     for (name, weight) in auth.tenant_weights() {
@@ -141,6 +140,18 @@ async fn main() -> Result<()> {
         limits: PassLimits { max_batch_tokens: b.max_batch_tokens, prefill_chunk: b.prefill_chunk },
     };
     let (engine, runner) = Engine::spawn(model, batcher, engine_cfg, metrics.clone())?;
+    if let Some(path) = &calibration_out {
+        let calibration = engine.warm_start_calibration().context("`--calibration-out` needs `--policy wisp` (fcfs has no estimator)")?;
+        let model_name = model_path.file_name().map_or_else(|| model_path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let profile = VerifyTimeProfile {
+            label: format!("measured: tandem-server warm-start sweep, {} ({cores} cores), {model_name}", cfg.device),
+            measured: true,
+            calibration: calibration.clone(),
+        };
+        std::fs::write(path, serde_json::to_string_pretty(&profile)?).with_context(|| format!("writing --calibration-out {}", path.display()))?;
+        info!(path = %path.display(), "calibration written");
+    }
 
     if let Some(addr) = cfg.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding --metrics-listen {addr}"))?;

@@ -53,10 +53,7 @@ impl Session {
             WorkKind::Verify => self.acceptance.expected_tokens(tokens - 1),
             WorkKind::Prefill | WorkKind::Decode => 1.0,
         };
-        let deadline = match kind {
-            WorkKind::Prefill => self.ttft.map(|t| self.opened_at + t),
-            WorkKind::Verify | WorkKind::Decode => self.tpot.map(|t| now + t.mul_f64(expected_tokens)),
-        };
+        let deadline = work_deadline(kind, self.opened_at, now, self.ttft, self.tpot, expected_tokens);
         PendingWork {
             session: id,
             tenant: self.tenant.name.clone(),
@@ -77,6 +74,16 @@ impl Session {
 
     pub(crate) fn finished(&self, eos: &[u32]) -> bool {
         self.generated >= self.max_new || (self.generated > 0 && self.context.last().is_some_and(|t| eos.contains(t)))
+    }
+}
+
+/// The deadline a session's SLO sets for a request queued at `now`: TTFT
+/// from the open for prefill, the TPOT budget of the `expected_tokens` a
+/// round (or decode step) yields otherwise. Public for the simulator.
+pub fn work_deadline(kind: WorkKind, opened_at: Instant, now: Instant, ttft: Option<Duration>, tpot: Option<Duration>, expected_tokens: f64) -> Option<Instant> {
+    match kind {
+        WorkKind::Prefill => ttft.map(|t| opened_at + t),
+        WorkKind::Verify | WorkKind::Decode => tpot.map(|t| now + t.mul_f64(expected_tokens)),
     }
 }
 
@@ -105,7 +112,7 @@ pub(crate) fn feed(s: &Scheduled, sess: &Session) -> (Vec<u32>, LogitsFor) {
 const ASSUMED_DRAFTS: usize = 4;
 
 /// A fresh session's per-position acceptance: a 0.5 prior, EWMA weight 0.2.
-pub(crate) fn new_acceptance() -> AcceptanceEstimator {
+pub fn new_acceptance() -> AcceptanceEstimator {
     AcceptanceEstimator::new(MAX_DRAFT_TOKENS, 0.5, 0.2)
 }
 

@@ -1,0 +1,393 @@
+//! What `live` and `sim` measure, in one shape: per-session records, the
+//! per-policy summary computed from them, the capacity search, the WISP
+//! ratios, and the report (JSON, Markdown, plots) `tandem-bench report`
+//! re-renders.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    Centralized,
+    Sled,
+    Wisp,
+}
+
+impl std::str::FromStr for Policy {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "centralized" => Ok(Policy::Centralized),
+            "sled" => Ok(Policy::Sled),
+            "wisp" => Ok(Policy::Wisp),
+            _ => bail!("`--policies`: unknown policy `{s}` (expected centralized, sled, wisp)"),
+        }
+    }
+}
+
+impl Policy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Centralized => "centralized",
+            Policy::Sled => "sled",
+            Policy::Wisp => "wisp",
+        }
+    }
+
+    /// The server's batch scheduler under this policy.
+    pub fn server_policy(self) -> &'static str {
+        match self {
+            Policy::Centralized | Policy::Sled => "fcfs",
+            Policy::Wisp => "wisp",
+        }
+    }
+}
+
+/// Parses `--policies`, refusing an empty list.
+pub fn parse_policies(names: &[String]) -> Result<Vec<Policy>> {
+    let policies = names.iter().map(|p| p.parse()).collect::<Result<Vec<Policy>>>()?;
+    anyhow::ensure!(!policies.is_empty(), "`--policies` is empty");
+    Ok(policies)
+}
+
+/// One session as its edge saw it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub device: usize,
+    pub prompt: String,
+    pub refused: bool,
+    pub failed: Option<String>,
+    pub tokens: usize,
+    pub ttft_ms: f64,
+    pub tpot_ms: f64,
+    pub rounds: usize,
+    pub drafted: usize,
+    pub accepted: usize,
+    pub wasted_draft_ms: f64,
+    pub slo_met: bool,
+    /// The output differs from the target's own greedy output (a bug).
+    pub mismatch: bool,
+}
+
+/// SLO attainment a load must keep to count as within capacity.
+pub const CAPACITY_ATTAINMENT: f64 = 0.9;
+
+/// One load tried by the capacity search.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Probe {
+    pub load: f64,
+    pub slo_attainment: f64,
+    pub goodput_tok_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Capacity {
+    /// Largest load found with ≥ 90 % attainment (0: not even the smallest).
+    pub load: f64,
+    /// `devices` (closed loop) or `sessions/s` (open loop).
+    pub unit: String,
+    pub probes: Vec<Probe>,
+}
+
+/// Server-side figures a run adds to what the edges saw.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServerFigures {
+    /// Mean |predicted − measured| / measured pass time (None: no estimator).
+    pub estimator_mape: Option<f64>,
+    /// Largest difference in service counters between backlogged tenants.
+    pub max_service_gap: Option<f64>,
+    /// Forward-pass (verification device) seconds per output token.
+    pub verify_s_per_token: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicyReport {
+    pub policy: Policy,
+    pub sessions: usize,
+    pub refused: usize,
+    pub failed: usize,
+    /// Outputs that differ from the target's own (must be 0: lossless).
+    pub mismatched: usize,
+    /// Sessions meeting both objectives, of all offered (refused count as misses).
+    pub slo_attainment: f64,
+    /// Tokens per second of sessions that met their objectives.
+    pub goodput_tok_s: f64,
+    pub throughput_tok_s: f64,
+    pub ttft_p50_ms: f64,
+    pub ttft_p99_ms: f64,
+    pub tpot_p50_ms: f64,
+    pub tpot_p99_ms: f64,
+    pub acceptance: f64,
+    pub tokens_per_round: f64,
+    pub wasted_draft_ms_per_session: f64,
+    /// Jain's index of tokens served per device (1: perfectly even).
+    #[serde(default)]
+    pub jain_index: f64,
+    #[serde(default)]
+    pub server: ServerFigures,
+    /// TTFT and TPOT at percentiles 0, 1, …, 100 (for the CDF plots), ms.
+    #[serde(default)]
+    pub ttft_cdf_ms: Vec<f64>,
+    #[serde(default)]
+    pub tpot_cdf_ms: Vec<f64>,
+    pub wall_s: f64,
+    /// The load of the main run (devices or sessions/s).
+    #[serde(default)]
+    pub load: f64,
+    pub capacity: Option<Capacity>,
+    /// Every session (live only: a simulation's would be millions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub records: Vec<SessionRecord>,
+}
+
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((p * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)]
+}
+
+/// Jain's fairness index (Σx)² / (n·Σx²): 1 when all shares are equal, 1/n
+/// when one holder has everything.
+pub fn jain(shares: &[f64]) -> f64 {
+    let sum: f64 = shares.iter().sum();
+    let squares: f64 = shares.iter().map(|x| x * x).sum();
+    if shares.is_empty() || squares == 0.0 {
+        return 1.0;
+    }
+    sum * sum / (shares.len() as f64 * squares)
+}
+
+/// The per-policy summary of a run's sessions over `wall_s` seconds.
+pub fn summarize(policy: Policy, records: Vec<SessionRecord>, wall_s: f64, server: ServerFigures) -> PolicyReport {
+    let served: Vec<&SessionRecord> = records.iter().filter(|r| !r.refused && r.failed.is_none()).collect();
+    let ttft: Vec<f64> = served.iter().map(|r| r.ttft_ms).collect();
+    let tpot: Vec<f64> = served.iter().map(|r| r.tpot_ms).collect();
+    let (drafted, accepted, rounds) = served.iter().fold((0, 0, 0), |a, r| (a.0 + r.drafted, a.1 + r.accepted, a.2 + r.rounds));
+    let tokens: usize = served.iter().map(|r| r.tokens).sum();
+    let good: usize = served.iter().filter(|r| r.slo_met).map(|r| r.tokens).sum();
+    let mut per_device: BTreeMap<usize, f64> = BTreeMap::new();
+    for r in &records {
+        *per_device.entry(r.device).or_default() += r.tokens as f64;
+    }
+    let cdf = |v: &[f64]| if v.is_empty() { vec![] } else { (0..=100).map(|p| percentile(v, p as f64 / 100.0)).collect() };
+    PolicyReport {
+        policy,
+        sessions: records.len(),
+        refused: records.iter().filter(|r| r.refused).count(),
+        failed: records.iter().filter(|r| r.failed.is_some()).count(),
+        mismatched: records.iter().filter(|r| r.mismatch).count(),
+        slo_attainment: served.iter().filter(|r| r.slo_met).count() as f64 / records.len().max(1) as f64,
+        goodput_tok_s: good as f64 / wall_s,
+        throughput_tok_s: tokens as f64 / wall_s,
+        ttft_p50_ms: percentile(&ttft, 0.5),
+        ttft_p99_ms: percentile(&ttft, 0.99),
+        tpot_p50_ms: percentile(&tpot, 0.5),
+        tpot_p99_ms: percentile(&tpot, 0.99),
+        acceptance: if drafted == 0 { 0.0 } else { accepted as f64 / drafted as f64 },
+        tokens_per_round: if rounds == 0 { 0.0 } else { (accepted + rounds) as f64 / rounds as f64 },
+        wasted_draft_ms_per_session: served.iter().map(|r| r.wasted_draft_ms).sum::<f64>() / served.len().max(1) as f64,
+        jain_index: jain(&per_device.values().copied().collect::<Vec<_>>()),
+        server,
+        ttft_cdf_ms: cdf(&ttft),
+        tpot_cdf_ms: cdf(&tpot),
+        wall_s,
+        load: 0.0,
+        capacity: None,
+        records,
+    }
+}
+
+/// Doubling from `start` until attainment drops below 90 %, then bisection
+/// between the last load that held and the first that did not (to one
+/// device when `closed`, else to 10 % of the rate). `probe` runs one load.
+pub fn search_capacity(start: f64, closed: bool, mut probe: impl FnMut(f64) -> Probe) -> Capacity {
+    let mut probes = Vec::new();
+    let mut holds = |load: f64| {
+        let p = probe(load);
+        let ok = p.slo_attainment >= CAPACITY_ATTAINMENT;
+        probes.push(p);
+        ok
+    };
+    let (mut good, mut bad) = (0.0, start);
+    // Fourteen doublings at most: 1 → 16384 devices.
+    for _ in 0..14 {
+        if !holds(bad) {
+            break;
+        }
+        good = bad;
+        bad *= 2.0;
+    }
+    let resolution = if closed { 1.0f64.max(0.02 * good) } else { 0.1 * bad };
+    let floor = if closed { 1.0 } else { 0.0 };
+    while bad - good > resolution && bad - good > 1e-9 {
+        let mid = if closed { ((good + bad) / 2.0).floor().max(floor) } else { (good + bad) / 2.0 };
+        if mid <= good {
+            break;
+        }
+        if holds(mid) {
+            good = mid;
+        } else {
+            bad = mid;
+        }
+    }
+    probes.sort_by(|a, b| a.load.total_cmp(&b.load));
+    Capacity { load: good, unit: if closed { "devices" } else { "sessions/s" }.into(), probes }
+}
+
+/// The most goodput a policy gave at any load tried: the main run's, or a
+/// capacity probe's. At one low load every policy serves all it is asked
+/// (closed-loop goodput is then set by how fast the devices are), so the
+/// comparison is of what each sustains at its best.
+pub fn peak_goodput(r: &PolicyReport) -> f64 {
+    r.capacity.iter().flat_map(|c| c.probes.iter().map(|p| p.goodput_tok_s)).fold(r.goodput_tok_s, f64::max)
+}
+
+/// WISP's peak goodput and capacity over each baseline's (when both ran and
+/// the baseline's is positive).
+pub fn ratios(reports: &[PolicyReport]) -> HashMap<String, f64> {
+    let mut ratios = HashMap::new();
+    type Figure = fn(&PolicyReport) -> Option<f64>;
+    let figures: [(&str, Figure); 2] = [("goodput", |r| Some(peak_goodput(r))), ("capacity", |r| r.capacity.as_ref().map(|c| c.load))];
+    for (figure, get) in figures {
+        let of = |p: Policy| reports.iter().find(|r| r.policy == p).and_then(get);
+        let Some(w) = of(Policy::Wisp) else { continue };
+        for base in [Policy::Centralized, Policy::Sled] {
+            if let Some(b) = of(base).filter(|&b| b > 0.0) {
+                ratios.insert(format!("{figure}_vs_{}", base.name()), w / b);
+            }
+        }
+    }
+    ratios
+}
+
+/// A whole run of `live` or `sim`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    /// `live` or `sim` (reports from before `sim` existed are live ones).
+    #[serde(default = "live_kind")]
+    pub kind: String,
+    /// What ran, one line each (configuration, devices, calibration).
+    #[serde(default)]
+    pub header: Vec<String>,
+    /// The run's configuration as given.
+    pub config: serde_json::Value,
+    /// Every synthetic draft is labelled as such.
+    pub synthetic_drafts: bool,
+    pub policies: Vec<PolicyReport>,
+    /// `capacity_vs_centralized`, `capacity_vs_sled`, `goodput_vs_centralized`,
+    /// `goodput_vs_sled` (goodput: the peak over the loads tried).
+    pub ratios: HashMap<String, f64>,
+    /// Where each figure comes from.
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
+fn live_kind() -> String {
+    "live".into()
+}
+
+fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map_or_else(|| "–".into(), f)
+}
+
+impl Report {
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        for line in &self.header {
+            out.push_str(line);
+            out.push('\n');
+        }
+        out.push_str("\n| policy | sessions | refused | failed | SLO attainment | goodput tok/s | throughput tok/s | TTFT p50/p99 ms | TPOT p50/p99 ms | acceptance | tokens/round | wasted draft ms/session | estimator MAPE | Jain (devices) | max service gap | verify s/token |\n");
+        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+        for r in &self.policies {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {:.1} % | {:.2} | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} % | {:.2} | {:.0} | {} | {:.3} | {} | {} |\n",
+                r.policy.name(),
+                r.sessions,
+                r.refused,
+                r.failed,
+                r.slo_attainment * 100.0,
+                r.goodput_tok_s,
+                r.throughput_tok_s,
+                r.ttft_p50_ms,
+                r.ttft_p99_ms,
+                r.tpot_p50_ms,
+                r.tpot_p99_ms,
+                r.acceptance * 100.0,
+                r.tokens_per_round,
+                r.wasted_draft_ms_per_session,
+                opt(r.server.estimator_mape, |v| format!("{:.1} %", v * 100.0)),
+                r.jain_index,
+                opt(r.server.max_service_gap, |v| format!("{v:.0}")),
+                opt(r.server.verify_s_per_token, |v| format!("{:.2} ms", v * 1e3)),
+            ));
+        }
+        for r in &self.policies {
+            if let Some(c) = &r.capacity {
+                out.push_str(&format!(
+                    "\n{} capacity: {} {} (≥ {:.0} % SLO attainment), peak goodput {:.1} tok/s; probes:",
+                    r.policy.name(),
+                    c.load,
+                    c.unit,
+                    CAPACITY_ATTAINMENT * 100.0,
+                    peak_goodput(r)
+                ));
+                for p in &c.probes {
+                    out.push_str(&format!(" {}→{:.0} %", p.load, p.slo_attainment * 100.0));
+                }
+                out.push('\n');
+            }
+        }
+        let mut ratios: Vec<_> = self.ratios.iter().collect();
+        ratios.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, v) in ratios {
+            out.push_str(&format!("\n{name}: {v:.2}×"));
+        }
+        out.push('\n');
+        for n in &self.notes {
+            out.push_str(&format!("\n- {n}"));
+        }
+        if !self.notes.is_empty() {
+            out.push('\n');
+        }
+        out
+    }
+
+    /// `DIR/report.json`, `DIR/report.md` and the plots.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(self)?)?;
+        std::fs::write(dir.join("report.md"), self.markdown())?;
+        crate::plots::render(self, dir)
+    }
+
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not a tandem-bench report", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jain_index_is_one_when_even_and_one_over_n_when_one_takes_all() {
+        assert!((jain(&[3.0, 3.0, 3.0]) - 1.0).abs() < 1e-12);
+        assert!((jain(&[9.0, 0.0, 0.0]) - 1.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn capacity_search_finds_the_threshold_of_a_known_curve() {
+        // Attainment falls below 90 % above 37 devices.
+        let cap = search_capacity(2.0, true, |load| Probe { load, slo_attainment: if load <= 37.0 { 1.0 } else { 0.5 }, goodput_tok_s: load });
+        assert_eq!(cap.load, 37.0);
+        assert!(cap.probes.windows(2).all(|w| w[0].load <= w[1].load), "probes sorted by load for the plots");
+    }
+}

@@ -1,0 +1,302 @@
+//! `tandem-bench sim`: discrete-event simulation of many edge devices and
+//! one verification server, with the server's own batchers, estimator and
+//! counters and the edge's own controller (see `world`), and pass times
+//! from a calibration file: one a server measured (`tandem-server
+//! --calibration-out`) or a GPU roofline (`roofline`), labelled as such.
+
+mod roofline;
+mod world;
+
+pub use roofline::{named as roofline, pass_ms, profile as roofline_profile, Gpu, ModelShape, A100_SXM_80GB, H100_SXM, LLAMA3_8B_BF16, QWEN3_32B_BF16};
+pub use world::{Arrivals, EdgeFactory, Outcome, World, WorldConfig};
+
+use crate::live::{self, DeviceProfile, DraftKind, Workload};
+use crate::progress;
+use crate::prompts::BenchPrompt;
+use crate::real_draft::RealDrafts;
+use crate::report::{ratios, search_capacity, summarize, Policy, PolicyReport, Probe, Report, ServerFigures};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
+use tandem_edge::controller::SpeculationController;
+use tandem_estimators::{VerifyTimeEstimator, VerifyTimeProfile};
+use tandem_model::{DraftSource, NgramDraft, SyntheticDraft};
+use tandem_server::batcher::Batcher;
+use tandem_server::config::BatcherConfig;
+use tandem_server::wisp::WispBatcher;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SimConfig {
+    pub policies: Vec<Policy>,
+    pub workload: Workload,
+    /// Simulated seconds of load per run (sessions started finish).
+    pub duration_s: f64,
+    pub max_new_tokens: usize,
+    /// Draft length: fixed for sled, the largest for wisp.
+    pub draft_len: usize,
+    pub slo_ttft_ms: u32,
+    pub slo_tpot_ms: u32,
+    pub seed: u64,
+    /// Devices belong to this many tenants in turn.
+    pub tenants: usize,
+    /// The server's pass budgets (its defaults unless set).
+    pub max_batch_tokens: usize,
+    pub max_batch_seqs: usize,
+    pub capacity_search: bool,
+}
+
+/// Where a calibration comes from: a file, or a named roofline.
+pub fn load_calibration(spec: &str) -> Result<VerifyTimeProfile> {
+    if let Some(name) = spec.strip_prefix("roofline:") {
+        return roofline(name).with_context(|| format!("--calibration {spec}: known rooflines are roofline:h100-llama3-8b and roofline:a100-qwen3-32b"));
+    }
+    let text = std::fs::read_to_string(spec).with_context(|| format!("reading --calibration {spec} (a file, roofline:h100-llama3-8b or roofline:a100-qwen3-32b)"))?;
+    serde_json::from_str(&text).with_context(|| format!("--calibration {spec} is not a VerifyTimeProfile (tandem-server --calibration-out writes one)"))
+}
+
+/// The edges' draft sources and controllers, as `live` builds them.
+pub struct Edges<'a> {
+    pub real: Option<&'a RealDrafts>,
+}
+
+impl EdgeFactory for Edges<'_> {
+    fn draft(&self, profile: &DeviceProfile, prompt: &BenchPrompt) -> Box<dyn DraftSource> {
+        // The simulator adds each token's drafting time itself.
+        match DraftKind::parse(&profile.draft) {
+            Ok(DraftKind::Synthetic { alpha }) => Box::new(SyntheticDraft::new(prompt.reference.clone(), alpha, Duration::ZERO)),
+            Ok(DraftKind::Ngram) => Box::new(NgramDraft::new(3)),
+            Ok(DraftKind::Real(_)) => Box::new(self.real.expect("real drafts are loaded when a profile asks for them").source(prompt)),
+            Err(_) => unreachable!("profiles are validated when loaded"),
+        }
+    }
+
+    fn controller(&self, policy: Policy, draft_len: usize) -> Option<SpeculationController> {
+        (policy == Policy::Wisp).then(|| live::wisp_controller(draft_len))
+    }
+}
+
+/// Everything a simulation reads besides its configuration.
+pub struct SimInputs<'a> {
+    pub calibration: &'a VerifyTimeProfile,
+    pub profiles: &'a [DeviceProfile],
+    pub prompts: &'a [BenchPrompt],
+    pub provenance: &'a str,
+    pub real: Option<&'a RealDrafts>,
+}
+
+fn batcher(policy: Policy, cfg: &SimConfig, calibration: &VerifyTimeProfile) -> Box<dyn Batcher> {
+    let b = BatcherConfig { max_batch_tokens: cfg.max_batch_tokens, max_batch_seqs: cfg.max_batch_seqs, ..BatcherConfig::default() };
+    match policy.server_policy() {
+        "wisp" => Box::new(WispBatcher::with_estimator(b.wisp(), VerifyTimeEstimator::from_calibration(&calibration.calibration, 0.995))),
+        _ => Box::new(b.fifo()),
+    }
+}
+
+/// One run of `policy` at `workload`.
+pub fn simulate(policy: Policy, cfg: &SimConfig, workload: Workload, inputs: &SimInputs, epoch: Instant) -> PolicyReport {
+    let arrivals = match workload {
+        Workload::Closed { devices, think_ms } => Arrivals::Closed { devices, think_ms: think_ms as f64 },
+        Workload::Open { rate } => Arrivals::Open { rate },
+    };
+    let world_cfg = WorldConfig {
+        policy,
+        arrivals,
+        duration_s: cfg.duration_s,
+        max_new_tokens: cfg.max_new_tokens,
+        draft_len: cfg.draft_len,
+        slo_ttft_ms: cfg.slo_ttft_ms,
+        slo_tpot_ms: cfg.slo_tpot_ms,
+        seed: cfg.seed,
+        tenants: cfg.tenants,
+        profiles: inputs.profiles,
+        prompts: inputs.prompts,
+        calibration: &inputs.calibration.calibration,
+    };
+    let edges = Edges { real: inputs.real };
+    let out = World::new(world_cfg, batcher(policy, cfg, inputs.calibration), &edges, epoch).run();
+    let tokens: usize = out.records.iter().map(|r| r.tokens).sum();
+    let figures = ServerFigures {
+        estimator_mape: (!out.estimate_errors.is_empty()).then(|| out.estimate_errors.iter().sum::<f64>() / out.estimate_errors.len() as f64),
+        max_service_gap: Some(out.max_service_gap),
+        verify_s_per_token: (tokens > 0).then(|| out.busy_ms / 1e3 / tokens as f64),
+    };
+    let mut report = summarize(policy, out.records, out.wall_s, figures);
+    report.load = workload.load();
+    report.records.clear();
+    report
+}
+
+/// Every policy (in parallel, one thread each), with capacity searches if asked.
+pub fn run(cfg: &SimConfig, inputs: &SimInputs, epoch: Instant) -> Result<Report> {
+    anyhow::ensure!(!inputs.prompts.is_empty(), "no prompts");
+    let closed = matches!(cfg.workload, Workload::Closed { .. });
+    let bars = indicatif::MultiProgress::new();
+    let reports: Vec<PolicyReport> = std::thread::scope(|s| {
+        let handles: Vec<_> = cfg
+            .policies
+            .iter()
+            .map(|&policy| {
+                let bar = bars.add(progress::spinner(&format!("sim {}", policy.name())));
+                s.spawn(move || {
+                    let mut report = simulate(policy, cfg, cfg.workload, inputs, epoch);
+                    if cfg.capacity_search {
+                        report.capacity = Some(search_capacity(cfg.workload.load(), closed, |load| {
+                            let r = simulate(policy, cfg, cfg.workload.with_load(load), inputs, epoch);
+                            bar.set_message(format!("sim {}: load {load:.1} → {:.1} % met SLO", policy.name(), r.slo_attainment * 100.0));
+                            Probe { load, slo_attainment: r.slo_attainment, goodput_tok_s: r.goodput_tok_s }
+                        }));
+                    }
+                    bar.finish_with_message(format!(
+                        "sim {}: {:.1} % met SLO, goodput {:.0} tok/s{}",
+                        policy.name(),
+                        report.slo_attainment * 100.0,
+                        report.goodput_tok_s,
+                        report.capacity.as_ref().map_or(String::new(), |c| format!(", capacity {} {}", c.load, c.unit))
+                    ));
+                    report
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a simulation thread panicked")).collect()
+    });
+    let mut header = vec![
+        format!(
+            "sim: {:?}, {:.0} s simulated per run, {} new tokens, SLO TTFT {} ms / TPOT {} ms, {} tenants, passes ≤ {} tokens / {} sequences; prompts: {}",
+            cfg.workload, cfg.duration_s, cfg.max_new_tokens, cfg.slo_ttft_ms, cfg.slo_tpot_ms, cfg.tenants, cfg.max_batch_tokens, cfg.max_batch_seqs, inputs.provenance
+        ),
+        format!("verification-time model: {}", inputs.calibration.label),
+    ];
+    header.extend(inputs.profiles.iter().map(DeviceProfile::describe));
+    Ok(Report {
+        kind: "sim".into(),
+        header,
+        config: serde_json::to_value(cfg)?,
+        synthetic_drafts: inputs.profiles.iter().any(|p| p.draft.starts_with("synthetic")),
+        ratios: ratios(&reports),
+        policies: reports,
+        notes: vec![
+            format!("simulated, not measured: pass times from the calibration ({}) times ratios drawn from its residuals; links as in live", if inputs.calibration.measured { "measured" } else { "roofline, not measured" }),
+            "estimator MAPE: the scheduler's estimator against the simulated pass times; service gap: the largest spread of VTC counters (prefill 1, verified position 2) between backlogged tenants; verify s/token: simulated pass seconds per output token".into(),
+        ],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_estimators::VerifyTimeCalibration;
+
+    /// A CPU-like pass cost: 9 ms + 4 ms per token (what this machine's
+    /// server measures for the default model), ±10 % residuals.
+    fn cpu_like() -> VerifyTimeProfile {
+        VerifyTimeProfile {
+            label: "test: CPU-like".into(),
+            measured: false,
+            calibration: VerifyTimeCalibration {
+                coefficients: [9.0, 0.0, 4.0, 0.05, 0.0],
+                quantile: 0.9,
+                residual_ratios: vec![0.9, 0.95, 1.0, 1.05, 1.1],
+                gram: [[0.0; 5]; 5],
+                moment: [0.0; 5],
+            },
+        }
+    }
+
+    /// Prompts of made-up tokens: the simulator only compares drafts with
+    /// the reference, so any tokens do.
+    fn prompts() -> Vec<BenchPrompt> {
+        (0..6)
+            .map(|i| {
+                let prompt: Vec<u32> = (0..20 + 10 * i).map(|t| 100 + t as u32).collect();
+                let reference = prompt.iter().copied().chain((0..24).map(|t| 5000 + (t * 7 + i) as u32)).collect();
+                BenchPrompt { id: format!("p{i}"), tokens: prompt, reference }
+            })
+            .collect()
+    }
+
+    fn config(devices: usize, tpot_ms: u32) -> SimConfig {
+        SimConfig {
+            policies: vec![Policy::Centralized, Policy::Sled, Policy::Wisp],
+            workload: Workload::Closed { devices, think_ms: 0 },
+            duration_s: 20.0,
+            max_new_tokens: 24,
+            draft_len: 4,
+            slo_ttft_ms: 3000,
+            slo_tpot_ms: tpot_ms,
+            seed: 7,
+            tenants: 2,
+            max_batch_tokens: 256,
+            max_batch_seqs: 32,
+            capacity_search: false,
+        }
+    }
+
+    fn run_one(policy: Policy, cfg: &SimConfig) -> PolicyReport {
+        let calibration = cpu_like();
+        let prompts = prompts();
+        let profiles = [DeviceProfile::laptop()];
+        let inputs = SimInputs { calibration: &calibration, profiles: &profiles, prompts: &prompts, provenance: "test", real: None };
+        let epoch = Instant::now();
+        let arrivals = match cfg.workload {
+            Workload::Closed { devices, think_ms } => Arrivals::Closed { devices, think_ms: think_ms as f64 },
+            Workload::Open { rate } => Arrivals::Open { rate },
+        };
+        let world = WorldConfig {
+            policy,
+            arrivals,
+            duration_s: cfg.duration_s,
+            max_new_tokens: cfg.max_new_tokens,
+            draft_len: cfg.draft_len,
+            slo_ttft_ms: cfg.slo_ttft_ms,
+            slo_tpot_ms: cfg.slo_tpot_ms,
+            seed: cfg.seed,
+            tenants: cfg.tenants,
+            profiles: &profiles,
+            prompts: &prompts,
+            calibration: &calibration.calibration,
+        };
+        let edges = Edges { real: None };
+        let out = World::new(world, batcher(policy, cfg, &calibration), &edges, epoch).run();
+        // Conservation: every session ends with its whole output, made of
+        // the prefill's first token plus each round's accepted drafts and
+        // one more token.
+        for r in &out.records {
+            let p = prompts.iter().find(|p| p.id == r.prompt).expect("known prompt");
+            assert_eq!(r.tokens, p.reference.len() - p.tokens.len(), "{policy:?}: a session ended early");
+            if policy != Policy::Centralized {
+                assert_eq!(r.tokens, 1 + r.rounds + r.accepted, "{policy:?}: tokens not conserved");
+                assert!(r.accepted <= r.drafted);
+            }
+            assert!(r.ttft_ms > 0.0 && r.tpot_ms >= 0.0);
+        }
+        // Busy time fits in the run and each device ran sessions back to back.
+        assert!(out.busy_ms <= out.wall_s * 1e3 + 1e-6, "the server was busy longer than the run");
+        let report = simulate(policy, cfg, cfg.workload, &inputs, epoch);
+        assert!((0.0..=1.0).contains(&report.slo_attainment));
+        assert_eq!(report.sessions, out.records.len(), "simulate and World agree");
+        report
+    }
+
+    #[test]
+    fn sim_conserves_tokens_and_is_deterministic_for_a_seed() {
+        let cfg = config(4, 300);
+        for policy in [Policy::Centralized, Policy::Sled, Policy::Wisp] {
+            let a = run_one(policy, &cfg);
+            let b = run_one(policy, &cfg);
+            assert!(a.sessions > 10, "{policy:?}: only {} sessions", a.sessions);
+            assert_eq!(serde_json::to_string(&a).unwrap(), serde_json::to_string(&b).unwrap(), "{policy:?}: two runs with one seed differ");
+        }
+        let other = run_one(Policy::Wisp, &SimConfig { seed: 8, ..cfg.clone() });
+        assert_ne!(serde_json::to_string(&other).unwrap(), serde_json::to_string(&run_one(Policy::Wisp, &cfg)).unwrap(), "the seed is used");
+    }
+
+    #[test]
+    fn wisp_keeps_more_sessions_within_slo_than_fcfs_when_overloaded() {
+        // Far more devices than the CPU-like server can serve at 150 ms TPOT.
+        let cfg = config(12, 150);
+        let sled = run_one(Policy::Sled, &cfg);
+        let wisp = run_one(Policy::Wisp, &cfg);
+        assert!(sled.slo_attainment < 0.9, "the configuration must overload fcfs ({:.2})", sled.slo_attainment);
+        assert!(wisp.slo_attainment > sled.slo_attainment, "wisp {:.3} ≤ sled {:.3}", wisp.slo_attainment, sled.slo_attainment);
+    }
+}
