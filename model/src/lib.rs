@@ -15,10 +15,10 @@ mod sampling;
 mod tokenizer;
 mod verify;
 
-pub use draft::{DraftFeatures, DraftSource, DraftSpec, ModelDraft, NgramDraft, NoDraft, Proposal, SyntheticDraft};
+pub use draft::{check_layers, load_model_draft, reusable_prefix, DraftFeatures, DraftSource, DraftSpec, ModelDraft, NgramDraft, NoDraft, Proposal, SyntheticDraft};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
-pub use llama::{Llama, LlamaConfig, Logits, LogitsFor, SeqPass};
+pub use llama::{LayerWeights, Llama, LlamaConfig, Logits, LogitsFor, SeqPass};
 pub use sampling::{argmax, SamplingParams, SessionRng, SparseDist};
 pub use tokenizer::{TextStream, Tokenizer};
 pub use verify::{judge_round, verify_greedy, verify_sampled, Verdict};
