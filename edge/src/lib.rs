@@ -7,6 +7,8 @@ pub mod controller;
 mod error;
 mod generate;
 mod target;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
 
 pub use error::EdgeError;
 pub use generate::{ControllerSample, GenerateRequest, Generation, Speculator};
