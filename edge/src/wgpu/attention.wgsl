@@ -37,20 +37,6 @@ fn reduce_max(lid: u32, v: f32) -> f32 {
     return r;
 }
 
-fn reduce_sum(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    for (var stride = 32u; stride > 0u; stride >>= 1u) {
-        workgroupBarrier();
-        if lid < stride {
-            red[lid] += red[lid + stride];
-        }
-    }
-    workgroupBarrier();
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
@@ -66,23 +52,31 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let row = h * attn.stride;
     var m = -3.4028235e38;
     for (var j = lid; j < visible; j += 64u) {
-        var s = 0.0;
+        // kernels::dot_f32's order: eight lanes, then the fixed tree.
+        var lanes: array<f32, 8>;
         for (var d = 0u; d < hd; d++) {
-            s += qkv[h * hd + d] * kcache[j * kv_dim + g * hd + d];
+            lanes[d % 8u] += qkv[h * hd + d] * kcache[j * kv_dim + g * hd + d];
         }
-        s *= attn.scale;
+        let s = reduce8(lanes) * attn.scale;
         scores[row + j] = s;
         m = max(m, s);
     }
     m = reduce_max(lid, m);
-    var sum = 0.0;
     for (var j = lid; j < visible; j += 64u) {
-        let e = exp(scores[row + j] - m);
-        scores[row + j] = e;
-        sum += e;
+        scores[row + j] = exp(scores[row + j] - m);
     }
-    sum = reduce_sum(lid, sum);
     storageBarrier();
+    workgroupBarrier();
+    // Summed in position order, as the CPU does.
+    if lid == 0u {
+        var sum = 0.0;
+        for (var j = 0u; j < visible; j++) {
+            sum += scores[row + j];
+        }
+        red[0] = sum;
+    }
+    workgroupBarrier();
+    let sum = red[0];
     for (var d = lid; d < hd; d += 64u) {
         var o = 0.0;
         for (var j = 0u; j < visible; j++) {

@@ -32,3 +32,10 @@ fn dot4(a: u32, b: u32) -> i32 {
          + extractBits(x, 16u, 8u) * extractBits(y, 16u, 8u)
          + extractBits(x, 24u, 8u) * extractBits(y, 24u, 8u);
 }
+
+// The CPU kernels' fixed reduction tree over eight lanes (kernels::reduce8):
+// matching it (and each lane's order) keeps results equal to the CPU's up
+// to the rounding of exp, so 8-bit activation quants rarely flip.
+fn reduce8(a: array<f32, 8>) -> f32 {
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}

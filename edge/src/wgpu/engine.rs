@@ -24,16 +24,34 @@ const MAX_THREADS: u32 = 256;
 const MAX_STORAGE_BINDINGS: u32 = 8;
 
 const COMMON: &str = include_str!("common.wgsl");
-const SOURCES: [(&str, &str); 8] = [
-    ("embed", include_str!("embed.wgsl")),
-    ("rmsnorm", include_str!("rmsnorm.wgsl")),
-    ("quantize", include_str!("quantize.wgsl")),
-    ("matmul", include_str!("matmul.wgsl")),
-    ("rope", include_str!("rope.wgsl")),
-    ("attention", include_str!("attention.wgsl")),
-    ("swiglu", include_str!("swiglu.wgsl")),
-    ("topk", include_str!("topk.wgsl")),
+/// Weight bindings and decoding, for the kernels that read matrices.
+const DEQUANT: &str = include_str!("dequant.wgsl");
+/// Kernel name, whether it reads weight matrices, source.
+const SOURCES: [(&str, bool, &str); 8] = [
+    ("embed", true, include_str!("embed.wgsl")),
+    ("rmsnorm", false, include_str!("rmsnorm.wgsl")),
+    ("quantize", false, include_str!("quantize.wgsl")),
+    ("matmul", true, include_str!("matmul.wgsl")),
+    ("rope", false, include_str!("rope.wgsl")),
+    ("attention", false, include_str!("attention.wgsl")),
+    ("swiglu", false, include_str!("swiglu.wgsl")),
+    ("topk", false, include_str!("topk.wgsl")),
 ];
+
+/// What the matmuls multiply the (still quantized) weights with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Activations {
+    /// f32 activations against weights decoded in the kernel: no activation
+    /// rounding. Matches candle's dequantized f32 forward to ~1e-6.
+    #[default]
+    F32,
+    /// The activation quantized to 8 bits per 32-block and integer block
+    /// dot products in the CPU kernels' order. Equal to the CPU backend to
+    /// float rounding until an 8-bit quant lands on the other side of a
+    /// rounding boundary (exp and division round differently on the GPU);
+    /// one such flip moves logits by up to ~1e-2 relative (README).
+    Q8,
+}
 
 /// How the GPU draft is set up.
 #[derive(Clone, Debug, Default)]
@@ -43,6 +61,7 @@ pub struct WgpuOptions {
     pub limits: Option<wgpu::Limits>,
     /// KV cache capacity in positions; the model's context length if `None`.
     pub max_positions: Option<usize>,
+    pub activations: Activations,
 }
 
 /// The last fed token's logits as read back: the top `k` and softmax
@@ -131,7 +150,7 @@ impl WgpuModel {
         check_kernel_limits(&gpu)?;
         let capacity = options.max_positions.unwrap_or(cfg.context_len).clamp(1, cfg.context_len);
         let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let built = Builder::new(&gpu, &cfg, capacity).build(llama, n_layers);
+        let built = Builder::new(&gpu, &cfg, capacity, options.activations).build(llama, n_layers);
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(EdgeError::Gpu(format!("building the draft forward: {e}")));
         }
@@ -151,6 +170,11 @@ impl WgpuModel {
     /// The adapter in use, e.g. "llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan)".
     pub fn adapter(&self) -> &str {
         &self.gpu.adapter
+    }
+
+    /// Whether the adapter is a software rasterizer on the CPU (lavapipe).
+    pub fn is_software(&self) -> bool {
+        self.gpu.software
     }
 
     /// Positions the KV cache holds.
@@ -298,8 +322,9 @@ struct Builder<'a> {
     gpu: &'a Gpu,
     cfg: &'a LlamaConfig,
     capacity: usize,
+    activations: Activations,
     modules: HashMap<&'static str, wgpu::ShaderModule>,
-    pipelines: HashMap<(&'static str, &'static str, u32), wgpu::ComputePipeline>,
+    pipelines: HashMap<(&'static str, &'static str, Vec<(&'static str, u32)>), wgpu::ComputePipeline>,
     /// Uploaded matrices by address: the tied head reuses the embedding's.
     uploaded: HashMap<usize, Arc<Vec<Tile>>>,
 }
@@ -307,8 +332,8 @@ struct Builder<'a> {
 type Built = (wgpu::Buffer, Vec<Dispatch>, Vec<Dispatch>, wgpu::Buffer);
 
 impl<'a> Builder<'a> {
-    fn new(gpu: &'a Gpu, cfg: &'a LlamaConfig, capacity: usize) -> Self {
-        Builder { gpu, cfg, capacity, modules: HashMap::new(), pipelines: HashMap::new(), uploaded: HashMap::new() }
+    fn new(gpu: &'a Gpu, cfg: &'a LlamaConfig, capacity: usize, activations: Activations) -> Self {
+        Builder { gpu, cfg, capacity, activations, modules: HashMap::new(), pipelines: HashMap::new(), uploaded: HashMap::new() }
     }
 
     fn build(mut self, llama: &Llama, n_layers: usize) -> Result<Built, EdgeError> {
@@ -343,42 +368,43 @@ impl<'a> Builder<'a> {
             let keys = gpu.storage(&format!("layer {i} KV cache (keys)"), self.capacity * kv_dim)?;
             let values = gpu.storage(&format!("layer {i} KV cache (values)"), self.capacity * kv_dim)?;
             layers.push(self.rmsnorm(&format!("blk.{i}.attn_norm"), w.attn_norm, &b.x, &b.h)?);
-            layers.push(self.quantize(&b.h, cfg.hidden, &b.act)?);
+            layers.extend(self.quantize(&b.h, cfg.hidden, &b.act)?);
             layers.extend(self.linear(&format!("blk.{i}.qkv"), w.qkv, &b.h, &b.act, &b.qkv, false)?);
             layers.push(self.rope(&b.qkv, &rope_cos, &rope_sin, &keys, &values, &step)?);
             layers.push(self.attention(&b, &keys, &values, &step)?);
-            layers.push(self.quantize(&b.attn, q_dim, &b.act)?);
+            layers.extend(self.quantize(&b.attn, q_dim, &b.act)?);
             layers.extend(self.linear(&format!("blk.{i}.attn_output"), w.wo, &b.attn, &b.act, &b.x, true)?);
             layers.push(self.rmsnorm(&format!("blk.{i}.ffn_norm"), w.ffn_norm, &b.x, &b.h)?);
-            layers.push(self.quantize(&b.h, cfg.hidden, &b.act)?);
+            layers.extend(self.quantize(&b.h, cfg.hidden, &b.act)?);
             layers.extend(self.linear(&format!("blk.{i}.gate_up"), w.gate_up, &b.h, &b.act, &b.gate_up, false)?);
             layers.push(self.swiglu(&b.gate_up, &b.gated)?);
-            layers.push(self.quantize(&b.gated, cfg.ffn, &b.act)?);
+            layers.extend(self.quantize(&b.gated, cfg.ffn, &b.act)?);
             layers.extend(self.linear(&format!("blk.{i}.ffn_down"), w.down, &b.gated, &b.act, &b.x, true)?);
         }
 
         let mut head = vec![self.rmsnorm("output_norm", llama.output_norm(), &b.x, &b.h)?];
-        head.push(self.quantize(&b.h, cfg.hidden, &b.act)?);
+        head.extend(self.quantize(&b.h, cfg.hidden, &b.act)?);
         head.extend(self.linear("output", llama.head(), &b.h, &b.act, &b.logits, false)?);
         let (topk, result) = self.topk(&b.logits)?;
         head.extend(topk);
         Ok((step, layers, head, result))
     }
 
-    fn pipeline(&mut self, name: &'static str, entry: &'static str, constant: Option<(&'static str, u32)>) -> wgpu::ComputePipeline {
-        let key = (name, entry, constant.map_or(0, |c| c.1));
+    fn pipeline(&mut self, name: &'static str, entry: &'static str, constants: &[(&'static str, u32)]) -> wgpu::ComputePipeline {
+        let key = (name, entry, constants.to_vec());
         if let Some(p) = self.pipelines.get(&key) {
             return p.clone();
         }
         let device = &self.gpu.device;
         let module = self.modules.entry(name).or_insert_with(|| {
-            let source = SOURCES.iter().find(|s| s.0 == name).map_or("", |s| s.1);
+            let (_, weights, source) = SOURCES.iter().find(|s| s.0 == name).copied().unwrap_or_default();
+            let dequant = if weights { DEQUANT } else { "" };
             device.create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some(name),
-                source: wgpu::ShaderSource::Wgsl(format!("{COMMON}\n{source}").into()),
+                source: wgpu::ShaderSource::Wgsl(format!("{COMMON}\n{dequant}\n{source}").into()),
             })
         });
-        let constants: Vec<(&str, f64)> = constant.iter().map(|&(k, v)| (k, v as f64)).collect();
+        let constants: Vec<(&str, f64)> = constants.iter().map(|&(k, v)| (k, v as f64)).collect();
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(name),
             layout: None,
@@ -465,7 +491,7 @@ impl<'a> Builder<'a> {
         let grid = self.gpu.grid("the embedding lookup", table.cols().div_ceil(64) as u32)?;
         let mut out = Vec::new();
         for t in tiles.iter() {
-            let p = self.pipeline("embed", "main", Some(("KIND", t.kind)));
+            let p = self.pipeline("embed", "main", &[("KIND", t.kind)]);
             let range = self.gpu.uniform("embedding rows", &[t.row0, t.rows, t.cols]);
             out.push(self.dispatch(p, &[&t.w, &t.d, &t.m, x, &range, step], grid));
         }
@@ -475,28 +501,34 @@ impl<'a> Builder<'a> {
     fn rmsnorm(&mut self, what: &str, gain: &[f32], x: &wgpu::Buffer, out: &wgpu::Buffer) -> Result<Dispatch, EdgeError> {
         let gain = self.gpu.storage_init(what, &f32_bytes(gain))?;
         let shape = self.gpu.uniform(what, &[self.cfg.hidden as u32, self.cfg.rms_eps.to_bits()]);
-        let p = self.pipeline("rmsnorm", "main", None);
+        let p = self.pipeline("rmsnorm", "main", &[]);
         Ok(self.dispatch(p, &[x, &gain, out, &shape], [1, 1]))
     }
 
-    fn quantize(&mut self, x: &wgpu::Buffer, n: usize, act: &QAct) -> Result<Dispatch, EdgeError> {
+    /// Quantizes the activation `x` for the next matmul; nothing to do with
+    /// f32 activations.
+    fn quantize(&mut self, x: &wgpu::Buffer, n: usize, act: &QAct) -> Result<Option<Dispatch>, EdgeError> {
+        if self.activations == Activations::F32 {
+            return Ok(None);
+        }
         let grid = self.gpu.grid("activation quantization", (n / 32).div_ceil(64) as u32)?;
         let len = self.gpu.uniform("activation length", &[n as u32]);
-        let p = self.pipeline("quantize", "main", None);
-        Ok(self.dispatch(p, &[x, &act.qs, &act.d, &act.dsum, &len], grid))
+        let p = self.pipeline("quantize", "main", &[]);
+        Ok(Some(self.dispatch(p, &[x, &act.qs, &act.d, &act.dsum, &len], grid)))
     }
 
     /// `out[..] (+)= lin · x`, one dispatch per part and tile.
     fn linear(&mut self, what: &str, lin: &QLinear, x: &wgpu::Buffer, act: &QAct, out: &wgpu::Buffer, accumulate: bool) -> Result<Vec<Dispatch>, EdgeError> {
         let mut dispatches = Vec::new();
         let mut offset = 0;
+        let f32_act = (self.activations == Activations::F32) as u32;
         for (pi, part) in lin.parts().iter().enumerate() {
             let tiles = self.upload(&format!("{what}[{pi}]"), part)?;
             for t in tiles.iter() {
                 // Eight rows per workgroup (matmul.wgsl's ROWS).
                 let grid = self.gpu.grid(&format!("`{what}`"), t.rows.div_ceil(8))?;
                 let shape = self.gpu.uniform(what, &[t.rows, t.cols, offset + t.row0, accumulate as u32]);
-                let p = self.pipeline("matmul", "main", Some(("KIND", t.kind)));
+                let p = self.pipeline("matmul", "main", &[("KIND", t.kind), ("F32_ACT", f32_act)]);
                 dispatches.push(self.dispatch(p, &[&t.w, &t.d, &t.m, &act.qs, &act.d, &act.dsum, x, out, &shape], grid));
             }
             offset += part.rows() as u32;
@@ -509,7 +541,7 @@ impl<'a> Builder<'a> {
         let threads = cfg.kv_dim().max((cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim / 2);
         let grid = self.gpu.grid("RoPE", threads.div_ceil(64) as u32)?;
         let heads = self.gpu.uniform("heads", &[cfg.n_heads as u32, cfg.n_kv_heads as u32, cfg.head_dim as u32]);
-        let p = self.pipeline("rope", "main", None);
+        let p = self.pipeline("rope", "main", &[]);
         Ok(self.dispatch(p, &[qkv, cos, sin, keys, values, &heads, step], grid))
     }
 
@@ -520,14 +552,14 @@ impl<'a> Builder<'a> {
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
         let shape = [cfg.n_heads as u32, cfg.n_kv_heads as u32, cfg.head_dim as u32, self.capacity as u32, scale.to_bits()];
         let shape = self.gpu.uniform("attention", &shape);
-        let p = self.pipeline("attention", "main", None);
+        let p = self.pipeline("attention", "main", &[]);
         Ok(self.dispatch(p, &[&b.qkv, keys, values, &b.scores, &b.attn, &shape, step], grid))
     }
 
     fn swiglu(&mut self, gate_up: &wgpu::Buffer, gated: &wgpu::Buffer) -> Result<Dispatch, EdgeError> {
         let grid = self.gpu.grid("SwiGLU", self.cfg.ffn.div_ceil(64) as u32)?;
         let len = self.gpu.uniform("ffn", &[self.cfg.ffn as u32]);
-        let p = self.pipeline("swiglu", "main", None);
+        let p = self.pipeline("swiglu", "main", &[]);
         Ok(self.dispatch(p, &[gate_up, gated, &len], grid))
     }
 
@@ -543,7 +575,7 @@ impl<'a> Builder<'a> {
         let result = gpu.storage("top-k result", 2 * k + 4)?;
         let shape = gpu.uniform("top-k", &[vocab as u32, TOPK_CHUNK as u32, n_chunks as u32]);
         let grid = gpu.grid("top-k", n_chunks as u32)?;
-        let constant = Some(("K", k as u32));
+        let constant = &[("K", k as u32)];
         let chunks = self.pipeline("topk", "chunks", constant);
         let merge = self.pipeline("topk", "merge", constant);
         let chunks = self.dispatch_at(chunks, &[(0, logits), (1, &cand_val), (2, &cand_idx), (3, &stats), (5, &shape)], grid);

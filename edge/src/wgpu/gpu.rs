@@ -11,6 +11,9 @@ pub(super) struct Gpu {
     pub limits: wgpu::Limits,
     /// Adapter name and backend, for logs and the bench.
     pub adapter: String,
+    /// The adapter runs on the CPU (lavapipe, WARP): a correctness
+    /// vehicle, not a speed figure.
+    pub software: bool,
 }
 
 impl Gpu {
@@ -37,8 +40,9 @@ impl Gpu {
         }))
         .map_err(|e| EdgeError::Gpu(format!("requesting a device from `{}`: {e}", info.name)))?;
         let adapter = format!("{} ({:?})", info.name, info.backend);
-        tracing::info!(%adapter, "wgpu device ready");
-        Ok(Gpu { device, queue, limits, adapter })
+        let software = info.device_type == wgpu::DeviceType::Cpu;
+        tracing::info!(%adapter, software, "wgpu device ready");
+        Ok(Gpu { device, queue, limits, adapter, software })
     }
 
     /// Fails when a storage buffer of `bytes` for `what` passes the binding

@@ -1,10 +1,15 @@
 // out[out_offset + r] (+)= W[r, :] · x for one activation row: the weights
-// stay in their quantized blocks and are decoded here. Quantized weights
-// meet the activation quantized to 8 bits per 32-block (quantize.wgsl),
-// exactly as the CPU kernels do, so both backends round the same way.
+// stay in their quantized blocks and are decoded here. With F32_ACT = 0,
+// quantized weights meet the activation quantized to 8 bits per 32-block
+// (quantize.wgsl) in the CPU kernels' order (kernels::dot_rows): lane l
+// of eight accumulates, block after block, scale · (integer dot of the
+// block's four-quant group l) with a fused multiply-add; Q4_1 minimums are
+// a separate eight-lane dot; the lanes meet in the fixed tree. With
+// F32_ACT = 1, decoded weights meet the f32 activation (lane l takes
+// columns l, l + 8, …).
 
-override KIND: u32;
-// Threads sharing one output row (each takes every LANES-th block).
+override F32_ACT: u32 = 0u;
+// One thread per lane of a row.
 const LANES: u32 = 8u;
 // Output rows per workgroup.
 const ROWS: u32 = 8u;
@@ -17,10 +22,6 @@ struct Shape {
     accumulate: u32,
 }
 
-// Quant words, or f32 bits for KIND_F32.
-@group(0) @binding(0) var<storage, read> w: array<u32>;
-@group(0) @binding(1) var<storage, read> wd: array<f32>;
-@group(0) @binding(2) var<storage, read> wm: array<f32>;
 @group(0) @binding(3) var<storage, read> aq: array<u32>;
 @group(0) @binding(4) var<storage, read> ad: array<f32>;
 @group(0) @binding(5) var<storage, read> adsum: array<f32>;
@@ -28,63 +29,66 @@ struct Shape {
 @group(0) @binding(7) var<storage, read_write> out: array<f32>;
 @group(0) @binding(8) var<uniform> shape: Shape;
 
-var<workgroup> partial: array<f32, 64>;
+var<workgroup> dots: array<array<f32, 8>, ROWS>;
+var<workgroup> mins: array<array<f32, 8>, ROWS>;
 
-fn block_dot(r: u32, b: u32, nb: u32) -> f32 {
-    let blk = r * nb + b;
-    if KIND == KIND_F32 {
-        var s = 0.0;
-        for (var i = 0u; i < 32u; i++) {
-            let c = b * 32u + i;
-            s += bitcast<f32>(w[r * shape.cols + c]) * x[c];
+// Lane `l` of row `r`: its integer group dot in every block, scaled.
+fn quant_lane(r: u32, l: u32, nb: u32) -> f32 {
+    var acc = 0.0;
+    for (var b = 0u; b < nb; b++) {
+        let blk = r * nb + b;
+        var lane = 0;
+        var scale = wd[blk] * ad[b];
+        if KIND == KIND_Q8_0 || KIND == KIND_Q8_HALF {
+            lane = dot4(w[blk * 8u + l], aq[b * 8u + l]);
+            if KIND == KIND_Q8_HALF {
+                scale = wd[2u * blk + l / 4u] * ad[b];
+            }
+        } else {
+            // Lanes 0..3: low nibbles of word l (weights 4l..4l+3) with
+            // activation word l; lanes 4..7: high nibbles of word l − 4
+            // (weights 16 + …) with activation word l.
+            let word = w[blk * 4u + l % 4u];
+            let nibbles = select(word & 0x0F0F0F0Fu, (word >> 4u) & 0x0F0F0F0Fu, l >= 4u);
+            let a = aq[b * 8u + l];
+            lane = dot4(nibbles, a);
+            if KIND == KIND_Q4_0 {
+                lane -= 8 * dot4(0x01010101u, a);
+            }
         }
-        return s;
+        acc = fma(scale, f32(lane), acc);
     }
-    if KIND == KIND_Q8_0 || KIND == KIND_Q8_HALF {
-        var lo = 0;
-        var hi = 0;
-        for (var k = 0u; k < 4u; k++) {
-            lo += dot4(w[blk * 8u + k], aq[b * 8u + k]);
-            hi += dot4(w[blk * 8u + 4u + k], aq[b * 8u + 4u + k]);
-        }
-        if KIND == KIND_Q8_HALF {
-            return wd[2u * blk] * ad[b] * f32(lo) + wd[2u * blk + 1u] * ad[b] * f32(hi);
-        }
-        return wd[blk] * ad[b] * f32(lo + hi);
-    }
-    // 4-bit: byte j holds weight j (low nibble) and weight 16 + j (high).
-    var s = 0;
-    var asum = 0;
-    for (var k = 0u; k < 4u; k++) {
-        let q = w[blk * 4u + k];
-        s += dot4(q & 0x0F0F0F0Fu, aq[b * 8u + k]) + dot4((q >> 4u) & 0x0F0F0F0Fu, aq[b * 8u + 4u + k]);
-        asum += dot4(0x01010101u, aq[b * 8u + k]) + dot4(0x01010101u, aq[b * 8u + 4u + k]);
-    }
-    if KIND == KIND_Q4_0 {
-        return wd[blk] * ad[b] * f32(s - 8 * asum);
-    }
-    return wd[blk] * ad[b] * f32(s) + wm[blk] * adsum[b];
+    return acc;
 }
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-    let r = flat_group(wid, nwg) * ROWS + lid / LANES;
-    let lane = lid % LANES;
+    let slot = lid / LANES;
+    let r = flat_group(wid, nwg) * ROWS + slot;
+    let l = lid % LANES;
     let nb = shape.cols / 32u;
     var acc = 0.0;
+    var macc = 0.0;
     if r < shape.rows {
-        for (var b = lane; b < nb; b += LANES) {
-            acc += block_dot(r, b, nb);
+        if KIND == KIND_F32 || F32_ACT == 1u {
+            for (var c = l; c < shape.cols; c += LANES) {
+                acc += weight(r, c, shape.cols) * x[c];
+            }
+        } else {
+            acc = quant_lane(r, l, nb);
+            if KIND == KIND_Q4_1 {
+                for (var b = l; b < nb; b += LANES) {
+                    macc += wm[r * nb + b] * adsum[b];
+                }
+            }
         }
     }
-    partial[lid] = acc;
+    dots[slot][l] = acc;
+    mins[slot][l] = macc;
     workgroupBarrier();
-    if lane == 0u && r < shape.rows {
-        var s = 0.0;
-        for (var i = 0u; i < LANES; i++) {
-            s += partial[lid + i];
-        }
+    if l == 0u && r < shape.rows {
+        let s = reduce8(dots[slot]) + reduce8(mins[slot]);
         let o = shape.out_offset + r;
         if shape.accumulate == 1u {
             out[o] = out[o] + s;
