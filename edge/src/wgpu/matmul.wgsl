@@ -5,8 +5,8 @@
 // of eight accumulates, block after block, scale · (integer dot of the
 // block's four-quant group l) with a fused multiply-add; Q4_1 minimums are
 // a separate eight-lane dot; the lanes meet in the fixed tree. With
-// F32_ACT = 1, decoded weights meet the f32 activation (lane l takes
-// columns l, l + 8, …).
+// F32_ACT = 1, lane l decodes the same four weights of every block and
+// dots them with the f32 activation.
 
 override F32_ACT: u32 = 0u;
 // One thread per lane of a row.
@@ -61,6 +61,41 @@ fn quant_lane(r: u32, l: u32, nb: u32) -> f32 {
     return acc;
 }
 
+// The four quants of lane `l` of block `blk` (weights 4l..4l+3 of the
+// block) and their scale.
+fn lane_quants(blk: u32, l: u32) -> vec4<f32> {
+    if KIND == KIND_Q8_0 || KIND == KIND_Q8_HALF {
+        let q = bitcast<i32>(w[blk * 8u + l]);
+        return vec4<f32>(vec4<i32>(extractBits(q, 0u, 8u), extractBits(q, 8u, 8u), extractBits(q, 16u, 8u), extractBits(q, 24u, 8u)));
+    }
+    let word = w[blk * 4u + l % 4u];
+    let n = select(word & 0x0F0F0F0Fu, (word >> 4u) & 0x0F0F0F0Fu, l >= 4u);
+    let q = vec4<f32>(vec4<u32>(n & 0xFFu, (n >> 8u) & 0xFFu, (n >> 16u) & 0xFFu, n >> 24u));
+    if KIND == KIND_Q4_0 {
+        return q - vec4<f32>(8.0);
+    }
+    return q;
+}
+
+// Lane `l` of row `r` against the f32 activation.
+fn f32_lane(r: u32, l: u32, nb: u32) -> f32 {
+    var acc = 0.0;
+    for (var b = 0u; b < nb; b++) {
+        let blk = r * nb + b;
+        let c = b * 32u + 4u * l;
+        let xs = vec4<f32>(x[c], x[c + 1u], x[c + 2u], x[c + 3u]);
+        var scale = wd[blk];
+        if KIND == KIND_Q8_HALF {
+            scale = wd[2u * blk + l / 4u];
+        }
+        acc += scale * dot(lane_quants(blk, l), xs);
+        if KIND == KIND_Q4_1 {
+            acc += wm[blk] * (xs.x + xs.y + xs.z + xs.w);
+        }
+    }
+    return acc;
+}
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
@@ -71,10 +106,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var acc = 0.0;
     var macc = 0.0;
     if r < shape.rows {
-        if KIND == KIND_F32 || F32_ACT == 1u {
+        if KIND == KIND_F32 {
             for (var c = l; c < shape.cols; c += LANES) {
                 acc += weight(r, c, shape.cols) * x[c];
             }
+        } else if F32_ACT == 1u {
+            acc = f32_lane(r, l, nb);
         } else {
             acc = quant_lane(r, l, nb);
             if KIND == KIND_Q4_1 {
