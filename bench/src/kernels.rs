@@ -299,7 +299,7 @@ fn run_wgpu(cfg: &KernelBenchConfig) -> Result<DraftReport> {
         let mut cache = [context_cache_layers(llama, &text, CONTEXT, layers)?];
         let cpu_step = time_pass(llama, &mut cache, &[next.to_vec()], LogitsFor::Last, cfg.repeats)?;
         let mut empty = [llama.new_cache(layers)];
-        let cpu_prefill = time_pass(llama, &mut empty, &[prompt.clone()], LogitsFor::Last, cfg.repeats.div_ceil(2))?;
+        let cpu_prefill = time_pass(llama, &mut empty, std::slice::from_ref(&prompt), LogitsFor::Last, cfg.repeats.div_ceil(2))?;
 
         let mut gpu = WgpuModel::new(llama, layers, &WgpuOptions::default())?;
         adapter = (gpu.adapter().to_string(), gpu.is_software());

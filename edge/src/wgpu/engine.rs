@@ -324,12 +324,14 @@ struct Builder<'a> {
     capacity: usize,
     activations: Activations,
     modules: HashMap<&'static str, wgpu::ShaderModule>,
-    pipelines: HashMap<(&'static str, &'static str, Vec<(&'static str, u32)>), wgpu::ComputePipeline>,
+    pipelines: HashMap<PipelineKey, wgpu::ComputePipeline>,
     /// Uploaded matrices by address: the tied head reuses the embedding's.
     uploaded: HashMap<usize, Arc<Vec<Tile>>>,
 }
 
 type Built = (wgpu::Buffer, Vec<Dispatch>, Vec<Dispatch>, wgpu::Buffer);
+/// Kernel, entry point, override constants.
+type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u32)>);
 
 impl<'a> Builder<'a> {
     fn new(gpu: &'a Gpu, cfg: &'a LlamaConfig, capacity: usize, activations: Activations) -> Self {
