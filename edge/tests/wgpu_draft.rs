@@ -15,10 +15,10 @@
 //! That test checks the typical agreement and bounds the worst.
 #![cfg(feature = "wgpu")]
 
-use tandem_edge::wgpu::{Activations, Limits, TopLogits, WgpuDraft, WgpuModel, WgpuOptions};
-use tandem_edge::EdgeError;
+use tandem_edge::wgpu::{build_draft, Activations, Limits, TopLogits, WgpuDraft, WgpuModel, WgpuOptions};
+use tandem_edge::{EdgeError, GenerateRequest, LocalTarget, Speculator};
 use tandem_model::kernels::MatmulKernels;
-use tandem_model::{fetch, DraftSource, KvCache, LoadedModel, LogitsFor, ModelDraft, SamplingParams, SeqPass, SessionRng};
+use tandem_model::{fetch, DraftSource, DraftSpec, KvCache, LoadedModel, LogitsFor, ModelDraft, SamplingParams, SeqPass, SessionRng};
 
 
 /// Largest relative error allowed on the top-64 logits against the f32 reference.
@@ -239,4 +239,24 @@ fn a_model_too_large_for_the_limits_fails_naming_the_limit() {
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(err.contains("KV cache") && err.contains("`max_storage_buffer_binding_size`"), "{err}");
+}
+
+/// The constructor the CLI calls: a GPU `layers:N` draft inside a real
+/// speculative session reproduces plain greedy decoding; bad specs fail as
+/// on the CPU.
+#[test]
+fn build_draft_serves_a_lossless_session() {
+    let target = model();
+    let prompt = target.tokenizer.encode(&target.tokenizer.chat_prompt("Write a haiku about the sea.")).unwrap();
+    let req = GenerateRequest { prompt, max_new_tokens: 16, draft_len: 4, sampling: SamplingParams::default() };
+    let run = |draft: Box<dyn DraftSource>| {
+        Speculator::new(LocalTarget::new(target.clone()), draft, target.tokenizer.clone()).generate(&req, |_| {}).unwrap()
+    };
+    let plain = run(DraftSpec::None.build(&target).unwrap());
+    let gpu = run(build_draft(&DraftSpec::Layers(25), &target).unwrap());
+    eprintln!("wgpu layers:25: acceptance {:.1} %, {:.2} tokens/round", 100.0 * gpu.acceptance_rate, gpu.tokens_per_round);
+    assert_eq!(gpu.tokens, plain.tokens, "speculative output with the wgpu draft differs from plain decoding");
+    assert!(gpu.accepted > 0, "the wgpu draft never proposed an accepted token");
+    let err = build_draft(&DraftSpec::Layers(31), &target).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("layers:31") && err.contains("30"), "{err}");
 }
