@@ -1,16 +1,19 @@
 // On-GPU top-k and softmax statistics of the logits, so a step reads back
 // K values and indices plus four numbers instead of the whole vocabulary.
 //
-// `chunks`: workgroup c takes logits [c·chunk, (c+1)·chunk) and selects its
-// K largest by K rounds of "best element ranked after the previous winner"
-// (order: larger value first, equal values by lower index: the CPU
-// argmax's tie rule), plus the chunk's max m, Σexp(l − m), Σexp(l − m)·l
-// and Σl. `merge` (one workgroup) does the same over the chunks' winners
-// and combines the statistics: max, Z = Σexp(l − max), Σexp(l − max)·l, Σl,
-// from which top-1 probability, exact entropy and logit spread follow.
+// Order: larger value first, equal values by lower index (the CPU argmax's
+// tie rule). `chunks`: workgroup c bitonic-sorts logits [c·CHUNK,
+// (c+1)·CHUNK) in workgroup memory and keeps its first K, plus the chunk's
+// max m, Σexp(l − m), Σexp(l − m)·l and Σl. `merge` (one workgroup) selects
+// the K best of the chunks' winners by K rounds of "best candidate ranked
+// after the previous winner" and combines the statistics: max,
+// Z = Σexp(l − max), Σexp(l − max)·l, Σl, from which top-1 probability,
+// exact entropy and logit spread follow.
 
 override K: u32;
 const THREADS: u32 = 256u;
+// Logits per `chunks` workgroup (TOPK_CHUNK in engine.rs).
+const CHUNK: u32 = 1024u;
 const NONE: u32 = 0xFFFFFFFFu;
 const NEG_INF: f32 = -3.4028235e38;
 
@@ -32,6 +35,8 @@ struct TopkShape {
 var<workgroup> best_val: array<f32, THREADS>;
 var<workgroup> best_idx: array<u32, THREADS>;
 var<workgroup> red: array<f32, THREADS>;
+var<workgroup> sort_val: array<f32, CHUNK>;
+var<workgroup> sort_idx: array<u32, CHUNK>;
 
 fn ranks_before(v: f32, i: u32, w: f32, j: u32) -> bool {
     return v > w || (v == w && i < j);
@@ -105,27 +110,39 @@ fn chunks(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         stats[c * 4u + 2u] = zl;
         stats[c * 4u + 3u] = lsum;
     }
-    var prev_val = 3.4028235e38;
-    var prev_idx = NONE;
-    var first = true;
-    for (var round = 0u; round < K; round++) {
-        var bv = NEG_INF;
-        var bi = NONE;
-        for (var i = start + lid; i < end; i += THREADS) {
-            let v = logits[i];
-            if (first || ranks_before(prev_val, prev_idx, v, i)) && ranks_before(v, i, bv, bi) {
-                bv = v;
-                bi = i;
+    for (var e = lid; e < CHUNK; e += THREADS) {
+        let i = start + e;
+        if i < end {
+            sort_val[e] = logits[i];
+            sort_idx[e] = i;
+        } else {
+            sort_val[e] = NEG_INF;
+            sort_idx[e] = NONE;
+        }
+    }
+    workgroupBarrier();
+    // Bitonic sort, best first: 55 stages of CHUNK / 2 compare-exchanges.
+    for (var k = 2u; k <= CHUNK; k <<= 1u) {
+        for (var j = k >> 1u; j > 0u; j >>= 1u) {
+            for (var t = lid; t < CHUNK / 2u; t += THREADS) {
+                let i = (t / j) * 2u * j + t % j;
+                let p = i + j;
+                let best_first = (i & k) == 0u;
+                if ranks_before(sort_val[i], sort_idx[i], sort_val[p], sort_idx[p]) != best_first {
+                    let v = sort_val[i];
+                    let x = sort_idx[i];
+                    sort_val[i] = sort_val[p];
+                    sort_idx[i] = sort_idx[p];
+                    sort_val[p] = v;
+                    sort_idx[p] = x;
+                }
             }
+            workgroupBarrier();
         }
-        let win = reduce_best(lid, bv, bi);
-        prev_val = bitcast<f32>(win.x);
-        prev_idx = win.y;
-        first = false;
-        if lid == 0u {
-            cand_val[c * K + round] = prev_val;
-            cand_idx[c * K + round] = prev_idx;
-        }
+    }
+    for (var r = lid; r < K; r += THREADS) {
+        cand_val[c * K + r] = sort_val[r];
+        cand_idx[c * K + r] = sort_idx[r];
     }
 }
 
