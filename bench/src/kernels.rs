@@ -5,16 +5,32 @@
 //! which needs only the last), and a ragged batch of 8 sessions × 5 tokens
 //! at different context lengths. Each row is timed with Tandem's kernels
 //! and with candle's stock `QMatMul` on the same weights, in the same run.
+//!
+//! `--backend wgpu` times the draft forward instead: one decode step after
+//! a 64-token context and a 98-token prefill, on the wgpu backend and on
+//! the CPU, for a layer-skip draft and the full model.
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
 use tandem_model::kernels::MatmulKernels;
+use tandem_edge::wgpu::{WgpuModel, WgpuOptions};
 use tandem_model::{KvCache, Llama, LoadedModel, LogitsFor, SeqPass};
+
+/// Where `tandem-bench kernels` runs the forward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// Tandem's CPU kernels (and candle's stock ones as the baseline).
+    #[default]
+    Cpu,
+    /// The wgpu draft backend, next to the CPU on the same draft shapes.
+    Wgpu,
+}
 
 pub struct KernelBenchConfig {
     pub model: PathBuf,
+    pub backend: Backend,
     pub repeats: usize,
     /// Also time candle's stock kernels.
     pub stock: bool,
@@ -82,7 +98,11 @@ fn time_pass(llama: &Llama, caches: &mut [KvCache], tokens: &[Vec<u32>], logits:
 }
 
 fn context_cache(llama: &Llama, text: &[u32], len: usize) -> Result<KvCache> {
-    let mut cache = llama.new_cache(llama.config().n_layers);
+    context_cache_layers(llama, text, len, llama.config().n_layers)
+}
+
+fn context_cache_layers(llama: &Llama, text: &[u32], len: usize, n_layers: usize) -> Result<KvCache> {
+    let mut cache = llama.new_cache(n_layers);
     let tokens: Vec<u32> = text.iter().cycle().take(len).copied().collect();
     llama.forward(&mut [SeqPass { cache: &mut cache, tokens: &tokens, logits: LogitsFor::None }])?;
     Ok(cache)
@@ -122,7 +142,31 @@ fn bandwidth_probe() -> f64 {
     (data.len() * 8) as f64 / best / 1e9
 }
 
-pub fn run(cfg: &KernelBenchConfig) -> Result<KernelReport> {
+/// What `tandem-bench kernels` prints, by backend.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum KernelOutput {
+    Cpu(KernelReport),
+    Wgpu(DraftReport),
+}
+
+impl KernelOutput {
+    pub fn markdown(&self) -> String {
+        match self {
+            KernelOutput::Cpu(r) => r.markdown(),
+            KernelOutput::Wgpu(r) => r.markdown(),
+        }
+    }
+}
+
+pub fn run(cfg: &KernelBenchConfig) -> Result<KernelOutput> {
+    Ok(match cfg.backend {
+        Backend::Cpu => KernelOutput::Cpu(run_cpu(cfg)?),
+        Backend::Wgpu => KernelOutput::Wgpu(run_wgpu(cfg)?),
+    })
+}
+
+fn run_cpu(cfg: &KernelBenchConfig) -> Result<KernelReport> {
     let progress = |m: &str| {
         if cfg.progress {
             eprintln!("{m}");
@@ -194,6 +238,120 @@ impl KernelReport {
             );
         }
         s += &format!("\nragged 8×5 batch / single 5-token pass: {:.2}× (target ≤ 4×)\n", self.ragged_over_single5);
+        s
+    }
+}
+
+/// Layer-skip draft timed beside the full model.
+const DRAFT_LAYERS: usize = 12;
+const PREFILL: usize = 98;
+
+#[derive(Serialize)]
+pub struct DraftRow {
+    /// Layers run (the first N of the model; all of them for the full model).
+    pub layers: usize,
+    /// Median ms of one decode step after a 64-token context, CPU backend.
+    pub cpu_step_ms: f64,
+    pub cpu_tokens_per_s: f64,
+    /// The same on the wgpu backend (top-64 read back).
+    pub wgpu_step_ms: f64,
+    pub wgpu_tokens_per_s: f64,
+    /// Median ms of a 98-token prefill, CPU (one batched pass).
+    pub cpu_prefill_ms: f64,
+    /// wgpu (one submission per token).
+    pub wgpu_prefill_ms: f64,
+}
+
+#[derive(Serialize)]
+pub struct DraftReport {
+    pub model: String,
+    pub adapter: String,
+    /// The adapter runs on the CPU (lavapipe): timings check the path, they
+    /// say nothing about GPU speed.
+    pub software_adapter: bool,
+    pub cpu_threads: usize,
+    pub rows: Vec<DraftRow>,
+}
+
+/// Median ms of `step` after one warm-up.
+fn time_steps(repeats: usize, mut step: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut samples = Vec::with_capacity(repeats);
+    for i in 0..=repeats {
+        let start = Instant::now();
+        step()?;
+        if i > 0 {
+            samples.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(median(samples))
+}
+
+fn run_wgpu(cfg: &KernelBenchConfig) -> Result<DraftReport> {
+    let model = LoadedModel::load(&cfg.model).with_context(|| format!("loading --model {}", cfg.model.display()))?;
+    let text = model.tokenizer.encode(&corpus())?;
+    anyhow::ensure!(text.len() > PREFILL, "the benchmark text tokenizes to too few tokens");
+    let llama = &model.llama;
+    let prompt: Vec<u32> = text.iter().cycle().take(PREFILL).copied().collect();
+    let next = [text[CONTEXT % text.len()]];
+    let mut rows = Vec::new();
+    let mut adapter = (String::new(), false);
+    for layers in [DRAFT_LAYERS.min(llama.config().n_layers), llama.config().n_layers] {
+        let mut cache = [context_cache_layers(llama, &text, CONTEXT, layers)?];
+        let cpu_step = time_pass(llama, &mut cache, &[next.to_vec()], LogitsFor::Last, cfg.repeats)?;
+        let mut empty = [llama.new_cache(layers)];
+        let cpu_prefill = time_pass(llama, &mut empty, std::slice::from_ref(&prompt), LogitsFor::Last, cfg.repeats.div_ceil(2))?;
+
+        let mut gpu = WgpuModel::new(llama, layers, &WgpuOptions::default())?;
+        adapter = (gpu.adapter().to_string(), gpu.is_software());
+        gpu.forward(&prompt[..CONTEXT])?;
+        let wgpu_step = time_steps(cfg.repeats, || {
+            gpu.forward(&next)?;
+            gpu.truncate(CONTEXT);
+            Ok(())
+        })?;
+        let wgpu_prefill = time_steps(cfg.repeats.div_ceil(2), || {
+            gpu.truncate(0);
+            gpu.forward(&prompt)?;
+            Ok(())
+        })?;
+        if cfg.progress {
+            eprintln!("layers {layers:>2}: step cpu {cpu_step:.1} ms, wgpu {wgpu_step:.1} ms; prefill cpu {cpu_prefill:.1} ms, wgpu {wgpu_prefill:.1} ms");
+        }
+        rows.push(DraftRow {
+            layers,
+            cpu_step_ms: cpu_step,
+            cpu_tokens_per_s: 1e3 / cpu_step,
+            wgpu_step_ms: wgpu_step,
+            wgpu_tokens_per_s: 1e3 / wgpu_step,
+            cpu_prefill_ms: cpu_prefill,
+            wgpu_prefill_ms: wgpu_prefill,
+        });
+    }
+    Ok(DraftReport {
+        model: cfg.model.display().to_string(),
+        adapter: adapter.0,
+        software_adapter: adapter.1,
+        cpu_threads: rayon::current_num_threads(),
+        rows,
+    })
+}
+
+impl DraftReport {
+    pub fn markdown(&self) -> String {
+        let mut s = format!("model {}
+wgpu adapter {}, CPU threads {}
+", self.model, self.adapter, self.cpu_threads);
+        if self.software_adapter {
+            s += "NOTE: this adapter is a software renderer running on the CPU (e.g. Mesa's lavapipe): the wgpu \
+                  figures show the backend works, not how fast a GPU drafts.\n";
+        }
+        s += "\n| layers | CPU step ms | CPU tokens/s | wgpu step ms | wgpu tokens/s | CPU 98-token prefill ms | wgpu prefill ms |\n|---|---|---|---|---|---|---|\n";
+        for r in &self.rows {
+            s += &format!(
+                "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} |\n",
+                r.layers, r.cpu_step_ms, r.cpu_tokens_per_s, r.wgpu_step_ms, r.wgpu_tokens_per_s, r.cpu_prefill_ms, r.wgpu_prefill_ms
+            );
+        }
         s
     }
 }

@@ -37,6 +37,9 @@ enum Command {
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
+        /// `wgpu`: time the draft forward on the wgpu backend next to the CPU.
+        #[arg(long, value_enum, default_value_t)]
+        backend: kernels::Backend,
     },
     /// Accuracy of the verification-time estimator over real batches of
     /// varied shapes: MAPE, p50/p95 error, coverage of the T_q bound.
@@ -262,14 +265,14 @@ fn model_path(model: Option<PathBuf>) -> Result<PathBuf> {
 fn main() -> Result<()> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).init();
     match Cli::parse().command {
-        Command::Kernels { model, threads, repeats, no_stock, json } => {
+        Command::Kernels { model, threads, repeats, no_stock, json, backend } => {
             if let Some(n) = threads {
                 anyhow::ensure!(n > 0, "`--threads` must be at least 1");
                 rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting --threads")?;
             }
             anyhow::ensure!(repeats > 0, "`--repeats` must be at least 1");
             let model = model_path(model)?;
-            let report = kernels::run(&KernelBenchConfig { model, repeats, stock: !no_stock, progress: !json })?;
+            let report = kernels::run(&KernelBenchConfig { model, backend, repeats, stock: !no_stock, progress: !json })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

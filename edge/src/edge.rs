@@ -157,7 +157,7 @@ fn configure<T: crate::Target + Send>(
 pub fn build_draft(spec: &DraftSpec, backend: Backend, target: &LoadedModel, target_path: &Path) -> Result<Box<dyn DraftSource>, EdgeError> {
     let (path, layers) = match spec {
         DraftSpec::None | DraftSpec::Ngram => return Ok(spec.build(target)?),
-        DraftSpec::Layers(n) => (target_path, Some(*n)),
+        DraftSpec::Layers(n) => (target_path, Some(tandem_model::check_layers(*n, target)?)),
         DraftSpec::Model(p) => (p.as_path(), None),
     };
     let stop = target.tokenizer.eos_tokens().to_vec();
@@ -166,7 +166,7 @@ pub fn build_draft(spec: &DraftSpec, backend: Backend, target: &LoadedModel, tar
         Backend::Wgpu => wgpu_draft(spec, target),
         Backend::Metal | Backend::CandleCpu => {
             if let DraftSpec::Model(p) = spec {
-                tandem_model::check_same_vocab(target, &LoadedModel::load(p)?, &spec.to_string())?;
+                tandem_model::load_model_draft(p, target)?;
             }
             let device = crate::candle_draft::device(&backend.to_string())?;
             Ok(Box::new(Autoregressive::new(CandleLayers::load(path, layers, &device)?, stop)))

@@ -12,6 +12,8 @@ mod error;
 mod generate;
 pub mod openai;
 mod target;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
 
 pub use edge::{build_draft, Backend, Edge, EdgeOptions, Verifier};
 pub use error::{explain, EdgeError};

@@ -95,7 +95,7 @@ impl From<EdgeError> for ApiError {
                 _ => StatusCode::BAD_GATEWAY,
             },
             EdgeError::Connect { .. } => StatusCode::BAD_GATEWAY,
-            EdgeError::Model(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            EdgeError::Model(_) | EdgeError::Gpu(_) | EdgeError::GpuLimit { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError { status, message: crate::explain(&e), param: None }
     }

@@ -2,7 +2,7 @@
 
 use crate::sampling::{argmax, SamplingParams, SessionRng, SparseDist};
 use crate::{Llama, LoadedModel, LogitsFor, ModelError, Result, SeqPass};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -130,18 +130,9 @@ impl DraftSpec {
         Ok(match self {
             DraftSpec::None => Box::new(NoDraft),
             DraftSpec::Ngram => Box::new(NgramDraft::new(3)),
-            DraftSpec::Layers(n) => {
-                let total = target.llama.config().n_layers;
-                if *n == 0 || *n > total {
-                    return Err(ModelError::InvalidArgument(format!(
-                        "`--draft layers:{n}`: N must be between 1 and the target's {total} layers"
-                    )));
-                }
-                Box::new(ModelDraft::from_layers(target.llama.clone(), *n, stop))
-            }
+            DraftSpec::Layers(n) => Box::new(ModelDraft::from_layers(target.llama.clone(), check_layers(*n, target)?, stop)),
             DraftSpec::Model(path) => {
-                let draft = LoadedModel::load(path)?;
-                check_same_vocab(target, &draft, &self.to_string())?;
+                let draft = load_model_draft(path, target)?;
                 let n = draft.llama.config().n_layers;
                 Box::new(ModelDraft::from_layers(draft.llama, n, stop))
             }
@@ -149,8 +140,26 @@ impl DraftSpec {
     }
 }
 
-/// Refuses a draft whose vocabulary differs from the target's.
-pub fn check_same_vocab(target: &LoadedModel, draft: &LoadedModel, name: &str) -> Result<()> {
+/// Loads a `model:PATH` draft, checked against `target`'s vocabulary
+/// (shared with drafts running on other backends).
+pub fn load_model_draft(path: &Path, target: &LoadedModel) -> Result<LoadedModel> {
+    let draft = LoadedModel::load(path)?;
+    check_same_vocab(target, &draft, &DraftSpec::Model(path.to_path_buf()).to_string())?;
+    Ok(draft)
+}
+
+/// `n` if `layers:n` is a valid layer-skip draft of `target`.
+pub fn check_layers(n: usize, target: &LoadedModel) -> Result<usize> {
+    let total = target.llama.config().n_layers;
+    if n == 0 || n > total {
+        return Err(ModelError::InvalidArgument(format!(
+            "`--draft layers:{n}`: N must be between 1 and the target's {total} layers"
+        )));
+    }
+    Ok(n)
+}
+
+fn check_same_vocab(target: &LoadedModel, draft: &LoadedModel, name: &str) -> Result<()> {
     let (t, d) = (&target.tokenizer, &draft.tokenizer);
     let mismatch = |reason: String| Err(ModelError::DraftMismatch { draft: name.to_string(), reason });
     if t.vocab_size() != d.vocab_size() || target.llama.config().vocab != draft.llama.config().vocab {
@@ -209,6 +218,14 @@ impl DraftSource for NgramDraft {
     }
 }
 
+/// How many leading tokens of `cached` (what a draft's KV cache holds) a
+/// call with `context` (non-empty) can keep: the prefix both agree on, but
+/// never all of `context`, since the last context token is fed again to get
+/// its logits. Model drafts truncate their cache to this before drafting.
+pub fn reusable_prefix(cached: &[u32], context: &[u32]) -> usize {
+    cached.iter().zip(context).take_while(|(a, b)| a == b).count().min(context.len().saturating_sub(1))
+}
+
 /// A model that turns tokens into next-token logits, keeping its own KV
 /// cache: what an autoregressive draft needs from a backend (Tandem's CPU
 /// kernels here; candle devices and wgpu in the edge crate).
@@ -248,9 +265,7 @@ impl<F: StepForward> DraftSource for Autoregressive<F> {
         if k == 0 || context.is_empty() {
             return Ok(proposal);
         }
-        // Keep the cached prefix the context still agrees with; at least the
-        // last context token is fed again to get its logits.
-        let common = self.cached.iter().zip(context).take_while(|(a, b)| a == b).count().min(context.len() - 1);
+        let common = reusable_prefix(&self.cached, context);
         self.forward.truncate(common);
         self.cached.truncate(common);
         let draft_sampling = sampling.for_draft();

@@ -14,6 +14,9 @@ pub enum ModelError {
     InvalidArgument(String),
     #[error("draft `{draft}` cannot serve this target: {reason}")]
     DraftMismatch { draft: String, reason: String },
+    /// A draft running outside this crate (a GPU backend) failed.
+    #[error("draft backend: {0}")]
+    Backend(String),
     #[error("fetching the default model: {0}")]
     Fetch(String),
 }

@@ -15,10 +15,10 @@ mod sampling;
 mod tokenizer;
 mod verify;
 
-pub use draft::{check_same_vocab, Autoregressive, DraftFeatures, DraftSource, DraftSpec, LlamaLayers, ModelDraft, NgramDraft, NoDraft, Proposal, StepForward, SyntheticDraft};
+pub use draft::{check_layers, load_model_draft, reusable_prefix, Autoregressive, DraftFeatures, DraftSource, DraftSpec, LlamaLayers, ModelDraft, NgramDraft, NoDraft, Proposal, StepForward, SyntheticDraft};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
-pub use llama::{Llama, LlamaConfig, Logits, LogitsFor, SeqPass};
+pub use llama::{LayerWeights, Llama, LlamaConfig, Logits, LogitsFor, SeqPass};
 pub use sampling::{argmax, SamplingParams, SessionRng, SparseDist};
 pub use tokenizer::{ChatMessage, TextStream, Tokenizer};
 pub use verify::{judge_round, verify_greedy, verify_sampled, Verdict};

@@ -121,6 +121,18 @@ impl Logits {
     }
 }
 
+/// One decoder layer's weights, for backends that run the forward elsewhere.
+pub struct LayerWeights<'a> {
+    pub attn_norm: &'a [f32],
+    /// Q, K and V projections stacked in that order.
+    pub qkv: &'a QLinear,
+    pub wo: &'a QLinear,
+    pub ffn_norm: &'a [f32],
+    /// Gate and up projections stacked in that order.
+    pub gate_up: &'a QLinear,
+    pub down: &'a QLinear,
+}
+
 pub struct Llama {
     cfg: LlamaConfig,
     embed: Arc<QMatrix>,
@@ -174,6 +186,33 @@ impl Llama {
 
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
+    }
+
+    /// The token embedding table, `vocab × hidden`.
+    pub fn embedding(&self) -> &QMatrix {
+        &self.embed
+    }
+
+    /// Weights of decoder layer `i` (< `n_layers`).
+    pub fn layer(&self, i: usize) -> LayerWeights<'_> {
+        let l = &self.layers[i];
+        LayerWeights { attn_norm: &l.attn_norm, qkv: &l.qkv, wo: &l.wo, ffn_norm: &l.ffn_norm, gate_up: &l.gate_up, down: &l.down }
+    }
+
+    /// Gain of the final RMS norm.
+    pub fn output_norm(&self) -> &[f32] {
+        &self.norm
+    }
+
+    /// The output head, `vocab × hidden` (the embedding table when tied).
+    pub fn head(&self) -> &QLinear {
+        &self.head
+    }
+
+    /// RoPE `(cos, sin)` tables, `context_len × head_dim/2` each, row-major
+    /// by position.
+    pub fn rope_tables(&self) -> (&[f32], &[f32]) {
+        (&self.rope_cos, &self.rope_sin)
     }
 
     /// An empty cache for this model's first `n_layers` layers.

@@ -55,10 +55,18 @@ impl SamplingParams {
         if self.is_greedy() {
             return SparseDist { tokens: vec![argmax(logits)], probs: vec![1.0] };
         }
+        self.distribution_over(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)))
+    }
+
+    /// [`distribution`](Self::distribution) from `(token, logit)` candidates
+    /// only. Exact when they include the `top_k` largest logits and
+    /// `0 < top_k ≤` their number (a GPU draft reads back only its top 64;
+    /// [`for_draft`](Self::for_draft) keeps `top_k ≤ 64`). Not for greedy
+    /// parameters.
+    pub fn distribution_over(&self, candidates: impl Iterator<Item = (u32, f32)> + Clone) -> SparseDist {
         let inv_t = 1.0 / self.temperature as f64;
-        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
-        let mut entries: Vec<(u32, f64)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp())).collect();
+        let max = candidates.clone().fold(f32::NEG_INFINITY, |m, (_, l)| m.max(l)) as f64;
+        let mut entries: Vec<(u32, f64)> = candidates.map(|(i, l)| (i, ((l as f64 - max) * inv_t).exp())).collect();
         let truncate = self.top_k > 0 || self.top_p < 1.0;
         if truncate {
             // Most likely first; equal probabilities by id, so the order is total.

@@ -81,7 +81,7 @@ pub(crate) fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
 
 /// Weight block formats the integer kernels read (blocks of 32 weights).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum BlockKind {
+pub enum BlockKind {
     /// 4-bit q, w = d·(q − 8).
     Q4_0,
     /// 4-bit q, w = d·q + m (also Q4_K, converted exactly at load).
@@ -95,14 +95,14 @@ pub(crate) enum BlockKind {
 
 impl BlockKind {
     /// Bytes of quants per block.
-    pub(crate) fn quant_bytes(self) -> usize {
+    pub fn quant_bytes(self) -> usize {
         match self {
             BlockKind::Q4_0 | BlockKind::Q4_1 => 16,
             BlockKind::Q8_0 | BlockKind::Q8Half => 32,
         }
     }
     /// Scales per block.
-    pub(crate) fn scales(self) -> usize {
+    pub fn scales(self) -> usize {
         if self == BlockKind::Q8Half {
             2
         } else {

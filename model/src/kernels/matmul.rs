@@ -36,6 +36,17 @@ pub struct QMatrix {
     f32s: Vec<f32>,
 }
 
+/// A matrix's storage in the kernels' layout, for backends that upload the
+/// weights as they are (the wgpu draft keeps them quantized on the GPU).
+pub enum QStorage<'a> {
+    /// Row-major blocks of 32 weights: `kind.scales()` scales per block,
+    /// one minimum per block (Q4_1 only, else empty), `kind.quant_bytes()`
+    /// quant bytes per block.
+    Blocks { kind: BlockKind, d: &'a [f32], m: &'a [f32], qs: &'a [u8] },
+    /// Row-major f32 values.
+    F32(&'a [f32]),
+}
+
 const QK: usize = 32;
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
@@ -152,6 +163,13 @@ impl QMatrix {
     /// Input features.
     pub fn cols(&self) -> usize {
         self.cols
+    }
+    /// The weights as stored.
+    pub fn storage(&self) -> QStorage<'_> {
+        match self.kind {
+            Some(kind) => QStorage::Blocks { kind, d: &self.d, m: &self.m, qs: &self.qs },
+            None => QStorage::F32(&self.f32s),
+        }
     }
     /// Bytes the kernels read for one full pass over the matrix.
     pub fn bytes(&self) -> usize {

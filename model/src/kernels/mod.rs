@@ -19,6 +19,6 @@ mod dot;
 mod matmul;
 mod ops;
 
-pub use dot::{dot_f32, simd_level, SimdLevel};
-pub use matmul::{matmul_parts, quantize_activations, QActivations, QMatrix, WeightType};
+pub use dot::{dot_f32, simd_level, BlockKind, SimdLevel};
+pub use matmul::{matmul_parts, quantize_activations, QActivations, QMatrix, QStorage, WeightType};
 pub use ops::{rms_norm, MatmulKernels, QLinear};

@@ -53,6 +53,10 @@ impl QLinear {
         }
         fused
     }
+    /// The stacked weight matrices, in output order.
+    pub fn parts(&self) -> &[Arc<QMatrix>] {
+        &self.parts
+    }
     /// Output features.
     pub fn rows(&self) -> usize {
         self.parts.iter().map(|p| p.rows()).sum()
