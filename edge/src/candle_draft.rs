@@ -147,6 +147,7 @@ impl CandleLayers {
 }
 
 impl StepForward for CandleLayers {
+    type Scores = Vec<f32>;
     fn truncate(&mut self, len: usize) {
         if len >= self.len {
             return;

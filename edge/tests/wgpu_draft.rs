@@ -15,7 +15,7 @@
 //! That test checks the typical agreement and bounds the worst.
 #![cfg(feature = "wgpu")]
 
-use tandem_edge::wgpu::{build_draft, Activations, Limits, TopLogits, WgpuDraft, WgpuModel, WgpuOptions};
+use tandem_edge::wgpu::{build_draft, wgpu_draft, Activations, Limits, TopLogits, WgpuModel, WgpuOptions};
 use tandem_edge::{EdgeError, GenerateRequest, LocalTarget, Speculator};
 use tandem_model::kernels::MatmulKernels;
 use tandem_model::{fetch, DraftSource, DraftSpec, KvCache, LoadedModel, LogitsFor, ModelDraft, SamplingParams, SeqPass, SessionRng};
@@ -168,7 +168,7 @@ fn draft_rounds_match_the_cpu_draft_greedy_and_sampled() {
     let target = f32_reference();
     let n_layers = 20;
     let stop = target.tokenizer.eos_tokens().to_vec();
-    let mut gpu = WgpuDraft::new(&target.llama, n_layers, stop.clone(), &WgpuOptions::default()).unwrap();
+    let mut gpu = wgpu_draft(&target.llama, n_layers, stop.clone(), &WgpuOptions::default()).unwrap();
     let mut cpu = ModelDraft::from_layers(target.llama.clone(), n_layers, stop);
     let sampled = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 7 };
     for sampling in [SamplingParams::default(), sampled] {

@@ -226,18 +226,44 @@ pub fn reusable_prefix(cached: &[u32], context: &[u32]) -> usize {
     cached.iter().zip(context).take_while(|(a, b)| a == b).count().min(context.len().saturating_sub(1))
 }
 
-/// A model that turns tokens into next-token logits, keeping its own KV
-/// cache: what an autoregressive draft needs from a backend (Tandem's CPU
-/// kernels here; candle devices and wgpu in the edge crate).
+/// What one forward step gives a draft: enough to pick the next token and
+/// describe its distribution (full logits on the CPU; the top 64 logits
+/// and a few sums where reading everything back would cost too much).
+pub trait NextTokenScores {
+    /// The greedy token.
+    fn argmax(&self) -> u32;
+    /// The sparse distribution a sampled draft draws from; `draft_sampling`
+    /// comes from [`SamplingParams::for_draft`] (top-k ≤ 64).
+    fn distribution(&self, draft_sampling: &SamplingParams) -> SparseDist;
+    fn features(&self, position: usize) -> DraftFeatures;
+}
+
+/// A full row of logits.
+impl NextTokenScores for Vec<f32> {
+    fn argmax(&self) -> u32 {
+        argmax(self)
+    }
+    fn distribution(&self, draft_sampling: &SamplingParams) -> SparseDist {
+        draft_sampling.distribution(self)
+    }
+    fn features(&self, position: usize) -> DraftFeatures {
+        DraftFeatures::from_logits(self, position)
+    }
+}
+
+/// A model that scores the next token, keeping its own KV cache: what an
+/// autoregressive draft needs from a backend (Tandem's CPU kernels here;
+/// candle devices and wgpu in the edge crate).
 pub trait StepForward: Send {
+    type Scores: NextTokenScores;
     /// Forgets the cached positions from `len` on.
     fn truncate(&mut self, len: usize);
-    /// Appends `tokens` to the cache; returns the logits after the last.
-    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+    /// Appends `tokens` to the cache; returns the scores after the last.
+    fn step(&mut self, tokens: &[u32]) -> Result<Self::Scores>;
 }
 
 /// Drafts autoregressively with a [`StepForward`], reusing the cached
-/// prefix the context still agrees with.
+/// prefix the context still agrees with and dropping the rest (rollback).
 pub struct Autoregressive<F> {
     forward: F,
     /// Tokens whose keys and values the cache holds.
@@ -249,6 +275,10 @@ impl<F: StepForward> Autoregressive<F> {
     /// `stop`: tokens after which drafting ends (end of sequence).
     pub fn new(forward: F, stop: Vec<u32>) -> Self {
         Autoregressive { forward, cached: Vec::new(), stop }
+    }
+
+    pub fn forward(&self) -> &F {
+        &self.forward
     }
 }
 
@@ -271,18 +301,18 @@ impl<F: StepForward> DraftSource for Autoregressive<F> {
         let draft_sampling = sampling.for_draft();
         let mut feed = context[common..].to_vec();
         for _ in 0..k {
-            let row = self.forward.step(&feed)?;
+            let scores = self.forward.step(&feed)?;
             self.cached.extend_from_slice(&feed);
             let token = if sampling.is_greedy() {
-                argmax(&row)
+                scores.argmax()
             } else {
-                let q = draft_sampling.distribution(&row);
+                let q = scores.distribution(&draft_sampling);
                 let t = q.sample(rng);
                 proposal.dists.push(q);
                 t
             };
             proposal.tokens.push(token);
-            let features = DraftFeatures::from_logits(&row, proposal.features.len());
+            let features = scores.features(proposal.features.len());
             proposal.features.push(features);
             if self.stop.contains(&token) || !keep_going(&features) {
                 break;
@@ -301,6 +331,7 @@ pub struct LlamaLayers {
 }
 
 impl StepForward for LlamaLayers {
+    type Scores = Vec<f32>;
     fn truncate(&mut self, len: usize) {
         self.cache.truncate(len);
     }
