@@ -221,8 +221,8 @@ impl DraftSource for NgramDraft {
 /// How many leading tokens of `cached` (what a draft's KV cache holds) a
 /// call with `context` (non-empty) can keep: the prefix both agree on, but
 /// never all of `context`, since the last context token is fed again to get
-/// its logits. Model drafts truncate their cache to this before drafting.
-pub fn reusable_prefix(cached: &[u32], context: &[u32]) -> usize {
+/// its logits.
+fn reusable_prefix(cached: &[u32], context: &[u32]) -> usize {
     cached.iter().zip(context).take_while(|(a, b)| a == b).count().min(context.len().saturating_sub(1))
 }
 

@@ -15,7 +15,7 @@ mod sampling;
 mod tokenizer;
 mod verify;
 
-pub use draft::{check_layers, load_model_draft, reusable_prefix, Autoregressive, DraftFeatures, DraftSource, DraftSpec, LlamaLayers, ModelDraft, NextTokenScores, NgramDraft, NoDraft, Proposal, StepForward, SyntheticDraft};
+pub use draft::{check_layers, load_model_draft, Autoregressive, DraftFeatures, DraftSource, DraftSpec, LlamaLayers, ModelDraft, NextTokenScores, NgramDraft, NoDraft, Proposal, StepForward, SyntheticDraft};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use llama::{LayerWeights, Llama, LlamaConfig, Logits, LogitsFor, SeqPass};
