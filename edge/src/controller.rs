@@ -76,8 +76,8 @@ impl RejectionPredictor {
                 }
                 grad_b += err / n;
             }
-            for i in 0..N_FEATURES {
-                model.weights[i] -= lr * (grad[i] + 1e-4 * model.weights[i]);
+            for (w, g) in model.weights.iter_mut().zip(grad) {
+                *w -= lr * (g + 1e-4 * *w);
             }
             model.bias -= lr * grad_b;
         }

@@ -76,6 +76,9 @@ pub struct EdgeOptions {
     pub log: Option<Box<dyn Write + Send>>,
 }
 
+// One per process, built once: the size difference of the variants does
+// not matter.
+#[allow(clippy::large_enum_variant)]
 enum AnySpeculator {
     Local(Speculator<LocalTarget>),
     Remote(Speculator<RemoteTarget>),

@@ -1,5 +1,5 @@
-//! Verification-time estimator: T = c0 + c1·seqs + c2·tokens + c3·Σ(tokens×context)
-//! + c4·prefill_tokens, non-negative coefficients, refitted online by
+//! Verification-time estimator: T = c0 + c1·seqs + c2·tokens +
+//! c3·Σ(tokens×context) + c4·prefill_tokens, non-negative coefficients, refitted online by
 //! recursive least squares with forgetting; an upper bound T_q from the
 //! quantiles of the ratio measured / predicted.
 //!

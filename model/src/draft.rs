@@ -353,42 +353,6 @@ impl ModelDraft {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn specs_parse_and_print() {
-        for s in ["none", "ngram", "layers:20", "model:/tmp/x.gguf"] {
-            assert_eq!(s.parse::<DraftSpec>().unwrap().to_string(), s);
-        }
-        for bad in ["layers:", "layers:x", "model:", "bogus"] {
-            let err = bad.parse::<DraftSpec>().unwrap_err().to_string();
-            assert!(err.contains("--draft"), "{err}");
-        }
-    }
-
-    #[test]
-    fn features_summarise_the_distribution() {
-        let sharp = DraftFeatures::from_logits(&[10.0, 0.0, 0.0, 0.0], 2);
-        let flat = DraftFeatures::from_logits(&[1.0, 1.0, 1.0, 1.0], 0);
-        assert!(sharp.top1 > 0.99 && sharp.margin > 0.99 && sharp.entropy < 0.01 && sharp.position == 2);
-        assert!((flat.top1 - 0.25).abs() < 1e-6 && flat.margin.abs() < 1e-6);
-        assert!((flat.entropy - 4f32.ln()).abs() < 1e-5 && flat.spread == 0.0);
-        assert!((sharp.spread - 7.5).abs() < 1e-5);
-    }
-
-    #[test]
-    fn ngram_proposes_what_followed_the_latest_match() {
-        let d = NgramDraft::new(3);
-        // "1 2 3 4 5 | 1 2 3" → continue with 4 5.
-        assert_eq!(d.lookup(&[1, 2, 3, 4, 5, 9, 1, 2, 3], 2), vec![4, 5]);
-        // Longest suffix first: "7 8" matches at the end of the first run.
-        assert_eq!(d.lookup(&[7, 8, 1, 6, 8, 2, 7, 8], 3), vec![1, 6, 8]);
-        assert_eq!(d.lookup(&[1, 2, 3], 4), Vec::<u32>::new());
-        assert_eq!(d.lookup(&[], 4), Vec::<u32>::new());
-    }
-}
 
 /// A synthetic draft for tests and benchmarks, always labelled as such: it
 /// knows the target's greedy output (`reference`: prompt followed by the
@@ -434,5 +398,42 @@ impl DraftSource for SyntheticDraft {
             }
         }
         Ok(proposal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_print() {
+        for s in ["none", "ngram", "layers:20", "model:/tmp/x.gguf"] {
+            assert_eq!(s.parse::<DraftSpec>().unwrap().to_string(), s);
+        }
+        for bad in ["layers:", "layers:x", "model:", "bogus"] {
+            let err = bad.parse::<DraftSpec>().unwrap_err().to_string();
+            assert!(err.contains("--draft"), "{err}");
+        }
+    }
+
+    #[test]
+    fn features_summarise_the_distribution() {
+        let sharp = DraftFeatures::from_logits(&[10.0, 0.0, 0.0, 0.0], 2);
+        let flat = DraftFeatures::from_logits(&[1.0, 1.0, 1.0, 1.0], 0);
+        assert!(sharp.top1 > 0.99 && sharp.margin > 0.99 && sharp.entropy < 0.01 && sharp.position == 2);
+        assert!((flat.top1 - 0.25).abs() < 1e-6 && flat.margin.abs() < 1e-6);
+        assert!((flat.entropy - 4f32.ln()).abs() < 1e-5 && flat.spread == 0.0);
+        assert!((sharp.spread - 7.5).abs() < 1e-5);
+    }
+
+    #[test]
+    fn ngram_proposes_what_followed_the_latest_match() {
+        let d = NgramDraft::new(3);
+        // "1 2 3 4 5 | 1 2 3" → continue with 4 5.
+        assert_eq!(d.lookup(&[1, 2, 3, 4, 5, 9, 1, 2, 3], 2), vec![4, 5]);
+        // Longest suffix first: "7 8" matches at the end of the first run.
+        assert_eq!(d.lookup(&[7, 8, 1, 6, 8, 2, 7, 8], 3), vec![1, 6, 8]);
+        assert_eq!(d.lookup(&[1, 2, 3], 4), Vec::<u32>::new());
+        assert_eq!(d.lookup(&[], 4), Vec::<u32>::new());
     }
 }

@@ -97,7 +97,7 @@ impl Tokenizer {
         let token_bytes = tokens
             .iter()
             .zip(&special)
-            .map(|(t, &s)| if s { t.as_bytes().to_vec() } else { t.chars().map(|c| unbyte(c)).collect() })
+            .map(|(t, &s)| if s { t.as_bytes().to_vec() } else { t.chars().map(&unbyte).collect() })
             .collect();
         let id = |key: &str| md.get(key).map(|v| v.to_u32()).transpose();
         let mut eos: Vec<u32> = id("tokenizer.ggml.eos_token_id")?.into_iter().collect();
