@@ -269,7 +269,7 @@ mod tests {
     fn shape(i: u64) -> BatchShape {
         let seqs = 1 + (i % 8) as usize;
         let tokens = seqs * (1 + (i / 8 % 6) as usize);
-        let prefill = if i % 5 == 0 { 32 } else { 0 };
+        let prefill = if i.is_multiple_of(5) { 32 } else { 0 };
         BatchShape { seqs, tokens: tokens + prefill, token_context: (tokens + prefill) * (50 + (i % 13) as usize * 40), prefill_tokens: prefill }
     }
 

@@ -183,7 +183,9 @@ impl Metrics {
         for (tenant, c) in self.service_counters.lock().expect("metrics lock").iter() {
             let _ = writeln!(out, "tandem_tenant_service_counter{{tenant=\"{tenant}\"}} {c}");
         }
-        let counters: [(&str, &str, fn(&TenantStats) -> u64); 9] = [
+        // (metric, help, value of one tenant)
+        type Counter = (&'static str, &'static str, fn(&TenantStats) -> u64);
+        let counters: [Counter; 9] = [
             ("tandem_slo_met_total", "Requests finished by their SLO deadline.", |t| t.slo_met),
             ("tandem_slo_missed_total", "Requests finished after their SLO deadline.", |t| t.slo_missed),
             ("tandem_sessions_opened_total", "Sessions opened.", |t| t.sessions_opened),

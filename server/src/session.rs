@@ -13,6 +13,10 @@ use tandem_model::{KvCache, LogitsFor, SamplingParams};
 use tandem_protocol::limits::MAX_DRAFT_TOKENS;
 use tokio::sync::oneshot;
 
+/// A verification waiting for its pass: the request, where its outcome
+/// goes, and when it arrived.
+pub(crate) type PendingVerify = (ValidVerify, oneshot::Sender<Result<(), ServeError>>, Instant);
+
 /// One generation's state on the server: its KV cache and admission ticket
 /// (KV reservation, tenant slot, demand), its tokens, sampling, objectives
 /// and stream.
@@ -32,7 +36,7 @@ pub(crate) struct Session {
     pub(crate) sampling: SamplingParams,
     pub(crate) server_only: bool,
     pub(crate) opened: bool,
-    pub(crate) pending_verify: Option<(ValidVerify, oneshot::Sender<Result<(), ServeError>>, Instant)>,
+    pub(crate) pending_verify: Option<PendingVerify>,
     pub(crate) out: OutSender,
     pub(crate) last_active: Instant,
     pub(crate) opened_at: Instant,
