@@ -267,8 +267,12 @@ impl<T: Target + Send> Speculator<T> {
         let carried_n = proposal.tokens.len();
         let mut stamps = vec![0.0; carried_n];
         if k > carried_n {
-            let mut extended = context.to_vec();
-            extended.extend_from_slice(&proposal.tokens);
+            // The context is copied only when carried drafts extend it.
+            let extended: std::borrow::Cow<[u32]> = if carried_n == 0 {
+                context.into()
+            } else {
+                [context, &proposal.tokens[..]].concat().into()
+            };
             // Draft draws are keyed like the target's, from their own stream.
             let mut rng = SessionRng::at(sampling.seed ^ DRAFT_STREAM, extended.len());
             let fresh = self.draft.propose_until(&extended, k - carried_n, sampling, &mut rng, &mut |f| {

@@ -338,7 +338,7 @@ impl StepForward for LlamaLayers {
 
     fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let mut logits = self.llama.forward(&mut [SeqPass { cache: &mut self.cache, tokens, logits: LogitsFor::Last }])?;
-        Ok(logits.swap_remove(0).row(0).to_vec())
+        Ok(logits.swap_remove(0).into_row(0))
     }
 }
 

@@ -119,6 +119,15 @@ impl Logits {
     pub fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.vocab..(i + 1) * self.vocab]
     }
+    /// Row `i`, owned (no copy when it is the only row).
+    pub fn into_row(mut self, i: usize) -> Vec<f32> {
+        if self.rows() == 1 {
+            return self.data;
+        }
+        self.data.drain(..i * self.vocab);
+        self.data.truncate(self.vocab);
+        self.data
+    }
 }
 
 /// One decoder layer's weights, for backends that run the forward elsewhere.

@@ -92,13 +92,13 @@ fn batcher(policy: Policy, cfg: &SimConfig, calibration: &VerifyTimeProfile) -> 
     }
 }
 
-/// One run of `policy` at `workload`.
-pub fn simulate(policy: Policy, cfg: &SimConfig, workload: Workload, inputs: &SimInputs, epoch: Instant) -> PolicyReport {
+/// The world of one run of `policy` at `workload`.
+fn world_config<'a>(policy: Policy, cfg: &SimConfig, workload: Workload, inputs: &SimInputs<'a>) -> WorldConfig<'a> {
     let arrivals = match workload {
         Workload::Closed { devices, think_ms } => Arrivals::Closed { devices, think_ms: think_ms as f64 },
         Workload::Open { rate } => Arrivals::Open { rate },
     };
-    let world_cfg = WorldConfig {
+    WorldConfig {
         policy,
         arrivals,
         duration_s: cfg.duration_s,
@@ -111,7 +111,12 @@ pub fn simulate(policy: Policy, cfg: &SimConfig, workload: Workload, inputs: &Si
         profiles: inputs.profiles,
         prompts: inputs.prompts,
         calibration: &inputs.calibration.calibration,
-    };
+    }
+}
+
+/// One run of `policy` at `workload`.
+pub fn simulate(policy: Policy, cfg: &SimConfig, workload: Workload, inputs: &SimInputs, epoch: Instant) -> PolicyReport {
+    let world_cfg = world_config(policy, cfg, workload, inputs);
     let edges = Edges { real: inputs.real };
     let out = World::new(world_cfg, batcher(policy, cfg, inputs.calibration), &edges, epoch).run();
     let tokens: usize = out.records.iter().map(|r| r.tokens).sum();
@@ -237,24 +242,7 @@ mod tests {
         let profiles = [DeviceProfile::laptop()];
         let inputs = SimInputs { calibration: &calibration, profiles: &profiles, prompts: &prompts, provenance: "test", real: None };
         let epoch = Instant::now();
-        let arrivals = match cfg.workload {
-            Workload::Closed { devices, think_ms } => Arrivals::Closed { devices, think_ms: think_ms as f64 },
-            Workload::Open { rate } => Arrivals::Open { rate },
-        };
-        let world = WorldConfig {
-            policy,
-            arrivals,
-            duration_s: cfg.duration_s,
-            max_new_tokens: cfg.max_new_tokens,
-            draft_len: cfg.draft_len,
-            slo_ttft_ms: cfg.slo_ttft_ms,
-            slo_tpot_ms: cfg.slo_tpot_ms,
-            seed: cfg.seed,
-            tenants: cfg.tenants,
-            profiles: &profiles,
-            prompts: &prompts,
-            calibration: &calibration.calibration,
-        };
+        let world = world_config(policy, cfg, cfg.workload, &inputs);
         let edges = Edges { real: None };
         let out = World::new(world, batcher(policy, cfg, &calibration), &edges, epoch).run();
         // Conservation: every session ends with its whole output, made of
