@@ -14,3 +14,4 @@ pub mod prompts;
 pub mod real_draft;
 pub mod report;
 pub mod sim;
+pub mod train_draft;

@@ -244,6 +244,14 @@ struct Paced<D> {
 }
 
 impl<D: DraftSource> DraftSource for Paced<D> {
+    fn wants_target_features(&self) -> bool {
+        self.inner.wants_target_features()
+    }
+
+    fn observe_target_features(&mut self, start: usize, rows: &[f32]) {
+        self.inner.observe_target_features(start, rows)
+    }
+
     fn propose_until(
         &mut self,
         context: &[u32],

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 use tandem_bench::real_draft::RealDrafts;
 use tandem_bench::report::{parse_policies, Policy, Report};
-use tandem_bench::{estimator, live, paper, sim};
+use tandem_bench::{estimator, live, paper, sim, train_draft};
 use tandem_bench::kernels::{self, KernelBenchConfig};
 use tandem_model::fetch;
 
@@ -71,12 +71,56 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
     },
+    /// Trains a draft for the target on this machine's CPU (one decoder
+    /// layer on the target's frozen embedding and head) and writes
+    /// `OUT/draft.safetensors` and `OUT/card.json`.
+    TrainDraft(TrainDraftArgs),
     /// Re-renders a `live` or `sim` report (`report.json`): its Markdown
     /// table, and its plots beside it.
     Report {
         /// A report.json written by `live --out DIR` or `sim --out DIR`.
         run: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct TrainDraftArgs {
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Folder for the traced data, checkpoints, the weights and the card.
+    #[arg(long, default_value = "trained-draft")]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value_t = train_draft::Method::Eagle)]
+    method: train_draft::Method,
+    /// Optimiser steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Early exit: target layers run before the trained one.
+    #[arg(long)]
+    exit_layer: Option<usize>,
+    /// Target layer whose weights initialise the trained one.
+    #[arg(long)]
+    init_layer: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Templated chat requests and standard-library functions to trace.
+    #[arg(long)]
+    chat_prompts: Option<usize>,
+    #[arg(long)]
+    code_prompts: Option<usize>,
+    /// Greedy tokens the target generates per training prompt.
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Weight of the pass that feeds the draft its own predicted states
+    /// (EAGLE-style methods; 0 trains on the target's states only).
+    #[arg(long)]
+    second_pass_weight: Option<f64>,
+    /// Stop (with a checkpoint) after this many minutes of training.
+    #[arg(long)]
+    max_minutes: Option<f64>,
+    /// Continue from `OUT/checkpoint.safetensors`.
+    #[arg(long)]
+    resume: bool,
 }
 
 /// What `live` and `sim` share: the workload, objectives, prompts, devices.
@@ -285,6 +329,33 @@ fn main() -> Result<()> {
         Command::Paper { out, model } => {
             let model = tandem_model::LoadedModel::load(&model_path(model)?).context("loading the target model")?;
             paper::run(&out, &model)
+        }
+        Command::TrainDraft(a) => {
+            let model_path = model_path(a.model)?;
+            let model = tandem_model::LoadedModel::load(&model_path).context("loading the target model")?;
+            let d = train_draft::TrainDraftConfig::default();
+            let cfg = train_draft::TrainDraftConfig {
+                method: a.method,
+                steps: a.steps.unwrap_or(d.steps),
+                exit_layer: a.exit_layer.unwrap_or(d.exit_layer),
+                init_layer: a.init_layer.unwrap_or(d.init_layer),
+                lr: a.lr.unwrap_or(d.lr),
+                chat_prompts: a.chat_prompts.unwrap_or(d.chat_prompts),
+                code_prompts: a.code_prompts.unwrap_or(d.code_prompts),
+                max_new_tokens: a.max_new_tokens.unwrap_or(d.max_new_tokens),
+                second_pass_weight: a.second_pass_weight.unwrap_or(d.second_pass_weight),
+                ..d
+            };
+            let n = model.llama.config().n_layers;
+            anyhow::ensure!(cfg.exit_layer >= 1 && cfg.exit_layer < n, "`--exit-layer` must be in 1..{n}");
+            anyhow::ensure!(cfg.init_layer < n, "`--init-layer` must be below {n}");
+            anyhow::ensure!(cfg.steps > 0, "`--steps` must be at least 1");
+            anyhow::ensure!(cfg.max_new_tokens > 0, "`--max-new-tokens` must be at least 1");
+            anyhow::ensure!(cfg.second_pass_weight >= 0.0, "`--second-pass-weight` must be at least 0");
+            let run = train_draft::TrainRun { model: &model, model_path: &model_path, out: &a.out, cfg, resume: a.resume, max_minutes: a.max_minutes };
+            let card = train_draft::run(&run)?;
+            println!("{}", serde_json::to_string_pretty(&card)?);
+            Ok(())
         }
         Command::Report { run } => {
             let report = Report::read(&run)?;

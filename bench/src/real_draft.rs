@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
-use tandem_model::{fetch, DraftFeatures, DraftSource, DraftSpec, LoadedModel, Proposal, SamplingParams, SessionRng};
+use tandem_model::{fetch, DraftFeatures, DraftSource, DraftSpec, LoadedModel, LogitsFor, Proposal, SamplingParams, SeqPass, SessionRng};
 
 /// The proposal at one context: tokens and the features seen drafting them.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -40,10 +40,15 @@ impl RealDrafts {
         let safe: String = spec.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
         let path = fetch::tandem_home().join(format!("bench-drafts-{safe}.json"));
         let mut cache: HashMap<String, HashMap<usize, Cached>> = std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+        // A retrained draft proposes differently: its weights are in the key.
+        let weights = match &parsed {
+            DraftSpec::Trained(dir) => format!(":{:016x}", tandem_model::trained_draft_fingerprint(dir.as_deref())?),
+            _ => String::new(),
+        };
         let mut computed = 0;
         let mut by_prompt = HashMap::new();
         for p in prompts {
-            let key = format!("{spec}:{draft_len}:{}:{:?}", model.llama.config().vocab, p.reference);
+            let key = format!("{spec}{weights}:{draft_len}:{}:{:?}", model.llama.config().vocab, p.reference);
             if !cache.contains_key(&key) {
                 eprintln!("bench: real `{spec}` draft proposals for {} ...", p.id);
                 cache.insert(key.clone(), propose_all(&parsed, draft_len, model, p)?);
@@ -82,9 +87,24 @@ impl RealDrafts {
 /// (the first output token comes from the server's prefill).
 fn propose_all(spec: &DraftSpec, draft_len: usize, model: &LoadedModel, p: &BenchPrompt) -> Result<HashMap<usize, Cached>> {
     let mut draft = spec.build(model)?;
+    // A draft reading the target's states gets those of every context
+    // position but the last, as a server's verdicts would have sent them.
+    let states = if draft.wants_target_features() {
+        let llama = &model.llama;
+        let mut cache = llama.new_cache(llama.config().n_layers);
+        let pass = SeqPass { cache: &mut cache, tokens: &p.reference, logits: LogitsFor::None };
+        let states = llama.forward_capturing(&mut [pass], &[llama.config().n_layers])?.1.remove(0);
+        tandem_protocol::features::round_trip(&states)
+    } else {
+        vec![]
+    };
+    let hidden = model.llama.config().hidden;
     let mut out = HashMap::new();
     for context in p.tokens.len() + 1..p.reference.len() {
         let k = draft_len.min(p.reference.len() - context);
+        if !states.is_empty() {
+            draft.observe_target_features(0, &states[..(context - 1) * hidden]);
+        }
         let mut rng = SessionRng::new(0);
         let proposal = draft.propose_until(&p.reference[..context], k, &SamplingParams::default(), &mut rng, &mut |_| true)?;
         out.insert(context, Cached { tokens: proposal.tokens, features: proposal.features });

@@ -3,13 +3,14 @@
 //! re-opens the session with the prompt and every token accepted so far,
 //! so nothing is lost or duplicated.
 
-use crate::target::{RoundOutcome, Target};
+use crate::target::{RoundOutcome, Target, TargetFeatures};
 use crate::EdgeError;
 use std::time::{Duration, Instant};
 use tandem_model::{SamplingParams, SparseDist, Verdict};
+use tandem_protocol::features;
 use tandem_protocol::limits::MAX_MESSAGE_BYTES;
 use tandem_protocol::wire::{
-    DraftMode, EdgeKind, EdgeMessage, Open, Sampling, ServerKind, ServerMessage, Slo, SparseDist as WireDist, Verify,
+    DraftMode, EdgeKind, EdgeMessage, Open, Opened, Sampling, ServerKind, ServerMessage, Slo, SparseDist as WireDist, Verify,
     VerifierClient,
 };
 use tokio::sync::mpsc;
@@ -90,6 +91,10 @@ pub struct RemoteTarget {
     routing_key: String,
     /// Streams re-opened after a failure, over this target's life.
     pub resumes: usize,
+    /// Ask for the target's hidden states (EAGLE-style drafts).
+    want_features: bool,
+    /// States received and not yet taken by the draft.
+    features: Option<TargetFeatures>,
     /// A stream has been opened once: from then on an unreachable server
     /// is waited for (it may be restarting); before, it is reported at
     /// once (a wrong URL or a server that is not running).
@@ -111,6 +116,8 @@ impl RemoteTarget {
             max_new_tokens: 0,
             routing_key: new_routing_key(),
             resumes: 0,
+            want_features: false,
+            features: None,
             reached: false,
         })
     }
@@ -132,16 +139,37 @@ impl RemoteTarget {
     /// Opens a stream with this generation's routing key; a failed open
     /// draws a new key for the next attempt.
     fn open_stream(&mut self, open: Open) -> Result<(Stream, u32, bool), EdgeError> {
+        // The server prefills the prompt, or all but the last resumed token.
+        let prefilled = open.prompt.len() - usize::from(open.resumed > 0);
         let result = self.rt.block_on(Self::open_stream_with(&self.cfg, &self.routing_key, open));
         match result {
-            Ok(_) => self.reached = true,
-            Err(_) => self.routing_key = new_routing_key(),
+            Ok((stream, opened)) => {
+                self.reached = true;
+                let start = opened.features_start as usize;
+                self.receive_features(start, prefilled.saturating_sub(start), &opened.features)?;
+                Ok((stream, opened.first_token, opened.finished))
+            }
+            Err(e) => {
+                self.routing_key = new_routing_key();
+                Err(e)
+            }
         }
-        result
     }
 
-    /// Opens a stream and sends `open`; returns the stream and `Opened`'s first token.
-    async fn open_stream_with(cfg: &ClientConfig, routing_key: &str, open: Open) -> Result<(Stream, u32, bool), EdgeError> {
+    /// Keeps states the server sent (a resumed stream restates them from
+    /// its prompt on).
+    fn receive_features(&mut self, start: usize, rows: usize, bytes: &[u8]) -> Result<(), EdgeError> {
+        if !self.want_features || bytes.is_empty() {
+            return Ok(());
+        }
+        let values = features::decode(bytes).filter(|v| rows > 0 && v.len() % rows == 0);
+        let values = values.ok_or_else(|| EdgeError::Server(Status::internal(format!("`features`: {} bytes are not {rows} rows of half floats", bytes.len()))))?;
+        TargetFeatures::merge(&mut self.features, TargetFeatures { start, rows, values });
+        Ok(())
+    }
+
+    /// Opens a stream and sends `open`; returns the stream and `Opened`.
+    async fn open_stream_with(cfg: &ClientConfig, routing_key: &str, open: Open) -> Result<(Stream, Opened), EdgeError> {
         let channel = Self::channel(cfg).await?;
         let mut client = VerifierClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (tx, rx) = mpsc::channel(4);
@@ -155,7 +183,7 @@ impl RemoteTarget {
         }
         let mut inbound = client.session(request).await.map_err(EdgeError::Server)?.into_inner();
         match inbound.message().await.map_err(EdgeError::Server)? {
-            Some(ServerMessage { kind: Some(ServerKind::Opened(o)) }) => Ok((Stream { tx, rx: inbound, seq: 0 }, o.first_token, o.finished)),
+            Some(ServerMessage { kind: Some(ServerKind::Opened(o)) }) => Ok((Stream { tx, rx: inbound, seq: 0 }, o)),
             other => Err(EdgeError::Server(Status::internal(format!("expected `opened`, got {other:?}")))),
         }
     }
@@ -173,6 +201,7 @@ impl RemoteTarget {
             max_new_tokens: self.max_new_tokens as u32,
             draft_mode: if server_only { DraftMode::ServerOnly } else { DraftMode::Edge } as i32,
             resumed: (context.len() - self.prompt_len) as u32,
+            want_features: self.want_features && !server_only,
         }
     }
 
@@ -182,6 +211,7 @@ impl RemoteTarget {
         self.sampling = sampling.clone();
         self.max_new_tokens = max_new_tokens;
         self.routing_key = self.cfg.routing_key.clone().unwrap_or_else(new_routing_key);
+        self.features = None;
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the reconnect
@@ -262,6 +292,14 @@ impl RemoteTarget {
 }
 
 impl Target for RemoteTarget {
+    fn want_features(&mut self, on: bool) {
+        self.want_features = on;
+    }
+
+    fn take_features(&mut self) -> Option<TargetFeatures> {
+        self.features.take()
+    }
+
     fn open(&mut self, prompt: &[u32], sampling: &SamplingParams, max_new_tokens: usize) -> Result<u32, EdgeError> {
         self.start(prompt, sampling, max_new_tokens);
         let open = self.open_message(prompt, false);
@@ -296,12 +334,15 @@ impl Target for RemoteTarget {
                 stream.rx.message().await
             });
             match reply {
-                Ok(Some(ServerMessage { kind: Some(ServerKind::Verdict(v)) })) => Ok(RoundOutcome {
-                    verdict: Verdict { accepted: v.accepted as usize, next: v.next_token },
-                    verified: (v.verified as usize).min(drafts.len()),
-                    server_ms: Some(v.server_ms as f64),
-                    hinted_verify_ms: v.hints.map(|h| h.est_verify_ms_by_k).unwrap_or_default(),
-                }),
+                Ok(Some(ServerMessage { kind: Some(ServerKind::Verdict(v)) })) => {
+                    t.receive_features(context.len() - 1, v.accepted as usize + 1, &v.features)?;
+                    Ok(RoundOutcome {
+                        verdict: Verdict { accepted: v.accepted as usize, next: v.next_token },
+                        verified: (v.verified as usize).min(drafts.len()),
+                        server_ms: Some(v.server_ms as f64),
+                        hinted_verify_ms: v.hints.map(|h| h.est_verify_ms_by_k).unwrap_or_default(),
+                    })
+                }
                 Ok(Some(other)) => Err(EdgeError::Server(Status::internal(format!("expected a verdict, got {other:?}")))),
                 Ok(None) => Err(EdgeError::Server(Status::unavailable("stream ended"))),
                 Err(s) => Err(EdgeError::Server(s)),

@@ -160,6 +160,8 @@ fn configure<T: crate::Target + Send>(
 pub fn build_draft(spec: &DraftSpec, backend: Backend, target: &LoadedModel, target_path: &Path) -> Result<Box<dyn DraftSource>, EdgeError> {
     let (path, layers) = match spec {
         DraftSpec::None | DraftSpec::Ngram => return Ok(spec.build(target)?),
+        DraftSpec::Trained(_) if backend == Backend::Cpu => return Ok(spec.build(target)?),
+        DraftSpec::Trained(_) => return Err(trained_on_cpu_only(&backend.to_string())),
         DraftSpec::Layers(n) => (target_path, Some(tandem_model::check_layers(*n, target)?)),
         DraftSpec::Model(p) => (p.as_path(), None),
     };
@@ -175,6 +177,12 @@ pub fn build_draft(spec: &DraftSpec, backend: Backend, target: &LoadedModel, tar
             Ok(Box::new(Autoregressive::new(CandleLayers::load(path, layers, &device)?, stop)))
         }
     }
+}
+
+/// Trained drafts run on Tandem's CPU kernels only (their one f32 layer
+/// is not ported to the other backends).
+pub(crate) fn trained_on_cpu_only(backend: &str) -> EdgeError {
+    EdgeError::InvalidArgument(format!("`--draft trained` runs on `--backend cpu` only, not `--backend {backend}`"))
 }
 
 #[cfg(feature = "wgpu")]

@@ -122,8 +122,16 @@ struct Ahead {
 }
 
 impl<T: Target + Send> Speculator<T> {
-    pub fn new(target: T, draft: Box<dyn DraftSource>, tokenizer: Arc<Tokenizer>) -> Self {
+    pub fn new(mut target: T, draft: Box<dyn DraftSource>, tokenizer: Arc<Tokenizer>) -> Self {
+        target.want_features(draft.wants_target_features());
         Speculator { target, draft, tokenizer, controller: None, log: None, pipeline: false, cancel: None }
+    }
+
+    /// Hands the target's latest hidden states to the draft.
+    fn pass_features(&mut self) {
+        if let Some(f) = self.target.take_features() {
+            self.draft.observe_target_features(f.start, &f.values);
+        }
     }
 
     pub fn with_controller(mut self, controller: SpeculationController) -> Self {
@@ -162,6 +170,7 @@ impl<T: Target + Send> Speculator<T> {
         let start = Instant::now();
         let eos = self.tokenizer.eos_tokens().to_vec();
         let first = self.target.open(&req.prompt, &req.sampling, req.max_new_tokens)?;
+        self.pass_features();
         let mut g = Generation { prompt_tokens: req.prompt.len(), ttft_ms: start.elapsed().as_secs_f64() * 1e3, ..Default::default() };
         g.tokens.push(first);
         on_token(first);
@@ -193,6 +202,7 @@ impl<T: Target + Send> Speculator<T> {
                 (self.target.verify(&context, drafts, q)?, None)
             };
             let verify_ms = verify_start.elapsed().as_secs_f64() * 1e3;
+            self.pass_features();
             let verdict = round.verdict;
             let rtt = round.server_ms.map_or(0.0, |s| (verify_ms - s).max(0.0));
             g.rounds += 1;

@@ -94,8 +94,10 @@ struct EdgeArgs {
     /// Target model: a llama-family GGUF file (default: SmolLM2-135M-Instruct, fetched on first use).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Draft source: none, ngram, layers:N (the target's first N layers) or
-    /// model:PATH [default: layers:25].
+    /// Draft source: layers:N (the target's first N layers), trained (the
+    /// built-in draft trained for the default model), trained:DIR (one made
+    /// by `tandem-bench train-draft`), ngram, none or model:PATH
+    /// [default: layers:25].
     #[arg(long)]
     draft: Option<String>,
     /// Where the draft model runs: cpu or wgpu [default: cpu].

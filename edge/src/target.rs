@@ -2,7 +2,7 @@
 //! Tandem server (see `client`). The speculative loop is the same for both.
 
 use crate::EdgeError;
-use tandem_model::{judge_round, KvCache, LoadedModel, LogitsFor, SamplingParams, SeqPass, SparseDist, Verdict};
+use tandem_model::{judge_round, KvCache, LoadedModel, Logits, LogitsFor, SamplingParams, SeqPass, SparseDist, Verdict};
 
 /// Verifies drafts for one generation at a time.
 pub trait Target {
@@ -12,6 +12,43 @@ pub trait Target {
     /// Verifies `drafts` continuing `context` (prompt and every generated
     /// token; the last one has not been verified against yet).
     fn verify(&mut self, context: &[u32], drafts: &[u32], q: &[SparseDist]) -> Result<RoundOutcome, EdgeError>;
+
+    /// Asks for the target's final hidden states with every open and
+    /// round (for EAGLE-style drafts); targets that cannot give them
+    /// report none and the draft runs on its own predictions.
+    fn want_features(&mut self, _on: bool) {}
+
+    /// The states reported since the last call.
+    fn take_features(&mut self) -> Option<TargetFeatures> {
+        None
+    }
+}
+
+/// The target's final hidden states for consecutive context positions.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TargetFeatures {
+    /// Position of the first row.
+    pub start: usize,
+    pub rows: usize,
+    /// `rows × hidden`, row-major.
+    pub values: Vec<f32>,
+}
+
+impl TargetFeatures {
+    /// Adds states reported later: appended where they continue (or
+    /// restate part of) these, replacing them otherwise.
+    pub fn merge(pending: &mut Option<TargetFeatures>, next: TargetFeatures) {
+        match pending {
+            Some(p) if next.start >= p.start && next.start <= p.start + p.rows && p.rows > 0 => {
+                let width = p.values.len() / p.rows;
+                p.rows = next.start - p.start;
+                p.values.truncate(p.rows * width);
+                p.rows += next.rows;
+                p.values.extend(next.values);
+            }
+            _ => *pending = Some(next),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -31,12 +68,30 @@ pub struct LocalTarget {
     model: LoadedModel,
     cache: KvCache,
     sampling: SamplingParams,
+    want_features: bool,
+    features: Option<TargetFeatures>,
 }
 
 impl LocalTarget {
     pub fn new(model: LoadedModel) -> Self {
         let cache = model.llama.new_cache(model.llama.config().n_layers);
-        LocalTarget { model, cache, sampling: SamplingParams::default() }
+        LocalTarget { model, cache, sampling: SamplingParams::default(), want_features: false, features: None }
+    }
+
+    /// One pass over `tokens` at the cache's end; records their final
+    /// hidden states when asked for them.
+    fn pass(&mut self, tokens: &[u32], logits: LogitsFor) -> Result<Logits, EdgeError> {
+        let llama = &self.model.llama;
+        let start = self.cache.len();
+        let capture: &[usize] = if self.want_features { &[llama.config().n_layers] } else { &[] };
+        let (mut out, states) = llama.forward_capturing(&mut [SeqPass { cache: &mut self.cache, tokens, logits }], capture)?;
+        if let Some(states) = states.into_iter().next() {
+            // Rounded as the wire carries them, so a draft sees the same
+            // states here as from a server.
+            let values = tandem_protocol::features::round_trip(&states);
+            TargetFeatures::merge(&mut self.features, TargetFeatures { start, rows: tokens.len(), values });
+        }
+        Ok(out.remove(0))
     }
 }
 
@@ -45,8 +100,9 @@ impl Target for LocalTarget {
         let llama = &self.model.llama;
         self.cache = llama.new_cache(llama.config().n_layers);
         self.sampling = sampling.clone();
-        let logits = llama.forward(&mut [SeqPass { cache: &mut self.cache, tokens: prompt, logits: LogitsFor::Last }])?;
-        Ok(sampling.sample_at(logits[0].row(0), prompt.len()))
+        self.features = None;
+        let logits = self.pass(prompt, LogitsFor::Last)?;
+        Ok(sampling.sample_at(logits.row(0), prompt.len()))
     }
 
     fn verify(&mut self, context: &[u32], drafts: &[u32], q: &[SparseDist]) -> Result<RoundOutcome, EdgeError> {
@@ -56,9 +112,45 @@ impl Target for LocalTarget {
         debug_assert_eq!(base + 1, context.len());
         let mut feed = vec![*context.last().expect("context is never empty")];
         feed.extend_from_slice(drafts);
-        let logits = self.model.llama.forward(&mut [SeqPass { cache: &mut self.cache, tokens: &feed, logits: LogitsFor::All }])?;
-        let verdict = judge_round(&self.sampling, context.len(), drafts, q, &logits[0]);
+        let logits = self.pass(&feed, LogitsFor::All)?;
+        let verdict = judge_round(&self.sampling, context.len(), drafts, q, &logits);
         self.cache.truncate(base + 1 + verdict.accepted);
+        // States past the accepted drafts belong to rejected tokens.
+        if let Some(f) = self.features.as_mut() {
+            let keep = base + 1 + verdict.accepted - f.start;
+            f.values.truncate(keep * f.values.len() / f.rows.max(1));
+            f.rows = keep;
+        }
         Ok(RoundOutcome { verdict, verified: drafts.len(), server_ms: None, hinted_verify_ms: vec![] })
+    }
+
+    fn want_features(&mut self, on: bool) {
+        self.want_features = on;
+    }
+
+    fn take_features(&mut self) -> Option<TargetFeatures> {
+        self.features.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TargetFeatures;
+
+    fn rows(start: usize, rows: usize) -> TargetFeatures {
+        // Width 2; each value names its position.
+        TargetFeatures { start, rows, values: (start..start + rows).flat_map(|p| [p as f32, p as f32]).collect() }
+    }
+
+    #[test]
+    fn later_states_extend_or_restate_earlier_ones() {
+        let mut pending = None;
+        TargetFeatures::merge(&mut pending, rows(0, 3));
+        TargetFeatures::merge(&mut pending, rows(3, 2));
+        assert_eq!(pending, Some(rows(0, 5)), "a contiguous verdict extends the prompt's states");
+        TargetFeatures::merge(&mut pending, rows(2, 4));
+        assert_eq!(pending, Some(rows(0, 6)), "a restatement from inside replaces the tail");
+        TargetFeatures::merge(&mut pending, rows(9, 1));
+        assert_eq!(pending, Some(rows(9, 1)), "a gap keeps only the newest");
     }
 }

@@ -17,6 +17,35 @@ pub struct Proposal {
     pub features: Vec<DraftFeatures>,
 }
 
+impl Proposal {
+    /// Draws the next draft token from `scores` (greedy, or from the draft
+    /// distribution) and records it with its features; also returns
+    /// whether drafting goes on (not past an end token, nor where
+    /// `keep_going` stops it).
+    pub(crate) fn take(
+        &mut self,
+        scores: &impl NextTokenScores,
+        sampling: &SamplingParams,
+        draft_sampling: &SamplingParams,
+        rng: &mut SessionRng,
+        stop: &[u32],
+        keep_going: &mut dyn FnMut(&DraftFeatures) -> bool,
+    ) -> (u32, bool) {
+        let token = if sampling.is_greedy() {
+            scores.argmax()
+        } else {
+            let q = scores.distribution(draft_sampling);
+            let t = q.sample(rng);
+            self.dists.push(q);
+            t
+        };
+        self.tokens.push(token);
+        let features = scores.features(self.features.len());
+        self.features.push(features);
+        (token, !stop.contains(&token) && keep_going(&features))
+    }
+}
+
 /// Cheap summary of the draft model's distribution at one draft step: what
 /// a speculation controller uses to guess whether the token will be rejected.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -78,6 +107,16 @@ pub trait DraftSource: Send {
         keep_going: &mut dyn FnMut(&DraftFeatures) -> bool,
     ) -> Result<Proposal>;
 
+    /// Whether the source drafts from the target's final hidden states
+    /// (EAGLE-style): targets then report them after every round.
+    fn wants_target_features(&self) -> bool {
+        false
+    }
+
+    /// The target's final hidden states (before the norm) at positions
+    /// `start..` of the context, `hidden` values each.
+    fn observe_target_features(&mut self, _start: usize, _rows: &[f32]) {}
+
     /// Proposes exactly up to `k` tokens, never stopping early.
     fn propose(&mut self, context: &[u32], k: usize, sampling: &SamplingParams, rng: &mut SessionRng) -> Result<Proposal> {
         self.propose_until(context, k, sampling, rng, &mut |_| true)
@@ -95,15 +134,20 @@ pub enum DraftSpec {
     Layers(usize),
     /// Another GGUF model with the target's vocabulary.
     Model(PathBuf),
+    /// A draft trained for the target by `tandem-bench train-draft`: the
+    /// built-in one for the default model, or the folder given.
+    Trained(Option<PathBuf>),
 }
 
 impl FromStr for DraftSpec {
     type Err = ModelError;
     fn from_str(s: &str) -> Result<Self> {
-        let bad = |why: &str| ModelError::InvalidArgument(format!("`--draft {s}`: {why} (expected none, ngram, layers:N or model:PATH)"));
+        let bad = |why: &str| ModelError::InvalidArgument(format!("`--draft {s}`: {why} (expected none, ngram, layers:N, model:PATH, trained or trained:DIR)"));
         match s.split_once(':') {
             None if s == "none" => Ok(DraftSpec::None),
             None if s == "ngram" => Ok(DraftSpec::Ngram),
+            None if s == "trained" => Ok(DraftSpec::Trained(None)),
+            Some(("trained", p)) if !p.is_empty() => Ok(DraftSpec::Trained(Some(PathBuf::from(p)))),
             Some(("layers", n)) => n.parse().map(DraftSpec::Layers).map_err(|_| bad("N must be a positive integer")),
             Some(("model", p)) if !p.is_empty() => Ok(DraftSpec::Model(PathBuf::from(p))),
             _ => Err(bad("unknown draft")),
@@ -118,6 +162,8 @@ impl std::fmt::Display for DraftSpec {
             DraftSpec::Ngram => write!(f, "ngram"),
             DraftSpec::Layers(n) => write!(f, "layers:{n}"),
             DraftSpec::Model(p) => write!(f, "model:{}", p.display()),
+            DraftSpec::Trained(None) => write!(f, "trained"),
+            DraftSpec::Trained(Some(p)) => write!(f, "trained:{}", p.display()),
         }
     }
 }
@@ -136,6 +182,7 @@ impl DraftSpec {
                 let n = draft.llama.config().n_layers;
                 Box::new(ModelDraft::from_layers(draft.llama, n, stop))
             }
+            DraftSpec::Trained(dir) => crate::trained::build_trained(dir.as_deref(), target)?,
         })
     }
 }
@@ -222,7 +269,7 @@ impl DraftSource for NgramDraft {
 /// call with `context` (non-empty) can keep: the prefix both agree on, but
 /// never all of `context`, since the last context token is fed again to get
 /// its logits.
-fn reusable_prefix(cached: &[u32], context: &[u32]) -> usize {
+pub(crate) fn reusable_prefix(cached: &[u32], context: &[u32]) -> usize {
     cached.iter().zip(context).take_while(|(a, b)| a == b).count().min(context.len().saturating_sub(1))
 }
 
@@ -303,18 +350,8 @@ impl<F: StepForward> DraftSource for Autoregressive<F> {
         for _ in 0..k {
             let scores = self.forward.step(&feed)?;
             self.cached.extend_from_slice(&feed);
-            let token = if sampling.is_greedy() {
-                scores.argmax()
-            } else {
-                let q = scores.distribution(&draft_sampling);
-                let t = q.sample(rng);
-                proposal.dists.push(q);
-                t
-            };
-            proposal.tokens.push(token);
-            let features = scores.features(proposal.features.len());
-            proposal.features.push(features);
-            if self.stop.contains(&token) || !keep_going(&features) {
+            let (token, more) = proposal.take(&scores, sampling, &draft_sampling, rng, &self.stop, keep_going);
+            if !more {
                 break;
             }
             feed = vec![token];
@@ -407,10 +444,10 @@ mod tests {
 
     #[test]
     fn specs_parse_and_print() {
-        for s in ["none", "ngram", "layers:20", "model:/tmp/x.gguf"] {
+        for s in ["none", "ngram", "layers:20", "model:/tmp/x.gguf", "trained", "trained:/tmp/d"] {
             assert_eq!(s.parse::<DraftSpec>().unwrap().to_string(), s);
         }
-        for bad in ["layers:", "layers:x", "model:", "bogus"] {
+        for bad in ["layers:", "layers:x", "model:", "trained:", "bogus"] {
             let err = bad.parse::<DraftSpec>().unwrap_err().to_string();
             assert!(err.contains("--draft"), "{err}");
         }

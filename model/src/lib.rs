@@ -13,6 +13,7 @@ mod kv_cache;
 mod llama;
 mod sampling;
 mod tokenizer;
+mod trained;
 mod verify;
 
 pub use draft::{check_layers, load_model_draft, Autoregressive, DraftFeatures, DraftSource, DraftSpec, LlamaLayers, ModelDraft, NextTokenScores, NgramDraft, NoDraft, Proposal, StepForward, SyntheticDraft};
@@ -21,6 +22,7 @@ pub use kv_cache::KvCache;
 pub use llama::{LayerWeights, Llama, LlamaConfig, Logits, LogitsFor, SeqPass};
 pub use sampling::{argmax, SamplingParams, SessionRng, SparseDist};
 pub use tokenizer::{ChatMessage, TextStream, Tokenizer};
+pub use trained::trained_draft_fingerprint;
 pub use verify::{judge_round, verify_greedy, verify_sampled, Verdict};
 
 use candle_core::quantized::gguf_file;

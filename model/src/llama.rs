@@ -75,7 +75,8 @@ impl LlamaConfig {
     }
 }
 
-struct Layer {
+#[derive(Clone)]
+pub(crate) struct Layer {
     attn_norm: Arc<Vec<f32>>,
     /// Q, K and V projections fused: `[t, hidden] → [t, q_dim + 2·kv_dim]`.
     qkv: QLinear,
@@ -84,6 +85,27 @@ struct Layer {
     /// Gate and up projections fused: `[t, hidden] → [t, 2·ffn]`.
     gate_up: QLinear,
     down: QLinear,
+}
+
+/// Values of a named `rows × cols` tensor, row-major.
+pub(crate) type TensorValues<'a> = dyn FnMut(&str, usize, usize) -> Result<Vec<f32>> + 'a;
+
+impl Layer {
+    /// A layer of `cfg`'s shape from f32 tensors named like GGUF's
+    /// (`attn_q`, …, `ffn_down`, without the `blk.N.` prefix and
+    /// `.weight` suffix), `get` returning each tensor's values row-major.
+    pub(crate) fn from_f32(cfg: &LlamaConfig, get: &mut TensorValues) -> Result<Layer> {
+        let (h, q, kv, ffn) = (cfg.hidden, cfg.n_heads * cfg.head_dim, cfg.kv_dim(), cfg.ffn);
+        let mut linear = |name: &str, rows: usize, cols: usize| -> Result<QLinear> { Ok(QLinear::new(QMatrix::from_f32(rows, cols, get(name, rows, cols)?))) };
+        Ok(Layer {
+            qkv: QLinear::fused(vec![linear("attn_q", q, h)?, linear("attn_k", kv, h)?, linear("attn_v", kv, h)?]),
+            wo: linear("attn_output", h, q)?,
+            gate_up: QLinear::fused(vec![linear("ffn_gate", ffn, h)?, linear("ffn_up", ffn, h)?]),
+            down: linear("ffn_down", h, ffn)?,
+            attn_norm: Arc::new(get("attn_norm", 1, h)?),
+            ffn_norm: Arc::new(get("ffn_norm", 1, h)?),
+        })
+    }
 }
 
 /// Which positions of a sequence's pass need logits.
@@ -241,12 +263,23 @@ impl Llama {
     /// `Logits` per sequence with the rows `logits` asked for. On error every
     /// cache is left as it was.
     pub fn forward(&self, batch: &mut [SeqPass]) -> Result<Vec<Logits>> {
+        Ok(self.forward_capturing(batch, &[])?.0)
+    }
+
+    /// [`Llama::forward`], also returning the residual stream after each
+    /// of `capture`'s layer counts (0: the embeddings; `n_layers`: the final
+    /// hidden state before the norm), `tokens × hidden` row-major over the
+    /// whole batch in order: what a trained draft learns from.
+    pub fn forward_capturing(&self, batch: &mut [SeqPass], capture: &[usize]) -> Result<(Vec<Logits>, Vec<Vec<f32>>)> {
         let n_layers = self.validate(batch)?;
+        if let Some(&c) = capture.iter().find(|&&c| c > n_layers) {
+            return Err(ModelError::InvalidArgument(format!("cannot capture layer {c} of a pass over {n_layers}")));
+        }
         let starts: Vec<usize> = batch.iter().map(|s| s.cache.len()).collect();
         // The whole pass runs on a pool thread: the kernels' parallel loops
         // are then cheap work-stealing joins, where each one entered from
         // outside the pool would cost a thread hand-off (hundreds a pass).
-        let result = rayon::scope(|_| self.forward_unchecked(batch, n_layers, &starts));
+        let result = rayon::scope(|_| self.forward_unchecked(batch, n_layers, &starts, capture, None));
         if result.is_err() {
             for (s, &start) in batch.iter_mut().zip(&starts) {
                 s.cache.truncate(start);
@@ -287,7 +320,43 @@ impl Llama {
         Ok(n_layers)
     }
 
-    fn forward_unchecked(&self, batch: &mut [SeqPass], n_layers: usize, starts: &[usize]) -> Result<Vec<Logits>> {
+    /// One sequence whose input rows (`tokens × hidden`) are given instead
+    /// of its tokens' embeddings (an EAGLE-style draft feeds projected
+    /// target features); returns its logits and the final hidden state
+    /// (before the norm) of every new token.
+    pub fn forward_with_inputs(&self, mut pass: SeqPass, inputs: Vec<f32>) -> Result<(Logits, Vec<f32>)> {
+        let n_layers = self.validate(std::slice::from_ref(&pass))?;
+        if inputs.len() != pass.tokens.len() * self.cfg.hidden {
+            return Err(ModelError::InvalidArgument(format!(
+                "{} input values for {} tokens of {} features",
+                inputs.len(),
+                pass.tokens.len(),
+                self.cfg.hidden
+            )));
+        }
+        let start = pass.cache.len();
+        let x = Tensor::from_vec(inputs, (pass.tokens.len(), self.cfg.hidden), &Device::Cpu)?;
+        let batch = std::slice::from_mut(&mut pass);
+        let result = rayon::scope(|_| self.forward_unchecked(batch, n_layers, &[start], &[n_layers], Some(x)));
+        match result {
+            Ok((mut logits, mut hidden)) => Ok((logits.remove(0), hidden.remove(0))),
+            Err(e) => {
+                batch[0].cache.truncate(start);
+                Err(e)
+            }
+        }
+    }
+
+    /// A model sharing this one's embedding, final norm and head (and
+    /// its first `keep` layers) with `extra` layers after them: how a
+    /// trained draft runs on the same code and kernels.
+    pub(crate) fn with_layers(&self, keep: usize, extra: Vec<Layer>) -> Llama {
+        let layers: Vec<Layer> = self.layers.iter().take(keep).cloned().chain(extra).collect();
+        let cfg = LlamaConfig { n_layers: layers.len(), ..self.cfg.clone() };
+        Llama { cfg, embed: self.embed.clone(), layers, norm: self.norm.clone(), head: self.head.clone(), rope_cos: self.rope_cos.clone(), rope_sin: self.rope_sin.clone() }
+    }
+
+    fn forward_unchecked(&self, batch: &mut [SeqPass], n_layers: usize, starts: &[usize], capture: &[usize], input: Option<Tensor>) -> Result<(Vec<Logits>, Vec<Vec<f32>>)> {
         let cfg = &self.cfg;
         let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
         let positions: Vec<usize> =
@@ -296,13 +365,26 @@ impl Llama {
         let rows: Vec<usize> = batch.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i, s.tokens.len())).collect();
         let rows: Vec<(usize, usize)> = rows.into_iter().zip(positions.iter().copied()).collect();
 
-        let mut embedded = Vec::with_capacity(total * cfg.hidden);
-        for s in batch.iter() {
-            for &t in s.tokens {
-                embedded.extend(self.embed.dequantize_row(t as usize));
+        let mut x = match input {
+            Some(x) => x,
+            None => {
+                let mut embedded = Vec::with_capacity(total * cfg.hidden);
+                for s in batch.iter() {
+                    for &t in s.tokens {
+                        embedded.extend(self.embed.dequantize_row(t as usize));
+                    }
+                }
+                Tensor::from_vec(embedded, (total, cfg.hidden), &Device::Cpu)?
             }
-        }
-        let mut x = Tensor::from_vec(embedded, (total, cfg.hidden), &Device::Cpu)?;
+        };
+        let mut captured = vec![Vec::new(); capture.len()];
+        let mut keep = |after: usize, x: &Tensor| -> Result<()> {
+            for (slot, _) in captured.iter_mut().zip(capture).filter(|(_, &c)| c == after) {
+                *slot = x.flatten_all()?.to_vec1::<f32>()?;
+            }
+            Ok(())
+        };
+        keep(0, &x)?;
 
         for (li, layer) in self.layers.iter().take(n_layers).enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
@@ -326,6 +408,7 @@ impl Llama {
             let h = rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
             let gated = layer.gate_up.forward(&h)?.apply_op1_no_bwd(&SwiGlu)?;
             x = (x + layer.down.forward(&gated)?)?;
+            keep(li + 1, &x)?;
         }
 
         // Only the rows whose logits are wanted go through the head.
@@ -358,7 +441,7 @@ impl Llama {
             out.push(Logits { vocab: cfg.vocab, data: logits[offset * cfg.vocab..(offset + rows) * cfg.vocab].to_vec() });
             offset += rows;
         }
-        Ok(out)
+        Ok((out, captured))
     }
 
     /// Rotates adjacent pairs `(x[2i], x[2i+1])` of every head (GGUF stores

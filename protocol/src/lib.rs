@@ -37,6 +37,25 @@ pub mod limits {
     pub const MAX_NEW_TOKENS: usize = 4096;
     /// Largest encoded message, either direction.
     pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+    /// Largest `opened.features`: the latest prompt positions' states that fit.
+    pub const MAX_FEATURE_BYTES: usize = 512 << 10;
     /// Tolerance on the total mass of a sparse distribution (f32 rounding).
     pub const MASS_TOLERANCE: f32 = 1e-3;
+}
+
+/// Target hidden states on the wire: IEEE half floats, little-endian.
+pub mod features {
+    pub fn encode(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect()
+    }
+
+    /// `values` as they arrive after a trip over the wire.
+    pub fn round_trip(values: &[f32]) -> Vec<f32> {
+        values.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
+    }
+
+    /// None when the byte count is odd.
+    pub fn decode(bytes: &[u8]) -> Option<Vec<f32>> {
+        bytes.len().is_multiple_of(2).then(|| bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect())
+    }
 }

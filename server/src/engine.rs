@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_estimators::{AcceptanceEstimator, BatchShape, VerifyTimeCalibration};
 use tandem_model::{judge_round, LoadedModel, LogitsFor, SeqPass, Verdict};
-use tandem_protocol::limits::MAX_DRAFT_TOKENS;
+use tandem_protocol::features;
+use tandem_protocol::limits::{MAX_DRAFT_TOKENS, MAX_FEATURE_BYTES};
 use tandem_protocol::wire::{Hints, Opened, ServerKind, ServerMessage, Tokens, Verdict as WireVerdict};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
@@ -276,6 +277,8 @@ impl Engine {
                 max_new: open.max_new_tokens,
                 sampling: open.sampling,
                 server_only: open.server_only,
+                want_features: open.want_features,
+                prefill_features: Vec::new(),
                 opened: false,
                 pending_verify: None,
                 out,
@@ -349,13 +352,16 @@ impl Engine {
         let feeds: Vec<(Vec<u32>, LogitsFor)> = members.iter().map(|(s, sess)| feed(s, sess)).collect();
         let total: usize = feeds.iter().map(|f| f.0.len()).sum();
         let start = Instant::now();
+        // Final hidden states only when a member's draft reads them.
+        let n_layers = self.model.llama.config().n_layers;
+        let capture: &[usize] = if members.iter().any(|(_, s)| s.want_features) { &[n_layers] } else { &[] };
         let result = {
             let mut passes: Vec<SeqPass> = members
                 .iter_mut()
                 .zip(&feeds)
                 .map(|((_, sess), (tokens, logits))| SeqPass { cache: &mut sess.cache, tokens, logits: *logits })
                 .collect();
-            self.model.llama.forward(&mut passes)
+            self.model.llama.forward_capturing(&mut passes, capture)
         };
         let ms = start.elapsed().as_secs_f64() * 1e3;
         self.observe_pass(members.len(), total, ms);
@@ -364,8 +370,8 @@ impl Engine {
         }
         self.batcher.executed(&executed, ms);
         self.admission.publish(self.batcher.estimator().map(|e| e.bound()));
-        let logits = match result {
-            Ok(l) => l,
+        let (logits, captured) = match result {
+            Ok(r) => r,
             Err(e) => {
                 // Validation makes this unreachable; never crash the server.
                 warn!(error = %e, "forward pass failed; ending its sessions");
@@ -376,8 +382,12 @@ impl Engine {
                 return;
             }
         };
-        for ((scheduled, mut sess), logits) in members.into_iter().zip(logits) {
+        let hidden = self.model.llama.config().hidden;
+        let mut row = 0;
+        for (((scheduled, mut sess), logits), (fed, _)) in members.into_iter().zip(logits).zip(&feeds) {
             let id = scheduled.work.session;
+            let states = captured.first().map_or(&[][..], |c| &c[row * hidden..(row + fed.len()) * hidden]);
+            row += fed.len();
             if let Some(deadline) = scheduled.work.deadline {
                 let final_step = scheduled.work.kind != WorkKind::Prefill || sess.cache.len() >= sess.prefill_target;
                 if final_step {
@@ -385,8 +395,8 @@ impl Engine {
                 }
             }
             let keep = match scheduled.work.kind {
-                WorkKind::Prefill => self.after_prefill(id, &scheduled, &mut sess, &logits),
-                WorkKind::Verify => self.after_verify(&mut sess, &logits),
+                WorkKind::Prefill => self.after_prefill(id, &scheduled, &mut sess, &logits, states),
+                WorkKind::Verify => self.after_verify(&mut sess, &logits, states),
                 WorkKind::Decode => self.after_decode(id, &mut sess, &logits),
             };
             self.sessions.insert(id, sess);
@@ -426,8 +436,15 @@ impl Engine {
     }
 
     /// Returns whether the session lives on.
-    fn after_prefill(&mut self, id: SessionId, scheduled: &Scheduled, s: &mut Session, logits: &tandem_model::Logits) -> bool {
+    fn after_prefill(&mut self, id: SessionId, scheduled: &Scheduled, s: &mut Session, logits: &tandem_model::Logits, states: &[f32]) -> bool {
         let done = s.cache.len();
+        if s.want_features {
+            s.prefill_features.extend_from_slice(states);
+            let most = MAX_FEATURE_BYTES / 2 / self.model.llama.config().hidden * self.model.llama.config().hidden;
+            if s.prefill_features.len() > most {
+                s.prefill_features.drain(..s.prefill_features.len() - most);
+            }
+        }
         if done < s.prefill_target {
             // Continue with the next chunk before anything queued later.
             self.queue.push_front(PendingWork { tokens: s.prefill_target - done, context: done, ..scheduled.work.clone() });
@@ -442,7 +459,16 @@ impl Engine {
         s.opened = true;
         s.ticket.update(s.demand());
         let finished = s.finished(self.model.tokenizer.eos_tokens());
-        let msg = Opened { session_id: id.to_string(), first_token: *s.context.last().expect("prompt non-empty"), hints: Some(self.hints(s)), finished };
+        let features = features::encode(&std::mem::take(&mut s.prefill_features));
+        let features_start = (s.prefill_target - features.len() / 2 / self.model.llama.config().hidden) as u32;
+        let msg = Opened {
+            session_id: id.to_string(),
+            first_token: *s.context.last().expect("prompt non-empty"),
+            hints: Some(self.hints(s)),
+            finished,
+            features,
+            features_start,
+        };
         if !send(&s.out, ServerKind::Opened(msg)) || finished {
             return false;
         }
@@ -452,7 +478,7 @@ impl Engine {
         true
     }
 
-    fn after_verify(&mut self, s: &mut Session, logits: &tandem_model::Logits) -> bool {
+    fn after_verify(&mut self, s: &mut Session, logits: &tandem_model::Logits, states: &[f32]) -> bool {
         let Some((verify, reply, queued_at)) = s.pending_verify.take() else { return true };
         let drafts = &verify.draft;
         let verdict = judge_round(&s.sampling, s.context.len(), drafts, &verify.q, logits);
@@ -488,6 +514,11 @@ impl Engine {
             finished,
             server_ms: queued_at.elapsed().as_secs_f32() * 1e3,
             verified: drafts.len() as u32,
+            // The last verified token and the accepted drafts.
+            features: match s.want_features {
+                true => features::encode(states.get(..(verdict.accepted + 1) * self.model.llama.config().hidden).unwrap_or_default()),
+                false => vec![],
+            },
         };
         s.ticket.update(s.demand());
         let delivered = send(&s.out, ServerKind::Verdict(msg));

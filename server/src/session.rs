@@ -35,6 +35,10 @@ pub(crate) struct Session {
     pub(crate) max_new: usize,
     pub(crate) sampling: SamplingParams,
     pub(crate) server_only: bool,
+    /// Report hidden states; those of the prefill so far (the latest
+    /// that fit in `opened.features`).
+    pub(crate) want_features: bool,
+    pub(crate) prefill_features: Vec<f32>,
     pub(crate) opened: bool,
     pub(crate) pending_verify: Option<PendingVerify>,
     pub(crate) out: OutSender,

@@ -16,6 +16,8 @@ pub struct ValidOpen {
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
     pub server_only: bool,
+    /// Report the target's hidden states (EAGLE-style edge drafts).
+    pub want_features: bool,
     /// TTFT and TPOT objectives, ms (None: no objective).
     pub ttft_ms: Option<u32>,
     pub tpot_ms: Option<u32>,
@@ -43,6 +45,7 @@ impl ValidOpen {
                 seed: sampling.seed,
             },
             server_only: open.draft_mode == DraftMode::ServerOnly as i32,
+            want_features: open.want_features,
             ttft_ms: (slo.ttft_ms > 0).then_some(slo.ttft_ms),
             tpot_ms: (slo.tpot_ms > 0).then_some(slo.tpot_ms),
             prompt: open.prompt,

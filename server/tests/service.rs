@@ -39,12 +39,30 @@ fn lossless_under_policy(policy: &str, prompts: &[&str]) {
     for &prompt in prompts {
         let req = request(prompt, 24);
         let reference = local(&req);
-        for draft in [DraftSpec::None, DraftSpec::Layers(25), DraftSpec::Ngram] {
+        for draft in [DraftSpec::None, DraftSpec::Layers(25), DraftSpec::Ngram, DraftSpec::Trained(None)] {
             let g = remote(&server.url(), None, &draft, &req).unwrap();
             assert_eq!(g.tokens, reference, "{prompt:?} drafting with {draft}");
             assert_eq!(g.server_ms.len(), g.rounds, "one server time per round");
         }
         assert_eq!(remote_server_only(&server.url(), &req), reference, "{prompt:?} server-only");
+    }
+}
+
+/// The trained (EAGLE-style) draft reads the target's hidden states: over
+/// gRPC they come with every verdict, as half floats, and the draft makes
+/// the same proposals as beside a local target (whose states it also sees
+/// through half floats), so acceptance is identical, not just the output.
+#[test]
+fn a_trained_draft_gets_the_targets_states_over_the_wire() {
+    let server = ServerProcess::start(&[]);
+    for prompt in ["Write a Python function that reverses a string.", "Explain why the sky is blue."] {
+        let req = request(prompt, 48);
+        let draft = DraftSpec::Trained(None);
+        let here = local_with(&draft, &req);
+        let there = remote(&server.url(), None, &draft, &req).unwrap();
+        assert_eq!(there.tokens, here.tokens, "{prompt:?}");
+        assert_eq!((there.rounds, there.accepted), (here.rounds, here.accepted), "{prompt:?}: the drafts differ");
+        assert!(there.accepted > 0, "{prompt:?}: nothing accepted");
     }
 }
 

@@ -39,8 +39,13 @@ pub fn request(prompt: &str, max_new_tokens: usize) -> GenerateRequest {
 
 /// Plain target decoding in this process: the reference output.
 pub fn local(req: &GenerateRequest) -> Vec<u32> {
+    local_with(&DraftSpec::None, req).tokens
+}
+
+/// Drafting with `draft` against the target in this process.
+pub fn local_with(draft: &DraftSpec, req: &GenerateRequest) -> Generation {
     let m = model();
-    Speculator::new(LocalTarget::new(m.clone()), DraftSpec::None.build(&m).unwrap(), m.tokenizer.clone()).generate(req, |_| {}).unwrap().tokens
+    Speculator::new(LocalTarget::new(m.clone()), draft.build(&m).unwrap(), m.tokenizer.clone()).generate(req, |_| {}).unwrap()
 }
 
 pub fn client(url: &str, api_key: Option<&str>) -> RemoteTarget {

@@ -1,6 +1,7 @@
 //! `DraftSource` over the GPU forward.
 
 use super::engine::{TopLogits, WgpuModel, WgpuOptions};
+use crate::edge::trained_on_cpu_only;
 use crate::EdgeError;
 use tandem_model::{
     check_layers, load_model_draft, Autoregressive, DraftFeatures, DraftSource, DraftSpec, Llama, LoadedModel, ModelError,
@@ -57,5 +58,6 @@ pub fn build_draft(spec: &DraftSpec, target: &LoadedModel) -> Result<Box<dyn Dra
             let draft = load_model_draft(path, target)?;
             Box::new(wgpu_draft(&draft.llama, draft.llama.config().n_layers, stop, &options)?)
         }
+        DraftSpec::Trained(_) => return Err(trained_on_cpu_only("wgpu")),
     })
 }

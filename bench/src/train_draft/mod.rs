@@ -1,0 +1,569 @@
+//! `tandem-bench train-draft`: trains a small draft for a target GGUF on
+//! this machine's CPU and writes its weights (safetensors) and a JSON card.
+//!
+//! Two methods share the trainer; both train one decoder layer of the
+//! target's shape (initialised from one of the target's own layers) whose
+//! output goes through the target's frozen final norm and head:
+//! - `early-exit`: the target's first N layers, then the trained layer
+//!   (LayerSkip-style); a self-contained draft.
+//! - `eagle`: the trained layer reads the target's final hidden state at
+//!   the previous position together with the token's embedding (EAGLE).
+//!
+//! Loss: cross-entropy against the target's greedy token plus a
+//! regression of the normalised final hidden state. Data: see `data`.
+
+pub mod data;
+pub mod net;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use data::Traced;
+use net::{Block, Frozen};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tandem_model::{LoadedModel, LogitsFor, SeqPass};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    EarlyExit,
+    Eagle,
+    /// EAGLE on top of the target's first N layers: the trained layer
+    /// reads `[layer-N state of token i | target state at i − 1]`.
+    EagleLayers,
+}
+
+impl Method {
+    /// Whether the trained layer reads the target's previous final state.
+    pub fn reads_target_states(self) -> bool {
+        matches!(self, Method::Eagle | Method::EagleLayers)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainDraftConfig {
+    pub method: Method,
+    /// Target layers the early-exit draft runs before the trained layer
+    /// (the traced data always records this layer's output).
+    pub exit_layer: usize,
+    /// Which target layer initialises the trained one.
+    pub init_layer: usize,
+    pub chat_prompts: usize,
+    pub code_prompts: usize,
+    /// Greedy tokens generated per training prompt.
+    pub max_new_tokens: usize,
+    pub steps: usize,
+    /// Positions per optimiser step (sequences are padded to the longest
+    /// of their batch).
+    pub batch_tokens: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Weight of the hidden-state regression next to the cross-entropy.
+    pub regression_weight: f64,
+    /// Weight of the second pass (EAGLE-style methods), which reads the
+    /// draft's own predicted states as drafting past the first token does.
+    pub second_pass_weight: f64,
+    pub seed: u64,
+    pub eval_every: usize,
+}
+
+impl Default for TrainDraftConfig {
+    fn default() -> Self {
+        TrainDraftConfig {
+            method: Method::EagleLayers,
+            exit_layer: 12,
+            init_layer: 12,
+            chat_prompts: 740,
+            code_prompts: 1000,
+            max_new_tokens: 128,
+            steps: 600,
+            batch_tokens: 2048,
+            lr: 3e-4,
+            weight_decay: 0.01,
+            regression_weight: 1.0,
+            second_pass_weight: 0.3,
+            seed: 7,
+            eval_every: 100,
+        }
+    }
+}
+
+/// Held-out teacher-forced agreement with the target's greedy token on
+/// the positions a draft is asked about (after the first generated token).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Agreement {
+    pub chat: f64,
+    pub code: f64,
+    pub all: f64,
+    pub positions: usize,
+    /// EAGLE-style drafts: agreement at the second draft position (reading
+    /// the draft's own prediction of the previous state), all prompts.
+    #[serde(default)]
+    pub second: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalPoint {
+    pub step: usize,
+    pub loss: f64,
+    pub train_agreement: f64,
+    pub held_out: Agreement,
+    pub elapsed_s: f64,
+}
+
+/// What the card says about a trained draft.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DraftCard {
+    pub target: String,
+    pub method: Method,
+    pub config: TrainDraftConfig,
+    pub data: String,
+    pub train_positions: usize,
+    pub eval: String,
+    pub steps: usize,
+    pub train_seconds: f64,
+    pub held_out: Agreement,
+    /// Untrained drafts on the same held-out positions, with the weight
+    /// bytes they read per token as a fraction of the target's.
+    pub baselines: Vec<(String, Agreement, f64)>,
+    pub history: Vec<EvalPoint>,
+    pub why: String,
+}
+
+/// Everything one run needs.
+pub struct TrainRun<'a> {
+    pub model: &'a LoadedModel,
+    pub model_path: &'a Path,
+    pub out: &'a Path,
+    pub cfg: TrainDraftConfig,
+    pub resume: bool,
+    pub max_minutes: Option<f64>,
+}
+
+pub fn run(r: &TrainRun) -> Result<DraftCard> {
+    std::fs::create_dir_all(r.out).with_context(|| format!("creating {}", r.out.display()))?;
+    let cfg = &r.cfg;
+    let (train, data_desc) = training_data(r)?;
+    let eval = eval_data(r)?;
+    let mut frozen = Frozen::new(r.model)?;
+    frozen.state_scale = state_scale(&train, r.model.llama.config().hidden);
+    // Training scores only the tokens the target ever chose in the data
+    // (a few thousand of the vocabulary): the full head would cost most of
+    // every step. Held-out agreement always uses the full head.
+    let (train_frozen, train) = frozen.restricted_to_labels(train)?;
+    let eagle = cfg.method.reads_target_states();
+
+    let ckpt = r.out.join("checkpoint.safetensors");
+    let (block, mut opt, mut history, mut elapsed0) = if r.resume && ckpt.exists() {
+        load_checkpoint(r, &ckpt)?
+    } else {
+        let block = Block::from_target(r.model, cfg.init_layer, eagle)?;
+        let opt = net::AdamW::new(&block)?;
+        (block, opt, Vec::new(), 0.0)
+    };
+    let batches = make_batches(&train, cfg.batch_tokens);
+    let positions: usize = train.iter().map(|s| s.positions()).sum();
+    eprintln!(
+        "train-draft: {} sequences, {positions} positions, {} batches per epoch, {} distinct target tokens; {} eval sequences",
+        train.len(),
+        batches.len(),
+        train_frozen.head.dim(0)?,
+        eval.len()
+    );
+
+    let bar = crate::progress::bar(cfg.steps as u64, "");
+    bar.set_position(opt.step as u64);
+    let started = Instant::now();
+    let mut order: Vec<usize> = (0..batches.len()).collect();
+    let (mut loss_avg, mut agree_avg) = (0.0, 0.0);
+    while opt.step < cfg.steps {
+        let epoch = opt.step / batches.len();
+        if opt.step % batches.len() == 0 || order.is_empty() {
+            order = (0..batches.len()).collect();
+            data::shuffle(&mut order, cfg.seed ^ epoch as u64);
+        }
+        let batch = &batches[order[opt.step % batches.len()]];
+        let (loss, agree) = train_step(&block, &mut opt, &train_frozen, &train, batch, cfg)?;
+        loss_avg = if opt.step == 1 { loss } else { 0.95 * loss_avg + 0.05 * loss };
+        agree_avg = if opt.step == 1 { agree } else { 0.95 * agree_avg + 0.05 * agree };
+        bar.inc(1);
+        let out_of_time = r.max_minutes.is_some_and(|m| elapsed0 + started.elapsed().as_secs_f64() > m * 60.0);
+        if opt.step % cfg.eval_every == 0 || opt.step == cfg.steps || out_of_time {
+            let held_out = evaluate(&block, cfg.method, &frozen, &eval)?;
+            let line = format!(
+                "loss {loss_avg:.3} · train agreement {:.1}% · held-out chat {:.1}% code {:.1}% second position {:.1}%",
+                100.0 * agree_avg,
+                100.0 * held_out.chat,
+                100.0 * held_out.code,
+                100.0 * held_out.second
+            );
+            if bar.is_hidden() {
+                eprintln!("train-draft: step {}: {line}", opt.step);
+            }
+            bar.set_message(line);
+            let elapsed_s = elapsed0 + started.elapsed().as_secs_f64();
+            history.push(EvalPoint { step: opt.step, loss: loss_avg, train_agreement: agree_avg, held_out, elapsed_s });
+            save_checkpoint(&block, &opt, &history, elapsed_s, &ckpt)?;
+        }
+        if out_of_time {
+            eprintln!("train-draft: --max-minutes reached at step {}; resume with --resume", opt.step);
+            break;
+        }
+    }
+    bar.finish();
+    elapsed0 += started.elapsed().as_secs_f64();
+
+    let held_out = history.last().map(|p| p.held_out.clone()).unwrap_or_default();
+    let baselines = baselines(r.model, &eval, cfg)?;
+    let card = DraftCard {
+        target: r.model_path.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
+        method: cfg.method,
+        config: cfg.clone(),
+        data: data_desc,
+        train_positions: positions,
+        eval: "teacher-forced on the target's greedy outputs (96 tokens) for the 12 bench chat requests and the first 40 HumanEval prompts, positions after the first generated token".into(),
+        steps: opt.step,
+        train_seconds: elapsed0,
+        held_out,
+        baselines,
+        history,
+        why: String::new(),
+    };
+    save_draft(&block, frozen.state_scale, r.out)?;
+    std::fs::write(r.out.join("card.json"), serde_json::to_string_pretty(&card)?)?;
+    Ok(card)
+}
+
+fn training_data(r: &TrainRun) -> Result<(Vec<Traced>, String)> {
+    let cfg = &r.cfg;
+    let (code, stdlib) = data::stdlib_prompts(cfg.code_prompts, cfg.seed)?;
+    let chat = data::chat_prompts(cfg.chat_prompts, cfg.seed);
+    let desc = format!(
+        "self-distillation: the target's greedy continuations ({} tokens) of {} templated chat requests (chat template) and {} function headers with docstrings from the Python standard library ({}); labels are the target's greedy tokens at every position",
+        cfg.max_new_tokens,
+        chat.len(),
+        code.len(),
+        stdlib.display()
+    );
+    let key = format!("{}-{}-{}-{}-{}", cfg.chat_prompts, cfg.code_prompts, cfg.max_new_tokens, cfg.exit_layer, cfg.seed);
+    let path = r.out.join(format!("traced-{key}.safetensors"));
+    if path.exists() {
+        return Ok((data::load(&path)?, desc));
+    }
+    let tok = &r.model.tokenizer;
+    let mut prompts: Vec<(Vec<u32>, &'static str)> = Vec::new();
+    for p in &chat {
+        prompts.push((tok.encode(&tok.chat_prompt(p))?, "chat"));
+    }
+    for p in &code {
+        prompts.push((tok.encode(p)?, "code"));
+    }
+    let estimate: usize = prompts.iter().map(|(p, _)| p.len() + cfg.max_new_tokens).sum();
+    let bar = crate::progress::bar(estimate as u64, "tracing the target over the training prompts");
+    let traced = data::trace(r.model, &prompts, cfg.max_new_tokens, cfg.exit_layer, &bar)?;
+    bar.finish();
+    data::save(&path, &traced, r.model.llama.config().hidden)?;
+    Ok((traced, desc))
+}
+
+/// Held-out sequences: the bench's chat set and HumanEval prompts with
+/// the target's greedy outputs, traced the same way.
+fn eval_data(r: &TrainRun) -> Result<Vec<Traced>> {
+    let path = r.out.join(format!("eval-{}.safetensors", r.cfg.exit_layer));
+    if path.exists() {
+        return data::load(&path);
+    }
+    let (chat, _) = crate::prompts::load("chat", 12, 96, r.model)?;
+    let (code, _) = crate::prompts::load("humaneval", 40, 96, r.model)?;
+    let mut seqs: Vec<(Vec<u32>, &'static str)> = Vec::new();
+    for (set, kind) in [(&chat, "chat"), (&code, "code")] {
+        // The reference ends with a token never fed to the target.
+        seqs.extend(set.iter().map(|p| (p.reference[..p.reference.len() - 1].to_vec(), kind)));
+    }
+    let bar = crate::progress::bar(seqs.iter().map(|s| s.0.len() as u64).sum(), "tracing the held-out prompts");
+    let mut traced = data::trace(r.model, &seqs, 0, r.cfg.exit_layer, &bar)?;
+    bar.finish();
+    // Drafts are asked about positions after the first generated token.
+    for (t, p) in traced.iter_mut().zip(chat.iter().chain(&code)) {
+        t.prompt_len = p.tokens.len();
+    }
+    data::save(&path, &traced, r.model.llama.config().hidden)?;
+    Ok(traced)
+}
+
+/// Groups sequences of similar length so that padding stays small.
+fn make_batches(seqs: &[Traced], batch_tokens: usize) -> Vec<Vec<usize>> {
+    let mut idx: Vec<usize> = (0..seqs.len()).collect();
+    idx.sort_by_key(|&i| seqs[i].positions());
+    let mut batches = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    for i in idx {
+        let longest = seqs[i].positions();
+        if !current.is_empty() && (current.len() + 1) * longest > batch_tokens {
+            batches.push(std::mem::take(&mut current));
+        }
+        current.push(i);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
+/// A padded batch: the block's input rows, the target's final hidden
+/// states, labels and a weight per row (0 for padding; `from` picks which
+/// positions count).
+struct Batch {
+    x: Tensor,
+    /// What stands for each token in the projection (EAGLE-style methods).
+    token_rows: Option<Tensor>,
+    last: Tensor,
+    labels: Tensor,
+    weight: Tensor,
+    b: usize,
+    t: usize,
+}
+
+fn batch_tensors(block: &Block, method: Method, frozen: &Frozen, seqs: &[Traced], idx: &[usize], from: impl Fn(&Traced) -> usize) -> Result<Batch> {
+    let hidden = frozen.final_norm.dim(0)?;
+    let b = idx.len();
+    let t = idx.iter().map(|&i| seqs[i].positions()).max().unwrap_or(1);
+    let (mut input, mut last) = (vec![0f32; b * t * hidden], vec![0f32; b * t * hidden]);
+    let (mut prev, mut tokens) = (vec![0f32; b * t * hidden], vec![0u32; b * t]);
+    let (mut labels, mut weight) = (vec![0u32; b * t], vec![0f32; b * t]);
+    for (row, &i) in idx.iter().enumerate() {
+        let s = &seqs[i];
+        let n = s.positions();
+        let base = row * t;
+        input[base * hidden..(base + n) * hidden].copy_from_slice(&s.exit);
+        last[base * hidden..(base + n) * hidden].copy_from_slice(&s.last);
+        // The previous position's feature (none before the first).
+        prev[(base + 1) * hidden..(base + n) * hidden].copy_from_slice(&s.last[..(n - 1) * hidden]);
+        tokens[base..base + n].copy_from_slice(&s.tokens);
+        labels[base..base + n].copy_from_slice(&s.labels);
+        for w in &mut weight[base + from(s).min(n)..base + n] {
+            *w = 1.0;
+        }
+    }
+    let rows = (b * t, hidden);
+    let token_rows = match method {
+        Method::EarlyExit => None,
+        Method::Eagle => Some(frozen.embed(&tokens)?),
+        Method::EagleLayers => Some(Tensor::from_vec(input.clone(), rows, &Device::Cpu)?),
+    };
+    let x = match &token_rows {
+        None => Tensor::from_vec(input, rows, &Device::Cpu)?,
+        Some(r) => block.project(r, &Tensor::from_vec(prev, rows, &Device::Cpu)?)?,
+    };
+    Ok(Batch {
+        x,
+        token_rows,
+        last: Tensor::from_vec(last, rows, &Device::Cpu)?,
+        labels: Tensor::from_vec(labels, (b * t, 1), &Device::Cpu)?,
+        weight: Tensor::from_vec(weight, (b * t, 1), &Device::Cpu)?,
+        b,
+        t,
+    })
+}
+
+/// Loss and agreement of one pass's outputs: cross-entropy against the
+/// target's token plus the regression of the normalised state.
+fn pass_loss(out: &Tensor, frozen: &Frozen, batch: &Batch, regression_weight: f64) -> Result<(Tensor, f64)> {
+    let eps = frozen.eps;
+    let logits = net::logits(out, frozen)?;
+    let max = logits.max_keepdim(1)?.detach();
+    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + &max)?;
+    let picked = logits.gather(&batch.labels, 1)?;
+    let ce = ((lse - picked)? * &batch.weight)?.sum_all()?;
+    let diff = (net::rms_norm(out, eps)? - net::rms_norm(&batch.last, eps)?)?;
+    let reg = (diff.sqr()?.mean_keepdim(1)? * &batch.weight)?.sum_all()?;
+    let agree = logits.argmax_keepdim(D::Minus1)?.eq(&batch.labels)?.to_dtype(DType::F32)?;
+    let agreed = (agree * &batch.weight)?.sum_all()?.to_scalar::<f32>()? as f64;
+    Ok(((ce + (reg * regression_weight)?)?, agreed))
+}
+
+/// Loss over a batch, and agreement at the first and second draft
+/// positions. EAGLE-style methods run a second pass as drafting does past
+/// its first token: each position reads the first pass's prediction for
+/// the position before (at the target's median scale) instead of the
+/// target's state, so training sees its own errors.
+fn loss(block: &Block, frozen: &Frozen, batch: &Batch, weights: (f64, f64)) -> Result<(Tensor, f64, f64, f64)> {
+    let (regression_weight, second_weight) = weights;
+    let count = batch.weight.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+    let out = block.forward(&batch.x, batch.b, batch.t, frozen)?;
+    let (first, agreed) = pass_loss(&out, frozen, batch, regression_weight)?;
+    let Some(token_rows) = batch.token_rows.as_ref().filter(|_| second_weight > 0.0) else {
+        return Ok(((first / count)?, agreed, 0.0, count));
+    };
+    let (b, t, h) = (batch.b, batch.t, out.dim(1)?);
+    let predicted = (net::rms_norm(&out.detach(), frozen.eps)? * frozen.state_scale as f64)?.reshape((b, t, h))?;
+    let shifted = Tensor::cat(&[&Tensor::zeros((b, 1, h), DType::F32, &Device::Cpu)?, &predicted.narrow(1, 0, t - 1)?], 1)?;
+    let x2 = block.project(token_rows, &shifted.reshape((b * t, h))?)?;
+    let out2 = block.forward(&x2, b, t, frozen)?;
+    let (second, agreed2) = pass_loss(&out2, frozen, batch, regression_weight)?;
+    Ok((((first + (second * second_weight)?)? / count)?, agreed, agreed2, count))
+}
+
+fn train_step(block: &Block, opt: &mut net::AdamW, frozen: &Frozen, seqs: &[Traced], idx: &[usize], cfg: &TrainDraftConfig) -> Result<(f64, f64)> {
+    let batch = batch_tensors(block, cfg.method, frozen, seqs, idx, |_| 0)?;
+    let (loss, agreed, _, count) = loss(block, frozen, &batch, (cfg.regression_weight, cfg.second_pass_weight))?;
+    let grads = loss.backward()?;
+    // Linear warm-up over 50 steps, then cosine decay to a tenth.
+    let step = opt.step as f64;
+    let warm = ((step + 1.0) / 50.0).min(1.0);
+    let progress = (step / cfg.steps as f64).min(1.0);
+    let lr = cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()));
+    opt.update(block, &grads, lr, cfg.weight_decay)?;
+    Ok((loss.to_scalar::<f32>()? as f64, agreed / count))
+}
+
+fn evaluate(block: &Block, method: Method, frozen: &Frozen, eval: &[Traced]) -> Result<Agreement> {
+    let mut per_kind: HashMap<&str, (f64, f64)> = HashMap::new();
+    let (mut second, mut total) = (0.0, 0.0);
+    for (i, s) in eval.iter().enumerate() {
+        let batch = batch_tensors(block, method, frozen, eval, &[i], |s| s.prompt_len)?;
+        let (_, agreed, agreed2, count) = loss(block, frozen, &batch, (0.0, 1.0))?;
+        let e = per_kind.entry(s.kind).or_default();
+        e.0 += agreed;
+        e.1 += count;
+        (second, total) = (second + agreed2, total + count);
+    }
+    Ok(Agreement { second: second / total.max(1.0), ..agreement(&per_kind) })
+}
+
+fn agreement(per_kind: &HashMap<&str, (f64, f64)>) -> Agreement {
+    let rate = |k: &str| per_kind.get(k).map_or(0.0, |(a, n)| a / n.max(1.0));
+    let (a, n) = per_kind.values().fold((0.0, 0.0), |acc, (a, n)| (acc.0 + a, acc.1 + n));
+    Agreement { chat: rate("chat"), code: rate("code"), all: a / n.max(1.0), positions: n as usize, second: 0.0 }
+}
+
+/// Untrained drafts on the same positions: layer-skip `layers:N` (cost
+/// `N` layers + head) and prompt lookup (`ngram`, free).
+fn baselines(model: &LoadedModel, eval: &[Traced], _cfg: &TrainDraftConfig) -> Result<Vec<(String, Agreement, f64)>> {
+    let llama = &model.llama;
+    let n = llama.config().n_layers;
+    let mut out = Vec::new();
+    for layers in [4, 8, 12, 16, 20, 25] {
+        let mut per_kind: HashMap<&str, (f64, f64)> = HashMap::new();
+        for s in eval {
+            let mut cache = llama.new_cache(layers);
+            let logits = llama.forward(&mut [SeqPass { cache: &mut cache, tokens: &s.tokens, logits: LogitsFor::All }])?;
+            let e = per_kind.entry(s.kind).or_default();
+            for i in s.prompt_len..s.positions() {
+                e.0 += (tandem_model::argmax(logits[0].row(i)) == s.labels[i]) as u32 as f64;
+                e.1 += 1.0;
+            }
+        }
+        let cost = llama.weight_bytes(layers) as f64 / llama.weight_bytes(n) as f64;
+        out.push((format!("layers:{layers}"), agreement(&per_kind), cost));
+    }
+    let mut per_kind: HashMap<&str, (f64, f64)> = HashMap::new();
+    let mut ngram = tandem_model::NgramDraft::new(3);
+    let mut rng = tandem_model::SessionRng::at(0, 0);
+    for s in eval {
+        let e = per_kind.entry(s.kind).or_default();
+        for i in s.prompt_len..s.positions() {
+            let p = tandem_model::DraftSource::propose(&mut ngram, &s.tokens[..=i], 1, &Default::default(), &mut rng)?;
+            e.0 += (p.tokens.first() == Some(&s.labels[i])) as u32 as f64;
+            e.1 += 1.0;
+        }
+    }
+    out.push(("ngram".into(), agreement(&per_kind), 0.0));
+    Ok(out)
+}
+
+fn save_checkpoint(block: &Block, opt: &net::AdamW, history: &[EvalPoint], elapsed_s: f64, path: &Path) -> Result<()> {
+    let mut map: HashMap<String, Tensor> = HashMap::new();
+    for (k, v) in &block.vars {
+        map.insert(format!("w.{k}"), v.as_tensor().clone());
+        map.insert(format!("m.{k}"), opt.m[k].clone());
+        map.insert(format!("v.{k}"), opt.v[k].clone());
+    }
+    let tmp = path.with_extension("tmp");
+    candle_core::safetensors::save(&map, &tmp)?;
+    std::fs::rename(&tmp, path)?;
+    let state = serde_json::json!({ "step": opt.step, "elapsed_s": elapsed_s, "history": history });
+    std::fs::write(path.with_extension("json"), serde_json::to_string_pretty(&state)?)?;
+    Ok(())
+}
+
+fn load_checkpoint(r: &TrainRun, path: &Path) -> Result<(Block, net::AdamW, Vec<EvalPoint>, f64)> {
+    let map = candle_core::safetensors::load(path, &Device::Cpu)?;
+    let part = |prefix: &str| -> HashMap<String, Tensor> {
+        map.iter().filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.clone()))).collect()
+    };
+    let block = Block::from_tensors(part("w."), r.model.llama.config().clone())?;
+    anyhow::ensure!(block.is_eagle() == r.cfg.method.reads_target_states(), "{}: checkpoint of another method", path.display());
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path.with_extension("json"))?)?;
+    let opt = net::AdamW { m: part("m."), v: part("v."), step: state["step"].as_u64().unwrap_or(0) as usize };
+    let history = serde_json::from_value(state["history"].clone())?;
+    eprintln!("train-draft: resuming at step {}", opt.step);
+    Ok((block, opt, history, state["elapsed_s"].as_f64().unwrap_or(0.0)))
+}
+
+/// The median RMS of the target's final states: the draft's own
+/// predictions, whose scale training leaves free (it regresses their
+/// direction), are fed at this scale where they stand in for the target's.
+/// The median, because a few positions (the first) have outsized states.
+fn state_scale(seqs: &[Traced], hidden: usize) -> f32 {
+    let mut rms: Vec<f32> = seqs
+        .iter()
+        .flat_map(|s| s.last.chunks_exact(hidden))
+        .map(|row| (row.iter().map(|v| v * v).sum::<f32>() / hidden as f32).sqrt())
+        .collect();
+    rms.sort_by(f32::total_cmp);
+    rms.get(rms.len() / 2).copied().unwrap_or(1.0)
+}
+
+/// The trained weights, f16, named as the draft loader expects, and the
+/// state scale.
+fn save_draft(block: &Block, state_scale: f32, out: &Path) -> Result<PathBuf> {
+    let mut map: HashMap<String, Tensor> = block
+        .vars
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F16)?)))
+        .collect::<Result<_>>()?;
+    map.insert("state_scale".into(), Tensor::new(&[state_scale], &Device::Cpu)?);
+    let path = out.join("draft.safetensors");
+    candle_core::safetensors::save(&map, &path)?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The trained layer's candle forward (RoPE, grouped-query attention,
+    /// SwiGLU) computes what the target's own kernels do when it starts as
+    /// one of the target's layers: trained weights mean the same thing at
+    /// inference as in training.
+    #[test]
+    fn a_block_initialised_from_a_target_layer_computes_that_layer() {
+        let model = LoadedModel::load(&tandem_model::fetch::ensure_default_model(false).unwrap()).unwrap();
+        let (n, h) = (model.llama.config().n_layers, model.llama.config().hidden);
+        let tokens = model.tokenizer.encode("def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return a + b\n").unwrap();
+        let mut cache = model.llama.new_cache(n);
+        let pass = SeqPass { cache: &mut cache, tokens: &tokens, logits: LogitsFor::None };
+        let (_, states) = model.llama.forward_capturing(&mut [pass], &[n - 1, n]).unwrap();
+        let block = Block::from_target(&model, n - 1, false).unwrap();
+        let t = tokens.len();
+        let x = Tensor::from_vec(states[0].clone(), (t, h), &Device::Cpu).unwrap();
+        let out = block.forward(&x, 1, t, &Frozen::new(&model).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (i, (a, b)) in out.chunks(h).zip(states[1].chunks(h)).enumerate() {
+            let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+            let cos = dot / (a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt());
+            assert!(cos > 0.999, "position {i}: cosine {cos}");
+        }
+    }
+
+    #[test]
+    fn stdlib_prompts_are_headers_with_docstrings() {
+        let text = "import os\n\ndef walk(top):\n    \"\"\"Walk a tree.\n\n    Yields triples.\n    \"\"\"\n    pass\n\ndef _private():\n    \"\"\"Hidden.\"\"\"\n\ndef one(x):\n    \"\"\"One line.\"\"\"\n    return x\n\ndef bare(y):\n    return y\n";
+        assert_eq!(
+            data::functions_with_docstrings(text),
+            vec!["def walk(top):\n    \"\"\"Walk a tree.\n\n    Yields triples.\n    \"\"\"\n", "def one(x):\n    \"\"\"One line.\"\"\"\n"]
+        );
+    }
+}
