@@ -188,10 +188,18 @@ impl EagleDraft {
     }
 
     /// Feeds `tokens` at positions `cache.len()..`; returns the logits
-    /// after the last.
+    /// after the last. On error every cache is left as it was.
     fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let h = self.hidden();
         let start = self.cache.len();
+        let result = self.feed_unchecked(tokens, start);
+        if result.is_err() {
+            self.truncate(start);
+        }
+        result
+    }
+
+    fn feed_unchecked(&mut self, tokens: &[u32], start: usize) -> Result<Vec<f32>> {
+        let h = self.hidden();
         let token_rows = self.token_rows(tokens)?;
         let mut rows = Vec::with_capacity(tokens.len() * 2 * h);
         let mut all_exact = self.exact == start;

@@ -216,7 +216,7 @@ pub fn run(r: &TrainRun) -> Result<DraftCard> {
     elapsed0 += started.elapsed().as_secs_f64();
 
     let held_out = history.last().map(|p| p.held_out.clone()).unwrap_or_default();
-    let baselines = baselines(r.model, &eval, cfg)?;
+    let baselines = baselines(r.model, &eval)?;
     let card = DraftCard {
         target: r.model_path.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
         method: cfg.method,
@@ -348,13 +348,14 @@ fn batch_tensors(block: &Block, method: Method, frozen: &Frozen, seqs: &[Traced]
         }
     }
     let rows = (b * t, hidden);
+    let exit_rows = Tensor::from_vec(input, rows, &Device::Cpu)?;
     let token_rows = match method {
         Method::EarlyExit => None,
         Method::Eagle => Some(frozen.embed(&tokens)?),
-        Method::EagleLayers => Some(Tensor::from_vec(input.clone(), rows, &Device::Cpu)?),
+        Method::EagleLayers => Some(exit_rows.clone()),
     };
     let x = match &token_rows {
-        None => Tensor::from_vec(input, rows, &Device::Cpu)?,
+        None => exit_rows,
         Some(r) => block.project(r, &Tensor::from_vec(prev, rows, &Device::Cpu)?)?,
     };
     Ok(Batch {
@@ -441,7 +442,7 @@ fn agreement(per_kind: &HashMap<&str, (f64, f64)>) -> Agreement {
 
 /// Untrained drafts on the same positions: layer-skip `layers:N` (cost
 /// `N` layers + head) and prompt lookup (`ngram`, free).
-fn baselines(model: &LoadedModel, eval: &[Traced], _cfg: &TrainDraftConfig) -> Result<Vec<(String, Agreement, f64)>> {
+fn baselines(model: &LoadedModel, eval: &[Traced]) -> Result<Vec<(String, Agreement, f64)>> {
     let llama = &model.llama;
     let n = llama.config().n_layers;
     let mut out = Vec::new();
