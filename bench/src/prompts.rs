@@ -11,7 +11,7 @@
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use tandem_edge::{GenerateRequest, LocalTarget, Speculator};
-use tandem_model::{fetch, DraftSpec, LoadedModel};
+use tandem_model::{fetch, kernels, DraftSpec, LoadedModel};
 
 pub const CHAT_PROMPTS: &[&str] = &[
     "Name three planets and one fact about each.",
@@ -76,7 +76,8 @@ fn human_eval(model: &LoadedModel) -> Result<Vec<(String, Vec<u32>)>> {
 }
 
 /// The target's greedy output for each prompt, cached in `$TANDEM_HOME`
-/// by prompt and length (computing one costs a plain decode).
+/// by prompt, length and kernel arithmetic (computing one costs a plain
+/// decode).
 fn references(model: &LoadedModel, prompts: &[(String, Vec<u32>)], max_new_tokens: usize) -> Result<Vec<Vec<u32>>> {
     let path = fetch::tandem_home().join("bench-references.json");
     let mut cache: HashMap<String, Vec<u32>> = std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
@@ -84,7 +85,7 @@ fn references(model: &LoadedModel, prompts: &[(String, Vec<u32>)], max_new_token
     let out = prompts
         .iter()
         .map(|(id, tokens)| {
-            let key = format!("{}:{max_new_tokens}:{tokens:?}", model.llama.config().vocab);
+            let key = format!("k{}:{}:{max_new_tokens}:{tokens:?}", kernels::NUMERICS, model.llama.config().vocab);
             if let Some(r) = cache.get(&key) {
                 return Ok(r.clone());
             }

@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
-use tandem_model::{fetch, DraftFeatures, DraftSource, DraftSpec, LoadedModel, LogitsFor, Proposal, SamplingParams, SeqPass, SessionRng};
+use tandem_model::{fetch, kernels, DraftFeatures, DraftSource, DraftSpec, LoadedModel, LogitsFor, Proposal, SamplingParams, SeqPass, SessionRng};
 
 /// The proposal at one context: tokens and the features seen drafting them.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -48,7 +48,7 @@ impl RealDrafts {
         let mut computed = 0;
         let mut by_prompt = HashMap::new();
         for p in prompts {
-            let key = format!("{spec}{weights}:{draft_len}:{}:{:?}", model.llama.config().vocab, p.reference);
+            let key = format!("{spec}{weights}:k{}:{draft_len}:{}:{:?}", kernels::NUMERICS, model.llama.config().vocab, p.reference);
             if !cache.contains_key(&key) {
                 eprintln!("bench: real `{spec}` draft proposals for {} ...", p.id);
                 cache.insert(key.clone(), propose_all(&parsed, draft_len, model, p)?);

@@ -8,7 +8,7 @@
 //! what candle's dequantized f32 forward on the CPU computes, up to
 //! summation order: held to 1e-3 relative error on the top-64 logits, with
 //! identical greedy tokens. With 8-bit activations (`Activations::Q8`, the
-//! Tandem CPU kernels' arithmetic) the two backends agree to float rounding
+//! Tandem CPU kernels' integer arithmetic) the two backends agree to float rounding
 //! until an activation lands within rounding of a quantization boundary on
 //! one side only; that flips one 8-bit quant and, through SmolLM2's massive
 //! activations at the first position, moves logits by up to a few 1e-2.
@@ -137,7 +137,8 @@ fn logits_match_the_dequantized_cpu_forward_for_a_layer_skip_draft_and_the_full_
 fn q8_activations_track_the_cpu_kernels() {
     let target = model();
     let options = WgpuOptions { activations: Activations::Q8, ..Default::default() };
-    // One layer: the same arithmetic as the CPU kernels, flips aside.
+    // One layer: the CPU kernels' integer arithmetic, float rounding and
+    // flips aside.
     // Twelve: flips compound (a kernel bug would give errors of order 1).
     for (n_layers, median_bound, worst_bound) in [(1, 1e-5, 1e-2), (12, 5e-2, 1e-1)] {
         let mut gpu = WgpuModel::new(&target.llama, n_layers, &options).unwrap();

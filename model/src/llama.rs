@@ -6,7 +6,7 @@
 //! whole batch, runs attention per sequence, and returns logits for every
 //! position asked for. Every kernel is batch-invariant (see `kernels`).
 
-use crate::kernels::{dot_f32, rms_norm, MatmulKernels, QLinear, QMatrix};
+use crate::kernels::{attend, rms_norm, silu_mul, KvView, MatmulKernels, QLinear, QMatrix};
 use crate::{KvCache, ModelError, Result};
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
@@ -465,37 +465,24 @@ impl Llama {
 
     /// Causal attention for every new token of the batch against its own
     /// sequence's cache, which already holds the new keys and values.
-    /// `rows[t]` = (sequence, position) of token t. One (token, head) per
-    /// task, all sequences in one parallel loop; scores, softmax and the
-    /// weighted sum run in position order, so results never depend on the batch.
+    /// `rows[t]` = (sequence, position) of token t. One (token, kv head) per
+    /// task, all sequences in one parallel loop, so the query heads sharing
+    /// a kv head read each key and value once; scores, softmax and the
+    /// weighted sum of each (token, head) run in position order, so results
+    /// never depend on the batch.
     fn attention(&self, caches: &[&KvCache], rows: &[(usize, usize)], layer: usize, q: &[f32]) -> Vec<f32> {
         let cfg = &self.cfg;
         let (hd, kvd) = (cfg.head_dim, cfg.kv_dim());
         let group = cfg.n_heads / cfg.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let mut out = vec![0f32; rows.len() * cfg.n_heads * hd];
-        out.par_chunks_mut(hd).enumerate().for_each(|(task, o)| {
-            let (t, h) = (task / cfg.n_heads, task % cfg.n_heads);
+        // Query heads g·group.. of a token are adjacent in q and out.
+        out.par_chunks_mut(group * hd).enumerate().for_each(|(task, o)| {
+            let (t, g) = (task / cfg.n_kv_heads, task % cfg.n_kv_heads);
             let (seq, pos) = rows[t];
             let (keys, values) = caches[seq].layer(layer);
-            let g = h / group;
-            let qh = &q[task * hd..(task + 1) * hd];
-            let visible = pos + 1;
-            let mut scores: Vec<f32> =
-                (0..visible).map(|j| dot_f32(qh, &keys[j * kvd + g * hd..j * kvd + (g + 1) * hd]) * scale).collect();
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            for (j, &p) in scores.iter().enumerate() {
-                let w = p / sum;
-                let vj = &values[j * kvd + g * hd..j * kvd + (g + 1) * hd];
-                for (oi, &vi) in o.iter_mut().zip(vj) {
-                    *oi += w * vi;
-                }
-            }
+            let kv = KvView { keys, values, head_dim: hd, stride: kvd, offset: g * hd, visible: pos + 1 };
+            attend(&q[task * group * hd..(task + 1) * group * hd], &kv, scale, o);
         });
         out
     }
@@ -595,7 +582,7 @@ impl CustomOp1 for SwiGlu {
         let mut out = Vec::with_capacity(t * ffn);
         for row in data[start..end].chunks_exact(width) {
             let (gate, up) = row.split_at(ffn);
-            out.extend(gate.iter().zip(up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
+            silu_mul(gate, up, &mut out);
         }
         Ok((CpuStorage::F32(out), Shape::from((t, ffn))))
     }

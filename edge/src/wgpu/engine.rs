@@ -49,9 +49,10 @@ pub enum Activations {
     /// logits within 3e-6 relative for 12 SmolLM2 layers, 3e-4 for all 30).
     #[default]
     F32,
-    /// The activation quantized to 8 bits per 32-block and integer block
-    /// dot products in the CPU kernels' order. Equal to the CPU backend to
-    /// float rounding until an 8-bit quant lands on the other side of a
+    /// The activation quantized to 8 bits per 32-block and exact integer
+    /// block dot products, as the CPU kernels do (scaled per four-quant
+    /// group here, per block there). Equal to the CPU backend to float
+    /// rounding until an 8-bit quant lands on the other side of a
     /// rounding boundary (exp and division round differently on the GPU);
     /// one such flip moves logits by up to ~1e-2 relative (README).
     Q8,
@@ -464,7 +465,7 @@ impl<'a> Builder<'a> {
                     BlockKind::Q8Half => 3,
                 };
                 let m_row = if m.is_empty() { 0 } else { nb * 4 };
-                (code, Cow::Borrowed(qs), nb * kind.quant_bytes(), f32_bytes(d), nb * kind.scales() * 4, f32_bytes(m), m_row)
+                (code, Cow::Owned(qs), nb * kind.quant_bytes(), f32_bytes(&d), nb * kind.scales() * 4, f32_bytes(&m), m_row)
             }
         };
         let widest = w_row.max(d_row).max(m_row) as u64;

@@ -1,10 +1,12 @@
 // out[out_offset + r] (+)= W[r, :] · x for one activation row: the weights
 // stay in their quantized blocks and are decoded here. With F32_ACT = 0,
 // quantized weights meet the activation quantized to 8 bits per 32-block
-// (quantize.wgsl) in the CPU kernels' order (kernels::dot_rows): lane l
-// of eight accumulates, block after block, scale · (integer dot of the
-// block's four-quant group l) with a fused multiply-add; Q4_1 minimums are
-// a separate eight-lane dot; the lanes meet in the fixed tree. With
+// (quantize.wgsl) in exact integer dot products, as in the CPU kernels:
+// lane l of eight accumulates, block after block, scale · (integer dot of
+// the block's four-quant group l) with a fused multiply-add; Q4_1 minimums
+// are a separate eight-lane dot; the lanes meet in the fixed tree. (The CPU
+// kernels sum each block's eight groups first, then scale: the two agree
+// to float rounding.) With
 // F32_ACT = 1, lane l decodes the same four weights of every block and
 // dots them with the f32 activation.
 

@@ -3,8 +3,8 @@
 //!
 //! Weights stay in their GGUF blocks on the GPU (Q4_0, Q4_1, Q8_0, Q4_K /
 //! Q6_K as converted by the CPU kernels, f16/f32 as f32) and are decoded
-//! inside the matmul, against f32 activations by default or 8-bit ones in
-//! the CPU kernels' arithmetic ([`Activations`]). The KV cache lives on the
+//! inside the matmul, against f32 activations by default or 8-bit ones
+//! with the CPU kernels' integer dot products ([`Activations`]). The KV cache lives on the
 //! GPU. Each token is one command submission; only the top-64 logits and
 //! four softmax statistics of the last token are read back.
 

@@ -1,6 +1,9 @@
 //! Batched matrix × activations for quantized weights.
 
-use super::dot::{dot_f32, dot_rows, ActRow, BlockKind, BlockRow};
+#[cfg(target_arch = "x86_64")]
+use super::dot::SimdLevel;
+use super::dot::{dot_f32, simd_level, BlockKind};
+use super::group::{group_times, ActRow, GroupView, Pack, GROUP};
 use crate::{ModelError, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
@@ -21,34 +24,61 @@ pub enum WeightType {
     F32,
 }
 
-/// A weight matrix of `rows` output features × `cols` input features,
-/// row-major, in the kernels' layout: blocks of 32 weights with f32 scales
-/// (GGUF's f16 scales and K-quant sub-scales multiplied out, which is exact)
-/// and the quants as stored.
+/// A weight matrix of `rows` output features × `cols` input features in
+/// the kernels' layout: quantized types packed in groups of [`GROUP`] rows
+/// (see [`GroupView`]; the last group padded with zero rows), blocks of 32
+/// weights with f32 scales (GGUF's f16 scales and K-quant sub-scales
+/// multiplied out, which is exact) and the quants as stored; f32 row-major
+/// otherwise.
 pub struct QMatrix {
     wtype: WeightType,
+    /// The block format the quants are in (None: f32 rows).
     kind: Option<BlockKind>,
     rows: usize,
     cols: usize,
-    d: Vec<f32>,
-    m: Vec<f32>,
-    qs: Vec<u8>,
+    packed: Packed,
     f32s: Vec<f32>,
 }
 
-/// A matrix's storage in the kernels' layout, for backends that upload the
-/// weights as they are (the wgpu draft keeps them quantized on the GPU).
+/// A matrix's storage in plain row-major blocks, for backends that upload
+/// the weights as they are (the wgpu draft keeps them quantized on the GPU).
 pub enum QStorage<'a> {
     /// Row-major blocks of 32 weights: `kind.scales()` scales per block,
     /// one minimum per block (Q4_1 only, else empty), `kind.quant_bytes()`
     /// quant bytes per block.
-    Blocks { kind: BlockKind, d: &'a [f32], m: &'a [f32], qs: &'a [u8] },
+    Blocks { kind: BlockKind, d: Vec<f32>, m: Vec<f32>, qs: Vec<u8> },
     /// Row-major f32 values.
     F32(&'a [f32]),
 }
 
 const QK: usize = 32;
 const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// Row-major blocks as parsed from GGUF: `scales` per block, minimums
+/// (Q4_1 only), quant bytes.
+#[derive(Default)]
+struct RowBlocks {
+    d: Vec<f32>,
+    m: Vec<f32>,
+    qs: Vec<u8>,
+}
+
+/// The packed groups of a quantized matrix, in [`GroupView`]'s layout.
+#[derive(Default)]
+struct Packed {
+    d: Vec<f32>,
+    m: Vec<f32>,
+    wsum: Vec<i32>,
+    qs: Vec<u8>,
+}
+
+fn pack_of(kind: BlockKind) -> Pack {
+    match kind {
+        BlockKind::Q4_0 | BlockKind::Q4_1 => Pack::Nibbles,
+        BlockKind::Q8_0 => Pack::Bytes,
+        BlockKind::Q8Half => Pack::BytesHalf,
+    }
+}
 
 impl QMatrix {
     /// Takes a 2-D GGUF tensor (`[rows, cols]` in candle's order).
@@ -81,35 +111,163 @@ impl QMatrix {
             )));
         }
         let n32 = rows * cols / QK;
-        let mut mat = QMatrix {
-            wtype,
-            kind: Some(kind),
-            rows,
-            cols,
+        let mut blocks = RowBlocks {
             d: Vec::with_capacity(n32 * kind.scales()),
             m: Vec::new(),
             qs: Vec::with_capacity(n32 * kind.quant_bytes()),
-            f32s: vec![],
         };
         for block in data.chunks_exact(block_bytes) {
             match wtype {
                 WeightType::Q4_0 | WeightType::Q8_0 => {
-                    mat.d.push(f16_at(block, 0));
-                    mat.qs.extend_from_slice(&block[2..]);
+                    blocks.d.push(f16_at(block, 0));
+                    blocks.qs.extend_from_slice(&block[2..]);
                 }
                 WeightType::Q4_1 => {
-                    mat.d.push(f16_at(block, 0));
-                    mat.m.push(f16_at(block, 2));
-                    mat.qs.extend_from_slice(&block[4..]);
+                    blocks.d.push(f16_at(block, 0));
+                    blocks.m.push(f16_at(block, 2));
+                    blocks.qs.extend_from_slice(&block[4..]);
                 }
-                WeightType::Q4K => mat.push_q4k(block),
-                WeightType::Q6K => mat.push_q6k(block),
+                WeightType::Q4K => blocks.push_q4k(block),
+                WeightType::Q6K => blocks.push_q6k(block),
                 WeightType::F32 => unreachable!(),
             }
         }
-        Ok(mat)
+        let packed = Packed::new(kind, rows, cols, &blocks);
+        Ok(QMatrix { wtype, kind: Some(kind), rows, cols, packed, f32s: vec![] })
     }
 
+    /// Builds an f32 matrix from row-major values.
+    pub fn from_f32(rows: usize, cols: usize, values: Vec<f32>) -> Self {
+        assert_eq!(values.len(), rows * cols, "QMatrix::from_f32 shape");
+        QMatrix { wtype: WeightType::F32, kind: None, rows, cols, packed: Packed::default(), f32s: values }
+    }
+
+    pub fn weight_type(&self) -> WeightType {
+        self.wtype
+    }
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// The weights in plain row-major blocks (rebuilt from the packing).
+    pub fn storage(&self) -> QStorage<'_> {
+        let Some(kind) = self.kind else {
+            return QStorage::F32(&self.f32s);
+        };
+        let mut all = RowBlocks::default();
+        for r in 0..self.rows {
+            let row = self.row_blocks(kind, r);
+            all.d.extend(row.d);
+            all.m.extend(row.m);
+            all.qs.extend(row.qs);
+        }
+        QStorage::Blocks { kind, d: all.d, m: all.m, qs: all.qs }
+    }
+    /// Bytes the kernels read for one full pass over the matrix.
+    pub fn bytes(&self) -> usize {
+        let p = &self.packed;
+        (p.d.len() + p.m.len() + p.wsum.len() + self.f32s.len()) * 4 + p.qs.len()
+    }
+
+    /// Group `g` of the packing.
+    fn group(&self, pack: Pack, g: usize) -> GroupView<'_> {
+        let nb = self.cols / QK;
+        let (qb, ns) = (pack.quant_bytes() * nb * GROUP, pack.scales() * nb * GROUP);
+        let p = &self.packed;
+        GroupView {
+            qs: &p.qs[g * qb..(g + 1) * qb],
+            d: &p.d[g * ns..(g + 1) * ns],
+            m: if p.m.is_empty() { &[] } else { &p.m[g * nb * GROUP..(g + 1) * nb * GROUP] },
+            wsum: if p.wsum.is_empty() { &[] } else { &p.wsum[g * ns..(g + 1) * ns] },
+        }
+    }
+
+    /// Row `r` gathered back out of its group, in the source block format.
+    fn row_blocks(&self, kind: BlockKind, r: usize) -> RowBlocks {
+        let pack = pack_of(kind);
+        let (nb, ns, qb) = (self.cols / QK, pack.scales(), pack.quant_bytes());
+        let (g, j) = (r / GROUP, r % GROUP);
+        let group = self.group(pack, g);
+        let mut row = RowBlocks::default();
+        for b in 0..nb {
+            row.d.extend((0..ns).map(|h| group.d[(b * ns + h) * GROUP + j]));
+            if kind == BlockKind::Q4_1 {
+                row.m.push(group.m[b * GROUP + j]);
+            }
+            let chunks = &group.qs[b * qb * GROUP..(b + 1) * qb * GROUP];
+            for c in 0..qb / 4 {
+                row.qs.extend_from_slice(&chunks[c * 64 + j * 4..c * 64 + j * 4 + 4]);
+            }
+        }
+        row
+    }
+
+    /// Dequantized row `r` (embedding lookups and reference checks).
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        let c = self.cols;
+        let Some(kind) = self.kind else {
+            return self.f32s[r * c..(r + 1) * c].to_vec();
+        };
+        let row = self.row_blocks(kind, r);
+        let mut out = Vec::with_capacity(c);
+        for b in 0..c / QK {
+            match kind {
+                BlockKind::Q8_0 => out.extend(row.qs[b * 32..b * 32 + 32].iter().map(|&q| row.d[b] * q as i8 as f32)),
+                BlockKind::Q8Half => out.extend(
+                    row.qs[b * 32..b * 32 + 32].iter().enumerate().map(|(i, &q)| row.d[2 * b + i / 16] * q as i8 as f32),
+                ),
+                BlockKind::Q4_0 | BlockKind::Q4_1 => {
+                    let (off, min) = if kind == BlockKind::Q4_0 { (8.0, 0.0) } else { (0.0, row.m[b]) };
+                    let qs = &row.qs[b * 16..b * 16 + 16];
+                    out.extend(qs.iter().map(|&q| row.d[b] * ((q & 0xF) as f32 - off) + min));
+                    out.extend(qs.iter().map(|&q| row.d[b] * ((q >> 4) as f32 - off) + min));
+                }
+            }
+        }
+        out
+    }
+
+    /// `out[i, r] = Σ_c self[r, c] · x[i, c]` for `m` activation rows.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        matmul_parts(&[self], x, m)
+    }
+
+    /// `tile[i][j]` = row `GROUP·g + j` · activation row `i` (zero past the
+    /// last weight row).
+    fn group_times(&self, g: usize, x: &[f32], acts: Option<&QActivations>, tile: &mut [[f32; GROUP]]) {
+        let m = tile.len();
+        match (self.kind, acts) {
+            (Some(kind), Some(acts)) => {
+                let (level, pack) = (simd_level(), pack_of(kind));
+                let w = self.group(pack, g);
+                let mut i = 0;
+                while i + 4 <= m {
+                    let rows = [acts.row(i), acts.row(i + 1), acts.row(i + 2), acts.row(i + 3)];
+                    group_times::<4>(level, pack, &w, &rows, &mut tile[i..i + 4]);
+                    i += 4;
+                }
+                for i in i..m {
+                    group_times::<1>(level, pack, &w, &[acts.row(i)], &mut tile[i..i + 1]);
+                }
+            }
+            _ => {
+                let c = self.cols;
+                for j in 0..GROUP.min(self.rows - g * GROUP) {
+                    let w = &self.f32s[(g * GROUP + j) * c..(g * GROUP + j + 1) * c];
+                    for (i, out) in tile.iter_mut().enumerate() {
+                        out[j] = dot_f32(w, &x[i * c..(i + 1) * c]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl RowBlocks {
     /// One Q4_K super-block (256 weights) as eight Q4_1-style blocks:
     /// w = (d·sc)·q − dmin·m, with d·sc and dmin·m exact in f32.
     fn push_q4k(&mut self, block: &[u8]) {
@@ -146,74 +304,57 @@ impl QMatrix {
         self.d.extend(sc.iter().map(|&s| d * s as i8 as f32));
         self.qs.extend(values.iter().map(|&v| v as u8));
     }
+}
 
-    /// Builds an f32 matrix from row-major values.
-    pub fn from_f32(rows: usize, cols: usize, values: Vec<f32>) -> Self {
-        assert_eq!(values.len(), rows * cols, "QMatrix::from_f32 shape");
-        QMatrix { wtype: WeightType::F32, kind: None, rows, cols, d: vec![], m: vec![], qs: vec![], f32s: values }
-    }
-
-    pub fn weight_type(&self) -> WeightType {
-        self.wtype
-    }
-    /// Output features.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-    /// Input features.
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-    /// The weights as stored.
-    pub fn storage(&self) -> QStorage<'_> {
-        match self.kind {
-            Some(kind) => QStorage::Blocks { kind, d: &self.d, m: &self.m, qs: &self.qs },
-            None => QStorage::F32(&self.f32s),
-        }
-    }
-    /// Bytes the kernels read for one full pass over the matrix.
-    pub fn bytes(&self) -> usize {
-        self.d.len() * 4 + self.m.len() * 4 + self.qs.len() + self.f32s.len() * 4
-    }
-
-    fn block_row(&self, kind: BlockKind, r: usize) -> BlockRow<'_> {
-        let nb = self.cols / QK;
-        let (ns, qb) = (kind.scales(), kind.quant_bytes());
-        BlockRow {
-            d: &self.d[r * nb * ns..(r + 1) * nb * ns],
-            m: if self.m.is_empty() { &[] } else { &self.m[r * nb..(r + 1) * nb] },
-            qs: &self.qs[r * nb * qb..(r + 1) * nb * qb],
-        }
-    }
-
-    /// Dequantized row `r` (embedding lookups and reference checks).
-    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        let c = self.cols;
-        let Some(kind) = self.kind else {
-            return self.f32s[r * c..(r + 1) * c].to_vec();
+impl Packed {
+    /// Regroups row-major blocks into groups of GROUP rows. Q4_0 becomes
+    /// nibbles with the minimum −8d (d·(q − 8) = d·q − 8d; 8d is exact).
+    fn new(kind: BlockKind, rows: usize, cols: usize, src: &RowBlocks) -> Packed {
+        let pack = pack_of(kind);
+        let (nb, ns, qb) = (cols / QK, pack.scales(), pack.quant_bytes());
+        let groups = rows.div_ceil(GROUP);
+        let mut p = Packed {
+            d: vec![0.0; groups * nb * ns * GROUP],
+            m: if pack == Pack::Nibbles { vec![0.0; groups * nb * GROUP] } else { vec![] },
+            wsum: if pack == Pack::Nibbles { vec![] } else { vec![0; groups * nb * ns * GROUP] },
+            qs: vec![0; groups * nb * qb * GROUP],
         };
-        let row = self.block_row(kind, r);
-        let mut out = Vec::with_capacity(c);
-        for b in 0..c / QK {
-            match kind {
-                BlockKind::Q8_0 => out.extend(row.qs[b * 32..b * 32 + 32].iter().map(|&q| row.d[b] * q as i8 as f32)),
-                BlockKind::Q8Half => out.extend(
-                    row.qs[b * 32..b * 32 + 32].iter().enumerate().map(|(i, &q)| row.d[2 * b + i / 16] * q as i8 as f32),
-                ),
-                BlockKind::Q4_0 | BlockKind::Q4_1 => {
-                    let (off, min) = if kind == BlockKind::Q4_0 { (8.0, 0.0) } else { (0.0, row.m[b]) };
-                    let qs = &row.qs[b * 16..b * 16 + 16];
-                    out.extend(qs.iter().map(|&q| row.d[b] * ((q & 0xF) as f32 - off) + min));
-                    out.extend(qs.iter().map(|&q| row.d[b] * ((q >> 4) as f32 - off) + min));
+        for r in 0..rows {
+            let (g, j) = (r / GROUP, r % GROUP);
+            for b in 0..nb {
+                let (gb, rb) = (g * nb + b, r * nb + b);
+                for h in 0..ns {
+                    p.d[(gb * ns + h) * GROUP + j] = src.d[rb * ns + h];
+                }
+                let quants = &src.qs[rb * qb..(rb + 1) * qb];
+                match kind {
+                    BlockKind::Q4_0 => p.m[gb * GROUP + j] = -8.0 * src.d[rb],
+                    BlockKind::Q4_1 => p.m[gb * GROUP + j] = src.m[rb],
+                    BlockKind::Q8_0 | BlockKind::Q8Half => {
+                        for (h, half) in quants.chunks(32 / ns).enumerate() {
+                            p.wsum[(gb * ns + h) * GROUP + j] = 128 * half.iter().map(|&q| q as i8 as i32).sum::<i32>();
+                        }
+                    }
+                }
+                for (c, word) in quants.chunks_exact(4).enumerate() {
+                    let at = gb * qb * GROUP + c * 64 + j * 4;
+                    p.qs[at..at + 4].copy_from_slice(word);
                 }
             }
         }
-        out
+        p
     }
+}
 
-    /// `out[i, r] = Σ_c self[r, c] · x[i, c]` for `m` activation rows.
-    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        matmul_parts(&[self], x, m)
+/// The output buffer, shared by tasks that write disjoint column ranges.
+struct OutRows(*mut f32);
+// SAFETY: tasks write disjoint elements (see matmul_parts) and the buffer
+// outlives the parallel loop.
+unsafe impl Sync for OutRows {}
+
+impl OutRows {
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
     }
 }
 
@@ -221,71 +362,43 @@ impl QMatrix {
 /// `out[i, ·]` is the concatenation of each part's outputs for row `i`
 /// (fused Q/K/V or gate/up projections; parts may differ in type).
 ///
-/// Activations are quantized once per call. Each weight row is decoded once
-/// and applied to four activation rows at a time while it is hot in cache;
-/// rows are split across threads. `out[i, r]` depends only on row `i` of `x`
-/// and weight row `r` (batch invariance): how rows are grouped or split
-/// across threads changes no bit.
+/// Activations are quantized once per call. Each group of GROUP weight
+/// rows is decoded once per block for four activation rows at a time while
+/// it is hot in cache; groups are split across threads. `out[i, r]` depends
+/// only on row `i` of `x` and weight row `r` (batch invariance): how rows
+/// are grouped or split across threads changes no bit.
 pub fn matmul_parts(parts: &[&QMatrix], x: &[f32], m: usize) -> Vec<f32> {
     let cols = parts[0].cols;
     assert!(parts.iter().all(|p| p.cols == cols), "matmul_parts: parts differ in input features");
     assert_eq!(x.len(), m * cols, "matmul_parts: activation shape");
     let total: usize = parts.iter().map(|p| p.rows).sum();
     let acts = parts.iter().any(|p| p.kind.is_some()).then(|| quantize_activations(x, m, cols));
-    // Transposed result ([rows, m]) so tasks write disjoint contiguous slices.
-    let mut out_t = vec![0f32; total * m];
-    // About four tasks per thread, whole multiples of 8 rows, never across parts.
-    let per_task = total.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(8);
-    let mut tasks = Vec::new();
-    let mut rest = out_t.as_mut_slice();
+    // Work units: one group of one part, with the output column its first
+    // row lands in.
+    let mut units = Vec::new();
+    let mut col = 0;
     for part in parts {
-        for start in (0..part.rows).step_by(per_task) {
-            let n = per_task.min(part.rows - start);
-            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(n * m);
-            rest = tail;
-            tasks.push((*part, start, dst));
-        }
+        units.extend((0..part.rows.div_ceil(GROUP)).map(|g| (*part, g, col + g * GROUP)));
+        col += part.rows;
     }
-    tasks.into_par_iter().for_each(|(part, start, dst)| {
-        for (ri, dst) in dst.chunks_mut(m).enumerate() {
-            part.row_times(start + ri, x, acts.as_ref(), dst);
+    let mut out = vec![0f32; m * total];
+    let dst = OutRows(out.as_mut_ptr());
+    // About four tasks per thread.
+    let per_task = units.len().div_ceil(4 * rayon::current_num_threads()).max(1);
+    units.par_chunks(per_task).for_each(|units| {
+        let mut tile = vec![[0f32; GROUP]; m];
+        for &(part, g, col) in units {
+            part.group_times(g, x, acts.as_ref(), &mut tile);
+            let n = GROUP.min(part.rows - g * GROUP);
+            for (i, row) in tile.iter().enumerate() {
+                // SAFETY: out has m·total elements and units cover disjoint
+                // column ranges col..col + n ≤ total, so no two tasks write
+                // the same element and all writes are in bounds.
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.at(i * total + col), n) };
+            }
         }
     });
-    let mut out = vec![0f32; m * total];
-    for (r, col) in out_t.chunks_exact(m).enumerate() {
-        for (i, &v) in col.iter().enumerate() {
-            out[i * total + r] = v;
-        }
-    }
     out
-}
-
-impl QMatrix {
-    /// `dst[i] = row r · x[i]` for every activation row.
-    fn row_times(&self, r: usize, x: &[f32], acts: Option<&QActivations>, dst: &mut [f32]) {
-        let m = dst.len();
-        match (self.kind, acts) {
-            (Some(kind), Some(acts)) => {
-                let w = self.block_row(kind, r);
-                let mut i = 0;
-                while i + 4 <= m {
-                    let rows = [acts.row(i), acts.row(i + 1), acts.row(i + 2), acts.row(i + 3)];
-                    dot_rows::<4>(kind, &w, &rows, &mut dst[i..i + 4]);
-                    i += 4;
-                }
-                for i in i..m {
-                    dot_rows::<1>(kind, &w, &[acts.row(i)], &mut dst[i..i + 1]);
-                }
-            }
-            _ => {
-                let c = self.cols;
-                let w = &self.f32s[r * c..(r + 1) * c];
-                for (i, o) in dst.iter_mut().enumerate() {
-                    *o = dot_f32(w, &x[i * c..(i + 1) * c]);
-                }
-            }
-        }
-    }
 }
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
@@ -307,6 +420,8 @@ pub struct QActivations {
     d: Vec<f32>,
     dsum: Vec<f32>,
     qs: Vec<i8>,
+    /// `qs` + 128 as unsigned bytes (what VNNI multiplies signed weights by).
+    qu: Vec<u8>,
 }
 
 impl QActivations {
@@ -316,6 +431,7 @@ impl QActivations {
             d: &self.d[i * nb..(i + 1) * nb],
             dsum: &self.dsum[i * nb..(i + 1) * nb],
             qs: &self.qs[i * self.cols..(i + 1) * self.cols],
+            qu: &self.qu[i * self.cols..(i + 1) * self.cols],
         }
     }
 }
@@ -323,22 +439,46 @@ impl QActivations {
 /// Symmetric 8-bit quantization of each 32-element block (scale = max|x|/127).
 /// Row-local, so the result for a row never depends on the other rows.
 pub fn quantize_activations(x: &[f32], m: usize, cols: usize) -> QActivations {
-    let nb = m * cols / QK;
-    let mut acts = QActivations { cols, d: Vec::with_capacity(nb), dsum: Vec::with_capacity(nb), qs: Vec::with_capacity(m * cols) };
-    for block in x.chunks_exact(QK) {
-        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() != SimdLevel::Scalar {
+        // SAFETY: AVX2 support was detected at runtime (simd_level).
+        return unsafe { quantize_activations_avx2(x, m, cols) };
+    }
+    quantize_activations_body(x, m, cols)
+}
+
+/// The same code compiled for AVX2: every step is element-wise, a max (exact
+/// in any order) or an integer sum, so the bits do not change.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_activations_avx2(x: &[f32], m: usize, cols: usize) -> QActivations {
+    quantize_activations_body(x, m, cols)
+}
+
+#[inline(always)]
+fn quantize_activations_body(x: &[f32], m: usize, cols: usize) -> QActivations {
+    let n = m * cols;
+    let mut acts = QActivations { cols, d: vec![0.0; n / QK], dsum: vec![0.0; n / QK], qs: vec![0; n], qu: vec![0; n] };
+    for (b, block) in x.chunks_exact(QK).enumerate() {
+        let mut lanes = [0f32; 8];
+        for part in block.chunks_exact(8) {
+            for (l, &v) in lanes.iter_mut().zip(part) {
+                *l = l.max(v.abs());
+            }
+        }
+        let amax = lanes.iter().fold(0f32, |a, &v| a.max(v));
         let d = amax / 127.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for &v in block {
+        let (qs, qu) = (&mut acts.qs[b * QK..(b + 1) * QK], &mut acts.qu[b * QK..(b + 1) * QK]);
+        for ((q, u), &v) in qs.iter_mut().zip(qu.iter_mut()).zip(block) {
             // Round half to even by the 1.5·2²³ trick: exact for |v·inv| ≤
             // 127 and plain arithmetic (no libm call, same on every target).
-            let q = ((v * inv + ROUND_MAGIC) - ROUND_MAGIC) as i8;
-            sum += q as i32;
-            acts.qs.push(q);
+            *q = ((v * inv + ROUND_MAGIC) - ROUND_MAGIC) as i8;
+            *u = (*q as u8) ^ 0x80;
         }
-        acts.d.push(d);
-        acts.dsum.push(d * sum as f32);
+        let sum: i32 = qs.iter().map(|&q| q as i32).sum();
+        acts.d[b] = d;
+        acts.dsum[b] = d * sum as f32;
     }
     acts
 }
@@ -395,14 +535,36 @@ mod tests {
 
     #[test]
     fn rows_do_not_depend_on_the_rest_of_the_batch() -> Result<()> {
-        let (rows, cols) = (70, 64);
+        // 70 rows: a partial last group; 7 activation rows: four, then
+        // three one at a time.
+        let (rows, cols) = (70, 256);
         let w = Tensor::from_vec(values(rows * cols, 4), (rows, cols), &Device::Cpu)?;
-        let mat = QMatrix::from_qtensor("w", &QTensor::quantize(&w, GgmlDType::Q4_1)?)?;
         let x = values(7 * cols, 5);
-        let all = mat.matmul(&x, 7);
-        for i in 0..7 {
-            let one = mat.matmul(&x[i * cols..(i + 1) * cols], 1);
-            assert_eq!(one, all[i * rows..(i + 1) * rows].to_vec());
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            let mat = QMatrix::from_qtensor("w", &QTensor::quantize(&w, dtype)?)?;
+            let all = mat.matmul(&x, 7);
+            for i in 0..7 {
+                let one = mat.matmul(&x[i * cols..(i + 1) * cols], 1);
+                assert_eq!(one, all[i * rows..(i + 1) * rows].to_vec(), "{dtype:?} row {i}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The wgpu backend uploads `storage()`: the packing must give back
+    /// the rows exactly as GGUF stored them.
+    #[test]
+    fn storage_rebuilds_the_row_major_blocks() -> Result<()> {
+        let (rows, cols) = (19, 64);
+        let w = Tensor::from_vec(values(rows * cols, 6), (rows, cols), &Device::Cpu)?;
+        let mat = QMatrix::from_qtensor("w", &QTensor::quantize(&w, GgmlDType::Q4_1)?)?;
+        let QStorage::Blocks { kind, d, m, qs } = mat.storage() else { panic!("Q4_1 is stored in blocks") };
+        assert_eq!((kind, d.len(), m.len(), qs.len()), (BlockKind::Q4_1, rows * 2, rows * 2, rows * 2 * 16));
+        let q = QTensor::quantize(&w, GgmlDType::Q4_1)?;
+        let raw = q.data()?;
+        for (b, block) in raw.chunks_exact(20).enumerate() {
+            assert_eq!((d[b], m[b]), (f16_at(block, 0), f16_at(block, 2)), "block {b} scales");
+            assert_eq!(&qs[b * 16..(b + 1) * 16], &block[4..], "block {b} quants");
         }
         Ok(())
     }

@@ -8,17 +8,24 @@
 //!   logits are bit-identical alone, beside others, one token at a time or
 //!   k+1 at once.
 //! * **SIMD and scalar agree bit for bit.** Integer block dot products are
-//!   exact; floats are accumulated in eight lanes in a fixed order that the
-//!   scalar path emulates, with separate multiply and add (never a fused
-//!   multiply-add, which rounds differently).
+//!   exact; the float steps after them (one fused multiply-add per block,
+//!   see `group`) and the f32 dot's eight lanes (separate multiply and add)
+//!   run in a fixed order that the scalar twins spell out.
 //!
-//! A batched matmul reads each weight row once per pass and applies it to all
-//! activation rows while it sits in L1, so verification batches pay.
+//! A batched matmul reads each weight group once per pass and applies it to
+//! all activation rows while it sits in L1, so verification batches pay.
 
+/// Changes whenever the kernels' arithmetic changes (and with it the bits of
+/// any output): caches of model outputs put it in their keys.
+pub const NUMERICS: u32 = 2;
+
+mod attention;
 mod dot;
+mod group;
 mod matmul;
 mod ops;
 
+pub use attention::{attend, silu_mul, KvView};
 pub use dot::{dot_f32, simd_level, BlockKind, SimdLevel};
 pub use matmul::{matmul_parts, quantize_activations, QActivations, QMatrix, QStorage, WeightType};
 pub use ops::{rms_norm, MatmulKernels, QLinear};
