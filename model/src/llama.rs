@@ -94,9 +94,11 @@ impl Layer {
     /// A layer of `cfg`'s shape from f32 tensors named like GGUF's
     /// (`attn_q`, …, `ffn_down`, without the `blk.N.` prefix and
     /// `.weight` suffix), `get` returning each tensor's values row-major.
+    /// The matrices are quantized to Q8_0 (a trained draft layer then
+    /// costs what a target layer costs, not four times as many bytes).
     pub(crate) fn from_f32(cfg: &LlamaConfig, get: &mut TensorValues) -> Result<Layer> {
         let (h, q, kv, ffn) = (cfg.hidden, cfg.n_heads * cfg.head_dim, cfg.kv_dim(), cfg.ffn);
-        let mut linear = |name: &str, rows: usize, cols: usize| -> Result<QLinear> { Ok(QLinear::new(QMatrix::from_f32(rows, cols, get(name, rows, cols)?))) };
+        let mut linear = |name: &str, rows: usize, cols: usize| -> Result<QLinear> { Ok(QLinear::new(QMatrix::q8_0(name, rows, cols, get(name, rows, cols)?)?)) };
         Ok(Layer {
             qkv: QLinear::fused(vec![linear("attn_q", q, h)?, linear("attn_k", kv, h)?, linear("attn_v", kv, h)?]),
             wo: linear("attn_output", h, q)?,

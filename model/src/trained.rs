@@ -87,7 +87,7 @@ pub fn build_trained(dir: Option<&Path>, target: &LoadedModel) -> Result<Box<dyn
             Ok(Box::new(ModelDraft::from_layers(llama, n + 1, stop)))
         }
         "eagle" | "eagle-layers" => {
-            let fc = QLinear::new(QMatrix::from_f32(cfg.hidden, 2 * cfg.hidden, get("fc", cfg.hidden, 2 * cfg.hidden)?));
+            let fc = QLinear::new(QMatrix::q8_0("fc", cfg.hidden, 2 * cfg.hidden, get("fc", cfg.hidden, 2 * cfg.hidden)?)?);
             let prefix = match card.method.as_str() {
                 "eagle" => 0,
                 _ => check_exit(card.config.exit_layer)?,

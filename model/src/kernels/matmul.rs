@@ -136,6 +136,13 @@ impl QMatrix {
         Ok(QMatrix { wtype, kind: Some(kind), rows, cols, packed, f32s: vec![] })
     }
 
+    /// Quantizes row-major f32 values to Q8_0 (GGUF's encoder; `cols` a
+    /// multiple of 32).
+    pub fn q8_0(name: &str, rows: usize, cols: usize, values: Vec<f32>) -> Result<Self> {
+        let t = candle_core::Tensor::from_vec(values, (rows, cols), &Device::Cpu)?;
+        QMatrix::from_qtensor(name, &QTensor::quantize(&t, GgmlDType::Q8_0)?)
+    }
+
     /// Builds an f32 matrix from row-major values.
     pub fn from_f32(rows: usize, cols: usize, values: Vec<f32>) -> Self {
         assert_eq!(values.len(), rows * cols, "QMatrix::from_f32 shape");
@@ -250,8 +257,13 @@ impl QMatrix {
                     group_times::<4>(level, pack, &w, &rows, &mut tile[i..i + 4]);
                     i += 4;
                 }
-                for i in i..m {
-                    group_times::<1>(level, pack, &w, &[acts.row(i)], &mut tile[i..i + 1]);
+                // The last one to three rows in one call, so that every row
+                // shares the weight decode with another where it can.
+                match m - i {
+                    3 => group_times::<3>(level, pack, &w, &[acts.row(i), acts.row(i + 1), acts.row(i + 2)], &mut tile[i..]),
+                    2 => group_times::<2>(level, pack, &w, &[acts.row(i), acts.row(i + 1)], &mut tile[i..]),
+                    1 => group_times::<1>(level, pack, &w, &[acts.row(i)], &mut tile[i..]),
+                    _ => {}
                 }
             }
             _ => {
@@ -536,7 +548,7 @@ mod tests {
     #[test]
     fn rows_do_not_depend_on_the_rest_of_the_batch() -> Result<()> {
         // 70 rows: a partial last group; 7 activation rows: four, then
-        // three one at a time.
+        // three.
         let (rows, cols) = (70, 256);
         let w = Tensor::from_vec(values(rows * cols, 4), (rows, cols), &Device::Cpu)?;
         let x = values(7 * cols, 5);
