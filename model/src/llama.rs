@@ -431,7 +431,7 @@ impl Llama {
         } else {
             let idx = Tensor::from_vec(wanted.clone(), wanted.len(), &Device::Cpu)?;
             let h = rms_norm(&x.index_select(&idx, 0)?, &self.norm, cfg.rms_eps)?;
-            self.head.forward(&h)?.flatten_all()?.to_vec1::<f32>()?
+            self.head.forward_vec(&h)?
         };
         let mut offset = 0;
         for s in batch.iter() {
@@ -468,10 +468,9 @@ impl Llama {
     /// Causal attention for every new token of the batch against its own
     /// sequence's cache, which already holds the new keys and values.
     /// `rows[t]` = (sequence, position) of token t. One (token, kv head) per
-    /// task, all sequences in one parallel loop, so the query heads sharing
-    /// a kv head read each key and value once; scores, softmax and the
-    /// weighted sum of each (token, head) run in position order, so results
-    /// never depend on the batch.
+    /// task (the query heads sharing that kv head), all sequences in one
+    /// parallel loop; scores, softmax and the weighted sum of each (token,
+    /// head) run in position order, so results never depend on the batch.
     fn attention(&self, caches: &[&KvCache], rows: &[(usize, usize)], layer: usize, q: &[f32]) -> Vec<f32> {
         let cfg = &self.cfg;
         let (hd, kvd) = (cfg.head_dim, cfg.kv_dim());

@@ -1,13 +1,13 @@
 //! Attention of one token for the query heads that share a kv head, and
 //! the exponential it and the SwiGLU activation use.
 //!
-//! Apart from the dot products (`dot_f32_rows`, with its own SIMD twins),
-//! every step is either element-wise or a left-to-right fold, which IEEE
-//! arithmetic evaluates identically at any vector width; so the body is
-//! compiled twice, for AVX2 and for the baseline, and both give the same
-//! bits.
+//! The scores and the weighted sum of values have SIMD kernels with scalar
+//! twins (`dot_f32_keys`, `weighted_sum`); every other step is element-wise
+//! or a left-to-right fold, which IEEE arithmetic evaluates identically at
+//! any vector width; so the body is compiled twice, for AVX2 and for the
+//! baseline, and both give the same bits.
 
-use super::dot::dot_f32_rows;
+use super::dot::{dot_f32_keys, weighted_sum};
 #[cfg(target_arch = "x86_64")]
 use super::dot::{simd_level, SimdLevel};
 
@@ -25,7 +25,7 @@ pub struct KvView<'a> {
 
 /// `out[i]` = softmax(scale · q_i · K) · V for each query head `i` in
 /// `queries` (`head_dim` values each, side by side); `out` has the same
-/// shape and is overwritten. Each key and value is read once for all heads.
+/// shape and is overwritten.
 pub fn attend(queries: &[f32], kv: &KvView, scale: f32, out: &mut [f32]) {
     assert!(out.len() == queries.len() && queries.len().is_multiple_of(kv.head_dim));
     assert!(kv.visible == 0 || (kv.offset + kv.head_dim <= kv.stride && kv.keys.len().min(kv.values.len()) >= kv.visible * kv.stride));
@@ -45,38 +45,23 @@ unsafe fn attend_avx2(queries: &[f32], kv: &KvView, scale: f32, out: &mut [f32])
 
 #[inline(always)]
 fn attend_body(queries: &[f32], kv: &KvView, scale: f32, out: &mut [f32]) {
-    let hd = kv.head_dim;
-    let heads: Vec<&[f32]> = queries.chunks_exact(hd).collect();
-    let (group, n) = (heads.len(), kv.visible);
-    let at = |j: usize| j * kv.stride + kv.offset..j * kv.stride + kv.offset + hd;
-    // scores[i · n + j]: head i against position j.
-    let mut scores = vec![0f32; group * n];
-    let mut dots = vec![0f32; group];
-    for j in 0..n {
-        dot_f32_rows(&heads, &kv.keys[at(j)], &mut dots);
-        for (i, &d) in dots.iter().enumerate() {
-            scores[i * n + j] = d * scale;
+    let (hd, n) = (kv.head_dim, kv.visible);
+    let mut p = vec![0f32; n];
+    for (q, out) in queries.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+        dot_f32_keys(q, kv.keys, kv.stride, kv.offset, &mut p);
+        let mut max = f32::NEG_INFINITY;
+        for s in p.iter_mut() {
+            *s *= scale;
+            max = max.max(*s);
         }
-    }
-    for row in scores.chunks_exact_mut(n.max(1)) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        for s in row.iter_mut() {
+        for s in p.iter_mut() {
             *s = exp(*s - max);
         }
-        let sum = row.iter().fold(0f32, |a, &s| a + s);
-        for s in row.iter_mut() {
+        let sum = p.iter().fold(0f32, |a, &s| a + s);
+        for s in p.iter_mut() {
             *s /= sum;
         }
-    }
-    out.fill(0.0);
-    for j in 0..n {
-        let v = &kv.values[at(j)];
-        for (o, row) in out.chunks_exact_mut(hd).zip(scores.chunks_exact(n)) {
-            let w = row[j];
-            for (o, &v) in o.iter_mut().zip(v) {
-                *o += w * v;
-            }
-        }
+        weighted_sum(&p, kv.values, kv.stride, kv.offset, out);
     }
 }
 

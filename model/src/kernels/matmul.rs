@@ -472,23 +472,33 @@ fn quantize_activations_body(x: &[f32], m: usize, cols: usize) -> QActivations {
     let n = m * cols;
     let mut acts = QActivations { cols, d: vec![0.0; n / QK], dsum: vec![0.0; n / QK], qs: vec![0; n], qu: vec![0; n] };
     for (b, block) in x.chunks_exact(QK).enumerate() {
+        // Fixed-size arrays and integer steps, so the compiler vectorizes.
+        let block: &[f32; QK] = block.try_into().expect("chunks of QK");
+        // The largest |v| (in any order: max is exact; NaN ignored as
+        // f32::max does), written as the compare that vmaxps is.
         let mut lanes = [0f32; 8];
         for part in block.chunks_exact(8) {
             for (l, &v) in lanes.iter_mut().zip(part) {
-                *l = l.max(v.abs());
+                let a = v.abs();
+                *l = if a > *l { a } else { *l };
             }
         }
-        let amax = lanes.iter().fold(0f32, |a, &v| a.max(v));
+        let amax = lanes.iter().fold(0f32, |m, &v| if v > m { v } else { m });
         let d = amax / 127.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let (qs, qu) = (&mut acts.qs[b * QK..(b + 1) * QK], &mut acts.qu[b * QK..(b + 1) * QK]);
-        for ((q, u), &v) in qs.iter_mut().zip(qu.iter_mut()).zip(block) {
-            // Round half to even by the 1.5·2²³ trick: exact for |v·inv| ≤
-            // 127 and plain arithmetic (no libm call, same on every target).
-            *q = ((v * inv + ROUND_MAGIC) - ROUND_MAGIC) as i8;
-            *u = (*q as u8) ^ 0x80;
+        let mut q = [0i8; QK];
+        for (q, &v) in q.iter_mut().zip(block) {
+            // Round half to even by the 1.5·2²³ trick: v·inv + 1.5·2²³ is
+            // that float plus the rounded integer, exact for |v·inv| ≤ 127,
+            // and the integer is the difference of their bits (plain
+            // arithmetic: no libm call, same on every target).
+            *q = ((v * inv + ROUND_MAGIC).to_bits() as i32 - ROUND_MAGIC.to_bits() as i32) as i8;
         }
-        let sum: i32 = qs.iter().map(|&q| q as i32).sum();
+        let sum: i32 = q.iter().map(|&q| q as i32).sum();
+        acts.qs[b * QK..(b + 1) * QK].copy_from_slice(&q);
+        for (u, &q) in acts.qu[b * QK..(b + 1) * QK].iter_mut().zip(&q) {
+            *u = (q as u8) ^ 0x80;
+        }
         acts.d[b] = d;
         acts.dsum[b] = d * sum as f32;
     }

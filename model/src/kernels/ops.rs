@@ -69,6 +69,17 @@ impl QLinear {
     pub fn bytes(&self) -> usize {
         self.parts.iter().map(|p| p.bytes()).sum()
     }
+    /// [`QLinear::forward`] as a row-major `[t, rows]` Vec: on Tandem's
+    /// kernels the result itself, not a copy out of a tensor (the output
+    /// head's logits are megabytes per pass).
+    pub fn forward_vec(&self, x: &Tensor) -> candle_core::Result<Vec<f32>> {
+        if !self.stock.is_empty() {
+            return self.forward(x)?.flatten_all()?.to_vec1();
+        }
+        let (t, _) = x.dims2()?;
+        let parts: Vec<&QMatrix> = self.parts.iter().map(|p| p.as_ref()).collect();
+        Ok(matmul_parts(&parts, &x.flatten_all()?.to_vec1::<f32>()?, t))
+    }
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self.stock.as_slice() {
             [] => x.apply_op1_no_bwd(self),
