@@ -1,7 +1,9 @@
-//! Instruction-set detection and the f32 dot product: runtime-dispatched
-//! AVX2 on x86-64, NEON on aarch64 (edge devices: phones, Apple silicon),
-//! and a scalar twin that gives identical bits. Lane `l` of the eight-lane
-//! f32 accumulator holds the products of elements `i` with `i % 8 == l`.
+//! Instruction-set detection, the f32 dot product and attention's two f32
+//! kernels (scores against many keys, weighted sum of values):
+//! runtime-dispatched AVX2 on x86-64, NEON on aarch64 (edge devices:
+//! phones, Apple silicon), and scalar twins that give identical bits. Lane
+//! `l` of the eight-lane f32 accumulator holds the products of elements `i`
+//! with `i % 8 == l`.
 
 use std::sync::OnceLock;
 
