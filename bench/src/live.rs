@@ -152,9 +152,17 @@ pub fn real_draft_spec(profiles: &[DeviceProfile]) -> Result<Option<String>> {
 }
 
 /// The speculation controller of `wisp` edges: a confidence stop rule and
-/// cost-aware k (the simulator builds the same).
-pub fn wisp_controller(draft_len: usize) -> SpeculationController {
-    SpeculationController::new(StopRule::Confidence { min_top1: 0.4 }, draft_len, true)
+/// SLO-aware k (the simulator builds the same).
+pub fn wisp_controller(draft_len: usize, slo_tpot_ms: u32) -> SpeculationController {
+    SpeculationController::new(StopRule::Confidence { min_top1: 0.4 }, draft_len, true).with_tpot_objective(Some(slo_tpot_ms.into()))
+}
+
+/// When closed-loop device `device` of `devices` starts its first session:
+/// devices join evenly over the first second (a quarter of a shorter run),
+/// as real ones do, rather than all in one instant — a burst of every
+/// device's prefill at time zero would measure the burst, not the load.
+pub fn join_delay(device: usize, devices: usize, duration_s: f64) -> Duration {
+    Duration::from_secs_f64(device as f64 / devices.max(1) as f64 * (duration_s / 4.0).min(1.0))
 }
 
 /// How load arrives.
@@ -333,7 +341,7 @@ fn run_session(policy: Policy, cfg: &LiveConfig, url: &str, inputs: &LiveInputs,
             let link = EmulatedLink { inner: target, profile: profile.clone(), rng: SessionRng::new(link_seed) };
             let mut spec = Speculator::new(link, draft, model.tokenizer.clone());
             if policy == Policy::Wisp {
-                spec = spec.with_controller(wisp_controller(cfg.draft_len));
+                spec = spec.with_controller(wisp_controller(cfg.draft_len, cfg.slo_tpot_ms));
             }
             spec.generate(&request, |_| {}).map(|g| (g.tokens, g.ttft_ms, g.wall_ms, g.rounds, g.drafted, g.accepted, g.wasted_draft_ms))
         }
@@ -366,6 +374,7 @@ fn run_policy(policy: Policy, cfg: &LiveConfig, url: &str, inputs: &LiveInputs) 
             for device in 0..devices {
                 let records = records.clone();
                 s.spawn(move || {
+                    std::thread::sleep(join_delay(device, devices, cfg.duration_s));
                     let mut n = 0;
                     while Instant::now() < until {
                         let prompt = &prompts[(device + n * devices) % prompts.len()];

@@ -3,6 +3,7 @@
 //! re-opens the session with the prompt and every token accepted so far,
 //! so nothing is lost or duplicated.
 
+use crate::controller::RoundHints;
 use crate::target::{RoundOutcome, Target, TargetFeatures};
 use crate::EdgeError;
 use std::time::{Duration, Instant};
@@ -340,7 +341,7 @@ impl Target for RemoteTarget {
                         verdict: Verdict { accepted: v.accepted as usize, next: v.next_token },
                         verified: (v.verified as usize).min(drafts.len()),
                         server_ms: Some(v.server_ms as f64),
-                        hinted_verify_ms: v.hints.map(|h| h.est_verify_ms_by_k).unwrap_or_default(),
+                        hints: v.hints.map(|h| RoundHints { verify_ms_by_k: h.est_verify_ms_by_k, suggested_k: Some(h.suggested_k as usize).filter(|k| *k > 0) }).unwrap_or_default(),
                     })
                 }
                 Ok(Some(other)) => Err(EdgeError::Server(Status::internal(format!("expected a verdict, got {other:?}")))),

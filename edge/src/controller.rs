@@ -7,6 +7,15 @@
 //!   trained file, a confidence threshold on the draft's top-1 probability.
 //! * Cost-aware k_max: the draft length maximising expected tokens per unit
 //!   of wall time, E[tokens](k) / (k·t_draft + RTT + T_verify(k)).
+//! * With a TPOT objective, SLO-aware k_max instead: of the draft lengths
+//!   whose expected pace (drafting, round trip, measured server wait and
+//!   verification per expected token) keeps a margin under the objective,
+//!   the one nearest the server's suggested k (the least server time per
+//!   token). A device that meets its objective anyway then drafts as the
+//!   server's costs prefer: long rounds where a pass costs its weight read
+//!   (each round takes one sequence slot of a pass, so longer rounds leave
+//!   room for more devices), short ones where every rejected draft costs
+//!   compute. The speed-optimal k only where the objective needs it.
 
 use serde::{Deserialize, Serialize};
 use tandem_model::DraftFeatures;
@@ -123,6 +132,35 @@ pub fn best_k(alpha: f64, t_draft_ms: f64, rtt_ms: f64, verify_ms: impl Fn(usize
         .map_or(0, |(k, _)| k)
 }
 
+/// What the server said for the next round (remote targets; empty locally).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoundHints {
+    /// Estimated verification time for k = 1..8, ms.
+    pub verify_ms_by_k: Vec<f32>,
+    /// The draft length with the least server time per expected token.
+    pub suggested_k: Option<usize>,
+}
+
+/// Share of the TPOT objective a round's expected pace may use (the rest
+/// absorbs queueing jitter).
+const TPOT_MARGIN: f64 = 0.8;
+/// A draft position is worth sending only if it is accepted with at least
+/// this probability (α^k): beyond it, drafting is mostly wasted.
+const MIN_USEFUL: f64 = 0.1;
+
+/// With a TPOT objective: of the k whose expected pace — drafting,
+/// `fixed_ms` (round trip and server wait) and verification per expected
+/// token — stays within TPOT_MARGIN of the objective (and, past the
+/// fastest k, whose last draft is used with probability ≥ MIN_USEFUL), the
+/// one nearest `preferred` (the server's suggestion: the least server time
+/// per token); the fastest k when none keeps the pace.
+pub fn slo_k(alpha: f64, t_draft_ms: f64, fixed_ms: f64, verify_ms: impl Fn(usize) -> f64, k_max: usize, tpot_ms: f64, preferred: usize) -> usize {
+    let fastest = best_k(alpha, t_draft_ms, fixed_ms, &verify_ms, k_max);
+    let pace = |k: usize| (k as f64 * t_draft_ms + fixed_ms + verify_ms(k)) / expected_tokens(alpha, k);
+    let keeps_pace = |k: usize| pace(k) <= TPOT_MARGIN * tpot_ms && (k <= fastest || alpha.powi(k as i32) >= MIN_USEFUL);
+    (0..=k_max).filter(|&k| keeps_pace(k)).min_by_key(|&k| k.abs_diff(preferred)).unwrap_or(fastest)
+}
+
 /// Exponentially weighted mean.
 #[derive(Clone, Copy, Debug)]
 struct Ewma {
@@ -150,6 +188,13 @@ pub struct SpeculationController {
     rtt_ms: Ewma,
     /// Verification time by k (index k), from the server's hints or measured.
     verify_ms: Vec<Option<f64>>,
+    /// Measured server time of a round beyond its verification estimate
+    /// (queueing), ms.
+    wait_ms: Ewma,
+    /// The session's TPOT objective, ms.
+    tpot_ms: Option<f64>,
+    /// The server's suggested draft length.
+    suggested_k: Option<usize>,
     keep_prob: f64,
 }
 
@@ -163,8 +208,17 @@ impl SpeculationController {
             t_draft_ms: Ewma { value: None, weight: 0.2 },
             rtt_ms: Ewma { value: None, weight: 0.2 },
             verify_ms: vec![None; k_max + 1],
+            wait_ms: Ewma { value: None, weight: 0.2 },
+            tpot_ms: None,
+            suggested_k: None,
             keep_prob: 1.0,
         }
+    }
+
+    /// Chooses k against this TPOT objective (ms; none: for speed alone).
+    pub fn with_tpot_objective(mut self, tpot_ms: Option<f64>) -> Self {
+        self.tpot_ms = tpot_ms.filter(|t| *t > 0.0);
+        self
     }
 
     /// Drafts to aim for this round.
@@ -177,7 +231,16 @@ impl SpeculationController {
         let verify = |k: usize| {
             known(k).or_else(|| (0..=self.k_max).filter_map(|j| known(j).map(|v| (j.abs_diff(k), v))).min_by_key(|p| p.0).map(|p| p.1)).unwrap_or(10.0)
         };
-        best_k(self.alpha.get(0.5), self.t_draft_ms.get(5.0), self.rtt_ms.get(1.0), verify, self.k_max)
+        let (alpha, t_draft, rtt) = (self.alpha.get(0.5), self.t_draft_ms.get(5.0), self.rtt_ms.get(1.0));
+        let k = match self.tpot_ms {
+            Some(tpot) => slo_k(alpha, t_draft, rtt + self.wait_ms.get(0.0), verify, self.k_max, tpot, self.suggested_k.unwrap_or(self.k_max)),
+            None => best_k(alpha, t_draft, rtt, verify, self.k_max),
+        };
+        // At least one draft: a round without drafts measures no acceptance,
+        // so a device that once saw a bad streak would never find out that
+        // its draft does better (measured: simulated phones stuck at k = 0
+        // for most of their rounds).
+        k.clamp(1.min(self.k_max), self.k_max)
     }
 
     /// Whether drafting ahead while `in_flight` drafts are verified is
@@ -206,7 +269,11 @@ impl SpeculationController {
     }
 
     /// Learns from a finished round.
-    pub fn end_round(&mut self, drafted: usize, accepted: usize, draft_ms_per_token: Option<f64>, rtt_ms: f64, verify_ms: f64, hinted_verify_ms: &[f32]) {
+    pub fn end_round(&mut self, drafted: usize, accepted: usize, draft_ms_per_token: Option<f64>, rtt_ms: f64, verify_ms: f64, hints: &RoundHints) {
+        let hinted_verify_ms = &hints.verify_ms_by_k;
+        if hints.suggested_k.is_some() {
+            self.suggested_k = hints.suggested_k;
+        }
         if drafted > 0 {
             // Per-position acceptance α from the accepted prefix (a geometric fit).
             let judged = (accepted + 1).min(drafted) as f64;
@@ -216,6 +283,9 @@ impl SpeculationController {
             self.t_draft_ms.add(t);
         }
         self.rtt_ms.add(rtt_ms.max(0.0));
+        if let Some(hinted) = drafted.checked_sub(1).and_then(|i| hinted_verify_ms.get(i)) {
+            self.wait_ms.add((verify_ms - *hinted as f64).max(0.0));
+        }
         if let Some(slot) = self.verify_ms.get_mut(drafted) {
             *slot = Some(slot.map_or(verify_ms, |v| v + 0.2 * (verify_ms - v)));
         }
@@ -285,25 +355,51 @@ mod tests {
     fn drafting_ahead_only_when_a_whole_round_is_likely_accepted() {
         let mut c = SpeculationController::new(StopRule::Fixed, 4, false);
         for _ in 0..50 {
-            c.end_round(4, 4, Some(1.0), 10.0, 12.0, &[]);
+            c.end_round(4, 4, Some(1.0), 10.0, 12.0, &RoundHints::default());
         }
         assert!(c.worth_drafting_ahead(4), "all accepted so far");
         for _ in 0..50 {
-            c.end_round(4, 1, Some(1.0), 10.0, 12.0, &[]);
+            c.end_round(4, 1, Some(1.0), 10.0, 12.0, &RoundHints::default());
         }
         // α = 1/2: a one-draft round is worth it, a four-draft one is not.
         assert!(c.worth_drafting_ahead(1) && !c.worth_drafting_ahead(4));
     }
 
     #[test]
+    fn slo_aware_k_drafts_longer_only_within_the_objective() {
+        let verify = |k: usize| 5.0 + 0.1 * k as f64;
+        // A fast device (α 0.8, 4 ms a draft, 10 ms round trip): 3 drafts
+        // give the most tokens per ms, but it meets 100 ms/token with 8 at
+        // half the rounds' share of server slots per token.
+        let fastest = best_k(0.8, 4.0, 10.0, verify, 8);
+        assert!(fastest < 8);
+        // α^k ≥ 0.1 caps it at 10 (0.8^10 = 0.107); k_max 8 caps it first.
+        assert_eq!(slo_k(0.8, 4.0, 10.0, verify, 8, 100.0, 8), 8);
+        // Where the server finds 2 drafts cheapest per token, 2.
+        assert_eq!(slo_k(0.8, 4.0, 10.0, verify, 8, 100.0, 2), 2);
+        // A slow device (α 0.5, 20 ms a draft, 60 ms round trip and wait)
+        // against 80 ms/token: 2 drafts keep 60 ms/token, 3 would take 67.
+        let k = slo_k(0.5, 20.0, 60.0, verify, 8, 80.0, 8);
+        let pace = |k: usize| (k as f64 * 20.0 + 60.0 + verify(k)) / expected_tokens(0.5, k);
+        assert_eq!(k, 2);
+        assert!(pace(2) <= 0.8 * 80.0 && pace(3) > 0.8 * 80.0);
+        // Hopeless objective: the fastest k.
+        assert_eq!(slo_k(0.5, 20.0, 60.0, verify, 8, 10.0, 8), best_k(0.5, 20.0, 60.0, verify, 8));
+        // Unlikely drafts are not sent however loose the objective
+        // (0.5^3 ≥ 0.1 > 0.5^4).
+        assert_eq!(best_k(0.5, 2.0, 10.0, verify, 8), 2);
+        assert_eq!(slo_k(0.5, 2.0, 10.0, verify, 8, 1e6, 8), 3);
+    }
+
+    #[test]
     fn adaptive_k_follows_measured_acceptance() {
         let mut c = SpeculationController::new(StopRule::Fixed, 8, true);
         for _ in 0..50 {
-            c.end_round(4, 4, Some(1.0), 10.0, 12.0, &[10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0]);
+            c.end_round(4, 4, Some(1.0), 10.0, 12.0, &RoundHints { verify_ms_by_k: vec![10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0], suggested_k: None });
         }
         let high = c.round_k();
         for _ in 0..80 {
-            c.end_round(4, 0, Some(1.0), 10.0, 12.0, &[]);
+            c.end_round(4, 0, Some(1.0), 10.0, 12.0, &RoundHints::default());
         }
         assert!(high >= 6, "a draft that is always right should draft long, got {high}");
         assert!(c.round_k() <= 1, "a draft that is always wrong should barely draft, got {}", c.round_k());

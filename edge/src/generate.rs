@@ -229,7 +229,7 @@ impl<T: Target + Send> Speculator<T> {
             }
             if let Some(c) = self.controller.as_mut() {
                 let per_token = (fresh > 0).then(|| draft_ms / fresh as f64);
-                c.end_round(round.verified, verdict.accepted, per_token, rtt, round.server_ms.unwrap_or(verify_ms), &round.hinted_verify_ms);
+                c.end_round(round.verified, verdict.accepted, per_token, rtt, round.server_ms.unwrap_or(verify_ms), &round.hints);
             }
             if let Some(log) = self.log.as_mut() {
                 // Positions after the first rejection, or past those the

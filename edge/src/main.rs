@@ -303,7 +303,8 @@ fn edge_options(args: &EdgeArgs, file: &EdgeConfig) -> Result<EdgeOptions> {
     };
     Ok(EdgeOptions {
         model: model_path(args, file)?,
-        controller: Some(SpeculationController::new(rule, draft_len, args.adaptive_k)),
+        // k follows the session's TPOT objective where it has one.
+        controller: Some(SpeculationController::new(rule, draft_len, args.adaptive_k).with_tpot_objective(args.slo_tpot_ms.or(file.slo_tpot_ms).map(f64::from))),
         draft,
         backend,
         draft_len,

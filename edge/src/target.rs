@@ -1,6 +1,7 @@
 //! Where verification happens: the target model in this process, or a
 //! Tandem server (see `client`). The speculative loop is the same for both.
 
+use crate::controller::RoundHints;
 use crate::EdgeError;
 use tandem_model::{judge_round, KvCache, LoadedModel, Logits, LogitsFor, SamplingParams, SeqPass, SparseDist, Verdict};
 
@@ -59,8 +60,8 @@ pub struct RoundOutcome {
     pub verified: usize,
     /// Server-side time of the round, queueing included (remote targets).
     pub server_ms: Option<f64>,
-    /// The server's estimated verification time for k = 1..8 (remote targets).
-    pub hinted_verify_ms: Vec<f32>,
+    /// The server's hints for the next round (remote targets).
+    pub hints: RoundHints,
 }
 
 /// The target model in this process (`generate --local`).
@@ -121,7 +122,7 @@ impl Target for LocalTarget {
             f.values.truncate(keep * f.values.len() / f.rows.max(1));
             f.rows = keep;
         }
-        Ok(RoundOutcome { verdict, verified: drafts.len(), server_ms: None, hinted_verify_ms: vec![] })
+        Ok(RoundOutcome { verdict, verified: drafts.len(), server_ms: None, hints: RoundHints::default() })
     }
 
     fn want_features(&mut self, on: bool) {

@@ -73,6 +73,11 @@ pub trait Batcher: Send {
     fn estimate_ms(&self, _shape: BatchShape) -> Option<(f64, f64)> {
         None
     }
+    /// The draft length (1..=8) this batcher would have a session with
+    /// `expected_tokens(k)` per round at `context` use (None: no opinion).
+    fn suggested_k(&self, _expected_tokens: &dyn Fn(usize) -> f64, _context: usize) -> Option<usize> {
+        None
+    }
     /// The verification-time estimator, for admission (None: no estimator).
     fn estimator(&self) -> Option<&VerifyTimeEstimator> {
         None

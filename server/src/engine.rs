@@ -286,6 +286,7 @@ impl Engine {
                 opened_at: now,
                 ttft: open.ttft_ms.map(|ms| Duration::from_millis(ms as u64)),
                 tpot: open.tpot_ms.map(|ms| Duration::from_millis(ms as u64)),
+                first_token: None,
                 acceptance,
                 last_k: 4,
             };
@@ -407,8 +408,8 @@ impl Engine {
     }
 
     /// What the edge should know for its next round: expected queueing,
-    /// verification time by draft length, and the draft length that gives
-    /// the most expected tokens per ms of verification.
+    /// verification time by draft length, and the batcher's suggested draft
+    /// length (the least server time per expected token).
     fn hints(&self, s: &Session) -> Hints {
         let queued = self.queue.iter().fold(BatchShape::default(), |acc, w| acc.add(w.shape(w.tokens)));
         let Some((queue_ms, _)) = self.batcher.estimate_ms(queued) else {
@@ -421,12 +422,7 @@ impl Engine {
             };
         };
         let by_k = verify_ms_by_k(self.batcher.as_ref(), s.cache.len());
-        let suggested_k = (1..=8usize)
-            .max_by(|&a, &b| {
-                let rate = |k: usize| s.acceptance.expected_tokens(k) / (by_k[k - 1] as f64).max(1e-3);
-                rate(a).total_cmp(&rate(b))
-            })
-            .unwrap_or(4);
+        let suggested_k = self.batcher.suggested_k(&|k| s.acceptance.expected_tokens(k), s.cache.len()).unwrap_or(4);
         Hints {
             est_queue_ms: queue_ms as f32,
             est_verify_ms: by_k[s.last_k.clamp(1, 8) - 1],
@@ -457,6 +453,7 @@ impl Engine {
             self.metrics.tenant(&s.tenant.name, |t| t.generated_tokens += 1);
         }
         s.opened = true;
+        s.first_token = Some((Instant::now(), s.generated));
         s.ticket.update(s.demand());
         let finished = s.finished(self.model.tokenizer.eos_tokens());
         let features = features::encode(&std::mem::take(&mut s.prefill_features));

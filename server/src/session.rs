@@ -46,6 +46,9 @@ pub(crate) struct Session {
     pub(crate) opened_at: Instant,
     pub(crate) ttft: Option<Duration>,
     pub(crate) tpot: Option<Duration>,
+    /// When the first token of this connection went out, and `generated`
+    /// then: the start of the session's TPOT pace.
+    pub(crate) first_token: Option<(Instant, usize)>,
     /// Per-position acceptance of this session's drafts.
     pub(crate) acceptance: AcceptanceEstimator,
     /// Draft length of the last round (for hints).
@@ -61,7 +64,8 @@ impl Session {
             WorkKind::Verify => self.acceptance.expected_tokens(tokens - 1),
             WorkKind::Prefill | WorkKind::Decode => 1.0,
         };
-        let deadline = work_deadline(kind, self.opened_at, now, self.ttft, self.tpot, expected_tokens);
+        let pace = self.first_token.map(|(first_token_at, base)| Pace { first_token_at, tokens_since: self.generated - base });
+        let deadline = work_deadline(kind, self.opened_at, pace, now, self.ttft, self.tpot, expected_tokens);
         PendingWork {
             session: id,
             tenant: self.tenant.name.clone(),
@@ -85,13 +89,36 @@ impl Session {
     }
 }
 
+/// Where a generation stands against its TPOT objective: when its first
+/// token left the server and how many tokens it has produced since.
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    pub first_token_at: Instant,
+    pub tokens_since: usize,
+}
+
+/// A deadline is never set closer than this share of the round's own TPOT
+/// budget from now: a session behind its pace is urgent, not written off
+/// as already late (TPOT is an average, so it can still catch up).
+const MIN_ROUND_BUDGET: f64 = 0.5;
+
 /// The deadline a session's SLO sets for a request queued at `now`: TTFT
-/// from the open for prefill, the TPOT budget of the `expected_tokens` a
-/// round (or decode step) yields otherwise. Public for the simulator.
-pub fn work_deadline(kind: WorkKind, opened_at: Instant, now: Instant, ttft: Option<Duration>, tpot: Option<Duration>, expected_tokens: f64) -> Option<Instant> {
+/// from the open for prefill; otherwise the time its pace is due to reach
+/// the tokens this round (or decode step) is expected to yield — the first
+/// token's time plus TPOT per token since — so slack a session gained
+/// (a fast device) or lost (slow drafting, a long round trip) carries over
+/// from round to round. Without a pace yet, the round's own TPOT budget.
+/// Public for the simulator.
+pub fn work_deadline(kind: WorkKind, opened_at: Instant, pace: Option<Pace>, now: Instant, ttft: Option<Duration>, tpot: Option<Duration>, expected_tokens: f64) -> Option<Instant> {
     match kind {
         WorkKind::Prefill => ttft.map(|t| opened_at + t),
-        WorkKind::Verify | WorkKind::Decode => tpot.map(|t| now + t.mul_f64(expected_tokens)),
+        WorkKind::Verify | WorkKind::Decode => tpot.map(|t| {
+            let floor = now + t.mul_f64(expected_tokens * MIN_ROUND_BUDGET);
+            match pace {
+                Some(p) => (p.first_token_at + t.mul_f64(p.tokens_since as f64 + expected_tokens)).max(floor),
+                None => now + t.mul_f64(expected_tokens),
+            }
+        }),
     }
 }
 
@@ -136,5 +163,29 @@ fn round_demand(tokens: usize, context: usize, tpot: Option<Duration>, expected_
     Demand {
         round: BatchShape { seqs: 1, tokens, token_context: tokens * (context + tokens), prefill_tokens: 0 },
         budget_ms: tpot.map(|t| t.as_secs_f64() * 1e3 * expected_tokens),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_deadlines_follow_the_sessions_pace() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let tpot = Some(ms(100));
+        let at = |pace, now| work_deadline(WorkKind::Verify, t0, pace, now, None, tpot, 2.0).unwrap();
+        // Before the first token: the round's own budget.
+        assert_eq!(at(None, t0 + ms(5)), t0 + ms(205));
+        // On pace: 10 tokens after the first at +1 s; 2 more are due at +1.2 s.
+        let pace = Pace { first_token_at: t0, tokens_since: 10 };
+        assert_eq!(at(Some(pace), t0 + ms(1000)), t0 + ms(1200));
+        // Ahead of pace (a fast device) the slack carries over...
+        assert_eq!(at(Some(pace), t0 + ms(300)), t0 + ms(1200));
+        // ...behind it the deadline tightens, but never below half the round's budget.
+        assert_eq!(at(Some(pace), t0 + ms(1150)), t0 + ms(1250));
+        // Prefill: TTFT from the open.
+        assert_eq!(work_deadline(WorkKind::Prefill, t0, Some(pace), t0 + ms(50), Some(ms(700)), tpot, 1.0), Some(t0 + ms(700)));
     }
 }

@@ -3,8 +3,13 @@
 //!
 //! 1. Urgent phase: requests whose slack is shorter than the next pass take
 //!    their place in least-slack order.
-//! 2. Density fill: the rest by expected tokens per marginal estimated time,
-//!    lowest tenant counter first (in quanta of service).
+//! 2. Density fill: the rest, lowest tenant counter first (in quanta of
+//!    service), then by slack at the granularity of a pass (requests whose
+//!    slack falls in the same pass-length window are equals), then by
+//!    expected tokens per marginal estimated time. Deadlines follow each session's
+//!    pace (`work_deadline`), so a session ahead of its TPOT objective
+//!    yields to prefills and to sessions behind theirs: serving it sooner
+//!    than its objective asks would only spend the slots others need.
 //! 3. Batching delay: when everyone has ample slack and the batch is small,
 //!    wait (bounded) for more arrivals.
 //! 4. Requests already late are served best-effort after on-time work.
@@ -63,7 +68,8 @@ struct Candidate {
     tokens: usize,
     deadline: Option<Instant>,
     late: bool,
-    /// Deadline − now − T_q(alone), ms (infinite without a deadline).
+    /// Deadline − now − T_q(alone) (− a pass per later prefill chunk), ms
+    /// (infinite without a deadline).
     slack_ms: f64,
 }
 
@@ -83,20 +89,39 @@ impl WispBatcher {
         Duration::from_secs_f64(self.estimator.upper(shape).max(0.0) / 1e3)
     }
 
-    /// Whether `batch` plus `extra` (tokens of queue[index]) fits the
-    /// budgets and every on-time member still meets its deadline.
-    fn fits(&self, now: Instant, queue: &VecDeque<PendingWork>, batch: &[Candidate], extra: &Candidate) -> bool {
-        let tokens: usize = batch.iter().map(|c| c.tokens).sum::<usize>() + extra.tokens;
-        if tokens > self.cfg.max_tokens || batch.len() + 1 > self.cfg.max_seqs {
+    /// Whether `batch` plus `extra` fits the budgets and every on-time
+    /// member still meets its deadline.
+    fn fits(&self, now: Instant, queue: &VecDeque<PendingWork>, batch: &Building, extra: &Candidate) -> bool {
+        if batch.tokens + extra.tokens > self.cfg.max_tokens || batch.members.len() + 1 > self.cfg.max_seqs {
             return false;
         }
-        let shape = batch.iter().chain([extra]).fold(BatchShape::default(), |acc, c| acc.add(queue[c.index].shape(c.tokens)));
-        let end = now + self.tq(shape);
-        batch.iter().chain([extra]).filter(|c| !c.late).all(|c| c.deadline.is_none_or(|d| end <= d))
+        let end = now + self.tq(batch.shape.add(queue[extra.index].shape(extra.tokens)));
+        let extra_deadline = if extra.late { None } else { extra.deadline };
+        batch.earliest.into_iter().chain(extra_deadline).all(|d| end <= d)
     }
+}
 
-    fn shape_of(queue: &VecDeque<PendingWork>, batch: &[Candidate]) -> BatchShape {
-        batch.iter().fold(BatchShape::default(), |acc, c| acc.add(queue[c.index].shape(c.tokens)))
+/// A batch being chosen, with what `fits` asks of it kept up to date.
+#[derive(Default)]
+struct Building {
+    members: Vec<Candidate>,
+    shape: BatchShape,
+    tokens: usize,
+    /// The earliest deadline of an on-time member.
+    earliest: Option<Instant>,
+}
+
+impl Building {
+    fn push(&mut self, queue: &VecDeque<PendingWork>, c: Candidate) {
+        self.shape = self.shape.add(queue[c.index].shape(c.tokens));
+        self.tokens += c.tokens;
+        if !c.late {
+            self.earliest = match (self.earliest, c.deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        self.members.push(c);
     }
 }
 
@@ -107,7 +132,7 @@ impl Batcher for WispBatcher {
         }
         self.counters.set_backlogged(queue.iter().map(|w| w.tenant.as_str()));
         let chunk = |w: &PendingWork| if w.kind == WorkKind::Prefill { w.tokens.min(self.cfg.prefill_chunk).min(self.cfg.max_tokens) } else { w.tokens };
-        let pool: Vec<Candidate> = queue
+        let mut pool: Vec<Candidate> = queue
             .iter()
             .enumerate()
             .map(|(index, w)| {
@@ -135,8 +160,16 @@ impl Batcher for WispBatcher {
             })
             .fold(BatchShape::default(), |acc, (w, c)| acc.add(w.shape(c.tokens)));
         let horizon_ms = self.estimator.upper(horizon_shape);
+        // A prefill longer than a chunk needs a pass per chunk: its urgency
+        // counts the passes after this one (whether it is late still goes
+        // by this chunk alone), or its last chunk would find the deadline
+        // gone and wait behind all on-time work.
+        for c in pool.iter_mut() {
+            let later_passes = queue[c.index].tokens.div_ceil(c.tokens).saturating_sub(1);
+            c.slack_ms -= later_passes as f64 * horizon_ms;
+        }
 
-        let mut batch: Vec<Candidate> = Vec::new();
+        let mut batch = Building::default();
         // 1. Urgent: least slack first.
         let mut urgent: Vec<usize> = (0..pool.len()).filter(|&i| !pool[i].late && pool[i].slack_ms < horizon_ms).collect();
         urgent.sort_by(|&a, &b| pool[a].slack_ms.total_cmp(&pool[b].slack_ms));
@@ -144,35 +177,37 @@ impl Batcher for WispBatcher {
         for i in urgent {
             if self.fits(now, queue, &batch, &pool[i]) {
                 taken[i] = true;
-                batch.push(pool[i]);
+                batch.push(queue, pool[i]);
             }
         }
-        // 2. Density fill: lowest counter quantum first, then most expected
-        //    tokens per marginal estimated time.
+        // 2. Density fill: lowest counter quantum first, then the least
+        //    slack in windows of a pass's length, then most expected tokens
+        //    per marginal estimated time.
         loop {
-            let base = self.estimator.upper(Self::shape_of(queue, &batch));
-            let mut best: Option<(usize, (i64, f64))> = None;
+            let base = self.estimator.upper(batch.shape);
+            let mut best: Option<(usize, (i64, i64, f64))> = None;
             for (i, c) in pool.iter().enumerate() {
                 if taken[i] || c.late || !self.fits(now, queue, &batch, c) {
                     continue;
                 }
                 let w = &queue[c.index];
-                let marginal = (self.estimator.upper(Self::shape_of(queue, &batch).add(w.shape(c.tokens))) - base).max(1e-3);
+                let marginal = (self.estimator.upper(batch.shape.add(w.shape(c.tokens))) - base).max(1e-3);
                 let quantum = (self.counters.counter(&w.tenant) / self.cfg.fairness_quantum).floor() as i64;
-                let key = (quantum, -(w.expected_tokens / marginal));
-                if best.as_ref().is_none_or(|(_, k)| key.0 < k.0 || (key.0 == k.0 && key.1 < k.1)) {
+                let window = (c.slack_ms / horizon_ms.max(1e-3)).floor().min(i64::MAX as f64) as i64;
+                let key = (quantum, window, -(w.expected_tokens / marginal));
+                if best.as_ref().is_none_or(|(_, k)| (key.0, key.1).cmp(&(k.0, k.1)).then(key.2.total_cmp(&k.2)).is_lt()) {
                     best = Some((i, key));
                 }
             }
             let Some((i, _)) = best else { break };
             taken[i] = true;
-            batch.push(pool[i]);
+            batch.push(queue, pool[i]);
         }
         // 3. Batching delay: small batch, everyone relaxed, nobody late.
-        let relaxed = batch.iter().all(|c| c.slack_ms > 4.0 * horizon_ms.max(1.0));
-        let small = batch.iter().map(|c| c.tokens).sum::<usize>() * 4 < self.cfg.max_tokens && batch.len() * 4 < self.cfg.max_seqs;
+        let relaxed = batch.members.iter().all(|c| c.slack_ms > 4.0 * horizon_ms.max(1.0));
+        let small = batch.tokens * 4 < self.cfg.max_tokens && batch.members.len() * 4 < self.cfg.max_seqs;
         let any_late = pool.iter().any(|c| c.late);
-        if !batch.is_empty() && relaxed && small && !any_late && batch.len() == pool.len() {
+        if !batch.members.is_empty() && relaxed && small && !any_late && batch.members.len() == pool.len() {
             let since = *self.delaying_since.get_or_insert(now);
             if now.duration_since(since) < self.cfg.max_delay {
                 return vec![];
@@ -183,9 +218,10 @@ impl Batcher for WispBatcher {
         for (i, c) in pool.iter().enumerate() {
             if !taken[i] && c.late && self.fits(now, queue, &batch, c) {
                 taken[i] = true;
-                batch.push(*c);
+                batch.push(queue, *c);
             }
         }
+        let mut batch = batch.members;
         // Nothing fits (a single request over budget): run the oldest alone.
         if batch.is_empty() {
             batch.push(pool[0]);
@@ -214,6 +250,21 @@ impl Batcher for WispBatcher {
 
     fn estimator(&self) -> Option<&VerifyTimeEstimator> {
         Some(&self.estimator)
+    }
+
+    /// The k with the least marginal server time per expected token when
+    /// the round shares a full pass: its own per-sequence and per-token
+    /// cost plus its share of the pass's fixed cost. Where a pass costs
+    /// about its weight read whatever it holds (a GPU), that is a long
+    /// draft; where tokens cost compute (a CPU, a big model), a short one,
+    /// since every rejected draft is paid for.
+    fn suggested_k(&self, expected_tokens: &dyn Fn(usize) -> f64, context: usize) -> Option<usize> {
+        let fixed = self.estimator.predict(BatchShape::default());
+        let cost = |k: usize| {
+            let round = BatchShape { seqs: 1, tokens: k + 1, token_context: (k + 1) * (context + k + 1), prefill_tokens: 0 };
+            (self.estimator.predict(round) - fixed + fixed / self.cfg.max_seqs.max(1) as f64) / expected_tokens(k).max(1e-9)
+        };
+        (1..=8).min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
     }
 
     fn warm_start(&mut self, samples: &[(BatchShape, f64)]) {
@@ -354,6 +405,21 @@ mod tests {
         let mut queue: VecDeque<_> = [w("heavy", 1), w("heavy", 2), w("light", 3)].into();
         let batch = b.next_batch(now, &mut queue);
         assert!(batch.iter().any(|s| s.work.tenant == "light"), "the light tenant waited behind the heavy one");
+    }
+
+    #[test]
+    fn suggested_k_is_long_where_tokens_are_cheap_and_short_where_they_cost() {
+        let with = |coefficients| {
+            let calibration = VerifyTimeCalibration { coefficients, quantile: 0.9, residual_ratios: vec![1.0; 64], gram: [[0.0; 5]; 5], moment: [0.0; 5] };
+            WispBatcher::with_estimator(WispConfig::default(), VerifyTimeEstimator::from_calibration(&calibration, 1.0))
+        };
+        let expected = |k: usize| (0..=k).map(|j| 0.7f64.powi(j as i32)).sum::<f64>();
+        // A pass costs about its weight read (a GPU): a long draft.
+        let gpu = with([5.0, 0.01, 0.003, 0.005, 0.0]).suggested_k(&expected, 100).unwrap();
+        assert!(gpu >= 6, "{gpu}");
+        // A token costs 1 ms of compute (a CPU): every rejected draft is
+        // paid for, one draft is cheapest per token.
+        assert_eq!(with([5.0, 0.05, 1.0, 0.0, 0.0]).suggested_k(&expected, 100), Some(1));
     }
 
     #[test]

@@ -70,8 +70,8 @@ impl EdgeFactory for Edges<'_> {
         }
     }
 
-    fn controller(&self, policy: Policy, draft_len: usize) -> Option<SpeculationController> {
-        (policy == Policy::Wisp).then(|| live::wisp_controller(draft_len))
+    fn controller(&self, policy: Policy, draft_len: usize, slo_tpot_ms: u32) -> Option<SpeculationController> {
+        (policy == Policy::Wisp).then(|| live::wisp_controller(draft_len, slo_tpot_ms))
     }
 }
 

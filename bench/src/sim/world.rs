@@ -13,18 +13,18 @@
 //! drawn from the calibration's measured residuals, and links take half
 //! the round trip (± jitter) plus size over bandwidth, as in `live`.
 
-use crate::live::DeviceProfile;
+use crate::live::{join_delay, DeviceProfile};
 use crate::prompts::BenchPrompt;
 use crate::report::{Policy, SessionRecord};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
-use tandem_edge::controller::SpeculationController;
+use tandem_edge::controller::{RoundHints, SpeculationController};
 use tandem_estimators::{AcceptanceEstimator, CounterWeights, TenantCounters, VerifyTimeCalibration, VerifyTimeEstimator};
 use tandem_model::{DraftSource, SamplingParams, SessionRng};
 use tandem_server::batcher::{batch_shape, Batcher, PendingWork, Scheduled, WorkKind};
 use tandem_server::engine::{verify_ms_by_k, REACH_FLOOR};
-use tandem_server::{new_acceptance, work_deadline};
+use tandem_server::{new_acceptance, work_deadline, Pace};
 
 /// Simulated time, ns since the epoch.
 type Ns = u64;
@@ -68,7 +68,7 @@ pub struct WorldConfig<'a> {
 /// Builds the edge's draft source and controller for a device profile.
 pub trait EdgeFactory {
     fn draft(&self, profile: &DeviceProfile, prompt: &BenchPrompt) -> Box<dyn DraftSource>;
-    fn controller(&self, policy: Policy, draft_len: usize) -> Option<SpeculationController>;
+    fn controller(&self, policy: Policy, draft_len: usize, slo_tpot_ms: u32) -> Option<SpeculationController>;
 }
 
 /// What one run produced.
@@ -91,7 +91,7 @@ enum Event {
     OpenAtServer { session: usize },
     VerifyAtServer { session: usize, drafts: Vec<u32> },
     OpenedAtEdge { session: usize },
-    VerdictAtEdge { session: usize, verified: usize, accepted: usize, server_ms: f64, hints: Vec<f32> },
+    VerdictAtEdge { session: usize, verified: usize, accepted: usize, server_ms: f64, hints: RoundHints },
     /// Server-only: the last token reached the edge.
     FinishedAtEdge { session: usize },
     PassDone,
@@ -120,6 +120,8 @@ struct Session {
     sent_drafts: usize,
     // Server side.
     opened_at: Ns,
+    /// When prefill ended (the first token left the server).
+    first_token_at: Option<Ns>,
     prefilled: usize,
     generated: usize,
     acceptance: AcceptanceEstimator,
@@ -214,7 +216,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             Arrivals::Closed { devices, .. } => {
                 self.per_device_next = vec![0; devices];
                 for device in 0..devices {
-                    self.at(0, Event::Start { device });
+                    self.at(join_delay(device, devices, self.cfg.duration_s).as_nanos() as Ns, Event::Start { device });
                 }
             }
             Arrivals::Open { .. } => self.at(0, Event::Start { device: 0 }),
@@ -298,12 +300,13 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             accepted: 0,
             wasted_ms: 0.0,
             draft: drafting.then(|| self.factory.draft(profile, bench_prompt)),
-            controller: if drafting { self.factory.controller(self.cfg.policy, self.cfg.draft_len) } else { None },
+            controller: if drafting { self.factory.controller(self.cfg.policy, self.cfg.draft_len, self.cfg.slo_tpot_ms) } else { None },
             link: SessionRng::new(self.cfg.seed ^ (device as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ id as u64),
             verify_sent: 0,
             draft_ms: 0.0,
             sent_drafts: 0,
             opened_at: 0,
+            first_token_at: None,
             prefilled: 0,
             generated: 0,
             acceptance,
@@ -342,7 +345,8 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         let s = &self.sessions[session];
         let ttft = Duration::from_millis(self.cfg.slo_ttft_ms.into());
         let tpot = Duration::from_millis(self.cfg.slo_tpot_ms.into());
-        work_deadline(kind, self.instant(s.opened_at), self.instant(self.now), Some(ttft), Some(tpot), expected_tokens)
+        let pace = s.first_token_at.map(|t| Pace { first_token_at: self.instant(t), tokens_since: s.generated - 1 });
+        work_deadline(kind, self.instant(s.opened_at), pace, self.instant(self.now), Some(ttft), Some(tpot), expected_tokens)
     }
 
     /// Positions in the session's KV cache: the prompt and every generated
@@ -440,6 +444,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             return;
         }
         self.sessions[session].generated = 1;
+        self.sessions[session].first_token_at = Some(self.now);
         let finished = self.output_len(session) <= 1;
         if self.cfg.policy == Policy::Centralized {
             // Tokens come back over loopback plus half the round trip (as in `live`).
@@ -473,7 +478,14 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         s.acceptance.observe(verified, accepted);
         let tenant = s.tenant.clone();
         self.tenant_acceptance.entry(tenant).or_insert_with(new_acceptance).observe(verified, accepted);
-        let hints = if self.batcher.estimator().is_some() { verify_ms_by_k(self.batcher.as_ref(), self.cache_len(session)) } else { vec![] };
+        let cached = self.cache_len(session);
+        let hints = match self.batcher.estimator() {
+            Some(_) => RoundHints {
+                verify_ms_by_k: verify_ms_by_k(self.batcher.as_ref(), cached),
+                suggested_k: self.batcher.suggested_k(&|k| self.sessions[session].acceptance.expected_tokens(k), cached),
+            },
+            None => RoundHints::default(),
+        };
         let server_ms = ms(self.now - queued);
         let down = self.one_way(session, 96, false);
         self.at(self.now + ns(down), Event::VerdictAtEdge { session, verified, accepted, server_ms, hints });
@@ -538,7 +550,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         self.at(sent + ns(up), Event::VerifyAtServer { session, drafts });
     }
 
-    fn verdict_at_edge(&mut self, session: usize, verified: usize, accepted: usize, server_ms: f64, hints: &[f32]) {
+    fn verdict_at_edge(&mut self, session: usize, verified: usize, accepted: usize, server_ms: f64, hints: &RoundHints) {
         let pace = self.profile(self.sessions[session].device).draft_ms_per_token;
         let s = &mut self.sessions[session];
         let n = s.sent_drafts;
