@@ -33,6 +33,13 @@ impl BatchShape {
         }
     }
 
+    /// One session's verification round alone: `drafts` drafts plus the
+    /// last verified token, at `context` positions already cached.
+    pub fn verify_round(drafts: usize, context: usize) -> BatchShape {
+        let tokens = drafts + 1;
+        BatchShape { seqs: 1, tokens, token_context: tokens * (context + tokens), prefill_tokens: 0 }
+    }
+
     /// Features, scaled so the coefficients have similar magnitudes.
     fn features(&self) -> [f64; DIM] {
         [1.0, self.seqs as f64, self.tokens as f64, self.token_context as f64 / 1000.0, self.prefill_tokens as f64]

@@ -609,8 +609,7 @@ impl Engine {
 /// k = 1..=8 drafts at `context` positions, ms: the hint edges size their
 /// rounds by. Public for the simulator.
 pub fn verify_ms_by_k(batcher: &dyn Batcher, context: usize) -> Vec<f32> {
-    let probe = |k: usize| BatchShape { seqs: 1, tokens: k + 1, token_context: (k + 1) * (context + k + 1), prefill_tokens: 0 };
-    (1..=8).map(|k| batcher.estimate_ms(probe(k)).map_or(0.0, |e| e.1 as f32)).collect()
+    (1..=8).map(|k| batcher.estimate_ms(BatchShape::verify_round(k, context)).map_or(0.0, |e| e.1 as f32)).collect()
 }
 
 /// Puts a message on a session's stream; false when the client is gone or

@@ -193,7 +193,8 @@ impl Batcher for WispBatcher {
                 let w = &queue[c.index];
                 let marginal = (self.estimator.upper(batch.shape.add(w.shape(c.tokens))) - base).max(1e-3);
                 let quantum = (self.counters.counter(&w.tenant) / self.cfg.fairness_quantum).floor() as i64;
-                let window = (c.slack_ms / horizon_ms.max(1e-3)).floor().min(i64::MAX as f64) as i64;
+                // Float-to-int casts saturate: no deadline is the last window.
+                let window = (c.slack_ms / horizon_ms.max(1e-3)).floor() as i64;
                 let key = (quantum, window, -(w.expected_tokens / marginal));
                 if best.as_ref().is_none_or(|(_, k)| (key.0, key.1).cmp(&(k.0, k.1)).then(key.2.total_cmp(&k.2)).is_lt()) {
                     best = Some((i, key));
@@ -261,8 +262,7 @@ impl Batcher for WispBatcher {
     fn suggested_k(&self, expected_tokens: &dyn Fn(usize) -> f64, context: usize) -> Option<usize> {
         let fixed = self.estimator.predict(BatchShape::default());
         let cost = |k: usize| {
-            let round = BatchShape { seqs: 1, tokens: k + 1, token_context: (k + 1) * (context + k + 1), prefill_tokens: 0 };
-            (self.estimator.predict(round) - fixed + fixed / self.cfg.max_seqs.max(1) as f64) / expected_tokens(k).max(1e-9)
+            (self.estimator.predict(BatchShape::verify_round(k, context)) - fixed + fixed / self.cfg.max_seqs.max(1) as f64) / expected_tokens(k).max(1e-9)
         };
         (1..=8).min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
     }
