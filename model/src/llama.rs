@@ -467,24 +467,46 @@ impl Llama {
 
     /// Causal attention for every new token of the batch against its own
     /// sequence's cache, which already holds the new keys and values.
-    /// `rows[t]` = (sequence, position) of token t. One (token, kv head) per
-    /// task (the query heads sharing that kv head), all sequences in one
-    /// parallel loop; scores, softmax and the weighted sum of each (token,
-    /// head) run in position order, so results never depend on the batch.
+    /// `rows[t]` = (sequence, position) of token t. One task per (run of up
+    /// to eight consecutive tokens of a sequence, kv head): the tokens and
+    /// query heads of a task share each key and value they load. Every
+    /// query's arithmetic is fixed (see `kernels::attention`), so results
+    /// never depend on the batch or on how its tokens are split into tasks.
     fn attention(&self, caches: &[&KvCache], rows: &[(usize, usize)], layer: usize, q: &[f32]) -> Vec<f32> {
+        const TOKENS_PER_TASK: usize = 8;
         let cfg = &self.cfg;
         let (hd, kvd) = (cfg.head_dim, cfg.kv_dim());
         let group = cfg.n_heads / cfg.n_kv_heads;
+        let width = cfg.n_heads * hd;
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut out = vec![0f32; rows.len() * cfg.n_heads * hd];
-        // Query heads g·group.. of a token are adjacent in q and out.
-        out.par_chunks_mut(group * hd).enumerate().for_each(|(task, o)| {
-            let (t, g) = (task / cfg.n_kv_heads, task % cfg.n_kv_heads);
-            let (seq, pos) = rows[t];
-            let (keys, values) = caches[seq].layer(layer);
-            let kv = KvView { keys, values, head_dim: hd, stride: kvd, offset: g * hd, visible: pos + 1 };
-            attend(&q[task * group * hd..(task + 1) * group * hd], &kv, scale, o);
-        });
+        // (first token, tokens, kv head): runs of one sequence's tokens.
+        let mut tasks = Vec::new();
+        let mut t = 0;
+        while t < rows.len() {
+            let run = rows[t..].iter().take(TOKENS_PER_TASK).take_while(|r| r.0 == rows[t].0).count();
+            tasks.extend((0..cfg.n_kv_heads).map(|g| (t, run, g)));
+            t += run;
+        }
+        let results: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|&(t, n, g)| {
+                let (seq, pos) = rows[t];
+                let (keys, values) = caches[seq].layer(layer);
+                let kv = KvView { keys, values, head_dim: hd, kv_dim: kvd, offset: g * hd };
+                // Query heads g·group.. of a token are adjacent in q.
+                let heads = g * group * hd..(g + 1) * group * hd;
+                let queries: Vec<f32> = (t..t + n).flat_map(|t| &q[t * width..][heads.clone()]).copied().collect();
+                let mut o = vec![0f32; queries.len()];
+                attend(&queries, group, pos + 1, &kv, scale, &mut o);
+                o
+            })
+            .collect();
+        let mut out = vec![0f32; rows.len() * width];
+        for (&(t, n, g), o) in tasks.iter().zip(&results) {
+            for (i, o) in o.chunks_exact(group * hd).enumerate().take(n) {
+                out[(t + i) * width + g * group * hd..][..group * hd].copy_from_slice(o);
+            }
+        }
         out
     }
 }

@@ -1,67 +1,465 @@
-//! Attention of one token for the query heads that share a kv head, and
-//! the exponential it and the SwiGLU activation use.
+//! Causal attention of a sequence's new tokens against its cache, for the
+//! query heads that share one kv head, and the exponential it and the
+//! SwiGLU activation use.
 //!
-//! The scores and the weighted sum of values have SIMD kernels with scalar
-//! twins (`dot_f32_keys`, `weighted_sum`); every other step is element-wise
-//! or a left-to-right fold, which IEEE arithmetic evaluates identically at
-//! any vector width; so the body is compiled twice, for AVX2 and for the
-//! baseline, and both give the same bits.
+//! Keys are cached in blocks of [`KEY_BLOCK`] positions, transposed (one
+//! row of sixteen positions per key element), so a score block is sixteen
+//! positions in one register: `s[j..j+16] += q[d] · K[d][j..j+16]`, one
+//! fused multiply-add per element of the query, no horizontal sums, and
+//! each loaded key row serves up to four queries (the new tokens of a
+//! verification and the heads sharing the kv head). The weighted sum of
+//! values runs sixteen value elements per register, each loaded value
+//! serving up to four queries.
+//!
+//! Every query's arithmetic is fixed whatever else shares its task:
+//!
+//! * score `j` = `(p0 + p1) + (p2 + p3)`, partial `p_{d mod 4}` a fused
+//!   multiply-add chain over the query's elements `d` in order;
+//! * softmax: scale, max (exact in any order), `e_j = exp(s_j − max)`, the
+//!   sum over sixteen lanes (lane `j mod 16`, in `j` order) reduced by
+//!   halving (8, 4, 2, 1);
+//! * `out[d]` = a fused multiply-add chain `Σ_j e_j · v_j[d]` in `j` order,
+//!   divided by the sum.
+//!
+//! The SIMD paths (AVX-512, AVX2, NEON) and the scalar twin run the same
+//! generic body over sixteen-lane vectors ([`Lanes`]) whose lanes do the
+//! same IEEE operations, so all give the same bits, for one token or many.
 
-use super::dot::{dot_f32_keys, weighted_sum};
-#[cfg(target_arch = "x86_64")]
 use super::dot::{simd_level, SimdLevel};
+use std::ops::Range;
 
-/// Where one kv head's keys and values sit in a sequence's cache: position
-/// `j`'s vector is `keys[j · stride + offset..][..head_dim]`.
+/// Positions per transposed key block.
+pub const KEY_BLOCK: usize = 16;
+
+/// Key blocks (and spans of positions) walked per step for all queries.
+const BLOCKS_PER_STEP: usize = 4;
+
+/// Where one kv head's keys and values sit in a sequence's cache (see
+/// `KvCache`): keys in blocks of [`KEY_BLOCK`] positions, block `b` holding
+/// `kv_dim` rows of [`KEY_BLOCK`] values (element `e` of position
+/// `16b + l` at `b · 16 · kv_dim + 16e + l`); values row-major, position
+/// `j`'s at `j · kv_dim`. The head's elements are `offset..offset + head_dim`.
 pub struct KvView<'a> {
     pub keys: &'a [f32],
     pub values: &'a [f32],
     pub head_dim: usize,
-    pub stride: usize,
+    pub kv_dim: usize,
     pub offset: usize,
-    /// Positions the token sees (its own included).
-    pub visible: usize,
 }
 
-/// `out[i]` = softmax(scale · q_i · K) · V for each query head `i` in
-/// `queries` (`head_dim` values each, side by side); `out` has the same
-/// shape and is overwritten.
-pub fn attend(queries: &[f32], kv: &KvView, scale: f32, out: &mut [f32]) {
-    assert!(out.len() == queries.len() && queries.len().is_multiple_of(kv.head_dim));
-    assert!(kv.visible == 0 || (kv.offset + kv.head_dim <= kv.stride && kv.keys.len().min(kv.values.len()) >= kv.visible * kv.stride));
-    #[cfg(target_arch = "x86_64")]
-    if simd_level() != SimdLevel::Scalar {
-        // SAFETY: AVX2 support was detected at runtime (simd_level).
-        return unsafe { attend_avx2(queries, kv, scale, out) };
+/// Attention of `n` consecutive new tokens of one sequence for the `group`
+/// query heads that share a kv head. `queries` holds `n × group` query
+/// vectors of `head_dim` (token-major); token `t` sees positions
+/// `0..first_visible + t` (its own included). `out` has the queries' shape.
+pub fn attend(queries: &[f32], group: usize, first_visible: usize, kv: &KvView, scale: f32, out: &mut [f32]) {
+    let hd = kv.head_dim;
+    assert!(group > 0 && hd > 0 && queries.len().is_multiple_of(group * hd) && out.len() == queries.len());
+    let n = queries.len() / (group * hd);
+    let visible = first_visible + n.max(1) - 1;
+    assert!(first_visible > 0 && kv.offset + hd <= kv.kv_dim, "attend: every token sees itself; the head lies within kv_dim");
+    assert!(kv.keys.len() >= visible.div_ceil(KEY_BLOCK) * KEY_BLOCK * kv.kv_dim && kv.values.len() >= visible * kv.kv_dim, "attend: cache shorter than the tokens see");
+    let task = Task { queries, group, first_visible, kv, scale };
+    match simd_level() {
+        // SAFETY (both arms): the instruction sets were detected at
+        // runtime (simd_level); extents were checked above.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512Vnni => unsafe { x86::attend_512(&task, out) },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 | SimdLevel::Avx2Vnni => unsafe { x86::attend_avx2(&task, out) },
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::Neon => unsafe { neon::attend_neon(&task, out) },
+        // SAFETY: Scalar's operations are plain array arithmetic.
+        _ => unsafe { attend_body::<Scalar>(&task, out) },
     }
-    attend_body(queries, kv, scale, out)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn attend_avx2(queries: &[f32], kv: &KvView, scale: f32, out: &mut [f32]) {
-    attend_body(queries, kv, scale, out)
+struct Task<'a> {
+    queries: &'a [f32],
+    group: usize,
+    first_visible: usize,
+    kv: &'a KvView<'a>,
+    scale: f32,
+}
+
+/// Sixteen f32 lanes; every operation is lane-wise IEEE arithmetic, so an
+/// implementation over one 512-bit register, two 256-bit or four 128-bit
+/// ones or a plain array gives the same bits.
+trait Lanes: Copy {
+    unsafe fn zero() -> Self;
+    unsafe fn splat(x: f32) -> Self;
+    /// Sixteen values from `p` (unaligned).
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    /// `a · b + c`, rounded once.
+    unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
+    unsafe fn add(a: Self, b: Self) -> Self;
+}
+
+#[derive(Clone, Copy)]
+struct Scalar([f32; 16]);
+
+impl Lanes for Scalar {
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Scalar([0.0; 16])
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        Scalar([x; 16])
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: the caller guarantees sixteen readable values.
+        Scalar(unsafe { (p as *const [f32; 16]).read_unaligned() })
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: the caller guarantees sixteen writable values.
+        unsafe { (p as *mut [f32; 16]).write_unaligned(self.0) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+        Scalar(std::array::from_fn(|l| a.0[l].mul_add(b.0[l], c.0[l])))
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        Scalar(std::array::from_fn(|l| a.0[l] + b.0[l]))
+    }
+}
+
+/// The whole computation for one task, over lanes `V` (see the module
+/// notes for the arithmetic every path shares).
+#[inline(always)]
+unsafe fn attend_body<V: Lanes>(t: &Task, out: &mut [f32]) {
+    let (hd, group) = (t.kv.head_dim, t.group);
+    let rows = t.queries.len() / hd;
+    let visible = |r: usize| t.first_visible + r / group;
+    let blocks = visible(rows - 1).div_ceil(KEY_BLOCK);
+    let padded = blocks * KEY_BLOCK;
+    // Scores, then exponentials in place; lanes past a row's visible
+    // positions are zero.
+    let mut e = vec![0f32; rows * padded];
+    // Key blocks outermost, a few at a time, so the tiles of four queries
+    // after the first find them in L1.
+    for b0 in (0..blocks).step_by(BLOCKS_PER_STEP) {
+        let step = b0..(b0 + BLOCKS_PER_STEP).min(blocks);
+        let mut r = 0;
+        while r < rows {
+            let take = (rows - r).min(4);
+            // SAFETY: rows r..r + take exist; key blocks 0..blocks were
+            // checked by attend.
+            unsafe {
+                match take {
+                    4 => scores::<V, 4>(t, r, step.clone(), padded, &mut e),
+                    3 => scores::<V, 3>(t, r, step.clone(), padded, &mut e),
+                    2 => scores::<V, 2>(t, r, step.clone(), padded, &mut e),
+                    _ => scores::<V, 1>(t, r, step.clone(), padded, &mut e),
+                }
+            }
+            r += take;
+        }
+    }
+    let mut sums = vec![0f32; rows];
+    for (r, (row, sum)) in e.chunks_exact_mut(padded).zip(sums.iter_mut()).enumerate() {
+        let (seen, unseen) = row.split_at_mut(visible(r));
+        for s in seen.iter_mut() {
+            *s *= t.scale;
+        }
+        // The max is exact in any order: sixteen lanes, written as the
+        // compare that vmaxps is, so it vectorizes (NaN scores are not
+        // expected; a NaN is skipped here rather than propagated).
+        let mut lanes = [f32::NEG_INFINITY; KEY_BLOCK];
+        for block in seen.chunks(KEY_BLOCK) {
+            for (l, &v) in lanes.iter_mut().zip(block) {
+                *l = if v > *l { v } else { *l };
+            }
+        }
+        let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+        for s in seen.iter_mut() {
+            *s = exp(*s - max);
+        }
+        unseen.fill(0.0);
+        let mut lanes = [0f32; KEY_BLOCK];
+        for block in row.chunks_exact(KEY_BLOCK) {
+            for (l, &v) in lanes.iter_mut().zip(block) {
+                *l += v;
+            }
+        }
+        for width in [8, 4, 2, 1] {
+            for l in 0..width {
+                lanes[l] += lanes[l + width];
+            }
+        }
+        *sum = lanes[0];
+    }
+    // Weighted sums, sixteen elements of the head at a time (a scalar
+    // chain for a head_dim tail), then the division.
+    // Positions outermost, a span at a time (the chains go on from what
+    // the previous span stored: loads and stores are exact).
+    out.fill(0.0);
+    for j0 in (0..visible(rows - 1)).step_by(BLOCKS_PER_STEP * KEY_BLOCK) {
+        let span = j0..j0 + BLOCKS_PER_STEP * KEY_BLOCK;
+        let mut r = 0;
+        while r < rows {
+            let take = (rows - r).min(4);
+            // SAFETY: as above; values of every visible position exist.
+            unsafe {
+                match take {
+                    4 => weighted::<V, 4>(t, r, span.clone(), padded, &e, out),
+                    3 => weighted::<V, 3>(t, r, span.clone(), padded, &e, out),
+                    2 => weighted::<V, 2>(t, r, span.clone(), padded, &e, out),
+                    _ => weighted::<V, 1>(t, r, span.clone(), padded, &e, out),
+                }
+            }
+            r += take;
+        }
+    }
+    let kv = t.kv;
+    for r in 0..rows {
+        for d in hd / KEY_BLOCK * KEY_BLOCK..hd {
+            let mut acc = 0f32;
+            for (j, &w) in e[r * padded..][..visible(r)].iter().enumerate() {
+                acc = w.mul_add(kv.values[j * kv.kv_dim + kv.offset + d], acc);
+            }
+            out[r * hd + d] = acc;
+        }
+    }
+    for (o, &sum) in out.chunks_exact_mut(hd).zip(&sums) {
+        for v in o.iter_mut() {
+            *v /= sum;
+        }
+    }
+}
+
+/// Scores of query rows `r0..r0 + R` against key blocks `blocks`, into
+/// `e` (rows of `padded` values).
+#[inline(always)]
+unsafe fn scores<V: Lanes, const R: usize>(t: &Task, r0: usize, blocks: Range<usize>, padded: usize, e: &mut [f32]) {
+    let (kv, hd) = (t.kv, t.kv.head_dim);
+    let q: [&[f32]; R] = std::array::from_fn(|i| &t.queries[(r0 + i) * hd..(r0 + i + 1) * hd]);
+    let body = hd / 4 * 4;
+    for b in blocks {
+        let base = &kv.keys[b * KEY_BLOCK * kv.kv_dim + kv.offset * KEY_BLOCK..];
+        // SAFETY (loads and stores): key rows offset..offset + hd of block b
+        // and score block b of each row are in bounds (checked by attend).
+        unsafe {
+            let mut acc = [[V::zero(); 4]; R];
+            let mut d = 0;
+            while d < body {
+                for p in 0..4 {
+                    let row = V::load(base.as_ptr().add((d + p) * KEY_BLOCK));
+                    for i in 0..R {
+                        acc[i][p] = V::fma(V::splat(*q[i].get_unchecked(d + p)), row, acc[i][p]);
+                    }
+                }
+                d += 4;
+            }
+            for d in body..hd {
+                let row = V::load(base.as_ptr().add(d * KEY_BLOCK));
+                for i in 0..R {
+                    acc[i][d % 4] = V::fma(V::splat(q[i][d]), row, acc[i][d % 4]);
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                let s = V::add(V::add(acc[0], acc[1]), V::add(acc[2], acc[3]));
+                s.store(e.as_mut_ptr().add((r0 + i) * padded + b * KEY_BLOCK));
+            }
+        }
+    }
+}
+
+/// Adds Σ_j e_j · v_j over the positions of `span` each row sees to `out`
+/// rows `r0..r0 + R` (the head's whole sixteen-element chunks).
+#[inline(always)]
+unsafe fn weighted<V: Lanes, const R: usize>(t: &Task, r0: usize, span: Range<usize>, padded: usize, e: &[f32], out: &mut [f32]) {
+    let chunks = t.kv.head_dim / KEY_BLOCK;
+    let mut c = 0;
+    // Up to four chunks at once: R × 4 independent accumulator chains keep
+    // the FMA units busy.
+    while c < chunks {
+        let take = (chunks - c).min(4);
+        // SAFETY: chunks c..c + take lie within the head.
+        unsafe {
+            match take {
+                4 => weighted_chunks::<V, R, 4>(t, r0, c, span.clone(), padded, e, out),
+                3 => weighted_chunks::<V, R, 3>(t, r0, c, span.clone(), padded, e, out),
+                2 => weighted_chunks::<V, R, 2>(t, r0, c, span.clone(), padded, e, out),
+                _ => weighted_chunks::<V, R, 1>(t, r0, c, span.clone(), padded, e, out),
+            }
+        }
+        c += take;
+    }
 }
 
 #[inline(always)]
-fn attend_body(queries: &[f32], kv: &KvView, scale: f32, out: &mut [f32]) {
-    let (hd, n) = (kv.head_dim, kv.visible);
-    let mut p = vec![0f32; n];
-    for (q, out) in queries.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
-        dot_f32_keys(q, kv.keys, kv.stride, kv.offset, &mut p);
-        let mut max = f32::NEG_INFINITY;
-        for s in p.iter_mut() {
-            *s *= scale;
-            max = max.max(*s);
+unsafe fn weighted_chunks<V: Lanes, const R: usize, const C: usize>(
+    t: &Task,
+    r0: usize,
+    c0: usize,
+    span: Range<usize>,
+    padded: usize,
+    e: &[f32],
+    out: &mut [f32],
+) {
+    let (kv, hd) = (t.kv, t.kv.head_dim);
+    let visible: [usize; R] = std::array::from_fn(|i| (t.first_visible + (r0 + i) / t.group).min(span.end));
+    let w: [&[f32]; R] = std::array::from_fn(|i| &e[(r0 + i) * padded..(r0 + i + 1) * padded]);
+    let at = |j: usize| j * kv.kv_dim + kv.offset + c0 * KEY_BLOCK;
+    let dst = |i: usize, c: usize| (r0 + i) * hd + (c0 + c) * KEY_BLOCK;
+    // SAFETY (loads and stores): positions below each row's visible count
+    // and elements within the head are in bounds (checked by attend); out
+    // rows r0..r0 + R exist.
+    unsafe {
+        let mut acc: [[V; C]; R] = std::array::from_fn(|i| std::array::from_fn(|c| V::load(out.as_ptr().add(dst(i, c)))));
+        // Positions every row sees, each loaded value serving all R rows;
+        // then each row's remaining positions, in order.
+        for j in span.start..visible[0] {
+            let v: [V; C] = std::array::from_fn(|c| V::load(kv.values.as_ptr().add(at(j) + c * KEY_BLOCK)));
+            for i in 0..R {
+                let w = V::splat(*w[i].get_unchecked(j));
+                for c in 0..C {
+                    acc[i][c] = V::fma(w, v[c], acc[i][c]);
+                }
+            }
         }
-        for s in p.iter_mut() {
-            *s = exp(*s - max);
+        for i in 0..R {
+            for j in span.start.max(visible[0])..visible[i] {
+                let w = V::splat(w[i][j]);
+                for c in 0..C {
+                    acc[i][c] = V::fma(w, V::load(kv.values.as_ptr().add(at(j) + c * KEY_BLOCK)), acc[i][c]);
+                }
+            }
+            for c in 0..C {
+                acc[i][c].store(out.as_mut_ptr().add(dst(i, c)));
+            }
         }
-        let sum = p.iter().fold(0f32, |a, &s| a + s);
-        for s in p.iter_mut() {
-            *s /= sum;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{attend_body, Lanes, Task};
+    use std::arch::x86_64::*;
+
+    #[derive(Clone, Copy)]
+    pub(super) struct Zmm(__m512);
+
+    impl Lanes for Zmm {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Zmm(unsafe { _mm512_setzero_ps() })
         }
-        weighted_sum(&p, kv.values, kv.stride, kv.offset, out);
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            Zmm(unsafe { _mm512_set1_ps(x) })
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Zmm(unsafe { _mm512_loadu_ps(p) })
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { _mm512_storeu_ps(p, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+            Zmm(unsafe { _mm512_fmadd_ps(a.0, b.0, c.0) })
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            Zmm(unsafe { _mm512_add_ps(a.0, b.0) })
+        }
+    }
+
+    /// Lanes 0–7 and 8–15.
+    #[derive(Clone, Copy)]
+    pub(super) struct Ymm2(__m256, __m256);
+
+    impl Lanes for Ymm2 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            unsafe { Ymm2(_mm256_setzero_ps(), _mm256_setzero_ps()) }
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            unsafe { Ymm2(_mm256_set1_ps(x), _mm256_set1_ps(x)) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { Ymm2(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe {
+                _mm256_storeu_ps(p, self.0);
+                _mm256_storeu_ps(p.add(8), self.1);
+            }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+            unsafe { Ymm2(_mm256_fmadd_ps(a.0, b.0, c.0), _mm256_fmadd_ps(a.1, b.1, c.1)) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            unsafe { Ymm2(_mm256_add_ps(a.0, b.0), _mm256_add_ps(a.1, b.1)) }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn attend_512(t: &Task, out: &mut [f32]) {
+        // SAFETY: AVX-512F was detected by the caller.
+        unsafe { attend_body::<Zmm>(t, out) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn attend_avx2(t: &Task, out: &mut [f32]) {
+        // SAFETY: AVX2 and FMA were detected by the caller.
+        unsafe { attend_body::<Ymm2>(t, out) }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::{attend_body, Lanes, Task};
+    use std::arch::aarch64::*;
+
+    #[derive(Clone, Copy)]
+    pub(super) struct Q4([float32x4_t; 4]);
+
+    impl Lanes for Q4 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            unsafe { Q4([vdupq_n_f32(0.0); 4]) }
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            unsafe { Q4([vdupq_n_f32(x); 4]) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { Q4(std::array::from_fn(|i| vld1q_f32(p.add(4 * i)))) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            for (i, v) in self.0.into_iter().enumerate() {
+                unsafe { vst1q_f32(p.add(4 * i), v) }
+            }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+            // vfmaq_f32(c, a, b) = c + a·b, rounded once.
+            unsafe { Q4(std::array::from_fn(|i| vfmaq_f32(c.0[i], a.0[i], b.0[i]))) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            unsafe { Q4(std::array::from_fn(|i| vaddq_f32(a.0[i], b.0[i]))) }
+        }
+    }
+
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn attend_neon(t: &Task, out: &mut [f32]) {
+        // SAFETY: NEON was detected by the caller.
+        unsafe { attend_body::<Q4>(t, out) }
     }
 }
 
@@ -125,32 +523,61 @@ mod tests {
         assert!(exp(1000.0).is_finite());
     }
 
-    /// The AVX2 build of the body and the baseline build agree bit for bit,
-    /// and match a direct f64 softmax to float rounding.
+    /// Keys of `n` positions (`kv_dim` each, row-major) in the cache's
+    /// transposed blocks.
+    fn blocked(keys: &[f32], kv_dim: usize) -> Vec<f32> {
+        let n = keys.len() / kv_dim;
+        let mut out = vec![0f32; n.div_ceil(KEY_BLOCK) * KEY_BLOCK * kv_dim];
+        for (j, key) in keys.chunks_exact(kv_dim).enumerate() {
+            for (e, &v) in key.iter().enumerate() {
+                out[j / KEY_BLOCK * KEY_BLOCK * kv_dim + e * KEY_BLOCK + j % KEY_BLOCK] = v;
+            }
+        }
+        out
+    }
+
+    /// This machine's SIMD path and the scalar twin agree bit for bit; a
+    /// token's output does not depend on how many tokens share the call;
+    /// and both match a direct f64 softmax to float rounding. Head dims 64
+    /// and 20 (a tail past sixteen and past four), 37 positions (a partial
+    /// block), seven tokens of three heads (tiles of four and a tail).
     #[test]
-    fn attention_paths_agree_and_match_a_reference() {
+    fn attention_paths_agree_are_batch_invariant_and_match_a_reference() {
         let mut rng = crate::SessionRng::new(9);
         let mut f = || rng.next_f64() as f32 * 2.0 - 1.0;
-        let (hd, group, kv_heads, n) = (16, 3, 2, 37);
-        let stride = hd * kv_heads;
-        let keys: Vec<f32> = (0..n * stride).map(|_| 3.0 * f()).collect();
-        let values: Vec<f32> = (0..n * stride).map(|_| f()).collect();
-        let queries: Vec<f32> = (0..group * hd).map(|_| f()).collect();
-        let kv = KvView { keys: &keys, values: &values, head_dim: hd, stride, offset: hd, visible: n };
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        let mut got = vec![0f32; group * hd];
-        attend(&queries, &kv, 0.25, &mut got);
-        let mut plain = vec![1f32; group * hd];
-        attend_body(&queries, &kv, 0.25, &mut plain);
-        assert_eq!(bits(&got), bits(&plain));
-        for i in 0..group {
-            let q = &queries[i * hd..(i + 1) * hd];
-            let s: Vec<f64> = (0..n).map(|j| 0.25 * (0..hd).map(|d| q[d] as f64 * keys[j * stride + hd + d] as f64).sum::<f64>()).collect();
-            let max = s.iter().cloned().fold(f64::MIN, f64::max);
-            let z: f64 = s.iter().map(|v| (v - max).exp()).sum();
-            for d in 0..hd {
-                let want: f64 = (0..n).map(|j| (s[j] - max).exp() / z * values[j * stride + hd + d] as f64).sum();
-                assert!((got[i * hd + d] as f64 - want).abs() < 1e-5, "head {i} dim {d}: {} vs {want}", got[i * hd + d]);
+        for hd in [64, 20] {
+            let (group, kv_heads, n, tokens) = (3, 2, 37, 7);
+            let kv_dim = hd * kv_heads;
+            let raw_keys: Vec<f32> = (0..n * kv_dim).map(|_| 3.0 * f()).collect();
+            let keys = blocked(&raw_keys, kv_dim);
+            let values: Vec<f32> = (0..n * kv_dim).map(|_| f()).collect();
+            let queries: Vec<f32> = (0..tokens * group * hd).map(|_| f()).collect();
+            let kv = KvView { keys: &keys, values: &values, head_dim: hd, kv_dim, offset: hd };
+            let first = n - tokens + 1;
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let mut got = vec![0f32; queries.len()];
+            attend(&queries, group, first, &kv, 0.25, &mut got);
+            let task = Task { queries: &queries, group, first_visible: first, kv: &kv, scale: 0.25 };
+            let mut plain = vec![1f32; queries.len()];
+            // SAFETY: plain array arithmetic.
+            unsafe { attend_body::<Scalar>(&task, &mut plain) };
+            assert_eq!(bits(&got), bits(&plain), "hd {hd}: SIMD and scalar differ");
+            let per_token = group * hd;
+            for t in 0..tokens {
+                let mut one = vec![0f32; per_token];
+                attend(&queries[t * per_token..(t + 1) * per_token], group, first + t, &kv, 0.25, &mut one);
+                assert_eq!(bits(&one), bits(&got[t * per_token..(t + 1) * per_token]), "hd {hd} token {t}: alone vs batched");
+            }
+            for r in 0..tokens * group {
+                let q = &queries[r * hd..(r + 1) * hd];
+                let visible = first + r / group;
+                let s: Vec<f64> = (0..visible).map(|j| 0.25 * (0..hd).map(|d| q[d] as f64 * raw_keys[j * kv_dim + hd + d] as f64).sum::<f64>()).collect();
+                let max = s.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = s.iter().map(|v| (v - max).exp()).sum();
+                for d in 0..hd {
+                    let want: f64 = (0..visible).map(|j| (s[j] - max).exp() / z * values[j * kv_dim + hd + d] as f64).sum();
+                    assert!((got[r * hd + d] as f64 - want).abs() < 1e-5, "hd {hd} row {r} dim {d}: {} vs {want}", got[r * hd + d]);
+                }
             }
         }
     }

@@ -405,8 +405,15 @@ pub fn matmul_parts(parts: &[&QMatrix], x: &[f32], m: usize) -> Vec<f32> {
             for (i, row) in tile.iter().enumerate() {
                 // SAFETY: out has m·total elements and units cover disjoint
                 // column ranges col..col + n ≤ total, so no two tasks write
-                // the same element and all writes are in bounds.
-                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.at(i * total + col), n) };
+                // the same element and all writes are in bounds. A whole
+                // group is a fixed-size copy (one store, not a memcpy call).
+                unsafe {
+                    if n == GROUP {
+                        (dst.at(i * total + col) as *mut [f32; GROUP]).write_unaligned(*row);
+                    } else {
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst.at(i * total + col), n);
+                    }
+                }
             }
         }
     });
@@ -437,6 +444,12 @@ pub struct QActivations {
 }
 
 impl QActivations {
+    /// Zeroed storage for `m` rows.
+    fn zeroed(m: usize, cols: usize) -> Self {
+        let n = m * cols;
+        QActivations { cols, d: vec![0.0; n / QK], dsum: vec![0.0; n / QK], qs: vec![0; n], qu: vec![0; n] }
+    }
+
     fn row(&self, i: usize) -> ActRow<'_> {
         let nb = self.cols / QK;
         ActRow {
@@ -452,11 +465,47 @@ impl QActivations {
 /// Row-local, so the result for a row never depends on the other rows.
 pub fn quantize_activations(x: &[f32], m: usize, cols: usize) -> QActivations {
     #[cfg(target_arch = "x86_64")]
-    if simd_level() != SimdLevel::Scalar {
+    match simd_level() {
+        // SAFETY: AVX-512 support was detected at runtime (simd_level).
+        SimdLevel::Avx512Vnni => return unsafe { quantize_activations_512(x, m, cols) },
         // SAFETY: AVX2 support was detected at runtime (simd_level).
-        return unsafe { quantize_activations_avx2(x, m, cols) };
+        SimdLevel::Avx2 | SimdLevel::Avx2Vnni => return unsafe { quantize_activations_avx2(x, m, cols) },
+        _ => {}
     }
     quantize_activations_body(x, m, cols)
+}
+
+/// The same steps on 512-bit registers, spelled out (the compiler leaves the
+/// body's max and sum scalar): the max is exact in any order, the rounding
+/// is the same multiply then add, the sum is of integers, so the bits match.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+unsafe fn quantize_activations_512(x: &[f32], m: usize, cols: usize) -> QActivations {
+    use std::arch::x86_64::*;
+    let n = m * cols;
+    let mut acts = QActivations::zeroed(m, cols);
+    let (abs, magic, magic_bits, flip) =
+        (_mm512_set1_epi32(0x7FFF_FFFF), _mm512_set1_ps(ROUND_MAGIC), _mm512_set1_epi32(ROUND_MAGIC.to_bits() as i32), _mm_set1_epi8(-128));
+    for b in 0..n / QK {
+        // SAFETY: block b's 32 values and 32 quant bytes are in bounds
+        // (n = m·cols, a multiple of QK).
+        unsafe {
+            let v = [_mm512_loadu_ps(x.as_ptr().add(b * QK)), _mm512_loadu_ps(x.as_ptr().add(b * QK + 16))];
+            let mags = v.map(|v| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs)));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(mags[0], mags[1])).max(0.0);
+            let d = amax / 127.0;
+            let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let q = v.map(|v| _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(_mm512_mul_ps(v, inv), magic)), magic_bits));
+            for (h, q) in q.iter().enumerate() {
+                let bytes = _mm512_cvtepi32_epi8(*q);
+                _mm_storeu_si128(acts.qs.as_mut_ptr().add(b * QK + 16 * h) as *mut __m128i, bytes);
+                _mm_storeu_si128(acts.qu.as_mut_ptr().add(b * QK + 16 * h) as *mut __m128i, _mm_xor_si128(bytes, flip));
+            }
+            acts.d[b] = d;
+            acts.dsum[b] = d * _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1])) as f32;
+        }
+    }
+    acts
 }
 
 /// The same code compiled for AVX2: every step is element-wise, a max (exact
@@ -469,8 +518,7 @@ unsafe fn quantize_activations_avx2(x: &[f32], m: usize, cols: usize) -> QActiva
 
 #[inline(always)]
 fn quantize_activations_body(x: &[f32], m: usize, cols: usize) -> QActivations {
-    let n = m * cols;
-    let mut acts = QActivations { cols, d: vec![0.0; n / QK], dsum: vec![0.0; n / QK], qs: vec![0; n], qu: vec![0; n] };
+    let mut acts = QActivations::zeroed(m, cols);
     for (b, block) in x.chunks_exact(QK).enumerate() {
         // Fixed-size arrays and integer steps, so the compiler vectorizes.
         let block: &[f32; QK] = block.try_into().expect("chunks of QK");
@@ -553,6 +601,22 @@ mod tests {
             assert!(worst <= tol * scale, "{dtype:?}: worst error {worst} vs scale {scale}");
         }
         Ok(())
+    }
+
+    /// This machine's activation quantizer and the plain body agree bit for
+    /// bit (a block of zeros, tiny and large values included).
+    #[test]
+    fn activation_quantizers_agree_bit_for_bit() {
+        let mut x = values(5 * 96, 7);
+        x[32..64].fill(0.0);
+        x[64..96].iter_mut().for_each(|v| *v *= 1e-30);
+        x[96..128].iter_mut().for_each(|v| *v *= 1e30);
+        let (fast, plain) = (quantize_activations(&x, 5, 96), quantize_activations_body(&x, 5, 96));
+        assert_eq!(fast.qs, plain.qs);
+        assert_eq!(fast.qu, plain.qu);
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fast.d), bits(&plain.d));
+        assert_eq!(bits(&fast.dsum), bits(&plain.dsum));
     }
 
     #[test]

@@ -17,7 +17,7 @@
 
 /// Changes whenever the kernels' arithmetic changes (and with it the bits of
 /// any output): caches of model outputs put it in their keys.
-pub const NUMERICS: u32 = 2;
+pub const NUMERICS: u32 = 3;
 
 mod attention;
 mod dot;
@@ -25,7 +25,7 @@ mod group;
 mod matmul;
 mod ops;
 
-pub use attention::{attend, silu_mul, KvView};
+pub use attention::{attend, silu_mul, KvView, KEY_BLOCK};
 pub use dot::{dot_f32, simd_level, BlockKind, SimdLevel};
 pub use matmul::{matmul_parts, quantize_activations, QActivations, QMatrix, QStorage, WeightType};
 pub use ops::{rms_norm, MatmulKernels, QLinear};
