@@ -1,30 +1,36 @@
 //! Per-sequence key/value cache with rollback and byte accounting.
 
 use crate::kernels::KEY_BLOCK;
+use half::f16;
 
-/// Keys and values of one sequence for every layer of the model it runs on.
-/// Values per layer: `[position][kv_heads × head_dim]`. Keys per layer: in
-/// blocks of [`KEY_BLOCK`] positions, transposed (`[block][kv_dim][16]`),
-/// which is what the attention kernel reads sixteen positions at a time
-/// (see `kernels::attention`). Rolling back rejected drafts truncates both;
-/// positions past the length in the last key block are stale and never read.
+/// Keys and values of one sequence for every layer of the model it runs on,
+/// in half precision (see `kernels::attention`), one pair of arrays per
+/// (layer, kv head) so attention streams each head's memory contiguously.
+/// Values: `[position][head_dim]`. Keys: in blocks of [`KEY_BLOCK`]
+/// positions, transposed (`[block][head_dim][16]`), which is what the
+/// attention kernel reads sixteen positions at a time. Rolling back rejected
+/// drafts truncates both; positions past the length in the last key block
+/// are stale and never read.
 #[derive(Clone, Debug)]
 pub struct KvCache {
-    kv_dim: usize,
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    n_kv_heads: usize,
+    head_dim: usize,
+    /// Index `layer · n_kv_heads + head`.
+    keys: Vec<Vec<f16>>,
+    values: Vec<Vec<f16>>,
 }
 
 impl KvCache {
-    /// An empty cache for `n_layers` layers of `kv_dim` (= kv heads × head
-    /// dim) values per position.
-    pub fn new(n_layers: usize, kv_dim: usize) -> Self {
-        KvCache { kv_dim, keys: vec![Vec::new(); n_layers], values: vec![Vec::new(); n_layers] }
+    /// An empty cache for `n_layers` layers of `n_kv_heads` heads of
+    /// `head_dim` values per position.
+    pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        let heads = n_layers * n_kv_heads;
+        KvCache { n_kv_heads, head_dim, keys: vec![Vec::new(); heads], values: vec![Vec::new(); heads] }
     }
 
     /// Positions held (the same in every layer between forward passes).
     pub fn len(&self) -> usize {
-        self.values.last().map_or(0, |v| v.len() / self.kv_dim)
+        self.values.last().map_or(0, |v| v.len() / self.head_dim)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -32,7 +38,7 @@ impl KvCache {
     }
 
     pub fn n_layers(&self) -> usize {
-        self.keys.len()
+        self.keys.len() / self.n_kv_heads
     }
 
     /// Drops every position at or after `len` (rollback of rejected drafts).
@@ -40,8 +46,8 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) {
         let blocks = len.div_ceil(KEY_BLOCK);
         for (keys, values) in self.keys.iter_mut().zip(self.values.iter_mut()) {
-            keys.truncate(blocks * KEY_BLOCK * self.kv_dim);
-            values.truncate(len * self.kv_dim);
+            keys.truncate(blocks * KEY_BLOCK * self.head_dim);
+            values.truncate(len * self.head_dim);
         }
     }
 
@@ -53,30 +59,38 @@ impl KvCache {
     /// Bytes one more position costs (what a memory budget charges; the
     /// up to fifteen key slots a partial block holds beyond it are not).
     pub fn bytes_per_position(&self) -> usize {
-        2 * self.n_layers() * self.kv_dim * std::mem::size_of::<f32>()
+        2 * self.keys.len() * self.head_dim * std::mem::size_of::<f16>()
     }
 
+    /// Appends the keys and values of new positions to `layer`: rows of
+    /// `kv_dim` (every head's `head_dim` values side by side).
     pub(crate) fn append(&mut self, layer: usize, keys: &[f32], values: &[f32]) {
-        let d = self.kv_dim;
-        let start = self.values[layer].len() / d;
-        let blocked = &mut self.keys[layer];
-        blocked.resize((start + keys.len() / d).div_ceil(KEY_BLOCK) * KEY_BLOCK * d, 0.0);
-        for (j, key) in (start..).zip(keys.chunks_exact(d)) {
-            let block = &mut blocked[j / KEY_BLOCK * KEY_BLOCK * d..][..KEY_BLOCK * d];
-            for (e, &v) in key.iter().enumerate() {
-                block[e * KEY_BLOCK + j % KEY_BLOCK] = v;
+        let (hd, kv_dim) = (self.head_dim, self.kv_dim());
+        let n = keys.len() / kv_dim;
+        for g in 0..self.n_kv_heads {
+            let i = layer * self.n_kv_heads + g;
+            let start = self.values[i].len() / hd;
+            let blocked = &mut self.keys[i];
+            blocked.resize((start + n).div_ceil(KEY_BLOCK) * KEY_BLOCK * hd, f16::ZERO);
+            for (j, key) in (start..).zip(keys.chunks_exact(kv_dim)) {
+                let block = &mut blocked[j / KEY_BLOCK * KEY_BLOCK * hd..][..KEY_BLOCK * hd];
+                for (e, &v) in key[g * hd..(g + 1) * hd].iter().enumerate() {
+                    block[e * KEY_BLOCK + j % KEY_BLOCK] = f16::from_f32(v);
+                }
             }
+            self.values[i].extend(values.chunks_exact(kv_dim).flat_map(|v| &v[g * hd..(g + 1) * hd]).map(|&v| f16::from_f32(v)));
         }
-        self.values[layer].extend_from_slice(values);
     }
 
-    /// Keys (transposed blocks) and values (row-major) of `layer`.
-    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.keys[layer], &self.values[layer])
+    /// Keys (transposed blocks) and values (row-major) of kv head `head` of
+    /// `layer`.
+    pub(crate) fn head(&self, layer: usize, head: usize) -> (&[f16], &[f16]) {
+        let i = layer * self.n_kv_heads + head;
+        (&self.keys[i], &self.values[i])
     }
 
     pub(crate) fn kv_dim(&self) -> usize {
-        self.kv_dim
+        self.n_kv_heads * self.head_dim
     }
 }
 
@@ -86,24 +100,26 @@ mod tests {
 
     #[test]
     fn truncate_rolls_back_and_bytes_follow() {
-        let mut cache = KvCache::new(2, 4);
+        let mut cache = KvCache::new(2, 2, 2);
         let keys: Vec<f32> = (0..12).map(|i| i as f32).collect();
         for layer in 0..2 {
             cache.append(layer, &keys, &[2.0; 12]);
         }
-        // Element e of position j sits at 16e + j in the first block.
-        assert_eq!(cache.layer(0).0[16 * 3 + 2], keys[2 * 4 + 3]);
+        // Element e of head 1 of position j sits at 16e + j in its first
+        // block; its value at 2j + e.
+        assert_eq!(cache.head(0, 1).0[16 + 2].to_f32(), keys[2 * 4 + 2 + 1]);
+        assert_eq!(cache.head(0, 1).1[2 * 2 + 1].to_f32(), 2.0);
         assert_eq!(cache.len(), 3);
-        assert_eq!(cache.bytes_per_position(), 2 * 2 * 4 * 4);
-        assert_eq!(cache.bytes(), 3 * 64);
+        assert_eq!(cache.bytes_per_position(), 2 * 2 * 4 * 2);
+        assert_eq!(cache.bytes(), 3 * 32);
         cache.truncate(1);
         assert_eq!(cache.len(), 1);
-        assert_eq!(cache.bytes(), 64);
-        assert_eq!((cache.layer(1).0.len(), cache.layer(1).1.len()), (KEY_BLOCK * 4, 4));
+        assert_eq!(cache.bytes(), 32);
+        assert_eq!((cache.head(1, 0).0.len(), cache.head(1, 0).1.len()), (KEY_BLOCK * 2, 2));
         for layer in 0..2 {
             cache.append(layer, &[7.0; 4], &[7.0; 4]);
         }
-        assert_eq!(cache.layer(1).0[16 + 1], 7.0, "a re-appended position overwrites the stale slot");
+        assert_eq!(cache.head(1, 0).0[1].to_f32(), 7.0, "a re-appended position overwrites the stale slot");
         cache.truncate(10);
         assert_eq!(cache.len(), 2);
     }

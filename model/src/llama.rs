@@ -250,7 +250,7 @@ impl Llama {
 
     /// An empty cache for this model's first `n_layers` layers.
     pub fn new_cache(&self, n_layers: usize) -> KvCache {
-        KvCache::new(n_layers.min(self.cfg.n_layers), self.cfg.kv_dim())
+        KvCache::new(n_layers.min(self.cfg.n_layers), self.cfg.n_kv_heads, self.cfg.head_dim)
     }
 
     /// Bytes of weights the kernels read in one pass over `n_layers` layers.
@@ -475,7 +475,7 @@ impl Llama {
     fn attention(&self, caches: &[&KvCache], rows: &[(usize, usize)], layer: usize, q: &[f32]) -> Vec<f32> {
         const TOKENS_PER_TASK: usize = 8;
         let cfg = &self.cfg;
-        let (hd, kvd) = (cfg.head_dim, cfg.kv_dim());
+        let hd = cfg.head_dim;
         let group = cfg.n_heads / cfg.n_kv_heads;
         let width = cfg.n_heads * hd;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -491,8 +491,8 @@ impl Llama {
             .par_iter()
             .map(|&(t, n, g)| {
                 let (seq, pos) = rows[t];
-                let (keys, values) = caches[seq].layer(layer);
-                let kv = KvView { keys, values, head_dim: hd, kv_dim: kvd, offset: g * hd };
+                let (keys, values) = caches[seq].head(layer, g);
+                let kv = KvView { keys, values, head_dim: hd };
                 // Query heads g·group.. of a token are adjacent in q.
                 let heads = g * group * hd..(g + 1) * group * hd;
                 let queries: Vec<f32> = (t..t + n).flat_map(|t| &q[t * width..][heads.clone()]).copied().collect();

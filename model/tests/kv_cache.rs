@@ -15,8 +15,8 @@ fn rollback_then_new_tokens_equals_a_fresh_run() {
     let base = cache.len();
     assert_eq!(base, prompt.len());
     assert_eq!(cache.bytes(), base * cache.bytes_per_position());
-    // 30 layers × (keys + values) × 3 kv heads × 64 dims × 4 bytes.
-    assert_eq!(cache.bytes_per_position(), 30 * 2 * 192 * 4);
+    // 30 layers × (keys + values) × 3 kv heads × 64 dims × 2 bytes (f16).
+    assert_eq!(cache.bytes_per_position(), 30 * 2 * 192 * 2);
 
     // A rejected draft of 4 tokens, rolled back.
     llama.forward(&mut [SeqPass { cache: &mut cache, tokens: &[11, 22, 33, 44], logits: LogitsFor::All }]).unwrap();

@@ -2,7 +2,10 @@
 //! query heads that share one kv head, and the exponential it and the
 //! SwiGLU activation use.
 //!
-//! Keys are cached in blocks of [`KEY_BLOCK`] positions, transposed (one
+//! Keys and values are cached in half precision (as llama.cpp does by
+//! default: half the memory, and attention reads the whole cache every
+//! pass), widened exactly to f32 as they are loaded. Keys are cached in
+//! blocks of [`KEY_BLOCK`] positions, transposed (one
 //! row of sixteen positions per key element), so a score block is sixteen
 //! positions in one register: `s[j..j+16] += q[d] · K[d][j..j+16]`, one
 //! fused multiply-add per element of the query, no horizontal sums, and
@@ -26,6 +29,7 @@
 //! same IEEE operations, so all give the same bits, for one token or many.
 
 use super::dot::{simd_level, SimdLevel};
+use half::f16;
 use std::ops::Range;
 
 /// Positions per transposed key block.
@@ -34,17 +38,15 @@ pub const KEY_BLOCK: usize = 16;
 /// Key blocks (and spans of positions) walked per step for all queries.
 const BLOCKS_PER_STEP: usize = 4;
 
-/// Where one kv head's keys and values sit in a sequence's cache (see
-/// `KvCache`): keys in blocks of [`KEY_BLOCK`] positions, block `b` holding
-/// `kv_dim` rows of [`KEY_BLOCK`] values (element `e` of position
-/// `16b + l` at `b · 16 · kv_dim + 16e + l`); values row-major, position
-/// `j`'s at `j · kv_dim`. The head's elements are `offset..offset + head_dim`.
+/// One kv head's keys and values in a sequence's cache (see `KvCache`):
+/// keys in blocks of [`KEY_BLOCK`] positions, block `b` holding `head_dim`
+/// rows of [`KEY_BLOCK`] values (element `e` of position `16b + l` at
+/// `16b · head_dim + 16e + l`); values row-major (position `j`'s at
+/// `j · head_dim`).
 pub struct KvView<'a> {
-    pub keys: &'a [f32],
-    pub values: &'a [f32],
+    pub keys: &'a [f16],
+    pub values: &'a [f16],
     pub head_dim: usize,
-    pub kv_dim: usize,
-    pub offset: usize,
 }
 
 /// Attention of `n` consecutive new tokens of one sequence for the `group`
@@ -56,8 +58,8 @@ pub fn attend(queries: &[f32], group: usize, first_visible: usize, kv: &KvView, 
     assert!(group > 0 && hd > 0 && queries.len().is_multiple_of(group * hd) && out.len() == queries.len());
     let n = queries.len() / (group * hd);
     let visible = first_visible + n.max(1) - 1;
-    assert!(first_visible > 0 && kv.offset + hd <= kv.kv_dim, "attend: every token sees itself; the head lies within kv_dim");
-    assert!(kv.keys.len() >= visible.div_ceil(KEY_BLOCK) * KEY_BLOCK * kv.kv_dim && kv.values.len() >= visible * kv.kv_dim, "attend: cache shorter than the tokens see");
+    assert!(first_visible > 0, "attend: every token sees itself");
+    assert!(kv.keys.len() >= visible.div_ceil(KEY_BLOCK) * KEY_BLOCK * hd && kv.values.len() >= visible * hd, "attend: cache shorter than the tokens see");
     let task = Task { queries, group, first_visible, kv, scale };
     match simd_level() {
         // SAFETY (both arms): the instruction sets were detected at
@@ -89,6 +91,8 @@ trait Lanes: Copy {
     unsafe fn splat(x: f32) -> Self;
     /// Sixteen values from `p` (unaligned).
     unsafe fn load(p: *const f32) -> Self;
+    /// Sixteen half-precision values from `p`, widened (exact).
+    unsafe fn load_f16(p: *const f16) -> Self;
     unsafe fn store(self, p: *mut f32);
     /// `a · b + c`, rounded once.
     unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
@@ -111,6 +115,11 @@ impl Lanes for Scalar {
     unsafe fn load(p: *const f32) -> Self {
         // SAFETY: the caller guarantees sixteen readable values.
         Scalar(unsafe { (p as *const [f32; 16]).read_unaligned() })
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const f16) -> Self {
+        // SAFETY: the caller guarantees sixteen readable values.
+        Scalar(unsafe { (p as *const [f16; 16]).read_unaligned() }.map(f16::to_f32))
     }
     #[inline(always)]
     unsafe fn store(self, p: *mut f32) {
@@ -165,22 +174,26 @@ unsafe fn attend_body<V: Lanes>(t: &Task, out: &mut [f32]) {
         for s in seen.iter_mut() {
             *s *= t.scale;
         }
-        // The max is exact in any order: sixteen lanes, written as the
-        // compare that vmaxps is, so it vectorizes (NaN scores are not
-        // expected; a NaN is skipped here rather than propagated).
+        unseen.fill(f32::NEG_INFINITY);
+        // The max is exact in any order: sixteen lanes over whole blocks,
+        // written as the compare that vmaxps is, so it vectorizes (NaN
+        // scores are not expected; a NaN is skipped rather than propagated).
         let mut lanes = [f32::NEG_INFINITY; KEY_BLOCK];
-        for block in seen.chunks(KEY_BLOCK) {
+        for block in row.chunks_exact(KEY_BLOCK) {
+            let block: &[f32; KEY_BLOCK] = block.try_into().expect("whole blocks");
             for (l, &v) in lanes.iter_mut().zip(block) {
                 *l = if v > *l { v } else { *l };
             }
         }
         let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+        let (seen, unseen) = row.split_at_mut(visible(r));
         for s in seen.iter_mut() {
             *s = exp(*s - max);
         }
         unseen.fill(0.0);
         let mut lanes = [0f32; KEY_BLOCK];
         for block in row.chunks_exact(KEY_BLOCK) {
+            let block: &[f32; KEY_BLOCK] = block.try_into().expect("whole blocks");
             for (l, &v) in lanes.iter_mut().zip(block) {
                 *l += v;
             }
@@ -219,7 +232,7 @@ unsafe fn attend_body<V: Lanes>(t: &Task, out: &mut [f32]) {
         for d in hd / KEY_BLOCK * KEY_BLOCK..hd {
             let mut acc = 0f32;
             for (j, &w) in e[r * padded..][..visible(r)].iter().enumerate() {
-                acc = w.mul_add(kv.values[j * kv.kv_dim + kv.offset + d], acc);
+                acc = w.mul_add(kv.values[j * hd + d].to_f32(), acc);
             }
             out[r * hd + d] = acc;
         }
@@ -239,7 +252,7 @@ unsafe fn scores<V: Lanes, const R: usize>(t: &Task, r0: usize, blocks: Range<us
     let q: [&[f32]; R] = std::array::from_fn(|i| &t.queries[(r0 + i) * hd..(r0 + i + 1) * hd]);
     let body = hd / 4 * 4;
     for b in blocks {
-        let base = &kv.keys[b * KEY_BLOCK * kv.kv_dim + kv.offset * KEY_BLOCK..];
+        let base = &kv.keys[b * KEY_BLOCK * hd..];
         // SAFETY (loads and stores): key rows offset..offset + hd of block b
         // and score block b of each row are in bounds (checked by attend).
         unsafe {
@@ -247,7 +260,7 @@ unsafe fn scores<V: Lanes, const R: usize>(t: &Task, r0: usize, blocks: Range<us
             let mut d = 0;
             while d < body {
                 for p in 0..4 {
-                    let row = V::load(base.as_ptr().add((d + p) * KEY_BLOCK));
+                    let row = V::load_f16(base.as_ptr().add((d + p) * KEY_BLOCK));
                     for i in 0..R {
                         acc[i][p] = V::fma(V::splat(*q[i].get_unchecked(d + p)), row, acc[i][p]);
                     }
@@ -255,7 +268,7 @@ unsafe fn scores<V: Lanes, const R: usize>(t: &Task, r0: usize, blocks: Range<us
                 d += 4;
             }
             for d in body..hd {
-                let row = V::load(base.as_ptr().add(d * KEY_BLOCK));
+                let row = V::load_f16(base.as_ptr().add(d * KEY_BLOCK));
                 for i in 0..R {
                     acc[i][d % 4] = V::fma(V::splat(q[i][d]), row, acc[i][d % 4]);
                 }
@@ -304,7 +317,7 @@ unsafe fn weighted_chunks<V: Lanes, const R: usize, const C: usize>(
     let (kv, hd) = (t.kv, t.kv.head_dim);
     let visible: [usize; R] = std::array::from_fn(|i| (t.first_visible + (r0 + i) / t.group).min(span.end));
     let w: [&[f32]; R] = std::array::from_fn(|i| &e[(r0 + i) * padded..(r0 + i + 1) * padded]);
-    let at = |j: usize| j * kv.kv_dim + kv.offset + c0 * KEY_BLOCK;
+    let at = |j: usize| j * hd + c0 * KEY_BLOCK;
     let dst = |i: usize, c: usize| (r0 + i) * hd + (c0 + c) * KEY_BLOCK;
     // SAFETY (loads and stores): positions below each row's visible count
     // and elements within the head are in bounds (checked by attend); out
@@ -314,7 +327,7 @@ unsafe fn weighted_chunks<V: Lanes, const R: usize, const C: usize>(
         // Positions every row sees, each loaded value serving all R rows;
         // then each row's remaining positions, in order.
         for j in span.start..visible[0] {
-            let v: [V; C] = std::array::from_fn(|c| V::load(kv.values.as_ptr().add(at(j) + c * KEY_BLOCK)));
+            let v: [V; C] = std::array::from_fn(|c| V::load_f16(kv.values.as_ptr().add(at(j) + c * KEY_BLOCK)));
             for i in 0..R {
                 let w = V::splat(*w[i].get_unchecked(j));
                 for c in 0..C {
@@ -326,7 +339,7 @@ unsafe fn weighted_chunks<V: Lanes, const R: usize, const C: usize>(
             for j in span.start.max(visible[0])..visible[i] {
                 let w = V::splat(w[i][j]);
                 for c in 0..C {
-                    acc[i][c] = V::fma(w, V::load(kv.values.as_ptr().add(at(j) + c * KEY_BLOCK)), acc[i][c]);
+                    acc[i][c] = V::fma(w, V::load_f16(kv.values.as_ptr().add(at(j) + c * KEY_BLOCK)), acc[i][c]);
                 }
             }
             for c in 0..C {
@@ -338,7 +351,7 @@ unsafe fn weighted_chunks<V: Lanes, const R: usize, const C: usize>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{attend_body, Lanes, Task};
+    use super::{attend_body, f16, Lanes, Task};
     use std::arch::x86_64::*;
 
     #[derive(Clone, Copy)]
@@ -356,6 +369,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self {
             Zmm(unsafe { _mm512_loadu_ps(p) })
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const f16) -> Self {
+            Zmm(unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) })
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
@@ -389,6 +406,10 @@ mod x86 {
             unsafe { Ymm2(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) }
         }
         #[inline(always)]
+        unsafe fn load_f16(p: *const f16) -> Self {
+            unsafe { Ymm2(_mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)), _mm256_cvtph_ps(_mm_loadu_si128(p.add(8) as *const __m128i))) }
+        }
+        #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
             unsafe {
                 _mm256_storeu_ps(p, self.0);
@@ -405,22 +426,22 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     pub(super) unsafe fn attend_512(t: &Task, out: &mut [f32]) {
         // SAFETY: AVX-512F was detected by the caller.
         unsafe { attend_body::<Zmm>(t, out) }
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn attend_avx2(t: &Task, out: &mut [f32]) {
-        // SAFETY: AVX2 and FMA were detected by the caller.
+        // SAFETY: AVX2, FMA and F16C were detected by the caller.
         unsafe { attend_body::<Ymm2>(t, out) }
     }
 }
 
 #[cfg(target_arch = "aarch64")]
 mod neon {
-    use super::{attend_body, Lanes, Task};
+    use super::{attend_body, f16, Lanes, Task};
     use std::arch::aarch64::*;
 
     #[derive(Clone, Copy)]
@@ -438,6 +459,13 @@ mod neon {
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self {
             unsafe { Q4(std::array::from_fn(|i| vld1q_f32(p.add(4 * i)))) }
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const f16) -> Self {
+            // Rust's NEON half-precision types are not stable: widen with
+            // `half` (exact, as the hardware conversion is), then load.
+            let wide = unsafe { (p as *const [f16; 16]).read_unaligned() }.map(f16::to_f32);
+            unsafe { Self::load(wide.as_ptr()) }
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
@@ -523,14 +551,14 @@ mod tests {
         assert!(exp(1000.0).is_finite());
     }
 
-    /// Keys of `n` positions (`kv_dim` each, row-major) in the cache's
+    /// Keys of `n` positions (`hd` each, row-major) in the cache's
     /// transposed blocks.
-    fn blocked(keys: &[f32], kv_dim: usize) -> Vec<f32> {
-        let n = keys.len() / kv_dim;
-        let mut out = vec![0f32; n.div_ceil(KEY_BLOCK) * KEY_BLOCK * kv_dim];
-        for (j, key) in keys.chunks_exact(kv_dim).enumerate() {
+    fn blocked(keys: &[f16], hd: usize) -> Vec<f16> {
+        let n = keys.len() / hd;
+        let mut out = vec![f16::ZERO; n.div_ceil(KEY_BLOCK) * KEY_BLOCK * hd];
+        for (j, key) in keys.chunks_exact(hd).enumerate() {
             for (e, &v) in key.iter().enumerate() {
-                out[j / KEY_BLOCK * KEY_BLOCK * kv_dim + e * KEY_BLOCK + j % KEY_BLOCK] = v;
+                out[j / KEY_BLOCK * KEY_BLOCK * hd + e * KEY_BLOCK + j % KEY_BLOCK] = v;
             }
         }
         out
@@ -546,13 +574,12 @@ mod tests {
         let mut rng = crate::SessionRng::new(9);
         let mut f = || rng.next_f64() as f32 * 2.0 - 1.0;
         for hd in [64, 20] {
-            let (group, kv_heads, n, tokens) = (3, 2, 37, 7);
-            let kv_dim = hd * kv_heads;
-            let raw_keys: Vec<f32> = (0..n * kv_dim).map(|_| 3.0 * f()).collect();
-            let keys = blocked(&raw_keys, kv_dim);
-            let values: Vec<f32> = (0..n * kv_dim).map(|_| f()).collect();
+            let (group, n, tokens) = (3, 37, 7);
+            let raw_keys: Vec<f16> = (0..n * hd).map(|_| f16::from_f32(3.0 * f())).collect();
+            let keys = blocked(&raw_keys, hd);
+            let values: Vec<f16> = (0..n * hd).map(|_| f16::from_f32(f())).collect();
             let queries: Vec<f32> = (0..tokens * group * hd).map(|_| f()).collect();
-            let kv = KvView { keys: &keys, values: &values, head_dim: hd, kv_dim, offset: hd };
+            let kv = KvView { keys: &keys, values: &values, head_dim: hd };
             let first = n - tokens + 1;
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             let mut got = vec![0f32; queries.len()];
@@ -571,11 +598,11 @@ mod tests {
             for r in 0..tokens * group {
                 let q = &queries[r * hd..(r + 1) * hd];
                 let visible = first + r / group;
-                let s: Vec<f64> = (0..visible).map(|j| 0.25 * (0..hd).map(|d| q[d] as f64 * raw_keys[j * kv_dim + hd + d] as f64).sum::<f64>()).collect();
+                let s: Vec<f64> = (0..visible).map(|j| 0.25 * (0..hd).map(|d| q[d] as f64 * raw_keys[j * hd + d].to_f64()).sum::<f64>()).collect();
                 let max = s.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = s.iter().map(|v| (v - max).exp()).sum();
                 for d in 0..hd {
-                    let want: f64 = (0..visible).map(|j| (s[j] - max).exp() / z * values[j * kv_dim + hd + d] as f64).sum();
+                    let want: f64 = (0..visible).map(|j| (s[j] - max).exp() / z * values[j * hd + d].to_f64()).sum();
                     assert!((got[r * hd + d] as f64 - want).abs() < 1e-5, "hd {hd} row {r} dim {d}: {} vs {want}", got[r * hd + d]);
                 }
             }

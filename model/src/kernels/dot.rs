@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SimdLevel {
     Scalar,
-    /// AVX2 with FMA.
+    /// AVX2 with FMA (and F16C, which every such CPU has).
     Avx2,
     /// AVX2 with FMA and AVX-VNNI (`vpdpbusd` on 256-bit registers: four
     /// u8×i8 products summed into an i32 lane in one instruction).
@@ -46,7 +46,7 @@ pub(crate) fn available_levels() -> Vec<SimdLevel> {
     #[allow(unused_mut)]
     let mut levels = Vec::new();
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
         levels.push(SimdLevel::Avx2);
         if is_x86_feature_detected!("avxvnni") {
             levels.push(SimdLevel::Avx2Vnni);
