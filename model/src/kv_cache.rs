@@ -1,7 +1,7 @@
 //! Per-sequence key/value cache with rollback and byte accounting.
 
 use crate::kernels::KEY_BLOCK;
-use half::f16;
+use half::{f16, slice::HalfFloatSliceExt};
 
 /// Keys and values of one sequence for every layer of the model it runs on,
 /// in half precision (see `kernels::attention`), one pair of arrays per
@@ -67,18 +67,26 @@ impl KvCache {
     pub(crate) fn append(&mut self, layer: usize, keys: &[f32], values: &[f32]) {
         let (hd, kv_dim) = (self.head_dim, self.kv_dim());
         let n = keys.len() / kv_dim;
+        // One vectorized conversion (F16C where present; round to nearest
+        // even either way), then the scatter by head.
+        let mut half = vec![f16::ZERO; 2 * keys.len()];
+        let (hk, hv) = half.split_at_mut(keys.len());
+        hk.convert_from_f32_slice(keys);
+        hv.convert_from_f32_slice(values);
         for g in 0..self.n_kv_heads {
             let i = layer * self.n_kv_heads + g;
             let start = self.values[i].len() / hd;
             let blocked = &mut self.keys[i];
             blocked.resize((start + n).div_ceil(KEY_BLOCK) * KEY_BLOCK * hd, f16::ZERO);
-            for (j, key) in (start..).zip(keys.chunks_exact(kv_dim)) {
+            for (j, key) in (start..).zip(hk.chunks_exact(kv_dim)) {
                 let block = &mut blocked[j / KEY_BLOCK * KEY_BLOCK * hd..][..KEY_BLOCK * hd];
                 for (e, &v) in key[g * hd..(g + 1) * hd].iter().enumerate() {
-                    block[e * KEY_BLOCK + j % KEY_BLOCK] = f16::from_f32(v);
+                    block[e * KEY_BLOCK + j % KEY_BLOCK] = v;
                 }
             }
-            self.values[i].extend(values.chunks_exact(kv_dim).flat_map(|v| &v[g * hd..(g + 1) * hd]).map(|&v| f16::from_f32(v)));
+            for v in hv.chunks_exact(kv_dim) {
+                self.values[i].extend_from_slice(&v[g * hd..(g + 1) * hd]);
+            }
         }
     }
 

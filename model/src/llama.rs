@@ -413,36 +413,29 @@ impl Llama {
             keep(li + 1, &x)?;
         }
 
-        // Only the rows whose logits are wanted go through the head.
-        let mut wanted = Vec::new();
+        // Only the rows whose logits are wanted go through the head; each
+        // sequence's come back as its own buffer.
+        let (mut wanted, mut runs) = (Vec::new(), Vec::with_capacity(batch.len()));
         let mut row = 0u32;
         for s in batch.iter() {
             let n = s.tokens.len() as u32;
+            let first = wanted.len();
             match s.logits {
                 LogitsFor::All => wanted.extend(row..row + n),
                 LogitsFor::Last => wanted.push(row + n - 1),
                 LogitsFor::None => {}
             }
+            runs.push(wanted.len() - first);
             row += n;
         }
-        let mut out = Vec::with_capacity(batch.len());
-        let logits = if wanted.is_empty() {
-            vec![]
+        let out = if wanted.is_empty() {
+            runs.iter().map(|_| Logits { vocab: cfg.vocab, data: vec![] }).collect()
         } else {
-            let idx = Tensor::from_vec(wanted.clone(), wanted.len(), &Device::Cpu)?;
+            let n = wanted.len();
+            let idx = Tensor::from_vec(wanted, n, &Device::Cpu)?;
             let h = rms_norm(&x.index_select(&idx, 0)?, &self.norm, cfg.rms_eps)?;
-            self.head.forward_vec(&h)?
+            self.head.forward_split(&h, &runs)?.into_iter().map(|data| Logits { vocab: cfg.vocab, data }).collect()
         };
-        let mut offset = 0;
-        for s in batch.iter() {
-            let rows = match s.logits {
-                LogitsFor::All => s.tokens.len(),
-                LogitsFor::Last => 1,
-                LogitsFor::None => 0,
-            };
-            out.push(Logits { vocab: cfg.vocab, data: logits[offset * cfg.vocab..(offset + rows) * cfg.vocab].to_vec() });
-            offset += rows;
-        }
         Ok((out, captured))
     }
 
@@ -487,8 +480,12 @@ impl Llama {
             tasks.extend((0..cfg.n_kv_heads).map(|g| (t, run, g)));
             t += run;
         }
+        // Longest contexts first, one task per steal: the threads finish
+        // together however unequal the sequences.
+        tasks.sort_by_key(|&(t, _, _)| std::cmp::Reverse(rows[t].1));
         let results: Vec<Vec<f32>> = tasks
             .par_iter()
+            .with_max_len(1)
             .map(|&(t, n, g)| {
                 let (seq, pos) = rows[t];
                 let (keys, values) = caches[seq].head(layer, g);

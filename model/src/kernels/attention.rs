@@ -87,6 +87,9 @@ struct Task<'a> {
 /// implementation over one 512-bit register, two 256-bit or four 128-bit
 /// ones or a plain array gives the same bits.
 trait Lanes: Copy {
+    /// Query rows per tile (what the registers hold: 4 partial sums or up
+    /// to 4 value chunks per row). At most 6.
+    const TILE: usize;
     unsafe fn zero() -> Self;
     unsafe fn splat(x: f32) -> Self;
     /// Sixteen values from `p` (unaligned).
@@ -103,6 +106,7 @@ trait Lanes: Copy {
 struct Scalar([f32; 16]);
 
 impl Lanes for Scalar {
+    const TILE: usize = 4;
     #[inline(always)]
     unsafe fn zero() -> Self {
         Scalar([0.0; 16])
@@ -154,11 +158,13 @@ unsafe fn attend_body<V: Lanes>(t: &Task, out: &mut [f32]) {
         let step = b0..(b0 + BLOCKS_PER_STEP).min(blocks);
         let mut r = 0;
         while r < rows {
-            let take = (rows - r).min(4);
+            let take = (rows - r).min(V::TILE);
             // SAFETY: rows r..r + take exist; key blocks 0..blocks were
             // checked by attend.
             unsafe {
                 match take {
+                    6 => scores::<V, 6>(t, r, step.clone(), padded, &mut e),
+                    5 => scores::<V, 5>(t, r, step.clone(), padded, &mut e),
                     4 => scores::<V, 4>(t, r, step.clone(), padded, &mut e),
                     3 => scores::<V, 3>(t, r, step.clone(), padded, &mut e),
                     2 => scores::<V, 2>(t, r, step.clone(), padded, &mut e),
@@ -214,10 +220,12 @@ unsafe fn attend_body<V: Lanes>(t: &Task, out: &mut [f32]) {
         let span = j0..j0 + BLOCKS_PER_STEP * KEY_BLOCK;
         let mut r = 0;
         while r < rows {
-            let take = (rows - r).min(4);
+            let take = (rows - r).min(V::TILE);
             // SAFETY: as above; values of every visible position exist.
             unsafe {
                 match take {
+                    6 => weighted::<V, 6>(t, r, span.clone(), padded, &e, out),
+                    5 => weighted::<V, 5>(t, r, span.clone(), padded, &e, out),
                     4 => weighted::<V, 4>(t, r, span.clone(), padded, &e, out),
                     3 => weighted::<V, 3>(t, r, span.clone(), padded, &e, out),
                     2 => weighted::<V, 2>(t, r, span.clone(), padded, &e, out),
@@ -358,6 +366,7 @@ mod x86 {
     pub(super) struct Zmm(__m512);
 
     impl Lanes for Zmm {
+        const TILE: usize = 5;
         #[inline(always)]
         unsafe fn zero() -> Self {
             Zmm(unsafe { _mm512_setzero_ps() })
@@ -393,6 +402,7 @@ mod x86 {
     pub(super) struct Ymm2(__m256, __m256);
 
     impl Lanes for Ymm2 {
+        const TILE: usize = 4;
         #[inline(always)]
         unsafe fn zero() -> Self {
             unsafe { Ymm2(_mm256_setzero_ps(), _mm256_setzero_ps()) }
@@ -448,6 +458,7 @@ mod neon {
     pub(super) struct Q4([float32x4_t; 4]);
 
     impl Lanes for Q4 {
+        const TILE: usize = 4;
         #[inline(always)]
         unsafe fn zero() -> Self {
             unsafe { Q4([vdupq_n_f32(0.0); 4]) }
@@ -493,23 +504,39 @@ mod neon {
 
 /// `silu(gate) · up` element-wise, appended to `out`.
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut Vec<f32>) {
+    assert_eq!(gate.len(), up.len());
+    let start = out.len();
+    out.resize(start + gate.len(), 0.0);
+    let out = &mut out[start..];
     #[cfg(target_arch = "x86_64")]
-    if simd_level() != SimdLevel::Scalar {
-        // SAFETY: AVX2 support was detected at runtime (simd_level).
-        return unsafe { silu_mul_avx2(gate, up, out) };
+    match simd_level() {
+        // SAFETY (both arms): the instruction set was detected at runtime
+        // (simd_level).
+        SimdLevel::Avx512Vnni => return unsafe { silu_mul_512(gate, up, out) },
+        SimdLevel::Avx2 | SimdLevel::Avx2Vnni => return unsafe { silu_mul_avx2(gate, up, out) },
+        _ => {}
     }
     silu_mul_body(gate, up, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn silu_mul_avx2(gate: &[f32], up: &[f32], out: &mut Vec<f32>) {
+unsafe fn silu_mul_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
     silu_mul_body(gate, up, out)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn silu_mul_512(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    silu_mul_body(gate, up, out)
+}
+
+/// Element-wise, so every vector width gives the same bits.
 #[inline(always)]
-fn silu_mul_body(gate: &[f32], up: &[f32], out: &mut Vec<f32>) {
-    out.extend(gate.iter().zip(up).map(|(&g, &u)| g / (1.0 + exp(-g)) * u));
+fn silu_mul_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + exp(-g)) * u;
+    }
 }
 
 const ROUND_MAGIC: f32 = 12_582_912.0;
@@ -549,6 +576,19 @@ mod tests {
         assert_eq!(exp(0.0), 1.0);
         assert_eq!(exp(-1000.0), exp(-87.0));
         assert!(exp(1000.0).is_finite());
+    }
+
+    /// This machine's SwiGLU path and the plain body agree bit for bit.
+    #[test]
+    fn silu_mul_paths_agree() {
+        let mut rng = crate::SessionRng::new(3);
+        let gate: Vec<f32> = (0..1000).map(|_| (rng.next_f64() as f32 - 0.5) * 40.0).collect();
+        let up: Vec<f32> = (0..1000).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let (mut fast, mut plain) = (vec![7.0], vec![0f32; 1000]);
+        silu_mul(&gate, &up, &mut fast);
+        silu_mul_body(&gate, &up, &mut plain);
+        assert_eq!(fast[0], 7.0, "appends");
+        assert_eq!(fast[1..].iter().map(|v| v.to_bits()).collect::<Vec<_>>(), plain.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
     }
 
     /// Keys of `n` positions (`hd` each, row-major) in the cache's

@@ -358,15 +358,16 @@ impl Packed {
     }
 }
 
-/// The output buffer, shared by tasks that write disjoint column ranges.
-struct OutRows(*mut f32);
-// SAFETY: tasks write disjoint elements (see matmul_parts) and the buffer
-// outlives the parallel loop.
+/// Where each output row starts, shared by tasks that write disjoint
+/// column ranges.
+struct OutRows(Vec<*mut f32>);
+// SAFETY: tasks write disjoint elements (see matmul_parts_split) and the
+// buffers outlive the parallel loop.
 unsafe impl Sync for OutRows {}
 
 impl OutRows {
-    fn at(&self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
+    fn rows(&self) -> &[*mut f32] {
+        &self.0
     }
 }
 
@@ -380,6 +381,14 @@ impl OutRows {
 /// only on row `i` of `x` and weight row `r` (batch invariance): how rows
 /// are grouped or split across threads changes no bit.
 pub fn matmul_parts(parts: &[&QMatrix], x: &[f32], m: usize) -> Vec<f32> {
+    matmul_parts_split(parts, x, &[m]).pop().expect("one output")
+}
+
+/// [`matmul_parts`] with the output rows handed back in consecutive runs of
+/// `runs[k]` rows, each its own Vec (the output head's logits, one Vec per
+/// sequence, written in place rather than copied out of one buffer).
+pub fn matmul_parts_split(parts: &[&QMatrix], x: &[f32], runs: &[usize]) -> Vec<Vec<f32>> {
+    let m: usize = runs.iter().sum();
     let cols = parts[0].cols;
     assert!(parts.iter().all(|p| p.cols == cols), "matmul_parts: parts differ in input features");
     assert_eq!(x.len(), m * cols, "matmul_parts: activation shape");
@@ -393,8 +402,12 @@ pub fn matmul_parts(parts: &[&QMatrix], x: &[f32], m: usize) -> Vec<f32> {
         units.extend((0..part.rows.div_ceil(GROUP)).map(|g| (*part, g, col + g * GROUP)));
         col += part.rows;
     }
-    let mut out = vec![0f32; m * total];
-    let dst = OutRows(out.as_mut_ptr());
+    // Every element is written below (the units cover every column of every
+    // row), so the buffers start uninitialized: no zeroing pass.
+    let mut outs: Vec<Vec<f32>> = runs.iter().map(|&rows| Vec::with_capacity(rows * total)).collect();
+    let dst = OutRows(
+        outs.iter_mut().zip(runs).flat_map(|(out, &rows)| (0..rows).map(|i| out.as_mut_ptr().wrapping_add(i * total)).collect::<Vec<_>>()).collect(),
+    );
     // About four tasks per thread.
     let per_task = units.len().div_ceil(4 * rayon::current_num_threads()).max(1);
     units.par_chunks(per_task).for_each(|units| {
@@ -402,22 +415,27 @@ pub fn matmul_parts(parts: &[&QMatrix], x: &[f32], m: usize) -> Vec<f32> {
         for &(part, g, col) in units {
             part.group_times(g, x, acts.as_ref(), &mut tile);
             let n = GROUP.min(part.rows - g * GROUP);
-            for (i, row) in tile.iter().enumerate() {
-                // SAFETY: out has m·total elements and units cover disjoint
-                // column ranges col..col + n ≤ total, so no two tasks write
-                // the same element and all writes are in bounds. A whole
-                // group is a fixed-size copy (one store, not a memcpy call).
+            for (row, &dst) in tile.iter().zip(dst.rows()) {
+                // SAFETY: each output row has room for `total` elements and
+                // units cover disjoint column ranges col..col + n ≤ total,
+                // so no two tasks write the same element and all writes are
+                // in bounds. A whole group is a fixed-size copy (one store,
+                // not a memcpy call).
                 unsafe {
                     if n == GROUP {
-                        (dst.at(i * total + col) as *mut [f32; GROUP]).write_unaligned(*row);
+                        (dst.add(col) as *mut [f32; GROUP]).write_unaligned(*row);
                     } else {
-                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst.at(i * total + col), n);
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst.add(col), n);
                     }
                 }
             }
         }
     });
-    out
+    for (out, &rows) in outs.iter_mut().zip(runs) {
+        // SAFETY: the loop above wrote all rows × total elements.
+        unsafe { out.set_len(rows * total) };
+    }
+    outs
 }
 
 fn f16_at(b: &[u8], i: usize) -> f32 {

@@ -1,7 +1,7 @@
 //! The kernels as candle custom ops, so the model file stays a plain forward.
 
 use super::dot::dot_f32;
-use super::matmul::{matmul_parts, QMatrix};
+use super::matmul::{matmul_parts, matmul_parts_split, QMatrix};
 use candle_core::quantized::QMatMul;
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
 use std::sync::Arc;
@@ -69,16 +69,24 @@ impl QLinear {
     pub fn bytes(&self) -> usize {
         self.parts.iter().map(|p| p.bytes()).sum()
     }
-    /// [`QLinear::forward`] as a row-major `[t, rows]` Vec: on Tandem's
-    /// kernels the result itself, not a copy out of a tensor (the output
-    /// head's logits are megabytes per pass).
-    pub fn forward_vec(&self, x: &Tensor) -> candle_core::Result<Vec<f32>> {
+    /// [`QLinear::forward`] as row-major Vecs of `runs[k]` consecutive rows
+    /// each: on Tandem's kernels written in place, not copied out of a
+    /// tensor (the output head's logits are megabytes per pass).
+    pub fn forward_split(&self, x: &Tensor, runs: &[usize]) -> candle_core::Result<Vec<Vec<f32>>> {
         if !self.stock.is_empty() {
-            return self.forward(x)?.flatten_all()?.to_vec1();
+            let all = self.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
+            let width = all.len() / runs.iter().sum::<usize>().max(1);
+            let mut start = 0;
+            return Ok(runs
+                .iter()
+                .map(|&n| {
+                    start += n * width;
+                    all[start - n * width..start].to_vec()
+                })
+                .collect());
         }
-        let (t, _) = x.dims2()?;
         let parts: Vec<&QMatrix> = self.parts.iter().map(|p| p.as_ref()).collect();
-        Ok(matmul_parts(&parts, &x.flatten_all()?.to_vec1::<f32>()?, t))
+        Ok(matmul_parts_split(&parts, &x.flatten_all()?.to_vec1::<f32>()?, runs))
     }
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self.stock.as_slice() {
