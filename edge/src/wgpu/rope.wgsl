@@ -1,6 +1,11 @@
 // Rotates adjacent pairs of every Q and K head by the position's angles
 // (GGUF's interleaved llama layout), then stores K and V in the layer's
-// cache slot `step.pos`. Q is rotated in place in the fused QKV row.
+// cache slot `step.pos`, rounded to half precision as the CPU cache holds
+// them (kept as f32 here). Q is rotated in place in the fused QKV row.
+
+fn half_round(x: f32) -> f32 {
+    return unpack2x16float(pack2x16float(vec2<f32>(x, 0.0))).x;
+}
 
 struct Heads {
     n_heads: u32,
@@ -25,7 +30,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let kv_dim = heads.n_kv_heads * heads.head_dim;
     let slot = step.pos * kv_dim;
     if t < kv_dim {
-        vcache[slot + t] = qkv[q_dim + kv_dim + t];
+        vcache[slot + t] = half_round(qkv[q_dim + kv_dim + t]);
     }
     if t >= (heads.n_heads + heads.n_kv_heads) * half {
         return;
@@ -45,7 +50,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         qkv[at + 1u] = rb;
     } else {
         let k = at - q_dim;
-        kcache[slot + k] = ra;
-        kcache[slot + k + 1u] = rb;
+        kcache[slot + k] = half_round(ra);
+        kcache[slot + k + 1u] = half_round(rb);
     }
 }
