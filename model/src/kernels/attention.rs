@@ -608,7 +608,8 @@ mod tests {
     /// token's output does not depend on how many tokens share the call;
     /// and both match a direct f64 softmax to float rounding. Head dims 64
     /// and 20 (a tail past sixteen and past four), 37 positions (a partial
-    /// block), seven tokens of three heads (tiles of four and a tail).
+    /// block) and 150 (several steps of blocks and spans), seven tokens of
+    /// three heads (whole tiles and a tail).
     #[test]
     fn attention_paths_agree_are_batch_invariant_and_match_a_reference() {
         let mut rng = crate::SessionRng::new(9);

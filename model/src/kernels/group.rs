@@ -177,12 +177,12 @@ mod x86 {
                     let dv = _mm512_loadu_ps(w.d.as_ptr().add(b * GROUP));
                     let mv = _mm512_loadu_ps(w.m.as_ptr().add(b * GROUP));
                     for r in 0..R {
-                        let (mut even, mut odd) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-                        for k in (0..8).step_by(2) {
-                            even = _mm512_dpbusd_epi32(even, wv[k], _mm512_set1_epi32(word(a[r].qs, b, k)));
-                            odd = _mm512_dpbusd_epi32(odd, wv[k + 1], _mm512_set1_epi32(word(a[r].qs, b, k + 1)));
+                        // One chain per row: the rows give the parallelism.
+                        let mut isum = _mm512_setzero_si512();
+                        for (k, wv) in wv.iter().enumerate() {
+                            isum = _mm512_dpbusd_epi32(isum, *wv, _mm512_set1_epi32(word(a[r].qs, b, k)));
                         }
-                        let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
+                        let isum = _mm512_cvtepi32_ps(isum);
                         let scale = _mm512_mul_ps(dv, _mm512_set1_ps(*a[r].d.get_unchecked(b)));
                         acc[r] = _mm512_fmadd_ps(scale, isum, acc[r]);
                         macc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(*a[r].dsum.get_unchecked(b)), macc[r]);
@@ -200,13 +200,12 @@ mod x86 {
                         let ad = _mm512_set1_ps(*a[r].d.get_unchecked(b));
                         let per = 8 / ns;
                         for h in 0..ns {
-                            let (mut even, mut odd) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-                            for k in (h * per..(h + 1) * per).step_by(2) {
-                                even = _mm512_dpbusd_epi32(even, _mm512_set1_epi32(word(a[r].qu, b, k)), wv[k]);
-                                odd = _mm512_dpbusd_epi32(odd, _mm512_set1_epi32(word(a[r].qu, b, k + 1)), wv[k + 1]);
+                            let mut isum = _mm512_setzero_si512();
+                            for k in h * per..(h + 1) * per {
+                                isum = _mm512_dpbusd_epi32(isum, _mm512_set1_epi32(word(a[r].qu, b, k)), wv[k]);
                             }
                             let wsum = _mm512_loadu_si512(w.wsum.as_ptr().add((b * ns + h) * GROUP) as *const _);
-                            let isum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(even, odd), wsum));
+                            let isum = _mm512_cvtepi32_ps(_mm512_sub_epi32(isum, wsum));
                             let scale = _mm512_mul_ps(_mm512_loadu_ps(w.d.as_ptr().add((b * ns + h) * GROUP)), ad);
                             acc[r] = _mm512_fmadd_ps(scale, isum, acc[r]);
                         }

@@ -245,24 +245,24 @@ impl QMatrix {
 
     /// `tile[i][j]` = row `GROUP·g + j` · activation row `i` (zero past the
     /// last weight row).
-    fn group_times(&self, g: usize, x: &[f32], acts: Option<&QActivations>, tile: &mut [[f32; GROUP]]) {
+    fn group_times(&self, g: usize, x: &[f32], acts: Option<&[ActRow]>, tile: &mut [[f32; GROUP]]) {
         let m = tile.len();
         match (self.kind, acts) {
-            (Some(kind), Some(acts)) => {
+            (Some(kind), Some(rows)) => {
                 let (level, pack) = (simd_level(), pack_of(kind));
                 let w = self.group(pack, g);
                 let mut i = 0;
                 while i + 4 <= m {
-                    let rows = [acts.row(i), acts.row(i + 1), acts.row(i + 2), acts.row(i + 3)];
-                    group_times::<4>(level, pack, &w, &rows, &mut tile[i..i + 4]);
+                    group_times::<4>(level, pack, &w, rows[i..i + 4].try_into().expect("four rows"), &mut tile[i..i + 4]);
                     i += 4;
                 }
                 // The last one to three rows in one call, so that every row
                 // shares the weight decode with another where it can.
-                match m - i {
-                    3 => group_times::<3>(level, pack, &w, &[acts.row(i), acts.row(i + 1), acts.row(i + 2)], &mut tile[i..]),
-                    2 => group_times::<2>(level, pack, &w, &[acts.row(i), acts.row(i + 1)], &mut tile[i..]),
-                    1 => group_times::<1>(level, pack, &w, &[acts.row(i)], &mut tile[i..]),
+                let rest = &rows[i..m];
+                match rest.len() {
+                    3 => group_times::<3>(level, pack, &w, rest.try_into().expect("three rows"), &mut tile[i..]),
+                    2 => group_times::<2>(level, pack, &w, rest.try_into().expect("two rows"), &mut tile[i..]),
+                    1 => group_times::<1>(level, pack, &w, rest.try_into().expect("one row"), &mut tile[i..]),
                     _ => {}
                 }
             }
@@ -410,10 +410,11 @@ pub fn matmul_parts_split(parts: &[&QMatrix], x: &[f32], runs: &[usize]) -> Vec<
     );
     // About four tasks per thread.
     let per_task = units.len().div_ceil(4 * rayon::current_num_threads()).max(1);
+    let rows: Option<Vec<ActRow>> = acts.as_ref().map(|a| (0..m).map(|i| a.row(i)).collect());
     units.par_chunks(per_task).for_each(|units| {
         let mut tile = vec![[0f32; GROUP]; m];
         for &(part, g, col) in units {
-            part.group_times(g, x, acts.as_ref(), &mut tile);
+            part.group_times(g, x, rows.as_deref(), &mut tile);
             let n = GROUP.min(part.rows - g * GROUP);
             for (row, &dst) in tile.iter().zip(dst.rows()) {
                 // SAFETY: each output row has room for `total` elements and
