@@ -390,7 +390,7 @@ impl Llama {
 
         for (li, layer) in self.layers.iter().take(n_layers).enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-            let qkv = layer.qkv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let qkv = layer.qkv.forward_split(&h, &[total])?.pop().expect("one run");
             let (mut q, mut k, v) = split_qkv(&qkv, total, cfg.n_heads * cfg.head_dim, cfg.kv_dim());
             self.apply_rope(&mut q, cfg.n_heads, &positions);
             self.apply_rope(&mut k, cfg.n_kv_heads, &positions);
