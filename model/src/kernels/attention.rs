@@ -269,8 +269,8 @@ unsafe fn scores<V: Lanes, const R: usize>(t: &Task, r0: usize, blocks: Range<us
             while d < body {
                 for p in 0..4 {
                     let row = V::load_f16(base.as_ptr().add((d + p) * KEY_BLOCK));
-                    for i in 0..R {
-                        acc[i][p] = V::fma(V::splat(*q[i].get_unchecked(d + p)), row, acc[i][p]);
+                    for (acc, q) in acc.iter_mut().zip(&q) {
+                        acc[p] = V::fma(V::splat(*q.get_unchecked(d + p)), row, acc[p]);
                     }
                 }
                 d += 4;
@@ -336,22 +336,22 @@ unsafe fn weighted_chunks<V: Lanes, const R: usize, const C: usize>(
         // then each row's remaining positions, in order.
         for j in span.start..visible[0] {
             let v: [V; C] = std::array::from_fn(|c| V::load_f16(kv.values.as_ptr().add(at(j) + c * KEY_BLOCK)));
-            for i in 0..R {
-                let w = V::splat(*w[i].get_unchecked(j));
-                for c in 0..C {
-                    acc[i][c] = V::fma(w, v[c], acc[i][c]);
+            for (acc, w) in acc.iter_mut().zip(&w) {
+                let w = V::splat(*w.get_unchecked(j));
+                for (acc, &v) in acc.iter_mut().zip(&v) {
+                    *acc = V::fma(w, v, *acc);
                 }
             }
         }
         for i in 0..R {
             for j in span.start.max(visible[0])..visible[i] {
                 let w = V::splat(w[i][j]);
-                for c in 0..C {
-                    acc[i][c] = V::fma(w, V::load_f16(kv.values.as_ptr().add(at(j) + c * KEY_BLOCK)), acc[i][c]);
+                for (c, acc) in acc[i].iter_mut().enumerate() {
+                    *acc = V::fma(w, V::load_f16(kv.values.as_ptr().add(at(j) + c * KEY_BLOCK)), *acc);
                 }
             }
-            for c in 0..C {
-                acc[i][c].store(out.as_mut_ptr().add(dst(i, c)));
+            for (c, acc) in acc[i].iter().enumerate() {
+                acc.store(out.as_mut_ptr().add(dst(i, c)));
             }
         }
     }

@@ -201,8 +201,8 @@ mod x86 {
                         let per = 8 / ns;
                         for h in 0..ns {
                             let mut isum = _mm512_setzero_si512();
-                            for k in h * per..(h + 1) * per {
-                                isum = _mm512_dpbusd_epi32(isum, _mm512_set1_epi32(word(a[r].qu, b, k)), wv[k]);
+                            for (k, wv) in wv.iter().enumerate().skip(h * per).take(per) {
+                                isum = _mm512_dpbusd_epi32(isum, _mm512_set1_epi32(word(a[r].qu, b, k)), *wv);
                             }
                             let wsum = _mm512_loadu_si512(w.wsum.as_ptr().add((b * ns + h) * GROUP) as *const _);
                             let isum = _mm512_cvtepi32_ps(_mm512_sub_epi32(isum, wsum));
