@@ -6,7 +6,7 @@
 //! whole batch, runs attention per sequence, and returns logits for every
 //! position asked for. Every kernel is batch-invariant (see `kernels`).
 
-use crate::kernels::{attend, rms_norm, silu_mul, KvView, MatmulKernels, QLinear, QMatrix};
+use crate::kernels::{attend, rms_norm, rope_heads, silu_mul, KvView, MatmulKernels, QLinear, QMatrix};
 use crate::{KvCache, ModelError, Result};
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{CustomOp2, CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
@@ -447,14 +447,7 @@ impl Llama {
         for (t, &pos) in positions.iter().enumerate() {
             let cos = &self.rope_cos[pos * half..(pos + 1) * half];
             let sin = &self.rope_sin[pos * half..(pos + 1) * half];
-            for h in 0..n_heads {
-                let head = &mut x[(t * n_heads + h) * hd..(t * n_heads + h + 1) * hd];
-                for i in 0..half {
-                    let (a, b) = (head[2 * i], head[2 * i + 1]);
-                    head[2 * i] = a * cos[i] - b * sin[i];
-                    head[2 * i + 1] = a * sin[i] + b * cos[i];
-                }
-            }
+            rope_heads(&mut x[t * n_heads * hd..(t + 1) * n_heads * hd], cos, sin);
         }
     }
 

@@ -1,6 +1,6 @@
 //! The kernels as candle custom ops, so the model file stays a plain forward.
 
-use super::dot::dot_f32;
+use super::dot::{dot_f32, simd_level, SimdLevel};
 use super::matmul::{matmul_parts, matmul_parts_split, QMatrix};
 use candle_core::quantized::QMatMul;
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
@@ -124,6 +124,36 @@ impl CustomOp1 for QLinear {
     }
 }
 
+/// Rotates adjacent pairs `(x[2i], x[2i+1])` of each head in `heads` (one
+/// token's heads side by side, `2 · cos.len()` values each) by the
+/// position's angles. Element-wise, so the AVX-512 build (which vectorizes
+/// the pairs) gives the portable build's bits.
+pub fn rope_heads(heads: &mut [f32], cos: &[f32], sin: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx512Vnni {
+        // SAFETY: AVX-512 support was detected at runtime (simd_level).
+        return unsafe { rope_heads_512(heads, cos, sin) };
+    }
+    rope_heads_body(heads, cos, sin)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn rope_heads_512(heads: &mut [f32], cos: &[f32], sin: &[f32]) {
+    rope_heads_body(heads, cos, sin)
+}
+
+#[inline(always)]
+fn rope_heads_body(heads: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for head in heads.chunks_exact_mut(2 * cos.len()) {
+        for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * c - b * s;
+            pair[1] = a * s + b * c;
+        }
+    }
+}
+
 /// Row-wise RMS normalisation with a learned gain.
 pub fn rms_norm(x: &Tensor, gain: &Arc<Vec<f32>>, eps: f32) -> candle_core::Result<Tensor> {
     x.apply_op1_no_bwd(&RmsNorm { gain: gain.clone(), eps })
@@ -151,5 +181,23 @@ impl CustomOp1 for RmsNorm {
             out.extend(row.iter().zip(self.gain.iter()).map(|(v, g)| v * scale * g));
         }
         Ok((CpuStorage::F32(out), Shape::from((t, cols))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This machine's RoPE path and the portable body agree bit for bit.
+    #[test]
+    fn rope_paths_agree() {
+        let mut rng = crate::SessionRng::new(5);
+        let mut f = || rng.next_f64() as f32 * 2.0 - 1.0;
+        let (cos, sin): (Vec<f32>, Vec<f32>) = (0..32).map(|_| (f(), f())).unzip();
+        let x: Vec<f32> = (0..3 * 64).map(|_| 4.0 * f()).collect();
+        let (mut fast, mut plain) = (x.clone(), x);
+        rope_heads(&mut fast, &cos, &sin);
+        rope_heads_body(&mut plain, &cos, &sin);
+        assert_eq!(fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), plain.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
     }
 }
