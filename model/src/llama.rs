@@ -6,10 +6,10 @@
 //! whole batch, runs attention per sequence, and returns logits for every
 //! position asked for. Every kernel is batch-invariant (see `kernels`).
 
-use crate::kernels::{attend, rms_norm, rope_heads, silu_mul, KvView, MatmulKernels, QLinear, QMatrix};
+use crate::kernels::{attend, residual_add, rms_norm, rope_heads, silu_mul, KvView, MatmulKernels, QLinear, QMatrix};
 use crate::{KvCache, ModelError, Result};
 use candle_core::quantized::{gguf_file, QMatMul};
-use candle_core::{CustomOp2, CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::io::{Read, Seek};
 use std::sync::Arc;
@@ -405,11 +405,11 @@ impl Llama {
             let caches: Vec<&KvCache> = batch.iter().map(|s| &*s.cache).collect();
             let attn = self.attention(&caches, &rows, li, &q);
             let attn = Tensor::from_vec(attn, (total, cfg.n_heads * cfg.head_dim), &Device::Cpu)?;
-            x = x.apply_op2_no_bwd(&layer.wo.forward(&attn)?, &ResidualAdd)?;
+            x = residual_add(&x, &layer.wo.forward(&attn)?)?;
 
             let h = rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
             let gated = layer.gate_up.forward(&h)?.apply_op1_no_bwd(&SwiGlu)?;
-            x = x.apply_op2_no_bwd(&layer.down.forward(&gated)?, &ResidualAdd)?;
+            x = residual_add(&x, &layer.down.forward(&gated)?)?;
             keep(li + 1, &x)?;
         }
 
@@ -573,30 +573,6 @@ fn split_qkv(qkv: &[f32], t: usize, q_dim: usize, kv_dim: usize) -> (Vec<f32>, V
         v.extend_from_slice(&row[q_dim + kv_dim..]);
     }
     (q, k, v)
-}
-
-/// `x + y` element-wise on one thread: the residual adds are a few thousand
-/// values a pass, less than the wake-up of candle's parallel map.
-struct ResidualAdd;
-
-impl CustomOp2 for ResidualAdd {
-    fn name(&self) -> &'static str {
-        "tandem-residual-add"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
-            candle_core::bail!("residual add: expected f32 inputs");
-        };
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("residual add: inputs must be contiguous");
-        };
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("residual add: shapes {:?} and {:?} differ", l1.shape(), l2.shape());
-        }
-        let out = a[a0..a1].iter().zip(&b[b0..b1]).map(|(x, y)| x + y).collect();
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
 }
 
 /// `silu(gate) · up` over fused `[t, gate | up]` rows → `[t, ffn]`.

@@ -405,9 +405,12 @@ pub fn matmul_parts_split(parts: &[&QMatrix], x: &[f32], runs: &[usize]) -> Vec<
     // Every element is written below (the units cover every column of every
     // row), so the buffers start uninitialized: no zeroing pass.
     let mut outs: Vec<Vec<f32>> = runs.iter().map(|&rows| Vec::with_capacity(rows * total)).collect();
-    let dst = OutRows(
-        outs.iter_mut().zip(runs).flat_map(|(out, &rows)| (0..rows).map(|i| out.as_mut_ptr().wrapping_add(i * total)).collect::<Vec<_>>()).collect(),
-    );
+    let mut starts = Vec::with_capacity(m);
+    for (out, &rows) in outs.iter_mut().zip(runs) {
+        let base = out.as_mut_ptr();
+        starts.extend((0..rows).map(|i| base.wrapping_add(i * total)));
+    }
+    let dst = OutRows(starts);
     // About four tasks per thread.
     let per_task = units.len().div_ceil(4 * rayon::current_num_threads()).max(1);
     let rows: Option<Vec<ActRow>> = acts.as_ref().map(|a| (0..m).map(|i| a.row(i)).collect());

@@ -3,7 +3,7 @@
 use super::dot::{dot_f32, simd_level, SimdLevel};
 use super::matmul::{matmul_parts, matmul_parts_split, QMatrix};
 use candle_core::quantized::QMatMul;
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Module, Shape, Tensor};
 use std::sync::Arc;
 
 /// Which implementation the linear layers run on.
@@ -75,13 +75,14 @@ impl QLinear {
     pub fn forward_split(&self, x: &Tensor, runs: &[usize]) -> candle_core::Result<Vec<Vec<f32>>> {
         if !self.stock.is_empty() {
             let all = self.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
-            let width = all.len() / runs.iter().sum::<usize>().max(1);
-            let mut start = 0;
+            let width = self.rows();
+            let mut rest = &all[..];
             return Ok(runs
                 .iter()
                 .map(|&n| {
-                    start += n * width;
-                    all[start - n * width..start].to_vec()
+                    let (run, tail) = rest.split_at(n * width);
+                    rest = tail;
+                    run.to_vec()
                 })
                 .collect());
         }
@@ -121,6 +122,29 @@ impl CustomOp1 for QLinear {
         let parts: Vec<&QMatrix> = self.parts.iter().map(|p| p.as_ref()).collect();
         let out = matmul_parts(&parts, x, t);
         Ok((CpuStorage::F32(out), Shape::from((t, self.rows()))))
+    }
+}
+
+/// `x + y` element-wise on one thread: the residual adds are a few thousand
+/// values a pass, less than the wake-up of candle's parallel map.
+pub fn residual_add(x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+    x.apply_op2_no_bwd(y, &ResidualAdd)
+}
+
+struct ResidualAdd;
+
+impl CustomOp2 for ResidualAdd {
+    fn name(&self) -> &'static str {
+        "tandem-residual-add"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("residual add: shapes {:?} and {:?} differ", l1.shape(), l2.shape());
+        }
+        let (a, b) = (contiguous_f32(s1, l1, "residual add")?, contiguous_f32(s2, l2, "residual add")?);
+        let out = a.iter().zip(b).map(|(x, y)| x + y).collect();
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
