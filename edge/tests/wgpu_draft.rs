@@ -6,8 +6,9 @@
 //!
 //! Two references. With f32 activations (the default) the GPU computes
 //! what candle's dequantized f32 forward on the CPU computes, up to
-//! summation order: held to 1e-3 relative error on the top-64 logits, with
-//! identical greedy tokens. With 8-bit activations (`Activations::Q8`, the
+//! summation order: held to 1e-2 relative error on the top-64 logits, with
+//! identical greedy tokens except at near ties (that order follows the
+//! CPU's SIMD path, so a tie may fall either way). With 8-bit activations (`Activations::Q8`, the
 //! Tandem CPU kernels' integer arithmetic) the two backends agree to float rounding
 //! until an activation lands within rounding of a quantization boundary on
 //! one side only; that flips one 8-bit quant and, through SmolLM2's massive
@@ -18,7 +19,7 @@
 use tandem_edge::wgpu::{build_draft, wgpu_draft, Activations, Limits, TopLogits, WgpuModel, WgpuOptions};
 use tandem_edge::{EdgeError, GenerateRequest, LocalTarget, Speculator};
 use tandem_model::kernels::MatmulKernels;
-use tandem_model::{fetch, DraftSource, DraftSpec, KvCache, LoadedModel, LogitsFor, ModelDraft, SamplingParams, SeqPass, SessionRng};
+use tandem_model::{fetch, DraftSource, DraftSpec, KvCache, LoadedModel, LogitsFor, ModelDraft, SamplingParams, SeqPass, SessionRng, SparseDist};
 
 
 /// Largest relative error allowed on the top-64 logits against the f32
@@ -137,7 +138,13 @@ fn logits_match_the_dequantized_cpu_forward_for_a_layer_skip_draft_and_the_full_
         let worst = checks.iter().map(|c| c.error).fold(0.0, f64::max);
         eprintln!("f32, {n_layers} layers on {}: worst relative error on the top-64 logits {worst:.2e} over {} steps", gpu.adapter(), checks.len());
         assert!(worst <= TOLERANCE, "{n_layers} layers: relative error {worst:e} > {TOLERANCE:e}");
-        assert!(checks.iter().all(|c| !c.greedy_differs), "{n_layers} layers: greedy tokens differ");
+        // The reference's f32 sums run in the order of this CPU's SIMD
+        // path: only a near tie may flip (the logits moved by more than
+        // the top-2 gap).
+        for c in checks.iter().filter(|c| c.greedy_differs) {
+            assert!(c.cpu_gap <= 2.0 * c.abs_error, "{n_layers} layers: greedy token differs with a CPU top-2 gap of {} > 2 × {}", c.cpu_gap, c.abs_error);
+        }
+        eprintln!("{n_layers} layers: greedy token flipped at {} near ties", checks.iter().filter(|c| c.greedy_differs).count());
         let features = checks.iter().map(|c| c.feature_error).fold(0.0, f64::max);
         assert!(features <= FEATURE_TOLERANCE, "{n_layers} layers: draft features off by {features:e}");
     }
@@ -189,15 +196,31 @@ fn draft_rounds_match_the_cpu_draft_greedy_and_sampled() {
                 let (mut rng_g, mut rng_c) = (SessionRng::new(round), SessionRng::new(round));
                 let g = gpu.propose(&context, 5, &sampling, &mut rng_g).unwrap();
                 let c = cpu.propose(&context, 5, &sampling, &mut rng_c).unwrap();
-                assert_eq!(g.tokens, c.tokens, "round {round}, temperature {}: draft tokens differ", sampling.temperature);
-                assert_eq!(g.dists.len(), c.dists.len());
-                for (q, p) in g.dists.iter().zip(&c.dists) {
-                    assert_eq!(q.tokens, p.tokens, "round {round}: draft distribution support differs");
-                    for (a, b) in q.probs.iter().zip(&p.probs) {
-                        assert!((a - b).abs() <= FEATURE_TOLERANCE as f32 * b.max(1e-2), "round {round}: probability {a} vs {b}");
+                // Tokens agree up to a near tie (the reference's f32 sums run
+                // in another order on another CPU, so a tie can fall either
+                // way); positions after it condition on different tokens.
+                let same = g.tokens.iter().zip(&c.tokens).take_while(|(a, b)| a == b).count();
+                let compared = if same == g.tokens.len() && same == c.tokens.len() {
+                    same
+                } else {
+                    assert!(same < g.tokens.len() && same < c.tokens.len(), "round {round}: one draft stopped early: {:?} vs {:?}", g.tokens, c.tokens);
+                    let (gt, ct) = (g.tokens[same], c.tokens[same]);
+                    if sampling.temperature == 0.0 {
+                        let margin = c.features[same].margin;
+                        assert!(margin <= FEATURE_TOLERANCE as f32, "round {round}: greedy draft token {gt} vs {ct} with a top-2 margin of {margin}");
+                    } else {
+                        let (q, p) = (&g.dists[same], &c.dists[same]);
+                        let both = |t: u32| q.tokens.contains(&t) && p.tokens.contains(&t);
+                        assert!(both(gt) && both(ct), "round {round}: sampled draft token {gt} vs {ct} outside the other's support");
                     }
+                    eprintln!("round {round}, temperature {}: near tie at draft position {same} ({gt} vs {ct})", sampling.temperature);
+                    same + 1
+                };
+                assert_eq!(g.dists.is_empty(), c.dists.is_empty(), "round {round}: one side drew from distributions");
+                for (q, p) in g.dists.iter().zip(&c.dists).take(compared) {
+                    assert_close_dists(q, p, round);
                 }
-                for (a, b) in g.features.iter().zip(&c.features) {
+                for (a, b) in g.features.iter().zip(&c.features).take(compared) {
                     assert_eq!(a.position, b.position);
                     let tol = FEATURE_TOLERANCE as f32;
                     assert!((a.top1 - b.top1).abs() <= tol && (a.entropy - b.entropy).abs() <= tol * b.entropy.max(1.0), "{a:?} vs {b:?}");
@@ -206,6 +229,26 @@ fn draft_rounds_match_the_cpu_draft_greedy_and_sampled() {
                 let accepted = round as usize % (g.tokens.len() + 1);
                 context.extend_from_slice(&g.tokens[..accepted]);
                 context.push(prompt[round as usize % prompt.len()]);
+            }
+        }
+    }
+}
+
+/// Two draft distributions agree token by token within the feature
+/// tolerance. Near-equal probabilities may come in either order, and a
+/// token at the edge of top-k / top-p (no more likely than the least
+/// likely token of the other support) may be in one support only.
+fn assert_close_dists(q: &SparseDist, p: &SparseDist, round: u64) {
+    let tol = FEATURE_TOLERANCE as f32;
+    for (this, other) in [(q, p), (p, q)] {
+        let edge = other.probs.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+        for (t, &a) in this.tokens.iter().zip(&this.probs) {
+            match other.tokens.iter().position(|&o| o == *t) {
+                Some(i) => {
+                    let b = other.probs[i];
+                    assert!((a - b).abs() <= tol * b.max(1e-2), "round {round}: probability of token {t}: {a} vs {b}");
+                }
+                None => assert!(a <= edge + tol * edge.max(1e-2), "round {round}: token {t} (probability {a}) missing from a support whose least token has {edge}"),
             }
         }
     }
