@@ -291,7 +291,7 @@ mod tests {
     use tandem_estimators::VerifyTimeCalibration;
 
     /// Known costs: T = 3 + 0.5·seqs + 2·tokens + 0.2·(Σ tokens×context)/1000
-    /// + 0.5·prefill ms, and T_q = T exactly.
+    /// + 0.5·scored positions ms, and T_q = T exactly.
     fn known() -> VerifyTimeEstimator {
         VerifyTimeEstimator::from_calibration(
             &VerifyTimeCalibration {
