@@ -100,7 +100,9 @@ pub(crate) fn group_times<const R: usize>(level: SimdLevel, pack: Pack, w: &Grou
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2Vnni => unsafe { x86::group_vnni::<R>(pack, w, a, out) },
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => unsafe { x86::group_avx2::<R>(pack, w, a, out) },
+        SimdLevel::Avx2 if pack == Pack::Nibbles => unsafe { x86::nibbles_avx2::<R>(w, a, out) },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { x86::bytes_avx2::<R>(pack, w, a, out) },
         #[cfg(target_arch = "aarch64")]
         SimdLevel::Neon => unsafe { neon::group::<R>(pack, w, a, out) },
         _ => {
@@ -218,92 +220,164 @@ mod x86 {
         }
     }
 
-    /// Defines a kernel over eight rows per register (the group in two
-    /// halves); `$nib` adds the products of nibble weights (unsigned) with
-    /// broadcast activation bytes to i32 lanes, `$bytes` those of signed
-    /// weights with the activation word (offset by 128 when `$offset`).
-    macro_rules! group_256 {
-        ($name:ident, $features:literal, $offset:literal,
-         nib: |$ni:ident, $nw:ident, $na:ident| $nib:expr,
-         bytes: |$bi:ident, $bw:ident, $ba:ident| $bytes:expr) => {
-            #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name<const R: usize>(pack: Pack, w: &GroupView, a: &[ActRow; R], out: &mut [[f32; GROUP]]) {
-                let nb = a[0].d.len();
-                let q = w.qs.as_ptr();
-                // SAFETY (all pointer reads): offsets stay within the
-                // lengths group_times checked.
-                unsafe {
-                    for half in 0..2 {
-                        let row0 = half * 8;
-                        let (mut acc, mut macc) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
-                        for b in 0..nb {
-                            if pack == Pack::Nibbles {
-                                let mask = _mm256_set1_epi8(0x0F);
-                                let mut wv = [_mm256_setzero_si256(); 8];
-                                for c in 0..4 {
-                                    let raw = _mm256_loadu_si256(q.add(b * 256 + c * 64 + row0 * 4) as *const _);
-                                    wv[c] = _mm256_and_si256(raw, mask);
-                                    wv[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
-                                }
-                                let dv = _mm256_loadu_ps(w.d.as_ptr().add(b * GROUP + row0));
-                                let mv = _mm256_loadu_ps(w.m.as_ptr().add(b * GROUP + row0));
-                                for r in 0..R {
-                                    let mut isum = _mm256_setzero_si256();
-                                    for k in 0..8 {
-                                        let ($ni, $nw, $na) = (isum, wv[k], _mm256_set1_epi32(word(a[r].qs, b, k)));
-                                        isum = $nib;
-                                    }
-                                    let scale = _mm256_mul_ps(dv, _mm256_set1_ps(*a[r].d.get_unchecked(b)));
-                                    acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), acc[r]);
-                                    macc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(*a[r].dsum.get_unchecked(b)), macc[r]);
-                                }
-                            } else {
-                                let ns = pack.scales();
-                                let per = 8 / ns;
-                                let mut wv = [_mm256_setzero_si256(); 8];
-                                for (k, v) in wv.iter_mut().enumerate() {
-                                    *v = _mm256_loadu_si256(q.add(b * 512 + k * 64 + row0 * 4) as *const _);
-                                }
-                                for r in 0..R {
-                                    let ad = _mm256_set1_ps(*a[r].d.get_unchecked(b));
-                                    for h in 0..ns {
-                                        let mut isum = _mm256_setzero_si256();
-                                        for k in h * per..(h + 1) * per {
-                                            let act = if $offset { word(a[r].qu, b, k) } else { word(a[r].qs, b, k) };
-                                            let ($bi, $bw, $ba) = (isum, wv[k], _mm256_set1_epi32(act));
-                                            isum = $bytes;
-                                        }
-                                        if $offset {
-                                            let wsum = _mm256_loadu_si256(w.wsum.as_ptr().add((b * ns + h) * GROUP + row0) as *const _);
-                                            isum = _mm256_sub_epi32(isum, wsum);
-                                        }
-                                        let d = _mm256_loadu_ps(w.d.as_ptr().add((b * ns + h) * GROUP + row0));
-                                        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, ad), _mm256_cvtepi32_ps(isum), acc[r]);
-                                    }
-                                }
+    /// AVX-VNNI: eight rows per register (the group in two halves), one
+    /// `vpdpbusd` per activation word; byte weights on the signed side
+    /// against the activation offset by 128, its 128·Σw taken back out.
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub(super) unsafe fn group_vnni<const R: usize>(pack: Pack, w: &GroupView, a: &[ActRow; R], out: &mut [[f32; GROUP]]) {
+        let nb = a[0].d.len();
+        let q = w.qs.as_ptr();
+        // SAFETY (all pointer reads): offsets stay within the
+        // lengths group_times checked.
+        unsafe {
+            for half in 0..2 {
+                let row0 = half * 8;
+                let (mut acc, mut macc) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+                for b in 0..nb {
+                    if pack == Pack::Nibbles {
+                        let mask = _mm256_set1_epi8(0x0F);
+                        let mut wv = [_mm256_setzero_si256(); 8];
+                        for c in 0..4 {
+                            let raw = _mm256_loadu_si256(q.add(b * 256 + c * 64 + row0 * 4) as *const _);
+                            wv[c] = _mm256_and_si256(raw, mask);
+                            wv[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                        }
+                        let dv = _mm256_loadu_ps(w.d.as_ptr().add(b * GROUP + row0));
+                        let mv = _mm256_loadu_ps(w.m.as_ptr().add(b * GROUP + row0));
+                        for r in 0..R {
+                            let mut isum = _mm256_setzero_si256();
+                            for k in 0..8 {
+                                isum = _mm256_dpbusd_avx_epi32(isum, wv[k], _mm256_set1_epi32(word(a[r].qs, b, k)));
                             }
+                            let scale = _mm256_mul_ps(dv, _mm256_set1_ps(*a[r].d.get_unchecked(b)));
+                            acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), acc[r]);
+                            macc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(*a[r].dsum.get_unchecked(b)), macc[r]);
+                        }
+                    } else {
+                        let ns = pack.scales();
+                        let per = 8 / ns;
+                        let mut wv = [_mm256_setzero_si256(); 8];
+                        for (k, v) in wv.iter_mut().enumerate() {
+                            *v = _mm256_loadu_si256(q.add(b * 512 + k * 64 + row0 * 4) as *const _);
                         }
                         for r in 0..R {
-                            _mm256_storeu_ps(out[r].as_mut_ptr().add(row0), _mm256_add_ps(acc[r], macc[r]));
+                            let ad = _mm256_set1_ps(*a[r].d.get_unchecked(b));
+                            for h in 0..ns {
+                                let mut isum = _mm256_setzero_si256();
+                                for k in h * per..(h + 1) * per {
+                                    isum = _mm256_dpbusd_avx_epi32(isum, _mm256_set1_epi32(word(a[r].qu, b, k)), wv[k]);
+                                }
+                                let wsum = _mm256_loadu_si256(w.wsum.as_ptr().add((b * ns + h) * GROUP + row0) as *const _);
+                                isum = _mm256_sub_epi32(isum, wsum);
+                                let d = _mm256_loadu_ps(w.d.as_ptr().add((b * ns + h) * GROUP + row0));
+                                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, ad), _mm256_cvtepi32_ps(isum), acc[r]);
+                            }
                         }
                     }
                 }
+                for r in 0..R {
+                    _mm256_storeu_ps(out[r].as_mut_ptr().add(row0), _mm256_add_ps(acc[r], macc[r]));
+                }
             }
-        };
+        }
     }
 
-    group_256!(group_vnni, "avx2,fma,avxvnni", true,
-        nib: |isum, w, a| _mm256_dpbusd_avx_epi32(isum, w, a),
-        bytes: |isum, w, a| _mm256_dpbusd_avx_epi32(isum, a, w));
-    // Without VNNI: u8×i8 pairs to i16 (nibbles: 15·127·2 fits; bytes: |w|
-    // against the activation carrying w's sign, at most 128·127·2), then
-    // pairs of i16 to i32.
-    group_256!(group_avx2, "avx2,fma", false,
-        nib: |isum, w, a| _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))),
-        bytes: |isum, w, a| _mm256_add_epi32(
-            isum,
-            _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w)), _mm256_set1_epi16(1))
-        ));
+    /// Nibble weights without VNNI (`u8 × i8` pairs to i16, pairs of i16
+    /// to i32). A block's sixteen pair sums per lane stay within i16
+    /// (16 · 15 · 128 = 30720), so they are added there and widened once:
+    /// one `vpmaddwd` a block instead of eight. The block is taken chunk by
+    /// chunk, each chunk's two nibble vectors against every row, and the
+    /// minimums' chain runs after the quants' (the two are independent;
+    /// each keeps its order): R sums and R accumulators then fit AVX2's
+    /// sixteen registers, where eight decoded weight vectors beside them
+    /// spilled.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn nibbles_avx2<const R: usize>(w: &GroupView, a: &[ActRow; R], out: &mut [[f32; GROUP]]) {
+        let nb = a[0].d.len();
+        let q = w.qs.as_ptr();
+        // SAFETY (all pointer reads): offsets stay within the lengths
+        // group_times checked.
+        unsafe {
+            let (mask, ones) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1));
+            for half in 0..2 {
+                let row0 = half * 8;
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..nb {
+                    // Chunk by chunk: its low and high nibbles meet every
+                    // row's activation words c and c + 4.
+                    let mut pairs = [_mm256_setzero_si256(); R];
+                    for c in 0..4 {
+                        let raw = _mm256_loadu_si256(q.add(b * 256 + c * 64 + row0 * 4) as *const _);
+                        let (lo, hi) = (_mm256_and_si256(raw, mask), _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask));
+                        for r in 0..R {
+                            let low = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(word(a[r].qs, b, c)));
+                            let high = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(word(a[r].qs, b, c + 4)));
+                            pairs[r] = _mm256_add_epi16(pairs[r], _mm256_add_epi16(low, high));
+                        }
+                    }
+                    let dv = _mm256_loadu_ps(w.d.as_ptr().add(b * GROUP + row0));
+                    for r in 0..R {
+                        let isum = _mm256_madd_epi16(pairs[r], ones);
+                        let scale = _mm256_mul_ps(dv, _mm256_set1_ps(*a[r].d.get_unchecked(b)));
+                        acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), acc[r]);
+                    }
+                }
+                let mut macc = [_mm256_setzero_ps(); R];
+                for b in 0..nb {
+                    let mv = _mm256_loadu_ps(w.m.as_ptr().add(b * GROUP + row0));
+                    for r in 0..R {
+                        macc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(*a[r].dsum.get_unchecked(b)), macc[r]);
+                    }
+                }
+                for r in 0..R {
+                    _mm256_storeu_ps(out[r].as_mut_ptr().add(row0), _mm256_add_ps(acc[r], macc[r]));
+                }
+            }
+        }
+    }
+
+    /// Signed byte weights without VNNI, chunk by chunk: a chunk's
+    /// absolute values are taken once for all rows, and each row's
+    /// activation word carries the weights' signs (at most 128 · 127 · 2
+    /// per i16 pair, so every chunk widens to i32 on its own).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn bytes_avx2<const R: usize>(pack: Pack, w: &GroupView, a: &[ActRow; R], out: &mut [[f32; GROUP]]) {
+        let nb = a[0].d.len();
+        let q = w.qs.as_ptr();
+        let ns = pack.scales();
+        let per = 8 / ns;
+        // SAFETY (all pointer reads): offsets stay within the lengths
+        // group_times checked.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            for half in 0..2 {
+                let row0 = half * 8;
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..nb {
+                    for h in 0..ns {
+                        let mut isum = [_mm256_setzero_si256(); R];
+                        for k in h * per..(h + 1) * per {
+                            let wk = _mm256_loadu_si256(q.add(b * 512 + k * 64 + row0 * 4) as *const _);
+                            let magnitude = _mm256_abs_epi8(wk);
+                            for r in 0..R {
+                                let signed = _mm256_sign_epi8(_mm256_set1_epi32(word(a[r].qs, b, k)), wk);
+                                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed), ones));
+                            }
+                        }
+                        let d = _mm256_loadu_ps(w.d.as_ptr().add((b * ns + h) * GROUP + row0));
+                        for r in 0..R {
+                            let scale = _mm256_mul_ps(d, _mm256_set1_ps(*a[r].d.get_unchecked(b)));
+                            acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum[r]), acc[r]);
+                        }
+                    }
+                }
+                for r in 0..R {
+                    // As the scalar twin: + 0 (no minimums) turns −0 into +0.
+                    _mm256_storeu_ps(out[r].as_mut_ptr().add(row0), _mm256_add_ps(acc[r], _mm256_setzero_ps()));
+                }
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "aarch64")]
