@@ -358,6 +358,13 @@ impl Llama {
         Llama { cfg, embed: self.embed.clone(), layers, norm: self.norm.clone(), head: self.head.clone(), rope_cos: self.rope_cos.clone(), rope_sin: self.rope_sin.clone() }
     }
 
+    /// The same model with another output head: a trained draft's head
+    /// over part of the vocabulary, whose logits rows are that head's width.
+    pub(crate) fn with_head(mut self, head: QLinear) -> Llama {
+        self.head = head;
+        self
+    }
+
     fn forward_unchecked(&self, batch: &mut [SeqPass], n_layers: usize, starts: &[usize], capture: &[usize], input: Option<Tensor>) -> Result<(Vec<Logits>, Vec<Vec<f32>>)> {
         let cfg = &self.cfg;
         let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
@@ -429,12 +436,12 @@ impl Llama {
             row += n;
         }
         let out = if wanted.is_empty() {
-            runs.iter().map(|_| Logits { vocab: cfg.vocab, data: vec![] }).collect()
+            runs.iter().map(|_| Logits { vocab: self.head.rows(), data: vec![] }).collect()
         } else {
             let n = wanted.len();
             let idx = Tensor::from_vec(wanted, n, &Device::Cpu)?;
             let h = rms_norm(&x.index_select(&idx, 0)?, &self.norm, cfg.rms_eps)?;
-            self.head.forward_split(&h, &runs)?.into_iter().map(|data| Logits { vocab: cfg.vocab, data }).collect()
+            self.head.forward_split(&h, &runs)?.into_iter().map(|data| Logits { vocab: self.head.rows(), data }).collect()
         };
         Ok((out, captured))
     }

@@ -34,3 +34,56 @@ fn the_trained_draft_agrees_with_the_target_far_more_than_layer_skip() {
     assert!(trained > skip + 0.1, "trained {trained:.2} vs layers:12 {skip:.2}");
 }
 
+
+/// A draft whose file lists a vocabulary computes only those rows of the
+/// head: every proposal is a listed token, and wherever the built-in
+/// draft's choice is in the shorter list the two propose the same token.
+#[test]
+fn a_draft_listing_its_tokens_proposes_only_those() {
+    let model = LoadedModel::load(&fetch::ensure_default_model(false).unwrap()).unwrap();
+    let text = model.tokenizer.chat_prompt("Name three uses of copper.")
+        + "Copper carries electricity in wires, moves heat in cooking pots and radiators, and resists corrosion in pipes and roofs.";
+    let tokens = model.tokenizer.encode(&text).unwrap();
+    // The listed tokens: every second token of the text, so that about
+    // half of the whole head's choices are outside the list.
+    let mut listed: Vec<u32> = tokens.iter().step_by(2).copied().collect();
+    listed.sort_unstable();
+    listed.dedup();
+    let dir = std::env::temp_dir().join(format!("tandem-draft-vocab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let built_in = concat!(env!("CARGO_MANIFEST_DIR"), "/drafts/smollm2-135m-instruct");
+    std::fs::copy(format!("{built_in}/card.json"), dir.join("card.json")).unwrap();
+    let mut weights = candle_core::safetensors::load(format!("{built_in}/draft.safetensors"), &candle_core::Device::Cpu).unwrap();
+    // Within the built-in draft's own list, if it has one, so that the
+    // whole head's choice among listed tokens is the smaller head's choice.
+    if let Some(own) = weights.get("vocab") {
+        let own: Vec<u32> = own.to_vec1().unwrap();
+        listed.retain(|t| own.binary_search(t).is_ok());
+    }
+    weights.insert("vocab".into(), candle_core::Tensor::new(listed.as_slice(), &candle_core::Device::Cpu).unwrap());
+    candle_core::safetensors::save(&weights, dir.join("draft.safetensors")).unwrap();
+
+    let llama = &model.llama;
+    let (n, h) = (llama.config().n_layers, llama.config().hidden);
+    let mut cache = llama.new_cache(n);
+    let (_, states) = llama.forward_capturing(&mut [SeqPass { cache: &mut cache, tokens: &tokens, logits: LogitsFor::None }], &[n]).unwrap();
+    let mut whole = DraftSpec::Trained(None).build(&model).unwrap();
+    let mut part = DraftSpec::Trained(Some(dir.clone())).build(&model).unwrap();
+    let (mut same, mut outside) = (0, 0);
+    for c in tokens.len() / 2..tokens.len() {
+        let first = |d: &mut Box<dyn tandem_model::DraftSource>| {
+            d.observe_target_features(0, &states[0][..(c - 1) * h]);
+            d.propose(&tokens[..c], 1, &SamplingParams::default(), &mut SessionRng::new(0)).unwrap().tokens[0]
+        };
+        let (w, p) = (first(&mut whole), first(&mut part));
+        assert!(listed.binary_search(&p).is_ok(), "position {c}: proposed {p}, not listed");
+        if listed.binary_search(&w).is_ok() {
+            assert_eq!(w, p, "position {c}: the whole head's listed choice differs");
+            same += 1;
+        } else {
+            outside += 1;
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(same > 0 && outside > 0, "both cases met: {same} listed choices, {outside} outside the list");
+}

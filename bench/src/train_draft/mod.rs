@@ -73,8 +73,8 @@ impl Default for TrainDraftConfig {
     fn default() -> Self {
         TrainDraftConfig {
             method: Method::EagleLayers,
-            exit_layer: 12,
-            init_layer: 12,
+            exit_layer: 20,
+            init_layer: 20,
             chat_prompts: 740,
             code_prompts: 1000,
             max_new_tokens: 128,
@@ -151,8 +151,9 @@ pub fn run(r: &TrainRun) -> Result<DraftCard> {
     frozen.state_scale = state_scale(&train, r.model.llama.config().hidden);
     // Training scores only the tokens the target ever chose in the data
     // (a few thousand of the vocabulary): the full head would cost most of
-    // every step. Held-out agreement always uses the full head.
-    let (train_frozen, train) = frozen.restricted_to_labels(train)?;
+    // every step. Held-out agreement always uses the full head; the draft
+    // file lists these tokens and the draft's head computes only them.
+    let (train_frozen, train, vocab) = frozen.restricted_to_labels(train)?;
     let eagle = cfg.method.reads_target_states();
 
     let ckpt = r.out.join("checkpoint.safetensors");
@@ -231,7 +232,7 @@ pub fn run(r: &TrainRun) -> Result<DraftCard> {
         history,
         why: String::new(),
     };
-    save_draft(&block, frozen.state_scale, r.out)?;
+    save_draft(&block, frozen.state_scale, &vocab, r.out)?;
     std::fs::write(r.out.join("card.json"), serde_json::to_string_pretty(&card)?)?;
     Ok(card)
 }
@@ -520,13 +521,14 @@ fn state_scale(seqs: &[Traced], hidden: usize) -> f32 {
 
 /// The trained weights, f16, named as the draft loader expects, and the
 /// state scale.
-fn save_draft(block: &Block, state_scale: f32, out: &Path) -> Result<PathBuf> {
+fn save_draft(block: &Block, state_scale: f32, vocab: &[u32], out: &Path) -> Result<PathBuf> {
     let mut map: HashMap<String, Tensor> = block
         .vars
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F16)?)))
         .collect::<Result<_>>()?;
     map.insert("state_scale".into(), Tensor::new(&[state_scale], &Device::Cpu)?);
+    map.insert("vocab".into(), Tensor::new(vocab, &Device::Cpu)?);
     let path = out.join("draft.safetensors");
     candle_core::safetensors::save(&map, &path)?;
     Ok(path)

@@ -49,8 +49,8 @@ impl Frozen {
     }
 
     /// A copy whose head scores only the tokens used as labels in `seqs`,
-    /// with the labels renumbered into that subset.
-    pub fn restricted_to_labels(&self, mut seqs: Vec<crate::train_draft::data::Traced>) -> Result<(Frozen, Vec<crate::train_draft::data::Traced>)> {
+    /// with the labels renumbered into that subset, and the subset's ids.
+    pub fn restricted_to_labels(&self, mut seqs: Vec<crate::train_draft::data::Traced>) -> Result<(Frozen, Vec<crate::train_draft::data::Traced>, Vec<u32>)> {
         let mut used: Vec<u32> = seqs.iter().flat_map(|s| s.labels.iter().copied()).collect();
         used.sort_unstable();
         used.dedup();
@@ -62,7 +62,7 @@ impl Frozen {
         let idx = Tensor::from_slice(&used, used.len(), &Device::Cpu)?;
         let head = self.head.index_select(&idx, 0)?;
         let frozen = Frozen { head, embed: self.embed.clone(), final_norm: self.final_norm.clone(), cos: self.cos.clone(), sin: self.sin.clone(), ..*self };
-        Ok((frozen, seqs))
+        Ok((frozen, seqs, used))
     }
 
     /// Embeddings of `tokens`, `n × hidden`.
