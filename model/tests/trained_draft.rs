@@ -34,7 +34,6 @@ fn the_trained_draft_agrees_with_the_target_far_more_than_layer_skip() {
     assert!(trained > skip + 0.1, "trained {trained:.2} vs layers:12 {skip:.2}");
 }
 
-
 /// A draft whose file lists a vocabulary computes only those rows of the
 /// head: every proposal is a listed token, and wherever the built-in
 /// draft's choice is in the shorter list the two propose the same token.
@@ -45,7 +44,7 @@ fn a_draft_listing_its_tokens_proposes_only_those() {
         + "Copper carries electricity in wires, moves heat in cooking pots and radiators, and resists corrosion in pipes and roofs.";
     let tokens = model.tokenizer.encode(&text).unwrap();
     // The listed tokens: every second token of the text, so that about
-    // half of the whole head's choices are outside the list.
+    // half of the built-in draft's choices are outside the list.
     let mut listed: Vec<u32> = tokens.iter().step_by(2).copied().collect();
     listed.sort_unstable();
     listed.dedup();
@@ -78,7 +77,7 @@ fn a_draft_listing_its_tokens_proposes_only_those() {
         let (w, p) = (first(&mut whole), first(&mut part));
         assert!(listed.binary_search(&p).is_ok(), "position {c}: proposed {p}, not listed");
         if listed.binary_search(&w).is_ok() {
-            assert_eq!(w, p, "position {c}: the whole head's listed choice differs");
+            assert_eq!(w, p, "position {c}: the built-in draft's listed choice differs");
             same += 1;
         } else {
             outside += 1;
