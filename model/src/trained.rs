@@ -165,15 +165,21 @@ pub struct EagleDraft {
     /// stands for a token next to the target's previous state (its
     /// embedding when N = 0).
     prefix: Option<(Arc<Llama>, KvCache)>,
+    /// What stands for each token of `tokens`, `hidden` values a position.
+    /// They depend on the tokens alone, so a drafted token that is accepted
+    /// keeps its row: a round's catch-up computes only the target's token
+    /// (20 layers over one token instead of over every accepted one).
+    rows: Vec<f32>,
+    /// The tokens whose rows (and prefix cache positions) are held.
+    tokens: Vec<u32>,
     /// The trained layer on the target's embedding, norm and head.
     llama: Arc<Llama>,
     /// `[embedding | previous feature] → hidden`.
     fc: QLinear,
     /// The tokens the head scores.
     head_ids: Arc<[u32]>,
+    /// The trained layer's cache: positions `0..cache.len()` of `tokens`.
     cache: KvCache,
-    /// Tokens whose positions the cache holds.
-    cached: Vec<u32>,
     /// The draft's predicted final state at each cached position, at the
     /// target's median scale.
     predicted: Vec<f32>,
@@ -202,28 +208,47 @@ impl EagleDraft {
         });
         let cache = llama.new_cache(1);
         let zeros = vec![0.0; llama.config().hidden];
-        EagleDraft { prefix, llama, fc, head_ids: head.ids, cache, cached: vec![], predicted: vec![], exact: 0, target: vec![], stop, zeros, state_scale }
+        let (rows, tokens, predicted, target) = (vec![], vec![], vec![], vec![]);
+        EagleDraft { prefix, rows, tokens, llama, fc, head_ids: head.ids, cache, predicted, exact: 0, target, stop, zeros, state_scale }
     }
 
-    /// What stands for each of `tokens` (at the cache's end): its
-    /// embedding, or its state after the target's first N layers.
-    fn token_rows(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        match self.prefix.as_mut() {
-            None => Ok(tokens.iter().flat_map(|&t| self.llama.embedding().dequantize_row(t as usize)).collect()),
-            Some((llama, cache)) => {
-                let n = llama.config().n_layers;
-                let pass = SeqPass { cache, tokens, logits: crate::LogitsFor::None };
-                Ok(llama.forward_capturing(&mut [pass], &[n])?.1.remove(0))
-            }
+    /// The rows of `tokens` at positions `start..` (`start` ≤ the rows
+    /// held): those held for the same tokens are reused, the rest (from
+    /// the first token that differs) computed: the embedding, or the
+    /// target's first N layers in one pass.
+    fn token_rows(&mut self, start: usize, tokens: &[u32]) -> Result<Vec<f32>> {
+        let h = self.hidden();
+        let same = self.tokens[start..].iter().zip(tokens).take_while(|(a, b)| a == b).count();
+        self.truncate_rows(start + same);
+        let new = &tokens[same..];
+        if !new.is_empty() {
+            let rows = match self.prefix.as_mut() {
+                None => new.iter().flat_map(|&t| self.llama.embedding().dequantize_row(t as usize)).collect(),
+                Some((llama, cache)) => {
+                    let n = llama.config().n_layers;
+                    let pass = SeqPass { cache, tokens: new, logits: crate::LogitsFor::None };
+                    llama.forward_capturing(&mut [pass], &[n])?.1.remove(0)
+                }
+            };
+            self.rows.extend_from_slice(&rows);
+            self.tokens.extend_from_slice(new);
         }
+        Ok(self.rows[start * h..(start + tokens.len()) * h].to_vec())
     }
 
-    fn truncate(&mut self, len: usize) {
-        self.cache.truncate(len);
+    /// Keeps the rows (and the trained layer's positions) of `0..len`.
+    fn truncate_rows(&mut self, len: usize) {
         if let Some((_, cache)) = self.prefix.as_mut() {
             cache.truncate(len);
         }
-        self.cached.truncate(len);
+        self.tokens.truncate(len);
+        self.rows.truncate(len * self.hidden());
+        self.truncate(len);
+    }
+
+    /// Keeps the trained layer's positions `0..len`.
+    fn truncate(&mut self, len: usize) {
+        self.cache.truncate(len);
         self.predicted.truncate(len * self.hidden());
         self.exact = self.exact.min(len);
     }
@@ -246,19 +271,19 @@ impl EagleDraft {
     }
 
     /// Feeds `tokens` at positions `cache.len()..`; returns the logits
-    /// after the last. On error every cache is left as it was.
+    /// after the last. On error every cache is cut back to `start`.
     fn feed(&mut self, tokens: &[u32]) -> Result<HeadScores> {
         let start = self.cache.len();
         let result = self.feed_unchecked(tokens, start);
         if result.is_err() {
-            self.truncate(start);
+            self.truncate_rows(start);
         }
         result
     }
 
     fn feed_unchecked(&mut self, tokens: &[u32], start: usize) -> Result<HeadScores> {
         let h = self.hidden();
-        let token_rows = self.token_rows(tokens)?;
+        let token_rows = self.token_rows(start, tokens)?;
         let mut rows = Vec::with_capacity(tokens.len() * 2 * h);
         let mut all_exact = self.exact == start;
         for (j, token_row) in token_rows.chunks_exact(h).enumerate() {
@@ -274,7 +299,6 @@ impl EagleDraft {
         // stand in for the target's at the target's median scale.
         rms_to(&mut hidden, h, self.state_scale);
         self.predicted.extend_from_slice(&hidden);
-        self.cached.extend_from_slice(tokens);
         if all_exact {
             self.exact = self.cache.len();
         }
@@ -316,7 +340,7 @@ impl DraftSource for EagleDraft {
         }
         // Positions computed from predicted states are redone once the
         // target's own states for them have arrived.
-        let mut common = reusable_prefix(&self.cached, context);
+        let mut common = reusable_prefix(&self.tokens[..self.cache.len()], context);
         if known >= self.exact {
             common = common.min(self.exact);
         }

@@ -86,3 +86,44 @@ fn a_draft_listing_its_tokens_proposes_only_those() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(same > 0 && outside > 0, "both cases met: {same} listed choices, {outside} outside the list");
 }
+
+/// The trained draft keeps its caches from round to round (the rows of
+/// accepted drafted tokens among them). Over rounds of greedy speculative
+/// decoding it proposes exactly what a fresh draft given the same context
+/// and target states proposes.
+#[test]
+fn a_draft_carried_across_rounds_proposes_what_a_fresh_one_does() {
+    let model = LoadedModel::load(&fetch::ensure_default_model(false).unwrap()).unwrap();
+    let llama = &model.llama;
+    let (n, h) = (llama.config().n_layers, llama.config().hidden);
+    let mut context = model.tokenizer.encode(&model.tokenizer.chat_prompt("List the planets of the solar system in order.")).unwrap();
+    let greedy = SamplingParams::default();
+    let mut carried = DraftSpec::Trained(None).build(&model).unwrap();
+    let mut accepted_drafts = 0;
+    for round in 0..12 {
+        // The target's states of the context but its last token, as a verdict reports them.
+        let mut cache = llama.new_cache(n);
+        let (_, states) = llama.forward_capturing(&mut [SeqPass { cache: &mut cache, tokens: &context, logits: LogitsFor::None }], &[n]).unwrap();
+        let known = &states[0][..(context.len() - 1) * h];
+        carried.observe_target_features(0, known);
+        let proposal = carried.propose(&context, 5, &greedy, &mut SessionRng::new(0)).unwrap();
+        let mut fresh = DraftSpec::Trained(None).build(&model).unwrap();
+        fresh.observe_target_features(0, known);
+        assert_eq!(proposal.tokens, fresh.propose(&context, 5, &greedy, &mut SessionRng::new(0)).unwrap().tokens, "round {round}");
+        // Greedy verification: the drafts the target agrees with, then its own token.
+        let mut cache = llama.new_cache(n);
+        let all = [context.as_slice(), &proposal.tokens].concat();
+        let logits = llama.forward(&mut [SeqPass { cache: &mut cache, tokens: &all, logits: LogitsFor::All }]).unwrap();
+        let base = context.len() - 1;
+        for i in 0..=proposal.tokens.len() {
+            let want = argmax(logits[0].row(base + i));
+            context.push(want);
+            if proposal.tokens.get(i) != Some(&want) {
+                break;
+            }
+            accepted_drafts += 1;
+        }
+    }
+    eprintln!("{accepted_drafts} drafts accepted in 12 rounds");
+    assert!(accepted_drafts > 0, "no draft was accepted: the carried rows were never reused");
+}
