@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end demo on this machine: a verification server in the background,
-# the edge client drafting with the target's first 25 layers and verifying
-# on the server, then a clean shutdown (SIGTERM). Builds and fetches the
+# the edge client drafting with the built-in trained draft (the default)
+# and verifying on the server, then a clean shutdown (SIGTERM). Builds and fetches the
 # default model on first run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ for _ in $(seq 1 600); do
 done
 echo "server: $(grep 'listening on' "$LOG")"
 
-"$BIN/tandem-edge" generate --server "http://$ADDR" --draft layers:25 --max-new-tokens 96 --prompt "$PROMPT"
+"$BIN/tandem-edge" generate --server "http://$ADDR" --max-new-tokens 96 --prompt "$PROMPT"
 
 kill -TERM $SERVER
 wait $SERVER

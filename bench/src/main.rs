@@ -90,8 +90,9 @@ struct TrainDraftArgs {
     /// Folder for the traced data, checkpoints, the weights and the card.
     #[arg(long, default_value = "trained-draft")]
     out: PathBuf,
-    #[arg(long, value_enum, default_value_t = train_draft::Method::Eagle)]
-    method: train_draft::Method,
+    /// [default: eagle-layers]
+    #[arg(long, value_enum)]
+    method: Option<train_draft::Method>,
     /// Optimiser steps.
     #[arg(long)]
     steps: Option<usize>,
@@ -335,7 +336,7 @@ fn main() -> Result<()> {
             let model = tandem_model::LoadedModel::load(&model_path).context("loading the target model")?;
             let d = train_draft::TrainDraftConfig::default();
             let cfg = train_draft::TrainDraftConfig {
-                method: a.method,
+                method: a.method.unwrap_or(d.method),
                 steps: a.steps.unwrap_or(d.steps),
                 exit_layer: a.exit_layer.unwrap_or(d.exit_layer),
                 init_layer: a.init_layer.unwrap_or(d.init_layer),

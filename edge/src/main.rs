@@ -97,7 +97,8 @@ struct EdgeArgs {
     /// Draft source: layers:N (the target's first N layers), trained (the
     /// built-in draft trained for the default model), trained:DIR (one made
     /// by `tandem-bench train-draft`), ngram, none or model:PATH
-    /// [default: layers:25].
+    /// [default: trained with the default model on the cpu backend, else
+    /// layers:25].
     #[arg(long)]
     draft: Option<String>,
     /// Where the draft model runs: cpu or wgpu [default: cpu].
@@ -291,8 +292,13 @@ fn verifier(args: &EdgeArgs, file: &EdgeConfig) -> Result<Verifier> {
 
 /// Everything an [`Edge`] needs, from flags over environment over file.
 fn edge_options(args: &EdgeArgs, file: &EdgeConfig) -> Result<EdgeOptions> {
-    let draft: DraftSpec = args.draft.as_deref().or(file.draft.as_deref()).unwrap_or("layers:25").parse()?;
     let backend: Backend = args.backend.as_deref().or(file.backend.as_deref()).unwrap_or("cpu").parse()?;
+    // The built-in trained draft is made for the default model and runs on
+    // the CPU kernels; other models and backends draft with the target's
+    // first 25 layers.
+    let default_model = args.model.is_none() && file.model.is_none();
+    let default_draft = if default_model && backend == Backend::Cpu { "trained" } else { "layers:25" };
+    let draft: DraftSpec = args.draft.as_deref().or(file.draft.as_deref()).unwrap_or(default_draft).parse()?;
     let draft_len = args.draft_len.or(file.draft_len).unwrap_or(4);
     let rule = parse_controller(args.controller.as_deref().or(file.controller.as_deref()).unwrap_or("fixed"))?;
     let log: Option<Box<dyn Write + Send>> = match &args.log_controller {

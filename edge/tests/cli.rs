@@ -20,7 +20,7 @@ fn model_fetch_is_idempotent_and_prints_the_path() {
 #[test]
 fn generate_local_json_reports_the_run() {
     let out = edge()
-        .args(["generate", "--local", "--draft", "layers:25", "--prompt", "Name a colour.", "--max-new-tokens", "12", "--json"])
+        .args(["generate", "--local", "--prompt", "Name a colour.", "--max-new-tokens", "12", "--json"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -33,7 +33,8 @@ fn generate_local_json_reports_the_run() {
     }
     let rate = v["acceptance_rate"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&rate));
-    assert_eq!(v["draft"], "layers:25");
+    // The default draft for the default model.
+    assert_eq!(v["draft"], "trained");
 }
 
 #[test]

@@ -41,7 +41,14 @@ const TOPICS: &[&str] = &[
     "earthquakes", "painting", "poetry", "football", "the Olympics", "libraries", "smartphones", "rivers", "deserts",
     "whales", "honey", "the printing press", "robots", "airplanes", "snow", "cheese", "mathematics", "gravity",
     "dinosaurs", "the violin", "public speaking", "meditation", "camping", "volunteering", "bridges", "windmills",
-    "green tea", "the alphabet", "clouds",
+    "green tea", "the alphabet", "clouds", "pizza", "tigers", "the piano", "photography", "Mars", "penguins",
+    "the stock market", "knitting", "the Great Wall of China", "volleyball", "tomatoes", "lighthouses", "jazz", "museums",
+    "castles", "the Amazon river", "coral reefs", "submarines", "astronauts", "chocolate", "origami", "board games",
+    "the Renaissance", "elephants", "kites", "lightning", "glaciers", "spiders", "hot air balloons", "yoga",
+    "the microscope", "wind energy", "solar panels", "the water cycle", "marathons", "podcasts", "the ancient Greeks",
+    "octopuses", "fireworks", "the telephone", "pyramids", "vegetables", "rainbows", "sharks", "the Arctic", "farming",
+    "mushrooms", "maps", "pottery", "comets", "the guitar", "skateboarding", "rice", "owls", "the metric system",
+    "first aid", "video games", "umbrellas",
 ];
 
 const TEMPLATES: &[&str] = &[
@@ -57,6 +64,16 @@ const TEMPLATES: &[&str] = &[
     "Summarize what you know about {} in one paragraph.",
     "How can I learn more about {}?",
     "Write a friendly email to a colleague about {}.",
+    "Name three things related to {} and say why each matters.",
+    "List five facts about {}.",
+    "Write a haiku about {}.",
+    "Answer in two sentences: what is special about {}?",
+    "Give me a quiz question about {} with its answer.",
+    "Suggest three titles for a blog post about {}.",
+    "Write a short note to a friend that mentions {}.",
+    "What questions should a beginner ask about {}?",
+    "Compare {} with something from everyday life.",
+    "Tell me a joke about {}.",
 ];
 
 const CODE_TASKS: &[&str] = &[
@@ -70,7 +87,10 @@ const CODE_TASKS: &[&str] = &[
 ];
 
 /// Chat requests from the templates (every topic × template, then the
-/// coding requests), shuffled reproducibly; `n` of them.
+/// coding requests), shuffled reproducibly; `n` of them. Topics and
+/// templates are broad on purpose: with the first 60 topics × 12 templates
+/// alone, held-out chat agreement stopped rising at 40 % while training
+/// agreement kept climbing. None is a bench chat prompt (those are held out).
 pub fn chat_prompts(n: usize, seed: u64) -> Vec<String> {
     let mut all: Vec<String> = TOPICS.iter().flat_map(|t| TEMPLATES.iter().map(move |tpl| tpl.replace("{}", t))).collect();
     all.extend(CODE_TASKS.iter().map(|t| format!("Write a Python function that {t}.")));

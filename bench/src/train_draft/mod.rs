@@ -75,7 +75,7 @@ impl Default for TrainDraftConfig {
             method: Method::EagleLayers,
             exit_layer: 20,
             init_layer: 20,
-            chat_prompts: 740,
+            chat_prompts: 1600,
             code_prompts: 1000,
             max_new_tokens: 128,
             steps: 600,
@@ -248,7 +248,8 @@ fn training_data(r: &TrainRun) -> Result<(Vec<Traced>, String)> {
         code.len(),
         stdlib.display()
     );
-    let key = format!("{}-{}-{}-{}-{}", cfg.chat_prompts, cfg.code_prompts, cfg.max_new_tokens, cfg.exit_layer, cfg.seed);
+    // `v2`: the broader chat topics and templates.
+    let key = format!("v2-{}-{}-{}-{}-{}", cfg.chat_prompts, cfg.code_prompts, cfg.max_new_tokens, cfg.exit_layer, cfg.seed);
     let path = r.out.join(format!("traced-{key}.safetensors"));
     if path.exists() {
         return Ok((data::load(&path)?, desc));
@@ -568,5 +569,18 @@ mod tests {
             data::functions_with_docstrings(text),
             vec!["def walk(top):\n    \"\"\"Walk a tree.\n\n    Yields triples.\n    \"\"\"\n", "def one(x):\n    \"\"\"One line.\"\"\"\n"]
         );
+    }
+
+    /// The bench's chat prompts are the held-out set: no training request
+    /// is one of them, and the default asks for distinct requests.
+    #[test]
+    fn training_chat_requests_are_distinct_and_not_held_out() {
+        let all = data::chat_prompts(usize::MAX, 7);
+        let mut distinct = all.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), all.len());
+        assert!(all.len() >= TrainDraftConfig::default().chat_prompts);
+        assert!(all.iter().all(|p| !crate::prompts::CHAT_PROMPTS.contains(&p.as_str())));
     }
 }
