@@ -219,9 +219,11 @@ impl EagleDraft {
     fn token_rows(&mut self, start: usize, tokens: &[u32]) -> Result<Vec<f32>> {
         let h = self.hidden();
         let same = self.tokens[start..].iter().zip(tokens).take_while(|(a, b)| a == b).count();
-        self.truncate_rows(start + same);
         let new = &tokens[same..];
         if !new.is_empty() {
+            // Rows held past the first differing token are for other tokens;
+            // matching rows past the end of `tokens` stay for later calls.
+            self.truncate_rows(start + same);
             let rows = match self.prefix.as_mut() {
                 None => new.iter().flat_map(|&t| self.llama.embedding().dequantize_row(t as usize)).collect(),
                 Some((llama, cache)) => {
