@@ -125,6 +125,10 @@ pub struct DraftCard {
     pub steps: usize,
     pub train_seconds: f64,
     pub held_out: Agreement,
+    /// Share of the held-out positions whose target token is outside the
+    /// draft's head list (`vocab`): the draft can never propose those.
+    #[serde(default)]
+    pub held_out_outside_list: f64,
     /// Untrained drafts on the same held-out positions, with the weight
     /// bytes they read per token as a fraction of the target's.
     pub baselines: Vec<(String, Agreement, f64)>,
@@ -228,6 +232,7 @@ pub fn run(r: &TrainRun) -> Result<DraftCard> {
         steps: opt.step,
         train_seconds: elapsed0,
         held_out,
+        held_out_outside_list: outside_list(&eval, &vocab),
         baselines,
         history,
         why: String::new(),
@@ -442,6 +447,12 @@ fn agreement(per_kind: &HashMap<&str, (f64, f64)>) -> Agreement {
     Agreement { chat: rate("chat"), code: rate("code"), all: a / n.max(1.0), positions: n as usize, second: 0.0 }
 }
 
+fn outside_list(eval: &[Traced], vocab: &[u32]) -> f64 {
+    let labels = || eval.iter().flat_map(|s| &s.labels[s.prompt_len..]);
+    let outside = labels().filter(|l| vocab.binary_search(l).is_err()).count();
+    outside as f64 / labels().count().max(1) as f64
+}
+
 /// Untrained drafts on the same positions: layer-skip `layers:N` (cost
 /// `N` layers + head) and prompt lookup (`ngram`, free).
 fn baselines(model: &LoadedModel, eval: &[Traced]) -> Result<Vec<(String, Agreement, f64)>> {
@@ -582,5 +593,13 @@ mod tests {
         assert_eq!(distinct.len(), all.len());
         assert!(all.len() >= TrainDraftConfig::default().chat_prompts);
         assert!(all.iter().all(|p| !crate::prompts::CHAT_PROMPTS.contains(&p.as_str())));
+    }
+
+    /// Prompt positions do not count; a token in the list does not count.
+    #[test]
+    fn outside_list_counts_generated_labels_missing_from_the_list() {
+        let seq = |labels: Vec<u32>, prompt_len| Traced { tokens: labels.clone(), labels, prompt_len, exit: vec![], last: vec![], kind: "chat" };
+        let eval = [seq(vec![9, 9, 1, 2, 7], 2), seq(vec![3, 4, 5], 0)];
+        assert_eq!(outside_list(&eval, &[1, 2, 3, 4]), 2.0 / 6.0);
     }
 }
