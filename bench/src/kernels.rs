@@ -14,8 +14,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
-use tandem_model::kernels::MatmulKernels;
 use tandem_edge::wgpu::{WgpuModel, WgpuOptions};
+use tandem_model::kernels::MatmulKernels;
 use tandem_model::{KvCache, Llama, LoadedModel, LogitsFor, SeqPass};
 
 /// Where `tandem-bench kernels` runs the forward.
@@ -210,8 +210,7 @@ fn run_cpu(cfg: &KernelBenchConfig) -> Result<KernelReport> {
         speedup: stock_ms.map(|s| s / ms),
         weight_gb_per_s: bytes as f64 / ms / 1e6,
     };
-    let passes: Vec<PassRow> =
-        PASS_SIZES.iter().zip(ours.iter().zip(stock)).map(|(&n, (&ms, s))| row(n.to_string(), n, ms, s)).collect();
+    let passes: Vec<PassRow> = PASS_SIZES.iter().zip(ours.iter().zip(stock)).map(|(&n, (&ms, s))| row(n.to_string(), n, ms, s)).collect();
     Ok(KernelReport {
         model: cfg.model.display().to_string(),
         threads: rayon::current_num_threads(),
@@ -338,20 +337,12 @@ fn run_wgpu(cfg: &KernelBenchConfig) -> Result<DraftReport> {
             wgpu_prefill_ms: wgpu_prefill,
         });
     }
-    Ok(DraftReport {
-        model: cfg.model.display().to_string(),
-        adapter: adapter.0,
-        software_adapter: adapter.1,
-        cpu_threads: rayon::current_num_threads(),
-        rows,
-    })
+    Ok(DraftReport { model: cfg.model.display().to_string(), adapter: adapter.0, software_adapter: adapter.1, cpu_threads: rayon::current_num_threads(), rows })
 }
 
 impl DraftReport {
     pub fn markdown(&self) -> String {
-        let mut s = format!("model {}
-wgpu adapter {}, CPU threads {}
-", self.model, self.adapter, self.cpu_threads);
+        let mut s = format!("model {}\nwgpu adapter {}, CPU threads {}\n", self.model, self.adapter, self.cpu_threads);
         if self.software_adapter {
             s += "NOTE: this adapter is a software renderer running on the CPU (e.g. Mesa's lavapipe): the wgpu \
                   figures show the backend works, not how fast a GPU drafts.\n";

@@ -142,10 +142,13 @@ impl DraftKind {
 
 /// The one real draft spec the profiles ask for, if any.
 pub fn real_draft_spec(profiles: &[DeviceProfile]) -> Result<Option<String>> {
-    let mut specs: Vec<String> = profiles.iter().filter_map(|p| match DraftKind::parse(&p.draft) {
-        Ok(DraftKind::Real(spec)) => Some(spec),
-        _ => None,
-    }).collect();
+    let mut specs: Vec<String> = profiles
+        .iter()
+        .filter_map(|p| match DraftKind::parse(&p.draft) {
+            Ok(DraftKind::Real(spec)) => Some(spec),
+            _ => None,
+        })
+        .collect();
     specs.dedup();
     anyhow::ensure!(specs.len() <= 1, "profiles ask for several real drafts ({specs:?}); use one");
     Ok(specs.pop())
@@ -292,7 +295,15 @@ fn draft_for(profile: &DeviceProfile, prompt: &BenchPrompt, real: Option<&RealDr
 }
 
 /// One session of `policy` by device `device`.
-fn run_session(policy: Policy, cfg: &LiveConfig, url: &str, inputs: &LiveInputs, device: usize, profile: &DeviceProfile, prompt: &BenchPrompt) -> SessionRecord {
+fn run_session(
+    policy: Policy,
+    cfg: &LiveConfig,
+    url: &str,
+    inputs: &LiveInputs,
+    device: usize,
+    profile: &DeviceProfile,
+    prompt: &BenchPrompt,
+) -> SessionRecord {
     let (model, real) = (inputs.model, inputs.real);
     let mut record = SessionRecord { device, prompt: prompt.id.clone(), ..Default::default() };
     let mut client = ClientConfig::new(url);
@@ -320,9 +331,15 @@ fn run_session(policy: Policy, cfg: &LiveConfig, url: &str, inputs: &LiveInputs,
             let mut first_at = None;
             let eos = model.tokenizer.eos_tokens().to_vec();
             link.inner
-                .generate_server_only(&request.prompt, &request.sampling, request.max_new_tokens, |_| {
-                    first_at.get_or_insert_with(Instant::now);
-                }, &eos)
+                .generate_server_only(
+                    &request.prompt,
+                    &request.sampling,
+                    request.max_new_tokens,
+                    |_| {
+                        first_at.get_or_insert_with(Instant::now);
+                    },
+                    &eos,
+                )
                 .map(|tokens| {
                     let down = profile.rtt_ms / 2.0;
                     let ttft = first_at.map_or(0.0, |t| t.duration_since(start).as_secs_f64() * 1e3) + down;
@@ -451,7 +468,10 @@ fn scrape(addr: &str) -> Result<Scrape> {
     let mut body = String::new();
     conn.read_to_string(&mut body)?;
     let value = |name: &str| body.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse::<f64>().ok()));
-    Ok(Scrape { pass_seconds: value("tandem_pass_seconds_sum").context("no tandem_pass_seconds_sum in /metrics")?, estimator_error: value("tandem_estimator_relative_error") })
+    Ok(Scrape {
+        pass_seconds: value("tandem_pass_seconds_sum").context("no tandem_pass_seconds_sum in /metrics")?,
+        estimator_error: value("tandem_estimator_relative_error"),
+    })
 }
 
 /// A free loopback port for the server's metrics endpoint.

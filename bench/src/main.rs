@@ -4,10 +4,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Instant;
+use tandem_bench::kernels::{self, KernelBenchConfig};
 use tandem_bench::real_draft::RealDrafts;
 use tandem_bench::report::{parse_policies, Policy, Report};
 use tandem_bench::{estimator, live, paper, sim, train_draft};
-use tandem_bench::kernels::{self, KernelBenchConfig};
 use tandem_model::fetch;
 
 #[derive(Parser)]

@@ -165,7 +165,9 @@ fn agreement_table(live: &Report, sim: &Report) -> String {
 }
 
 fn summary(parts: &[(&str, &Report)], agreement: &str, wall_s: f64) -> String {
-    let mut out = String::from("# tandem-bench paper\n\n| run | capacity vs centralized | capacity vs SLED | goodput vs centralized | goodput vs SLED |\n|---|---|---|---|---|\n");
+    let mut out = String::from(
+        "# tandem-bench paper\n\n| run | capacity vs centralized | capacity vs SLED | goodput vs centralized | goodput vs SLED |\n|---|---|---|---|---|\n",
+    );
     let fmt = |r: &Report, k: &str| r.ratios.get(k).map_or("–".into(), |v| format!("{v:.2}×"));
     for (name, r) in parts {
         let _ = writeln!(out, "| {name} | {} | {} | {} | {} |", fmt(r, PUBLISHED[0].0), fmt(r, PUBLISHED[1].0), fmt(r, PUBLISHED[2].0), fmt(r, PUBLISHED[3].0));

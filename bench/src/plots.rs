@@ -84,7 +84,8 @@ fn load_curve(r: &PolicyReport, y: fn(f64, f64) -> f64) -> Vec<(f64, f64)> {
 fn plots(report: &Report) -> Vec<Plot> {
     let unit = report.policies.iter().find_map(|r| r.capacity.as_ref().map(|c| c.unit.clone())).unwrap_or_else(|| "load".into());
     let kind = &report.kind;
-    let per_policy = |f: &dyn Fn(&PolicyReport) -> Vec<(f64, f64)>| report.policies.iter().map(|r| Series { name: r.policy.name().into(), points: f(r) }).collect();
+    let per_policy =
+        |f: &dyn Fn(&PolicyReport) -> Vec<(f64, f64)>| report.policies.iter().map(|r| Series { name: r.policy.name().into(), points: f(r) }).collect();
     let cdf = |v: &[f64]| v.iter().enumerate().map(|(i, &x)| (x, i as f64 / (v.len().max(2) - 1) as f64)).collect();
     vec![
         Plot {
@@ -103,8 +104,22 @@ fn plots(report: &Report) -> Vec<Plot> {
             series: per_policy(&|r| load_curve(r, |_, a| a)),
             rule: Some(CAPACITY_ATTAINMENT),
         },
-        Plot { file: "ttft_cdf", title: format!("{kind}: TTFT CDF"), x: "TTFT (ms)".into(), y: "fraction of sessions".into(), series: per_policy(&|r| cdf(&r.ttft_cdf_ms)), rule: None },
-        Plot { file: "tpot_cdf", title: format!("{kind}: TPOT CDF"), x: "TPOT (ms)".into(), y: "fraction of sessions".into(), series: per_policy(&|r| cdf(&r.tpot_cdf_ms)), rule: None },
+        Plot {
+            file: "ttft_cdf",
+            title: format!("{kind}: TTFT CDF"),
+            x: "TTFT (ms)".into(),
+            y: "fraction of sessions".into(),
+            series: per_policy(&|r| cdf(&r.ttft_cdf_ms)),
+            rule: None,
+        },
+        Plot {
+            file: "tpot_cdf",
+            title: format!("{kind}: TPOT CDF"),
+            x: "TPOT (ms)".into(),
+            y: "fraction of sessions".into(),
+            series: per_policy(&|r| cdf(&r.tpot_cdf_ms)),
+            rule: None,
+        },
     ]
 }
 

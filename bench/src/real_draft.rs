@@ -39,7 +39,8 @@ impl RealDrafts {
         let parsed: DraftSpec = spec.parse().with_context(|| format!("draft `real:{spec}`"))?;
         let safe: String = spec.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
         let path = fetch::tandem_home().join(format!("bench-drafts-{safe}.json"));
-        let mut cache: HashMap<String, HashMap<usize, Cached>> = std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+        let mut cache: HashMap<String, HashMap<usize, Cached>> =
+            std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
         // A retrained draft proposes differently: its weights are in the key.
         let weights = match &parsed {
             DraftSpec::Trained(dir) => format!(":{:016x}", tandem_model::trained_draft_fingerprint(dir.as_deref())?),

@@ -11,8 +11,7 @@ use tandem_model::{SamplingParams, SparseDist, Verdict};
 use tandem_protocol::features;
 use tandem_protocol::limits::MAX_MESSAGE_BYTES;
 use tandem_protocol::wire::{
-    DraftMode, EdgeKind, EdgeMessage, Open, Opened, Sampling, ServerKind, ServerMessage, Slo, SparseDist as WireDist, Verify,
-    VerifierClient,
+    DraftMode, EdgeKind, EdgeMessage, Open, Opened, Sampling, ServerKind, ServerMessage, Slo, SparseDist as WireDist, VerifierClient, Verify,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -164,7 +163,8 @@ impl RemoteTarget {
             return Ok(());
         }
         let values = features::decode(bytes).filter(|v| rows > 0 && v.len() % rows == 0);
-        let values = values.ok_or_else(|| EdgeError::Server(Status::internal(format!("`features`: {} bytes are not {rows} rows of half floats", bytes.len()))))?;
+        let values =
+            values.ok_or_else(|| EdgeError::Server(Status::internal(format!("`features`: {} bytes are not {rows} rows of half floats", bytes.len()))))?;
         TargetFeatures::merge(&mut self.features, TargetFeatures { start, rows, values });
         Ok(())
     }
@@ -256,7 +256,14 @@ impl RemoteTarget {
     }
 
     /// Server-only generation: the server decodes; tokens stream back.
-    pub fn generate_server_only(&mut self, prompt: &[u32], sampling: &SamplingParams, max_new_tokens: usize, mut on_token: impl FnMut(u32), eos: &[u32]) -> Result<Vec<u32>, EdgeError> {
+    pub fn generate_server_only(
+        &mut self,
+        prompt: &[u32],
+        sampling: &SamplingParams,
+        max_new_tokens: usize,
+        mut on_token: impl FnMut(u32),
+        eos: &[u32],
+    ) -> Result<Vec<u32>, EdgeError> {
         self.start(prompt, sampling, max_new_tokens);
         let mut context = prompt.to_vec();
         let open = self.open_message(&context, true);
@@ -327,11 +334,7 @@ impl Target for RemoteTarget {
             stream.seq += 1;
             let msg = Verify { seq: stream.seq, base_len: context.len() as u32, draft: drafts.to_vec(), q: q.clone() };
             let reply = t.rt.block_on(async {
-                stream
-                    .tx
-                    .send(EdgeMessage { kind: Some(EdgeKind::Verify(msg)) })
-                    .await
-                    .map_err(|_| Status::unavailable("stream closed"))?;
+                stream.tx.send(EdgeMessage { kind: Some(EdgeKind::Verify(msg)) }).await.map_err(|_| Status::unavailable("stream closed"))?;
                 stream.rx.message().await
             });
             match reply {
@@ -341,7 +344,10 @@ impl Target for RemoteTarget {
                         verdict: Verdict { accepted: v.accepted as usize, next: v.next_token },
                         verified: (v.verified as usize).min(drafts.len()),
                         server_ms: Some(v.server_ms as f64),
-                        hints: v.hints.map(|h| RoundHints { verify_ms_by_k: h.est_verify_ms_by_k, suggested_k: Some(h.suggested_k as usize).filter(|k| *k > 0) }).unwrap_or_default(),
+                        hints: v
+                            .hints
+                            .map(|h| RoundHints { verify_ms_by_k: h.est_verify_ms_by_k, suggested_k: Some(h.suggested_k as usize).filter(|k| *k > 0) })
+                            .unwrap_or_default(),
                     })
                 }
                 Ok(Some(other)) => Err(EdgeError::Server(Status::internal(format!("expected a verdict, got {other:?}")))),

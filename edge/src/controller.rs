@@ -341,8 +341,12 @@ mod tests {
     #[test]
     fn a_trained_predictor_separates_confident_from_unsure_drafts() {
         // Accepted when top1 is high, with a little label noise.
-        let samples: Vec<(DraftFeatures, bool)> =
-            (0..400).map(|i| { let top1 = (i % 100) as f32 / 100.0; (feat(top1, (i % 6) as u32), (top1 > 0.5) ^ (i % 37 == 0)) }).collect();
+        let samples: Vec<(DraftFeatures, bool)> = (0..400)
+            .map(|i| {
+                let top1 = (i % 100) as f32 / 100.0;
+                (feat(top1, (i % 6) as u32), (top1 > 0.5) ^ (i % 37 == 0))
+            })
+            .collect();
         let model = RejectionPredictor::train(&samples, 300);
         assert!(model.p_reject(&feat(0.95, 0)) < 0.2 && model.p_reject(&feat(0.05, 0)) > 0.8);
         let q = model.evaluate(&samples, 0.5);

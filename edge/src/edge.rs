@@ -2,11 +2,11 @@
 //! where verification happens, assembled once and used for many
 //! generations (`generate`, `chat`, `serve`).
 
+use crate::candle_draft::CandleLayers;
 use crate::client::{ClientConfig, RemoteTarget};
 use crate::controller::SpeculationController;
 use crate::{EdgeError, GenerateRequest, Generation, LocalTarget, Speculator};
 use std::io::Write;
-use crate::candle_draft::CandleLayers;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -261,7 +261,13 @@ impl<T: Target + Send> Speculator<T> {
     /// ahead, re-judged by the controller, then fresh ones. Returns the
     /// proposal, each token's completion time (ms since the round began;
     /// carried tokens cost the round nothing) and how many were fresh.
-    fn draft_round(&mut self, context: &[u32], k: usize, carried: Option<Proposal>, sampling: &SamplingParams) -> Result<(Proposal, Vec<f64>, usize), EdgeError> {
+    fn draft_round(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        carried: Option<Proposal>,
+        sampling: &SamplingParams,
+    ) -> Result<(Proposal, Vec<f64>, usize), EdgeError> {
         let started = Instant::now();
         let mut proposal = carried.unwrap_or_default();
         truncate(&mut proposal, k);
@@ -278,11 +284,7 @@ impl<T: Target + Send> Speculator<T> {
         let mut stamps = vec![0.0; carried_n];
         if k > carried_n {
             // The context is copied only when carried drafts extend it.
-            let extended: std::borrow::Cow<[u32]> = if carried_n == 0 {
-                context.into()
-            } else {
-                [context, &proposal.tokens[..]].concat().into()
-            };
+            let extended: std::borrow::Cow<[u32]> = if carried_n == 0 { context.into() } else { [context, &proposal.tokens[..]].concat().into() };
             // Draft draws are keyed like the target's, from their own stream.
             let mut rng = SessionRng::at(sampling.seed ^ DRAFT_STREAM, extended.len());
             let fresh = self.draft.propose_until(&extended, k - carried_n, sampling, &mut rng, &mut |f| {
@@ -333,7 +335,11 @@ const DRAFT_STREAM: u64 = 0x5EED_D4AF_7000_0001;
 
 /// The proposal without its first `skip` tokens.
 fn tail(p: Proposal, skip: usize) -> Proposal {
-    Proposal { tokens: p.tokens.into_iter().skip(skip).collect(), dists: p.dists.into_iter().skip(skip).collect(), features: p.features.into_iter().skip(skip).collect() }
+    Proposal {
+        tokens: p.tokens.into_iter().skip(skip).collect(),
+        dists: p.dists.into_iter().skip(skip).collect(),
+        features: p.features.into_iter().skip(skip).collect(),
+    }
 }
 
 fn truncate(p: &mut Proposal, n: usize) {

@@ -310,7 +310,9 @@ fn edge_options(args: &EdgeArgs, file: &EdgeConfig) -> Result<EdgeOptions> {
     Ok(EdgeOptions {
         model: model_path(args, file)?,
         // k follows the session's TPOT objective where it has one.
-        controller: Some(SpeculationController::new(rule, draft_len, args.adaptive_k).with_tpot_objective(args.slo_tpot_ms.or(file.slo_tpot_ms).map(f64::from))),
+        controller: Some(
+            SpeculationController::new(rule, draft_len, args.adaptive_k).with_tpot_objective(args.slo_tpot_ms.or(file.slo_tpot_ms).map(f64::from)),
+        ),
         draft,
         backend,
         draft_len,
@@ -429,7 +431,9 @@ fn chat(args: ChatArgs, file: &EdgeConfig) -> Result<()> {
                 conversation.reset();
                 println!("(history cleared)");
             }
-            "/help" => println!("/stats  speculation statistics\n/reset  forget the conversation\n/exit   quit (or Ctrl-D)\nCtrl-C stops the answer being written."),
+            "/help" => {
+                println!("/stats  speculation statistics\n/reset  forget the conversation\n/exit   quit (or Ctrl-D)\nCtrl-C stops the answer being written.")
+            }
             cmd if cmd.starts_with('/') => println!("unknown command {cmd}; /help lists them"),
             question => {
                 let prompt = match conversation.ask(question, &tokenizer) {

@@ -193,9 +193,11 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer) -> Result<Valid
     let stop = match obj.get("stop") {
         None | Some(Value::Null) => vec![],
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) if a.len() <= 4 => {
-            a.iter().map(|s| s.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or_else(|| ApiError::invalid("stop", "`stop` must be a string or up to 4 strings"))?
-        }
+        Some(Value::Array(a)) if a.len() <= 4 => a
+            .iter()
+            .map(|s| s.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ApiError::invalid("stop", "`stop` must be a string or up to 4 strings"))?,
         Some(_) => return Err(ApiError::invalid("stop", "`stop` must be a string or up to 4 strings")),
     };
     if stop.iter().any(String::is_empty) {
@@ -308,12 +310,8 @@ impl StopMatcher {
             return (shown, true);
         }
         // Keep the longest suffix that is a prefix of some stop string.
-        let keep = self
-            .stops
-            .iter()
-            .flat_map(|s| (1..s.len()).rev().filter(|&n| s.is_char_boundary(n)).find(|&n| self.held.ends_with(&s[..n])))
-            .max()
-            .unwrap_or(0);
+        let keep =
+            self.stops.iter().flat_map(|s| (1..s.len()).rev().filter(|&n| s.is_char_boundary(n)).find(|&n| self.held.ends_with(&s[..n]))).max().unwrap_or(0);
         let cut = self.held.len() - keep;
         let shown = self.held[..cut].to_string();
         self.held.drain(..cut);
@@ -443,7 +441,9 @@ async fn whole_response(kind: Kind, id: String, created: u64, model: String, mut
                     Kind::Text => json!({"index": 0, "text": text, "finish_reason": reason, "logprobs": null}),
                 };
                 let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
-                return json_response(json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage(&generation)}));
+                return json_response(
+                    json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage(&generation)}),
+                );
             }
         }
     }

@@ -19,10 +19,7 @@ fn model_fetch_is_idempotent_and_prints_the_path() {
 
 #[test]
 fn generate_local_json_reports_the_run() {
-    let out = edge()
-        .args(["generate", "--local", "--prompt", "Name a colour.", "--max-new-tokens", "12", "--json"])
-        .output()
-        .unwrap();
+    let out = edge().args(["generate", "--local", "--prompt", "Name a colour.", "--max-new-tokens", "12", "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let tokens = v["tokens"].as_array().unwrap();
@@ -53,10 +50,8 @@ fn sampled_generation_is_reproducible_for_a_seed() {
 
 #[test]
 fn text_mode_streams_the_answer() {
-    let out = edge()
-        .args(["generate", "--local", "--draft", "none", "--raw", "--prompt", "The capital of France is", "--max-new-tokens", "4"])
-        .output()
-        .unwrap();
+    let out =
+        edge().args(["generate", "--local", "--draft", "none", "--raw", "--prompt", "The capital of France is", "--max-new-tokens", "4"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
 }

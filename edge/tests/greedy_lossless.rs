@@ -32,11 +32,7 @@ fn requantized_copy(src: &Path, dst: &Path, corrupt_token: Option<usize>) -> Pat
     let mut tensors = Vec::new();
     for name in content.tensor_infos.keys() {
         let t = content.tensor(&mut file, name, &Device::Cpu).unwrap();
-        let t = if t.dtype() == GgmlDType::Q4_1 {
-            QTensor::quantize(&t.dequantize(&Device::Cpu).unwrap(), GgmlDType::Q4_0).unwrap()
-        } else {
-            t
-        };
+        let t = if t.dtype() == GgmlDType::Q4_1 { QTensor::quantize(&t.dequantize(&Device::Cpu).unwrap(), GgmlDType::Q4_0).unwrap() } else { t };
         tensors.push((name.clone(), t));
     }
     let mut metadata = content.metadata.clone();
@@ -78,12 +74,7 @@ fn every_draft_source_reproduces_plain_greedy_decoding() {
             let mut streamed = Vec::new();
             let g = gen.generate(&req, |t| streamed.push(t)).unwrap();
             let label = if matches!(spec, DraftSpec::Model(_)) { "model:q4_0".to_string() } else { spec.to_string() };
-            eprintln!(
-                "{name:>13} {label:>10}: acceptance {:5.1} %, {:.2} tokens/round, {} rounds",
-                100.0 * g.acceptance_rate,
-                g.tokens_per_round,
-                g.rounds
-            );
+            eprintln!("{name:>13} {label:>10}: acceptance {:5.1} %, {:.2} tokens/round, {} rounds", 100.0 * g.acceptance_rate, g.tokens_per_round, g.rounds);
             assert_eq!(streamed, g.tokens, "streamed tokens differ from the result");
             if g.tokens != plain.tokens {
                 failures.push(format!("{name} with {label}: {:?} vs {:?}", g.tokens, plain.tokens));

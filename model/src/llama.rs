@@ -36,9 +36,7 @@ impl LlamaConfig {
         let get = |key: &str| md.get(key).ok_or_else(|| ModelError::Format(format!("missing metadata `{key}`")));
         let arch = get("general.architecture")?.to_string()?.clone();
         if !matches!(arch.as_str(), "llama" | "mistral") {
-            return Err(ModelError::Format(format!(
-                "architecture `{arch}` is not llama-family (expected `llama` or `mistral`)"
-            )));
+            return Err(ModelError::Format(format!("architecture `{arch}` is not llama-family (expected `llama` or `mistral`)")));
         }
         let u = |key: &str| -> Result<usize> { Ok(get(&format!("{arch}.{key}"))?.to_u32()? as usize) };
         let hidden = u("embedding_length")?;
@@ -46,14 +44,9 @@ impl LlamaConfig {
         let n_kv_heads = u("attention.head_count_kv").unwrap_or(n_heads);
         let head_dim = hidden / n_heads;
         if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || head_dim % 2 != 0 {
-            return Err(ModelError::Format(format!(
-                "unsupported head layout: {n_heads} heads, {n_kv_heads} kv heads, hidden {hidden}"
-            )));
+            return Err(ModelError::Format(format!("unsupported head layout: {n_heads} heads, {n_kv_heads} kv heads, hidden {hidden}")));
         }
-        let embd = content
-            .tensor_infos
-            .get("token_embd.weight")
-            .ok_or_else(|| ModelError::Format("missing tensor `token_embd.weight`".into()))?;
+        let embd = content.tensor_infos.get("token_embd.weight").ok_or_else(|| ModelError::Format("missing tensor `token_embd.weight`".into()))?;
         Ok(LlamaConfig {
             hidden,
             n_layers: u("block_count")?,
@@ -64,9 +57,7 @@ impl LlamaConfig {
             vocab: embd.shape.dims2()?.0,
             context_len: u("context_length").unwrap_or(4096),
             rope_theta: md.get(&format!("{arch}.rope.freq_base")).map_or(Ok(10_000.0), |v| v.to_f32())?,
-            rms_eps: md
-                .get(&format!("{arch}.attention.layer_norm_rms_epsilon"))
-                .map_or(Ok(1e-5), |v| v.to_f32())?,
+            rms_eps: md.get(&format!("{arch}.attention.layer_norm_rms_epsilon")).map_or(Ok(1e-5), |v| v.to_f32())?,
         })
     }
 
@@ -98,7 +89,8 @@ impl Layer {
     /// costs what a target layer costs, not four times as many bytes).
     pub(crate) fn from_f32(cfg: &LlamaConfig, get: &mut TensorValues) -> Result<Layer> {
         let (h, q, kv, ffn) = (cfg.hidden, cfg.n_heads * cfg.head_dim, cfg.kv_dim(), cfg.ffn);
-        let mut linear = |name: &str, rows: usize, cols: usize| -> Result<QLinear> { Ok(QLinear::new(QMatrix::q8_0(name, rows, cols, get(name, rows, cols)?)?)) };
+        let mut linear =
+            |name: &str, rows: usize, cols: usize| -> Result<QLinear> { Ok(QLinear::new(QMatrix::q8_0(name, rows, cols, get(name, rows, cols)?)?)) };
         Ok(Layer {
             qkv: QLinear::fused(vec![linear("attn_q", q, h)?, linear("attn_k", kv, h)?, linear("attn_v", kv, h)?]),
             wo: linear("attn_output", h, q)?,
@@ -306,17 +298,11 @@ impl Llama {
                 )));
             }
             if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
-                return Err(ModelError::InvalidArgument(format!(
-                    "sequence {i}: token id {t} is outside the vocabulary of {}",
-                    self.cfg.vocab
-                )));
+                return Err(ModelError::InvalidArgument(format!("sequence {i}: token id {t} is outside the vocabulary of {}", self.cfg.vocab)));
             }
             let end = s.cache.len() + s.tokens.len();
             if end > self.cfg.context_len {
-                return Err(ModelError::InvalidArgument(format!(
-                    "sequence {i}: {end} positions exceed the model's context length {}",
-                    self.cfg.context_len
-                )));
+                return Err(ModelError::InvalidArgument(format!("sequence {i}: {end} positions exceed the model's context length {}", self.cfg.context_len)));
             }
         }
         Ok(n_layers)
@@ -329,12 +315,7 @@ impl Llama {
     pub fn forward_with_inputs(&self, mut pass: SeqPass, inputs: Vec<f32>) -> Result<(Logits, Vec<f32>)> {
         let n_layers = self.validate(std::slice::from_ref(&pass))?;
         if inputs.len() != pass.tokens.len() * self.cfg.hidden {
-            return Err(ModelError::InvalidArgument(format!(
-                "{} input values for {} tokens of {} features",
-                inputs.len(),
-                pass.tokens.len(),
-                self.cfg.hidden
-            )));
+            return Err(ModelError::InvalidArgument(format!("{} input values for {} tokens of {} features", inputs.len(), pass.tokens.len(), self.cfg.hidden)));
         }
         let start = pass.cache.len();
         let x = Tensor::from_vec(inputs, (pass.tokens.len(), self.cfg.hidden), &Device::Cpu)?;
@@ -355,7 +336,15 @@ impl Llama {
     pub(crate) fn with_layers(&self, keep: usize, extra: Vec<Layer>) -> Llama {
         let layers: Vec<Layer> = self.layers.iter().take(keep).cloned().chain(extra).collect();
         let cfg = LlamaConfig { n_layers: layers.len(), ..self.cfg.clone() };
-        Llama { cfg, embed: self.embed.clone(), layers, norm: self.norm.clone(), head: self.head.clone(), rope_cos: self.rope_cos.clone(), rope_sin: self.rope_sin.clone() }
+        Llama {
+            cfg,
+            embed: self.embed.clone(),
+            layers,
+            norm: self.norm.clone(),
+            head: self.head.clone(),
+            rope_cos: self.rope_cos.clone(),
+            rope_sin: self.rope_sin.clone(),
+        }
     }
 
     /// The same model with another output head: a trained draft's head
@@ -365,11 +354,17 @@ impl Llama {
         self
     }
 
-    fn forward_unchecked(&self, batch: &mut [SeqPass], n_layers: usize, starts: &[usize], capture: &[usize], input: Option<Tensor>) -> Result<(Vec<Logits>, Vec<Vec<f32>>)> {
+    fn forward_unchecked(
+        &self,
+        batch: &mut [SeqPass],
+        n_layers: usize,
+        starts: &[usize],
+        capture: &[usize],
+        input: Option<Tensor>,
+    ) -> Result<(Vec<Logits>, Vec<Vec<f32>>)> {
         let cfg = &self.cfg;
         let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
-        let positions: Vec<usize> =
-            batch.iter().zip(starts).flat_map(|(s, &start)| start..start + s.tokens.len()).collect();
+        let positions: Vec<usize> = batch.iter().zip(starts).flat_map(|(s, &start)| start..start + s.tokens.len()).collect();
         // Which sequence each new token belongs to.
         let rows: Vec<usize> = batch.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i, s.tokens.len())).collect();
         let rows: Vec<(usize, usize)> = rows.into_iter().zip(positions.iter().copied()).collect();
@@ -517,9 +512,7 @@ struct TensorReader<'a, R> {
 
 impl<R: Read + Seek> TensorReader<'_, R> {
     fn qtensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
-        self.content
-            .tensor(self.reader, name, &Device::Cpu)
-            .map_err(|e| ModelError::Format(format!("tensor `{name}`: {e}")))
+        self.content.tensor(self.reader, name, &Device::Cpu).map_err(|e| ModelError::Format(format!("tensor `{name}`: {e}")))
     }
 
     fn matrix(&mut self, name: &str) -> Result<QMatrix> {
@@ -537,11 +530,7 @@ impl<R: Read + Seek> TensorReader<'_, R> {
     fn linear(&mut self, name: &str, rows: usize, cols: usize) -> Result<QLinear> {
         let m = self.matrix(name)?;
         if (m.rows(), m.cols()) != (rows, cols) {
-            return Err(ModelError::Format(format!(
-                "tensor `{name}` is [{}, {}], expected [{rows}, {cols}]",
-                m.rows(),
-                m.cols()
-            )));
+            return Err(ModelError::Format(format!("tensor `{name}` is [{}, {}], expected [{rows}, {cols}]", m.rows(), m.cols())));
         }
         self.stock(QLinear::new(m), name)
     }
@@ -572,8 +561,7 @@ fn rope_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
 /// Splits fused `[t, q | k | v]` rows into three row-major buffers.
 fn split_qkv(qkv: &[f32], t: usize, q_dim: usize, kv_dim: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let width = q_dim + 2 * kv_dim;
-    let (mut q, mut k, mut v) =
-        (Vec::with_capacity(t * q_dim), Vec::with_capacity(t * kv_dim), Vec::with_capacity(t * kv_dim));
+    let (mut q, mut k, mut v) = (Vec::with_capacity(t * q_dim), Vec::with_capacity(t * kv_dim), Vec::with_capacity(t * kv_dim));
     for row in qkv.chunks_exact(width) {
         q.extend_from_slice(&row[..q_dim]);
         k.extend_from_slice(&row[q_dim..q_dim + kv_dim]);

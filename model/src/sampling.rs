@@ -88,10 +88,7 @@ impl SamplingParams {
             entries.truncate(keep);
         }
         let total: f64 = entries.iter().map(|e| e.1).sum();
-        SparseDist {
-            tokens: entries.iter().map(|e| e.0).collect(),
-            probs: entries.iter().map(|e| (e.1 / total) as f32).collect(),
-        }
+        SparseDist { tokens: entries.iter().map(|e| e.0).collect(), probs: entries.iter().map(|e| (e.1 / total) as f32).collect() }
     }
 }
 
@@ -125,8 +122,7 @@ impl SparseDist {
     }
 
     pub fn sample(&self, rng: &mut SessionRng) -> u32 {
-        sample_weighted(self.tokens.iter().copied().zip(self.probs.iter().map(|&p| p as f64)), rng)
-            .unwrap_or(self.tokens[0])
+        sample_weighted(self.tokens.iter().copied().zip(self.probs.iter().map(|&p| p as f64)), rng).unwrap_or(self.tokens[0])
     }
 }
 

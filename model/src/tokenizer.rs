@@ -54,20 +54,14 @@ impl Tokenizer {
         let get = |key: &str| md.get(key).ok_or_else(|| ModelError::Tokenizer(format!("missing metadata `{key}`")));
         let model = get("tokenizer.ggml.model")?.to_string()?;
         if model != "gpt2" {
-            return Err(ModelError::Tokenizer(format!(
-                "tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`)"
-            )));
+            return Err(ModelError::Tokenizer(format!("tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`)")));
         }
-        let strings = |key: &str| -> Result<Vec<String>> {
-            get(key)?.to_vec()?.iter().map(|v| Ok(v.to_string()?.clone())).collect()
-        };
+        let strings = |key: &str| -> Result<Vec<String>> { get(key)?.to_vec()?.iter().map(|v| Ok(v.to_string()?.clone())).collect() };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges = strings("tokenizer.ggml.merges")?
             .into_iter()
             .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| ModelError::Tokenizer(format!("merge `{m}` is not two tokens")))
+                m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| ModelError::Tokenizer(format!("merge `{m}` is not two tokens")))
             })
             .collect::<Result<Vec<_>>>()?;
         let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
@@ -75,30 +69,17 @@ impl Tokenizer {
             None => vec![1; tokens.len()],
         };
         let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| ModelError::Tokenizer(format!("building BPE: {e}")))?;
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| ModelError::Tokenizer(format!("building BPE: {e}")))?;
         let mut inner = HfTokenizer::new(bpe);
         let pre = pre_tokenizer(md.get("tokenizer.ggml.pre").map(|v| v.to_string()).transpose()?.map(String::as_str))?;
         inner.with_pre_tokenizer(Some(pre));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
-        let special: Vec<bool> =
-            types.iter().map(|&t| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED).collect();
-        let added: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&special)
-            .filter(|(_, &s)| s)
-            .map(|(t, _)| AddedToken::from(t.clone(), true))
-            .collect();
+        let special: Vec<bool> = types.iter().map(|&t| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED).collect();
+        let added: Vec<AddedToken> = tokens.iter().zip(&special).filter(|(_, &s)| s).map(|(t, _)| AddedToken::from(t.clone(), true)).collect();
         inner.add_special_tokens(&added);
 
         let unbyte = byte_decoder();
-        let token_bytes = tokens
-            .iter()
-            .zip(&special)
-            .map(|(t, &s)| if s { t.as_bytes().to_vec() } else { t.chars().map(&unbyte).collect() })
-            .collect();
+        let token_bytes = tokens.iter().zip(&special).map(|(t, &s)| if s { t.as_bytes().to_vec() } else { t.chars().map(&unbyte).collect() }).collect();
         let id = |key: &str| md.get(key).map(|v| v.to_u32()).transpose();
         let mut eos: Vec<u32> = id("tokenizer.ggml.eos_token_id")?.into_iter().collect();
         // ChatML models end a turn with <|im_end|> and a document with
@@ -133,10 +114,7 @@ impl Tokenizer {
     fn bytes(&self, ids: &[u32]) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         for &id in ids {
-            let b = self
-                .token_bytes
-                .get(id as usize)
-                .ok_or_else(|| ModelError::InvalidArgument(format!("token id {id} is outside the vocabulary")))?;
+            let b = self.token_bytes.get(id as usize).ok_or_else(|| ModelError::InvalidArgument(format!("token id {id} is outside the vocabulary")))?;
             out.extend_from_slice(b);
         }
         Ok(out)
@@ -223,13 +201,9 @@ fn pre_tokenizer(pre: Option<&str>) -> Result<PreTokenizerWrapper> {
     let byte_level = ByteLevel::new(false, false, true);
     match pre.unwrap_or("default") {
         // SmolLM / StarCoder: every digit on its own, then GPT-2 byte-level.
-        "smollm" | "starcoder" | "refact" => {
-            Ok(PreTokenizerWrapper::Sequence(Sequence::new(vec![Digits::new(true).into(), byte_level.into()])))
-        }
+        "smollm" | "starcoder" | "refact" => Ok(PreTokenizerWrapper::Sequence(Sequence::new(vec![Digits::new(true).into(), byte_level.into()]))),
         "default" | "gpt2" | "gpt-2" => Ok(byte_level.into()),
-        other => Err(ModelError::Tokenizer(format!(
-            "pre-tokenizer `{other}` is not supported (supported: smollm, starcoder, refact, gpt2, default)"
-        ))),
+        other => Err(ModelError::Tokenizer(format!("pre-tokenizer `{other}` is not supported (supported: smollm, starcoder, refact, gpt2, default)"))),
     }
 }
 

@@ -23,8 +23,7 @@ fn rollback_then_new_tokens_equals_a_fresh_run() {
     assert_eq!(cache.len(), base + 4);
     cache.truncate(base);
     assert_eq!(cache.bytes(), base * cache.bytes_per_position());
-    let after_rollback =
-        llama.forward(&mut [SeqPass { cache: &mut cache, tokens: &[55, 66], logits: LogitsFor::All }]).unwrap();
+    let after_rollback = llama.forward(&mut [SeqPass { cache: &mut cache, tokens: &[55, 66], logits: LogitsFor::All }]).unwrap();
 
     let mut fresh = llama.new_cache(llama.config().n_layers);
     let all = [&prompt[..], &[55, 66]].concat();
@@ -41,10 +40,7 @@ fn a_failed_pass_leaves_caches_untouched_and_names_the_problem() {
     let mut b = llama.new_cache(llama.config().n_layers);
     llama.forward(&mut [SeqPass { cache: &mut a, tokens: &[1, 2, 3], logits: LogitsFor::None }]).unwrap();
     let err = llama
-        .forward(&mut [
-            SeqPass { cache: &mut a, tokens: &[4], logits: LogitsFor::Last },
-            SeqPass { cache: &mut b, tokens: &[70_000], logits: LogitsFor::Last },
-        ])
+        .forward(&mut [SeqPass { cache: &mut a, tokens: &[4], logits: LogitsFor::Last }, SeqPass { cache: &mut b, tokens: &[70_000], logits: LogitsFor::Last }])
         .unwrap_err()
         .to_string();
     assert!(err.contains("70000") && err.contains("vocabulary"), "{err}");

@@ -52,7 +52,15 @@ enum Rule {
 }
 
 /// Generates the first two tokens after PROMPT with k-token draft rounds.
-fn speculative_pair(target: &Llama, draft: &mut ModelDraft, params: &SamplingParams, rule: Rule, k: usize, rng: &mut SessionRng, draft_rng: &mut SessionRng) -> (u32, u32) {
+fn speculative_pair(
+    target: &Llama,
+    draft: &mut ModelDraft,
+    params: &SamplingParams,
+    rule: Rule,
+    k: usize,
+    rng: &mut SessionRng,
+    draft_rng: &mut SessionRng,
+) -> (u32, u32) {
     let mut cache = target.new_cache(target.config().n_layers);
     let prefix = &PROMPT[..PROMPT.len() - 1];
     target.forward(&mut [SeqPass { cache: &mut cache, tokens: prefix, logits: LogitsFor::None }]).unwrap();

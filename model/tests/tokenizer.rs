@@ -46,7 +46,7 @@ fn chat_template_is_chatml_with_default_system_message() {
         tok.chat_prompt("Hi"),
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
          <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    );    // A conversation: its own system turn replaces the default one.
+    ); // A conversation: its own system turn replaces the default one.
     let turn = |role: &str, content: &str| tandem_model::ChatMessage { role: role.into(), content: content.into() };
     assert_eq!(
         tok.chat_messages(&[turn("system", "Be brief."), turn("user", "Hi"), turn("assistant", "Hello."), turn("user", "Bye")]),

@@ -36,10 +36,7 @@ pub fn validate_open(open: &Open, vocab: usize) -> Result<(), WireError> {
         return Err(WireError::invalid("`open.prompt` is empty"));
     }
     if open.prompt.len() > MAX_PROMPT_TOKENS {
-        return Err(WireError::invalid(format!(
-            "`open.prompt` must be ≤ {MAX_PROMPT_TOKENS} tokens, got {}",
-            open.prompt.len()
-        )));
+        return Err(WireError::invalid(format!("`open.prompt` must be ≤ {MAX_PROMPT_TOKENS} tokens, got {}", open.prompt.len())));
     }
     check_ids("open.prompt", &open.prompt, vocab)?;
     let max_new = open.max_new_tokens as usize;
@@ -81,11 +78,7 @@ pub fn validate_verify(v: &Verify, vocab: usize, sampled: bool) -> Result<(), Wi
         return Ok(());
     }
     if v.q.len() != v.draft.len() {
-        return Err(WireError::invalid(format!(
-            "`verify.q` must hold one distribution per draft token ({}), got {}",
-            v.draft.len(),
-            v.q.len()
-        )));
+        return Err(WireError::invalid(format!("`verify.q` must hold one distribution per draft token ({}), got {}", v.draft.len(), v.q.len())));
     }
     for (i, (q, &d)) in v.q.iter().zip(&v.draft).enumerate() {
         check_sparse(&format!("verify.q[{i}]"), q, vocab)?;
@@ -98,10 +91,7 @@ pub fn validate_verify(v: &Verify, vocab: usize, sampled: bool) -> Result<(), Wi
 
 fn check_sparse(field: &str, q: &SparseDist, vocab: usize) -> Result<(), WireError> {
     if q.ids.is_empty() || q.ids.len() > MAX_SPARSE_SUPPORT {
-        return Err(WireError::invalid(format!(
-            "`{field}.ids` must hold 1..={MAX_SPARSE_SUPPORT} tokens, got {}",
-            q.ids.len()
-        )));
+        return Err(WireError::invalid(format!("`{field}.ids` must hold 1..={MAX_SPARSE_SUPPORT} tokens, got {}", q.ids.len())));
     }
     if q.ids.len() != q.probs.len() {
         return Err(WireError::invalid(format!("`{field}.probs` has {} entries for {} ids", q.probs.len(), q.ids.len())));

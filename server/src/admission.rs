@@ -67,13 +67,7 @@ fn cycle_ms(upper: &dyn Fn(BatchShape) -> f64, shape: BatchShape, max_tokens: us
 /// then rides the next, so the rule asks for two full cycles (every
 /// session's round in one go, by the upper bound T_q) within the tightest
 /// round budget. Prefill is chunked: each chunk rides a cycle.
-pub fn check_capacity(
-    upper: &dyn Fn(BatchShape) -> f64,
-    admitted: &[Demand],
-    newcomer: Demand,
-    prefill: Prefill,
-    limits: PassLimits,
-) -> Result<f64, String> {
+pub fn check_capacity(upper: &dyn Fn(BatchShape) -> f64, admitted: &[Demand], newcomer: Demand, prefill: Prefill, limits: PassLimits) -> Result<f64, String> {
     let others = admitted.iter().fold(BatchShape::default(), |acc, d| acc.add(d.round));
     let all = others.add(newcomer.round);
     let cycle = cycle_ms(upper, all, limits.max_batch_tokens);
@@ -90,7 +84,10 @@ pub fn check_capacity(
         let chunk_shape = BatchShape { seqs: 1, tokens: chunk, token_context: chunk * prefill.tokens, prefill_tokens: chunk };
         let need = chunks as f64 * cycle_ms(upper, others.add(chunk_shape), limits.max_batch_tokens);
         if need > ttft {
-            return Err(format!("at SLO capacity: prefilling {} tokens would take an estimated {need:.0} ms, over the TTFT objective of {ttft:.0} ms", prefill.tokens));
+            return Err(format!(
+                "at SLO capacity: prefilling {} tokens would take an estimated {need:.0} ms, over the TTFT objective of {ttft:.0} ms",
+                prefill.tokens
+            ));
         }
     }
     Ok(tightest / 2.0 - cycle)

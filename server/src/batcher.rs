@@ -40,12 +40,7 @@ pub struct PendingWork {
 impl PendingWork {
     /// The shape of running `tokens` of this request.
     pub fn shape(&self, tokens: usize) -> BatchShape {
-        BatchShape {
-            seqs: 1,
-            tokens,
-            token_context: tokens * (self.context + tokens),
-            prefill_tokens: if self.kind == WorkKind::Prefill { tokens } else { 0 },
-        }
+        BatchShape { seqs: 1, tokens, token_context: tokens * (self.context + tokens), prefill_tokens: if self.kind == WorkKind::Prefill { tokens } else { 0 } }
     }
 }
 
@@ -138,8 +133,7 @@ mod tests {
     #[test]
     fn fifo_fills_the_token_budget_in_order_and_chunks_prefill() {
         let now = Instant::now();
-        let mut queue: VecDeque<_> =
-            [work(1, WorkKind::Verify, 5, now), work(2, WorkKind::Prefill, 100, now), work(3, WorkKind::Verify, 5, now)].into();
+        let mut queue: VecDeque<_> = [work(1, WorkKind::Verify, 5, now), work(2, WorkKind::Prefill, 100, now), work(3, WorkKind::Verify, 5, now)].into();
         let mut b = FifoBatcher { max_tokens: 32, max_seqs: 8 };
         let batch = b.next_batch(now, &mut queue);
         let got: Vec<(SessionId, usize)> = batch.iter().map(|s| (s.work.session, s.tokens)).collect();

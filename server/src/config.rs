@@ -3,10 +3,10 @@
 use crate::batcher::FifoBatcher;
 use crate::wisp::WispConfig;
 use serde::Deserialize;
-use std::time::Duration;
-use tandem_estimators::CounterWeights;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
+use tandem_estimators::CounterWeights;
 
 /// Everything the server needs to start. Field defaults are the documented
 /// defaults; see README.

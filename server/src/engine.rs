@@ -33,10 +33,22 @@ pub type OutSender = mpsc::Sender<Result<ServerMessage, Status>>;
 
 pub enum Command {
     /// An admitted session (its ticket holds its KV reservation and slot).
-    Open { tenant: Arc<Tenant>, open: ValidOpen, ticket: Ticket, out: OutSender, reply: oneshot::Sender<Result<SessionId, ServeError>> },
+    Open {
+        tenant: Arc<Tenant>,
+        open: ValidOpen,
+        ticket: Ticket,
+        out: OutSender,
+        reply: oneshot::Sender<Result<SessionId, ServeError>>,
+    },
     /// Answered once the verdict is on the session's stream (or refused).
-    Verify { session: SessionId, verify: ValidVerify, reply: oneshot::Sender<Result<(), ServeError>> },
-    Close { session: SessionId },
+    Verify {
+        session: SessionId,
+        verify: ValidVerify,
+        reply: oneshot::Sender<Result<(), ServeError>>,
+    },
+    Close {
+        session: SessionId,
+    },
     /// Finish the pass in flight, tell every client UNAVAILABLE, stop.
     Shutdown,
 }
@@ -146,7 +158,12 @@ pub struct Engine {
 impl Engine {
     /// Starts the runner thread. A batcher with an estimator is first
     /// calibrated by a profiling sweep on the real model (a few seconds).
-    pub fn spawn(model: LoadedModel, mut batcher: Box<dyn Batcher>, cfg: EngineConfig, metrics: Arc<Metrics>) -> Result<(EngineHandle, std::thread::JoinHandle<()>), ServeError> {
+    pub fn spawn(
+        model: LoadedModel,
+        mut batcher: Box<dyn Batcher>,
+        cfg: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<(EngineHandle, std::thread::JoinHandle<()>), ServeError> {
         if batcher.estimate_ms(Default::default()).is_some() {
             let start = Instant::now();
             let samples = crate::profile::sweep(&model.llama)?;
@@ -267,29 +284,29 @@ impl Engine {
         debug!(session = id, tenant = %tenant.name, prompt = open.prompt.len(), resumed = open.resumed, "session admitted");
         let acceptance = self.tenant_acceptance.get(&tenant.name).cloned().unwrap_or_else(new_acceptance);
         let session = Session {
-                tenant,
-                cache,
-                ticket,
-                context: open.prompt,
-                prefill_target,
-                sample_first: !resumed,
-                generated: open.resumed,
-                max_new: open.max_new_tokens,
-                sampling: open.sampling,
-                server_only: open.server_only,
-                want_features: open.want_features,
-                prefill_features: Vec::new(),
-                opened: false,
-                pending_verify: None,
-                out,
-                last_active: now,
-                opened_at: now,
-                ttft: open.ttft_ms.map(|ms| Duration::from_millis(ms as u64)),
-                tpot: open.tpot_ms.map(|ms| Duration::from_millis(ms as u64)),
-                first_token: None,
-                acceptance,
-                last_k: 4,
-            };
+            tenant,
+            cache,
+            ticket,
+            context: open.prompt,
+            prefill_target,
+            sample_first: !resumed,
+            generated: open.resumed,
+            max_new: open.max_new_tokens,
+            sampling: open.sampling,
+            server_only: open.server_only,
+            want_features: open.want_features,
+            prefill_features: Vec::new(),
+            opened: false,
+            pending_verify: None,
+            out,
+            last_active: now,
+            opened_at: now,
+            ttft: open.ttft_ms.map(|ms| Duration::from_millis(ms as u64)),
+            tpot: open.tpot_ms.map(|ms| Duration::from_millis(ms as u64)),
+            first_token: None,
+            acceptance,
+            last_k: 4,
+        };
         self.queue.push_back(session.work(id, WorkKind::Prefill, prefill_target, now));
         self.sessions.insert(id, session);
         self.update_gauges();
@@ -316,11 +333,14 @@ impl Engine {
             Some(format!("`verify.base_len` is {}, the session holds {} tokens (stale drafts)", verify.base_len, s.context.len()))
         } else if s.generated + verify.draft.len() + 1 > s.max_new {
             let remaining = s.max_new - s.generated;
-            return refuse(reply, ServeError::InvalidArgument(format!(
-                "`verify.draft` has {} tokens, but only {} may be drafted with {remaining} left before `max_new_tokens`",
-                verify.draft.len(),
-                remaining.saturating_sub(1)
-            )));
+            return refuse(
+                reply,
+                ServeError::InvalidArgument(format!(
+                    "`verify.draft` has {} tokens, but only {} may be drafted with {remaining} left before `max_new_tokens`",
+                    verify.draft.len(),
+                    remaining.saturating_sub(1)
+                )),
+            );
         } else {
             None
         };
@@ -343,8 +363,7 @@ impl Engine {
     fn run_batch(&mut self, batch: Vec<Scheduled>) {
         // Take the members out of the table so their caches can be
         // borrowed mutably side by side; closed ones are skipped.
-        let mut members: Vec<(Scheduled, Session)> =
-            batch.into_iter().filter_map(|s| self.sessions.remove(&s.work.session).map(|sess| (s, sess))).collect();
+        let mut members: Vec<(Scheduled, Session)> = batch.into_iter().filter_map(|s| self.sessions.remove(&s.work.session).map(|sess| (s, sess))).collect();
         if members.is_empty() {
             return;
         }
@@ -357,11 +376,8 @@ impl Engine {
         let n_layers = self.model.llama.config().n_layers;
         let capture: &[usize] = if members.iter().any(|(_, s)| s.want_features) { &[n_layers] } else { &[] };
         let result = {
-            let mut passes: Vec<SeqPass> = members
-                .iter_mut()
-                .zip(&feeds)
-                .map(|((_, sess), (tokens, logits))| SeqPass { cache: &mut sess.cache, tokens, logits: *logits })
-                .collect();
+            let mut passes: Vec<SeqPass> =
+                members.iter_mut().zip(&feeds).map(|((_, sess), (tokens, logits))| SeqPass { cache: &mut sess.cache, tokens, logits: *logits }).collect();
             self.model.llama.forward_capturing(&mut passes, capture)
         };
         let ms = start.elapsed().as_secs_f64() * 1e3;
@@ -423,12 +439,7 @@ impl Engine {
         };
         let by_k = verify_ms_by_k(self.batcher.as_ref(), s.cache.len());
         let suggested_k = self.batcher.suggested_k(&|k| s.acceptance.expected_tokens(k), s.cache.len()).unwrap_or(4);
-        Hints {
-            est_queue_ms: queue_ms as f32,
-            est_verify_ms: by_k[s.last_k.clamp(1, 8) - 1],
-            suggested_k: suggested_k as u32,
-            est_verify_ms_by_k: by_k,
-        }
+        Hints { est_queue_ms: queue_ms as f32, est_verify_ms: by_k[s.last_k.clamp(1, 8) - 1], suggested_k: suggested_k as u32, est_verify_ms_by_k: by_k }
     }
 
     /// Returns whether the session lives on.

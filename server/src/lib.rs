@@ -11,9 +11,9 @@ pub mod kv_budget;
 pub mod listen;
 pub mod metrics;
 pub mod process;
+pub mod profile;
 pub mod service;
 mod session;
-pub mod profile;
 pub mod validate;
 pub mod wisp;
 

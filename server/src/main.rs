@@ -6,18 +6,18 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tandem_estimators::VerifyTimeProfile;
 use tandem_model::{fetch, LoadedModel};
 use tandem_protocol::limits::MAX_MESSAGE_BYTES;
 use tandem_protocol::wire::VerifierServer;
-use tandem_server::auth::Auth;
-use tandem_estimators::VerifyTimeProfile;
-use tandem_server::batcher::Batcher;
-use tandem_server::wisp::WispBatcher;
-use tandem_server::config::ServerConfig;
 use tandem_server::admission::PassLimits;
+use tandem_server::auth::Auth;
+use tandem_server::batcher::Batcher;
+use tandem_server::config::ServerConfig;
 use tandem_server::engine::{Engine, EngineConfig};
 use tandem_server::metrics::{serve_metrics, Metrics};
 use tandem_server::service::VerifierService;
+use tandem_server::wisp::WispBatcher;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tracing::info;
 
@@ -101,10 +101,9 @@ async fn main() -> Result<()> {
     let cfg = load_config(cli)?;
     match cfg.device.as_str() {
         "cpu" => {}
-        "cuda" | "metal" => bail!(
-            "`--device {}`: this build runs the model on the CPU only (GPU kernels for Tandem's model are not implemented yet)",
-            cfg.device
-        ),
+        "cuda" | "metal" => {
+            bail!("`--device {}`: this build runs the model on the CPU only (GPU kernels for Tandem's model are not implemented yet)", cfg.device)
+        }
         other => bail!("`--device {other}`: expected cpu, cuda or metal"),
     }
     let auth = match &cfg.tenants {
@@ -113,10 +112,7 @@ async fn main() -> Result<()> {
             Auth::from_file(&text).map_err(|e| anyhow::anyhow!("--tenants {}: {e}", path.display()))?
         }
         None if cfg.listen.ip().is_loopback() => Auth::local_only(),
-        None => bail!(
-            "`--listen {}` is not a loopback address: pass `--tenants FILE` so clients must authenticate",
-            cfg.listen
-        ),
+        None => bail!("`--listen {}` is not a loopback address: pass `--tenants FILE` so clients must authenticate", cfg.listen),
     };
     let model_path = match &cfg.model {
         Some(p) => p.clone(),
@@ -201,10 +197,8 @@ async fn main() -> Result<()> {
             let _ = drained_tx.send(());
         }
     };
-    let serve = server
-        .add_service(health_service)
-        .add_service(service)
-        .serve_with_incoming_shutdown(tandem_server::listen::incoming(listener, accepting), shutdown);
+    let serve =
+        server.add_service(health_service).add_service(service).serve_with_incoming_shutdown(tandem_server::listen::incoming(listener, accepting), shutdown);
     // Every client has been told to resume elsewhere; one that keeps its
     // connection open anyway must not hold the process up for long.
     let grace = async {

@@ -19,12 +19,7 @@ pub struct Histogram {
 
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Self {
-        Histogram {
-            bounds,
-            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum_micros: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
+        Histogram { bounds, counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(), sum_micros: AtomicU64::new(0), count: AtomicU64::new(0) }
     }
 
     pub fn observe(&self, v: f64) {
@@ -179,7 +174,10 @@ impl Metrics {
         if let Some(r) = *self.slo_recent.lock().expect("metrics lock") {
             gauge_f(&mut out, "tandem_slo_attainment_recent", "Fraction of recent requests (EWMA over ~50) that met their deadline.", r);
         }
-        let _ = writeln!(out, "# HELP tandem_tenant_service_counter Fair-share service counter (weighted cost served).\n# TYPE tandem_tenant_service_counter gauge");
+        let _ = writeln!(
+            out,
+            "# HELP tandem_tenant_service_counter Fair-share service counter (weighted cost served).\n# TYPE tandem_tenant_service_counter gauge"
+        );
         for (tenant, c) in self.service_counters.lock().expect("metrics lock").iter() {
             let _ = writeln!(out, "tandem_tenant_service_counter{{tenant=\"{tenant}\"}} {c}");
         }

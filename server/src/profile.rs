@@ -41,8 +41,7 @@ impl<'a> Profiler<'a> {
         let mut prefill_cache = self.llama.new_cache(self.llama.config().n_layers);
         let news: Vec<Vec<u32>> = seqs.iter().enumerate().map(|(s, &(tokens, _))| filler(tokens, s + 1)).collect();
         let prompt = filler(prefill, 7);
-        let mut batch: Vec<SeqPass> =
-            caches.iter_mut().zip(&news).map(|(cache, t)| SeqPass { cache, tokens: t, logits: LogitsFor::All }).collect();
+        let mut batch: Vec<SeqPass> = caches.iter_mut().zip(&news).map(|(cache, t)| SeqPass { cache, tokens: t, logits: LogitsFor::All }).collect();
         if prefill > 0 {
             batch.push(SeqPass { cache: &mut prefill_cache, tokens: &prompt, logits: LogitsFor::Last });
         }

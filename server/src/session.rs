@@ -66,16 +66,7 @@ impl Session {
         };
         let pace = self.first_token.map(|(first_token_at, base)| Pace { first_token_at, tokens_since: self.generated - base });
         let deadline = work_deadline(kind, self.opened_at, pace, now, self.ttft, self.tpot, expected_tokens);
-        PendingWork {
-            session: id,
-            tenant: self.tenant.name.clone(),
-            kind,
-            tokens,
-            enqueued: now,
-            deadline,
-            context: self.cache.len(),
-            expected_tokens,
-        }
+        PendingWork { session: id, tenant: self.tenant.name.clone(), kind, tokens, enqueued: now, deadline, context: self.cache.len(), expected_tokens }
     }
 
     /// What the session asks of each cycle now, for admission.
@@ -109,7 +100,15 @@ const MIN_ROUND_BUDGET: f64 = 0.5;
 /// (a fast device) or lost (slow drafting, a long round trip) carries over
 /// from round to round. Without a pace yet, the round's own TPOT budget.
 /// Public for the simulator.
-pub fn work_deadline(kind: WorkKind, opened_at: Instant, pace: Option<Pace>, now: Instant, ttft: Option<Duration>, tpot: Option<Duration>, expected_tokens: f64) -> Option<Instant> {
+pub fn work_deadline(
+    kind: WorkKind,
+    opened_at: Instant,
+    pace: Option<Pace>,
+    now: Instant,
+    ttft: Option<Duration>,
+    tpot: Option<Duration>,
+    expected_tokens: f64,
+) -> Option<Instant> {
     match kind {
         WorkKind::Prefill => ttft.map(|t| opened_at + t),
         WorkKind::Verify | WorkKind::Decode => tpot.map(|t| {
@@ -141,7 +140,6 @@ pub(crate) fn feed(s: &Scheduled, sess: &Session) -> (Vec<u32>, LogitsFor) {
         WorkKind::Decode => (vec![*sess.context.last().expect("non-empty")], LogitsFor::Last),
     }
 }
-
 
 /// Draft length assumed for a session that has not sent a round yet.
 const ASSUMED_DRAFTS: usize = 4;

@@ -229,10 +229,7 @@ impl Batcher for WispBatcher {
         }
         // Take the chosen entries out in batch order; the rest keep theirs.
         let mut slots: Vec<Option<PendingWork>> = queue.drain(..).map(Some).collect();
-        let scheduled = batch
-            .iter()
-            .map(|c| Scheduled { work: slots[c.index].take().expect("each candidate is taken once"), tokens: c.tokens })
-            .collect();
+        let scheduled = batch.iter().map(|c| Scheduled { work: slots[c.index].take().expect("each candidate is taken once"), tokens: c.tokens }).collect();
         queue.extend(slots.into_iter().flatten());
         scheduled
     }
@@ -319,7 +316,16 @@ mod tests {
                 WorkKind::Prefill => k * 9,
             };
             let deadline = deadline.map(|ms| if ms >= 0 { now + Duration::from_millis(ms as u64) } else { now - Duration::from_millis((-ms) as u64) });
-            PendingWork { session: 0, tenant: ["a", "b"][tenant as usize].into(), kind, tokens, enqueued: now, deadline, context, expected_tokens: 1.0 + k as f64 * 0.3 }
+            PendingWork {
+                session: 0,
+                tenant: ["a", "b"][tenant as usize].into(),
+                kind,
+                tokens,
+                enqueued: now,
+                deadline,
+                context,
+                expected_tokens: 1.0 + k as f64 * 0.3,
+            }
         })
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tandem_edge::client::{ClientConfig, RemoteTarget};
 use tandem_edge::{GenerateRequest, Generation, LocalTarget, Speculator};
 use tandem_model::{fetch, DraftSpec, LoadedModel, SamplingParams};
-use tandem_protocol::wire::{EdgeKind, EdgeMessage, Open, Sampling, ServerMessage, SparseDist, Verify, VerifierClient};
+use tandem_protocol::wire::{EdgeKind, EdgeMessage, Open, Sampling, ServerMessage, SparseDist, VerifierClient, Verify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
@@ -29,12 +29,7 @@ pub fn model() -> LoadedModel {
 
 pub fn request(prompt: &str, max_new_tokens: usize) -> GenerateRequest {
     let m = model();
-    GenerateRequest {
-        prompt: m.tokenizer.encode(&m.tokenizer.chat_prompt(prompt)).unwrap(),
-        max_new_tokens,
-        draft_len: 4,
-        sampling: SamplingParams::default(),
-    }
+    GenerateRequest { prompt: m.tokenizer.encode(&m.tokenizer.chat_prompt(prompt)).unwrap(), max_new_tokens, draft_len: 4, sampling: SamplingParams::default() }
 }
 
 /// Plain target decoding in this process: the reference output.

@@ -22,7 +22,10 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// The edge binary with no settings from this machine's user.
 fn edge() -> Command {
     let mut c = Command::new(workspace_binary("tandem-edge"));
-    c.env_remove("TANDEM_SERVER").env_remove("TANDEM_API_KEY").env_remove("TANDEM_CONFIG").env("XDG_CONFIG_HOME", std::env::temp_dir().join("tandem-test-no-config"));
+    c.env_remove("TANDEM_SERVER")
+        .env_remove("TANDEM_API_KEY")
+        .env_remove("TANDEM_CONFIG")
+        .env("XDG_CONFIG_HOME", std::env::temp_dir().join("tandem-test-no-config"));
     c
 }
 
@@ -142,7 +145,9 @@ fn generate_resumes_across_a_server_restart_with_identical_text() {
 
 /// Where `.ci/run` installs the `openai` package (`pip install --target`).
 fn python_path() -> PathBuf {
-    std::env::var_os("TANDEM_PYTHONPATH").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tandem-ci-python"))
+    std::env::var_os("TANDEM_PYTHONPATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tandem-ci-python"))
 }
 
 fn script(name: &str) -> PathBuf {
@@ -175,14 +180,26 @@ fn serve_answers_the_official_openai_client() {
     assert!(banner.contains("OpenAI-compatible endpoint"), "{banner}");
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
 
-    let out = Command::new("python3").arg(script("openai_client.py")).arg(format!("http://127.0.0.1:{port}/v1")).env("PYTHONPATH", &pythonpath).output().unwrap();
+    let out =
+        Command::new("python3").arg(script("openai_client.py")).arg(format!("http://127.0.0.1:{port}/v1")).env("PYTHONPATH", &pythonpath).output().unwrap();
     let _ = serve.kill();
     let _ = serve.wait();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
 
     // The reference: the same question through `generate`.
-    let generated = json_of(edge().args(["generate", "--server", &server.url(), "--draft", "ngram", "--prompt", "Name three colours.", "--max-new-tokens", "24", "--json"]));
+    let generated = json_of(edge().args([
+        "generate",
+        "--server",
+        &server.url(),
+        "--draft",
+        "ngram",
+        "--prompt",
+        "Name three colours.",
+        "--max-new-tokens",
+        "24",
+        "--json",
+    ]));
     assert_eq!(v["whole"], generated["text"], "{v}");
     assert_eq!(v["streamed"], generated["text"], "{v}");
     assert!(v["stream_chunks"].as_u64().unwrap() >= 3, "{v}");

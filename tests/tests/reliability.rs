@@ -43,36 +43,21 @@ const SCENARIOS: &[Scenario] = &[
         faults: "kill -9 of the edge mid-generation; a client that goes silent",
         run: client_vanishes,
     },
-    Scenario {
-        name: "overload",
-        load: "open loop (Poisson) at 3× measured capacity, 60 s",
-        faults: "overload",
-        run: overload,
-    },
+    Scenario { name: "overload", load: "open loop (Poisson) at 3× measured capacity, 60 s", faults: "overload", run: overload },
     Scenario {
         name: "hostile_input",
         load: "fuzzed messages, garbage connections, silent and flooding streams",
         faults: "malformed / hostile input",
         run: hostile_input,
     },
-    Scenario {
-        name: "tenant_isolation",
-        load: "2 tenants, 1 session each",
-        faults: "a tenant addressing another tenant's session",
-        run: tenant_isolation,
-    },
+    Scenario { name: "tenant_isolation", load: "2 tenants, 1 session each", faults: "a tenant addressing another tenant's session", run: tenant_isolation },
     Scenario {
         name: "junk_drafts_tenant",
         load: "tenant A: 3 sessions × 128 tokens (α = 0.8); tenant B: 2 sessions hammering, honest (α = 0.8, k = 4) or junk (k = 16)",
         faults: "a tenant hammering with drafts that are always rejected",
         run: junk_drafts_tenant,
     },
-    Scenario {
-        name: "tls",
-        load: "1 edge process over TLS",
-        faults: "a plaintext client on the TLS port",
-        run: tls,
-    },
+    Scenario { name: "tls", load: "1 edge process over TLS", faults: "a plaintext client on the TLS port", run: tls },
 ];
 
 fn main() {
@@ -406,7 +391,8 @@ fn fuzz_decoding_and_validation() -> String {
             Ok(())
         })
         .unwrap();
-    let dist = (proptest::collection::vec(0u32..70_000, 0..80), proptest::collection::vec(-1.0f32..2.0, 0..80)).prop_map(|(ids, probs)| SparseDist { ids, probs });
+    let dist =
+        (proptest::collection::vec(0u32..70_000, 0..80), proptest::collection::vec(-1.0f32..2.0, 0..80)).prop_map(|(ids, probs)| SparseDist { ids, probs });
     let verify = (any::<u64>(), any::<u32>(), proptest::collection::vec(0u32..70_000, 0..24), proptest::collection::vec(dist, 0..24), any::<bool>());
     runner
         .run(&verify, |(seq, base_len, draft, q, sampled)| {
@@ -666,7 +652,8 @@ fn tenant_a_rounds(url: &str, work: &[Work], stop: &Arc<AtomicBool>) -> Vec<f64>
             .map(|(req, reference)| {
                 s.spawn(move || {
                     let draft = Box::new(SyntheticDraft::new(reference.clone(), 0.8, Duration::from_millis(8)));
-                    let g = Speculator::new(client_with(url, Some("alpha-key-123"), 5000, 1000), draft, model().tokenizer.clone()).generate(req, |_| {}).unwrap();
+                    let g =
+                        Speculator::new(client_with(url, Some("alpha-key-123"), 5000, 1000), draft, model().tokenizer.clone()).generate(req, |_| {}).unwrap();
                     assert_eq!(g.tokens, reference[req.prompt.len()..], "tenant A's output changed");
                     g.server_ms
                 })

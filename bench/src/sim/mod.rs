@@ -50,7 +50,8 @@ pub fn load_calibration(spec: &str) -> Result<VerifyTimeProfile> {
     if let Some(name) = spec.strip_prefix("roofline:") {
         return roofline(name).with_context(|| format!("--calibration {spec}: known rooflines are roofline:h100-llama3-8b and roofline:a100-qwen3-32b"));
     }
-    let text = std::fs::read_to_string(spec).with_context(|| format!("reading --calibration {spec} (a file, roofline:h100-llama3-8b or roofline:a100-qwen3-32b)"))?;
+    let text =
+        std::fs::read_to_string(spec).with_context(|| format!("reading --calibration {spec} (a file, roofline:h100-llama3-8b or roofline:a100-qwen3-32b)"))?;
     serde_json::from_str(&text).with_context(|| format!("--calibration {spec} is not a VerifyTimeProfile (tandem-server --calibration-out writes one)"))
 }
 
@@ -167,7 +168,15 @@ pub fn run(cfg: &SimConfig, inputs: &SimInputs, epoch: Instant) -> Result<Report
     let mut header = vec![
         format!(
             "sim: {:?}, {:.0} s simulated per run, {} new tokens, SLO TTFT {} ms / TPOT {} ms, {} tenants, passes ≤ {} tokens / {} sequences; prompts: {}",
-            cfg.workload, cfg.duration_s, cfg.max_new_tokens, cfg.slo_ttft_ms, cfg.slo_tpot_ms, cfg.tenants, cfg.max_batch_tokens, cfg.max_batch_seqs, inputs.provenance
+            cfg.workload,
+            cfg.duration_s,
+            cfg.max_new_tokens,
+            cfg.slo_ttft_ms,
+            cfg.slo_tpot_ms,
+            cfg.tenants,
+            cfg.max_batch_tokens,
+            cfg.max_batch_seqs,
+            inputs.provenance
         ),
         format!("verification-time model: {}", inputs.calibration.label),
     ];

@@ -87,13 +87,30 @@ pub struct Outcome {
 
 enum Event {
     /// Closed loop: `device` starts a session. Open loop: arrival `device`.
-    Start { device: usize },
-    OpenAtServer { session: usize },
-    VerifyAtServer { session: usize, drafts: Vec<u32> },
-    OpenedAtEdge { session: usize },
-    VerdictAtEdge { session: usize, verified: usize, accepted: usize, server_ms: f64, hints: RoundHints },
+    Start {
+        device: usize,
+    },
+    OpenAtServer {
+        session: usize,
+    },
+    VerifyAtServer {
+        session: usize,
+        drafts: Vec<u32>,
+    },
+    OpenedAtEdge {
+        session: usize,
+    },
+    VerdictAtEdge {
+        session: usize,
+        verified: usize,
+        accepted: usize,
+        server_ms: f64,
+        hints: RoundHints,
+    },
     /// Server-only: the last token reached the edge.
-    FinishedAtEdge { session: usize },
+    FinishedAtEdge {
+        session: usize,
+    },
     PassDone,
     /// End of a batching delay.
     Wake,

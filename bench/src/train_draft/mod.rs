@@ -505,9 +505,8 @@ fn save_checkpoint(block: &Block, opt: &net::AdamW, history: &[EvalPoint], elaps
 
 fn load_checkpoint(r: &TrainRun, path: &Path) -> Result<(Block, net::AdamW, Vec<EvalPoint>, f64)> {
     let map = candle_core::safetensors::load(path, &Device::Cpu)?;
-    let part = |prefix: &str| -> HashMap<String, Tensor> {
-        map.iter().filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.clone()))).collect()
-    };
+    let part =
+        |prefix: &str| -> HashMap<String, Tensor> { map.iter().filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.clone()))).collect() };
     let block = Block::from_tensors(part("w."), r.model.llama.config().clone())?;
     anyhow::ensure!(block.is_eagle() == r.cfg.method.reads_target_states(), "{}: checkpoint of another method", path.display());
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path.with_extension("json"))?)?;
@@ -522,11 +521,8 @@ fn load_checkpoint(r: &TrainRun, path: &Path) -> Result<(Block, net::AdamW, Vec<
 /// direction), are fed at this scale where they stand in for the target's.
 /// The median, because a few positions (the first) have outsized states.
 fn state_scale(seqs: &[Traced], hidden: usize) -> f32 {
-    let mut rms: Vec<f32> = seqs
-        .iter()
-        .flat_map(|s| s.last.chunks_exact(hidden))
-        .map(|row| (row.iter().map(|v| v * v).sum::<f32>() / hidden as f32).sqrt())
-        .collect();
+    let mut rms: Vec<f32> =
+        seqs.iter().flat_map(|s| s.last.chunks_exact(hidden)).map(|row| (row.iter().map(|v| v * v).sum::<f32>() / hidden as f32).sqrt()).collect();
     rms.sort_by(f32::total_cmp);
     rms.get(rms.len() / 2).copied().unwrap_or(1.0)
 }
@@ -534,11 +530,7 @@ fn state_scale(seqs: &[Traced], hidden: usize) -> f32 {
 /// The trained weights, f16, named as the draft loader expects, and the
 /// state scale.
 fn save_draft(block: &Block, state_scale: f32, vocab: &[u32], out: &Path) -> Result<PathBuf> {
-    let mut map: HashMap<String, Tensor> = block
-        .vars
-        .iter()
-        .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F16)?)))
-        .collect::<Result<_>>()?;
+    let mut map: HashMap<String, Tensor> = block.vars.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F16)?))).collect::<Result<_>>()?;
     map.insert("state_scale".into(), Tensor::new(&[state_scale], &Device::Cpu)?);
     map.insert("vocab".into(), Tensor::new(vocab, &Device::Cpu)?);
     let path = out.join("draft.safetensors");

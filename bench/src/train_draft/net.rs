@@ -9,8 +9,7 @@ use std::collections::HashMap;
 use tandem_model::{LlamaConfig, LoadedModel};
 
 /// Names of the trained tensors, as the draft file stores them.
-pub const LAYER_TENSORS: [&str; 9] =
-    ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"];
+pub const LAYER_TENSORS: [&str; 9] = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"];
 
 pub struct Block {
     pub vars: HashMap<String, Var>,
@@ -157,9 +156,7 @@ impl Block {
         };
         let q = heads(linear(&h, self.var("attn_q"))?, nh)?;
         let group = nh / nkv;
-        let repeat = |y: Tensor| -> Result<Tensor> {
-            Ok(y.unsqueeze(2)?.broadcast_as((b, nkv, group, t, hd))?.contiguous()?.reshape((b, nh, t, hd))?)
-        };
+        let repeat = |y: Tensor| -> Result<Tensor> { Ok(y.unsqueeze(2)?.broadcast_as((b, nkv, group, t, hd))?.contiguous()?.reshape((b, nh, t, hd))?) };
         let k = repeat(heads(linear(&h, self.var("attn_k"))?, nkv)?)?;
         let v = linear(&h, self.var("attn_v"))?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let v = repeat(v)?;

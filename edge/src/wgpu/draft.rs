@@ -4,8 +4,8 @@ use super::engine::{TopLogits, WgpuModel, WgpuOptions};
 use crate::edge::trained_on_cpu_only;
 use crate::EdgeError;
 use tandem_model::{
-    check_layers, load_model_draft, Autoregressive, DraftFeatures, DraftSource, DraftSpec, Llama, LoadedModel, ModelError,
-    NextTokenScores, SamplingParams, SparseDist, StepForward,
+    check_layers, load_model_draft, Autoregressive, DraftFeatures, DraftSource, DraftSpec, Llama, LoadedModel, ModelError, NextTokenScores, SamplingParams,
+    SparseDist, StepForward,
 };
 
 /// A llama-family model (or its first N layers) drafting on the GPU, with

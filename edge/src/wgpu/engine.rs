@@ -4,8 +4,8 @@
 //! and four softmax statistics for the last token of a feed.
 
 use super::gpu::{f32_bytes, Gpu};
-use std::borrow::Cow;
 use crate::EdgeError;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -146,10 +146,7 @@ impl WgpuModel {
     pub fn new(llama: &Llama, n_layers: usize, options: &WgpuOptions) -> Result<Self, EdgeError> {
         let cfg = llama.config().clone();
         if n_layers == 0 || n_layers > cfg.n_layers {
-            return Err(EdgeError::InvalidArgument(format!(
-                "`n_layers` must be between 1 and the model's {}, got {n_layers}",
-                cfg.n_layers
-            )));
+            return Err(EdgeError::InvalidArgument(format!("`n_layers` must be between 1 and the model's {}, got {n_layers}", cfg.n_layers)));
         }
         let gpu = Gpu::new(options.limits.as_ref())?;
         check_kernel_limits(&gpu)?;
@@ -251,10 +248,7 @@ impl WgpuModel {
         self.mapped.store(0, Ordering::Release);
         let flag = self.mapped.clone();
         self.staging.map_async(wgpu::MapMode::Read, .., move |r| flag.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release));
-        self.gpu
-            .device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| EdgeError::Gpu(format!("waiting for the draft step: {e}")))?;
+        self.gpu.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| EdgeError::Gpu(format!("waiting for the draft step: {e}")))?;
         if self.mapped.load(Ordering::Acquire) != 1 {
             return Err(EdgeError::Gpu("mapping the top-k read-back failed".into()));
         }
@@ -435,11 +429,7 @@ impl<'a> Builder<'a> {
     fn dispatch_at(&self, pipeline: wgpu::ComputePipeline, buffers: &[(u32, &wgpu::Buffer)], grid: [u32; 2]) -> Dispatch {
         let entries: Vec<wgpu::BindGroupEntry> =
             buffers.iter().map(|&(binding, b)| wgpu::BindGroupEntry { binding, resource: b.as_entire_binding() }).collect();
-        let bind = self.gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
+        let bind = self.gpu.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipeline.get_bind_group_layout(0), entries: &entries });
         Dispatch { pipeline, bind, grid }
     }
 
@@ -544,7 +534,15 @@ impl<'a> Builder<'a> {
         Ok(dispatches)
     }
 
-    fn rope(&mut self, qkv: &wgpu::Buffer, cos: &wgpu::Buffer, sin: &wgpu::Buffer, keys: &wgpu::Buffer, values: &wgpu::Buffer, step: &wgpu::Buffer) -> Result<Dispatch, EdgeError> {
+    fn rope(
+        &mut self,
+        qkv: &wgpu::Buffer,
+        cos: &wgpu::Buffer,
+        sin: &wgpu::Buffer,
+        keys: &wgpu::Buffer,
+        values: &wgpu::Buffer,
+        step: &wgpu::Buffer,
+    ) -> Result<Dispatch, EdgeError> {
         let cfg = self.cfg;
         let threads = cfg.kv_dim().max((cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim / 2);
         let grid = self.gpu.grid("RoPE", threads.div_ceil(64) as u32)?;

@@ -21,10 +21,9 @@ impl Gpu {
     /// when `None`; tests pass lower ones).
     pub fn new(limits: Option<&wgpu::Limits>) -> Result<Self, EdgeError> {
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-            power_preference: wgpu::PowerPreference::HighPerformance,
-            ..Default::default()
-        }))
+        let adapter = pollster::block_on(
+            instance.request_adapter(&wgpu::RequestAdapterOptions { power_preference: wgpu::PowerPreference::HighPerformance, ..Default::default() }),
+        )
         .map_err(|e| {
             EdgeError::Gpu(format!(
                 "no GPU adapter found ({e}); without a GPU, install Mesa's software Vulkan driver \
@@ -73,11 +72,7 @@ impl Gpu {
     pub fn storage_init(&self, what: &str, bytes: &[u8]) -> Result<wgpu::Buffer, EdgeError> {
         let bytes = if bytes.is_empty() { &[0; 4][..] } else { bytes };
         self.check_storage(what, bytes.len() as u64)?;
-        Ok(self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(what),
-            contents: bytes,
-            usage: wgpu::BufferUsages::STORAGE,
-        }))
+        Ok(self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(what), contents: bytes, usage: wgpu::BufferUsages::STORAGE }))
     }
 
     /// A zeroed storage buffer of `words` 4-byte words that can be copied from.

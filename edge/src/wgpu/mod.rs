@@ -12,7 +12,7 @@ mod draft;
 mod engine;
 mod gpu;
 
-pub use draft::{build_draft, wgpu_draft, WgpuDraft};
-pub use engine::{Activations, TopLogits, WgpuModel, WgpuOptions};
 /// The device limits type [`WgpuOptions::limits`] takes.
 pub use ::wgpu::Limits;
+pub use draft::{build_draft, wgpu_draft, WgpuDraft};
+pub use engine::{Activations, TopLogits, WgpuModel, WgpuOptions};

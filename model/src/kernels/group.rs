@@ -473,7 +473,21 @@ mod tests {
             };
             let w = GroupView { qs: &qs, d: &d, m: &m, wsum: &wsum };
             // Activation quants span what quantization makes: ±127, never −128.
-            let aq: Vec<Vec<i8>> = (0..4).map(|r| (0..nb * 32).map(|i| if i == r { -127 } else if i == r + 1 { 127 } else { f(127.0) as i8 }).collect()).collect();
+            let aq: Vec<Vec<i8>> = (0..4)
+                .map(|r| {
+                    (0..nb * 32)
+                        .map(|i| {
+                            if i == r {
+                                -127
+                            } else if i == r + 1 {
+                                127
+                            } else {
+                                f(127.0) as i8
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
             let au: Vec<Vec<u8>> = aq.iter().map(|row| row.iter().map(|&q| (q as i32 + 128) as u8).collect()).collect();
             let ad: Vec<Vec<f32>> = (0..4).map(|_| (0..nb).map(|_| f(0.05)).collect()).collect();
             let dsum: Vec<Vec<f32>> = (0..4).map(|_| (0..nb).map(|_| f(2.0)).collect()).collect();
@@ -495,4 +509,3 @@ mod tests {
         }
     }
 }
-

@@ -98,24 +98,15 @@ impl QMatrix {
             }
         };
         if cols % block_len != 0 {
-            return Err(ModelError::Format(format!(
-                "tensor `{name}`: {cols} input features is not a multiple of the {dtype:?} block size {block_len}"
-            )));
+            return Err(ModelError::Format(format!("tensor `{name}`: {cols} input features is not a multiple of the {dtype:?} block size {block_len}")));
         }
         let data = t.data()?;
         let n_blocks = rows * cols / block_len;
         if data.len() != n_blocks * block_bytes {
-            return Err(ModelError::Format(format!(
-                "tensor `{name}`: {} bytes of {dtype:?} data for shape [{rows}, {cols}]",
-                data.len()
-            )));
+            return Err(ModelError::Format(format!("tensor `{name}`: {} bytes of {dtype:?} data for shape [{rows}, {cols}]", data.len())));
         }
         let n32 = rows * cols / QK;
-        let mut blocks = RowBlocks {
-            d: Vec::with_capacity(n32 * kind.scales()),
-            m: Vec::new(),
-            qs: Vec::with_capacity(n32 * kind.quant_bytes()),
-        };
+        let mut blocks = RowBlocks { d: Vec::with_capacity(n32 * kind.scales()), m: Vec::new(), qs: Vec::with_capacity(n32 * kind.quant_bytes()) };
         for block in data.chunks_exact(block_bytes) {
             match wtype {
                 WeightType::Q4_0 | WeightType::Q8_0 => {
@@ -224,9 +215,7 @@ impl QMatrix {
         for b in 0..c / QK {
             match kind {
                 BlockKind::Q8_0 => out.extend(row.qs[b * 32..b * 32 + 32].iter().map(|&q| row.d[b] * q as i8 as f32)),
-                BlockKind::Q8Half => out.extend(
-                    row.qs[b * 32..b * 32 + 32].iter().enumerate().map(|(i, &q)| row.d[2 * b + i / 16] * q as i8 as f32),
-                ),
+                BlockKind::Q8Half => out.extend(row.qs[b * 32..b * 32 + 32].iter().enumerate().map(|(i, &q)| row.d[2 * b + i / 16] * q as i8 as f32)),
                 BlockKind::Q4_0 | BlockKind::Q4_1 => {
                     let (off, min) = if kind == BlockKind::Q4_0 { (8.0, 0.0) } else { (0.0, row.m[b]) };
                     let qs = &row.qs[b * 16..b * 16 + 16];

@@ -33,9 +33,7 @@ fn random(shape: (usize, usize), scale: f32, rng: &mut SessionRng) -> Tensor {
 pub fn tiny_llama(dir: &Path, name: &str, spec: &TinySpec, seed: u64) -> PathBuf {
     let mut rng = SessionRng::new(seed);
     let hd = spec.hidden / spec.heads;
-    let w = |rows, cols, rng: &mut SessionRng| {
-        QTensor::quantize(&random((rows, cols), 1.0 / (cols as f32).sqrt() * 1.7, rng), spec.dtype).unwrap()
-    };
+    let w = |rows, cols, rng: &mut SessionRng| QTensor::quantize(&random((rows, cols), 1.0 / (cols as f32).sqrt() * 1.7, rng), spec.dtype).unwrap();
     let ones = |n| QTensor::quantize(&Tensor::ones((n,), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
     let mut tensors: Vec<(String, QTensor)> = vec![
         ("token_embd.weight".into(), QTensor::quantize(&random((spec.vocab, spec.hidden), 1.0, &mut rng), GgmlDType::F32).unwrap()),
