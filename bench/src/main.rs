@@ -122,6 +122,10 @@ struct TrainDraftArgs {
     /// Continue from `OUT/checkpoint.safetensors`.
     #[arg(long)]
     resume: bool,
+    /// Continue training a draft folder (`draft.safetensors` + `card.json`,
+    /// e.g. the committed one) from its step, with fresh optimiser moments.
+    #[arg(long, value_name = "DIR", conflicts_with = "resume")]
+    init_from: Option<PathBuf>,
 }
 
 /// What `live` and `sim` share: the workload, objectives, prompts, devices.
@@ -353,7 +357,15 @@ fn main() -> Result<()> {
             anyhow::ensure!(cfg.steps > 0, "`--steps` must be at least 1");
             anyhow::ensure!(cfg.max_new_tokens > 0, "`--max-new-tokens` must be at least 1");
             anyhow::ensure!(cfg.second_pass_weight >= 0.0, "`--second-pass-weight` must be at least 0");
-            let run = train_draft::TrainRun { model: &model, model_path: &model_path, out: &a.out, cfg, resume: a.resume, max_minutes: a.max_minutes };
+            let run = train_draft::TrainRun {
+                model: &model,
+                model_path: &model_path,
+                out: &a.out,
+                cfg,
+                resume: a.resume,
+                init_from: a.init_from.as_deref(),
+                max_minutes: a.max_minutes,
+            };
             let card = train_draft::run(&run)?;
             println!("{}", serde_json::to_string_pretty(&card)?);
             Ok(())

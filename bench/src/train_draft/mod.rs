@@ -143,6 +143,10 @@ pub struct TrainRun<'a> {
     pub out: &'a Path,
     pub cfg: TrainDraftConfig,
     pub resume: bool,
+    /// A draft folder (`draft.safetensors` + `card.json`) whose weights and
+    /// schedule position start the run, with fresh optimiser moments: how a
+    /// committed draft keeps training once its checkpoint is gone.
+    pub init_from: Option<&'a Path>,
     pub max_minutes: Option<f64>,
 }
 
@@ -163,6 +167,8 @@ pub fn run(r: &TrainRun) -> Result<DraftCard> {
     let ckpt = r.out.join("checkpoint.safetensors");
     let (block, mut opt, mut history, mut elapsed0) = if r.resume && ckpt.exists() {
         load_checkpoint(r, &ckpt)?
+    } else if let Some(dir) = r.init_from {
+        continue_from_draft(r, dir)?
     } else {
         let block = Block::from_target(r.model, cfg.init_layer, eagle)?;
         let opt = net::AdamW::new(&block)?;
@@ -418,10 +424,10 @@ fn train_step(block: &Block, opt: &mut net::AdamW, frozen: &Frozen, seqs: &[Trac
     let batch = batch_tensors(block, cfg.method, frozen, seqs, idx, |_| 0)?;
     let (loss, agreed, _, count) = loss(block, frozen, &batch, (cfg.regression_weight, cfg.second_pass_weight))?;
     let grads = loss.backward()?;
-    // Linear warm-up over 50 steps, then cosine decay to a tenth.
-    let step = opt.step as f64;
-    let warm = ((step + 1.0) / 50.0).min(1.0);
-    let progress = (step / cfg.steps as f64).min(1.0);
+    // Linear warm-up over 50 steps (of fresh moments), then cosine decay
+    // to a tenth.
+    let warm = ((opt.moment_updates as f64 + 1.0) / 50.0).min(1.0);
+    let progress = (opt.step as f64 / cfg.steps as f64).min(1.0);
     let lr = cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()));
     opt.update(block, &grads, lr, cfg.weight_decay)?;
     Ok((loss.to_scalar::<f32>()? as f64, agreed / count))
@@ -498,7 +504,7 @@ fn save_checkpoint(block: &Block, opt: &net::AdamW, history: &[EvalPoint], elaps
     let tmp = path.with_extension("tmp");
     candle_core::safetensors::save(&map, &tmp)?;
     std::fs::rename(&tmp, path)?;
-    let state = serde_json::json!({ "step": opt.step, "elapsed_s": elapsed_s, "history": history });
+    let state = serde_json::json!({ "step": opt.step, "moment_updates": opt.moment_updates, "elapsed_s": elapsed_s, "history": history });
     std::fs::write(path.with_extension("json"), serde_json::to_string_pretty(&state)?)?;
     Ok(())
 }
@@ -510,10 +516,35 @@ fn load_checkpoint(r: &TrainRun, path: &Path) -> Result<(Block, net::AdamW, Vec<
     let block = Block::from_tensors(part("w."), r.model.llama.config().clone())?;
     anyhow::ensure!(block.is_eagle() == r.cfg.method.reads_target_states(), "{}: checkpoint of another method", path.display());
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path.with_extension("json"))?)?;
-    let opt = net::AdamW { m: part("m."), v: part("v."), step: state["step"].as_u64().unwrap_or(0) as usize };
+    let step = state["step"].as_u64().unwrap_or(0) as usize;
+    let moment_updates = state["moment_updates"].as_u64().map_or(step, |n| n as usize);
+    let opt = net::AdamW { m: part("m."), v: part("v."), step, moment_updates };
     let history = serde_json::from_value(state["history"].clone())?;
     eprintln!("train-draft: resuming at step {}", opt.step);
     Ok((block, opt, history, state["elapsed_s"].as_f64().unwrap_or(0.0)))
+}
+
+/// Weights, schedule position and history of a committed draft, which must
+/// have been trained on the same data (same prompts, lengths, exit layer,
+/// seed) by the same method.
+fn continue_from_draft(r: &TrainRun, dir: &Path) -> Result<(Block, net::AdamW, Vec<EvalPoint>, f64)> {
+    let card_path = dir.join("card.json");
+    let card: DraftCard = serde_json::from_str(&std::fs::read_to_string(&card_path).with_context(|| format!("reading {}", card_path.display()))?)
+        .with_context(|| format!("parsing {}", card_path.display()))?;
+    let (c, want) = (&card.config, &r.cfg);
+    anyhow::ensure!(
+        (c.method, c.chat_prompts, c.code_prompts, c.max_new_tokens, c.exit_layer, c.seed)
+            == (want.method, want.chat_prompts, want.code_prompts, want.max_new_tokens, want.exit_layer, want.seed),
+        "`--init-from` {}: trained with another method or data (method, prompts, lengths, exit layer and seed must match)",
+        dir.display()
+    );
+    let mut map = candle_core::safetensors::load(dir.join("draft.safetensors"), &Device::Cpu)?;
+    map.retain(|k, _| k != "state_scale" && k != "vocab");
+    let block = Block::from_tensors(map, r.model.llama.config().clone())?;
+    let mut opt = net::AdamW::new(&block)?;
+    opt.step = card.steps;
+    eprintln!("train-draft: continuing {} from step {} with fresh optimiser moments", dir.display(), opt.step);
+    Ok((block, opt, card.history, card.train_seconds))
 }
 
 /// The median RMS of the target's final states: the draft's own
@@ -563,6 +594,57 @@ mod tests {
             let cos = dot / (a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt());
             assert!(cos > 0.999, "position {i}: cosine {cos}");
         }
+    }
+
+    /// A saved draft continues at its step with its weights (f16-rounded)
+    /// and fresh moments; a draft of other data is refused.
+    #[test]
+    fn a_saved_draft_continues_from_its_step_and_refuses_other_data() {
+        let model_path = tandem_model::fetch::ensure_default_model(false).unwrap();
+        let model = LoadedModel::load(&model_path).unwrap();
+        let dir = std::env::temp_dir().join(format!("tandem-continue-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let block = Block::from_target(&model, 20, true).unwrap();
+        save_draft(&block, 1.0, &[1, 2], &dir).unwrap();
+        let cfg = TrainDraftConfig::default();
+        let point = EvalPoint { step: 300, loss: 1.0, train_agreement: 0.5, held_out: Agreement::default(), elapsed_s: 60.0 };
+        let card = DraftCard {
+            target: String::new(),
+            method: cfg.method,
+            config: cfg.clone(),
+            data: String::new(),
+            train_positions: 0,
+            eval: String::new(),
+            steps: 300,
+            train_seconds: 60.0,
+            held_out: Agreement::default(),
+            held_out_outside_list: 0.0,
+            baselines: vec![],
+            history: vec![point],
+            why: String::new(),
+        };
+        std::fs::write(dir.join("card.json"), serde_json::to_string(&card).unwrap()).unwrap();
+        let run = |cfg: TrainDraftConfig| TrainRun {
+            model: &model,
+            model_path: &model_path,
+            out: &dir,
+            cfg,
+            resume: false,
+            init_from: Some(&dir),
+            max_minutes: None,
+        };
+
+        let (loaded, opt, history, elapsed) = continue_from_draft(&run(cfg.clone()), &dir).unwrap();
+        assert_eq!((opt.step, opt.moment_updates, history.len(), elapsed), (300, 0, 1, 60.0));
+        for (name, var) in &block.vars {
+            let want = var.as_tensor().to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap();
+            let diff = (loaded.vars[name].as_tensor() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0, "{name}");
+        }
+        let other = TrainDraftConfig { chat_prompts: cfg.chat_prompts + 1, ..cfg };
+        let err = continue_from_draft(&run(other), &dir).err().expect("other data must be refused").to_string();
+        assert!(err.contains("--init-from"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

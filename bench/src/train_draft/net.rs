@@ -194,7 +194,12 @@ pub fn logits(out: &Tensor, frozen: &Frozen) -> Result<Tensor> {
 pub struct AdamW {
     pub m: HashMap<String, Tensor>,
     pub v: HashMap<String, Tensor>,
+    /// Position in the learning-rate schedule.
     pub step: usize,
+    /// Updates since `m` and `v` started from zero: their bias correction
+    /// and the warm-up count these, so a run continued from a draft file
+    /// (weights only) restarts its moments cleanly mid-schedule.
+    pub moment_updates: usize,
 }
 
 impl AdamW {
@@ -202,13 +207,15 @@ impl AdamW {
         let zeros = |v: &Var| v.as_tensor().zeros_like();
         let m = block.vars.iter().map(|(k, v)| Ok((k.clone(), zeros(v)?))).collect::<Result<_>>()?;
         let v = block.vars.iter().map(|(k, v)| Ok((k.clone(), zeros(v)?))).collect::<Result<_>>()?;
-        Ok(AdamW { m, v, step: 0 })
+        Ok(AdamW { m, v, step: 0, moment_updates: 0 })
     }
 
     pub fn update(&mut self, block: &Block, grads: &candle_core::backprop::GradStore, lr: f64, weight_decay: f64) -> Result<()> {
         let (b1, b2, eps): (f64, f64, f64) = (0.9, 0.98, 1e-8);
         self.step += 1;
-        let (c1, c2) = (1.0 - b1.powi(self.step as i32), 1.0 - b2.powi(self.step as i32));
+        self.moment_updates += 1;
+        let t = self.moment_updates as i32;
+        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
         for (name, var) in &block.vars {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
             let m = ((&self.m[name] * b1)? + (g * (1.0 - b1))?)?;
