@@ -75,10 +75,10 @@ impl Default for TrainDraftConfig {
             method: Method::EagleLayers,
             exit_layer: 20,
             init_layer: 20,
-            chat_prompts: 2600,
+            chat_prompts: 2979,
             code_prompts: 1000,
             max_new_tokens: 128,
-            steps: 1200,
+            steps: 1800,
             batch_tokens: 2048,
             lr: 3e-4,
             weight_decay: 0.01,
@@ -152,6 +152,10 @@ pub struct TrainRun<'a> {
 
 pub fn run(r: &TrainRun) -> Result<DraftCard> {
     std::fs::create_dir_all(r.out).with_context(|| format!("creating {}", r.out.display()))?;
+    let ckpt = r.out.join("checkpoint.safetensors");
+    // Checked before tracing (minutes): a mistyped `--out` must not quietly
+    // train from scratch.
+    anyhow::ensure!(!r.resume || ckpt.exists(), "--resume: no checkpoint at {} (check --out)", ckpt.display());
     let cfg = &r.cfg;
     let (train, data_desc) = training_data(r)?;
     let eval = eval_data(r)?;
@@ -164,8 +168,7 @@ pub fn run(r: &TrainRun) -> Result<DraftCard> {
     let (train_frozen, train, vocab) = frozen.restricted_to_labels(train)?;
     let eagle = cfg.method.reads_target_states();
 
-    let ckpt = r.out.join("checkpoint.safetensors");
-    let (block, mut opt, mut history, mut elapsed0) = if r.resume && ckpt.exists() {
+    let (block, mut opt, mut history, mut elapsed0) = if r.resume {
         load_checkpoint(r, &ckpt)?
     } else if let Some(dir) = r.init_from {
         continue_from_draft(r, dir)?
@@ -259,8 +262,8 @@ fn training_data(r: &TrainRun) -> Result<(Vec<Traced>, String)> {
         code.len(),
         stdlib.display()
     );
-    // `v2`: the broader chat topics and templates.
-    let key = format!("v2-{}-{}-{}-{}-{}", cfg.chat_prompts, cfg.code_prompts, cfg.max_new_tokens, cfg.exit_layer, cfg.seed);
+    // `v3`: the everyday request forms (`v2`: the broader chat topics and templates).
+    let key = format!("v3-{}-{}-{}-{}-{}", cfg.chat_prompts, cfg.code_prompts, cfg.max_new_tokens, cfg.exit_layer, cfg.seed);
     let path = r.out.join(format!("traced-{key}.safetensors"));
     if path.exists() {
         return Ok((data::load(&path)?, desc));
@@ -644,6 +647,20 @@ mod tests {
         let other = TrainDraftConfig { chat_prompts: cfg.chat_prompts + 1, ..cfg };
         let err = continue_from_draft(&run(other), &dir).err().expect("other data must be refused").to_string();
         assert!(err.contains("--init-from"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `--resume` into a folder without a checkpoint fails at once (before
+    /// minutes of tracing) instead of training from scratch.
+    #[test]
+    fn resume_without_a_checkpoint_is_refused() {
+        let model_path = tandem_model::fetch::ensure_default_model(false).unwrap();
+        let model = LoadedModel::load(&model_path).unwrap();
+        let dir = std::env::temp_dir().join(format!("tandem-resume-{}", std::process::id()));
+        let r =
+            TrainRun { model: &model, model_path: &model_path, out: &dir, cfg: TrainDraftConfig::default(), resume: true, init_from: None, max_minutes: None };
+        let err = run(&r).err().expect("no checkpoint must be refused").to_string();
+        assert!(err.contains("--resume") && err.contains("checkpoint.safetensors"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
