@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end demo on this machine: a verification server in the background,
-# the edge client drafting with the built-in trained draft (the default)
-# and verifying on the server, then a clean shutdown (SIGTERM). Builds and fetches the
-# default model on first run.
+# the edge client drafting with the built-in trained draft and prompt lookup
+# (the default) and verifying on the server, then a clean shutdown
+# (SIGTERM). Builds and fetches the default model on first run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROMPT="${1:-Write a Python function that checks whether a number is prime.}"

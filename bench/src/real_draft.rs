@@ -42,7 +42,7 @@ impl RealDrafts {
         let mut cache: HashMap<String, HashMap<usize, Cached>> =
             std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
         // A retrained draft proposes differently: its weights are in the key.
-        let weights = match &parsed {
+        let weights = match parsed.model() {
             DraftSpec::Trained(dir) => format!(":{:016x}", tandem_model::trained_draft_fingerprint(dir.as_deref())?),
             _ => String::new(),
         };

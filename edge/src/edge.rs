@@ -159,6 +159,11 @@ fn configure<T: crate::Target + Send>(
 /// model (`none`, `ngram`) ignore the backend.
 pub fn build_draft(spec: &DraftSpec, backend: Backend, target: &LoadedModel, target_path: &Path) -> Result<Box<dyn DraftSource>, EdgeError> {
     let (path, layers) = match spec {
+        DraftSpec::WithLookup(inner) => {
+            let mut draft = build_draft(inner, backend, target, target_path)?;
+            draft.use_prompt_lookup()?;
+            return Ok(draft);
+        }
         DraftSpec::None | DraftSpec::Ngram => return Ok(spec.build(target)?),
         DraftSpec::Trained(_) if backend == Backend::Cpu => return Ok(spec.build(target)?),
         DraftSpec::Trained(_) => return Err(trained_on_cpu_only(&backend.to_string())),

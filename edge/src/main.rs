@@ -96,9 +96,10 @@ struct EdgeArgs {
     model: Option<PathBuf>,
     /// Draft source: layers:N (the target's first N layers), trained (the
     /// built-in draft trained for the default model), trained:DIR (one made
-    /// by `tandem-bench train-draft`), ngram, none or model:PATH
-    /// [default: trained with the default model on the cpu backend, else
-    /// layers:25].
+    /// by `tandem-bench train-draft`), ngram, none or model:PATH; a model
+    /// draft with `+lookup` copies from the context where its last tokens
+    /// occurred before [default: trained+lookup with the default model on
+    /// the cpu backend, else layers:25+lookup].
     #[arg(long)]
     draft: Option<String>,
     /// Where the draft model runs: cpu or wgpu [default: cpu].
@@ -295,9 +296,10 @@ fn edge_options(args: &EdgeArgs, file: &EdgeConfig) -> Result<EdgeOptions> {
     let backend: Backend = args.backend.as_deref().or(file.backend.as_deref()).unwrap_or("cpu").parse()?;
     // The built-in trained draft is made for the default model and runs on
     // the CPU kernels; other models and backends draft with the target's
-    // first 25 layers.
+    // first 25 layers. Prompt lookup raised tokens per round with both
+    // (see `PromptLookup`).
     let default_model = args.model.is_none() && file.model.is_none();
-    let default_draft = if default_model && backend == Backend::Cpu { "trained" } else { "layers:25" };
+    let default_draft = if default_model && backend == Backend::Cpu { "trained+lookup" } else { "layers:25+lookup" };
     let draft: DraftSpec = args.draft.as_deref().or(file.draft.as_deref()).unwrap_or(default_draft).parse()?;
     let draft_len = args.draft_len.or(file.draft_len).unwrap_or(4);
     let rule = parse_controller(args.controller.as_deref().or(file.controller.as_deref()).unwrap_or("fixed"))?;

@@ -31,7 +31,7 @@ fn generate_local_json_reports_the_run() {
     let rate = v["acceptance_rate"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&rate));
     // The default draft for the default model.
-    assert_eq!(v["draft"], "trained");
+    assert_eq!(v["draft"], "trained+lookup");
 }
 
 #[test]

@@ -63,7 +63,16 @@ fn every_draft_source_reproduces_plain_greedy_decoding() {
     let target = LoadedModel::load(&path).unwrap();
     let dir = scratch("lossless");
     let q4_0 = requantized_copy(&path, &dir.join("q4_0.gguf"), None);
-    let drafts = [DraftSpec::Ngram, DraftSpec::Layers(20), DraftSpec::Layers(25), DraftSpec::Model(q4_0), DraftSpec::Trained(None)];
+    let lookup = |spec: DraftSpec| DraftSpec::WithLookup(Box::new(spec));
+    let drafts = [
+        DraftSpec::Ngram,
+        DraftSpec::Layers(20),
+        DraftSpec::Layers(25),
+        DraftSpec::Model(q4_0),
+        DraftSpec::Trained(None),
+        lookup(DraftSpec::Layers(20)),
+        lookup(DraftSpec::Trained(None)),
+    ];
     let mut failures = Vec::new();
     for (name, prompt) in prompts(&target.tokenizer) {
         let req = GenerateRequest { prompt, max_new_tokens: 32, draft_len: 4, sampling: SamplingParams::default() };

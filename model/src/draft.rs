@@ -44,6 +44,18 @@ impl Proposal {
         self.features.push(features);
         (token, !stop.contains(&token) && keep_going(&features))
     }
+
+    /// Records `token`, copied by prompt lookup: a point mass, with the
+    /// features of a certain draft.
+    pub(crate) fn take_copy(&mut self, token: u32, sampling: &SamplingParams, stop: &[u32], keep_going: &mut dyn FnMut(&DraftFeatures) -> bool) -> (u32, bool) {
+        if !sampling.is_greedy() {
+            self.dists.push(SparseDist::point(token));
+        }
+        self.tokens.push(token);
+        let features = DraftFeatures { top1: 1.0, entropy: 0.0, margin: 1.0, spread: 0.0, position: self.features.len() as u32 };
+        self.features.push(features);
+        (token, !stop.contains(&token) && keep_going(&features))
+    }
 }
 
 /// Cheap summary of the draft model's distribution at one draft step: what
@@ -121,6 +133,11 @@ pub trait DraftSource: Send {
     /// `start..` of the context, `hidden` values each.
     fn observe_target_features(&mut self, _start: usize, _rows: &[f32]) {}
 
+    /// Turns on prompt lookup ([`PromptLookup`]) in a model draft.
+    fn use_prompt_lookup(&mut self) -> Result<()> {
+        Err(ModelError::InvalidArgument("`+lookup` goes with model drafts only (layers:N, model:PATH, trained)".into()))
+    }
+
     /// Proposes exactly up to `k` tokens, never stopping early.
     fn propose(&mut self, context: &[u32], k: usize, sampling: &SamplingParams, rng: &mut SessionRng) -> Result<Proposal> {
         self.propose_until(context, k, sampling, rng, &mut |_| true)
@@ -141,12 +158,25 @@ pub enum DraftSpec {
     /// A draft trained for the target by `tandem-bench train-draft`: the
     /// built-in one for the default model, or the folder given.
     Trained(Option<PathBuf>),
+    /// A model draft (`SPEC+lookup`) that copies from the context where
+    /// [`PromptLookup`] finds a match, and runs the model elsewhere.
+    WithLookup(Box<DraftSpec>),
 }
 
 impl FromStr for DraftSpec {
     type Err = ModelError;
     fn from_str(s: &str) -> Result<Self> {
-        let bad = |why: &str| ModelError::InvalidArgument(format!("`--draft {s}`: {why} (expected none, ngram, layers:N, model:PATH, trained or trained:DIR)"));
+        let bad = |why: &str| {
+            ModelError::InvalidArgument(format!(
+                "`--draft {s}`: {why} (expected none, ngram, layers:N, model:PATH, trained or trained:DIR, the last four optionally +lookup)"
+            ))
+        };
+        if let Some(inner) = s.strip_suffix("+lookup") {
+            return match inner.parse()? {
+                DraftSpec::None | DraftSpec::Ngram | DraftSpec::WithLookup(_) => Err(bad("`+lookup` goes with model drafts only")),
+                spec => Ok(DraftSpec::WithLookup(Box::new(spec))),
+            };
+        }
         match s.split_once(':') {
             None if s == "none" => Ok(DraftSpec::None),
             None if s == "ngram" => Ok(DraftSpec::Ngram),
@@ -168,6 +198,7 @@ impl std::fmt::Display for DraftSpec {
             DraftSpec::Model(p) => write!(f, "model:{}", p.display()),
             DraftSpec::Trained(None) => write!(f, "trained"),
             DraftSpec::Trained(Some(p)) => write!(f, "trained:{}", p.display()),
+            DraftSpec::WithLookup(inner) => write!(f, "{inner}+lookup"),
         }
     }
 }
@@ -187,7 +218,20 @@ impl DraftSpec {
                 Box::new(ModelDraft::from_layers(draft.llama, n, stop))
             }
             DraftSpec::Trained(dir) => crate::trained::build_trained(dir.as_deref(), target)?,
+            DraftSpec::WithLookup(inner) => {
+                let mut draft = inner.build(target)?;
+                draft.use_prompt_lookup()?;
+                draft
+            }
         })
+    }
+
+    /// The spec without `+lookup`.
+    pub fn model(&self) -> &DraftSpec {
+        match self {
+            DraftSpec::WithLookup(inner) => inner,
+            spec => spec,
+        }
     }
 }
 
@@ -241,16 +285,50 @@ impl NgramDraft {
     }
 
     fn lookup(&self, context: &[u32], k: usize) -> Vec<u32> {
-        let len = context.len();
-        for n in (1..=self.max_ngram.min(len.saturating_sub(1))).rev() {
-            let suffix = &context[len - n..];
-            // Latest match whose continuation lies inside the context.
-            if let Some(start) = (0..len - n).rev().find(|&i| &context[i..i + n] == suffix) {
-                let from = start + n;
-                return context[from..(from + k).min(len)].to_vec();
-            }
+        match latest_match(context, self.max_ngram) {
+            Some((from, _)) => context[from..(from + k).min(context.len())].to_vec(),
+            None => Vec::new(),
         }
-        Vec::new()
+    }
+}
+
+/// The latest earlier occurrence of `context`'s longest suffix of at most
+/// `max_ngram` tokens that occurred before: where what followed it
+/// starts, and the suffix's length.
+fn latest_match(context: &[u32], max_ngram: usize) -> Option<(usize, usize)> {
+    let len = context.len();
+    for n in (1..=max_ngram.min(len.saturating_sub(1))).rev() {
+        let suffix = &context[len - n..];
+        // Latest match whose continuation lies inside the context.
+        if let Some(start) = (0..len - n).rev().find(|&i| &context[i..i + n] == suffix) {
+            return Some((start + n, n));
+        }
+    }
+    None
+}
+
+/// Prompt lookup inside a model draft (`+lookup`): where the context's
+/// last two or more tokens occurred before, the draft proposes what
+/// followed them (the latest occurrence of the longest such suffix, up to
+/// eight tokens) instead of running its model for that token; the model
+/// catches up on copied tokens when it next runs, in one pass. Code and
+/// answers that quote the prompt repeat identifiers and phrases the model
+/// drafts poorly. Measured with the built-in trained draft (k = 5, the
+/// held-out prompts of `scripts/draft_compare.sh`): tokens per round 1.93 →
+/// 2.15 on chat and 1.86 → 3.39 on code (on other held-out prompts 1.74 →
+/// 2.03 and 2.00 → 2.95). A one-token match proposes too much noise (chat
+/// fell to 1.87), and letting the model overrule copies where it is
+/// confident gave less (code 2.99 with top-1 ≥ 0.6).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PromptLookup;
+
+impl PromptLookup {
+    const MIN_MATCH: usize = 2;
+    const MAX_NGRAM: usize = 8;
+
+    /// The copied next token of `sequence`, if any.
+    pub fn next(&self, sequence: &[u32]) -> Option<u32> {
+        latest_match(sequence, Self::MAX_NGRAM).filter(|&(_, n)| n >= Self::MIN_MATCH).map(|(from, _)| sequence[from])
     }
 }
 
@@ -321,12 +399,13 @@ pub struct Autoregressive<F> {
     /// Tokens whose keys and values the cache holds.
     cached: Vec<u32>,
     stop: Vec<u32>,
+    lookup: Option<PromptLookup>,
 }
 
 impl<F: StepForward> Autoregressive<F> {
     /// `stop`: tokens after which drafting ends (end of sequence).
     pub fn new(forward: F, stop: Vec<u32>) -> Self {
-        Autoregressive { forward, cached: Vec::new(), stop }
+        Autoregressive { forward, cached: Vec::new(), stop, lookup: None }
     }
 
     pub fn forward(&self) -> &F {
@@ -351,17 +430,28 @@ impl<F: StepForward> DraftSource for Autoregressive<F> {
         self.forward.truncate(common);
         self.cached.truncate(common);
         let draft_sampling = sampling.for_draft();
-        let mut feed = context[common..].to_vec();
+        let mut sequence = context.to_vec();
         for _ in 0..k {
-            let scores = self.forward.step(&feed)?;
-            self.cached.extend_from_slice(&feed);
-            let (token, more) = proposal.take(&scores, sampling, &draft_sampling, rng, &self.stop, keep_going);
+            let (token, more) = match self.lookup.and_then(|l| l.next(&sequence)) {
+                Some(copy) => proposal.take_copy(copy, sampling, &self.stop, keep_going),
+                None => {
+                    let feed = &sequence[self.cached.len()..];
+                    let scores = self.forward.step(feed)?;
+                    self.cached.extend_from_slice(feed);
+                    proposal.take(&scores, sampling, &draft_sampling, rng, &self.stop, keep_going)
+                }
+            };
             if !more {
                 break;
             }
-            feed = vec![token];
+            sequence.push(token);
         }
         Ok(proposal)
+    }
+
+    fn use_prompt_lookup(&mut self) -> Result<()> {
+        self.lookup = Some(PromptLookup);
+        Ok(())
     }
 }
 
@@ -448,13 +538,28 @@ mod tests {
 
     #[test]
     fn specs_parse_and_print() {
-        for s in ["none", "ngram", "layers:20", "model:/tmp/x.gguf", "trained", "trained:/tmp/d"] {
+        for s in ["none", "ngram", "layers:20", "model:/tmp/x.gguf", "trained", "trained:/tmp/d", "trained+lookup", "layers:25+lookup", "trained:/tmp/d+lookup"]
+        {
             assert_eq!(s.parse::<DraftSpec>().unwrap().to_string(), s);
         }
-        for bad in ["layers:", "layers:x", "model:", "trained:", "bogus"] {
+        for bad in ["layers:", "layers:x", "model:", "trained:", "bogus", "ngram+lookup", "none+lookup", "trained+lookup+lookup", "+lookup"] {
             let err = bad.parse::<DraftSpec>().unwrap_err().to_string();
             assert!(err.contains("--draft"), "{err}");
         }
+    }
+
+    #[test]
+    fn prompt_lookup_copies_after_the_longest_repeated_suffix() {
+        let next = |s: &[u32]| PromptLookup.next(s);
+        // [1, 2] occurred at 0 and was followed by 3; the later one-token
+        // match of [2] (followed by 5) is shorter and loses.
+        assert_eq!(next(&[1, 2, 3, 4, 2, 5, 1, 2]), Some(3));
+        // Of equal matches the latest wins.
+        assert_eq!(next(&[1, 2, 3, 1, 2, 4, 1, 2]), Some(4));
+        // A one-token match is not enough.
+        assert_eq!(next(&[1, 2, 3, 9, 2]), None);
+        assert_eq!(next(&[7]), None);
+        assert_eq!(next(&[]), None);
     }
 
     #[test]

@@ -18,7 +18,7 @@ mod verify;
 
 pub use draft::{
     check_layers, load_model_draft, Autoregressive, DraftFeatures, DraftSource, DraftSpec, LlamaLayers, ModelDraft, NextTokenScores, NgramDraft, NoDraft,
-    Proposal, StepForward, SyntheticDraft,
+    PromptLookup, Proposal, StepForward, SyntheticDraft,
 };
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;

@@ -14,7 +14,7 @@
 //! The default model's trained draft is built into the binary
 //! (`--draft trained`); `--draft trained:DIR` loads another.
 
-use crate::draft::{reusable_prefix, DraftFeatures, DraftSource, NextTokenScores, Proposal};
+use crate::draft::{reusable_prefix, DraftFeatures, DraftSource, NextTokenScores, PromptLookup, Proposal};
 use crate::kernels::{QLinear, QMatrix};
 use crate::llama::Layer;
 use crate::sampling::{argmax, SamplingParams, SessionRng, SparseDist};
@@ -192,6 +192,7 @@ pub struct EagleDraft {
     zeros: Vec<f32>,
     /// The target's median state RMS (measured on the training data).
     state_scale: f32,
+    lookup: Option<PromptLookup>,
 }
 
 impl EagleDraft {
@@ -209,7 +210,7 @@ impl EagleDraft {
         let cache = llama.new_cache(1);
         let zeros = vec![0.0; llama.config().hidden];
         let (rows, tokens, predicted, target) = (vec![], vec![], vec![], vec![]);
-        EagleDraft { prefix, rows, tokens, llama, fc, head_ids: head.ids, cache, predicted, exact: 0, target, stop, zeros, state_scale }
+        EagleDraft { prefix, rows, tokens, llama, fc, head_ids: head.ids, cache, predicted, exact: 0, target, stop, zeros, state_scale, lookup: None }
     }
 
     /// The rows of `tokens` at positions `start..` (`start` ≤ the rows
@@ -283,6 +284,22 @@ impl EagleDraft {
         result
     }
 
+    /// Feeds the positions of `sequence` past the cached ones; returns
+    /// the scores after the last. Runs whose previous states are the
+    /// target's go in one pass; past them, one position at a time.
+    fn catch_up(&mut self, sequence: &[u32]) -> Result<HeadScores> {
+        let h = self.hidden();
+        let mut i = self.cache.len();
+        let mut scores = HeadScores { ids: self.head_ids.clone(), logits: vec![] };
+        while i < sequence.len() {
+            let known = self.target.len() / h;
+            let end = if i <= known { sequence.len().min(known + 1) } else { i + 1 };
+            scores = self.feed(&sequence[i..end])?;
+            i = end;
+        }
+        Ok(scores)
+    }
+
     fn feed_unchecked(&mut self, tokens: &[u32], start: usize) -> Result<HeadScores> {
         let h = self.hidden();
         let token_rows = self.token_rows(start, tokens)?;
@@ -348,24 +365,26 @@ impl DraftSource for EagleDraft {
         }
         self.truncate(common);
 
-        // The context: runs whose previous states are the target's go in
-        // one pass; past them, one position at a time.
-        let mut i = common;
-        let mut scores = HeadScores { ids: self.head_ids.clone(), logits: vec![] };
-        while i < context.len() {
-            let known = self.target.len() / h;
-            let end = if i <= known { context.len().min(known + 1) } else { i + 1 };
-            scores = self.feed(&context[i..end])?;
-            i = end;
-        }
         let draft_sampling = sampling.for_draft();
+        let mut sequence = context.to_vec();
         loop {
-            let (token, more) = proposal.take(&scores, sampling, &draft_sampling, rng, &self.stop, keep_going);
+            let (token, more) = match self.lookup.and_then(|l| l.next(&sequence)) {
+                Some(copy) => proposal.take_copy(copy, sampling, &self.stop, keep_going),
+                None => {
+                    let scores = self.catch_up(&sequence)?;
+                    proposal.take(&scores, sampling, &draft_sampling, rng, &self.stop, keep_going)
+                }
+            };
             if !more || proposal.tokens.len() == k {
                 break;
             }
-            scores = self.feed(&[token])?;
+            sequence.push(token);
         }
         Ok(proposal)
+    }
+
+    fn use_prompt_lookup(&mut self) -> Result<()> {
+        self.lookup = Some(PromptLookup);
+        Ok(())
     }
 }

@@ -6,7 +6,8 @@
 //! with the exact p(t1)·p(t2 | t1) of the target by a chi-square test. The
 //! same harness with a subtly wrong rule (resampling from p instead of the
 //! residual max(0, p − q) after a rejection) must fail, so the test has the
-//! power to catch a broken rule.
+//! power to catch a broken rule. With prompt lookup (`+lookup`) the draft
+//! mixes copied tokens (point masses) with sampled ones.
 
 mod common;
 
@@ -16,6 +17,8 @@ use tandem_model::*;
 
 const VOCAB: usize = 8;
 const PROMPT: [u32; 3] = [1, 5, 2];
+/// Ends with a pair seen before: a lookup draft copies `2, 1, …` first.
+const REPEATING_PROMPT: [u32; 5] = [1, 5, 2, 1, 5];
 const SAMPLES: usize = 12_000;
 
 fn spec(layers: usize, head_gain: f32) -> TinySpec {
@@ -23,20 +26,20 @@ fn spec(layers: usize, head_gain: f32) -> TinySpec {
 }
 
 /// The target's exact distribution over (t1, t2).
-fn exact_joint(target: &Llama, params: &SamplingParams) -> Vec<f64> {
+fn exact_joint(target: &Llama, params: &SamplingParams, prompt: &[u32]) -> Vec<f64> {
     let dist = |tokens: &[u32]| {
         let mut cache = target.new_cache(target.config().n_layers);
         let logits = target.forward(&mut [SeqPass { cache: &mut cache, tokens, logits: LogitsFor::Last }]).unwrap();
         params.distribution(logits[0].row(0))
     };
-    let p1 = dist(&PROMPT);
+    let p1 = dist(prompt);
     let mut joint = vec![0.0; VOCAB * VOCAB];
     for t1 in 0..VOCAB as u32 {
         let pt1 = p1.prob(t1);
         if pt1 == 0.0 {
             continue;
         }
-        let p2 = dist(&[&PROMPT[..], &[t1]].concat());
+        let p2 = dist(&[prompt, &[t1]].concat());
         for t2 in 0..VOCAB as u32 {
             joint[t1 as usize * VOCAB + t2 as usize] = pt1 * p2.prob(t2);
         }
@@ -51,8 +54,9 @@ enum Rule {
     ResampleFromTarget,
 }
 
-/// Generates the first two tokens after PROMPT with k-token draft rounds.
+/// Generates the first two tokens after `prompt` with k-token draft rounds.
 fn speculative_pair(
+    prompt: &[u32],
     target: &Llama,
     draft: &mut ModelDraft,
     params: &SamplingParams,
@@ -62,10 +66,10 @@ fn speculative_pair(
     draft_rng: &mut SessionRng,
 ) -> (u32, u32) {
     let mut cache = target.new_cache(target.config().n_layers);
-    let prefix = &PROMPT[..PROMPT.len() - 1];
+    let prefix = &prompt[..prompt.len() - 1];
     target.forward(&mut [SeqPass { cache: &mut cache, tokens: prefix, logits: LogitsFor::None }]).unwrap();
     let mut out: Vec<u32> = Vec::new();
-    let mut context = PROMPT.to_vec();
+    let mut context = prompt.to_vec();
     while out.len() < 2 {
         let proposal = draft.propose(&context, k, params, draft_rng).unwrap();
         let mut feed = vec![*context.last().unwrap()];
@@ -89,7 +93,7 @@ fn speculative_pair(
         cache.truncate(base + 1 + verdict.accepted);
         out.extend(&proposal.tokens[..verdict.accepted]);
         out.push(verdict.next);
-        context = [&PROMPT[..], &out[..]].concat();
+        context = [prompt, &out[..]].concat();
     }
     (out[0], out[1])
 }
@@ -120,20 +124,24 @@ fn chi_square(counts: &[usize], expected_p: &[f64], n: usize) -> (f64, f64) {
     (stat, crit)
 }
 
-fn run(params: SamplingParams, rule: Rule) -> (f64, f64) {
+fn run(params: SamplingParams, rule: Rule, lookup: bool) -> (f64, f64) {
+    let prompt: &[u32] = if lookup { &REPEATING_PROMPT } else { &PROMPT };
     let dir = scratch("specsample");
     let target = LoadedModel::load(&tiny_llama(&dir, "target.gguf", &spec(2, 3.0), 11)).unwrap().llama;
     // A different random model: its q differs a lot from p, so rejections
     // (and the residual distribution) matter.
     let draft_model = LoadedModel::load(&tiny_llama(&dir, "draft.gguf", &spec(1, 3.0), 29)).unwrap().llama;
     let mut draft = ModelDraft::from_layers(draft_model, 1, vec![]);
-    let joint = exact_joint(&target, &params);
+    if lookup {
+        draft.use_prompt_lookup().unwrap();
+    }
+    let joint = exact_joint(&target, &params, prompt);
     let mut counts = vec![0usize; VOCAB * VOCAB];
     let mut rng = SessionRng::new(params.seed);
     let mut draft_rng = SessionRng::new(params.seed + 1);
     for i in 0..SAMPLES {
         let k = 1 + i % 3;
-        let (a, b) = speculative_pair(&target, &mut draft, &params, rule, k, &mut rng, &mut draft_rng);
+        let (a, b) = speculative_pair(prompt, &target, &mut draft, &params, rule, k, &mut rng, &mut draft_rng);
         counts[a as usize * VOCAB + b as usize] += 1;
     }
     let (stat, crit) = chi_square(&counts, &joint, SAMPLES);
@@ -145,7 +153,7 @@ fn run(params: SamplingParams, rule: Rule) -> (f64, f64) {
 #[test]
 fn speculative_sampling_matches_target_distribution() {
     let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 42 };
-    let (stat, crit) = run(params, Rule::Correct);
+    let (stat, crit) = run(params, Rule::Correct, false);
     assert!(stat < crit, "chi-square {stat:.1} ≥ critical {crit:.1}: speculative output is not the target distribution");
 }
 
@@ -154,13 +162,21 @@ fn speculative_sampling_matches_truncated_target_distribution() {
     // Truncation on both sides: the draft's q (top-k 64 ⊇ all 8 tokens, top-p)
     // and the target's p (top-k 5, top-p 0.95) differ in support.
     let params = SamplingParams { temperature: 0.8, top_k: 5, top_p: 0.95, seed: 7 };
-    let (stat, crit) = run(params, Rule::Correct);
+    let (stat, crit) = run(params, Rule::Correct, false);
     assert!(stat < crit, "chi-square {stat:.1} ≥ critical {crit:.1}");
 }
 
 #[test]
 fn a_wrong_rule_is_detected() {
     let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 42 };
-    let (stat, crit) = run(params, Rule::ResampleFromTarget);
+    let (stat, crit) = run(params, Rule::ResampleFromTarget, false);
     assert!(stat > crit, "the harness cannot tell a wrong rule apart: chi-square {stat:.1} < {crit:.1}");
+}
+
+#[test]
+fn speculative_sampling_with_prompt_lookup_matches_target_distribution() {
+    // Copied drafts are point masses: accepted with probability p(t).
+    let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 3 };
+    let (stat, crit) = run(params, Rule::Correct, true);
+    assert!(stat < crit, "chi-square {stat:.1} ≥ critical {crit:.1}");
 }

@@ -59,5 +59,10 @@ pub fn build_draft(spec: &DraftSpec, target: &LoadedModel) -> Result<Box<dyn Dra
             Box::new(wgpu_draft(&draft.llama, draft.llama.config().n_layers, stop, &options)?)
         }
         DraftSpec::Trained(_) => return Err(trained_on_cpu_only("wgpu")),
+        DraftSpec::WithLookup(inner) => {
+            let mut draft = build_draft(inner, target)?;
+            draft.use_prompt_lookup()?;
+            draft
+        }
     })
 }
