@@ -256,8 +256,13 @@ impl SpeculationController {
         self.keep_prob = 1.0;
     }
 
-    /// Called after each drafted token: whether to draft another.
+    /// Called after each drafted token: whether to draft another. Copied
+    /// tokens (prompt lookup) cost no drafting and carry nothing about the
+    /// model's confidence: the rule judges the model's tokens only.
     pub fn keep_going(&mut self, f: &DraftFeatures) -> bool {
+        if f.copied {
+            return true;
+        }
         match &self.rule {
             StopRule::Fixed => true,
             StopRule::Confidence { min_top1 } => f.top1 >= *min_top1,
@@ -320,7 +325,7 @@ mod tests {
     }
 
     fn feat(top1: f32, position: u32) -> DraftFeatures {
-        DraftFeatures { top1, entropy: 1.0 - top1, margin: top1 / 2.0, spread: 3.0 * top1, position }
+        DraftFeatures { top1, entropy: 1.0 - top1, margin: top1 / 2.0, spread: 3.0 * top1, position, copied: false }
     }
 
     #[test]
@@ -334,6 +339,10 @@ mod tests {
         assert!(!c.keep_going(&feat(0.5, 2)));
         c.begin_round();
         assert!(c.keep_going(&feat(0.5, 0)), "each round starts afresh");
+        // A copied token (prompt lookup) is not judged and does not count.
+        let copy = DraftFeatures { copied: true, ..feat(0.0, 1) };
+        assert!(c.keep_going(&copy) && c.keep_going(&feat(0.5, 2)));
+        assert!(!c.keep_going(&feat(0.5, 3)));
         let mut conf = SpeculationController::new(StopRule::Confidence { min_top1: 0.4 }, 8, false);
         assert!(conf.keep_going(&feat(0.9, 0)) && !conf.keep_going(&feat(0.2, 1)));
     }

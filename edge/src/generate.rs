@@ -233,8 +233,9 @@ impl<T: Target + Send> Speculator<T> {
             }
             if let Some(log) = self.log.as_mut() {
                 // Positions after the first rejection, or past those the
-                // target verified, were never judged.
-                for (i, f) in proposal.features.iter().take(round.verified).enumerate().take(verdict.accepted + 1) {
+                // target verified, were never judged; copied tokens say
+                // nothing about the model.
+                for (i, f) in proposal.features.iter().take(round.verified).enumerate().take(verdict.accepted + 1).filter(|(_, f)| !f.copied) {
                     let sample = ControllerSample { features: *f, accepted: i < verdict.accepted };
                     serde_json::to_writer(&mut *log, &sample).map_err(|e| EdgeError::InvalidArgument(format!("writing the controller log: {e}")))?;
                     let _ = log.write_all(b"\n");

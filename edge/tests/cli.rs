@@ -99,10 +99,13 @@ fn controller_log_train_and_every_stop_rule_stay_lossless() {
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(report.contains("precision") && report.contains("false-stop rate"), "{report}");
     let predictor = format!("predictor:{}", weights.display());
-    for controller in [&["--controller", "confidence"][..], &["--controller", &predictor], &["--controller", &predictor, "--adaptive-k"]] {
-        for (p, want) in prompts.iter().zip(&reference) {
-            let v = tokens_of(&[&base[..], &["--prompt", p], controller].concat());
-            assert_eq!(&v["tokens"], want, "{controller:?} changed the output");
+    // With prompt lookup too: copied tokens pass the stop rules unjudged.
+    for draft in ["layers:25", "layers:25+lookup"] {
+        for controller in [&["--controller", "confidence"][..], &["--controller", &predictor], &["--controller", &predictor, "--adaptive-k"]] {
+            for (p, want) in prompts.iter().zip(&reference) {
+                let v = tokens_of(&[&base[..2], &["--draft", draft], &base[4..], &["--prompt", p], controller].concat());
+                assert_eq!(&v["tokens"], want, "{draft} with {controller:?} changed the output");
+            }
         }
     }
     let out = edge().args([&base[..], &["--prompt", "x", "--controller", "predictor:/nonexistent.json"]].concat()).output().unwrap();

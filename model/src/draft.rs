@@ -45,14 +45,13 @@ impl Proposal {
         (token, !stop.contains(&token) && keep_going(&features))
     }
 
-    /// Records `token`, copied by prompt lookup: a point mass, with the
-    /// features of a certain draft.
+    /// Records `token`, copied by prompt lookup: a point mass.
     pub(crate) fn take_copy(&mut self, token: u32, sampling: &SamplingParams, stop: &[u32], keep_going: &mut dyn FnMut(&DraftFeatures) -> bool) -> (u32, bool) {
         if !sampling.is_greedy() {
             self.dists.push(SparseDist::point(token));
         }
         self.tokens.push(token);
-        let features = DraftFeatures { top1: 1.0, entropy: 0.0, margin: 1.0, spread: 0.0, position: self.features.len() as u32 };
+        let features = DraftFeatures { top1: 1.0, entropy: 0.0, margin: 1.0, spread: 0.0, position: self.features.len() as u32, copied: true };
         self.features.push(features);
         (token, !stop.contains(&token) && keep_going(&features))
     }
@@ -72,6 +71,10 @@ pub struct DraftFeatures {
     pub spread: f32,
     /// Draft position in the round (0 = first draft token).
     pub position: u32,
+    /// Copied by prompt lookup (`+lookup`), not drawn from the model: the
+    /// other fields then say nothing about the model.
+    #[serde(default)]
+    pub copied: bool,
 }
 
 impl DraftFeatures {
@@ -103,7 +106,14 @@ impl DraftFeatures {
             .sum::<f64>();
         let top1 = 1.0 / z;
         let top2 = if second.is_finite() { (second - max).exp() / z } else { 0.0 };
-        DraftFeatures { top1: top1 as f32, entropy: entropy as f32, margin: (top1 - top2) as f32, spread: (max - mean) as f32, position: position as u32 }
+        DraftFeatures {
+            top1: top1 as f32,
+            entropy: entropy as f32,
+            margin: (top1 - top2) as f32,
+            spread: (max - mean) as f32,
+            position: position as u32,
+            copied: false,
+        }
     }
 }
 
@@ -521,7 +531,8 @@ impl DraftSource for SyntheticDraft {
             // Any other token is wrong; its neighbour will do.
             let token = if right { truth } else { truth ^ 1 };
             let top1 = if right { 0.55 + 0.45 * rng.next_f64() } else { 0.1 + 0.6 * rng.next_f64() } as f32;
-            let features = DraftFeatures { top1, entropy: 2.0 * (1.0 - top1), margin: top1 / 2.0, spread: 10.0 * top1, position: position as u32 };
+            let features =
+                DraftFeatures { top1, entropy: 2.0 * (1.0 - top1), margin: top1 / 2.0, spread: 10.0 * top1, position: position as u32, copied: false };
             proposal.tokens.push(token);
             proposal.features.push(features);
             if !keep_going(&features) {

@@ -107,6 +107,7 @@ impl TopLogits {
             margin: (top1 - top2) as f32,
             spread: (max - self.sum as f64 / self.vocab as f64) as f32,
             position: position as u32,
+            copied: false,
         }
     }
 }
