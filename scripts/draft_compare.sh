@@ -7,6 +7,8 @@
 # target's own milliseconds per token (plain decoding, same run), the
 # speed-up of generation over plain decoding (milliseconds per token after
 # the first), and whether every output equals plain decoding.
+# EXTRA_ARGS go to every generate call (e.g. EXTRA_ARGS=--adaptive-k: k
+# is then at most 5, picked each round from measured costs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p tandem-edge
@@ -31,14 +33,15 @@ print(f"{len(chat)} chat and {len(code)} code prompts", file=sys.stderr)
 PY
 for d in "${DRAFTS[@]}"; do
     echo "draft $d ..." >&2
-    python3 - "$WORK" "$d" "$EDGE" <<'PY'
+    python3 - "$WORK" "$d" "$EDGE" ${EXTRA_ARGS:-} <<'PY'
 import json, subprocess, sys
 work, draft, edge = sys.argv[1:4]
+extra = sys.argv[4:]
 prompts = json.load(open(f"{work}/prompts.json"))
 with open(f"{work}/{draft.replace(':', '_')}.jsonl", "w") as out:
     for kind, ps in prompts.items():
         for p in ps:
-            args = [edge, "generate", "--local", "--draft", draft, "--draft-len", "5", "--max-new-tokens", "96", "--prompt", p, "--json"]
+            args = [edge, "generate", "--local", "--draft", draft, "--draft-len", "5", "--max-new-tokens", "96", "--prompt", p, "--json"] + extra
             if kind == "code":
                 args.append("--raw")
             g = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
