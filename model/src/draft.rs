@@ -39,10 +39,8 @@ impl Proposal {
             self.dists.push(q);
             t
         };
-        self.tokens.push(token);
         let features = scores.features(self.features.len());
-        self.features.push(features);
-        (token, !stop.contains(&token) && keep_going(&features))
+        self.record(token, features, stop, keep_going)
     }
 
     /// Records `token`, copied by prompt lookup: a point mass.
@@ -50,8 +48,12 @@ impl Proposal {
         if !sampling.is_greedy() {
             self.dists.push(SparseDist::point(token));
         }
-        self.tokens.push(token);
         let features = DraftFeatures { top1: 1.0, entropy: 0.0, margin: 1.0, spread: 0.0, position: self.features.len() as u32, copied: true };
+        self.record(token, features, stop, keep_going)
+    }
+
+    fn record(&mut self, token: u32, features: DraftFeatures, stop: &[u32], keep_going: &mut dyn FnMut(&DraftFeatures) -> bool) -> (u32, bool) {
+        self.tokens.push(token);
         self.features.push(features);
         (token, !stop.contains(&token) && keep_going(&features))
     }
@@ -295,19 +297,20 @@ impl NgramDraft {
     }
 
     fn lookup(&self, context: &[u32], k: usize) -> Vec<u32> {
-        match latest_match(context, self.max_ngram) {
+        match latest_match(context, 1, self.max_ngram) {
             Some((from, _)) => context[from..(from + k).min(context.len())].to_vec(),
             None => Vec::new(),
         }
     }
 }
 
-/// The latest earlier occurrence of `context`'s longest suffix of at most
-/// `max_ngram` tokens that occurred before: where what followed it
-/// starts, and the suffix's length.
-fn latest_match(context: &[u32], max_ngram: usize) -> Option<(usize, usize)> {
+/// The latest earlier occurrence of `context`'s longest suffix of
+/// `min_ngram..=max_ngram` tokens that occurred before: where what
+/// followed it starts, and the suffix's length.
+fn latest_match(context: &[u32], min_ngram: usize, max_ngram: usize) -> Option<(usize, usize)> {
     let len = context.len();
-    for n in (1..=max_ngram.min(len.saturating_sub(1))).rev() {
+    // Each length scans the whole context: lengths that could not be used are not tried.
+    for n in (min_ngram.max(1)..=max_ngram.min(len.saturating_sub(1))).rev() {
         let suffix = &context[len - n..];
         // Latest match whose continuation lies inside the context.
         if let Some(start) = (0..len - n).rev().find(|&i| &context[i..i + n] == suffix) {
@@ -338,7 +341,7 @@ impl PromptLookup {
 
     /// The copied next token of `sequence`, if any.
     pub fn next(&self, sequence: &[u32]) -> Option<u32> {
-        latest_match(sequence, Self::MAX_NGRAM).filter(|&(_, n)| n >= Self::MIN_MATCH).map(|(from, _)| sequence[from])
+        latest_match(sequence, Self::MIN_MATCH, Self::MAX_NGRAM).map(|(from, _)| sequence[from])
     }
 }
 
