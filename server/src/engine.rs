@@ -64,6 +64,12 @@ pub struct EngineHandle {
     calibration: Option<VerifyTimeCalibration>,
 }
 
+/// The most a session's cache can hold: prompt, every token still to
+/// generate, and one round of drafts beyond.
+fn most_positions(open: &ValidOpen) -> usize {
+    open.prompt.len() + (open.max_new_tokens - open.resumed) + MAX_DRAFT_TOKENS + 1
+}
+
 impl EngineHandle {
     /// The verification-time calibration the warm-start sweep produced
     /// (None: the batcher has no estimator), for `--calibration-out`.
@@ -78,13 +84,10 @@ impl EngineHandle {
     /// Admits the session here, on the stream task, so a refusal never
     /// waits for the runner's pass; then hands it to the runner.
     pub async fn open(&self, tenant: Arc<Tenant>, open: ValidOpen, out: OutSender) -> Result<SessionId, ServeError> {
-        // The most the cache can hold: prompt, every token still to
-        // generate, and one round of drafts beyond.
-        let positions = open.prompt.len() + (open.max_new_tokens - open.resumed) + MAX_DRAFT_TOKENS + 1;
         let request = admission::Request {
             tenant: &tenant.name,
             max_sessions: tenant.max_sessions,
-            kv_bytes: positions * self.kv_bytes_per_position,
+            kv_bytes: most_positions(&open) * self.kv_bytes_per_position,
             demand: opening_demand(&open),
             prefill: Prefill { tokens: open.prompt.len(), ttft_ms: open.ttft_ms.map(f64::from) },
         };
@@ -272,7 +275,11 @@ impl Engine {
 
     fn admit(&mut self, tenant: Arc<Tenant>, open: ValidOpen, ticket: Ticket, out: OutSender) -> SessionId {
         let llama = &self.model.llama;
-        let cache = llama.new_cache(llama.config().n_layers);
+        // The memory admission charged for, reserved now: a pass that grew
+        // the cache would copy all of it (a latency spike the estimator
+        // cannot see coming). Pages are touched only as positions are written.
+        let mut cache = llama.new_cache(llama.config().n_layers);
+        cache.reserve(most_positions(&open));
         let id = ticket.id;
         let resumed = open.resumed > 0;
         let prefill_target = if resumed { open.prompt.len() - 1 } else { open.prompt.len() };

@@ -90,8 +90,27 @@ fn load_config(cli: Cli) -> Result<ServerConfig> {
 /// How long open connections may linger after a drain.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    limit_malloc_arenas();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?.block_on(serve())
+}
+
+/// glibc gives threads that allocate at once their own arenas (up to eight
+/// per core) and keeps what each has freed: a burst of flooding clients
+/// (the reliability suite's) left the server 31–34 MiB larger, against
+/// 5–17 MiB with one arena, whose free top is returned to the system.
+/// Small blocks still come from per-thread caches without a lock. Set
+/// before any thread starts.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's tuning; called before
+    // other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+async fn serve() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

@@ -38,7 +38,11 @@ impl<'a> Profiler<'a> {
     /// `prefill`-token prompt if non-zero. Returns its shape and wall time, ms.
     pub fn time_batch(&mut self, seqs: &[(usize, usize)], prefill: usize) -> Result<(BatchShape, f64)> {
         let mut caches = seqs.iter().map(|&(_, context)| self.context(context)).collect::<Result<Vec<_>>>()?;
+        for (cache, &(tokens, _)) in caches.iter_mut().zip(seqs) {
+            cache.reserve(tokens);
+        }
         let mut prefill_cache = self.llama.new_cache(self.llama.config().n_layers);
+        prefill_cache.reserve(prefill);
         let news: Vec<Vec<u32>> = seqs.iter().enumerate().map(|(s, &(tokens, _))| filler(tokens, s + 1)).collect();
         let prompt = filler(prefill, 7);
         let mut batch: Vec<SeqPass> = caches.iter_mut().zip(&news).map(|(cache, t)| SeqPass { cache, tokens: t, logits: LogitsFor::All }).collect();
