@@ -6,12 +6,13 @@
 //! whole batch, runs attention per sequence, and returns logits for every
 //! position asked for. Every kernel is batch-invariant (see `kernels`).
 
-use crate::kernels::{attend, residual_add, rms_norm, rope_heads, silu_mul, team, KvView, MatmulKernels, QLinear, QMatrix};
+use crate::kernels::{attend, residual_add, rms_norm, rope_heads, silu_mul, KvView, MatmulKernels, QLinear, QMatrix};
 use crate::{KvCache, ModelError, Result};
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
 use std::io::{Read, Seek};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 /// Shape of a llama-family model, read once from GGUF metadata.
 #[derive(Clone, Debug, PartialEq)]
@@ -269,7 +270,10 @@ impl Llama {
             return Err(ModelError::InvalidArgument(format!("cannot capture layer {c} of a pass over {n_layers}")));
         }
         let starts: Vec<usize> = batch.iter().map(|s| s.cache.len()).collect();
-        let result = self.forward_unchecked(batch, n_layers, &starts, capture, None);
+        // The whole pass runs on a pool thread: the kernels' parallel loops
+        // are then cheap work-stealing joins, where each one entered from
+        // outside the pool would cost a thread hand-off (hundreds a pass).
+        let result = rayon::scope(|_| self.forward_unchecked(batch, n_layers, &starts, capture, None));
         if result.is_err() {
             for (s, &start) in batch.iter_mut().zip(&starts) {
                 s.cache.truncate(start);
@@ -316,7 +320,7 @@ impl Llama {
         let start = pass.cache.len();
         let x = Tensor::from_vec(inputs, (pass.tokens.len(), self.cfg.hidden), &Device::Cpu)?;
         let batch = std::slice::from_mut(&mut pass);
-        let result = self.forward_unchecked(batch, n_layers, &[start], &[n_layers], Some(x));
+        let result = rayon::scope(|_| self.forward_unchecked(batch, n_layers, &[start], &[n_layers], Some(x)));
         match result {
             Ok((mut logits, mut hidden)) => Ok((logits.remove(0), hidden.remove(0))),
             Err(e) => {
@@ -471,24 +475,26 @@ impl Llama {
             tasks.extend((0..cfg.n_kv_heads).map(|g| (t, run, g)));
             t += run;
         }
-        // Longest contexts first, claimed one at a time: the threads finish
+        // Longest contexts first, one task per steal: the threads finish
         // together however unequal the sequences.
         tasks.sort_by_key(|&(t, _, _)| std::cmp::Reverse(rows[t].1));
-        let results: Vec<OnceLock<Vec<f32>>> = tasks.iter().map(|_| OnceLock::new()).collect();
-        team().run(tasks.len(), |i| {
-            let (t, n, g) = tasks[i];
-            let (seq, pos) = rows[t];
-            let (keys, values) = caches[seq].head(layer, g);
-            let kv = KvView { keys, values, head_dim: hd };
-            // Query heads g·group.. of a token are adjacent in q.
-            let heads = g * group * hd..(g + 1) * group * hd;
-            let queries: Vec<f32> = (t..t + n).flat_map(|t| &q[t * width..][heads.clone()]).copied().collect();
-            let mut o = vec![0f32; queries.len()];
-            attend(&queries, group, pos + 1, &kv, scale, &mut o);
-            results[i].set(o).expect("each task runs once");
-        });
+        let results: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .with_max_len(1)
+            .map(|&(t, n, g)| {
+                let (seq, pos) = rows[t];
+                let (keys, values) = caches[seq].head(layer, g);
+                let kv = KvView { keys, values, head_dim: hd };
+                // Query heads g·group.. of a token are adjacent in q.
+                let heads = g * group * hd..(g + 1) * group * hd;
+                let queries: Vec<f32> = (t..t + n).flat_map(|t| &q[t * width..][heads.clone()]).copied().collect();
+                let mut o = vec![0f32; queries.len()];
+                attend(&queries, group, pos + 1, &kv, scale, &mut o);
+                o
+            })
+            .collect();
         let mut out = vec![0f32; rows.len() * width];
-        for (&(t, n, g), o) in tasks.iter().zip(results.iter().map(|o| o.get().expect("every task ran"))) {
+        for (&(t, n, g), o) in tasks.iter().zip(&results) {
             for (i, o) in o.chunks_exact(group * hd).enumerate().take(n) {
                 out[(t + i) * width + g * group * hd..][..group * hd].copy_from_slice(o);
             }

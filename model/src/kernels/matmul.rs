@@ -4,10 +4,10 @@
 use super::dot::SimdLevel;
 use super::dot::{dot_f32, simd_level, BlockKind};
 use super::group::{group_times, ActRow, GroupView, Pack, GROUP};
-use super::team::team;
 use crate::{ModelError, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
+use rayon::prelude::*;
 
 /// The GGUF type a weight matrix was loaded from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -401,11 +401,9 @@ pub fn matmul_parts_split(parts: &[&QMatrix], x: &[f32], runs: &[usize]) -> Vec<
     }
     let dst = OutRows(starts);
     // About four tasks per thread.
-    let per_task = units.len().div_ceil(4 * team().threads()).max(1);
+    let per_task = units.len().div_ceil(4 * rayon::current_num_threads()).max(1);
     let rows: Option<Vec<ActRow>> = acts.as_ref().map(|a| (0..m).map(|i| a.row(i)).collect());
-    let tasks: Vec<&[_]> = units.chunks(per_task).collect();
-    team().run(tasks.len(), |task| {
-        let units = tasks[task];
+    units.par_chunks(per_task).for_each(|units| {
         let mut tile = vec![[0f32; GROUP]; m];
         for &(part, g, col) in units {
             part.group_times(g, x, rows.as_deref(), &mut tile);

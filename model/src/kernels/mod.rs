@@ -24,10 +24,8 @@ mod dot;
 mod group;
 mod matmul;
 mod ops;
-mod team;
 
 pub use attention::{attend, silu_mul, KvView, KEY_BLOCK};
 pub use dot::{dot_f32, simd_level, BlockKind, SimdLevel};
 pub use matmul::{matmul_parts, matmul_parts_split, quantize_activations, QActivations, QMatrix, QStorage, WeightType};
 pub use ops::{residual_add, rms_norm, rope_heads, MatmulKernels, QLinear};
-pub use team::{team, Team};
