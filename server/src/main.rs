@@ -98,7 +98,7 @@ fn main() -> Result<()> {
 /// glibc gives threads that allocate at once their own arenas (up to eight
 /// per core) and keeps what each has freed: a burst of flooding clients
 /// (the reliability suite's) left the server 31–34 MiB larger, against
-/// 5–17 MiB with one arena, whose free top is returned to the system.
+/// 1–17 MiB with one arena, whose free top is returned to the system.
 /// Small blocks still come from per-thread caches without a lock. Set
 /// before any thread starts.
 fn limit_malloc_arenas() {
