@@ -149,14 +149,14 @@ mod tests {
     fn reserved_positions_are_appended_without_moving_the_arrays() {
         let mut cache = KvCache::new(2, 2, 2);
         cache.reserve(40);
-        let before: Vec<_> =
-            (0..2).flat_map(|l| (0..2).map(move |g| (l, g))).map(|(l, g)| (cache.head(l, g).0.as_ptr(), cache.head(l, g).1.as_ptr())).collect();
+        let arrays = |c: &KvCache| -> Vec<_> { (0..4).map(|i| c.head(i / 2, i % 2)).map(|(k, v)| (k.as_ptr(), v.as_ptr())).collect() };
+        let before = arrays(&cache);
         for _ in 0..40 {
             for layer in 0..2 {
                 cache.append(layer, &[1.0; 4], &[2.0; 4]);
             }
         }
-        let after: Vec<_> = (0..2).flat_map(|l| (0..2).map(move |g| (l, g))).map(|(l, g)| (cache.head(l, g).0.as_ptr(), cache.head(l, g).1.as_ptr())).collect();
+        let after = arrays(&cache);
         assert_eq!(before, after);
         assert_eq!(cache.len(), 40);
         // Rolling back keeps the room.
