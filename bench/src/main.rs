@@ -313,12 +313,17 @@ fn model_path(model: Option<PathBuf>) -> Result<PathBuf> {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).init();
-    match Cli::parse().command {
-        Command::Kernels { model, threads, repeats, no_stock, json, backend } => {
-            if let Some(n) = threads {
-                anyhow::ensure!(n > 0, "`--threads` must be at least 1");
-                rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting --threads")?;
-            }
+    let cli = Cli::parse();
+    let threads = match &cli.command {
+        Command::Kernels { threads, .. } => *threads,
+        _ => None,
+    };
+    anyhow::ensure!(threads != Some(0), "`--threads` must be at least 1");
+    // The server's pool (threads pinned to CPUs), so what is timed here is
+    // what the server runs.
+    tandem_model::build_compute_pool(threads, true).context("building the compute pool")?;
+    match cli.command {
+        Command::Kernels { model, threads: _, repeats, no_stock, json, backend } => {
             anyhow::ensure!(repeats > 0, "`--repeats` must be at least 1");
             let model = model_path(model)?;
             let report = kernels::run(&KernelBenchConfig { model, backend, repeats, stock: !no_stock, progress: !json })?;

@@ -11,6 +11,7 @@ pub mod fetch;
 pub mod kernels;
 mod kv_cache;
 mod llama;
+mod pool;
 mod sampling;
 mod tokenizer;
 mod trained;
@@ -23,6 +24,7 @@ pub use draft::{
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use llama::{LayerWeights, Llama, LlamaConfig, Logits, LogitsFor, SeqPass};
+pub use pool::build_compute_pool;
 pub use sampling::{argmax, SamplingParams, SessionRng, SparseDist};
 pub use tokenizer::{ChatMessage, TextStream, Tokenizer};
 pub use trained::trained_draft_fingerprint;

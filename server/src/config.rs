@@ -33,6 +33,9 @@ pub struct ServerConfig {
     /// and let open sessions finish for up to this long, seconds; then the
     /// rest are told to resume elsewhere.
     pub drain_s: u64,
+    /// Pin the model's compute threads to CPUs, one each (Linux): steadier
+    /// pass times, so a sharper verification-time estimate.
+    pub pin_threads: bool,
     pub batcher: BatcherConfig,
 }
 
@@ -49,6 +52,7 @@ impl Default for ServerConfig {
             metrics_listen: None,
             idle_ttl_s: 60,
             drain_s: 10,
+            pin_threads: true,
             batcher: BatcherConfig::default(),
         }
     }

@@ -58,6 +58,10 @@ struct Cli {
     /// Batch scheduling: wisp (SLO-aware, estimator, fair counters) or fcfs [default: wisp].
     #[arg(long)]
     policy: Option<String>,
+    /// Pin the compute threads to CPUs, one each [default: true]; see
+    /// README "Design choices worth knowing".
+    #[arg(long)]
+    pin_threads: Option<bool>,
     /// Write the verification-time calibration of the warm-start sweep here
     /// (JSON `VerifyTimeProfile`, what `tandem-bench sim --calibration` reads).
     /// Needs a policy with an estimator (wisp).
@@ -82,7 +86,7 @@ fn load_config(cli: Cli) -> Result<ServerConfig> {
     if let Some(p) = cli.policy.clone() {
         cfg.batcher.policy = p;
     }
-    set!(listen, device, kv_budget_mb, idle_ttl_s, drain_s);
+    set!(listen, device, kv_budget_mb, idle_ttl_s, drain_s, pin_threads);
     set_opt!(model, tenants, tls_cert, tls_key, metrics_listen);
     Ok(cfg)
 }
@@ -118,6 +122,7 @@ async fn serve() -> Result<()> {
     let cli = Cli::parse();
     let calibration_out = cli.calibration_out.clone();
     let cfg = load_config(cli)?;
+    tandem_model::build_compute_pool(None, cfg.pin_threads).context("building the compute pool")?;
     match cfg.device.as_str() {
         "cpu" => {}
         "cuda" | "metal" => {
