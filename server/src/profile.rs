@@ -68,8 +68,8 @@ const SWEEP_REPEATS: usize = 3;
 /// pass caught by a slow moment of a shared machine does not move the whole
 /// fit (timed once, the sweep's 1-token prediction ranged 4.4–7.8 ms across
 /// server starts on the 2-vCPU VM, against 4.3 ms measured). Slow phases
-/// longer than a shape's repeats still show. Adds ~0.7 s to the ~0.75 s
-/// the timed passes took.
+/// longer than a shape's repeats still show. The sweep took ~0.75 s with
+/// one timing per shape, ~1.5 s with three.
 pub fn sweep(llama: &Llama) -> Result<Vec<(BatchShape, f64)>> {
     let mut p = Profiler::new(llama);
     let mut samples = Vec::new();
