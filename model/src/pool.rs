@@ -33,7 +33,9 @@ fn pool_builder(threads: Option<usize>, pin: bool) -> Result<(rayon::ThreadPoolB
     if n == 0 {
         return Err(ModelError::InvalidArgument("the compute pool needs at least one thread".into()));
     }
-    let mut builder = rayon::ThreadPoolBuilder::new().num_threads(n);
+    // Named (within the 15 characters Linux keeps) so `top -H` and /proc
+    // show which threads run the model.
+    let mut builder = rayon::ThreadPoolBuilder::new().num_threads(n).thread_name(|i| format!("tandem-model-{i}"));
     if pin && !cpus.is_empty() {
         builder = builder.start_handler(move |i| pin_current_thread(cpus[i % cpus.len()]));
     }
