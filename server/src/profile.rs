@@ -89,7 +89,8 @@ pub fn sweep(llama: &Llama) -> Result<Vec<(BatchShape, f64)>> {
         (0, 0, 0, 128),
         (6, 3, 96, 16),
     ] {
-        let mut timed = (0..SWEEP_REPEATS).map(|_| p.time_batch(&vec![(tokens, context); seqs], prefill)).collect::<Result<Vec<_>>>()?;
+        let batch = vec![(tokens, context); seqs];
+        let mut timed = (0..SWEEP_REPEATS).map(|_| p.time_batch(&batch, prefill)).collect::<Result<Vec<_>>>()?;
         timed.sort_by(|a, b| a.1.total_cmp(&b.1));
         samples.push(timed[SWEEP_REPEATS / 2]);
     }
