@@ -709,7 +709,7 @@ fn tenant_b(url: &str, (req, reference): &Work, alpha: f64, k: usize, stop: Arc<
 
 /// Tenant A alone, then beside a tenant B that hammers (no drafting time)
 /// with honest drafts (α = 0.8, 4 a round) and with junk (16 a round,
-/// always wrong), interleaved twice. Asserted: B is charged for every draft
+/// always wrong), interleaved four times. Asserted: B is charged for every draft
 /// the server judged; junk is clipped to the positions B's history says
 /// may be reached, so it cannot inflate passes; A's output is unchanged.
 /// Printed: A's p99 round latency in each phase (the issue's 10 % figure;
@@ -741,44 +741,61 @@ fn junk_drafts_tenant() -> String {
             (a, b)
         })
     };
-    let (alone, _) = phase(None);
-    let (mut honest, mut junk) = (Vec::new(), Vec::new());
+    // The three phases interleaved, so a slow spell of the host does not
+    // land on one of them only.
+    const REPEATS: usize = 4;
+    let (mut alone, mut honest, mut junk) = (Vec::new(), Vec::new(), Vec::new());
+    let mut phase_p99: [Vec<f64>; 3] = Default::default();
     let (mut junk_b, mut delta_positions, mut delta_drafts, mut delta_accepted) = ((0, 0), 0.0, 0.0, 0.0);
     let (mut per_token_a, mut per_token_b) = (Vec::new(), Vec::new());
-    for _ in 0..2 {
-        honest.extend(phase(Some((0.8, 4))).0);
-        let before = parse_metrics(&scrape(&metrics_addr));
-        let (a, b) = phase(Some((0.0, MAX_DRAFT_TOKENS)));
-        let after = parse_metrics(&scrape(&metrics_addr));
-        let delta = |name: &str, tenant: &str| {
-            let key = format!("{name}{{tenant=\"{tenant}\"}}");
-            metric(&after, &key).unwrap_or(0.0) - metric(&before, &key).unwrap_or(0.0)
-        };
-        junk.extend(a);
-        junk_b = (junk_b.0 + b.0, junk_b.1 + b.1);
-        delta_positions += delta("tandem_verified_positions_total", "beta");
-        delta_drafts += delta("tandem_spec_decode_num_draft_tokens_total", "beta");
-        delta_accepted += delta("tandem_spec_decode_num_accepted_tokens_total", "beta");
-        // Charged work: every verified position, accepted or rejected.
-        for (tenant, out) in [("alpha", &mut per_token_a), ("beta", &mut per_token_b)] {
-            out.push(delta("tandem_verified_positions_total", tenant) / delta("tandem_generated_tokens_total", tenant).max(1.0));
+    let p99 = |v: &[f64]| percentile(v, 0.99);
+    for _ in 0..REPEATS {
+        for (i, b) in [None, Some((0.8, 4)), Some((0.0, MAX_DRAFT_TOKENS))].into_iter().enumerate() {
+            let before = parse_metrics(&scrape(&metrics_addr));
+            let (a, sent) = phase(b);
+            let after = parse_metrics(&scrape(&metrics_addr));
+            phase_p99[i].push(p99(&a));
+            [&mut alone, &mut honest, &mut junk][i].extend(a);
+            if i < 2 {
+                continue;
+            }
+            let delta = |name: &str, tenant: &str| {
+                let key = format!("{name}{{tenant=\"{tenant}\"}}");
+                metric(&after, &key).unwrap_or(0.0) - metric(&before, &key).unwrap_or(0.0)
+            };
+            junk_b = (junk_b.0 + sent.0, junk_b.1 + sent.1);
+            delta_positions += delta("tandem_verified_positions_total", "beta");
+            delta_drafts += delta("tandem_spec_decode_num_draft_tokens_total", "beta");
+            delta_accepted += delta("tandem_spec_decode_num_accepted_tokens_total", "beta");
+            // Charged work: every verified position, accepted or rejected.
+            for (tenant, out) in [("alpha", &mut per_token_a), ("beta", &mut per_token_b)] {
+                out.push(delta("tandem_verified_positions_total", tenant) / delta("tandem_generated_tokens_total", tenant).max(1.0));
+            }
         }
     }
     let _ = std::fs::remove_file(tenants);
-    let p99 = |v: &[f64]| percentile(v, 0.99);
-    let (charge_a, charge_b) = (per_token_a.iter().sum::<f64>() / 2.0, per_token_b.iter().sum::<f64>() / 2.0);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (charge_a, charge_b) = (mean(&per_token_a), mean(&per_token_b));
+    let spread = |v: &[f64]| format!("{:.1}–{:.1}", v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(0.0, f64::max));
     let figures = format!(
-        "A's p99 round: {:.1} ms alone ({} rounds), {:.1} ms beside honest B ({} rounds), {:.1} ms beside junk B ({} rounds); \
-         junk vs honest {:+.1} %, vs alone {:+.1} %; junk B sent {} drafts, {delta_drafts:.0} verified, {delta_accepted:.0} accepted; \
+        "A's p99 round: {:.1} ms alone ({} rounds; p99 of each phase {}), {:.1} ms beside honest B ({} rounds; {}), \
+         {:.1} ms beside junk B ({} rounds; {}); junk vs honest {:+.1} %, vs alone {:+.1} %; p50 {:.1} / {:.1} / {:.1} ms; \
+         junk B sent {} drafts, {delta_drafts:.0} verified, {delta_accepted:.0} accepted; \
          positions charged per generated token: A {charge_a:.2}, junk B {charge_b:.2}",
         p99(&alone),
         alone.len(),
+        spread(&phase_p99[0]),
         p99(&honest),
         honest.len(),
+        spread(&phase_p99[1]),
         p99(&junk),
         junk.len(),
+        spread(&phase_p99[2]),
         (p99(&junk) / p99(&honest) - 1.0) * 100.0,
         (p99(&junk) / p99(&alone) - 1.0) * 100.0,
+        percentile(&alone, 0.5),
+        percentile(&honest, 0.5),
+        percentile(&junk, 0.5),
         junk_b.1,
     );
     eprintln!("junk_drafts_tenant: {figures}");
