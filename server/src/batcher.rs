@@ -87,6 +87,40 @@ pub trait Batcher: Send {
     fn max_delay(&self) -> Duration {
         Duration::ZERO
     }
+    /// When the first of the sessions waiting on their edges is expected
+    /// to send its next round (see [`RoundClock`]), before each `next_batch`.
+    fn expect_next_round(&mut self, _due: Option<Instant>) {}
+}
+
+/// When a session's next verification round should reach the server: when
+/// its last verdict (or `Opened`) left, plus its usual gap, drafting and the
+/// network (an EWMA over its rounds). The runner and the simulator keep one
+/// per session for the batcher's delay decision.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RoundClock {
+    answered: Option<Instant>,
+    gap: Option<Duration>,
+}
+
+impl RoundClock {
+    /// A verdict or `Opened` left for the edge.
+    pub fn answered(&mut self, now: Instant) {
+        self.answered = Some(now);
+    }
+
+    /// The session's next round arrived.
+    pub fn arrived(&mut self, now: Instant) {
+        if let Some(answered) = self.answered.take() {
+            let gap = now.saturating_duration_since(answered);
+            self.gap = Some(self.gap.map_or(gap, |g| g.mul_f64(0.7) + gap.mul_f64(0.3)));
+        }
+    }
+
+    /// When the next round is due (None: one is queued, none is expected,
+    /// or no gap has been seen yet).
+    pub fn due(&self) -> Option<Instant> {
+        Some(self.answered? + self.gap?)
+    }
 }
 
 /// First come, first served, up to a token and a sequence budget (the SLED
@@ -141,6 +175,23 @@ mod tests {
         assert_eq!(got, vec![(1, 5), (2, 27)]);
         assert_eq!(queue.len(), 1);
         assert_eq!(queue[0].session, 3);
+    }
+
+    #[test]
+    fn a_round_is_due_one_usual_gap_after_its_verdict() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let mut clock = RoundClock::default();
+        clock.answered(t);
+        assert_eq!(clock.due(), None, "no gap seen yet");
+        clock.arrived(t + ms(40));
+        assert_eq!(clock.due(), None, "a round is queued");
+        clock.answered(t + ms(50));
+        assert_eq!(clock.due(), Some(t + ms(90)));
+        clock.arrived(t + ms(70));
+        clock.answered(t + ms(80));
+        // 0.7 · 40 + 0.3 · 20 = 34 ms.
+        assert_eq!(clock.due(), Some(t + ms(114)));
     }
 
     #[test]

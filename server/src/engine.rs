@@ -218,6 +218,7 @@ impl Engine {
                 break;
             }
             self.expire_idle(Instant::now());
+            self.batcher.expect_next_round(self.sessions.values().filter_map(|s| s.round_clock.due()).min());
             let batch = self.batcher.next_batch(Instant::now(), &mut self.queue);
             if !batch.is_empty() {
                 delay_until = None;
@@ -336,6 +337,7 @@ impl Engine {
             first_token: None,
             acceptance,
             last_k: 4,
+            round_clock: Default::default(),
         };
         self.queue.push_back(session.work(id, WorkKind::Prefill, prefill_target, now));
         self.sessions.insert(id, session);
@@ -353,6 +355,7 @@ impl Engine {
             return refuse(reply, ServeError::NotFound(format!("session {id} does not exist (closed, finished or expired)")));
         };
         s.last_active = Instant::now();
+        s.round_clock.arrived(s.last_active);
         let problem = if !s.opened {
             Some("the session is still prefilling; wait for `Opened`".to_string())
         } else if s.server_only {
@@ -512,6 +515,8 @@ impl Engine {
         }
         if s.server_only {
             self.queue.push_back(s.work(id, WorkKind::Decode, 1, Instant::now()));
+        } else {
+            s.round_clock.answered(Instant::now());
         }
         true
     }
@@ -559,6 +564,7 @@ impl Engine {
             },
         };
         s.ticket.update(s.demand());
+        s.round_clock.answered(Instant::now());
         let delivered = send(&s.out, ServerKind::Verdict(msg));
         let _ = reply.send(Ok(()));
         delivered && !finished

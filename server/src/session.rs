@@ -2,7 +2,7 @@
 
 use crate::admission::{Demand, Ticket};
 use crate::auth::Tenant;
-use crate::batcher::{PendingWork, Scheduled, SessionId, WorkKind};
+use crate::batcher::{PendingWork, RoundClock, Scheduled, SessionId, WorkKind};
 use crate::engine::OutSender;
 use crate::validate::{ValidOpen, ValidVerify};
 use crate::ServeError;
@@ -53,6 +53,8 @@ pub(crate) struct Session {
     pub(crate) acceptance: AcceptanceEstimator,
     /// Draft length of the last round (for hints).
     pub(crate) last_k: usize,
+    /// When its edge should send the next round.
+    pub(crate) round_clock: RoundClock,
 }
 
 impl Session {

@@ -10,8 +10,9 @@
 //!    pace (`work_deadline`), so a session ahead of its TPOT objective
 //!    yields to prefills and to sessions behind theirs: serving it sooner
 //!    than its objective asks would only spend the slots others need.
-//! 3. Batching delay: when everyone has ample slack and the batch is small,
-//!    wait (bounded) for more arrivals.
+//! 3. Batching delay: when everyone has ample slack, the batch is small and
+//!    another session's round is due within the delay (its `RoundClock`),
+//!    wait (bounded) for it.
 //! 4. Requests already late are served best-effort after on-time work.
 //!
 //! Every addition must keep `now + T_q(batch)` within the deadline of every
@@ -60,6 +61,8 @@ pub struct WispBatcher {
     pub counters: TenantCounters,
     /// When the current batching delay began.
     delaying_since: Option<Instant>,
+    /// When the first session on its edge should send its next round.
+    next_round: Option<Instant>,
 }
 
 #[derive(Clone, Copy)]
@@ -82,7 +85,7 @@ impl WispBatcher {
     /// With a given (for instance calibrated or simulated) estimator.
     pub fn with_estimator(cfg: WispConfig, estimator: VerifyTimeEstimator) -> Self {
         let counters = TenantCounters::new(cfg.weights);
-        WispBatcher { cfg, estimator, counters, delaying_since: None }
+        WispBatcher { cfg, estimator, counters, delaying_since: None, next_round: None }
     }
 
     fn tq(&self, shape: BatchShape) -> Duration {
@@ -204,13 +207,16 @@ impl Batcher for WispBatcher {
             taken[i] = true;
             batch.push(queue, pool[i]);
         }
-        // 3. Batching delay: small batch, everyone relaxed, nobody late.
+        // 3. Batching delay: small batch, everyone relaxed, nobody late,
+        //    and another session's round due before the delay would end
+        //    (waiting for nobody only adds latency).
         let relaxed = batch.members.iter().all(|c| c.slack_ms > 4.0 * horizon_ms.max(1.0));
         let small = batch.tokens * 4 < self.cfg.max_tokens && batch.members.len() * 4 < self.cfg.max_seqs;
         let any_late = pool.iter().any(|c| c.late);
         if !batch.members.is_empty() && relaxed && small && !any_late && batch.members.len() == pool.len() {
             let since = *self.delaying_since.get_or_insert(now);
-            if now.duration_since(since) < self.cfg.max_delay {
+            let end = since + self.cfg.max_delay;
+            if now < end && self.next_round.is_some_and(|due| due <= end) {
                 return vec![];
             }
         }
@@ -278,6 +284,10 @@ impl Batcher for WispBatcher {
 
     fn max_delay(&self) -> Duration {
         self.cfg.max_delay
+    }
+
+    fn expect_next_round(&mut self, due: Option<Instant>) {
+        self.next_round = due;
     }
 }
 
@@ -442,8 +452,15 @@ mod tests {
             context: 10,
             expected_tokens: 2.0,
         };
+        // Nobody else is due: no wait.
+        let mut queue: VecDeque<_> = [relaxed.clone()].into();
+        b.expect_next_round(Some(now + Duration::from_millis(30)));
+        assert_eq!(b.next_batch(now, &mut queue).len(), 1, "a lone relaxed request waited for nobody");
+        // Another session's round is due within the delay.
         let mut queue: VecDeque<_> = [relaxed].into();
+        b.expect_next_round(Some(now + Duration::from_millis(1)));
         assert!(b.next_batch(now, &mut queue).is_empty(), "a lone relaxed request waits for company");
-        assert_eq!(b.next_batch(now + Duration::from_millis(3), &mut queue).len(), 1, "but not past max_delay");
+        assert!(b.next_batch(now + Duration::from_millis(1), &mut queue).is_empty(), "an overdue round is still awaited");
+        assert_eq!(b.next_batch(now + Duration::from_millis(2), &mut queue).len(), 1, "but not past max_delay");
     }
 }

@@ -17,12 +17,12 @@ use crate::live::{join_delay, DeviceProfile};
 use crate::prompts::BenchPrompt;
 use crate::report::{Policy, SessionRecord};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use tandem_edge::controller::{RoundHints, SpeculationController};
 use tandem_estimators::{AcceptanceEstimator, CounterWeights, TenantCounters, VerifyTimeCalibration, VerifyTimeEstimator};
 use tandem_model::{DraftSource, SamplingParams, SessionRng};
-use tandem_server::batcher::{batch_shape, Batcher, PendingWork, Scheduled, WorkKind};
+use tandem_server::batcher::{batch_shape, Batcher, PendingWork, RoundClock, Scheduled, WorkKind};
 use tandem_server::engine::{verify_ms_by_k, REACH_FLOOR};
 use tandem_server::{new_acceptance, work_deadline, Pace};
 
@@ -144,6 +144,8 @@ struct Session {
     acceptance: AcceptanceEstimator,
     /// Drafts and verified positions of the round queued, and when it was queued.
     pending: Option<(Vec<u32>, usize, Ns)>,
+    /// When its next round should arrive (for the batcher, as in the server).
+    round_clock: RoundClock,
 }
 
 pub struct World<'a, F: EdgeFactory> {
@@ -165,6 +167,9 @@ pub struct World<'a, F: EdgeFactory> {
     in_flight: Option<(Vec<Scheduled>, f64)>,
     wake_pending: bool,
     tenant_acceptance: HashMap<String, AcceptanceEstimator>,
+    /// Sessions' next rounds by when they are due (the earliest goes to
+    /// the batcher, as the server's runner sends it).
+    rounds_due: BTreeSet<(Instant, usize)>,
     /// The bench's own fair-share counters (the same VTC rule for every policy).
     service: TenantCounters,
     records: Vec<SessionRecord>,
@@ -201,6 +206,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             in_flight: None,
             wake_pending: false,
             tenant_acceptance: HashMap::new(),
+            rounds_due: BTreeSet::new(),
             service: TenantCounters::new(CounterWeights::default()),
             records: Vec::new(),
             per_device_next: Vec::new(),
@@ -328,6 +334,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             generated: 0,
             acceptance,
             pending: None,
+            round_clock: RoundClock::default(),
         });
         let up = self.one_way(id, 64 + 4 * bench_prompt.tokens.len(), true);
         self.at(self.now + ns(up), Event::OpenAtServer { session: id });
@@ -388,7 +395,21 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         });
     }
 
+    /// Updates a session's round clock and the set of due rounds.
+    fn round_clock(&mut self, session: usize, update: impl FnOnce(&mut RoundClock, Instant)) {
+        let now = self.instant(self.now);
+        let clock = &mut self.sessions[session].round_clock;
+        if let Some(due) = clock.due() {
+            self.rounds_due.remove(&(due, session));
+        }
+        update(clock, now);
+        if let Some(due) = clock.due() {
+            self.rounds_due.insert((due, session));
+        }
+    }
+
     fn verify_at_server(&mut self, session: usize, drafts: Vec<u32>) {
+        self.round_clock(session, RoundClock::arrived);
         // Verify only the positions the session's history says may be reached.
         let verified = self.sessions[session].acceptance.reachable(drafts.len(), REACH_FLOOR);
         self.sessions[session].pending = Some((drafts, verified, self.now));
@@ -411,6 +432,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         let spread = backlogged.iter().copied().fold(f64::NEG_INFINITY, f64::max) - backlogged.iter().copied().fold(f64::INFINITY, f64::min);
         self.max_service_gap = self.max_service_gap.max(spread);
         let now = self.instant(self.now);
+        self.batcher.expect_next_round(self.rounds_due.first().map(|&(due, _)| due));
         let batch = self.batcher.next_batch(now, &mut self.queue);
         if batch.is_empty() {
             // The batcher waits for more arrivals (as the server's runner, at least 100 µs).
@@ -473,6 +495,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
                 self.queue_step(session, WorkKind::Decode, 1);
             }
         } else {
+            self.round_clock(session, RoundClock::answered);
             let down = self.one_way(session, 64, false);
             self.at(self.now + ns(down), Event::OpenedAtEdge { session });
         }
@@ -504,6 +527,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             None => RoundHints::default(),
         };
         let server_ms = ms(self.now - queued);
+        self.round_clock(session, RoundClock::answered);
         let down = self.one_way(session, 96, false);
         self.at(self.now + ns(down), Event::VerdictAtEdge { session, verified, accepted, server_ms, hints });
     }
@@ -611,6 +635,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         self.last_finish = self.last_finish.max(self.now);
         // Release the draft state: long runs hold many finished sessions.
         let device = s.device;
+        self.round_clock(session, |clock, _| *clock = RoundClock::default());
         self.sessions[session].draft = None;
         self.sessions[session].controller = None;
         if let Arrivals::Closed { think_ms, .. } = self.cfg.arrivals {
