@@ -15,6 +15,7 @@
 
 use crate::batcher::SessionId;
 use crate::kv_budget::{KvBudget, KvLease};
+use crate::session::TypicalRound;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -117,6 +118,8 @@ struct State {
     /// The runner's latest estimator; None (policy `fcfs`, the SLED
     /// baseline) disables the SLO gate.
     estimator: Option<UpperBound>,
+    /// The runner's latest typical round (None until one is seen).
+    typical: Option<TypicalRound>,
     demands: HashMap<SessionId, Demand>,
     per_tenant: HashMap<String, usize>,
 }
@@ -181,9 +184,16 @@ impl Admission {
         Ok(Ticket { id, tenant: req.tenant.to_string(), admission: self.clone(), _lease: lease })
     }
 
-    /// The runner's estimator bound after its latest pass.
-    pub fn publish(&self, bound: Option<UpperBound>) {
-        self.state().estimator = bound;
+    /// The runner's estimator bound and typical round after its latest pass.
+    pub fn publish(&self, bound: Option<UpperBound>, typical: Option<TypicalRound>) {
+        let mut state = self.state();
+        state.estimator = bound;
+        state.typical = typical;
+    }
+
+    /// What a new session's rounds are costed at (see `TypicalRound`).
+    pub fn typical_round(&self) -> Option<TypicalRound> {
+        self.state().typical
     }
 
     /// Estimated headroom of the admitted sessions' tightest round budget

@@ -95,7 +95,8 @@ pub trait Batcher: Send {
 /// When a session's next verification round should reach the server: when
 /// its last verdict (or `Opened`) left, plus its usual gap, drafting and the
 /// network (an EWMA over its rounds). The runner and the simulator keep one
-/// per session for the batcher's delay decision.
+/// per session, for the batcher's delay decision and the catch-up a
+/// round's deadline may count on (`work_deadline`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RoundClock {
     answered: Option<Instant>,
@@ -114,6 +115,12 @@ impl RoundClock {
             let gap = now.saturating_duration_since(answered);
             self.gap = Some(self.gap.map_or(gap, |g| g.mul_f64(0.7) + gap.mul_f64(0.3)));
         }
+    }
+
+    /// The session's usual time between a verdict and its next round
+    /// (drafting plus the network), once seen.
+    pub fn gap(&self) -> Option<Duration> {
+        self.gap
     }
 
     /// When the next round is due (None: one is queued, none is expected,
@@ -192,6 +199,7 @@ mod tests {
         clock.answered(t + ms(80));
         // 0.7 · 40 + 0.3 · 20 = 34 ms.
         assert_eq!(clock.due(), Some(t + ms(114)));
+        assert_eq!(clock.gap(), Some(ms(34)));
     }
 
     #[test]

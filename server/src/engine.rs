@@ -7,7 +7,7 @@ use crate::auth::Tenant;
 use crate::batcher::{batch_shape, Batcher, PendingWork, Scheduled, SessionId, WorkKind};
 use crate::kv_budget::KvBudget;
 use crate::metrics::Metrics;
-use crate::session::{feed, new_acceptance, opening_demand, Session};
+use crate::session::{feed, new_acceptance, opening_demand, RecentLengths, Session, TypicalRound, ASSUMED_DRAFTS};
 use crate::validate::{ValidOpen, ValidVerify};
 use crate::ServeError;
 use std::collections::{HashMap, VecDeque};
@@ -88,7 +88,7 @@ impl EngineHandle {
             tenant: &tenant.name,
             max_sessions: tenant.max_sessions,
             kv_bytes: most_positions(&open) * self.kv_bytes_per_position,
-            demand: opening_demand(&open),
+            demand: opening_demand(&open, self.admission.typical_round()),
             prefill: Prefill { tokens: open.prompt.len(), ttft_ms: open.ttft_ms.map(f64::from) },
         };
         let ticket = self.admission.admit(request).map_err(|r| {
@@ -156,6 +156,8 @@ pub struct Engine {
     /// EWMA of pass time per token and of the last pass, for hints.
     ms_per_token: f64,
     last_pass_ms: f64,
+    /// How long generations here got lately (see `RecentLengths`).
+    lengths: RecentLengths,
 }
 
 impl Engine {
@@ -175,7 +177,7 @@ impl Engine {
         }
         let (tx, rx) = mpsc::channel(1024);
         let admission = Admission::new(KvBudget::new(cfg.kv_budget_bytes), cfg.limits);
-        admission.publish(batcher.estimator().map(|e| e.bound()));
+        admission.publish(batcher.estimator().map(|e| e.bound()), None);
         metrics.kv_budget_bytes.store(cfg.kv_budget_bytes as i64, Ordering::Relaxed);
         let kv_bytes_per_position = model.llama.new_cache(model.llama.config().n_layers).bytes_per_position();
         let calibration = batcher.estimator().map(|e| e.calibration());
@@ -193,6 +195,7 @@ impl Engine {
             queue: VecDeque::new(),
             ms_per_token: 5.0,
             last_pass_ms: 10.0,
+            lengths: RecentLengths::default(),
         };
         let thread = std::thread::Builder::new()
             .name("tandem-runner".into())
@@ -336,10 +339,10 @@ impl Engine {
             tpot: open.tpot_ms.map(|ms| Duration::from_millis(ms as u64)),
             first_token: None,
             acceptance,
-            last_k: 4,
+            last_k: None,
             round_clock: Default::default(),
         };
-        self.queue.push_back(session.work(id, WorkKind::Prefill, prefill_target, now));
+        self.queue.push_back(session.work(id, WorkKind::Prefill, prefill_target, now, self.pass_time(), self.lengths.reach()));
         self.sessions.insert(id, session);
         self.update_gauges();
         id
@@ -351,6 +354,7 @@ impl Engine {
             let _ = reply.send(Err(e));
             Err(ServeError::FailedPrecondition(msg))
         };
+        let (pass, reach) = (self.pass_time(), self.lengths.reach());
         let Some(s) = self.sessions.get_mut(&id) else {
             return refuse(reply, ServeError::NotFound(format!("session {id} does not exist (closed, finished or expired)")));
         };
@@ -387,7 +391,7 @@ impl Engine {
         let tokens = verify.draft.len() + 1;
         let now = Instant::now();
         s.pending_verify = Some((verify, reply, now));
-        self.queue.push_back(s.work(id, WorkKind::Verify, tokens, now));
+        self.queue.push_back(s.work(id, WorkKind::Verify, tokens, now, pass, reach));
         Ok(())
     }
 
@@ -419,7 +423,7 @@ impl Engine {
             self.metrics.observe_estimate(predicted, ms);
         }
         self.batcher.executed(&executed, ms);
-        self.admission.publish(self.batcher.estimator().map(|e| e.bound()));
+        self.publish_admission();
         let (logits, captured) = match result {
             Ok(r) => r,
             Err(e) => {
@@ -456,6 +460,23 @@ impl Engine {
         }
     }
 
+    /// Gives admission the estimator after a pass and the typical round of
+    /// the sessions past their first, and costs the sessions before theirs
+    /// at it.
+    fn publish_admission(&self) {
+        let typical =
+            TypicalRound::of(self.sessions.values().filter(|s| !s.server_only).filter_map(|s| s.last_k.map(|k| (k, s.acceptance.expected_tokens(k)))));
+        self.admission.publish(self.batcher.estimator().map(|e| e.bound()), typical);
+        for s in self.sessions.values().filter(|s| s.last_k.is_none()) {
+            s.ticket.update(s.demand(typical));
+        }
+    }
+
+    /// What a pass takes lately (an EWMA).
+    fn pass_time(&self) -> Duration {
+        Duration::from_secs_f64(self.last_pass_ms.max(0.0) / 1e3)
+    }
+
     /// What the edge should know for its next round: expected queueing,
     /// verification time by draft length, and the batcher's suggested draft
     /// length (the least server time per expected token).
@@ -472,7 +493,12 @@ impl Engine {
         };
         let by_k = verify_ms_by_k(self.batcher.as_ref(), s.cache.len());
         let suggested_k = self.batcher.suggested_k(&|k| s.acceptance.expected_tokens(k), s.cache.len()).unwrap_or(4);
-        Hints { est_queue_ms: queue_ms as f32, est_verify_ms: by_k[s.last_k.clamp(1, 8) - 1], suggested_k: suggested_k as u32, est_verify_ms_by_k: by_k }
+        Hints {
+            est_queue_ms: queue_ms as f32,
+            est_verify_ms: by_k[s.last_k.unwrap_or(ASSUMED_DRAFTS).clamp(1, 8) - 1],
+            suggested_k: suggested_k as u32,
+            est_verify_ms_by_k: by_k,
+        }
     }
 
     /// Returns whether the session lives on.
@@ -498,7 +524,7 @@ impl Engine {
         }
         s.opened = true;
         s.first_token = Some((Instant::now(), s.generated));
-        s.ticket.update(s.demand());
+        s.ticket.update(s.demand(self.admission.typical_round()));
         let finished = s.finished(self.model.tokenizer.eos_tokens());
         let features = features::encode(&std::mem::take(&mut s.prefill_features));
         let features_start = (s.prefill_target - features.len() / 2 / self.model.llama.config().hidden) as u32;
@@ -514,7 +540,7 @@ impl Engine {
             return false;
         }
         if s.server_only {
-            self.queue.push_back(s.work(id, WorkKind::Decode, 1, Instant::now()));
+            self.queue.push_back(s.work(id, WorkKind::Decode, 1, Instant::now(), self.pass_time(), self.lengths.reach()));
         } else {
             s.round_clock.answered(Instant::now());
         }
@@ -538,7 +564,7 @@ impl Engine {
         s.generated += verdict.accepted + 1;
         s.acceptance.observe(drafts.len(), verdict.accepted);
         self.tenant_acceptance.entry(s.tenant.name.clone()).or_insert_with(new_acceptance).observe(drafts.len(), verdict.accepted);
-        s.last_k = drafts.len();
+        s.last_k = Some(drafts.len());
         self.metrics.tenant(&s.tenant.name, |t| {
             if !drafts.is_empty() {
                 t.num_drafts += 1;
@@ -563,7 +589,7 @@ impl Engine {
                 false => vec![],
             },
         };
-        s.ticket.update(s.demand());
+        s.ticket.update(s.demand(self.admission.typical_round()));
         s.round_clock.answered(Instant::now());
         let delivered = send(&s.out, ServerKind::Verdict(msg));
         let _ = reply.send(Ok(()));
@@ -582,7 +608,7 @@ impl Engine {
         if !send(&s.out, ServerKind::Tokens(Tokens { tokens: vec![token], finished })) || finished {
             return false;
         }
-        self.queue.push_back(s.work(id, WorkKind::Decode, 1, Instant::now()));
+        self.queue.push_back(s.work(id, WorkKind::Decode, 1, Instant::now(), self.pass_time(), self.lengths.reach()));
         true
     }
 
@@ -597,6 +623,9 @@ impl Engine {
     /// Ends a session; with an error, the client receives it as its status.
     fn drop_session(&mut self, id: SessionId, error: Option<ServeError>) {
         let Some(s) = self.sessions.remove(&id) else { return };
+        if error.is_none() && s.finished(self.model.tokenizer.eos_tokens()) {
+            self.lengths.record(s.generated);
+        }
         self.queue.retain(|w| w.session != id);
         if let Some((_, reply, _)) = s.pending_verify {
             let _ = reply.send(Err(ServeError::NotFound(format!("session {id} ended"))));

@@ -18,4 +18,4 @@ pub mod validate;
 pub mod wisp;
 
 pub use error::ServeError;
-pub use session::{new_acceptance, work_deadline, Pace};
+pub use session::{new_acceptance, tokens_left, work_deadline, Pace, RecentLengths};

@@ -6,6 +6,7 @@ use crate::batcher::{PendingWork, RoundClock, Scheduled, SessionId, WorkKind};
 use crate::engine::OutSender;
 use crate::validate::{ValidOpen, ValidVerify};
 use crate::ServeError;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_estimators::{AcceptanceEstimator, BatchShape};
@@ -51,8 +52,8 @@ pub(crate) struct Session {
     pub(crate) first_token: Option<(Instant, usize)>,
     /// Per-position acceptance of this session's drafts.
     pub(crate) acceptance: AcceptanceEstimator,
-    /// Draft length of the last round (for hints).
-    pub(crate) last_k: usize,
+    /// Drafts verified in its last round (None before its first).
+    pub(crate) last_k: Option<usize>,
     /// When its edge should send the next round.
     pub(crate) round_clock: RoundClock,
 }
@@ -61,19 +62,32 @@ impl Session {
     /// A queue entry for `tokens` of `kind` work, with the deadline its SLO
     /// sets: TTFT from the open for prefill, the TPOT budget of the tokens
     /// a round is expected to yield for verification and decode.
-    pub(crate) fn work(&self, id: SessionId, kind: WorkKind, tokens: usize, now: Instant) -> PendingWork {
+    /// `pass`: what a pass takes lately; `reach`: how long generations
+    /// here usually get (both for the catch-up a round may count on, see
+    /// `Pace`).
+    pub(crate) fn work(&self, id: SessionId, kind: WorkKind, tokens: usize, now: Instant, pass: Duration, reach: Option<usize>) -> PendingWork {
         let expected_tokens = match kind {
             WorkKind::Verify => self.acceptance.expected_tokens(tokens - 1),
             WorkKind::Prefill | WorkKind::Decode => 1.0,
         };
-        let pace = self.first_token.map(|(first_token_at, base)| Pace { first_token_at, tokens_since: self.generated - base });
+        let pace = self.first_token.map(|(first_token_at, base)| Pace {
+            first_token_at,
+            tokens_since: self.generated - base,
+            prompt_per_token: self.round_clock.gap().map(|gap| (gap + pass).div_f64(expected_tokens.max(1.0))),
+            tokens_left: tokens_left(self.max_new, reach, self.generated, expected_tokens),
+        });
         let deadline = work_deadline(kind, self.opened_at, pace, now, self.ttft, self.tpot, expected_tokens);
         PendingWork { session: id, tenant: self.tenant.name.clone(), kind, tokens, enqueued: now, deadline, context: self.cache.len(), expected_tokens }
     }
 
-    /// What the session asks of each cycle now, for admission.
-    pub(crate) fn demand(&self) -> Demand {
-        let (tokens, expected) = if self.server_only { (1, 1.0) } else { (self.last_k + 1, self.acceptance.expected_tokens(self.last_k)) };
+    /// What the session asks of each cycle now, for admission: its last
+    /// round's, or before its first, the typical round's.
+    pub(crate) fn demand(&self, typical: Option<TypicalRound>) -> Demand {
+        let (tokens, expected) = match (self.server_only, self.last_k) {
+            (true, _) => (1, 1.0),
+            (false, Some(k)) => (k + 1, self.acceptance.expected_tokens(k)),
+            (false, None) => typical.unwrap_or_default().shape(),
+        };
         round_demand(tokens, self.context.len() + (self.max_new - self.generated) / 2, self.tpot, expected)
     }
 
@@ -88,6 +102,12 @@ impl Session {
 pub struct Pace {
     pub first_token_at: Instant,
     pub tokens_since: usize,
+    /// The session's time per token when each of its rounds is verified
+    /// at once: its edge's gap between rounds plus a pass, over the tokens
+    /// a round yields (None until a gap has been seen).
+    pub prompt_per_token: Option<Duration>,
+    /// Tokens it is likely to generate after this request (`tokens_left`).
+    pub tokens_left: usize,
 }
 
 /// A deadline is never set closer than this share of the round's own TPOT
@@ -95,13 +115,57 @@ pub struct Pace {
 /// as already late (TPOT is an average, so it can still catch up).
 const MIN_ROUND_BUDGET: f64 = 0.5;
 
+/// Tokens over which a round served behind its pace is to be made up:
+/// TPOT is an average, so a session whose rounds take less than TPOT per
+/// token when served at once can fall behind by what this many of them win
+/// back.
+/// A burst of opening sessions then gets the passes it needs for its TTFT
+/// instead of young sessions' rounds being served exactly on pace.
+const CATCH_UP_TOKENS: usize = 16;
+
+/// Tokens a generation at `generated` is likely to go on to after a round
+/// yielding `expected`: up to `max_new`, or to `reach` (what nine in ten
+/// recent generations reached) if that comes first. Public for the simulator.
+pub fn tokens_left(max_new: usize, reach: Option<usize>, generated: usize, expected: f64) -> usize {
+    (max_new.min(reach.unwrap_or(max_new)).saturating_sub(generated) as f64 - expected).max(0.0) as usize
+}
+
+/// Lengths of the generations that ended lately. A round served behind its
+/// pace is made up only if the generation goes on long enough: one that
+/// stops at end-of-sequence first misses its TPOT (the overload test's
+/// chat answers of four tokens did, 21 % of them, when every round counted
+/// on `max_new_tokens`).
+#[derive(Clone, Debug, Default)]
+pub struct RecentLengths {
+    lengths: VecDeque<usize>,
+}
+
+impl RecentLengths {
+    const KEEP: usize = 64;
+
+    pub fn record(&mut self, generated: usize) {
+        if self.lengths.len() == Self::KEEP {
+            self.lengths.pop_front();
+        }
+        self.lengths.push_back(generated);
+    }
+
+    /// What nine in ten recent generations reached (None before any ended).
+    pub fn reach(&self) -> Option<usize> {
+        let mut sorted: Vec<usize> = self.lengths.iter().copied().collect();
+        sorted.sort_unstable();
+        sorted.get(sorted.len() / 10).copied()
+    }
+}
+
 /// The deadline a session's SLO sets for a request queued at `now`: TTFT
 /// from the open for prefill; otherwise the time its pace is due to reach
 /// the tokens this round (or decode step) is expected to yield — the first
 /// token's time plus TPOT per token since — so slack a session gained
 /// (a fast device) or lost (slow drafting, a long round trip) carries over
-/// from round to round. Without a pace yet, the round's own TPOT budget.
-/// Public for the simulator.
+/// from round to round, plus the catch-up the session's prompt pace
+/// allows (`CATCH_UP_TOKENS`). Without a pace yet, the round's own TPOT
+/// budget. Public for the simulator.
 pub fn work_deadline(
     kind: WorkKind,
     opened_at: Instant,
@@ -116,7 +180,12 @@ pub fn work_deadline(
         WorkKind::Verify | WorkKind::Decode => tpot.map(|t| {
             let floor = now + t.mul_f64(expected_tokens * MIN_ROUND_BUDGET);
             match pace {
-                Some(p) => (p.first_token_at + t.mul_f64(p.tokens_since as f64 + expected_tokens)).max(floor),
+                Some(p) => {
+                    let on_pace = p.first_token_at + t.mul_f64(p.tokens_since as f64 + expected_tokens);
+                    let catch_up =
+                        p.prompt_per_token.filter(|&fast| fast < t).map_or(Duration::ZERO, |fast| (t - fast) * CATCH_UP_TOKENS.min(p.tokens_left) as u32);
+                    (on_pace + catch_up).max(floor)
+                }
                 None => now + t.mul_f64(expected_tokens),
             }
         }),
@@ -144,17 +213,51 @@ pub(crate) fn feed(s: &Scheduled, sess: &Session) -> (Vec<u32>, LogitsFor) {
 }
 
 /// Draft length assumed for a session that has not sent a round yet.
-const ASSUMED_DRAFTS: usize = 4;
+pub(crate) const ASSUMED_DRAFTS: usize = 4;
 
 /// A fresh session's per-position acceptance: a 0.5 prior, EWMA weight 0.2.
 pub fn new_acceptance() -> AcceptanceEstimator {
     AcceptanceEstimator::new(MAX_DRAFT_TOKENS, 0.5, 0.2)
 }
 
-/// An opening session's demand: the assumed draft length at the prior
-/// acceptance, at the context half way through its generation.
-pub(crate) fn opening_demand(open: &ValidOpen) -> Demand {
-    let (tokens, expected) = if open.server_only { (1, 1.0) } else { (ASSUMED_DRAFTS + 1, new_acceptance().expected_tokens(ASSUMED_DRAFTS)) };
+/// What the verified rounds of sessions past their first look like now:
+/// the mean number of drafts verified and of tokens a round yields. A new
+/// session is costed at it for admission until its own first round: the
+/// edges' controllers pick k from the server's hints and the server clips
+/// drafts to what the session's tenant reaches, so a round here is often
+/// one or two drafts, not the four assumed before any is seen (which made
+/// admission refuse half of a burst of sessions it then served on time).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TypicalRound {
+    pub drafts: f64,
+    pub expected_tokens: f64,
+}
+
+impl Default for TypicalRound {
+    /// Before any round is seen: the assumed draft length at the prior acceptance.
+    fn default() -> Self {
+        TypicalRound { drafts: ASSUMED_DRAFTS as f64, expected_tokens: new_acceptance().expected_tokens(ASSUMED_DRAFTS) }
+    }
+}
+
+impl TypicalRound {
+    /// The mean over `rounds` of (drafts, expected tokens); None if empty.
+    pub fn of(rounds: impl Iterator<Item = (usize, f64)>) -> Option<TypicalRound> {
+        let (n, drafts, expected) = rounds.fold((0usize, 0usize, 0.0), |(n, d, e), (k, x)| (n + 1, d + k, e + x));
+        (n > 0).then(|| TypicalRound { drafts: drafts as f64 / n as f64, expected_tokens: expected / n as f64 })
+    }
+
+    /// Tokens a round verifies (drafts rounded up, plus the last token) and
+    /// the tokens it yields.
+    fn shape(self) -> (usize, f64) {
+        (self.drafts.ceil() as usize + 1, self.expected_tokens)
+    }
+}
+
+/// An opening session's demand: the typical round, at the context half way
+/// through its generation.
+pub(crate) fn opening_demand(open: &ValidOpen, typical: Option<TypicalRound>) -> Demand {
+    let (tokens, expected) = if open.server_only { (1, 1.0) } else { typical.unwrap_or_default().shape() };
     let tpot = open.tpot_ms.map(|ms| Duration::from_millis(ms.into()));
     round_demand(tokens, open.prompt.len() + (open.max_new_tokens - open.resumed) / 2, tpot, expected)
 }
@@ -179,13 +282,47 @@ mod tests {
         // Before the first token: the round's own budget.
         assert_eq!(at(None, t0 + ms(5)), t0 + ms(205));
         // On pace: 10 tokens after the first at +1 s; 2 more are due at +1.2 s.
-        let pace = Pace { first_token_at: t0, tokens_since: 10 };
+        let pace = Pace { first_token_at: t0, tokens_since: 10, prompt_per_token: None, tokens_left: 30 };
         assert_eq!(at(Some(pace), t0 + ms(1000)), t0 + ms(1200));
         // Ahead of pace (a fast device) the slack carries over...
         assert_eq!(at(Some(pace), t0 + ms(300)), t0 + ms(1200));
         // ...behind it the deadline tightens, but never below half the round's budget.
         assert_eq!(at(Some(pace), t0 + ms(1150)), t0 + ms(1250));
+        // A session whose rounds take 40 ms a token when served at once
+        // may fall behind by what 16 of them win back: 16 × 60 ms...
+        let quick = Pace { prompt_per_token: Some(ms(40)), ..pace };
+        assert_eq!(at(Some(quick), t0 + ms(1000)), t0 + ms(1200 + 960));
+        // ...or fewer near its end...
+        assert_eq!(at(Some(Pace { tokens_left: 5, ..quick }), t0 + ms(1000)), t0 + ms(1200 + 300));
+        // ...and not at all if it is no quicker than its objective.
+        assert_eq!(at(Some(Pace { prompt_per_token: Some(ms(120)), ..pace }), t0 + ms(1000)), t0 + ms(1200));
         // Prefill: TTFT from the open.
         assert_eq!(work_deadline(WorkKind::Prefill, t0, Some(pace), t0 + ms(50), Some(ms(700)), tpot, 1.0), Some(t0 + ms(700)));
+    }
+
+    #[test]
+    fn catch_up_counts_only_on_tokens_generations_here_reach() {
+        let mut lengths = RecentLengths::default();
+        assert_eq!(lengths.reach(), None);
+        assert_eq!(tokens_left(48, lengths.reach(), 10, 2.0), 36, "no history: max_new_tokens");
+        // Nine in ten of the last 64 reached 12 tokens or more.
+        for i in 0..100 {
+            lengths.record(if i % 10 == 0 { 4 } else { 12 + i % 7 });
+        }
+        assert_eq!(lengths.reach(), Some(12));
+        assert_eq!(tokens_left(48, lengths.reach(), 10, 1.5), 0);
+        assert_eq!(tokens_left(48, lengths.reach(), 3, 1.5), 7);
+        assert_eq!(tokens_left(8, lengths.reach(), 3, 1.5), 3, "max_new_tokens first");
+    }
+
+    #[test]
+    fn a_new_session_is_costed_at_the_typical_round() {
+        assert_eq!(TypicalRound::of(std::iter::empty()), None);
+        let typical = TypicalRound::of([(1, 1.6), (2, 2.0), (2, 2.4)].into_iter()).unwrap();
+        assert!((typical.drafts - 5.0 / 3.0).abs() < 1e-9 && (typical.expected_tokens - 2.0).abs() < 1e-9);
+        // Drafts rounded up, plus the last token.
+        assert_eq!(typical.shape(), (3, 2.0));
+        // Before any round: the assumed four drafts at the 0.5 prior.
+        assert_eq!(TypicalRound::default().shape(), (5, 1.9375));
     }
 }

@@ -24,7 +24,7 @@ use tandem_estimators::{AcceptanceEstimator, CounterWeights, TenantCounters, Ver
 use tandem_model::{DraftSource, SamplingParams, SessionRng};
 use tandem_server::batcher::{batch_shape, Batcher, PendingWork, RoundClock, Scheduled, WorkKind};
 use tandem_server::engine::{verify_ms_by_k, REACH_FLOOR};
-use tandem_server::{new_acceptance, work_deadline, Pace};
+use tandem_server::{new_acceptance, tokens_left, work_deadline, Pace, RecentLengths};
 
 /// Simulated time, ns since the epoch.
 type Ns = u64;
@@ -176,6 +176,10 @@ pub struct World<'a, F: EdgeFactory> {
     per_device_next: Vec<usize>,
     last_finish: Ns,
     busy_ms: f64,
+    /// EWMA of pass times, ms (the server's `last_pass_ms`).
+    last_pass_ms: f64,
+    /// Lengths of the generations that ended (the server's).
+    lengths: RecentLengths,
     passes: usize,
     estimate_errors: Vec<f64>,
     max_service_gap: f64,
@@ -212,6 +216,8 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             per_device_next: Vec::new(),
             last_finish: 0,
             busy_ms: 0.0,
+            last_pass_ms: 10.0,
+            lengths: RecentLengths::default(),
             passes: 0,
             estimate_errors: Vec::new(),
             max_service_gap: 0.0,
@@ -369,7 +375,13 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         let s = &self.sessions[session];
         let ttft = Duration::from_millis(self.cfg.slo_ttft_ms.into());
         let tpot = Duration::from_millis(self.cfg.slo_tpot_ms.into());
-        let pace = s.first_token_at.map(|t| Pace { first_token_at: self.instant(t), tokens_since: s.generated - 1 });
+        let pass = Duration::from_secs_f64(self.last_pass_ms / 1e3);
+        let pace = s.first_token_at.map(|t| Pace {
+            first_token_at: self.instant(t),
+            tokens_since: s.generated - 1,
+            prompt_per_token: s.round_clock.gap().map(|gap| (gap + pass).div_f64(expected_tokens.max(1.0))),
+            tokens_left: tokens_left(self.cfg.max_new_tokens, self.lengths.reach(), s.generated, expected_tokens),
+        });
         work_deadline(kind, self.instant(s.opened_at), pace, self.instant(self.now), Some(ttft), Some(tpot), expected_tokens)
     }
 
@@ -458,6 +470,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
     fn pass_done(&mut self) {
         let (batch, measured) = self.in_flight.take().expect("a pass was running");
         self.batcher.executed(&batch, measured);
+        self.last_pass_ms = 0.8 * self.last_pass_ms + 0.2 * measured;
         for s in &batch {
             let (prefill, verified) = if s.work.kind == WorkKind::Prefill { (s.tokens, 0) } else { (0, s.tokens) };
             self.service.charge(&s.work.tenant, prefill, verified);
@@ -619,6 +632,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         let ttft = s.ttft_ms.unwrap_or(wall);
         let tokens = out_len;
         let tpot = if tokens > 1 { (wall - ttft) / (tokens - 1) as f64 } else { 0.0 };
+        self.lengths.record(tokens);
         self.records.push(SessionRecord {
             device: s.device,
             prompt: self.cfg.prompts[s.prompt].id.clone(),
