@@ -138,6 +138,8 @@ pub fn tokens_left(max_new: usize, reach: Option<usize>, generated: usize, expec
 #[derive(Clone, Debug, Default)]
 pub struct RecentLengths {
     lengths: VecDeque<usize>,
+    /// `reach()`, kept as lengths are recorded (it is read for every round).
+    reach: Option<usize>,
 }
 
 impl RecentLengths {
@@ -148,13 +150,14 @@ impl RecentLengths {
             self.lengths.pop_front();
         }
         self.lengths.push_back(generated);
+        let mut sorted: Vec<usize> = self.lengths.iter().copied().collect();
+        sorted.sort_unstable();
+        self.reach = sorted.get(sorted.len() / 10).copied();
     }
 
     /// What nine in ten recent generations reached (None before any ended).
     pub fn reach(&self) -> Option<usize> {
-        let mut sorted: Vec<usize> = self.lengths.iter().copied().collect();
-        sorted.sort_unstable();
-        sorted.get(sorted.len() / 10).copied()
+        self.reach
     }
 }
 
