@@ -197,7 +197,7 @@ pub struct LiveConfig {
 }
 
 /// Pause of a closed-loop device before asking again after a refusal.
-const REFUSED_RETRY: Duration = Duration::from_millis(200);
+pub const REFUSED_RETRY: Duration = Duration::from_millis(200);
 
 impl Workload {
     pub fn load(&self) -> f64 {

@@ -6,9 +6,9 @@
 //!
 //! Three gates, in order: the tenant's session cap, the KV memory budget,
 //! and SLO capacity. The last is the estimator's job (DESIGN.md: T_q is
-//! "used for admission decisions"): a session is admitted only while one
-//! verification round of every admitted session, the newcomer's included,
-//! still fits each session's round budget, and the newcomer's prefill fits
+//! "used for admission decisions"): a session is admitted only while every
+//! session's round, the newcomer's included, still fits its round budget
+//! behind the rounds that may go first, and the newcomer's prefill fits
 //! its TTFT. The runner keeps each session's demand current and publishes
 //! the estimator after every pass; the decision itself is the pure
 //! [`check_capacity`].
@@ -46,10 +46,11 @@ pub struct PassLimits {
 }
 
 /// Time to serve `shape` when passes hold at most `max_tokens` tokens: the
-/// work split into equal passes, each bounded by `upper`.
-fn cycle_ms(upper: &dyn Fn(BatchShape) -> f64, shape: BatchShape, max_tokens: usize) -> f64 {
+/// work split into equal passes, each bounded by `upper`; and one of those
+/// passes.
+fn cycle_ms(upper: &dyn Fn(BatchShape) -> f64, shape: BatchShape, max_tokens: usize) -> (f64, f64) {
     if shape.tokens == 0 {
-        return 0.0;
+        return (0.0, 0.0);
     }
     let passes = shape.tokens.div_ceil(max_tokens.max(1));
     let part = BatchShape {
@@ -58,32 +59,77 @@ fn cycle_ms(upper: &dyn Fn(BatchShape) -> f64, shape: BatchShape, max_tokens: us
         token_context: shape.token_context.div_ceil(passes),
         prefill_tokens: shape.prefill_tokens.div_ceil(passes),
     };
-    passes as f64 * upper(part)
+    let pass = upper(part);
+    (passes as f64 * pass, pass)
+}
+
+/// The round with the least slack among `demands`: its budget less what
+/// may be served before it.
+struct TightestRound {
+    slack_ms: f64,
+    budget_ms: f64,
+    /// Sessions whose rounds may go first (its own included), and their cycle.
+    ahead: usize,
+    cycle_ms: f64,
+    pass_ms: f64,
+}
+
+/// A session has at most one round outstanding and the scheduler serves
+/// rounds by deadline, so in the worst case (every session's round arriving
+/// at once) a round waits for the pass in flight and then for one round of
+/// every session whose budget is no longer than its own: their cycle (by
+/// the upper bound T_q, in passes of `max_batch_tokens`). None without
+/// budgets.
+fn tightest_round(upper: &dyn Fn(BatchShape) -> f64, demands: &[Demand], max_tokens: usize) -> Option<TightestRound> {
+    let all = demands.iter().fold(BatchShape::default(), |acc, d| acc.add(d.round));
+    let (_, pass_ms) = cycle_ms(upper, all, max_tokens);
+    let mut by_budget: Vec<(f64, BatchShape)> = demands.iter().filter_map(|d| d.budget_ms.map(|b| (b, d.round))).collect();
+    by_budget.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut ahead = BatchShape::default();
+    let mut tightest: Option<TightestRound> = None;
+    for (i, &(budget_ms, round)) in by_budget.iter().enumerate() {
+        ahead = ahead.add(round);
+        // Equal budgets wait for each other.
+        if by_budget.get(i + 1).is_some_and(|next| next.0 == budget_ms) {
+            continue;
+        }
+        let (cycle_ms, _) = cycle_ms(upper, ahead, max_tokens);
+        let slack_ms = budget_ms - cycle_ms - pass_ms;
+        if tightest.as_ref().is_none_or(|t| slack_ms < t.slack_ms) {
+            tightest = Some(TightestRound { slack_ms, budget_ms, ahead: i + 1, cycle_ms, pass_ms });
+        }
+    }
+    tightest
 }
 
 /// Whether `newcomer` (with its `prefill`) can join `admitted` with every
 /// objective still met; Ok carries the headroom left, ms.
 ///
-/// A round that arrives just after a pass started waits for that pass and
-/// then rides the next, so the rule asks for two full cycles (every
-/// session's round in one go, by the upper bound T_q) within the tightest
-/// round budget. Prefill is chunked: each chunk rides a cycle.
+/// Every round budget (TPOT × the round's expected tokens) must hold the
+/// worst case of `tightest_round`: the pass in flight plus a cycle of the
+/// rounds with no longer budgets. Where every round fits one pass (a small
+/// server) and the budgets are alike, that is two cycles of everyone; at
+/// scale a cycle is many passes, and a round with a short budget goes
+/// before the rest. Prefill is chunked: each chunk rides a cycle.
 pub fn check_capacity(upper: &dyn Fn(BatchShape) -> f64, admitted: &[Demand], newcomer: Demand, prefill: Prefill, limits: PassLimits) -> Result<f64, String> {
-    let others = admitted.iter().fold(BatchShape::default(), |acc, d| acc.add(d.round));
-    let all = others.add(newcomer.round);
-    let cycle = cycle_ms(upper, all, limits.max_batch_tokens);
-    let tightest = admitted.iter().chain([&newcomer]).filter_map(|d| d.budget_ms).fold(f64::INFINITY, f64::min);
-    if 2.0 * cycle > tightest {
+    let all: Vec<Demand> = admitted.iter().copied().chain([newcomer]).collect();
+    let tightest = tightest_round(upper, &all, limits.max_batch_tokens);
+    if let Some(t) = tightest.as_ref().filter(|t| t.slack_ms < 0.0) {
         return Err(format!(
-            "at SLO capacity: {} sessions' rounds take an estimated {cycle:.0} ms per cycle, the tightest round budget is {tightest:.0} ms",
-            admitted.len() + 1
+            "at SLO capacity: a round with a {:.0} ms budget may wait for a {:.0} ms pass and a {:.0} ms cycle of {} sessions' rounds ({} sessions in all)",
+            t.budget_ms,
+            t.pass_ms,
+            t.cycle_ms,
+            t.ahead,
+            all.len()
         ));
     }
     if let Some(ttft) = prefill.ttft_ms {
+        let others = admitted.iter().fold(BatchShape::default(), |acc, d| acc.add(d.round));
         let chunk = limits.prefill_chunk.clamp(1, prefill.tokens.max(1));
         let chunks = prefill.tokens.div_ceil(chunk);
         let chunk_shape = BatchShape { seqs: 1, tokens: chunk, token_context: chunk * prefill.tokens, prefill_tokens: chunk };
-        let need = chunks as f64 * cycle_ms(upper, others.add(chunk_shape), limits.max_batch_tokens);
+        let need = chunks as f64 * cycle_ms(upper, others.add(chunk_shape), limits.max_batch_tokens).0;
         if need > ttft {
             return Err(format!(
                 "at SLO capacity: prefilling {} tokens would take an estimated {need:.0} ms, over the TTFT objective of {ttft:.0} ms",
@@ -91,7 +137,7 @@ pub fn check_capacity(upper: &dyn Fn(BatchShape) -> f64, admitted: &[Demand], ne
             ));
         }
     }
-    Ok(tightest / 2.0 - cycle)
+    Ok(tightest.map_or(f64::INFINITY, |t| t.slack_ms))
 }
 
 /// The refusal reason of a draining server (UNAVAILABLE: go elsewhere).
@@ -197,13 +243,12 @@ impl Admission {
     }
 
     /// Estimated headroom of the admitted sessions' tightest round budget
-    /// over two cycles, ms (None without an estimator or objectives).
+    /// (`tightest_round`), ms (None without an estimator or objectives).
     pub fn headroom_ms(&self) -> Option<f64> {
         let state = self.state();
         let est = state.estimator.as_ref()?;
-        let all = state.demands.values().fold(BatchShape::default(), |acc, d| acc.add(d.round));
-        let tightest = state.demands.values().filter_map(|d| d.budget_ms).reduce(f64::min)?;
-        Some(tightest / 2.0 - cycle_ms(&|s| est.upper(s), all, self.limits.max_batch_tokens))
+        let demands: Vec<Demand> = state.demands.values().copied().collect();
+        tightest_round(&|s| est.upper(s), &demands, self.limits.max_batch_tokens).map(|t| t.slack_ms)
     }
 
     /// From now on every `open` is refused (the server is going away).
@@ -278,10 +323,33 @@ mod tests {
     #[test]
     fn a_tight_newcomer_is_refused_where_a_loose_one_fits() {
         let admitted = vec![round(5, Some(1000.0)); 4];
-        // Cycle with the newcomer: 10 + 50 = 60 ms.
-        assert!(check_capacity(&upper, &admitted, round(5, Some(100.0)), NO_PREFILL, LIMITS).is_err());
+        // The pass in flight, with the newcomer: 10 + 50 = 60 ms; then the
+        // newcomer's own round, 20 ms.
+        assert!(check_capacity(&upper, &admitted, round(5, Some(79.0)), NO_PREFILL, LIMITS).is_err());
         let headroom = check_capacity(&upper, &admitted, round(5, Some(400.0)), NO_PREFILL, LIMITS).unwrap();
-        assert_eq!(headroom, 200.0 - 60.0);
+        assert_eq!(headroom, 400.0 - 60.0 - 20.0);
+    }
+
+    #[test]
+    fn at_scale_a_round_waits_for_one_pass_of_the_cycle() {
+        // Passes of at most 50 tokens: 40 five-token rounds are 4 passes of
+        // 10 + 100 ms. A cycle plus a pass is 550 ms, not two cycles' 880.
+        let limits = PassLimits { max_batch_tokens: 50, ..LIMITS };
+        let forty = |budget| check_capacity(&upper, &vec![round(5, Some(budget)); 39], round(5, Some(budget)), NO_PREFILL, limits);
+        assert_eq!(forty(550.0), Ok(0.0));
+        assert!(forty(549.0).is_err());
+    }
+
+    #[test]
+    fn a_round_with_a_short_budget_goes_before_the_rest() {
+        // Ten five-token rounds in one pass of 110 ms. The newcomer's round
+        // waits for that pass and then its own (20 ms), not for all of
+        // them twice (220 ms).
+        let admitted = vec![round(5, Some(1000.0)); 9];
+        assert_eq!(check_capacity(&upper, &admitted, round(5, Some(130.0)), NO_PREFILL, LIMITS), Ok(0.0));
+        assert!(check_capacity(&upper, &admitted, round(5, Some(129.0)), NO_PREFILL, LIMITS).is_err());
+        // The others' rounds wait for it too.
+        assert!(check_capacity(&upper, &vec![round(5, Some(219.0)); 9], round(5, Some(130.0)), NO_PREFILL, LIMITS).is_err());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Server configuration: a TOML file (`--config`), overridden by flags.
 
+use crate::admission::PassLimits;
 use crate::batcher::FifoBatcher;
 use crate::wisp::WispConfig;
 use serde::Deserialize;
@@ -111,6 +112,11 @@ impl BatcherConfig {
     }
 
     /// The first-come-first-served batcher with these budgets.
+    /// The pass limits admission costs sessions under.
+    pub fn pass_limits(&self) -> PassLimits {
+        PassLimits { max_batch_tokens: self.max_batch_tokens, prefill_chunk: self.prefill_chunk }
+    }
+
     pub fn fifo(&self) -> FifoBatcher {
         FifoBatcher { max_tokens: self.max_batch_tokens, max_seqs: self.max_batch_seqs }
     }

@@ -10,7 +10,6 @@ use tandem_estimators::VerifyTimeProfile;
 use tandem_model::{fetch, LoadedModel};
 use tandem_protocol::limits::MAX_MESSAGE_BYTES;
 use tandem_protocol::wire::VerifierServer;
-use tandem_server::admission::PassLimits;
 use tandem_server::auth::Auth;
 use tandem_server::batcher::Batcher;
 use tandem_server::config::ServerConfig;
@@ -157,7 +156,7 @@ async fn serve() -> Result<()> {
     let engine_cfg = EngineConfig {
         kv_budget_bytes: cfg.kv_budget_mb << 20,
         idle_ttl: Duration::from_secs(cfg.idle_ttl_s),
-        limits: PassLimits { max_batch_tokens: b.max_batch_tokens, prefill_chunk: b.prefill_chunk },
+        limits: b.pass_limits(),
     };
     let (engine, runner) = Engine::spawn(model, batcher, engine_cfg, metrics.clone())?;
     if let Some(path) = &calibration_out {

@@ -167,7 +167,7 @@ impl Metrics {
             gauge_f(
                 &mut out,
                 "tandem_admission_headroom_ms",
-                "Estimated slack of the tightest round budget over two cycles of every session's round; new sessions are refused below zero.",
+                "Estimated slack of the tightest round budget over a cycle of every session's round plus one pass; new sessions are refused below zero.",
                 ms,
             );
         }

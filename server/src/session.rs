@@ -83,12 +83,8 @@ impl Session {
     /// What the session asks of each cycle now, for admission: its last
     /// round's, or before its first, the typical round's.
     pub(crate) fn demand(&self, typical: Option<TypicalRound>) -> Demand {
-        let (tokens, expected) = match (self.server_only, self.last_k) {
-            (true, _) => (1, 1.0),
-            (false, Some(k)) => (k + 1, self.acceptance.expected_tokens(k)),
-            (false, None) => typical.unwrap_or_default().shape(),
-        };
-        round_demand(tokens, self.context.len() + (self.max_new - self.generated) / 2, self.tpot, expected)
+        let last = self.last_k.map(|k| (k, self.acceptance.expected_tokens(k)));
+        round_demand(self.server_only, last, typical, self.context.len() + (self.max_new - self.generated) / 2, self.tpot)
     }
 
     pub(crate) fn finished(&self, eos: &[u32]) -> bool {
@@ -260,12 +256,20 @@ impl TypicalRound {
 /// An opening session's demand: the typical round, at the context half way
 /// through its generation.
 pub(crate) fn opening_demand(open: &ValidOpen, typical: Option<TypicalRound>) -> Demand {
-    let (tokens, expected) = if open.server_only { (1, 1.0) } else { typical.unwrap_or_default().shape() };
     let tpot = open.tpot_ms.map(|ms| Duration::from_millis(ms.into()));
-    round_demand(tokens, open.prompt.len() + (open.max_new_tokens - open.resumed) / 2, tpot, expected)
+    round_demand(open.server_only, None, typical, open.prompt.len() + (open.max_new_tokens - open.resumed) / 2, tpot)
 }
 
-fn round_demand(tokens: usize, context: usize, tpot: Option<Duration>, expected_tokens: f64) -> Demand {
+/// What a session asks of each cycle, for admission: a decode step if the
+/// server generates alone, else its `last` round's (drafts verified,
+/// tokens expected) or, before its first, the typical round's; at
+/// `context` (half way through its generation). Public for the simulator.
+pub fn round_demand(server_only: bool, last: Option<(usize, f64)>, typical: Option<TypicalRound>, context: usize, tpot: Option<Duration>) -> Demand {
+    let (tokens, expected_tokens) = match (server_only, last) {
+        (true, _) => (1, 1.0),
+        (false, Some((k, expected))) => (k + 1, expected),
+        (false, None) => typical.unwrap_or_default().shape(),
+    };
     Demand {
         round: BatchShape { seqs: 1, tokens, token_context: tokens * (context + tokens), prefill_tokens: 0 },
         budget_ms: tpot.map(|t| t.as_secs_f64() * 1e3 * expected_tokens),

@@ -85,8 +85,13 @@ pub struct SimInputs<'a> {
     pub real: Option<&'a RealDrafts>,
 }
 
+/// The server's batcher settings the simulation runs under.
+fn batcher_config(cfg: &SimConfig) -> BatcherConfig {
+    BatcherConfig { max_batch_tokens: cfg.max_batch_tokens, max_batch_seqs: cfg.max_batch_seqs, ..BatcherConfig::default() }
+}
+
 fn batcher(policy: Policy, cfg: &SimConfig, calibration: &VerifyTimeProfile) -> Box<dyn Batcher> {
-    let b = BatcherConfig { max_batch_tokens: cfg.max_batch_tokens, max_batch_seqs: cfg.max_batch_seqs, ..BatcherConfig::default() };
+    let b = batcher_config(cfg);
     match policy.server_policy() {
         "wisp" => Box::new(WispBatcher::with_estimator(b.wisp(), VerifyTimeEstimator::from_calibration(&calibration.calibration, 0.995))),
         _ => Box::new(b.fifo()),
@@ -112,6 +117,7 @@ fn world_config<'a>(policy: Policy, cfg: &SimConfig, workload: Workload, inputs:
         profiles: inputs.profiles,
         prompts: inputs.prompts,
         calibration: &inputs.calibration.calibration,
+        limits: batcher_config(cfg).pass_limits(),
     }
 }
 

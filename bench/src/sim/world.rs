@@ -7,13 +7,15 @@
 //! (`FifoBatcher`, `WispBatcher` with its estimator and fair counters), its
 //! request deadlines (`work_deadline`), reach clip (`REACH_FLOOR`,
 //! per-tenant `AcceptanceEstimator`s) and hints (`verify_ms_by_k`); the
-//! edge's `SpeculationController`; the model crate's draft sources
+//! edge's `SpeculationController`; the server's SLO admission gate
+//! (`check_capacity`, sessions costed by `round_demand` at the typical
+//! round); the model crate's draft sources
 //! (`SyntheticDraft`, `NgramDraft`, cached real proposals). What is
 //! modelled: a pass takes the calibration's predicted time times a ratio
 //! drawn from the calibration's measured residuals, and links take half
 //! the round trip (± jitter) plus size over bandwidth, as in `live`.
 
-use crate::live::{join_delay, DeviceProfile};
+use crate::live::{join_delay, DeviceProfile, REFUSED_RETRY};
 use crate::prompts::BenchPrompt;
 use crate::report::{Policy, SessionRecord};
 use std::cmp::Reverse;
@@ -22,9 +24,10 @@ use std::time::{Duration, Instant};
 use tandem_edge::controller::{RoundHints, SpeculationController};
 use tandem_estimators::{AcceptanceEstimator, CounterWeights, TenantCounters, VerifyTimeCalibration, VerifyTimeEstimator};
 use tandem_model::{DraftSource, SamplingParams, SessionRng};
+use tandem_server::admission::{check_capacity, Demand, PassLimits, Prefill};
 use tandem_server::batcher::{batch_shape, Batcher, PendingWork, RoundClock, Scheduled, WorkKind};
 use tandem_server::engine::{verify_ms_by_k, REACH_FLOOR};
-use tandem_server::{new_acceptance, tokens_left, work_deadline, Pace, RecentLengths};
+use tandem_server::{new_acceptance, round_demand, tokens_left, work_deadline, Pace, RecentLengths, TypicalRound};
 
 /// Simulated time, ns since the epoch.
 type Ns = u64;
@@ -63,6 +66,9 @@ pub struct WorldConfig<'a> {
     pub prompts: &'a [BenchPrompt],
     /// The ground truth of pass times.
     pub calibration: &'a VerifyTimeCalibration,
+    /// The pass limits admission costs sessions under (a batcher with an
+    /// estimator gates opens on SLO capacity, as the server does).
+    pub limits: PassLimits,
 }
 
 /// Builds the edge's draft source and controller for a device profile.
@@ -146,6 +152,8 @@ struct Session {
     pending: Option<(Vec<u32>, usize, Ns)>,
     /// When its next round should arrive (for the batcher, as in the server).
     round_clock: RoundClock,
+    /// Drafts verified in its last round (None before its first).
+    last_k: Option<usize>,
 }
 
 pub struct World<'a, F: EdgeFactory> {
@@ -170,6 +178,8 @@ pub struct World<'a, F: EdgeFactory> {
     /// Sessions' next rounds by when they are due (the earliest goes to
     /// the batcher, as the server's runner sends it).
     rounds_due: BTreeSet<(Instant, usize)>,
+    /// Sessions admitted and not yet finished.
+    admitted: BTreeSet<usize>,
     /// The bench's own fair-share counters (the same VTC rule for every policy).
     service: TenantCounters,
     records: Vec<SessionRecord>,
@@ -211,6 +221,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             wake_pending: false,
             tenant_acceptance: HashMap::new(),
             rounds_due: BTreeSet::new(),
+            admitted: BTreeSet::new(),
             service: TenantCounters::new(CounterWeights::default()),
             records: Vec::new(),
             per_device_next: Vec::new(),
@@ -341,6 +352,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             acceptance,
             pending: None,
             round_clock: RoundClock::default(),
+            last_k: None,
         });
         let up = self.one_way(id, 64 + 4 * bench_prompt.tokens.len(), true);
         self.at(self.now + ns(up), Event::OpenAtServer { session: id });
@@ -354,6 +366,11 @@ impl<'a, F: EdgeFactory> World<'a, F> {
     fn open_at_server(&mut self, session: usize) {
         let now = self.now;
         let prompt_len = self.cfg.prompts[self.sessions[session].prompt].tokens.len();
+        if !self.admit(prompt_len) {
+            self.refused(session);
+            return;
+        }
+        self.admitted.insert(session);
         let s = &mut self.sessions[session];
         s.opened_at = now;
         let deadline = self.deadline(session, WorkKind::Prefill, 1.0);
@@ -369,6 +386,48 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             expected_tokens: 1.0,
         });
         self.schedule();
+    }
+
+    /// The server's SLO gate (only with an estimator, as there): every
+    /// admitted session costed at its last round, or the typical round
+    /// before its first, and the newcomer at the typical round.
+    fn admit(&self, prompt_len: usize) -> bool {
+        let Some(estimator) = self.batcher.estimator() else { return true };
+        let bound = estimator.bound();
+        let tpot = Some(Duration::from_millis(self.cfg.slo_tpot_ms.into()));
+        let max_new = self.cfg.max_new_tokens;
+        let last = |s: &Session| s.last_k.map(|k| (k, s.acceptance.expected_tokens(k)));
+        let typical = TypicalRound::of(self.admitted.iter().filter_map(|&i| last(&self.sessions[i])));
+        let admitted: Vec<Demand> = self
+            .admitted
+            .iter()
+            .map(|&i| {
+                let s = &self.sessions[i];
+                let context = self.cfg.prompts[s.prompt].tokens.len() + s.generated;
+                round_demand(false, last(s), typical, context + max_new.saturating_sub(s.generated) / 2, tpot)
+            })
+            .collect();
+        let newcomer = round_demand(false, None, typical, prompt_len + max_new / 2, tpot);
+        let prefill = Prefill { tokens: prompt_len, ttft_ms: Some(self.cfg.slo_ttft_ms.into()) };
+        check_capacity(&|s| bound.upper(s), &admitted, newcomer, prefill, self.cfg.limits).is_ok()
+    }
+
+    /// A refused open: a closed-loop device asks again after a pause (as
+    /// `live`'s, the wait counting against the session's TTFT) until the
+    /// run ends; an open-loop arrival is lost.
+    fn refused(&mut self, session: usize) {
+        let device = self.sessions[session].device;
+        let retry = matches!(self.cfg.arrivals, Arrivals::Closed { .. }) && self.now < self.until();
+        if retry {
+            let prompt_tokens = self.cfg.prompts[self.sessions[session].prompt].tokens.len();
+            let trip = self.one_way(session, 64, false) + REFUSED_RETRY.as_secs_f64() * 1e3 + self.one_way(session, 64 + 4 * prompt_tokens, true);
+            self.at(self.now + ns(trip), Event::OpenAtServer { session });
+            return;
+        }
+        let s = &self.sessions[session];
+        self.records.push(SessionRecord { device, prompt: self.cfg.prompts[s.prompt].id.clone(), refused: true, ..Default::default() });
+        self.sessions[session].draft = None;
+        self.sessions[session].controller = None;
     }
 
     fn deadline(&self, session: usize, kind: WorkKind, expected_tokens: f64) -> Option<Instant> {
@@ -529,6 +588,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         let s = &mut self.sessions[session];
         s.generated += accepted + 1;
         s.acceptance.observe(verified, accepted);
+        s.last_k = Some(verified);
         let tenant = s.tenant.clone();
         self.tenant_acceptance.entry(tenant).or_insert_with(new_acceptance).observe(verified, accepted);
         let cached = self.cache_len(session);
@@ -649,6 +709,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         self.last_finish = self.last_finish.max(self.now);
         // Release the draft state: long runs hold many finished sessions.
         let device = s.device;
+        self.admitted.remove(&session);
         self.round_clock(session, |clock, _| *clock = RoundClock::default());
         self.sessions[session].draft = None;
         self.sessions[session].controller = None;
