@@ -309,7 +309,7 @@ impl Engine {
         cache.reserve(most_positions(&open));
         let id = ticket.id;
         let resumed = open.resumed > 0;
-        let prefill_target = if resumed { open.prompt.len() - 1 } else { open.prompt.len() };
+        let prefill_target = open.prefill_target();
         self.metrics.tenant(&tenant.name, |t| {
             t.sessions_opened += 1;
             t.prefill_tokens += prefill_target as u64;

@@ -1,6 +1,6 @@
 //! A session as the runner holds it.
 
-use crate::admission::{Demand, Ticket};
+use crate::admission::{prefill_shape, Demand, Ticket};
 use crate::auth::Tenant;
 use crate::batcher::{PendingWork, RoundClock, Scheduled, SessionId, WorkKind};
 use crate::engine::OutSender;
@@ -84,7 +84,8 @@ impl Session {
     /// round's, or before its first, the typical round's.
     pub(crate) fn demand(&self, typical: Option<TypicalRound>) -> Demand {
         let last = self.last_k.map(|k| (k, self.acceptance.expected_tokens(k)));
-        round_demand(self.server_only, last, typical, self.context.len() + (self.max_new - self.generated) / 2, self.tpot)
+        let prefill_left = prefill_shape(self.prefill_target.saturating_sub(self.cache.len()), self.prefill_target);
+        round_demand(self.server_only, last, typical, self.context.len() + (self.max_new - self.generated) / 2, self.tpot, prefill_left)
     }
 
     pub(crate) fn finished(&self, eos: &[u32]) -> bool {
@@ -254,17 +255,26 @@ impl TypicalRound {
 }
 
 /// An opening session's demand: the typical round, at the context half way
-/// through its generation.
+/// through its generation, and its whole prompt to prefill.
 pub(crate) fn opening_demand(open: &ValidOpen, typical: Option<TypicalRound>) -> Demand {
     let tpot = open.tpot_ms.map(|ms| Duration::from_millis(ms.into()));
-    round_demand(open.server_only, None, typical, open.prompt.len() + (open.max_new_tokens - open.resumed) / 2, tpot)
+    let prefill_left = prefill_shape(open.prefill_target(), open.prefill_target());
+    round_demand(open.server_only, None, typical, open.prompt.len() + (open.max_new_tokens - open.resumed) / 2, tpot, prefill_left)
 }
 
 /// What a session asks of each cycle, for admission: a decode step if the
 /// server generates alone, else its `last` round's (drafts verified,
 /// tokens expected) or, before its first, the typical round's; at
-/// `context` (half way through its generation). Public for the simulator.
-pub fn round_demand(server_only: bool, last: Option<(usize, f64)>, typical: Option<TypicalRound>, context: usize, tpot: Option<Duration>) -> Demand {
+/// `context` (half way through its generation); and its prompt still to
+/// prefill. Public for the simulator.
+pub fn round_demand(
+    server_only: bool,
+    last: Option<(usize, f64)>,
+    typical: Option<TypicalRound>,
+    context: usize,
+    tpot: Option<Duration>,
+    prefill_left: BatchShape,
+) -> Demand {
     let (tokens, expected_tokens) = match (server_only, last) {
         (true, _) => (1, 1.0),
         (false, Some((k, expected))) => (k + 1, expected),
@@ -273,6 +283,7 @@ pub fn round_demand(server_only: bool, last: Option<(usize, f64)>, typical: Opti
     Demand {
         round: BatchShape { seqs: 1, tokens, token_context: tokens * (context + tokens), prefill_tokens: 0 },
         budget_ms: tpot.map(|t| t.as_secs_f64() * 1e3 * expected_tokens),
+        prefill_left,
     }
 }
 

@@ -51,6 +51,16 @@ impl ValidOpen {
             prompt: open.prompt,
         })
     }
+
+    /// Positions to prefill before the session is open: the whole prompt,
+    /// or on resume all but its last token, which the first round carries.
+    pub fn prefill_target(&self) -> usize {
+        if self.resumed > 0 {
+            self.prompt.len() - 1
+        } else {
+            self.prompt.len()
+        }
+    }
 }
 
 /// A `Verify` whose drafts and distributions are well-formed.

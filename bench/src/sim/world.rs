@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tandem_edge::controller::{RoundHints, SpeculationController};
 use tandem_estimators::{AcceptanceEstimator, CounterWeights, TenantCounters, VerifyTimeCalibration, VerifyTimeEstimator};
 use tandem_model::{DraftSource, SamplingParams, SessionRng};
-use tandem_server::admission::{check_capacity, Demand, PassLimits, Prefill};
+use tandem_server::admission::{check_capacity, prefill_shape, Demand, PassLimits, Prefill};
 use tandem_server::batcher::{batch_shape, Batcher, PendingWork, RoundClock, Scheduled, WorkKind};
 use tandem_server::engine::{verify_ms_by_k, REACH_FLOOR};
 use tandem_server::{new_acceptance, round_demand, tokens_left, work_deadline, Pace, RecentLengths, TypicalRound};
@@ -403,11 +403,12 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             .iter()
             .map(|&i| {
                 let s = &self.sessions[i];
-                let context = self.cfg.prompts[s.prompt].tokens.len() + s.generated;
-                round_demand(false, last(s), typical, context + max_new.saturating_sub(s.generated) / 2, tpot)
+                let prompt = self.cfg.prompts[s.prompt].tokens.len();
+                let prefill_left = prefill_shape(prompt - s.prefilled, prompt);
+                round_demand(false, last(s), typical, prompt + s.generated + max_new.saturating_sub(s.generated) / 2, tpot, prefill_left)
             })
             .collect();
-        let newcomer = round_demand(false, None, typical, prompt_len + max_new / 2, tpot);
+        let newcomer = round_demand(false, None, typical, prompt_len + max_new / 2, tpot, prefill_shape(prompt_len, prompt_len));
         let prefill = Prefill { tokens: prompt_len, ttft_ms: Some(self.cfg.slo_ttft_ms.into()) };
         check_capacity(&|s| bound.upper(s), &admitted, newcomer, prefill, self.cfg.limits).is_ok()
     }
