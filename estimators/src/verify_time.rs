@@ -36,8 +36,11 @@ pub struct BatchShape {
     pub prefill_tokens: usize,
 }
 
-impl BatchShape {
-    pub fn add(self, other: BatchShape) -> BatchShape {
+/// Shapes add up: two batches' work run as one pass.
+impl std::ops::Add for BatchShape {
+    type Output = BatchShape;
+
+    fn add(self, other: BatchShape) -> BatchShape {
         BatchShape {
             seqs: self.seqs + other.seqs,
             tokens: self.tokens + other.tokens,
@@ -45,7 +48,15 @@ impl BatchShape {
             prefill_tokens: self.prefill_tokens + other.prefill_tokens,
         }
     }
+}
 
+impl std::iter::Sum for BatchShape {
+    fn sum<I: Iterator<Item = BatchShape>>(shapes: I) -> BatchShape {
+        shapes.fold(BatchShape::default(), |acc, s| acc + s)
+    }
+}
+
+impl BatchShape {
     /// One session's verification round alone: `drafts` drafts plus the
     /// last verified token, at `context` positions already cached.
     pub fn verify_round(drafts: usize, context: usize) -> BatchShape {

@@ -55,6 +55,7 @@ enum Rule {
 }
 
 /// Generates the first two tokens after `prompt` with k-token draft rounds.
+#[allow(clippy::too_many_arguments)] // a test helper: each knob is one the tests vary
 fn speculative_pair(
     prompt: &[u32],
     target: &Llama,

@@ -91,14 +91,14 @@ struct TightestRound {
 /// the upper bound T_q, in passes of `max_batch_tokens`). None without
 /// budgets.
 fn tightest_round(upper: &dyn Fn(BatchShape) -> f64, demands: &[Demand], max_tokens: usize) -> Option<TightestRound> {
-    let all = demands.iter().fold(BatchShape::default(), |acc, d| acc.add(d.round));
+    let all: BatchShape = demands.iter().map(|d| d.round).sum();
     let (_, pass_ms) = cycle_ms(upper, all, max_tokens);
     let mut by_budget: Vec<(f64, BatchShape)> = demands.iter().filter_map(|d| d.budget_ms.map(|b| (b, d.round))).collect();
     by_budget.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut ahead = BatchShape::default();
     let mut tightest: Option<TightestRound> = None;
     for (i, &(budget_ms, round)) in by_budget.iter().enumerate() {
-        ahead = ahead.add(round);
+        ahead = ahead + round;
         // Equal budgets wait for each other.
         if by_budget.get(i + 1).is_some_and(|next| next.0 == budget_ms) {
             continue;
@@ -138,12 +138,12 @@ pub fn check_capacity(upper: &dyn Fn(BatchShape) -> f64, admitted: &[Demand], ne
         ));
     }
     if let Some(ttft) = prefill.ttft_ms {
-        let others = admitted.iter().fold(BatchShape::default(), |acc, d| acc.add(d.round));
-        let rounds = others.add(newcomer.round);
+        let others: BatchShape = admitted.iter().map(|d| d.round).sum();
+        let rounds = others + newcomer.round;
         let chunk = limits.prefill_chunk.clamp(1, prefill.tokens.max(1));
         let chunks = prefill.tokens.div_ceil(chunk);
         let chunk_shape = BatchShape { seqs: 1, tokens: chunk, token_context: chunk * prefill.tokens, prefill_tokens: chunk };
-        let need = chunks as f64 * cycle_ms(upper, others.add(chunk_shape), limits.max_batch_tokens).0;
+        let need = chunks as f64 * cycle_ms(upper, others + chunk_shape, limits.max_batch_tokens).0;
         if need > ttft {
             return Err(format!(
                 "at SLO capacity: prefilling {} tokens would take an estimated {need:.0} ms, over the TTFT objective of {ttft:.0} ms",
@@ -155,8 +155,8 @@ pub fn check_capacity(upper: &dyn Fn(BatchShape) -> f64, admitted: &[Demand], ne
         // round of every session. Rounds sent meanwhile are not counted:
         // counting one per round budget refused sessions that were served
         // in time (simulated capacity 3–7 % lower).
-        let queued = admitted.iter().fold(BatchShape::default(), |acc, d| acc.add(d.prefill_left));
-        let need = cycle_ms(upper, rounds.add(queued).add(newcomer.prefill_left), limits.max_batch_tokens).0;
+        let queued: BatchShape = admitted.iter().map(|d| d.prefill_left).sum();
+        let need = cycle_ms(upper, rounds + queued + newcomer.prefill_left, limits.max_batch_tokens).0;
         if need > ttft {
             return Err(format!(
                 "at SLO capacity: {} prompt tokens are queued for prefill; with this one's {} and a round of every session that is an estimated {need:.0} ms, over the TTFT objective of {ttft:.0} ms",

@@ -54,7 +54,7 @@ pub struct Scheduled {
 
 /// The shape of a whole batch.
 pub fn batch_shape(batch: &[Scheduled]) -> BatchShape {
-    batch.iter().fold(BatchShape::default(), |acc, s| acc.add(s.work.shape(s.tokens)))
+    batch.iter().map(|s| s.work.shape(s.tokens)).sum()
 }
 
 /// Picks the next batch from the queue (removing what it takes). An empty

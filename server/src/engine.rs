@@ -481,7 +481,7 @@ impl Engine {
     /// verification time by draft length, and the batcher's suggested draft
     /// length (the least server time per expected token).
     fn hints(&self, s: &Session) -> Hints {
-        let queued = self.queue.iter().fold(BatchShape::default(), |acc, w| acc.add(w.shape(w.tokens)));
+        let queued = self.queue.iter().map(|w| w.shape(w.tokens)).sum::<BatchShape>();
         let Some((queue_ms, _)) = self.batcher.estimate_ms(queued) else {
             let queued_tokens: usize = self.queue.iter().map(|w| w.tokens).sum();
             return Hints {

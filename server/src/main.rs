@@ -153,11 +153,7 @@ async fn serve() -> Result<()> {
     for (name, weight) in auth.tenant_weights() {
         batcher.set_tenant_weight(&name, weight);
     }
-    let engine_cfg = EngineConfig {
-        kv_budget_bytes: cfg.kv_budget_mb << 20,
-        idle_ttl: Duration::from_secs(cfg.idle_ttl_s),
-        limits: b.pass_limits(),
-    };
+    let engine_cfg = EngineConfig { kv_budget_bytes: cfg.kv_budget_mb << 20, idle_ttl: Duration::from_secs(cfg.idle_ttl_s), limits: b.pass_limits() };
     let (engine, runner) = Engine::spawn(model, batcher, engine_cfg, metrics.clone())?;
     if let Some(path) = &calibration_out {
         let calibration = engine.warm_start_calibration().context("`--calibration-out` needs `--policy wisp` (fcfs has no estimator)")?;

@@ -54,7 +54,7 @@ impl<'a> Profiler<'a> {
         let ms = start.elapsed().as_secs_f64() * 1e3;
         let shape = seqs.iter().fold(
             BatchShape { seqs: usize::from(prefill > 0), tokens: prefill, token_context: prefill * prefill, prefill_tokens: prefill },
-            |acc, &(tokens, context)| acc.add(BatchShape { seqs: 1, tokens, token_context: tokens * (context + tokens), prefill_tokens: 0 }),
+            |acc, &(tokens, context)| acc + BatchShape { seqs: 1, tokens, token_context: tokens * (context + tokens), prefill_tokens: 0 },
         );
         Ok((shape, ms))
     }

@@ -98,7 +98,7 @@ impl WispBatcher {
         if batch.tokens + extra.tokens > self.cfg.max_tokens || batch.members.len() + 1 > self.cfg.max_seqs {
             return false;
         }
-        let end = now + self.tq(batch.shape.add(queue[extra.index].shape(extra.tokens)));
+        let end = now + self.tq(batch.shape + queue[extra.index].shape(extra.tokens));
         let extra_deadline = if extra.late { None } else { extra.deadline };
         batch.earliest.into_iter().chain(extra_deadline).all(|d| end <= d)
     }
@@ -116,7 +116,7 @@ struct Building {
 
 impl Building {
     fn push(&mut self, queue: &VecDeque<PendingWork>, c: Candidate) {
-        self.shape = self.shape.add(queue[c.index].shape(c.tokens));
+        self.shape = self.shape + queue[c.index].shape(c.tokens);
         self.tokens += c.tokens;
         if !c.late {
             self.earliest = match (self.earliest, c.deadline) {
@@ -161,7 +161,8 @@ impl Batcher for WispBatcher {
                 fifo_tokens += c.tokens;
                 fifo_tokens <= self.cfg.max_tokens
             })
-            .fold(BatchShape::default(), |acc, (w, c)| acc.add(w.shape(c.tokens)));
+            .map(|(w, c)| w.shape(c.tokens))
+            .sum::<BatchShape>();
         let horizon_ms = self.estimator.upper(horizon_shape);
         // A prefill longer than a chunk needs a pass per chunk: its urgency
         // counts the passes after this one (whether it is late still goes
@@ -194,7 +195,7 @@ impl Batcher for WispBatcher {
                     continue;
                 }
                 let w = &queue[c.index];
-                let marginal = (self.estimator.upper(batch.shape.add(w.shape(c.tokens))) - base).max(1e-3);
+                let marginal = (self.estimator.upper(batch.shape + w.shape(c.tokens)) - base).max(1e-3);
                 let quantum = (self.counters.counter(&w.tenant) / self.cfg.fairness_quantum).floor() as i64;
                 // Float-to-int casts saturate: no deadline is the last window.
                 let window = (c.slack_ms / horizon_ms.max(1e-3)).floor() as i64;
@@ -340,7 +341,7 @@ mod tests {
     }
 
     fn shape(batch: &[(PendingWork, usize)]) -> BatchShape {
-        batch.iter().fold(BatchShape::default(), |acc, (w, t)| acc.add(w.shape(*t)))
+        batch.iter().map(|(w, t)| w.shape(*t)).sum()
     }
 
     fn meets_alone(b: &WispBatcher, now: Instant, w: &PendingWork, tokens: usize) -> bool {

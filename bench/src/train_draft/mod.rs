@@ -659,7 +659,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tandem-resume-{}", std::process::id()));
         let r =
             TrainRun { model: &model, model_path: &model_path, out: &dir, cfg: TrainDraftConfig::default(), resume: true, init_from: None, max_minutes: None };
-        let err = run(&r).err().expect("no checkpoint must be refused").to_string();
+        let err = run(&r).expect_err("no checkpoint must be refused").to_string();
         assert!(err.contains("--resume") && err.contains("checkpoint.safetensors"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

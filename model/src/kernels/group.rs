@@ -246,8 +246,8 @@ mod x86 {
                         let mv = _mm256_loadu_ps(w.m.as_ptr().add(b * GROUP + row0));
                         for r in 0..R {
                             let mut isum = _mm256_setzero_si256();
-                            for k in 0..8 {
-                                isum = _mm256_dpbusd_avx_epi32(isum, wv[k], _mm256_set1_epi32(word(a[r].qs, b, k)));
+                            for (k, &v) in wv.iter().enumerate() {
+                                isum = _mm256_dpbusd_avx_epi32(isum, v, _mm256_set1_epi32(word(a[r].qs, b, k)));
                             }
                             let scale = _mm256_mul_ps(dv, _mm256_set1_ps(*a[r].d.get_unchecked(b)));
                             acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), acc[r]);
@@ -264,8 +264,8 @@ mod x86 {
                             let ad = _mm256_set1_ps(*a[r].d.get_unchecked(b));
                             for h in 0..ns {
                                 let mut isum = _mm256_setzero_si256();
-                                for k in h * per..(h + 1) * per {
-                                    isum = _mm256_dpbusd_avx_epi32(isum, _mm256_set1_epi32(word(a[r].qu, b, k)), wv[k]);
+                                for (k, &v) in wv.iter().enumerate().skip(h * per).take(per) {
+                                    isum = _mm256_dpbusd_avx_epi32(isum, _mm256_set1_epi32(word(a[r].qu, b, k)), v);
                                 }
                                 let wsum = _mm256_loadu_si256(w.wsum.as_ptr().add((b * ns + h) * GROUP + row0) as *const _);
                                 isum = _mm256_sub_epi32(isum, wsum);
