@@ -103,10 +103,10 @@ fn tightest_round(upper: &dyn Fn(BatchShape) -> f64, demands: &[Demand], max_tok
         if by_budget.get(i + 1).is_some_and(|next| next.0 == budget_ms) {
             continue;
         }
-        let (cycle_ms, _) = cycle_ms(upper, ahead, max_tokens);
-        let slack_ms = budget_ms - cycle_ms - pass_ms;
+        let (cycle, _) = cycle_ms(upper, ahead, max_tokens);
+        let slack_ms = budget_ms - cycle - pass_ms;
         if tightest.as_ref().is_none_or(|t| slack_ms < t.slack_ms) {
-            tightest = Some(TightestRound { slack_ms, budget_ms, ahead: i + 1, cycle_ms, pass_ms });
+            tightest = Some(TightestRound { slack_ms, budget_ms, ahead: i + 1, cycle_ms: cycle, pass_ms });
         }
     }
     tightest

@@ -263,7 +263,7 @@ mod tests {
         // Conservation: every session ends with its whole output, made of
         // the prefill's first token plus each round's accepted drafts and
         // one more token.
-        for r in &out.records {
+        for r in out.records.iter().filter(|r| !r.refused) {
             let p = prompts.iter().find(|p| p.id == r.prompt).expect("known prompt");
             assert_eq!(r.tokens, p.reference.len() - p.tokens.len(), "{policy:?}: a session ended early");
             if policy != Policy::Centralized {
@@ -291,6 +291,22 @@ mod tests {
         }
         let other = run_one(Policy::Wisp, &SimConfig { seed: 8, ..cfg.clone() });
         assert_ne!(serde_json::to_string(&other).unwrap(), serde_json::to_string(&run_one(Policy::Wisp, &cfg)).unwrap(), "the seed is used");
+    }
+
+    #[test]
+    fn wisp_refuses_opens_past_its_slo_capacity_and_keeps_the_admitted_on_time() {
+        // Open loop, arrivals past what the CPU-like server can serve (fcfs
+        // meets the SLO for about two sessions in five): the wisp server's
+        // admission gate refuses some (fcfs has none), and the ones it
+        // admits are served on time.
+        let cfg = SimConfig { workload: Workload::Open { rate: 8.0 }, duration_s: 5.0, ..config(0, 300) };
+        let sled = run_one(Policy::Sled, &cfg);
+        let wisp = run_one(Policy::Wisp, &cfg);
+        assert_eq!(sled.refused, 0);
+        assert!(wisp.refused > 0, "nothing refused at {} sessions", wisp.sessions);
+        // Attainment counts refused sessions as misses.
+        let of_admitted = wisp.slo_attainment * wisp.sessions as f64 / (wisp.sessions - wisp.refused) as f64;
+        assert!(of_admitted >= 0.9, "admitted sessions met their SLO {of_admitted:.3} of the time");
     }
 
     #[test]
