@@ -111,12 +111,12 @@ impl BatcherConfig {
         }
     }
 
-    /// The first-come-first-served batcher with these budgets.
     /// The pass limits admission costs sessions under.
     pub fn pass_limits(&self) -> PassLimits {
         PassLimits { max_batch_tokens: self.max_batch_tokens, prefill_chunk: self.prefill_chunk }
     }
 
+    /// The first-come-first-served batcher with these budgets.
     pub fn fifo(&self) -> FifoBatcher {
         FifoBatcher { max_tokens: self.max_batch_tokens, max_seqs: self.max_batch_seqs }
     }
