@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 use tandem_edge::wgpu::{WgpuModel, WgpuOptions};
 use tandem_model::kernels::MatmulKernels;
-use tandem_model::{KvCache, Llama, LoadedModel, LogitsFor, SeqPass};
+use tandem_model::{argmax, DraftSource, DraftSpec, KvCache, Llama, LoadedModel, LogitsFor, SamplingParams, SeqPass, SessionRng};
 
 /// Where `tandem-bench kernels` runs the forward.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -72,6 +72,29 @@ pub struct KernelReport {
     /// Ragged 8×5 batch over the single 5-token pass (target ≤ 4): the
     /// median over pairs of the two passes timed back to back.
     pub ragged_over_single5: f64,
+    /// The built-in trained draft's cost per drafted token beside the
+    /// target's decode step (absent for targets it was not trained for).
+    pub trained_draft: Option<DraftCost>,
+}
+
+/// The trained draft's rounds replayed over the target's greedy output,
+/// each timed back to back with one decode step of the target at the same
+/// context, so both see the same machine (on this shared VM, phases timed
+/// minutes apart differ by 15–20 %).
+#[derive(Serialize)]
+pub struct DraftCost {
+    pub rounds: usize,
+    /// Tokens proposed per round (k = 5, greedy, no prompt lookup).
+    pub k: usize,
+    /// Median over rounds of the round's ms per drafted token: the catch-up
+    /// over the target's token and each drafted token's own step.
+    pub ms_per_drafted_token: f64,
+    /// Median ms of the target's decode steps timed beside the rounds.
+    pub target_step_ms: f64,
+    /// Median over rounds of (ms per drafted token) / (the step beside it).
+    pub draft_over_target_step: f64,
+    /// Drafts accepted by the target's greedy output, over all rounds.
+    pub acceptance: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -191,6 +214,16 @@ fn run_cpu(cfg: &KernelBenchConfig) -> Result<KernelReport> {
     let bytes = llama.weight_bytes(llama.config().n_layers);
     let probe = bandwidth_probe();
     progress(&format!("bandwidth probe: {probe:.1} GB/s"));
+    let trained_draft = match DraftSpec::Trained(None).build(&model) {
+        Ok(draft) => Some(time_trained_draft(&model, draft)?),
+        Err(e) => {
+            progress(&format!("trained draft not timed: {e}"));
+            None
+        }
+    };
+    if let Some(d) = &trained_draft {
+        progress(&format!("trained draft: {:.2} ms per drafted token, {:.2}× the target's step", d.ms_per_drafted_token, d.draft_over_target_step));
+    }
 
     let (ours, ours_ragged, ratio) = time_model(llama, &text, cfg.repeats, |s, ms| progress(&format!("tandem  {s:>11}: {ms:8.1} ms")))?;
     let (stock, stock_ragged) = if cfg.stock {
@@ -220,6 +253,75 @@ fn run_cpu(cfg: &KernelBenchConfig) -> Result<KernelReport> {
         passes,
         ragged: row("8x5 ragged".into(), RAGGED_CONTEXTS.len() * RAGGED_TOKENS, ours_ragged, stock_ragged),
         ragged_over_single5: ratio,
+        trained_draft,
+    })
+}
+
+/// Drafted tokens a round.
+const DRAFT_K: usize = 5;
+/// New tokens of the target's greedy output per prompt.
+const DRAFT_REPLAY_TOKENS: usize = 96;
+
+/// Replays the trained draft's rounds over the target's greedy output of
+/// four of the bench's chat prompts (held out from the draft's training):
+/// each round proposes `DRAFT_K` tokens from the context and the target's
+/// states of it, as a verdict would have left them; the context then
+/// advances by the accepted drafts and the target's token, as in a session.
+fn time_trained_draft(model: &LoadedModel, mut draft: Box<dyn DraftSource>) -> Result<DraftCost> {
+    let llama = &model.llama;
+    let (n, h) = (llama.config().n_layers, llama.config().hidden);
+    let greedy = SamplingParams::default();
+    let (mut per_token, mut steps, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut drafted, mut accepted) = (0, 0);
+    for prompt in crate::prompts::CHAT_PROMPTS.iter().take(4) {
+        // The target's greedy output, then its final states over all of it.
+        let mut tokens = model.tokenizer.encode(&model.tokenizer.chat_prompt(prompt))?;
+        let prompt_len = tokens.len();
+        let mut cache = llama.new_cache(n);
+        let mut next = tokens.clone();
+        for _ in 0..DRAFT_REPLAY_TOKENS {
+            let logits = llama.forward(&mut [SeqPass { cache: &mut cache, tokens: &next, logits: LogitsFor::Last }])?;
+            next = vec![argmax(logits[0].row(0))];
+            tokens.push(next[0]);
+        }
+        let mut cache = llama.new_cache(n);
+        let (_, states) = llama.forward_capturing(&mut [SeqPass { cache: &mut cache, tokens: &tokens, logits: LogitsFor::None }], &[n])?;
+        let states = &states[0];
+
+        // The target's cache for its decode steps: the context but its last token.
+        let mut target = llama.new_cache(n);
+        let mut c = prompt_len;
+        llama.forward(&mut [SeqPass { cache: &mut target, tokens: &tokens[..c - 1], logits: LogitsFor::None }])?;
+        while c + DRAFT_K < tokens.len() {
+            draft.observe_target_features(0, &states[..(c - 1) * h]);
+            let start = Instant::now();
+            let proposal = draft.propose(&tokens[..c], DRAFT_K, &greedy, &mut SessionRng::new(0))?;
+            let round_ms = start.elapsed().as_secs_f64() * 1e3;
+            let start = Instant::now();
+            llama.forward(&mut [SeqPass { cache: &mut target, tokens: &tokens[c - 1..c], logits: LogitsFor::Last }])?;
+            let step_ms = start.elapsed().as_secs_f64() * 1e3;
+            anyhow::ensure!(!proposal.tokens.is_empty(), "the trained draft proposed nothing");
+            let ms = round_ms / proposal.tokens.len() as f64;
+            per_token.push(ms);
+            steps.push(step_ms);
+            ratios.push(ms / step_ms);
+            let a = proposal.tokens.iter().zip(&tokens[c..]).take_while(|(p, t)| p == t).count();
+            drafted += proposal.tokens.len();
+            accepted += a;
+            // The accepted drafts and the target's token join the context.
+            if a > 0 {
+                llama.forward(&mut [SeqPass { cache: &mut target, tokens: &tokens[c..c + a], logits: LogitsFor::None }])?;
+            }
+            c += a + 1;
+        }
+    }
+    Ok(DraftCost {
+        rounds: ratios.len(),
+        k: DRAFT_K,
+        ms_per_drafted_token: median(per_token),
+        target_step_ms: median(steps),
+        draft_over_target_step: median(ratios),
+        acceptance: accepted as f64 / drafted.max(1) as f64,
     })
 }
 
@@ -248,6 +350,18 @@ impl KernelReport {
             );
         }
         s += &format!("\nragged 8×5 batch / single 5-token pass, median of pairs timed back to back: {:.2}× (target ≤ 4×)\n", self.ragged_over_single5);
+        if let Some(d) = &self.trained_draft {
+            s += &format!(
+                "trained draft (k = {}, greedy, {} rounds over the target's output of 4 chat prompts): {:.2} ms per drafted token beside a {:.2} ms target step, \
+                 median of rounds timed back to back with a step: {:.2}× the target's cost per token (target ≤ 0.6×); acceptance {:.1} %\n",
+                d.k,
+                d.rounds,
+                d.ms_per_drafted_token,
+                d.target_step_ms,
+                d.draft_over_target_step,
+                d.acceptance * 100.0
+            );
+        }
         s
     }
 }

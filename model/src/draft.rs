@@ -80,43 +80,83 @@ pub struct DraftFeatures {
 }
 
 impl DraftFeatures {
-    /// From raw logits (temperature 1).
+    /// From raw logits (temperature 1), in one pass over them after the
+    /// maximum: entropy = ln Z − Σ e·(l − max) / Z with e = exp(l − max),
+    /// so each logit costs one exponential. A draft computes these for
+    /// every token it drafts: the straightforward form (two f64
+    /// exponentials and a logarithm a logit) took 0.19 ms over the trained
+    /// draft's 12 302 tokens, 0.77 ms over the whole vocabulary, against
+    /// a 4 ms step of the target here.
     pub fn from_logits(logits: &[f32], position: usize) -> Self {
-        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
-        let mean = logits.iter().map(|&l| l as f64).sum::<f64>() / logits.len().max(1) as f64;
-        let (mut z, mut second) = (0.0f64, f64::NEG_INFINITY);
-        let mut seen_max = false;
-        for &l in logits {
-            let l = l as f64;
-            z += (l - max).exp();
-            if l == max && !seen_max {
-                seen_max = true;
-            } else if l > second {
-                second = l;
+        const LANES: usize = 16;
+        let lane_max = |v: &[f32]| {
+            let mut m = [f32::NEG_INFINITY; LANES];
+            let chunks = v.chunks_exact(LANES);
+            for (j, &l) in chunks.remainder().iter().enumerate() {
+                m[j] = m[j].max(l);
+            }
+            for chunk in chunks {
+                for (m, &l) in m.iter_mut().zip(chunk) {
+                    *m = m.max(l);
+                }
+            }
+            m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+        };
+        let max = lane_max(logits);
+        let top = logits.iter().position(|&l| l == max).unwrap_or(0);
+        // The largest logit but the first maximum (a tie gives a margin of 0).
+        let second = lane_max(&logits[..top]).max(lane_max(logits.get(top + 1..).unwrap_or(&[])));
+        // Per-lane sums, so that the loop vectorizes: Z, Σ e·(l − max), Σ l.
+        let (mut z, mut zd, mut sum) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
+        let mut add = |j: usize, l: f32| {
+            let d = l - max;
+            let e = exp_nonpositive(d);
+            z[j] += e;
+            zd[j] += e * d;
+            sum[j] += l;
+        };
+        let chunks = logits.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for chunk in chunks {
+            for (j, &l) in chunk.iter().enumerate() {
+                add(j, l);
             }
         }
-        let entropy = logits
-            .iter()
-            .map(|&l| {
-                let p = ((l as f64 - max).exp()) / z;
-                if p > 0.0 {
-                    -p * p.ln()
-                } else {
-                    0.0
-                }
-            })
-            .sum::<f64>();
+        for (j, &l) in rest.iter().enumerate() {
+            add(j, l);
+        }
+        let total = |v: [f32; LANES]| v.iter().map(|&x| x as f64).sum::<f64>();
+        let (z, zd, sum) = (total(z), total(zd), total(sum));
         let top1 = 1.0 / z;
-        let top2 = if second.is_finite() { (second - max).exp() / z } else { 0.0 };
+        let top2 = if second.is_finite() { ((second - max) as f64).exp() / z } else { 0.0 };
         DraftFeatures {
             top1: top1 as f32,
-            entropy: entropy as f32,
+            entropy: (z.ln() - zd / z).max(0.0) as f32,
             margin: (top1 - top2) as f32,
-            spread: (max - mean) as f32,
+            spread: (max as f64 - sum / logits.len().max(1) as f64) as f32,
             position: position as u32,
             copied: false,
         }
     }
+}
+
+/// e^x for x ≤ 0, within a few units in the last place, flushed to about
+/// 1.6e-38 below −87; free of branches and calls so that loops over it
+/// vectorize (`f32::exp` is a libm call per value).
+fn exp_nonpositive(x: f32) -> f32 {
+    // x = n·ln 2 + r, |r| ≤ ln 2 / 2; e^x = 2^n · e^r.
+    const LN2_HI: f32 = 0.693_359_4; // ln 2 split so that n·LN2_HI is exact
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    let x = if x > -87.0 { x } else { -87.0 };
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    // Taylor to r^6: the next term is below 1.2e-7 of the result.
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // 2^n from t's low bits, which hold n (an integer conversion of n
+    // itself would not vectorize).
+    p * f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23)
 }
 
 /// Anything that can propose continuations. Sources keep their own state
@@ -574,6 +614,37 @@ mod tests {
         assert_eq!(next(&[1, 2, 3, 9, 2]), None);
         assert_eq!(next(&[7]), None);
         assert_eq!(next(&[]), None);
+    }
+
+    #[test]
+    fn exp_nonpositive_agrees_with_libm() {
+        for i in 0..=100_000 {
+            let x = -90.0 * i as f32 / 100_000.0;
+            let (fast, exact) = (exp_nonpositive(x) as f64, (x as f64).exp());
+            if x >= -87.0 {
+                assert!((fast - exact).abs() <= 4e-7 * exact, "exp({x}): {fast} vs {exact}");
+            } else {
+                assert!(fast < 2e-38);
+            }
+        }
+    }
+
+    /// The one-pass features equal the textbook definitions over a real-
+    /// sized, ragged-length row.
+    #[test]
+    fn features_match_their_definitions() {
+        let logits: Vec<f32> = (0..12_301).map(|i| ((i * 7919 % 1000) as f32) / 90.0 - 4.0 + if i == 77 { 9.0 } else { 0.0 }).collect();
+        let f = DraftFeatures::from_logits(&logits, 1);
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
+        let z: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+        let p: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp() / z).collect();
+        let entropy: f64 = p.iter().map(|&p| -p * p.ln()).sum();
+        let mut sorted = p.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let mean = logits.iter().map(|&l| l as f64).sum::<f64>() / logits.len() as f64;
+        let close = |a: f32, b: f64| (a as f64 - b).abs() <= 1e-5 * b.abs().max(1.0);
+        assert!(close(f.top1, sorted[0]) && close(f.margin, sorted[0] - sorted[1]), "{f:?}");
+        assert!(close(f.entropy, entropy) && close(f.spread, max - mean), "{f:?} vs entropy {entropy}");
     }
 
     #[test]

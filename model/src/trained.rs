@@ -277,7 +277,10 @@ impl EagleDraft {
     /// after the last. On error every cache is cut back to `start`.
     fn feed(&mut self, tokens: &[u32]) -> Result<HeadScores> {
         let start = self.cache.len();
-        let result = self.feed_unchecked(tokens, start);
+        // On a pool thread, so that the prefix pass, the projection and the
+        // trained layer's pass run their parallel loops without a hand-off
+        // from this thread each.
+        let result = rayon::scope(|_| self.feed_unchecked(tokens, start));
         if result.is_err() {
             self.truncate_rows(start);
         }
