@@ -229,7 +229,14 @@ fn run_cpu(cfg: &KernelBenchConfig) -> Result<KernelReport> {
     let (stock, stock_ragged) = if cfg.stock {
         drop(model);
         let stock_model = LoadedModel::load_with(&cfg.model, MatmulKernels::CandleStock)?;
-        let (s, r, _) = time_model(&stock_model.llama, &text, cfg.repeats.div_ceil(2), |s, ms| progress(&format!("stock   {s:>11}: {ms:8.1} ms")))?;
+        // candle's stock matmuls run on candle's own pool, whose helper
+        // spins between calls and floats between CPUs. Called from a thread
+        // pinned to a CPU (the global pool here, as in the server), the
+        // helper shared that CPU with it and the baseline lost about 10×
+        // (1 token: 366 ms against 37 ms), so it runs on unpinned threads,
+        // as candle does by itself.
+        let unpinned = rayon::ThreadPoolBuilder::new().num_threads(rayon::current_num_threads()).build()?;
+        let (s, r, _) = unpinned.install(|| time_model(&stock_model.llama, &text, cfg.repeats.div_ceil(2), |s, ms| progress(&format!("stock   {s:>11}: {ms:8.1} ms"))))?;
         (s.into_iter().map(Some).collect(), Some(r))
     } else {
         (vec![None; PASS_SIZES.len()], None)
