@@ -236,7 +236,8 @@ fn run_cpu(cfg: &KernelBenchConfig) -> Result<KernelReport> {
         // (1 token: 366 ms against 37 ms), so it runs on unpinned threads,
         // as candle does by itself.
         let unpinned = rayon::ThreadPoolBuilder::new().num_threads(rayon::current_num_threads()).build()?;
-        let (s, r, _) = unpinned.install(|| time_model(&stock_model.llama, &text, cfg.repeats.div_ceil(2), |s, ms| progress(&format!("stock   {s:>11}: {ms:8.1} ms"))))?;
+        let (s, r, _) =
+            unpinned.install(|| time_model(&stock_model.llama, &text, cfg.repeats.div_ceil(2), |s, ms| progress(&format!("stock   {s:>11}: {ms:8.1} ms"))))?;
         (s.into_iter().map(Some).collect(), Some(r))
     } else {
         (vec![None; PASS_SIZES.len()], None)

@@ -110,7 +110,7 @@ impl DraftFeatures {
         let (mut z, mut zd, mut sum) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
         let mut add = |j: usize, l: f32| {
             let d = l - max;
-            let e = exp_nonpositive(d);
+            let e = crate::sampling::exp_nonpositive(d);
             z[j] += e;
             zd[j] += e * d;
             sum[j] += l;
@@ -138,25 +138,6 @@ impl DraftFeatures {
             copied: false,
         }
     }
-}
-
-/// e^x for x ≤ 0, within a few units in the last place, flushed to about
-/// 1.6e-38 below −87; free of branches and calls so that loops over it
-/// vectorize (`f32::exp` is a libm call per value).
-fn exp_nonpositive(x: f32) -> f32 {
-    // x = n·ln 2 + r, |r| ≤ ln 2 / 2; e^x = 2^n · e^r.
-    const LN2_HI: f32 = 0.693_359_4; // ln 2 split so that n·LN2_HI is exact
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
-    let x = if x > -87.0 { x } else { -87.0 };
-    let t = x * std::f32::consts::LOG2_E + ROUND;
-    let n = t - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    // Taylor to r^6: the next term is below 1.2e-7 of the result.
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // 2^n from t's low bits, which hold n (an integer conversion of n
-    // itself would not vectorize).
-    p * f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23)
 }
 
 /// Anything that can propose continuations. Sources keep their own state
@@ -614,19 +595,6 @@ mod tests {
         assert_eq!(next(&[1, 2, 3, 9, 2]), None);
         assert_eq!(next(&[7]), None);
         assert_eq!(next(&[]), None);
-    }
-
-    #[test]
-    fn exp_nonpositive_agrees_with_libm() {
-        for i in 0..=100_000 {
-            let x = -90.0 * i as f32 / 100_000.0;
-            let (fast, exact) = (exp_nonpositive(x) as f64, (x as f64).exp());
-            if x >= -87.0 {
-                assert!((fast - exact).abs() <= 4e-7 * exact, "exp({x}): {fast} vs {exact}");
-            } else {
-                assert!(fast < 2e-38);
-            }
-        }
     }
 
     /// The one-pass features equal the textbook definitions over a real-

@@ -36,22 +36,23 @@ pub fn verify_greedy<'a>(drafts: &[u32], mut target_rows: impl FnMut(usize) -> &
 /// The output is distributed exactly as sampling from p autoregressively.
 ///
 /// `q[i]` must give d_i positive probability (the wire validation ensures
-/// it); `p` has k + 1 entries.
-pub fn verify_sampled(drafts: &[u32], q: &[SparseDist], p: &[SparseDist], rng: &mut SessionRng) -> Verdict {
+/// it); `target(i)` is p_{i+1}, for i in 0..=k, asked for in order and only
+/// up to the first rejection (each costs a pass over the vocabulary).
+pub fn verify_sampled(drafts: &[u32], q: &[SparseDist], mut target: impl FnMut(usize) -> SparseDist, rng: &mut SessionRng) -> Verdict {
     debug_assert_eq!(drafts.len(), q.len());
-    debug_assert_eq!(p.len(), drafts.len() + 1);
     for (i, &d) in drafts.iter().enumerate() {
-        let (pd, qd) = (p[i].prob(d), q[i].prob(d));
+        let p = target(i);
+        let (pd, qd) = (p.prob(d), q[i].prob(d));
         if rng.next_f64() * qd < pd {
             continue;
         }
-        let residual = p[i].tokens.iter().zip(&p[i].probs).map(|(&t, &pt)| (t, (pt as f64 - q[i].prob(t)).max(0.0)));
+        let residual = p.tokens.iter().zip(&p.probs).map(|(&t, &pt)| (t, (pt as f64 - q[i].prob(t)).max(0.0)));
         // A zero residual means p ≤ q everywhere, i.e. p = q, where
         // rejection has probability zero; fall back to p for rounding.
-        let next = sample_weighted(residual, rng).unwrap_or_else(|| p[i].sample(rng));
+        let next = sample_weighted(residual, rng).unwrap_or_else(|| p.sample(rng));
         return Verdict { accepted: i, next };
     }
-    Verdict { accepted: drafts.len(), next: p[drafts.len()].sample(rng) }
+    Verdict { accepted: drafts.len(), next: target(drafts.len()).sample(rng) }
 }
 
 /// Judges one round from the target's k + 1 rows of logits: the greedy
@@ -62,8 +63,7 @@ pub fn judge_round(sampling: &SamplingParams, position: usize, drafts: &[u32], q
     if sampling.is_greedy() {
         return verify_greedy(drafts, |i| logits.row(i));
     }
-    let p: Vec<SparseDist> = (0..=drafts.len()).map(|i| sampling.distribution(logits.row(i))).collect();
-    verify_sampled(drafts, q, &p, &mut SessionRng::at(sampling.seed, position))
+    verify_sampled(drafts, q, |i| sampling.distribution(logits.row(i)), &mut SessionRng::at(sampling.seed, position))
 }
 
 #[cfg(test)]
@@ -85,7 +85,7 @@ mod tests {
         let p = [SparseDist { tokens: vec![1, 2], probs: vec![0.5, 0.5] }, SparseDist::point(0)];
         let mut rng = SessionRng::new(3);
         for _ in 0..100 {
-            let v = verify_sampled(&[3], &q, &p, &mut rng);
+            let v = verify_sampled(&[3], &q, |i| p[i].clone(), &mut rng);
             assert_eq!(v.accepted, 0);
             assert!(v.next == 1 || v.next == 2);
         }
@@ -96,7 +96,8 @@ mod tests {
         let d = SparseDist { tokens: vec![4, 5], probs: vec![0.25, 0.75] };
         let mut rng = SessionRng::new(9);
         for _ in 0..100 {
-            let v = verify_sampled(&[5, 4], &[d.clone(), d.clone()], &[d.clone(), d.clone(), SparseDist::point(7)], &mut rng);
+            let p = [d.clone(), d.clone(), SparseDist::point(7)];
+            let v = verify_sampled(&[5, 4], &[d.clone(), d.clone()], |i| p[i].clone(), &mut rng);
             assert_eq!(v, Verdict { accepted: 2, next: 7 });
         }
     }

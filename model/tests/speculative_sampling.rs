@@ -79,7 +79,7 @@ fn speculative_pair(
         let logits = target.forward(&mut [SeqPass { cache: &mut cache, tokens: &feed, logits: LogitsFor::All }]).unwrap();
         let p: Vec<SparseDist> = (0..feed.len()).map(|i| params.distribution(logits[0].row(i))).collect();
         let verdict = match rule {
-            Rule::Correct => verify_sampled(&proposal.tokens, &proposal.dists, &p, rng),
+            Rule::Correct => verify_sampled(&proposal.tokens, &proposal.dists, |i| p[i].clone(), rng),
             Rule::ResampleFromTarget => {
                 let mut accepted = proposal.tokens.len();
                 for (i, &d) in proposal.tokens.iter().enumerate() {
