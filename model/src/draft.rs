@@ -1,6 +1,6 @@
 //! Draft sources: what proposes tokens for the target to verify.
 
-use crate::sampling::{argmax, SamplingParams, SessionRng, SparseDist};
+use crate::sampling::{argmax, max_of, SamplingParams, SessionRng, SparseDist};
 use crate::{Llama, LoadedModel, LogitsFor, ModelError, Result, SeqPass};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -89,23 +89,10 @@ impl DraftFeatures {
     /// a 4 ms step of the target here.
     pub fn from_logits(logits: &[f32], position: usize) -> Self {
         const LANES: usize = 16;
-        let lane_max = |v: &[f32]| {
-            let mut m = [f32::NEG_INFINITY; LANES];
-            let chunks = v.chunks_exact(LANES);
-            for (j, &l) in chunks.remainder().iter().enumerate() {
-                m[j] = m[j].max(l);
-            }
-            for chunk in chunks {
-                for (m, &l) in m.iter_mut().zip(chunk) {
-                    *m = m.max(l);
-                }
-            }
-            m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
-        };
-        let max = lane_max(logits);
-        let top = logits.iter().position(|&l| l == max).unwrap_or(0);
+        let top = argmax(logits) as usize;
+        let max = logits.get(top).copied().unwrap_or(0.0);
         // The largest logit but the first maximum (a tie gives a margin of 0).
-        let second = lane_max(&logits[..top]).max(lane_max(logits.get(top + 1..).unwrap_or(&[])));
+        let second = max_of(&logits[..top]).max(max_of(logits.get(top + 1..).unwrap_or(&[])));
         // Per-lane sums, so that the loop vectorizes: Z, Σ e·(l − max), Σ l.
         let (mut z, mut zd, mut sum) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
         let mut add = |j: usize, l: f32| {

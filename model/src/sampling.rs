@@ -66,7 +66,7 @@ impl SamplingParams {
     pub fn distribution_over(&self, candidates: impl Iterator<Item = (u32, f32)>) -> SparseDist {
         let inv_t = 1.0 / self.temperature;
         let (ids, mut weights): (Vec<u32>, Vec<f32>) = candidates.unzip();
-        let max = weights.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+        let max = max_of(&weights);
         // In a loop of its own, which vectorizes.
         for w in &mut weights {
             *w = exp_nonpositive((*w - max) * inv_t);
@@ -149,15 +149,34 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     }
 }
 
-/// Index of the largest logit, ties to the lowest index.
+/// Index of the largest logit, ties to the lowest index (0 for an empty
+/// row). The maximum first, then the first chunk holding it: both loops
+/// vectorize (27 → ~7 µs over this model's 49 152 logits, for every
+/// verified position and drafted token).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    const CHUNK: usize = 64;
+    let max = max_of(logits);
+    let Some(c) = logits.chunks(CHUNK).position(|chunk| chunk.iter().fold(false, |seen, &l| seen | (l == max))) else {
+        return 0;
+    };
+    let first = logits[c * CHUNK..].iter().position(|&l| l == max).unwrap_or(0);
+    (c * CHUNK + first) as u32
+}
+
+/// The largest value (−∞ for none), over sixteen lanes so that it vectorizes.
+pub(crate) fn max_of(v: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let chunks = v.chunks_exact(LANES);
+    for (m, &l) in m.iter_mut().zip(chunks.remainder()) {
+        *m = m.max(l);
+    }
+    for chunk in chunks {
+        for (m, &l) in m.iter_mut().zip(chunk) {
+            *m = m.max(l);
         }
     }
-    best as u32
+    m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
 }
 
 /// A probability distribution over the tokens it lists (all others have
@@ -296,6 +315,22 @@ mod tests {
         let mut rng = SessionRng::new(1);
         let mean = (0..10_000).map(|_| rng.next_f64()).sum::<f64>() / 10_000.0;
         assert!((mean - 0.5).abs() < 0.02, "mean {mean}");
+    }
+
+    #[test]
+    fn argmax_takes_the_first_of_the_largest() {
+        let textbook = |v: &[f32]| (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b }) as u32;
+        for len in [0, 1, 15, 16, 17, 33, 49_152] {
+            // Values repeat, so the largest occurs in several lanes and the remainder.
+            let row: Vec<f32> = (0..len as u32).map(|i| (i.wrapping_mul(2_654_435_761) % 97) as f32 - 50.0).collect();
+            assert_eq!(argmax(&row), textbook(&row), "length {len}");
+        }
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 20]), 0);
+        let mut last = vec![0.0f32; 40];
+        last[39] = 1.0;
+        assert_eq!(argmax(&last), 39);
+        last[20] = 1.0;
+        assert_eq!(argmax(&last), 20);
     }
 
     /// Selecting the most likely before sorting keeps what sorting every
