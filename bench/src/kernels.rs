@@ -5,6 +5,8 @@
 //! which needs only the last), and a ragged batch of 8 sessions × 5 tokens
 //! at different context lengths. Each row is timed with Tandem's kernels
 //! and with candle's stock `QMatMul` on the same weights, in the same run.
+//! Then the built-in trained draft's cost per drafted token, beside the
+//! target's decode step (#10's measure).
 //!
 //! `--backend wgpu` times the draft forward instead: one decode step after
 //! a 64-token context and a 98-token prefill, on the wgpu backend and on
