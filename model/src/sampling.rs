@@ -71,25 +71,36 @@ impl SamplingParams {
         for w in &mut weights {
             *w = exp_nonpositive((*w - max) * inv_t);
         }
-        let mut entries: Vec<(u32, f64)> = ids.into_iter().zip(weights.into_iter().map(f64::from)).collect();
         // Sorting every candidate took 1.7 ms over this model's 49 152
         // tokens, for each of a round's k + 1 positions: the most likely
-        // are selected first and only they are sorted. The order is total,
-        // so the set kept and its order are the full sort's.
-        if self.top_k > 0 {
-            if self.top_k < entries.len() {
-                entries.select_nth_unstable_by(self.top_k - 1, most_likely_first);
-                entries.truncate(self.top_k);
+        // are found by selection over the weights and only they are sorted.
+        // The order is total, so the set kept and its order are a full sort's.
+        let entries = if self.top_k > 0 {
+            let mut top = most_likely(&ids, &weights, self.top_k);
+            if self.top_p < 1.0 {
+                let total: f64 = top.iter().map(|e| e.1).sum();
+                let keep = reach(&top, total, self.top_p as f64).unwrap_or(top.len());
+                top.truncate(keep);
             }
-            entries.sort_by(most_likely_first);
-        }
-        if self.top_p < 1.0 {
-            // Summed in the candidates' order (by id), or after top-k in
-            // sorted order.
-            let total: f64 = entries.iter().map(|e| e.1).sum();
-            let keep = nucleus(&mut entries, total, self.top_p as f64);
-            entries.truncate(keep);
-        }
+            top
+        } else if self.top_p < 1.0 {
+            // The nucleus among the 256 most likely, else 4× as many.
+            let total: f64 = weights.iter().map(|&w| w as f64).sum();
+            let mut n = 256;
+            loop {
+                let mut top = most_likely(&ids, &weights, n);
+                if let Some(keep) = reach(&top, total, self.top_p as f64) {
+                    top.truncate(keep);
+                    break top;
+                }
+                if n >= weights.len() {
+                    break top;
+                }
+                n *= 4;
+            }
+        } else {
+            ids.into_iter().zip(weights.into_iter().map(f64::from)).collect()
+        };
         let total: f64 = entries.iter().map(|e| e.1).sum();
         SparseDist { tokens: entries.iter().map(|e| e.0).collect(), probs: entries.iter().map(|e| (e.1 / total) as f32).collect() }
     }
@@ -100,28 +111,33 @@ fn most_likely_first(a: &(u32, f64), b: &(u32, f64)) -> std::cmp::Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
-/// How many of the most likely `entries` (weights summing to `total`) it
-/// takes to reach `top_p` of the mass; those are left sorted at the front.
-/// Sorts the 256 most likely, then 4× as many, until they reach it.
-fn nucleus(entries: &mut [(u32, f64)], total: f64, top_p: f64) -> usize {
-    let mut n = entries.len().min(256);
-    loop {
-        if n < entries.len() {
-            entries.select_nth_unstable_by(n - 1, most_likely_first);
-        }
-        entries[..n].sort_by(most_likely_first);
-        let mut mass = 0.0;
-        if let Some(i) = entries[..n].iter().position(|e| {
+/// The `n` most likely candidates (all, if fewer), most likely first:
+/// those weighing at least the n-th largest weight, found by selection
+/// over the weights alone, sorted, then cut to `n` (ties by id).
+fn most_likely(ids: &[u32], weights: &[f32], n: usize) -> Vec<(u32, f64)> {
+    let n = n.min(weights.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut scratch = weights.to_vec();
+    let (_, &mut nth, _) = scratch.select_nth_unstable_by(n - 1, |a, b| b.total_cmp(a));
+    let mut top: Vec<(u32, f64)> = ids.iter().zip(weights).filter(|(_, &w)| w >= nth).map(|(&i, &w)| (i, w as f64)).collect();
+    top.sort_by(most_likely_first);
+    top.truncate(n);
+    top
+}
+
+/// How many of `sorted` (most likely first, of weights summing to
+/// `total`) it takes to reach `top_p` of the mass, if they do.
+fn reach(sorted: &[(u32, f64)], total: f64, top_p: f64) -> Option<usize> {
+    let mut mass = 0.0;
+    sorted
+        .iter()
+        .position(|e| {
             mass += e.1 / total;
             mass >= top_p
-        }) {
-            return i + 1;
-        }
-        if n == entries.len() {
-            return n;
-        }
-        n = (n * 4).min(entries.len());
-    }
+        })
+        .map(|i| i + 1)
 }
 
 /// e^x for x ≤ 0, within a few units in the last place, and 0 below −87
