@@ -112,10 +112,17 @@ struct TrainDraftArgs {
     /// Greedy tokens the target generates per training prompt.
     #[arg(long)]
     max_new_tokens: Option<usize>,
-    /// Weight of the pass that feeds the draft its own predicted states
-    /// (EAGLE-style methods; 0 trains on the target's states only).
+    /// Weight of each drafting step past the first, which reads the
+    /// draft's own predicted states (EAGLE-style methods; 0 trains on the
+    /// target's states only).
     #[arg(long)]
-    second_pass_weight: Option<f64>,
+    later_step_weight: Option<f64>,
+    /// Drafting steps trained per chain (1: teacher-forced only) [default: 4].
+    #[arg(long)]
+    unroll: Option<usize>,
+    /// Later steps run on chains from every Nth position [default: 3].
+    #[arg(long)]
+    unroll_stride: Option<usize>,
     /// Stop (with a checkpoint) after this many minutes of training.
     #[arg(long)]
     max_minutes: Option<f64>,
@@ -353,7 +360,9 @@ fn main() -> Result<()> {
                 chat_prompts: a.chat_prompts.unwrap_or(d.chat_prompts),
                 code_prompts: a.code_prompts.unwrap_or(d.code_prompts),
                 max_new_tokens: a.max_new_tokens.unwrap_or(d.max_new_tokens),
-                second_pass_weight: a.second_pass_weight.unwrap_or(d.second_pass_weight),
+                later_step_weight: a.later_step_weight.unwrap_or(d.later_step_weight),
+                unroll: a.unroll.unwrap_or(d.unroll),
+                unroll_stride: a.unroll_stride.unwrap_or(d.unroll_stride),
                 ..d
             };
             let n = model.llama.config().n_layers;
@@ -361,7 +370,9 @@ fn main() -> Result<()> {
             anyhow::ensure!(cfg.init_layer < n, "`--init-layer` must be below {n}");
             anyhow::ensure!(cfg.steps > 0, "`--steps` must be at least 1");
             anyhow::ensure!(cfg.max_new_tokens > 0, "`--max-new-tokens` must be at least 1");
-            anyhow::ensure!(cfg.second_pass_weight >= 0.0, "`--second-pass-weight` must be at least 0");
+            anyhow::ensure!(cfg.later_step_weight >= 0.0, "`--later-step-weight` must be at least 0");
+            anyhow::ensure!(cfg.unroll >= 1, "`--unroll` must be at least 1");
+            anyhow::ensure!(cfg.unroll_stride >= 1, "`--unroll-stride` must be at least 1");
             let run = train_draft::TrainRun {
                 model: &model,
                 model_path: &model_path,

@@ -62,9 +62,20 @@ pub struct TrainDraftConfig {
     pub weight_decay: f64,
     /// Weight of the hidden-state regression next to the cross-entropy.
     pub regression_weight: f64,
-    /// Weight of the second pass (EAGLE-style methods), which reads the
-    /// draft's own predicted states as drafting past the first token does.
-    pub second_pass_weight: f64,
+    /// Weight of each later drafting step (EAGLE-style methods), which
+    /// reads the draft's own predicted states as drafting past the first
+    /// token does.
+    #[serde(alias = "second_pass_weight")]
+    pub later_step_weight: f64,
+    /// Drafting steps trained per chain (1: teacher-forced only): step
+    /// `s` is the `s`-th drafted token of a round.
+    #[serde(default = "one_later_step")]
+    pub unroll: usize,
+    /// Later steps run on chains starting at every `unroll_stride`-th
+    /// position (offset rotating by step): each later step then costs a
+    /// fraction of the teacher-forced pass.
+    #[serde(default = "every_position")]
+    pub unroll_stride: usize,
     pub seed: u64,
     pub eval_every: usize,
 }
@@ -83,11 +94,22 @@ impl Default for TrainDraftConfig {
             lr: 3e-4,
             weight_decay: 0.01,
             regression_weight: 1.0,
-            second_pass_weight: 0.3,
+            later_step_weight: 0.3,
+            unroll: 4,
+            unroll_stride: 3,
             seed: 7,
             eval_every: 100,
         }
     }
+}
+
+/// What cards written before `unroll` trained: one step past the first.
+fn one_later_step() -> usize {
+    2
+}
+
+fn every_position() -> usize {
+    1
 }
 
 /// Held-out teacher-forced agreement with the target's greedy token on
@@ -102,6 +124,13 @@ pub struct Agreement {
     /// the draft's own prediction of the previous state), all prompts.
     #[serde(default)]
     pub second: f64,
+    /// Agreement at draft positions 2, 3, … up to `unroll`, each reading
+    /// what drafting reads there: the verified context through the
+    /// target's states, the round's earlier drafts through the draft's
+    /// own (cards before `unroll` judged the second position with every
+    /// earlier position read through the draft's states).
+    #[serde(default)]
+    pub later: Vec<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -205,13 +234,13 @@ pub fn run(r: &TrainRun) -> Result<DraftCard> {
         bar.inc(1);
         let out_of_time = r.max_minutes.is_some_and(|m| elapsed0 + started.elapsed().as_secs_f64() > m * 60.0);
         if opt.step % cfg.eval_every == 0 || opt.step == cfg.steps || out_of_time {
-            let held_out = evaluate(&block, cfg.method, &frozen, &eval)?;
+            let held_out = evaluate(&block, cfg, &frozen, &eval)?;
             let line = format!(
-                "loss {loss_avg:.3} · train agreement {:.1}% · held-out chat {:.1}% code {:.1}% second position {:.1}%",
+                "loss {loss_avg:.3} · train agreement {:.1}% · held-out chat {:.1}% code {:.1}% later positions {}",
                 100.0 * agree_avg,
                 100.0 * held_out.chat,
                 100.0 * held_out.code,
-                100.0 * held_out.second
+                held_out.later.iter().map(|a| format!("{:.1}%", 100.0 * a)).collect::<Vec<_>>().join(" ")
             );
             if bar.is_hidden() {
                 eprintln!("train-draft: step {}: {line}", opt.step);
@@ -385,75 +414,127 @@ fn batch_tensors(block: &Block, method: Method, frozen: &Frozen, seqs: &[Traced]
     })
 }
 
-/// Loss and agreement of one pass's outputs: cross-entropy against the
-/// target's token plus the regression of the normalised state.
-fn pass_loss(out: &Tensor, frozen: &Frozen, batch: &Batch, regression_weight: f64) -> Result<(Tensor, f64)> {
-    let eps = frozen.eps;
+/// Loss (sum over rows), agreement and count of one pass's rows against
+/// the batch's rows `index` (all of them when `None`), each row's weight
+/// times `valid`.
+fn rows_loss(out: &Tensor, frozen: &Frozen, batch: &Batch, index: Option<(&Tensor, &Tensor)>, regression_weight: f64) -> Result<(Tensor, f64, f64)> {
+    let h = batch.last.dim(1)?;
+    let pick = |x: &Tensor, width: usize| -> Result<Tensor> {
+        Ok(match index {
+            None => x.clone(),
+            Some((idx, _)) => x.reshape((batch.b, batch.t, width))?.index_select(idx, 1)?.reshape(((), width))?,
+        })
+    };
+    let weight = match index {
+        None => batch.weight.clone(),
+        Some((_, valid)) => pick(&batch.weight, 1)?.broadcast_mul(valid)?,
+    };
+    let (labels, last) = (pick(&batch.labels, 1)?, pick(&batch.last, h)?);
+    // Cross-entropy against the target's token plus the regression of the
+    // normalised state.
     let logits = net::logits(out, frozen)?;
     let max = logits.max_keepdim(1)?.detach();
     let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + &max)?;
-    let picked = logits.gather(&batch.labels, 1)?;
-    let ce = ((lse - picked)? * &batch.weight)?.sum_all()?;
-    let diff = (net::rms_norm(out, eps)? - net::rms_norm(&batch.last, eps)?)?;
-    let reg = (diff.sqr()?.mean_keepdim(1)? * &batch.weight)?.sum_all()?;
-    let agree = logits.argmax_keepdim(D::Minus1)?.eq(&batch.labels)?.to_dtype(DType::F32)?;
-    let agreed = (agree * &batch.weight)?.sum_all()?.to_scalar::<f32>()? as f64;
-    Ok(((ce + (reg * regression_weight)?)?, agreed))
+    let ce = ((lse - logits.gather(&labels, 1)?)? * &weight)?.sum_all()?;
+    let diff = (net::rms_norm(out, frozen.eps)? - net::rms_norm(&last, frozen.eps)?)?;
+    let reg = (diff.sqr()?.mean_keepdim(1)? * &weight)?.sum_all()?;
+    let agree = logits.argmax_keepdim(D::Minus1)?.eq(&labels)?.to_dtype(DType::F32)?;
+    let agreed = (agree * &weight)?.sum_all()?.to_scalar::<f32>()? as f64;
+    Ok(((ce + (reg * regression_weight)?)?, agreed, weight.sum_all()?.to_scalar::<f32>()? as f64))
 }
 
-/// Loss over a batch, and agreement at the first and second draft
-/// positions. EAGLE-style methods run a second pass as drafting does past
-/// its first token: each position reads the first pass's prediction for
-/// the position before (at the target's median scale) instead of the
-/// target's state, so training sees its own errors.
-fn loss(block: &Block, frozen: &Frozen, batch: &Batch, weights: (f64, f64)) -> Result<(Tensor, f64, f64, f64)> {
-    let (regression_weight, second_weight) = weights;
-    let count = batch.weight.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
-    let out = block.forward(&batch.x, batch.b, batch.t, frozen)?;
-    let (first, agreed) = pass_loss(&out, frozen, batch, regression_weight)?;
-    let Some(token_rows) = batch.token_rows.as_ref().filter(|_| second_weight > 0.0) else {
-        return Ok(((first / count)?, agreed, 0.0, count));
+/// What one batch scored.
+struct BatchLoss {
+    /// Sum over the first position's rows divided by their count, plus
+    /// each later step's likewise, weighted.
+    total: Tensor,
+    /// The first drafted token's agreement and rows.
+    agreed: f64,
+    count: f64,
+    /// Each later drafted token's (agreed, rows).
+    later: Vec<(f64, f64)>,
+}
+
+/// Loss over a batch. EAGLE-style methods go on from the
+/// teacher-forced pass as drafting does (EAGLE-3's training-time test):
+/// chains starting at every `stride`-th position from `offset` take
+/// `unroll − 1` more steps, each reading the token there and the draft's
+/// own prediction of the previous state (at the target's median scale),
+/// and attending to the teacher-forced pass up to the chain's start and to
+/// the chain's own steps, so training sees the draft's own errors in the
+/// context drafting gives it.
+fn loss(block: &Block, frozen: &Frozen, batch: &Batch, weights: (f64, f64), unroll: (usize, usize, usize)) -> Result<BatchLoss> {
+    let (regression_weight, later_weight) = weights;
+    let (steps, stride, offset) = unroll;
+    let (b, t) = (batch.b, batch.t);
+    let (out, first) = block.forward(&batch.x, b, t, frozen)?;
+    let (first_loss, agreed, count) = rows_loss(&out, frozen, batch, None, regression_weight)?;
+    let mut total = (first_loss / count.max(1.0))?;
+    let mut later = Vec::new();
+    let Some(token_rows) = batch.token_rows.as_ref().filter(|_| later_weight > 0.0 && steps > 1 && offset < t) else {
+        return Ok(BatchLoss { total, agreed, count, later });
     };
-    let (b, t, h) = (batch.b, batch.t, out.dim(1)?);
-    let predicted = (net::rms_norm(&out.detach(), frozen.eps)? * frozen.state_scale as f64)?.reshape((b, t, h))?;
-    let shifted = Tensor::cat(&[&Tensor::zeros((b, 1, h), DType::F32, &Device::Cpu)?, &predicted.narrow(1, 0, t - 1)?], 1)?;
-    let x2 = block.project(token_rows, &shifted.reshape((b * t, h))?)?;
-    let out2 = block.forward(&x2, b, t, frozen)?;
-    let (second, agreed2) = pass_loss(&out2, frozen, batch, regression_weight)?;
-    Ok((((first + (second * second_weight)?)? / count)?, agreed, agreed2, count))
+    let h = out.dim(1)?;
+    let starts: Vec<usize> = (offset..t).step_by(stride).collect();
+    let at = |positions: &[usize]| -> Result<Tensor> {
+        Ok(Tensor::from_vec(positions.iter().map(|&p| p.min(t - 1) as u32).collect::<Vec<_>>(), positions.len(), &Device::Cpu)?)
+    };
+    let rows_at = |x: &Tensor, idx: &Tensor| -> Result<Tensor> { Ok(x.reshape((b, t, h))?.index_select(idx, 1)?.reshape(((), h))?) };
+    let mut previous = rows_at(&out, &at(&starts)?)?;
+    let mut chain = Vec::new();
+    for step in 1..steps {
+        let positions: Vec<usize> = starts.iter().map(|&s| s + step).collect();
+        let idx = at(&positions)?;
+        let valid = Tensor::from_vec(positions.iter().map(|&p| f32::from(u8::from(p < t))).collect::<Vec<_>>(), (positions.len(), 1), &Device::Cpu)?;
+        let valid = valid.unsqueeze(0)?.broadcast_as((b, positions.len(), 1))?.reshape(((), 1))?;
+        let predicted = (net::rms_norm(&previous.detach(), frozen.eps)? * frozen.state_scale as f64)?;
+        let x = block.project(&rows_at(token_rows, &idx)?, &predicted)?;
+        let (out, kv) = block.forward_chain(&x, &starts, &positions, &first, &chain, frozen)?;
+        let (step_loss, step_agreed, step_count) = rows_loss(&out, frozen, batch, Some((&idx, &valid)), regression_weight)?;
+        total = (total + (step_loss * (later_weight / step_count.max(1.0)))?)?;
+        later.push((step_agreed, step_count));
+        chain.push(kv);
+        previous = out;
+    }
+    Ok(BatchLoss { total, agreed, count, later })
 }
 
 fn train_step(block: &Block, opt: &mut net::AdamW, frozen: &Frozen, seqs: &[Traced], idx: &[usize], cfg: &TrainDraftConfig) -> Result<(f64, f64)> {
     let batch = batch_tensors(block, cfg.method, frozen, seqs, idx, |_| 0)?;
-    let (loss, agreed, _, count) = loss(block, frozen, &batch, (cfg.regression_weight, cfg.second_pass_weight))?;
-    let grads = loss.backward()?;
+    let unroll = (cfg.unroll, cfg.unroll_stride, opt.step % cfg.unroll_stride);
+    let scored = loss(block, frozen, &batch, (cfg.regression_weight, cfg.later_step_weight), unroll)?;
+    let grads = scored.total.backward()?;
     // Linear warm-up over 50 steps (of fresh moments), then cosine decay
     // to a tenth.
     let warm = ((opt.moment_updates as f64 + 1.0) / 50.0).min(1.0);
     let progress = (opt.step as f64 / cfg.steps as f64).min(1.0);
     let lr = cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()));
     opt.update(block, &grads, lr, cfg.weight_decay)?;
-    Ok((loss.to_scalar::<f32>()? as f64, agreed / count))
+    Ok((scored.total.to_scalar::<f32>()? as f64, scored.agreed / scored.count.max(1.0)))
 }
 
-fn evaluate(block: &Block, method: Method, frozen: &Frozen, eval: &[Traced]) -> Result<Agreement> {
+/// Held-out agreement: chains from every position, `unroll` steps.
+fn evaluate(block: &Block, cfg: &TrainDraftConfig, frozen: &Frozen, eval: &[Traced]) -> Result<Agreement> {
     let mut per_kind: HashMap<&str, (f64, f64)> = HashMap::new();
-    let (mut second, mut total) = (0.0, 0.0);
+    let mut later = vec![(0.0, 0.0); cfg.unroll.saturating_sub(1)];
     for (i, s) in eval.iter().enumerate() {
-        let batch = batch_tensors(block, method, frozen, eval, &[i], |s| s.prompt_len)?;
-        let (_, agreed, agreed2, count) = loss(block, frozen, &batch, (0.0, 1.0))?;
+        let batch = batch_tensors(block, cfg.method, frozen, eval, &[i], |s| s.prompt_len)?;
+        let scored = loss(block, frozen, &batch, (0.0, 1.0), (cfg.unroll, 1, 0))?;
         let e = per_kind.entry(s.kind).or_default();
-        e.0 += agreed;
-        e.1 += count;
-        (second, total) = (second + agreed2, total + count);
+        e.0 += scored.agreed;
+        e.1 += scored.count;
+        for (sum, (a, n)) in later.iter_mut().zip(scored.later) {
+            *sum = (sum.0 + a, sum.1 + n);
+        }
     }
-    Ok(Agreement { second: second / total.max(1.0), ..agreement(&per_kind) })
+    let later: Vec<f64> = later.iter().map(|(a, n)| a / n.max(1.0)).collect();
+    Ok(Agreement { second: later.first().copied().unwrap_or(0.0), later, ..agreement(&per_kind) })
 }
 
 fn agreement(per_kind: &HashMap<&str, (f64, f64)>) -> Agreement {
     let rate = |k: &str| per_kind.get(k).map_or(0.0, |(a, n)| a / n.max(1.0));
     let (a, n) = per_kind.values().fold((0.0, 0.0), |acc, (a, n)| (acc.0 + a, acc.1 + n));
-    Agreement { chat: rate("chat"), code: rate("code"), all: a / n.max(1.0), positions: n as usize, second: 0.0 }
+    Agreement { chat: rate("chat"), code: rate("code"), all: a / n.max(1.0), positions: n as usize, second: 0.0, later: vec![] }
 }
 
 fn outside_list(eval: &[Traced], vocab: &[u32]) -> f64 {
@@ -591,11 +672,36 @@ mod tests {
         let block = Block::from_target(&model, n - 1, false).unwrap();
         let t = tokens.len();
         let x = Tensor::from_vec(states[0].clone(), (t, h), &Device::Cpu).unwrap();
-        let out = block.forward(&x, 1, t, &Frozen::new(&model).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let out = block.forward(&x, 1, t, &Frozen::new(&model).unwrap()).unwrap().0.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (i, (a, b)) in out.chunks(h).zip(states[1].chunks(h)).enumerate() {
             let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
             let cos = dot / (a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt());
             assert!(cos > 0.999, "position {i}: cosine {cos}");
+        }
+    }
+
+    /// A drafting step whose inputs are what the teacher-forced pass read
+    /// at the same positions computes what that pass did there: chains see
+    /// the verified context and their own steps, nothing else, and RoPE
+    /// puts each row at its position.
+    #[test]
+    fn chain_steps_fed_the_teacher_inputs_reproduce_the_teacher_pass() {
+        let model = LoadedModel::load(&tandem_model::fetch::ensure_default_model(false).unwrap()).unwrap();
+        let h = model.llama.config().hidden;
+        let (b, t) = (2, 9);
+        let frozen = Frozen::new(&model).unwrap();
+        let block = Block::from_target(&model, 20, false).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (b * t, h), &Device::Cpu).unwrap();
+        let (out, first) = block.forward(&x, b, t, &frozen).unwrap();
+        let (starts, mut chain) = (vec![1, 4, 6], Vec::new());
+        for step in 1..3 {
+            let positions: Vec<usize> = starts.iter().map(|s| s + step).collect();
+            let idx = Tensor::from_vec(positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), positions.len(), &Device::Cpu).unwrap();
+            let rows = |y: &Tensor| y.reshape((b, t, h)).unwrap().index_select(&idx, 1).unwrap().reshape(((), h)).unwrap();
+            let (got, kv) = block.forward_chain(&rows(&x), &starts, &positions, &first, &chain, &frozen).unwrap();
+            let diff = (got - rows(&out)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-3, "step {step}: max difference {diff}");
+            chain.push(kv);
         }
     }
 

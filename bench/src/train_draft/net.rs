@@ -70,11 +70,11 @@ impl Frozen {
         Ok(self.embed.index_select(&idx, 0)?)
     }
 
-    /// `(cos, sin)` for positions `0..t`, each `t × head_dim/2 × 1`.
-    fn rope(&self, t: usize, half: usize) -> Result<(Tensor, Tensor)> {
-        let cos = Tensor::from_slice(&self.cos[..t * half], (t, half, 1), &Device::Cpu)?;
-        let sin = Tensor::from_slice(&self.sin[..t * half], (t, half, 1), &Device::Cpu)?;
-        Ok((cos, sin))
+    /// `(cos, sin)` at `positions`, each `n × head_dim/2 × 1`.
+    fn rope_at(&self, positions: &[usize], half: usize) -> Result<(Tensor, Tensor)> {
+        let n = positions.len();
+        let table = |t: &[f32]| Tensor::from_vec(positions.iter().flat_map(|&p| &t[p * half..(p + 1) * half]).copied().collect(), (n, half, 1), &Device::Cpu);
+        Ok((table(&self.cos)?, table(&self.sin)?))
     }
 }
 
@@ -143,34 +143,91 @@ impl Block {
     }
 
     /// One decoder layer over `b` sequences of `t` positions each
-    /// (`x`: `b·t × hidden`, positions from 0), causal.
-    pub fn forward(&self, x: &Tensor, b: usize, t: usize, frozen: &Frozen) -> Result<Tensor> {
-        let c = &self.cfg;
-        let (hd, nh, nkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
-        let gain = |n: &str| self.var(n).as_tensor().clone();
-        let h = rms_norm(x, c.rms_eps)?.broadcast_mul(&gain("attn_norm"))?;
-        let (cos, sin) = frozen.rope(t, hd / 2)?;
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            let y = y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?;
-            rope(&y, &cos, &sin)
-        };
-        let q = heads(linear(&h, self.var("attn_q"))?, nh)?;
-        let group = nh / nkv;
-        let repeat = |y: Tensor| -> Result<Tensor> { Ok(y.unsqueeze(2)?.broadcast_as((b, nkv, group, t, hd))?.contiguous()?.reshape((b, nh, t, hd))?) };
-        let k = repeat(heads(linear(&h, self.var("attn_k"))?, nkv)?)?;
-        let v = linear(&h, self.var("attn_v"))?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = repeat(v)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    /// (`x`: `b·t × hidden`, positions from 0), causal: the teacher-forced
+    /// pass, each position reading the target's previous state. Returns the
+    /// output rows and the pass's keys and values, which later drafting
+    /// steps attend to.
+    pub fn forward(&self, x: &Tensor, b: usize, t: usize, frozen: &Frozen) -> Result<(Tensor, PassKv)> {
+        let positions: Vec<usize> = (0..t).collect();
+        let (q, kv) = self.attention_inputs(x, b, &positions, frozen)?;
+        let scores = q.matmul(&kv.k.t()?)?;
         let mask: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { -1e9 } else { 0.0 }).collect();
         let scores = scores.broadcast_add(&Tensor::from_vec(mask, (t, t), &Device::Cpu)?)?;
-        let scores = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?.detach())?.exp()?;
-        let probs = scores.broadcast_div(&scores.sum_keepdim(D::Minus1)?)?;
-        let attn = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * t, nh * hd))?;
+        let probs = softmax_last(&scores)?;
+        let attn = probs.matmul(&kv.v)?;
+        Ok((self.finish(x, attn, b, t)?, kv))
+    }
+
+    /// A later drafting step of `b × n` chains (`b` as in `first`;
+    /// EAGLE-3's training-time test): chain `c` of each sequence starts from the teacher-forced
+    /// position `starts[c]` and has reached position `positions[c]`. Each
+    /// row attends, as drafting does, to the teacher-forced pass's keys up
+    /// to its chain's start, to its chain's earlier steps (`chain`, in
+    /// order) and to itself: a drafted token sees the verified context
+    /// through the target's states and the round's drafts through the
+    /// draft's own.
+    pub fn forward_chain(
+        &self,
+        x: &Tensor,
+        starts: &[usize],
+        positions: &[usize],
+        first: &PassKv,
+        chain: &[PassKv],
+        frozen: &Frozen,
+    ) -> Result<(Tensor, PassKv)> {
+        let (b, _, t, _) = first.k.dims4()?;
+        let n = positions.len();
+        let (q, kv) = self.attention_inputs(x, b, positions, frozen)?;
+        let mask: Vec<f32> = (0..n * t).map(|i| if i % t > starts[i / t] { -1e9 } else { 0.0 }).collect();
+        let verified = q.matmul(&first.k.t()?)?.broadcast_add(&Tensor::from_vec(mask, (n, t), &Device::Cpu)?)?;
+        let drafted: Vec<Tensor> = chain.iter().chain([&kv]).map(|step| (&q * &step.k)?.sum_keepdim(3)).collect::<candle_core::Result<_>>()?;
+        let scores = Tensor::cat(&[&[verified], drafted.as_slice()].concat(), 3)?;
+        let probs = softmax_last(&scores)?;
+        let mut attn = probs.narrow(3, 0, t)?.matmul(&first.v)?;
+        for (i, step) in chain.iter().chain([&kv]).enumerate() {
+            attn = (attn + probs.narrow(3, t + i, 1)?.broadcast_mul(&step.v)?)?;
+        }
+        Ok((self.finish(x, attn, b, n)?, kv))
+    }
+
+    /// Queries (scaled by 1/√head_dim) and keys/values of rows `b × n` at
+    /// `positions`, `b × heads × n × head_dim`, kv heads repeated.
+    fn attention_inputs(&self, x: &Tensor, b: usize, positions: &[usize], frozen: &Frozen) -> Result<(Tensor, PassKv)> {
+        let c = &self.cfg;
+        let (hd, nh, nkv, n) = (c.head_dim, c.n_heads, c.n_kv_heads, positions.len());
+        let h = rms_norm(x, c.rms_eps)?.broadcast_mul(self.var("attn_norm").as_tensor())?;
+        let (cos, sin) = frozen.rope_at(positions, hd / 2)?;
+        let heads = |y: Tensor, heads: usize| -> Result<Tensor> { Ok(y.reshape((b, n, heads, hd))?.transpose(1, 2)?.contiguous()?) };
+        let group = nh / nkv;
+        let repeat = |y: Tensor| -> Result<Tensor> { Ok(y.unsqueeze(2)?.broadcast_as((b, nkv, group, n, hd))?.contiguous()?.reshape((b, nh, n, hd))?) };
+        let q = (rope(&heads(linear(&h, self.var("attn_q"))?, nh)?, &cos, &sin)? * (1.0 / (hd as f64).sqrt()))?;
+        let k = repeat(rope(&heads(linear(&h, self.var("attn_k"))?, nkv)?, &cos, &sin)?)?;
+        let v = repeat(heads(linear(&h, self.var("attn_v"))?, nkv)?)?;
+        Ok((q, PassKv { k, v }))
+    }
+
+    /// The attention output (`b × heads × n × head_dim`) through the output
+    /// projection and the residual, then the feed-forward half.
+    fn finish(&self, x: &Tensor, attn: Tensor, b: usize, n: usize) -> Result<Tensor> {
+        let c = &self.cfg;
+        let attn = attn.transpose(1, 2)?.contiguous()?.reshape((b * n, c.n_heads * c.head_dim))?;
         let x = (x + linear(&attn, self.var("attn_output"))?)?;
-        let h = rms_norm(&x, c.rms_eps)?.broadcast_mul(&gain("ffn_norm"))?;
+        let h = rms_norm(&x, c.rms_eps)?.broadcast_mul(self.var("ffn_norm").as_tensor())?;
         let gated = (linear(&h, self.var("ffn_gate"))?.silu()? * linear(&h, self.var("ffn_up"))?)?;
         Ok((&x + linear(&gated, self.var("ffn_down"))?)?)
     }
+}
+
+/// Keys and values of one pass of the trained layer,
+/// `b × heads × rows × head_dim` (after RoPE, kv heads repeated).
+pub struct PassKv {
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+fn softmax_last(scores: &Tensor) -> Result<Tensor> {
+    let e = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?.detach())?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
 /// Interleaved RoPE (pairs `(2i, 2i+1)`, as GGUF llama weights expect)
