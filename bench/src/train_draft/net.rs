@@ -159,8 +159,9 @@ impl Block {
     }
 
     /// A later drafting step of `b × n` chains (`b` as in `first`;
-    /// EAGLE-3's training-time test): chain `c` of each sequence starts from the teacher-forced
-    /// position `starts[c]` and has reached position `positions[c]`. Each
+    /// EAGLE-3's training-time test): chain `c` of each sequence starts
+    /// from the teacher-forced position `starts[c]` and has reached
+    /// position `positions[c]`. Each
     /// row attends, as drafting does, to the teacher-forced pass's keys up
     /// to its chain's start, to its chain's earlier steps (`chain`, in
     /// order) and to itself: a drafted token sees the verified context
@@ -180,11 +181,13 @@ impl Block {
         let (q, kv) = self.attention_inputs(x, b, positions, frozen)?;
         let mask: Vec<f32> = (0..n * t).map(|i| if i % t > starts[i / t] { -1e9 } else { 0.0 }).collect();
         let verified = q.matmul(&first.k.t()?)?.broadcast_add(&Tensor::from_vec(mask, (n, t), &Device::Cpu)?)?;
-        let drafted: Vec<Tensor> = chain.iter().chain([&kv]).map(|step| (&q * &step.k)?.sum_keepdim(3)).collect::<candle_core::Result<_>>()?;
+        // The chain's steps so far, this one last: one score each.
+        let steps: Vec<&PassKv> = chain.iter().chain([&kv]).collect();
+        let drafted: Vec<Tensor> = steps.iter().map(|step| (&q * &step.k)?.sum_keepdim(3)).collect::<candle_core::Result<_>>()?;
         let scores = Tensor::cat(&[&[verified], drafted.as_slice()].concat(), 3)?;
         let probs = softmax_last(&scores)?;
         let mut attn = probs.narrow(3, 0, t)?.matmul(&first.v)?;
-        for (i, step) in chain.iter().chain([&kv]).enumerate() {
+        for (i, step) in steps.iter().enumerate() {
             attn = (attn + probs.narrow(3, t + i, 1)?.broadcast_mul(&step.v)?)?;
         }
         Ok((self.finish(x, attn, b, n)?, kv))
