@@ -168,8 +168,9 @@ mod x86 {
     /// and without this the first call over a group waited on memory at
     /// every block: on a 2-core Intel Xeon (Emerald Rapids) a 5-token pass
     /// read its weights at 12 GB/s against 33 for a 1-token step. With it
-    /// (and calls of five rows rather than four and one), 5 tokens take
-    /// 7.5 ms instead of 9.0–9.7; on the AVX2 path 12.7 instead of 14.7.
+    /// (and calls of five rows rather than four and one), 5 tokens took
+    /// 6.4–6.6 ms instead of 7.7–8.9 in alternated steady-state runs; on
+    /// the AVX2 path 12.7 instead of 14.7.
     #[inline(always)]
     unsafe fn prefetch_ahead(pack: Pack, w: &GroupView, b: usize) {
         let block = pack.quant_bytes() * GROUP;

@@ -371,7 +371,10 @@ impl OutRows {
 /// weight vectors beside eight rows' two accumulators; AVX2's and NEON's
 /// 16 hold four rows' (see `group`). On a 2-core Intel Xeon (Emerald
 /// Rapids), eight rows instead of four made 40-row matmuls 1.10–1.23×
-/// faster (`matmul_micro`: Q4_1 1536×576 and 576×1536, the Q8_0 head).
+/// faster with the weights hot in L2 (`matmul_micro`: Q4_1 1536×576 and
+/// 576×1536, the Q8_0 head), but not in the model, whose weights stream
+/// from L3: there what pays is a 5-token pass making one call per group
+/// instead of two, together with the weight prefetch (`group`).
 fn tile_rows(level: SimdLevel) -> usize {
     if level == SimdLevel::Avx512Vnni {
         8
