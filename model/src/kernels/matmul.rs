@@ -1,8 +1,6 @@
 //! Batched matrix × activations for quantized weights.
 
-#[cfg(target_arch = "x86_64")]
-use super::dot::SimdLevel;
-use super::dot::{dot_f32, simd_level, BlockKind};
+use super::dot::{dot_f32, simd_level, BlockKind, SimdLevel};
 use super::group::{group_times, ActRow, GroupView, Pack, GROUP};
 use crate::{ModelError, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
