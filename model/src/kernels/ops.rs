@@ -1,6 +1,8 @@
 //! The kernels as candle custom ops, so the model file stays a plain forward.
 
-use super::dot::{dot_f32, simd_level, SimdLevel};
+use super::dot::dot_f32;
+#[cfg(target_arch = "x86_64")]
+use super::dot::{simd_level, SimdLevel};
 use super::matmul::{matmul_parts, matmul_parts_split, QMatrix};
 use candle_core::quantized::QMatMul;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Module, Shape, Tensor};
