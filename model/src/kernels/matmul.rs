@@ -1,7 +1,7 @@
 //! Batched matrix × activations for quantized weights.
 
 use super::dot::{dot_f32, simd_level, BlockKind, SimdLevel};
-use super::group::{group_times, ActRow, GroupView, Pack, GROUP};
+use super::group::{group_times, ActTile, GroupView, Pack, GROUP};
 use crate::{ModelError, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
@@ -232,30 +232,21 @@ impl QMatrix {
 
     /// `tile[i][j]` = row `GROUP·g + j` · activation row `i` (zero past the
     /// last weight row).
-    fn group_times(&self, g: usize, x: &[f32], acts: Option<&[ActRow]>, tile: &mut [[f32; GROUP]]) {
-        let m = tile.len();
+    fn group_times(&self, g: usize, x: &[f32], acts: Option<&QActivations>, tile: &mut [[f32; GROUP]]) {
         match (self.kind, acts) {
-            (Some(kind), Some(rows)) => {
+            (Some(kind), Some(acts)) => {
                 let (level, pack) = (simd_level(), pack_of(kind));
                 let w = self.group(pack, g);
-                // Rows split evenly into as few calls as the tile allows
-                // (40 rows: five of eight; 5 rows: one of five, not four
-                // and one), so every call shares the weight decode among
-                // as many rows as it can.
-                let calls = m.div_ceil(tile_rows(level));
-                let mut i = 0;
-                for c in 0..calls {
-                    let n = (m - i).div_ceil(calls - c);
+                for (i, a) in acts.tiles() {
                     macro_rules! call {
                         ($($r:literal)*) => {
-                            match n {
-                                $($r => group_times::<$r>(level, pack, &w, rows[i..i + $r].try_into().expect("tile rows"), &mut tile[i..i + $r]),)*
+                            match a.rows() {
+                                $($r => group_times::<$r>(level, pack, &w, &a, &mut tile[i..i + $r]),)*
                                 _ => unreachable!("at most {} rows per call", tile_rows(level)),
                             }
                         };
                     }
                     call!(1 2 3 4 5 6 7 8);
-                    i += n;
                 }
             }
             _ => {
@@ -423,11 +414,10 @@ pub fn matmul_parts_split(parts: &[&QMatrix], x: &[f32], runs: &[usize]) -> Vec<
     let dst = OutRows(starts);
     // About four tasks per thread.
     let per_task = units.len().div_ceil(4 * rayon::current_num_threads()).max(1);
-    let rows: Option<Vec<ActRow>> = acts.as_ref().map(|a| (0..m).map(|i| a.row(i)).collect());
     units.par_chunks(per_task).for_each(|units| {
         let mut tile = vec![[0f32; GROUP]; m];
         for &(part, g, col) in units {
-            part.group_times(g, x, rows.as_deref(), &mut tile);
+            part.group_times(g, x, acts.as_ref(), &mut tile);
             let n = GROUP.min(part.rows - g * GROUP);
             for (row, &dst) in tile.iter().zip(dst.rows()) {
                 // SAFETY: each output row has room for `total` elements and
@@ -465,31 +455,45 @@ fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
     }
 }
 
-/// Activation rows quantized to 8 bits in blocks of 32, once per pass.
+/// Activation rows quantized to 8 bits in blocks of 32, once per pass,
+/// stored as the tiles the kernels are called with ([`ActTile`]). Rows are
+/// split evenly into as few tiles as [`tile_rows`] allows (40 rows: five
+/// of eight; 5 rows: one of five, not four and one), so every call shares
+/// the weight decode among as many rows as it can.
 pub struct QActivations {
     cols: usize,
-    d: Vec<f32>,
-    dsum: Vec<f32>,
-    qs: Vec<i8>,
-    /// `qs` + 128 as unsigned bytes (what VNNI multiplies signed weights by).
-    qu: Vec<u8>,
+    /// Per tile: its first row, its rows, its first word in `data`.
+    tiles: Vec<(usize, usize, usize)>,
+    /// Per row: its tile's first word, the tile's rows, its place there.
+    slots: Vec<(usize, usize, usize)>,
+    data: Vec<u32>,
 }
 
 impl QActivations {
     /// Zeroed storage for `m` rows.
     fn zeroed(m: usize, cols: usize) -> Self {
-        let n = m * cols;
-        QActivations { cols, d: vec![0.0; n / QK], dsum: vec![0.0; n / QK], qs: vec![0; n], qu: vec![0; n] }
+        let calls = m.div_ceil(tile_rows(simd_level()));
+        let (mut tiles, mut slots, mut row, mut at) = (Vec::with_capacity(calls), Vec::with_capacity(m), 0, 0);
+        for c in 0..calls {
+            let rows = (m - row).div_ceil(calls - c);
+            tiles.push((row, rows, at));
+            slots.extend((0..rows).map(|r| (at, rows, r)));
+            row += rows;
+            at += cols / QK * ActTile::record_words(rows);
+        }
+        QActivations { cols, tiles, slots, data: vec![0; at] }
     }
 
-    fn row(&self, i: usize) -> ActRow<'_> {
-        let nb = self.cols / QK;
-        ActRow {
-            d: &self.d[i * nb..(i + 1) * nb],
-            dsum: &self.dsum[i * nb..(i + 1) * nb],
-            qs: &self.qs[i * self.cols..(i + 1) * self.cols],
-            qu: &self.qu[i * self.cols..(i + 1) * self.cols],
-        }
+    /// Stores block `b` of row `i`: its quants, scale and scaled sum.
+    #[inline(always)]
+    fn put(&mut self, i: usize, b: usize, q: &[i8; QK], d: f32, dsum: f32) {
+        let (at, rows, r) = self.slots[i];
+        ActTile::write(&mut self.data[at..], rows, b, r, q, d, dsum);
+    }
+
+    /// Each tile with its first row.
+    fn tiles(&self) -> impl Iterator<Item = (usize, ActTile<'_>)> {
+        self.tiles.iter().map(|&(first, rows, at)| (first, ActTile::new(rows, &self.data[at..at + self.cols / QK * ActTile::record_words(rows)])))
     }
 }
 
@@ -516,8 +520,8 @@ unsafe fn quantize_activations_512(x: &[f32], m: usize, cols: usize) -> QActivat
     use std::arch::x86_64::*;
     let n = m * cols;
     let mut acts = QActivations::zeroed(m, cols);
-    let (abs, magic, magic_bits, flip) =
-        (_mm512_set1_epi32(0x7FFF_FFFF), _mm512_set1_ps(ROUND_MAGIC), _mm512_set1_epi32(ROUND_MAGIC.to_bits() as i32), _mm_set1_epi8(-128));
+    let nb = cols / QK;
+    let (abs, magic, magic_bits) = (_mm512_set1_epi32(0x7FFF_FFFF), _mm512_set1_ps(ROUND_MAGIC), _mm512_set1_epi32(ROUND_MAGIC.to_bits() as i32));
     for b in 0..n / QK {
         // SAFETY: block b's 32 values and 32 quant bytes are in bounds
         // (n = m·cols, a multiple of QK).
@@ -528,13 +532,12 @@ unsafe fn quantize_activations_512(x: &[f32], m: usize, cols: usize) -> QActivat
             let d = amax / 127.0;
             let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
             let q = v.map(|v| _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(_mm512_mul_ps(v, inv), magic)), magic_bits));
+            let mut bytes = [0i8; QK];
             for (h, q) in q.iter().enumerate() {
-                let bytes = _mm512_cvtepi32_epi8(*q);
-                _mm_storeu_si128(acts.qs.as_mut_ptr().add(b * QK + 16 * h) as *mut __m128i, bytes);
-                _mm_storeu_si128(acts.qu.as_mut_ptr().add(b * QK + 16 * h) as *mut __m128i, _mm_xor_si128(bytes, flip));
+                _mm_storeu_si128(bytes.as_mut_ptr().add(16 * h) as *mut __m128i, _mm512_cvtepi32_epi8(*q));
             }
-            acts.d[b] = d;
-            acts.dsum[b] = d * _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1])) as f32;
+            let dsum = d * _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1])) as f32;
+            acts.put(b / nb, b % nb, &bytes, d, dsum);
         }
     }
     acts
@@ -575,12 +578,7 @@ fn quantize_activations_body(x: &[f32], m: usize, cols: usize) -> QActivations {
             *q = ((v * inv + ROUND_MAGIC).to_bits() as i32 - ROUND_MAGIC.to_bits() as i32) as i8;
         }
         let sum: i32 = q.iter().map(|&q| q as i32).sum();
-        acts.qs[b * QK..(b + 1) * QK].copy_from_slice(&q);
-        for (u, &q) in acts.qu[b * QK..(b + 1) * QK].iter_mut().zip(&q) {
-            *u = (q as u8) ^ 0x80;
-        }
-        acts.d[b] = d;
-        acts.dsum[b] = d * sum as f32;
+        acts.put(b / (cols / QK), b % (cols / QK), &q, d, d * sum as f32);
     }
     acts
 }
@@ -644,11 +642,9 @@ mod tests {
         x[64..96].iter_mut().for_each(|v| *v *= 1e-30);
         x[96..128].iter_mut().for_each(|v| *v *= 1e30);
         let (fast, plain) = (quantize_activations(&x, 5, 96), quantize_activations_body(&x, 5, 96));
-        assert_eq!(fast.qs, plain.qs);
-        assert_eq!(fast.qu, plain.qu);
-        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&fast.d), bits(&plain.d));
-        assert_eq!(bits(&fast.dsum), bits(&plain.dsum));
+        assert_eq!(fast.tiles, plain.tiles);
+        // Quants, scales and sums as stored words: equal bits.
+        assert_eq!(fast.data, plain.data);
     }
 
     #[test]
