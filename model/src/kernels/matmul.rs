@@ -464,31 +464,21 @@ pub struct QActivations {
     cols: usize,
     /// Per tile: its first row, its rows, its first word in `data`.
     tiles: Vec<(usize, usize, usize)>,
-    /// Per row: its tile's first word, the tile's rows, its place there.
-    slots: Vec<(usize, usize, usize)>,
     data: Vec<u32>,
 }
 
 impl QActivations {
-    /// Zeroed storage for `m` rows.
+    /// Zeroed storage for `m` rows, in the tiles of this machine's kernels.
     fn zeroed(m: usize, cols: usize) -> Self {
         let calls = m.div_ceil(tile_rows(simd_level()));
-        let (mut tiles, mut slots, mut row, mut at) = (Vec::with_capacity(calls), Vec::with_capacity(m), 0, 0);
+        let (mut tiles, mut row, mut at) = (Vec::with_capacity(calls), 0, 0);
         for c in 0..calls {
             let rows = (m - row).div_ceil(calls - c);
             tiles.push((row, rows, at));
-            slots.extend((0..rows).map(|r| (at, rows, r)));
             row += rows;
             at += cols / QK * ActTile::record_words(rows);
         }
-        QActivations { cols, tiles, slots, data: vec![0; at] }
-    }
-
-    /// Stores block `b` of row `i`: its quants, scale and scaled sum.
-    #[inline(always)]
-    fn put(&mut self, i: usize, b: usize, q: &[i8; QK], d: f32, dsum: f32) {
-        let (at, rows, r) = self.slots[i];
-        ActTile::write(&mut self.data[at..], rows, b, r, q, d, dsum);
+        QActivations { cols, tiles, data: vec![0; at] }
     }
 
     /// Each tile with its first row.
@@ -500,33 +490,54 @@ impl QActivations {
 /// Symmetric 8-bit quantization of each 32-element block (scale = max|x|/127).
 /// Row-local, so the result for a row never depends on the other rows.
 pub fn quantize_activations(x: &[f32], m: usize, cols: usize) -> QActivations {
-    #[cfg(target_arch = "x86_64")]
-    match simd_level() {
-        // SAFETY: AVX-512 support was detected at runtime (simd_level).
-        SimdLevel::Avx512Vnni => return unsafe { quantize_activations_512(x, m, cols) },
-        // SAFETY: AVX2 support was detected at runtime (simd_level).
-        SimdLevel::Avx2 | SimdLevel::Avx2Vnni => return unsafe { quantize_activations_avx2(x, m, cols) },
-        _ => {}
+    quantize_activations_on(simd_level(), x, m, cols)
+}
+
+/// [`quantize_activations`] with a given instruction set's quantizer
+/// (which the caller has detected). Tiles are quantized in parallel when there are several:
+/// done on one thread, a 40-row pass's quantizations left the other
+/// thread idle for about 2 % of the pass.
+fn quantize_activations_on(level: SimdLevel, x: &[f32], m: usize, cols: usize) -> QActivations {
+    assert_eq!(x.len(), m * cols);
+    let mut acts = QActivations::zeroed(m, cols);
+    let mut jobs = Vec::with_capacity(acts.tiles.len());
+    let mut rest = acts.data.as_mut_slice();
+    for &(first, rows, _) in &acts.tiles {
+        let (tile, tail) = rest.split_at_mut(cols / QK * ActTile::record_words(rows));
+        jobs.push((&x[first * cols..(first + rows) * cols], rows, tile));
+        rest = tail;
     }
-    quantize_activations_body(x, m, cols)
+    let quantize = |(x, rows, tile): (&[f32], usize, &mut [u32])| match level {
+        // SAFETY: AVX-512 support was detected (the caller's contract).
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512Vnni => unsafe { quantize_tile_512(x, rows, tile) },
+        // SAFETY: AVX2 support was detected (the caller's contract).
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 | SimdLevel::Avx2Vnni => unsafe { quantize_tile_avx2(x, rows, tile) },
+        _ => quantize_tile_body(x, rows, tile),
+    };
+    if jobs.len() > 1 {
+        jobs.into_par_iter().for_each(quantize);
+    } else {
+        jobs.into_iter().for_each(quantize);
+    }
+    acts
 }
 
 /// The same steps on 512-bit registers, spelled out (the compiler leaves the
 /// body's max and sum scalar): the max is exact in any order, the rounding
 /// is the same multiply then add, the sum is of integers, so the bits match.
+/// `x` holds the tile's `rows` rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2")]
-unsafe fn quantize_activations_512(x: &[f32], m: usize, cols: usize) -> QActivations {
+unsafe fn quantize_tile_512(x: &[f32], rows: usize, tile: &mut [u32]) {
     use std::arch::x86_64::*;
-    let n = m * cols;
-    let mut acts = QActivations::zeroed(m, cols);
-    let nb = cols / QK;
+    let nb = x.len() / rows / QK;
     let (abs, magic, magic_bits) = (_mm512_set1_epi32(0x7FFF_FFFF), _mm512_set1_ps(ROUND_MAGIC), _mm512_set1_epi32(ROUND_MAGIC.to_bits() as i32));
-    for b in 0..n / QK {
-        // SAFETY: block b's 32 values and 32 quant bytes are in bounds
-        // (n = m·cols, a multiple of QK).
+    for (b, block) in x.chunks_exact(QK).enumerate() {
+        // SAFETY: each block holds QK values.
         unsafe {
-            let v = [_mm512_loadu_ps(x.as_ptr().add(b * QK)), _mm512_loadu_ps(x.as_ptr().add(b * QK + 16))];
+            let v = [_mm512_loadu_ps(block.as_ptr()), _mm512_loadu_ps(block.as_ptr().add(16))];
             let mags = v.map(|v| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs)));
             let amax = _mm512_reduce_max_ps(_mm512_max_ps(mags[0], mags[1])).max(0.0);
             let d = amax / 127.0;
@@ -537,23 +548,22 @@ unsafe fn quantize_activations_512(x: &[f32], m: usize, cols: usize) -> QActivat
                 _mm_storeu_si128(bytes.as_mut_ptr().add(16 * h) as *mut __m128i, _mm512_cvtepi32_epi8(*q));
             }
             let dsum = d * _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1])) as f32;
-            acts.put(b / nb, b % nb, &bytes, d, dsum);
+            ActTile::write(tile, rows, b % nb, b / nb, &bytes, d, dsum);
         }
     }
-    acts
 }
 
 /// The same code compiled for AVX2: every step is element-wise, a max (exact
 /// in any order) or an integer sum, so the bits do not change.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn quantize_activations_avx2(x: &[f32], m: usize, cols: usize) -> QActivations {
-    quantize_activations_body(x, m, cols)
+unsafe fn quantize_tile_avx2(x: &[f32], rows: usize, tile: &mut [u32]) {
+    quantize_tile_body(x, rows, tile)
 }
 
 #[inline(always)]
-fn quantize_activations_body(x: &[f32], m: usize, cols: usize) -> QActivations {
-    let mut acts = QActivations::zeroed(m, cols);
+fn quantize_tile_body(x: &[f32], rows: usize, tile: &mut [u32]) {
+    let nb = x.len() / rows / QK;
     for (b, block) in x.chunks_exact(QK).enumerate() {
         // Fixed-size arrays and integer steps, so the compiler vectorizes.
         let block: &[f32; QK] = block.try_into().expect("chunks of QK");
@@ -578,9 +588,8 @@ fn quantize_activations_body(x: &[f32], m: usize, cols: usize) -> QActivations {
             *q = ((v * inv + ROUND_MAGIC).to_bits() as i32 - ROUND_MAGIC.to_bits() as i32) as i8;
         }
         let sum: i32 = q.iter().map(|&q| q as i32).sum();
-        acts.put(b / (cols / QK), b % (cols / QK), &q, d, d * sum as f32);
+        ActTile::write(tile, rows, b % nb, b / nb, &q, d, d * sum as f32);
     }
-    acts
 }
 
 #[cfg(test)]
@@ -641,7 +650,7 @@ mod tests {
         x[32..64].fill(0.0);
         x[64..96].iter_mut().for_each(|v| *v *= 1e-30);
         x[96..128].iter_mut().for_each(|v| *v *= 1e30);
-        let (fast, plain) = (quantize_activations(&x, 5, 96), quantize_activations_body(&x, 5, 96));
+        let (fast, plain) = (quantize_activations(&x, 5, 96), quantize_activations_on(SimdLevel::Scalar, &x, 5, 96));
         assert_eq!(fast.tiles, plain.tiles);
         // Quants, scales and sums as stored words: equal bits.
         assert_eq!(fast.data, plain.data);
