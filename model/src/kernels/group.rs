@@ -90,6 +90,21 @@ pub(crate) struct ActTile<'a> {
     data: &'a [u32],
 }
 
+/// Where, in a `rows`-row tile's block record, row `r`'s quant words
+/// start, its quants + 128 start, its scale and its scaled sum lie.
+const fn qs_at(r: usize) -> usize {
+    r * 8
+}
+const fn qu_at(rows: usize, r: usize) -> usize {
+    (rows + r) * 8
+}
+const fn d_at(rows: usize, r: usize) -> usize {
+    rows * 16 + r
+}
+const fn dsum_at(rows: usize, r: usize) -> usize {
+    rows * 17 + r
+}
+
 impl<'a> ActTile<'a> {
     /// Words in one block's record of a `rows`-row tile.
     pub(crate) const fn record_words(rows: usize) -> usize {
@@ -107,10 +122,10 @@ impl<'a> ActTile<'a> {
     pub(crate) fn write(data: &mut [u32], rows: usize, b: usize, r: usize, q: &[i8; 32], d: f32, dsum: f32) {
         let rec = &mut data[b * Self::record_words(rows)..(b + 1) * Self::record_words(rows)];
         let words: [u32; 8] = std::array::from_fn(|k| u32::from_le_bytes([q[4 * k] as u8, q[4 * k + 1] as u8, q[4 * k + 2] as u8, q[4 * k + 3] as u8]));
-        rec[r * 8..r * 8 + 8].copy_from_slice(&words);
-        rec[(rows + r) * 8..(rows + r) * 8 + 8].copy_from_slice(&words.map(|w| w ^ 0x8080_8080));
-        rec[rows * 16 + r] = d.to_bits();
-        rec[rows * 17 + r] = dsum.to_bits();
+        rec[qs_at(r)..qs_at(r) + 8].copy_from_slice(&words);
+        rec[qu_at(rows, r)..qu_at(rows, r) + 8].copy_from_slice(&words.map(|w| w ^ 0x8080_8080));
+        rec[d_at(rows, r)] = d.to_bits();
+        rec[dsum_at(rows, r)] = dsum.to_bits();
     }
 
     pub(crate) fn rows(&self) -> usize {
@@ -123,15 +138,15 @@ impl<'a> ActTile<'a> {
 
     /// Quant `e` of row `r`'s block `b`.
     fn quant(&self, b: usize, r: usize, e: usize) -> i32 {
-        self.data[b * Self::record_words(self.rows) + r * 8 + e / 4].to_le_bytes()[e % 4] as i8 as i32
+        self.data[b * Self::record_words(self.rows) + qs_at(r) + e / 4].to_le_bytes()[e % 4] as i8 as i32
     }
 
     fn d(&self, b: usize, r: usize) -> f32 {
-        f32::from_bits(self.data[b * Self::record_words(self.rows) + self.rows * 16 + r])
+        f32::from_bits(self.data[b * Self::record_words(self.rows) + d_at(self.rows, r)])
     }
 
     fn dsum(&self, b: usize, r: usize) -> f32 {
-        f32::from_bits(self.data[b * Self::record_words(self.rows) + self.rows * 17 + r])
+        f32::from_bits(self.data[b * Self::record_words(self.rows) + dsum_at(self.rows, r)])
     }
 
     /// Every block's record, in order.
@@ -154,21 +169,21 @@ impl<const R: usize> Rec<R> {
     /// tile, r < R, k < 8.
     #[inline(always)]
     unsafe fn qs(self, r: usize, k: usize) -> i32 {
-        unsafe { *self.0.add(r * 8 + k) as i32 }
+        unsafe { *self.0.add(qs_at(r) + k) as i32 }
     }
     /// The same word of the quants plus 128.
     #[cfg_attr(target_arch = "aarch64", allow(dead_code))]
     #[inline(always)]
     unsafe fn qu(self, r: usize, k: usize) -> i32 {
-        unsafe { *self.0.add(R * 8 + r * 8 + k) as i32 }
+        unsafe { *self.0.add(qu_at(R, r) + k) as i32 }
     }
     #[inline(always)]
     unsafe fn d(self, r: usize) -> f32 {
-        unsafe { f32::from_bits(*self.0.add(R * 16 + r)) }
+        unsafe { f32::from_bits(*self.0.add(d_at(R, r))) }
     }
     #[inline(always)]
     unsafe fn dsum(self, r: usize) -> f32 {
-        unsafe { f32::from_bits(*self.0.add(R * 17 + r)) }
+        unsafe { f32::from_bits(*self.0.add(dsum_at(R, r))) }
     }
 }
 

@@ -376,9 +376,9 @@ fn tile_rows(level: SimdLevel) -> usize {
 /// `out[i, ·]` is the concatenation of each part's outputs for row `i`
 /// (fused Q/K/V or gate/up projections; parts may differ in type).
 ///
-/// Activations are quantized once per call. Each group of GROUP weight
-/// rows is decoded once per block for four activation rows at a time while
-/// it is hot in cache; groups are split across threads. `out[i, r]` depends
+/// Activations are quantized once per call, into the kernels' tiles. Each
+/// group of GROUP weight rows is decoded once per block for a tile of up to
+/// eight activation rows (four without AVX-512) while it is hot in cache; groups are split across threads. `out[i, r]` depends
 /// only on row `i` of `x` and weight row `r` (batch invariance): how rows
 /// are grouped or split across threads changes no bit.
 pub fn matmul_parts(parts: &[&QMatrix], x: &[f32], m: usize) -> Vec<f32> {
@@ -493,11 +493,12 @@ pub fn quantize_activations(x: &[f32], m: usize, cols: usize) -> QActivations {
     quantize_activations_on(simd_level(), x, m, cols)
 }
 
-/// [`quantize_activations`] with a given instruction set's quantizer
-/// (which the caller has detected). Tiles are quantized in parallel when there are several:
-/// done on one thread, a 40-row pass's quantizations left the other
-/// thread idle for about 2 % of the pass.
+/// [`quantize_activations`] with this machine's quantizer or the scalar
+/// one. Tiles are quantized in parallel when there are several: done on
+/// one thread, a 40-row pass's quantizations left the other thread idle
+/// for about 2 % of the pass.
 fn quantize_activations_on(level: SimdLevel, x: &[f32], m: usize, cols: usize) -> QActivations {
+    assert!(level == SimdLevel::Scalar || level == simd_level(), "quantizer for an undetected instruction set");
     assert_eq!(x.len(), m * cols);
     let mut acts = QActivations::zeroed(m, cols);
     let mut jobs = Vec::with_capacity(acts.tiles.len());
@@ -508,10 +509,10 @@ fn quantize_activations_on(level: SimdLevel, x: &[f32], m: usize, cols: usize) -
         rest = tail;
     }
     let quantize = |(x, rows, tile): (&[f32], usize, &mut [u32])| match level {
-        // SAFETY: AVX-512 support was detected (the caller's contract).
+        // SAFETY: AVX-512 support was detected (simd_level, asserted above).
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512Vnni => unsafe { quantize_tile_512(x, rows, tile) },
-        // SAFETY: AVX2 support was detected (the caller's contract).
+        // SAFETY: AVX2 support was detected (simd_level, asserted above).
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 | SimdLevel::Avx2Vnni => unsafe { quantize_tile_avx2(x, rows, tile) },
         _ => quantize_tile_body(x, rows, tile),
