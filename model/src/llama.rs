@@ -592,10 +592,11 @@ impl CustomOp1 for SwiGlu {
             let (gate, up) = row.split_at(ffn);
             silu_mul(gate, up, out);
         };
-        // Rows in parallel in larger passes: on one thread, a 40-row
-        // pass's activations left the other thread idle for about 2 % of
-        // the pass; for a few rows, waking it would cost more.
-        if t >= 8 {
+        // Rows in parallel from four rows: on one thread, a 40-row pass's
+        // activations left the other thread idle for about 2 % of the
+        // pass, and a 5-token pass took about 4 % longer; at two rows
+        // waking the other thread costs what it saves.
+        if t >= 4 {
             data[start..end].par_chunks_exact(width).zip(out.par_chunks_exact_mut(ffn)).for_each(row);
         } else {
             data[start..end].chunks_exact(width).zip(out.chunks_exact_mut(ffn)).for_each(row);
