@@ -12,11 +12,11 @@ fn main() {
     let kv = KvView { keys: &keys, values: &values, head_dim: hd };
     let mut out = vec![0f32; q.len()];
     for _ in 0..iters / 10 {
-        attend(&q, group, ctx + 1, &kv, 0.125, &mut out);
+        attend(&q, group, 0, ctx + 1, &kv, 0.125, &mut out);
     }
     let t = std::time::Instant::now();
     for _ in 0..iters {
-        attend(&q, group, ctx + 1, &kv, 0.125, &mut out);
+        attend(&q, group, 0, ctx + 1, &kv, 0.125, &mut out);
     }
     let s = t.elapsed().as_secs_f64() / iters as f64;
     let fmas = (n * group) as f64 * (ctx + n) as f64 * hd as f64 * 2.0 / 16.0;

@@ -6,12 +6,13 @@
 //! whole batch, runs attention per sequence, and returns logits for every
 //! position asked for. Every kernel is batch-invariant (see `kernels`).
 
-use crate::kernels::{attend, residual_add, rms_norm, rope_heads, silu_mul, KvView, MatmulKernels, QLinear, QMatrix};
+use crate::kernels::{attend, attention_split_rows, residual_add, rms_norm, rope_heads, silu_mul, KvView, MatmulKernels, QLinear, QMatrix};
 use crate::{KvCache, ModelError, Result};
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::io::{Read, Seek};
+use std::ops::Range;
 use std::sync::Arc;
 
 /// Shape of a llama-family model, read once from GGUF metadata.
@@ -455,48 +456,60 @@ impl Llama {
 
     /// Causal attention for every new token of the batch against its own
     /// sequence's cache, which already holds the new keys and values.
-    /// `rows[t]` = (sequence, position) of token t. One task per (run of up
-    /// to eight consecutive tokens of a sequence, kv head): the tokens and
-    /// query heads of a task share each key and value they load. Every
+    /// `rows[t]` = (sequence, position) of token t. A unit is a run of up
+    /// to eight consecutive tokens of a sequence × a kv head: the tokens and
+    /// query heads of a unit share each key and value they load. Every
     /// query's arithmetic is fixed (see `kernels::attention`), so results
     /// never depend on the batch or on how its tokens are split into tasks.
     fn attention(&self, caches: &[&KvCache], rows: &[(usize, usize)], layer: usize, q: &[f32]) -> Vec<f32> {
-        const TOKENS_PER_TASK: usize = 8;
+        const TOKENS_PER_UNIT: usize = 8;
         let cfg = &self.cfg;
         let hd = cfg.head_dim;
         let group = cfg.n_heads / cfg.n_kv_heads;
         let width = cfg.n_heads * hd;
         let scale = 1.0 / (hd as f32).sqrt();
         // (first token, tokens, kv head): runs of one sequence's tokens.
-        let mut tasks = Vec::new();
+        let mut units = Vec::new();
         let mut t = 0;
         while t < rows.len() {
-            let run = rows[t..].iter().take(TOKENS_PER_TASK).take_while(|r| r.0 == rows[t].0).count();
-            tasks.extend((0..cfg.n_kv_heads).map(|g| (t, run, g)));
+            let run = rows[t..].iter().take(TOKENS_PER_UNIT).take_while(|r| r.0 == rows[t].0).count();
+            units.extend((0..cfg.n_kv_heads).map(|g| (t, run, g)));
             t += run;
+        }
+        // Few units (one sequence's verification has one per kv head: three
+        // here, on two threads) are split into tasks of the query rows the
+        // kernel walks together anyway, so no thread idles through a long
+        // context while another finishes its second unit. Many units are
+        // kept whole: the rows after a unit's first tile find its keys in L1.
+        let split = if units.len() < 4 * rayon::current_num_threads() { attention_split_rows() } else { usize::MAX };
+        // (first token, kv head, the unit's rows of this task).
+        let mut tasks: Vec<(usize, usize, Range<usize>)> = Vec::new();
+        for &(t, n, g) in &units {
+            let unit_rows = n * group;
+            tasks.extend((0..unit_rows).step_by(split.min(unit_rows)).map(|r0| (t, g, r0..(r0 + split).min(unit_rows))));
         }
         // Longest contexts first, one task per steal: the threads finish
         // together however unequal the sequences.
-        tasks.sort_by_key(|&(t, _, _)| std::cmp::Reverse(rows[t].1));
+        tasks.sort_by_key(|task| std::cmp::Reverse(rows[task.0].1));
+        // Row r of a unit is query head g·group + r mod group of token t + r / group.
+        let row_at = |t: usize, g: usize, r: usize| (t + r / group) * width + (g * group + r % group) * hd;
         let results: Vec<Vec<f32>> = tasks
             .par_iter()
             .with_max_len(1)
-            .map(|&(t, n, g)| {
-                let (seq, pos) = rows[t];
-                let (keys, values) = caches[seq].head(layer, g);
+            .map(|(t, g, unit_rows)| {
+                let (seq, pos) = rows[*t];
+                let (keys, values) = caches[seq].head(layer, *g);
                 let kv = KvView { keys, values, head_dim: hd };
-                // Query heads g·group.. of a token are adjacent in q.
-                let heads = g * group * hd..(g + 1) * group * hd;
-                let queries: Vec<f32> = (t..t + n).flat_map(|t| &q[t * width..][heads.clone()]).copied().collect();
+                let queries: Vec<f32> = unit_rows.clone().flat_map(|r| &q[row_at(*t, *g, r)..][..hd]).copied().collect();
                 let mut o = vec![0f32; queries.len()];
-                attend(&queries, group, pos + 1, &kv, scale, &mut o);
+                attend(&queries, group, unit_rows.start, pos + 1, &kv, scale, &mut o);
                 o
             })
             .collect();
         let mut out = vec![0f32; rows.len() * width];
-        for (&(t, n, g), o) in tasks.iter().zip(&results) {
-            for (i, o) in o.chunks_exact(group * hd).enumerate().take(n) {
-                out[(t + i) * width + g * group * hd..][..group * hd].copy_from_slice(o);
+        for ((t, g, unit_rows), o) in tasks.iter().zip(&results) {
+            for (r, o) in unit_rows.clone().zip(o.chunks_exact(hd)) {
+                out[row_at(*t, *g, r)..][..hd].copy_from_slice(o);
             }
         }
         out

@@ -51,17 +51,19 @@ pub struct KvView<'a> {
 }
 
 /// Attention of `n` consecutive new tokens of one sequence for the `group`
-/// query heads that share a kv head. `queries` holds `n × group` query
-/// vectors of `head_dim` (token-major); token `t` sees positions
-/// `0..first_visible + t` (its own included). `out` has the queries' shape.
-pub fn attend(queries: &[f32], group: usize, first_visible: usize, kv: &KvView, scale: f32, out: &mut [f32]) {
+/// query heads that share a kv head, or of some of their rows. The run's
+/// rows are its `n × group` query vectors of `head_dim`, token-major, and
+/// row `r` (token `r / group`) sees positions `0..first_visible + r / group`
+/// (its own included); `queries` holds rows `first_row..` of them. `out`
+/// has the queries' shape.
+pub fn attend(queries: &[f32], group: usize, first_row: usize, first_visible: usize, kv: &KvView, scale: f32, out: &mut [f32]) {
     let hd = kv.head_dim;
-    assert!(group > 0 && hd > 0 && queries.len().is_multiple_of(group * hd) && out.len() == queries.len());
-    let n = queries.len() / (group * hd);
-    let visible = first_visible + n.max(1) - 1;
+    assert!(group > 0 && hd > 0 && !queries.is_empty() && queries.len().is_multiple_of(hd) && out.len() == queries.len());
+    let rows = queries.len() / hd;
+    let visible = first_visible + (first_row + rows - 1) / group;
     assert!(first_visible > 0, "attend: every token sees itself");
     assert!(kv.keys.len() >= visible.div_ceil(KEY_BLOCK) * KEY_BLOCK * hd && kv.values.len() >= visible * hd, "attend: cache shorter than the tokens see");
-    let task = Task { queries, group, first_visible, kv, scale };
+    let task = Task { queries, group, first_row, first_visible, kv, scale };
     match simd_level() {
         // SAFETY (both arms): the instruction sets were detected at
         // runtime (simd_level); extents were checked above.
@@ -76,9 +78,29 @@ pub fn attend(queries: &[f32], group: usize, first_visible: usize, kv: &KvView, 
     }
 }
 
+/// Rows a call of [`attend`] can be split into, without the parts widening
+/// more keys and values between them than the whole call would: the tile
+/// of rows this machine's path walks together (every tile widens what it
+/// reads on its own), four at least (the AVX2 path's one-row tiles share
+/// nothing, but a call per row costs more in overhead than it balances).
+pub fn attention_split_rows() -> usize {
+    let tile = match simd_level() {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512Vnni => <x86::Zmm as Lanes>::TILE,
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 | SimdLevel::Avx2Vnni => <x86::Ymm2 as Lanes>::TILE,
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::Neon => <neon::Q4 as Lanes>::TILE,
+        _ => Scalar::TILE,
+    };
+    tile * 4usize.div_ceil(tile)
+}
+
 struct Task<'a> {
     queries: &'a [f32],
     group: usize,
+    /// The run's row that `queries` starts at.
+    first_row: usize,
     first_visible: usize,
     kv: &'a KvView<'a>,
     scale: f32,
@@ -147,7 +169,7 @@ impl Lanes for Scalar {
 unsafe fn attend_body<V: Lanes>(t: &Task, out: &mut [f32]) {
     let (hd, group) = (t.kv.head_dim, t.group);
     let rows = t.queries.len() / hd;
-    let visible = |r: usize| t.first_visible + r / group;
+    let visible = |r: usize| t.first_visible + (t.first_row + r) / group;
     let blocks = visible(rows - 1).div_ceil(KEY_BLOCK);
     let padded = blocks * KEY_BLOCK;
     // Scores, then exponentials in place; lanes past a row's visible
@@ -336,7 +358,7 @@ unsafe fn weighted_chunks<V: Lanes, const R: usize, const C: usize>(
     out: &mut [f32],
 ) {
     let (kv, hd) = (t.kv, t.kv.head_dim);
-    let visible: [usize; R] = std::array::from_fn(|i| (t.first_visible + (r0 + i) / t.group).min(span.end));
+    let visible: [usize; R] = std::array::from_fn(|i| (t.first_visible + (t.first_row + r0 + i) / t.group).min(span.end));
     let w: [&[f32]; R] = std::array::from_fn(|i| &e[(r0 + i) * padded..(r0 + i + 1) * padded]);
     let at = |j: usize| j * hd + c0 * KEY_BLOCK;
     let dst = |i: usize, c: usize| (r0 + i) * hd + (c0 + c) * KEY_BLOCK;
@@ -622,7 +644,7 @@ mod tests {
     /// and both match a direct f64 softmax to float rounding. Head dims 64
     /// and 20 (a tail past sixteen and past four), 37 positions (a partial
     /// block) and 150 (several steps of blocks and spans), seven tokens of
-    /// three heads (whole tiles and a tail).
+    /// three heads (whole tiles and a tail), in one call or split by rows.
     #[test]
     fn attention_paths_agree_are_batch_invariant_and_match_a_reference() {
         let mut rng = crate::SessionRng::new(9);
@@ -637,8 +659,8 @@ mod tests {
             let first = n - tokens + 1;
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             let mut got = vec![0f32; queries.len()];
-            attend(&queries, group, first, &kv, 0.25, &mut got);
-            let task = Task { queries: &queries, group, first_visible: first, kv: &kv, scale: 0.25 };
+            attend(&queries, group, 0, first, &kv, 0.25, &mut got);
+            let task = Task { queries: &queries, group, first_row: 0, first_visible: first, kv: &kv, scale: 0.25 };
             let mut plain = vec![1f32; queries.len()];
             // SAFETY: plain array arithmetic.
             unsafe { attend_body::<Scalar>(&task, &mut plain) };
@@ -646,8 +668,18 @@ mod tests {
             let per_token = group * hd;
             for t in 0..tokens {
                 let mut one = vec![0f32; per_token];
-                attend(&queries[t * per_token..(t + 1) * per_token], group, first + t, &kv, 0.25, &mut one);
+                attend(&queries[t * per_token..(t + 1) * per_token], group, 0, first + t, &kv, 0.25, &mut one);
                 assert_eq!(bits(&one), bits(&got[t * per_token..(t + 1) * per_token]), "hd {hd} token {t}: alone vs batched");
+            }
+            // Split into calls of some rows each, cutting across tokens.
+            let rows = tokens * group;
+            for split in [1, 2, 4, 5, attention_split_rows()] {
+                let mut parts = vec![0f32; queries.len()];
+                for r0 in (0..rows).step_by(split) {
+                    let r = r0 * hd..(r0 + split).min(rows) * hd;
+                    attend(&queries[r.clone()], group, r0, first, &kv, 0.25, &mut parts[r]);
+                }
+                assert_eq!(bits(&parts), bits(&got), "hd {hd}: calls of {split} rows vs one call");
             }
             for r in 0..tokens * group {
                 let q = &queries[r * hd..(r + 1) * hd];
