@@ -64,17 +64,56 @@ pub fn attend(queries: &[f32], group: usize, first_row: usize, first_visible: us
     assert!(first_visible > 0, "attend: every token sees itself");
     assert!(kv.keys.len() >= visible.div_ceil(KEY_BLOCK) * KEY_BLOCK * hd && kv.values.len() >= visible * hd, "attend: cache shorter than the tokens see");
     let task = Task { queries, group, first_row, first_visible, kv, scale };
+    run_task(&task, out, visible >= SHARE_FROM, &|part| dispatch(&task, part));
+}
+
+/// Positions a call's rows must see before its parts are offered to idle
+/// threads: below it, a steal costs about what it balances.
+const SHARE_FROM: usize = 256;
+
+/// One part on this machine's path.
+fn dispatch(t: &Task, part: Part) {
     match simd_level() {
         // SAFETY (both arms): the instruction sets were detected at
-        // runtime (simd_level); extents were checked above.
+        // runtime (simd_level); extents were checked by attend.
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512Vnni => unsafe { x86::attend_512(&task, out) },
+        SimdLevel::Avx512Vnni => unsafe { x86::part_512(t, part) },
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 | SimdLevel::Avx2Vnni => unsafe { x86::attend_avx2(&task, out) },
+        SimdLevel::Avx2 | SimdLevel::Avx2Vnni => unsafe { x86::part_avx2(t, part) },
         #[cfg(target_arch = "aarch64")]
-        SimdLevel::Neon => unsafe { neon::attend_neon(&task, out) },
+        SimdLevel::Neon => unsafe { neon::part_neon(t, part) },
         // SAFETY: Scalar's operations are plain array arithmetic.
-        _ => unsafe { attend_body::<Scalar>(&task, out) },
+        _ => unsafe { part_body::<Scalar>(t, part) },
+    }
+}
+
+/// A task's parts in order: scores, softmax, weighted sums. With `share`,
+/// the scores run as two halves of the key blocks and the weighted sums
+/// as two halves of the head, each pair offered to an idle thread
+/// (`rayon::join`): one sequence's attention over a long context is
+/// three tasks (its kv heads), and two threads otherwise split them two
+/// to one.
+fn run_task(t: &Task, out: &mut [f32], share: bool, run: &(dyn Fn(Part) + Sync)) {
+    let x = t.extent();
+    let mut e = vec![0f32; x.rows * x.padded];
+    let mut sums = vec![0f32; x.rows];
+    let scores = Shared(e.as_mut_ptr());
+    let part = |blocks| Part::Scores { blocks, e: scores };
+    if share {
+        let mid = x.blocks / 2;
+        rayon::join(|| run(part(0..mid)), || run(part(mid..x.blocks)));
+    } else {
+        run(part(0..x.blocks));
+    }
+    run(Part::Softmax { e: &mut e, sums: &mut sums });
+    let (chunks, tail) = (t.kv.head_dim / KEY_BLOCK, !t.kv.head_dim.is_multiple_of(KEY_BLOCK));
+    let (e, sums, out) = (&e, &sums, Shared(out.as_mut_ptr()));
+    let part = |chunks, tail| Part::Weighted { chunks, tail, e, sums, out };
+    if share && chunks >= 2 {
+        let mid = chunks / 2;
+        rayon::join(|| run(part(0..mid, false)), || run(part(mid..chunks, tail)));
+    } else {
+        run(part(0..chunks, tail));
     }
 }
 
@@ -163,43 +202,95 @@ impl Lanes for Scalar {
     }
 }
 
-/// The whole computation for one task, over lanes `V` (see the module
-/// notes for the arithmetic every path shares).
+/// The rows of one task in numbers: rows, key blocks, the padded width
+/// of a score row, and how many positions row `r` sees.
+struct Extent {
+    rows: usize,
+    blocks: usize,
+    padded: usize,
+}
+
+impl Task<'_> {
+    fn visible(&self, r: usize) -> usize {
+        self.first_visible + (self.first_row + r) / self.group
+    }
+
+    fn extent(&self) -> Extent {
+        let rows = self.queries.len() / self.kv.head_dim;
+        let blocks = self.visible(rows - 1).div_ceil(KEY_BLOCK);
+        Extent { rows, blocks, padded: blocks * KEY_BLOCK }
+    }
+}
+
+/// A buffer that parts of one task running at once write at disjoint
+/// places (score blocks; output elements).
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+
+// SAFETY: parts write disjoint elements (see `Part`), and a part only runs
+// while the buffer it points into is borrowed by `attend`.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+/// One part of a task (see `attend`); every part computes its elements
+/// with the arithmetic the module notes fix, so how a task is cut into
+/// parts changes no bit.
+enum Part<'a> {
+    /// Scores of key blocks `blocks` into the score rows (`rows × padded`).
+    Scores { blocks: Range<usize>, e: Shared },
+    /// Each score row to exponentials in place, and its sum.
+    Softmax { e: &'a mut [f32], sums: &'a mut [f32] },
+    /// Output elements of the head's sixteen-element chunks `chunks` (and
+    /// the tail past the last whole chunk, with `tail`) for every row:
+    /// the weighted sums of values, divided by the row's sum.
+    Weighted { chunks: Range<usize>, tail: bool, e: &'a [f32], sums: &'a [f32], out: Shared },
+}
+
+/// One part over lanes `V`.
 #[inline(always)]
-unsafe fn attend_body<V: Lanes>(t: &Task, out: &mut [f32]) {
-    let (hd, group) = (t.kv.head_dim, t.group);
-    let rows = t.queries.len() / hd;
-    let visible = |r: usize| t.first_visible + (t.first_row + r) / group;
-    let blocks = visible(rows - 1).div_ceil(KEY_BLOCK);
-    let padded = blocks * KEY_BLOCK;
-    // Scores, then exponentials in place; lanes past a row's visible
-    // positions are zero.
-    let mut e = vec![0f32; rows * padded];
-    // Key blocks outermost, a few at a time, so the tiles of four queries
-    // after the first find them in L1.
-    for b0 in (0..blocks).step_by(BLOCKS_PER_STEP) {
-        let step = b0..(b0 + BLOCKS_PER_STEP).min(blocks);
+unsafe fn part_body<V: Lanes>(t: &Task, part: Part) {
+    let x = t.extent();
+    match part {
+        // SAFETY (both SIMD parts): the caller's buffers have the
+        // extent's shape; extents of the cache were checked by attend.
+        Part::Scores { blocks, e } => unsafe { scores_part::<V>(t, &x, blocks, e.0) },
+        Part::Softmax { e, sums } => softmax(t, &x, e, sums),
+        Part::Weighted { chunks, tail, e, sums, out } => unsafe { weighted_part::<V>(t, &x, chunks, tail, e, sums, out.0) },
+    }
+}
+
+/// Key blocks outermost, a few at a time, so the tiles of queries after
+/// the first find them in L1.
+#[inline(always)]
+unsafe fn scores_part<V: Lanes>(t: &Task, x: &Extent, blocks: Range<usize>, e: *mut f32) {
+    for b0 in blocks.clone().step_by(BLOCKS_PER_STEP) {
+        let step = b0..(b0 + BLOCKS_PER_STEP).min(blocks.end);
         let mut r = 0;
-        while r < rows {
-            let take = (rows - r).min(V::TILE);
+        while r < x.rows {
+            let take = (x.rows - r).min(V::TILE);
             // SAFETY: rows r..r + take exist; key blocks 0..blocks were
             // checked by attend.
             unsafe {
                 match take {
-                    6 => scores::<V, 6>(t, r, step.clone(), padded, &mut e),
-                    5 => scores::<V, 5>(t, r, step.clone(), padded, &mut e),
-                    4 => scores::<V, 4>(t, r, step.clone(), padded, &mut e),
-                    3 => scores::<V, 3>(t, r, step.clone(), padded, &mut e),
-                    2 => scores::<V, 2>(t, r, step.clone(), padded, &mut e),
-                    _ => scores::<V, 1>(t, r, step.clone(), padded, &mut e),
+                    6 => scores::<V, 6>(t, r, step.clone(), x.padded, e),
+                    5 => scores::<V, 5>(t, r, step.clone(), x.padded, e),
+                    4 => scores::<V, 4>(t, r, step.clone(), x.padded, e),
+                    3 => scores::<V, 3>(t, r, step.clone(), x.padded, e),
+                    2 => scores::<V, 2>(t, r, step.clone(), x.padded, e),
+                    _ => scores::<V, 1>(t, r, step.clone(), x.padded, e),
                 }
             }
             r += take;
         }
     }
-    let mut sums = vec![0f32; rows];
-    for (r, (row, sum)) in e.chunks_exact_mut(padded).zip(sums.iter_mut()).enumerate() {
-        let (seen, unseen) = row.split_at_mut(visible(r));
+}
+
+/// Scores to exponentials in place; lanes past a row's visible positions
+/// become zero.
+#[inline(always)]
+fn softmax(t: &Task, x: &Extent, e: &mut [f32], sums: &mut [f32]) {
+    for (r, (row, sum)) in e.chunks_exact_mut(x.padded).zip(sums.iter_mut()).enumerate() {
+        let (seen, unseen) = row.split_at_mut(t.visible(r));
         for s in seen.iter_mut() {
             *s *= t.scale;
         }
@@ -215,7 +306,7 @@ unsafe fn attend_body<V: Lanes>(t: &Task, out: &mut [f32]) {
             }
         }
         let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-        let (seen, unseen) = row.split_at_mut(visible(r));
+        let (seen, unseen) = row.split_at_mut(t.visible(r));
         for s in seen.iter_mut() {
             *s = exp(*s - max);
         }
@@ -234,43 +325,58 @@ unsafe fn attend_body<V: Lanes>(t: &Task, out: &mut [f32]) {
         }
         *sum = lanes[0];
     }
-    // Weighted sums, sixteen elements of the head at a time (a scalar
-    // chain for a head_dim tail), then the division.
-    // Positions outermost, a span at a time (the chains go on from what
-    // the previous span stored: loads and stores are exact).
-    out.fill(0.0);
-    for j0 in (0..visible(rows - 1)).step_by(BLOCKS_PER_STEP * KEY_BLOCK) {
+}
+
+/// Weighted sums, sixteen elements of the head at a time (a scalar chain
+/// for a head_dim tail), then the division. Positions outermost, a span at
+/// a time (the chains go on from what the previous span stored: loads and
+/// stores are exact).
+#[inline(always)]
+unsafe fn weighted_part<V: Lanes>(t: &Task, x: &Extent, chunks: Range<usize>, tail: bool, e: &[f32], sums: &[f32], out: *mut f32) {
+    let hd = t.kv.head_dim;
+    let dims = chunks.start * KEY_BLOCK..if tail { hd } else { chunks.end * KEY_BLOCK };
+    // SAFETY (every access to out): rows × hd elements; this part's are
+    // `dims` of each row, which no other part writes.
+    let at = |r: usize, d: usize| unsafe { out.add(r * hd + d) };
+    for r in 0..x.rows {
+        for d in dims.clone() {
+            unsafe { *at(r, d) = 0.0 };
+        }
+    }
+    for j0 in (0..t.visible(x.rows - 1)).step_by(BLOCKS_PER_STEP * KEY_BLOCK) {
         let span = j0..j0 + BLOCKS_PER_STEP * KEY_BLOCK;
         let mut r = 0;
-        while r < rows {
-            let take = (rows - r).min(V::TILE);
+        while r < x.rows {
+            let take = (x.rows - r).min(V::TILE);
             // SAFETY: as above; values of every visible position exist.
             unsafe {
                 match take {
-                    6 => weighted::<V, 6>(t, r, span.clone(), padded, &e, out),
-                    5 => weighted::<V, 5>(t, r, span.clone(), padded, &e, out),
-                    4 => weighted::<V, 4>(t, r, span.clone(), padded, &e, out),
-                    3 => weighted::<V, 3>(t, r, span.clone(), padded, &e, out),
-                    2 => weighted::<V, 2>(t, r, span.clone(), padded, &e, out),
-                    _ => weighted::<V, 1>(t, r, span.clone(), padded, &e, out),
+                    6 => weighted::<V, 6>(t, r, chunks.clone(), span.clone(), x.padded, e, out),
+                    5 => weighted::<V, 5>(t, r, chunks.clone(), span.clone(), x.padded, e, out),
+                    4 => weighted::<V, 4>(t, r, chunks.clone(), span.clone(), x.padded, e, out),
+                    3 => weighted::<V, 3>(t, r, chunks.clone(), span.clone(), x.padded, e, out),
+                    2 => weighted::<V, 2>(t, r, chunks.clone(), span.clone(), x.padded, e, out),
+                    _ => weighted::<V, 1>(t, r, chunks.clone(), span.clone(), x.padded, e, out),
                 }
             }
             r += take;
         }
     }
-    let kv = t.kv;
-    for r in 0..rows {
-        for d in hd / KEY_BLOCK * KEY_BLOCK..hd {
-            let mut acc = 0f32;
-            for (j, &w) in e[r * padded..][..visible(r)].iter().enumerate() {
-                acc = w.mul_add(kv.values[j * hd + d].to_f32(), acc);
+    if tail {
+        let kv = t.kv;
+        for r in 0..x.rows {
+            for d in hd / KEY_BLOCK * KEY_BLOCK..hd {
+                let mut acc = 0f32;
+                for (j, &w) in e[r * x.padded..][..t.visible(r)].iter().enumerate() {
+                    acc = w.mul_add(kv.values[j * hd + d].to_f32(), acc);
+                }
+                unsafe { *at(r, d) = acc };
             }
-            out[r * hd + d] = acc;
         }
     }
-    for (o, &sum) in out.chunks_exact_mut(hd).zip(&sums) {
-        for v in o.iter_mut() {
-            *v /= sum;
+    for (r, &sum) in sums.iter().enumerate() {
+        for d in dims.clone() {
+            unsafe { *at(r, d) /= sum };
         }
     }
 }
@@ -278,7 +384,7 @@ unsafe fn attend_body<V: Lanes>(t: &Task, out: &mut [f32]) {
 /// Scores of query rows `r0..r0 + R` against key blocks `blocks`, into
 /// `e` (rows of `padded` values).
 #[inline(always)]
-unsafe fn scores<V: Lanes, const R: usize>(t: &Task, r0: usize, blocks: Range<usize>, padded: usize, e: &mut [f32]) {
+unsafe fn scores<V: Lanes, const R: usize>(t: &Task, r0: usize, blocks: Range<usize>, padded: usize, e: *mut f32) {
     let (kv, hd) = (t.kv, t.kv.head_dim);
     let q: [&[f32]; R] = std::array::from_fn(|i| &t.queries[(r0 + i) * hd..(r0 + i + 1) * hd]);
     let body = hd / 4 * 4;
@@ -318,22 +424,21 @@ unsafe fn scores<V: Lanes, const R: usize>(t: &Task, r0: usize, blocks: Range<us
             }
             for (i, acc) in acc.iter().enumerate() {
                 let s = V::add(V::add(acc[0], acc[1]), V::add(acc[2], acc[3]));
-                s.store(e.as_mut_ptr().add((r0 + i) * padded + b * KEY_BLOCK));
+                s.store(e.add((r0 + i) * padded + b * KEY_BLOCK));
             }
         }
     }
 }
 
 /// Adds Σ_j e_j · v_j over the positions of `span` each row sees to `out`
-/// rows `r0..r0 + R` (the head's whole sixteen-element chunks).
+/// rows `r0..r0 + R`, head chunks `chunks`.
 #[inline(always)]
-unsafe fn weighted<V: Lanes, const R: usize>(t: &Task, r0: usize, span: Range<usize>, padded: usize, e: &[f32], out: &mut [f32]) {
-    let chunks = t.kv.head_dim / KEY_BLOCK;
-    let mut c = 0;
+unsafe fn weighted<V: Lanes, const R: usize>(t: &Task, r0: usize, chunks: Range<usize>, span: Range<usize>, padded: usize, e: &[f32], out: *mut f32) {
+    let mut c = chunks.start;
     // Up to four chunks at once: R × 4 independent accumulator chains keep
     // the FMA units busy.
-    while c < chunks {
-        let take = (chunks - c).min(4);
+    while c < chunks.end {
+        let take = (chunks.end - c).min(4);
         // SAFETY: chunks c..c + take lie within the head.
         unsafe {
             match take {
@@ -355,10 +460,10 @@ unsafe fn weighted_chunks<V: Lanes, const R: usize, const C: usize>(
     span: Range<usize>,
     padded: usize,
     e: &[f32],
-    out: &mut [f32],
+    out: *mut f32,
 ) {
     let (kv, hd) = (t.kv, t.kv.head_dim);
-    let visible: [usize; R] = std::array::from_fn(|i| (t.first_visible + (t.first_row + r0 + i) / t.group).min(span.end));
+    let visible: [usize; R] = std::array::from_fn(|i| t.visible(r0 + i).min(span.end));
     let w: [&[f32]; R] = std::array::from_fn(|i| &e[(r0 + i) * padded..(r0 + i + 1) * padded]);
     let at = |j: usize| j * hd + c0 * KEY_BLOCK;
     let dst = |i: usize, c: usize| (r0 + i) * hd + (c0 + c) * KEY_BLOCK;
@@ -366,7 +471,7 @@ unsafe fn weighted_chunks<V: Lanes, const R: usize, const C: usize>(
     // and elements within the head are in bounds (checked by attend); out
     // rows r0..r0 + R exist.
     unsafe {
-        let mut acc: [[V; C]; R] = std::array::from_fn(|i| std::array::from_fn(|c| V::load(out.as_ptr().add(dst(i, c)))));
+        let mut acc: [[V; C]; R] = std::array::from_fn(|i| std::array::from_fn(|c| V::load(out.add(dst(i, c)))));
         // Positions every row sees, each loaded value serving all R rows;
         // then each row's remaining positions, in order.
         for j in span.start..visible[0] {
@@ -386,7 +491,7 @@ unsafe fn weighted_chunks<V: Lanes, const R: usize, const C: usize>(
                 }
             }
             for (c, acc) in acc[i].iter().enumerate() {
-                acc.store(out.as_mut_ptr().add(dst(i, c)));
+                acc.store(out.add(dst(i, c)));
             }
         }
     }
@@ -394,7 +499,7 @@ unsafe fn weighted_chunks<V: Lanes, const R: usize, const C: usize>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{attend_body, f16, Lanes, Task};
+    use super::{f16, part_body, Lanes, Part, Task};
     use std::arch::x86_64::*;
 
     #[derive(Clone, Copy)]
@@ -476,21 +581,21 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub(super) unsafe fn attend_512(t: &Task, out: &mut [f32]) {
+    pub(super) unsafe fn part_512(t: &Task, part: Part) {
         // SAFETY: AVX-512F was detected by the caller.
-        unsafe { attend_body::<Zmm>(t, out) }
+        unsafe { part_body::<Zmm>(t, part) }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn attend_avx2(t: &Task, out: &mut [f32]) {
+    pub(super) unsafe fn part_avx2(t: &Task, part: Part) {
         // SAFETY: AVX2, FMA and F16C were detected by the caller.
-        unsafe { attend_body::<Ymm2>(t, out) }
+        unsafe { part_body::<Ymm2>(t, part) }
     }
 }
 
 #[cfg(target_arch = "aarch64")]
 mod neon {
-    use super::{attend_body, f16, Lanes, Task};
+    use super::{f16, part_body, Lanes, Part, Task};
     use std::arch::aarch64::*;
 
     #[derive(Clone, Copy)]
@@ -535,9 +640,9 @@ mod neon {
     }
 
     #[target_feature(enable = "neon")]
-    pub(super) unsafe fn attend_neon(t: &Task, out: &mut [f32]) {
+    pub(super) unsafe fn part_neon(t: &Task, part: Part) {
         // SAFETY: NEON was detected by the caller.
-        unsafe { attend_body::<Q4>(t, out) }
+        unsafe { part_body::<Q4>(t, part) }
     }
 }
 
@@ -663,8 +768,11 @@ mod tests {
             let task = Task { queries: &queries, group, first_row: 0, first_visible: first, kv: &kv, scale: 0.25 };
             let mut plain = vec![1f32; queries.len()];
             // SAFETY: plain array arithmetic.
-            unsafe { attend_body::<Scalar>(&task, &mut plain) };
+            run_task(&task, &mut plain, false, &|part| unsafe { part_body::<Scalar>(&task, part) });
             assert_eq!(bits(&got), bits(&plain), "hd {hd}: SIMD and scalar differ");
+            let mut shared = vec![1f32; queries.len()];
+            run_task(&task, &mut shared, true, &|part| dispatch(&task, part));
+            assert_eq!(bits(&shared), bits(&got), "hd {hd}: shared between threads vs not");
             let per_token = group * hd;
             for t in 0..tokens {
                 let mut one = vec![0f32; per_token];
