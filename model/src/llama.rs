@@ -6,7 +6,7 @@
 //! whole batch, runs attention per sequence, and returns logits for every
 //! position asked for. Every kernel is batch-invariant (see `kernels`).
 
-use crate::kernels::{attend, attention_split_rows, residual_add, rms_norm, rope_heads, silu_mul, KvView, MatmulKernels, QLinear, QMatrix};
+use crate::kernels::{attend, attention_split_rows, residual_add, rms_norm, rope_heads, silu_mul, KvView, MatmulKernels, QLinear, QMatrix, RunRows};
 use crate::{KvCache, ModelError, Result};
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
@@ -479,9 +479,12 @@ impl Llama {
         // Few units (one sequence's verification has one per kv head: three
         // here, on two threads) are split into tasks of the query rows the
         // kernel walks together anyway, so no thread idles through a long
-        // context while another finishes its second unit. Many units are
-        // kept whole: the rows after a unit's first tile find its keys in L1.
-        let split = if units.len() < 4 * rayon::current_num_threads() { attention_split_rows() } else { usize::MAX };
+        // context while another finishes its second unit, and a task over
+        // a long context offers halves of its work to idle threads (a
+        // 1-token step's units are one tile each). Many units are kept
+        // whole: the rows after a unit's first tile find its keys in L1.
+        let few = units.len() < 4 * rayon::current_num_threads();
+        let split = if few { attention_split_rows() } else { usize::MAX };
         // (first token, kv head, the unit's rows of this task).
         let mut tasks: Vec<(usize, usize, Range<usize>)> = Vec::new();
         for &(t, n, g) in &units {
@@ -502,7 +505,7 @@ impl Llama {
                 let kv = KvView { keys, values, head_dim: hd };
                 let queries: Vec<f32> = unit_rows.clone().flat_map(|r| &q[row_at(*t, *g, r)..][..hd]).copied().collect();
                 let mut o = vec![0f32; queries.len()];
-                attend(&queries, group, unit_rows.start, pos + 1, &kv, scale, &mut o);
+                attend(&queries, RunRows { group, first_row: unit_rows.start, first_visible: pos + 1 }, &kv, scale, few, &mut o);
                 o
             })
             .collect();

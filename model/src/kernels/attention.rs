@@ -50,13 +50,25 @@ pub struct KvView<'a> {
     pub head_dim: usize,
 }
 
-/// Attention of `n` consecutive new tokens of one sequence for the `group`
-/// query heads that share a kv head, or of some of their rows. The run's
-/// rows are its `n × group` query vectors of `head_dim`, token-major, and
-/// row `r` (token `r / group`) sees positions `0..first_visible + r / group`
-/// (its own included); `queries` holds rows `first_row..` of them. `out`
-/// has the queries' shape.
-pub fn attend(queries: &[f32], group: usize, first_row: usize, first_visible: usize, kv: &KvView, scale: f32, out: &mut [f32]) {
+/// Where a call's query rows lie in their run: the run's rows are its
+/// `n` tokens' query vectors for the `group` query heads that share a kv
+/// head, token-major, and row `r` (token `r / group`) sees positions
+/// `0..first_visible + r / group` (its own included).
+#[derive(Clone, Copy, Debug)]
+pub struct RunRows {
+    pub group: usize,
+    /// The run's row that the call's first query is.
+    pub first_row: usize,
+    pub first_visible: usize,
+}
+
+/// Attention of some consecutive rows of a run of one sequence's new
+/// tokens (`queries`: vectors of `head_dim`) against its cache. `out` has
+/// the queries' shape. With `share`, a call over a long context offers
+/// parts of its work to idle threads: for passes of few calls (each part
+/// is less efficient than the whole when no thread takes it).
+pub fn attend(queries: &[f32], at: RunRows, kv: &KvView, scale: f32, share: bool, out: &mut [f32]) {
+    let RunRows { group, first_row, first_visible } = at;
     let hd = kv.head_dim;
     assert!(group > 0 && hd > 0 && !queries.is_empty() && queries.len().is_multiple_of(hd) && out.len() == queries.len());
     let rows = queries.len() / hd;
@@ -66,7 +78,7 @@ pub fn attend(queries: &[f32], group: usize, first_row: usize, first_visible: us
     let task = Task { queries, group, first_row, first_visible, kv, scale };
     // Only on a pool thread: from outside, a join hands the work to the
     // pool and waits (an attention call 29 → 86 µs).
-    let share = visible >= SHARE_FROM && rayon::current_thread_index().is_some();
+    let share = share && visible >= SHARE_FROM && rayon::current_thread_index().is_some();
     run_task(&task, out, share, &|part| dispatch(&task, part));
 }
 
@@ -768,7 +780,7 @@ mod tests {
             let first = n - tokens + 1;
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             let mut got = vec![0f32; queries.len()];
-            attend(&queries, group, 0, first, &kv, 0.25, &mut got);
+            attend(&queries, RunRows { group, first_row: 0, first_visible: first }, &kv, 0.25, false, &mut got);
             let task = Task { queries: &queries, group, first_row: 0, first_visible: first, kv: &kv, scale: 0.25 };
             let mut plain = vec![1f32; queries.len()];
             // SAFETY: plain array arithmetic.
@@ -780,7 +792,7 @@ mod tests {
             let per_token = group * hd;
             for t in 0..tokens {
                 let mut one = vec![0f32; per_token];
-                attend(&queries[t * per_token..(t + 1) * per_token], group, 0, first + t, &kv, 0.25, &mut one);
+                attend(&queries[t * per_token..(t + 1) * per_token], RunRows { group, first_row: 0, first_visible: first + t }, &kv, 0.25, false, &mut one);
                 assert_eq!(bits(&one), bits(&got[t * per_token..(t + 1) * per_token]), "hd {hd} token {t}: alone vs batched");
             }
             // Split into calls of some rows each, cutting across tokens.
@@ -789,7 +801,7 @@ mod tests {
                 let mut parts = vec![0f32; queries.len()];
                 for r0 in (0..rows).step_by(split) {
                     let r = r0 * hd..(r0 + split).min(rows) * hd;
-                    attend(&queries[r.clone()], group, r0, first, &kv, 0.25, &mut parts[r]);
+                    attend(&queries[r.clone()], RunRows { group, first_row: r0, first_visible: first }, &kv, 0.25, false, &mut parts[r]);
                 }
                 assert_eq!(bits(&parts), bits(&got), "hd {hd}: calls of {split} rows vs one call");
             }
