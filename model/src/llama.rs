@@ -503,7 +503,10 @@ impl Llama {
                 let (seq, pos) = rows[*t];
                 let (keys, values) = caches[seq].head(layer, *g);
                 let kv = KvView { keys, values, head_dim: hd };
-                let queries: Vec<f32> = unit_rows.clone().flat_map(|r| &q[row_at(*t, *g, r)..][..hd]).copied().collect();
+                let mut queries = Vec::with_capacity(unit_rows.len() * hd);
+                for r in unit_rows.clone() {
+                    queries.extend_from_slice(&q[row_at(*t, *g, r)..][..hd]);
+                }
                 let mut o = vec![0f32; queries.len()];
                 attend(&queries, RunRows { group, first_row: unit_rows.start, first_visible: pos + 1 }, &kv, scale, few, &mut o);
                 o

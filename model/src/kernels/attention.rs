@@ -351,13 +351,11 @@ fn softmax(t: &Task, x: &Extent, e: &mut [f32], sums: &mut [f32]) {
 unsafe fn weighted_part<V: Lanes>(t: &Task, x: &Extent, chunks: Range<usize>, tail: bool, e: &[f32], sums: &[f32], out: *mut f32) {
     let hd = t.kv.head_dim;
     let dims = chunks.start * KEY_BLOCK..if tail { hd } else { chunks.end * KEY_BLOCK };
-    // SAFETY (every access to out): rows × hd elements; this part's are
-    // `dims` of each row, which no other part writes.
-    let at = |r: usize, d: usize| unsafe { out.add(r * hd + d) };
+    // SAFETY: out holds rows × hd elements; this part's are `dims` of
+    // each row, which no other part touches while it runs.
+    let mine = |r: usize| unsafe { std::slice::from_raw_parts_mut(out.add(r * hd + dims.start), dims.len()) };
     for r in 0..x.rows {
-        for d in dims.clone() {
-            unsafe { *at(r, d) = 0.0 };
-        }
+        mine(r).fill(0.0);
     }
     for j0 in (0..t.visible(x.rows - 1)).step_by(BLOCKS_PER_STEP * KEY_BLOCK) {
         let span = j0..j0 + BLOCKS_PER_STEP * KEY_BLOCK;
@@ -386,13 +384,13 @@ unsafe fn weighted_part<V: Lanes>(t: &Task, x: &Extent, chunks: Range<usize>, ta
                 for (j, &w) in e[r * x.padded..][..t.visible(r)].iter().enumerate() {
                     acc = w.mul_add(kv.values[j * hd + d].to_f32(), acc);
                 }
-                unsafe { *at(r, d) = acc };
+                mine(r)[d - dims.start] = acc;
             }
         }
     }
     for (r, &sum) in sums.iter().enumerate() {
-        for d in dims.clone() {
-            unsafe { *at(r, d) /= sum };
+        for v in mine(r) {
+            *v /= sum;
         }
     }
 }
