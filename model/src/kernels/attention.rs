@@ -218,8 +218,8 @@ impl Lanes for Scalar {
     }
 }
 
-/// The rows of one task in numbers: rows, key blocks, the padded width
-/// of a score row, and how many positions row `r` sees.
+/// The shape of one task: its rows, the key blocks they see, and the
+/// padded width of a score row.
 struct Extent {
     rows: usize,
     blocks: usize,
