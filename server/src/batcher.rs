@@ -87,9 +87,38 @@ pub trait Batcher: Send {
     fn max_delay(&self) -> Duration {
         Duration::ZERO
     }
-    /// When the first of the sessions waiting on their edges is expected
-    /// to send its next round (see [`RoundClock`]), before each `next_batch`.
-    fn expect_next_round(&mut self, _due: Option<Instant>) {}
+    /// When sessions waiting on their edges are expected to send their
+    /// next rounds (see [`RoundClock`]), before each `next_batch`.
+    fn expect_next_rounds(&mut self, _due: RoundsDue) {}
+}
+
+/// The first next round expected from the sessions waiting on their edges.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RoundsDue {
+    /// Of any session, at its usual gap.
+    pub any: Option<Instant>,
+    /// The soonest a round with a deadline (of a session with a TPOT
+    /// objective) may come, of those not yet overdue by more than a grace:
+    /// work without a deadline must not hold it up.
+    pub with_deadline: Option<Instant>,
+}
+
+impl RoundsDue {
+    /// From each waiting session's clock and whether its rounds have
+    /// deadlines. A round overdue by more than `grace` past its usual gap
+    /// is no longer waited for (its edge may have gone).
+    pub fn from_clocks<'a>(now: Instant, grace: Duration, clocks: impl IntoIterator<Item = (&'a RoundClock, bool)>) -> RoundsDue {
+        let mut due = RoundsDue::default();
+        let earlier = |a: Option<Instant>, b: Instant| Some(a.map_or(b, |a| a.min(b)));
+        for (clock, with_deadline) in clocks {
+            let (Some(usual), Some(soonest)) = (clock.due(), clock.soonest()) else { continue };
+            due.any = earlier(due.any, usual);
+            if with_deadline && now < usual + grace {
+                due.with_deadline = earlier(due.with_deadline, soonest);
+            }
+        }
+        due
+    }
 }
 
 /// When a session's next verification round should reach the server: when
@@ -101,6 +130,10 @@ pub trait Batcher: Send {
 pub struct RoundClock {
     answered: Option<Instant>,
     gap: Option<Duration>,
+    /// Lower envelope of the gaps: drops to a shorter gap at once, rises
+    /// slowly (an edge whose draft length varies sends some rounds much
+    /// sooner than its average).
+    short_gap: Option<Duration>,
 }
 
 impl RoundClock {
@@ -114,6 +147,7 @@ impl RoundClock {
         if let Some(answered) = self.answered.take() {
             let gap = now.saturating_duration_since(answered);
             self.gap = Some(self.gap.map_or(gap, |g| g.mul_f64(0.7) + gap.mul_f64(0.3)));
+            self.short_gap = Some(self.short_gap.map_or(gap, |s| if gap < s { gap } else { s.mul_f64(0.9) + gap.mul_f64(0.1) }));
         }
     }
 
@@ -127,6 +161,12 @@ impl RoundClock {
     /// or no gap has been seen yet).
     pub fn due(&self) -> Option<Instant> {
         Some(self.answered? + self.gap?)
+    }
+
+    /// The soonest the next round is likely to come: at the shortest gaps
+    /// seen lately.
+    pub fn soonest(&self) -> Option<Instant> {
+        Some(self.answered? + self.short_gap?)
     }
 }
 
@@ -200,6 +240,33 @@ mod tests {
         // 0.7 · 40 + 0.3 · 20 = 34 ms.
         assert_eq!(clock.due(), Some(t + ms(114)));
         assert_eq!(clock.gap(), Some(ms(34)));
+        // The shortest gap lately: 20 ms at once, rising a tenth of the way
+        // to a longer one.
+        assert_eq!(clock.soonest(), Some(t + ms(100)));
+        clock.arrived(t + ms(120));
+        clock.answered(t + ms(130));
+        assert_eq!(clock.soonest(), Some(t + ms(152)));
+    }
+
+    #[test]
+    fn rounds_with_deadlines_are_awaited_from_their_soonest_until_overdue() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        // Gaps of 10 then 30 ms: usual 16, soonest 12 after the verdict at 40.
+        let mut clock = RoundClock::default();
+        clock.answered(t);
+        clock.arrived(t + ms(10));
+        clock.answered(t + ms(10));
+        clock.arrived(t + ms(40));
+        clock.answered(t + ms(40));
+        let (usual, soonest) = (clock.due().unwrap(), clock.soonest().unwrap());
+        assert_eq!((usual, soonest), (t + ms(56), t + ms(52)));
+        let due = |now, with_deadline| RoundsDue::from_clocks(now, ms(2), [(&clock, with_deadline)]);
+        assert_eq!(due(t + ms(45), true).with_deadline, Some(soonest));
+        assert_eq!(due(t + ms(45), true).any, Some(usual));
+        assert_eq!(due(t + ms(45), false).with_deadline, None, "a session without a TPOT objective");
+        assert_eq!(due(t + ms(57), true).with_deadline, Some(soonest), "within the grace");
+        assert_eq!(due(t + ms(58), true).with_deadline, None, "overdue past the grace: not awaited");
     }
 
     #[test]

@@ -79,6 +79,11 @@ pub struct BatcherConfig {
     /// Counter cost per prefill token and per verified position (wisp).
     pub charge_prefill: f64,
     pub charge_verify: f64,
+    /// Most that work without a deadline may add to a pass of on-time work
+    /// it rides along in, as a share of the pass's estimated time (wisp).
+    pub best_effort_share: f64,
+    /// Wait after which work without a deadline is served as on-time, ms (wisp).
+    pub best_effort_wait_ms: u64,
 }
 
 impl Default for BatcherConfig {
@@ -92,6 +97,8 @@ impl Default for BatcherConfig {
             quantile: 0.9,
             charge_prefill: 1.0,
             charge_verify: 2.0,
+            best_effort_share: 0.05,
+            best_effort_wait_ms: 500,
         }
     }
 }
@@ -107,6 +114,8 @@ impl BatcherConfig {
             max_delay: Duration::from_millis(self.max_delay_ms),
             quantile: self.quantile,
             weights: CounterWeights { prefill: self.charge_prefill, verify: self.charge_verify },
+            best_effort_share: self.best_effort_share,
+            best_effort_wait: Duration::from_millis(self.best_effort_wait_ms),
             ..WispConfig::default()
         }
     }

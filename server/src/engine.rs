@@ -4,7 +4,7 @@
 
 use crate::admission::{self, Admission, PassLimits, Prefill, Ticket};
 use crate::auth::Tenant;
-use crate::batcher::{batch_shape, Batcher, PendingWork, Scheduled, SessionId, WorkKind};
+use crate::batcher::{batch_shape, Batcher, PendingWork, RoundsDue, Scheduled, SessionId, WorkKind};
 use crate::kv_budget::KvBudget;
 use crate::metrics::Metrics;
 use crate::session::{feed, new_acceptance, opening_demand, RecentLengths, Session, TypicalRound, ASSUMED_DRAFTS};
@@ -221,7 +221,8 @@ impl Engine {
                 break;
             }
             self.expire_idle(Instant::now());
-            self.batcher.expect_next_round(self.sessions.values().filter_map(|s| s.round_clock.due()).min());
+            let clocks = self.sessions.values().map(|s| (&s.round_clock, s.tpot.is_some()));
+            self.batcher.expect_next_rounds(RoundsDue::from_clocks(Instant::now(), self.batcher.max_delay(), clocks));
             let batch = self.batcher.next_batch(Instant::now(), &mut self.queue);
             if !batch.is_empty() {
                 delay_until = None;

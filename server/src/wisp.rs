@@ -14,12 +14,21 @@
 //!    another session's round is due within the delay (its `RoundClock`),
 //!    wait (bounded) for it.
 //! 4. Requests already late are served best-effort after on-time work.
+//! 5. Work without a deadline (a session that set no TPOT objective) is
+//!    best-effort too: it rides along in a pass of on-time work only where
+//!    it adds little to the pass (`best_effort_share`: a GPU, where tokens
+//!    are nearly free), and a pass of best-effort work alone must end
+//!    before a session with an objective is due to send its next round. A
+//!    pass cannot be stopped once started, so this is what keeps a tenant
+//!    that hammers without objectives out of the way of one that has them
+//!    on a CPU, where every token costs. Best-effort work that has waited
+//!    `best_effort_wait` joins as if it were on time, so it is never starved.
 //!
 //! Every addition must keep `now + T_q(batch)` within the deadline of every
 //! on-time member, so a loose request never makes a tight one miss.
 //! Pure: time is passed in.
 
-use crate::batcher::{batch_shape, Batcher, PendingWork, Scheduled, WorkKind};
+use crate::batcher::{batch_shape, Batcher, PendingWork, RoundsDue, Scheduled, WorkKind};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use tandem_estimators::{BatchShape, CounterWeights, TenantCounters, VerifyTimeEstimator};
@@ -39,6 +48,11 @@ pub struct WispConfig {
     /// Service (counter units) within which tenants count as even.
     pub fairness_quantum: f64,
     pub weights: CounterWeights,
+    /// Most that best-effort work may add to the estimated time of a pass
+    /// of on-time work it rides along in, as a share of it.
+    pub best_effort_share: f64,
+    /// Wait after which best-effort work is served as on-time work.
+    pub best_effort_wait: Duration,
 }
 
 impl Default for WispConfig {
@@ -51,6 +65,8 @@ impl Default for WispConfig {
             quantile: 0.9,
             fairness_quantum: 64.0,
             weights: CounterWeights::default(),
+            best_effort_share: 0.05,
+            best_effort_wait: Duration::from_millis(500),
         }
     }
 }
@@ -61,8 +77,8 @@ pub struct WispBatcher {
     pub counters: TenantCounters,
     /// When the current batching delay began.
     delaying_since: Option<Instant>,
-    /// When the first session on its edge should send its next round.
-    next_round: Option<Instant>,
+    /// When sessions on their edges should send their next rounds.
+    next_rounds: RoundsDue,
 }
 
 #[derive(Clone, Copy)]
@@ -71,6 +87,8 @@ struct Candidate {
     tokens: usize,
     deadline: Option<Instant>,
     late: bool,
+    /// No deadline, and not waited `best_effort_wait` yet.
+    best_effort: bool,
     /// Deadline − now − T_q(alone) (− a pass per later prefill chunk), ms
     /// (infinite without a deadline).
     slack_ms: f64,
@@ -85,7 +103,7 @@ impl WispBatcher {
     /// With a given (for instance calibrated or simulated) estimator.
     pub fn with_estimator(cfg: WispConfig, estimator: VerifyTimeEstimator) -> Self {
         let counters = TenantCounters::new(cfg.weights);
-        WispBatcher { cfg, estimator, counters, delaying_since: None, next_round: None }
+        WispBatcher { cfg, estimator, counters, delaying_since: None, next_rounds: RoundsDue::default() }
     }
 
     fn tq(&self, shape: BatchShape) -> Duration {
@@ -101,6 +119,46 @@ impl WispBatcher {
         let end = now + self.tq(batch.shape + queue[extra.index].shape(extra.tokens));
         let extra_deadline = if extra.late { None } else { extra.deadline };
         batch.earliest.into_iter().chain(extra_deadline).all(|d| end <= d)
+    }
+
+    /// Density fill of the candidates `eligible` picks: lowest counter
+    /// quantum first, then the least slack in windows of a pass's length,
+    /// then most expected tokens per marginal estimated time. A candidate
+    /// joins if it `fits` and `admit` accepts the batch's shape with it.
+    #[allow(clippy::too_many_arguments)]
+    fn fill(
+        &self,
+        now: Instant,
+        queue: &VecDeque<PendingWork>,
+        pool: &[Candidate],
+        taken: &mut [bool],
+        batch: &mut Building,
+        horizon_ms: f64,
+        eligible: impl Fn(&Candidate) -> bool,
+        admit: impl Fn(BatchShape) -> bool,
+    ) {
+        loop {
+            let base = self.estimator.upper(batch.shape);
+            let mut best: Option<(usize, (i64, i64, f64))> = None;
+            for (i, c) in pool.iter().enumerate() {
+                let w = &queue[c.index];
+                let shape = batch.shape + w.shape(c.tokens);
+                if taken[i] || !eligible(c) || !self.fits(now, queue, batch, c) || !admit(shape) {
+                    continue;
+                }
+                let marginal = (self.estimator.upper(shape) - base).max(1e-3);
+                let quantum = (self.counters.counter(&w.tenant) / self.cfg.fairness_quantum).floor() as i64;
+                // Float-to-int casts saturate: no deadline is the last window.
+                let window = (c.slack_ms / horizon_ms.max(1e-3)).floor() as i64;
+                let key = (quantum, window, -(w.expected_tokens / marginal));
+                if best.as_ref().is_none_or(|(_, k)| (key.0, key.1).cmp(&(k.0, k.1)).then(key.2.total_cmp(&k.2)).is_lt()) {
+                    best = Some((i, key));
+                }
+            }
+            let Some((i, _)) = best else { break };
+            taken[i] = true;
+            batch.push(queue, pool[i]);
+        }
     }
 }
 
@@ -148,7 +206,8 @@ impl Batcher for WispBatcher {
                     }
                     None => f64::INFINITY,
                 };
-                Candidate { index, tokens, deadline: w.deadline, late: slack_ms < 0.0, slack_ms }
+                let best_effort = w.deadline.is_none() && now.saturating_duration_since(w.enqueued) < self.cfg.best_effort_wait;
+                Candidate { index, tokens, deadline: w.deadline, late: slack_ms < 0.0, best_effort, slack_ms }
             })
             .collect();
         // What the next pass would take if it were filled first come, first served.
@@ -184,40 +243,19 @@ impl Batcher for WispBatcher {
                 batch.push(queue, pool[i]);
             }
         }
-        // 2. Density fill: lowest counter quantum first, then the least
-        //    slack in windows of a pass's length, then most expected tokens
-        //    per marginal estimated time.
-        loop {
-            let base = self.estimator.upper(batch.shape);
-            let mut best: Option<(usize, (i64, i64, f64))> = None;
-            for (i, c) in pool.iter().enumerate() {
-                if taken[i] || c.late || !self.fits(now, queue, &batch, c) {
-                    continue;
-                }
-                let w = &queue[c.index];
-                let marginal = (self.estimator.upper(batch.shape + w.shape(c.tokens)) - base).max(1e-3);
-                let quantum = (self.counters.counter(&w.tenant) / self.cfg.fairness_quantum).floor() as i64;
-                // Float-to-int casts saturate: no deadline is the last window.
-                let window = (c.slack_ms / horizon_ms.max(1e-3)).floor() as i64;
-                let key = (quantum, window, -(w.expected_tokens / marginal));
-                if best.as_ref().is_none_or(|(_, k)| (key.0, key.1).cmp(&(k.0, k.1)).then(key.2.total_cmp(&k.2)).is_lt()) {
-                    best = Some((i, key));
-                }
-            }
-            let Some((i, _)) = best else { break };
-            taken[i] = true;
-            batch.push(queue, pool[i]);
-        }
+        // 2. Density fill of on-time work.
+        self.fill(now, queue, &pool, &mut taken, &mut batch, horizon_ms, |c| !c.late && !c.best_effort, |_| true);
         // 3. Batching delay: small batch, everyone relaxed, nobody late,
         //    and another session's round due before the delay would end
         //    (waiting for nobody only adds latency).
         let relaxed = batch.members.iter().all(|c| c.slack_ms > 4.0 * horizon_ms.max(1.0));
         let small = batch.tokens * 4 < self.cfg.max_tokens && batch.members.len() * 4 < self.cfg.max_seqs;
         let any_late = pool.iter().any(|c| c.late);
-        if !batch.members.is_empty() && relaxed && small && !any_late && batch.members.len() == pool.len() {
+        let all_on_time_taken = batch.members.len() == pool.iter().filter(|c| !c.best_effort).count();
+        if !batch.members.is_empty() && relaxed && small && !any_late && all_on_time_taken {
             let since = *self.delaying_since.get_or_insert(now);
             let end = since + self.cfg.max_delay;
-            if now < end && self.next_round.is_some_and(|due| due <= end) {
+            if now < end && self.next_rounds.any.is_some_and(|due| due <= end) {
                 return vec![];
             }
         }
@@ -229,9 +267,35 @@ impl Batcher for WispBatcher {
                 batch.push(queue, *c);
             }
         }
+        // 5. Work without a deadline: beside other work only where it adds
+        //    little; alone only if the pass ends before a round with a
+        //    deadline may come.
+        let yield_to = self.next_rounds.with_deadline;
+        let limit_ms = self.estimator.upper(batch.shape) * (1.0 + self.cfg.best_effort_share);
+        let alone = batch.members.is_empty();
+        self.fill(
+            now,
+            queue,
+            &pool,
+            &mut taken,
+            &mut batch,
+            horizon_ms,
+            |c| c.best_effort,
+            |shape| {
+                if alone {
+                    yield_to.is_none_or(|due| now + self.tq(shape) <= due)
+                } else {
+                    self.estimator.upper(shape) <= limit_ms
+                }
+            },
+        );
         let mut batch = batch.members;
-        // Nothing fits (a single request over budget): run the oldest alone.
         if batch.is_empty() {
+            // Best-effort work waits for the round it would hold up.
+            if yield_to.is_some() && pool.iter().any(|c| c.best_effort) {
+                return vec![];
+            }
+            // Nothing fits (a single request over budget): run the oldest alone.
             batch.push(pool[0]);
         }
         // Take the chosen entries out in batch order; the rest keep theirs.
@@ -287,14 +351,15 @@ impl Batcher for WispBatcher {
         self.cfg.max_delay
     }
 
-    fn expect_next_round(&mut self, due: Option<Instant>) {
-        self.next_round = due;
+    fn expect_next_rounds(&mut self, due: RoundsDue) {
+        self.next_rounds = due;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batcher::SessionId;
     use proptest::prelude::*;
     use tandem_estimators::VerifyTimeCalibration;
 
@@ -384,13 +449,15 @@ mod tests {
             }
             // No on-time request waits behind a late one: if a late request
             // was taken, each on-time one left out could not have joined the
-            // on-time members.
+            // on-time members. (Work without a deadline is best-effort, as
+            // late work is: it is not on-time work.)
+            let on_time_alone = |w: &PendingWork, t| w.deadline.is_some() && meets_alone(&b, now, w, t);
             let any_late = members.iter().any(|(w, t)| !meets_alone(&b, now, w, *t));
             if any_late {
-                let on_time: Vec<(PendingWork, usize)> = members.iter().filter(|(w, t)| meets_alone(&b, now, w, *t)).cloned().collect();
+                let on_time: Vec<(PendingWork, usize)> = members.iter().filter(|(w, t)| on_time_alone(w, *t)).cloned().collect();
                 for w in queue.iter() {
                     let t = if w.kind == WorkKind::Prefill { w.tokens.min(16) } else { w.tokens };
-                    if !meets_alone(&b, now, w, t) {
+                    if !on_time_alone(w, t) {
                         continue;
                     }
                     let mut with: Vec<(PendingWork, usize)> = on_time.clone();
@@ -439,6 +506,53 @@ mod tests {
         assert_eq!(with([5.0, 0.05, 1.0, 0.0, 0.0]).suggested_k(&expected, 100), Some(1));
     }
 
+    fn best_effort_case(tenant: &str, session: SessionId, deadline: Option<Instant>, enqueued: Instant) -> PendingWork {
+        PendingWork { session, tenant: tenant.into(), kind: WorkKind::Verify, tokens: 2, enqueued, deadline, context: 10, expected_tokens: 1.5 }
+    }
+
+    #[test]
+    fn work_without_a_deadline_rides_along_only_where_it_adds_little() {
+        let now = Instant::now();
+        let cfg = WispConfig { max_delay: Duration::ZERO, ..WispConfig::default() };
+        let queue = || -> VecDeque<_> { [best_effort_case("a", 1, Some(now + Duration::from_secs(10)), now), best_effort_case("b", 2, None, now)].into() };
+        let sessions = |batch: Vec<Scheduled>| batch.iter().map(|s| s.work.session).collect::<Vec<_>>();
+        // Tokens cost compute (2 ms each): B would add about half to A's pass.
+        let mut cpu = WispBatcher::with_estimator(cfg.clone(), known());
+        let mut q = queue();
+        assert_eq!(sessions(cpu.next_batch(now, &mut q)), vec![1]);
+        assert_eq!(sessions(cpu.next_batch(now, &mut q)), vec![2], "and runs once the on-time work is done");
+        // A pass costs about its weight read (a GPU): B rides along.
+        let calibration = VerifyTimeCalibration {
+            coefficients: [5.0, 0.01, 0.003, 0.005, 0.0],
+            quantile: 0.9,
+            residual_ratios: vec![1.0; 64],
+            gram: [[0.0; 5]; 5],
+            moment: [0.0; 5],
+        };
+        let mut gpu = WispBatcher::with_estimator(cfg.clone(), VerifyTimeEstimator::from_calibration(&calibration, 1.0));
+        assert_eq!(sessions(gpu.next_batch(now, &mut queue())), vec![1, 2]);
+        // Work that has waited `best_effort_wait` joins as on-time work.
+        let mut q: VecDeque<_> =
+            [best_effort_case("a", 1, Some(now + Duration::from_secs(10)), now), best_effort_case("b", 2, None, now - cfg.best_effort_wait)].into();
+        assert_eq!(sessions(cpu.next_batch(now, &mut q)).len(), 2);
+    }
+
+    #[test]
+    fn work_without_a_deadline_alone_ends_before_a_round_with_one_may_come() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let mut b = WispBatcher::with_estimator(WispConfig { max_delay: Duration::ZERO, ..WispConfig::default() }, known());
+        // Alone, B's round takes 3 + 0.5 + 4 + ... ≈ 7.5 ms.
+        let mut queue: VecDeque<_> = [best_effort_case("b", 2, None, now)].into();
+        b.expect_next_rounds(RoundsDue { any: Some(now), with_deadline: Some(now + ms(5)) });
+        assert!(b.next_batch(now, &mut queue).is_empty(), "it would still run when the round comes");
+        b.expect_next_rounds(RoundsDue { any: Some(now), with_deadline: Some(now + ms(20)) });
+        assert_eq!(b.next_batch(now, &mut queue).len(), 1, "it ends before the round comes");
+        let mut queue: VecDeque<_> = [best_effort_case("b", 2, None, now)].into();
+        b.expect_next_rounds(RoundsDue { any: Some(now), with_deadline: None });
+        assert_eq!(b.next_batch(now, &mut queue).len(), 1, "no round with a deadline is awaited");
+    }
+
     #[test]
     fn batching_delay_is_bounded() {
         let now = Instant::now();
@@ -455,11 +569,11 @@ mod tests {
         };
         // Nobody else is due: no wait.
         let mut queue: VecDeque<_> = [relaxed.clone()].into();
-        b.expect_next_round(Some(now + Duration::from_millis(30)));
+        b.expect_next_rounds(RoundsDue { any: Some(now + Duration::from_millis(30)), with_deadline: None });
         assert_eq!(b.next_batch(now, &mut queue).len(), 1, "a lone relaxed request waited for nobody");
         // Another session's round is due within the delay.
         let mut queue: VecDeque<_> = [relaxed].into();
-        b.expect_next_round(Some(now + Duration::from_millis(1)));
+        b.expect_next_rounds(RoundsDue { any: Some(now + Duration::from_millis(1)), with_deadline: None });
         assert!(b.next_batch(now, &mut queue).is_empty(), "a lone relaxed request waits for company");
         assert!(b.next_batch(now + Duration::from_millis(1), &mut queue).is_empty(), "an overdue round is still awaited");
         assert_eq!(b.next_batch(now + Duration::from_millis(2), &mut queue).len(), 1, "but not past max_delay");

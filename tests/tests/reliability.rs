@@ -53,7 +53,7 @@ const SCENARIOS: &[Scenario] = &[
     Scenario { name: "tenant_isolation", load: "2 tenants, 1 session each", faults: "a tenant addressing another tenant's session", run: tenant_isolation },
     Scenario {
         name: "junk_drafts_tenant",
-        load: "tenant A: 3 sessions × 128 tokens (α = 0.8); tenant B: 2 sessions hammering, honest (α = 0.8, k = 4) or junk (k = 16)",
+        load: "tenant A: 3 sessions × 128 tokens (α = 0.8, TPOT objective); tenant B: 2 sessions hammering without objectives, honest (α = 0.8, k = 4) or junk (k = 16)",
         faults: "a tenant hammering with drafts that are always rejected",
         run: junk_drafts_tenant,
     },
@@ -713,13 +713,15 @@ fn tenant_b(url: &str, (req, reference): &Work, alpha: f64, k: usize, stop: Arc<
     sent
 }
 
-/// Tenant A alone, then beside a tenant B that hammers (no drafting time)
-/// with honest drafts (α = 0.8, 4 a round) and with junk (16 a round,
-/// always wrong), interleaved four times. Asserted: B is charged for every draft
-/// the server judged; junk is clipped to the positions B's history says
-/// may be reached, so it cannot inflate passes; A's output is unchanged.
-/// Printed: A's p99 round latency in each phase (the issue's 10 % figure;
-/// see README "Reliability" for why it is reported, not asserted, here).
+/// Tenant A (TPOT objective) alone, then beside a tenant B that hammers (no
+/// drafting time, no objectives, so best-effort work) with honest drafts
+/// (α = 0.8, 4 a round) and with junk (16 a round, always wrong),
+/// interleaved four times. Asserted: B is charged for every draft the
+/// server judged; junk is clipped to the positions B's history says may be
+/// reached, so it cannot inflate passes; A's output is unchanged. Printed:
+/// A's p99 round latency in each phase and whether junk B kept it within
+/// 10 % of alone (the issue's figure; a latency, so measured and reported,
+/// not asserted: see README "Reliability").
 fn junk_drafts_tenant() -> String {
     let tenants = write_file("junk-tenants.toml", TENANTS);
     let metrics_addr = format!("127.0.0.1:{}", free_port());
@@ -785,7 +787,7 @@ fn junk_drafts_tenant() -> String {
     let spread = |v: &[f64]| format!("{:.1}–{:.1}", v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(0.0, f64::max));
     let figures = format!(
         "A's p99 round: {:.1} ms alone ({} rounds; p99 of each phase {}), {:.1} ms beside honest B ({} rounds; {}), \
-         {:.1} ms beside junk B ({} rounds; {}); junk vs honest {:+.1} %, vs alone {:+.1} %; p50 {:.1} / {:.1} / {:.1} ms; \
+         {:.1} ms beside junk B ({} rounds; {}); junk vs honest {:+.1} %, vs alone {:+.1} % ({}); p50 {:.1} / {:.1} / {:.1} ms; \
          junk B sent {} drafts, {delta_drafts:.0} verified, {delta_accepted:.0} accepted; \
          positions charged per generated token: A {charge_a:.2}, junk B {charge_b:.2}",
         p99(&alone),
@@ -799,6 +801,7 @@ fn junk_drafts_tenant() -> String {
         spread(&phase_p99[2]),
         (p99(&junk) / p99(&honest) - 1.0) * 100.0,
         (p99(&junk) / p99(&alone) - 1.0) * 100.0,
+        if p99(&junk) <= 1.1 * p99(&alone) { "within the issue's 10 %" } else { "over the issue's 10 %" },
         percentile(&alone, 0.5),
         percentile(&honest, 0.5),
         percentile(&junk, 0.5),

@@ -25,7 +25,7 @@ use tandem_edge::controller::{RoundHints, SpeculationController};
 use tandem_estimators::{AcceptanceEstimator, CounterWeights, TenantCounters, VerifyTimeCalibration, VerifyTimeEstimator};
 use tandem_model::{DraftSource, SamplingParams, SessionRng};
 use tandem_server::admission::{check_capacity, prefill_shape, Demand, PassLimits, Prefill};
-use tandem_server::batcher::{batch_shape, Batcher, PendingWork, RoundClock, Scheduled, WorkKind};
+use tandem_server::batcher::{batch_shape, Batcher, PendingWork, RoundClock, RoundsDue, Scheduled, WorkKind};
 use tandem_server::engine::{verify_ms_by_k, REACH_FLOOR};
 use tandem_server::{new_acceptance, round_demand, tokens_left, work_deadline, Pace, RecentLengths, TypicalRound};
 
@@ -504,7 +504,9 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         let spread = backlogged.iter().copied().fold(f64::NEG_INFINITY, f64::max) - backlogged.iter().copied().fold(f64::INFINITY, f64::min);
         self.max_service_gap = self.max_service_gap.max(spread);
         let now = self.instant(self.now);
-        self.batcher.expect_next_round(self.rounds_due.first().map(|&(due, _)| due));
+        // Every simulated session has a TPOT objective.
+        let first = self.rounds_due.first().map(|&(due, _)| due);
+        self.batcher.expect_next_rounds(RoundsDue { any: first, with_deadline: first });
         let batch = self.batcher.next_batch(now, &mut self.queue);
         if batch.is_empty() {
             // The batcher waits for more arrivals (as the server's runner, at least 100 µs).
