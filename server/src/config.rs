@@ -141,6 +141,11 @@ pub struct TenantConfig {
     pub weight: f64,
     #[serde(default = "default_max_sessions")]
     pub max_sessions: usize,
+    /// Serve this tenant's sessions as if they set no objectives: their
+    /// work fills the gaps other tenants' deadlines leave (a batch tenant,
+    /// or one that hammers the server).
+    #[serde(default)]
+    pub best_effort: bool,
 }
 
 fn one() -> f64 {

@@ -84,6 +84,9 @@ impl EngineHandle {
     /// Admits the session here, on the stream task, so a refusal never
     /// waits for the runner's pass; then hands it to the runner.
     pub async fn open(&self, tenant: Arc<Tenant>, open: ValidOpen, out: OutSender) -> Result<SessionId, ServeError> {
+        // A best-effort tenant's objectives are neither reserved for at
+        // admission nor scheduled for.
+        let open = if tenant.best_effort { ValidOpen { ttft_ms: None, tpot_ms: None, ..open } } else { open };
         let request = admission::Request {
             tenant: &tenant.name,
             max_sessions: tenant.max_sessions,
