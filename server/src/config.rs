@@ -120,6 +120,24 @@ impl BatcherConfig {
         }
     }
 
+    /// Refuses settings the batchers cannot work with, naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, value) in [("max_batch_tokens", self.max_batch_tokens), ("max_batch_seqs", self.max_batch_seqs), ("prefill_chunk", self.prefill_chunk)] {
+            if value == 0 {
+                return Err(format!("`[batcher] {name}` must be at least 1"));
+            }
+        }
+        if !(self.quantile > 0.0 && self.quantile < 1.0) {
+            return Err(format!("`[batcher] quantile` must lie between 0 and 1, got {}", self.quantile));
+        }
+        for (name, value) in [("charge_prefill", self.charge_prefill), ("charge_verify", self.charge_verify), ("best_effort_share", self.best_effort_share)] {
+            if !(value >= 0.0 && value.is_finite()) {
+                return Err(format!("`[batcher] {name}` must be a finite number of at least 0, got {value}"));
+            }
+        }
+        Ok(())
+    }
+
     /// The pass limits admission costs sessions under.
     pub fn pass_limits(&self) -> PassLimits {
         PassLimits { max_batch_tokens: self.max_batch_tokens, prefill_chunk: self.prefill_chunk }
@@ -160,4 +178,19 @@ fn default_max_sessions() -> usize {
 pub struct TenantsFile {
     #[serde(default)]
     pub tenant: Vec<TenantConfig>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batcher_settings_are_checked_by_name() {
+        assert_eq!(BatcherConfig::default().check(), Ok(()));
+        let bad = |text: &str| toml::from_str::<ServerConfig>(text).unwrap().batcher.check().unwrap_err();
+        assert!(bad("[batcher]\nquantile = 1.5\n").contains("quantile"));
+        assert!(bad("[batcher]\nmax_batch_seqs = 0\n").contains("max_batch_seqs"));
+        assert!(bad("[batcher]\nbest_effort_share = -0.1\n").contains("best_effort_share"));
+        assert!(bad("[batcher]\ncharge_verify = nan\n").contains("charge_verify"));
+    }
 }

@@ -87,6 +87,7 @@ fn load_config(cli: Cli) -> Result<ServerConfig> {
     }
     set!(listen, device, kv_budget_mb, idle_ttl_s, drain_s, pin_threads);
     set_opt!(model, tenants, tls_cert, tls_key, metrics_listen);
+    cfg.batcher.check().map_err(anyhow::Error::msg)?;
     Ok(cfg)
 }
 
@@ -145,12 +146,6 @@ async fn serve() -> Result<()> {
     let (vocab, context_len) = (model.llama.config().vocab, model.llama.config().context_len);
     let metrics = Arc::new(Metrics::default());
     let b = &cfg.batcher;
-    if !(b.quantile > 0.0 && b.quantile < 1.0) {
-        bail!("`[batcher] quantile` must lie between 0 and 1, got {}", b.quantile);
-    }
-    if !(b.best_effort_share >= 0.0 && b.best_effort_share.is_finite()) {
-        bail!("`[batcher] best_effort_share` must be a finite share of at least 0, got {}", b.best_effort_share);
-    }
     let mut batcher: Box<dyn Batcher> = match b.policy.as_str() {
         "fcfs" => Box::new(b.fifo()),
         "wisp" => Box::new(WispBatcher::new(b.wisp())),
