@@ -16,6 +16,10 @@ fn kernels_reports_every_pass_and_the_trained_drafts_cost() {
     for p in report["passes"].as_array().unwrap().iter().chain([&report["ragged"]]) {
         assert!(p["ms"].as_f64().unwrap() > 0.0 && p["stock_ms"].is_null(), "{p}");
     }
+    // The headline ratio is the two rows' medians; the pairs come beside it.
+    let (ragged, five) = (report["ragged"]["ms"].as_f64().unwrap(), report["passes"][2]["ms"].as_f64().unwrap());
+    assert!((report["ragged_over_single5"].as_f64().unwrap() - ragged / five).abs() < 1e-9, "{report}");
+    assert!(report["ragged_over_single5_paired"].as_f64().unwrap() > 0.0 && report["single5_after_ragged_ms"].as_f64().unwrap() > 0.0, "{report}");
     let draft = &report["trained_draft"];
     // Four prompts × 96 tokens of the target's output, at most six tokens a round.
     assert!(draft["rounds"].as_u64().unwrap() >= 4 * 96 / 6, "{draft}");
