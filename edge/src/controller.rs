@@ -177,13 +177,48 @@ impl Ewma {
     }
 }
 
+/// Per-position acceptance α of the geometric model, estimated as the
+/// maximum-likelihood ratio over recent rounds: accepted positions over
+/// judged ones (a round judges its accepted prefix and, if it stopped
+/// short, the first rejection), both decayed by a factor a round and
+/// started from a prior.
+///
+/// Why a ratio of sums and not an average of each round's ratio: the
+/// average weighs a round that judged one position like one that judged
+/// five, and reads low: at α = 0.8 and four drafts it comes to about 0.65.
+/// Taken from the first round alone, one rejected first draft would put α
+/// at 0 and hold k at its minimum for many rounds.
+#[derive(Clone, Copy, Debug)]
+struct AcceptanceRate {
+    accepted: f64,
+    judged: f64,
+}
+
+impl AcceptanceRate {
+    /// The prior: α = 0.5, worth two judged positions.
+    const PRIOR: AcceptanceRate = AcceptanceRate { accepted: 1.0, judged: 2.0 };
+    /// What a round's evidence keeps of its weight per later round (a
+    /// memory of about ten rounds, as the other measurements have).
+    const DECAY: f64 = 0.9;
+
+    fn observe(&mut self, drafted: usize, accepted: usize) {
+        let judged = (accepted + 1).min(drafted);
+        self.accepted = Self::DECAY * self.accepted + accepted as f64;
+        self.judged = Self::DECAY * self.judged + judged as f64;
+    }
+
+    fn get(&self) -> f64 {
+        self.accepted / self.judged
+    }
+}
+
 /// Per-round decisions and what they are based on.
 pub struct SpeculationController {
     rule: StopRule,
     k_max: usize,
     /// Choose k per round from measured costs (else always k_max).
     adaptive: bool,
-    alpha: Ewma,
+    alpha: AcceptanceRate,
     t_draft_ms: Ewma,
     rtt_ms: Ewma,
     /// Verification time by k (index k), from the server's hints or measured.
@@ -204,7 +239,7 @@ impl SpeculationController {
             rule,
             k_max,
             adaptive,
-            alpha: Ewma { value: None, weight: 0.1 },
+            alpha: AcceptanceRate::PRIOR,
             t_draft_ms: Ewma { value: None, weight: 0.2 },
             rtt_ms: Ewma { value: None, weight: 0.2 },
             verify_ms: vec![None; k_max + 1],
@@ -231,7 +266,7 @@ impl SpeculationController {
         let verify = |k: usize| {
             known(k).or_else(|| (0..=self.k_max).filter_map(|j| known(j).map(|v| (j.abs_diff(k), v))).min_by_key(|p| p.0).map(|p| p.1)).unwrap_or(10.0)
         };
-        let (alpha, t_draft, rtt) = (self.alpha.get(0.5), self.t_draft_ms.get(5.0), self.rtt_ms.get(1.0));
+        let (alpha, t_draft, rtt) = (self.alpha.get(), self.t_draft_ms.get(5.0), self.rtt_ms.get(1.0));
         let k = match self.tpot_ms {
             Some(tpot) => slo_k(alpha, t_draft, rtt + self.wait_ms.get(0.0), verify, self.k_max, tpot, self.suggested_k.unwrap_or(self.k_max)),
             None => best_k(alpha, t_draft, rtt, verify, self.k_max),
@@ -249,7 +284,7 @@ impl SpeculationController {
     /// the measured per-position acceptance). Otherwise it would only burn
     /// the device's cores (and, where the server shares them, the server's).
     pub fn worth_drafting_ahead(&self, in_flight: usize) -> bool {
-        self.alpha.get(0.5).powi(in_flight as i32) >= 0.25
+        self.alpha.get().powi(in_flight as i32) >= 0.25
     }
 
     pub fn begin_round(&mut self) {
@@ -280,9 +315,7 @@ impl SpeculationController {
             self.suggested_k = hints.suggested_k;
         }
         if drafted > 0 {
-            // Per-position acceptance α from the accepted prefix (a geometric fit).
-            let judged = (accepted + 1).min(drafted) as f64;
-            self.alpha.add(accepted as f64 / judged);
+            self.alpha.observe(drafted, accepted);
         }
         if let Some(t) = draft_ms_per_token {
             self.t_draft_ms.add(t);
@@ -362,6 +395,35 @@ mod tests {
         assert!(q.precision > 0.85 && q.recall > 0.85 && q.false_stop_rate < 0.15, "{q:?}");
         let json = serde_json::to_string(&model).unwrap();
         assert_eq!(serde_json::from_str::<RejectionPredictor>(&json).unwrap().p_reject(&feat(0.3, 1)), model.p_reject(&feat(0.3, 1)));
+    }
+
+    #[test]
+    fn acceptance_is_accepted_over_judged_positions() {
+        // Rounds of four drafts, each accepted with probability 0.8 until
+        // the first rejection.
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut uniform = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut rate = AcceptanceRate::PRIOR;
+        let mut sum = 0.0;
+        for round in 0..4000 {
+            let accepted = (0..4).take_while(|_| uniform() < 0.8).count();
+            rate.observe(4, accepted);
+            if round >= 1000 {
+                sum += rate.get();
+            }
+        }
+        // The mean of each round's accepted/judged would read about 0.65.
+        let mean = sum / 3000.0;
+        assert!((mean - 0.8).abs() < 0.02, "mean estimate {mean}");
+        // One rejected first draft moves the prior, not to zero.
+        let mut first = AcceptanceRate::PRIOR;
+        first.observe(4, 0);
+        assert!(first.get() > 0.3, "{}", first.get());
     }
 
     #[test]

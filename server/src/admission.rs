@@ -52,17 +52,21 @@ pub struct Prefill {
 #[derive(Clone, Copy, Debug)]
 pub struct PassLimits {
     pub max_batch_tokens: usize,
+    pub max_batch_seqs: usize,
     pub prefill_chunk: usize,
 }
 
-/// Time to serve `shape` when passes hold at most `max_tokens` tokens: the
-/// work split into equal passes, each bounded by `upper`; and one of those
-/// passes.
-fn cycle_ms(upper: &dyn Fn(BatchShape) -> f64, shape: BatchShape, max_tokens: usize) -> (f64, f64) {
+/// Time to serve `shape` in passes of at most `max_batch_tokens` tokens and
+/// `max_batch_seqs` sequences: the work split into equal passes, each
+/// bounded by `upper`; and one of those passes. (Where drafts are short and
+/// the token budget large, the sequence cap is what sets the number of
+/// passes: 64 rounds of 4 tokens fill a 64-sequence pass with half its 512
+/// tokens unused.)
+fn cycle_ms(upper: &dyn Fn(BatchShape) -> f64, shape: BatchShape, limits: PassLimits) -> (f64, f64) {
     if shape.tokens == 0 {
         return (0.0, 0.0);
     }
-    let passes = shape.tokens.div_ceil(max_tokens.max(1));
+    let passes = shape.tokens.div_ceil(limits.max_batch_tokens.max(1)).max(shape.seqs.div_ceil(limits.max_batch_seqs.max(1)));
     let part = BatchShape {
         seqs: shape.seqs.div_ceil(passes),
         tokens: shape.tokens.div_ceil(passes),
@@ -90,9 +94,9 @@ struct TightestRound {
 /// every session whose budget is no longer than its own: their cycle (by
 /// the upper bound T_q, in passes of `max_batch_tokens`). None without
 /// budgets.
-fn tightest_round(upper: &dyn Fn(BatchShape) -> f64, demands: &[Demand], max_tokens: usize) -> Option<TightestRound> {
+fn tightest_round(upper: &dyn Fn(BatchShape) -> f64, demands: &[Demand], limits: PassLimits) -> Option<TightestRound> {
     let all: BatchShape = demands.iter().map(|d| d.round).sum();
-    let (_, pass_ms) = cycle_ms(upper, all, max_tokens);
+    let (_, pass_ms) = cycle_ms(upper, all, limits);
     let mut by_budget: Vec<(f64, BatchShape)> = demands.iter().filter_map(|d| d.budget_ms.map(|b| (b, d.round))).collect();
     by_budget.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut ahead = BatchShape::default();
@@ -103,7 +107,7 @@ fn tightest_round(upper: &dyn Fn(BatchShape) -> f64, demands: &[Demand], max_tok
         if by_budget.get(i + 1).is_some_and(|next| next.0 == budget_ms) {
             continue;
         }
-        let (cycle, _) = cycle_ms(upper, ahead, max_tokens);
+        let (cycle, _) = cycle_ms(upper, ahead, limits);
         let slack_ms = budget_ms - cycle - pass_ms;
         if tightest.as_ref().is_none_or(|t| slack_ms < t.slack_ms) {
             tightest = Some(TightestRound { slack_ms, budget_ms, ahead: i + 1, cycle_ms: cycle, pass_ms });
@@ -126,7 +130,7 @@ fn tightest_round(upper: &dyn Fn(BatchShape) -> f64, demands: &[Demand], max_tok
 /// the last of them wait past their TTFT.
 pub fn check_capacity(upper: &dyn Fn(BatchShape) -> f64, admitted: &[Demand], newcomer: Demand, prefill: Prefill, limits: PassLimits) -> Result<f64, String> {
     let all: Vec<Demand> = admitted.iter().copied().chain([newcomer]).collect();
-    let tightest = tightest_round(upper, &all, limits.max_batch_tokens);
+    let tightest = tightest_round(upper, &all, limits);
     if let Some(t) = tightest.as_ref().filter(|t| t.slack_ms < 0.0) {
         return Err(format!(
             "at SLO capacity: a round with a {:.0} ms budget may wait for a {:.0} ms pass and a {:.0} ms cycle of {} sessions' rounds ({} sessions in all)",
@@ -143,7 +147,7 @@ pub fn check_capacity(upper: &dyn Fn(BatchShape) -> f64, admitted: &[Demand], ne
         let chunk = limits.prefill_chunk.clamp(1, prefill.tokens.max(1));
         let chunks = prefill.tokens.div_ceil(chunk);
         let chunk_shape = BatchShape { seqs: 1, tokens: chunk, token_context: chunk * prefill.tokens, prefill_tokens: chunk };
-        let need = chunks as f64 * cycle_ms(upper, others + chunk_shape, limits.max_batch_tokens).0;
+        let need = chunks as f64 * cycle_ms(upper, others + chunk_shape, limits).0;
         if need > ttft {
             return Err(format!(
                 "at SLO capacity: prefilling {} tokens would take an estimated {need:.0} ms, over the TTFT objective of {ttft:.0} ms",
@@ -156,7 +160,7 @@ pub fn check_capacity(upper: &dyn Fn(BatchShape) -> f64, admitted: &[Demand], ne
         // counting one per round budget refused sessions that were served
         // in time (simulated capacity 3–7 % lower).
         let queued: BatchShape = admitted.iter().map(|d| d.prefill_left).sum();
-        let need = cycle_ms(upper, rounds + queued + newcomer.prefill_left, limits.max_batch_tokens).0;
+        let need = cycle_ms(upper, rounds + queued + newcomer.prefill_left, limits).0;
         if need > ttft {
             return Err(format!(
                 "at SLO capacity: {} prompt tokens are queued for prefill; with this one's {} and a round of every session that is an estimated {need:.0} ms, over the TTFT objective of {ttft:.0} ms",
@@ -275,7 +279,7 @@ impl Admission {
         let state = self.state();
         let est = state.estimator.as_ref()?;
         let demands: Vec<Demand> = state.demands.values().copied().collect();
-        tightest_round(&|s| est.upper(s), &demands, self.limits.max_batch_tokens).map(|t| t.slack_ms)
+        tightest_round(&|s| est.upper(s), &demands, self.limits).map(|t| t.slack_ms)
     }
 
     /// From now on every `open` is refused (the server is going away).
@@ -329,7 +333,7 @@ mod tests {
         Demand { round: BatchShape { seqs: 1, tokens, token_context: tokens * 100, prefill_tokens: 0 }, budget_ms, prefill_left: BatchShape::default() }
     }
 
-    const LIMITS: PassLimits = PassLimits { max_batch_tokens: 1000, prefill_chunk: 64 };
+    const LIMITS: PassLimits = PassLimits { max_batch_tokens: 1000, max_batch_seqs: 100, prefill_chunk: 64 };
     const NO_PREFILL: Prefill = Prefill { tokens: 0, ttft_ms: None };
 
     #[test]
@@ -361,10 +365,12 @@ mod tests {
     fn at_scale_a_round_waits_for_one_pass_of_the_cycle() {
         // Passes of at most 50 tokens: 40 five-token rounds are 4 passes of
         // 10 + 100 ms. A cycle plus a pass is 550 ms, not two cycles' 880.
-        let limits = PassLimits { max_batch_tokens: 50, ..LIMITS };
-        let forty = |budget| check_capacity(&upper, &vec![round(5, Some(budget)); 39], round(5, Some(budget)), NO_PREFILL, limits);
-        assert_eq!(forty(550.0), Ok(0.0));
-        assert!(forty(549.0).is_err());
+        // The same four passes where the cap is ten sequences a pass.
+        for limits in [PassLimits { max_batch_tokens: 50, ..LIMITS }, PassLimits { max_batch_seqs: 10, ..LIMITS }] {
+            let forty = |budget| check_capacity(&upper, &vec![round(5, Some(budget)); 39], round(5, Some(budget)), NO_PREFILL, limits);
+            assert_eq!(forty(550.0), Ok(0.0), "{limits:?}");
+            assert!(forty(549.0).is_err(), "{limits:?}");
+        }
     }
 
     #[test]

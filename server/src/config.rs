@@ -140,7 +140,7 @@ impl BatcherConfig {
 
     /// The pass limits admission costs sessions under.
     pub fn pass_limits(&self) -> PassLimits {
-        PassLimits { max_batch_tokens: self.max_batch_tokens, prefill_chunk: self.prefill_chunk }
+        PassLimits { max_batch_tokens: self.max_batch_tokens, max_batch_seqs: self.max_batch_seqs, prefill_chunk: self.prefill_chunk }
     }
 
     /// The first-come-first-served batcher with these budgets.
