@@ -8,7 +8,9 @@
 //! 3. `sim-cpu/`: many devices of three kinds, this machine's calibration;
 //! 4. `sim-gpu-h100/`, `sim-gpu-a100/`: the same at GPU scale with
 //!    rooflines (not measured) of an H100 running Llama-3-8B and of the
-//!    paper's A100 running Qwen3-32B;
+//!    paper's A100 running Qwen3-32B; `sim-gpu-h100-poisson/`: the H100
+//!    case with sessions arriving as a Poisson process instead of devices
+//!    in a closed loop;
 //! 5. `summary.md`: the ratios of every part and the wall time.
 
 use crate::live::{self, DeviceProfile, LiveConfig, LiveInputs, Workload};
@@ -111,6 +113,13 @@ pub fn run(dir: &Path, model: &LoadedModel) -> Result<()> {
     };
     let gpu_report = sim::run(&gpu_scale, &sim_inputs(&gpu, &mixed), Instant::now())?;
     gpu_report.write(&dir.join("sim-gpu-h100"))?;
+    // Open loop: a device served sooner does not ask sooner, so goodput
+    // does not reward serving ahead of the objective, and past capacity
+    // the queue grows instead of the devices waiting (the load a public
+    // service sees). The capacity search starts at 64 sessions/s.
+    let poisson_scale = SimConfig { workload: Workload::Open { rate: 64.0 }, ..gpu_scale.clone() };
+    let poisson_report = sim::run(&poisson_scale, &sim_inputs(&gpu, &mixed), Instant::now())?;
+    poisson_report.write(&dir.join("sim-gpu-h100-poisson"))?;
     let a100 = sim::roofline_profile(&sim::A100_SXM_80GB, &sim::QWEN3_32B_BF16);
     std::fs::write(dir.join("calibration-a100-qwen3-32b-roofline.json"), serde_json::to_string_pretty(&a100)?)?;
     let a100_scale = SimConfig {
@@ -130,6 +139,7 @@ pub fn run(dir: &Path, model: &LoadedModel) -> Result<()> {
         ("live, this CPU (2 laptops, SmolLM2-135M)", &live_report),
         ("sim, this CPU's calibration, at scale", &cpu_report),
         ("sim, H100 + Llama-3-8B roofline (not measured)", &gpu_report),
+        ("sim, the same H100, Poisson arrivals (not measured)", &poisson_report),
         ("sim, A100 + Qwen3-32B roofline (not measured)", &a100_report),
     ];
     let summary = summary(&parts, &agreement, wall);
