@@ -92,7 +92,7 @@ struct TightestRound {
 /// rounds by deadline, so in the worst case (every session's round arriving
 /// at once) a round waits for the pass in flight and then for one round of
 /// every session whose budget is no longer than its own: their cycle (by
-/// the upper bound T_q, in passes of `max_batch_tokens`). None without
+/// the upper bound T_q, in the passes `limits` allow). None without
 /// budgets.
 fn tightest_round(upper: &dyn Fn(BatchShape) -> f64, demands: &[Demand], limits: PassLimits) -> Option<TightestRound> {
     let all: BatchShape = demands.iter().map(|d| d.round).sum();
