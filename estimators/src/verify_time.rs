@@ -120,6 +120,12 @@ impl UpperBound {
     pub fn upper(&self, shape: BatchShape) -> f64 {
         predict(&self.theta, shape) * self.ratio.max(1.0)
     }
+
+    /// The expected time of a batch of this shape, ms: what a long run of
+    /// such batches costs on average.
+    pub fn expected(&self, shape: BatchShape) -> f64 {
+        predict(&self.theta, shape)
+    }
 }
 
 fn predict(theta: &[f64; DIM], shape: BatchShape) -> f64 {

@@ -85,7 +85,8 @@ impl Session {
     pub(crate) fn demand(&self, typical: Option<TypicalRound>) -> Demand {
         let last = self.last_k.map(|k| (k, self.acceptance.expected_tokens(k)));
         let prefill_left = prefill_shape(self.prefill_target.saturating_sub(self.cache.len()), self.prefill_target);
-        round_demand(self.server_only, last, typical, self.context.len() + (self.max_new - self.generated) / 2, self.tpot, prefill_left)
+        let demand = round_demand(self.server_only, last, typical, self.context.len() + (self.max_new - self.generated) / 2, self.tpot, prefill_left);
+        demand.with_successor(self.prefill_target, self.max_new, self.tpot)
     }
 
     pub(crate) fn finished(&self, eos: &[u32]) -> bool {
@@ -259,7 +260,8 @@ impl TypicalRound {
 pub(crate) fn opening_demand(open: &ValidOpen, typical: Option<TypicalRound>) -> Demand {
     let tpot = open.tpot_ms.map(|ms| Duration::from_millis(ms.into()));
     let prefill_left = prefill_shape(open.prefill_target(), open.prefill_target());
-    round_demand(open.server_only, None, typical, open.prompt.len() + (open.max_new_tokens - open.resumed) / 2, tpot, prefill_left)
+    let demand = round_demand(open.server_only, None, typical, open.prompt.len() + (open.max_new_tokens - open.resumed) / 2, tpot, prefill_left);
+    demand.with_successor(open.prefill_target(), open.max_new_tokens, tpot)
 }
 
 /// What a session asks of each cycle, for admission: a decode step if the
@@ -284,6 +286,7 @@ pub fn round_demand(
         round: BatchShape { seqs: 1, tokens, token_context: tokens * (context + tokens), prefill_tokens: 0 },
         budget_ms: tpot.map(|t| t.as_secs_f64() * 1e3 * expected_tokens),
         prefill_left,
+        ..Demand::default()
     }
 }
 

@@ -406,11 +406,13 @@ impl<'a, F: EdgeFactory> World<'a, F> {
                 let prompt = self.cfg.prompts[s.prompt].tokens.len();
                 let prefill_left = prefill_shape(prompt - s.prefilled, prompt);
                 round_demand(false, last(s), typical, prompt + s.generated + max_new.saturating_sub(s.generated) / 2, tpot, prefill_left)
+                    .with_successor(prompt, max_new, tpot)
             })
             .collect();
-        let newcomer = round_demand(false, None, typical, prompt_len + max_new / 2, tpot, prefill_shape(prompt_len, prompt_len));
+        let newcomer =
+            round_demand(false, None, typical, prompt_len + max_new / 2, tpot, prefill_shape(prompt_len, prompt_len)).with_successor(prompt_len, max_new, tpot);
         let prefill = Prefill { tokens: prompt_len, ttft_ms: Some(self.cfg.slo_ttft_ms.into()) };
-        check_capacity(&|s| bound.upper(s), &admitted, newcomer, prefill, self.cfg.limits).is_ok()
+        check_capacity(&|s| bound.upper(s), &|s| bound.expected(s), &admitted, newcomer, prefill, self.cfg.limits).is_ok()
     }
 
     /// A refused open: a closed-loop device asks again after a pause (as
