@@ -514,16 +514,16 @@ pub fn run(cfg: &LiveConfig, inputs: &LiveInputs, calibration_out: Option<&Path>
             }
             None => ServerFigures::default(),
         };
-        let mut report = summarize(policy, records, wall_s, figures);
+        let mut report = summarize(policy, records, wall_s, cfg.slo_ttft_ms.into(), figures);
         report.load = cfg.workload.load();
         if cfg.capacity_search {
             let closed = matches!(cfg.workload, Workload::Closed { .. });
             report.capacity = Some(search_capacity(cfg.workload.load(), closed, |load| {
                 let c = LiveConfig { workload: cfg.workload.with_load(load), ..cfg.clone() };
                 let (records, wall_s) = run_policy(policy, &c, &url, inputs);
-                let r = summarize(policy, records, wall_s, ServerFigures::default());
+                let r = summarize(policy, records, wall_s, cfg.slo_ttft_ms.into(), ServerFigures::default());
                 bar.set_message(format!("live {}: capacity probe at {load:.2}: {:.0} % met SLO", policy.name(), r.slo_attainment * 100.0));
-                Probe { load, slo_attainment: r.slo_attainment, goodput_tok_s: r.goodput_tok_s }
+                Probe::of(load, &r)
             }));
         }
         bar.finish_with_message(format!(

@@ -4,7 +4,7 @@
 //! DejaVu Sans or any `.ttf` under /usr/share/fonts); without one the plots
 //! are skipped with a warning and the report is still written.
 
-use crate::report::{PolicyReport, Report, CAPACITY_ATTAINMENT};
+use crate::report::{PolicyReport, Probe, Report, CAPACITY_ATTAINMENT};
 use anyhow::{anyhow, Context, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -69,13 +69,13 @@ struct Plot {
     rule: Option<f64>,
 }
 
-fn load_curve(r: &PolicyReport, y: fn(f64, f64) -> f64) -> Vec<(f64, f64)> {
+fn load_curve(r: &PolicyReport, y: &dyn Fn(&Probe) -> f64) -> Vec<(f64, f64)> {
     let mut points: Vec<(f64, f64)> = match &r.capacity {
-        Some(c) => c.probes.iter().map(|p| (p.load, y(p.goodput_tok_s, p.slo_attainment))).collect(),
+        Some(c) => c.probes.iter().map(|p| (p.load, y(p))).collect(),
         None => vec![],
     };
     if r.load > 0.0 && !points.iter().any(|p| p.0 == r.load) {
-        points.push((r.load, y(r.goodput_tok_s, r.slo_attainment)));
+        points.push((r.load, y(&Probe::of(r.load, r))));
     }
     points.sort_by(|a, b| a.0.total_cmp(&b.0));
     points
@@ -84,6 +84,7 @@ fn load_curve(r: &PolicyReport, y: fn(f64, f64) -> f64) -> Vec<(f64, f64)> {
 fn plots(report: &Report) -> Vec<Plot> {
     let unit = report.policies.iter().find_map(|r| r.capacity.as_ref().map(|c| c.unit.clone())).unwrap_or_else(|| "load".into());
     let kind = &report.kind;
+    let closed = report.policies.iter().any(|r| r.capacity.as_ref().is_some_and(|c| c.closed()));
     let per_policy =
         |f: &dyn Fn(&PolicyReport) -> Vec<(f64, f64)>| report.policies.iter().map(|r| Series { name: r.policy.name().into(), points: f(r) }).collect();
     let cdf = |v: &[f64]| v.iter().enumerate().map(|(i, &x)| (x, i as f64 / (v.len().max(2) - 1) as f64)).collect();
@@ -93,15 +94,16 @@ fn plots(report: &Report) -> Vec<Plot> {
             title: format!("{kind}: goodput vs load"),
             x: unit.clone(),
             y: "goodput (tokens/s within SLO)".into(),
-            series: per_policy(&|r| load_curve(r, |g, _| g)),
+            series: per_policy(&|r| load_curve(r, &|p| p.goodput_tok_s)),
             rule: None,
         },
         Plot {
             file: "attainment_vs_load",
             title: format!("{kind}: SLO attainment vs load"),
             x: unit,
-            y: "SLO attainment".into(),
-            series: per_policy(&|r| load_curve(r, |_, a| a)),
+            // What capacity is judged by.
+            y: if closed { "SLO attainment (corrected for coordinated omission)" } else { "SLO attainment" }.into(),
+            series: per_policy(&|r| load_curve(r, &|p| p.judged_attainment(closed))),
             rule: Some(CAPACITY_ATTAINMENT),
         },
         Plot {

@@ -80,7 +80,35 @@ pub const CAPACITY_ATTAINMENT: f64 = 0.9;
 pub struct Probe {
     pub load: f64,
     pub slo_attainment: f64,
+    /// [`PolicyReport::corrected_attainment`] at this load.
+    #[serde(default)]
+    pub corrected_attainment: Option<f64>,
     pub goodput_tok_s: f64,
+}
+
+impl Probe {
+    pub fn of(load: f64, r: &PolicyReport) -> Self {
+        Probe { load, slo_attainment: r.slo_attainment, corrected_attainment: r.corrected_attainment, goodput_tok_s: r.goodput_tok_s }
+    }
+
+    /// Whether this load is within capacity. A closed loop is judged by
+    /// [`PolicyReport::corrected_attainment`]: there a device stuck waiting
+    /// for its first token opens no other session, so counting sessions
+    /// alone lets a server that starves a few devices look as if it served
+    /// everyone else's load (coordinated omission). Open-loop arrivals do
+    /// not wait for earlier sessions, so each session counts once.
+    pub fn holds(&self, closed: bool) -> bool {
+        self.judged_attainment(closed) >= CAPACITY_ATTAINMENT
+    }
+
+    /// The attainment the capacity search judges a load by.
+    pub fn judged_attainment(&self, closed: bool) -> f64 {
+        if closed {
+            self.corrected_attainment.unwrap_or(self.slo_attainment)
+        } else {
+            self.slo_attainment
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -90,6 +118,13 @@ pub struct Capacity {
     /// `devices` (closed loop) or `sessions/s` (open loop).
     pub unit: String,
     pub probes: Vec<Probe>,
+}
+
+impl Capacity {
+    /// Searched over devices in a closed loop (else over an arrival rate).
+    pub fn closed(&self) -> bool {
+        self.unit == "devices"
+    }
 }
 
 /// Server-side figures a run adds to what the edges saw.
@@ -113,6 +148,15 @@ pub struct PolicyReport {
     pub mismatched: usize,
     /// Sessions meeting both objectives, of all offered (refused count as misses).
     pub slo_attainment: f64,
+    /// [`Self::slo_attainment`] corrected for coordinated omission: every
+    /// wait for a first token beyond the TTFT objective also counts as
+    /// the sessions of mean length that would have fitted in it, all
+    /// missed. In a closed loop those are the sessions the waiting device
+    /// did not open: a device starved for a minute weighs a minute's
+    /// sessions. (None
+    /// in reports written before it was measured.)
+    #[serde(default)]
+    pub corrected_attainment: Option<f64>,
     /// Tokens per second of sessions that met their objectives.
     pub goodput_tok_s: f64,
     pub throughput_tok_s: f64,
@@ -163,14 +207,19 @@ pub fn jain(shares: &[f64]) -> f64 {
     sum * sum / (shares.len() as f64 * squares)
 }
 
-/// The per-policy summary of a run's sessions over `wall_s` seconds.
-pub fn summarize(policy: Policy, records: Vec<SessionRecord>, wall_s: f64, server: ServerFigures) -> PolicyReport {
+/// The per-policy summary of a run's sessions over `wall_s` seconds, under
+/// a TTFT objective of `slo_ttft_ms`.
+pub fn summarize(policy: Policy, records: Vec<SessionRecord>, wall_s: f64, slo_ttft_ms: f64, server: ServerFigures) -> PolicyReport {
     let served: Vec<&SessionRecord> = records.iter().filter(|r| !r.refused && r.failed.is_none()).collect();
     let ttft: Vec<f64> = served.iter().map(|r| r.ttft_ms).collect();
     let tpot: Vec<f64> = served.iter().map(|r| r.tpot_ms).collect();
     let (drafted, accepted, rounds) = served.iter().fold((0, 0, 0), |a, r| (a.0 + r.drafted, a.1 + r.accepted, a.2 + r.rounds));
     let tokens: usize = served.iter().map(|r| r.tokens).sum();
     let good: usize = served.iter().filter(|r| r.slo_met).map(|r| r.tokens).sum();
+    let session_ms = |r: &&SessionRecord| r.ttft_ms + r.tpot_ms * r.tokens.saturating_sub(1) as f64;
+    let mean_session_ms = served.iter().map(session_ms).sum::<f64>() / served.len().max(1) as f64;
+    let unopened: f64 = if mean_session_ms > 0.0 { served.iter().map(|r| (r.ttft_ms - slo_ttft_ms).max(0.0) / mean_session_ms).sum() } else { 0.0 };
+    let met = served.iter().filter(|r| r.slo_met).count() as f64;
     let mut per_device: BTreeMap<usize, f64> = BTreeMap::new();
     for r in &records {
         *per_device.entry(r.device).or_default() += r.tokens as f64;
@@ -182,7 +231,8 @@ pub fn summarize(policy: Policy, records: Vec<SessionRecord>, wall_s: f64, serve
         refused: records.iter().filter(|r| r.refused).count(),
         failed: records.iter().filter(|r| r.failed.is_some()).count(),
         mismatched: records.iter().filter(|r| r.mismatch).count(),
-        slo_attainment: served.iter().filter(|r| r.slo_met).count() as f64 / records.len().max(1) as f64,
+        slo_attainment: met / records.len().max(1) as f64,
+        corrected_attainment: Some(met / (records.len() as f64 + unopened).max(1.0)),
         goodput_tok_s: good as f64 / wall_s,
         throughput_tok_s: tokens as f64 / wall_s,
         ttft_p50_ms: percentile(&ttft, 0.5),
@@ -203,14 +253,15 @@ pub fn summarize(policy: Policy, records: Vec<SessionRecord>, wall_s: f64, serve
     }
 }
 
-/// Doubling from `start` until attainment drops below 90 %, then bisection
+/// Doubling from `start` until a load does not hold (see [`Probe::holds`]:
+/// 90 % attainment, corrected for coordinated omission when `closed`), then bisection
 /// between the last load that held and the first that did not (to one
 /// device when `closed`, else to 10 % of the rate). `probe` runs one load.
 pub fn search_capacity(start: f64, closed: bool, mut probe: impl FnMut(f64) -> Probe) -> Capacity {
     let mut probes = Vec::new();
     let mut holds = |load: f64| {
         let p = probe(load);
-        let ok = p.slo_attainment >= CAPACITY_ATTAINMENT;
+        let ok = p.holds(closed);
         probes.push(p);
         ok
     };
@@ -303,16 +354,17 @@ impl Report {
             out.push_str(line);
             out.push('\n');
         }
-        out.push_str("\n| policy | sessions | refused | failed | SLO attainment | goodput tok/s | throughput tok/s | TTFT p50/p99 ms | TPOT p50/p99 ms | acceptance | tokens/round | wasted draft ms/session | estimator MAPE | Jain (devices) | max service gap | verify s/token |\n");
+        out.push_str("\n| policy | sessions | refused | failed | SLO attainment (corrected) | goodput tok/s | throughput tok/s | TTFT p50/p99 ms | TPOT p50/p99 ms | acceptance | tokens/round | wasted draft ms/session | estimator MAPE | Jain (devices) | max service gap | verify s/token |\n");
         out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for r in &self.policies {
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {:.1} % | {:.2} | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} % | {:.2} | {:.0} | {} | {:.3} | {} | {} |\n",
+                "| {} | {} | {} | {} | {:.1} % ({}) | {:.2} | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} % | {:.2} | {:.0} | {} | {:.3} | {} | {} |\n",
                 r.policy.name(),
                 r.sessions,
                 r.refused,
                 r.failed,
                 r.slo_attainment * 100.0,
+                opt(r.corrected_attainment, |v| format!("{:.1} %", v * 100.0)),
                 r.goodput_tok_s,
                 r.throughput_tok_s,
                 r.ttft_p50_ms,
@@ -330,16 +382,22 @@ impl Report {
         }
         for r in &self.policies {
             if let Some(c) = &r.capacity {
+                // Reports written before the correction was measured lack it.
+                let corrected = c.closed() && c.probes.iter().all(|p| p.corrected_attainment.is_some());
                 out.push_str(&format!(
-                    "\n{} capacity: {} {} (≥ {:.0} % SLO attainment), peak goodput {:.1} tok/s; probes:",
+                    "\n{} capacity: {} {} (≥ {:.0} % SLO attainment{}), peak goodput {:.1} tok/s; probes:",
                     r.policy.name(),
                     c.load,
                     c.unit,
                     CAPACITY_ATTAINMENT * 100.0,
+                    if corrected { ", corrected for coordinated omission" } else { "" },
                     peak_goodput(r)
                 ));
                 for p in &c.probes {
                     out.push_str(&format!(" {}→{:.0} %", p.load, p.slo_attainment * 100.0));
+                    if let Some(v) = p.corrected_attainment.filter(|_| corrected) {
+                        out.push_str(&format!(" ({:.0} %)", v * 100.0));
+                    }
                 }
                 out.push('\n');
             }
@@ -386,8 +444,41 @@ mod tests {
     #[test]
     fn capacity_search_finds_the_threshold_of_a_known_curve() {
         // Attainment falls below 90 % above 37 devices.
-        let cap = search_capacity(2.0, true, |load| Probe { load, slo_attainment: if load <= 37.0 { 1.0 } else { 0.5 }, goodput_tok_s: load });
+        let attainment = |load: f64| if load <= 37.0 { 1.0 } else { 0.5 };
+        let cap = search_capacity(2.0, true, |load| Probe {
+            load,
+            slo_attainment: attainment(load),
+            corrected_attainment: Some(attainment(load)),
+            goodput_tok_s: load,
+        });
         assert_eq!(cap.load, 37.0);
         assert!(cap.probes.windows(2).all(|w| w[0].load <= w[1].load), "probes sorted by load for the plots");
+    }
+
+    #[test]
+    fn a_closed_loop_is_judged_with_its_unopened_sessions() {
+        // Above 20 devices a few starved devices stop opening sessions.
+        let probe = |load: f64| Probe { load, slo_attainment: 0.95, corrected_attainment: Some(if load <= 20.0 { 0.95 } else { 0.6 }), goodput_tok_s: load };
+        assert_eq!(search_capacity(2.0, true, probe).load, 20.0);
+        // Open-loop arrivals do not wait on earlier sessions: sessions count.
+        assert!(search_capacity(2.0, false, probe).load > 1000.0);
+    }
+
+    #[test]
+    fn a_wait_past_the_ttft_objective_counts_the_sessions_it_displaced() {
+        let session = |ttft_ms: f64, slo_met: bool| SessionRecord { tokens: 101, ttft_ms, tpot_ms: 50.0, slo_met, ..Default::default() };
+        // Nine sessions of 5.2 s met; one waited 46.2 s for its first
+        // token, 45.2 s past the objective: 45.2 s / 9.8 s (the mean
+        // session) more missed sessions.
+        let mut records = vec![session(200.0, true); 9];
+        records.push(session(46_200.0, false));
+        let r = summarize(Policy::Wisp, records, 60.0, 1000.0, ServerFigures::default());
+        assert!((r.slo_attainment - 0.9).abs() < 1e-12);
+        let corrected = r.corrected_attainment.unwrap();
+        assert!((corrected - 9.0 / (10.0 + 45.2 / 9.8)).abs() < 1e-9, "{corrected}");
+        // A TPOT miss displaces nothing the edge waited for.
+        let mut records = vec![session(200.0, true); 9];
+        records.push(SessionRecord { tpot_ms: 500.0, ..session(200.0, false) });
+        assert_eq!(summarize(Policy::Wisp, records, 60.0, 1000.0, ServerFigures::default()).corrected_attainment, Some(0.9));
     }
 }

@@ -132,7 +132,7 @@ pub fn simulate(policy: Policy, cfg: &SimConfig, workload: Workload, inputs: &Si
         max_service_gap: Some(out.max_service_gap),
         verify_s_per_token: (tokens > 0).then(|| out.busy_ms / 1e3 / tokens as f64),
     };
-    let mut report = summarize(policy, out.records, out.wall_s, figures);
+    let mut report = summarize(policy, out.records, out.wall_s, cfg.slo_ttft_ms.into(), figures);
     report.load = workload.load();
     report.records.clear();
     report
@@ -155,7 +155,7 @@ pub fn run(cfg: &SimConfig, inputs: &SimInputs, epoch: Instant) -> Result<Report
                         report.capacity = Some(search_capacity(cfg.workload.load(), closed, |load| {
                             let r = simulate(policy, cfg, cfg.workload.with_load(load), inputs, epoch);
                             bar.set_message(format!("sim {}: load {load:.1} → {:.1} % met SLO", policy.name(), r.slo_attainment * 100.0));
-                            Probe { load, slo_attainment: r.slo_attainment, goodput_tok_s: r.goodput_tok_s }
+                            Probe::of(load, &r)
                         }));
                     }
                     bar.finish_with_message(format!(
