@@ -153,8 +153,7 @@ pub struct PolicyReport {
     /// the sessions of mean length that would have fitted in it, all
     /// missed. In a closed loop those are the sessions the waiting device
     /// did not open: a device starved for a minute weighs a minute's
-    /// sessions. (None
-    /// in reports written before it was measured.)
+    /// sessions. (None in reports written before it was measured.)
     #[serde(default)]
     pub corrected_attainment: Option<f64>,
     /// Tokens per second of sessions that met their objectives.
