@@ -10,7 +10,8 @@
 //!    rooflines (not measured) of an H100 running Llama-3-8B and of the
 //!    paper's A100 running Qwen3-32B; `sim-gpu-h100-poisson/`: the H100
 //!    case with sessions arriving as a Poisson process instead of devices
-//!    in a closed loop;
+//!    in a closed loop; `sim-gpu-h100-chat/`: the H100 case with the chat
+//!    prompts alone and answers of up to 256 tokens;
 //! 5. `summary.md`: the ratios of every part and the wall time.
 
 use crate::live::{self, DeviceProfile, LiveConfig, LiveInputs, Workload};
@@ -25,6 +26,8 @@ use tandem_model::LoadedModel;
 
 const POLICIES: [Policy; 3] = [Policy::Centralized, Policy::Sled, Policy::Wisp];
 const MAX_NEW_TOKENS: usize = 48;
+/// The longer answers of the H100 chat case.
+const LONG_ANSWER_TOKENS: usize = 256;
 const DRAFT_LEN: usize = 4;
 const SEED: u64 = 1;
 
@@ -120,6 +123,14 @@ pub fn run(dir: &Path, model: &LoadedModel) -> Result<()> {
     let poisson_scale = SimConfig { workload: Workload::Open { rate: 64.0 }, ..gpu_scale.clone() };
     let poisson_report = sim::run(&poisson_scale, &sim_inputs(&gpu, &mixed), Instant::now())?;
     poisson_report.write(&dir.join("sim-gpu-h100-poisson"))?;
+    // Longer answers: the chat prompts alone, up to 256 new tokens (they
+    // end at end-of-sequence after about 150 on average), so decoding, where
+    // speculation pays, outweighs prefill more than with 48 tokens.
+    let (chat_prompts, chat_provenance) = crate::prompts::load("chat", 12, LONG_ANSWER_TOKENS, model)?;
+    let chat_scale = SimConfig { max_new_tokens: LONG_ANSWER_TOKENS, ..gpu_scale.clone() };
+    let chat_inputs = SimInputs { calibration: &gpu, profiles: &mixed, prompts: &chat_prompts, provenance: &chat_provenance, real: None };
+    let chat_report = sim::run(&chat_scale, &chat_inputs, Instant::now())?;
+    chat_report.write(&dir.join("sim-gpu-h100-chat"))?;
     let a100 = sim::roofline_profile(&sim::A100_SXM_80GB, &sim::QWEN3_32B_BF16);
     std::fs::write(dir.join("calibration-a100-qwen3-32b-roofline.json"), serde_json::to_string_pretty(&a100)?)?;
     let a100_scale = SimConfig {
@@ -140,6 +151,7 @@ pub fn run(dir: &Path, model: &LoadedModel) -> Result<()> {
         ("sim, this CPU's calibration, at scale", &cpu_report),
         ("sim, H100 + Llama-3-8B roofline (not measured)", &gpu_report),
         ("sim, the same H100, Poisson arrivals (not measured)", &poisson_report),
+        ("sim, the same H100, chat answers up to 256 tokens (not measured)", &chat_report),
         ("sim, A100 + Qwen3-32B roofline (not measured)", &a100_report),
     ];
     let summary = summary(&parts, &agreement, wall);
