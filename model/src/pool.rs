@@ -17,7 +17,7 @@ use crate::{ModelError, Result};
 /// each; p95 error 10.6–16.6 % against 20.6–30.0 %); `tandem-bench live`
 /// (2 devices, 8 s, four runs each) WISP estimator error 3–17 % against
 /// 13–21 % and pass time per token 4.30 against 4.70 ms (SLED 3.87 against
-/// 4.37 ms). Unlike the spinning thread team tried earlier (README), pinned
+/// 4.37 ms). Unlike the spinning thread team tried earlier (docs/measurements.md), pinned
 /// threads still sleep between passes, so the gRPC threads keep their share.
 /// The edge does not pin: a phone's or laptop's scheduler knows its cores
 /// (big and little) better.
