@@ -97,11 +97,14 @@ pub fn run(dir: &Path, model: &LoadedModel) -> Result<()> {
 
     // 4. At GPU scale, rooflines (not measured): an H100 with Llama-3-8B,
     //    passes up to 512 tokens / 64 sequences (a pass costs about its
-    //    weight read up to ~300 tokens; more sequences per pass make the
-    //    WISP scheduler's search, quadratic in them, dominate the run
-    //    time), objectives of an interactive service; and the paper's own hardware, an A100 with Qwen3-32B
-    //    (32 ms a pass at least: TPOT 150 ms so every device class meets
-    //    it when unloaded), passes up to 256 tokens / 64 sequences.
+    //    weight read up to ~300 tokens, the regime where verification is
+    //    nearly free; with vLLM's larger caps passes turn compute-bound,
+    //    which favours centralized decoding (README, "Pass caps"), and
+    //    the H100 case alone took 8 minutes to simulate), objectives of an
+    //    interactive service; and the paper's own hardware, an A100 with
+    //    Qwen3-32B (32 ms a pass at least: TPOT 150 ms so every device
+    //    class meets it when unloaded), passes up to 256 tokens / 64
+    //    sequences.
     steps.set_message("paper: sim at scale, GPU rooflines");
     let gpu = sim::roofline_profile(&sim::H100_SXM, &sim::LLAMA3_8B_BF16);
     std::fs::write(dir.join("calibration-h100-llama3-8b-roofline.json"), serde_json::to_string_pretty(&gpu)?)?;
