@@ -246,6 +246,15 @@ impl<T: Target> Target for EmulatedLink<T> {
         self.one_way(96, self.profile.downlink_kbps);
         Ok(outcome)
     }
+
+    /// The hand-off goes up the link; the decoded tokens come back one way
+    /// (the last one's trip is waited for).
+    fn hand_off(&mut self, context: &[u32], on_token: &mut dyn FnMut(u32), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<Vec<u32>, EdgeError> {
+        self.one_way(32, self.profile.uplink_kbps);
+        let decoded = self.inner.hand_off(context, on_token, eos, stop)?;
+        self.one_way(64, self.profile.downlink_kbps);
+        Ok(decoded)
+    }
 }
 
 /// A draft source that takes the device's drafting time per token.
@@ -344,7 +353,7 @@ fn run_session(
                     let down = profile.rtt_ms / 2.0;
                     let ttft = first_at.map_or(0.0, |t| t.duration_since(start).as_secs_f64() * 1e3) + down;
                     let wall = start.elapsed().as_secs_f64() * 1e3 + down;
-                    (tokens, ttft, wall, 0, 0, 0, 0.0)
+                    (tokens, ttft, wall, 0, 0, 0, 0.0, false)
                 })
         }
         Policy::Sled | Policy::Wisp => {
@@ -360,17 +369,19 @@ fn run_session(
             if policy == Policy::Wisp {
                 spec = spec.with_controller(wisp_controller(cfg.draft_len, cfg.slo_tpot_ms));
             }
-            spec.generate(&request, |_| {}).map(|g| (g.tokens, g.ttft_ms, g.wall_ms, g.rounds, g.drafted, g.accepted, g.wasted_draft_ms))
+            spec.generate(&request, |_| {})
+                .map(|g| (g.tokens, g.ttft_ms, g.wall_ms, g.rounds, g.drafted, g.accepted, g.wasted_draft_ms, g.handed_off_after.is_some()))
         }
     };
     match result {
-        Ok((output, ttft, wall, rounds, drafted, accepted, wasted)) => {
+        Ok((output, ttft, wall, rounds, drafted, accepted, wasted, handed_off)) => {
             let tokens = output.len();
             record.mismatch = !prompt.reference[prompt.tokens.len()..].starts_with(&output);
             record.tokens = tokens;
             record.ttft_ms = ttft;
             record.tpot_ms = if tokens > 1 { (wall - ttft) / (tokens - 1) as f64 } else { 0.0 };
             (record.rounds, record.drafted, record.accepted, record.wasted_draft_ms) = (rounds, drafted, accepted, wasted);
+            record.handed_off = handed_off;
             record.slo_met = record.ttft_ms <= cfg.slo_ttft_ms as f64 && record.tpot_ms <= cfg.slo_tpot_ms as f64;
         }
         Err(EdgeError::Server(s)) if s.code() == tonic::Code::ResourceExhausted => record.refused = true,

@@ -67,6 +67,9 @@ pub struct SessionRecord {
     pub drafted: usize,
     pub accepted: usize,
     pub wasted_draft_ms: f64,
+    /// The edge handed the rest of the session to the server to decode.
+    #[serde(default)]
+    pub handed_off: bool,
     pub slo_met: bool,
     /// The output differs from the target's own greedy output (a bug).
     pub mismatch: bool,
@@ -165,6 +168,10 @@ pub struct PolicyReport {
     pub tpot_p99_ms: f64,
     pub acceptance: f64,
     pub tokens_per_round: f64,
+    /// Share of the served sessions handed to the server to decode (None
+    /// in reports written before hand-offs).
+    #[serde(default)]
+    pub handed_off: Option<f64>,
     pub wasted_draft_ms_per_session: f64,
     /// Jain's index of tokens served per device (1: perfectly even).
     #[serde(default)]
@@ -240,6 +247,7 @@ pub fn summarize(policy: Policy, records: Vec<SessionRecord>, wall_s: f64, slo_t
         tpot_p99_ms: percentile(&tpot, 0.99),
         acceptance: if drafted == 0 { 0.0 } else { accepted as f64 / drafted as f64 },
         tokens_per_round: if rounds == 0 { 0.0 } else { (accepted + rounds) as f64 / rounds as f64 },
+        handed_off: Some(served.iter().filter(|r| r.handed_off).count() as f64 / served.len().max(1) as f64),
         wasted_draft_ms_per_session: served.iter().map(|r| r.wasted_draft_ms).sum::<f64>() / served.len().max(1) as f64,
         jain_index: jain(&per_device.values().copied().collect::<Vec<_>>()),
         server,
@@ -353,11 +361,11 @@ impl Report {
             out.push_str(line);
             out.push('\n');
         }
-        out.push_str("\n| policy | sessions | refused | failed | SLO attainment (corrected) | goodput tok/s | throughput tok/s | TTFT p50/p99 ms | TPOT p50/p99 ms | acceptance | tokens/round | wasted draft ms/session | estimator MAPE | Jain (devices) | max service gap | verify s/token |\n");
-        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+        out.push_str("\n| policy | sessions | refused | failed | SLO attainment (corrected) | goodput tok/s | throughput tok/s | TTFT p50/p99 ms | TPOT p50/p99 ms | acceptance | tokens/round | handed off | wasted draft ms/session | estimator MAPE | Jain (devices) | max service gap | verify s/token |\n");
+        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for r in &self.policies {
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {:.1} % ({}) | {:.2} | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} % | {:.2} | {:.0} | {} | {:.3} | {} | {} |\n",
+                "| {} | {} | {} | {} | {:.1} % ({}) | {:.2} | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} % | {:.2} | {} | {:.0} | {} | {:.3} | {} | {} |\n",
                 r.policy.name(),
                 r.sessions,
                 r.refused,
@@ -372,6 +380,7 @@ impl Report {
                 r.tpot_p99_ms,
                 r.acceptance * 100.0,
                 r.tokens_per_round,
+                opt(r.handed_off, |v| format!("{:.0} %", v * 100.0)),
                 r.wasted_draft_ms_per_session,
                 opt(r.server.estimator_mape, |v| format!("{:.1} %", v * 100.0)),
                 r.jain_index,

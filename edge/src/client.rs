@@ -11,7 +11,7 @@ use tandem_model::{SamplingParams, SparseDist, Verdict};
 use tandem_protocol::features;
 use tandem_protocol::limits::MAX_MESSAGE_BYTES;
 use tandem_protocol::wire::{
-    DraftMode, EdgeKind, EdgeMessage, Open, Opened, Sampling, ServerKind, ServerMessage, Slo, SparseDist as WireDist, VerifierClient, Verify,
+    DraftMode, EdgeKind, EdgeMessage, Handoff, Open, Opened, Sampling, ServerKind, ServerMessage, Slo, SparseDist as WireDist, VerifierClient, Verify,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -274,10 +274,25 @@ impl RemoteTarget {
         })?;
         context.push(first);
         on_token(first);
-        let mut done = finished || eos.contains(&first);
-        while !done && context.len() - prompt.len() < max_new_tokens {
+        if !finished && !eos.contains(&first) {
+            self.receive_decoded(&mut context, &mut on_token, eos, &|| false)?;
+        }
+        Ok(context[prompt.len()..].to_vec())
+    }
+
+    /// Reads the tokens the server decodes until the generation ends or
+    /// `stop` says so, appending them to `context` (resuming in
+    /// server-only mode if the stream is lost). Stopping closes the
+    /// stream, which ends the session on the server.
+    fn receive_decoded(&mut self, context: &mut Vec<u32>, on_token: &mut dyn FnMut(u32), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<(), EdgeError> {
+        let mut done = false;
+        while !done && context.len() - self.prompt_len < self.max_new_tokens {
+            if stop() {
+                self.stream = None;
+                break;
+            }
             let msg = self.with_resume(|t| {
-                t.ensure_stream(&context, true)?;
+                t.ensure_stream(context, true)?;
                 let stream = t.stream.as_mut().expect("ensured");
                 match t.rt.block_on(stream.rx.message()) {
                     Ok(Some(m)) => Ok(m),
@@ -295,7 +310,7 @@ impl RemoteTarget {
             }
             done |= tokens.finished;
         }
-        Ok(context[prompt.len()..].to_vec())
+        Ok(())
     }
 }
 
@@ -346,7 +361,11 @@ impl Target for RemoteTarget {
                         server_ms: Some(v.server_ms as f64),
                         hints: v
                             .hints
-                            .map(|h| RoundHints { verify_ms_by_k: h.est_verify_ms_by_k, suggested_k: Some(h.suggested_k as usize).filter(|k| *k > 0) })
+                            .map(|h| RoundHints {
+                                verify_ms_by_k: h.est_verify_ms_by_k,
+                                suggested_k: Some(h.suggested_k as usize),
+                                pass_ms: (h.pass_ms > 0.0).then_some(h.pass_ms as f64),
+                            })
                             .unwrap_or_default(),
                     })
                 }
@@ -355,5 +374,20 @@ impl Target for RemoteTarget {
                 Err(s) => Err(EdgeError::Server(s)),
             }
         })
+    }
+
+    fn hand_off(&mut self, context: &[u32], on_token: &mut dyn FnMut(u32), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<Vec<u32>, EdgeError> {
+        self.with_resume(|t| match t.stream.as_mut() {
+            Some(stream) => {
+                let msg = Handoff { base_len: context.len() as u32 };
+                t.rt.block_on(stream.tx.send(EdgeMessage { kind: Some(EdgeKind::Handoff(msg)) }))
+                    .map_err(|_| EdgeError::Server(Status::unavailable("stream closed")))
+            }
+            // Resuming in server-only mode is a hand-off too.
+            None => t.ensure_stream(context, true),
+        })?;
+        let mut decoded = context.to_vec();
+        self.receive_decoded(&mut decoded, on_token, eos, stop)?;
+        Ok(decoded.split_off(context.len()))
     }
 }

@@ -137,8 +137,12 @@ pub fn best_k(alpha: f64, t_draft_ms: f64, rtt_ms: f64, verify_ms: impl Fn(usize
 pub struct RoundHints {
     /// Estimated verification time for k = 1..8, ms.
     pub verify_ms_by_k: Vec<f32>,
-    /// The draft length with the least server time per expected token.
+    /// The draft length with the least server time per expected token
+    /// (0: a decode step on the server).
     pub suggested_k: Option<usize>,
+    /// How long the server's passes take lately, ms: the pace of a
+    /// session it decodes.
+    pub pass_ms: Option<f64>,
 }
 
 /// Share of the TPOT objective a round's expected pace may use (the rest
@@ -160,6 +164,14 @@ pub fn slo_k(alpha: f64, t_draft_ms: f64, fixed_ms: f64, verify_ms: impl Fn(usiz
     let keeps_pace = |k: usize| pace(k) <= TPOT_MARGIN * tpot_ms && (k <= fastest || alpha.powi(k as i32) >= MIN_USEFUL);
     (0..=k_max).filter(|&k| keeps_pace(k)).min_by_key(|&k| k.abs_diff(preferred)).unwrap_or(fastest)
 }
+
+/// Rounds in a row the server must suggest decoding on its side before a
+/// session hands off: a hand-off is for the rest of the session, and a
+/// burst that fills passes for a moment makes them compute-bound for a
+/// moment (measured in the simulator's H100 case with Poisson arrivals:
+/// with one round, 1 % of sessions handed off in bursts, and attainment
+/// at 512 sessions/s fell from 91.2 to 89.8 %).
+const HANDOFF_ROUNDS: usize = 3;
 
 /// Exponentially weighted mean.
 #[derive(Clone, Copy, Debug)]
@@ -230,6 +242,10 @@ pub struct SpeculationController {
     tpot_ms: Option<f64>,
     /// The server's suggested draft length.
     suggested_k: Option<usize>,
+    /// The server's recent pass time, ms.
+    pass_ms: Option<f64>,
+    /// Rounds in a row the server suggested decoding on its side.
+    decode_suggested: usize,
     keep_prob: f64,
 }
 
@@ -246,6 +262,8 @@ impl SpeculationController {
             wait_ms: Ewma { value: None, weight: 0.2 },
             tpot_ms: None,
             suggested_k: None,
+            pass_ms: None,
+            decode_suggested: 0,
             keep_prob: 1.0,
         }
     }
@@ -268,7 +286,9 @@ impl SpeculationController {
         };
         let (alpha, t_draft, rtt) = (self.alpha.get(), self.t_draft_ms.get(5.0), self.rtt_ms.get(1.0));
         let k = match self.tpot_ms {
-            Some(tpot) => slo_k(alpha, t_draft, rtt + self.wait_ms.get(0.0), verify, self.k_max, tpot, self.suggested_k.unwrap_or(self.k_max)),
+            // A suggestion of 0 (decode on the server) is read by
+            // `hand_off`; while drafting, the nearest is one draft.
+            Some(tpot) => slo_k(alpha, t_draft, rtt + self.wait_ms.get(0.0), verify, self.k_max, tpot, self.suggested_k.map_or(self.k_max, |k| k.max(1))),
             None => best_k(alpha, t_draft, rtt, verify, self.k_max),
         };
         // At least one draft: a round without drafts measures no acceptance,
@@ -276,6 +296,24 @@ impl SpeculationController {
         // its draft does better (measured: simulated phones stuck at k = 0
         // for most of their rounds).
         k.clamp(1.min(self.k_max), self.k_max)
+    }
+
+    /// Whether to hand the rest of the session to the server, to decode it
+    /// there: when the server says a decode step costs it less per token
+    /// than any round of drafts (its suggested k is 0: its passes are
+    /// compute-bound, and every drafted position costs compute), and its
+    /// passes keep the TPOT objective's pace (a session the server decodes
+    /// gains a token a pass, with no round trip and no drafting). Only
+    /// with an objective: a session drafting for speed alone weighs no
+    /// server costs, and a shared server is where objectives are set.
+    ///
+    /// Not done: handing off whenever no draft length keeps the pace (a
+    /// phone on a loaded server). Measured in the simulator, it cut the
+    /// H100 case's capacity from 1712 devices to 1040: on a server bound
+    /// by sequence slots, a decoded session takes a slot a token.
+    pub fn hand_off(&self) -> bool {
+        let (Some(tpot), Some(pass_ms)) = (self.tpot_ms, self.pass_ms) else { return false };
+        self.adaptive && self.decode_suggested >= HANDOFF_ROUNDS && pass_ms <= TPOT_MARGIN * tpot
     }
 
     /// Whether drafting ahead while `in_flight` drafts are verified is
@@ -313,6 +351,10 @@ impl SpeculationController {
         let hinted_verify_ms = &hints.verify_ms_by_k;
         if hints.suggested_k.is_some() {
             self.suggested_k = hints.suggested_k;
+            self.decode_suggested = if hints.suggested_k == Some(0) { self.decode_suggested + 1 } else { 0 };
+        }
+        if hints.pass_ms.is_some() {
+            self.pass_ms = hints.pass_ms;
         }
         if drafted > 0 {
             self.alpha.observe(drafted, accepted);
@@ -467,10 +509,48 @@ mod tests {
     }
 
     #[test]
+    fn hands_off_only_where_the_server_prefers_decoding_and_its_passes_keep_the_pace() {
+        let hints = |suggested_k: usize, pass_ms: f64| RoundHints { verify_ms_by_k: vec![30.0; 8], suggested_k: Some(suggested_k), pass_ms: Some(pass_ms) };
+        let after = |c: SpeculationController, h: &RoundHints| {
+            let mut c = c;
+            for _ in 0..HANDOFF_ROUNDS {
+                c.end_round(2, 1, Some(5.0), 20.0, 40.0, h);
+            }
+            c.hand_off()
+        };
+        let slo = || SpeculationController::new(StopRule::Fixed, 4, true).with_tpot_objective(Some(100.0));
+        // Decoding is cheaper for the server and 60 ms passes keep 100 ms
+        // a token, round after round.
+        assert!(after(slo(), &hints(0, 60.0)));
+        // The server still prefers drafts; or its passes are too slow for
+        // the objective (80 % of it is the margin); or there is no objective.
+        assert!(!after(slo(), &hints(1, 60.0)));
+        assert!(!after(slo(), &hints(0, 85.0)));
+        assert!(!after(SpeculationController::new(StopRule::Fixed, 4, true), &hints(0, 60.0)));
+        // Without the server's hints (a local target), never.
+        assert!(!after(slo(), &RoundHints::default()));
+        // Not on one round's say (a burst), and only in a row.
+        let mut c = slo();
+        for suggested in [0, 0, 2, 0, 0] {
+            c.end_round(2, 1, Some(5.0), 20.0, 40.0, &hints(suggested, 60.0));
+            assert!(!c.hand_off());
+        }
+        c.end_round(2, 1, Some(5.0), 20.0, 40.0, &hints(0, 60.0));
+        assert!(c.hand_off());
+    }
+
+    #[test]
     fn adaptive_k_follows_measured_acceptance() {
         let mut c = SpeculationController::new(StopRule::Fixed, 8, true);
         for _ in 0..50 {
-            c.end_round(4, 4, Some(1.0), 10.0, 12.0, &RoundHints { verify_ms_by_k: vec![10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0], suggested_k: None });
+            c.end_round(
+                4,
+                4,
+                Some(1.0),
+                10.0,
+                12.0,
+                &RoundHints { verify_ms_by_k: vec![10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0], ..Default::default() },
+            );
         }
         let high = c.round_k();
         for _ in 0..80 {

@@ -74,6 +74,10 @@ pub struct Generation {
     pub ahead_kept: usize,
     /// Ended early by the cancel flag.
     pub cancelled: bool,
+    /// The tokens generated when the edge handed the rest of the
+    /// generation to the server, which decoded it (none: never).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handed_off_after: Option<usize>,
 }
 
 /// One drafted token's features and whether the target accepted it: a
@@ -90,7 +94,9 @@ impl Generation {
         let visible: Vec<u32> = self.tokens.iter().copied().filter(|&t| !tokenizer.is_special(t)).collect();
         self.text = tokenizer.decode(&visible)?;
         self.acceptance_rate = if self.drafted == 0 { 0.0 } else { self.accepted as f64 / self.drafted as f64 };
-        self.tokens_per_round = if self.rounds == 0 { 0.0 } else { (self.tokens.len() - 1) as f64 / self.rounds as f64 };
+        // Tokens the server decoded after a hand-off came from no round.
+        let from_rounds = self.handed_off_after.unwrap_or(self.tokens.len()) - 1;
+        self.tokens_per_round = if self.rounds == 0 { 0.0 } else { from_rounds as f64 / self.rounds as f64 };
         self.stopped_on_eos = self.tokens.last().is_some_and(|t| eos.contains(t));
         self.wall_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok(self)
@@ -249,6 +255,16 @@ impl<T: Target + Send> Speculator<T> {
                 if eos.contains(&t) {
                     break;
                 }
+            }
+            let more = g.tokens.len() < req.max_new_tokens && !eos.contains(g.tokens.last().expect("non-empty"));
+            if more && self.controller.as_ref().is_some_and(|c| c.hand_off()) {
+                g.handed_off_after = Some(g.tokens.len());
+                let cancel = self.cancel.clone();
+                let cancelled = || cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
+                let decoded = self.target.hand_off(&context, &mut on_token, &eos, &cancelled)?;
+                g.tokens.extend(decoded);
+                g.cancelled = cancelled() && g.tokens.len() < req.max_new_tokens && !eos.contains(g.tokens.last().expect("non-empty"));
+                break;
             }
         }
         if let Some(log) = self.log.as_mut() {

@@ -14,6 +14,14 @@ pub trait Target {
     /// token; the last one has not been verified against yet).
     fn verify(&mut self, context: &[u32], drafts: &[u32], q: &[SparseDist]) -> Result<RoundOutcome, EdgeError>;
 
+    /// Hands the rest of the generation to the target, which decodes it
+    /// itself: the tokens after `context`, each passed to `on_token` as it
+    /// comes, until the end or until `stop` says so. Only a server does
+    /// (see `SpeculationController::hand_off`).
+    fn hand_off(&mut self, _context: &[u32], _on_token: &mut dyn FnMut(u32), _eos: &[u32], _stop: &dyn Fn() -> bool) -> Result<Vec<u32>, EdgeError> {
+        Err(EdgeError::InvalidArgument("only a server target decodes a handed-off generation".into()))
+    }
+
     /// Asks for the target's final hidden states with every open and
     /// round (for EAGLE-style drafts); targets that cannot give them
     /// report none and the draft runs on its own predictions.

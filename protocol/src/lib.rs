@@ -17,7 +17,7 @@ pub mod wire {
     pub use crate::pb::server_message::Kind as ServerKind;
     pub use crate::pb::verifier_client::VerifierClient;
     pub use crate::pb::verifier_server::{Verifier, VerifierServer};
-    pub use crate::pb::{Close, DraftMode, EdgeMessage, Hints, Open, Opened, Sampling, ServerMessage, Slo, SparseDist, Tokens, Verdict, Verify};
+    pub use crate::pb::{Close, DraftMode, EdgeMessage, Handoff, Hints, Open, Opened, Sampling, ServerMessage, Slo, SparseDist, Tokens, Verdict, Verify};
 }
 
 /// Limits enforced on both ends of the wire. A message that breaks one is

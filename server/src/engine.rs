@@ -46,6 +46,12 @@ pub enum Command {
         verify: ValidVerify,
         reply: oneshot::Sender<Result<(), ServeError>>,
     },
+    /// The edge hands the session over: the server decodes the rest.
+    Handoff {
+        session: SessionId,
+        base_len: usize,
+        reply: oneshot::Sender<Result<(), ServeError>>,
+    },
     Close {
         session: SessionId,
     },
@@ -112,6 +118,12 @@ impl EngineHandle {
     pub async fn verify(&self, session: SessionId, verify: ValidVerify) -> Result<(), ServeError> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Command::Verify { session, verify, reply }).await.map_err(|_| Self::gone())?;
+        rx.await.map_err(|_| Self::gone())?
+    }
+
+    pub async fn hand_off(&self, session: SessionId, base_len: usize) -> Result<(), ServeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Handoff { session, base_len, reply }).await.map_err(|_| Self::gone())?;
         rx.await.map_err(|_| Self::gone())?
     }
 
@@ -298,6 +310,9 @@ impl Engine {
                     debug!(session, error = %e, "verify refused");
                 }
             }
+            Command::Handoff { session, base_len, reply } => {
+                let _ = reply.send(self.accept_handoff(session, base_len));
+            }
             Command::Close { session } => self.drop_session(session, None),
             Command::Shutdown => return false,
         }
@@ -399,6 +414,38 @@ impl Engine {
         Ok(())
     }
 
+    /// From now on the session is decoded here, as in server-only mode.
+    fn accept_handoff(&mut self, id: SessionId, base_len: usize) -> Result<(), ServeError> {
+        let (pass, reach) = (self.pass_time(), self.lengths.reach());
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return Err(ServeError::NotFound(format!("session {id} does not exist (closed, finished or expired)")));
+        };
+        let problem = if !s.opened {
+            Some("the session is still prefilling; wait for `Opened`".to_string())
+        } else if s.server_only {
+            Some("the session is already decoded by the server".to_string())
+        } else if s.pending_verify.is_some() {
+            Some("a verification for this session is in flight; hand off after its verdict".to_string())
+        } else if base_len != s.context.len() {
+            Some(format!("`handoff.base_len` is {base_len}, the session holds {} tokens", s.context.len()))
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            return Err(ServeError::FailedPrecondition(p));
+        }
+        let now = Instant::now();
+        s.last_active = now;
+        s.server_only = true;
+        // No more rounds are coming: the batcher must not wait for one.
+        s.round_clock = Default::default();
+        s.ticket.update(s.demand(self.admission.typical_round()));
+        self.metrics.tenant(&s.tenant.name, |t| t.handoffs += 1);
+        debug!(session = id, tokens = base_len, "session handed off");
+        self.queue.push_back(s.work(id, WorkKind::Decode, 1, now, pass, reach));
+        Ok(())
+    }
+
     /// Forward pass over the batch, then each member's outcome.
     #[instrument(skip_all, fields(seqs = batch.len()))]
     fn run_batch(&mut self, batch: Vec<Scheduled>) {
@@ -493,6 +540,7 @@ impl Engine {
                 est_verify_ms: self.last_pass_ms as f32,
                 suggested_k: 4,
                 est_verify_ms_by_k: vec![],
+                pass_ms: self.last_pass_ms as f32,
             };
         };
         let by_k = verify_ms_by_k(self.batcher.as_ref(), s.cache.len());
@@ -502,6 +550,7 @@ impl Engine {
             est_verify_ms: by_k[s.last_k.unwrap_or(ASSUMED_DRAFTS).clamp(1, 8) - 1],
             suggested_k: suggested_k as u32,
             est_verify_ms_by_k: by_k,
+            pass_ms: self.last_pass_ms as f32,
         }
     }
 
@@ -677,7 +726,7 @@ impl Engine {
         while let Ok(cmd) = self.rx.try_recv() {
             match cmd {
                 Command::Open { reply, .. } => drop(reply.send(Err(EngineHandle::gone()))),
-                Command::Verify { reply, .. } => drop(reply.send(Err(EngineHandle::gone()))),
+                Command::Verify { reply, .. } | Command::Handoff { reply, .. } => drop(reply.send(Err(EngineHandle::gone()))),
                 Command::Close { .. } | Command::Shutdown => {}
             }
         }

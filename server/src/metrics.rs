@@ -48,6 +48,8 @@ impl Histogram {
 #[derive(Default, Clone, Copy)]
 pub struct TenantStats {
     pub sessions_opened: u64,
+    /// Sessions whose edge handed them to the server to decode.
+    pub handoffs: u64,
     /// Verification rounds with at least one draft token.
     pub num_drafts: u64,
     pub num_draft_tokens: u64,
@@ -183,10 +185,11 @@ impl Metrics {
         }
         // (metric, help, value of one tenant)
         type Counter = (&'static str, &'static str, fn(&TenantStats) -> u64);
-        let counters: [Counter; 9] = [
+        let counters: [Counter; 10] = [
             ("tandem_slo_met_total", "Requests finished by their SLO deadline.", |t| t.slo_met),
             ("tandem_slo_missed_total", "Requests finished after their SLO deadline.", |t| t.slo_missed),
             ("tandem_sessions_opened_total", "Sessions opened.", |t| t.sessions_opened),
+            ("tandem_handoffs_total", "Sessions handed off by their edge for the server to decode.", |t| t.handoffs),
             ("tandem_spec_decode_num_drafts_total", "Verification rounds with drafts.", |t| t.num_drafts),
             ("tandem_spec_decode_num_draft_tokens_total", "Draft tokens verified.", |t| t.num_draft_tokens),
             ("tandem_spec_decode_num_accepted_tokens_total", "Draft tokens accepted.", |t| t.num_accepted_tokens),

@@ -91,6 +91,7 @@ impl StreamTask {
                     Ok(v) => self.engine.verify(id, v).await,
                     Err(e) => Err(e),
                 },
+                Ok(Some(EdgeMessage { kind: Some(EdgeKind::Handoff(h)) })) => self.engine.hand_off(id, h.base_len as usize).await,
                 Ok(Some(EdgeMessage { kind: Some(EdgeKind::Open(_)) })) => {
                     Err(ServeError::FailedPrecondition("a session is already open on this stream".into()))
                 }

@@ -361,13 +361,15 @@ impl Batcher for WispBatcher {
     /// cost plus its share of the pass's fixed cost. Where a pass costs
     /// about its weight read whatever it holds (a GPU), that is a long
     /// draft; where tokens cost compute (a CPU, a big model), a short one,
-    /// since every rejected draft is paid for.
+    /// since every rejected draft is paid for. k = 0 is a decode step on
+    /// the server (one position, one token): it wins where a position
+    /// costs more than the sequence slot that speculation saves.
     fn suggested_k(&self, expected_tokens: &dyn Fn(usize) -> f64, context: usize) -> Option<usize> {
         let fixed = self.estimator.predict(BatchShape::default());
         let cost = |k: usize| {
             (self.estimator.predict(BatchShape::verify_round(k, context)) - fixed + fixed / self.cfg.max_seqs.max(1) as f64) / expected_tokens(k).max(1e-9)
         };
-        (1..=8).min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
+        (0..=8).min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
     }
 
     fn warm_start(&mut self, samples: &[(BatchShape, f64)]) {
@@ -563,8 +565,11 @@ mod tests {
         let gpu = with([5.0, 0.01, 0.003, 0.005, 0.0]).suggested_k(&expected, 100).unwrap();
         assert!(gpu >= 6, "{gpu}");
         // A token costs 1 ms of compute (a CPU): every rejected draft is
-        // paid for, one draft is cheapest per token.
-        assert_eq!(with([5.0, 0.05, 1.0, 0.0, 0.0]).suggested_k(&expected, 100), Some(1));
+        // paid for, so one draft is cheapest per token where a sequence
+        // costs half a token, and a decode step on the server (k = 0)
+        // where it costs little.
+        assert_eq!(with([5.0, 0.5, 1.0, 0.0, 0.0]).suggested_k(&expected, 100), Some(1));
+        assert_eq!(with([5.0, 0.05, 1.0, 0.0, 0.0]).suggested_k(&expected, 100), Some(0));
     }
 
     fn best_effort_case(tenant: &str, session: SessionId, deadline: Option<Instant>, enqueued: Instant) -> PendingWork {

@@ -5,6 +5,8 @@
 //! (`tests/`, crate `tandem-tests`).
 
 use std::time::Duration;
+use tandem_edge::controller::{SpeculationController, StopRule};
+use tandem_edge::{Speculator, Target};
 use tandem_model::DraftSpec;
 use tandem_protocol::wire::{EdgeMessage, Open, ServerKind, ServerMessage, SparseDist, VerifierClient};
 use tandem_tests::*;
@@ -148,6 +150,58 @@ fn bad_inputs_get_statuses_naming_the_field_and_the_server_keeps_serving() {
         expect_status(&status, code, field);
         still_serves();
     }
+}
+
+/// An edge may stop drafting between rounds and hand the rest of its
+/// session to the server: the output is still the target's own, the
+/// server counts the hand-off, and drafts sent after it, or a hand-off
+/// from a stale context, are refused with the field named.
+#[test]
+fn a_handed_off_session_is_decoded_by_the_server_losslessly() {
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let server = ServerProcess::start(&["--metrics-listen", &metrics_addr]);
+    let req = request("Name three planets.", 24);
+    let reference = local(&req);
+    let mut target = client(&server.url(), None);
+    let first = target.open(&req.prompt, &req.sampling, req.max_new_tokens).unwrap();
+    let mut context = [req.prompt.clone(), vec![first]].concat();
+    // One round whose two drafts are the target's own next tokens.
+    let round = target.verify(&context, &reference[1..3], &[]).unwrap();
+    assert_eq!(round.verdict.accepted, 2);
+    assert!(round.hints.pass_ms.is_some_and(|ms| ms > 0.0), "the hints carry the server's pass time");
+    context.extend_from_slice(&reference[1..3]);
+    context.push(round.verdict.next);
+    let mut streamed = Vec::new();
+    let decoded = target.hand_off(&context, &mut |t| streamed.push(t), model().tokenizer.eos_tokens(), &|| false).unwrap();
+    assert_eq!(decoded, streamed, "each decoded token is passed on as it comes");
+    assert_eq!([&context[req.prompt.len()..], &decoded[..]].concat(), reference, "a handed-off session's output differs from plain decoding");
+    let metrics = parse_metrics(&scrape(&metrics_addr));
+    let handoffs: f64 = metrics.iter().filter(|(n, _)| n.starts_with("tandem_handoffs_total")).map(|(_, v)| v).sum();
+    assert_eq!(handoffs, 1.0);
+
+    // The speculative loop hands off by itself where the server prefers to
+    // decode round after round: on a CPU every verified position costs
+    // compute, and n-gram drafts of prose are seldom right (measured: the
+    // server suggests k = 0 from the first round).
+    let m = model();
+    let controller = SpeculationController::new(StopRule::Fixed, 4, true).with_tpot_objective(Some(1000.0));
+    let req = request("Explain why the sky is blue.", 32);
+    let g = Speculator::new(client(&server.url(), None), DraftSpec::Ngram.build(&m).unwrap(), m.tokenizer.clone())
+        .with_controller(controller)
+        .generate(&req, |_| {})
+        .unwrap();
+    assert_eq!(g.tokens, local(&req), "a handed-off generation differs from plain decoding");
+    let after = g.handed_off_after.expect("the controller handed off");
+    assert!(after > g.rounds && after < g.tokens.len(), "handed off after {after} of {} tokens, {} rounds", g.tokens.len(), g.rounds);
+
+    let prompt = vec![1u32, 9690, 198, 19556, 2, 198];
+    let n = prompt.len();
+    let (_, status) = raw(&server.url(), None, open_msg(prompt.clone(), 8, 0.0), |_| vec![handoff(n)]);
+    expect_status(&status, Code::FailedPrecondition, "handoff.base_len");
+    // After the hand-off the server decodes; a verification is refused.
+    let (got, status) = raw(&server.url(), None, open_msg(prompt, 8, 0.0), |_| vec![handoff(n + 1), verify(n + 2, vec![5], vec![])]);
+    assert!(matches!(got.get(1).and_then(|m| m.kind.clone()), Some(ServerKind::Tokens(_))), "{got:?}");
+    expect_status(&status, Code::FailedPrecondition, "server-only");
 }
 
 #[test]

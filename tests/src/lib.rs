@@ -9,7 +9,7 @@ use std::time::Duration;
 use tandem_edge::client::{ClientConfig, RemoteTarget};
 use tandem_edge::{GenerateRequest, Generation, LocalTarget, Speculator};
 use tandem_model::{fetch, DraftSpec, LoadedModel, SamplingParams};
-use tandem_protocol::wire::{EdgeKind, EdgeMessage, Open, Sampling, ServerMessage, SparseDist, VerifierClient, Verify};
+use tandem_protocol::wire::{EdgeKind, EdgeMessage, Handoff, Open, Sampling, ServerMessage, SparseDist, VerifierClient, Verify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
@@ -167,6 +167,10 @@ pub fn open_msg(prompt: Vec<u32>, max_new: u32, temperature: f32) -> Open {
 
 pub fn verify(base_len: usize, draft: Vec<u32>, q: Vec<SparseDist>) -> EdgeMessage {
     EdgeMessage { kind: Some(EdgeKind::Verify(Verify { seq: 1, base_len: base_len as u32, draft, q })) }
+}
+
+pub fn handoff(base_len: usize) -> EdgeMessage {
+    EdgeMessage { kind: Some(EdgeKind::Handoff(Handoff { base_len: base_len as u32 })) }
 }
 
 pub fn expect_status(result: &Result<(), tonic::Status>, code: Code, needle: &str) {

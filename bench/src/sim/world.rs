@@ -113,6 +113,10 @@ enum Event {
         server_ms: f64,
         hints: RoundHints,
     },
+    /// The edge hands the rest of the session to the server to decode.
+    HandoffAtServer {
+        session: usize,
+    },
     /// Server-only: the last token reached the edge.
     FinishedAtEdge {
         session: usize,
@@ -154,6 +158,8 @@ struct Session {
     round_clock: RoundClock,
     /// Drafts verified in its last round (None before its first).
     last_k: Option<usize>,
+    /// Decoded on the server since the edge handed it off.
+    handed_off: bool,
 }
 
 pub struct World<'a, F: EdgeFactory> {
@@ -284,6 +290,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             Event::VerifyAtServer { session, drafts } => self.verify_at_server(session, drafts),
             Event::OpenedAtEdge { session } => self.opened_at_edge(session),
             Event::VerdictAtEdge { session, verified, accepted, server_ms, hints } => self.verdict_at_edge(session, verified, accepted, server_ms, &hints),
+            Event::HandoffAtServer { session } => self.handoff_at_server(session),
             Event::FinishedAtEdge { session } => self.finish(session),
             Event::PassDone => self.pass_done(),
             Event::Wake => {
@@ -353,6 +360,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             pending: None,
             round_clock: RoundClock::default(),
             last_k: None,
+            handed_off: false,
         });
         let up = self.one_way(id, 64 + 4 * bench_prompt.tokens.len(), true);
         self.at(self.now + ns(up), Event::OpenAtServer { session: id });
@@ -397,7 +405,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         let tpot = Some(Duration::from_millis(self.cfg.slo_tpot_ms.into()));
         let max_new = self.cfg.max_new_tokens;
         let last = |s: &Session| s.last_k.map(|k| (k, s.acceptance.expected_tokens(k)));
-        let typical = TypicalRound::of(self.admitted.iter().filter_map(|&i| last(&self.sessions[i])));
+        let typical = TypicalRound::of(self.admitted.iter().filter(|&&i| !self.sessions[i].handed_off).filter_map(|&i| last(&self.sessions[i])));
         let admitted: Vec<Demand> = self
             .admitted
             .iter()
@@ -405,7 +413,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
                 let s = &self.sessions[i];
                 let prompt = self.cfg.prompts[s.prompt].tokens.len();
                 let prefill_left = prefill_shape(prompt - s.prefilled, prompt);
-                round_demand(false, last(s), typical, prompt + s.generated + max_new.saturating_sub(s.generated) / 2, tpot, prefill_left)
+                round_demand(s.handed_off, last(s), typical, prompt + s.generated + max_new.saturating_sub(s.generated) / 2, tpot, prefill_left)
                     .with_successor(prompt, max_new, tpot)
             })
             .collect();
@@ -601,6 +609,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             Some(_) => RoundHints {
                 verify_ms_by_k: verify_ms_by_k(self.batcher.as_ref(), cached),
                 suggested_k: self.batcher.suggested_k(&|k| self.sessions[session].acceptance.expected_tokens(k), cached),
+                pass_ms: Some(self.last_pass_ms),
             },
             None => RoundHints::default(),
         };
@@ -687,7 +696,22 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             c.end_round(verified, accepted, per_token, rtt, server_ms, hints);
         }
         s.tokens += accepted + 1;
+        let hand_off = s.controller.as_ref().is_some_and(|c| c.hand_off());
+        if hand_off && s.tokens < self.output_len(session) {
+            let up = self.one_way(session, 32, true);
+            self.at(self.now + ns(up), Event::HandoffAtServer { session });
+            return;
+        }
         self.next_round(session);
+    }
+
+    /// The server decodes the rest of a handed-off session, as in
+    /// server-only mode.
+    fn handoff_at_server(&mut self, session: usize) {
+        self.sessions[session].handed_off = true;
+        self.round_clock(session, |clock, _| *clock = RoundClock::default());
+        self.queue_step(session, WorkKind::Decode, 1);
+        self.schedule();
     }
 
     fn finish(&mut self, session: usize) {
@@ -708,6 +732,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             drafted: s.drafted,
             accepted: s.accepted,
             wasted_draft_ms: s.wasted_ms,
+            handed_off: s.handed_off,
             slo_met: ttft <= self.cfg.slo_ttft_ms as f64 && tpot <= self.cfg.slo_tpot_ms as f64,
             ..Default::default()
         });
