@@ -154,10 +154,16 @@ pub fn real_draft_spec(profiles: &[DeviceProfile]) -> Result<Option<String>> {
     Ok(specs.pop())
 }
 
-/// The speculation controller of `wisp` edges: a confidence stop rule and
-/// SLO-aware k (the simulator builds the same).
-pub fn wisp_controller(draft_len: usize, slo_tpot_ms: u32) -> SpeculationController {
-    SpeculationController::new(StopRule::Confidence { min_top1: 0.4 }, draft_len, true).with_tpot_objective(Some(slo_tpot_ms.into()))
+/// The speculation controller of `wisp` edges: a confidence stop rule,
+/// SLO-aware k and, where allowed, hand-offs (the simulator builds the same).
+pub fn wisp_controller(draft_len: usize, slo_tpot_ms: u32, hand_off: bool) -> SpeculationController {
+    SpeculationController::new(StopRule::Confidence { min_top1: 0.4 }, draft_len, true).with_tpot_objective(Some(slo_tpot_ms.into())).with_hand_off(hand_off)
+}
+
+/// Hand-offs are on unless a run says otherwise (reports written before
+/// them read as on: their edges had no hand-off to turn off).
+pub fn hand_off_default() -> bool {
+    true
 }
 
 /// When closed-loop device `device` of `devices` starts its first session:
@@ -194,6 +200,9 @@ pub struct LiveConfig {
     /// Also search each policy's capacity: the largest load (devices, or
     /// arrivals per second) with ≥ 90 % SLO attainment.
     pub capacity_search: bool,
+    /// `wisp` edges may hand their sessions to the server.
+    #[serde(default = "hand_off_default")]
+    pub hand_off: bool,
 }
 
 /// Pause of a closed-loop device before asking again after a refusal.
@@ -367,7 +376,7 @@ fn run_session(
             let link = EmulatedLink { inner: target, profile: profile.clone(), rng: SessionRng::new(link_seed) };
             let mut spec = Speculator::new(link, draft, model.tokenizer.clone());
             if policy == Policy::Wisp {
-                spec = spec.with_controller(wisp_controller(cfg.draft_len, cfg.slo_tpot_ms));
+                spec = spec.with_controller(wisp_controller(cfg.draft_len, cfg.slo_tpot_ms, cfg.hand_off));
             }
             spec.generate(&request, |_| {})
                 .map(|g| (g.tokens, g.ttft_ms, g.wall_ms, g.rounds, g.drafted, g.accepted, g.wasted_draft_ms, g.handed_off_after.is_some()))

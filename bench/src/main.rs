@@ -179,6 +179,10 @@ struct LoadArgs {
     /// attainment) by doubling and bisecting the load, `--duration-s` per probe.
     #[arg(long)]
     capacity: bool,
+    /// `wisp` edges keep drafting to the end of every session, never
+    /// handing it to the server (to measure what hand-offs do).
+    #[arg(long)]
+    no_hand_off: bool,
     /// Write report.json, report.md and the plots here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -279,6 +283,7 @@ fn live(args: LiveArgs) -> Result<()> {
         seed: a.seed,
         server: args.server,
         capacity_search: a.capacity,
+        hand_off: !a.no_hand_off,
     };
     let inputs = live::LiveInputs { model: &l.model, profiles: &l.profiles, prompts: &l.prompts, provenance: &l.provenance, real: l.real.as_ref() };
     let report = live::run(&cfg, &inputs, args.calibration_out.as_deref())?;
@@ -303,6 +308,7 @@ fn sim(args: SimArgs) -> Result<()> {
         max_batch_tokens: args.max_batch_tokens.unwrap_or(defaults.max_batch_tokens),
         max_batch_seqs: args.max_batch_seqs.unwrap_or(defaults.max_batch_seqs),
         capacity_search: a.capacity,
+        hand_off: !a.no_hand_off,
     };
     let calibration = sim::load_calibration(&args.calibration)?;
     let inputs = sim::SimInputs { calibration: &calibration, profiles: &l.profiles, prompts: &l.prompts, provenance: &l.provenance, real: l.real.as_ref() };

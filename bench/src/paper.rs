@@ -54,6 +54,7 @@ pub fn run(dir: &Path, model: &LoadedModel) -> Result<()> {
         seed: SEED,
         server: None,
         capacity_search: true,
+        hand_off: true,
     };
     let calibration_path = dir.join("calibration-cpu.json");
     let live_inputs = LiveInputs { model, profiles: &laptop, prompts: &prompts, provenance: &provenance, real: None };
@@ -79,6 +80,7 @@ pub fn run(dir: &Path, model: &LoadedModel) -> Result<()> {
         max_batch_tokens: defaults.max_batch_tokens,
         max_batch_seqs: defaults.max_batch_seqs,
         capacity_search: true,
+        hand_off: live_cfg.hand_off,
     };
     let sim_inputs = |calibration, profiles| SimInputs { calibration, profiles, prompts: &prompts, provenance: &provenance, real: None };
     let agreement_sim = sim::run(&agreement_cfg, &sim_inputs(&cpu, &laptop), Instant::now())?;

@@ -16,6 +16,9 @@
 //!   (each round takes one sequence slot of a pass, so longer rounds leave
 //!   room for more devices), short ones where every rejected draft costs
 //!   compute. The speed-optimal k only where the objective needs it.
+//! * Hand-off: where the server would rather decode the session itself
+//!   (suggested k 0, round after round) and its passes keep the objective,
+//!   the edge stops drafting and the server decodes the rest.
 
 use serde::{Deserialize, Serialize};
 use tandem_model::DraftFeatures;
@@ -246,6 +249,8 @@ pub struct SpeculationController {
     pass_ms: Option<f64>,
     /// Rounds in a row the server suggested decoding on its side.
     decode_suggested: usize,
+    /// Whether the session may be handed to the server.
+    hand_off_allowed: bool,
     keep_prob: f64,
 }
 
@@ -264,6 +269,7 @@ impl SpeculationController {
             suggested_k: None,
             pass_ms: None,
             decode_suggested: 0,
+            hand_off_allowed: true,
             keep_prob: 1.0,
         }
     }
@@ -271,6 +277,13 @@ impl SpeculationController {
     /// Chooses k against this TPOT objective (ms; none: for speed alone).
     pub fn with_tpot_objective(mut self, tpot_ms: Option<f64>) -> Self {
         self.tpot_ms = tpot_ms.filter(|t| *t > 0.0);
+        self
+    }
+
+    /// Whether the session may be handed to the server to decode (see
+    /// [`Self::hand_off`]; on by default).
+    pub fn with_hand_off(mut self, allowed: bool) -> Self {
+        self.hand_off_allowed = allowed;
         self
     }
 
@@ -313,7 +326,7 @@ impl SpeculationController {
     /// by sequence slots, a decoded session takes a slot a token.
     pub fn hand_off(&self) -> bool {
         let (Some(tpot), Some(pass_ms)) = (self.tpot_ms, self.pass_ms) else { return false };
-        self.adaptive && self.decode_suggested >= HANDOFF_ROUNDS && pass_ms <= TPOT_MARGIN * tpot
+        self.adaptive && self.hand_off_allowed && self.decode_suggested >= HANDOFF_ROUNDS && pass_ms <= TPOT_MARGIN * tpot
     }
 
     /// Whether drafting ahead while `in_flight` drafts are verified is
@@ -527,6 +540,7 @@ mod tests {
         assert!(!after(slo(), &hints(1, 60.0)));
         assert!(!after(slo(), &hints(0, 85.0)));
         assert!(!after(SpeculationController::new(StopRule::Fixed, 4, true), &hints(0, 60.0)));
+        assert!(!after(slo().with_hand_off(false), &hints(0, 60.0)));
         // Without the server's hints (a local target), never.
         assert!(!after(slo(), &RoundHints::default()));
         // Not on one round's say (a burst), and only in a row.

@@ -118,6 +118,10 @@ struct EdgeArgs {
     /// Do not draft the next round while a round is being verified.
     #[arg(long)]
     no_pipeline: bool,
+    /// Keep drafting to the end, even where the server would rather decode
+    /// the session itself (with `--adaptive-k` and a TPOT objective).
+    #[arg(long)]
+    no_hand_off: bool,
     /// Append (features, accepted?) of every judged draft token to this JSONL file.
     #[arg(long)]
     log_controller: Option<PathBuf>,
@@ -313,7 +317,9 @@ fn edge_options(args: &EdgeArgs, file: &EdgeConfig) -> Result<EdgeOptions> {
         model: model_path(args, file)?,
         // k follows the session's TPOT objective where it has one.
         controller: Some(
-            SpeculationController::new(rule, draft_len, args.adaptive_k).with_tpot_objective(args.slo_tpot_ms.or(file.slo_tpot_ms).map(f64::from)),
+            SpeculationController::new(rule, draft_len, args.adaptive_k)
+                .with_tpot_objective(args.slo_tpot_ms.or(file.slo_tpot_ms).map(f64::from))
+                .with_hand_off(!args.no_hand_off),
         ),
         draft,
         backend,
@@ -392,8 +398,9 @@ fn report(g: &Generation, json: bool, draft: &str, model: &std::path::Path) -> R
         println!("{value}");
     } else {
         println!();
+        let handed_off = g.handed_off_after.map_or(String::new(), |n| format!(", handed to the server after {n} tokens"));
         eprintln!(
-            "[{} tokens, {} rounds, acceptance {:.1} %, {:.2} tokens/round, {:.0} ms]",
+            "[{} tokens, {} rounds, acceptance {:.1} %, {:.2} tokens/round{handed_off}, {:.0} ms]",
             g.tokens.len(),
             g.rounds,
             100.0 * g.acceptance_rate,

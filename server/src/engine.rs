@@ -379,15 +379,10 @@ impl Engine {
         };
         s.last_active = Instant::now();
         s.round_clock.arrived(s.last_active);
-        let problem = if !s.opened {
-            Some("the session is still prefilling; wait for `Opened`".to_string())
-        } else if s.server_only {
-            Some("`verify` is not accepted in server-only mode".to_string())
-        } else if s.pending_verify.is_some() {
-            Some("a verification for this session is already in flight".to_string())
-        } else if verify.base_len != s.context.len() {
-            Some(format!("`verify.base_len` is {}, the session holds {} tokens (stale drafts)", verify.base_len, s.context.len()))
-        } else if s.generated + verify.draft.len() + 1 > s.max_new {
+        if let Some(p) = not_between_rounds(s, "verify", verify.base_len) {
+            return refuse(reply, ServeError::FailedPrecondition(p));
+        }
+        if s.generated + verify.draft.len() + 1 > s.max_new {
             let remaining = s.max_new - s.generated;
             return refuse(
                 reply,
@@ -397,11 +392,6 @@ impl Engine {
                     remaining.saturating_sub(1)
                 )),
             );
-        } else {
-            None
-        };
-        if let Some(p) = problem {
-            return refuse(reply, ServeError::FailedPrecondition(p));
         }
         // Verify only the positions this session's history says may be
         // reached: junk drafts cost one position a round, not sixteen.
@@ -420,18 +410,7 @@ impl Engine {
         let Some(s) = self.sessions.get_mut(&id) else {
             return Err(ServeError::NotFound(format!("session {id} does not exist (closed, finished or expired)")));
         };
-        let problem = if !s.opened {
-            Some("the session is still prefilling; wait for `Opened`".to_string())
-        } else if s.server_only {
-            Some("the session is already decoded by the server".to_string())
-        } else if s.pending_verify.is_some() {
-            Some("a verification for this session is in flight; hand off after its verdict".to_string())
-        } else if base_len != s.context.len() {
-            Some(format!("`handoff.base_len` is {base_len}, the session holds {} tokens", s.context.len()))
-        } else {
-            None
-        };
-        if let Some(p) = problem {
+        if let Some(p) = not_between_rounds(s, "handoff", base_len) {
             return Err(ServeError::FailedPrecondition(p));
         }
         let now = Instant::now();
@@ -731,6 +710,22 @@ impl Engine {
             }
         }
         self.update_gauges();
+    }
+}
+
+/// Why a session cannot take a `what` message (`verify`, `handoff`) for
+/// `base_len` tokens now; None when it is between rounds.
+fn not_between_rounds(s: &Session, what: &str, base_len: usize) -> Option<String> {
+    if !s.opened {
+        Some("the session is still prefilling; wait for `Opened`".to_string())
+    } else if s.server_only {
+        Some(format!("`{what}` is not accepted in server-only mode"))
+    } else if s.pending_verify.is_some() {
+        Some("a verification for this session is already in flight".to_string())
+    } else if base_len != s.context.len() {
+        Some(format!("`{what}.base_len` is {base_len}, the session holds {} tokens (stale drafts)", s.context.len()))
+    } else {
+        None
     }
 }
 

@@ -43,6 +43,9 @@ pub struct SimConfig {
     pub max_batch_tokens: usize,
     pub max_batch_seqs: usize,
     pub capacity_search: bool,
+    /// `wisp` edges may hand their sessions to the server.
+    #[serde(default = "live::hand_off_default")]
+    pub hand_off: bool,
 }
 
 /// Where a calibration comes from: a file, or a named roofline.
@@ -58,6 +61,7 @@ pub fn load_calibration(spec: &str) -> Result<VerifyTimeProfile> {
 /// The edges' draft sources and controllers, as `live` builds them.
 pub struct Edges<'a> {
     pub real: Option<&'a RealDrafts>,
+    pub hand_off: bool,
 }
 
 impl EdgeFactory for Edges<'_> {
@@ -72,7 +76,7 @@ impl EdgeFactory for Edges<'_> {
     }
 
     fn controller(&self, policy: Policy, draft_len: usize, slo_tpot_ms: u32) -> Option<SpeculationController> {
-        (policy == Policy::Wisp).then(|| live::wisp_controller(draft_len, slo_tpot_ms))
+        (policy == Policy::Wisp).then(|| live::wisp_controller(draft_len, slo_tpot_ms, self.hand_off))
     }
 }
 
@@ -124,7 +128,7 @@ fn world_config<'a>(policy: Policy, cfg: &SimConfig, workload: Workload, inputs:
 /// One run of `policy` at `workload`.
 pub fn simulate(policy: Policy, cfg: &SimConfig, workload: Workload, inputs: &SimInputs, epoch: Instant) -> PolicyReport {
     let world_cfg = world_config(policy, cfg, workload, inputs);
-    let edges = Edges { real: inputs.real };
+    let edges = Edges { real: inputs.real, hand_off: cfg.hand_off };
     let out = World::new(world_cfg, batcher(policy, cfg, inputs.calibration), &edges, epoch).run();
     let tokens: usize = out.records.iter().map(|r| r.tokens).sum();
     let figures = ServerFigures {
@@ -248,6 +252,7 @@ mod tests {
             max_batch_tokens: 256,
             max_batch_seqs: 32,
             capacity_search: false,
+            hand_off: true,
         }
     }
 
@@ -258,7 +263,7 @@ mod tests {
         let inputs = SimInputs { calibration: &calibration, profiles: &profiles, prompts: &prompts, provenance: "test", real: None };
         let epoch = Instant::now();
         let world = world_config(policy, cfg, cfg.workload, &inputs);
-        let edges = Edges { real: None };
+        let edges = Edges { real: None, hand_off: true };
         let out = World::new(world, batcher(policy, cfg, &calibration), &edges, epoch).run();
         // Conservation: every session ends with its whole output, made of
         // the prefill's first token plus each round's accepted drafts and
