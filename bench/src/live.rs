@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem_edge::client::{ClientConfig, RemoteTarget};
 use tandem_edge::controller::{SpeculationController, StopRule};
-use tandem_edge::{EdgeError, GenerateRequest, RoundOutcome, Speculator, Target};
+use tandem_edge::{EdgeError, GenerateRequest, Generation, RoundOutcome, Speculator, Target};
 use tandem_model::{DraftFeatures, DraftSource, LoadedModel, NgramDraft, Proposal, SamplingParams, SessionRng, SparseDist, SyntheticDraft};
 use tandem_server::process::ServerProcess;
 
@@ -360,9 +360,8 @@ fn run_session(
                 )
                 .map(|tokens| {
                     let down = profile.rtt_ms / 2.0;
-                    let ttft = first_at.map_or(0.0, |t| t.duration_since(start).as_secs_f64() * 1e3) + down;
-                    let wall = start.elapsed().as_secs_f64() * 1e3 + down;
-                    (tokens, ttft, wall, 0, 0, 0, 0.0, false)
+                    let ttft_ms = first_at.map_or(0.0, |t| t.duration_since(start).as_secs_f64() * 1e3) + down;
+                    Generation { tokens, ttft_ms, wall_ms: start.elapsed().as_secs_f64() * 1e3 + down, ..Default::default() }
                 })
         }
         Policy::Sled | Policy::Wisp => {
@@ -379,18 +378,17 @@ fn run_session(
                 spec = spec.with_controller(wisp_controller(cfg.draft_len, cfg.slo_tpot_ms, cfg.hand_off));
             }
             spec.generate(&request, |_| {})
-                .map(|g| (g.tokens, g.ttft_ms, g.wall_ms, g.rounds, g.drafted, g.accepted, g.wasted_draft_ms, g.handed_off_after.is_some()))
         }
     };
     match result {
-        Ok((output, ttft, wall, rounds, drafted, accepted, wasted, handed_off)) => {
-            let tokens = output.len();
-            record.mismatch = !prompt.reference[prompt.tokens.len()..].starts_with(&output);
+        Ok(g) => {
+            let tokens = g.tokens.len();
+            record.mismatch = !prompt.reference[prompt.tokens.len()..].starts_with(&g.tokens);
             record.tokens = tokens;
-            record.ttft_ms = ttft;
-            record.tpot_ms = if tokens > 1 { (wall - ttft) / (tokens - 1) as f64 } else { 0.0 };
-            (record.rounds, record.drafted, record.accepted, record.wasted_draft_ms) = (rounds, drafted, accepted, wasted);
-            record.handed_off = handed_off;
+            record.ttft_ms = g.ttft_ms;
+            record.tpot_ms = if tokens > 1 { (g.wall_ms - g.ttft_ms) / (tokens - 1) as f64 } else { 0.0 };
+            (record.rounds, record.drafted, record.accepted, record.wasted_draft_ms) = (g.rounds, g.drafted, g.accepted, g.wasted_draft_ms);
+            record.handed_off = g.handed_off_after.is_some();
             record.slo_met = record.ttft_ms <= cfg.slo_ttft_ms as f64 && record.tpot_ms <= cfg.slo_tpot_ms as f64;
         }
         Err(EdgeError::Server(s)) if s.code() == tonic::Code::ResourceExhausted => record.refused = true,
