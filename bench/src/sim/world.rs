@@ -27,7 +27,7 @@ use tandem_model::{DraftSource, SamplingParams, SessionRng};
 use tandem_server::admission::{check_capacity, prefill_shape, Demand, PassLimits, Prefill};
 use tandem_server::batcher::{batch_shape, Batcher, PendingWork, RoundClock, RoundsDue, Scheduled, WorkKind};
 use tandem_server::engine::{verify_ms_by_k, REACH_FLOOR};
-use tandem_server::{new_acceptance, round_demand, tokens_left, work_deadline, Pace, RecentLengths, TypicalRound};
+use tandem_server::{new_acceptance, prompt_per_token, round_demand, tokens_left, work_deadline, Pace, RecentLengths, TypicalRound};
 
 /// Simulated time, ns since the epoch.
 type Ns = u64;
@@ -449,7 +449,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         let pace = s.first_token_at.map(|t| Pace {
             first_token_at: self.instant(t),
             tokens_since: s.generated - 1,
-            prompt_per_token: s.round_clock.gap().map(|gap| (gap + pass).div_f64(expected_tokens.max(1.0))),
+            prompt_per_token: prompt_per_token(s.handed_off, s.round_clock.gap(), pass, expected_tokens),
             tokens_left: tokens_left(self.cfg.max_new_tokens, self.lengths.reach(), s.generated, expected_tokens),
         });
         work_deadline(kind, self.instant(s.opened_at), pace, self.instant(self.now), Some(ttft), Some(tpot), expected_tokens)
