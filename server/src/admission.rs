@@ -30,9 +30,9 @@ pub struct Demand {
     /// How long a round may take, queueing included, ms: the TPOT budget
     /// of the tokens the round is expected to yield. None: no objective.
     pub budget_ms: Option<f64>,
-    /// The server queues this session's rounds itself (decode steps of a
-    /// server-only session), each as the pass with the one before ends, so
-    /// a round never waits for a pass in flight.
+    /// The server queues this session's rounds itself (the decode steps
+    /// of a server-only session), each as the pass holding the one before
+    /// ends, so none waits for a pass in flight.
     pub paced_by_server: bool,
     /// Its prompt still to prefill (empty once its first token is out).
     pub prefill_left: BatchShape,
