@@ -3,8 +3,8 @@
 //! `tandem-bench estimator`).
 
 use std::collections::HashMap;
-use std::time::Instant;
-use tandem_estimators::BatchShape;
+use std::time::{Duration, Instant};
+use tandem_estimators::{BatchShape, BusyFraction};
 use tandem_model::{KvCache, Llama, LogitsFor, Result, SeqPass};
 
 /// Runs batches of chosen shapes; contexts are prefilled once per length
@@ -12,6 +12,14 @@ use tandem_model::{KvCache, Llama, LogitsFor, Result, SeqPass};
 pub struct Profiler<'a> {
     llama: &'a Llama,
     contexts: HashMap<usize, KvCache>,
+    /// Busy with timed passes lately, and since when idle (see
+    /// `tandem_estimators::DutyCurve`); the set-up between passes counts
+    /// as idle, as the runner's own work does in the simulator.
+    busy: BusyFraction,
+    idle_since: Option<Instant>,
+    /// The busy fraction at the start of each timed pass, summed.
+    busy_at_starts: f64,
+    timed: usize,
 }
 
 fn filler(n: usize, salt: usize) -> Vec<u32> {
@@ -20,7 +28,12 @@ fn filler(n: usize, salt: usize) -> Vec<u32> {
 
 impl<'a> Profiler<'a> {
     pub fn new(llama: &'a Llama) -> Self {
-        Profiler { llama, contexts: HashMap::new() }
+        Profiler { llama, contexts: HashMap::new(), busy: BusyFraction::default(), idle_since: None, busy_at_starts: 0.0, timed: 0 }
+    }
+
+    /// The mean busy fraction at the start of the passes timed so far.
+    pub fn mean_busy(&self) -> f64 {
+        self.busy_at_starts / self.timed.max(1) as f64
     }
 
     fn context(&mut self, len: usize) -> Result<KvCache> {
@@ -50,8 +63,15 @@ impl<'a> Profiler<'a> {
             batch.push(SeqPass { cache: &mut prefill_cache, tokens: &prompt, logits: LogitsFor::Last });
         }
         let start = Instant::now();
+        if let Some(since) = self.idle_since {
+            self.busy.idle((start - since).as_secs_f64() * 1e3);
+        }
+        self.busy_at_starts += self.busy.value();
+        self.timed += 1;
         self.llama.forward(&mut batch)?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
+        self.busy.busy(ms);
+        self.idle_since = Some(Instant::now());
         let shape = seqs.iter().fold(
             BatchShape { seqs: usize::from(prefill > 0), tokens: prefill, token_context: prefill * prefill, prefill_tokens: prefill },
             |acc, &(tokens, context)| acc + BatchShape { seqs: 1, tokens, token_context: tokens * (context + tokens), prefill_tokens: 0 },
@@ -70,7 +90,7 @@ const SWEEP_REPEATS: usize = 3;
 /// server starts on the 2-vCPU VM, against 4.3 ms measured). Slow phases
 /// longer than a shape's repeats still show. The sweep took ~0.75 s with
 /// one timing per shape, ~1.5 s with three.
-pub fn sweep(llama: &Llama) -> Result<Vec<(BatchShape, f64)>> {
+pub fn sweep(llama: &Llama) -> Result<Sweep> {
     let mut p = Profiler::new(llama);
     let mut samples = Vec::new();
     for &(seqs, tokens, context, prefill) in &[
@@ -94,5 +114,50 @@ pub fn sweep(llama: &Llama) -> Result<Vec<(BatchShape, f64)>> {
         timed.sort_by(|a, b| a.1.total_cmp(&b.1));
         samples.push(timed[SWEEP_REPEATS / 2]);
     }
-    Ok(samples)
+    Ok(Sweep { samples, busy: p.mean_busy() })
+}
+
+/// What the sweep measured.
+pub struct Sweep {
+    /// (shape, median ms) per shape.
+    pub samples: Vec<(BatchShape, f64)>,
+    /// The mean busy fraction its timed passes started at (see
+    /// `tandem_estimators::DutyCurve::calibrated_at`).
+    pub busy: f64,
+}
+
+/// Gaps between passes for [`duty_points`], ms.
+const DUTY_GAPS_MS: [u64; 4] = [0, 2, 8, 32];
+/// Passes at a gap before timing any, to reach its steady state.
+const DUTY_SETTLE: Duration = Duration::from_millis(300);
+
+/// How a 1-token pass's time follows the busy fraction: steady runs of
+/// passes with a fixed gap between them, each gap's median time over the
+/// median with no gap. About 2.5 s on this project's VM; run only for
+/// `--calibration-out`, whose reader (the simulator) is the only user.
+pub fn duty_points(llama: &Llama) -> Result<Vec<(f64, f64)>> {
+    let mut p = Profiler::new(llama);
+    let one = [(1, 64)];
+    let mut medians = Vec::new();
+    for gap in DUTY_GAPS_MS.map(Duration::from_millis) {
+        // Settle into the gap's steady state first: the VM's passes took
+        // about 110 ms of load to speed up.
+        let settle = Instant::now();
+        while settle.elapsed() < DUTY_SETTLE {
+            p.time_batch(&one, 0)?;
+            std::thread::sleep(gap);
+        }
+        let (mut times, mut busy) = (Vec::new(), 0.0);
+        for _ in 0..20 {
+            busy += p.busy.value();
+            times.push(p.time_batch(&one, 0)?.1);
+            std::thread::sleep(gap);
+        }
+        times.sort_by(f64::total_cmp);
+        medians.push((busy / 20.0, times[10]));
+    }
+    let busiest = medians[0].1;
+    let mut points: Vec<(f64, f64)> = medians.into_iter().map(|(busy, ms)| (busy, ms / busiest)).collect();
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(points)
 }
