@@ -192,6 +192,8 @@ pub fn run(cfg: &SimConfig, inputs: &SimInputs, epoch: Instant) -> Result<Report
         format!("verification-time model: {}", inputs.calibration.label),
     ];
     header.extend(inputs.profiles.iter().map(DeviceProfile::describe));
+    let measured = if inputs.calibration.measured { "measured" } else { "roofline, not measured" };
+    let duty = if inputs.calibration.duty.points.is_empty() { "" } else { ", times its duty curve's factor at the server's recent load" };
     Ok(Report {
         kind: "sim".into(),
         header,
@@ -200,7 +202,7 @@ pub fn run(cfg: &SimConfig, inputs: &SimInputs, epoch: Instant) -> Result<Report
         ratios: ratios(&reports),
         policies: reports,
         notes: vec![
-            format!("simulated, not measured: pass times from the calibration ({}) times ratios drawn from its residuals; links as in live", if inputs.calibration.measured { "measured" } else { "roofline, not measured" }),
+            format!("simulated, not measured: pass times from the calibration ({measured}) times ratios drawn from its residuals{duty}; links as in live"),
             "estimator MAPE: the scheduler's estimator against the simulated pass times; service gap: the largest spread of VTC counters (prefill 1, verified position 2) between backlogged tenants; verify s/token: simulated pass seconds per output token".into(),
         ],
     })
