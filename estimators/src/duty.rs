@@ -51,7 +51,8 @@ impl BusyFraction {
 pub struct DutyCurve {
     /// (busy fraction, time factor ≥ about 1), busy fraction ascending.
     pub points: Vec<(f64, f64)>,
-    /// The mean busy fraction of the calibration's timed passes.
+    /// The mean busy fraction at the middle of the calibration's timed
+    /// passes (where [`DutyCurve::relative`] reads a pass's factor).
     pub calibrated_at: f64,
 }
 

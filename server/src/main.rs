@@ -63,7 +63,7 @@ struct Cli {
     pin_threads: Option<bool>,
     /// Write the verification-time calibration of the warm-start sweep here
     /// (JSON `VerifyTimeProfile`, what `tandem-bench sim --calibration` reads),
-    /// with how pass time follows load on this machine (about 2.5 s more at
+    /// with how pass time follows load on this machine (about 4 s more at
     /// start). Needs a policy with an estimator (wisp).
     #[arg(long)]
     calibration_out: Option<PathBuf>,

@@ -17,8 +17,9 @@ pub struct Profiler<'a> {
     /// as idle, as the runner's own work does in the simulator.
     busy: BusyFraction,
     idle_since: Option<Instant>,
-    /// The busy fraction at the start of each timed pass, summed.
-    busy_at_starts: f64,
+    /// The busy fraction at the middle of each timed pass, summed: where
+    /// the simulator reads a pass's factor too (`DutyCurve::relative`).
+    busy_at_middles: f64,
     timed: usize,
 }
 
@@ -28,12 +29,12 @@ fn filler(n: usize, salt: usize) -> Vec<u32> {
 
 impl<'a> Profiler<'a> {
     pub fn new(llama: &'a Llama) -> Self {
-        Profiler { llama, contexts: HashMap::new(), busy: BusyFraction::default(), idle_since: None, busy_at_starts: 0.0, timed: 0 }
+        Profiler { llama, contexts: HashMap::new(), busy: BusyFraction::default(), idle_since: None, busy_at_middles: 0.0, timed: 0 }
     }
 
-    /// The mean busy fraction at the start of the passes timed so far.
+    /// The mean busy fraction at the middle of the passes timed so far.
     pub fn mean_busy(&self) -> f64 {
-        self.busy_at_starts / self.timed.max(1) as f64
+        self.busy_at_middles / self.timed.max(1) as f64
     }
 
     fn context(&mut self, len: usize) -> Result<KvCache> {
@@ -66,10 +67,12 @@ impl<'a> Profiler<'a> {
         if let Some(since) = self.idle_since {
             self.busy.idle((start - since).as_secs_f64() * 1e3);
         }
-        self.busy_at_starts += self.busy.value();
-        self.timed += 1;
         self.llama.forward(&mut batch)?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
+        let mut middle = self.busy;
+        middle.busy(ms / 2.0);
+        self.busy_at_middles += middle.value();
+        self.timed += 1;
         self.busy.busy(ms);
         self.idle_since = Some(Instant::now());
         let shape = seqs.iter().fold(
@@ -121,7 +124,7 @@ pub fn sweep(llama: &Llama) -> Result<Sweep> {
 pub struct Sweep {
     /// (shape, median ms) per shape.
     pub samples: Vec<(BatchShape, f64)>,
-    /// The mean busy fraction its timed passes started at (see
+    /// The mean busy fraction at its timed passes' middles (see
     /// `tandem_estimators::DutyCurve::calibrated_at`).
     pub busy: f64,
 }
@@ -130,32 +133,46 @@ pub struct Sweep {
 const DUTY_GAPS_MS: [u64; 4] = [0, 2, 8, 32];
 /// Passes at a gap before timing any, to reach its steady state.
 const DUTY_SETTLE: Duration = Duration::from_millis(300);
+/// Rounds over the gaps, and passes timed at a gap in each.
+const DUTY_ROUNDS: usize = 2;
+const DUTY_TIMED: usize = 15;
 
 /// How a 1-token pass's time follows the busy fraction: steady runs of
 /// passes with a fixed gap between them, each gap's median time over the
-/// median with no gap. About 2.5 s on this project's VM; run only for
+/// median with no gap. About 4 s on this project's VM; run only for
 /// `--calibration-out`, whose reader (the simulator) is the only user.
 pub fn duty_points(llama: &Llama) -> Result<Vec<(f64, f64)>> {
     let mut p = Profiler::new(llama);
     let one = [(1, 64)];
-    let mut medians = Vec::new();
-    for gap in DUTY_GAPS_MS.map(Duration::from_millis) {
-        // Settle into the gap's steady state first: the VM's passes took
-        // about 110 ms of load to speed up.
-        let settle = Instant::now();
-        while settle.elapsed() < DUTY_SETTLE {
-            p.time_batch(&one, 0)?;
-            std::thread::sleep(gap);
+    // Per gap: the times and the summed busy fraction of its timed passes.
+    let mut timed: Vec<(Vec<f64>, f64)> = vec![(Vec::new(), 0.0); DUTY_GAPS_MS.len()];
+    // Every gap twice, in turn, so a slow phase of the host does not fall
+    // on one gap alone.
+    for _ in 0..DUTY_ROUNDS {
+        for (gap, (times, busy)) in DUTY_GAPS_MS.map(Duration::from_millis).into_iter().zip(&mut timed) {
+            // Settle into the gap's steady state first: the VM's passes took
+            // about 110 ms of load to speed up.
+            let settle = Instant::now();
+            while settle.elapsed() < DUTY_SETTLE {
+                p.time_batch(&one, 0)?;
+                std::thread::sleep(gap);
+            }
+            // The busy fraction at the timed passes' middles, as the sweep's.
+            (p.busy_at_middles, p.timed) = (0.0, 0);
+            for _ in 0..DUTY_TIMED {
+                times.push(p.time_batch(&one, 0)?.1);
+                std::thread::sleep(gap);
+            }
+            *busy += p.busy_at_middles;
         }
-        let (mut times, mut busy) = (Vec::new(), 0.0);
-        for _ in 0..20 {
-            busy += p.busy.value();
-            times.push(p.time_batch(&one, 0)?.1);
-            std::thread::sleep(gap);
-        }
-        times.sort_by(f64::total_cmp);
-        medians.push((busy / 20.0, times[10]));
     }
+    let medians: Vec<(f64, f64)> = timed
+        .into_iter()
+        .map(|(mut times, busy)| {
+            times.sort_by(f64::total_cmp);
+            (busy / times.len() as f64, times[times.len() / 2])
+        })
+        .collect();
     let busiest = medians[0].1;
     let mut points: Vec<(f64, f64)> = medians.into_iter().map(|(busy, ms)| (busy, ms / busiest)).collect();
     points.sort_by(|a, b| a.0.total_cmp(&b.0));
