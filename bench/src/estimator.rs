@@ -32,7 +32,7 @@ pub fn run(model: &Path, batches: usize, q: f64, progress: bool) -> Result<Estim
     let model = LoadedModel::load(model).with_context(|| format!("loading --model {}", model.display()))?;
     let llama = &model.llama;
     let mut estimator = VerifyTimeEstimator::new(q, 0.995);
-    estimator.warm_start(&sweep(llama)?.samples);
+    estimator.warm_start(&sweep(llama)?);
     let mut profiler = Profiler::new(llama);
     let mut rng = SessionRng::new(2024);
     let mut pick = |n: usize| (rng.next_u64() % n as u64) as usize;

@@ -4,10 +4,8 @@
 
 mod acceptance;
 mod counters;
-mod duty;
 mod verify_time;
 
 pub use acceptance::AcceptanceEstimator;
 pub use counters::{CounterWeights, TenantCounters};
-pub use duty::{BusyFraction, DutyCurve, BUSY_TAU_MS};
 pub use verify_time::{BatchShape, UpperBound, VerifyTimeCalibration, VerifyTimeEstimator, VerifyTimeProfile};

@@ -21,7 +21,6 @@
 //! problem on them after each batch by coordinate descent. Clamping the
 //! classic covariance-form RLS instead breaks its recursion and diverges.
 
-use crate::DutyCurve;
 use quantiles::ckms::CKMS;
 use serde::{Deserialize, Serialize};
 
@@ -106,10 +105,6 @@ pub struct VerifyTimeProfile {
     /// False for a profile computed from datasheet figures.
     pub measured: bool,
     pub calibration: VerifyTimeCalibration,
-    /// How pass time follows recent load on the device (empty: it does not,
-    /// or was not measured).
-    #[serde(default)]
-    pub duty: DutyCurve,
 }
 
 /// The upper bound T_q as a small copy: what a reader on another thread

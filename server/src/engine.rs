@@ -66,9 +66,8 @@ pub struct EngineHandle {
     admission: Arc<Admission>,
     metrics: Arc<Metrics>,
     kv_bytes_per_position: usize,
-    /// The estimator's calibration right after the warm-start sweep, and
-    /// the sweep's mean busy fraction.
-    calibration: Option<(VerifyTimeCalibration, f64)>,
+    /// The estimator's calibration right after the warm-start sweep.
+    calibration: Option<VerifyTimeCalibration>,
 }
 
 /// The most a session's cache can hold: prompt, every token still to
@@ -78,11 +77,10 @@ fn most_positions(open: &ValidOpen) -> usize {
 }
 
 impl EngineHandle {
-    /// The verification-time calibration the warm-start sweep produced and
-    /// the busy fraction it was measured at (None: the batcher has no
-    /// estimator), for `--calibration-out`.
-    pub fn warm_start_calibration(&self) -> Option<(&VerifyTimeCalibration, f64)> {
-        self.calibration.as_ref().map(|(c, busy)| (c, *busy))
+    /// The verification-time calibration the warm-start sweep produced
+    /// (None: the batcher has no estimator), for `--calibration-out`.
+    pub fn warm_start_calibration(&self) -> Option<&VerifyTimeCalibration> {
+        self.calibration.as_ref()
     }
 
     fn gone() -> ServeError {
@@ -186,20 +184,18 @@ impl Engine {
         cfg: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Result<(EngineHandle, std::thread::JoinHandle<()>), ServeError> {
-        let mut sweep_busy = 0.0;
         if batcher.estimate_ms(Default::default()).is_some() {
             let start = Instant::now();
-            let sweep = crate::profile::sweep(&model.llama)?;
-            batcher.warm_start(&sweep.samples);
-            sweep_busy = sweep.busy;
-            info!(batches = sweep.samples.len(), ms = start.elapsed().as_millis() as u64, "verification-time estimator calibrated");
+            let samples = crate::profile::sweep(&model.llama)?;
+            batcher.warm_start(&samples);
+            info!(batches = samples.len(), ms = start.elapsed().as_millis() as u64, "verification-time estimator calibrated");
         }
         let (tx, rx) = mpsc::channel(1024);
         let admission = Admission::new(KvBudget::new(cfg.kv_budget_bytes), cfg.limits);
         admission.publish(batcher.estimator().map(|e| e.bound()), None);
         metrics.kv_budget_bytes.store(cfg.kv_budget_bytes as i64, Ordering::Relaxed);
         let kv_bytes_per_position = model.llama.new_cache(model.llama.config().n_layers).bytes_per_position();
-        let calibration = batcher.estimator().map(|e| (e.calibration(), sweep_busy));
+        let calibration = batcher.estimator().map(|e| e.calibration());
         let handle = EngineHandle { tx, admission: admission.clone(), metrics: metrics.clone(), kv_bytes_per_position, calibration };
         let engine = Engine {
             model,

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tandem_estimators::{DutyCurve, VerifyTimeProfile};
+use tandem_estimators::VerifyTimeProfile;
 use tandem_model::{fetch, LoadedModel};
 use tandem_protocol::limits::MAX_MESSAGE_BYTES;
 use tandem_protocol::wire::VerifierServer;
@@ -62,9 +62,8 @@ struct Cli {
     #[arg(long)]
     pin_threads: Option<bool>,
     /// Write the verification-time calibration of the warm-start sweep here
-    /// (JSON `VerifyTimeProfile`, what `tandem-bench sim --calibration` reads),
-    /// with how pass time follows load on this machine (about 4 s more at
-    /// start). Needs a policy with an estimator (wisp).
+    /// (JSON `VerifyTimeProfile`, what `tandem-bench sim --calibration` reads).
+    /// Needs a policy with an estimator (wisp).
     #[arg(long)]
     calibration_out: Option<PathBuf>,
 }
@@ -155,22 +154,16 @@ async fn serve() -> Result<()> {
     for (name, weight) in auth.tenant_weights() {
         batcher.set_tenant_weight(&name, weight);
     }
-    // The simulator's duty curve, measured before the runner owns the model.
-    let duty_points = match &calibration_out {
-        Some(_) if b.policy != "wisp" => bail!("`--calibration-out` needs `--policy wisp` (fcfs has no estimator)"),
-        Some(_) => tandem_server::profile::duty_points(&model.llama).context("measuring pass time against load for --calibration-out")?,
-        None => Vec::new(),
-    };
     let engine_cfg = EngineConfig { kv_budget_bytes: cfg.kv_budget_mb << 20, idle_ttl: Duration::from_secs(cfg.idle_ttl_s), limits: b.pass_limits() };
     let (engine, runner) = Engine::spawn(model, batcher, engine_cfg, metrics.clone())?;
-    if let (Some(path), Some((calibration, sweep_busy))) = (&calibration_out, engine.warm_start_calibration()) {
+    if let Some(path) = &calibration_out {
+        let calibration = engine.warm_start_calibration().context("`--calibration-out` needs `--policy wisp` (fcfs has no estimator)")?;
         let model_name = model_path.file_name().map_or_else(|| model_path.display().to_string(), |n| n.to_string_lossy().into_owned());
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let profile = VerifyTimeProfile {
             label: format!("measured: tandem-server warm-start sweep, {} ({cores} cores), {model_name}", cfg.device),
             measured: true,
             calibration: calibration.clone(),
-            duty: DutyCurve { points: duty_points, calibrated_at: sweep_busy },
         };
         std::fs::write(path, serde_json::to_string_pretty(&profile)?).with_context(|| format!("writing --calibration-out {}", path.display()))?;
         info!(path = %path.display(), "calibration written");

@@ -3,8 +3,8 @@
 //! `tandem-bench estimator`).
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
-use tandem_estimators::{BatchShape, BusyFraction};
+use std::time::Instant;
+use tandem_estimators::BatchShape;
 use tandem_model::{KvCache, Llama, LogitsFor, Result, SeqPass};
 
 /// Runs batches of chosen shapes; contexts are prefilled once per length
@@ -12,15 +12,6 @@ use tandem_model::{KvCache, Llama, LogitsFor, Result, SeqPass};
 pub struct Profiler<'a> {
     llama: &'a Llama,
     contexts: HashMap<usize, KvCache>,
-    /// Busy with timed passes lately, and since when idle (see
-    /// `tandem_estimators::DutyCurve`); the set-up between passes counts
-    /// as idle, as the runner's own work does in the simulator.
-    busy: BusyFraction,
-    idle_since: Option<Instant>,
-    /// The busy fraction at the middle of each timed pass, summed: where
-    /// the simulator reads a pass's factor too (`DutyCurve::relative`).
-    busy_at_middles: f64,
-    timed: usize,
 }
 
 fn filler(n: usize, salt: usize) -> Vec<u32> {
@@ -29,12 +20,7 @@ fn filler(n: usize, salt: usize) -> Vec<u32> {
 
 impl<'a> Profiler<'a> {
     pub fn new(llama: &'a Llama) -> Self {
-        Profiler { llama, contexts: HashMap::new(), busy: BusyFraction::default(), idle_since: None, busy_at_middles: 0.0, timed: 0 }
-    }
-
-    /// The mean busy fraction at the middle of the passes timed so far.
-    pub fn mean_busy(&self) -> f64 {
-        self.busy_at_middles / self.timed.max(1) as f64
+        Profiler { llama, contexts: HashMap::new() }
     }
 
     fn context(&mut self, len: usize) -> Result<KvCache> {
@@ -64,17 +50,8 @@ impl<'a> Profiler<'a> {
             batch.push(SeqPass { cache: &mut prefill_cache, tokens: &prompt, logits: LogitsFor::Last });
         }
         let start = Instant::now();
-        if let Some(since) = self.idle_since {
-            self.busy.idle((start - since).as_secs_f64() * 1e3);
-        }
         self.llama.forward(&mut batch)?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
-        let mut middle = self.busy;
-        middle.busy(ms / 2.0);
-        self.busy_at_middles += middle.value();
-        self.timed += 1;
-        self.busy.busy(ms);
-        self.idle_since = Some(Instant::now());
         let shape = seqs.iter().fold(
             BatchShape { seqs: usize::from(prefill > 0), tokens: prefill, token_context: prefill * prefill, prefill_tokens: prefill },
             |acc, &(tokens, context)| acc + BatchShape { seqs: 1, tokens, token_context: tokens * (context + tokens), prefill_tokens: 0 },
@@ -93,7 +70,7 @@ const SWEEP_REPEATS: usize = 3;
 /// server starts on the 2-vCPU VM, against 4.3 ms measured). Slow phases
 /// longer than a shape's repeats still show. The sweep took ~0.75 s with
 /// one timing per shape, ~1.5 s with three.
-pub fn sweep(llama: &Llama) -> Result<Sweep> {
+pub fn sweep(llama: &Llama) -> Result<Vec<(BatchShape, f64)>> {
     let mut p = Profiler::new(llama);
     let mut samples = Vec::new();
     for &(seqs, tokens, context, prefill) in &[
@@ -117,64 +94,5 @@ pub fn sweep(llama: &Llama) -> Result<Sweep> {
         timed.sort_by(|a, b| a.1.total_cmp(&b.1));
         samples.push(timed[SWEEP_REPEATS / 2]);
     }
-    Ok(Sweep { samples, busy: p.mean_busy() })
-}
-
-/// What the sweep measured.
-pub struct Sweep {
-    /// (shape, median ms) per shape.
-    pub samples: Vec<(BatchShape, f64)>,
-    /// The mean busy fraction at its timed passes' middles (see
-    /// `tandem_estimators::DutyCurve::calibrated_at`).
-    pub busy: f64,
-}
-
-/// Gaps between passes for [`duty_points`], ms.
-const DUTY_GAPS_MS: [u64; 4] = [0, 2, 8, 32];
-/// Passes at a gap before timing any, to reach its steady state.
-const DUTY_SETTLE: Duration = Duration::from_millis(300);
-/// Rounds over the gaps, and passes timed at a gap in each.
-const DUTY_ROUNDS: usize = 2;
-const DUTY_TIMED: usize = 15;
-
-/// How a 1-token pass's time follows the busy fraction: steady runs of
-/// passes with a fixed gap between them, each gap's median time over the
-/// median with no gap. About 4 s on this project's VM; run only for
-/// `--calibration-out`, whose reader (the simulator) is the only user.
-pub fn duty_points(llama: &Llama) -> Result<Vec<(f64, f64)>> {
-    let mut p = Profiler::new(llama);
-    let one = [(1, 64)];
-    // Per gap: the times and the summed busy fraction of its timed passes.
-    let mut timed: Vec<(Vec<f64>, f64)> = vec![(Vec::new(), 0.0); DUTY_GAPS_MS.len()];
-    // Every gap twice, in turn, so a slow phase of the host does not fall
-    // on one gap alone.
-    for _ in 0..DUTY_ROUNDS {
-        for (gap, (times, busy)) in DUTY_GAPS_MS.map(Duration::from_millis).into_iter().zip(&mut timed) {
-            // Settle into the gap's steady state first: the VM's passes took
-            // about 110 ms of load to speed up.
-            let settle = Instant::now();
-            while settle.elapsed() < DUTY_SETTLE {
-                p.time_batch(&one, 0)?;
-                std::thread::sleep(gap);
-            }
-            // The busy fraction at the timed passes' middles, as the sweep's.
-            (p.busy_at_middles, p.timed) = (0.0, 0);
-            for _ in 0..DUTY_TIMED {
-                times.push(p.time_batch(&one, 0)?.1);
-                std::thread::sleep(gap);
-            }
-            *busy += p.busy_at_middles;
-        }
-    }
-    let medians: Vec<(f64, f64)> = timed
-        .into_iter()
-        .map(|(mut times, busy)| {
-            times.sort_by(f64::total_cmp);
-            (busy / times.len() as f64, times[times.len() / 2])
-        })
-        .collect();
-    let busiest = medians[0].1;
-    let mut points: Vec<(f64, f64)> = medians.into_iter().map(|(busy, ms)| (busy, ms / busiest)).collect();
-    points.sort_by(|a, b| a.0.total_cmp(&b.0));
-    Ok(points)
+    Ok(samples)
 }

@@ -291,29 +291,3 @@ fn config_file_is_read_and_flags_override_it() {
     assert!(status.is_ok() && !got.is_empty(), "the flag did not override the file's budget: {status:?}");
     let _ = std::fs::remove_file(config);
 }
-
-/// `--calibration-out` writes the sweep's fit with how pass time follows
-/// load here (what the simulator reads); a policy without an estimator is
-/// refused naming the flag.
-#[test]
-fn calibration_out_holds_the_sweep_and_the_duty_curve() {
-    let path = write_file("calibration.json", "");
-    let _server = ServerProcess::start(&["--calibration-out", path.to_str().unwrap()]);
-    let profile: tandem_estimators::VerifyTimeProfile = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    assert!(profile.measured && profile.label.starts_with("measured: tandem-server warm-start sweep, "), "{}", profile.label);
-    assert!(profile.calibration.coefficients.iter().all(|c| c.is_finite() && *c >= 0.0), "{:?}", profile.calibration.coefficients);
-    let duty = &profile.duty;
-    assert_eq!(duty.points.len(), 4, "{duty:?}");
-    assert!(duty.points.windows(2).all(|w| w[0].0 <= w[1].0), "busy fractions ascending: {duty:?}");
-    assert!(duty.points.iter().all(|&(busy, factor)| (0.0..=1.0).contains(&busy) && factor.is_finite() && factor > 0.5), "{duty:?}");
-    assert!(duty.calibrated_at > 0.0 && duty.calibrated_at <= 1.0, "{duty:?}");
-    let _ = std::fs::remove_file(&path);
-
-    let refused = std::process::Command::new(tandem_server::process::sibling_binary("tandem-server").unwrap())
-        .args(["--listen", "127.0.0.1:0", "--policy", "fcfs", "--calibration-out", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success() && stderr.contains("`--calibration-out` needs `--policy wisp`"), "{stderr}");
-    assert!(!path.exists(), "a refused server wrote its calibration");
-}

@@ -16,7 +16,7 @@
 //! sizes the simulator's GPU runs use; the fit's ratios measured/predicted
 //! become the profile's residuals.
 
-use tandem_estimators::{BatchShape, DutyCurve, VerifyTimeEstimator, VerifyTimeProfile};
+use tandem_estimators::{BatchShape, VerifyTimeEstimator, VerifyTimeProfile};
 
 /// A GPU's datasheet figures.
 #[derive(Clone, Debug)]
@@ -108,8 +108,6 @@ pub fn profile(gpu: &Gpu, model: &ModelShape) -> VerifyTimeProfile {
         ),
         measured: false,
         calibration: estimator.calibration(),
-        // A GPU's clock is not modelled to follow its load.
-        duty: DutyCurve::default(),
     }
 }
 

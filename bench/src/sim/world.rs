@@ -22,7 +22,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use tandem_edge::controller::{RoundHints, SpeculationController};
-use tandem_estimators::{AcceptanceEstimator, BusyFraction, CounterWeights, DutyCurve, TenantCounters, VerifyTimeCalibration, VerifyTimeEstimator};
+use tandem_estimators::{AcceptanceEstimator, CounterWeights, TenantCounters, VerifyTimeCalibration, VerifyTimeEstimator};
 use tandem_model::{DraftSource, SamplingParams, SessionRng};
 use tandem_server::admission::{check_capacity, prefill_shape, Demand, PassLimits, Prefill};
 use tandem_server::batcher::{batch_shape, Batcher, PendingWork, RoundClock, RoundsDue, Scheduled, WorkKind};
@@ -64,9 +64,8 @@ pub struct WorldConfig<'a> {
     pub tenants: usize,
     pub profiles: &'a [DeviceProfile],
     pub prompts: &'a [BenchPrompt],
-    /// The ground truth of pass times, and how they follow load.
+    /// The ground truth of pass times.
     pub calibration: &'a VerifyTimeCalibration,
-    pub duty: &'a DutyCurve,
     /// The pass limits admission costs sessions under (a batcher with an
     /// estimator gates opens on SLO capacity, as the server does).
     pub limits: PassLimits,
@@ -175,10 +174,6 @@ pub struct World<'a, F: EdgeFactory> {
     batcher: Box<dyn Batcher>,
     truth: VerifyTimeEstimator,
     residuals: Vec<f64>,
-    /// The server's recent load and when its last pass ended, for
-    /// `cfg.duty`.
-    busy: BusyFraction,
-    last_pass_end: Ns,
     noise: SessionRng,
     arrivals: SessionRng,
     queue: VecDeque<PendingWork>,
@@ -225,8 +220,6 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             batcher,
             truth,
             residuals: if residuals.is_empty() { vec![1.0] } else { residuals },
-            busy: BusyFraction::default(),
-            last_pass_end: 0,
             noise: SessionRng::new(seed ^ 0x0A55_0000),
             arrivals: SessionRng::new(seed ^ 0xA771_7A15),
             queue: VecDeque::new(),
@@ -536,11 +529,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         }
         let shape = batch_shape(&batch);
         let ratio = self.residuals[(self.noise.next_f64() * self.residuals.len() as f64) as usize % self.residuals.len()];
-        self.busy.idle(ms(self.now.saturating_sub(self.last_pass_end)));
-        let calibrated = self.truth.predict(shape) * ratio;
-        let actual = (calibrated * self.cfg.duty.relative(self.busy.value(), calibrated)).max(1e-3);
-        self.busy.busy(actual);
-        self.last_pass_end = self.now + ns(actual);
+        let actual = (self.truth.predict(shape) * ratio).max(1e-3);
         if let Some((predicted, _)) = self.batcher.estimate_ms(shape) {
             self.estimate_errors.push((predicted - actual).abs() / actual);
         }
