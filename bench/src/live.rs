@@ -203,6 +203,38 @@ pub struct LiveConfig {
     /// `wisp` edges may hand their sessions to the server.
     #[serde(default = "hand_off_default")]
     pub hand_off: bool,
+    /// Devices belong to tenants `tenant-0..` in turn (as in the simulator).
+    #[serde(default = "one_tenant")]
+    pub tenants: usize,
+}
+
+/// Reports written before tenants were configurable ran one.
+fn one_tenant() -> usize {
+    1
+}
+
+/// The API key of tenant `i` on the servers the bench starts.
+fn tenant_key(i: usize) -> String {
+    format!("tandem-bench-tenant-{i}")
+}
+
+/// A tenants file for the bench's servers (`tenant-0..`, equal weights),
+/// removed when dropped.
+struct TenantsFile(std::path::PathBuf);
+
+impl TenantsFile {
+    fn write(tenants: usize) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("tandem-bench-tenants-{}.toml", std::process::id()));
+        let text: String = (0..tenants).map(|i| format!("[[tenant]]\nname = \"tenant-{i}\"\napi_key = \"{}\"\n\n", tenant_key(i))).collect();
+        std::fs::write(&path, text).with_context(|| format!("writing the tenants file {}", path.display()))?;
+        Ok(TenantsFile(path))
+    }
+}
+
+impl Drop for TenantsFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Pause of a closed-loop device before asking again after a refusal.
@@ -326,6 +358,9 @@ fn run_session(
     let mut record = SessionRecord { device, prompt: prompt.id.clone(), ..Default::default() };
     let mut client = ClientConfig::new(url);
     (client.ttft_ms, client.tpot_ms) = (cfg.slo_ttft_ms, cfg.slo_tpot_ms);
+    if cfg.tenants > 1 {
+        client.api_key = Some(tenant_key(device % cfg.tenants));
+    }
     let target = match RemoteTarget::new(client) {
         Ok(t) => t,
         Err(e) => {
@@ -475,6 +510,8 @@ struct Scrape {
     pass_seconds: f64,
     /// `tandem_estimator_relative_error` (absent without an estimator).
     estimator_error: Option<f64>,
+    /// `tandem_tenant_service_gap_max` (absent from servers before it).
+    service_gap_max: Option<f64>,
 }
 
 /// Reads `/metrics` at `addr` with a plain HTTP/1.0 GET.
@@ -489,6 +526,7 @@ fn scrape(addr: &str) -> Result<Scrape> {
     Ok(Scrape {
         pass_seconds: value("tandem_pass_seconds_sum").context("no tandem_pass_seconds_sum in /metrics")?,
         estimator_error: value("tandem_estimator_relative_error"),
+        service_gap_max: value("tandem_tenant_service_gap_max"),
     })
 }
 
@@ -502,6 +540,14 @@ fn free_port() -> Result<u16> {
 pub fn run(cfg: &LiveConfig, inputs: &LiveInputs, calibration_out: Option<&Path>) -> Result<Report> {
     let (profiles, prompts, provenance) = (inputs.profiles, inputs.prompts, inputs.provenance);
     anyhow::ensure!(!prompts.is_empty(), "no prompts");
+    anyhow::ensure!(cfg.tenants > 0, "`--tenants` must be at least 1");
+    anyhow::ensure!(
+        cfg.tenants == 1 || cfg.server.is_none(),
+        "`--tenants {}` needs the servers the bench starts (their tenants file holds the keys); with `--server` devices run as one tenant",
+        cfg.tenants
+    );
+    let tenants_file = (cfg.tenants > 1).then(|| TenantsFile::write(cfg.tenants)).transpose()?;
+    let tenants_path = tenants_file.as_ref().map(|f| f.0.display().to_string());
     let mut reports = Vec::new();
     for &policy in &cfg.policies {
         let metrics = format!("127.0.0.1:{}", free_port()?);
@@ -512,6 +558,9 @@ pub fn run(cfg: &LiveConfig, inputs: &LiveInputs, calibration_out: Option<&Path>
                 let out = calibration_out.filter(|_| policy == Policy::Wisp).map(|p| p.display().to_string());
                 if let Some(out) = &out {
                     args.extend(["--calibration-out", out]);
+                }
+                if let Some(path) = &tenants_path {
+                    args.extend(["--tenants", path]);
                 }
                 Some(ServerProcess::try_start(&args).context("starting tandem-server")?)
             }
@@ -526,7 +575,7 @@ pub fn run(cfg: &LiveConfig, inputs: &LiveInputs, calibration_out: Option<&Path>
                 let tokens: usize = records.iter().map(|r| r.tokens).sum();
                 ServerFigures {
                     estimator_mape: after.estimator_error,
-                    max_service_gap: None,
+                    max_service_gap: after.service_gap_max,
                     verify_s_per_token: (tokens > 0).then(|| (after.pass_seconds - before.pass_seconds) / tokens as f64),
                 }
             }
@@ -559,8 +608,8 @@ pub fn run(cfg: &LiveConfig, inputs: &LiveInputs, calibration_out: Option<&Path>
     }
     let synthetic_drafts = profiles.iter().any(|p| p.draft.starts_with("synthetic"));
     let mut header = vec![format!(
-        "live: {:?}, {:.0} s per policy, {} new tokens, SLO TTFT {} ms / TPOT {} ms; prompts: {}",
-        cfg.workload, cfg.duration_s, cfg.max_new_tokens, cfg.slo_ttft_ms, cfg.slo_tpot_ms, provenance
+        "live: {:?}, {:.0} s per policy, {} new tokens, SLO TTFT {} ms / TPOT {} ms, {} tenants; prompts: {}",
+        cfg.workload, cfg.duration_s, cfg.max_new_tokens, cfg.slo_ttft_ms, cfg.slo_tpot_ms, cfg.tenants, provenance
     )];
     header.extend(profiles.iter().map(DeviceProfile::describe));
     Ok(Report {
@@ -572,7 +621,7 @@ pub fn run(cfg: &LiveConfig, inputs: &LiveInputs, calibration_out: Option<&Path>
         policies: reports,
         notes: vec![
             "live server figures come from the server's Prometheus /metrics (scraped before and after the main run): estimator MAPE is its EWMA of |predicted − measured| / measured pass time; verify s/token is forward-pass seconds over the tokens the edges received".into(),
-            "Jain's index is over tokens served per device, from what the edges saw; the per-tenant service gap is simulator-only (live runs one tenant)".into(),
+            "Jain's index is over tokens served per device, from what the edges saw; max service gap is the server's tandem_tenant_service_gap_max after the main run: the largest spread of VTC counters (prefill 1, verified position 2) between tenants with work queued at once (0 with one tenant)".into(),
             "timings on this shared 2-core CPU machine are perturbed by whatever else runs (e.g. compilers)".into(),
         ],
     })

@@ -200,6 +200,10 @@ struct LiveArgs {
     /// Have the wisp server write its calibration here (for `sim --calibration`).
     #[arg(long)]
     calibration_out: Option<PathBuf>,
+    /// Devices belong to this many tenants in turn, each with its own API
+    /// key on the servers the bench starts (one: every device is `local`).
+    #[arg(long, default_value_t = 1)]
+    tenants: usize,
 }
 
 #[derive(clap::Args)]
@@ -284,6 +288,7 @@ fn live(args: LiveArgs) -> Result<()> {
         server: args.server,
         capacity_search: a.capacity,
         hand_off: !a.no_hand_off,
+        tenants: args.tenants,
     };
     let inputs = live::LiveInputs { model: &l.model, profiles: &l.profiles, prompts: &l.prompts, provenance: &l.provenance, real: l.real.as_ref() };
     let report = live::run(&cfg, &inputs, args.calibration_out.as_deref())?;

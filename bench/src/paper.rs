@@ -55,6 +55,8 @@ pub fn run(dir: &Path, model: &LoadedModel) -> Result<()> {
         server: None,
         capacity_search: true,
         hand_off: true,
+        // Each laptop its own tenant (API key), so fairness is measured live.
+        tenants: 2,
     };
     let calibration_path = dir.join("calibration-cpu.json");
     let live_inputs = LiveInputs { model, profiles: &laptop, prompts: &prompts, provenance: &provenance, real: None };
@@ -75,8 +77,7 @@ pub fn run(dir: &Path, model: &LoadedModel) -> Result<()> {
         slo_ttft_ms: live_cfg.slo_ttft_ms,
         slo_tpot_ms: live_cfg.slo_tpot_ms,
         seed: SEED,
-        // Live runs one (local) tenant.
-        tenants: 1,
+        tenants: live_cfg.tenants,
         max_batch_tokens: defaults.max_batch_tokens,
         max_batch_seqs: defaults.max_batch_seqs,
         capacity_search: true,
@@ -170,13 +171,14 @@ pub fn run(dir: &Path, model: &LoadedModel) -> Result<()> {
 /// Live and sim side by side per policy, with sim − live.
 fn agreement_table(live: &Report, sim: &Report) -> String {
     let mut out = String::from("## Sim vs live, same configuration (sim with this machine's calibration)\n\n");
-    out.push_str("| policy | goodput live | goodput sim | Δ goodput | attainment live | attainment sim | Δ attainment | capacity live | capacity sim |\n|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("| policy | goodput live | goodput sim | Δ goodput | attainment live | attainment sim | Δ attainment | capacity live | capacity sim | service gap live | service gap sim |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for l in &live.policies {
         let Some(s) = sim.policies.iter().find(|s| s.policy == l.policy) else { continue };
         let cap = |r: &crate::report::PolicyReport| r.capacity.as_ref().map_or("–".into(), |c| format!("{}", c.load));
+        let gap = |r: &crate::report::PolicyReport| r.server.max_service_gap.map_or("–".into(), |g| format!("{g:.0}"));
         let _ = writeln!(
             out,
-            "| {} | {:.1} tok/s | {:.1} tok/s | {} | {:.1} % | {:.1} % | {:+.1} pt | {} | {} |",
+            "| {} | {:.1} tok/s | {:.1} tok/s | {} | {:.1} % | {:.1} % | {:+.1} pt | {} | {} | {} | {} |",
             l.policy.name(),
             l.goodput_tok_s,
             s.goodput_tok_s,
@@ -185,7 +187,9 @@ fn agreement_table(live: &Report, sim: &Report) -> String {
             s.slo_attainment * 100.0,
             (s.slo_attainment - l.slo_attainment) * 100.0,
             cap(l),
-            cap(s)
+            cap(s),
+            gap(l),
+            gap(s)
         );
     }
     out

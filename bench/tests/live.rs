@@ -1,12 +1,14 @@
 //! `tandem-bench live` end to end: a real server per policy, emulated
-//! edges, the JSON report. A smoke run (a few seconds per policy); the
-//! figures themselves come from longer runs (README "Benchmarks").
+//! edges of two tenants, the JSON report. A smoke run (a few seconds per
+//! policy); the figures themselves come from longer runs (README
+//! "Benchmarks").
 
 #[test]
 fn live_runs_every_policy_losslessly_and_reports_ratios() {
     let dir = std::env::temp_dir().join(format!("tandem-bench-live-{}", std::process::id()));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem-bench"))
-        .args(["live", "--duration-s", "4", "--devices", "2", "--max-new-tokens", "12", "--prompts", "chat", "--num-prompts", "3", "--json", "--out"])
+        .args(["live", "--duration-s", "4", "--devices", "2", "--max-new-tokens", "12", "--prompts", "chat", "--num-prompts", "3"])
+        .args(["--tenants", "2", "--json", "--out"])
         .arg(&dir)
         .output()
         .expect("run tandem-bench");
@@ -20,6 +22,8 @@ fn live_runs_every_policy_losslessly_and_reports_ratios() {
         assert_eq!(p["failed"].as_u64(), Some(0), "{name}: failed sessions");
         assert_eq!(p["mismatched"].as_u64(), Some(0), "{name}: outputs differ from the target's");
         assert!(p["throughput_tok_s"].as_f64().unwrap() > 0.0, "{name}");
+        // Two devices, two tenants (each its own API key): the server measures fairness.
+        assert!(p["server"]["max_service_gap"].as_f64().is_some_and(|g| g >= 0.0), "{name}: no service gap from the server");
     }
     assert!(report["synthetic_drafts"].as_bool().unwrap(), "the default profile's synthetic draft must be labelled");
     let goodput = |i: usize| policies[i]["goodput_tok_s"].as_f64().unwrap();

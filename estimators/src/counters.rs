@@ -87,6 +87,50 @@ impl TenantCounters {
     }
 }
 
+/// A run's fairness figure: the largest spread of service counters between
+/// tenants backlogged at the same scheduling decision (what VTC bounds).
+/// It keeps counters of its own, charged like the scheduler's, so a policy
+/// whose batcher keeps none (FCFS) is measured on the same scale.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceGap {
+    counters: TenantCounters,
+    max: f64,
+}
+
+impl ServiceGap {
+    pub fn new(weights: CounterWeights) -> Self {
+        ServiceGap { counters: TenantCounters::new(weights), max: 0.0 }
+    }
+
+    /// Declares a tenant's share, as the scheduler's counters have it.
+    pub fn set_weight(&mut self, tenant: &str, weight: f64) {
+        self.counters.set_weight(tenant, weight);
+    }
+
+    /// A scheduling decision with work of these tenants queued (repeats allowed).
+    pub fn observe_backlog<'a>(&mut self, queued: impl IntoIterator<Item = &'a str>) {
+        let mut names: Vec<&str> = queued.into_iter().collect();
+        names.sort_unstable();
+        names.dedup();
+        self.counters.set_backlogged(names.iter().copied());
+        let counters = names.iter().map(|n| self.counters.counter(n));
+        let (low, high) = counters.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), c| (lo.min(c), hi.max(c)));
+        if high >= low {
+            self.max = self.max.max(high - low);
+        }
+    }
+
+    /// Charges an executed share of a pass.
+    pub fn charge(&mut self, tenant: &str, prefill_tokens: usize, verified_positions: usize) {
+        self.counters.charge(tenant, prefill_tokens, verified_positions);
+    }
+
+    /// The largest spread seen so far (0 with fewer than two tenants).
+    pub fn max(&self) -> f64 {
+        self.max
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,5 +160,26 @@ mod tests {
         c.charge("b", 0, 50);
         c.set_backlogged(["a", "b"]);
         assert_eq!(c.counter("a"), c.counter("b"));
+    }
+
+    #[test]
+    fn service_gap_is_the_largest_spread_between_backlogged_tenants() {
+        let mut g = ServiceGap::new(CounterWeights::default());
+        g.set_weight("b", 2.0);
+        g.observe_backlog(["a", "b", "a"]);
+        g.charge("a", 10, 0);
+        g.charge("b", 0, 5);
+        g.observe_backlog(["a", "b"]);
+        assert_eq!(g.max(), 5.0, "a at 10, b at 10 / 2");
+        // A tenant served while the other idles opens no gap: the other
+        // returns lifted to it.
+        g.observe_backlog(["a"]);
+        g.charge("a", 100, 0);
+        g.observe_backlog(["a", "b"]);
+        assert_eq!(g.max(), 5.0);
+        // Served while the other waits, it does.
+        g.charge("a", 20, 0);
+        g.observe_backlog(["b", "a"]);
+        assert_eq!(g.max(), 20.0);
     }
 }

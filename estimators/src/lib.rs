@@ -7,5 +7,5 @@ mod counters;
 mod verify_time;
 
 pub use acceptance::AcceptanceEstimator;
-pub use counters::{CounterWeights, TenantCounters};
+pub use counters::{CounterWeights, ServiceGap, TenantCounters};
 pub use verify_time::{BatchShape, UpperBound, VerifyTimeCalibration, VerifyTimeEstimator, VerifyTimeProfile};

@@ -1,6 +1,7 @@
 //! Runs decode steps in a loop, for profiling: `decode_profile MODEL STEPS`
 //! (env: `TOKENS` new tokens a pass, default 1; `CONTEXT` cached positions
-//! before each pass, default 64).
+//! before each pass, default 64; `GAP_MS` idle time between passes,
+//! default 0, which prints the median pass instead of the mean).
 use tandem_model::*;
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -11,11 +12,23 @@ fn main() {
     let m = LoadedModel::load(&path).unwrap();
     let mut cache = m.llama.new_cache(m.llama.config().n_layers);
     m.llama.forward(&mut [SeqPass { cache: &mut cache, tokens: &vec![1; context], logits: LogitsFor::None }]).unwrap();
+    let gap_ms: f64 = std::env::var("GAP_MS").map_or(0.0, |s| s.parse().unwrap());
     let feed = vec![42u32; tokens];
     let start = std::time::Instant::now();
+    let mut passes = Vec::with_capacity(steps);
     for _ in 0..steps {
+        if gap_ms > 0.0 {
+            std::thread::sleep(std::time::Duration::from_secs_f64(gap_ms / 1e3));
+        }
+        let pass = std::time::Instant::now();
         m.llama.forward(&mut [SeqPass { cache: &mut cache, tokens: &feed, logits: LogitsFor::All }]).unwrap();
         cache.truncate(context);
+        passes.push(pass.elapsed().as_secs_f64() * 1e3);
     }
-    eprintln!("{:.2} ms per pass of {tokens}", start.elapsed().as_secs_f64() * 1e3 / steps as f64);
+    if gap_ms > 0.0 {
+        passes.sort_by(f64::total_cmp);
+        eprintln!("{:.2} ms median pass of {tokens} after {gap_ms} ms gaps", passes[steps / 2]);
+    } else {
+        eprintln!("{:.2} ms per pass of {tokens}", start.elapsed().as_secs_f64() * 1e3 / steps as f64);
+    }
 }

@@ -52,6 +52,18 @@ pub struct Scheduled {
     pub tokens: usize,
 }
 
+impl Scheduled {
+    /// What it costs its tenant's service counter: (prefill tokens,
+    /// verified positions; a decode step verifies one).
+    pub fn service(&self) -> (usize, usize) {
+        if self.work.kind == WorkKind::Prefill {
+            (self.tokens, 0)
+        } else {
+            (0, self.tokens)
+        }
+    }
+}
+
 /// The shape of a whole batch.
 pub fn batch_shape(batch: &[Scheduled]) -> BatchShape {
     batch.iter().map(|s| s.work.shape(s.tokens)).sum()

@@ -14,7 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tandem_estimators::{AcceptanceEstimator, BatchShape, VerifyTimeCalibration};
+use tandem_estimators::{AcceptanceEstimator, BatchShape, CounterWeights, ServiceGap, VerifyTimeCalibration};
 use tandem_model::{judge_round, LoadedModel, LogitsFor, SeqPass, Verdict};
 use tandem_protocol::features;
 use tandem_protocol::limits::{MAX_DRAFT_TOKENS, MAX_FEATURE_BYTES};
@@ -153,6 +153,8 @@ pub struct EngineConfig {
     pub idle_ttl: Duration,
     /// The batcher's pass limits, for admission.
     pub limits: PassLimits,
+    /// Every tenant's fair-share weight (the batcher's), for the service gap.
+    pub tenant_weights: Vec<(String, f64)>,
 }
 
 pub struct Engine {
@@ -173,6 +175,8 @@ pub struct Engine {
     last_pass_ms: f64,
     /// How long generations here got lately (see `RecentLengths`).
     lengths: RecentLengths,
+    /// Fairness as served, whatever the policy (the simulator's measure).
+    service_gap: ServiceGap,
 }
 
 impl Engine {
@@ -196,6 +200,10 @@ impl Engine {
         metrics.kv_budget_bytes.store(cfg.kv_budget_bytes as i64, Ordering::Relaxed);
         let kv_bytes_per_position = model.llama.new_cache(model.llama.config().n_layers).bytes_per_position();
         let calibration = batcher.estimator().map(|e| e.calibration());
+        let mut service_gap = ServiceGap::new(CounterWeights::default());
+        for (tenant, weight) in &cfg.tenant_weights {
+            service_gap.set_weight(tenant, *weight);
+        }
         let handle = EngineHandle { tx, admission: admission.clone(), metrics: metrics.clone(), kv_bytes_per_position, calibration };
         let engine = Engine {
             model,
@@ -211,6 +219,7 @@ impl Engine {
             ms_per_token: 5.0,
             last_pass_ms: 10.0,
             lengths: RecentLengths::default(),
+            service_gap,
         };
         let thread = std::thread::Builder::new()
             .name("tandem-runner".into())
@@ -238,6 +247,9 @@ impl Engine {
             self.expire_idle(Instant::now());
             let clocks = self.sessions.values().map(|s| (&s.round_clock, s.tpot.is_some()));
             self.batcher.expect_next_rounds(RoundsDue::from_clocks(Instant::now(), self.batcher.max_delay(), clocks));
+            if !self.queue.is_empty() {
+                self.service_gap.observe_backlog(self.queue.iter().map(|w| w.tenant.as_str()));
+            }
             let batch = self.batcher.next_batch(Instant::now(), &mut self.queue);
             if !batch.is_empty() {
                 delay_until = None;
@@ -453,6 +465,10 @@ impl Engine {
             self.metrics.observe_estimate(predicted, ms);
         }
         self.batcher.executed(&executed, ms);
+        for s in &executed {
+            let (prefill, verified) = s.service();
+            self.service_gap.charge(&s.work.tenant, prefill, verified);
+        }
         self.publish_admission();
         let (logits, captured) = match result {
             Ok(r) => r,
@@ -693,6 +709,7 @@ impl Engine {
         m.kv_bytes_reserved.store(self.admission.reserved_bytes() as i64, Ordering::Relaxed);
         m.set_admission_headroom(self.admission.headroom_ms());
         m.set_service_counters(self.batcher.tenant_counters());
+        m.set_service_gap(self.service_gap.max());
     }
 
     /// Shutdown: every client is told to resume elsewhere.

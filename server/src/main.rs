@@ -151,10 +151,12 @@ async fn serve() -> Result<()> {
         "wisp" => Box::new(WispBatcher::new(b.wisp())),
         other => bail!("`--policy {other}`: expected wisp or fcfs"),
     };
-    for (name, weight) in auth.tenant_weights() {
-        batcher.set_tenant_weight(&name, weight);
+    let tenant_weights = auth.tenant_weights();
+    for (name, weight) in &tenant_weights {
+        batcher.set_tenant_weight(name, *weight);
     }
-    let engine_cfg = EngineConfig { kv_budget_bytes: cfg.kv_budget_mb << 20, idle_ttl: Duration::from_secs(cfg.idle_ttl_s), limits: b.pass_limits() };
+    let engine_cfg =
+        EngineConfig { kv_budget_bytes: cfg.kv_budget_mb << 20, idle_ttl: Duration::from_secs(cfg.idle_ttl_s), limits: b.pass_limits(), tenant_weights };
     let (engine, runner) = Engine::spawn(model, batcher, engine_cfg, metrics.clone())?;
     if let Some(path) = &calibration_out {
         let calibration = engine.warm_start_calibration().context("`--calibration-out` needs `--policy wisp` (fcfs has no estimator)")?;

@@ -78,6 +78,8 @@ pub struct Metrics {
     tenants: Mutex<BTreeMap<String, TenantStats>>,
     /// Fair-share counters per tenant (scheduler's view).
     service_counters: Mutex<Vec<(String, f64)>>,
+    /// Largest spread of service counters between backlogged tenants so far.
+    service_gap_max: Mutex<f64>,
     /// EWMA of |predicted − measured| / measured pass time.
     estimator_error: Mutex<Option<f64>>,
     /// Admission's estimated slack of the tightest round budget, ms.
@@ -101,6 +103,7 @@ impl Default for Metrics {
             refused: Mutex::new(BTreeMap::new()),
             tenants: Mutex::new(BTreeMap::new()),
             service_counters: Mutex::new(Vec::new()),
+            service_gap_max: Mutex::new(0.0),
             estimator_error: Mutex::new(None),
             admission_headroom_ms: Mutex::new(None),
             slo_recent: Mutex::new(None),
@@ -128,6 +131,10 @@ impl Metrics {
 
     pub fn set_service_counters(&self, counters: Vec<(String, f64)>) {
         *self.service_counters.lock().expect("metrics lock") = counters;
+    }
+
+    pub fn set_service_gap(&self, max: f64) {
+        *self.service_gap_max.lock().expect("metrics lock") = max;
     }
 
     pub fn observe_estimate(&self, predicted_ms: f64, measured_ms: f64) {
@@ -183,6 +190,12 @@ impl Metrics {
         for (tenant, c) in self.service_counters.lock().expect("metrics lock").iter() {
             let _ = writeln!(out, "tandem_tenant_service_counter{{tenant=\"{tenant}\"}} {c}");
         }
+        gauge_f(
+            &mut out,
+            "tandem_tenant_service_gap_max",
+            "Largest spread so far of service counters (prefill token 1, verified position 2, over the tenant's weight) between tenants with work queued at once, whatever the policy.",
+            *self.service_gap_max.lock().expect("metrics lock"),
+        );
         // (metric, help, value of one tenant)
         type Counter = (&'static str, &'static str, fn(&TenantStats) -> u64);
         let counters: [Counter; 10] = [

@@ -343,7 +343,7 @@ impl Batcher for WispBatcher {
     fn executed(&mut self, batch: &[Scheduled], measured_ms: f64) {
         self.estimator.observe(batch_shape(batch), measured_ms);
         for s in batch {
-            let (prefill, verified) = if s.work.kind == WorkKind::Prefill { (s.tokens, 0) } else { (0, s.tokens) };
+            let (prefill, verified) = s.service();
             self.counters.charge(&s.work.tenant, prefill, verified);
         }
     }

@@ -103,6 +103,9 @@ fn concurrent_sessions_of_two_tenants_are_each_lossless() {
     let rounds = get("tandem_slo_met_total{tenant=\"alpha\"}").unwrap() + get("tandem_slo_missed_total{tenant=\"alpha\"}").unwrap();
     assert!(rounds > 2.0, "SLO attainment is not counted");
     assert!(get("tandem_tenant_service_counter{tenant=\"beta\"}").unwrap() > 0.0, "fair-share counters are not exported");
+    let counters = ["alpha", "beta"].map(|t| get(&format!("tandem_tenant_service_counter{{tenant=\"{t}\"}}")).unwrap());
+    let gap = get("tandem_tenant_service_gap_max").expect("the service gap is not exported");
+    assert!((0.0..=counters[0] + counters[1]).contains(&gap), "service gap {gap} outside 0..={counters:?}'s sum");
     assert!(get("tandem_estimator_relative_error").is_some());
     let _ = std::fs::remove_file(tenants);
 }

@@ -22,7 +22,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use tandem_edge::controller::{RoundHints, SpeculationController};
-use tandem_estimators::{AcceptanceEstimator, CounterWeights, TenantCounters, VerifyTimeCalibration, VerifyTimeEstimator};
+use tandem_estimators::{AcceptanceEstimator, CounterWeights, ServiceGap, VerifyTimeCalibration, VerifyTimeEstimator};
 use tandem_model::{DraftSource, SamplingParams, SessionRng};
 use tandem_server::admission::{check_capacity, prefill_shape, Demand, PassLimits, Prefill};
 use tandem_server::batcher::{batch_shape, Batcher, PendingWork, RoundClock, RoundsDue, Scheduled, WorkKind};
@@ -187,7 +187,7 @@ pub struct World<'a, F: EdgeFactory> {
     /// Sessions admitted and not yet finished.
     admitted: BTreeSet<usize>,
     /// The bench's own fair-share counters (the same VTC rule for every policy).
-    service: TenantCounters,
+    service: ServiceGap,
     records: Vec<SessionRecord>,
     per_device_next: Vec<usize>,
     last_finish: Ns,
@@ -198,7 +198,6 @@ pub struct World<'a, F: EdgeFactory> {
     lengths: RecentLengths,
     passes: usize,
     estimate_errors: Vec<f64>,
-    max_service_gap: f64,
 }
 
 impl<'a, F: EdgeFactory> World<'a, F> {
@@ -228,7 +227,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             tenant_acceptance: HashMap::new(),
             rounds_due: BTreeSet::new(),
             admitted: BTreeSet::new(),
-            service: TenantCounters::new(CounterWeights::default()),
+            service: ServiceGap::new(CounterWeights::default()),
             records: Vec::new(),
             per_device_next: Vec::new(),
             last_finish: 0,
@@ -237,7 +236,6 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             lengths: RecentLengths::default(),
             passes: 0,
             estimate_errors: Vec::new(),
-            max_service_gap: 0.0,
         }
     }
 
@@ -279,7 +277,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             busy_ms: self.busy_ms,
             passes: self.passes,
             estimate_errors: self.estimate_errors,
-            max_service_gap: self.max_service_gap,
+            max_service_gap: self.service.max(),
         }
     }
 
@@ -504,15 +502,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         if self.in_flight.is_some() || self.queue.is_empty() {
             return;
         }
-        self.service.set_backlogged(self.queue.iter().map(|w| w.tenant.as_str()));
-        let backlogged: Vec<f64> = {
-            let mut names: Vec<&str> = self.queue.iter().map(|w| w.tenant.as_str()).collect();
-            names.sort_unstable();
-            names.dedup();
-            names.iter().map(|n| self.service.counter(n)).collect()
-        };
-        let spread = backlogged.iter().copied().fold(f64::NEG_INFINITY, f64::max) - backlogged.iter().copied().fold(f64::INFINITY, f64::min);
-        self.max_service_gap = self.max_service_gap.max(spread);
+        self.service.observe_backlog(self.queue.iter().map(|w| w.tenant.as_str()));
         let now = self.instant(self.now);
         // Every simulated session has a TPOT objective.
         let first = self.rounds_due.first().map(|&(due, _)| due);
@@ -544,7 +534,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         self.batcher.executed(&batch, measured);
         self.last_pass_ms = 0.8 * self.last_pass_ms + 0.2 * measured;
         for s in &batch {
-            let (prefill, verified) = if s.work.kind == WorkKind::Prefill { (s.tokens, 0) } else { (0, s.tokens) };
+            let (prefill, verified) = s.service();
             self.service.charge(&s.work.tenant, prefill, verified);
         }
         for s in batch {
