@@ -461,6 +461,7 @@ fn run_policy(policy: Policy, cfg: &LiveConfig, url: &str, inputs: &LiveInputs) 
                                 r.slo_met = r.ttft_ms <= cfg.slo_ttft_ms as f64 && r.tpot_ms <= cfg.slo_tpot_ms as f64;
                             }
                         }
+                        r.ended_s = start.elapsed().as_secs_f64();
                         records.lock().unwrap().push(r);
                         std::thread::sleep(Duration::from_millis(think_ms));
                         n += 1;
@@ -480,7 +481,8 @@ fn run_policy(policy: Policy, cfg: &LiveConfig, url: &str, inputs: &LiveInputs) 
                 let records = records.clone();
                 let (device, prompt) = (arrival, &prompts[arrival % prompts.len()]);
                 s.spawn(move || {
-                    let r = run_session(policy, cfg, url, inputs, device, &profiles[device % profiles.len()], prompt);
+                    let mut r = run_session(policy, cfg, url, inputs, device, &profiles[device % profiles.len()], prompt);
+                    r.ended_s = start.elapsed().as_secs_f64();
                     records.lock().unwrap().push(r);
                 });
                 arrival += 1;
@@ -581,14 +583,14 @@ pub fn run(cfg: &LiveConfig, inputs: &LiveInputs, calibration_out: Option<&Path>
             }
             None => ServerFigures::default(),
         };
-        let mut report = summarize(policy, records, wall_s, cfg.slo_ttft_ms.into(), figures);
+        let mut report = summarize(policy, records, wall_s, cfg.duration_s, cfg.slo_ttft_ms.into(), figures);
         report.load = cfg.workload.load();
         if cfg.capacity_search {
             let closed = matches!(cfg.workload, Workload::Closed { .. });
             report.capacity = Some(search_capacity(cfg.workload.load(), closed, |load| {
                 let c = LiveConfig { workload: cfg.workload.with_load(load), ..cfg.clone() };
                 let (records, wall_s) = run_policy(policy, &c, &url, inputs);
-                let r = summarize(policy, records, wall_s, cfg.slo_ttft_ms.into(), ServerFigures::default());
+                let r = summarize(policy, records, wall_s, c.duration_s, cfg.slo_ttft_ms.into(), ServerFigures::default());
                 bar.set_message(format!("live {}: capacity probe at {load:.2}: {:.0} % met SLO", policy.name(), r.slo_attainment * 100.0));
                 Probe::of(load, &r)
             }));

@@ -24,6 +24,12 @@ fn live_runs_every_policy_losslessly_and_reports_ratios() {
         assert!(p["throughput_tok_s"].as_f64().unwrap() > 0.0, "{name}");
         // Two devices, two tenants (each its own API key): the server measures fairness.
         assert!(p["server"]["max_service_gap"].as_f64().is_some_and(|g| g >= 0.0), "{name}: no service gap from the server");
+        // Two devices leave the WISP server room to decode every session,
+        // faster than the laptops' rounds: it suggests hand-offs.
+        // (Before stop 48 that hung on the estimator's refit: 3–100 %.)
+        let handed_off = p["handed_off"].as_f64().unwrap_or(0.0);
+        let expected = if name == "wisp" { 0.5..=1.0 } else { 0.0..=0.0 };
+        assert!(expected.contains(&handed_off), "{name}: {:.0} % of sessions handed off", handed_off * 100.0);
     }
     assert!(report["synthetic_drafts"].as_bool().unwrap(), "the default profile's synthetic draft must be labelled");
     let goodput = |i: usize| policies[i]["goodput_tok_s"].as_f64().unwrap();

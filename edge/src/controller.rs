@@ -312,9 +312,10 @@ impl SpeculationController {
     }
 
     /// Whether to hand the rest of the session to the server, to decode it
-    /// there: when the server says a decode step costs it less per token
-    /// than any round of drafts (its suggested k is 0: its passes are
-    /// compute-bound, and every drafted position costs compute), and its
+    /// there: when the server suggests k = 0 (a decode step costs it less
+    /// per token than any round of drafts, its passes being compute-bound;
+    /// or it has room to decode every session and its passes beat this
+    /// session's rounds) three rounds in a row, and its
     /// passes keep the TPOT objective's pace (a session the server decodes
     /// gains a token a pass, with no round trip and no drafting). Only
     /// with an objective: a session drafting for speed alone weighs no

@@ -42,9 +42,31 @@ pub struct Demand {
     /// each admitted session brings a prompt like this once per `life_ms`.
     pub prompt: BatchShape,
     pub life_ms: Option<f64>,
+    /// The context its rounds are costed at, and its TPOT objective, ms:
+    /// what a decode step of it would be ([`Demand::decoded`]).
+    pub context: usize,
+    pub tpot_ms: Option<f64>,
 }
 
 impl Demand {
+    /// `n` such sessions as one: in every check of this module they weigh
+    /// exactly as `n` copies would (equal budgets wait for each other).
+    fn times(self, n: usize) -> Demand {
+        let n_of = |s: BatchShape| std::iter::repeat_n(s, n).sum();
+        Demand { round: n_of(self.round), prefill_left: n_of(self.prefill_left), prompt: n_of(self.prompt), ..self }
+    }
+
+    /// The same session decoded by the server: a step of one token, paced
+    /// by the server, within one TPOT.
+    fn decoded(self) -> Demand {
+        Demand {
+            round: BatchShape { seqs: 1, tokens: 1, token_context: self.context + 1, prefill_tokens: 0 },
+            budget_ms: self.tpot_ms,
+            paced_by_server: true,
+            ..self
+        }
+    }
+
     /// The same demand, with the prompt (`prompt_tokens`) and life
     /// (`max_new` tokens at `tpot`) of the session that will follow it.
     pub fn with_successor(self, prompt_tokens: usize, max_new: usize, tpot: Option<Duration>) -> Demand {
@@ -222,22 +244,7 @@ pub fn check_capacity(
     limits: PassLimits,
 ) -> Result<f64, String> {
     let all: Vec<Demand> = admitted.iter().copied().chain([newcomer]).collect();
-    let tightest = tightest_round(upper, &all, limits);
-    if let Some(t) = tightest.as_ref().filter(|t| t.slack_ms < 0.0) {
-        return Err(t.refusal(all.len()));
-    }
-    let packed = PassLimits {
-        max_batch_tokens: ((limits.max_batch_tokens as f64 * PACKING) as usize).max(1),
-        max_batch_seqs: ((limits.max_batch_seqs as f64 * PACKING) as usize).max(1),
-        ..limits
-    };
-    let (need, _) = cycle_ms(expected, window_work(&all, RATE_WINDOW_MS), packed);
-    if need > RATE_WINDOW_MS {
-        return Err(format!(
-            "at SLO capacity: {} sessions' rounds at their objectives' pace, and the prompts of the sessions that follow them, need an estimated {need:.0} ms of every {RATE_WINDOW_MS:.0} ms",
-            all.len()
-        ));
-    }
+    let tightest = rounds_fit(upper, expected, &all, limits)?;
     if let Some(ttft) = prefill.ttft_ms {
         let others: BatchShape = admitted.iter().map(|d| d.round).sum();
         let rounds = others + newcomer.round;
@@ -268,6 +275,69 @@ pub fn check_capacity(
     Ok(tightest.map_or(f64::INFINITY, |t| t.slack_ms))
 }
 
+/// The round and steady-stream checks of [`check_capacity`] for `all`
+/// sessions; Ok carries the tightest round (None without budgets).
+fn rounds_fit(
+    upper: &dyn Fn(BatchShape) -> f64,
+    expected: &dyn Fn(BatchShape) -> f64,
+    all: &[Demand],
+    limits: PassLimits,
+) -> Result<Option<TightestRound>, String> {
+    let tightest = tightest_round(upper, all, limits);
+    if let Some(t) = tightest.as_ref().filter(|t| t.slack_ms < 0.0) {
+        return Err(t.refusal(all.len()));
+    }
+    let packed = PassLimits {
+        max_batch_tokens: ((limits.max_batch_tokens as f64 * PACKING) as usize).max(1),
+        max_batch_seqs: ((limits.max_batch_seqs as f64 * PACKING) as usize).max(1),
+        ..limits
+    };
+    let (need, _) = cycle_ms(expected, window_work(all, RATE_WINDOW_MS), packed);
+    if need > RATE_WINDOW_MS {
+        return Err(format!(
+            "at SLO capacity: {} sessions' rounds at their objectives' pace, and the prompts of the sessions that follow them, need an estimated {need:.0} ms of every {RATE_WINDOW_MS:.0} ms",
+            all.len()
+        ));
+    }
+    Ok(tightest)
+}
+
+/// How many times its sessions the server must have room to decode
+/// before it suggests hand-offs (`decoding_fits`).
+const ROOM_MARGIN: usize = 8;
+
+/// Whether the server could decode every admitted session itself, one
+/// token a step, with every objective still met: admission's round and
+/// steady-stream checks with each session's round a decode step. Then
+/// the server has room to spare (the load is below what centralized
+/// decoding carries), and a session it decodes costs the others nothing
+/// their objectives need.
+pub fn decoding_fits(upper: &dyn Fn(BatchShape) -> f64, expected: &dyn Fn(BatchShape) -> f64, demands: &[Demand], limits: PassLimits) -> bool {
+    let decoded: Vec<Demand> = demands.iter().map(|d| d.decoded().times(ROOM_MARGIN)).collect();
+    rounds_fit(upper, expected, &decoded, limits).is_ok()
+}
+
+/// The draft length the server suggests to a session: 0 (decode on the
+/// server; the edge hands off after a few such rounds) where the server
+/// has room to decode everyone (`room`, [`decoding_fits`]) and its passes
+/// (`pass_ms`) are shorter than the session's time per token so far
+/// (`ms_per_token`): the session gains and nobody loses. Otherwise the
+/// batcher's suggestion (`batcher_k`, the least server time per token).
+///
+/// Why: below centralized decoding's capacity a drafting session waits for
+/// its edge's drafts and a round trip each round, where the server would
+/// give it a token a pass. On this CPU, two laptops' sessions took 22 ms a
+/// token drafting and 10 decoded (docs/measurements.md, stop 44); whether
+/// they were decoded hung on whether the estimator's refit at that load
+/// set its per-sequence cost to zero (stop 48).
+pub fn suggested_k(room: bool, pass_ms: f64, ms_per_token: Option<f64>, batcher_k: Option<usize>) -> Option<usize> {
+    if room && pass_ms > 0.0 && ms_per_token.is_some_and(|t| pass_ms < t) {
+        Some(0)
+    } else {
+        batcher_k
+    }
+}
+
 /// The refusal reason of a draining server (UNAVAILABLE: go elsewhere).
 pub const DRAINING: &str = "draining";
 
@@ -296,6 +366,8 @@ struct State {
     typical: Option<TypicalRound>,
     demands: HashMap<SessionId, Demand>,
     per_tenant: HashMap<String, usize>,
+    /// Whether the server could decode every admitted session (`decoding_fits`), as of the latest pass.
+    decode_room: bool,
 }
 
 /// One admitted session's claim: its id, KV reservation, tenant slot and
@@ -359,10 +431,21 @@ impl Admission {
     }
 
     /// The runner's estimator bound and typical round after its latest pass.
+    /// Also judges whether the server has room to decode every session.
     pub fn publish(&self, bound: Option<UpperBound>, typical: Option<TypicalRound>) {
         let mut state = self.state();
         state.estimator = bound;
         state.typical = typical;
+        state.decode_room = bound.is_some_and(|est| {
+            let demands: Vec<Demand> = state.demands.values().copied().collect();
+            decoding_fits(&|s| est.upper(s), &|s| est.expected(s), &demands, self.limits)
+        });
+    }
+
+    /// Whether, at the latest pass, the server could decode every admitted
+    /// session within its objectives ([`decoding_fits`]).
+    pub fn decode_room(&self) -> bool {
+        self.state().decode_room
     }
 
     /// What a new session's rounds are costed at (see `TypicalRound`).
@@ -537,6 +620,34 @@ mod tests {
         // Sessions without a TPOT objective bring no prompt stream.
         let open_ended = round(5, Some(1000.0)).with_successor(100, 10, None);
         assert!(check_capacity(&upper, &upper, &[open_ended; 4], open_ended, NO_PREFILL, LIMITS).is_ok());
+    }
+
+    #[test]
+    fn the_server_has_room_to_decode_while_many_times_its_sessions_fit() {
+        // Sessions drafting 5-token rounds at a 100 ms TPOT objective;
+        // decoded, each is a 1-token step within 100 ms.
+        let session = Demand { context: 99, tpot_ms: Some(100.0), ..round(5, Some(200.0)) };
+        assert_eq!(session.decoded().round, BatchShape { seqs: 1, tokens: 1, token_context: 100, prefill_tokens: 0 });
+        assert!(session.decoded().paced_by_server && session.decoded().budget_ms == Some(100.0));
+        // ROOM_MARGIN × n steps share one pass of 10 + 2 ms each, which
+        // must end within 100 ms: n ≤ 45 / ROOM_MARGIN (5 at a margin of 8).
+        let most = 45 / ROOM_MARGIN;
+        let room = |n| decoding_fits(&upper, &upper, &vec![session; n], LIMITS);
+        assert!(room(most) && !room(most + 1));
+        // Admission still takes sessions that draft past that point.
+        assert!(check_capacity(&upper, &upper, &vec![session; most + 1], session, NO_PREFILL, LIMITS).is_ok());
+    }
+
+    #[test]
+    fn decoding_is_suggested_where_there_is_room_and_it_is_faster() {
+        // Room, and a pass (8 ms) shorter than the session's 20 ms a token.
+        assert_eq!(suggested_k(true, 8.0, Some(20.0), Some(3)), Some(0));
+        // Otherwise the batcher's suggestion: slower than the session's
+        // own pace, no room, no pace yet, no pass measured yet.
+        assert_eq!(suggested_k(true, 25.0, Some(20.0), Some(3)), Some(3));
+        assert_eq!(suggested_k(false, 8.0, Some(20.0), Some(3)), Some(3));
+        assert_eq!(suggested_k(true, 8.0, None, Some(3)), Some(3));
+        assert_eq!(suggested_k(true, 0.0, Some(20.0), None), None);
     }
 
     #[test]

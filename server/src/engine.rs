@@ -524,8 +524,9 @@ impl Engine {
     }
 
     /// What the edge should know for its next round: expected queueing,
-    /// verification time by draft length, and the batcher's suggested draft
-    /// length (the least server time per expected token).
+    /// verification time by draft length, and the suggested draft length
+    /// (`admission::suggested_k`: decoding on the server while it has room,
+    /// else the least server time per expected token).
     fn hints(&self, s: &Session) -> Hints {
         let queued = self.queue.iter().map(|w| w.shape(w.tokens)).sum::<BatchShape>();
         let Some((queue_ms, _)) = self.batcher.estimate_ms(queued) else {
@@ -539,7 +540,8 @@ impl Engine {
             };
         };
         let by_k = verify_ms_by_k(self.batcher.as_ref(), s.cache.len());
-        let suggested_k = self.batcher.suggested_k(&|k| s.acceptance.expected_tokens(k), s.cache.len()).unwrap_or(4);
+        let batcher_k = self.batcher.suggested_k(&|k| s.acceptance.expected_tokens(k), s.cache.len());
+        let suggested_k = admission::suggested_k(self.admission.decode_room(), self.last_pass_ms, s.ms_per_token(Instant::now()), batcher_k).unwrap_or(4);
         Hints {
             est_queue_ms: queue_ms as f32,
             est_verify_ms: by_k[s.last_k.unwrap_or(ASSUMED_DRAFTS).clamp(1, 8) - 1],
@@ -709,6 +711,8 @@ impl Engine {
         m.kv_bytes_reserved.store(self.admission.reserved_bytes() as i64, Ordering::Relaxed);
         m.set_admission_headroom(self.admission.headroom_ms());
         m.set_service_counters(self.batcher.tenant_counters());
+        m.decode_room.store(self.admission.decode_room().into(), Ordering::Relaxed);
+        m.set_estimator_coefficients(self.batcher.estimator().map(|e| e.coefficients()));
         m.set_service_gap(self.service_gap.max());
     }
 

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub sessions: AtomicI64,
     /// 1 while draining (refusing new sessions before shutdown).
     pub draining: AtomicI64,
+    /// 1 while the server could decode every session within its objectives.
+    pub decode_room: AtomicI64,
     pub queue_depth: AtomicI64,
     pub kv_bytes_in_use: AtomicI64,
     pub kv_bytes_reserved: AtomicI64,
@@ -82,6 +84,8 @@ pub struct Metrics {
     service_gap_max: Mutex<f64>,
     /// EWMA of |predicted − measured| / measured pass time.
     estimator_error: Mutex<Option<f64>>,
+    /// The verification-time estimator's coefficients as last refitted.
+    estimator_coefficients: Mutex<Option<[f64; 5]>>,
     /// Admission's estimated slack of the tightest round budget, ms.
     admission_headroom_ms: Mutex<Option<f64>>,
     /// EWMA over recent requests with a deadline of "met" (1) or not (0).
@@ -93,6 +97,7 @@ impl Default for Metrics {
         Metrics {
             sessions: AtomicI64::new(0),
             draining: AtomicI64::new(0),
+            decode_room: AtomicI64::new(0),
             queue_depth: AtomicI64::new(0),
             kv_bytes_in_use: AtomicI64::new(0),
             kv_bytes_reserved: AtomicI64::new(0),
@@ -105,6 +110,7 @@ impl Default for Metrics {
             service_counters: Mutex::new(Vec::new()),
             service_gap_max: Mutex::new(0.0),
             estimator_error: Mutex::new(None),
+            estimator_coefficients: Mutex::new(None),
             admission_headroom_ms: Mutex::new(None),
             slo_recent: Mutex::new(None),
         }
@@ -145,6 +151,10 @@ impl Metrics {
         }
     }
 
+    pub fn set_estimator_coefficients(&self, c: Option<[f64; 5]>) {
+        *self.estimator_coefficients.lock().expect("metrics lock") = c;
+    }
+
     pub fn set_admission_headroom(&self, ms: Option<f64>) {
         *self.admission_headroom_ms.lock().expect("metrics lock") = ms;
     }
@@ -156,6 +166,12 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
         gauge(&mut out, "tandem_sessions", "Open sessions.", self.sessions.load(Ordering::Relaxed));
+        gauge(
+            &mut out,
+            "tandem_decode_room",
+            "1 while the server could decode every session itself within its objectives (it then suggests that sessions hand off).",
+            self.decode_room.load(Ordering::Relaxed),
+        );
         gauge(&mut out, "tandem_queue_depth", "Requests waiting for a forward pass.", self.queue_depth.load(Ordering::Relaxed));
         gauge(&mut out, "tandem_draining", "1 while the server drains before shutdown (new sessions refused).", self.draining.load(Ordering::Relaxed));
         gauge(&mut out, "tandem_kv_bytes_in_use", "KV cache bytes held by sessions.", self.kv_bytes_in_use.load(Ordering::Relaxed));
@@ -171,6 +187,15 @@ impl Metrics {
         let tenants = self.tenants.lock().expect("metrics lock").clone();
         if let Some(e) = *self.estimator_error.lock().expect("metrics lock") {
             gauge_f(&mut out, "tandem_estimator_relative_error", "EWMA of |predicted - measured| / measured pass time.", e);
+        }
+        if let Some(c) = *self.estimator_coefficients.lock().expect("metrics lock") {
+            let _ = writeln!(
+                out,
+                "# HELP tandem_estimator_coefficient_ms Verification-time model T = Σ coefficient × term, as last refitted (token_context per 1000 token×context positions).\n# TYPE tandem_estimator_coefficient_ms gauge"
+            );
+            for (term, v) in ["pass", "seq", "token", "token_context", "scored"].iter().zip(c) {
+                let _ = writeln!(out, "tandem_estimator_coefficient_ms{{term=\"{term}\"}} {v}");
+            }
         }
         if let Some(ms) = *self.admission_headroom_ms.lock().expect("metrics lock") {
             gauge_f(

@@ -89,6 +89,14 @@ impl Session {
         demand.with_successor(self.prefill_target, self.max_new, self.tpot)
     }
 
+    /// Its time per token since its first on this connection, ms (None
+    /// before it has more than one).
+    pub(crate) fn ms_per_token(&self, now: Instant) -> Option<f64> {
+        let (at, base) = self.first_token?;
+        let tokens = self.generated.checked_sub(base).filter(|&n| n > 0)?;
+        Some(now.saturating_duration_since(at).as_secs_f64() * 1e3 / tokens as f64)
+    }
+
     pub(crate) fn finished(&self, eos: &[u32]) -> bool {
         self.generated >= self.max_new || (self.generated > 0 && self.context.last().is_some_and(|t| eos.contains(t)))
     }
@@ -306,6 +314,8 @@ pub fn round_demand(
         budget_ms: tpot.map(|t| t.as_secs_f64() * 1e3 * expected_tokens),
         paced_by_server: server_only,
         prefill_left,
+        context,
+        tpot_ms: tpot.map(|t| t.as_secs_f64() * 1e3),
         ..Demand::default()
     }
 }

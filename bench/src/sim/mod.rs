@@ -136,7 +136,7 @@ pub fn simulate(policy: Policy, cfg: &SimConfig, workload: Workload, inputs: &Si
         max_service_gap: Some(out.max_service_gap),
         verify_s_per_token: (tokens > 0).then(|| out.busy_ms / 1e3 / tokens as f64),
     };
-    let mut report = summarize(policy, out.records, out.wall_s, cfg.slo_ttft_ms.into(), figures);
+    let mut report = summarize(policy, out.records, out.wall_s, cfg.duration_s, cfg.slo_ttft_ms.into(), figures);
     report.load = workload.load();
     report.records.clear();
     report

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tandem_edge::controller::{RoundHints, SpeculationController};
 use tandem_estimators::{AcceptanceEstimator, CounterWeights, ServiceGap, VerifyTimeCalibration, VerifyTimeEstimator};
 use tandem_model::{DraftSource, SamplingParams, SessionRng};
-use tandem_server::admission::{check_capacity, prefill_shape, Demand, PassLimits, Prefill};
+use tandem_server::admission::{check_capacity, decoding_fits, prefill_shape, suggested_k, Demand, PassLimits, Prefill};
 use tandem_server::batcher::{batch_shape, Batcher, PendingWork, RoundClock, RoundsDue, Scheduled, WorkKind};
 use tandem_server::engine::{verify_ms_by_k, REACH_FLOOR};
 use tandem_server::{new_acceptance, prompt_per_token, round_demand, tokens_left, work_deadline, Pace, RecentLengths, TypicalRound};
@@ -194,6 +194,9 @@ pub struct World<'a, F: EdgeFactory> {
     busy_ms: f64,
     /// EWMA of pass times, ms (the server's `last_pass_ms`).
     last_pass_ms: f64,
+    /// Whether the server could decode every admitted session, as of the
+    /// latest pass (the server's `Admission::decode_room`).
+    decode_room: bool,
     /// Lengths of the generations that ended (the server's).
     lengths: RecentLengths,
     passes: usize,
@@ -233,6 +236,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             last_finish: 0,
             busy_ms: 0.0,
             last_pass_ms: 10.0,
+            decode_room: false,
             lengths: RecentLengths::default(),
             passes: 0,
             estimate_errors: Vec::new(),
@@ -400,11 +404,26 @@ impl<'a, F: EdgeFactory> World<'a, F> {
     fn admit(&self, prompt_len: usize) -> bool {
         let Some(estimator) = self.batcher.estimator() else { return true };
         let bound = estimator.bound();
-        let tpot = Some(Duration::from_millis(self.cfg.slo_tpot_ms.into()));
-        let max_new = self.cfg.max_new_tokens;
+        let (admitted, typical) = self.admitted_demands();
+        let (tpot, max_new) = (self.tpot(), self.cfg.max_new_tokens);
+        let newcomer =
+            round_demand(false, None, typical, prompt_len + max_new / 2, tpot, prefill_shape(prompt_len, prompt_len)).with_successor(prompt_len, max_new, tpot);
+        let prefill = Prefill { tokens: prompt_len, ttft_ms: Some(self.cfg.slo_ttft_ms.into()) };
+        check_capacity(&|s| bound.upper(s), &|s| bound.expected(s), &admitted, newcomer, prefill, self.cfg.limits).is_ok()
+    }
+
+    fn tpot(&self) -> Option<Duration> {
+        Some(Duration::from_millis(self.cfg.slo_tpot_ms.into()))
+    }
+
+    /// Every admitted session costed at its last round, or the typical
+    /// round before its first (as the server's tickets hold them); and the
+    /// typical round.
+    fn admitted_demands(&self) -> (Vec<Demand>, Option<TypicalRound>) {
+        let (tpot, max_new) = (self.tpot(), self.cfg.max_new_tokens);
         let last = |s: &Session| s.last_k.map(|k| (k, s.acceptance.expected_tokens(k)));
         let typical = TypicalRound::of(self.admitted.iter().filter(|&&i| !self.sessions[i].handed_off).filter_map(|&i| last(&self.sessions[i])));
-        let admitted: Vec<Demand> = self
+        let admitted = self
             .admitted
             .iter()
             .map(|&i| {
@@ -415,10 +434,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
                     .with_successor(prompt, max_new, tpot)
             })
             .collect();
-        let newcomer =
-            round_demand(false, None, typical, prompt_len + max_new / 2, tpot, prefill_shape(prompt_len, prompt_len)).with_successor(prompt_len, max_new, tpot);
-        let prefill = Prefill { tokens: prompt_len, ttft_ms: Some(self.cfg.slo_ttft_ms.into()) };
-        check_capacity(&|s| bound.upper(s), &|s| bound.expected(s), &admitted, newcomer, prefill, self.cfg.limits).is_ok()
+        (admitted, typical)
     }
 
     /// A refused open: a closed-loop device asks again after a pause (as
@@ -533,6 +549,11 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         let (batch, measured) = self.in_flight.take().expect("a pass was running");
         self.batcher.executed(&batch, measured);
         self.last_pass_ms = 0.8 * self.last_pass_ms + 0.2 * measured;
+        // As the server's runner publishes to admission after each pass.
+        self.decode_room = self.batcher.estimator().is_some_and(|e| {
+            let bound = e.bound();
+            decoding_fits(&|s| bound.upper(s), &|s| bound.expected(s), &self.admitted_demands().0, self.cfg.limits)
+        });
         for s in &batch {
             let (prefill, verified) = s.service();
             self.service.charge(&s.work.tenant, prefill, verified);
@@ -595,10 +616,16 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         let tenant = s.tenant.clone();
         self.tenant_acceptance.entry(tenant).or_insert_with(new_acceptance).observe(verified, accepted);
         let cached = self.cache_len(session);
+        let generated = self.sessions[session].generated;
         let hints = match self.batcher.estimator() {
             Some(_) => RoundHints {
                 verify_ms_by_k: verify_ms_by_k(self.batcher.as_ref(), cached),
-                suggested_k: self.batcher.suggested_k(&|k| self.sessions[session].acceptance.expected_tokens(k), cached),
+                suggested_k: suggested_k(
+                    self.decode_room,
+                    self.last_pass_ms,
+                    self.sessions[session].first_token_at.filter(|_| generated > 1).map(|at| ms(self.now - at) / (generated - 1) as f64),
+                    self.batcher.suggested_k(&|k| self.sessions[session].acceptance.expected_tokens(k), cached),
+                ),
                 pass_ms: Some(self.last_pass_ms),
             },
             None => RoundHints::default(),
@@ -724,6 +751,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             wasted_draft_ms: s.wasted_ms,
             handed_off: s.handed_off,
             slo_met: ttft <= self.cfg.slo_ttft_ms as f64 && tpot <= self.cfg.slo_tpot_ms as f64,
+            ended_s: ms(self.now) / 1e3,
             ..Default::default()
         });
         self.last_finish = self.last_finish.max(self.now);
