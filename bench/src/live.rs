@@ -624,6 +624,7 @@ pub fn run(cfg: &LiveConfig, inputs: &LiveInputs, calibration_out: Option<&Path>
         notes: vec![
             "live server figures come from the server's Prometheus /metrics (scraped before and after the main run): estimator MAPE is its EWMA of |predicted − measured| / measured pass time; verify s/token is forward-pass seconds over the tokens the edges received".into(),
             "Jain's index is over tokens served per device, from what the edges saw; max service gap is the server's tandem_tenant_service_gap_max after the main run: the largest spread of VTC counters (prefill 1, verified position 2) between tenants with work queued at once (0 with one tenant)".into(),
+            crate::report::GOODPUT_NOTE.into(),
             "timings on this shared 2-core CPU machine are perturbed by whatever else runs (e.g. compilers)".into(),
         ],
     })

@@ -94,6 +94,10 @@ impl SessionRecord {
     }
 }
 
+/// How every report counts goodput and throughput (see [`summarize`]).
+pub const GOODPUT_NOTE: &str =
+    "goodput and throughput: the tokens that arrived within the load window (the run's duration, while sessions still started), over it; the sessions under way then finish after it, and that drain is not counted";
+
 /// SLO attainment a load must keep to count as within capacity.
 pub const CAPACITY_ATTAINMENT: f64 = 0.9;
 

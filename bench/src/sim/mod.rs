@@ -201,6 +201,7 @@ pub fn run(cfg: &SimConfig, inputs: &SimInputs, epoch: Instant) -> Result<Report
         notes: vec![
             format!("simulated, not measured: pass times from the calibration ({}) times ratios drawn from its residuals; links as in live", if inputs.calibration.measured { "measured" } else { "roofline, not measured" }),
             "estimator MAPE: the scheduler's estimator against the simulated pass times; service gap: the largest spread of VTC counters (prefill 1, verified position 2) between backlogged tenants; verify s/token: simulated pass seconds per output token".into(),
+            crate::report::GOODPUT_NOTE.into(),
         ],
     })
 }
