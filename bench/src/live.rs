@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem_edge::client::{ClientConfig, RemoteTarget};
 use tandem_edge::controller::{SpeculationController, StopRule};
-use tandem_edge::{EdgeError, GenerateRequest, Generation, RoundOutcome, Speculator, Target};
+use tandem_edge::{Decoded, EdgeError, GenerateRequest, Generation, RoundOutcome, Speculator, Target};
 use tandem_model::{DraftFeatures, DraftSource, LoadedModel, NgramDraft, Proposal, SamplingParams, SessionRng, SparseDist, SyntheticDraft};
 use tandem_server::process::ServerProcess;
 
@@ -290,7 +290,7 @@ impl<T: Target> Target for EmulatedLink<T> {
 
     /// The hand-off goes up the link; the decoded tokens come back one way
     /// (the last one's trip is waited for).
-    fn hand_off(&mut self, context: &[u32], on_token: &mut dyn FnMut(u32), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<Vec<u32>, EdgeError> {
+    fn hand_off(&mut self, context: &[u32], on_token: &mut dyn FnMut(u32), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<Decoded, EdgeError> {
         self.one_way(32, self.profile.uplink_kbps);
         let decoded = self.inner.hand_off(context, on_token, eos, stop)?;
         self.one_way(64, self.profile.downlink_kbps);
@@ -424,6 +424,7 @@ fn run_session(
             record.tpot_ms = if tokens > 1 { (g.wall_ms - g.ttft_ms) / (tokens - 1) as f64 } else { 0.0 };
             (record.rounds, record.drafted, record.accepted, record.wasted_draft_ms) = (g.rounds, g.drafted, g.accepted, g.wasted_draft_ms);
             record.handed_off = g.handed_off_after.is_some();
+            record.handed_back = g.handed_back > 0;
             record.slo_met = record.ttft_ms <= cfg.slo_ttft_ms as f64 && record.tpot_ms <= cfg.slo_tpot_ms as f64;
         }
         Err(EdgeError::Server(s)) if s.code() == tonic::Code::ResourceExhausted => record.refused = true,

@@ -70,6 +70,9 @@ pub struct SessionRecord {
     /// The edge handed the rest of the session to the server to decode.
     #[serde(default)]
     pub handed_off: bool,
+    /// The server handed the session back to be drafted again (at least once).
+    #[serde(default)]
+    pub handed_back: bool,
     pub slo_met: bool,
     /// The output differs from the target's own greedy output (a bug).
     pub mismatch: bool,
@@ -196,6 +199,10 @@ pub struct PolicyReport {
     /// in reports written before hand-offs).
     #[serde(default)]
     pub handed_off: Option<f64>,
+    /// Share of the served sessions the server handed back (None in
+    /// reports written before hand-backs).
+    #[serde(default)]
+    pub handed_back: Option<f64>,
     pub wasted_draft_ms_per_session: f64,
     /// Jain's index of tokens served per device (1: perfectly even).
     #[serde(default)]
@@ -254,6 +261,7 @@ pub fn summarize(policy: Policy, records: Vec<SessionRecord>, wall_s: f64, windo
     let ttft: Vec<f64> = served.iter().map(|r| r.ttft_ms).collect();
     let tpot: Vec<f64> = served.iter().map(|r| r.tpot_ms).collect();
     let (drafted, accepted, rounds) = served.iter().fold((0, 0, 0), |a, r| (a.0 + r.drafted, a.1 + r.accepted, a.2 + r.rounds));
+    let share = |which: &dyn Fn(&SessionRecord) -> bool| served.iter().filter(|r| which(r)).count() as f64 / served.len().max(1) as f64;
     let tokens: f64 = served.iter().map(|r| r.tokens_by(window_s)).sum();
     let good: f64 = served.iter().filter(|r| r.slo_met).map(|r| r.tokens_by(window_s)).sum();
     let session_ms = |r: &&SessionRecord| r.ttft_ms + r.tpot_ms * r.tokens.saturating_sub(1) as f64;
@@ -281,7 +289,8 @@ pub fn summarize(policy: Policy, records: Vec<SessionRecord>, wall_s: f64, windo
         tpot_p99_ms: percentile(&tpot, 0.99),
         acceptance: if drafted == 0 { 0.0 } else { accepted as f64 / drafted as f64 },
         tokens_per_round: if rounds == 0 { 0.0 } else { (accepted + rounds) as f64 / rounds as f64 },
-        handed_off: Some(served.iter().filter(|r| r.handed_off).count() as f64 / served.len().max(1) as f64),
+        handed_off: Some(share(&|r| r.handed_off)),
+        handed_back: Some(share(&|r| r.handed_back)),
         wasted_draft_ms_per_session: served.iter().map(|r| r.wasted_draft_ms).sum::<f64>() / served.len().max(1) as f64,
         jain_index: jain(&per_device.values().copied().collect::<Vec<_>>()),
         server,
@@ -414,7 +423,10 @@ impl Report {
                 r.tpot_p99_ms,
                 r.acceptance * 100.0,
                 r.tokens_per_round,
-                opt(r.handed_off, |v| format!("{:.0} %", v * 100.0)),
+                opt(r.handed_off, |v| match r.handed_back.filter(|b| *b > 0.0) {
+                    Some(b) => format!("{:.0} % ({:.0} % back)", v * 100.0, b * 100.0),
+                    None => format!("{:.0} %", v * 100.0),
+                }),
                 r.wasted_draft_ms_per_session,
                 opt(r.server.estimator_mape, |v| format!("{:.1} %", v * 100.0)),
                 r.jain_index,

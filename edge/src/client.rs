@@ -4,7 +4,7 @@
 //! so nothing is lost or duplicated.
 
 use crate::controller::RoundHints;
-use crate::target::{RoundOutcome, Target, TargetFeatures};
+use crate::target::{Decoded, RoundOutcome, Target, TargetFeatures};
 use crate::EdgeError;
 use std::time::{Duration, Instant};
 use tandem_model::{SamplingParams, SparseDist, Verdict};
@@ -275,16 +275,18 @@ impl RemoteTarget {
         context.push(first);
         on_token(first);
         if !finished && !eos.contains(&first) {
+            // Sessions opened in server-only mode are never handed back.
             self.receive_decoded(&mut context, &mut on_token, eos, &|| false)?;
         }
         Ok(context[prompt.len()..].to_vec())
     }
 
-    /// Reads the tokens the server decodes until the generation ends or
-    /// `stop` says so, appending them to `context` (resuming in
-    /// server-only mode if the stream is lost). Stopping closes the
-    /// stream, which ends the session on the server.
-    fn receive_decoded(&mut self, context: &mut Vec<u32>, on_token: &mut dyn FnMut(u32), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<(), EdgeError> {
+    /// Reads the tokens the server decodes until the generation ends,
+    /// `stop` says so or the server hands the session back (then returns
+    /// true), appending them to `context` (resuming in server-only mode if
+    /// the stream is lost). Stopping closes the stream, which ends the
+    /// session on the server.
+    fn receive_decoded(&mut self, context: &mut Vec<u32>, on_token: &mut dyn FnMut(u32), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<bool, EdgeError> {
         let mut done = false;
         while !done && context.len() - self.prompt_len < self.max_new_tokens {
             if stop() {
@@ -303,14 +305,19 @@ impl RemoteTarget {
             let Some(ServerKind::Tokens(tokens)) = msg.kind else {
                 return Err(EdgeError::Server(Status::internal("expected `tokens` in server-only mode")));
             };
+            // The states of the positions the tokens follow.
+            self.receive_features(context.len() - 1, tokens.tokens.len(), &tokens.features)?;
             for t in tokens.tokens {
                 context.push(t);
                 on_token(t);
                 done |= eos.contains(&t);
             }
             done |= tokens.finished;
+            if tokens.handed_back && !done {
+                return Ok(true);
+            }
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -376,7 +383,7 @@ impl Target for RemoteTarget {
         })
     }
 
-    fn hand_off(&mut self, context: &[u32], on_token: &mut dyn FnMut(u32), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<Vec<u32>, EdgeError> {
+    fn hand_off(&mut self, context: &[u32], on_token: &mut dyn FnMut(u32), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<Decoded, EdgeError> {
         self.with_resume(|t| match t.stream.as_mut() {
             Some(stream) => {
                 let msg = Handoff { base_len: context.len() as u32 };
@@ -387,7 +394,7 @@ impl Target for RemoteTarget {
             None => t.ensure_stream(context, true),
         })?;
         let mut decoded = context.to_vec();
-        self.receive_decoded(&mut decoded, on_token, eos, stop)?;
-        Ok(decoded.split_off(context.len()))
+        let handed_back = self.receive_decoded(&mut decoded, on_token, eos, stop)?;
+        Ok(Decoded { tokens: decoded.split_off(context.len()), handed_back })
     }
 }

@@ -330,6 +330,14 @@ impl SpeculationController {
         self.adaptive && self.hand_off_allowed && self.decode_suggested >= HANDOFF_ROUNDS && pass_ms <= TPOT_MARGIN * tpot
     }
 
+    /// The server handed the session back (its room to decode is gone):
+    /// the server's suggestion to decode is void, and a new hand-off
+    /// needs `HANDOFF_ROUNDS` new ones.
+    pub fn handed_back(&mut self) {
+        self.decode_suggested = 0;
+        self.suggested_k = None;
+    }
+
     /// Whether drafting ahead while `in_flight` drafts are verified is
     /// likely to pay: the work is kept only if every one of them is
     /// accepted, so it is done when that has a fair chance (α^n ≥ 1/4, α

@@ -74,10 +74,14 @@ pub struct Generation {
     pub ahead_kept: usize,
     /// Ended early by the cancel flag.
     pub cancelled: bool,
-    /// The tokens generated when the edge handed the rest of the
-    /// generation to the server, which decoded it (none: never).
+    /// The tokens generated when the edge first handed the generation to
+    /// the server to decode (none: never).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handed_off_after: Option<usize>,
+    /// Tokens the server decoded after hand-offs (no round's).
+    pub server_decoded: usize,
+    /// Times the server handed the generation back to be drafted again.
+    pub handed_back: usize,
 }
 
 /// One drafted token's features and whether the target accepted it: a
@@ -95,7 +99,7 @@ impl Generation {
         self.text = tokenizer.decode(&visible)?;
         self.acceptance_rate = if self.drafted == 0 { 0.0 } else { self.accepted as f64 / self.drafted as f64 };
         // Tokens the server decoded after a hand-off came from no round.
-        let from_rounds = self.handed_off_after.unwrap_or(self.tokens.len()) - 1;
+        let from_rounds = self.tokens.len() - 1 - self.server_decoded;
         self.tokens_per_round = if self.rounds == 0 { 0.0 } else { from_rounds as f64 / self.rounds as f64 };
         self.stopped_on_eos = self.tokens.last().is_some_and(|t| eos.contains(t));
         self.wall_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -258,13 +262,25 @@ impl<T: Target + Send> Speculator<T> {
             }
             let more = g.tokens.len() < req.max_new_tokens && !eos.contains(g.tokens.last().expect("non-empty"));
             if more && self.controller.as_ref().is_some_and(|c| c.hand_off()) {
-                g.handed_off_after = Some(g.tokens.len());
+                g.handed_off_after.get_or_insert(g.tokens.len());
                 let cancel = self.cancel.clone();
                 let cancelled = || cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
                 let decoded = self.target.hand_off(&context, &mut on_token, &eos, &cancelled)?;
-                g.tokens.extend(decoded);
-                g.cancelled = cancelled() && g.tokens.len() < req.max_new_tokens && !eos.contains(g.tokens.last().expect("non-empty"));
-                break;
+                g.server_decoded += decoded.tokens.len();
+                context.extend_from_slice(&decoded.tokens);
+                g.tokens.extend(decoded.tokens);
+                if !decoded.handed_back {
+                    g.cancelled = cancelled() && g.tokens.len() < req.max_new_tokens && !eos.contains(g.tokens.last().expect("non-empty"));
+                    break;
+                }
+                // Drafting again from where the server stopped: drafts
+                // made ahead continued the old context.
+                g.handed_back += 1;
+                carried = None;
+                self.pass_features();
+                if let Some(c) = self.controller.as_mut() {
+                    c.handed_back();
+                }
             }
         }
         if let Some(log) = self.log.as_mut() {

@@ -398,7 +398,11 @@ fn report(g: &Generation, json: bool, draft: &str, model: &std::path::Path) -> R
         println!("{value}");
     } else {
         println!();
-        let handed_off = g.handed_off_after.map_or(String::new(), |n| format!(", handed to the server after {n} tokens"));
+        let handed_off = match (g.handed_off_after, g.handed_back) {
+            (None, _) => String::new(),
+            (Some(n), 0) => format!(", handed to the server after {n} tokens"),
+            (Some(n), back) => format!(", handed to the server after {n} tokens, back {back} times ({} tokens decoded there)", g.server_decoded),
+        };
         eprintln!(
             "[{} tokens, {} rounds, acceptance {:.1} %, {:.2} tokens/round{handed_off}, {:.0} ms]",
             g.tokens.len(),

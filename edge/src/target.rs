@@ -16,9 +16,10 @@ pub trait Target {
 
     /// Hands the rest of the generation to the target, which decodes it
     /// itself: the tokens after `context`, each passed to `on_token` as it
-    /// comes, until the end or until `stop` says so. Only a server does
-    /// (see `SpeculationController::hand_off`).
-    fn hand_off(&mut self, _context: &[u32], _on_token: &mut dyn FnMut(u32), _eos: &[u32], _stop: &dyn Fn() -> bool) -> Result<Vec<u32>, EdgeError> {
+    /// comes, until the end, until `stop` says so, or until the target
+    /// hands the generation back. Only a server does (see
+    /// `SpeculationController::hand_off`).
+    fn hand_off(&mut self, _context: &[u32], _on_token: &mut dyn FnMut(u32), _eos: &[u32], _stop: &dyn Fn() -> bool) -> Result<Decoded, EdgeError> {
         Err(EdgeError::InvalidArgument("only a server target decodes a handed-off generation".into()))
     }
 
@@ -31,6 +32,15 @@ pub trait Target {
     fn take_features(&mut self) -> Option<TargetFeatures> {
         None
     }
+}
+
+/// What the target decoded of a generation handed to it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Decoded {
+    pub tokens: Vec<u32>,
+    /// The target handed the generation back before its end (a server
+    /// whose room to decode is gone): the edge drafts again.
+    pub handed_back: bool,
 }
 
 /// The target's final hidden states for consecutive context positions.

@@ -303,26 +303,72 @@ fn rounds_fit(
 }
 
 /// How many times its sessions the server must have room to decode
-/// before it suggests hand-offs (`decoding_fits`).
-const ROOM_MARGIN: usize = 8;
+/// before it suggests hand-offs ([`DecodeRoom::Spare`]): room for load
+/// that is still rising. Measured in the simulator's H100 cases (stop 49),
+/// with hand-backs: capacity stays within the probes' noise at margins 2,
+/// 3, 4 and 8 (1712 devices; chat 1968–2016), while goodput at 128
+/// devices is 1.56× margin 8's at 2–4 (more sessions decoded) and peak
+/// goodput within 1 % at 4 (1.3 % below at 2). Before hand-backs
+/// (stop 48) a margin of one cost 64 devices of capacity, and eight was
+/// needed.
+const ROOM_MARGIN: usize = 4;
 
-/// Whether the server could decode every admitted session itself, one
-/// token a step, with every objective still met: admission's round and
-/// steady-stream checks with each session's round a decode step. Then
-/// the server has room to spare (the load is below what centralized
-/// decoding carries), and a session it decodes costs the others nothing
-/// their objectives need.
-pub fn decoding_fits(upper: &dyn Fn(BatchShape) -> f64, expected: &dyn Fn(BatchShape) -> f64, demands: &[Demand], limits: PassLimits) -> bool {
-    let decoded: Vec<Demand> = demands.iter().map(|d| d.decoded().times(ROOM_MARGIN)).collect();
-    rounds_fit(upper, expected, &decoded, limits).is_ok()
+/// The server's room to decode its sessions itself, judged after each
+/// pass: admission's round and steady-stream checks with each admitted
+/// session's round replaced by a decode step (one token, paced by the
+/// server, within one TPOT).
+///
+/// Why two thresholds: a hand-off is suggested with room to spare and
+/// undone only when the room is gone, so a session is not passed back and
+/// forth as the load moves about its edge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DecodeRoom {
+    /// Decoding every session would miss objectives: sessions handed off
+    /// go back to drafting where a round of drafts costs the server less
+    /// per token than decode steps ([`hands_back`]).
+    None,
+    /// Decoding every session fits, but not `ROOM_MARGIN` times over, or
+    /// the server cannot judge (no estimator: policy `fcfs`): hand-offs
+    /// made stand; no new ones are suggested.
+    #[default]
+    Some,
+    /// Decoding every session fits `ROOM_MARGIN` times over: the server
+    /// has room to spare, and a session it decodes costs the others
+    /// nothing their objectives need (the load is below what centralized
+    /// decoding carries). Hand-offs are suggested ([`suggested_k`]).
+    Spare,
+}
+
+impl DecodeRoom {
+    pub fn judge(upper: &dyn Fn(BatchShape) -> f64, expected: &dyn Fn(BatchShape) -> f64, demands: &[Demand], limits: PassLimits) -> DecodeRoom {
+        let fits = |margin: usize| {
+            let decoded: Vec<Demand> = demands.iter().map(|d| d.decoded().times(margin)).collect();
+            rounds_fit(upper, expected, &decoded, limits).is_ok()
+        };
+        if fits(ROOM_MARGIN) {
+            DecodeRoom::Spare
+        } else if fits(1) {
+            DecodeRoom::Some
+        } else {
+            DecodeRoom::None
+        }
+    }
+
+    /// The gauge's value: 0, 1, 2.
+    pub fn level(self) -> i64 {
+        self as i64
+    }
 }
 
 /// The draft length the server suggests to a session: 0 (decode on the
 /// server; the edge hands off after a few such rounds) where the server
-/// has room to decode everyone (`room`, [`decoding_fits`]) and its passes
-/// (`pass_ms`) are shorter than the session's time per token so far
-/// (`ms_per_token`): the session gains and nobody loses. Otherwise the
-/// batcher's suggestion (`batcher_k`, the least server time per token).
+/// has room to spare ([`DecodeRoom::Spare`]) and would give the session a
+/// token sooner than it gets them now (`ms_per_token`, its time per token
+/// so far): the session gains and nobody loses. A decoded session waits
+/// for a pass (`pass_ms`, the recent one) or, where the sequence cap
+/// splits a decode step of every session into several passes, all of them
+/// (`decode_cycle_ms`, [`decode_cycle_ms`]). Otherwise the batcher's
+/// suggestion (`batcher_k`, the least server time per token).
 ///
 /// Why: below centralized decoding's capacity a drafting session waits for
 /// its edge's drafts and a round trip each round, where the server would
@@ -330,12 +376,57 @@ pub fn decoding_fits(upper: &dyn Fn(BatchShape) -> f64, expected: &dyn Fn(BatchS
 /// token drafting and 10 decoded (docs/measurements.md, stop 44); whether
 /// they were decoded hung on whether the estimator's refit at that load
 /// set its per-sequence cost to zero (stop 48).
-pub fn suggested_k(room: bool, pass_ms: f64, ms_per_token: Option<f64>, batcher_k: Option<usize>) -> Option<usize> {
-    if room && pass_ms > 0.0 && ms_per_token.is_some_and(|t| pass_ms < t) {
+pub fn suggested_k(room: DecodeRoom, pass_ms: f64, decode_cycle_ms: f64, ms_per_token: Option<f64>, batcher_k: Option<usize>) -> Option<usize> {
+    let decode_ms = pass_ms.max(decode_cycle_ms);
+    if room == DecodeRoom::Spare && pass_ms > 0.0 && ms_per_token.is_some_and(|t| decode_ms < t) {
         Some(0)
     } else {
         batcher_k
     }
+}
+
+/// The passes a decode step of every session in `demands` takes, ms: what
+/// a decoded session waits for each token when all are decoded. Why: on a
+/// GPU whose passes hold 64 sequences, 256 decoded sessions get a token
+/// every four passes, slower than their drafts gave them (measured in the
+/// simulator's H100 case, stop 49).
+pub fn decode_cycle_ms(expected: &dyn Fn(BatchShape) -> f64, demands: &[Demand], limits: PassLimits) -> f64 {
+    let steps: BatchShape = demands.iter().map(|d| d.decoded().round).sum();
+    cycle_ms(expected, steps, limits).0
+}
+
+/// The room to decode `demands` and their decode cycle ([`DecodeRoom`],
+/// [`decode_cycle_ms`]) by the estimator's `bound`, as the runner judges
+/// them after each pass (the simulator too); without an estimator, the
+/// default room and no cycle.
+pub fn judge_decoding(bound: Option<&UpperBound>, demands: &[Demand], limits: PassLimits) -> (DecodeRoom, f64) {
+    bound.map_or((DecodeRoom::default(), 0.0), |est| {
+        (DecodeRoom::judge(&|s| est.upper(s), &|s| est.expected(s), demands, limits), decode_cycle_ms(&|s| est.expected(s), demands, limits))
+    })
+}
+
+/// Tokens a session must have been decoded for before its pace decoded is
+/// judged ([`hands_back`]).
+pub const DECODED_PACE_TOKENS: usize = 4;
+
+/// Whether the server hands a session it decodes for its edge back to the
+/// edge's drafts. Only where the batcher's draft length for the session
+/// (`batcher_k`) is not 0, so its rounds cost the server less per token
+/// than decode steps (a session whose drafts cost more than they save
+/// stays decoded: handing it back would load the server more); and then
+/// where the server has no room to decode every session
+/// ([`DecodeRoom::None`]), or where the session, decoded, gets its tokens
+/// more slowly (`decoded_ms`, ms per token since the hand-off) than it
+/// did drafting (`drafting_ms`, ms per token before it).
+///
+/// Why the pace: a session handed off while the load was low is decoded at
+/// its objective's pace once passes fill (the scheduler serves it by its
+/// deadline), and may then be slower than its edge's drafts were. On the
+/// simulated H100, sessions handed off while a probe's devices were still
+/// joining lost 1 % of the 512-device probe's goodput that way (stop 49).
+pub fn hands_back(room: DecodeRoom, batcher_k: Option<usize>, drafting_ms: Option<f64>, decoded_ms: Option<f64>) -> bool {
+    let slower = decoded_ms.zip(drafting_ms).is_some_and(|(decoded, drafting)| decoded > drafting);
+    batcher_k.is_some_and(|k| k > 0) && (room == DecodeRoom::None || slower)
 }
 
 /// The refusal reason of a draining server (UNAVAILABLE: go elsewhere).
@@ -366,8 +457,10 @@ struct State {
     typical: Option<TypicalRound>,
     demands: HashMap<SessionId, Demand>,
     per_tenant: HashMap<String, usize>,
-    /// Whether the server could decode every admitted session (`decoding_fits`), as of the latest pass.
-    decode_room: bool,
+    /// The server's room to decode every admitted session, and the passes
+    /// a decode step of each takes ([`decode_cycle_ms`]), as of the latest pass.
+    decode_room: DecodeRoom,
+    decode_cycle_ms: f64,
 }
 
 /// One admitted session's claim: its id, KV reservation, tenant slot and
@@ -431,21 +524,25 @@ impl Admission {
     }
 
     /// The runner's estimator bound and typical round after its latest pass.
-    /// Also judges whether the server has room to decode every session.
+    /// Also judges the server's room to decode every session.
     pub fn publish(&self, bound: Option<UpperBound>, typical: Option<TypicalRound>) {
         let mut state = self.state();
         state.estimator = bound;
         state.typical = typical;
-        state.decode_room = bound.is_some_and(|est| {
-            let demands: Vec<Demand> = state.demands.values().copied().collect();
-            decoding_fits(&|s| est.upper(s), &|s| est.expected(s), &demands, self.limits)
-        });
+        let demands: Vec<Demand> = state.demands.values().copied().collect();
+        (state.decode_room, state.decode_cycle_ms) = judge_decoding(bound.as_ref(), &demands, self.limits);
     }
 
-    /// Whether, at the latest pass, the server could decode every admitted
-    /// session within its objectives ([`decoding_fits`]).
-    pub fn decode_room(&self) -> bool {
+    /// The server's room, at the latest pass, to decode every admitted
+    /// session within its objectives.
+    pub fn decode_room(&self) -> DecodeRoom {
         self.state().decode_room
+    }
+
+    /// The passes, at the latest pass, that a decode step of every admitted
+    /// session takes ([`decode_cycle_ms`]).
+    pub fn decode_cycle_ms(&self) -> f64 {
+        self.state().decode_cycle_ms
     }
 
     /// What a new session's rounds are costed at (see `TypicalRound`).
@@ -630,24 +727,37 @@ mod tests {
         assert_eq!(session.decoded().round, BatchShape { seqs: 1, tokens: 1, token_context: 100, prefill_tokens: 0 });
         assert!(session.decoded().paced_by_server && session.decoded().budget_ms == Some(100.0));
         // ROOM_MARGIN × n steps share one pass of 10 + 2 ms each, which
-        // must end within 100 ms: n ≤ 45 / ROOM_MARGIN (5 at a margin of 8).
-        let most = 45 / ROOM_MARGIN;
-        let room = |n| decoding_fits(&upper, &upper, &vec![session; n], LIMITS);
-        assert!(room(most) && !room(most + 1));
-        // Admission still takes sessions that draft past that point.
-        assert!(check_capacity(&upper, &upper, &vec![session; most + 1], session, NO_PREFILL, LIMITS).is_ok());
+        // must end within 100 ms: room to spare for n ≤ 45 / ROOM_MARGIN
+        // (11 at a margin of 4), some room for n ≤ 45, none past that.
+        let spare = 45 / ROOM_MARGIN;
+        let room = |n| DecodeRoom::judge(&upper, &upper, &vec![session; n], LIMITS);
+        assert_eq!(room(spare), DecodeRoom::Spare);
+        assert_eq!(room(spare + 1), DecodeRoom::Some);
+        assert_eq!(room(45), DecodeRoom::Some);
+        assert_eq!(room(46), DecodeRoom::None);
+        // Without room, sessions go back to drafting where drafts pay.
+        assert!(hands_back(room(46), Some(2), None, None));
+        assert!(!hands_back(room(46), Some(0), None, None) && !hands_back(room(46), None, None, None));
+        assert!(!hands_back(room(45), Some(2), None, None) && !hands_back(room(spare), Some(2), Some(20.0), Some(10.0)));
+        // With room, where decoding is slower than drafting was.
+        assert!(hands_back(room(spare), Some(2), Some(20.0), Some(30.0)));
+        assert!(!hands_back(room(spare), Some(0), Some(20.0), Some(30.0)));
     }
 
     #[test]
     fn decoding_is_suggested_where_there_is_room_and_it_is_faster() {
         // Room, and a pass (8 ms) shorter than the session's 20 ms a token.
-        assert_eq!(suggested_k(true, 8.0, Some(20.0), Some(3)), Some(0));
-        // Otherwise the batcher's suggestion: slower than the session's
-        // own pace, no room, no pace yet, no pass measured yet.
-        assert_eq!(suggested_k(true, 25.0, Some(20.0), Some(3)), Some(3));
-        assert_eq!(suggested_k(false, 8.0, Some(20.0), Some(3)), Some(3));
-        assert_eq!(suggested_k(true, 8.0, None, Some(3)), Some(3));
-        assert_eq!(suggested_k(true, 0.0, Some(20.0), None), None);
+        let spare = DecodeRoom::Spare;
+        assert_eq!(suggested_k(spare, 8.0, 16.0, Some(20.0), Some(3)), Some(0));
+        // Otherwise the batcher's suggestion: a pass, or a decode step of
+        // every session, slower than the session's own pace; room but
+        // none to spare; no room; no pace yet; no pass measured yet.
+        assert_eq!(suggested_k(spare, 25.0, 0.0, Some(20.0), Some(3)), Some(3));
+        assert_eq!(suggested_k(spare, 8.0, 24.0, Some(20.0), Some(3)), Some(3));
+        assert_eq!(suggested_k(DecodeRoom::Some, 8.0, 8.0, Some(20.0), Some(3)), Some(3));
+        assert_eq!(suggested_k(DecodeRoom::None, 8.0, 8.0, Some(20.0), Some(3)), Some(3));
+        assert_eq!(suggested_k(spare, 8.0, 8.0, None, Some(3)), Some(3));
+        assert_eq!(suggested_k(spare, 0.0, 0.0, Some(20.0), None), None);
     }
 
     #[test]

@@ -37,6 +37,12 @@ pub struct ServerConfig {
     /// Pin the model's compute threads to CPUs, one each (Linux): steadier
     /// pass times, so a sharper verification-time estimate.
     pub pin_threads: bool,
+    /// Decode the sessions edges hand off: suggest hand-offs (k = 0) while
+    /// the server has room to spare, and hand sessions back when the room
+    /// is gone. false: never suggest one, and hand any hand-off back after
+    /// one token (every edge drafts; server time is kept for verification
+    /// and server-only clients).
+    pub hand_offs: bool,
     pub batcher: BatcherConfig,
 }
 
@@ -54,6 +60,7 @@ impl Default for ServerConfig {
             idle_ttl_s: 60,
             drain_s: 10,
             pin_threads: true,
+            hand_offs: true,
             batcher: BatcherConfig::default(),
         }
     }

@@ -7,7 +7,7 @@ use crate::auth::Tenant;
 use crate::batcher::{batch_shape, Batcher, PendingWork, RoundsDue, Scheduled, SessionId, WorkKind};
 use crate::kv_budget::KvBudget;
 use crate::metrics::Metrics;
-use crate::session::{feed, new_acceptance, opening_demand, RecentLengths, Session, TypicalRound, ASSUMED_DRAFTS};
+use crate::session::{feed, new_acceptance, opening_demand, HandedOff, RecentLengths, Session, TypicalRound, ASSUMED_DRAFTS};
 use crate::validate::{ValidOpen, ValidVerify};
 use crate::ServeError;
 use std::collections::{HashMap, VecDeque};
@@ -155,6 +155,9 @@ pub struct EngineConfig {
     pub limits: PassLimits,
     /// Every tenant's fair-share weight (the batcher's), for the service gap.
     pub tenant_weights: Vec<(String, f64)>,
+    /// Decode sessions their edges hand off while there is room (see
+    /// `ServerConfig::hand_offs`).
+    pub hand_offs: bool,
 }
 
 pub struct Engine {
@@ -359,6 +362,7 @@ impl Engine {
             max_new: open.max_new_tokens,
             sampling: open.sampling,
             server_only: open.server_only,
+            handed_off: None,
             want_features: open.want_features,
             prefill_features: Vec::new(),
             opened: false,
@@ -428,6 +432,7 @@ impl Engine {
         let now = Instant::now();
         s.last_active = now;
         s.server_only = true;
+        s.handed_off = Some(HandedOff::new(s, now));
         // No more rounds are coming: the batcher must not wait for one.
         s.round_clock = Default::default();
         s.ticket.update(s.demand(self.admission.typical_round()));
@@ -497,7 +502,7 @@ impl Engine {
             let keep = match scheduled.work.kind {
                 WorkKind::Prefill => self.after_prefill(id, &scheduled, &mut sess, &logits, states),
                 WorkKind::Verify => self.after_verify(&mut sess, &logits, states),
-                WorkKind::Decode => self.after_decode(id, &mut sess, &logits),
+                WorkKind::Decode => self.after_decode(id, &mut sess, &logits, states),
             };
             self.sessions.insert(id, sess);
             if !keep {
@@ -516,6 +521,12 @@ impl Engine {
         for s in self.sessions.values().filter(|s| s.last_k.is_none()) {
             s.ticket.update(s.demand(typical));
         }
+    }
+
+    /// The batcher's draft length for a session: the least server time per
+    /// expected token (0: a decode step).
+    fn batcher_k(&self, s: &Session) -> Option<usize> {
+        self.batcher.suggested_k(&|k| s.acceptance.expected_tokens(k), s.cache.len())
     }
 
     /// What a pass takes lately (an EWMA).
@@ -540,8 +551,18 @@ impl Engine {
             };
         };
         let by_k = verify_ms_by_k(self.batcher.as_ref(), s.cache.len());
-        let batcher_k = self.batcher.suggested_k(&|k| s.acceptance.expected_tokens(k), s.cache.len());
-        let suggested_k = admission::suggested_k(self.admission.decode_room(), self.last_pass_ms, s.ms_per_token(Instant::now()), batcher_k).unwrap_or(4);
+        let suggested_k = match self.cfg.hand_offs {
+            true => admission::suggested_k(
+                self.admission.decode_room(),
+                self.last_pass_ms,
+                self.admission.decode_cycle_ms(),
+                s.ms_per_token(Instant::now()),
+                self.batcher_k(s),
+            ),
+            // Never a decode step: the session would be handed straight back.
+            false => self.batcher_k(s).map(|k| k.max(1)),
+        }
+        .unwrap_or(4);
         Hints {
             est_queue_ms: queue_ms as f32,
             est_verify_ms: by_k[s.last_k.unwrap_or(ASSUMED_DRAFTS).clamp(1, 8) - 1],
@@ -646,7 +667,7 @@ impl Engine {
         delivered && !finished
     }
 
-    fn after_decode(&mut self, id: SessionId, s: &mut Session, logits: &tandem_model::Logits) -> bool {
+    fn after_decode(&mut self, id: SessionId, s: &mut Session, logits: &tandem_model::Logits, states: &[f32]) -> bool {
         let token = s.sampling.sample_at(logits.row(0), s.context.len());
         s.context.push(token);
         s.generated += 1;
@@ -655,10 +676,31 @@ impl Engine {
             t.generated_tokens += 1;
         });
         let finished = s.finished(self.model.tokenizer.eos_tokens());
-        if !send(&s.out, ServerKind::Tokens(Tokens { tokens: vec![token], finished })) || finished {
+        let now = Instant::now();
+        let handed_back = !finished
+            && s.handed_off.as_ref().is_some_and(|h| {
+                let (drafting_ms, decoded_ms) = h.paces(now, s.generated);
+                !self.cfg.hand_offs || admission::hands_back(self.admission.decode_room(), self.batcher_k(s), drafting_ms, decoded_ms)
+            });
+        let features = match s.want_features && s.handed_off.is_some() {
+            true => features::encode(states.get(..self.model.llama.config().hidden).unwrap_or_default()),
+            false => vec![],
+        };
+        if !send(&s.out, ServerKind::Tokens(Tokens { tokens: vec![token], finished, handed_back, features })) || finished {
             return false;
         }
-        self.queue.push_back(s.work(id, WorkKind::Decode, 1, Instant::now(), self.pass_time(), self.lengths.reach()));
+        if handed_back {
+            // Drafting again: the session's next message is a round.
+            s.server_only = false;
+            s.handed_off = None;
+            s.last_active = now;
+            s.round_clock.answered(now);
+            s.ticket.update(s.demand(self.admission.typical_round()));
+            self.metrics.tenant(&s.tenant.name, |t| t.handbacks += 1);
+            debug!(session = id, tokens = s.context.len(), "session handed back");
+            return true;
+        }
+        self.queue.push_back(s.work(id, WorkKind::Decode, 1, now, self.pass_time(), self.lengths.reach()));
         true
     }
 
@@ -711,7 +753,7 @@ impl Engine {
         m.kv_bytes_reserved.store(self.admission.reserved_bytes() as i64, Ordering::Relaxed);
         m.set_admission_headroom(self.admission.headroom_ms());
         m.set_service_counters(self.batcher.tenant_counters());
-        m.decode_room.store(self.admission.decode_room().into(), Ordering::Relaxed);
+        m.decode_room.store(self.admission.decode_room().level(), Ordering::Relaxed);
         m.set_estimator_coefficients(self.batcher.estimator().map(|e| e.coefficients()));
         m.set_service_gap(self.service_gap.max());
     }

@@ -61,6 +61,10 @@ struct Cli {
     /// README "Design choices worth knowing".
     #[arg(long)]
     pin_threads: Option<bool>,
+    /// Decode sessions their edges hand off while there is room [default:
+    /// true]; false hands every hand-off back after one token.
+    #[arg(long)]
+    hand_offs: Option<bool>,
     /// Write the verification-time calibration of the warm-start sweep here
     /// (JSON `VerifyTimeProfile`, what `tandem-bench sim --calibration` reads).
     /// Needs a policy with an estimator (wisp).
@@ -85,7 +89,7 @@ fn load_config(cli: Cli) -> Result<ServerConfig> {
     if let Some(p) = cli.policy.clone() {
         cfg.batcher.policy = p;
     }
-    set!(listen, device, kv_budget_mb, idle_ttl_s, drain_s, pin_threads);
+    set!(listen, device, kv_budget_mb, idle_ttl_s, drain_s, pin_threads, hand_offs);
     set_opt!(model, tenants, tls_cert, tls_key, metrics_listen);
     cfg.batcher.check().map_err(anyhow::Error::msg)?;
     Ok(cfg)
@@ -155,8 +159,13 @@ async fn serve() -> Result<()> {
     for (name, weight) in &tenant_weights {
         batcher.set_tenant_weight(name, *weight);
     }
-    let engine_cfg =
-        EngineConfig { kv_budget_bytes: cfg.kv_budget_mb << 20, idle_ttl: Duration::from_secs(cfg.idle_ttl_s), limits: b.pass_limits(), tenant_weights };
+    let engine_cfg = EngineConfig {
+        kv_budget_bytes: cfg.kv_budget_mb << 20,
+        idle_ttl: Duration::from_secs(cfg.idle_ttl_s),
+        limits: b.pass_limits(),
+        tenant_weights,
+        hand_offs: cfg.hand_offs,
+    };
     let (engine, runner) = Engine::spawn(model, batcher, engine_cfg, metrics.clone())?;
     if let Some(path) = &calibration_out {
         let calibration = engine.warm_start_calibration().context("`--calibration-out` needs `--policy wisp` (fcfs has no estimator)")?;

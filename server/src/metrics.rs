@@ -50,6 +50,8 @@ pub struct TenantStats {
     pub sessions_opened: u64,
     /// Sessions whose edge handed them to the server to decode.
     pub handoffs: u64,
+    /// Sessions the server handed back to their edge to draft again.
+    pub handbacks: u64,
     /// Verification rounds with at least one draft token.
     pub num_drafts: u64,
     pub num_draft_tokens: u64,
@@ -169,7 +171,7 @@ impl Metrics {
         gauge(
             &mut out,
             "tandem_decode_room",
-            "1 while the server could decode every session itself within its objectives (it then suggests that sessions hand off).",
+            "The server's room to decode every session itself within its objectives: 2 to spare (it suggests that sessions hand off), 1 some (hand-offs stand), 0 none (sessions handed off are handed back).",
             self.decode_room.load(Ordering::Relaxed),
         );
         gauge(&mut out, "tandem_queue_depth", "Requests waiting for a forward pass.", self.queue_depth.load(Ordering::Relaxed));
@@ -223,11 +225,12 @@ impl Metrics {
         );
         // (metric, help, value of one tenant)
         type Counter = (&'static str, &'static str, fn(&TenantStats) -> u64);
-        let counters: [Counter; 10] = [
+        let counters: [Counter; 11] = [
             ("tandem_slo_met_total", "Requests finished by their SLO deadline.", |t| t.slo_met),
             ("tandem_slo_missed_total", "Requests finished after their SLO deadline.", |t| t.slo_missed),
             ("tandem_sessions_opened_total", "Sessions opened.", |t| t.sessions_opened),
             ("tandem_handoffs_total", "Sessions handed off by their edge for the server to decode.", |t| t.handoffs),
+            ("tandem_handbacks_total", "Sessions the server handed back to their edge's drafts, its room to decode gone.", |t| t.handbacks),
             ("tandem_spec_decode_num_drafts_total", "Verification rounds with drafts.", |t| t.num_drafts),
             ("tandem_spec_decode_num_draft_tokens_total", "Draft tokens verified.", |t| t.num_draft_tokens),
             ("tandem_spec_decode_num_accepted_tokens_total", "Draft tokens accepted.", |t| t.num_accepted_tokens),

@@ -1,6 +1,6 @@
 //! A session as the runner holds it.
 
-use crate::admission::{prefill_shape, Demand, Ticket};
+use crate::admission::{prefill_shape, Demand, Ticket, DECODED_PACE_TOKENS};
 use crate::auth::Tenant;
 use crate::batcher::{PendingWork, RoundClock, Scheduled, SessionId, WorkKind};
 use crate::engine::OutSender;
@@ -36,6 +36,9 @@ pub(crate) struct Session {
     pub(crate) max_new: usize,
     pub(crate) sampling: SamplingParams,
     pub(crate) server_only: bool,
+    /// Decoded here since its edge handed it off (`server_only` as well):
+    /// handed back to the edge's drafts where that pays (`hands_back`).
+    pub(crate) handed_off: Option<HandedOff>,
     /// Report hidden states; those of the prefill so far (the latest
     /// that fit in `opened.features`).
     pub(crate) want_features: bool,
@@ -99,6 +102,28 @@ impl Session {
 
     pub(crate) fn finished(&self, eos: &[u32]) -> bool {
         self.generated >= self.max_new || (self.generated > 0 && self.context.last().is_some_and(|t| eos.contains(t)))
+    }
+}
+
+/// Where a session stood when its edge handed it off.
+pub(crate) struct HandedOff {
+    at: Instant,
+    generated: usize,
+    /// Its time per token until then, ms.
+    drafting_ms: Option<f64>,
+}
+
+impl HandedOff {
+    pub(crate) fn new(s: &Session, now: Instant) -> Self {
+        HandedOff { at: now, generated: s.generated, drafting_ms: s.ms_per_token(now) }
+    }
+
+    /// Its time per token drafting and, after `DECODED_PACE_TOKENS`,
+    /// decoded (ms): what `hands_back` compares.
+    pub(crate) fn paces(&self, now: Instant, generated: usize) -> (Option<f64>, Option<f64>) {
+        let decoded = generated.saturating_sub(self.generated);
+        let decoded_ms = (decoded >= DECODED_PACE_TOKENS).then(|| now.saturating_duration_since(self.at).as_secs_f64() * 1e3 / decoded as f64);
+        (self.drafting_ms, decoded_ms)
     }
 }
 

@@ -5,9 +5,10 @@
 //! (`tests/`, crate `tandem-tests`).
 
 use std::time::Duration;
+use tandem_edge::client::RemoteTarget;
 use tandem_edge::controller::{SpeculationController, StopRule};
-use tandem_edge::{Speculator, Target};
-use tandem_model::{DraftSpec, SyntheticDraft};
+use tandem_edge::{Decoded, EdgeError, RoundOutcome, Speculator, Target, TargetFeatures};
+use tandem_model::{DraftSpec, SamplingParams, SyntheticDraft};
 use tandem_protocol::wire::{EdgeMessage, Open, ServerKind, ServerMessage, SparseDist, VerifierClient};
 use tandem_tests::*;
 use tokio_stream::wrappers::ReceiverStream;
@@ -176,6 +177,8 @@ fn a_handed_off_session_is_decoded_by_the_server_losslessly() {
     context.push(round.verdict.next);
     let mut streamed = Vec::new();
     let decoded = target.hand_off(&context, &mut |t| streamed.push(t), model().tokenizer.eos_tokens(), &|| false).unwrap();
+    assert!(!decoded.handed_back, "an idle server kept the session to its end");
+    let decoded = decoded.tokens;
     assert_eq!(decoded, streamed, "each decoded token is passed on as it comes");
     assert_eq!([&context[req.prompt.len()..], &decoded[..]].concat(), reference, "a handed-off session's output differs from plain decoding");
     let metrics = parse_metrics(&scrape(&metrics_addr));
@@ -206,6 +209,71 @@ fn a_handed_off_session_is_decoded_by_the_server_losslessly() {
     let (got, status) = raw(&server.url(), None, open_msg(prompt, 8, 0.0), |_| vec![handoff(n + 1), verify(n + 2, vec![5], vec![])]);
     assert!(matches!(got.get(1).and_then(|m| m.kind.clone()), Some(ServerKind::Tokens(_))), "{got:?}");
     expect_status(&status, Code::FailedPrecondition, "server-only");
+}
+
+/// A server target whose hints always suggest decoding on the server: the
+/// controller hands off whenever its rule lets it.
+struct PrefersDecoding(RemoteTarget);
+
+impl Target for PrefersDecoding {
+    fn open(&mut self, prompt: &[u32], sampling: &SamplingParams, max_new_tokens: usize) -> Result<u32, EdgeError> {
+        self.0.open(prompt, sampling, max_new_tokens)
+    }
+    fn verify(&mut self, context: &[u32], drafts: &[u32], q: &[tandem_model::SparseDist]) -> Result<RoundOutcome, EdgeError> {
+        let mut round = self.0.verify(context, drafts, q)?;
+        round.hints.suggested_k = Some(0);
+        Ok(round)
+    }
+    fn hand_off(&mut self, context: &[u32], on_token: &mut dyn FnMut(u32), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<Decoded, EdgeError> {
+        self.0.hand_off(context, on_token, eos, stop)
+    }
+    fn want_features(&mut self, on: bool) {
+        self.0.want_features(on)
+    }
+    fn take_features(&mut self) -> Option<TargetFeatures> {
+        self.0.take_features()
+    }
+}
+
+/// A server without room to decode hands a handed-off session back (here
+/// one that decodes for no edge, `--hand-offs false`, so after one
+/// token): the edge drafts again from the server's tokens, the output is
+/// still the target's own, and an EAGLE-style draft gets the states of the
+/// positions the server decoded.
+#[test]
+fn a_session_handed_back_is_drafted_again_losslessly() {
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let server = ServerProcess::start(&["--hand-offs", "false", "--metrics-listen", &metrics_addr]);
+    let m = model();
+    let req = request("Name three planets.", 24);
+    let reference = local(&req);
+    let mut target = client(&server.url(), None);
+    target.want_features(true);
+    let first = target.open(&req.prompt, &req.sampling, req.max_new_tokens).unwrap();
+    assert!(target.take_features().is_some(), "the prompt's states come with `opened`");
+    let mut context = [req.prompt.clone(), vec![first]].concat();
+    let decoded = target.hand_off(&context, &mut |_| {}, m.tokenizer.eos_tokens(), &|| false).unwrap();
+    assert_eq!(decoded, Decoded { tokens: reference[1..2].to_vec(), handed_back: true });
+    let states = target.take_features().expect("the decoded position's state");
+    assert_eq!((states.start, states.rows, states.values.len()), (context.len() - 1, 1, m.llama.config().hidden));
+    // Drafting again: a round at the server's count of tokens.
+    context.extend_from_slice(&decoded.tokens);
+    let round = target.verify(&context, &reference[2..4], &[]).unwrap();
+    assert_eq!((round.verdict.accepted, round.verdict.next), (2, reference[4]));
+    assert!(round.hints.suggested_k.is_some_and(|k| k > 0), "a server without room suggests drafts");
+
+    // The speculative loop hands off whenever it may, is handed back each
+    // time, and goes on drafting to the same output.
+    let controller = SpeculationController::new(StopRule::Fixed, 4, true).with_tpot_objective(Some(1000.0));
+    let req = request("Explain why the sky is blue.", 32);
+    let spec = Speculator::new(PrefersDecoding(client(&server.url(), None)), DraftSpec::Trained(None).build(&m).unwrap(), m.tokenizer.clone());
+    let g = spec.with_controller(controller).generate(&req, |_| {}).unwrap();
+    assert_eq!(g.tokens, local(&req), "a generation handed back differs from plain decoding");
+    assert!(g.handed_back >= 2 && g.server_decoded == g.handed_back, "{} hand-backs, {} tokens decoded by the server", g.handed_back, g.server_decoded);
+    assert!(g.handed_off_after.is_some_and(|n| n > g.rounds.min(3)), "first handed off after {:?} tokens", g.handed_off_after);
+    let metrics = parse_metrics(&scrape(&metrics_addr));
+    let handbacks: f64 = metrics.iter().filter(|(n, _)| n.starts_with("tandem_handbacks_total")).map(|(_, v)| v).sum();
+    assert_eq!(handbacks, 1.0 + g.handed_back as f64);
 }
 
 #[test]

@@ -211,14 +211,14 @@ mod tests {
     use super::*;
     use tandem_estimators::VerifyTimeCalibration;
 
-    /// A CPU-like pass cost: 9 ms + 4 ms per token (what this machine's
-    /// server measures for the default model), ±10 % residuals.
-    fn cpu_like() -> VerifyTimeProfile {
+    /// A pass cost of `coefficients` (pass, sequence, token, token×context,
+    /// scored; ms), ±10 % residuals.
+    fn profile(label: &str, coefficients: [f64; 5]) -> VerifyTimeProfile {
         VerifyTimeProfile {
-            label: "test: CPU-like".into(),
+            label: label.into(),
             measured: false,
             calibration: VerifyTimeCalibration {
-                coefficients: [9.0, 0.0, 4.0, 0.05, 0.0],
+                coefficients,
                 quantile: 0.9,
                 residual_ratios: vec![0.9, 0.95, 1.0, 1.05, 1.1],
                 gram: [[0.0; 5]; 5],
@@ -227,13 +227,25 @@ mod tests {
         }
     }
 
+    /// A CPU-like pass cost: 9 ms + 4 ms per token (what this machine's
+    /// server measures for the default model).
+    fn cpu_like() -> VerifyTimeProfile {
+        profile("test: CPU-like", [9.0, 0.0, 4.0, 0.05, 0.0])
+    }
+
+    /// A GPU-like pass cost, nearly flat in its tokens: 5 ms + 0.01 ms per
+    /// sequence + 0.003 ms per token.
+    fn gpu_like() -> VerifyTimeProfile {
+        profile("test: GPU-like", [5.0, 0.01, 0.003, 0.0, 0.0])
+    }
+
     /// Prompts of made-up tokens: the simulator only compares drafts with
     /// the reference, so any tokens do.
-    fn prompts() -> Vec<BenchPrompt> {
+    fn prompts(output: usize) -> Vec<BenchPrompt> {
         (0..6)
             .map(|i| {
                 let prompt: Vec<u32> = (0..20 + 10 * i).map(|t| 100 + t as u32).collect();
-                let reference = prompt.iter().copied().chain((0..24).map(|t| 5000 + (t * 7 + i) as u32)).collect();
+                let reference = prompt.iter().copied().chain((0..output).map(|t| 5000 + (t * 7 + i) as u32)).collect();
                 BenchPrompt { id: format!("p{i}"), tokens: prompt, reference }
             })
             .collect()
@@ -258,14 +270,17 @@ mod tests {
     }
 
     fn run_one(policy: Policy, cfg: &SimConfig) -> PolicyReport {
-        let calibration = cpu_like();
-        let prompts = prompts();
+        run_on(policy, cfg, &cpu_like())
+    }
+
+    fn run_on(policy: Policy, cfg: &SimConfig, calibration: &VerifyTimeProfile) -> PolicyReport {
+        let prompts = prompts(cfg.max_new_tokens);
         let profiles = [DeviceProfile::laptop()];
-        let inputs = SimInputs { calibration: &calibration, profiles: &profiles, prompts: &prompts, provenance: "test", real: None };
+        let inputs = SimInputs { calibration, profiles: &profiles, prompts: &prompts, provenance: "test", real: None };
         let epoch = Instant::now();
         let world = world_config(policy, cfg, cfg.workload, &inputs);
         let edges = Edges { real: None, hand_off: true };
-        let out = World::new(world, batcher(policy, cfg, &calibration), &edges, epoch).run();
+        let out = World::new(world, batcher(policy, cfg, calibration), &edges, epoch).run();
         // Conservation: every session ends with its whole output, made of
         // the prefill's first token plus each round's accepted drafts and
         // one more token, and after a hand-off the server's decode steps.
@@ -321,6 +336,20 @@ mod tests {
         // Attainment counts refused sessions as misses.
         let of_admitted = wisp.slo_attainment * wisp.sessions as f64 / (wisp.sessions - wisp.refused) as f64;
         assert!(of_admitted >= 0.9, "admitted sessions met their SLO {of_admitted:.3} of the time");
+    }
+
+    #[test]
+    fn sessions_handed_off_go_back_to_drafting_where_drafts_pay() {
+        // On a GPU-like server, drafts cost less per token than decode
+        // steps. Sessions arriving while it is nearly idle hand off; as
+        // arrivals pile up, their decode steps slow to their objective's
+        // pace, behind what their drafts gave them, and the server hands
+        // them back (`run_on` checks that their tokens add up).
+        let cfg = SimConfig { policies: vec![Policy::Wisp], workload: Workload::Open { rate: 200.0 }, duration_s: 2.0, max_new_tokens: 256, ..config(0, 100) };
+        let wisp = run_on(Policy::Wisp, &cfg, &gpu_like());
+        let (handed_off, handed_back) = (wisp.handed_off.unwrap_or(0.0), wisp.handed_back.unwrap_or(0.0));
+        assert!(handed_back > 0.0 && handed_back < handed_off, "{:.1} % handed off, {:.1} % back", handed_off * 100.0, handed_back * 100.0);
+        assert!(wisp.slo_attainment >= 0.99, "attainment {:.3}", wisp.slo_attainment);
     }
 
     #[test]

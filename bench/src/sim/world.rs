@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 use tandem_edge::controller::{RoundHints, SpeculationController};
 use tandem_estimators::{AcceptanceEstimator, CounterWeights, ServiceGap, VerifyTimeCalibration, VerifyTimeEstimator};
 use tandem_model::{DraftSource, SamplingParams, SessionRng};
-use tandem_server::admission::{check_capacity, decoding_fits, prefill_shape, suggested_k, Demand, PassLimits, Prefill};
+use tandem_server::admission::{
+    check_capacity, hands_back, judge_decoding, prefill_shape, suggested_k, DecodeRoom, Demand, PassLimits, Prefill, DECODED_PACE_TOKENS,
+};
 use tandem_server::batcher::{batch_shape, Batcher, PendingWork, RoundClock, RoundsDue, Scheduled, WorkKind};
 use tandem_server::engine::{verify_ms_by_k, REACH_FLOOR};
 use tandem_server::{new_acceptance, prompt_per_token, round_demand, tokens_left, work_deadline, Pace, RecentLengths, TypicalRound};
@@ -117,6 +119,12 @@ enum Event {
     HandoffAtServer {
         session: usize,
     },
+    /// The server's hand-back, with the session's `tokens` so far, reached
+    /// the edge: it drafts again.
+    HandedBackAtEdge {
+        session: usize,
+        tokens: usize,
+    },
     /// Server-only: the last token reached the edge.
     FinishedAtEdge {
         session: usize,
@@ -158,8 +166,13 @@ struct Session {
     round_clock: RoundClock,
     /// Drafts verified in its last round (None before its first).
     last_k: Option<usize>,
-    /// Decoded on the server since the edge handed it off.
-    handed_off: bool,
+    /// Decoded on the server since the edge handed it off: when, its
+    /// tokens then and its time per token until then (the server's
+    /// `HandedOff`).
+    handed_off: Option<(Ns, usize, Option<f64>)>,
+    /// Ever handed off, and ever handed back (for its record).
+    ever_handed_off: bool,
+    handed_back: bool,
 }
 
 pub struct World<'a, F: EdgeFactory> {
@@ -194,9 +207,11 @@ pub struct World<'a, F: EdgeFactory> {
     busy_ms: f64,
     /// EWMA of pass times, ms (the server's `last_pass_ms`).
     last_pass_ms: f64,
-    /// Whether the server could decode every admitted session, as of the
-    /// latest pass (the server's `Admission::decode_room`).
-    decode_room: bool,
+    /// The server's room to decode every admitted session, as of the
+    /// latest pass, and a decode step of each's passes (its
+    /// `Admission::decode_room`, `decode_cycle_ms`).
+    decode_room: DecodeRoom,
+    decode_cycle_ms: f64,
     /// Lengths of the generations that ended (the server's).
     lengths: RecentLengths,
     passes: usize,
@@ -236,7 +251,8 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             last_finish: 0,
             busy_ms: 0.0,
             last_pass_ms: 10.0,
-            decode_room: false,
+            decode_room: DecodeRoom::default(),
+            decode_cycle_ms: 0.0,
             lengths: RecentLengths::default(),
             passes: 0,
             estimate_errors: Vec::new(),
@@ -293,6 +309,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             Event::OpenedAtEdge { session } => self.opened_at_edge(session),
             Event::VerdictAtEdge { session, verified, accepted, server_ms, hints } => self.verdict_at_edge(session, verified, accepted, server_ms, &hints),
             Event::HandoffAtServer { session } => self.handoff_at_server(session),
+            Event::HandedBackAtEdge { session, tokens } => self.handed_back_at_edge(session, tokens),
             Event::FinishedAtEdge { session } => self.finish(session),
             Event::PassDone => self.pass_done(),
             Event::Wake => {
@@ -362,7 +379,9 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             pending: None,
             round_clock: RoundClock::default(),
             last_k: None,
-            handed_off: false,
+            handed_off: None,
+            ever_handed_off: false,
+            handed_back: false,
         });
         let up = self.one_way(id, 64 + 4 * bench_prompt.tokens.len(), true);
         self.at(self.now + ns(up), Event::OpenAtServer { session: id });
@@ -422,7 +441,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
     fn admitted_demands(&self) -> (Vec<Demand>, Option<TypicalRound>) {
         let (tpot, max_new) = (self.tpot(), self.cfg.max_new_tokens);
         let last = |s: &Session| s.last_k.map(|k| (k, s.acceptance.expected_tokens(k)));
-        let typical = TypicalRound::of(self.admitted.iter().filter(|&&i| !self.sessions[i].handed_off).filter_map(|&i| last(&self.sessions[i])));
+        let typical = TypicalRound::of(self.admitted.iter().filter(|&&i| self.sessions[i].handed_off.is_none()).filter_map(|&i| last(&self.sessions[i])));
         let admitted = self
             .admitted
             .iter()
@@ -430,7 +449,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
                 let s = &self.sessions[i];
                 let prompt = self.cfg.prompts[s.prompt].tokens.len();
                 let prefill_left = prefill_shape(prompt - s.prefilled, prompt);
-                round_demand(s.handed_off, last(s), typical, prompt + s.generated + max_new.saturating_sub(s.generated) / 2, tpot, prefill_left)
+                round_demand(s.handed_off.is_some(), last(s), typical, prompt + s.generated + max_new.saturating_sub(s.generated) / 2, tpot, prefill_left)
                     .with_successor(prompt, max_new, tpot)
             })
             .collect();
@@ -463,7 +482,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         let pace = s.first_token_at.map(|t| Pace {
             first_token_at: self.instant(t),
             tokens_since: s.generated - 1,
-            prompt_per_token: prompt_per_token(s.handed_off, s.round_clock.gap(), pass, expected_tokens),
+            prompt_per_token: prompt_per_token(s.handed_off.is_some(), s.round_clock.gap(), pass, expected_tokens),
             tokens_left: tokens_left(self.cfg.max_new_tokens, self.lengths.reach(), s.generated, expected_tokens),
         });
         work_deadline(kind, self.instant(s.opened_at), pace, self.instant(self.now), Some(ttft), Some(tpot), expected_tokens)
@@ -550,10 +569,8 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         self.batcher.executed(&batch, measured);
         self.last_pass_ms = 0.8 * self.last_pass_ms + 0.2 * measured;
         // As the server's runner publishes to admission after each pass.
-        self.decode_room = self.batcher.estimator().is_some_and(|e| {
-            let bound = e.bound();
-            decoding_fits(&|s| bound.upper(s), &|s| bound.expected(s), &self.admitted_demands().0, self.cfg.limits)
-        });
+        let bound = self.batcher.estimator().map(|e| e.bound());
+        (self.decode_room, self.decode_cycle_ms) = judge_decoding(bound.as_ref(), &self.admitted_demands().0, self.cfg.limits);
         for s in &batch {
             let (prefill, verified) = s.service();
             self.service.charge(&s.work.tenant, prefill, verified);
@@ -616,16 +633,10 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         let tenant = s.tenant.clone();
         self.tenant_acceptance.entry(tenant).or_insert_with(new_acceptance).observe(verified, accepted);
         let cached = self.cache_len(session);
-        let generated = self.sessions[session].generated;
         let hints = match self.batcher.estimator() {
             Some(_) => RoundHints {
                 verify_ms_by_k: verify_ms_by_k(self.batcher.as_ref(), cached),
-                suggested_k: suggested_k(
-                    self.decode_room,
-                    self.last_pass_ms,
-                    self.sessions[session].first_token_at.filter(|_| generated > 1).map(|at| ms(self.now - at) / (generated - 1) as f64),
-                    self.batcher.suggested_k(&|k| self.sessions[session].acceptance.expected_tokens(k), cached),
-                ),
+                suggested_k: suggested_k(self.decode_room, self.last_pass_ms, self.decode_cycle_ms, self.ms_per_token(session), self.batcher_k(session)),
                 pass_ms: Some(self.last_pass_ms),
             },
             None => RoundHints::default(),
@@ -636,11 +647,35 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         self.at(self.now + ns(down), Event::VerdictAtEdge { session, verified, accepted, server_ms, hints });
     }
 
+    /// The session's time per token since its first, ms (the server's
+    /// `Session::ms_per_token`).
+    fn ms_per_token(&self, session: usize) -> Option<f64> {
+        let s = &self.sessions[session];
+        s.first_token_at.filter(|_| s.generated > 1).map(|at| ms(self.now - at) / (s.generated - 1) as f64)
+    }
+
+    /// The batcher's draft length for a session (the server's `batcher_k`).
+    fn batcher_k(&self, session: usize) -> Option<usize> {
+        self.batcher.suggested_k(&|k| self.sessions[session].acceptance.expected_tokens(k), self.cache_len(session))
+    }
+
     fn after_decode(&mut self, session: usize) {
         self.sessions[session].generated += 1;
-        if self.sessions[session].generated >= self.output_len(session) {
+        let generated = self.sessions[session].generated;
+        if generated >= self.output_len(session) {
             let down = self.profile(self.sessions[session].device).rtt_ms / 2.0;
             self.at(self.now + ns(down), Event::FinishedAtEdge { session });
+        } else if self.sessions[session].handed_off.is_some_and(|(at, then, drafting_ms)| {
+            let decoded = generated - then;
+            let decoded_ms = (decoded >= DECODED_PACE_TOKENS).then(|| ms(self.now - at) / decoded as f64);
+            hands_back(self.decode_room, self.batcher_k(session), drafting_ms, decoded_ms)
+        }) {
+            // As the server's `after_decode`: the session's next message is a round.
+            self.sessions[session].handed_off = None;
+            self.sessions[session].handed_back = true;
+            self.round_clock(session, RoundClock::answered);
+            let down = self.one_way(session, 64, false);
+            self.at(self.now + ns(down), Event::HandedBackAtEdge { session, tokens: generated });
         } else {
             self.queue_step(session, WorkKind::Decode, 1);
         }
@@ -725,10 +760,22 @@ impl<'a, F: EdgeFactory> World<'a, F> {
     /// The server decodes the rest of a handed-off session, as in
     /// server-only mode.
     fn handoff_at_server(&mut self, session: usize) {
-        self.sessions[session].handed_off = true;
+        let drafting_ms = self.ms_per_token(session);
+        self.sessions[session].handed_off = Some((self.now, self.sessions[session].generated, drafting_ms));
+        self.sessions[session].ever_handed_off = true;
         self.round_clock(session, |clock, _| *clock = RoundClock::default());
         self.queue_step(session, WorkKind::Decode, 1);
         self.schedule();
+    }
+
+    /// The edge drafts again from the server's tokens (as `Speculator::generate`).
+    fn handed_back_at_edge(&mut self, session: usize, tokens: usize) {
+        let s = &mut self.sessions[session];
+        s.tokens = tokens;
+        if let Some(c) = s.controller.as_mut() {
+            c.handed_back();
+        }
+        self.next_round(session);
     }
 
     fn finish(&mut self, session: usize) {
@@ -749,7 +796,8 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             drafted: s.drafted,
             accepted: s.accepted,
             wasted_draft_ms: s.wasted_ms,
-            handed_off: s.handed_off,
+            handed_off: s.ever_handed_off,
+            handed_back: s.handed_back,
             slo_met: ttft <= self.cfg.slo_ttft_ms as f64 && tpot <= self.cfg.slo_tpot_ms as f64,
             ended_s: ms(self.now) / 1e3,
             ..Default::default()
