@@ -432,7 +432,7 @@ impl Engine {
         let now = Instant::now();
         s.last_active = now;
         s.server_only = true;
-        s.handed_off = Some(HandedOff::new(s, now));
+        s.handed_off = Some(HandedOff { at: now, generated: s.generated, drafting_ms: s.ms_per_token(now) });
         // No more rounds are coming: the batcher must not wait for one.
         s.round_clock = Default::default();
         s.ticket.update(s.demand(self.admission.typical_round()));

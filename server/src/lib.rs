@@ -18,4 +18,4 @@ pub mod validate;
 pub mod wisp;
 
 pub use error::ServeError;
-pub use session::{new_acceptance, prompt_per_token, round_demand, tokens_left, work_deadline, Pace, RecentLengths, TypicalRound};
+pub use session::{new_acceptance, prompt_per_token, round_demand, tokens_left, work_deadline, HandedOff, Pace, RecentLengths, TypicalRound};

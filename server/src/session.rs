@@ -105,22 +105,20 @@ impl Session {
     }
 }
 
-/// Where a session stood when its edge handed it off.
-pub(crate) struct HandedOff {
-    at: Instant,
-    generated: usize,
-    /// Its time per token until then, ms.
-    drafting_ms: Option<f64>,
+/// Where a session stood when its edge handed it off: when, its tokens
+/// then, and its time per token until then (ms). Public for the simulator.
+#[derive(Clone, Copy, Debug)]
+pub struct HandedOff {
+    pub at: Instant,
+    pub generated: usize,
+    pub drafting_ms: Option<f64>,
 }
 
 impl HandedOff {
-    pub(crate) fn new(s: &Session, now: Instant) -> Self {
-        HandedOff { at: now, generated: s.generated, drafting_ms: s.ms_per_token(now) }
-    }
-
     /// Its time per token drafting and, after `DECODED_PACE_TOKENS`,
-    /// decoded (ms): what `hands_back` compares.
-    pub(crate) fn paces(&self, now: Instant, generated: usize) -> (Option<f64>, Option<f64>) {
+    /// decoded (ms), with `generated` tokens at `now`: what `hands_back`
+    /// compares.
+    pub fn paces(&self, now: Instant, generated: usize) -> (Option<f64>, Option<f64>) {
         let decoded = generated.saturating_sub(self.generated);
         let decoded_ms = (decoded >= DECODED_PACE_TOKENS).then(|| now.saturating_duration_since(self.at).as_secs_f64() * 1e3 / decoded as f64);
         (self.drafting_ms, decoded_ms)

@@ -169,7 +169,10 @@ fn a_handed_off_session_is_decoded_by_the_server_losslessly() {
     let mut target = client(&server.url(), None);
     let first = target.open(&req.prompt, &req.sampling, req.max_new_tokens).unwrap();
     let mut context = [req.prompt.clone(), vec![first]].concat();
-    // One round whose two drafts are the target's own next tokens.
+    // One round whose two drafts are the target's own next tokens, drafted
+    // at a device's pace: a session that had its tokens faster drafting
+    // than decoded would be handed back (`admission::hands_back`).
+    std::thread::sleep(Duration::from_millis(300));
     let round = target.verify(&context, &reference[1..3], &[]).unwrap();
     assert_eq!(round.verdict.accepted, 2);
     assert!(round.hints.pass_ms.is_some_and(|ms| ms > 0.0), "the hints carry the server's pass time");

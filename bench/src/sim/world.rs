@@ -24,12 +24,10 @@ use std::time::{Duration, Instant};
 use tandem_edge::controller::{RoundHints, SpeculationController};
 use tandem_estimators::{AcceptanceEstimator, CounterWeights, ServiceGap, VerifyTimeCalibration, VerifyTimeEstimator};
 use tandem_model::{DraftSource, SamplingParams, SessionRng};
-use tandem_server::admission::{
-    check_capacity, hands_back, judge_decoding, prefill_shape, suggested_k, DecodeRoom, Demand, PassLimits, Prefill, DECODED_PACE_TOKENS,
-};
+use tandem_server::admission::{check_capacity, hands_back, judge_decoding, prefill_shape, suggested_k, DecodeRoom, Demand, PassLimits, Prefill};
 use tandem_server::batcher::{batch_shape, Batcher, PendingWork, RoundClock, RoundsDue, Scheduled, WorkKind};
 use tandem_server::engine::{verify_ms_by_k, REACH_FLOOR};
-use tandem_server::{new_acceptance, prompt_per_token, round_demand, tokens_left, work_deadline, Pace, RecentLengths, TypicalRound};
+use tandem_server::{new_acceptance, prompt_per_token, round_demand, tokens_left, work_deadline, HandedOff, Pace, RecentLengths, TypicalRound};
 
 /// Simulated time, ns since the epoch.
 type Ns = u64;
@@ -166,10 +164,8 @@ struct Session {
     round_clock: RoundClock,
     /// Drafts verified in its last round (None before its first).
     last_k: Option<usize>,
-    /// Decoded on the server since the edge handed it off: when, its
-    /// tokens then and its time per token until then (the server's
-    /// `HandedOff`).
-    handed_off: Option<(Ns, usize, Option<f64>)>,
+    /// Decoded on the server since the edge handed it off.
+    handed_off: Option<HandedOff>,
     /// Ever handed off, and ever handed back (for its record).
     ever_handed_off: bool,
     handed_back: bool,
@@ -665,9 +661,8 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         if generated >= self.output_len(session) {
             let down = self.profile(self.sessions[session].device).rtt_ms / 2.0;
             self.at(self.now + ns(down), Event::FinishedAtEdge { session });
-        } else if self.sessions[session].handed_off.is_some_and(|(at, then, drafting_ms)| {
-            let decoded = generated - then;
-            let decoded_ms = (decoded >= DECODED_PACE_TOKENS).then(|| ms(self.now - at) / decoded as f64);
+        } else if self.sessions[session].handed_off.is_some_and(|h| {
+            let (drafting_ms, decoded_ms) = h.paces(self.instant(self.now), generated);
             hands_back(self.decode_room, self.batcher_k(session), drafting_ms, decoded_ms)
         }) {
             // As the server's `after_decode`: the session's next message is a round.
@@ -760,8 +755,8 @@ impl<'a, F: EdgeFactory> World<'a, F> {
     /// The server decodes the rest of a handed-off session, as in
     /// server-only mode.
     fn handoff_at_server(&mut self, session: usize) {
-        let drafting_ms = self.ms_per_token(session);
-        self.sessions[session].handed_off = Some((self.now, self.sessions[session].generated, drafting_ms));
+        let handed_off = HandedOff { at: self.instant(self.now), generated: self.sessions[session].generated, drafting_ms: self.ms_per_token(session) };
+        self.sessions[session].handed_off = Some(handed_off);
         self.sessions[session].ever_handed_off = true;
         self.round_clock(session, |clock, _| *clock = RoundClock::default());
         self.queue_step(session, WorkKind::Decode, 1);
