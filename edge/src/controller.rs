@@ -330,9 +330,10 @@ impl SpeculationController {
         self.adaptive && self.hand_off_allowed && self.decode_suggested >= HANDOFF_ROUNDS && pass_ms <= TPOT_MARGIN * tpot
     }
 
-    /// The server handed the session back (its room to decode is gone):
-    /// the server's suggestion to decode is void, and a new hand-off
-    /// needs `HANDOFF_ROUNDS` new ones.
+    /// The server handed the session back (its room to decode is gone, or
+    /// the session got its tokens more slowly decoded than drafting): the
+    /// server's suggestion to decode is void, and a new hand-off needs
+    /// `HANDOFF_ROUNDS` new ones.
     pub fn handed_back(&mut self) {
         self.decode_suggested = 0;
         self.suggested_k = None;

@@ -39,7 +39,8 @@ pub trait Target {
 pub struct Decoded {
     pub tokens: Vec<u32>,
     /// The target handed the generation back before its end (a server
-    /// whose room to decode is gone): the edge drafts again.
+    /// without room to decode, or decoding it more slowly than it was
+    /// drafted): the edge drafts again.
     pub handed_back: bool,
 }
 
