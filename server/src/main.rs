@@ -65,8 +65,9 @@ struct Cli {
     /// true]; false hands every hand-off back after one token.
     #[arg(long)]
     hand_offs: Option<bool>,
-    /// Write the verification-time calibration of the warm-start sweep here
-    /// (JSON `VerifyTimeProfile`, what `tandem-bench sim --calibration` reads).
+    /// Write the verification-time calibration of the warm-start sweep here,
+    /// with the idle penalty measured first (JSON `VerifyTimeProfile`, what
+    /// `tandem-bench sim --calibration` reads).
     /// Needs a policy with an estimator (wisp).
     #[arg(long)]
     calibration_out: Option<PathBuf>,
@@ -166,8 +167,12 @@ async fn serve() -> Result<()> {
         tenant_weights,
         hand_offs: cfg.hand_offs,
     };
+    // For the simulator, which adds it to the sweep's back-to-back fit (the
+    // server's own estimator refits from the passes it serves, after idle
+    // or not).
+    let idle_penalty = calibration_out.as_ref().map(|_| tandem_server::profile::idle_penalty(&model.llama)).transpose()?;
     let (engine, runner) = Engine::spawn(model, batcher, engine_cfg, metrics.clone())?;
-    if let Some(path) = &calibration_out {
+    if let (Some(path), Some(idle_penalty)) = (&calibration_out, idle_penalty) {
         let calibration = engine.warm_start_calibration().context("`--calibration-out` needs `--policy wisp` (fcfs has no estimator)")?;
         let model_name = model_path.file_name().map_or_else(|| model_path.display().to_string(), |n| n.to_string_lossy().into_owned());
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -175,6 +180,7 @@ async fn serve() -> Result<()> {
             label: format!("measured: tandem-server warm-start sweep, {} ({cores} cores), {model_name}", cfg.device),
             measured: true,
             calibration: calibration.clone(),
+            idle_penalty,
         };
         std::fs::write(path, serde_json::to_string_pretty(&profile)?).with_context(|| format!("writing --calibration-out {}", path.display()))?;
         info!(path = %path.display(), "calibration written");

@@ -120,7 +120,7 @@ fn world_config<'a>(policy: Policy, cfg: &SimConfig, workload: Workload, inputs:
         tenants: cfg.tenants,
         profiles: inputs.profiles,
         prompts: inputs.prompts,
-        calibration: &inputs.calibration.calibration,
+        pass_times: inputs.calibration,
         limits: batcher_config(cfg).pass_limits(),
     }
 }
@@ -199,7 +199,11 @@ pub fn run(cfg: &SimConfig, inputs: &SimInputs, epoch: Instant) -> Result<Report
         ratios: ratios(&reports),
         policies: reports,
         notes: vec![
-            format!("simulated, not measured: pass times from the calibration ({}) times ratios drawn from its residuals; links as in live", if inputs.calibration.measured { "measured" } else { "roofline, not measured" }),
+            format!(
+                "simulated, not measured: pass times from the calibration ({}) times ratios drawn from its residuals{}; links as in live",
+                if inputs.calibration.measured { "measured" } else { "roofline, not measured" },
+                if inputs.calibration.idle_penalty.points.is_empty() { "" } else { ", plus its measured penalty for idling before a pass" }
+            ),
             "estimator MAPE: the scheduler's estimator against the simulated pass times; service gap: the largest spread of VTC counters (prefill 1, verified position 2) between backlogged tenants; verify s/token: simulated pass seconds per output token".into(),
             crate::report::GOODPUT_NOTE.into(),
         ],
@@ -209,7 +213,7 @@ pub fn run(cfg: &SimConfig, inputs: &SimInputs, epoch: Instant) -> Result<Report
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tandem_estimators::VerifyTimeCalibration;
+    use tandem_estimators::{IdlePenalty, VerifyTimeCalibration};
 
     /// A pass cost of `coefficients` (pass, sequence, token, token×context,
     /// scored; ms), ±10 % residuals.
@@ -224,6 +228,7 @@ mod tests {
                 gram: [[0.0; 5]; 5],
                 moment: [0.0; 5],
             },
+            idle_penalty: Default::default(),
         }
     }
 
@@ -303,6 +308,29 @@ mod tests {
         assert!((0.0..=1.0).contains(&report.slo_attainment));
         assert_eq!(report.sessions, out.records.len(), "simulate and World agree");
         report
+    }
+
+    /// Mean simulated pass, ms, of one device's sessions under `policy`.
+    fn mean_pass_ms(policy: Policy, calibration: &VerifyTimeProfile) -> f64 {
+        let cfg = config(1, 300);
+        let prompts = prompts(cfg.max_new_tokens);
+        let profiles = [DeviceProfile::laptop()];
+        let inputs = SimInputs { calibration, profiles: &profiles, prompts: &prompts, provenance: "test", real: None };
+        let edges = Edges { real: None, hand_off: false };
+        let out = World::new(world_config(policy, &cfg, cfg.workload, &inputs), batcher(policy, &cfg, calibration), &edges, Instant::now()).run();
+        out.busy_ms / out.passes as f64
+    }
+
+    #[test]
+    fn a_pass_after_idle_pays_the_idle_penalty() {
+        let idling = VerifyTimeProfile { idle_penalty: IdlePenalty { points: vec![(8.0, 2.0), (32.0, 5.0)] }, ..cpu_like() };
+        // SLED's server waits a round trip and the drafting (over 50 ms)
+        // before every pass; centralized decoding runs its steps back to
+        // back and idles only between sessions.
+        let sled = mean_pass_ms(Policy::Sled, &idling) - mean_pass_ms(Policy::Sled, &cpu_like());
+        assert!((4.0..=5.5).contains(&sled), "SLED's passes: {sled:.2} ms more");
+        let centralized = mean_pass_ms(Policy::Centralized, &idling) - mean_pass_ms(Policy::Centralized, &cpu_like());
+        assert!((0.0..0.5).contains(&centralized), "centralized decoding's passes: {centralized:.2} ms more");
     }
 
     #[test]

@@ -108,6 +108,7 @@ pub fn profile(gpu: &Gpu, model: &ModelShape) -> VerifyTimeProfile {
         ),
         measured: false,
         calibration: estimator.calibration(),
+        idle_penalty: Default::default(),
     }
 }
 

@@ -12,8 +12,10 @@
 //! round); the model crate's draft sources
 //! (`SyntheticDraft`, `NgramDraft`, cached real proposals). What is
 //! modelled: a pass takes the calibration's predicted time times a ratio
-//! drawn from the calibration's measured residuals, and links take half
-//! the round trip (± jitter) plus size over bandwidth, as in `live`.
+//! drawn from the calibration's measured residuals, plus its idle penalty
+//! (what a pass costs after the device idled, by the idle time since the
+//! last pass ended), and links take half the round trip (± jitter) plus
+//! size over bandwidth, as in `live`.
 
 use crate::live::{join_delay, DeviceProfile, REFUSED_RETRY};
 use crate::prompts::BenchPrompt;
@@ -22,7 +24,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use tandem_edge::controller::{RoundHints, SpeculationController};
-use tandem_estimators::{AcceptanceEstimator, CounterWeights, ServiceGap, VerifyTimeCalibration, VerifyTimeEstimator};
+use tandem_estimators::{AcceptanceEstimator, CounterWeights, IdlePenalty, ServiceGap, VerifyTimeEstimator, VerifyTimeProfile};
 use tandem_model::{DraftSource, SamplingParams, SessionRng};
 use tandem_server::admission::{check_capacity, hands_back, judge_decoding, prefill_shape, suggested_k, DecodeRoom, Demand, PassLimits, Prefill};
 use tandem_server::batcher::{batch_shape, Batcher, PendingWork, RoundClock, RoundsDue, Scheduled, WorkKind};
@@ -65,7 +67,7 @@ pub struct WorldConfig<'a> {
     pub profiles: &'a [DeviceProfile],
     pub prompts: &'a [BenchPrompt],
     /// The ground truth of pass times.
-    pub calibration: &'a VerifyTimeCalibration,
+    pub pass_times: &'a VerifyTimeProfile,
     /// The pass limits admission costs sessions under (a batcher with an
     /// estimator gates opens on SLO capacity, as the server does).
     pub limits: PassLimits,
@@ -182,6 +184,7 @@ pub struct World<'a, F: EdgeFactory> {
     sessions: Vec<Session>,
     batcher: Box<dyn Batcher>,
     truth: VerifyTimeEstimator,
+    idle_penalty: IdlePenalty,
     residuals: Vec<f64>,
     noise: SessionRng,
     arrivals: SessionRng,
@@ -200,6 +203,8 @@ pub struct World<'a, F: EdgeFactory> {
     records: Vec<SessionRecord>,
     per_device_next: Vec<usize>,
     last_finish: Ns,
+    /// When the latest pass ended (the device idles from then).
+    last_pass_end: Ns,
     busy_ms: f64,
     /// EWMA of pass times, ms (the server's `last_pass_ms`).
     last_pass_ms: f64,
@@ -218,8 +223,9 @@ impl<'a, F: EdgeFactory> World<'a, F> {
     /// `epoch` is the instant simulated time 0 stands for (the batchers
     /// take `Instant`s); it is never compared with a clock.
     pub fn new(cfg: WorldConfig<'a>, batcher: Box<dyn Batcher>, factory: &'a F, epoch: Instant) -> Self {
-        let truth = VerifyTimeEstimator::from_calibration(cfg.calibration, 1.0);
-        let residuals: Vec<f64> = cfg.calibration.residual_ratios.iter().copied().filter(|r| r.is_finite() && *r > 0.0).collect();
+        let truth = VerifyTimeEstimator::from_calibration(&cfg.pass_times.calibration, 1.0);
+        let idle_penalty = cfg.pass_times.idle_penalty.clone();
+        let residuals: Vec<f64> = cfg.pass_times.calibration.residual_ratios.iter().copied().filter(|r| r.is_finite() && *r > 0.0).collect();
         let seed = cfg.seed;
         World {
             cfg,
@@ -232,6 +238,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             sessions: Vec::new(),
             batcher,
             truth,
+            idle_penalty,
             residuals: if residuals.is_empty() { vec![1.0] } else { residuals },
             noise: SessionRng::new(seed ^ 0x0A55_0000),
             arrivals: SessionRng::new(seed ^ 0xA771_7A15),
@@ -245,6 +252,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             records: Vec::new(),
             per_device_next: Vec::new(),
             last_finish: 0,
+            last_pass_end: 0,
             busy_ms: 0.0,
             last_pass_ms: 10.0,
             decode_room: DecodeRoom::default(),
@@ -550,7 +558,8 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         }
         let shape = batch_shape(&batch);
         let ratio = self.residuals[(self.noise.next_f64() * self.residuals.len() as f64) as usize % self.residuals.len()];
-        let actual = (self.truth.predict(shape) * ratio).max(1e-3);
+        let idle_ms = ms(self.now - self.last_pass_end);
+        let actual = (self.truth.predict(shape) * ratio).max(1e-3) + self.idle_penalty.extra_ms(idle_ms);
         if let Some((predicted, _)) = self.batcher.estimate_ms(shape) {
             self.estimate_errors.push((predicted - actual).abs() / actual);
         }
@@ -562,6 +571,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
 
     fn pass_done(&mut self) {
         let (batch, measured) = self.in_flight.take().expect("a pass was running");
+        self.last_pass_end = self.now;
         self.batcher.executed(&batch, measured);
         self.last_pass_ms = 0.8 * self.last_pass_ms + 0.2 * measured;
         // As the server's runner publishes to admission after each pass.
