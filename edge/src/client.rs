@@ -255,6 +255,27 @@ impl RemoteTarget {
         Ok(())
     }
 
+    /// Asks the server to decode the session from `context` on.
+    fn send_handoff(&mut self, context: &[u32]) -> Result<(), EdgeError> {
+        let stream = self.stream.as_mut().expect("a stream is open");
+        let msg = Handoff { base_len: context.len() as u32 };
+        self.rt
+            .block_on(stream.tx.send(EdgeMessage { kind: Some(EdgeKind::Handoff(msg)) }))
+            .map_err(|_| EdgeError::Server(Status::unavailable("stream closed")))
+    }
+
+    /// Makes sure a stream is open on which the session is handed off:
+    /// a lost one resumes as a drafting session and hands off at once.
+    /// (Resuming in server-only mode, as before stop 50, left the session
+    /// on the server for good: it cannot tell such a session has a draft.)
+    fn ensure_handed_off(&mut self, context: &[u32]) -> Result<(), EdgeError> {
+        if self.stream.is_some() {
+            return Ok(());
+        }
+        self.ensure_stream(context, false)?;
+        self.send_handoff(context)
+    }
+
     /// Server-only generation: the server decodes; tokens stream back.
     pub fn generate_server_only(
         &mut self,
@@ -276,17 +297,26 @@ impl RemoteTarget {
         on_token(first);
         if !finished && !eos.contains(&first) {
             // Sessions opened in server-only mode are never handed back.
-            self.receive_decoded(&mut context, &mut on_token, eos, &|| false)?;
+            self.receive_decoded(&mut context, false, &mut on_token, eos, &|| false)?;
         }
         Ok(context[prompt.len()..].to_vec())
     }
 
     /// Reads the tokens the server decodes until the generation ends,
     /// `stop` says so or the server hands the session back (then returns
-    /// true), appending them to `context` (resuming in server-only mode if
-    /// the stream is lost). Stopping closes the stream, which ends the
-    /// session on the server.
-    fn receive_decoded(&mut self, context: &mut Vec<u32>, on_token: &mut dyn FnMut(u32), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<bool, EdgeError> {
+    /// true), appending them to `context`. If the stream is lost it
+    /// resumes as it was opened: a session the edge handed off reopens as
+    /// a drafting one and hands off again, so the new server may hand it
+    /// back; a server-only one reopens in server-only mode. Stopping
+    /// closes the stream, which ends the session on the server.
+    fn receive_decoded(
+        &mut self,
+        context: &mut Vec<u32>,
+        handed_off: bool,
+        on_token: &mut dyn FnMut(u32),
+        eos: &[u32],
+        stop: &dyn Fn() -> bool,
+    ) -> Result<bool, EdgeError> {
         let mut done = false;
         while !done && context.len() - self.prompt_len < self.max_new_tokens {
             if stop() {
@@ -294,7 +324,10 @@ impl RemoteTarget {
                 break;
             }
             let msg = self.with_resume(|t| {
-                t.ensure_stream(context, true)?;
+                match handed_off {
+                    true => t.ensure_handed_off(context)?,
+                    false => t.ensure_stream(context, true)?,
+                }
                 let stream = t.stream.as_mut().expect("ensured");
                 match t.rt.block_on(stream.rx.message()) {
                     Ok(Some(m)) => Ok(m),
@@ -384,17 +417,12 @@ impl Target for RemoteTarget {
     }
 
     fn hand_off(&mut self, context: &[u32], on_token: &mut dyn FnMut(u32), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<Decoded, EdgeError> {
-        self.with_resume(|t| match t.stream.as_mut() {
-            Some(stream) => {
-                let msg = Handoff { base_len: context.len() as u32 };
-                t.rt.block_on(stream.tx.send(EdgeMessage { kind: Some(EdgeKind::Handoff(msg)) }))
-                    .map_err(|_| EdgeError::Server(Status::unavailable("stream closed")))
-            }
-            // Resuming in server-only mode is a hand-off too.
-            None => t.ensure_stream(context, true),
+        self.with_resume(|t| match t.stream.is_some() {
+            true => t.send_handoff(context),
+            false => t.ensure_handed_off(context),
         })?;
         let mut decoded = context.to_vec();
-        let handed_back = self.receive_decoded(&mut decoded, on_token, eos, stop)?;
+        let handed_back = self.receive_decoded(&mut decoded, true, on_token, eos, stop)?;
         Ok(Decoded { tokens: decoded.split_off(context.len()), handed_back })
     }
 }

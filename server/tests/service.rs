@@ -279,6 +279,51 @@ fn a_session_handed_back_is_drafted_again_losslessly() {
     assert_eq!(handbacks, 1.0 + g.handed_back as f64);
 }
 
+/// A handed-off session whose stream is lost (here: its server killed
+/// mid-hand-off and restarted on the same port) resumes as a drafting
+/// session that hands off again, so the new server may still hand it back;
+/// the tokens are the target's own throughout.
+#[test]
+fn a_hand_off_resumed_on_a_new_stream_can_still_be_handed_back() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut server = Some(ServerProcess::start(&["--listen", &listen]));
+    let m = model();
+    let req = request("Write a short story about a robot learning to paint.", 48);
+    let reference = local(&req);
+    let mut target = client(&server.as_ref().unwrap().url(), None);
+    let first = target.open(&req.prompt, &req.sampling, req.max_new_tokens).unwrap();
+    let context = [req.prompt.clone(), vec![first]].concat();
+    // An idle server with room decodes the hand-off; after its second token
+    // it dies, and its successor has no room for edges' sessions.
+    let mut restarted = None;
+    let mut received = 0;
+    let decoded = target
+        .hand_off(
+            &context,
+            &mut |_| {
+                received += 1;
+                if received == 2 {
+                    let old = server.take().expect("the first server");
+                    old.signal(9);
+                    drop(old);
+                    restarted = Some(ServerProcess::start(&["--listen", &listen, "--hand-offs", "false"]));
+                }
+            },
+            m.tokenizer.eos_tokens(),
+            &|| false,
+        )
+        .unwrap();
+    assert!(restarted.is_some() && target.resumes >= 1, "the stream was never lost");
+    assert!(decoded.handed_back, "the resumed hand-off was never handed back ({} tokens decoded)", decoded.tokens.len());
+    assert!(decoded.tokens.len() >= 2 && decoded.tokens.len() < req.max_new_tokens - 1);
+    assert_eq!(decoded.tokens, reference[1..1 + decoded.tokens.len()], "decoded tokens differ from plain decoding");
+    // Drafting again, on the new server.
+    let context = [context, decoded.tokens.clone()].concat();
+    let at = context.len() - req.prompt.len();
+    let round = target.verify(&context, &reference[at..at + 2], &[]).unwrap();
+    assert_eq!((round.verdict.accepted, round.verdict.next), (2, reference[at + 2]));
+}
+
 #[test]
 fn missing_or_wrong_keys_and_tenant_caps_are_refused() {
     let tenants = write_file("caps.toml", TENANTS);
