@@ -24,7 +24,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use tandem_edge::controller::{RoundHints, SpeculationController};
-use tandem_estimators::{AcceptanceEstimator, CounterWeights, IdlePenalty, ServiceGap, VerifyTimeEstimator, VerifyTimeProfile};
+use tandem_estimators::{AcceptanceEstimator, CounterWeights, ServiceGap, VerifyTimeEstimator, VerifyTimeProfile};
 use tandem_model::{DraftSource, SamplingParams, SessionRng};
 use tandem_server::admission::{check_capacity, hands_back, judge_decoding, prefill_shape, suggested_k, DecodeRoom, Demand, PassLimits, Prefill};
 use tandem_server::batcher::{batch_shape, Batcher, PendingWork, RoundClock, RoundsDue, Scheduled, WorkKind};
@@ -184,7 +184,6 @@ pub struct World<'a, F: EdgeFactory> {
     sessions: Vec<Session>,
     batcher: Box<dyn Batcher>,
     truth: VerifyTimeEstimator,
-    idle_penalty: IdlePenalty,
     residuals: Vec<f64>,
     noise: SessionRng,
     arrivals: SessionRng,
@@ -224,7 +223,6 @@ impl<'a, F: EdgeFactory> World<'a, F> {
     /// take `Instant`s); it is never compared with a clock.
     pub fn new(cfg: WorldConfig<'a>, batcher: Box<dyn Batcher>, factory: &'a F, epoch: Instant) -> Self {
         let truth = VerifyTimeEstimator::from_calibration(&cfg.pass_times.calibration, 1.0);
-        let idle_penalty = cfg.pass_times.idle_penalty.clone();
         let residuals: Vec<f64> = cfg.pass_times.calibration.residual_ratios.iter().copied().filter(|r| r.is_finite() && *r > 0.0).collect();
         let seed = cfg.seed;
         World {
@@ -238,7 +236,6 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             sessions: Vec::new(),
             batcher,
             truth,
-            idle_penalty,
             residuals: if residuals.is_empty() { vec![1.0] } else { residuals },
             noise: SessionRng::new(seed ^ 0x0A55_0000),
             arrivals: SessionRng::new(seed ^ 0xA771_7A15),
@@ -559,7 +556,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         let shape = batch_shape(&batch);
         let ratio = self.residuals[(self.noise.next_f64() * self.residuals.len() as f64) as usize % self.residuals.len()];
         let idle_ms = ms(self.now - self.last_pass_end);
-        let actual = (self.truth.predict(shape) * ratio).max(1e-3) + self.idle_penalty.extra_ms(idle_ms);
+        let actual = (self.truth.predict(shape) * ratio).max(1e-3) + self.cfg.pass_times.idle_penalty.extra_ms(idle_ms);
         if let Some((predicted, _)) = self.batcher.estimate_ms(shape) {
             self.estimate_errors.push((predicted - actual).abs() / actual);
         }
