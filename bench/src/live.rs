@@ -424,7 +424,7 @@ fn run_session(
             record.tpot_ms = if tokens > 1 { (g.wall_ms - g.ttft_ms) / (tokens - 1) as f64 } else { 0.0 };
             (record.rounds, record.drafted, record.accepted, record.wasted_draft_ms) = (g.rounds, g.drafted, g.accepted, g.wasted_draft_ms);
             record.handed_off = g.handed_off_after.is_some();
-            record.handed_back = g.handed_back > 0;
+            record.hand_backs = g.handed_back;
             record.slo_met = record.ttft_ms <= cfg.slo_ttft_ms as f64 && record.tpot_ms <= cfg.slo_tpot_ms as f64;
         }
         Err(EdgeError::Server(s)) if s.code() == tonic::Code::ResourceExhausted => record.refused = true,

@@ -70,9 +70,10 @@ pub struct SessionRecord {
     /// The edge handed the rest of the session to the server to decode.
     #[serde(default)]
     pub handed_off: bool,
-    /// The server handed the session back to be drafted again (at least once).
+    /// Times the server handed the session back to be drafted again (each
+    /// after a hand-off; reports before stop 51 kept only whether it did).
     #[serde(default)]
-    pub handed_back: bool,
+    pub hand_backs: usize,
     pub slo_met: bool,
     /// The output differs from the target's own greedy output (a bug).
     pub mismatch: bool,
@@ -203,6 +204,11 @@ pub struct PolicyReport {
     /// reports written before hand-backs).
     #[serde(default)]
     pub handed_back: Option<f64>,
+    /// Hand-backs per session handed back, on average: how often a
+    /// session went between drafting and being decoded (None when none
+    /// was, and in reports before stop 51).
+    #[serde(default)]
+    pub hand_backs_per_session: Option<f64>,
     pub wasted_draft_ms_per_session: f64,
     /// Jain's index of tokens served per device (1: perfectly even).
     #[serde(default)]
@@ -290,7 +296,12 @@ pub fn summarize(policy: Policy, records: Vec<SessionRecord>, wall_s: f64, windo
         acceptance: if drafted == 0 { 0.0 } else { accepted as f64 / drafted as f64 },
         tokens_per_round: if rounds == 0 { 0.0 } else { (accepted + rounds) as f64 / rounds as f64 },
         handed_off: Some(share(&|r| r.handed_off)),
-        handed_back: Some(share(&|r| r.handed_back)),
+        handed_back: Some(share(&|r| r.hand_backs > 0)),
+        hand_backs_per_session: {
+            let back = served.iter().filter(|r| r.hand_backs > 0);
+            let (sessions, hand_backs) = back.fold((0, 0), |(n, sum), r| (n + 1, sum + r.hand_backs));
+            (sessions > 0).then(|| hand_backs as f64 / sessions as f64)
+        },
         wasted_draft_ms_per_session: served.iter().map(|r| r.wasted_draft_ms).sum::<f64>() / served.len().max(1) as f64,
         jain_index: jain(&per_device.values().copied().collect::<Vec<_>>()),
         server,
@@ -423,9 +434,10 @@ impl Report {
                 r.tpot_p99_ms,
                 r.acceptance * 100.0,
                 r.tokens_per_round,
-                opt(r.handed_off, |v| match r.handed_back.filter(|b| *b > 0.0) {
-                    Some(b) => format!("{:.0} % ({:.0} % back)", v * 100.0, b * 100.0),
-                    None => format!("{:.0} %", v * 100.0),
+                opt(r.handed_off, |v| match (r.handed_back.filter(|b| *b > 0.0), r.hand_backs_per_session) {
+                    (Some(b), Some(times)) => format!("{:.0} % ({:.0} % back, {times:.1}× each)", v * 100.0, b * 100.0),
+                    (Some(b), None) => format!("{:.0} % ({:.0} % back)", v * 100.0, b * 100.0),
+                    (None, _) => format!("{:.0} %", v * 100.0),
                 }),
                 r.wasted_draft_ms_per_session,
                 opt(r.server.estimator_mape, |v| format!("{:.1} %", v * 100.0)),

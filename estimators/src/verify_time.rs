@@ -112,6 +112,46 @@ pub struct VerifyTimeProfile {
     /// written before stop 50).
     #[serde(default)]
     pub idle_penalty: IdlePenalty,
+    /// The cost model a computed profile was fitted to. A simulator takes
+    /// it, not `calibration`'s linear fit, as the pass times' ground truth
+    /// (measured profiles have none; nor do files written before stop 51).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roofline: Option<Roofline>,
+}
+
+/// A pass's time on a device with nothing but its datasheet: the longer
+/// of its memory time and its compute time.
+/// - memory: the weights once, plus the K and V of every position each
+///   sequence attends to, once (a fused attention kernel reads a
+///   sequence's cache once for all its new tokens);
+/// - compute: a matmul's FLOPs per new token, plus attention's FLOPs per
+///   new token and position attended to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Roofline {
+    /// Memory bandwidth, bytes/s.
+    pub bandwidth: f64,
+    /// Dense FLOP/s at the weights' precision.
+    pub flops: f64,
+    /// Bytes read once per pass (the weights).
+    pub weight_bytes: f64,
+    /// K and V of one cached position, all layers, bytes.
+    pub kv_bytes_per_position: f64,
+    /// FLOPs per new token outside attention (2 × parameters).
+    pub flops_per_token: f64,
+    /// Attention FLOPs per new token and position it attends to
+    /// (4 × layers × hidden).
+    pub flops_per_token_position: f64,
+}
+
+impl Roofline {
+    /// A pass of `tokens` new tokens whose sequences attend to `positions`
+    /// positions in all (Σ context + new tokens) and `token_context` in
+    /// all over their new tokens (as `BatchShape::token_context`), ms.
+    pub fn pass_ms(&self, tokens: usize, positions: usize, token_context: usize) -> f64 {
+        let memory = (self.weight_bytes + positions as f64 * self.kv_bytes_per_position) / self.bandwidth;
+        let compute = (self.flops_per_token * tokens as f64 + self.flops_per_token_position * token_context as f64) / self.flops;
+        memory.max(compute) * 1e3
+    }
 }
 
 /// The extra time of a pass that follows an idle gap, by the gap's
@@ -417,7 +457,9 @@ mod tests {
         assert_eq!(IdlePenalty::default().extra_ms(100.0), 0.0);
         // A file written before the penalty existed.
         let calibration = VerifyTimeEstimator::new(0.9, 0.99).calibration();
-        let mut json = serde_json::to_value(VerifyTimeProfile { label: "old".into(), measured: true, calibration, idle_penalty: penalty.clone() }).unwrap();
+        let mut json =
+            serde_json::to_value(VerifyTimeProfile { label: "old".into(), measured: true, calibration, idle_penalty: penalty.clone(), roofline: None })
+                .unwrap();
         json.as_object_mut().unwrap().remove("idle_penalty");
         let old: VerifyTimeProfile = serde_json::from_value(json.clone()).unwrap();
         assert_eq!(old.idle_penalty, IdlePenalty::default());

@@ -181,6 +181,7 @@ async fn serve() -> Result<()> {
             measured: true,
             calibration: calibration.clone(),
             idle_penalty,
+            roofline: None,
         };
         std::fs::write(path, serde_json::to_string_pretty(&profile)?).with_context(|| format!("writing --calibration-out {}", path.display()))?;
         info!(path = %path.display(), "calibration written");

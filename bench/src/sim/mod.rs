@@ -7,7 +7,7 @@
 mod roofline;
 mod world;
 
-pub use roofline::{named as roofline, pass_ms, profile as roofline_profile, Gpu, ModelShape, A100_SXM_80GB, H100_SXM, LLAMA3_8B_BF16, QWEN3_32B_BF16};
+pub use roofline::{named as roofline, profile as roofline_profile, Gpu, ModelShape, A100_SXM_80GB, H100_SXM, LLAMA3_8B_BF16, QWEN3_32B_BF16};
 pub use world::{Arrivals, EdgeFactory, Outcome, World, WorldConfig};
 
 use crate::live::{self, DeviceProfile, DraftKind, Workload};
@@ -200,8 +200,12 @@ pub fn run(cfg: &SimConfig, inputs: &SimInputs, epoch: Instant) -> Result<Report
         policies: reports,
         notes: vec![
             format!(
-                "simulated, not measured: pass times from the calibration ({}) times ratios drawn from its residuals{}; links as in live",
-                if inputs.calibration.measured { "measured" } else { "roofline, not measured" },
+                "simulated, not measured: pass times {}{}; links as in live",
+                match (&inputs.calibration.roofline, inputs.calibration.measured) {
+                    (Some(_), _) => "from the roofline itself (not measured; the scheduler's estimator starts from its linear fit)",
+                    (None, true) => "from the measured calibration's fit times ratios drawn from its residuals",
+                    (None, false) => "from the calibration's fit (not measured) times ratios drawn from its residuals",
+                },
                 if inputs.calibration.idle_penalty.points.is_empty() { "" } else { ", plus its measured penalty for idling before a pass" }
             ),
             "estimator MAPE: the scheduler's estimator against the simulated pass times; service gap: the largest spread of VTC counters (prefill 1, verified position 2) between backlogged tenants; verify s/token: simulated pass seconds per output token".into(),
@@ -229,6 +233,7 @@ mod tests {
                 moment: [0.0; 5],
             },
             idle_penalty: Default::default(),
+            roofline: None,
         }
     }
 
@@ -334,6 +339,21 @@ mod tests {
     }
 
     #[test]
+    fn a_computed_profile_times_passes_by_its_roofline_not_its_fit() {
+        // A fit that says 1 ms a pass, beside the H100 roofline it
+        // (deliberately wrongly) stands for: 16 GB of weights at 3.35 TB/s
+        // is 4.8 ms whatever one device's pass holds.
+        let fitted = profile("test: 1 ms", [1.0, 0.0, 0.0, 0.0, 0.0]);
+        let computed = VerifyTimeProfile { roofline: Some(roofline::roofline(&H100_SXM, &LLAMA3_8B_BF16)), ..fitted.clone() };
+        for policy in [Policy::Centralized, Policy::Sled] {
+            let by_fit = mean_pass_ms(policy, &fitted);
+            assert!((0.9..1.1).contains(&by_fit), "{policy:?} by the fit: {by_fit:.3} ms");
+            let by_roofline = mean_pass_ms(policy, &computed);
+            assert!((4.79..4.9).contains(&by_roofline), "{policy:?} by the roofline: {by_roofline:.3} ms");
+        }
+    }
+
+    #[test]
     fn sim_conserves_tokens_and_is_deterministic_for_a_seed() {
         let cfg = config(4, 300);
         for policy in [Policy::Centralized, Policy::Sled, Policy::Wisp] {
@@ -377,6 +397,8 @@ mod tests {
         let wisp = run_on(Policy::Wisp, &cfg, &gpu_like());
         let (handed_off, handed_back) = (wisp.handed_off.unwrap_or(0.0), wisp.handed_back.unwrap_or(0.0));
         assert!(handed_back > 0.0 && handed_back < handed_off, "{:.1} % handed off, {:.1} % back", handed_off * 100.0, handed_back * 100.0);
+        // Each hand-back is counted: at least one for every session handed back.
+        assert!(wisp.hand_backs_per_session.is_some_and(|n| n >= 1.0), "{:?} hand-backs each", wisp.hand_backs_per_session);
         assert!(wisp.slo_attainment >= 0.99, "attainment {:.3}", wisp.slo_attainment);
     }
 

@@ -3,20 +3,18 @@
 //! and FLOPs per token. Every such profile is labelled "roofline, not
 //! measured" and names its assumptions in its label.
 //!
-//! A pass takes the longer of its memory time and its compute time:
-//! - memory: every weight once, plus each sequence's K and V once (a fused
-//!   attention kernel reads a sequence's cache once for all its new
-//!   tokens) at its context length;
-//! - compute: 2·params FLOPs per new token, plus the attention's
-//!   4·layers·hidden FLOPs per token and context position.
+//! The cost model is `tandem_estimators::Roofline` (memory time against
+//! compute time); this module holds the datasheets and model sizes.
 //!
 //! The calibration file holds the estimator's linear model, so the profile
 //! is that model fitted (non-negative least squares, the estimator's own
 //! warm start) to the roofline over a sweep of batch shapes up to the
 //! sizes the simulator's GPU runs use; the fit's ratios measured/predicted
-//! become the profile's residuals.
+//! become the profile's residuals. The profile also carries the roofline
+//! itself, which the simulator takes as the ground truth of pass times;
+//! the fit is only what the scheduler's estimator starts from.
 
-use tandem_estimators::{BatchShape, VerifyTimeEstimator, VerifyTimeProfile};
+use tandem_estimators::{BatchShape, Roofline, VerifyTimeEstimator, VerifyTimeProfile};
 
 /// A GPU's datasheet figures.
 #[derive(Clone, Debug)]
@@ -63,33 +61,47 @@ impl ModelShape {
     }
 }
 
+/// The roofline of `model` on `gpu`.
+pub fn roofline(gpu: &Gpu, model: &ModelShape) -> Roofline {
+    Roofline {
+        bandwidth: gpu.bandwidth,
+        flops: gpu.flops,
+        weight_bytes: model.params * model.bytes_per_param,
+        kv_bytes_per_position: model.kv_bytes(),
+        flops_per_token: 2.0 * model.params,
+        flops_per_token_position: 4.0 * (model.layers * model.hidden) as f64,
+    }
+}
+
 /// One pass of `seqs` sequences, each with `tokens` new tokens after
-/// `context` cached positions, plus a `prefill`-token prompt chunk, ms.
-pub fn pass_ms(gpu: &Gpu, model: &ModelShape, seqs: usize, tokens: usize, context: usize, prefill: usize) -> f64 {
-    let new_tokens = (seqs * tokens + prefill) as f64;
-    let cached = (seqs * (context + tokens) + prefill) as f64;
-    let memory = (model.params * model.bytes_per_param + cached * model.kv_bytes()) / gpu.bandwidth;
-    let token_context = (seqs * tokens * (context + tokens) + prefill * prefill) as f64;
-    let compute = (2.0 * model.params * new_tokens + 4.0 * (model.layers * model.hidden) as f64 * token_context) / gpu.flops;
-    memory.max(compute) * 1e3
+/// `context` cached positions, plus a `prefill`-token prompt chunk: its
+/// shape and its roofline time, ms.
+fn pass(roofline: &Roofline, seqs: usize, tokens: usize, context: usize, prefill: usize) -> (BatchShape, f64) {
+    let shape = BatchShape {
+        seqs: seqs + usize::from(prefill > 0),
+        tokens: seqs * tokens + prefill,
+        token_context: seqs * tokens * (context + tokens) + prefill * prefill,
+        prefill_tokens: prefill,
+    };
+    let positions = seqs * (context + tokens) + prefill;
+    (shape, roofline.pass_ms(shape.tokens, positions, shape.token_context))
 }
 
 /// The profile of `model` on `gpu`, in the calibration file format.
 pub fn profile(gpu: &Gpu, model: &ModelShape) -> VerifyTimeProfile {
+    let truth = roofline(gpu, model);
     let mut sweep = Vec::new();
     for seqs in [1usize, 2, 4, 8, 16, 32, 64, 128] {
         for tokens in [1usize, 2, 3, 5, 9] {
             for context in [128usize, 256, 512, 1024] {
                 if seqs * tokens <= 1024 {
-                    let shape = BatchShape { seqs, tokens: seqs * tokens, token_context: seqs * tokens * (context + tokens), prefill_tokens: 0 };
-                    sweep.push((shape, pass_ms(gpu, model, seqs, tokens, context, 0)));
+                    sweep.push(pass(&truth, seqs, tokens, context, 0));
                 }
             }
         }
     }
     for prefill in [64usize, 128, 256, 512] {
-        let shape = BatchShape { seqs: 1, tokens: prefill, token_context: prefill * prefill, prefill_tokens: prefill };
-        sweep.push((shape, pass_ms(gpu, model, 0, 0, 0, prefill)));
+        sweep.push(pass(&truth, 0, 0, 0, prefill));
     }
     let mut estimator = VerifyTimeEstimator::new(0.9, 1.0);
     estimator.warm_start(&sweep);
@@ -109,6 +121,7 @@ pub fn profile(gpu: &Gpu, model: &ModelShape) -> VerifyTimeProfile {
         measured: false,
         calibration: estimator.calibration(),
         idle_penalty: Default::default(),
+        roofline: Some(truth),
     }
 }
 
@@ -127,18 +140,19 @@ mod tests {
 
     #[test]
     fn h100_llama3_8b_roofline_is_nearly_flat_in_batch_size_and_the_fit_follows_it() {
+        let h100 = roofline(&H100_SXM, &LLAMA3_8B_BF16);
         // 16.06 GB of weights at 3.35 TB/s.
-        assert!((pass_ms(&H100_SXM, &LLAMA3_8B_BF16, 1, 1, 0, 0) - 4.794).abs() < 0.01);
+        assert!((pass(&h100, 1, 1, 0, 0).1 - 4.794).abs() < 0.01);
         // A 32-sequence round of 5 tokens costs well under twice a single decode step.
-        let one = pass_ms(&H100_SXM, &LLAMA3_8B_BF16, 1, 1, 256, 0);
-        let round = pass_ms(&H100_SXM, &LLAMA3_8B_BF16, 32, 5, 256, 0);
+        let one = pass(&h100, 1, 1, 256, 0).1;
+        let round = pass(&h100, 32, 5, 256, 0).1;
         assert!(round < 2.0 * one, "{round} vs {one}");
         let p = profile(&H100_SXM, &LLAMA3_8B_BF16);
         assert!(!p.measured && p.label.starts_with("roofline, not measured"));
+        assert_eq!(p.roofline.as_ref(), Some(&h100), "the profile carries its roofline");
         let e = VerifyTimeEstimator::from_calibration(&p.calibration, 1.0);
         for (seqs, tokens, context) in [(1, 1, 256), (8, 5, 512), (32, 5, 256), (64, 3, 1024)] {
-            let shape = BatchShape { seqs, tokens: seqs * tokens, token_context: seqs * tokens * (context + tokens), prefill_tokens: 0 };
-            let truth = pass_ms(&H100_SXM, &LLAMA3_8B_BF16, seqs, tokens, context, 0);
+            let (shape, truth) = pass(&h100, seqs, tokens, context, 0);
             assert!((e.predict(shape) / truth - 1.0).abs() < 0.25, "{seqs}×{tokens}@{context}: fit {} vs roofline {truth}", e.predict(shape));
         }
     }

@@ -14,7 +14,9 @@
 //! modelled: a pass takes the calibration's predicted time times a ratio
 //! drawn from the calibration's measured residuals, plus its idle penalty
 //! (what a pass costs after the device idled, by the idle time since the
-//! last pass ended), and links take half the round trip (± jitter) plus
+//! last pass ended), or, for a computed profile, its roofline's time of
+//! the pass itself (which sees each sequence's context, where the fit sees
+//! only the batch's sums); links take half the round trip (± jitter) plus
 //! size over bandwidth, as in `live`.
 
 use crate::live::{join_delay, DeviceProfile, REFUSED_RETRY};
@@ -24,7 +26,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use tandem_edge::controller::{RoundHints, SpeculationController};
-use tandem_estimators::{AcceptanceEstimator, CounterWeights, ServiceGap, VerifyTimeEstimator, VerifyTimeProfile};
+use tandem_estimators::{AcceptanceEstimator, BatchShape, CounterWeights, Roofline, ServiceGap, VerifyTimeEstimator, VerifyTimeProfile};
 use tandem_model::{DraftSource, SamplingParams, SessionRng};
 use tandem_server::admission::{check_capacity, hands_back, judge_decoding, prefill_shape, suggested_k, DecodeRoom, Demand, PassLimits, Prefill};
 use tandem_server::batcher::{batch_shape, Batcher, PendingWork, RoundClock, RoundsDue, Scheduled, WorkKind};
@@ -168,9 +170,9 @@ struct Session {
     last_k: Option<usize>,
     /// Decoded on the server since the edge handed it off.
     handed_off: Option<HandedOff>,
-    /// Ever handed off, and ever handed back (for its record).
+    /// Ever handed off, and times handed back (for its record).
     ever_handed_off: bool,
-    handed_back: bool,
+    hand_backs: usize,
 }
 
 pub struct World<'a, F: EdgeFactory> {
@@ -183,8 +185,7 @@ pub struct World<'a, F: EdgeFactory> {
     next_event: u64,
     sessions: Vec<Session>,
     batcher: Box<dyn Batcher>,
-    truth: VerifyTimeEstimator,
-    residuals: Vec<f64>,
+    truth: PassTimes,
     noise: SessionRng,
     arrivals: SessionRng,
     queue: VecDeque<PendingWork>,
@@ -218,12 +219,46 @@ pub struct World<'a, F: EdgeFactory> {
     estimate_errors: Vec<f64>,
 }
 
+/// The ground truth of pass times.
+enum PassTimes {
+    /// A measured profile: its fit times a ratio drawn from its residuals.
+    Fitted { fit: Box<VerifyTimeEstimator>, residuals: Vec<f64> },
+    /// A computed profile: the cost model it was fitted to.
+    Roofline(Roofline),
+}
+
+impl PassTimes {
+    fn of(profile: &VerifyTimeProfile) -> Self {
+        if let Some(roofline) = &profile.roofline {
+            return PassTimes::Roofline(roofline.clone());
+        }
+        let residuals: Vec<f64> = profile.calibration.residual_ratios.iter().copied().filter(|r| r.is_finite() && *r > 0.0).collect();
+        PassTimes::Fitted {
+            fit: Box::new(VerifyTimeEstimator::from_calibration(&profile.calibration, 1.0)),
+            residuals: if residuals.is_empty() { vec![1.0] } else { residuals },
+        }
+    }
+
+    /// How long `batch` (of `shape`) takes, ms, idle penalty aside.
+    fn pass_ms(&self, batch: &[Scheduled], shape: BatchShape, noise: &mut SessionRng) -> f64 {
+        match self {
+            PassTimes::Fitted { fit, residuals } => {
+                let ratio = residuals[(noise.next_f64() * residuals.len() as f64) as usize % residuals.len()];
+                (fit.predict(shape) * ratio).max(1e-3)
+            }
+            PassTimes::Roofline(roofline) => {
+                let positions = batch.iter().map(|s| s.work.context + s.tokens).sum();
+                roofline.pass_ms(shape.tokens, positions, shape.token_context)
+            }
+        }
+    }
+}
+
 impl<'a, F: EdgeFactory> World<'a, F> {
     /// `epoch` is the instant simulated time 0 stands for (the batchers
     /// take `Instant`s); it is never compared with a clock.
     pub fn new(cfg: WorldConfig<'a>, batcher: Box<dyn Batcher>, factory: &'a F, epoch: Instant) -> Self {
-        let truth = VerifyTimeEstimator::from_calibration(&cfg.pass_times.calibration, 1.0);
-        let residuals: Vec<f64> = cfg.pass_times.calibration.residual_ratios.iter().copied().filter(|r| r.is_finite() && *r > 0.0).collect();
+        let truth = PassTimes::of(cfg.pass_times);
         let seed = cfg.seed;
         World {
             cfg,
@@ -236,7 +271,6 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             sessions: Vec::new(),
             batcher,
             truth,
-            residuals: if residuals.is_empty() { vec![1.0] } else { residuals },
             noise: SessionRng::new(seed ^ 0x0A55_0000),
             arrivals: SessionRng::new(seed ^ 0xA771_7A15),
             queue: VecDeque::new(),
@@ -382,7 +416,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             last_k: None,
             handed_off: None,
             ever_handed_off: false,
-            handed_back: false,
+            hand_backs: 0,
         });
         let up = self.one_way(id, 64 + 4 * bench_prompt.tokens.len(), true);
         self.at(self.now + ns(up), Event::OpenAtServer { session: id });
@@ -554,9 +588,8 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             return;
         }
         let shape = batch_shape(&batch);
-        let ratio = self.residuals[(self.noise.next_f64() * self.residuals.len() as f64) as usize % self.residuals.len()];
         let idle_ms = ms(self.now - self.last_pass_end);
-        let actual = (self.truth.predict(shape) * ratio).max(1e-3) + self.cfg.pass_times.idle_penalty.extra_ms(idle_ms);
+        let actual = self.truth.pass_ms(&batch, shape, &mut self.noise) + self.cfg.pass_times.idle_penalty.extra_ms(idle_ms);
         if let Some((predicted, _)) = self.batcher.estimate_ms(shape) {
             self.estimate_errors.push((predicted - actual).abs() / actual);
         }
@@ -674,7 +707,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         }) {
             // As the server's `after_decode`: the session's next message is a round.
             self.sessions[session].handed_off = None;
-            self.sessions[session].handed_back = true;
+            self.sessions[session].hand_backs += 1;
             self.round_clock(session, RoundClock::answered);
             let down = self.one_way(session, 64, false);
             self.at(self.now + ns(down), Event::HandedBackAtEdge { session, tokens: generated });
@@ -799,7 +832,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             accepted: s.accepted,
             wasted_draft_ms: s.wasted_ms,
             handed_off: s.ever_handed_off,
-            handed_back: s.handed_back,
+            hand_backs: s.hand_backs,
             slo_met: ttft <= self.cfg.slo_ttft_ms as f64 && tpot <= self.cfg.slo_tpot_ms as f64,
             ended_s: ms(self.now) / 1e3,
             ..Default::default()
