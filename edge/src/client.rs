@@ -338,8 +338,6 @@ impl RemoteTarget {
             let Some(ServerKind::Tokens(tokens)) = msg.kind else {
                 return Err(EdgeError::Server(Status::internal("expected `tokens` in server-only mode")));
             };
-            // The states of the positions the tokens follow.
-            self.receive_features(context.len() - 1, tokens.tokens.len(), &tokens.features)?;
             for t in tokens.tokens {
                 context.push(t);
                 on_token(t);
@@ -347,6 +345,9 @@ impl RemoteTarget {
             }
             done |= tokens.finished;
             if tokens.handed_back && !done {
+                // The states of the positions decoded from, up to the last token.
+                let start = tokens.features_start as usize;
+                self.receive_features(start, (context.len() - 1).saturating_sub(start), &tokens.features)?;
                 return Ok(true);
             }
         }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tandem_estimators::{AcceptanceEstimator, BatchShape, CounterWeights, ServiceGap, VerifyTimeCalibration};
 use tandem_model::{judge_round, LoadedModel, LogitsFor, SeqPass, Verdict};
 use tandem_protocol::features;
-use tandem_protocol::limits::{MAX_DRAFT_TOKENS, MAX_FEATURE_BYTES};
+use tandem_protocol::limits::MAX_DRAFT_TOKENS;
 use tandem_protocol::wire::{Hints, Opened, ServerKind, ServerMessage, Tokens, Verdict as WireVerdict};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
@@ -364,7 +364,7 @@ impl Engine {
             server_only: open.server_only,
             handed_off: None,
             want_features: open.want_features,
-            prefill_features: Vec::new(),
+            held_features: Vec::new(),
             opened: false,
             pending_verify: None,
             out,
@@ -576,11 +576,7 @@ impl Engine {
     fn after_prefill(&mut self, id: SessionId, scheduled: &Scheduled, s: &mut Session, logits: &tandem_model::Logits, states: &[f32]) -> bool {
         let done = s.cache.len();
         if s.want_features {
-            s.prefill_features.extend_from_slice(states);
-            let most = MAX_FEATURE_BYTES / 2 / self.model.llama.config().hidden * self.model.llama.config().hidden;
-            if s.prefill_features.len() > most {
-                s.prefill_features.drain(..s.prefill_features.len() - most);
-            }
+            s.hold_features(states, self.model.llama.config().hidden);
         }
         if done < s.prefill_target {
             // Continue with the next chunk before anything queued later.
@@ -597,7 +593,7 @@ impl Engine {
         s.first_token = Some((Instant::now(), s.generated));
         s.ticket.update(s.demand(self.admission.typical_round()));
         let finished = s.finished(self.model.tokenizer.eos_tokens());
-        let features = features::encode(&std::mem::take(&mut s.prefill_features));
+        let features = features::encode(&std::mem::take(&mut s.held_features));
         let features_start = (s.prefill_target - features.len() / 2 / self.model.llama.config().hidden) as u32;
         let msg = Opened {
             session_id: id.to_string(),
@@ -682,11 +678,19 @@ impl Engine {
                 let (drafting_ms, decoded_ms) = h.paces(now, s.generated);
                 !self.cfg.hand_offs || admission::hands_back(self.admission.decode_room(), self.batcher_k(s), drafting_ms, decoded_ms)
             });
-        let features = match s.want_features && s.handed_off.is_some() {
-            true => features::encode(states.get(..self.model.llama.config().hidden).unwrap_or_default()),
-            false => vec![],
+        // The decoded positions' states go to the edge only if it drafts again.
+        let hidden = self.model.llama.config().hidden;
+        if s.want_features && s.handed_off.is_some() {
+            s.hold_features(states.get(..hidden).unwrap_or_default(), hidden);
+        }
+        let (features, features_start) = match handed_back {
+            true => {
+                let rows = s.held_features.len() / hidden;
+                (features::encode(&std::mem::take(&mut s.held_features)), (s.context.len() - 1 - rows) as u32)
+            }
+            false => (vec![], 0),
         };
-        if !send(&s.out, ServerKind::Tokens(Tokens { tokens: vec![token], finished, handed_back, features })) || finished {
+        if !send(&s.out, ServerKind::Tokens(Tokens { tokens: vec![token], finished, handed_back, features, features_start })) || finished {
             return false;
         }
         if handed_back {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_estimators::{AcceptanceEstimator, BatchShape};
 use tandem_model::{KvCache, LogitsFor, SamplingParams};
-use tandem_protocol::limits::MAX_DRAFT_TOKENS;
+use tandem_protocol::limits::{MAX_DRAFT_TOKENS, MAX_FEATURE_BYTES};
 use tokio::sync::oneshot;
 
 /// A verification waiting for its pass: the request, where its outcome
@@ -39,10 +39,11 @@ pub(crate) struct Session {
     /// Decoded here since its edge handed it off (`server_only` as well):
     /// handed back to the edge's drafts where that pays (`hands_back`).
     pub(crate) handed_off: Option<HandedOff>,
-    /// Report hidden states; those of the prefill so far (the latest
-    /// that fit in `opened.features`).
+    /// Report hidden states; those not sent yet: of the prefill so far,
+    /// for `opened`, or of the positions decoded since a hand-off, for the
+    /// hand-back (the latest that fit in one message).
     pub(crate) want_features: bool,
-    pub(crate) prefill_features: Vec<f32>,
+    pub(crate) held_features: Vec<f32>,
     pub(crate) opened: bool,
     pub(crate) pending_verify: Option<PendingVerify>,
     pub(crate) out: OutSender,
@@ -62,6 +63,16 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    /// Holds `states` (rows of `hidden`) to send later, keeping the latest
+    /// `MAX_FEATURE_BYTES` of them.
+    pub(crate) fn hold_features(&mut self, states: &[f32], hidden: usize) {
+        self.held_features.extend_from_slice(states);
+        let most = MAX_FEATURE_BYTES / 2 / hidden * hidden;
+        if self.held_features.len() > most {
+            self.held_features.drain(..self.held_features.len() - most);
+        }
+    }
+
     /// A queue entry for `tokens` of `kind` work, with the deadline its SLO
     /// sets: TTFT from the open for prefill, the TPOT budget of the tokens
     /// a round is expected to yield for verification and decode.

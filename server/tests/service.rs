@@ -9,7 +9,7 @@ use tandem_edge::client::RemoteTarget;
 use tandem_edge::controller::{SpeculationController, StopRule};
 use tandem_edge::{Decoded, EdgeError, RoundOutcome, Speculator, Target, TargetFeatures};
 use tandem_model::{DraftSpec, SamplingParams, SyntheticDraft};
-use tandem_protocol::wire::{EdgeMessage, Open, ServerKind, ServerMessage, SparseDist, VerifierClient};
+use tandem_protocol::wire::{EdgeMessage, Open, ServerKind, ServerMessage, SparseDist, Tokens, VerifierClient};
 use tandem_tests::*;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -209,9 +209,19 @@ fn a_handed_off_session_is_decoded_by_the_server_losslessly() {
     let (_, status) = raw(&server.url(), None, open_msg(prompt.clone(), 8, 0.0), |_| vec![handoff(n)]);
     expect_status(&status, Code::FailedPrecondition, "handoff.base_len");
     // After the hand-off the server decodes; a verification is refused.
-    let (got, status) = raw(&server.url(), None, open_msg(prompt, 8, 0.0), |_| vec![handoff(n + 1), verify(n + 2, vec![5], vec![])]);
+    let (got, status) = raw(&server.url(), None, open_msg(prompt.clone(), 8, 0.0), |_| vec![handoff(n + 1), verify(n + 2, vec![5], vec![])]);
     assert!(matches!(got.get(1).and_then(|m| m.kind.clone()), Some(ServerKind::Tokens(_))), "{got:?}");
     expect_status(&status, Code::FailedPrecondition, "server-only");
+    // An edge that wants the target's states gets the prompt's, and none
+    // with the tokens of a hand-off: they would be used only were the
+    // session handed back (which then carries them all).
+    let (got, status) = raw(&server.url(), None, Open { want_features: true, ..open_msg(prompt, 8, 0.0) }, |_| vec![handoff(n + 1)]);
+    assert!(status.is_ok(), "{status:?}");
+    assert!(matches!(&got[0].kind, Some(ServerKind::Opened(o)) if !o.features.is_empty()), "{:?}", got[0]);
+    let tokens: Vec<Tokens> = got[1..].iter().filter_map(|m| if let Some(ServerKind::Tokens(t)) = &m.kind { Some(t.clone()) } else { None }).collect();
+    assert_eq!(tokens.len(), got.len() - 1, "{got:?}");
+    assert!(!tokens.is_empty(), "{got:?}");
+    assert!(tokens.iter().all(|t| !t.handed_back && t.features.is_empty()), "{tokens:?}");
 }
 
 /// A server target whose hints always suggest decoding on the server: the
