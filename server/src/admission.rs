@@ -345,12 +345,15 @@ impl DecodeRoom {
             let decoded: Vec<Demand> = demands.iter().map(|d| d.decoded().times(margin)).collect();
             rounds_fit(upper, expected, &decoded, limits).is_ok()
         };
-        if fits(ROOM_MARGIN) {
-            DecodeRoom::Spare
-        } else if fits(1) {
-            DecodeRoom::Some
-        } else {
+        // Room for the sessions once is judged first: under load, where
+        // there is none, that is the only judgement a pass pays for (room
+        // for them `ROOM_MARGIN` times over implies room for them once).
+        if !fits(1) {
             DecodeRoom::None
+        } else if fits(ROOM_MARGIN) {
+            DecodeRoom::Spare
+        } else {
+            DecodeRoom::Some
         }
     }
 
