@@ -8,4 +8,4 @@ mod verify_time;
 
 pub use acceptance::AcceptanceEstimator;
 pub use counters::{CounterWeights, ServiceGap, TenantCounters};
-pub use verify_time::{BatchShape, IdlePenalty, Roofline, UpperBound, VerifyTimeCalibration, VerifyTimeEstimator, VerifyTimeProfile};
+pub use verify_time::{BatchShape, IdlePenalty, MeasuredOn, Roofline, UpperBound, VerifyTimeCalibration, VerifyTimeEstimator, VerifyTimeProfile};

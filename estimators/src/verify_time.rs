@@ -117,6 +117,24 @@ pub struct VerifyTimeProfile {
     /// (measured profiles have none; nor do files written before stop 51).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub roofline: Option<Roofline>,
+    /// What a measured profile was measured with, so a server started from
+    /// the file (`tandem-server --calibration`) can check it is the same
+    /// (none for rooflines and for files written before stop 52).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_on: Option<MeasuredOn>,
+}
+
+/// The model and device a measured profile describes. Pass times follow
+/// the model's shape and quantization and the device's cores, so a
+/// calibration taken on another is wrong from the first pass.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeasuredOn {
+    /// The model file's name and size in bytes.
+    pub model: String,
+    pub model_bytes: u64,
+    /// The server's `--device` and how many compute threads it ran.
+    pub device: String,
+    pub threads: usize,
 }
 
 /// A pass's time on a device with nothing but its datasheet: the longer
@@ -457,9 +475,15 @@ mod tests {
         assert_eq!(IdlePenalty::default().extra_ms(100.0), 0.0);
         // A file written before the penalty existed.
         let calibration = VerifyTimeEstimator::new(0.9, 0.99).calibration();
-        let mut json =
-            serde_json::to_value(VerifyTimeProfile { label: "old".into(), measured: true, calibration, idle_penalty: penalty.clone(), roofline: None })
-                .unwrap();
+        let mut json = serde_json::to_value(VerifyTimeProfile {
+            label: "old".into(),
+            measured: true,
+            calibration,
+            idle_penalty: penalty.clone(),
+            roofline: None,
+            measured_on: None,
+        })
+        .unwrap();
         json.as_object_mut().unwrap().remove("idle_penalty");
         let old: VerifyTimeProfile = serde_json::from_value(json.clone()).unwrap();
         assert_eq!(old.idle_penalty, IdlePenalty::default());

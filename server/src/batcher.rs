@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
-use tandem_estimators::{BatchShape, VerifyTimeEstimator};
+use tandem_estimators::{BatchShape, VerifyTimeCalibration, VerifyTimeEstimator};
 
 /// Opaque session handle.
 pub type SessionId = u64;
@@ -91,6 +91,8 @@ pub trait Batcher: Send {
     }
     /// Calibrates from a profiling sweep at start (shape, measured ms).
     fn warm_start(&mut self, _samples: &[(BatchShape, f64)]) {}
+    /// Calibrates from an earlier start's calibration instead.
+    fn restore(&mut self, _calibration: &VerifyTimeCalibration) {}
     fn set_tenant_weight(&mut self, _tenant: &str, _weight: f64) {}
     /// Fair-share counters per tenant, for metrics.
     fn tenant_counters(&self) -> Vec<(String, f64)> {

@@ -43,6 +43,10 @@ pub struct ServerConfig {
     /// one token (every edge drafts; server time is kept for verification
     /// and server-only clients).
     pub hand_offs: bool,
+    /// Warm-start the estimator from this file (`--calibration-out` of an
+    /// earlier start with the same model and device) instead of the
+    /// profiling sweep. None: sweep at start.
+    pub calibration: Option<PathBuf>,
     pub batcher: BatcherConfig,
 }
 
@@ -61,6 +65,7 @@ impl Default for ServerConfig {
             drain_s: 10,
             pin_threads: true,
             hand_offs: true,
+            calibration: None,
             batcher: BatcherConfig::default(),
         }
     }

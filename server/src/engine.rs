@@ -158,6 +158,9 @@ pub struct EngineConfig {
     /// Decode sessions their edges hand off while there is room (see
     /// `ServerConfig::hand_offs`).
     pub hand_offs: bool,
+    /// An earlier start's calibration to warm-start the estimator from
+    /// (`--calibration`); None: the profiling sweep.
+    pub warm_start: Option<VerifyTimeCalibration>,
 }
 
 pub struct Engine {
@@ -184,7 +187,8 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the runner thread. A batcher with an estimator is first
-    /// calibrated by a profiling sweep on the real model (a few seconds).
+    /// calibrated, from `cfg.warm_start` or by a profiling sweep on the
+    /// real model (a few seconds).
     pub fn spawn(
         model: LoadedModel,
         mut batcher: Box<dyn Batcher>,
@@ -192,10 +196,15 @@ impl Engine {
         metrics: Arc<Metrics>,
     ) -> Result<(EngineHandle, std::thread::JoinHandle<()>), ServeError> {
         if batcher.estimate_ms(Default::default()).is_some() {
-            let start = Instant::now();
-            let samples = crate::profile::sweep(&model.llama)?;
-            batcher.warm_start(&samples);
-            info!(batches = samples.len(), ms = start.elapsed().as_millis() as u64, "verification-time estimator calibrated");
+            if let Some(calibration) = &cfg.warm_start {
+                batcher.restore(calibration);
+                info!("verification-time estimator calibrated from --calibration");
+            } else {
+                let start = Instant::now();
+                let samples = crate::profile::sweep(&model.llama)?;
+                batcher.warm_start(&samples);
+                info!(batches = samples.len(), ms = start.elapsed().as_millis() as u64, "verification-time estimator calibrated");
+            }
         }
         let (tx, rx) = mpsc::channel(1024);
         let admission = Admission::new(KvBudget::new(cfg.kv_budget_bytes), cfg.limits);

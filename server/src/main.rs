@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tandem_estimators::VerifyTimeProfile;
+use tandem_estimators::{MeasuredOn, VerifyTimeCalibration, VerifyTimeProfile};
 use tandem_model::{fetch, LoadedModel};
 use tandem_protocol::limits::MAX_MESSAGE_BYTES;
 use tandem_protocol::wire::VerifierServer;
@@ -71,6 +71,11 @@ struct Cli {
     /// Needs a policy with an estimator (wisp).
     #[arg(long)]
     calibration_out: Option<PathBuf>,
+    /// Warm-start the estimator from a file `--calibration-out` wrote on an
+    /// earlier start with the same model, device and threads, instead of
+    /// the profiling sweep (a few seconds sooner ready). Needs wisp.
+    #[arg(long)]
+    calibration: Option<PathBuf>,
 }
 
 fn load_config(cli: Cli) -> Result<ServerConfig> {
@@ -91,9 +96,47 @@ fn load_config(cli: Cli) -> Result<ServerConfig> {
         cfg.batcher.policy = p;
     }
     set!(listen, device, kv_budget_mb, idle_ttl_s, drain_s, pin_threads, hand_offs);
-    set_opt!(model, tenants, tls_cert, tls_key, metrics_listen);
+    set_opt!(model, tenants, tls_cert, tls_key, metrics_listen, calibration);
     cfg.batcher.check().map_err(anyhow::Error::msg)?;
     Ok(cfg)
+}
+
+/// The model and device this server measures pass times on.
+fn measured_on(model_path: &std::path::Path, device: &str, threads: usize) -> Result<MeasuredOn> {
+    let model = model_path.file_name().map_or_else(|| model_path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let model_bytes = std::fs::metadata(model_path).with_context(|| format!("reading --model {}", model_path.display()))?.len();
+    Ok(MeasuredOn { model, model_bytes, device: device.to_string(), threads })
+}
+
+/// An earlier start's calibration (`--calibration`), if it was measured
+/// with this model on this device: another's pass times would mislead
+/// admission from the first session.
+fn read_calibration(path: &std::path::Path, here: &MeasuredOn) -> Result<VerifyTimeCalibration> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading --calibration {}", path.display()))?;
+    let profile: VerifyTimeProfile = serde_json::from_str(&text)
+        .with_context(|| format!("--calibration {}: not a calibration file (`tandem-server --calibration-out` writes one)", path.display()))?;
+    let Some(there) = profile.measured_on.filter(|_| profile.measured) else {
+        bail!(
+            "--calibration {}: \"{}\" records no server measurement (a computed roofline, or a file an older tandem-server wrote); write one with `tandem-server --calibration-out`",
+            path.display(),
+            profile.label
+        );
+    };
+    if &there != here {
+        bail!(
+            "--calibration {}: measured with {} ({} bytes) on {} with {} threads; this server runs {} ({} bytes) on {} with {} threads",
+            path.display(),
+            there.model,
+            there.model_bytes,
+            there.device,
+            there.threads,
+            here.model,
+            here.model_bytes,
+            here.device,
+            here.threads
+        );
+    }
+    Ok(profile.calibration)
 }
 
 /// How long open connections may linger after a drain.
@@ -127,7 +170,7 @@ async fn serve() -> Result<()> {
     let cli = Cli::parse();
     let calibration_out = cli.calibration_out.clone();
     let cfg = load_config(cli)?;
-    tandem_model::build_compute_pool(None, cfg.pin_threads).context("building the compute pool")?;
+    let threads = tandem_model::build_compute_pool(None, cfg.pin_threads).context("building the compute pool")?;
     match cfg.device.as_str() {
         "cpu" => {}
         "cuda" | "metal" => {
@@ -149,6 +192,11 @@ async fn serve() -> Result<()> {
     };
     let model = LoadedModel::load(&model_path).with_context(|| format!("loading --model {}", model_path.display()))?;
     let (vocab, context_len) = (model.llama.config().vocab, model.llama.config().context_len);
+    let measured_on = measured_on(&model_path, &cfg.device, threads)?;
+    if cfg.calibration.is_some() && cfg.batcher.policy != "wisp" {
+        bail!("`--calibration` needs `--policy wisp` (fcfs has no estimator)");
+    }
+    let warm_start = cfg.calibration.as_deref().map(|path| read_calibration(path, &measured_on)).transpose()?;
     let metrics = Arc::new(Metrics::default());
     let b = &cfg.batcher;
     let mut batcher: Box<dyn Batcher> = match b.policy.as_str() {
@@ -166,6 +214,7 @@ async fn serve() -> Result<()> {
         limits: b.pass_limits(),
         tenant_weights,
         hand_offs: cfg.hand_offs,
+        warm_start,
     };
     // For the simulator, which adds it to the sweep's back-to-back fit (the
     // server's own estimator refits from the passes it serves, after idle
@@ -174,14 +223,14 @@ async fn serve() -> Result<()> {
     let (engine, runner) = Engine::spawn(model, batcher, engine_cfg, metrics.clone())?;
     if let (Some(path), Some(idle_penalty)) = (&calibration_out, idle_penalty) {
         let calibration = engine.warm_start_calibration().context("`--calibration-out` needs `--policy wisp` (fcfs has no estimator)")?;
-        let model_name = model_path.file_name().map_or_else(|| model_path.display().to_string(), |n| n.to_string_lossy().into_owned());
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let source = if cfg.calibration.is_some() { "calibration carried over from --calibration" } else { "warm-start sweep" };
         let profile = VerifyTimeProfile {
-            label: format!("measured: tandem-server warm-start sweep, {} ({cores} cores), {model_name}", cfg.device),
+            label: format!("measured: tandem-server {source}, {} ({} threads), {}", measured_on.device, measured_on.threads, measured_on.model),
             measured: true,
             calibration: calibration.clone(),
             idle_penalty,
             roofline: None,
+            measured_on: Some(measured_on),
         };
         std::fs::write(path, serde_json::to_string_pretty(&profile)?).with_context(|| format!("writing --calibration-out {}", path.display()))?;
         info!(path = %path.display(), "calibration written");

@@ -42,7 +42,7 @@
 use crate::batcher::{batch_shape, Batcher, PendingWork, RoundsDue, Scheduled, WorkKind};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
-use tandem_estimators::{BatchShape, CounterWeights, TenantCounters, VerifyTimeEstimator};
+use tandem_estimators::{BatchShape, CounterWeights, TenantCounters, VerifyTimeCalibration, VerifyTimeEstimator};
 
 /// Settings of the WISP scheduler.
 #[derive(Clone, Debug)]
@@ -82,6 +82,9 @@ impl Default for WispConfig {
     }
 }
 
+/// The estimator's forgetting factor: the last few hundred passes matter.
+const FORGETTING: f64 = 0.995;
+
 /// Passes of slack within which on-time work is urgent.
 const URGENT_PASSES: f64 = 2.0;
 /// Passes of slack beyond which on-time work is relaxed: a small batch of
@@ -119,7 +122,7 @@ struct Candidate {
 
 impl WispBatcher {
     pub fn new(cfg: WispConfig) -> Self {
-        let estimator = VerifyTimeEstimator::new(cfg.quantile, 0.995);
+        let estimator = VerifyTimeEstimator::new(cfg.quantile, FORGETTING);
         Self::with_estimator(cfg, estimator)
     }
 
@@ -374,6 +377,12 @@ impl Batcher for WispBatcher {
 
     fn warm_start(&mut self, samples: &[(BatchShape, f64)]) {
         self.estimator.warm_start(samples);
+    }
+
+    fn restore(&mut self, calibration: &VerifyTimeCalibration) {
+        // The fit is the file's; the quantile of T_q is this server's.
+        let calibration = VerifyTimeCalibration { quantile: self.cfg.quantile, ..calibration.clone() };
+        self.estimator = VerifyTimeEstimator::from_calibration(&calibration, FORGETTING);
     }
 
     fn set_tenant_weight(&mut self, tenant: &str, weight: f64) {

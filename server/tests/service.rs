@@ -420,3 +420,55 @@ fn config_file_is_read_and_flags_override_it() {
     assert!(status.is_ok() && !got.is_empty(), "the flag did not override the file's budget: {status:?}");
     let _ = std::fs::remove_file(config);
 }
+
+/// `--calibration-out` at one start, `--calibration` at the next: the
+/// second server takes the file's fit instead of sweeping (it writes it
+/// back bit for bit) and serves; a file measured with other threads, or
+/// a roofline, is refused naming the flag.
+#[test]
+fn a_calibration_written_at_one_start_warm_starts_the_next() {
+    let dir = std::env::temp_dir().join(format!("tandem-calibration-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (first, second) = (dir.join("first.json"), dir.join("second.json"));
+    drop(ServerProcess::start(&["--calibration-out", first.to_str().unwrap()]));
+    let server = ServerProcess::start(&["--calibration", first.to_str().unwrap(), "--calibration-out", second.to_str().unwrap()]);
+    let read = |p: &std::path::Path| serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let (a, b) = (read(&first), read(&second));
+    assert_eq!(a["calibration"]["coefficients"], b["calibration"]["coefficients"], "the second start did not take the file's fit");
+    assert_eq!(a["measured_on"], b["measured_on"]);
+    assert!(b["label"].as_str().unwrap().contains("carried over"), "{}", b["label"]);
+    let (got, status) = raw(&server.url(), None, open_msg(vec![1, 9690, 198], 8, 0.0), |_| vec![]);
+    assert!(status.is_ok() && !got.is_empty(), "a server started from a calibration did not serve: {status:?}");
+    drop(server);
+
+    let mut other = a.clone();
+    other["measured_on"]["threads"] = serde_json::json!(64);
+    let mut computed = a.clone();
+    computed["measured"] = serde_json::json!(false);
+    computed.as_object_mut().unwrap().remove("measured_on");
+    for (name, file, needle) in [("threads.json", other, "64 threads"), ("computed.json", computed, "records no server measurement")] {
+        let path = dir.join(name);
+        std::fs::write(&path, file.to_string()).unwrap();
+        // A server that accepted the file would serve on: started as a
+        // `ServerProcess`, it must fail to listen.
+        let mut child = std::process::Command::new(workspace_binary("tandem-server"))
+            .args(["--listen", "127.0.0.1:0", "--calibration", path.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{name}: the server started from a calibration it should refuse");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("--calibration") && stderr.contains(needle), "{name}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -234,6 +234,7 @@ mod tests {
             },
             idle_penalty: Default::default(),
             roofline: None,
+            measured_on: None,
         }
     }
 

@@ -122,6 +122,7 @@ pub fn profile(gpu: &Gpu, model: &ModelShape) -> VerifyTimeProfile {
         calibration: estimator.calibration(),
         idle_penalty: Default::default(),
         roofline: Some(truth),
+        measured_on: None,
     }
 }
 
