@@ -22,7 +22,7 @@ enum Command {
     /// Forward-pass cost per pass size and for a ragged batch, Tandem's
     /// kernels vs candle's stock QMatMul, with bytes read and bandwidth.
     Kernels {
-        /// A llama-family GGUF (default: SmolLM2-135M-Instruct, fetched on first use).
+        /// A llama-family GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct, fetched on first use).
         #[arg(long)]
         model: Option<PathBuf>,
         /// Worker threads (default: all cores).

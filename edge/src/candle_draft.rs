@@ -44,6 +44,12 @@ fn model_err(e: candle_core::Error) -> ModelError {
 
 impl CandleLayers {
     pub fn load(path: &Path, n_layers: Option<usize>, device: &Device) -> Result<Self, EdgeError> {
+        if path.is_dir() {
+            return Err(EdgeError::InvalidArgument(format!(
+                "`{}` is a folder: the candle backends read GGUF files (a Hugging Face folder runs on the cpu and wgpu backends)",
+                path.display()
+            )));
+        }
         let io = |e: std::io::Error| EdgeError::Model(ModelError::Io { path: path.display().to_string(), source: e });
         let mut file = std::fs::File::open(path).map_err(io)?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Format(format!("`{}` is not a readable GGUF file: {e}", path.display())))?;

@@ -8,6 +8,7 @@
 mod draft;
 mod error;
 pub mod fetch;
+mod hf;
 pub mod kernels;
 mod kv_cache;
 mod llama;
@@ -46,7 +47,13 @@ impl LoadedModel {
         Self::load_with(path, kernels::MatmulKernels::Tandem)
     }
 
+    /// A GGUF file, or a Hugging Face folder (`config.json`,
+    /// `*.safetensors`, `tokenizer.json`).
     pub fn load_with(path: &Path, kernels: kernels::MatmulKernels) -> Result<Self> {
+        if path.is_dir() {
+            let (llama, tokenizer) = hf::load(path, kernels)?;
+            return Ok(LoadedModel { llama: Arc::new(llama), tokenizer: Arc::new(tokenizer) });
+        }
         let io_err = |source| ModelError::Io { path: path.display().to_string(), source };
         let mut file = std::fs::File::open(path).map_err(io_err)?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Format(format!("`{}` is not a readable GGUF file: {e}", path.display())))?;

@@ -1,4 +1,5 @@
-//! Llama-family decoder (llama, SmolLM, Mistral-style GQA) from GGUF files.
+//! Llama-family decoder (llama, SmolLM, Mistral-style GQA) from GGUF files
+//! (or a Hugging Face folder, read by `hf` into the same tensors).
 //!
 //! Unlike candle-transformers' `quantized_llama`, one forward call takes a
 //! ragged batch of sequences, each with its own KV cache and start position,
@@ -8,7 +9,7 @@
 
 use crate::kernels::{attend, attention_split_rows, residual_add, rms_norm, rope_heads, silu_mul, KvView, MatmulKernels, QLinear, QMatrix, RunRows};
 use crate::{KvCache, ModelError, Result};
-use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::io::{Read, Seek};
@@ -177,8 +178,12 @@ impl Llama {
 
     /// Loads with a choice of matmul kernels (the bench's stock baseline).
     pub fn from_gguf_with<R: Read + Seek>(content: &gguf_file::Content, reader: &mut R, kernels: MatmulKernels) -> Result<Self> {
-        let cfg = LlamaConfig::from_gguf(content)?;
-        let mut tensors = TensorReader { content, reader, kernels };
+        Self::from_source(LlamaConfig::from_gguf(content)?, GgufSource { content, reader }, kernels)
+    }
+
+    /// Builds the model from tensors named as in GGUF files.
+    pub(crate) fn from_source(cfg: LlamaConfig, source: impl TensorSource, kernels: MatmulKernels) -> Result<Self> {
+        let mut tensors = TensorReader { source, kernels };
         let embed = Arc::new(tensors.matrix("token_embd.weight")?);
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
@@ -201,7 +206,7 @@ impl Llama {
         }
         let norm = Arc::new(tensors.vector("output_norm.weight", cfg.hidden)?);
         // Tied embeddings (SmolLM2) have no `output.weight`: reuse the table.
-        let head = if content.tensor_infos.contains_key("output.weight") {
+        let head = if tensors.source.contains("output.weight") {
             tensors.linear("output.weight", cfg.vocab, cfg.hidden)?
         } else {
             tensors.stock(QLinear::from_arc(embed.clone()), "token_embd.weight")?
@@ -522,16 +527,37 @@ impl Llama {
     }
 }
 
-/// Reads named tensors of one GGUF file, checking their shapes.
-struct TensorReader<'a, R> {
+/// Where a model's tensors come from, by their GGUF names
+/// (`blk.N.attn_q.weight`), in GGUF's layout.
+pub(crate) trait TensorSource {
+    fn qtensor(&mut self, name: &str) -> Result<QTensor>;
+    fn contains(&self, name: &str) -> bool;
+}
+
+struct GgufSource<'a, R> {
     content: &'a gguf_file::Content,
     reader: &'a mut R,
+}
+
+impl<R: Read + Seek> TensorSource for GgufSource<'_, R> {
+    fn qtensor(&mut self, name: &str) -> Result<QTensor> {
+        self.content.tensor(self.reader, name, &Device::Cpu).map_err(|e| ModelError::Format(format!("tensor `{name}`: {e}")))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+}
+
+/// Reads named tensors, checking their shapes.
+struct TensorReader<S> {
+    source: S,
     kernels: MatmulKernels,
 }
 
-impl<R: Read + Seek> TensorReader<'_, R> {
-    fn qtensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
-        self.content.tensor(self.reader, name, &Device::Cpu).map_err(|e| ModelError::Format(format!("tensor `{name}`: {e}")))
+impl<S: TensorSource> TensorReader<S> {
+    fn qtensor(&mut self, name: &str) -> Result<QTensor> {
+        self.source.qtensor(name)
     }
 
     fn matrix(&mut self, name: &str) -> Result<QMatrix> {

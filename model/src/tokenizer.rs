@@ -9,6 +9,7 @@
 use crate::{ModelError, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -82,17 +83,60 @@ impl Tokenizer {
         let token_bytes = tokens.iter().zip(&special).map(|(t, &s)| if s { t.as_bytes().to_vec() } else { t.chars().map(&unbyte).collect() }).collect();
         let id = |key: &str| md.get(key).map(|v| v.to_u32()).transpose();
         let mut eos: Vec<u32> = id("tokenizer.ggml.eos_token_id")?.into_iter().collect();
-        // ChatML models end a turn with <|im_end|> and a document with
-        // <|endoftext|>; either ends generation.
-        for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
-            if let Some(i) = tokens.iter().position(|t| t == name) {
-                if !eos.contains(&(i as u32)) {
-                    eos.push(i as u32);
-                }
-            }
-        }
+        add_turn_ends(&tokens, &mut eos);
         let chat = md.get("tokenizer.chat_template").map(|v| v.to_string()).transpose()?.and_then(|t| chat_template(t));
         Ok(Tokenizer { inner, token_bytes, special, eos, bos: id("tokenizer.ggml.bos_token_id")?, chat })
+    }
+
+    /// From a Hugging Face folder: `tokenizer.json` (byte-level BPE, as
+    /// from GGUF), end tokens from `config.json` and
+    /// `generation_config.json`, the chat format from
+    /// `tokenizer_config.json`.
+    pub(crate) fn from_hf_folder(dir: &std::path::Path, config: &serde_json::Value) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let inner = HfTokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer(format!("`{}`: {e}", path.display())))?;
+        if !matches!(inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_))) {
+            return Err(ModelError::Tokenizer(format!("`{}`: only byte-level BPE tokenizers are supported", path.display())));
+        }
+        let vocab = inner.get_vocab(true);
+        let mut tokens = vec![String::new(); vocab.values().max().map_or(0, |&m| m as usize + 1)];
+        for (token, id) in vocab {
+            tokens[id as usize] = token;
+        }
+        // Added tokens are stored as their text, the rest byte-level.
+        let added = inner.get_added_tokens_decoder();
+        let special = (0..tokens.len() as u32).map(|i| added.get(&i).is_some_and(|t| t.special)).collect();
+        let unbyte = byte_decoder();
+        let token_bytes = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| if added.contains_key(&(i as u32)) { t.as_bytes().to_vec() } else { t.chars().map(&unbyte).collect() })
+            .collect();
+        let generation = crate::hf::read_json(&dir.join("generation_config.json")).unwrap_or_default();
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            match v {
+                serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+                v => v.as_u64().map(|x| x as u32).into_iter().collect(),
+            }
+        };
+        let mut eos = ids(&config["eos_token_id"]);
+        eos.extend(ids(&generation["eos_token_id"]));
+        eos.sort_unstable();
+        eos.dedup();
+        add_turn_ends(&tokens, &mut eos);
+        let bos = config["bos_token_id"].as_u64().map(|b| b as u32);
+        let template = crate::hf::read_json(&dir.join("tokenizer_config.json")).ok().and_then(|c| match &c["chat_template"] {
+            serde_json::Value::String(t) => Some(t.clone()),
+            // Several named templates: the default one.
+            serde_json::Value::Array(named) => named.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str().map(String::from)),
+            _ => None,
+        });
+        Ok(Tokenizer { inner, token_bytes, special, eos, bos, chat: template.as_deref().and_then(chat_template) })
+    }
+
+    /// This tokenizer as a Hugging Face `tokenizer.json`.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -193,6 +237,18 @@ impl TextStream<'_> {
         let text = String::from_utf8_lossy(&self.pending).into_owned();
         self.pending = rest;
         Ok(text)
+    }
+}
+
+/// ChatML models end a turn with <|im_end|> and a document with
+/// <|endoftext|>, Llama 3 a turn with <|eot_id|>; each ends generation.
+fn add_turn_ends(tokens: &[String], eos: &mut Vec<u32>) {
+    for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
+        if let Some(i) = tokens.iter().position(|t| t == name) {
+            if !eos.contains(&(i as u32)) {
+                eos.push(i as u32);
+            }
+        }
     }
 }
 

@@ -29,7 +29,7 @@ struct Cli {
     /// gRPC listen address [default: 127.0.0.1:50051].
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Target model, a llama-family GGUF [default: SmolLM2-135M-Instruct, fetched on first use].
+    /// Target model, a llama-family GGUF file or Hugging Face folder [default: SmolLM2-135M-Instruct, fetched on first use].
     #[arg(long)]
     model: Option<PathBuf>,
     /// cpu, cuda or metal [default: cpu].
@@ -104,7 +104,14 @@ fn load_config(cli: Cli) -> Result<ServerConfig> {
 /// The model and device this server measures pass times on.
 fn measured_on(model_path: &std::path::Path, device: &str, threads: usize) -> Result<MeasuredOn> {
     let model = model_path.file_name().map_or_else(|| model_path.display().to_string(), |n| n.to_string_lossy().into_owned());
-    let model_bytes = std::fs::metadata(model_path).with_context(|| format!("reading --model {}", model_path.display()))?.len();
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).with_context(|| format!("reading --model {}", model_path.display()));
+    // A Hugging Face folder: its weights' files.
+    let model_bytes = if model_path.is_dir() {
+        let files = std::fs::read_dir(model_path).with_context(|| format!("reading --model {}", model_path.display()))?;
+        files.filter_map(|f| f.ok().map(|f| f.path())).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).map(|p| size(&p)).sum::<Result<u64>>()?
+    } else {
+        size(model_path)?
+    };
     Ok(MeasuredOn { model, model_bytes, device: device.to_string(), threads })
 }
 

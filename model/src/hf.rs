@@ -1,0 +1,200 @@
+//! Hugging Face model folders as targets and drafts: `config.json`,
+//! `model.safetensors` (or the shards `model.safetensors.index.json`
+//! lists), `tokenizer.json`, and `tokenizer_config.json` for the chat
+//! template. They are read into the tensors and tokenizer a GGUF file
+//! gives, so the forward is the same code.
+//!
+//! Weights are held as f32, whatever the files store (f32, f16 or bf16
+//! convert exactly): a folder is the model as published, unquantized.
+//! A quantized GGUF of the same model is smaller and faster here.
+
+use crate::kernels::MatmulKernels;
+use crate::llama::TensorSource;
+use crate::{Llama, LlamaConfig, ModelError, Result, Tokenizer};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Loads a Hugging Face llama-family folder.
+pub(crate) fn load(dir: &Path, kernels: MatmulKernels) -> Result<(Llama, Tokenizer)> {
+    let config = read_json(&dir.join("config.json"))?;
+    let cfg = config_of(&config)?;
+    let source = Safetensors::read(dir, &cfg)?;
+    let llama = Llama::from_source(cfg, source, kernels)?;
+    let tokenizer = Tokenizer::from_hf_folder(dir, &config)?;
+    Ok((llama, tokenizer))
+}
+
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Format(format!("`{}` is not JSON: {e}", path.display())))
+}
+
+/// The model's shape from `config.json`. What this forward does not
+/// implement is refused by name rather than run wrongly.
+fn config_of(c: &Value) -> Result<LlamaConfig> {
+    let model_type = c["model_type"].as_str().unwrap_or_default();
+    if !matches!(model_type, "llama" | "mistral") {
+        return Err(ModelError::Format(format!("config.json: model_type `{model_type}` is not llama-family (expected `llama` or `mistral`)")));
+    }
+    if !c["rope_scaling"].is_null() {
+        return Err(ModelError::Format(format!("config.json: rope_scaling {} is not supported (plain RoPE only)", c["rope_scaling"])));
+    }
+    let uint = |key: &str| c[key].as_u64().map(|v| v as usize).ok_or_else(|| ModelError::Format(format!("config.json: missing `{key}`")));
+    let float = |key: &str, default: f64| c[key].as_f64().unwrap_or(default) as f32;
+    let hidden = uint("hidden_size")?;
+    let n_heads = uint("num_attention_heads")?;
+    let n_kv_heads = uint("num_key_value_heads").unwrap_or(n_heads);
+    let head_dim = hidden / n_heads.max(1);
+    if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || head_dim % 2 != 0 || uint("head_dim").is_ok_and(|d| d != head_dim) {
+        return Err(ModelError::Format(format!(
+            "config.json: unsupported head layout: {n_heads} heads, {n_kv_heads} kv heads, hidden {hidden}, head_dim {}",
+            c["head_dim"]
+        )));
+    }
+    Ok(LlamaConfig {
+        hidden,
+        n_layers: uint("num_hidden_layers")?,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        ffn: uint("intermediate_size")?,
+        vocab: uint("vocab_size")?,
+        context_len: uint("max_position_embeddings").unwrap_or(4096),
+        rope_theta: float("rope_theta", 10_000.0),
+        rms_eps: float("rms_norm_eps", 1e-5),
+    })
+}
+
+/// The folder's tensors, by their Hugging Face names.
+struct Safetensors {
+    tensors: HashMap<String, Tensor>,
+    n_heads: usize,
+    n_kv_heads: usize,
+}
+
+impl Safetensors {
+    fn read(dir: &Path, cfg: &LlamaConfig) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for file in weight_files(dir)? {
+            tensors.extend(candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| ModelError::Format(format!("`{}`: {e}", file.display())))?);
+        }
+        Ok(Safetensors { tensors, n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads })
+    }
+}
+
+/// `model.safetensors`, or every shard the index names.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Err(ModelError::Format(format!("`{}` holds neither model.safetensors nor model.safetensors.index.json", dir.display())));
+    }
+    let map = read_json(&index)?;
+    let mut files: Vec<PathBuf> = map["weight_map"]
+        .as_object()
+        .ok_or_else(|| ModelError::Format(format!("`{}`: no `weight_map`", index.display())))?
+        .values()
+        .filter_map(|v| v.as_str().map(|f| dir.join(f)))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// The Hugging Face name of a GGUF tensor name.
+fn hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let (layer, part) = gguf.strip_prefix("blk.")?.split_once('.')?;
+    let hf = match part {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Hugging Face orders each head's Q and K rows for rotate-half RoPE;
+/// GGUF, and this forward, rotate adjacent pairs. llama.cpp's converter
+/// interleaves each head's two halves so both give the same attention;
+/// this does the same.
+fn rows_for_pair_rope(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = t.dims2()?;
+    Ok(t.reshape((heads, 2, rows / heads / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
+}
+
+impl TensorSource for Safetensors {
+    fn qtensor(&mut self, name: &str) -> Result<QTensor> {
+        let hf = hf_name(name).ok_or_else(|| ModelError::Format(format!("tensor `{name}` has no Hugging Face name")))?;
+        let t = self.tensors.get(&hf).ok_or_else(|| ModelError::Format(format!("missing tensor `{hf}`")))?.to_dtype(DType::F32)?;
+        let t = match name.rsplit('.').nth(1) {
+            Some("attn_q") => rows_for_pair_rope(&t, self.n_heads)?,
+            Some("attn_k") => rows_for_pair_rope(&t, self.n_kv_heads)?,
+            _ => t,
+        };
+        Ok(QTensor::quantize(&t, GgmlDType::F32)?)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        hf_name(name).is_some_and(|hf| self.tensors.contains_key(&hf))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rotate-half RoPE on a query (Hugging Face's forward) gives, rows
+    /// reordered, what this forward's pair RoPE gives on the query with
+    /// its rows reordered as the loader reorders the weights' rows.
+    #[test]
+    fn reordered_rows_turn_rotate_half_rope_into_pair_rope() {
+        let (heads, head_dim, pos) = (3usize, 8usize, 7.0f64);
+        let half = head_dim / 2;
+        let angles: Vec<f64> = (0..half).map(|i| pos / 10_000f64.powf(2.0 * i as f64 / head_dim as f64)).collect();
+        let (cos, sin): (Vec<f32>, Vec<f32>) = angles.iter().map(|a| (a.cos() as f32, a.sin() as f32)).unzip();
+        let q: Vec<f32> = (0..heads * head_dim).map(|i| (i as f32 * 0.37).sin() + 0.1).collect();
+        let rotate_half: Vec<f32> = (0..heads * head_dim)
+            .map(|k| {
+                let (base, j) = (k - k % head_dim, k % head_dim);
+                let rotated = if j < half { -q[base + j + half] } else { q[base + j - half] };
+                q[k] * cos[j % half] + rotated * sin[j % half]
+            })
+            .collect();
+        let reorder = |v: Vec<f32>| {
+            rows_for_pair_rope(&Tensor::from_vec(v, (heads * head_dim, 1), &Device::Cpu).unwrap(), heads)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let mut pair = reorder(q.clone());
+        crate::kernels::rope_heads(&mut pair, &cos, &sin);
+        let expected = reorder(rotate_half.clone());
+        for (a, b) in pair.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-5, "{pair:?} vs {expected:?}");
+        }
+        // Pair RoPE on the rows as Hugging Face orders them is another rotation.
+        let mut plain = q;
+        crate::kernels::rope_heads(&mut plain, &cos, &sin);
+        assert!(plain.iter().zip(&rotate_half).any(|(a, b)| (a - b).abs() > 1e-2));
+    }
+}
