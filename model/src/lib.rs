@@ -1,6 +1,7 @@
-//! Tandem's model core: GGUF loading, the tokenizer, a llama-family forward
-//! over ragged multi-sequence batches with per-sequence KV caches, draft
-//! sources, sampling and the lossless verification rule.
+//! Tandem's model core: GGUF and Hugging Face folder loading, the
+//! tokenizer, a llama-family forward over ragged multi-sequence batches
+//! with per-sequence KV caches, draft sources, sampling and the lossless
+//! verification rule.
 //!
 //! Everything here is pure computation over model files: no network, no
 //! clocks (the one exception, fetching the default model, is in `fetch`).
