@@ -9,7 +9,7 @@
 mod draft;
 mod error;
 pub mod fetch;
-mod hf;
+pub mod hf;
 pub mod kernels;
 mod kv_cache;
 mod llama;

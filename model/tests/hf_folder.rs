@@ -14,28 +14,6 @@ use std::path::{Path, PathBuf};
 use tandem_model::kernels::MatmulKernels;
 use tandem_model::*;
 
-/// Hugging Face names of the GGUF tensors that differ in more than a prefix.
-fn hf_name(gguf: &str) -> String {
-    let fixed = [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
-    if let Some((_, hf)) = fixed.iter().find(|(g, _)| *g == gguf) {
-        return hf.to_string();
-    }
-    let (layer, part) = gguf.strip_prefix("blk.").and_then(|r| r.split_once('.')).expect("a layer tensor");
-    let part = match part {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        other => panic!("unexpected tensor {other}"),
-    };
-    format!("model.layers.{layer}.{part}")
-}
-
 /// Undoes llama.cpp's converter: each head's rows from pair order
 /// (r0, r_half, r1, r_half+1, …) back to halves.
 fn rotate_half_rows(t: &Tensor, heads: usize) -> Tensor {
@@ -57,7 +35,7 @@ fn write_folder(gguf: &Path, dir: &Path, target: &LoadedModel) -> PathBuf {
             Some("attn_k") => rotate_half_rows(&t, cfg.n_kv_heads),
             _ => t,
         };
-        tensors.insert(hf_name(name), t);
+        tensors.insert(hf::hf_name(name).expect("a llama tensor"), t);
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     let tok = &target.tokenizer;
