@@ -47,12 +47,9 @@ fn config_of(c: &Value) -> Result<LlamaConfig> {
     let hidden = uint("hidden_size")?;
     let n_heads = uint("num_attention_heads")?;
     let n_kv_heads = uint("num_key_value_heads").unwrap_or(n_heads);
-    let head_dim = hidden / n_heads.max(1);
-    if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || head_dim % 2 != 0 || uint("head_dim").is_ok_and(|d| d != head_dim) {
-        return Err(ModelError::Format(format!(
-            "config.json: unsupported head layout: {n_heads} heads, {n_kv_heads} kv heads, hidden {hidden}, head_dim {}",
-            c["head_dim"]
-        )));
+    let head_dim = LlamaConfig::head_dim(hidden, n_heads, n_kv_heads).map_err(|e| ModelError::Format(format!("config.json: {e}")))?;
+    if uint("head_dim").is_ok_and(|d| d != head_dim) {
+        return Err(ModelError::Format(format!("config.json: head_dim {} is not hidden_size / num_attention_heads ({head_dim})", c["head_dim"])));
     }
     Ok(LlamaConfig {
         hidden,

@@ -44,10 +44,7 @@ impl LlamaConfig {
         let hidden = u("embedding_length")?;
         let n_heads = u("attention.head_count")?;
         let n_kv_heads = u("attention.head_count_kv").unwrap_or(n_heads);
-        let head_dim = hidden / n_heads;
-        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || head_dim % 2 != 0 {
-            return Err(ModelError::Format(format!("unsupported head layout: {n_heads} heads, {n_kv_heads} kv heads, hidden {hidden}")));
-        }
+        let head_dim = Self::head_dim(hidden, n_heads, n_kv_heads)?;
         let embd = content.tensor_infos.get("token_embd.weight").ok_or_else(|| ModelError::Format("missing tensor `token_embd.weight`".into()))?;
         Ok(LlamaConfig {
             hidden,
@@ -61,6 +58,15 @@ impl LlamaConfig {
             rope_theta: md.get(&format!("{arch}.rope.freq_base")).map_or(Ok(10_000.0), |v| v.to_f32())?,
             rms_eps: md.get(&format!("{arch}.attention.layer_norm_rms_epsilon")).map_or(Ok(1e-5), |v| v.to_f32())?,
         })
+    }
+
+    /// Each head's width, for the head layouts this forward runs: query
+    /// heads sharing K/V heads evenly, and an even width for RoPE's pairs.
+    pub(crate) fn head_dim(hidden: usize, n_heads: usize, n_kv_heads: usize) -> Result<usize> {
+        if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) || !hidden.is_multiple_of(n_heads) || !(hidden / n_heads).is_multiple_of(2) {
+            return Err(ModelError::Format(format!("unsupported head layout: {n_heads} heads, {n_kv_heads} kv heads, hidden {hidden}")));
+        }
+        Ok(hidden / n_heads)
     }
 
     pub fn kv_dim(&self) -> usize {
