@@ -20,8 +20,12 @@ use std::path::{Path, PathBuf};
 /// Loads a Hugging Face llama-family folder.
 pub(crate) fn load(dir: &Path, kernels: MatmulKernels) -> Result<(Llama, Tokenizer)> {
     let config = read_json(&dir.join("config.json"))?;
-    let cfg = config_of(&config)?;
+    let mut cfg = config_of(&config)?;
     let source = Safetensors::read(dir, &cfg)?;
+    // The embedding's rows, as from GGUF (`vocab_size` may count padding).
+    if let Some(embed) = source.tensors.get("model.embed_tokens.weight") {
+        cfg.vocab = embed.dims2()?.0;
+    }
     let llama = Llama::from_source(cfg, source, kernels)?;
     let tokenizer = Tokenizer::from_hf_folder(dir, &config)?;
     Ok((llama, tokenizer))
@@ -47,7 +51,10 @@ fn config_of(c: &Value) -> Result<LlamaConfig> {
     let hidden = uint("hidden_size")?;
     let n_heads = uint("num_attention_heads")?;
     let n_kv_heads = uint("num_key_value_heads").unwrap_or(n_heads);
-    let head_dim = LlamaConfig::head_dim(hidden, n_heads, n_kv_heads).map_err(|e| ModelError::Format(format!("config.json: {e}")))?;
+    let head_dim = LlamaConfig::head_dim(hidden, n_heads, n_kv_heads).map_err(|e| match e {
+        ModelError::Format(m) => ModelError::Format(format!("config.json: {m}")),
+        e => e,
+    })?;
     if uint("head_dim").is_ok_and(|d| d != head_dim) {
         return Err(ModelError::Format(format!("config.json: head_dim {} is not hidden_size / num_attention_heads ({head_dim})", c["head_dim"])));
     }
