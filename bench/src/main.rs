@@ -22,7 +22,7 @@ enum Command {
     /// Forward-pass cost per pass size and for a ragged batch, Tandem's
     /// kernels vs candle's stock QMatMul, with bytes read and bandwidth.
     Kernels {
-        /// A llama-family GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct, fetched on first use).
+        /// A llama-family GGUF file or Hugging Face folder, or hf:OWNER/NAME[/FILE.gguf][@REV] on the Hub (default: SmolLM2-135M-Instruct, fetched on first use).
         #[arg(long)]
         model: Option<PathBuf>,
         /// Worker threads (default: all cores).
@@ -323,10 +323,7 @@ fn sim(args: SimArgs) -> Result<()> {
 }
 
 fn model_path(model: Option<PathBuf>) -> Result<PathBuf> {
-    match model {
-        Some(p) => Ok(p),
-        None => fetch::ensure_default_model(false).context("fetching the default model (or pass --model PATH)"),
-    }
+    fetch::resolve_model(model.as_deref()).context("`--model`")
 }
 
 fn main() -> Result<()> {

@@ -175,11 +175,14 @@ pub fn build_draft(spec: &DraftSpec, backend: Backend, target: &LoadedModel, tar
         Backend::Cpu => Ok(spec.build(target)?),
         Backend::Wgpu => wgpu_draft(spec, target),
         Backend::Metal | Backend::CandleCpu => {
-            if let DraftSpec::Model(p) = spec {
-                tandem_model::load_model_draft(p, target)?;
+            // A `model:` draft: its local file (`hf:` fetched), checked
+            // against the target's vocabulary before candle loads it.
+            let path = tandem_model::fetch::resolve_model(Some(path))?;
+            if let DraftSpec::Model(_) = spec {
+                tandem_model::load_model_draft(&path, target)?;
             }
             let device = crate::candle_draft::device(&backend.to_string())?;
-            Ok(Box::new(Autoregressive::new(CandleLayers::load(path, layers, &device)?, stop)))
+            Ok(Box::new(Autoregressive::new(CandleLayers::load(&path, layers, &device)?, stop)))
         }
     }
 }

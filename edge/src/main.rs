@@ -91,7 +91,7 @@ struct EdgeArgs {
     /// Time-per-output-token objective sent to the server, ms (0: none).
     #[arg(long)]
     slo_tpot_ms: Option<u32>,
-    /// Target model: a llama-family GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct, fetched on first use).
+    /// Target model: a llama-family GGUF file or Hugging Face folder, or hf:OWNER/NAME[/FILE.gguf][@REV] on the Hub (default: SmolLM2-135M-Instruct, fetched on first use).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Draft source: layers:N (the target's first N layers), trained (the
@@ -269,11 +269,7 @@ fn parse_controller(spec: &str) -> Result<StopRule> {
 
 /// The model file: `--model`, the config file's, or the default (fetched).
 fn model_path(args: &EdgeArgs, file: &EdgeConfig) -> Result<PathBuf> {
-    match args.model.clone().or_else(|| file.model.clone()) {
-        Some(p) if p.exists() => Ok(p),
-        Some(p) => anyhow::bail!("`--model {}`: no such file or folder", p.display()),
-        None => fetch::ensure_default_model(false).context("fetching the default model (or pass --model PATH)"),
-    }
+    fetch::resolve_model(args.model.as_deref().or(file.model.as_deref())).context("`--model`")
 }
 
 /// Where to verify: `--local` wins; else the server from the flag,

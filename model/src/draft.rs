@@ -258,7 +258,7 @@ impl DraftSpec {
 /// Loads a `model:PATH` draft, checked against `target`'s vocabulary
 /// (shared with drafts running on other backends).
 pub fn load_model_draft(path: &Path, target: &LoadedModel) -> Result<LoadedModel> {
-    let draft = LoadedModel::load(path)?;
+    let draft = LoadedModel::load(&crate::fetch::resolve_model(Some(path))?)?;
     check_same_vocab(target, &draft, &DraftSpec::Model(path.to_path_buf()).to_string())?;
     Ok(draft)
 }

@@ -17,7 +17,8 @@ pub enum ModelError {
     /// A draft running outside this crate (a GPU backend) failed.
     #[error("draft backend: {0}")]
     Backend(String),
-    #[error("fetching the default model: {0}")]
+    /// Obtaining a model or data file: pip, the Hugging Face Hub, a path.
+    #[error("{0}")]
     Fetch(String),
 }
 

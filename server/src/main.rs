@@ -29,7 +29,7 @@ struct Cli {
     /// gRPC listen address [default: 127.0.0.1:50051].
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Target model, a llama-family GGUF file or Hugging Face folder [default: SmolLM2-135M-Instruct, fetched on first use].
+    /// Target model, a llama-family GGUF file or Hugging Face folder, or hf:OWNER/NAME[/FILE.gguf][@REV] on the Hub [default: SmolLM2-135M-Instruct, fetched on first use].
     #[arg(long)]
     model: Option<PathBuf>,
     /// cpu, cuda or metal [default: cpu].
@@ -193,10 +193,7 @@ async fn serve() -> Result<()> {
         None if cfg.listen.ip().is_loopback() => Auth::local_only(),
         None => bail!("`--listen {}` is not a loopback address: pass `--tenants FILE` so clients must authenticate", cfg.listen),
     };
-    let model_path = match &cfg.model {
-        Some(p) => p.clone(),
-        None => fetch::ensure_default_model(false).context("fetching the default model (or pass --model PATH)")?,
-    };
+    let model_path = fetch::resolve_model(cfg.model.as_deref()).context("`--model`")?;
     let model = LoadedModel::load(&model_path).with_context(|| format!("loading --model {}", model_path.display()))?;
     let (vocab, context_len) = (model.llama.config().vocab, model.llama.config().context_len);
     let measured_on = measured_on(&model_path, &cfg.device, threads)?;

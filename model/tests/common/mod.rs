@@ -1,13 +1,14 @@
-//! Helpers shared by the model tests: tiny random llama GGUF files and the
-//! default model.
+//! Helpers shared by the model tests: tiny random llama GGUF files, the
+//! default model, and a GGUF written out as a Hugging Face folder.
 #![allow(dead_code)]
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
-use tandem_model::{fetch, LoadedModel, SessionRng};
+use tandem_model::{fetch, hf, LoadedModel, SessionRng};
 
 /// Shape of a tiny test model.
 pub struct TinySpec {
@@ -100,4 +101,70 @@ pub fn default_model() -> LoadedModel {
 
 pub fn default_model_arc() -> Arc<tandem_model::Llama> {
     default_model().llama
+}
+
+/// Undoes llama.cpp's converter: each head's rows from pair order
+/// (r0, r_half, r1, r_half+1, …) back to halves.
+pub fn rotate_half_rows(t: &Tensor, heads: usize) -> Tensor {
+    let (rows, cols) = t.dims2().unwrap();
+    t.reshape((heads, rows / heads / 2, 2, cols)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((rows, cols)).unwrap()
+}
+
+/// Writes the GGUF at `gguf` (loaded as `target`) as a Hugging Face folder
+/// in `dir`, as transformers saves one: names, config, tokenizer, and the
+/// weights in one file or, with `shards` > 1, split over that many with an
+/// index.
+pub fn write_folder(gguf: &Path, dir: &Path, target: &LoadedModel, shards: usize) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut file = std::fs::File::open(gguf).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let cfg = target.llama.config().clone();
+    let mut tensors = HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let t = content.tensor(&mut file, name, &Device::Cpu).unwrap().dequantize(&Device::Cpu).unwrap();
+        let t = match name.rsplit('.').nth(1) {
+            Some("attn_q") => rotate_half_rows(&t, cfg.n_heads),
+            Some("attn_k") => rotate_half_rows(&t, cfg.n_kv_heads),
+            _ => t,
+        };
+        tensors.insert(hf::hf_name(name).expect("a llama tensor"), t);
+    }
+    let tied = !tensors.contains_key("lm_head.weight");
+    if shards <= 1 {
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    } else {
+        let mut names: Vec<String> = tensors.keys().cloned().collect();
+        names.sort();
+        let mut weight_map = serde_json::Map::new();
+        for (i, part) in names.chunks(names.len().div_ceil(shards)).enumerate() {
+            let file = format!("model-{:05}-of-{shards:05}.safetensors", i + 1);
+            let part: HashMap<&String, Tensor> = part.iter().map(|n| (n, tensors[n].clone())).collect();
+            candle_core::safetensors::save(&part, dir.join(&file)).unwrap();
+            weight_map.extend(part.keys().map(|n| (n.to_string(), file.clone().into())));
+        }
+        std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({ "metadata": {}, "weight_map": weight_map }).to_string()).unwrap();
+    }
+    let tok = &target.tokenizer;
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.ffn,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "num_hidden_layers": cfg.n_layers,
+        "vocab_size": cfg.vocab,
+        "max_position_embeddings": cfg.context_len,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_eps,
+        "rope_scaling": null,
+        "tie_word_embeddings": tied,
+        "bos_token_id": tok.bos_token(),
+        "eos_token_id": tok.eos_tokens().first(),
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), tok.to_json().unwrap()).unwrap();
+    let template = content.metadata.get("tokenizer.chat_template").map(|v| v.to_string().unwrap().clone());
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::json!({ "chat_template": template }).to_string()).unwrap();
+    dir.to_path_buf()
 }
