@@ -67,7 +67,13 @@ enum ControllerAction {
 enum ModelAction {
     /// Download SmolLM2-135M-Instruct into $TANDEM_HOME (default ~/.cache/tandem),
     /// check its sha256 and print its path. Does nothing if it is already there.
-    Fetch,
+    /// With a model (`hf:OWNER/NAME[/FILE.gguf][@REV]`), fetch that one from
+    /// the Hugging Face Hub instead, so a later start needs no network.
+    Fetch {
+        /// A Hub model; the default model if absent.
+        #[arg(value_name = "MODEL")]
+        hub_model: Option<PathBuf>,
+    },
 }
 
 /// Where to verify, which model and draft, how to speculate.
@@ -197,7 +203,12 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let config = || EdgeConfig::load(cli.config.as_deref()).map_err(anyhow::Error::from);
     let result = match cli.command {
-        Command::Model { action: ModelAction::Fetch } => fetch::ensure_default_model(true).map(|path| println!("{}", path.display())).map_err(Into::into),
+        Command::Model { action: ModelAction::Fetch { hub_model: None } } => {
+            fetch::ensure_default_model(true).map(|path| println!("{}", path.display())).map_err(Into::into)
+        }
+        Command::Model { action: ModelAction::Fetch { hub_model: Some(model) } } => {
+            fetch::resolve_model(Some(&model)).map(|path| println!("{}", path.display())).map_err(Into::into)
+        }
         Command::Generate(args) => config().and_then(|c| generate(args, &c)),
         Command::Chat(args) => config().and_then(|c| chat(args, &c)),
         Command::Serve(args) => config().and_then(|c| serve(args, &c)),
