@@ -6,8 +6,9 @@
 //! `~/.cache/huggingface/hub`, the layout Python's `huggingface_hub` uses),
 //! so a model fetched by either is not fetched again, and the path handed
 //! back is the cache's snapshot folder or file. The environment is read as
-//! the Python tools read it: `HF_ENDPOINT` (a mirror), `HF_TOKEN` (gated and
-//! private repos; else the token file `huggingface-cli login` writes) and
+//! the Python tools read it: `HF_ENDPOINT` (a mirror), `HF_HUB_CACHE` or
+//! `HF_HOME` (the cache), `HF_TOKEN` (gated and private repos; else the
+//! token file `huggingface-cli login` writes, or `HF_TOKEN_PATH`) and
 //! `HF_HUB_OFFLINE` (cache only). When the Hub cannot be reached, a
 //! snapshot already in the cache is used, with a warning.
 
@@ -77,7 +78,7 @@ pub struct HubOptions {
     /// The cache folder (holding `models--OWNER--NAME`); `None` for
     /// `$HF_HOME/hub` or `~/.cache/huggingface/hub`.
     pub cache: Option<PathBuf>,
-    /// An access token; `None` for the cache's token file, if any.
+    /// An access token, if any.
     pub token: Option<String>,
     /// Use the cache only.
     pub offline: bool,
@@ -86,14 +87,20 @@ pub struct HubOptions {
 }
 
 impl HubOptions {
-    /// `HF_ENDPOINT`, `HF_HOME`, `HF_TOKEN` and `HF_HUB_OFFLINE`, as Python's
-    /// `huggingface_hub` reads them.
+    /// `HF_ENDPOINT`, `HF_HOME`, `HF_HUB_CACHE`, `HF_TOKEN`,
+    /// `HF_TOKEN_PATH` and `HF_HUB_OFFLINE`, as Python's `huggingface_hub`
+    /// reads them.
     pub fn from_env() -> HubOptions {
         let var = |name| std::env::var(name).ok().filter(|v| !v.is_empty());
+        // The token: HF_TOKEN, else the file `huggingface-cli login` wrote.
+        let home = var("HF_HOME").map(PathBuf::from).or_else(|| var("HOME").map(|h| Path::new(&h).join(".cache/huggingface")));
+        let token_file = var("HF_TOKEN_PATH").map(PathBuf::from).or_else(|| home.map(|h| h.join("token")));
+        let token =
+            var("HF_TOKEN").or_else(|| token_file.and_then(|f| std::fs::read_to_string(f).ok()).map(|t| t.trim().to_string()).filter(|t| !t.is_empty()));
         HubOptions {
             endpoint: var("HF_ENDPOINT").map(|e| e.trim_end_matches('/').to_string()),
-            cache: None,
-            token: var("HF_TOKEN"),
+            cache: var("HF_HUB_CACHE").map(PathBuf::from),
+            token,
             offline: var("HF_HUB_OFFLINE").is_some_and(|v| !matches!(v.to_ascii_lowercase().as_str(), "0" | "false" | "no" | "off")),
             progress: true,
         }
@@ -116,9 +123,7 @@ pub fn fetch(model: &HubModel, options: &HubOptions) -> Result<PathBuf> {
     if let Some(endpoint) = &options.endpoint {
         builder = builder.with_endpoint(endpoint.clone());
     }
-    if options.token.is_some() {
-        builder = builder.with_token(options.token.clone());
-    }
+    builder = builder.with_token(options.token.clone());
     let api = builder.build().map_err(|e| hub_error(model, e.to_string()))?.repo(model.repo());
     match download(model, &api) {
         Ok(path) => Ok(path),
