@@ -30,6 +30,7 @@ pub struct EdgeConfig {
     pub api_key: Option<String>,
     pub ca_cert: Option<PathBuf>,
     pub model: Option<PathBuf>,
+    pub quantize: Option<String>,
     pub draft: Option<String>,
     pub backend: Option<String>,
     pub draft_len: Option<usize>,

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use tandem_model::hf::Quantize;
+use tandem_model::kernels::MatmulKernels;
 use tandem_model::{Autoregressive, DraftSource, DraftSpec, LoadedModel, Tokenizer};
 
 /// Where the draft model runs.
@@ -63,6 +65,8 @@ pub enum Verifier {
 /// What an [`Edge`] is made of.
 pub struct EdgeOptions {
     pub model: PathBuf,
+    /// Quantize a Hugging Face folder's weights as they load.
+    pub quantize: Option<Quantize>,
     pub draft: DraftSpec,
     pub backend: Backend,
     /// Drafted tokens per round (the most, with a controller).
@@ -99,7 +103,7 @@ impl Edge {
     /// Loads the model, builds the draft and (for a server) the client.
     /// No connection is made until the first generation.
     pub fn open(opts: EdgeOptions) -> Result<Self, EdgeError> {
-        let model = LoadedModel::load(&opts.model)?;
+        let model = LoadedModel::load_as(&opts.model, MatmulKernels::Tandem, opts.quantize)?;
         let draft = build_draft(&opts.draft, opts.backend, &model, &opts.model)?;
         let tokenizer = model.tokenizer.clone();
         let cancel = Arc::new(AtomicBool::new(false));

@@ -100,6 +100,11 @@ struct EdgeArgs {
     /// Target model: a llama-family GGUF file or Hugging Face folder, or hf:OWNER/NAME[/FILE.gguf][@REV] on the Hub (default: SmolLM2-135M-Instruct, fetched on first use).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Quantize a Hugging Face folder's weights as they load: q4_0, q4_1,
+    /// q8_0, q4_k or q6_k (layers in the type, embedding and head in
+    /// Q8_0, as llama.cpp lays out a GGUF) (default: f32, as published).
+    #[arg(long)]
+    quantize: Option<String>,
     /// Draft source: layers:N (the target's first N layers), trained (the
     /// built-in draft trained for the default model), trained:DIR (one made
     /// by `tandem-bench train-draft`), ngram, none or model:PATH; a model
@@ -322,6 +327,7 @@ fn edge_options(args: &EdgeArgs, file: &EdgeConfig) -> Result<EdgeOptions> {
     };
     Ok(EdgeOptions {
         model: model_path(args, file)?,
+        quantize: args.quantize.as_deref().or(file.quantize.as_deref()).map(str::parse).transpose()?,
         // k follows the session's TPOT objective where it has one.
         controller: Some(
             SpeculationController::new(rule, draft_len, args.adaptive_k)

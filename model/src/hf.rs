@@ -6,7 +6,8 @@
 //!
 //! Weights are held as f32, whatever the files store (f32, f16 or bf16
 //! convert exactly): a folder is the model as published, unquantized.
-//! A quantized GGUF of the same model is smaller and faster here.
+//! Or they are quantized as they load ([`Quantize`], `--quantize`), into
+//! the types a GGUF would hold, and run as fast as that GGUF.
 
 use crate::kernels::MatmulKernels;
 use crate::llama::TensorSource;
@@ -17,11 +18,60 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// Quantizing a folder's weights as it loads, the way llama.cpp's
+/// `llama-quantize` lays out a GGUF of that type: every layer's matrices in
+/// the type, the token embedding and the output head in Q8_0, which
+/// llama.cpp keeps at eight bits or more for quality, and the norms in
+/// f32. A matrix whose rows do not divide into the type's
+/// blocks (Q4_K and Q6_K: 256 values) takes Q8_0 instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quantize(GgmlDType);
+
+impl Quantize {
+    const NAMES: [(&str, GgmlDType); 5] =
+        [("q4_0", GgmlDType::Q4_0), ("q4_1", GgmlDType::Q4_1), ("q8_0", GgmlDType::Q8_0), ("q4_k", GgmlDType::Q4K), ("q6_k", GgmlDType::Q6K)];
+
+    /// The type of the matrix `name` (GGUF name) with `cols` columns.
+    fn dtype_of(self, name: &str, cols: usize) -> GgmlDType {
+        let wanted = match name {
+            "token_embd.weight" | "output.weight" => GgmlDType::Q8_0,
+            _ => self.0,
+        };
+        if cols.is_multiple_of(wanted.block_size()) {
+            wanted
+        } else if cols.is_multiple_of(GgmlDType::Q8_0.block_size()) {
+            GgmlDType::Q8_0
+        } else {
+            GgmlDType::F32
+        }
+    }
+}
+
+impl std::str::FromStr for Quantize {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let lower = s.to_ascii_lowercase();
+        Self::NAMES.iter().find(|(n, _)| *n == lower).map(|&(_, t)| Quantize(t)).ok_or_else(|| {
+            let names: Vec<&str> = Self::NAMES.iter().map(|(n, _)| *n).collect();
+            ModelError::InvalidArgument(format!("`--quantize {s}`: expected one of {}", names.join(", ")))
+        })
+    }
+}
+
+impl std::fmt::Display for Quantize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = Self::NAMES.iter().find(|(_, t)| *t == self.0).map_or("?", |(n, _)| n);
+        f.write_str(name)
+    }
+}
+
 /// Loads a Hugging Face llama-family folder.
-pub(crate) fn load(dir: &Path, kernels: MatmulKernels) -> Result<(Llama, Tokenizer)> {
+pub(crate) fn load(dir: &Path, kernels: MatmulKernels, quantize: Option<Quantize>) -> Result<(Llama, Tokenizer)> {
     let config = read_json(&dir.join("config.json"))?;
     let mut cfg = config_of(&config)?;
-    let source = Safetensors::read(dir, &cfg)?;
+    let mut source = Safetensors::read(dir, &cfg)?;
+    source.quantize = quantize;
     // The embedding's rows, as from GGUF (`vocab_size` may count padding).
     if let Some(embed) = source.tensors.get("model.embed_tokens.weight") {
         cfg.vocab = embed.dims2()?.0;
@@ -77,6 +127,7 @@ struct Safetensors {
     tensors: HashMap<String, Tensor>,
     n_heads: usize,
     n_kv_heads: usize,
+    quantize: Option<Quantize>,
 }
 
 impl Safetensors {
@@ -85,7 +136,7 @@ impl Safetensors {
         for file in weight_files(dir)? {
             tensors.extend(candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| ModelError::Format(format!("`{}`: {e}", file.display())))?);
         }
-        Ok(Safetensors { tensors, n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads })
+        Ok(Safetensors { tensors, n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, quantize: None })
     }
 }
 
@@ -161,7 +212,11 @@ impl TensorSource for Safetensors {
             Some("attn_k") => rows_for_pair_rope(&t, self.n_kv_heads)?,
             _ => t,
         };
-        Ok(QTensor::quantize(&t, GgmlDType::F32)?)
+        let dtype = match (self.quantize, t.dims()) {
+            (Some(q), &[_, cols]) => q.dtype_of(name, cols),
+            _ => GgmlDType::F32,
+        };
+        Ok(QTensor::quantize(&t, dtype)?)
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -172,6 +227,20 @@ impl TensorSource for Safetensors {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantize_types_parse_and_fall_back_where_blocks_do_not_fit() {
+        let q = |s: &str| s.parse::<Quantize>().unwrap();
+        assert_eq!(q("Q4_K").to_string(), "q4_k");
+        // SmolLM2's 576 columns are not whole 256-value blocks; 1536 are.
+        assert_eq!(q("q4_k").dtype_of("blk.0.attn_q.weight", 576), GgmlDType::Q8_0);
+        assert_eq!(q("q4_k").dtype_of("blk.0.ffn_down.weight", 1536), GgmlDType::Q4K);
+        assert_eq!(q("q4_0").dtype_of("token_embd.weight", 576), GgmlDType::Q8_0);
+        assert_eq!(q("q6_k").dtype_of("output.weight", 1536), GgmlDType::Q8_0);
+        assert_eq!(q("q8_0").dtype_of("blk.0.attn_q.weight", 40), GgmlDType::F32);
+        let err = "q5_k".parse::<Quantize>().unwrap_err().to_string();
+        assert!(err.contains("`--quantize q5_k`") && err.contains("q4_0, q4_1, q8_0, q4_k, q6_k"), "{err}");
+    }
 
     /// Rotate-half RoPE on a query (Hugging Face's forward) gives, rows
     /// reordered, what this forward's pair RoPE gives on the query with

@@ -54,9 +54,21 @@ impl LoadedModel {
     /// A GGUF file, or a Hugging Face folder (`config.json`,
     /// `*.safetensors`, `tokenizer.json`).
     pub fn load_with(path: &Path, kernels: kernels::MatmulKernels) -> Result<Self> {
+        Self::load_as(path, kernels, None)
+    }
+
+    /// [`LoadedModel::load_with`], a folder's weights quantized as they
+    /// load (`--quantize`; a GGUF is refused: it is quantized already).
+    pub fn load_as(path: &Path, kernels: kernels::MatmulKernels, quantize: Option<hf::Quantize>) -> Result<Self> {
         if path.is_dir() {
-            let (llama, tokenizer) = hf::load(path, kernels)?;
+            let (llama, tokenizer) = hf::load(path, kernels, quantize)?;
             return Ok(LoadedModel { llama: Arc::new(llama), tokenizer: Arc::new(tokenizer) });
+        }
+        if let Some(q) = quantize {
+            return Err(ModelError::InvalidArgument(format!(
+                "`--quantize {q}` applies to Hugging Face folders; `{}` is a GGUF file, quantized already",
+                path.display()
+            )));
         }
         let io_err = |source| ModelError::Io { path: path.display().to_string(), source };
         let mut file = std::fs::File::open(path).map_err(io_err)?;

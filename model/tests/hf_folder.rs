@@ -53,6 +53,16 @@ fn a_hugging_face_folder_of_the_default_model_loads_as_the_same_model() {
         assert!(median < 2e-3 && worst < 2e-2, "step {step}: logits differ by {median:e} (median), {worst:e} (worst), relative");
         prompt.push(argmax(&want));
     }
+
+    // Quantized as it loads into the types the GGUF holds (Q4_1 layers, a
+    // Q8_0 embedding), the folder is that GGUF again: quantizing the
+    // GGUF's dequantized blocks gives back their scales and quants, so the
+    // logits are the same bits.
+    let quantized = LoadedModel::load_as(&dir, MatmulKernels::Tandem, Some("q4_1".parse().unwrap())).unwrap();
+    let prompt = &prompt[..prompt.len() - 3];
+    assert!(last_logits(&quantized.llama, prompt) == last_logits(&target.llama, prompt), "a Q4_1 load of the folder is not the Q4_1 GGUF");
+    let err = LoadedModel::load_as(&gguf, MatmulKernels::Tandem, Some("q8_0".parse().unwrap())).err().expect("a GGUF is not quantized again").to_string();
+    assert!(err.contains("`--quantize q8_0`") && err.contains("quantized already"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -18,6 +18,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Target model (a path or `hf:…`); None fetches the default model.
     pub model: Option<PathBuf>,
+    /// Quantize a Hugging Face folder's weights as they load (`q4_0`,
+    /// `q4_1`, `q8_0`, `q4_k`, `q6_k`); None keeps them f32.
+    pub quantize: Option<String>,
     /// `cpu` (default build); `cuda` / `metal` need those cargo features.
     pub device: String,
     /// KV cache memory all sessions together may hold, MiB.
@@ -55,6 +58,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "127.0.0.1:50051".parse().expect("literal address"),
             model: None,
+            quantize: None,
             device: "cpu".into(),
             kv_budget_mb: 2048,
             tenants: None,

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_estimators::{MeasuredOn, VerifyTimeCalibration, VerifyTimeProfile};
+use tandem_model::hf::Quantize;
+use tandem_model::kernels::MatmulKernels;
 use tandem_model::{fetch, LoadedModel};
 use tandem_protocol::limits::MAX_MESSAGE_BYTES;
 use tandem_protocol::wire::VerifierServer;
@@ -32,6 +34,11 @@ struct Cli {
     /// Target model, a llama-family GGUF file or Hugging Face folder, or hf:OWNER/NAME[/FILE.gguf][@REV] on the Hub [default: SmolLM2-135M-Instruct, fetched on first use].
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Quantize a Hugging Face folder's weights as they load: q4_0, q4_1,
+    /// q8_0, q4_k or q6_k (layers in the type, embedding and head in
+    /// Q8_0, as llama.cpp lays out a GGUF) [default: f32, as published].
+    #[arg(long)]
+    quantize: Option<String>,
     /// cpu, cuda or metal [default: cpu].
     #[arg(long)]
     device: Option<String>,
@@ -96,14 +103,17 @@ fn load_config(cli: Cli) -> Result<ServerConfig> {
         cfg.batcher.policy = p;
     }
     set!(listen, device, kv_budget_mb, idle_ttl_s, drain_s, pin_threads, hand_offs);
-    set_opt!(model, tenants, tls_cert, tls_key, metrics_listen, calibration);
+    set_opt!(model, quantize, tenants, tls_cert, tls_key, metrics_listen, calibration);
     cfg.batcher.check().map_err(anyhow::Error::msg)?;
     Ok(cfg)
 }
 
 /// The model and device this server measures pass times on.
-fn measured_on(model_path: &std::path::Path, device: &str, threads: usize) -> Result<MeasuredOn> {
-    let model = model_path.file_name().map_or_else(|| model_path.display().to_string(), |n| n.to_string_lossy().into_owned());
+fn measured_on(model_path: &std::path::Path, quantize: Option<Quantize>, device: &str, threads: usize) -> Result<MeasuredOn> {
+    let mut model = model_path.file_name().map_or_else(|| model_path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    if let Some(q) = quantize {
+        model = format!("{model} as {q}");
+    }
     let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).with_context(|| format!("reading --model {}", model_path.display()));
     // A Hugging Face folder: its weights' files.
     let model_bytes = if model_path.is_dir() {
@@ -194,9 +204,10 @@ async fn serve() -> Result<()> {
         None => bail!("`--listen {}` is not a loopback address: pass `--tenants FILE` so clients must authenticate", cfg.listen),
     };
     let model_path = fetch::resolve_model(cfg.model.as_deref()).context("`--model`")?;
-    let model = LoadedModel::load(&model_path).with_context(|| format!("loading --model {}", model_path.display()))?;
+    let quantize = cfg.quantize.as_deref().map(str::parse::<Quantize>).transpose()?;
+    let model = LoadedModel::load_as(&model_path, MatmulKernels::Tandem, quantize).with_context(|| format!("loading --model {}", model_path.display()))?;
     let (vocab, context_len) = (model.llama.config().vocab, model.llama.config().context_len);
-    let measured_on = measured_on(&model_path, &cfg.device, threads)?;
+    let measured_on = measured_on(&model_path, quantize, &cfg.device, threads)?;
     if cfg.calibration.is_some() && cfg.batcher.policy != "wisp" {
         bail!("`--calibration` needs `--policy wisp` (fcfs has no estimator)");
     }

@@ -472,3 +472,18 @@ fn a_calibration_written_at_one_start_warm_starts_the_next() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `--quantize` applies to Hugging Face folders: an unknown type, or a GGUF
+/// (quantized already), stops the server with a message naming the flag.
+#[test]
+fn quantize_is_refused_by_name_where_it_cannot_apply() {
+    for (value, needle) in [("q5", "expected one of q4_0, q4_1, q8_0, q4_k, q6_k"), ("q8_0", "quantized already")] {
+        let out = std::process::Command::new(workspace_binary("tandem-server"))
+            .args(["--listen", "127.0.0.1:0", "--quantize", value])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(&format!("`--quantize {value}`")) && stderr.contains(needle), "{value}: {stderr}");
+    }
+}
