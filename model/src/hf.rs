@@ -13,9 +13,9 @@ use crate::kernels::MatmulKernels;
 use crate::llama::TensorSource;
 use crate::{Llama, LlamaConfig, ModelError, Result, Tokenizer};
 use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Quantizing a folder's weights as it loads, the way llama.cpp's
@@ -73,8 +73,8 @@ pub(crate) fn load(dir: &Path, kernels: MatmulKernels, quantize: Option<Quantize
     let mut source = Safetensors::read(dir, &cfg)?;
     source.quantize = quantize;
     // The embedding's rows, as from GGUF (`vocab_size` may count padding).
-    if let Some(embed) = source.tensors.get("model.embed_tokens.weight") {
-        cfg.vocab = embed.dims2()?.0;
+    if let Some(rows) = source.rows("model.embed_tokens.weight") {
+        cfg.vocab = rows;
     }
     let llama = Llama::from_source(cfg, source, kernels)?;
     let tokenizer = Tokenizer::from_hf_folder(dir, &config)?;
@@ -122,9 +122,12 @@ fn config_of(c: &Value) -> Result<LlamaConfig> {
     })
 }
 
-/// The folder's tensors, by their Hugging Face names.
+/// The folder's tensors, by their Hugging Face names. The files are
+/// mapped, not read: each tensor is converted (and quantized) on its own,
+/// so loading holds the model as it will run plus one tensor in flight,
+/// not the files' contents beside it.
 struct Safetensors {
-    tensors: HashMap<String, Tensor>,
+    files: MmapedSafetensors,
     n_heads: usize,
     n_kv_heads: usize,
     quantize: Option<Quantize>,
@@ -132,11 +135,18 @@ struct Safetensors {
 
 impl Safetensors {
     fn read(dir: &Path, cfg: &LlamaConfig) -> Result<Self> {
-        let mut tensors = HashMap::new();
-        for file in weight_files(dir)? {
-            tensors.extend(candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| ModelError::Format(format!("`{}`: {e}", file.display())))?);
-        }
-        Ok(Safetensors { tensors, n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, quantize: None })
+        let paths = weight_files(dir)?;
+        // SAFETY: the mapping is only read, and only while loading; a file
+        // rewritten underneath by another process meanwhile is undefined
+        // behaviour, the contract of every memory-mapped model loader
+        // (candle's, llama.cpp's).
+        let files = unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| ModelError::Format(format!("`{}`: {e}", dir.display())))?;
+        Ok(Safetensors { files, n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, quantize: None })
+    }
+
+    /// Rows of the tensor `hf`, if there is one.
+    fn rows(&self, hf: &str) -> Option<usize> {
+        self.files.get(hf).ok().and_then(|view| view.shape().first().copied())
     }
 }
 
@@ -206,7 +216,10 @@ fn rows_for_pair_rope(t: &Tensor, heads: usize) -> Result<Tensor> {
 impl TensorSource for Safetensors {
     fn qtensor(&mut self, name: &str) -> Result<QTensor> {
         let hf = hf_name(name).ok_or_else(|| ModelError::Format(format!("tensor `{name}` has no Hugging Face name")))?;
-        let t = self.tensors.get(&hf).ok_or_else(|| ModelError::Format(format!("missing tensor `{hf}`")))?.to_dtype(DType::F32)?;
+        if self.files.get(&hf).is_err() {
+            return Err(ModelError::Format(format!("missing tensor `{hf}`")));
+        }
+        let t = self.files.load(&hf, &Device::Cpu)?.to_dtype(DType::F32)?;
         let t = match name.rsplit('.').nth(1) {
             Some("attn_q") => rows_for_pair_rope(&t, self.n_heads)?,
             Some("attn_k") => rows_for_pair_rope(&t, self.n_kv_heads)?,
@@ -220,7 +233,7 @@ impl TensorSource for Safetensors {
     }
 
     fn contains(&self, name: &str) -> bool {
-        hf_name(name).is_some_and(|hf| self.tensors.contains_key(&hf))
+        hf_name(name).is_some_and(|hf| self.files.get(&hf).is_ok())
     }
 }
 
