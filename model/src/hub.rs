@@ -18,6 +18,9 @@ use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 use std::path::{Path, PathBuf};
 
+/// Resumptions of one file's download before giving up.
+const RETRIES: usize = 4;
+
 /// Prefix that marks a `--model` (or `model:` draft) as a Hub reference.
 pub const PREFIX: &str = "hf:";
 
@@ -123,7 +126,10 @@ pub fn fetch(model: &HubModel, options: &HubOptions) -> Result<PathBuf> {
     if let Some(endpoint) = &options.endpoint {
         builder = builder.with_endpoint(endpoint.clone());
     }
-    builder = builder.with_token(options.token.clone());
+    // A dropped connection resumes where it stopped (a ranged request
+    // from the partial file's end), a few times, rather than failing a
+    // download of gigabytes.
+    builder = builder.with_token(options.token.clone()).with_retries(RETRIES);
     let api = builder.build().map_err(|e| hub_error(model, e.to_string()))?.repo(model.repo());
     match download(model, &api) {
         Ok(path) => Ok(path),

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tandem_model::hub::{fetch, HubModel, HubOptions};
 use tandem_model::*;
@@ -29,27 +30,30 @@ struct StandInRepo {
     gated: bool,
 }
 
-/// The Hub stand-in: its address and the paths it was asked for.
+/// The Hub stand-in: its address, the paths it was asked for (with the
+/// byte range, if any), and whether to drop the next weights download
+/// halfway.
 struct StandIn {
     url: String,
     requests: Arc<Mutex<Vec<String>>>,
+    cut_next: Arc<AtomicBool>,
 }
 
 impl StandIn {
     fn start(repos: HashMap<String, StandInRepo>) -> StandIn {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let (repos, base, log) = (Arc::new(repos), url.clone(), requests.clone());
+        let (requests, cut_next) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
+        let (repos, base, log, cut) = (Arc::new(repos), url.clone(), requests.clone(), cut_next.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (repos, base, log) = (repos.clone(), base.clone(), log.clone());
+                let (repos, base, log, cut) = (repos.clone(), base.clone(), log.clone(), cut.clone());
                 std::thread::spawn(move || {
-                    let _ = answer(stream, &repos, &base, &log);
+                    let _ = answer(stream, &repos, &base, &log, &cut);
                 });
             }
         });
-        StandIn { url, requests }
+        StandIn { url, requests, cut_next }
     }
 
     fn downloads(&self) -> usize {
@@ -57,7 +61,7 @@ impl StandIn {
     }
 }
 
-fn answer(stream: TcpStream, repos: &HashMap<String, StandInRepo>, base: &str, log: &Mutex<Vec<String>>) -> std::io::Result<()> {
+fn answer(stream: TcpStream, repos: &HashMap<String, StandInRepo>, base: &str, log: &Mutex<Vec<String>>, cut: &AtomicBool) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
@@ -71,15 +75,18 @@ fn answer(stream: TcpStream, repos: &HashMap<String, StandInRepo>, base: &str, l
             None => break,
         };
     }
-    log.lock().unwrap().push(path.clone());
+    log.lock().unwrap().push(format!("{path} {}", headers.get("range").map_or("", String::as_str)));
     let mut out = stream;
     let status = |out: &mut TcpStream, code: &str| write!(out, "HTTP/1.1 {code}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
 
     if let Some(rest) = path.strip_prefix("/cdn/") {
         // A signed CDN address: no token asked.
         let (repo, file) = split_repo(rest);
+        // A connection dropped halfway through a whole-file download.
+        let whole = headers.get("range").is_some_and(|r| r.ends_with('-'));
+        let cut = whole && cut.swap(false, Ordering::SeqCst);
         return match repos.get(&repo).and_then(|r| r.files.get(file)) {
-            Some(local) => send_ranged(&mut out, local, &headers, &[]),
+            Some(local) => send_ranged(&mut out, local, &headers, &[], cut),
             None => status(&mut out, "404 Not Found"),
         };
     }
@@ -106,7 +113,7 @@ fn answer(stream: TcpStream, repos: &HashMap<String, StandInRepo>, base: &str, l
             "HTTP/1.1 302 Found\r\nLocation: {base}/cdn/{repo}/{file}\r\nX-Repo-Commit: {COMMIT}\r\nX-Linked-Etag: \"{hash}\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
     }
-    send_ranged(&mut out, local, &headers, &[("X-Repo-Commit", COMMIT.to_string()), ("ETag", format!("\"{}\"", &hash[..40]))])
+    send_ranged(&mut out, local, &headers, &[("X-Repo-Commit", COMMIT.to_string()), ("ETag", format!("\"{}\"", &hash[..40]))], false)
 }
 
 /// `OWNER/NAME/rest` as (`OWNER/NAME`, `rest`).
@@ -116,8 +123,9 @@ fn split_repo(path: &str) -> (String, &str) {
     (format!("{owner}/{name}"), rest)
 }
 
-/// The file, or the byte range the request asks for.
-fn send_ranged(out: &mut TcpStream, local: &Path, headers: &HashMap<String, String>, extra: &[(&str, String)]) -> std::io::Result<()> {
+/// The file, or the byte range the request asks for; `cut`: only the first
+/// half of it, then the connection closes.
+fn send_ranged(out: &mut TcpStream, local: &Path, headers: &HashMap<String, String>, extra: &[(&str, String)], cut: bool) -> std::io::Result<()> {
     let mut file = std::fs::File::open(local)?;
     let size = file.metadata()?.len();
     let range = headers.get("range").and_then(|r| r.strip_prefix("bytes=")).and_then(|r| r.split_once('-'));
@@ -132,7 +140,8 @@ fn send_ranged(out: &mut TcpStream, local: &Path, headers: &HashMap<String, Stri
     }
     write!(out, "\r\n")?;
     file.seek(SeekFrom::Start(start))?;
-    std::io::copy(&mut file.take(end + 1 - start), out)?;
+    let len = if cut { (end + 1 - start) / 2 } else { end + 1 - start };
+    std::io::copy(&mut file.take(len), out)?;
     out.flush()
 }
 
@@ -185,9 +194,16 @@ fn a_model_on_the_hub_is_fetched_into_the_hub_cache_once_and_loads() {
     assert_eq!(model.llama.config(), target.llama.config());
     let logits = last_logits(&model, "abcabd");
 
-    // Shards: all of them, loading as the same weights.
+    // Shards: all of them, loading as the same weights; the first one's
+    // connection drops halfway, and its download resumes from there.
+    stand_in.cut_next.store(true, Ordering::SeqCst);
     let folder = fetch(&hub("hf:tandem-test/tiny-sharded"), &options).unwrap();
-    assert_eq!(files_of(&folder).len(), sharded.len());
+    assert!(!stand_in.cut_next.load(Ordering::SeqCst), "no download was cut");
+    for (name, source) in &sharded {
+        assert_eq!(std::fs::read(folder.join(name)).unwrap(), std::fs::read(source).unwrap(), "{name}");
+    }
+    let resumed = stand_in.requests.lock().unwrap().iter().any(|r| r.starts_with("/cdn/") && r.split("bytes=").nth(1).is_some_and(|b| !b.starts_with("0-")));
+    assert!(resumed, "the cut download was not resumed with a ranged request");
     assert_eq!(last_logits(&LoadedModel::load(&folder).unwrap(), "abcabd"), logits);
 
     // One GGUF file of a repo, and a revision named by its commit.
