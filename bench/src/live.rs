@@ -206,6 +206,10 @@ pub struct LiveConfig {
     /// Devices belong to tenants `tenant-0..` in turn (as in the simulator).
     #[serde(default = "one_tenant")]
     pub tenants: usize,
+    /// The model the servers the bench starts run, when not the default:
+    /// the one the bench tokenizes the prompts with and drafts for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<std::path::PathBuf>,
 }
 
 /// Reports written before tenants were configurable ran one.
@@ -538,6 +542,20 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The flags of the server the bench starts for `policy`: its model, its
+/// metrics address, where the wisp server writes its calibration, and the
+/// tenants file.
+fn server_args(cfg: &LiveConfig, policy: Policy, metrics: &str, calibration_out: Option<&Path>, tenants: Option<&Path>) -> Vec<String> {
+    let mut args: Vec<String> = vec!["--policy".into(), policy.server_policy().into(), "--metrics-listen".into(), metrics.into()];
+    let flags = [("--model", cfg.model.as_deref()), ("--calibration-out", calibration_out.filter(|_| policy == Policy::Wisp)), ("--tenants", tenants)];
+    for (flag, path) in flags {
+        if let Some(path) = path {
+            args.extend([flag.to_string(), path.display().to_string()]);
+        }
+    }
+    args
+}
+
 /// Every policy in turn, each on a fresh server (or on `cfg.server`).
 /// `calibration_out`: where the wisp server writes its calibration.
 pub fn run(cfg: &LiveConfig, inputs: &LiveInputs, calibration_out: Option<&Path>) -> Result<Report> {
@@ -550,21 +568,14 @@ pub fn run(cfg: &LiveConfig, inputs: &LiveInputs, calibration_out: Option<&Path>
         cfg.tenants
     );
     let tenants_file = (cfg.tenants > 1).then(|| TenantsFile::write(cfg.tenants)).transpose()?;
-    let tenants_path = tenants_file.as_ref().map(|f| f.0.display().to_string());
     let mut reports = Vec::new();
     for &policy in &cfg.policies {
         let metrics = format!("127.0.0.1:{}", free_port()?);
         let server = match &cfg.server {
             Some(_) => None,
             None => {
-                let mut args = vec!["--policy", policy.server_policy(), "--metrics-listen", &metrics];
-                let out = calibration_out.filter(|_| policy == Policy::Wisp).map(|p| p.display().to_string());
-                if let Some(out) = &out {
-                    args.extend(["--calibration-out", out]);
-                }
-                if let Some(path) = &tenants_path {
-                    args.extend(["--tenants", path]);
-                }
+                let args = server_args(cfg, policy, &metrics, calibration_out, tenants_file.as_ref().map(|f| f.0.as_path()));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 Some(ServerProcess::try_start(&args).context("starting tandem-server")?)
             }
         };
@@ -629,4 +640,36 @@ pub fn run(cfg: &LiveConfig, inputs: &LiveInputs, calibration_out: Option<&Path>
             "timings on this shared 2-core CPU machine are perturbed by whatever else runs (e.g. compilers)".into(),
         ],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The servers the bench starts run the model it loaded (named only
+    /// when it is not the default), and only wisp's writes a calibration.
+    #[test]
+    fn started_servers_run_the_benchs_model() {
+        let mut cfg = LiveConfig {
+            policies: vec![Policy::Wisp, Policy::Sled],
+            workload: Workload::Closed { devices: 1, think_ms: 0 },
+            duration_s: 1.0,
+            max_new_tokens: 8,
+            draft_len: 4,
+            slo_ttft_ms: 0,
+            slo_tpot_ms: 0,
+            seed: 1,
+            server: None,
+            capacity_search: false,
+            hand_off: true,
+            tenants: 1,
+            model: None,
+        };
+        let calibration = Path::new("/tmp/calibration.json");
+        let args = server_args(&cfg, Policy::Wisp, "127.0.0.1:9", Some(calibration), None);
+        assert_eq!(args, ["--policy", "wisp", "--metrics-listen", "127.0.0.1:9", "--calibration-out", "/tmp/calibration.json"]);
+        cfg.model = Some("/models/other.gguf".into());
+        let args = server_args(&cfg, Policy::Sled, "127.0.0.1:9", Some(calibration), Some(Path::new("/tmp/tenants.toml")));
+        assert_eq!(args, ["--policy", "fcfs", "--metrics-listen", "127.0.0.1:9", "--model", "/models/other.gguf", "--tenants", "/tmp/tenants.toml"]);
+    }
 }

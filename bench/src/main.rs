@@ -230,6 +230,8 @@ struct Loaded {
     policies: Vec<Policy>,
     workload: live::Workload,
     model: tandem_model::LoadedModel,
+    /// The model's file or folder when `--model` named one.
+    model_path: Option<PathBuf>,
     prompts: Vec<tandem_bench::prompts::BenchPrompt>,
     provenance: String,
     profiles: Vec<live::DeviceProfile>,
@@ -255,10 +257,12 @@ fn load(args: &LoadArgs) -> Result<Loaded> {
         Some(p) => live::load_profiles(p)?,
         None => vec![live::DeviceProfile::laptop()],
     };
-    let model = tandem_model::LoadedModel::load(&model_path(args.model.clone())?).context("loading the target model")?;
+    let path = model_path(args.model.clone())?;
+    let model = tandem_model::LoadedModel::load(&path).context("loading the target model")?;
+    let model_path = args.model.is_some().then_some(path);
     let (prompts, provenance) = tandem_bench::prompts::load(&args.prompts, args.num_prompts, args.max_new_tokens, &model)?;
     let real = live::real_draft_spec(&profiles)?.map(|spec| RealDrafts::load(&spec, args.draft_len, &model, &prompts)).transpose()?;
-    Ok(Loaded { policies, workload, model, prompts, provenance, profiles, real })
+    Ok(Loaded { policies, workload, model, model_path, prompts, provenance, profiles, real })
 }
 
 fn emit(report: &Report, out: Option<&PathBuf>, json: bool) -> Result<()> {
@@ -289,6 +293,7 @@ fn live(args: LiveArgs) -> Result<()> {
         capacity_search: a.capacity,
         hand_off: !a.no_hand_off,
         tenants: args.tenants,
+        model: l.model_path.clone(),
     };
     let inputs = live::LiveInputs { model: &l.model, profiles: &l.profiles, prompts: &l.prompts, provenance: &l.provenance, real: l.real.as_ref() };
     let report = live::run(&cfg, &inputs, args.calibration_out.as_deref())?;
@@ -352,8 +357,10 @@ fn main() -> Result<()> {
         Command::Live(args) => live(args),
         Command::Sim(args) => sim(args),
         Command::Paper { out, model } => {
-            let model = tandem_model::LoadedModel::load(&model_path(model)?).context("loading the target model")?;
-            paper::run(&out, &model)
+            let named = model.is_some();
+            let path = model_path(model)?;
+            let model = tandem_model::LoadedModel::load(&path).context("loading the target model")?;
+            paper::run(&out, &model, named.then_some(path.as_path()))
         }
         Command::TrainDraft(a) => {
             let model_path = model_path(a.model)?;

@@ -34,7 +34,9 @@ const SEED: u64 = 1;
 /// The paper's published ratios (WISP, Qwen3-32B on one A100).
 const PUBLISHED: [(&str, f64); 4] = [("capacity_vs_centralized", 2.1), ("capacity_vs_sled", 4.1), ("goodput_vs_centralized", 1.94), ("goodput_vs_sled", 3.7)];
 
-pub fn run(dir: &Path, model: &LoadedModel) -> Result<()> {
+/// `model_path`: the model's file or folder when not the default, for the
+/// live servers to run.
+pub fn run(dir: &Path, model: &LoadedModel, model_path: Option<&Path>) -> Result<()> {
     let started = Instant::now();
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let steps = progress::bar(5, "paper: prompts");
@@ -57,6 +59,7 @@ pub fn run(dir: &Path, model: &LoadedModel) -> Result<()> {
         hand_off: true,
         // Each laptop its own tenant (API key), so fairness is measured live.
         tenants: 2,
+        model: model_path.map(Path::to_path_buf),
     };
     let calibration_path = dir.join("calibration-cpu.json");
     let live_inputs = LiveInputs { model, profiles: &laptop, prompts: &prompts, provenance: &provenance, real: None };
