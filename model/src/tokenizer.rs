@@ -47,6 +47,52 @@ enum ChatTemplate {
     /// `<|im_start|>role\ncontent<|im_end|>\n`, with the default system
     /// message the template inserts when none is given.
     ChatMl { default_system: Option<String> },
+    /// Llama 3: `<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>`,
+    /// each content trimmed, the first turn after the BOS token's text.
+    Llama3 { bos: String },
+}
+
+impl ChatTemplate {
+    /// The format a template's text is written for, if Tandem renders it;
+    /// `bos`: the text of the model's BOS token.
+    fn recognise(text: &str, bos: Option<&str>) -> Option<ChatTemplate> {
+        if text.contains("<|start_header_id|>") {
+            return Some(ChatTemplate::Llama3 { bos: bos.unwrap_or_default().to_string() });
+        }
+        if !text.contains("<|im_start|>") {
+            return None;
+        }
+        let marker = "<|im_start|>system\n";
+        let default_system = text.find(marker).and_then(|i| {
+            let rest = &text[i + marker.len()..];
+            rest.find("<|im_end|>").map(|j| rest[..j].to_string()).filter(|s| !s.contains("{{") && !s.contains('\''))
+        });
+        Some(ChatTemplate::ChatMl { default_system })
+    }
+
+    /// The conversation, ending where the next assistant answer begins.
+    fn render(&self, messages: &[ChatMessage]) -> String {
+        let mut s = String::new();
+        match self {
+            ChatTemplate::ChatMl { default_system } => {
+                if let Some(sys) = default_system.as_ref().filter(|_| messages.first().is_none_or(|m| m.role != "system")) {
+                    s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
+                }
+                for m in messages {
+                    s.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
+                }
+                s.push_str("<|im_start|>assistant\n");
+            }
+            ChatTemplate::Llama3 { bos } => {
+                s.push_str(bos);
+                for m in messages {
+                    s.push_str(&format!("<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>", m.role, m.content.trim()));
+                }
+                s.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
+            }
+        }
+        s
+    }
 }
 
 impl Tokenizer {
@@ -84,8 +130,10 @@ impl Tokenizer {
         let id = |key: &str| md.get(key).map(|v| v.to_u32()).transpose();
         let mut eos: Vec<u32> = id("tokenizer.ggml.eos_token_id")?.into_iter().collect();
         add_turn_ends(&tokens, &mut eos);
-        let chat = md.get("tokenizer.chat_template").map(|v| v.to_string()).transpose()?.and_then(|t| chat_template(t));
-        Ok(Tokenizer { inner, token_bytes, special, eos, bos: id("tokenizer.ggml.bos_token_id")?, chat })
+        let bos = id("tokenizer.ggml.bos_token_id")?;
+        let bos_text = bos.and_then(|b| tokens.get(b as usize)).map(String::as_str);
+        let chat = md.get("tokenizer.chat_template").map(|v| v.to_string()).transpose()?.and_then(|t| ChatTemplate::recognise(t, bos_text));
+        Ok(Tokenizer { inner, token_bytes, special, eos, bos, chat })
     }
 
     /// From a Hugging Face folder: `tokenizer.json` (byte-level BPE, as
@@ -131,7 +179,8 @@ impl Tokenizer {
             serde_json::Value::Array(named) => named.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str().map(String::from)),
             _ => None,
         });
-        Ok(Tokenizer { inner, token_bytes, special, eos, bos, chat: template.as_deref().and_then(chat_template) })
+        let bos_text = bos.and_then(|b| tokens.get(b as usize)).map(String::as_str);
+        Ok(Tokenizer { inner, token_bytes, special, eos, bos, chat: template.as_deref().and_then(|t| ChatTemplate::recognise(t, bos_text)) })
     }
 
     /// This tokenizer as a Hugging Face `tokenizer.json`.
@@ -191,17 +240,7 @@ impl Tokenizer {
     /// blank lines.
     pub fn chat_messages(&self, messages: &[ChatMessage]) -> String {
         match &self.chat {
-            Some(ChatTemplate::ChatMl { default_system }) => {
-                let mut s = String::new();
-                if let Some(sys) = default_system.as_ref().filter(|_| messages.first().is_none_or(|m| m.role != "system")) {
-                    s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
-                }
-                for m in messages {
-                    s.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
-                }
-                s.push_str("<|im_start|>assistant\n");
-                s
-            }
+            Some(template) => template.render(messages),
             None => messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n"),
         }
     }
@@ -263,18 +302,6 @@ fn pre_tokenizer(pre: Option<&str>) -> Result<PreTokenizerWrapper> {
     }
 }
 
-fn chat_template(text: &str) -> Option<ChatTemplate> {
-    if !text.contains("<|im_start|>") {
-        return None;
-    }
-    let marker = "<|im_start|>system\n";
-    let default_system = text.find(marker).and_then(|i| {
-        let rest = &text[i + marker.len()..];
-        rest.find("<|im_end|>").map(|j| rest[..j].to_string()).filter(|s| !s.contains("{{") && !s.contains('\''))
-    });
-    Some(ChatTemplate::ChatMl { default_system })
-}
-
 /// Inverse of GPT-2's `bytes_to_unicode`: printable bytes map to
 /// themselves, the other 68 to U+0100 onwards.
 fn byte_decoder() -> impl Fn(char) -> u8 {
@@ -291,4 +318,31 @@ fn byte_decoder() -> impl Fn(char) -> u8 {
         table.insert(char::from_u32(c).expect("valid code point"), b as u8);
     }
     move |c| table.get(&c).copied().unwrap_or(b'?')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn turn(role: &str, content: &str) -> ChatMessage {
+        ChatMessage { role: role.into(), content: content.into() }
+    }
+
+    /// Meta-Llama-3-8B-Instruct's template, as its tokenizer_config.json
+    /// holds it, renders as that template does: BOS first, each turn's
+    /// content trimmed, the assistant's header last.
+    #[test]
+    fn a_llama_3_template_renders_its_header_format() {
+        let template = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+        let chat = ChatTemplate::recognise(template, Some("<|begin_of_text|>")).expect("recognised");
+        assert_eq!(
+            chat.render(&[turn("system", "Be brief."), turn("user", " Hi \n"), turn("assistant", "Hello."), turn("user", "Bye")]),
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\
+             <|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>\
+             <|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>\
+             <|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>\
+             <|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+        assert_eq!(ChatTemplate::recognise("{{ messages }}", Some("<s>")), None);
+    }
 }
