@@ -93,9 +93,6 @@ fn config_of(c: &Value) -> Result<LlamaConfig> {
     if !matches!(model_type, "llama" | "mistral") {
         return Err(ModelError::Format(format!("config.json: model_type `{model_type}` is not llama-family (expected `llama` or `mistral`)")));
     }
-    if !c["rope_scaling"].is_null() {
-        return Err(ModelError::Format(format!("config.json: rope_scaling {} is not supported (plain RoPE only)", c["rope_scaling"])));
-    }
     let uint = |key: &str| c[key].as_u64().map(|v| v as usize).ok_or_else(|| ModelError::Format(format!("config.json: missing `{key}`")));
     let float = |key: &str, default: f64| c[key].as_f64().unwrap_or(default) as f32;
     let hidden = uint("hidden_size")?;
@@ -108,6 +105,7 @@ fn config_of(c: &Value) -> Result<LlamaConfig> {
     if uint("head_dim").is_ok_and(|d| d != head_dim) {
         return Err(ModelError::Format(format!("config.json: head_dim {} is not hidden_size / num_attention_heads ({head_dim})", c["head_dim"])));
     }
+    let rope_theta = float("rope_theta", 10_000.0);
     Ok(LlamaConfig {
         hidden,
         n_layers: uint("num_hidden_layers")?,
@@ -117,9 +115,48 @@ fn config_of(c: &Value) -> Result<LlamaConfig> {
         ffn: uint("intermediate_size")?,
         vocab: uint("vocab_size")?,
         context_len: uint("max_position_embeddings").unwrap_or(4096),
-        rope_theta: float("rope_theta", 10_000.0),
+        rope_theta,
+        rope_freq_factors: rope_freq_factors(&c["rope_scaling"], head_dim, rope_theta)?,
         rms_eps: float("rms_norm_eps", 1e-5),
     })
+}
+
+/// RoPE's pair frequency divisors for `rope_scaling`, as transformers
+/// computes them: `llama3` (Llama 3.1 and later: low frequencies divided by
+/// `factor`, high ones kept, a smooth blend between) and `linear` (every
+/// frequency divided by `factor`). Others (dynamic NTK, YaRN, …) are
+/// refused by name.
+fn rope_freq_factors(scaling: &Value, head_dim: usize, theta: f32) -> Result<Option<Vec<f32>>> {
+    if scaling.is_null() {
+        return Ok(None);
+    }
+    let kind = scaling["rope_type"].as_str().or(scaling["type"].as_str()).unwrap_or_default();
+    let number =
+        |key: &str| scaling[key].as_f64().ok_or_else(|| ModelError::Format(format!("config.json: rope_scaling of type `{kind}` without a numeric `{key}`")));
+    let factor = number("factor")?;
+    let half = head_dim / 2;
+    let factors = match kind {
+        "linear" => vec![factor; half],
+        "llama3" => {
+            let (low, high, old) = (number("low_freq_factor")?, number("high_freq_factor")?, number("original_max_position_embeddings")?);
+            (0..half)
+                .map(|i| {
+                    let freq = 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64);
+                    let wavelength = 2.0 * std::f64::consts::PI / freq;
+                    if wavelength < old / high {
+                        1.0
+                    } else if wavelength > old / low {
+                        factor
+                    } else {
+                        let smooth = (old / wavelength - low) / (high - low);
+                        1.0 / ((1.0 - smooth) / factor + smooth)
+                    }
+                })
+                .collect()
+        }
+        other => return Err(ModelError::Format(format!("config.json: rope_scaling of type `{other}` is not supported (llama3 and linear are)"))),
+    };
+    Ok(Some(factors.into_iter().map(|f| f as f32).collect()))
 }
 
 /// The folder's tensors, by their Hugging Face names. The files are
@@ -240,6 +277,23 @@ impl TensorSource for Safetensors {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Llama 3.2-1B's rope_scaling (head_dim 64, theta 500000): the
+    /// divisors transformers' `_compute_llama3_parameters` gives.
+    #[test]
+    fn llama3_rope_scaling_divides_the_low_frequencies() {
+        let scaling = serde_json::json!({ "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192 });
+        let f = rope_freq_factors(&scaling, 64, 500_000.0).unwrap().unwrap();
+        assert_eq!(f.len(), 32);
+        assert!(f[..15].iter().all(|&x| x == 1.0) && f[18..].iter().all(|&x| x == 32.0), "{f:?}");
+        for (got, want) in f[15..18].iter().zip([1.651329, 3.292262, 9.666729]) {
+            assert!((got - want).abs() < 1e-5, "{f:?}");
+        }
+        assert_eq!(rope_freq_factors(&serde_json::json!({ "type": "linear", "factor": 4.0 }), 8, 10_000.0).unwrap(), Some(vec![4.0; 4]));
+        assert_eq!(rope_freq_factors(&Value::Null, 64, 500_000.0).unwrap(), None);
+        let err = rope_freq_factors(&serde_json::json!({ "rope_type": "yarn", "factor": 4.0 }), 64, 10_000.0).unwrap_err().to_string();
+        assert!(err.contains("`yarn`"), "{err}");
+    }
 
     #[test]
     fn quantize_types_parse_and_fall_back_where_blocks_do_not_fit() {

@@ -29,6 +29,10 @@ pub struct LlamaConfig {
     /// Longest sequence (prompt + generated) the model accepts.
     pub context_len: usize,
     pub rope_theta: f32,
+    /// Divisors of RoPE's pair frequencies, one per pair of a head: the
+    /// long-context scaling of Llama 3.1 and later (GGUF `rope_freqs.weight`,
+    /// or `rope_scaling` in config.json). None: plain RoPE.
+    pub rope_freq_factors: Option<Vec<f32>>,
     pub rms_eps: f32,
 }
 
@@ -56,6 +60,8 @@ impl LlamaConfig {
             vocab: embd.shape.dims2()?.0,
             context_len: u("context_length").unwrap_or(4096),
             rope_theta: md.get(&format!("{arch}.rope.freq_base")).map_or(Ok(10_000.0), |v| v.to_f32())?,
+            // Read with the tensors (`Llama::from_source`).
+            rope_freq_factors: None,
             rms_eps: md.get(&format!("{arch}.attention.layer_norm_rms_epsilon")).map_or(Ok(1e-5), |v| v.to_f32())?,
         })
     }
@@ -188,8 +194,11 @@ impl Llama {
     }
 
     /// Builds the model from tensors named as in GGUF files.
-    pub(crate) fn from_source(cfg: LlamaConfig, source: impl TensorSource, kernels: MatmulKernels) -> Result<Self> {
+    pub(crate) fn from_source(mut cfg: LlamaConfig, source: impl TensorSource, kernels: MatmulKernels) -> Result<Self> {
         let mut tensors = TensorReader { source, kernels };
+        if tensors.source.contains("rope_freqs.weight") {
+            cfg.rope_freq_factors = Some(tensors.vector("rope_freqs.weight", cfg.head_dim / 2)?);
+        }
         let embed = Arc::new(tensors.matrix("token_embd.weight")?);
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
@@ -600,7 +609,8 @@ fn rope_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
     let mut sin = Vec::with_capacity(cfg.context_len * half);
     for pos in 0..cfg.context_len {
         for i in 0..half {
-            let freq = 1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / cfg.head_dim as f64);
+            let divisor = cfg.rope_freq_factors.as_ref().map_or(1.0, |f| f[i] as f64);
+            let freq = 1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / cfg.head_dim as f64) / divisor;
             let angle = pos as f64 * freq;
             cos.push(angle.cos() as f32);
             sin.push(angle.sin() as f32);

@@ -76,13 +76,54 @@ fn what_the_forward_cannot_run_is_refused_by_name() {
         std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
     };
     for (extra, needle) in [
-        (serde_json::json!({ "rope_scaling": { "rope_type": "llama3", "factor": 8.0 } }), "rope_scaling"),
+        (serde_json::json!({ "rope_scaling": { "rope_type": "yarn", "factor": 8.0 } }), "rope_scaling of type `yarn`"),
+        (serde_json::json!({ "rope_scaling": { "rope_type": "llama3", "factor": 8.0 } }), "without a numeric `low_freq_factor`"),
         (serde_json::json!({ "model_type": "qwen2" }), "qwen2"),
         (serde_json::json!({}), "model.safetensors"),
     ] {
         config(extra);
         let err = LoadedModel::load(&dir).err().expect("refused").to_string();
         assert!(err.contains(needle), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A GGUF's `rope_freqs.weight` (llama.cpp writes it for Llama 3.1 and
+/// later) divides each pair's RoPE frequency, as config.json's
+/// `rope_scaling` does for a folder.
+#[test]
+fn a_gguf_s_rope_frequency_factors_divide_its_rope_frequencies() {
+    use candle_core::quantized::gguf_file;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    let dir = scratch("rope-freqs");
+    let spec = common::TinySpec { vocab: 50, hidden: 64, heads: 4, kv_heads: 2, ffn: 128, layers: 1, dtype: GgmlDType::Q8_0, head_gain: 1.0 };
+    let plain = common::tiny_llama(&dir, "plain.gguf", &spec, 3);
+    // The same file with a rope_freqs tensor: head_dim 16, so 8 pairs.
+    let factors = [1.0f32, 1.0, 1.5, 2.0, 4.0, 8.0, 8.0, 8.0];
+    let mut file = std::fs::File::open(&plain).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut tensors: Vec<(String, QTensor)> = content.tensor_infos.keys().map(|n| (n.clone(), content.tensor(&mut file, n, &Device::Cpu).unwrap())).collect();
+    let freqs = Tensor::from_vec(factors.to_vec(), 8, &Device::Cpu).unwrap();
+    tensors.push(("rope_freqs.weight".into(), QTensor::quantize(&freqs, GgmlDType::F32).unwrap()));
+    let scaled = dir.join("scaled.gguf");
+    let md: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&scaled).unwrap(), &md, &ts).unwrap();
+
+    let (plain, scaled) = (LoadedModel::load(&plain).unwrap(), LoadedModel::load(&scaled).unwrap());
+    assert_eq!(scaled.llama.config().rope_freq_factors.as_deref(), Some(&factors[..]));
+    let ((cos0, sin0), (cos1, sin1)) = (plain.llama.rope_tables(), scaled.llama.rope_tables());
+    let pos = 100;
+    for (i, &f) in factors.iter().enumerate() {
+        let (a0, a1) = (sin0[pos * 8 + i].atan2(cos0[pos * 8 + i]), sin1[pos * 8 + i].atan2(cos1[pos * 8 + i]));
+        // The angle, divided by the factor (modulo a turn).
+        let expected = (pos as f64 / 10_000f64.powf(2.0 * i as f64 / 16.0) / f as f64).rem_euclid(std::f64::consts::TAU);
+        let got = (a1 as f64).rem_euclid(std::f64::consts::TAU);
+        assert!((got - expected).abs() < 1e-4 || (got - expected).abs() > std::f64::consts::TAU - 1e-4, "pair {i}: {got} vs {expected}");
+        if f == 1.0 {
+            assert_eq!(a0, a1, "pair {i}");
+        }
     }
     let _ = std::fs::remove_dir_all(dir);
 }
