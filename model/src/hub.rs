@@ -178,21 +178,34 @@ fn download(model: &HubModel, api: &ApiRepo) -> Result<PathBuf, Failure> {
             return Err(Failure::Refused(no_folder(&info.siblings, required)));
         }
     }
-    let config = get("config.json")?;
-    get("tokenizer.json")?;
+    let mut files = vec![get("config.json")?, get("tokenizer.json")?];
     if has("tokenizer_config.json") {
-        get("tokenizer_config.json")?;
+        files.push(get("tokenizer_config.json")?);
     }
     if has(SHARD_INDEX) {
-        for shard in shards(&get(SHARD_INDEX)?).map_err(|e| Failure::Refused(e.to_string()))? {
-            get(&shard)?;
+        let index = get(SHARD_INDEX)?;
+        for shard in shards(&index).map_err(|e| Failure::Refused(e.to_string()))? {
+            files.push(get(&shard)?);
         }
+        files.push(index);
     } else if has("model.safetensors") {
-        get("model.safetensors")?;
+        files.push(get("model.safetensors")?);
     } else {
         return Err(Failure::Refused(no_folder(&info.siblings, "model.safetensors")));
     }
-    Ok(snapshot_of(&config))
+    // Files already cached come from the snapshot the cache holds, new
+    // ones from the repo's latest commit: if the repo has gained files
+    // since, they land in another snapshot folder than the cached ones.
+    let folder = snapshot_of(&files[0]);
+    match files.iter().find(|f| snapshot_of(f) != folder) {
+        None => Ok(folder),
+        Some(f) => Err(Failure::Refused(format!(
+            "the repo changed since it was cached: {} and {} are in different snapshots; pin a revision (@COMMIT) or remove {}",
+            files[0].display(),
+            f.display(),
+            folder.parent().and_then(Path::parent).map_or_else(|| folder.display().to_string(), |p| p.display().to_string())
+        ))),
+    }
 }
 
 /// What the cache holds of `model`, if all of it is there.

@@ -218,6 +218,19 @@ fn a_model_on_the_hub_is_fetched_into_the_hub_cache_once_and_loads() {
     fetch(&hub("hf:tandem-test/tiny/tiny.gguf"), &options).unwrap();
     assert_eq!(stand_in.downloads(), before, "a cached model was downloaded again");
 
+    // A cache holding an older snapshot with fewer files (the repo has
+    // gained some since): what it holds and what is fetched would come
+    // from two commits, so the fetch stops and says so.
+    let stale = cache.join("models--tandem-test--tiny");
+    let old = stale.join("snapshots").join("0".repeat(40));
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::copy(&single["config.json"], old.join("config.json")).unwrap();
+    std::fs::write(stale.join("refs/main"), "0".repeat(40)).unwrap();
+    let err = fetch(&hub("hf:tandem-test/tiny"), &options).unwrap_err().to_string();
+    assert!(err.contains("changed since it was cached") && err.contains("@COMMIT"), "{err}");
+    std::fs::remove_dir_all(&old).unwrap();
+    std::fs::write(stale.join("refs/main"), COMMIT).unwrap();
+
     // Offline (HF_HUB_OFFLINE), or the Hub unreachable: the cache serves.
     let offline = HubOptions { offline: true, ..options.clone() };
     assert_eq!(fetch(&hub("hf:tandem-test/tiny-sharded"), &offline).unwrap(), folder);
