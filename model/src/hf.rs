@@ -133,11 +133,13 @@ fn rope_freq_factors(scaling: &Value, head_dim: usize, theta: f32) -> Result<Opt
     let kind = scaling["rope_type"].as_str().or(scaling["type"].as_str()).unwrap_or_default();
     let number =
         |key: &str| scaling[key].as_f64().ok_or_else(|| ModelError::Format(format!("config.json: rope_scaling of type `{kind}` without a numeric `{key}`")));
-    let factor = number("factor")?;
     let half = head_dim / 2;
     let factors = match kind {
-        "linear" => vec![factor; half],
+        // transformers writes plain RoPE this way too.
+        "default" => return Ok(None),
+        "linear" => vec![number("factor")?; half],
         "llama3" => {
+            let factor = number("factor")?;
             let (low, high, old) = (number("low_freq_factor")?, number("high_freq_factor")?, number("original_max_position_embeddings")?);
             (0..half)
                 .map(|i| {
@@ -291,6 +293,7 @@ mod tests {
         }
         assert_eq!(rope_freq_factors(&serde_json::json!({ "type": "linear", "factor": 4.0 }), 8, 10_000.0).unwrap(), Some(vec![4.0; 4]));
         assert_eq!(rope_freq_factors(&Value::Null, 64, 500_000.0).unwrap(), None);
+        assert_eq!(rope_freq_factors(&serde_json::json!({ "rope_type": "default" }), 64, 500_000.0).unwrap(), None);
         let err = rope_freq_factors(&serde_json::json!({ "rope_type": "yarn", "factor": 4.0 }), 64, 10_000.0).unwrap_err().to_string();
         assert!(err.contains("`yarn`"), "{err}");
     }
