@@ -210,6 +210,9 @@ pub struct LiveConfig {
     /// the one the bench tokenizes the prompts with and drafts for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<std::path::PathBuf>,
+    /// `--quantize` for a Hugging Face folder, as the bench loaded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<String>,
 }
 
 /// Reports written before tenants were configurable ran one.
@@ -542,15 +545,21 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// The flags of the server the bench starts for `policy`: its model, its
-/// metrics address, where the wisp server writes its calibration, and the
-/// tenants file.
+/// The flags of the server the bench starts for `policy`: its model (and
+/// how it is quantized), its metrics address, where the wisp server writes
+/// its calibration, and the tenants file.
 fn server_args(cfg: &LiveConfig, policy: Policy, metrics: &str, calibration_out: Option<&Path>, tenants: Option<&Path>) -> Vec<String> {
     let mut args: Vec<String> = vec!["--policy".into(), policy.server_policy().into(), "--metrics-listen".into(), metrics.into()];
-    let flags = [("--model", cfg.model.as_deref()), ("--calibration-out", calibration_out.filter(|_| policy == Policy::Wisp)), ("--tenants", tenants)];
-    for (flag, path) in flags {
-        if let Some(path) = path {
-            args.extend([flag.to_string(), path.display().to_string()]);
+    let path = |p: &Path| p.display().to_string();
+    let flags = [
+        ("--model", cfg.model.as_deref().map(path)),
+        ("--quantize", cfg.quantize.clone()),
+        ("--calibration-out", calibration_out.filter(|_| policy == Policy::Wisp).map(path)),
+        ("--tenants", tenants.map(path)),
+    ];
+    for (flag, value) in flags {
+        if let Some(value) = value {
+            args.extend([flag.to_string(), value]);
         }
     }
     args
@@ -664,12 +673,17 @@ mod tests {
             hand_off: true,
             tenants: 1,
             model: None,
+            quantize: None,
         };
         let calibration = Path::new("/tmp/calibration.json");
         let args = server_args(&cfg, Policy::Wisp, "127.0.0.1:9", Some(calibration), None);
         assert_eq!(args, ["--policy", "wisp", "--metrics-listen", "127.0.0.1:9", "--calibration-out", "/tmp/calibration.json"]);
-        cfg.model = Some("/models/other.gguf".into());
+        cfg.model = Some("/models/folder".into());
+        cfg.quantize = Some("q4_1".into());
         let args = server_args(&cfg, Policy::Sled, "127.0.0.1:9", Some(calibration), Some(Path::new("/tmp/tenants.toml")));
-        assert_eq!(args, ["--policy", "fcfs", "--metrics-listen", "127.0.0.1:9", "--model", "/models/other.gguf", "--tenants", "/tmp/tenants.toml"]);
+        assert_eq!(
+            args,
+            ["--policy", "fcfs", "--metrics-listen", "127.0.0.1:9", "--model", "/models/folder", "--quantize", "q4_1", "--tenants", "/tmp/tenants.toml"]
+        );
     }
 }

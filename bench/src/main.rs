@@ -173,6 +173,10 @@ struct LoadArgs {
     profiles: Option<PathBuf>,
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Quantize a Hugging Face folder as it loads (q4_0, q4_1, q8_0, q4_k,
+    /// q6_k), here and in the servers `live` starts.
+    #[arg(long)]
+    quantize: Option<String>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Also find each policy's capacity (largest load with ≥ 90 % SLO
@@ -258,7 +262,8 @@ fn load(args: &LoadArgs) -> Result<Loaded> {
         None => vec![live::DeviceProfile::laptop()],
     };
     let path = model_path(args.model.clone())?;
-    let model = tandem_model::LoadedModel::load(&path).context("loading the target model")?;
+    let quantize = args.quantize.as_deref().map(str::parse::<tandem_model::hf::Quantize>).transpose()?;
+    let model = tandem_model::LoadedModel::load_as(&path, tandem_model::kernels::MatmulKernels::Tandem, quantize).context("loading the target model")?;
     let model_path = args.model.is_some().then_some(path);
     let (prompts, provenance) = tandem_bench::prompts::load(&args.prompts, args.num_prompts, args.max_new_tokens, &model)?;
     let real = live::real_draft_spec(&profiles)?.map(|spec| RealDrafts::load(&spec, args.draft_len, &model, &prompts)).transpose()?;
@@ -294,6 +299,7 @@ fn live(args: LiveArgs) -> Result<()> {
         hand_off: !a.no_hand_off,
         tenants: args.tenants,
         model: l.model_path.clone(),
+        quantize: a.quantize.clone(),
     };
     let inputs = live::LiveInputs { model: &l.model, profiles: &l.profiles, prompts: &l.prompts, provenance: &l.provenance, real: l.real.as_ref() };
     let report = live::run(&cfg, &inputs, args.calibration_out.as_deref())?;

@@ -60,6 +60,7 @@ pub fn run(dir: &Path, model: &LoadedModel, model_path: Option<&Path>) -> Result
         // Each laptop its own tenant (API key), so fairness is measured live.
         tenants: 2,
         model: model_path.map(Path::to_path_buf),
+        quantize: None,
     };
     let calibration_path = dir.join("calibration-cpu.json");
     let live_inputs = LiveInputs { model, profiles: &laptop, prompts: &prompts, provenance: &provenance, real: None };
