@@ -319,7 +319,7 @@ fn time_trained_draft(model: &LoadedModel, mut draft: Box<dyn DraftSource>) -> R
     let (mut drafted, mut accepted) = (0, 0);
     for prompt in crate::prompts::CHAT_PROMPTS.iter().take(4) {
         // The target's greedy output, then its final states over all of it.
-        let mut tokens = model.tokenizer.encode(&model.tokenizer.chat_prompt(prompt))?;
+        let mut tokens = model.tokenizer.encode_prompt(&model.tokenizer.chat_prompt(prompt))?;
         let prompt_len = tokens.len();
         let mut cache = llama.new_cache(n);
         let mut next = tokens.clone();

@@ -42,7 +42,7 @@ pub fn load(set: &str, limit: usize, max_new_tokens: usize, model: &LoadedModel)
         CHAT_PROMPTS
             .iter()
             .enumerate()
-            .map(|(i, p)| (format!("chat/{i}"), model.tokenizer.encode(&model.tokenizer.chat_prompt(p)).expect("encodable")))
+            .map(|(i, p)| (format!("chat/{i}"), model.tokenizer.encode_prompt(&model.tokenizer.chat_prompt(p)).expect("encodable")))
             .collect()
     };
     let (texts, provenance): (Vec<(String, Vec<u32>)>, &str) = match set {
@@ -70,7 +70,7 @@ fn human_eval(model: &LoadedModel) -> Result<Vec<(String, Vec<u32>)>> {
             let v: serde_json::Value = serde_json::from_str(l).context("a HumanEval line is not JSON")?;
             let id = v["task_id"].as_str().context("HumanEval task_id")?.to_string();
             let prompt = v["prompt"].as_str().context("HumanEval prompt")?;
-            Ok((id, model.tokenizer.encode(prompt)?))
+            Ok((id, model.tokenizer.encode_prompt(prompt)?))
         })
         .collect()
 }

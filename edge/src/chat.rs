@@ -37,7 +37,7 @@ impl Conversation {
         loop {
             let mut messages: Vec<ChatMessage> = self.system.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() }).collect();
             messages.extend(self.turns.iter().cloned());
-            let prompt = tokenizer.encode(&tokenizer.chat_messages(&messages))?;
+            let prompt = tokenizer.encode_prompt(&tokenizer.chat_messages(&messages))?;
             if prompt.len() <= MAX_PROMPT_TOKENS {
                 return Ok(prompt);
             }

@@ -378,7 +378,7 @@ fn generate(args: GenerateArgs, file: &EdgeConfig) -> Result<()> {
 
 fn encode_prompt(tokenizer: &tandem_model::Tokenizer, prompt: &str, raw: bool) -> Result<Vec<u32>> {
     let text = if raw { prompt.to_string() } else { tokenizer.chat_prompt(prompt) };
-    Ok(tokenizer.encode(&text)?)
+    Ok(tokenizer.encode_prompt(&text)?)
 }
 
 /// Writes tokens to stdout as text as soon as they are final.

@@ -161,7 +161,7 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer) -> Result<Valid
         Kind::Chat => tokenizer.chat_messages(&messages(obj)?),
         Kind::Text => prompt_text(obj)?,
     };
-    let prompt = tokenizer.encode(&text).map_err(EdgeError::from)?;
+    let prompt = tokenizer.encode_prompt(&text).map_err(EdgeError::from)?;
     if prompt.is_empty() {
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
     }

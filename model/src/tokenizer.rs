@@ -1,23 +1,34 @@
-//! Tokenizer built from GGUF metadata (`tokenizer.ggml.*`).
+//! Tokenizer built from GGUF metadata (`tokenizer.ggml.*`) or a Hugging Face
+//! folder's `tokenizer.json`.
 //!
 //! candle's `Tokenizer::from_gguf` prepends a space to the input ("ĠHello"
 //! for "Hello"), which the reference tokenizer of GPT-2-style BPE models does
 //! not. Here the BPE model, its pre-tokenizer and the special tokens are
 //! assembled explicitly with the HF `tokenizers` crate, as the model's own
-//! `tokenizer.json` declares them.
+//! `tokenizer.json` declares them. `model/tests/gguf_tokenizers.rs` checks
+//! them against llama.cpp's own tokenizer tests.
 
 use crate::{ModelError, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence, NFC};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
+use tokenizers::SplitDelimiterBehavior;
+use tokenizers::{AddedToken, ModelWrapper, Tokenizer as HfTokenizer};
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
+const TOKEN_TYPE_NORMAL: i32 = 1;
+const TOKEN_TYPE_UNKNOWN: i32 = 2;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
@@ -37,6 +48,9 @@ pub struct Tokenizer {
     special: Vec<bool>,
     eos: Vec<u32>,
     bos: Option<u32>,
+    /// Whether a prompt starts with `bos` (Llama 2 and 3, Mistral: yes;
+    /// SmolLM, Qwen: no).
+    add_bos: bool,
     chat: Option<ChatTemplate>,
 }
 
@@ -50,14 +64,28 @@ enum ChatTemplate {
     /// Llama 3: `<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>`,
     /// each content trimmed, the first turn after the BOS token's text.
     Llama3 { bos: String },
+    /// Llama 2 chat and Mistral instruct: `[INST] user [/INST]answer</s>`.
+    /// Llama 2 (`system_block`) opens every exchange with BOS, puts the
+    /// system message in a `<<SYS>>` block of the first user turn and
+    /// pads the answer with spaces; Mistral writes BOS once and the system
+    /// message as the first user turn's first paragraph.
+    Inst { bos: String, eos: String, system_block: bool },
+    /// Zephyr (TinyLlama chat): `<|role|>\ncontent</s>\n`.
+    Zephyr { eos: String },
 }
 
 impl ChatTemplate {
     /// The format a template's text is written for, if Tandem renders it;
-    /// `bos`: the text of the model's BOS token.
-    fn recognise(text: &str, bos: Option<&str>) -> Option<ChatTemplate> {
+    /// `bos`, `eos`: the texts of the model's BOS and EOS tokens.
+    fn recognise(text: &str, bos: &str, eos: &str) -> Option<ChatTemplate> {
         if text.contains("<|start_header_id|>") {
-            return Some(ChatTemplate::Llama3 { bos: bos.unwrap_or_default().to_string() });
+            return Some(ChatTemplate::Llama3 { bos: bos.to_string() });
+        }
+        if text.contains("[INST]") {
+            return Some(ChatTemplate::Inst { bos: bos.to_string(), eos: eos.to_string(), system_block: text.contains("<<SYS>>") });
+        }
+        if text.contains("<|user|>") && text.contains("<|assistant|>") && text.contains("eos_token") {
+            return Some(ChatTemplate::Zephyr { eos: eos.to_string() });
         }
         if !text.contains("<|im_start|>") {
             return None;
@@ -90,76 +118,133 @@ impl ChatTemplate {
                 }
                 s.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
             }
+            ChatTemplate::Inst { bos, eos, system_block } => {
+                let (system, turns) = match messages.split_first() {
+                    Some((first, rest)) if first.role == "system" => (Some(first.content.trim()), rest),
+                    _ => (None, messages),
+                };
+                if !system_block {
+                    s.push_str(bos);
+                }
+                for (i, m) in turns.iter().enumerate() {
+                    let content = m.content.trim();
+                    match (m.role.as_str(), system.filter(|_| i == 0)) {
+                        ("assistant", _) if *system_block => s.push_str(&format!(" {content} {eos}")),
+                        ("assistant", _) => s.push_str(&format!("{content}{eos}")),
+                        (_, Some(sys)) if *system_block => s.push_str(&format!("{bos}[INST] <<SYS>>\n{sys}\n<</SYS>>\n\n{content} [/INST]")),
+                        (_, Some(sys)) => s.push_str(&format!("[INST] {sys}\n\n{content} [/INST]")),
+                        _ if *system_block => s.push_str(&format!("{bos}[INST] {content} [/INST]")),
+                        _ => s.push_str(&format!("[INST] {content} [/INST]")),
+                    }
+                }
+            }
+            ChatTemplate::Zephyr { eos } => {
+                for m in messages {
+                    s.push_str(&format!("<|{}|>\n{}{eos}\n", m.role, m.content));
+                }
+                s.push_str("<|assistant|>\n");
+            }
         }
         s
     }
 }
 
 impl Tokenizer {
+    /// From a GGUF file's `tokenizer.ggml.*` metadata: byte-level BPE
+    /// (`gpt2`: GPT-2, SmolLM, Llama 3, Qwen2, …) or SentencePiece (`llama`:
+    /// Llama 2, Mistral, TinyLlama, …).
     pub fn from_gguf(content: &Content) -> Result<Self> {
         let md = &content.metadata;
         let get = |key: &str| md.get(key).ok_or_else(|| ModelError::Tokenizer(format!("missing metadata `{key}`")));
-        let model = get("tokenizer.ggml.model")?.to_string()?;
-        if model != "gpt2" {
-            return Err(ModelError::Tokenizer(format!("tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`)")));
-        }
         let strings = |key: &str| -> Result<Vec<String>> { get(key)?.to_vec()?.iter().map(|v| Ok(v.to_string()?.clone())).collect() };
+        let flag = |key: &str| md.get(key).map(Value::to_bool).transpose();
+        let model = get("tokenizer.ggml.model")?.to_string()?;
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| {
-                m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| ModelError::Tokenizer(format!("merge `{m}` is not two tokens")))
-            })
-            .collect::<Result<Vec<_>>>()?;
         let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
             Some(v) => v.to_vec()?.iter().map(Value::to_i32).collect::<candle_core::Result<_>>()?,
-            None => vec![1; tokens.len()],
+            None => vec![TOKEN_TYPE_NORMAL; tokens.len()],
         };
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| ModelError::Tokenizer(format!("building BPE: {e}")))?;
-        let mut inner = HfTokenizer::new(bpe);
-        let pre = pre_tokenizer(md.get("tokenizer.ggml.pre").map(|v| v.to_string()).transpose()?.map(String::as_str))?;
-        inner.with_pre_tokenizer(Some(pre));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-        let special: Vec<bool> = types.iter().map(|&t| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED).collect();
+        if types.len() != tokens.len() {
+            return Err(ModelError::Tokenizer(format!("{} token types for {} tokens", types.len(), tokens.len())));
+        }
+        let special: Vec<bool> = types.iter().map(|&t| matches!(t, TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED)).collect();
+        let (mut inner, spelling, add_bos) = match model.as_str() {
+            "gpt2" => {
+                let merges = strings("tokenizer.ggml.merges")?
+                    .into_iter()
+                    .map(|m| {
+                        m.split_once(' ')
+                            .map(|(a, b)| (a.to_string(), b.to_string()))
+                            .ok_or_else(|| ModelError::Tokenizer(format!("merge `{m}` is not two tokens")))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let pre = md.get("tokenizer.ggml.pre").map(|v| v.to_string()).transpose()?.map(String::as_str).unwrap_or("default");
+                let family = BpeFamily::named(pre)?;
+                let bpe = BPE::builder()
+                    .vocab_and_merges(vocab(&tokens), merges)
+                    .ignore_merges(family.ignore_merges)
+                    .build()
+                    .map_err(|e| ModelError::Tokenizer(format!("building BPE: {e}")))?;
+                let mut inner = HfTokenizer::new(bpe);
+                if family.nfc {
+                    inner.with_normalizer(Some(NFC));
+                }
+                inner.with_pre_tokenizer(Some(family.pre_tokenizer));
+                inner.with_decoder(Some(ByteLevelDecoder::default()));
+                (inner, Spelling::ByteLevel, flag("tokenizer.ggml.add_bos_token")?.unwrap_or(family.add_bos))
+            }
+            "llama" => {
+                let scores: Vec<f32> = get("tokenizer.ggml.scores")?.to_vec()?.iter().map(Value::to_f32).collect::<candle_core::Result<_>>()?;
+                let add_space_prefix = flag("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+                let unk = md.get("tokenizer.ggml.unknown_token_id").map(Value::to_u32).transpose()?.and_then(|u| tokens.get(u as usize));
+                let inner = sentencepiece(&tokens, &types, &scores, unk, add_space_prefix)?;
+                (inner, Spelling::SentencePiece, flag("tokenizer.ggml.add_bos_token")?.unwrap_or(true))
+            }
+            other => {
+                return Err(ModelError::Tokenizer(format!(
+                    "tokenizer model `{other}` is not supported (supported: `gpt2`, byte-level BPE; `llama`, SentencePiece)"
+                )))
+            }
+        };
         let added: Vec<AddedToken> = tokens.iter().zip(&special).filter(|(_, &s)| s).map(|(t, _)| AddedToken::from(t.clone(), true)).collect();
         inner.add_special_tokens(&added);
 
-        let unbyte = byte_decoder();
-        let token_bytes = tokens.iter().zip(&special).map(|(t, &s)| if s { t.as_bytes().to_vec() } else { t.chars().map(&unbyte).collect() }).collect();
         let id = |key: &str| md.get(key).map(|v| v.to_u32()).transpose();
         let mut eos: Vec<u32> = id("tokenizer.ggml.eos_token_id")?.into_iter().collect();
         add_turn_ends(&tokens, &mut eos);
         let bos = id("tokenizer.ggml.bos_token_id")?;
-        let bos_text = bos.and_then(|b| tokens.get(b as usize)).map(String::as_str);
-        let chat = md.get("tokenizer.chat_template").map(|v| v.to_string()).transpose()?.and_then(|t| ChatTemplate::recognise(t, bos_text));
-        Ok(Tokenizer { inner, token_bytes, special, eos, bos, chat })
+        let template = md.get("tokenizer.chat_template").map(|v| v.to_string()).transpose()?;
+        let chat = template.and_then(|t| ChatTemplate::recognise(t, token_text(&tokens, bos.as_ref()), token_text(&tokens, eos.first())));
+        let token_bytes = spelling.token_bytes(&tokens, |i| special[i]);
+        Ok(Tokenizer { inner, token_bytes, special, eos, bos, add_bos, chat })
     }
 
     /// From a Hugging Face folder: `tokenizer.json` (byte-level BPE, as
     /// from GGUF), end tokens from `config.json` and
     /// `generation_config.json`, the chat format from
     /// `tokenizer_config.json`.
-    pub(crate) fn from_hf_folder(dir: &std::path::Path, config: &serde_json::Value) -> Result<Self> {
+    pub fn from_hf_folder(dir: &std::path::Path, config: &serde_json::Value) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         let inner = HfTokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer(format!("`{}`: {e}", path.display())))?;
-        if !matches!(inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_))) {
-            return Err(ModelError::Tokenizer(format!("`{}`: only byte-level BPE tokenizers are supported", path.display())));
-        }
+        let spelling = match (inner.get_decoder(), inner.get_model()) {
+            (Some(DecoderWrapper::ByteLevel(_)), _) => Spelling::ByteLevel,
+            // Llama 2 and Mistral folders: SentencePiece as BPE.
+            (_, ModelWrapper::BPE(bpe)) if bpe.byte_fallback => Spelling::SentencePiece,
+            _ => {
+                return Err(ModelError::Tokenizer(format!(
+                    "`{}`: only byte-level BPE and SentencePiece BPE (byte fallback) tokenizers are supported",
+                    path.display()
+                )))
+            }
+        };
         let vocab = inner.get_vocab(true);
         let mut tokens = vec![String::new(); vocab.values().max().map_or(0, |&m| m as usize + 1)];
         for (token, id) in vocab {
             tokens[id as usize] = token;
         }
-        // Added tokens are stored as their text, the rest byte-level.
         let added = inner.get_added_tokens_decoder();
         let special = (0..tokens.len() as u32).map(|i| added.get(&i).is_some_and(|t| t.special)).collect();
-        let unbyte = byte_decoder();
-        let token_bytes = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| if added.contains_key(&(i as u32)) { t.as_bytes().to_vec() } else { t.chars().map(&unbyte).collect() })
-            .collect();
+        let token_bytes = spelling.token_bytes(&tokens, |i| added.contains_key(&(i as u32)));
         let generation = crate::hf::read_json(&dir.join("generation_config.json")).unwrap_or_default();
         let ids = |v: &serde_json::Value| -> Vec<u32> {
             match v {
@@ -168,19 +253,28 @@ impl Tokenizer {
             }
         };
         let mut eos = ids(&config["eos_token_id"]);
+        // The EOS a chat template writes: the config's (first) one.
+        let template_eos = eos.first().copied();
         eos.extend(ids(&generation["eos_token_id"]));
         eos.sort_unstable();
         eos.dedup();
         add_turn_ends(&tokens, &mut eos);
         let bos = config["bos_token_id"].as_u64().map(|b| b as u32);
-        let template = crate::hf::read_json(&dir.join("tokenizer_config.json")).ok().and_then(|c| match &c["chat_template"] {
+        let tokenizer_config = crate::hf::read_json(&dir.join("tokenizer_config.json")).unwrap_or_default();
+        // `add_bos_token` when the config says; otherwise whether the
+        // tokenizer's post-processor adds BOS (Llama 3's does).
+        let add_bos = match tokenizer_config["add_bos_token"].as_bool() {
+            Some(add) => add,
+            None => bos.is_some() && inner.encode("", true).map_err(|e| ModelError::Tokenizer(e.to_string()))?.get_ids().first() == bos.as_ref(),
+        };
+        let template = match &tokenizer_config["chat_template"] {
             serde_json::Value::String(t) => Some(t.clone()),
             // Several named templates: the default one.
             serde_json::Value::Array(named) => named.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str().map(String::from)),
             _ => None,
-        });
-        let bos_text = bos.and_then(|b| tokens.get(b as usize)).map(String::as_str);
-        Ok(Tokenizer { inner, token_bytes, special, eos, bos, chat: template.as_deref().and_then(|t| ChatTemplate::recognise(t, bos_text)) })
+        };
+        let chat = template.and_then(|t| ChatTemplate::recognise(&t, token_text(&tokens, bos.as_ref()), token_text(&tokens, template_eos.as_ref())));
+        Ok(Tokenizer { inner, token_bytes, special, eos, bos, add_bos, chat })
     }
 
     /// This tokenizer as a Hugging Face `tokenizer.json`.
@@ -197,6 +291,20 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes a prompt: as [`Tokenizer::encode`], with the model's BOS token
+    /// in front when the model's prompts start with one (Llama 2 and 3,
+    /// Mistral) and the text does not already begin with it (a chat
+    /// template may write it).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        if let Some(bos) = self.bos.filter(|_| self.add_bos) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
     }
 
     /// Decodes ids to text, special tokens included.
@@ -279,6 +387,11 @@ impl TextStream<'_> {
     }
 }
 
+/// The text of token `id`, or nothing.
+fn token_text<'a>(tokens: &'a [String], id: Option<&u32>) -> &'a str {
+    id.and_then(|&i| tokens.get(i as usize)).map_or("", String::as_str)
+}
+
 /// ChatML models end a turn with <|im_end|> and a document with
 /// <|endoftext|>, Llama 3 a turn with <|eot_id|>; each ends generation.
 fn add_turn_ends(tokens: &[String], eos: &mut Vec<u32>) {
@@ -291,14 +404,134 @@ fn add_turn_ends(tokens: &[String], eos: &mut Vec<u32>) {
     }
 }
 
-fn pre_tokenizer(pre: Option<&str>) -> Result<PreTokenizerWrapper> {
-    // `use_regex` applies GPT-2's split pattern; no prefix space is added.
-    let byte_level = ByteLevel::new(false, false, true);
-    match pre.unwrap_or("default") {
-        // SmolLM / StarCoder: every digit on its own, then GPT-2 byte-level.
-        "smollm" | "starcoder" | "refact" => Ok(PreTokenizerWrapper::Sequence(Sequence::new(vec![Digits::new(true).into(), byte_level.into()]))),
-        "default" | "gpt2" | "gpt-2" => Ok(byte_level.into()),
-        other => Err(ModelError::Tokenizer(format!("pre-tokenizer `{other}` is not supported (supported: smollm, starcoder, refact, gpt2, default)"))),
+fn vocab(tokens: &[String]) -> tokenizers::models::bpe::Vocab {
+    tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect()
+}
+
+/// What a byte-level BPE tokenizer does before its merges, by the
+/// `tokenizer.ggml.pre` name llama.cpp's converter writes. The split
+/// patterns are the ones the models' own `tokenizer.json` files declare.
+struct BpeFamily {
+    pre_tokenizer: PreTokenizerWrapper,
+    /// Unicode NFC first (Qwen2).
+    nfc: bool,
+    /// A pre-token found whole in the vocabulary is one token, whatever the
+    /// merges would make of it (Llama 3).
+    ignore_merges: bool,
+    /// Whether prompts start with BOS when the file does not say.
+    add_bos: bool,
+}
+
+impl BpeFamily {
+    fn named(pre: &str) -> Result<BpeFamily> {
+        // GPT-2's split pattern (`use_regex`), no prefix space.
+        let gpt2 = || ByteLevel::new(false, false, true);
+        // Split patterns applied in turn (and every digit alone, with
+        // `digits`), then byte-level BPE on each piece.
+        let splits = |patterns: &[&str], digits: bool| -> Result<PreTokenizerWrapper> {
+            let mut steps = patterns
+                .iter()
+                .map(|p| {
+                    let split = Split::new(SplitPattern::Regex(p.to_string()), SplitDelimiterBehavior::Isolated, false);
+                    split.map(PreTokenizerWrapper::from).map_err(|e| ModelError::Tokenizer(format!("split pattern: {e}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if digits {
+                steps.push(Digits::new(true).into());
+            }
+            steps.push(ByteLevel::new(false, true, false).into());
+            Ok(PreTokenizerWrapper::Sequence(Sequence::new(steps)))
+        };
+        let family = |pre_tokenizer, nfc, ignore_merges, add_bos| BpeFamily { pre_tokenizer, nfc, ignore_merges, add_bos };
+        Ok(match pre {
+            "default" | "gpt2" | "gpt-2" | "phi-2" | "mpt" | "olmo" => family(gpt2().into(), false, false, false),
+            // SmolLM, StarCoder: every digit on its own, then GPT-2's pattern.
+            "smollm" | "starcoder" | "refact" | "codeshell" | "command-r" => {
+                family(PreTokenizerWrapper::Sequence(Sequence::new(vec![Digits::new(true).into(), gpt2().into()])), false, false, false)
+            }
+            "llama-bpe" | "llama3" | "llama-v3" => family(splits(&[LLAMA3_SPLIT], false)?, false, true, true),
+            "qwen2" | "deepseek-r1-qwen" => family(splits(&[QWEN2_SPLIT], false)?, true, false, false),
+            // Newlines, words, punctuation runs, CJK runs, then digits.
+            "deepseek-coder" => family(splits(&["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+"], true)?, false, false, true),
+            other => {
+                return Err(ModelError::Tokenizer(format!(
+                    "pre-tokenizer `{other}` is not supported (supported: llama-bpe, qwen2, deepseek-coder, smollm, starcoder, refact, codeshell, command-r, gpt-2, mpt, olmo, default)"
+                )))
+            }
+        })
+    }
+}
+
+/// Llama 3's split: contractions, words with one leading non-letter, numbers
+/// in groups of up to three, punctuation runs, newlines, spaces.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's: Llama 3's with every digit on its own.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A SentencePiece BPE vocabulary (GGUF `llama` tokenizers) as a BPE model
+/// with merges: SentencePiece joins the adjacent pair whose joined piece
+/// scores highest, so every split of a piece into two pieces is a merge,
+/// ranked by the joined piece's score. Text gets `▁` for spaces (and one in
+/// front, unless the file says not to); characters outside the vocabulary
+/// fall back to byte tokens (`<0x0A>`).
+fn sentencepiece(tokens: &[String], types: &[i32], scores: &[f32], unk: Option<&String>, add_space_prefix: bool) -> Result<HfTokenizer> {
+    if scores.len() != tokens.len() {
+        return Err(ModelError::Tokenizer(format!("{} scores for {} tokens", scores.len(), tokens.len())));
+    }
+    let ids: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().filter(|&(i, _)| types[i] == TOKEN_TYPE_NORMAL).map(|(i, t)| (t.as_str(), i)).collect();
+    let mut merges: Vec<(f32, usize, usize, usize)> = Vec::new();
+    for (&piece, &id) in &ids {
+        for (cut, _) in piece.char_indices().skip(1) {
+            if let (Some(&l), Some(&r)) = (ids.get(&piece[..cut]), ids.get(&piece[cut..])) {
+                merges.push((scores[id], l, r, id));
+            }
+        }
+    }
+    // Highest score first; one piece's splits in the order of their ids.
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.3.cmp(&b.3)).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let merges = merges.into_iter().map(|(_, l, r, _)| (tokens[l].clone(), tokens[r].clone())).collect();
+    let mut bpe = BPE::builder().vocab_and_merges(vocab(tokens), merges).byte_fallback(true).fuse_unk(true);
+    if let Some(unk) = unk {
+        bpe = bpe.unk_token(unk.clone());
+    }
+    let mut inner = HfTokenizer::new(bpe.build().map_err(|e| ModelError::Tokenizer(format!("building BPE: {e}")))?);
+    let space = Replace::new(" ", "\u{2581}").map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    let normalizer: NormalizerWrapper =
+        if add_space_prefix { NormalizerSequence::new(vec![Prepend::new("\u{2581}".into()).into(), space.into()]).into() } else { space.into() };
+    inner.with_normalizer(Some(normalizer));
+    let to_space = Replace::new("\u{2581}", " ").map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    let mut decoders: Vec<DecoderWrapper> = vec![to_space.into(), ByteFallback::new().into(), Fuse::new().into()];
+    if add_space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    inner.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(inner)
+}
+
+/// How a vocabulary spells a token's bytes.
+enum Spelling {
+    /// GPT-2's byte-to-character map.
+    ByteLevel,
+    /// SentencePiece: `▁` for a space, `<0xAB>` for a byte of its own.
+    SentencePiece,
+}
+
+impl Spelling {
+    /// The bytes of every token; `as_text(i)`: token `i` stands for its own
+    /// text (special and added tokens).
+    fn token_bytes(&self, tokens: &[String], as_text: impl Fn(usize) -> bool) -> Vec<Vec<u8>> {
+        let unbyte = byte_decoder();
+        let spell = |t: &String| -> Vec<u8> {
+            match self {
+                Spelling::ByteLevel => t.chars().map(&unbyte).collect(),
+                Spelling::SentencePiece => match t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).filter(|h| h.len() == 2) {
+                    Some(hex) => u8::from_str_radix(hex, 16).map_or_else(|_| t.as_bytes().to_vec(), |b| vec![b]),
+                    None => t.replace('\u{2581}', " ").into_bytes(),
+                },
+            }
+        };
+        tokens.iter().enumerate().map(|(i, t)| if as_text(i) { t.as_bytes().to_vec() } else { spell(t) }).collect()
     }
 }
 
@@ -334,7 +567,7 @@ mod tests {
     #[test]
     fn a_llama_3_template_renders_its_header_format() {
         let template = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
-        let chat = ChatTemplate::recognise(template, Some("<|begin_of_text|>")).expect("recognised");
+        let chat = ChatTemplate::recognise(template, "<|begin_of_text|>", "<|end_of_text|>").expect("recognised");
         assert_eq!(
             chat.render(&[turn("system", "Be brief."), turn("user", " Hi \n"), turn("assistant", "Hello."), turn("user", "Bye")]),
             "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\
@@ -343,6 +576,38 @@ mod tests {
              <|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>\
              <|start_header_id|>assistant<|end_header_id|>\n\n"
         );
-        assert_eq!(ChatTemplate::recognise("{{ messages }}", Some("<s>")), None);
+        assert_eq!(ChatTemplate::recognise("{{ messages }}", "<s>", "</s>"), None);
+    }
+
+    /// Llama-2-7b-chat-hf's template: BOS and `[INST]` for every user turn,
+    /// the system message in a `<<SYS>>` block of the first, answers padded
+    /// with spaces and closed with EOS.
+    #[test]
+    fn a_llama_2_template_renders_its_inst_format() {
+        let template = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}";
+        let chat = ChatTemplate::recognise(template, "<s>", "</s>").expect("recognised");
+        assert_eq!(
+            chat.render(&[turn("system", "Be brief."), turn("user", "Hi "), turn("assistant", "Hello."), turn("user", "Bye")]),
+            "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. </s><s>[INST] Bye [/INST]"
+        );
+        assert_eq!(chat.render(&[turn("user", "Hi")]), "<s>[INST] Hi [/INST]");
+    }
+
+    /// Mistral-7B-Instruct-v0.1's template: BOS once, answers closed with
+    /// EOS; a system message becomes the first user turn's first paragraph.
+    #[test]
+    fn a_mistral_template_renders_its_inst_format() {
+        let template = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
+        let chat = ChatTemplate::recognise(template, "<s>", "</s>").expect("recognised");
+        assert_eq!(chat.render(&[turn("user", "Hi"), turn("assistant", "Hello."), turn("user", "Bye")]), "<s>[INST] Hi [/INST]Hello.</s>[INST] Bye [/INST]");
+        assert_eq!(chat.render(&[turn("system", "Be brief."), turn("user", "Hi")]), "<s>[INST] Be brief.\n\nHi [/INST]");
+    }
+
+    /// TinyLlama-1.1B-Chat's (Zephyr) template.
+    #[test]
+    fn a_zephyr_template_renders_its_role_tags() {
+        let template = "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}";
+        let chat = ChatTemplate::recognise(template, "<s>", "</s>").expect("recognised");
+        assert_eq!(chat.render(&[turn("system", "Be brief."), turn("user", "Hi")]), "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n");
     }
 }

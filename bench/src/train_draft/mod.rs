@@ -300,10 +300,10 @@ fn training_data(r: &TrainRun) -> Result<(Vec<Traced>, String)> {
     let tok = &r.model.tokenizer;
     let mut prompts: Vec<(Vec<u32>, &'static str)> = Vec::new();
     for p in &chat {
-        prompts.push((tok.encode(&tok.chat_prompt(p))?, "chat"));
+        prompts.push((tok.encode_prompt(&tok.chat_prompt(p))?, "chat"));
     }
     for p in &code {
-        prompts.push((tok.encode(p)?, "code"));
+        prompts.push((tok.encode_prompt(p)?, "code"));
     }
     let estimate: usize = prompts.iter().map(|(p, _)| p.len() + cfg.max_new_tokens).sum();
     let bar = crate::progress::bar(estimate as u64, "tracing the target over the training prompts");
