@@ -70,6 +70,10 @@ enum Command {
         out: PathBuf,
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Quantize a Hugging Face folder as it loads (q4_0, q4_1, q8_0,
+        /// q4_k, q6_k), here and in the live servers.
+        #[arg(long)]
+        quantize: Option<String>,
     },
     /// Trains a draft for the target on this machine's CPU (one decoder
     /// layer on the target's frozen embedding and head) and writes
@@ -362,11 +366,12 @@ fn main() -> Result<()> {
         }
         Command::Live(args) => live(args),
         Command::Sim(args) => sim(args),
-        Command::Paper { out, model } => {
+        Command::Paper { out, model, quantize } => {
             let named = model.is_some();
             let path = model_path(model)?;
-            let model = tandem_model::LoadedModel::load(&path).context("loading the target model")?;
-            paper::run(&out, &model, named.then_some(path.as_path()))
+            let parsed = quantize.as_deref().map(str::parse::<tandem_model::hf::Quantize>).transpose()?;
+            let model = tandem_model::LoadedModel::load_as(&path, tandem_model::kernels::MatmulKernels::Tandem, parsed).context("loading the target model")?;
+            paper::run(&out, &model, named.then_some(path.as_path()), quantize)
         }
         Command::TrainDraft(a) => {
             let model_path = model_path(a.model)?;

@@ -35,8 +35,8 @@ const SEED: u64 = 1;
 const PUBLISHED: [(&str, f64); 4] = [("capacity_vs_centralized", 2.1), ("capacity_vs_sled", 4.1), ("goodput_vs_centralized", 1.94), ("goodput_vs_sled", 3.7)];
 
 /// `model_path`: the model's file or folder when not the default, for the
-/// live servers to run.
-pub fn run(dir: &Path, model: &LoadedModel, model_path: Option<&Path>) -> Result<()> {
+/// live servers to run, with `quantize` (a folder's `--quantize`).
+pub fn run(dir: &Path, model: &LoadedModel, model_path: Option<&Path>, quantize: Option<String>) -> Result<()> {
     let started = Instant::now();
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let steps = progress::bar(5, "paper: prompts");
@@ -60,7 +60,7 @@ pub fn run(dir: &Path, model: &LoadedModel, model_path: Option<&Path>) -> Result
         // Each laptop its own tenant (API key), so fairness is measured live.
         tenants: 2,
         model: model_path.map(Path::to_path_buf),
-        quantize: None,
+        quantize,
     };
     let calibration_path = dir.join("calibration-cpu.json");
     let live_inputs = LiveInputs { model, profiles: &laptop, prompts: &prompts, provenance: &provenance, real: None };

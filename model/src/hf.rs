@@ -10,11 +10,11 @@
 //! the types a GGUF would hold, and run as fast as that GGUF.
 
 use crate::kernels::MatmulKernels;
-use crate::llama::TensorSource;
+use crate::llama::{rows_for_pair_rope, TensorSource};
 use crate::{Llama, LlamaConfig, ModelError, Result, Tokenizer};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -90,8 +90,13 @@ pub(crate) fn read_json(path: &Path) -> Result<Value> {
 /// implement is refused by name rather than run wrongly.
 fn config_of(c: &Value) -> Result<LlamaConfig> {
     let model_type = c["model_type"].as_str().unwrap_or_default();
-    if !matches!(model_type, "llama" | "mistral") {
-        return Err(ModelError::Format(format!("config.json: model_type `{model_type}` is not llama-family (expected `llama` or `mistral`)")));
+    if !matches!(model_type, "llama" | "mistral" | "qwen2") {
+        return Err(ModelError::Format(format!("config.json: model_type `{model_type}` is not llama-family (expected `llama`, `mistral` or `qwen2`)")));
+    }
+    // Qwen2 may restrict some layers' attention to a window; this forward
+    // attends to the whole context.
+    if c["use_sliding_window"].as_bool() == Some(true) {
+        return Err(ModelError::Format("config.json: use_sliding_window is not supported (attention here spans the whole context)".into()));
     }
     let uint = |key: &str| c[key].as_u64().map(|v| v as usize).ok_or_else(|| ModelError::Format(format!("config.json: missing `{key}`")));
     let float = |key: &str, default: f64| c[key].as_f64().unwrap_or(default) as f32;
@@ -233,6 +238,9 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         "attn_q.weight" => "self_attn.q_proj.weight",
         "attn_k.weight" => "self_attn.k_proj.weight",
         "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_q.bias" => "self_attn.q_proj.bias",
+        "attn_k.bias" => "self_attn.k_proj.bias",
+        "attn_v.bias" => "self_attn.v_proj.bias",
         "attn_output.weight" => "self_attn.o_proj.weight",
         "ffn_norm.weight" => "post_attention_layernorm.weight",
         "ffn_gate.weight" => "mlp.gate_proj.weight",
@@ -243,15 +251,6 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}"))
 }
 
-/// Hugging Face orders each head's Q and K rows for rotate-half RoPE;
-/// GGUF, and this forward, rotate adjacent pairs. llama.cpp's converter
-/// interleaves each head's two halves so both give the same attention;
-/// this does the same.
-fn rows_for_pair_rope(t: &Tensor, heads: usize) -> Result<Tensor> {
-    let (rows, cols) = t.dims2()?;
-    Ok(t.reshape((heads, 2, rows / heads / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
-}
-
 impl TensorSource for Safetensors {
     fn qtensor(&mut self, name: &str) -> Result<QTensor> {
         let hf = hf_name(name).ok_or_else(|| ModelError::Format(format!("tensor `{name}` has no Hugging Face name")))?;
@@ -259,16 +258,11 @@ impl TensorSource for Safetensors {
             return Err(ModelError::Format(format!("missing tensor `{hf}`")));
         }
         let t = self.files.load(&hf, &Device::Cpu)?.to_dtype(DType::F32)?;
-        let t = match name.rsplit('.').nth(1) {
-            Some("attn_q") => rows_for_pair_rope(&t, self.n_heads)?,
-            Some("attn_k") => rows_for_pair_rope(&t, self.n_kv_heads)?,
-            _ => t,
-        };
         let dtype = match (self.quantize, t.dims()) {
             (Some(q), &[_, cols]) => q.dtype_of(name, cols),
             _ => GgmlDType::F32,
         };
-        Ok(QTensor::quantize(&t, dtype)?)
+        rows_for_pair_rope(QTensor::quantize(&t, dtype)?, name, (self.n_heads, self.n_kv_heads))
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -279,6 +273,7 @@ impl TensorSource for Safetensors {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Tensor;
 
     /// Llama 3.2-1B's rope_scaling (head_dim 64, theta 500000): the
     /// divisors transformers' `_compute_llama3_parameters` gives.
@@ -330,12 +325,9 @@ mod tests {
             })
             .collect();
         let reorder = |v: Vec<f32>| {
-            rows_for_pair_rope(&Tensor::from_vec(v, (heads * head_dim, 1), &Device::Cpu).unwrap(), heads)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
+            let t = QTensor::quantize(&Tensor::from_vec(v, (heads * head_dim, 1), &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+            let t = rows_for_pair_rope(t, "blk.0.attn_q.weight", (heads, 1)).unwrap();
+            t.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
         };
         let mut pair = reorder(q.clone());
         crate::kernels::rope_heads(&mut pair, &cos, &sin);

@@ -1,5 +1,6 @@
-//! Llama-family decoder (llama, SmolLM, Mistral-style GQA) from GGUF files
-//! (or a Hugging Face folder, read by `hf` into the same tensors).
+//! Llama-family decoder (llama, SmolLM, Mistral-style GQA, Qwen2's Q/K/V
+//! biases) from GGUF files (or a Hugging Face folder, read by `hf` into the
+//! same tensors).
 //!
 //! Unlike candle-transformers' `quantized_llama`, one forward call takes a
 //! ragged batch of sequences, each with its own KV cache and start position,
@@ -41,8 +42,8 @@ impl LlamaConfig {
         let md = &content.metadata;
         let get = |key: &str| md.get(key).ok_or_else(|| ModelError::Format(format!("missing metadata `{key}`")));
         let arch = get("general.architecture")?.to_string()?.clone();
-        if !matches!(arch.as_str(), "llama" | "mistral") {
-            return Err(ModelError::Format(format!("architecture `{arch}` is not llama-family (expected `llama` or `mistral`)")));
+        if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
+            return Err(ModelError::Format(format!("architecture `{arch}` is not llama-family (expected `llama`, `mistral` or `qwen2`)")));
         }
         let u = |key: &str| -> Result<usize> { Ok(get(&format!("{arch}.{key}"))?.to_u32()? as usize) };
         let hidden = u("embedding_length")?;
@@ -85,6 +86,8 @@ pub(crate) struct Layer {
     attn_norm: Arc<Vec<f32>>,
     /// Q, K and V projections fused: `[t, hidden] → [t, q_dim + 2·kv_dim]`.
     qkv: QLinear,
+    /// Their biases, in the same order (Qwen2; llama has none).
+    qkv_bias: Option<Arc<Vec<f32>>>,
     wo: QLinear,
     ffn_norm: Arc<Vec<f32>>,
     /// Gate and up projections fused: `[t, hidden] → [t, 2·ffn]`.
@@ -107,6 +110,7 @@ impl Layer {
             |name: &str, rows: usize, cols: usize| -> Result<QLinear> { Ok(QLinear::new(QMatrix::q8_0(name, rows, cols, get(name, rows, cols)?)?)) };
         Ok(Layer {
             qkv: QLinear::fused(vec![linear("attn_q", q, h)?, linear("attn_k", kv, h)?, linear("attn_v", kv, h)?]),
+            qkv_bias: None,
             wo: linear("attn_output", h, q)?,
             gate_up: QLinear::fused(vec![linear("ffn_gate", ffn, h)?, linear("ffn_up", ffn, h)?]),
             down: linear("ffn_down", h, ffn)?,
@@ -165,6 +169,8 @@ pub struct LayerWeights<'a> {
     pub attn_norm: &'a [f32],
     /// Q, K and V projections stacked in that order.
     pub qkv: &'a QLinear,
+    /// Their biases, stacked the same way, if the model has them.
+    pub qkv_bias: Option<&'a [f32]>,
     pub wo: &'a QLinear,
     pub ffn_norm: &'a [f32],
     /// Gate and up projections stacked in that order.
@@ -190,7 +196,13 @@ impl Llama {
 
     /// Loads with a choice of matmul kernels (the bench's stock baseline).
     pub fn from_gguf_with<R: Read + Seek>(content: &gguf_file::Content, reader: &mut R, kernels: MatmulKernels) -> Result<Self> {
-        Self::from_source(LlamaConfig::from_gguf(content)?, GgufSource { content, reader }, kernels)
+        let cfg = LlamaConfig::from_gguf(content)?;
+        // llama.cpp's converter reorders llama's Q and K rows for pair
+        // RoPE; architectures it runs with NEOX (rotate-half) RoPE keep
+        // Hugging Face's order, and are reordered here.
+        let neox = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).is_some_and(|a| a == "qwen2");
+        let heads = neox.then_some((cfg.n_heads, cfg.n_kv_heads));
+        Self::from_source(cfg, GgufSource { content, reader, rotate_half_heads: heads }, kernels)
     }
 
     /// Builds the model from tensors named as in GGUF files.
@@ -203,6 +215,15 @@ impl Llama {
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("blk.{i}");
+            let (q, kv) = (cfg.n_heads * cfg.head_dim, cfg.kv_dim());
+            let qkv_bias = if tensors.source.contains(&format!("{p}.attn_q.bias")) {
+                let mut bias = tensors.vector(&format!("{p}.attn_q.bias"), q)?;
+                bias.extend(tensors.vector(&format!("{p}.attn_k.bias"), kv)?);
+                bias.extend(tensors.vector(&format!("{p}.attn_v.bias"), kv)?);
+                Some(Arc::new(bias))
+            } else {
+                None
+            };
             layers.push(Layer {
                 attn_norm: Arc::new(tensors.vector(&format!("{p}.attn_norm.weight"), cfg.hidden)?),
                 qkv: QLinear::fused(vec![
@@ -210,6 +231,7 @@ impl Llama {
                     tensors.linear(&format!("{p}.attn_k.weight"), cfg.kv_dim(), cfg.hidden)?,
                     tensors.linear(&format!("{p}.attn_v.weight"), cfg.kv_dim(), cfg.hidden)?,
                 ]),
+                qkv_bias,
                 wo: tensors.linear(&format!("{p}.attn_output.weight"), cfg.hidden, cfg.n_heads * cfg.head_dim)?,
                 ffn_norm: Arc::new(tensors.vector(&format!("{p}.ffn_norm.weight"), cfg.hidden)?),
                 gate_up: QLinear::fused(vec![
@@ -242,7 +264,15 @@ impl Llama {
     /// Weights of decoder layer `i` (< `n_layers`).
     pub fn layer(&self, i: usize) -> LayerWeights<'_> {
         let l = &self.layers[i];
-        LayerWeights { attn_norm: &l.attn_norm, qkv: &l.qkv, wo: &l.wo, ffn_norm: &l.ffn_norm, gate_up: &l.gate_up, down: &l.down }
+        LayerWeights {
+            attn_norm: &l.attn_norm,
+            qkv: &l.qkv,
+            qkv_bias: l.qkv_bias.as_deref().map(Vec::as_slice),
+            wo: &l.wo,
+            ffn_norm: &l.ffn_norm,
+            gate_up: &l.gate_up,
+            down: &l.down,
+        }
     }
 
     /// Gain of the final RMS norm.
@@ -413,7 +443,12 @@ impl Llama {
 
         for (li, layer) in self.layers.iter().take(n_layers).enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-            let qkv = layer.qkv.forward_split(&h, &[total])?.pop().expect("one run");
+            let mut qkv = layer.qkv.forward_split(&h, &[total])?.pop().expect("one run");
+            if let Some(bias) = &layer.qkv_bias {
+                for row in qkv.chunks_exact_mut(bias.len()) {
+                    row.iter_mut().zip(bias.iter()).for_each(|(x, b)| *x += b);
+                }
+            }
             let (mut q, mut k, v) = split_qkv(&qkv, total, cfg.n_heads * cfg.head_dim, cfg.kv_dim());
             self.apply_rope(&mut q, cfg.n_heads, &positions);
             self.apply_rope(&mut k, cfg.n_kv_heads, &positions);
@@ -552,11 +587,18 @@ pub(crate) trait TensorSource {
 struct GgufSource<'a, R> {
     content: &'a gguf_file::Content,
     reader: &'a mut R,
+    /// Query and key heads, when the file's Q and K rows are in rotate-half
+    /// order.
+    rotate_half_heads: Option<(usize, usize)>,
 }
 
 impl<R: Read + Seek> TensorSource for GgufSource<'_, R> {
     fn qtensor(&mut self, name: &str) -> Result<QTensor> {
-        self.content.tensor(self.reader, name, &Device::Cpu).map_err(|e| ModelError::Format(format!("tensor `{name}`: {e}")))
+        let t = self.content.tensor(self.reader, name, &Device::Cpu).map_err(|e| ModelError::Format(format!("tensor `{name}`: {e}")))?;
+        match self.rotate_half_heads {
+            Some(heads) => rows_for_pair_rope(t, name, heads),
+            None => Ok(t),
+        }
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -601,6 +643,35 @@ impl<S: TensorSource> TensorReader<S> {
             MatmulKernels::CandleStock => linear.with_stock(QMatMul::from_qtensor(self.qtensor(name)?)?),
         })
     }
+}
+
+/// Hugging Face orders each head's Q and K rows (weights and biases) for
+/// rotate-half RoPE; this forward, like llama GGUF files, rotates adjacent
+/// pairs. Interleaving each head's two halves, as llama.cpp's converter
+/// does, makes both give the same attention. `name`'s GGUF name says
+/// whether it is a Q or K tensor, `heads` (query, key) how many heads it
+/// holds; other tensors pass unchanged. Rows are moved whole, so a
+/// quantized tensor stays as it is, block for block.
+pub(crate) fn rows_for_pair_rope(t: QTensor, name: &str, heads: (usize, usize)) -> Result<QTensor> {
+    let heads = match name.rsplit('.').nth(1) {
+        Some("attn_q") => heads.0,
+        Some("attn_k") => heads.1,
+        _ => return Ok(t),
+    };
+    let rows = t.shape().dims()[0];
+    let data = t.data()?;
+    let (row_bytes, head_rows) = (data.len() / rows, rows / heads);
+    if !rows.is_multiple_of(heads) || !head_rows.is_multiple_of(2) || row_bytes * rows != data.len() {
+        return Err(ModelError::Format(format!("tensor `{name}`: {rows} rows are not {heads} heads of pairs")));
+    }
+    let half = head_rows / 2;
+    let mut out = Vec::with_capacity(data.len());
+    for row in 0..rows {
+        let (head, j) = (row / head_rows, row % head_rows);
+        let from = head * head_rows + (j % 2) * half + j / 2;
+        out.extend_from_slice(&data[from * row_bytes..][..row_bytes]);
+    }
+    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(t.dtype(), &out, t.shape().dims().to_vec(), &Device::Cpu)?)
 }
 
 fn rope_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {

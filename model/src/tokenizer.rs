@@ -90,8 +90,11 @@ impl ChatTemplate {
         if !text.contains("<|im_start|>") {
             return None;
         }
+        // The default system message: the first system turn the template
+        // writes as literal text (Qwen2.5's comes after ones built from the
+        // messages).
         let marker = "<|im_start|>system\n";
-        let default_system = text.find(marker).and_then(|i| {
+        let default_system = text.match_indices(marker).find_map(|(i, _)| {
             let rest = &text[i + marker.len()..];
             rest.find("<|im_end|>").map(|j| rest[..j].to_string()).filter(|s| !s.contains("{{") && !s.contains('\''))
         });
@@ -577,6 +580,18 @@ mod tests {
              <|start_header_id|>assistant<|end_header_id|>\n\n"
         );
         assert_eq!(ChatTemplate::recognise("{{ messages }}", "<s>", "</s>"), None);
+    }
+
+    /// Qwen2.5's template writes its default system message after system
+    /// turns built from the messages.
+    #[test]
+    fn a_qwen_2_5_template_gives_its_default_system_message() {
+        let template = "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}{%- endif %}{%- else %}{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}{%- endif %}{%- endif %}";
+        let chat = ChatTemplate::recognise(template, "", "<|endoftext|>").expect("recognised");
+        assert_eq!(
+            chat.render(&[turn("user", "Hi")]),
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     /// Llama-2-7b-chat-hf's template: BOS and `[INST]` for every user turn,

@@ -96,6 +96,8 @@ impl Block {
     /// Initialised from the target's decoder layer `init_layer` (a trained
     /// layer is a far better start than noise); `eagle` adds the input
     /// projection, initialised to "previous feature + token embedding".
+    /// A draft layer has no Q/K/V biases: a Qwen2 target's are left out
+    /// of the start, and training adapts the weights to their absence.
     pub fn from_target(model: &LoadedModel, init_layer: usize, eagle: bool) -> Result<Self> {
         let llama = &model.llama;
         let cfg = llama.config().clone();

@@ -1,0 +1,246 @@
+//! Qwen2: Q/K/V biases, and Q/K rows in rotate-half order in its GGUF files
+//! as in its Hugging Face folders. A tiny random Qwen2, written both ways,
+//! gives the logits of a plain forward written here the way transformers'
+//! Qwen2 computes (rotate-half RoPE, biases added after the projections).
+
+mod common;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use common::{scratch, tiny_llama, TinySpec};
+use std::collections::HashMap;
+use tandem_model::{hf, Llama, LoadedModel, LogitsFor, SeqPass, SessionRng};
+
+const VOCAB: usize = 48;
+const HIDDEN: usize = 32;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = HIDDEN / HEADS;
+const FFN: usize = 40;
+const LAYERS: usize = 2;
+const THETA: f32 = 1_000_000.0;
+const EPS: f32 = 1e-6;
+
+/// Row-major matrices and vectors by Hugging Face name.
+type Weights = HashMap<String, (Vec<f32>, Vec<usize>)>;
+
+fn random_weights(seed: u64) -> Weights {
+    let mut rng = SessionRng::new(seed);
+    let mut w = Weights::new();
+    let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
+        let v = (0..shape.iter().product()).map(|_| offset + (rng.next_f64() as f32 * 2.0 - 1.0) * scale).collect();
+        w.insert(name, (v, shape));
+    };
+    let (q, kv) = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
+    put("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN], 1.0, 0.0);
+    put("model.norm.weight".into(), vec![HIDDEN], 0.2, 1.0);
+    put("lm_head.weight".into(), vec![VOCAB, HIDDEN], 0.5, 0.0);
+    for l in 0..LAYERS {
+        let p = format!("model.layers.{l}");
+        let s = 1.0 / (HIDDEN as f32).sqrt();
+        put(format!("{p}.input_layernorm.weight"), vec![HIDDEN], 0.2, 1.0);
+        put(format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN], 0.2, 1.0);
+        put(format!("{p}.self_attn.q_proj.weight"), vec![q, HIDDEN], 1.7 * s, 0.0);
+        put(format!("{p}.self_attn.k_proj.weight"), vec![kv, HIDDEN], 1.7 * s, 0.0);
+        put(format!("{p}.self_attn.v_proj.weight"), vec![kv, HIDDEN], 1.7 * s, 0.0);
+        // Biases as large as Qwen2's (its K biases reach tens).
+        put(format!("{p}.self_attn.q_proj.bias"), vec![q], 1.0, 0.0);
+        put(format!("{p}.self_attn.k_proj.bias"), vec![kv], 2.0, 0.0);
+        put(format!("{p}.self_attn.v_proj.bias"), vec![kv], 0.5, 0.0);
+        put(format!("{p}.self_attn.o_proj.weight"), vec![HIDDEN, q], 1.7 / (q as f32).sqrt(), 0.0);
+        put(format!("{p}.mlp.gate_proj.weight"), vec![FFN, HIDDEN], 1.7 * s, 0.0);
+        put(format!("{p}.mlp.up_proj.weight"), vec![FFN, HIDDEN], 1.7 * s, 0.0);
+        put(format!("{p}.mlp.down_proj.weight"), vec![HIDDEN, FFN], 1.7 / (FFN as f32).sqrt(), 0.0);
+    }
+    w
+}
+
+/// GGUF's name of a Hugging Face tensor name.
+fn gguf_name(hf_name: &str) -> String {
+    let names = ["token_embd.weight", "output_norm.weight", "output.weight"];
+    if let Some(n) = names.iter().find(|n| hf::hf_name(n).as_deref() == Some(hf_name)) {
+        return n.to_string();
+    }
+    let parts = ["attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+    for l in 0..LAYERS {
+        for part in parts {
+            for kind in ["weight", "bias"] {
+                let name = format!("blk.{l}.{part}.{kind}");
+                if hf::hf_name(&name).as_deref() == Some(hf_name) {
+                    return name;
+                }
+            }
+        }
+    }
+    panic!("no GGUF name for {hf_name}")
+}
+
+fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
+}
+
+/// Writes the weights as llama.cpp writes a Qwen2 GGUF: tensors as they
+/// are (rotate-half order), metadata under `qwen2.`.
+fn write_gguf(w: &Weights, path: &std::path::Path) {
+    let u = |v: usize| gguf_file::Value::U32(v as u32);
+    let metadata = vec![
+        ("general.architecture", gguf_file::Value::String("qwen2".into())),
+        ("qwen2.block_count", u(LAYERS)),
+        ("qwen2.context_length", u(64)),
+        ("qwen2.embedding_length", u(HIDDEN)),
+        ("qwen2.feed_forward_length", u(FFN)),
+        ("qwen2.attention.head_count", u(HEADS)),
+        ("qwen2.attention.head_count_kv", u(KV_HEADS)),
+        ("qwen2.rope.freq_base", gguf_file::Value::F32(THETA)),
+        ("qwen2.attention.layer_norm_rms_epsilon", gguf_file::Value::F32(EPS)),
+    ];
+    let tensors: Vec<(String, QTensor)> =
+        w.iter().map(|(name, (v, shape))| (gguf_name(name), QTensor::quantize(&tensor(v, shape), GgmlDType::F32).unwrap())).collect();
+    let md: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(path).unwrap(), &md, &ts).unwrap();
+}
+
+/// Writes the weights as a Hugging Face Qwen2 folder (a tokenizer of the
+/// same size borrowed from a tiny llama).
+fn write_folder(w: &Weights, dir: &std::path::Path) {
+    let tensors: HashMap<String, Tensor> = w.iter().map(|(name, (v, shape))| (name.clone(), tensor(v, shape))).collect();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": HIDDEN,
+        "intermediate_size": FFN,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "num_hidden_layers": LAYERS,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 64,
+        "rope_theta": THETA,
+        "rms_norm_eps": EPS,
+        "tie_word_embeddings": false,
+        "use_sliding_window": false,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let spec = TinySpec { vocab: VOCAB, hidden: 8, heads: 2, kv_heads: 1, ffn: 8, layers: 1, dtype: GgmlDType::F32, head_gain: 1.0 };
+    let tok = LoadedModel::load(&tiny_llama(dir, "tokenizer-source.gguf", &spec, 1)).unwrap().tokenizer;
+    std::fs::write(dir.join("tokenizer.json"), tok.to_json().unwrap()).unwrap();
+    std::fs::remove_file(dir.join("tokenizer-source.gguf")).unwrap();
+}
+
+fn matvec(w: &Weights, name: &str, x: &[f32]) -> Vec<f32> {
+    let (v, shape) = &w[name];
+    let mut out: Vec<f32> = v.chunks_exact(shape[1]).map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect();
+    if let Some((bias, _)) = w.get(&name.replace(".weight", ".bias")) {
+        out.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
+    }
+    out
+}
+
+fn rms_norm(x: &[f32], gain: &[f32]) -> Vec<f32> {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let r = 1.0 / (ms + EPS).sqrt();
+    x.iter().zip(gain).map(|(v, g)| v * r * g).collect()
+}
+
+/// Rotate-half RoPE on every head of `x` at `pos`.
+fn rope(x: &mut [f32], pos: usize) {
+    let half = HEAD_DIM / 2;
+    for head in x.chunks_exact_mut(HEAD_DIM) {
+        for i in 0..half {
+            let angle = pos as f64 / (THETA as f64).powf(2.0 * i as f64 / HEAD_DIM as f64);
+            let (c, s) = (angle.cos() as f32, angle.sin() as f32);
+            let (a, b) = (head[i], head[i + half]);
+            head[i] = a * c - b * s;
+            head[i + half] = b * c + a * s;
+        }
+    }
+}
+
+/// Logits of every position of `tokens`, computed plainly.
+fn reference(w: &Weights, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let embed = &w["model.embed_tokens.weight"].0;
+    let mut xs: Vec<Vec<f32>> = tokens.iter().map(|&t| embed[t as usize * HIDDEN..][..HIDDEN].to_vec()).collect();
+    for l in 0..LAYERS {
+        let p = format!("model.layers.{l}");
+        let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
+        for (pos, x) in xs.iter().enumerate() {
+            let h = rms_norm(x, &w[&format!("{p}.input_layernorm.weight")].0);
+            let (mut q, mut k) = (matvec(w, &format!("{p}.self_attn.q_proj.weight"), &h), matvec(w, &format!("{p}.self_attn.k_proj.weight"), &h));
+            rope(&mut q, pos);
+            rope(&mut k, pos);
+            qs.push(q);
+            ks.push(k);
+            vs.push(matvec(w, &format!("{p}.self_attn.v_proj.weight"), &h));
+        }
+        for (pos, x) in xs.iter_mut().enumerate() {
+            let mut attn = vec![0f32; HEADS * HEAD_DIM];
+            for head in 0..HEADS {
+                let kv = head / (HEADS / KV_HEADS);
+                let q = &qs[pos][head * HEAD_DIM..][..HEAD_DIM];
+                let scores: Vec<f32> =
+                    (0..=pos).map(|j| q.iter().zip(&ks[j][kv * HEAD_DIM..][..HEAD_DIM]).map(|(a, b)| a * b).sum::<f32>() / (HEAD_DIM as f32).sqrt()).collect();
+                let max = scores.iter().cloned().fold(f32::MIN, f32::max);
+                let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f32 = e.iter().sum();
+                for (j, p) in e.iter().enumerate() {
+                    for d in 0..HEAD_DIM {
+                        attn[head * HEAD_DIM + d] += p / sum * vs[j][kv * HEAD_DIM + d];
+                    }
+                }
+            }
+            let o = matvec(w, &format!("{p}.self_attn.o_proj.weight"), &attn);
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            let h = rms_norm(x, &w[&format!("{p}.post_attention_layernorm.weight")].0);
+            let (gate, up) = (matvec(w, &format!("{p}.mlp.gate_proj.weight"), &h), matvec(w, &format!("{p}.mlp.up_proj.weight"), &h));
+            let gated: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let down = matvec(w, &format!("{p}.mlp.down_proj.weight"), &gated);
+            x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+        }
+    }
+    xs.iter().map(|x| matvec(w, "lm_head.weight", &rms_norm(x, &w["model.norm.weight"].0))).collect()
+}
+
+fn logits(llama: &Llama, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = llama.new_cache(LAYERS);
+    let out = llama.forward(&mut [SeqPass { cache: &mut cache, tokens, logits: LogitsFor::All }]).unwrap();
+    (0..tokens.len()).map(|i| out[0].row(i).to_vec()).collect()
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn a_qwen2_gguf_and_folder_give_the_plain_forwards_logits() {
+    let w = random_weights(11);
+    let tokens: Vec<u32> = vec![3, 17, 42, 5, 5, 29, 0, 11, 38, 47, 2, 20];
+    let want = reference(&w, &tokens);
+    // The kernels' f32 arithmetic differs from the plain loops' (order of
+    // sums, polynomial exp): a few parts in 10⁴ of logits of about 5.
+    const TOLERANCE: f32 = 5e-3;
+    let dir = scratch("qwen2");
+
+    let gguf = dir.join("tiny-qwen2.gguf");
+    write_gguf(&w, &gguf);
+    let mut file = std::fs::File::open(&gguf).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let from_gguf = Llama::from_gguf(&content, &mut file).unwrap();
+    let got = logits(&from_gguf, &tokens);
+    assert!(max_diff(&got, &want) < TOLERANCE, "GGUF: max |Δ| {}", max_diff(&got, &want));
+
+    let folder = dir.join("folder");
+    std::fs::create_dir_all(&folder).unwrap();
+    write_folder(&w, &folder);
+    let from_folder = LoadedModel::load(&folder).unwrap();
+    let got = logits(&from_folder.llama, &tokens);
+    assert!(max_diff(&got, &want) < TOLERANCE, "folder: max |Δ| {}", max_diff(&got, &want));
+
+    // The biases matter here: without them the logits are far off.
+    let mut unbiased = w.clone();
+    unbiased.retain(|name, _| !name.ends_with(".bias"));
+    assert!(max_diff(&reference(&unbiased, &tokens), &want) > 100.0 * TOLERANCE);
+    std::fs::remove_dir_all(dir).unwrap();
+}
