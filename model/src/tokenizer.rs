@@ -63,7 +63,10 @@ enum ChatTemplate {
     ChatMl { default_system: Option<String> },
     /// Llama 3: `<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>`,
     /// each content trimmed, the first turn after the BOS token's text.
-    Llama3 { bos: String },
+    /// Llama 3.1 and later open with a system turn that always holds
+    /// `preamble` (their knowledge cut-off and a date), then the system
+    /// message if there is one.
+    Llama3 { bos: String, preamble: Option<String> },
     /// Llama 2 chat and Mistral instruct: `[INST] user [/INST]answer</s>`.
     /// Llama 2 (`system_block`) opens every exchange with BOS, puts the
     /// system message in a `<<SYS>>` block of the first user turn and
@@ -79,7 +82,7 @@ impl ChatTemplate {
     /// `bos`, `eos`: the texts of the model's BOS and EOS tokens.
     fn recognise(text: &str, bos: &str, eos: &str) -> Option<ChatTemplate> {
         if text.contains("<|start_header_id|>") {
-            return Some(ChatTemplate::Llama3 { bos: bos.to_string() });
+            return Some(ChatTemplate::Llama3 { bos: bos.to_string(), preamble: llama3_preamble(text) });
         }
         if text.contains("[INST]") {
             return Some(ChatTemplate::Inst { bos: bos.to_string(), eos: eos.to_string(), system_block: text.contains("<<SYS>>") });
@@ -114,8 +117,19 @@ impl ChatTemplate {
                 }
                 s.push_str("<|im_start|>assistant\n");
             }
-            ChatTemplate::Llama3 { bos } => {
+            ChatTemplate::Llama3 { bos, preamble } => {
                 s.push_str(bos);
+                let mut messages = messages;
+                if let Some(preamble) = preamble {
+                    let system = match messages.split_first() {
+                        Some((first, rest)) if first.role == "system" => {
+                            messages = rest;
+                            first.content.trim()
+                        }
+                        _ => "",
+                    };
+                    s.push_str(&format!("<|start_header_id|>system<|end_header_id|>\n\n{preamble}{system}<|eot_id|>"));
+                }
                 for m in messages {
                     s.push_str(&format!("<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>", m.role, m.content.trim()));
                 }
@@ -390,6 +404,24 @@ impl TextStream<'_> {
     }
 }
 
+/// Llama 3.1 and later templates' fixed start of the system turn:
+/// `Cutting Knowledge Date: …\nToday Date: …\n\n`. The date is the
+/// template's literal default ("26 Jul 2024" in Meta's), which is what
+/// Llama 3.1's template renders; Llama 3.2's asks the renderer for today's
+/// date where it can, and Tandem, which does not run Jinja, keeps the
+/// default.
+fn llama3_preamble(template: &str) -> Option<String> {
+    // Up to the end of the template's string literal, or its `\n`.
+    let literal = |after: &str| -> Option<String> {
+        let rest = &template[template.find(after)? + after.len()..];
+        let end = rest.find(['"', '\'', '\\', '\n']).unwrap_or(rest.len());
+        Some(rest[..end].to_string())
+    };
+    let cutoff = literal("Cutting Knowledge Date: ")?;
+    let date = literal("set date_string = \"").unwrap_or_else(|| "26 Jul 2024".to_string());
+    Some(format!("Cutting Knowledge Date: {cutoff}\nToday Date: {date}\n\n"))
+}
+
 /// The text of token `id`, or nothing.
 fn token_text<'a>(tokens: &'a [String], id: Option<&u32>) -> &'a str {
     id.and_then(|&i| tokens.get(i as usize)).map_or("", String::as_str)
@@ -580,6 +612,27 @@ mod tests {
              <|start_header_id|>assistant<|end_header_id|>\n\n"
         );
         assert_eq!(ChatTemplate::recognise("{{ messages }}", "<s>", "</s>"), None);
+    }
+
+    /// Llama-3.1-8B-Instruct's template (its tool branches cut): a system
+    /// turn with the knowledge cut-off and the date always comes first.
+    #[test]
+    fn a_llama_3_1_template_opens_with_its_dated_system_turn() {
+        let template = "{{- bos_token }}\n{%- if not date_string is defined %}\n    {%- set date_string = \"26 Jul 2024\" %}\n{%- endif %}\n{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content']|trim %}\n    {%- set messages = messages[1:] %}\n{%- else %}\n    {%- set system_message = \"\" %}\n{%- endif %}\n{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n{{- \"Cutting Knowledge Date: December 2023\\n\" }}\n{{- \"Today Date: \" + date_string + \"\\n\\n\" }}\n{{- system_message }}\n{{- \"<|eot_id|>\" }}\n{%- for message in messages %}\n    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n{%- endif %}\n";
+        let chat = ChatTemplate::recognise(template, "<|begin_of_text|>", "<|eot_id|>").expect("recognised");
+        let preamble = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n";
+        assert_eq!(
+            chat.render(&[turn("user", "Hi")]),
+            format!("{preamble}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+        );
+        assert_eq!(
+            chat.render(&[turn("system", " Be brief. "), turn("user", "Hi")]),
+            format!("{preamble}Be brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+        );
+        // Llama 3.2's asks for today's date first; Tandem keeps the default.
+        let llama_3_2 = "{%- if not date_string is defined %}{%- if strftime_now is defined %}{%- set date_string = strftime_now(\"%d %b %Y\") %}{%- else %}{%- set date_string = \"26 Jul 2024\" %}{%- endif %}{%- endif %}{{- \"Cutting Knowledge Date: December 2023\\n\" }}";
+        assert_eq!(llama3_preamble(llama_3_2).as_deref(), Some("Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"));
+        assert_eq!(llama3_preamble("{{ bos_token }}<|start_header_id|>"), None);
     }
 
     /// Qwen2.5's template writes its default system message after system
