@@ -13,6 +13,9 @@ pub enum WeightType {
     Q4_0,
     Q4_1,
     Q8_0,
+    /// Converted exactly to Q8_0's 8-bit blocks (a 5-bit quant less 16 is
+    /// a byte).
+    Q5_0,
     /// Converted exactly to 32-element blocks with f32 scale and minimum.
     Q4K,
     /// Converted exactly to 8-bit quants with one f32 scale per 16 elements.
@@ -87,6 +90,7 @@ impl QMatrix {
             GgmlDType::Q4_0 => (WeightType::Q4_0, BlockKind::Q4_0, 18, 32),
             GgmlDType::Q4_1 => (WeightType::Q4_1, BlockKind::Q4_1, 20, 32),
             GgmlDType::Q8_0 => (WeightType::Q8_0, BlockKind::Q8_0, 34, 32),
+            GgmlDType::Q5_0 => (WeightType::Q5_0, BlockKind::Q8_0, 22, 32),
             GgmlDType::Q4K => (WeightType::Q4K, BlockKind::Q4_1, 144, 256),
             GgmlDType::Q6K => (WeightType::Q6K, BlockKind::Q8Half, 210, 256),
             _ => {
@@ -116,6 +120,7 @@ impl QMatrix {
                     blocks.m.push(f16_at(block, 2));
                     blocks.qs.extend_from_slice(&block[4..]);
                 }
+                WeightType::Q5_0 => blocks.push_q5_0(block),
                 WeightType::Q4K => blocks.push_q4k(block),
                 WeightType::Q6K => blocks.push_q6k(block),
                 WeightType::F32 => unreachable!(),
@@ -278,6 +283,19 @@ impl RowBlocks {
             let nib = |l: usize| if j % 2 == 0 { bytes[l] & 0xF } else { bytes[l] >> 4 };
             self.qs.extend((0..16).map(|l| nib(l) | (nib(l + 16) << 4)));
         }
+    }
+
+    /// One Q5_0 block (32 weights, w = d·(q − 16) with a 5-bit q: low
+    /// nibbles of 16 bytes, fifth bits in a 32-bit word) as a Q8_0 block.
+    fn push_q5_0(&mut self, block: &[u8]) {
+        self.d.push(f16_at(block, 0));
+        let high = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+        let qs = &block[6..22];
+        let q = |i: usize| {
+            let nibble = if i < 16 { qs[i] & 0xF } else { qs[i - 16] >> 4 };
+            (nibble | ((((high >> i) & 1) as u8) << 4)) as i8 - 16
+        };
+        self.qs.extend((0..32).map(|i| q(i) as u8));
     }
 
     /// One Q6_K super-block (256 weights) as eight 8-bit blocks with one
@@ -623,7 +641,7 @@ mod tests {
         // one group of four and a tail of two.
         let (rows, cols, m) = (37, 96, 6);
         let x = values(m * cols, 2);
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F16, GgmlDType::F32, GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::F16, GgmlDType::F32, GgmlDType::Q4K, GgmlDType::Q6K] {
             let cols = if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K) { 256 } else { cols };
             let x = if cols == 96 { x.clone() } else { values(m * cols, 3) };
             let w = Tensor::from_vec(values(rows * cols, 1), (rows, cols), &Device::Cpu)?;
@@ -665,7 +683,7 @@ mod tests {
         let (rows, cols) = (70, 256);
         let w = Tensor::from_vec(values(rows * cols, 4), (rows, cols), &Device::Cpu)?;
         let x = values(24 * cols, 5);
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
             let mat = QMatrix::from_qtensor("w", &QTensor::quantize(&w, dtype)?)?;
             let alone: Vec<Vec<f32>> = (0..24).map(|i| mat.matmul(&x[i * cols..(i + 1) * cols], 1)).collect();
             for m in [5, 19, 24] {
