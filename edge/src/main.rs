@@ -110,7 +110,8 @@ struct EdgeArgs {
     /// by `tandem-bench train-draft`), ngram, none or model:PATH; a model
     /// draft with `+lookup` copies from the context where its last tokens
     /// occurred before [default: trained+lookup with the default model on
-    /// the cpu backend, else layers:25+lookup].
+    /// the cpu backend, else layers:N+lookup with N five sixths of the
+    /// target's layers (25 of the default model's 30)].
     #[arg(long)]
     draft: Option<String>,
     /// Where the draft model runs: cpu or wgpu [default: cpu].
@@ -312,11 +313,14 @@ fn edge_options(args: &EdgeArgs, file: &EdgeConfig) -> Result<EdgeOptions> {
     let backend: Backend = args.backend.as_deref().or(file.backend.as_deref()).unwrap_or("cpu").parse()?;
     // The built-in trained draft is made for the default model and runs on
     // the CPU kernels; other models and backends draft with the target's
-    // first 25 layers. Prompt lookup raised tokens per round with both
-    // (see `PromptLookup`).
+    // first five sixths of layers (`Edge::open`). Prompt lookup raised
+    // tokens per round with both (see `PromptLookup`).
     let default_model = args.model.is_none() && file.model.is_none();
-    let default_draft = if default_model && backend == Backend::Cpu { "trained+lookup" } else { "layers:25+lookup" };
-    let draft: DraftSpec = args.draft.as_deref().or(file.draft.as_deref()).unwrap_or(default_draft).parse()?;
+    let draft: Option<DraftSpec> = match args.draft.as_deref().or(file.draft.as_deref()) {
+        Some(spec) => Some(spec.parse()?),
+        None if default_model && backend == Backend::Cpu => Some("trained+lookup".parse()?),
+        None => None,
+    };
     let draft_len = args.draft_len.or(file.draft_len).unwrap_or(4);
     let rule = parse_controller(args.controller.as_deref().or(file.controller.as_deref()).unwrap_or("fixed"))?;
     let log: Option<Box<dyn Write + Send>> = match &args.log_controller {
@@ -345,9 +349,10 @@ fn edge_options(args: &EdgeArgs, file: &EdgeConfig) -> Result<EdgeOptions> {
 
 fn open_edge(args: &EdgeArgs, file: &EdgeConfig) -> Result<Edge> {
     let opts = edge_options(args, file)?;
-    let (model, draft) = (opts.model.clone(), opts.draft.clone());
+    let model = opts.model.clone();
+    let draft = opts.draft.as_ref().map_or_else(|| "the default layers draft".to_string(), |d| format!("--draft {d}"));
     Edge::open(opts).map_err(|e| match e {
-        EdgeError::Model(m) => anyhow::anyhow!("loading --model {} with --draft {draft}: {m}", model.display()),
+        EdgeError::Model(m) => anyhow::anyhow!("loading --model {} with {draft}: {m}", model.display()),
         other => other.into(),
     })
 }

@@ -34,6 +34,30 @@ fn generate_local_json_reports_the_run() {
     assert_eq!(v["draft"], "trained+lookup");
 }
 
+/// Another model drafts, when no draft is named, with its own first five
+/// sixths of layers: 10 of a 12-layer model (the default model cut after
+/// its 12th layer), which the default model's `layers:25` would not fit.
+#[test]
+fn another_model_gets_a_layers_draft_of_its_own_size() {
+    use candle_core::quantized::gguf_file::{self, Value};
+    let fetched = edge().args(["model", "fetch"]).output().unwrap();
+    let src = String::from_utf8(fetched.stdout).unwrap();
+    let mut file = std::fs::File::open(src.trim()).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let kept = |name: &str| name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok()).is_none_or(|l| l < 12);
+    let tensors: Vec<(String, _)> =
+        content.tensor_infos.keys().filter(|n| kept(n)).map(|n| (n.clone(), content.tensor(&mut file, n, &candle_core::Device::Cpu).unwrap())).collect();
+    let mut metadata = content.metadata.clone();
+    metadata.insert("llama.block_count".into(), Value::U32(12));
+    let dst = std::env::temp_dir().join(format!("tandem-12-layers-{}.gguf", std::process::id()));
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &_)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&dst).unwrap(), &md, &ts).unwrap();
+    let v = tokens_of(&["generate", "--local", "--model", dst.to_str().unwrap(), "--prompt", "Name a colour.", "--max-new-tokens", "6", "--json"]);
+    assert_eq!(v["draft"], "layers:10+lookup", "{v}");
+    std::fs::remove_file(dst).unwrap();
+}
+
 #[test]
 fn sampled_generation_is_reproducible_for_a_seed() {
     let run = |seed: &str| {
