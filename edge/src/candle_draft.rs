@@ -15,6 +15,8 @@ struct Block {
     wq: QMatMul,
     wk: QMatMul,
     wv: QMatMul,
+    /// Q, K and V biases (Qwen2).
+    biases: Option<[Tensor; 3]>,
     wo: QMatMul,
     ffn_norm: Tensor,
     gate: QMatMul,
@@ -22,7 +24,8 @@ struct Block {
     down: QMatMul,
 }
 
-/// The first `n_layers` of a llama-family GGUF on `device`.
+/// The first `n_layers` of a llama-family GGUF (llama, mistral, qwen2) on
+/// `device`.
 pub struct CandleLayers {
     cfg: LlamaConfig,
     device: Device,
@@ -33,6 +36,9 @@ pub struct CandleLayers {
     /// RoPE tables, (context, head_dim / 2, 1).
     cos: Tensor,
     sin: Tensor,
+    /// Rotate-half RoPE (Qwen2's GGUF files keep Hugging Face's Q/K row
+    /// order) instead of adjacent pairs.
+    rotate_half: bool,
     /// Per layer: keys and values, (kv_heads, positions, head_dim).
     cache: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
@@ -72,16 +78,29 @@ impl CandleLayers {
             let mut mm = |w: &str| -> Result<QMatMul, EdgeError> { Ok(QMatMul::from_qtensor(qtensor(&format!("blk.{i}.{w}.weight"))?).map_err(model_err)?) };
             let (wq, wk, wv, wo) = (mm("attn_q")?, mm("attn_k")?, mm("attn_v")?, mm("attn_output")?);
             let (gate, up, down) = (mm("ffn_gate")?, mm("ffn_up")?, mm("ffn_down")?);
-            let mut vector = |w: &str| -> Result<Tensor, EdgeError> { Ok(qtensor(&format!("blk.{i}.{w}.weight"))?.dequantize(device).map_err(model_err)?) };
-            blocks.push(Block { attn_norm: vector("attn_norm")?, ffn_norm: vector("ffn_norm")?, wq, wk, wv, wo, gate, up, down });
+            let mut vector = |name: String| -> Result<Tensor, EdgeError> { Ok(qtensor(&name)?.dequantize(device).map_err(model_err)?) };
+            let biases = match content.tensor_infos.contains_key(&format!("blk.{i}.attn_q.bias")) {
+                true => Some([vector(format!("blk.{i}.attn_q.bias"))?, vector(format!("blk.{i}.attn_k.bias"))?, vector(format!("blk.{i}.attn_v.bias"))?]),
+                false => None,
+            };
+            let (attn_norm, ffn_norm) = (vector(format!("blk.{i}.attn_norm.weight"))?, vector(format!("blk.{i}.ffn_norm.weight"))?);
+            blocks.push(Block { attn_norm, ffn_norm, wq, wk, wv, biases, wo, gate, up, down });
         }
         let half = cfg.head_dim / 2;
-        let inv: Vec<f32> = (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32)).collect();
+        // Llama 3.1 and later divide some pair frequencies.
+        let factors = match content.tensor_infos.contains_key("rope_freqs.weight") {
+            true => {
+                content.tensor(&mut file, "rope_freqs.weight", &Device::Cpu).and_then(|t| t.dequantize(&Device::Cpu)?.to_vec1::<f32>()).map_err(model_err)?
+            }
+            false => vec![1.0; half],
+        };
+        let inv: Vec<f32> = (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32) / factors[i]).collect();
         let angles: Vec<f32> = (0..cfg.context_len).flat_map(|p| inv.iter().map(move |f| p as f32 * f)).collect();
         let angles = Tensor::from_vec(angles, (cfg.context_len, half, 1), device).map_err(model_err)?;
         Ok(CandleLayers {
             cos: angles.cos().map_err(model_err)?,
             sin: angles.sin().map_err(model_err)?,
+            rotate_half: content.metadata.get("general.architecture").and_then(|a| a.to_string().ok()).is_some_and(|a| a == "qwen2"),
             cache: vec![None; n_layers],
             len: 0,
             device: device.clone(),
@@ -98,17 +117,27 @@ impl CandleLayers {
         x.broadcast_mul(&scale)?.broadcast_mul(w)
     }
 
-    /// Rotates adjacent pairs of every head (GGUF's interleaved RoPE):
-    /// `x` is (heads, t, head_dim) for positions `start..start + t`.
+    /// Rotates adjacent pairs of every head (GGUF's interleaved RoPE), or
+    /// its two halves (`rotate_half`): `x` is (heads, t, head_dim) for
+    /// positions `start..start + t`.
     fn rope(&self, x: &Tensor, start: usize) -> candle_core::Result<Tensor> {
         let (h, t, hd) = x.dims3()?;
-        let pairs = x.reshape((h, t, hd / 2, 2))?;
-        let (a, b) = (pairs.narrow(3, 0, 1)?, pairs.narrow(3, 1, 1)?);
         let cos = self.cos.narrow(0, start, t)?.unsqueeze(0)?;
         let sin = self.sin.narrow(0, start, t)?.unsqueeze(0)?;
+        // Pair i as (a, b) along the last axis: (head_dim/2, 2) for adjacent
+        // pairs, (2, head_dim/2) transposed for halves.
+        let pairs = match self.rotate_half {
+            true => x.reshape((h, t, 2, hd / 2))?.transpose(2, 3)?,
+            false => x.reshape((h, t, hd / 2, 2))?,
+        };
+        let (a, b) = (pairs.narrow(3, 0, 1)?, pairs.narrow(3, 1, 1)?);
         let ra = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
         let rb = (a.broadcast_mul(&sin)? + b.broadcast_mul(&cos)?)?;
-        Tensor::cat(&[ra, rb], 3)?.reshape((h, t, hd))
+        let rotated = Tensor::cat(&[ra, rb], 3)?;
+        match self.rotate_half {
+            true => rotated.transpose(2, 3)?.contiguous()?.reshape((h, t, hd)),
+            false => rotated.reshape((h, t, hd)),
+        }
     }
 
     fn forward(&mut self, tokens: &[u32]) -> candle_core::Result<Vec<f32>> {
@@ -125,10 +154,16 @@ impl CandleLayers {
         let mask = Tensor::from_vec(mask, (1, group * t, total), &self.device)?;
         for (li, block) in self.blocks.iter().enumerate() {
             let h = self.rms_norm(&x, &block.attn_norm)?;
-            let heads = |w: &QMatMul, n: usize| -> candle_core::Result<Tensor> { w.forward(&h)?.reshape((t, n, hd))?.transpose(0, 1)?.contiguous() };
-            let q = self.rope(&heads(&block.wq, nh)?, start)?;
-            let k = self.rope(&heads(&block.wk, nkv)?, start)?;
-            let v = heads(&block.wv, nkv)?;
+            let heads = |w: &QMatMul, bias: usize, n: usize| -> candle_core::Result<Tensor> {
+                let y = match &block.biases {
+                    Some(b) => w.forward(&h)?.broadcast_add(&b[bias])?,
+                    None => w.forward(&h)?,
+                };
+                y.reshape((t, n, hd))?.transpose(0, 1)?.contiguous()
+            };
+            let q = self.rope(&heads(&block.wq, 0, nh)?, start)?;
+            let k = self.rope(&heads(&block.wk, 1, nkv)?, start)?;
+            let v = heads(&block.wv, 2, nkv)?;
             let (k, v) = match &self.cache[li] {
                 Some((ck, cv)) => (Tensor::cat(&[ck, &k], 1)?, Tensor::cat(&[cv, &v], 1)?),
                 None => (k, v),
