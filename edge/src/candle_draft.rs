@@ -60,6 +60,9 @@ impl CandleLayers {
         let mut file = std::fs::File::open(path).map_err(io)?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Format(format!("`{}` is not a readable GGUF file: {e}", path.display())))?;
         let cfg = LlamaConfig::from_gguf(&content)?;
+        if content.metadata.get("general.architecture").and_then(|a| a.to_string().ok()).is_some_and(|a| a == "phi3") {
+            return Err(EdgeError::InvalidArgument("the candle backends do not run Phi-3's stacked projections; use --backend cpu or wgpu".into()));
+        }
         let n_layers = n_layers.unwrap_or(cfg.n_layers);
         if n_layers == 0 || n_layers > cfg.n_layers {
             return Err(EdgeError::InvalidArgument(format!("`--draft layers:{n_layers}`: N must be between 1 and the model's {} layers", cfg.n_layers)));

@@ -1,5 +1,5 @@
 //! Llama-family decoder (llama, SmolLM, Mistral-style GQA, Qwen2's Q/K/V
-//! biases) from GGUF files (or a Hugging Face folder, read by `hf` into the
+//! biases, Phi-3's fused projections) from GGUF files (or a Hugging Face folder, read by `hf` into the
 //! same tensors).
 //!
 //! Unlike candle-transformers' `quantized_llama`, one forward call takes a
@@ -42,14 +42,26 @@ impl LlamaConfig {
         let md = &content.metadata;
         let get = |key: &str| md.get(key).ok_or_else(|| ModelError::Format(format!("missing metadata `{key}`")));
         let arch = get("general.architecture")?.to_string()?.clone();
-        if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
-            return Err(ModelError::Format(format!("architecture `{arch}` is not llama-family (expected `llama`, `mistral` or `qwen2`)")));
+        if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "phi3") {
+            return Err(ModelError::Format(format!("architecture `{arch}` is not llama-family (expected `llama`, `mistral`, `qwen2` or `phi3`)")));
         }
         let u = |key: &str| -> Result<usize> { Ok(get(&format!("{arch}.{key}"))?.to_u32()? as usize) };
         let hidden = u("embedding_length")?;
         let n_heads = u("attention.head_count")?;
         let n_kv_heads = u("attention.head_count_kv").unwrap_or(n_heads);
         let head_dim = Self::head_dim(hidden, n_heads, n_kv_heads)?;
+        // RoPE over part of each head (Phi-4-mini's partial rotary) is not
+        // what this forward computes.
+        if let Ok(rotated) = u("rope.dimension_count") {
+            if rotated != head_dim {
+                return Err(ModelError::Format(format!("RoPE over {rotated} of each head's {head_dim} dimensions is not supported")));
+            }
+        }
+        // Phi-3's LongRoPE (its 128k-context models, Phi-3.5) scales RoPE
+        // by context length.
+        if content.tensor_infos.contains_key("rope_factors_long.weight") {
+            return Err(ModelError::Format("LongRoPE (`rope_factors_long.weight`: Phi-3 128k, Phi-3.5) is not supported".into()));
+        }
         let embd = content.tensor_infos.get("token_embd.weight").ok_or_else(|| ModelError::Format("missing tensor `token_embd.weight`".into()))?;
         Ok(LlamaConfig {
             hidden,
@@ -200,9 +212,10 @@ impl Llama {
         // llama.cpp's converter reorders llama's Q and K rows for pair
         // RoPE; architectures it runs with NEOX (rotate-half) RoPE keep
         // Hugging Face's order, and are reordered here.
-        let neox = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).is_some_and(|a| a == "qwen2");
-        let heads = neox.then_some((cfg.n_heads, cfg.n_kv_heads));
-        Self::from_source(cfg, GgufSource { content, reader, rotate_half_heads: heads }, kernels)
+        let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        let heads = matches!(arch.as_str(), "qwen2" | "phi3").then_some((cfg.n_heads, cfg.n_kv_heads));
+        let fused = Fused { q: cfg.n_heads * cfg.head_dim, kv: cfg.kv_dim(), ffn: cfg.ffn };
+        Self::from_source(cfg, GgufSource { content, reader, rotate_half_heads: heads, fused }, kernels)
     }
 
     /// Builds the model from tensors named as in GGUF files.
@@ -590,11 +603,56 @@ struct GgufSource<'a, R> {
     /// Query and key heads, when the file's Q and K rows are in rotate-half
     /// order.
     rotate_half_heads: Option<(usize, usize)>,
+    fused: Fused,
+}
+
+/// Rows of the projections Phi-3's files store stacked: `attn_qkv` (Q, K,
+/// V) and `ffn_up` (gate, then up).
+struct Fused {
+    q: usize,
+    kv: usize,
+    ffn: usize,
+}
+
+impl<R: Read + Seek> GgufSource<'_, R> {
+    fn read(&mut self, name: &str) -> Result<QTensor> {
+        self.content.tensor(self.reader, name, &Device::Cpu).map_err(|e| ModelError::Format(format!("tensor `{name}`: {e}")))
+    }
+
+    /// Where a projection the file stores stacked with others lies: the
+    /// stacked tensor's name and the projection's rows in it.
+    fn stacked(&self, name: &str) -> Option<(String, Range<usize>)> {
+        let (layer, part) = name.strip_suffix(".weight")?.rsplit_once('.')?;
+        let has = |t: &str| self.content.tensor_infos.contains_key(&format!("{layer}.{t}.weight"));
+        let Fused { q, kv, ffn } = self.fused;
+        match part {
+            "attn_q" | "attn_k" | "attn_v" if !has(part) && has("attn_qkv") => {
+                let start = match part {
+                    "attn_q" => 0,
+                    "attn_k" => q,
+                    _ => q + kv,
+                };
+                Some((format!("{layer}.attn_qkv.weight"), start..start + if part == "attn_q" { q } else { kv }))
+            }
+            "ffn_gate" if !has("ffn_gate") && has("ffn_up") => Some((format!("{layer}.ffn_up.weight"), 0..ffn)),
+            "ffn_up" if !has("ffn_gate") => Some((name.to_string(), ffn..2 * ffn)),
+            _ => None,
+        }
+    }
 }
 
 impl<R: Read + Seek> TensorSource for GgufSource<'_, R> {
     fn qtensor(&mut self, name: &str) -> Result<QTensor> {
-        let t = self.content.tensor(self.reader, name, &Device::Cpu).map_err(|e| ModelError::Format(format!("tensor `{name}`: {e}")))?;
+        let t = match self.stacked(name) {
+            Some((stacked, rows)) => {
+                let t = self.read(&stacked)?;
+                if t.shape().dims()[0] < rows.end {
+                    return Err(ModelError::Format(format!("tensor `{stacked}` has {} rows; `{name}` needs rows {rows:?}", t.shape().dims()[0])));
+                }
+                select_rows(&t, rows)?
+            }
+            None => self.read(name)?,
+        };
         match self.rotate_half_heads {
             Some(heads) => rows_for_pair_rope(t, name, heads),
             None => Ok(t),
@@ -602,6 +660,9 @@ impl<R: Read + Seek> TensorSource for GgufSource<'_, R> {
     }
 
     fn contains(&self, name: &str) -> bool {
+        if self.stacked(name).is_some() {
+            return true;
+        }
         self.content.tensor_infos.contains_key(name)
     }
 }
@@ -659,19 +720,32 @@ pub(crate) fn rows_for_pair_rope(t: QTensor, name: &str, heads: (usize, usize)) 
         _ => return Ok(t),
     };
     let rows = t.shape().dims()[0];
-    let data = t.data()?;
-    let (row_bytes, head_rows) = (data.len() / rows, rows / heads);
-    if !rows.is_multiple_of(heads) || !head_rows.is_multiple_of(2) || row_bytes * rows != data.len() {
+    let head_rows = rows / heads;
+    if !rows.is_multiple_of(heads) || !head_rows.is_multiple_of(2) {
         return Err(ModelError::Format(format!("tensor `{name}`: {rows} rows are not {heads} heads of pairs")));
     }
     let half = head_rows / 2;
-    let mut out = Vec::with_capacity(data.len());
-    for row in 0..rows {
-        let (head, j) = (row / head_rows, row % head_rows);
-        let from = head * head_rows + (j % 2) * half + j / 2;
-        out.extend_from_slice(&data[from * row_bytes..][..row_bytes]);
+    select_rows(
+        &t,
+        (0..rows).map(|row| {
+            let (head, j) = (row / head_rows, row % head_rows);
+            head * head_rows + (j % 2) * half + j / 2
+        }),
+    )
+}
+
+/// A tensor of `t`'s rows in the order (and number) `rows` gives. Rows
+/// are moved whole, so a quantized tensor keeps its blocks as they are.
+fn select_rows(t: &QTensor, rows: impl ExactSizeIterator<Item = usize>) -> Result<QTensor> {
+    let mut dims = t.shape().dims().to_vec();
+    let data = t.data()?;
+    let row_bytes = data.len() / dims[0];
+    dims[0] = rows.len();
+    let mut out = Vec::with_capacity(dims[0] * row_bytes);
+    for row in rows {
+        out.extend_from_slice(&data[row * row_bytes..][..row_bytes]);
     }
-    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(t.dtype(), &out, t.shape().dims().to_vec(), &Device::Cpu)?)
+    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(t.dtype(), &out, dims, &Device::Cpu)?)
 }
 
 fn rope_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {

@@ -73,8 +73,9 @@ enum ChatTemplate {
     /// pads the answer with spaces; Mistral writes BOS once and the system
     /// message as the first user turn's first paragraph.
     Inst { bos: String, eos: String, system_block: bool },
-    /// Zephyr (TinyLlama chat): `<|role|>\ncontent</s>\n`.
-    Zephyr { eos: String },
+    /// Role tags: `<|role|>\ncontent` and the turn's end, then a newline.
+    /// Zephyr (TinyLlama chat) ends a turn with EOS, Phi-3 with `<|end|>`.
+    RoleTags { end: String },
 }
 
 impl ChatTemplate {
@@ -87,8 +88,9 @@ impl ChatTemplate {
         if text.contains("[INST]") {
             return Some(ChatTemplate::Inst { bos: bos.to_string(), eos: eos.to_string(), system_block: text.contains("<<SYS>>") });
         }
-        if text.contains("<|user|>") && text.contains("<|assistant|>") && text.contains("eos_token") {
-            return Some(ChatTemplate::Zephyr { eos: eos.to_string() });
+        if text.contains("<|user|>") && text.contains("<|assistant|>") {
+            let end = if text.contains("<|end|>") { "<|end|>" } else { eos };
+            return Some(ChatTemplate::RoleTags { end: end.to_string() });
         }
         if !text.contains("<|im_start|>") {
             return None;
@@ -155,9 +157,9 @@ impl ChatTemplate {
                     }
                 }
             }
-            ChatTemplate::Zephyr { eos } => {
+            ChatTemplate::RoleTags { end } => {
                 for m in messages {
-                    s.push_str(&format!("<|{}|>\n{}{eos}\n", m.role, m.content));
+                    s.push_str(&format!("<|{}|>\n{}{end}\n", m.role, m.content));
                 }
                 s.push_str("<|assistant|>\n");
             }
@@ -428,9 +430,10 @@ fn token_text<'a>(tokens: &'a [String], id: Option<&u32>) -> &'a str {
 }
 
 /// ChatML models end a turn with <|im_end|> and a document with
-/// <|endoftext|>, Llama 3 a turn with <|eot_id|>; each ends generation.
+/// <|endoftext|>, Llama 3 a turn with <|eot_id|>, Phi-3 with <|end|>; each
+/// ends generation.
 fn add_turn_ends(tokens: &[String], eos: &mut Vec<u32>) {
-    for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
+    for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>"] {
         if let Some(i) = tokens.iter().position(|t| t == name) {
             if !eos.contains(&(i as u32)) {
                 eos.push(i as u32);
@@ -671,11 +674,17 @@ mod tests {
         assert_eq!(chat.render(&[turn("system", "Be brief."), turn("user", "Hi")]), "<s>[INST] Be brief.\n\nHi [/INST]");
     }
 
-    /// TinyLlama-1.1B-Chat's (Zephyr) template.
+    /// TinyLlama-1.1B-Chat's (Zephyr) template, and Phi-3-mini's.
     #[test]
-    fn a_zephyr_template_renders_its_role_tags() {
+    fn zephyr_and_phi_3_templates_render_their_role_tags() {
         let template = "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}";
         let chat = ChatTemplate::recognise(template, "<s>", "</s>").expect("recognised");
         assert_eq!(chat.render(&[turn("system", "Be brief."), turn("user", "Hi")]), "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n");
+        let phi3 = "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}";
+        let chat = ChatTemplate::recognise(phi3, "<s>", "<|endoftext|>").expect("recognised");
+        assert_eq!(
+            chat.render(&[turn("user", "Hi"), turn("assistant", "Hello."), turn("user", "Bye")]),
+            "<|user|>\nHi<|end|>\n<|assistant|>\nHello.<|end|>\n<|user|>\nBye<|end|>\n<|assistant|>\n"
+        );
     }
 }

@@ -1,7 +1,9 @@
-//! Qwen2: Q/K/V biases, and Q/K rows in rotate-half order in its GGUF files
-//! as in its Hugging Face folders. A tiny random Qwen2, written both ways,
-//! gives the logits of a plain forward written here the way transformers'
-//! Qwen2 computes (rotate-half RoPE, biases added after the projections).
+//! Qwen2 and Phi-3: Q and K rows in rotate-half order in their GGUF files
+//! as in Hugging Face folders, Qwen2's Q/K/V biases, Phi-3's stacked
+//! projections (`attn_qkv`, `ffn_up` holding gate and up). A tiny random
+//! model, written each way, gives the logits of a plain forward written here
+//! the way transformers computes (rotate-half RoPE, biases added after the
+//! projections).
 
 mod common;
 
@@ -20,6 +22,9 @@ const FFN: usize = 40;
 const LAYERS: usize = 2;
 const THETA: f32 = 1_000_000.0;
 const EPS: f32 = 1e-6;
+/// The kernels' f32 arithmetic differs from the plain loops' (order of
+/// sums, polynomial exp): a few parts in 10⁴ of logits of about 5.
+const TOLERANCE: f32 = 5e-3;
 
 /// Row-major matrices and vectors by Hugging Face name.
 type Weights = HashMap<String, (Vec<f32>, Vec<usize>)>;
@@ -79,24 +84,43 @@ fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
     Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
 }
 
-/// Writes the weights as llama.cpp writes a Qwen2 GGUF: tensors as they
-/// are (rotate-half order), metadata under `qwen2.`.
-fn write_gguf(w: &Weights, path: &std::path::Path) {
+/// Writes the weights as llama.cpp writes a GGUF of `arch` (`qwen2` or
+/// `phi3`): tensors in rotate-half order, metadata under `ARCH.`; Phi-3's
+/// Q, K and V stacked in `attn_qkv`, its gate and up in `ffn_up`.
+fn write_gguf(w: &Weights, path: &std::path::Path, arch: &str) {
     let u = |v: usize| gguf_file::Value::U32(v as u32);
+    let key = |k: &str| format!("{arch}.{k}");
     let metadata = vec![
-        ("general.architecture", gguf_file::Value::String("qwen2".into())),
-        ("qwen2.block_count", u(LAYERS)),
-        ("qwen2.context_length", u(64)),
-        ("qwen2.embedding_length", u(HIDDEN)),
-        ("qwen2.feed_forward_length", u(FFN)),
-        ("qwen2.attention.head_count", u(HEADS)),
-        ("qwen2.attention.head_count_kv", u(KV_HEADS)),
-        ("qwen2.rope.freq_base", gguf_file::Value::F32(THETA)),
-        ("qwen2.attention.layer_norm_rms_epsilon", gguf_file::Value::F32(EPS)),
+        ("general.architecture".to_string(), gguf_file::Value::String(arch.into())),
+        (key("block_count"), u(LAYERS)),
+        (key("context_length"), u(64)),
+        (key("embedding_length"), u(HIDDEN)),
+        (key("feed_forward_length"), u(FFN)),
+        (key("attention.head_count"), u(HEADS)),
+        (key("attention.head_count_kv"), u(KV_HEADS)),
+        (key("rope.dimension_count"), u(HEAD_DIM)),
+        (key("rope.freq_base"), gguf_file::Value::F32(THETA)),
+        (key("attention.layer_norm_rms_epsilon"), gguf_file::Value::F32(EPS)),
     ];
+    let mut named: HashMap<String, (Vec<f32>, Vec<usize>)> = w.iter().map(|(name, t)| (gguf_name(name), t.clone())).collect();
+    if arch == "phi3" {
+        for l in 0..LAYERS {
+            let mut stack = |parts: [&str; 3], into: &str| {
+                let (mut values, mut rows) = (Vec::new(), 0);
+                for part in parts.iter().filter(|p| !p.is_empty()) {
+                    let (v, shape) = named.remove(&format!("blk.{l}.{part}.weight")).unwrap();
+                    values.extend(v);
+                    rows += shape[0];
+                }
+                named.insert(format!("blk.{l}.{into}.weight"), (values, vec![rows, HIDDEN]));
+            };
+            stack(["attn_q", "attn_k", "attn_v"], "attn_qkv");
+            stack(["ffn_gate", "ffn_up", ""], "ffn_up");
+        }
+    }
     let tensors: Vec<(String, QTensor)> =
-        w.iter().map(|(name, (v, shape))| (gguf_name(name), QTensor::quantize(&tensor(v, shape), GgmlDType::F32).unwrap())).collect();
-    let md: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        named.iter().map(|(name, (v, shape))| (name.clone(), QTensor::quantize(&tensor(v, shape), GgmlDType::F32).unwrap())).collect();
+    let md: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut std::fs::File::create(path).unwrap(), &md, &ts).unwrap();
 }
@@ -218,17 +242,11 @@ fn a_qwen2_gguf_and_folder_give_the_plain_forwards_logits() {
     let w = random_weights(11);
     let tokens: Vec<u32> = vec![3, 17, 42, 5, 5, 29, 0, 11, 38, 47, 2, 20];
     let want = reference(&w, &tokens);
-    // The kernels' f32 arithmetic differs from the plain loops' (order of
-    // sums, polynomial exp): a few parts in 10⁴ of logits of about 5.
-    const TOLERANCE: f32 = 5e-3;
     let dir = scratch("qwen2");
 
     let gguf = dir.join("tiny-qwen2.gguf");
-    write_gguf(&w, &gguf);
-    let mut file = std::fs::File::open(&gguf).unwrap();
-    let content = gguf_file::Content::read(&mut file).unwrap();
-    let from_gguf = Llama::from_gguf(&content, &mut file).unwrap();
-    let got = logits(&from_gguf, &tokens);
+    write_gguf(&w, &gguf, "qwen2");
+    let got = logits(&load_gguf(&gguf), &tokens);
     assert!(max_diff(&got, &want) < TOLERANCE, "GGUF: max |Δ| {}", max_diff(&got, &want));
 
     let folder = dir.join("folder");
@@ -243,4 +261,24 @@ fn a_qwen2_gguf_and_folder_give_the_plain_forwards_logits() {
     unbiased.retain(|name, _| !name.ends_with(".bias"));
     assert!(max_diff(&reference(&unbiased, &tokens), &want) > 100.0 * TOLERANCE);
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_phi3_gguf_with_stacked_projections_gives_the_plain_forwards_logits() {
+    let mut w = random_weights(12);
+    w.retain(|name, _| !name.ends_with(".bias"));
+    let tokens: Vec<u32> = vec![9, 1, 33, 33, 14, 40, 7, 26, 2, 45];
+    let want = reference(&w, &tokens);
+    let dir = scratch("phi3");
+    let gguf = dir.join("tiny-phi3.gguf");
+    write_gguf(&w, &gguf, "phi3");
+    let got = logits(&load_gguf(&gguf), &tokens);
+    assert!(max_diff(&got, &want) < TOLERANCE, "max |Δ| {}", max_diff(&got, &want));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn load_gguf(path: &std::path::Path) -> Llama {
+    let mut file = std::fs::File::open(path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    Llama::from_gguf(&content, &mut file).unwrap()
 }
