@@ -10,7 +10,7 @@
 //! the types a GGUF would hold, and run as fast as that GGUF.
 
 use crate::kernels::MatmulKernels;
-use crate::llama::{rows_for_pair_rope, TensorSource};
+use crate::llama::{rows_for_pair_rope, Stacked, TensorSource};
 use crate::{Llama, LlamaConfig, ModelError, Result, Tokenizer};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
@@ -90,8 +90,15 @@ pub(crate) fn read_json(path: &Path) -> Result<Value> {
 /// implement is refused by name rather than run wrongly.
 fn config_of(c: &Value) -> Result<LlamaConfig> {
     let model_type = c["model_type"].as_str().unwrap_or_default();
-    if !matches!(model_type, "llama" | "mistral" | "qwen2") {
-        return Err(ModelError::Format(format!("config.json: model_type `{model_type}` is not llama-family (expected `llama`, `mistral` or `qwen2`)")));
+    if !matches!(model_type, "llama" | "mistral" | "qwen2" | "phi3") {
+        return Err(ModelError::Format(format!("config.json: model_type `{model_type}` is not llama-family (expected `llama`, `mistral`, `qwen2` or `phi3`)")));
+    }
+    // RoPE over part of each head (Phi-4-mini).
+    if c["partial_rotary_factor"].as_f64().is_some_and(|f| f != 1.0) {
+        return Err(ModelError::Format(format!(
+            "config.json: partial_rotary_factor {} is not supported (RoPE here spans each head)",
+            c["partial_rotary_factor"]
+        )));
     }
     // Qwen2 may restrict some layers' attention to a window; this forward
     // attends to the whole context.
@@ -174,6 +181,8 @@ struct Safetensors {
     files: MmapedSafetensors,
     n_heads: usize,
     n_kv_heads: usize,
+    /// Phi-3's stacked projections.
+    stacked: Stacked,
     quantize: Option<Quantize>,
 }
 
@@ -185,7 +194,7 @@ impl Safetensors {
         // behaviour, the contract of every memory-mapped model loader
         // (candle's, llama.cpp's).
         let files = unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| ModelError::Format(format!("`{}`: {e}", dir.display())))?;
-        Ok(Safetensors { files, n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, quantize: None })
+        Ok(Safetensors { files, n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, stacked: Stacked::of(cfg), quantize: None })
     }
 
     /// Rows of the tensor `hf`, if there is one.
@@ -246,6 +255,9 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         "ffn_gate.weight" => "mlp.gate_proj.weight",
         "ffn_up.weight" => "mlp.up_proj.weight",
         "ffn_down.weight" => "mlp.down_proj.weight",
+        // Phi-3's stacked projections (see `llama::Stacked`).
+        "attn_qkv.weight" => "self_attn.qkv_proj.weight",
+        "ffn_gate_up.weight" => "mlp.gate_up_proj.weight",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}"))
@@ -254,10 +266,20 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 impl TensorSource for Safetensors {
     fn qtensor(&mut self, name: &str) -> Result<QTensor> {
         let hf = hf_name(name).ok_or_else(|| ModelError::Format(format!("tensor `{name}` has no Hugging Face name")))?;
-        if self.files.get(&hf).is_err() {
-            return Err(ModelError::Format(format!("missing tensor `{hf}`")));
+        let t = match self.files.get(&hf) {
+            Ok(_) => self.files.load(&hf, &Device::Cpu)?,
+            Err(_) => {
+                let (stacked, rows) = self.stacked_rows(name).ok_or_else(|| ModelError::Format(format!("missing tensor `{hf}`")))?;
+                let t = self.files.load(&stacked, &Device::Cpu)?;
+                if t.dim(0)? < rows.end {
+                    return Err(ModelError::Format(format!("tensor `{stacked}` has {} rows, fewer than a stacked projection's {rows:?}", t.dim(0)?)));
+                }
+                // Its own storage: the quantizer reads a tensor's storage
+                // from the start.
+                t.narrow(0, rows.start, rows.len())?.force_contiguous()?
+            }
         }
-        let t = self.files.load(&hf, &Device::Cpu)?.to_dtype(DType::F32)?;
+        .to_dtype(DType::F32)?;
         let dtype = match (self.quantize, t.dims()) {
             (Some(q), &[_, cols]) => q.dtype_of(name, cols),
             _ => GgmlDType::F32,
@@ -266,7 +288,18 @@ impl TensorSource for Safetensors {
     }
 
     fn contains(&self, name: &str) -> bool {
-        hf_name(name).is_some_and(|hf| self.files.get(&hf).is_ok())
+        hf_name(name).is_some_and(|hf| self.files.get(&hf).is_ok()) || self.stacked_rows(name).is_some()
+    }
+}
+
+impl Safetensors {
+    /// The stacked tensor (Hugging Face name) holding projection `name`,
+    /// if the folder has one, and the projection's rows in it.
+    fn stacked_rows(&self, name: &str) -> Option<(String, std::ops::Range<usize>)> {
+        let (layer, part) = name.strip_suffix(".weight")?.rsplit_once('.')?;
+        let (stacked, rows) = self.stacked.rows(part)?;
+        let hf = hf_name(&format!("{layer}.{stacked}.weight"))?;
+        self.files.get(&hf).is_ok().then_some((hf, rows))
     }
 }
 

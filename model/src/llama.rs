@@ -214,8 +214,8 @@ impl Llama {
         // Hugging Face's order, and are reordered here.
         let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
         let heads = matches!(arch.as_str(), "qwen2" | "phi3").then_some((cfg.n_heads, cfg.n_kv_heads));
-        let fused = Fused { q: cfg.n_heads * cfg.head_dim, kv: cfg.kv_dim(), ffn: cfg.ffn };
-        Self::from_source(cfg, GgufSource { content, reader, rotate_half_heads: heads, fused }, kernels)
+        let stacked = Stacked::of(&cfg);
+        Self::from_source(cfg, GgufSource { content, reader, rotate_half_heads: heads, stacked }, kernels)
     }
 
     /// Builds the model from tensors named as in GGUF files.
@@ -603,15 +603,44 @@ struct GgufSource<'a, R> {
     /// Query and key heads, when the file's Q and K rows are in rotate-half
     /// order.
     rotate_half_heads: Option<(usize, usize)>,
-    fused: Fused,
+    stacked: Stacked,
 }
 
-/// Rows of the projections Phi-3's files store stacked: `attn_qkv` (Q, K,
-/// V) and `ffn_up` (gate, then up).
-struct Fused {
+/// Where Phi-3 keeps projections stacked: Q, K and V in one tensor
+/// (`attn_qkv`; Hugging Face's `qkv_proj`), gate and up in another
+/// (`ffn_gate_up` here; GGUF's `ffn_up`, Hugging Face's `gate_up_proj`).
+pub(crate) struct Stacked {
     q: usize,
     kv: usize,
     ffn: usize,
+}
+
+impl Stacked {
+    pub(crate) fn of(cfg: &LlamaConfig) -> Stacked {
+        Stacked { q: cfg.n_heads * cfg.head_dim, kv: cfg.kv_dim(), ffn: cfg.ffn }
+    }
+
+    /// For projection `part` (`attn_q`, …, `ffn_up`): the stacked tensor
+    /// that would hold it and its rows there.
+    pub(crate) fn rows(&self, part: &str) -> Option<(&'static str, Range<usize>)> {
+        let Stacked { q, kv, ffn } = *self;
+        match part {
+            "attn_q" => Some(("attn_qkv", 0..q)),
+            "attn_k" => Some(("attn_qkv", q..q + kv)),
+            "attn_v" => Some(("attn_qkv", q + kv..q + 2 * kv)),
+            "ffn_gate" => Some(("ffn_gate_up", 0..ffn)),
+            "ffn_up" => Some(("ffn_gate_up", ffn..2 * ffn)),
+            _ => None,
+        }
+    }
+}
+
+/// Rows `rows` of `t` (named `name`), checked to be there.
+fn take_rows(t: &QTensor, name: &str, rows: Range<usize>) -> Result<QTensor> {
+    if t.shape().dims()[0] < rows.end {
+        return Err(ModelError::Format(format!("tensor `{name}` has {} rows, fewer than a stacked projection's {rows:?}", t.shape().dims()[0])));
+    }
+    select_rows(t, rows)
 }
 
 impl<R: Read + Seek> GgufSource<'_, R> {
@@ -619,38 +648,22 @@ impl<R: Read + Seek> GgufSource<'_, R> {
         self.content.tensor(self.reader, name, &Device::Cpu).map_err(|e| ModelError::Format(format!("tensor `{name}`: {e}")))
     }
 
-    /// Where a projection the file stores stacked with others lies: the
-    /// stacked tensor's name and the projection's rows in it.
+    /// Where a projection the file stores stacked with others lies (a
+    /// file without `ffn_gate` holds gate and up in `ffn_up`): the stacked
+    /// tensor's name and the projection's rows in it.
     fn stacked(&self, name: &str) -> Option<(String, Range<usize>)> {
         let (layer, part) = name.strip_suffix(".weight")?.rsplit_once('.')?;
         let has = |t: &str| self.content.tensor_infos.contains_key(&format!("{layer}.{t}.weight"));
-        let Fused { q, kv, ffn } = self.fused;
-        match part {
-            "attn_q" | "attn_k" | "attn_v" if !has(part) && has("attn_qkv") => {
-                let start = match part {
-                    "attn_q" => 0,
-                    "attn_k" => q,
-                    _ => q + kv,
-                };
-                Some((format!("{layer}.attn_qkv.weight"), start..start + if part == "attn_q" { q } else { kv }))
-            }
-            "ffn_gate" if !has("ffn_gate") && has("ffn_up") => Some((format!("{layer}.ffn_up.weight"), 0..ffn)),
-            "ffn_up" if !has("ffn_gate") => Some((name.to_string(), ffn..2 * ffn)),
-            _ => None,
-        }
+        let (stacked, rows) = self.stacked.rows(part)?;
+        let stacked = if stacked == "ffn_gate_up" { "ffn_up" } else { stacked };
+        (!has(if stacked == "ffn_up" { "ffn_gate" } else { part }) && has(stacked)).then(|| (format!("{layer}.{stacked}.weight"), rows))
     }
 }
 
 impl<R: Read + Seek> TensorSource for GgufSource<'_, R> {
     fn qtensor(&mut self, name: &str) -> Result<QTensor> {
         let t = match self.stacked(name) {
-            Some((stacked, rows)) => {
-                let t = self.read(&stacked)?;
-                if t.shape().dims()[0] < rows.end {
-                    return Err(ModelError::Format(format!("tensor `{stacked}` has {} rows; `{name}` needs rows {rows:?}", t.shape().dims()[0])));
-                }
-                select_rows(&t, rows)?
-            }
+            Some((stacked, rows)) => take_rows(&self.read(&stacked)?, &stacked, rows)?,
             None => self.read(name)?,
         };
         match self.rotate_half_heads {

@@ -125,14 +125,26 @@ fn write_gguf(w: &Weights, path: &std::path::Path, arch: &str) {
     gguf_file::write(&mut std::fs::File::create(path).unwrap(), &md, &ts).unwrap();
 }
 
-/// Writes the weights as a Hugging Face Qwen2 folder (a tokenizer of the
-/// same size borrowed from a tiny llama).
-fn write_folder(w: &Weights, dir: &std::path::Path) {
-    let tensors: HashMap<String, Tensor> = w.iter().map(|(name, (v, shape))| (name.clone(), tensor(v, shape))).collect();
+/// Writes the weights as a Hugging Face folder of `model_type` (`qwen2`, or
+/// `phi3` with Q, K and V stacked in `qkv_proj` and gate and up in
+/// `gate_up_proj`), with a tokenizer of the same size borrowed from a tiny
+/// llama.
+fn write_folder(w: &Weights, dir: &std::path::Path, model_type: &str) {
+    let mut tensors: HashMap<String, Tensor> = w.iter().map(|(name, (v, shape))| (name.clone(), tensor(v, shape))).collect();
+    if model_type == "phi3" {
+        for l in 0..LAYERS {
+            let p = format!("model.layers.{l}");
+            let mut stack = |parts: &[&str], into: &str| {
+                let parts: Vec<Tensor> = parts.iter().map(|part| tensors.remove(&format!("{p}.{part}.weight")).unwrap()).collect();
+                tensors.insert(format!("{p}.{into}.weight"), Tensor::cat(&parts, 0).unwrap());
+            };
+            stack(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn.qkv_proj");
+            stack(&["mlp.gate_proj", "mlp.up_proj"], "mlp.gate_up_proj");
+        }
+    }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     let config = serde_json::json!({
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
+        "model_type": model_type,
         "hidden_size": HIDDEN,
         "intermediate_size": FFN,
         "num_attention_heads": HEADS,
@@ -249,11 +261,7 @@ fn a_qwen2_gguf_and_folder_give_the_plain_forwards_logits() {
     let got = logits(&load_gguf(&gguf), &tokens);
     assert!(max_diff(&got, &want) < TOLERANCE, "GGUF: max |Δ| {}", max_diff(&got, &want));
 
-    let folder = dir.join("folder");
-    std::fs::create_dir_all(&folder).unwrap();
-    write_folder(&w, &folder);
-    let from_folder = LoadedModel::load(&folder).unwrap();
-    let got = logits(&from_folder.llama, &tokens);
+    let got = logits(&load_folder(&w, &dir, "qwen2"), &tokens);
     assert!(max_diff(&got, &want) < TOLERANCE, "folder: max |Δ| {}", max_diff(&got, &want));
 
     // The biases matter here: without them the logits are far off.
@@ -264,7 +272,7 @@ fn a_qwen2_gguf_and_folder_give_the_plain_forwards_logits() {
 }
 
 #[test]
-fn a_phi3_gguf_with_stacked_projections_gives_the_plain_forwards_logits() {
+fn a_phi3_gguf_and_folder_with_stacked_projections_give_the_plain_forwards_logits() {
     let mut w = random_weights(12);
     w.retain(|name, _| !name.ends_with(".bias"));
     let tokens: Vec<u32> = vec![9, 1, 33, 33, 14, 40, 7, 26, 2, 45];
@@ -273,8 +281,17 @@ fn a_phi3_gguf_with_stacked_projections_gives_the_plain_forwards_logits() {
     let gguf = dir.join("tiny-phi3.gguf");
     write_gguf(&w, &gguf, "phi3");
     let got = logits(&load_gguf(&gguf), &tokens);
-    assert!(max_diff(&got, &want) < TOLERANCE, "max |Δ| {}", max_diff(&got, &want));
+    assert!(max_diff(&got, &want) < TOLERANCE, "GGUF: max |Δ| {}", max_diff(&got, &want));
+    let got = logits(&load_folder(&w, &dir, "phi3"), &tokens);
+    assert!(max_diff(&got, &want) < TOLERANCE, "folder: max |Δ| {}", max_diff(&got, &want));
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn load_folder(w: &Weights, dir: &std::path::Path, model_type: &str) -> std::sync::Arc<Llama> {
+    let folder = dir.join(model_type);
+    std::fs::create_dir_all(&folder).unwrap();
+    write_folder(w, &folder, model_type);
+    LoadedModel::load(&folder).unwrap().llama
 }
 
 fn load_gguf(path: &std::path::Path) -> Llama {
