@@ -60,7 +60,8 @@ impl CandleLayers {
         let mut file = std::fs::File::open(path).map_err(io)?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Format(format!("`{}` is not a readable GGUF file: {e}", path.display())))?;
         let cfg = LlamaConfig::from_gguf(&content)?;
-        if content.metadata.get("general.architecture").and_then(|a| a.to_string().ok()).is_some_and(|a| a == "phi3") {
+        let arch = content.metadata.get("general.architecture").and_then(|a| a.to_string().ok()).cloned().unwrap_or_default();
+        if arch == "phi3" {
             return Err(EdgeError::InvalidArgument("the candle backends do not run Phi-3's stacked projections; use --backend cpu or wgpu".into()));
         }
         let n_layers = n_layers.unwrap_or(cfg.n_layers);
@@ -97,13 +98,16 @@ impl CandleLayers {
             }
             false => vec![1.0; half],
         };
+        if factors.len() != half {
+            return Err(EdgeError::Model(ModelError::Format(format!("`rope_freqs.weight` has {} values, expected {half}", factors.len()))));
+        }
         let inv: Vec<f32> = (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32) / factors[i]).collect();
         let angles: Vec<f32> = (0..cfg.context_len).flat_map(|p| inv.iter().map(move |f| p as f32 * f)).collect();
         let angles = Tensor::from_vec(angles, (cfg.context_len, half, 1), device).map_err(model_err)?;
         Ok(CandleLayers {
             cos: angles.cos().map_err(model_err)?,
             sin: angles.sin().map_err(model_err)?,
-            rotate_half: content.metadata.get("general.architecture").and_then(|a| a.to_string().ok()).is_some_and(|a| a == "qwen2"),
+            rotate_half: arch == "qwen2",
             cache: vec![None; n_layers],
             len: 0,
             device: device.clone(),

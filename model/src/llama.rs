@@ -1,6 +1,6 @@
 //! Llama-family decoder (llama, SmolLM, Mistral-style GQA, Qwen2's Q/K/V
-//! biases, Phi-3's fused projections) from GGUF files (or a Hugging Face folder, read by `hf` into the
-//! same tensors).
+//! biases, Phi-3's stacked projections) from GGUF files (or a Hugging Face
+//! folder, read by `hf` into the same tensors).
 //!
 //! Unlike candle-transformers' `quantized_llama`, one forward call takes a
 //! ragged batch of sequences, each with its own KV cache and start position,
@@ -655,8 +655,13 @@ impl<R: Read + Seek> GgufSource<'_, R> {
         let (layer, part) = name.strip_suffix(".weight")?.rsplit_once('.')?;
         let has = |t: &str| self.content.tensor_infos.contains_key(&format!("{layer}.{t}.weight"));
         let (stacked, rows) = self.stacked.rows(part)?;
-        let stacked = if stacked == "ffn_gate_up" { "ffn_up" } else { stacked };
-        (!has(if stacked == "ffn_up" { "ffn_gate" } else { part }) && has(stacked)).then(|| (format!("{layer}.{stacked}.weight"), rows))
+        // GGUF names the gate-and-up stack `ffn_up`; a file with
+        // `ffn_gate` holds the two apart.
+        let (stacked, apart) = match stacked {
+            "ffn_gate_up" => ("ffn_up", has("ffn_gate")),
+            other => (other, has(part)),
+        };
+        (!apart && has(stacked)).then(|| (format!("{layer}.{stacked}.weight"), rows))
     }
 }
 
