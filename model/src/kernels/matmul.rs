@@ -21,8 +21,8 @@ pub enum WeightType {
     /// Converted exactly to 8-bit quants with one f32 scale per 16 elements.
     Q6K,
     /// Other quantized types (Q5_1, Q5_K, Q3_K, Q2_K, IQ…), requantized to
-    /// Q8_0 at load: 8-bit steps add about 1 % to a 5-bit type's rounding
-    /// error, where expanding to f32 would quadruple the memory.
+    /// Q8_0 at load: 8-bit steps add under 2 % to a 5-bit type's rounding
+    /// error variance, where expanding to f32 would quadruple the memory.
     AsQ8_0,
     /// f32, f16 and bf16 weights (kept exact, as f32).
     F32,
