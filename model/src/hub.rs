@@ -132,7 +132,19 @@ pub fn fetch(model: &HubModel, options: &HubOptions) -> Result<PathBuf> {
     builder = builder.with_token(options.token.clone()).with_retries(RETRIES);
     let api = builder.build().map_err(|e| hub_error(model, e.to_string()))?.repo(model.repo());
     match download(model, &api) {
-        Ok(path) => Ok(path),
+        Ok((path, latest)) => {
+            // The cache answers first: after the branch has moved on, its
+            // older snapshot still serves, rather than the model changing
+            // under a running deployment; say so.
+            if !path.components().any(|c| c.as_os_str() == latest.as_str()) {
+                tracing::warn!(
+                    "{model}: the Hub's {} is now at commit {latest}; serving the cached {} (pin @{latest} to fetch that one)",
+                    model.revision,
+                    path.display()
+                );
+            }
+            Ok(path)
+        }
         // Unreachable (not refused): a snapshot fetched before still serves.
         Err(Failure::Unreachable(why)) => match cached(model, |f| cache.get(f)) {
             Some(path) => {
@@ -166,12 +178,13 @@ impl Failure {
     }
 }
 
-fn download(model: &HubModel, api: &ApiRepo) -> Result<PathBuf, Failure> {
+/// The model's local path, and the commit the Hub's revision is at now.
+fn download(model: &HubModel, api: &ApiRepo) -> Result<(PathBuf, String), Failure> {
     let get = |file: &str| api.get(file).map_err(|e| Failure::of(file, e));
-    if let Some(file) = &model.file {
-        return get(file);
-    }
     let info = api.info().map_err(|e| Failure::of("the repo's file list", e))?;
+    if let Some(file) = &model.file {
+        return Ok((get(file)?, info.sha));
+    }
     let has = |name: &str| info.siblings.iter().any(|s| s.rfilename == name);
     for required in ["config.json", "tokenizer.json"] {
         if !has(required) {
@@ -198,7 +211,7 @@ fn download(model: &HubModel, api: &ApiRepo) -> Result<PathBuf, Failure> {
     // since, they land in another snapshot folder than the cached ones.
     let folder = snapshot_of(&files[0]);
     match files.iter().find(|f| snapshot_of(f) != folder) {
-        None => Ok(folder),
+        None => Ok((folder, info.sha)),
         Some(f) => Err(Failure::Refused(format!(
             "the repo changed since it was cached: {} and {} are in different snapshots; pin a revision (@COMMIT) or remove {}",
             files[0].display(),

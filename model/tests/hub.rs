@@ -218,6 +218,27 @@ fn a_model_on_the_hub_is_fetched_into_the_hub_cache_once_and_loads() {
     fetch(&hub("hf:tandem-test/tiny/tiny.gguf"), &options).unwrap();
     assert_eq!(stand_in.downloads(), before, "a cached model was downloaded again");
 
+    // The branch has moved on since the cache fetched it: the cached
+    // snapshot still serves (nothing changes under a deployment), with a
+    // warning naming the new commit.
+    let repo = cache.join("models--tandem-test--tiny");
+    let earlier = repo.join("snapshots").join("1".repeat(40));
+    std::fs::create_dir_all(&earlier).unwrap();
+    for entry in std::fs::read_dir(repo.join("snapshots").join(COMMIT)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), earlier.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(repo.join("refs/main"), "1".repeat(40)).unwrap();
+    for (spec, want) in [("hf:tandem-test/tiny", earlier.clone()), ("hf:tandem-test/tiny/tiny.gguf", earlier.join("tiny.gguf"))] {
+        let (path, log) = logged(|| fetch(&hub(spec), &options).unwrap());
+        assert_eq!(path, want, "{spec}");
+        assert!(log.contains(&format!("now at commit {COMMIT}")) && log.contains(&format!("pin @{COMMIT}")), "{spec}: {log}");
+    }
+    let (_, log) = logged(|| fetch(&hub(&format!("hf:tandem-test/tiny@{COMMIT}")), &options).unwrap());
+    assert!(log.is_empty(), "a pinned commit warned: {log}");
+    std::fs::remove_dir_all(&earlier).unwrap();
+    std::fs::write(repo.join("refs/main"), COMMIT).unwrap();
+
     // A cache holding an older snapshot with fewer files (the repo has
     // gained some since): what it holds and what is fetched would come
     // from two commits, so the fetch stops and says so.
@@ -259,4 +280,25 @@ fn a_model_on_the_hub_is_fetched_into_the_hub_cache_once_and_loads() {
         assert!(err.starts_with(spec) && err.contains(needle), "{spec}: {err}");
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// What `f` returns, and what it logged.
+fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let log = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    (out, log)
 }
