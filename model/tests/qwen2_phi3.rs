@@ -253,38 +253,33 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 fn a_qwen2_gguf_and_folder_give_the_plain_forwards_logits() {
     let w = random_weights(11);
     let tokens: Vec<u32> = vec![3, 17, 42, 5, 5, 29, 0, 11, 38, 47, 2, 20];
-    let want = reference(&w, &tokens);
-    let dir = scratch("qwen2");
-
-    let gguf = dir.join("tiny-qwen2.gguf");
-    write_gguf(&w, &gguf, "qwen2");
-    let got = logits(&load_gguf(&gguf), &tokens);
-    assert!(max_diff(&got, &want) < TOLERANCE, "GGUF: max |Δ| {}", max_diff(&got, &want));
-
-    let got = logits(&load_folder(&w, &dir, "qwen2"), &tokens);
-    assert!(max_diff(&got, &want) < TOLERANCE, "folder: max |Δ| {}", max_diff(&got, &want));
-
+    let want = assert_gguf_and_folder_match_the_plain_forward(&w, &tokens, "qwen2");
     // The biases matter here: without them the logits are far off.
     let mut unbiased = w.clone();
     unbiased.retain(|name, _| !name.ends_with(".bias"));
     assert!(max_diff(&reference(&unbiased, &tokens), &want) > 100.0 * TOLERANCE);
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn a_phi3_gguf_and_folder_with_stacked_projections_give_the_plain_forwards_logits() {
     let mut w = random_weights(12);
     w.retain(|name, _| !name.ends_with(".bias"));
-    let tokens: Vec<u32> = vec![9, 1, 33, 33, 14, 40, 7, 26, 2, 45];
-    let want = reference(&w, &tokens);
-    let dir = scratch("phi3");
-    let gguf = dir.join("tiny-phi3.gguf");
-    write_gguf(&w, &gguf, "phi3");
-    let got = logits(&load_gguf(&gguf), &tokens);
-    assert!(max_diff(&got, &want) < TOLERANCE, "GGUF: max |Δ| {}", max_diff(&got, &want));
-    let got = logits(&load_folder(&w, &dir, "phi3"), &tokens);
-    assert!(max_diff(&got, &want) < TOLERANCE, "folder: max |Δ| {}", max_diff(&got, &want));
+    assert_gguf_and_folder_match_the_plain_forward(&w, &[9, 1, 33, 33, 14, 40, 7, 26, 2, 45], "phi3");
+}
+
+/// Writes `w` as an `arch` GGUF and as a folder, checks that both give the
+/// plain forward's logits for `tokens`, and returns those.
+fn assert_gguf_and_folder_match_the_plain_forward(w: &Weights, tokens: &[u32], arch: &str) -> Vec<Vec<f32>> {
+    let want = reference(w, tokens);
+    let dir = scratch(arch);
+    let gguf = dir.join(format!("tiny-{arch}.gguf"));
+    write_gguf(w, &gguf, arch);
+    let got = logits(&load_gguf(&gguf), tokens);
+    assert!(max_diff(&got, &want) < TOLERANCE, "{arch} GGUF: max |Δ| {}", max_diff(&got, &want));
+    let got = logits(&load_folder(w, &dir, arch), tokens);
+    assert!(max_diff(&got, &want) < TOLERANCE, "{arch} folder: max |Δ| {}", max_diff(&got, &want));
     std::fs::remove_dir_all(dir).unwrap();
+    want
 }
 
 fn load_folder(w: &Weights, dir: &std::path::Path, model_type: &str) -> std::sync::Arc<Llama> {
