@@ -64,6 +64,9 @@ impl CandleLayers {
         if arch == "phi3" {
             return Err(EdgeError::InvalidArgument("the candle backends do not run Phi-3's stacked projections; use --backend cpu or wgpu".into()));
         }
+        if cfg.rotary_dim != cfg.head_dim {
+            return Err(EdgeError::InvalidArgument("the candle backends rotate whole heads, not RoPE over part of each; use --backend cpu or wgpu".into()));
+        }
         let n_layers = n_layers.unwrap_or(cfg.n_layers);
         if n_layers == 0 || n_layers > cfg.n_layers {
             return Err(EdgeError::InvalidArgument(format!("`--draft layers:{n_layers}`: N must be between 1 and the model's {} layers", cfg.n_layers)));

@@ -5,6 +5,12 @@ use crate::{EdgeError, Generation};
 use tandem_model::{ChatMessage, Tokenizer};
 use tandem_protocol::limits::MAX_PROMPT_TOKENS;
 
+/// Today's date (UTC) as chat templates that ask for it write it.
+pub fn today() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    tandem_model::template_date(now)
+}
+
 /// The turns so far and running totals of the speculation.
 #[derive(Default)]
 pub struct Conversation {
@@ -29,15 +35,16 @@ impl Conversation {
         Conversation { system, ..Default::default() }
     }
 
-    /// Adds the user's turn and returns the prompt for the answer. The
-    /// oldest exchanges are dropped when the whole would exceed the
-    /// protocol's prompt limit.
-    pub fn ask(&mut self, user: &str, tokenizer: &Tokenizer) -> Result<Vec<u32>, EdgeError> {
+    /// Adds the user's turn and returns the prompt for the answer, dated
+    /// `today` (see [`Tokenizer::chat_messages`]). The oldest exchanges
+    /// are dropped when the whole would exceed the protocol's prompt
+    /// limit.
+    pub fn ask(&mut self, user: &str, tokenizer: &Tokenizer, today: &str) -> Result<Vec<u32>, EdgeError> {
         self.turns.push(ChatMessage { role: "user".into(), content: user.into() });
         loop {
             let mut messages: Vec<ChatMessage> = self.system.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() }).collect();
             messages.extend(self.turns.iter().cloned());
-            let prompt = tokenizer.encode_prompt(&tokenizer.chat_messages(&messages))?;
+            let prompt = tokenizer.encode_prompt(&tokenizer.chat_messages(&messages, Some(today)))?;
             if prompt.len() <= MAX_PROMPT_TOKENS {
                 return Ok(prompt);
             }

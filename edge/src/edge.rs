@@ -93,7 +93,7 @@ enum AnySpeculator {
 /// The draft a model gets when none is named: its first five sixths of
 /// layers (25 of SmolLM2-135M's 30, where the figure was measured), with
 /// prompt lookup.
-pub fn default_layers_draft(n_layers: usize) -> DraftSpec {
+fn default_layers_draft(n_layers: usize) -> DraftSpec {
     DraftSpec::WithLookup(Box::new(DraftSpec::Layers((n_layers * 5).div_ceil(6).max(1))))
 }
 

@@ -382,7 +382,8 @@ fn generate(args: GenerateArgs, file: &EdgeConfig) -> Result<()> {
 }
 
 fn encode_prompt(tokenizer: &tandem_model::Tokenizer, prompt: &str, raw: bool) -> Result<Vec<u32>> {
-    let text = if raw { prompt.to_string() } else { tokenizer.chat_prompt(prompt) };
+    let turn = tandem_model::ChatMessage { role: "user".into(), content: prompt.into() };
+    let text = if raw { prompt.to_string() } else { tokenizer.chat_messages(&[turn], Some(&tandem_edge::chat::today())) };
     Ok(tokenizer.encode_prompt(&text)?)
 }
 
@@ -467,7 +468,7 @@ fn chat(args: ChatArgs, file: &EdgeConfig) -> Result<()> {
             }
             cmd if cmd.starts_with('/') => println!("unknown command {cmd}; /help lists them"),
             question => {
-                let prompt = match conversation.ask(question, &tokenizer) {
+                let prompt = match conversation.ask(question, &tokenizer, &tandem_edge::chat::today()) {
                     Ok(p) => p,
                     Err(e) => {
                         eprintln!("error: {}", explain(&e));

@@ -135,7 +135,7 @@ struct ValidCompletion {
 /// Fields refused rather than ignored (unless null, false or empty).
 const UNSUPPORTED: [&str; 8] = ["tools", "functions", "logprobs", "top_logprobs", "response_format", "logit_bias", "echo", "suffix"];
 
-fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer) -> Result<ValidCompletion, ApiError> {
+fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, today: &str) -> Result<ValidCompletion, ApiError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", format!("the body is not JSON: {e}")))?;
     let obj = v.as_object().ok_or_else(|| ApiError::invalid("body", "the body must be a JSON object"))?;
     for name in UNSUPPORTED {
@@ -158,7 +158,7 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer) -> Result<Valid
         return Err(ApiError::invalid("n", "`n` must be 1"));
     }
     let text = match kind {
-        Kind::Chat => tokenizer.chat_messages(&messages(obj)?),
+        Kind::Chat => tokenizer.chat_messages(&messages(obj)?, Some(today)),
         Kind::Text => prompt_text(obj)?,
     };
     let prompt = tokenizer.encode_prompt(&text).map_err(EdgeError::from)?;
@@ -411,7 +411,7 @@ async fn completions(State(s): State<AppState>, body: Bytes) -> Response {
 }
 
 async fn complete(state: AppState, kind: Kind, body: Bytes) -> Response {
-    let req = match parse_request(kind, &body, &state.tokenizer) {
+    let req = match parse_request(kind, &body, &state.tokenizer, &crate::chat::today()) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -507,7 +507,7 @@ mod tests {
     #[test]
     fn requests_are_checked_once_with_errors_naming_the_field() {
         let tok = tokenizer();
-        let chat = |body: &str| parse_request(Kind::Chat, body.as_bytes(), &tok);
+        let chat = |body: &str| parse_request(Kind::Chat, body.as_bytes(), &tok, "07 Dec 2026");
         let ok = chat(r#"{"model":"x","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":[{"type":"text","text":"Hi"}]}]}"#).unwrap();
         assert_eq!(ok.max_new_tokens, MAX_NEW_TOKENS);
         assert_eq!((ok.sampling.temperature, ok.sampling.top_p, ok.stream), (1.0, 1.0, false));
@@ -516,9 +516,9 @@ mod tests {
         assert!(text.contains("Be brief.") && text.contains("Hi") && !text.contains("named SmolLM"), "{text}");
         let ok = chat(r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":7,"temperature":0,"seed":3,"stop":["\n","END"],"stream":true,"stream_options":{"include_usage":true},"tools":[],"logprobs":false}"#).unwrap();
         assert_eq!((ok.max_new_tokens, ok.sampling.seed, ok.stop.len(), ok.stream, ok.include_usage), (7, 3, 2, true, true));
-        let text = parse_request(Kind::Text, br#"{"prompt":["Once upon"],"max_tokens":5}"#, &tok).unwrap();
+        let text = parse_request(Kind::Text, br#"{"prompt":["Once upon"],"max_tokens":5}"#, &tok, "07 Dec 2026").unwrap();
         assert_eq!(tok.decode(&text.prompt).unwrap(), "Once upon");
-        assert_eq!(parse_request(Kind::Text, br#"{"prompt":"x"}"#, &tok).unwrap().max_new_tokens, 16);
+        assert_eq!(parse_request(Kind::Text, br#"{"prompt":"x"}"#, &tok, "07 Dec 2026").unwrap().max_new_tokens, 16);
 
         let cases = [
             ("not json", "body"),
@@ -543,7 +543,7 @@ mod tests {
             assert_eq!(err.status, StatusCode::BAD_REQUEST);
             assert_eq!(err.body()["error"]["param"], param);
         }
-        assert_eq!(parse_request(Kind::Text, br#"{"prompt":7}"#, &tok).unwrap_err().param, Some("prompt"));
+        assert_eq!(parse_request(Kind::Text, br#"{"prompt":7}"#, &tok, "07 Dec 2026").unwrap_err().param, Some("prompt"));
     }
 
     #[test]

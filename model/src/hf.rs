@@ -10,7 +10,7 @@
 //! the types a GGUF would hold, and run as fast as that GGUF.
 
 use crate::kernels::MatmulKernels;
-use crate::llama::{rows_for_pair_rope, Stacked, TensorSource};
+use crate::llama::{RotateHalf, Stacked, TensorSource};
 use crate::{Llama, LlamaConfig, ModelError, Result, Tokenizer};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
@@ -93,13 +93,6 @@ fn config_of(c: &Value) -> Result<LlamaConfig> {
     if !matches!(model_type, "llama" | "mistral" | "qwen2" | "phi3") {
         return Err(ModelError::Format(format!("config.json: model_type `{model_type}` is not llama-family (expected `llama`, `mistral`, `qwen2` or `phi3`)")));
     }
-    // RoPE over part of each head (Phi-4-mini).
-    if c["partial_rotary_factor"].as_f64().is_some_and(|f| f != 1.0) {
-        return Err(ModelError::Format(format!(
-            "config.json: partial_rotary_factor {} is not supported (RoPE here spans each head)",
-            c["partial_rotary_factor"]
-        )));
-    }
     // Qwen2 may restrict some layers' attention to a window; this forward
     // attends to the whole context.
     if c["use_sliding_window"].as_bool() == Some(true) {
@@ -110,14 +103,26 @@ fn config_of(c: &Value) -> Result<LlamaConfig> {
     let hidden = uint("hidden_size")?;
     let n_heads = uint("num_attention_heads")?;
     let n_kv_heads = uint("num_key_value_heads").unwrap_or(n_heads);
-    let head_dim = LlamaConfig::head_dim(hidden, n_heads, n_kv_heads).map_err(|e| match e {
-        ModelError::Format(m) => ModelError::Format(format!("config.json: {m}")),
-        e => e,
-    })?;
+    // The checks GGUF files get too, their messages naming the key.
+    let in_config = |key: &'static str| {
+        move |e| match e {
+            ModelError::Format(m) => ModelError::Format(format!("config.json: {key}{m}")),
+            e => e,
+        }
+    };
+    let head_dim = LlamaConfig::head_dim(hidden, n_heads, n_kv_heads).map_err(in_config(""))?;
     if uint("head_dim").is_ok_and(|d| d != head_dim) {
         return Err(ModelError::Format(format!("config.json: head_dim {} is not hidden_size / num_attention_heads ({head_dim})", c["head_dim"])));
     }
-    let rope_theta = float("rope_theta", 10_000.0);
+    // transformers rounds the rotated width down (Phi-4-mini: 3/4 of 128).
+    let rotary_dim = (head_dim as f64 * c["partial_rotary_factor"].as_f64().unwrap_or(1.0)) as usize;
+    let rotary_dim = LlamaConfig::rotary_dim(rotary_dim, head_dim).map_err(in_config("partial_rotary_factor: "))?;
+    // transformers 5 writes `rope_parameters` (theta included) where
+    // earlier versions wrote `rope_theta` and `rope_scaling`.
+    let scaling = if c["rope_parameters"].is_object() { &c["rope_parameters"] } else { &c["rope_scaling"] };
+    let rope_theta = scaling["rope_theta"].as_f64().map_or(float("rope_theta", 10_000.0), |t| t as f32);
+    let context_len = uint("max_position_embeddings").unwrap_or(4096);
+    let rope = rope_scaling(scaling, c, rotary_dim, rope_theta, context_len)?;
     Ok(LlamaConfig {
         hidden,
         n_layers: uint("num_hidden_layers")?,
@@ -126,36 +131,53 @@ fn config_of(c: &Value) -> Result<LlamaConfig> {
         head_dim,
         ffn: uint("intermediate_size")?,
         vocab: uint("vocab_size")?,
-        context_len: uint("max_position_embeddings").unwrap_or(4096),
+        context_len: rope.context_len,
         rope_theta,
-        rope_freq_factors: rope_freq_factors(&c["rope_scaling"], head_dim, rope_theta)?,
+        rotary_dim,
+        rope_freq_factors: rope.freq_factors,
+        rope_attn_factor: rope.attn_factor,
         rms_eps: float("rms_norm_eps", 1e-5),
     })
 }
 
-/// RoPE's pair frequency divisors for `rope_scaling`, as transformers
-/// computes them: `llama3` (Llama 3.1 and later: low frequencies divided by
-/// `factor`, high ones kept, a smooth blend between) and `linear` (every
-/// frequency divided by `factor`). Others (dynamic NTK, YaRN, …) are
-/// refused by name.
-fn rope_freq_factors(scaling: &Value, head_dim: usize, theta: f32) -> Result<Option<Vec<f32>>> {
+/// What `rope_scaling` changes: see the fields of the same names in
+/// [`LlamaConfig`].
+#[derive(Debug, PartialEq)]
+struct RopeScaling {
+    freq_factors: Option<Vec<f32>>,
+    attn_factor: f32,
+    context_len: usize,
+}
+
+/// RoPE's scaling for `rope_scaling` (of a `config` with the model's
+/// `context_len`), as transformers computes it:
+/// - `llama3` (Llama 3.1 and later): low frequencies divided by `factor`,
+///   high ones kept, a smooth blend between;
+/// - `linear`: every frequency divided by `factor`;
+/// - `longrope` (`su` in early Phi-3 files): the short factors and the
+///   attention factor, the context cut to the original one (see
+///   `LlamaConfig::from_gguf` for why).
+///
+/// Others (dynamic NTK, YaRN, …) are refused by name.
+fn rope_scaling(scaling: &Value, config: &Value, rotary_dim: usize, theta: f32, context_len: usize) -> Result<RopeScaling> {
+    let plain = RopeScaling { freq_factors: None, attn_factor: 1.0, context_len };
     if scaling.is_null() {
-        return Ok(None);
+        return Ok(plain);
     }
     let kind = scaling["rope_type"].as_str().or(scaling["type"].as_str()).unwrap_or_default();
     let number =
         |key: &str| scaling[key].as_f64().ok_or_else(|| ModelError::Format(format!("config.json: rope_scaling of type `{kind}` without a numeric `{key}`")));
-    let half = head_dim / 2;
-    let factors = match kind {
+    let half = rotary_dim / 2;
+    let factors: Vec<f64> = match kind {
         // transformers writes plain RoPE this way too.
-        "default" => return Ok(None),
+        "default" => return Ok(plain),
         "linear" => vec![number("factor")?; half],
         "llama3" => {
             let factor = number("factor")?;
             let (low, high, old) = (number("low_freq_factor")?, number("high_freq_factor")?, number("original_max_position_embeddings")?);
             (0..half)
                 .map(|i| {
-                    let freq = 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64);
+                    let freq = 1.0 / (theta as f64).powf(2.0 * i as f64 / rotary_dim as f64);
                     let wavelength = 2.0 * std::f64::consts::PI / freq;
                     if wavelength < old / high {
                         1.0
@@ -168,9 +190,29 @@ fn rope_freq_factors(scaling: &Value, head_dim: usize, theta: f32) -> Result<Opt
                 })
                 .collect()
         }
-        other => return Err(ModelError::Format(format!("config.json: rope_scaling of type `{other}` is not supported (llama3 and linear are)"))),
+        "longrope" | "su" => {
+            // Phi-3 keeps the original context beside `rope_scaling`.
+            let original = scaling["original_max_position_embeddings"]
+                .as_u64()
+                .or(config["original_max_position_embeddings"].as_u64())
+                .ok_or_else(|| ModelError::Format("config.json: longrope without `original_max_position_embeddings`".into()))?
+                as usize;
+            let factor = context_len as f64 / original as f64;
+            let attn_factor = match scaling["attention_factor"].as_f64() {
+                Some(f) => f,
+                None if factor > 1.0 => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+                None => 1.0,
+            };
+            let short: Vec<f64> = scaling["short_factor"].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
+            if short.len() != half {
+                return Err(ModelError::Format(format!("config.json: longrope's `short_factor` has {} numbers, expected {half}", short.len())));
+            }
+            let freq_factors = Some(short.into_iter().map(|f| f as f32).collect());
+            return Ok(RopeScaling { freq_factors, attn_factor: attn_factor as f32, context_len: context_len.min(original) });
+        }
+        other => return Err(ModelError::Format(format!("config.json: rope_scaling of type `{other}` is not supported (llama3, linear and longrope are)"))),
     };
-    Ok(Some(factors.into_iter().map(|f| f as f32).collect()))
+    Ok(RopeScaling { freq_factors: Some(factors.into_iter().map(|f| f as f32).collect()), ..plain })
 }
 
 /// The folder's tensors, by their Hugging Face names. The files are
@@ -179,8 +221,7 @@ fn rope_freq_factors(scaling: &Value, head_dim: usize, theta: f32) -> Result<Opt
 /// not the files' contents beside it.
 struct Safetensors {
     files: MmapedSafetensors,
-    n_heads: usize,
-    n_kv_heads: usize,
+    rotate_half: RotateHalf,
     /// Phi-3's stacked projections.
     stacked: Stacked,
     quantize: Option<Quantize>,
@@ -194,7 +235,7 @@ impl Safetensors {
         // behaviour, the contract of every memory-mapped model loader
         // (candle's, llama.cpp's).
         let files = unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| ModelError::Format(format!("`{}`: {e}", dir.display())))?;
-        Ok(Safetensors { files, n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, stacked: Stacked::of(cfg), quantize: None })
+        Ok(Safetensors { files, rotate_half: RotateHalf::of(cfg), stacked: Stacked::of(cfg), quantize: None })
     }
 
     /// Rows of the tensor `hf`, if there is one.
@@ -284,7 +325,7 @@ impl TensorSource for Safetensors {
             (Some(q), &[_, cols]) => q.dtype_of(name, cols),
             _ => GgmlDType::F32,
         };
-        rows_for_pair_rope(QTensor::quantize(&t, dtype)?, name, (self.n_heads, self.n_kv_heads))
+        self.rotate_half.rows_for_pair_rope(QTensor::quantize(&t, dtype)?, name)
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -312,18 +353,39 @@ mod tests {
     /// divisors transformers' `_compute_llama3_parameters` gives.
     #[test]
     fn llama3_rope_scaling_divides_the_low_frequencies() {
+        let factors = |scaling: Value, rotary_dim| rope_scaling(&scaling, &Value::Null, rotary_dim, 500_000.0, 131_072).unwrap().freq_factors;
         let scaling = serde_json::json!({ "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192 });
-        let f = rope_freq_factors(&scaling, 64, 500_000.0).unwrap().unwrap();
+        let f = factors(scaling, 64).unwrap();
         assert_eq!(f.len(), 32);
         assert!(f[..15].iter().all(|&x| x == 1.0) && f[18..].iter().all(|&x| x == 32.0), "{f:?}");
         for (got, want) in f[15..18].iter().zip([1.651329, 3.292262, 9.666729]) {
             assert!((got - want).abs() < 1e-5, "{f:?}");
         }
-        assert_eq!(rope_freq_factors(&serde_json::json!({ "type": "linear", "factor": 4.0 }), 8, 10_000.0).unwrap(), Some(vec![4.0; 4]));
-        assert_eq!(rope_freq_factors(&Value::Null, 64, 500_000.0).unwrap(), None);
-        assert_eq!(rope_freq_factors(&serde_json::json!({ "rope_type": "default" }), 64, 500_000.0).unwrap(), None);
-        let err = rope_freq_factors(&serde_json::json!({ "rope_type": "yarn", "factor": 4.0 }), 64, 10_000.0).unwrap_err().to_string();
+        assert_eq!(factors(serde_json::json!({ "type": "linear", "factor": 4.0 }), 8), Some(vec![4.0; 4]));
+        assert_eq!(factors(Value::Null, 64), None);
+        assert_eq!(factors(serde_json::json!({ "rope_type": "default" }), 64), None);
+        let err = rope_scaling(&serde_json::json!({ "rope_type": "yarn", "factor": 4.0 }), &Value::Null, 64, 10_000.0, 4096).unwrap_err().to_string();
         assert!(err.contains("`yarn`"), "{err}");
+    }
+
+    /// Phi-3.5-mini's rope_scaling (96 rotated dimensions, 131072
+    /// positions from 4096): its short factors, the attention factor
+    /// llama.cpp's converter writes into its GGUF files (1.190238), and
+    /// the original context.
+    #[test]
+    fn longrope_takes_the_short_factors_and_the_original_context() {
+        let short: Vec<f64> = (0..48).map(|i| 1.0 + i as f64 * 0.05).collect();
+        let scaling = serde_json::json!({ "type": "longrope", "short_factor": short, "long_factor": vec![2.0; 48] });
+        let config = serde_json::json!({ "original_max_position_embeddings": 4096 });
+        let rope = rope_scaling(&scaling, &config, 96, 10_000.0, 131_072).unwrap();
+        assert_eq!(rope.freq_factors, Some(short.iter().map(|&f| f as f32).collect()));
+        assert!((rope.attn_factor - 1.190_238).abs() < 1e-6, "{}", rope.attn_factor);
+        assert_eq!(rope.context_len, 4096);
+        // A given attention factor wins; the factors must cover the rotated pairs.
+        let scaling = serde_json::json!({ "rope_type": "longrope", "short_factor": short, "attention_factor": 1.5, "original_max_position_embeddings": 4096 });
+        assert_eq!(rope_scaling(&scaling, &Value::Null, 96, 10_000.0, 131_072).unwrap().attn_factor, 1.5);
+        let err = rope_scaling(&scaling, &Value::Null, 128, 10_000.0, 131_072).unwrap_err().to_string();
+        assert!(err.contains("`short_factor` has 48 numbers, expected 64"), "{err}");
     }
 
     #[test]
@@ -359,7 +421,7 @@ mod tests {
             .collect();
         let reorder = |v: Vec<f32>| {
             let t = QTensor::quantize(&Tensor::from_vec(v, (heads * head_dim, 1), &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
-            let t = rows_for_pair_rope(t, "blk.0.attn_q.weight", (heads, 1)).unwrap();
+            let t = RotateHalf { heads: (heads, 1), rotary_dim: head_dim }.rows_for_pair_rope(t, "blk.0.attn_q.weight").unwrap();
             t.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
         };
         let mut pair = reorder(q.clone());

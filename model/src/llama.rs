@@ -30,10 +30,18 @@ pub struct LlamaConfig {
     /// Longest sequence (prompt + generated) the model accepts.
     pub context_len: usize,
     pub rope_theta: f32,
-    /// Divisors of RoPE's pair frequencies, one per pair of a head: the
+    /// Dimensions of each head RoPE rotates, the first ones: `head_dim`
+    /// but for partial rotary (Phi-4-mini rotates 3/4); the rest pass
+    /// through unrotated.
+    pub rotary_dim: usize,
+    /// Divisors of RoPE's pair frequencies, one per rotated pair: the
     /// long-context scaling of Llama 3.1 and later (GGUF `rope_freqs.weight`,
-    /// or `rope_scaling` in config.json). None: plain RoPE.
+    /// or `rope_scaling` in config.json), LongRoPE's short factors (GGUF
+    /// `rope_factors_short.weight`). None: plain RoPE.
     pub rope_freq_factors: Option<Vec<f32>>,
+    /// Scale of RoPE's cos and sin: LongRoPE's attention factor (Phi-3
+    /// 128k, Phi-3.5, Phi-4-mini), 1 otherwise.
+    pub rope_attn_factor: f32,
     pub rms_eps: f32,
 }
 
@@ -50,17 +58,18 @@ impl LlamaConfig {
         let n_heads = u("attention.head_count")?;
         let n_kv_heads = u("attention.head_count_kv").unwrap_or(n_heads);
         let head_dim = Self::head_dim(hidden, n_heads, n_kv_heads)?;
-        // RoPE over part of each head (Phi-4-mini's partial rotary) is not
-        // what this forward computes.
-        if let Ok(rotated) = u("rope.dimension_count") {
-            if rotated != head_dim {
-                return Err(ModelError::Format(format!("RoPE over {rotated} of each head's {head_dim} dimensions is not supported")));
-            }
-        }
-        // Phi-3's LongRoPE (its 128k-context models, Phi-3.5) scales RoPE
-        // by context length.
-        if content.tensor_infos.contains_key("rope_factors_long.weight") {
-            return Err(ModelError::Format("LongRoPE (`rope_factors_long.weight`: Phi-3 128k, Phi-3.5) is not supported".into()));
+        let rotary_dim = Self::rotary_dim(u("rope.dimension_count").unwrap_or(head_dim), head_dim)?;
+        let mut context_len = u("context_length").unwrap_or(4096);
+        // LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini) has two sets of
+        // frequency divisors: the short ones up to the original context,
+        // the long ones beyond, chosen once for the whole context, as
+        // llama.cpp chooses by its context size. Tandem serves these
+        // models within the original context (4096 for all three), with
+        // the short factors (`Llama::from_source` reads them): the long
+        // ones would rotate every position differently, short prompts
+        // included, for a context this server's KV budget rarely holds.
+        if content.tensor_infos.contains_key("rope_factors_short.weight") {
+            context_len = context_len.min(u("rope.scaling.original_context_length").unwrap_or(context_len));
         }
         let embd = content.tensor_infos.get("token_embd.weight").ok_or_else(|| ModelError::Format("missing tensor `token_embd.weight`".into()))?;
         Ok(LlamaConfig {
@@ -71,10 +80,14 @@ impl LlamaConfig {
             head_dim,
             ffn: u("feed_forward_length")?,
             vocab: embd.shape.dims2()?.0,
-            context_len: u("context_length").unwrap_or(4096),
+            context_len,
             rope_theta: md.get(&format!("{arch}.rope.freq_base")).map_or(Ok(10_000.0), |v| v.to_f32())?,
+            rotary_dim,
             // Read with the tensors (`Llama::from_source`).
             rope_freq_factors: None,
+            // llama.cpp scales by the file's factor, 1 when it has none
+            // (LongRoPE files converted before mid-2024).
+            rope_attn_factor: md.get(&format!("{arch}.rope.scaling.attn_factor")).map_or(Ok(1.0), |v| v.to_f32())?,
             rms_eps: md.get(&format!("{arch}.attention.layer_norm_rms_epsilon")).map_or(Ok(1e-5), |v| v.to_f32())?,
         })
     }
@@ -86,6 +99,17 @@ impl LlamaConfig {
             return Err(ModelError::Format(format!("unsupported head layout: {n_heads} heads, {n_kv_heads} kv heads, hidden {hidden}")));
         }
         Ok(hidden / n_heads)
+    }
+
+    /// How many of each head's dimensions RoPE rotates: an even number,
+    /// at most the head's.
+    pub(crate) fn rotary_dim(rotary_dim: usize, head_dim: usize) -> Result<usize> {
+        if rotary_dim == 0 || rotary_dim > head_dim || !rotary_dim.is_multiple_of(2) {
+            return Err(ModelError::Format(format!(
+                "RoPE over {rotary_dim} of each head's {head_dim} dimensions (expected an even number, at most {head_dim})"
+            )));
+        }
+        Ok(rotary_dim)
     }
 
     pub fn kv_dim(&self) -> usize {
@@ -213,16 +237,17 @@ impl Llama {
         // RoPE; architectures it runs with NEOX (rotate-half) RoPE keep
         // Hugging Face's order, and are reordered here.
         let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
-        let heads = matches!(arch.as_str(), "qwen2" | "phi3").then_some((cfg.n_heads, cfg.n_kv_heads));
+        let rotate_half = matches!(arch.as_str(), "qwen2" | "phi3").then(|| RotateHalf::of(&cfg));
         let stacked = Stacked::of(&cfg);
-        Self::from_source(cfg, GgufSource { content, reader, rotate_half_heads: heads, stacked }, kernels)
+        Self::from_source(cfg, GgufSource { content, reader, rotate_half, stacked }, kernels)
     }
 
     /// Builds the model from tensors named as in GGUF files.
     pub(crate) fn from_source(mut cfg: LlamaConfig, source: impl TensorSource, kernels: MatmulKernels) -> Result<Self> {
         let mut tensors = TensorReader { source, kernels };
-        if tensors.source.contains("rope_freqs.weight") {
-            cfg.rope_freq_factors = Some(tensors.vector("rope_freqs.weight", cfg.head_dim / 2)?);
+        // A LongRoPE file's short factors: see `LlamaConfig::from_gguf`.
+        if let Some(name) = ["rope_freqs.weight", "rope_factors_short.weight"].into_iter().find(|n| tensors.source.contains(n)) {
+            cfg.rope_freq_factors = Some(tensors.vector(name, cfg.rotary_dim / 2)?);
         }
         let embed = Arc::new(tensors.matrix("token_embd.weight")?);
         let mut layers = Vec::with_capacity(cfg.n_layers);
@@ -600,9 +625,8 @@ pub(crate) trait TensorSource {
 struct GgufSource<'a, R> {
     content: &'a gguf_file::Content,
     reader: &'a mut R,
-    /// Query and key heads, when the file's Q and K rows are in rotate-half
-    /// order.
-    rotate_half_heads: Option<(usize, usize)>,
+    /// Set when the file's Q and K rows are in rotate-half order.
+    rotate_half: Option<RotateHalf>,
     stacked: Stacked,
 }
 
@@ -671,8 +695,8 @@ impl<R: Read + Seek> TensorSource for GgufSource<'_, R> {
             Some((stacked, rows)) => take_rows(&self.read(&stacked)?, &stacked, rows)?,
             None => self.read(name)?,
         };
-        match self.rotate_half_heads {
-            Some(heads) => rows_for_pair_rope(t, name, heads),
+        match self.rotate_half {
+            Some(rotate_half) => rotate_half.rows_for_pair_rope(t, name),
             None => Ok(t),
         }
     }
@@ -724,32 +748,49 @@ impl<S: TensorSource> TensorReader<S> {
     }
 }
 
-/// Hugging Face orders each head's Q and K rows (weights and biases) for
-/// rotate-half RoPE; this forward, like llama GGUF files, rotates adjacent
-/// pairs. Interleaving each head's two halves, as llama.cpp's converter
-/// does, makes both give the same attention. `name`'s GGUF name says
-/// whether it is a Q or K tensor, `heads` (query, key) how many heads it
-/// holds; other tensors pass unchanged. Rows are moved whole, so a
-/// quantized tensor stays as it is, block for block.
-pub(crate) fn rows_for_pair_rope(t: QTensor, name: &str, heads: (usize, usize)) -> Result<QTensor> {
-    let heads = match name.rsplit('.').nth(1) {
-        Some("attn_q") => heads.0,
-        Some("attn_k") => heads.1,
-        _ => return Ok(t),
-    };
-    let rows = t.shape().dims()[0];
-    let head_rows = rows / heads;
-    if !rows.is_multiple_of(heads) || !head_rows.is_multiple_of(2) {
-        return Err(ModelError::Format(format!("tensor `{name}`: {rows} rows are not {heads} heads of pairs")));
+/// Hugging Face orders each head's rotated Q and K rows (weights and
+/// biases) for rotate-half RoPE; this forward, like llama GGUF files,
+/// rotates adjacent pairs. Interleaving the two halves of each head's
+/// rotated rows, as llama.cpp's converter does, makes both give the same
+/// attention.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RotateHalf {
+    /// Query and key heads.
+    pub heads: (usize, usize),
+    /// Rows of each head RoPE rotates, the first ones (see
+    /// `LlamaConfig::rotary_dim`); the others stay where they are.
+    pub rotary_dim: usize,
+}
+
+impl RotateHalf {
+    pub fn of(cfg: &LlamaConfig) -> Self {
+        RotateHalf { heads: (cfg.n_heads, cfg.n_kv_heads), rotary_dim: cfg.rotary_dim }
     }
-    let half = head_rows / 2;
-    select_rows(
-        &t,
-        (0..rows).map(|row| {
-            let (head, j) = (row / head_rows, row % head_rows);
-            head * head_rows + (j % 2) * half + j / 2
-        }),
-    )
+
+    /// `t` with its rows reordered when `name`'s GGUF name says it is a Q
+    /// or K tensor; other tensors pass unchanged. Rows are moved whole, so
+    /// a quantized tensor stays as it is, block for block.
+    pub fn rows_for_pair_rope(&self, t: QTensor, name: &str) -> Result<QTensor> {
+        let heads = match name.rsplit('.').nth(1) {
+            Some("attn_q") => self.heads.0,
+            Some("attn_k") => self.heads.1,
+            _ => return Ok(t),
+        };
+        let rows = t.shape().dims()[0];
+        let head_rows = rows / heads;
+        if !rows.is_multiple_of(heads) || head_rows < self.rotary_dim {
+            return Err(ModelError::Format(format!("tensor `{name}`: {rows} rows are not {heads} heads of at least {} rows", self.rotary_dim)));
+        }
+        let half = self.rotary_dim / 2;
+        select_rows(
+            &t,
+            (0..rows).map(|row| {
+                let (head, j) = (row / head_rows, row % head_rows);
+                let from = if j < self.rotary_dim { (j % 2) * half + j / 2 } else { j };
+                head * head_rows + from
+            }),
+        )
+    }
 }
 
 /// A tensor of `t`'s rows in the order (and number) `rows` gives. Rows
@@ -766,18 +807,24 @@ fn select_rows(t: &QTensor, rows: impl ExactSizeIterator<Item = usize>) -> Resul
     Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(t.dtype(), &out, dims, &Device::Cpu)?)
 }
 
+/// cos and sin for every (position, pair of a head). Pairs past
+/// `rotary_dim` turn by nothing (cos 1, sin 0), so every backend rotates
+/// whole heads and partial rotary costs nothing to support.
 fn rope_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
-    let half = cfg.head_dim / 2;
+    let (half, rotated) = (cfg.head_dim / 2, cfg.rotary_dim / 2);
+    let scale = cfg.rope_attn_factor as f64;
     let mut cos = Vec::with_capacity(cfg.context_len * half);
     let mut sin = Vec::with_capacity(cfg.context_len * half);
     for pos in 0..cfg.context_len {
-        for i in 0..half {
+        for i in 0..rotated {
             let divisor = cfg.rope_freq_factors.as_ref().map_or(1.0, |f| f[i] as f64);
-            let freq = 1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / cfg.head_dim as f64) / divisor;
+            let freq = 1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / cfg.rotary_dim as f64) / divisor;
             let angle = pos as f64 * freq;
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
+            cos.push((angle.cos() * scale) as f32);
+            sin.push((angle.sin() * scale) as f32);
         }
+        cos.extend(std::iter::repeat_n(1.0, half - rotated));
+        sin.extend(std::iter::repeat_n(0.0, half - rotated));
     }
     (cos, sin)
 }

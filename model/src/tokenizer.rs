@@ -64,9 +64,9 @@ enum ChatTemplate {
     /// Llama 3: `<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>`,
     /// each content trimmed, the first turn after the BOS token's text.
     /// Llama 3.1 and later open with a system turn that always holds
-    /// `preamble` (their knowledge cut-off and a date), then the system
-    /// message if there is one.
-    Llama3 { bos: String, preamble: Option<String> },
+    /// their knowledge cut-off and a date, then the system message if
+    /// there is one.
+    Llama3 { bos: String, preamble: Option<Llama3Preamble> },
     /// Llama 2 chat and Mistral instruct: `[INST] user [/INST]answer</s>`.
     /// Llama 2 (`system_block`) opens every exchange with BOS, puts the
     /// system message in a `<<SYS>>` block of the first user turn and
@@ -74,8 +74,9 @@ enum ChatTemplate {
     /// message as the first user turn's first paragraph.
     Inst { bos: String, eos: String, system_block: bool },
     /// Role tags: `<|role|>\ncontent` and the turn's end, then a newline.
-    /// Zephyr (TinyLlama chat) ends a turn with EOS, Phi-3 with `<|end|>`.
-    RoleTags { end: String },
+    /// Zephyr (TinyLlama chat) ends a turn with EOS, Phi-3 with `<|end|>`;
+    /// Phi-4-mini writes neither newline (`newlines` false).
+    RoleTags { end: String, newlines: bool },
 }
 
 impl ChatTemplate {
@@ -83,14 +84,17 @@ impl ChatTemplate {
     /// `bos`, `eos`: the texts of the model's BOS and EOS tokens.
     fn recognise(text: &str, bos: &str, eos: &str) -> Option<ChatTemplate> {
         if text.contains("<|start_header_id|>") {
-            return Some(ChatTemplate::Llama3 { bos: bos.to_string(), preamble: llama3_preamble(text) });
+            return Some(ChatTemplate::Llama3 { bos: bos.to_string(), preamble: Llama3Preamble::recognise(text) });
         }
         if text.contains("[INST]") {
             return Some(ChatTemplate::Inst { bos: bos.to_string(), eos: eos.to_string(), system_block: text.contains("<<SYS>>") });
         }
-        if text.contains("<|user|>") && text.contains("<|assistant|>") {
+        // Phi-4-mini builds each tag from the role's name.
+        let built_tags = text.contains("'<|' + message['role'] + '|>'");
+        if built_tags || (text.contains("<|user|>") && text.contains("<|assistant|>")) {
             let end = if text.contains("<|end|>") { "<|end|>" } else { eos };
-            return Some(ChatTemplate::RoleTags { end: end.to_string() });
+            let newlines = !text.contains("'|>' + message['content']");
+            return Some(ChatTemplate::RoleTags { end: end.to_string(), newlines });
         }
         if !text.contains("<|im_start|>") {
             return None;
@@ -106,8 +110,9 @@ impl ChatTemplate {
         Some(ChatTemplate::ChatMl { default_system })
     }
 
-    /// The conversation, ending where the next assistant answer begins.
-    fn render(&self, messages: &[ChatMessage]) -> String {
+    /// The conversation, ending where the next assistant answer begins
+    /// (`today`: see [`Tokenizer::chat_messages`]).
+    fn render(&self, messages: &[ChatMessage], today: Option<&str>) -> String {
         let mut s = String::new();
         match self {
             ChatTemplate::ChatMl { default_system } => {
@@ -121,6 +126,7 @@ impl ChatTemplate {
             }
             ChatTemplate::Llama3 { bos, preamble } => {
                 s.push_str(bos);
+                let preamble = preamble.as_ref().map(|p| p.text(today));
                 let mut messages = messages;
                 if let Some(preamble) = preamble {
                     let system = match messages.split_first() {
@@ -157,11 +163,12 @@ impl ChatTemplate {
                     }
                 }
             }
-            ChatTemplate::RoleTags { end } => {
+            ChatTemplate::RoleTags { end, newlines } => {
+                let newline = if *newlines { "\n" } else { "" };
                 for m in messages {
-                    s.push_str(&format!("<|{}|>\n{}{end}\n", m.role, m.content));
+                    s.push_str(&format!("<|{}|>{newline}{}{end}{newline}", m.role, m.content));
                 }
-                s.push_str("<|assistant|>\n");
+                s.push_str(&format!("<|assistant|>{newline}"));
             }
         }
         s
@@ -356,18 +363,22 @@ impl Tokenizer {
     /// The prompt for one user message in the model's chat format, ending
     /// where the assistant's answer begins. Models without a recognised
     /// template get the text unchanged.
+    /// Dated as [`Self::chat_messages`] with no `today`: the same prompt
+    /// on every day (the bench's and the tests' prompts).
     pub fn chat_prompt(&self, user: &str) -> String {
-        self.chat_messages(&[ChatMessage { role: "user".into(), content: user.into() }])
+        self.chat_messages(&[ChatMessage { role: "user".into(), content: user.into() }], None)
     }
 
     /// The prompt for a conversation (`system`, `user` and `assistant`
     /// turns), ending where the next assistant answer begins. The model's
     /// default system prompt is added when the conversation has none.
     /// Models without a recognised template get the turns' text joined by
-    /// blank lines.
-    pub fn chat_messages(&self, messages: &[ChatMessage]) -> String {
+    /// blank lines. `today` (as [`template_date`] writes it) is the date
+    /// for templates that ask for the current one (Llama 3.2's); None
+    /// keeps the template's default.
+    pub fn chat_messages(&self, messages: &[ChatMessage], today: Option<&str>) -> String {
         match &self.chat {
-            Some(template) => template.render(messages),
+            Some(template) => template.render(messages, today),
             None => messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n"),
         }
     }
@@ -407,21 +418,55 @@ impl TextStream<'_> {
 }
 
 /// Llama 3.1 and later templates' fixed start of the system turn:
-/// `Cutting Knowledge Date: …\nToday Date: …\n\n`. The date is the
-/// template's literal default ("26 Jul 2024" in Meta's), which is what
-/// Llama 3.1's template renders; Llama 3.2's asks the renderer for today's
-/// date where it can, and Tandem, which does not run Jinja, keeps the
-/// default.
-fn llama3_preamble(template: &str) -> Option<String> {
-    // Up to the end of the template's string literal, or its `\n`.
-    let literal = |after: &str| -> Option<String> {
-        let rest = &template[template.find(after)? + after.len()..];
-        let end = rest.find(['"', '\'', '\\', '\n']).unwrap_or(rest.len());
-        Some(rest[..end].to_string())
-    };
-    let cutoff = literal("Cutting Knowledge Date: ")?;
-    let date = literal("set date_string = \"").unwrap_or_else(|| "26 Jul 2024".to_string());
-    Some(format!("Cutting Knowledge Date: {cutoff}\nToday Date: {date}\n\n"))
+/// `Cutting Knowledge Date: …\nToday Date: …\n\n`.
+#[derive(Clone, Debug, PartialEq)]
+struct Llama3Preamble {
+    cutoff: String,
+    /// The template's literal date ("26 Jul 2024" in Meta's): what Llama
+    /// 3.1's template always renders, and Llama 3.2's when not given
+    /// today's.
+    default_date: String,
+    /// Whether the template asks for today's date (`strftime_now`, Llama
+    /// 3.2), as llama.cpp's and transformers' renderers give it.
+    asks_today: bool,
+}
+
+impl Llama3Preamble {
+    fn recognise(template: &str) -> Option<Llama3Preamble> {
+        // Up to the end of the template's string literal, or its `\n`.
+        let literal = |after: &str| -> Option<String> {
+            let rest = &template[template.find(after)? + after.len()..];
+            let end = rest.find(['"', '\'', '\\', '\n']).unwrap_or(rest.len());
+            Some(rest[..end].to_string())
+        };
+        Some(Llama3Preamble {
+            cutoff: literal("Cutting Knowledge Date: ")?,
+            default_date: literal("set date_string = \"").unwrap_or_else(|| "26 Jul 2024".to_string()),
+            asks_today: template.contains("strftime_now"),
+        })
+    }
+
+    fn text(&self, today: Option<&str>) -> String {
+        let date = today.filter(|_| self.asks_today).unwrap_or(&self.default_date);
+        format!("Cutting Knowledge Date: {}\nToday Date: {date}\n\n", self.cutoff)
+    }
+}
+
+/// A day as Llama 3.2's template writes it (`strftime("%d %b %Y")`:
+/// "07 Dec 2026"), from seconds since the Unix epoch (UTC).
+pub fn template_date(unix_secs: u64) -> String {
+    // Days to a civil date (Howard Hinnant's algorithm).
+    let z = (unix_secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    format!("{day:02} {} {year}", MONTHS[month as usize - 1])
 }
 
 /// The text of token `id`, or nothing.
@@ -489,11 +534,16 @@ impl BpeFamily {
             }
             "llama-bpe" | "llama3" | "llama-v3" => family(splits(&[LLAMA3_SPLIT], false)?, false, true, true),
             "qwen2" | "deepseek-r1-qwen" => family(splits(&[QWEN2_SPLIT], false)?, true, false, false),
+            // Phi-4-mini (o200k), Llama 4.
+            "gpt-4o" | "llama4" => family(splits(&[GPT4O_SPLIT], false)?, false, false, false),
+            // Newlines, words of Latin, Greek, Cyrillic, … letters,
+            // punctuation runs, trailing spaces, CJK runs, digit runs.
+            "deepseek-llm" => family(splits(&["[\r\n]", DEEPSEEK_LLM_WORD, DEEPSEEK_LLM_PUNCTUATION, r"\s+$", "[一-龥ࠀ-一가-퟿]+", r"\p{N}+"], false)?, false, false, true),
             // Newlines, words, punctuation runs, CJK runs, then digits.
             "deepseek-coder" => family(splits(&["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+"], true)?, false, false, true),
             other => {
                 return Err(ModelError::Tokenizer(format!(
-                    "pre-tokenizer `{other}` is not supported (supported: llama-bpe, qwen2, deepseek-coder, smollm, starcoder, refact, codeshell, command-r, gpt-2, mpt, olmo, default)"
+                    "pre-tokenizer `{other}` is not supported (supported: llama-bpe, qwen2, gpt-4o, llama4, deepseek-llm, deepseek-coder, smollm, starcoder, refact, codeshell, command-r, gpt-2, mpt, olmo, default)"
                 )))
             }
         })
@@ -503,6 +553,15 @@ impl BpeFamily {
 /// Llama 3's split: contractions, words with one leading non-letter, numbers
 /// in groups of up to three, punctuation runs, newlines, spaces.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// GPT-4o's: Llama 3's, but a word is a run of capitals then one of lower
+/// case (`fooBar` is two), with its contraction, and a punctuation run
+/// takes the newlines and slashes after it.
+const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// DeepSeek LLM's words: an optional space, then letters of the scripts
+/// with case (its `tokenizer.json` lists them as ranges).
+const DEEPSEEK_LLM_WORD: &str = r"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+";
+/// DeepSeek LLM's punctuation runs, ASCII and full-width.
+const DEEPSEEK_LLM_PUNCTUATION: &str = r"\s?[!-/:-~！-／：-～‘-‟　-。]+";
 /// Qwen2's: Llama 3's with every digit on its own.
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -607,7 +666,7 @@ mod tests {
         let template = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
         let chat = ChatTemplate::recognise(template, "<|begin_of_text|>", "<|end_of_text|>").expect("recognised");
         assert_eq!(
-            chat.render(&[turn("system", "Be brief."), turn("user", " Hi \n"), turn("assistant", "Hello."), turn("user", "Bye")]),
+            chat.render(&[turn("system", "Be brief."), turn("user", " Hi \n"), turn("assistant", "Hello."), turn("user", "Bye")], None),
             "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\
              <|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>\
              <|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>\
@@ -625,17 +684,30 @@ mod tests {
         let chat = ChatTemplate::recognise(template, "<|begin_of_text|>", "<|eot_id|>").expect("recognised");
         let preamble = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n";
         assert_eq!(
-            chat.render(&[turn("user", "Hi")]),
+            chat.render(&[turn("user", "Hi")], None),
             format!("{preamble}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
         );
         assert_eq!(
-            chat.render(&[turn("system", " Be brief. "), turn("user", "Hi")]),
+            chat.render(&[turn("system", " Be brief. "), turn("user", "Hi")], None),
             format!("{preamble}Be brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
         );
-        // Llama 3.2's asks for today's date first; Tandem keeps the default.
+        // Llama 3.1's keeps its date whatever the day.
+        assert_eq!(chat.render(&[turn("user", "Hi")], Some("07 Dec 2026")), chat.render(&[turn("user", "Hi")], None));
+        // Llama 3.2's asks for today's date, and has the default otherwise.
         let llama_3_2 = "{%- if not date_string is defined %}{%- if strftime_now is defined %}{%- set date_string = strftime_now(\"%d %b %Y\") %}{%- else %}{%- set date_string = \"26 Jul 2024\" %}{%- endif %}{%- endif %}{{- \"Cutting Knowledge Date: December 2023\\n\" }}";
-        assert_eq!(llama3_preamble(llama_3_2).as_deref(), Some("Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"));
-        assert_eq!(llama3_preamble("{{ bos_token }}<|start_header_id|>"), None);
+        let preamble = Llama3Preamble::recognise(llama_3_2).unwrap();
+        assert_eq!(preamble.text(Some("07 Dec 2026")), "Cutting Knowledge Date: December 2023\nToday Date: 07 Dec 2026\n\n");
+        assert_eq!(preamble.text(None), "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n");
+        assert_eq!(Llama3Preamble::recognise("{{ bos_token }}<|start_header_id|>"), None);
+    }
+
+    #[test]
+    fn template_dates_are_strftime_s_day_month_year() {
+        assert_eq!(template_date(0), "01 Jan 1970");
+        // 2024-02-29 12:00 UTC, a leap day; 2026-12-07 23:59:59 UTC.
+        assert_eq!(template_date(1_709_208_000), "29 Feb 2024");
+        assert_eq!(template_date(1_796_687_999), "07 Dec 2026");
+        assert_eq!(template_date(1_796_688_000), "08 Dec 2026");
     }
 
     /// Qwen2.5's template writes its default system message after system
@@ -645,7 +717,7 @@ mod tests {
         let template = "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}{%- endif %}{%- else %}{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}{%- endif %}{%- endif %}";
         let chat = ChatTemplate::recognise(template, "", "<|endoftext|>").expect("recognised");
         assert_eq!(
-            chat.render(&[turn("user", "Hi")]),
+            chat.render(&[turn("user", "Hi")], None),
             "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
     }
@@ -658,10 +730,10 @@ mod tests {
         let template = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}";
         let chat = ChatTemplate::recognise(template, "<s>", "</s>").expect("recognised");
         assert_eq!(
-            chat.render(&[turn("system", "Be brief."), turn("user", "Hi "), turn("assistant", "Hello."), turn("user", "Bye")]),
+            chat.render(&[turn("system", "Be brief."), turn("user", "Hi "), turn("assistant", "Hello."), turn("user", "Bye")], None),
             "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. </s><s>[INST] Bye [/INST]"
         );
-        assert_eq!(chat.render(&[turn("user", "Hi")]), "<s>[INST] Hi [/INST]");
+        assert_eq!(chat.render(&[turn("user", "Hi")], None), "<s>[INST] Hi [/INST]");
     }
 
     /// Mistral-7B-Instruct-v0.1's template: BOS once, answers closed with
@@ -670,8 +742,11 @@ mod tests {
     fn a_mistral_template_renders_its_inst_format() {
         let template = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
         let chat = ChatTemplate::recognise(template, "<s>", "</s>").expect("recognised");
-        assert_eq!(chat.render(&[turn("user", "Hi"), turn("assistant", "Hello."), turn("user", "Bye")]), "<s>[INST] Hi [/INST]Hello.</s>[INST] Bye [/INST]");
-        assert_eq!(chat.render(&[turn("system", "Be brief."), turn("user", "Hi")]), "<s>[INST] Be brief.\n\nHi [/INST]");
+        assert_eq!(
+            chat.render(&[turn("user", "Hi"), turn("assistant", "Hello."), turn("user", "Bye")], None),
+            "<s>[INST] Hi [/INST]Hello.</s>[INST] Bye [/INST]"
+        );
+        assert_eq!(chat.render(&[turn("system", "Be brief."), turn("user", "Hi")], None), "<s>[INST] Be brief.\n\nHi [/INST]");
     }
 
     /// TinyLlama-1.1B-Chat's (Zephyr) template, and Phi-3-mini's.
@@ -679,12 +754,34 @@ mod tests {
     fn zephyr_and_phi_3_templates_render_their_role_tags() {
         let template = "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}";
         let chat = ChatTemplate::recognise(template, "<s>", "</s>").expect("recognised");
-        assert_eq!(chat.render(&[turn("system", "Be brief."), turn("user", "Hi")]), "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n");
+        assert_eq!(chat.render(&[turn("system", "Be brief."), turn("user", "Hi")], None), "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n");
         let phi3 = "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}";
         let chat = ChatTemplate::recognise(phi3, "<s>", "<|endoftext|>").expect("recognised");
         assert_eq!(
-            chat.render(&[turn("user", "Hi"), turn("assistant", "Hello."), turn("user", "Bye")]),
+            chat.render(&[turn("user", "Hi"), turn("assistant", "Hello."), turn("user", "Bye")], None),
             "<|user|>\nHi<|end|>\n<|assistant|>\nHello.<|end|>\n<|user|>\nBye<|end|>\n<|assistant|>\n"
         );
+    }
+
+    /// Phi-4-mini-instruct's template builds each tag from the role and
+    /// writes no newlines.
+    #[test]
+    fn a_phi_4_mini_template_renders_its_tags_without_newlines() {
+        let template = "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}";
+        let chat = ChatTemplate::recognise(template, "<|endoftext|>", "<|endoftext|>").expect("recognised");
+        assert_eq!(chat.render(&[turn("system", "Be brief."), turn("user", "Hi")], None), "<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>");
+    }
+
+    /// GPT-4o's split (Phi-4-mini's GGUF `tokenizer.ggml.pre`): pieces as
+    /// its pattern cuts them; the pattern's parts are marked.
+    #[test]
+    fn the_gpt_4o_split_cuts_camel_case_numbers_and_punctuation() {
+        let BpeFamily { pre_tokenizer, .. } = BpeFamily::named("gpt-4o").unwrap();
+        let mut s = tokenizers::PreTokenizedString::from("HTTPServer's fooBar 12345 ./\n\n  x");
+        tokenizers::PreTokenizer::pre_tokenize(&pre_tokenizer, &mut s).unwrap();
+        let pieces: Vec<String> =
+            s.get_splits(tokenizers::OffsetReferential::Original, tokenizers::OffsetType::Byte).into_iter().map(|(p, _, _)| p.to_string()).collect();
+        // Byte-level: Ġ is a space, Ċ a newline.
+        assert_eq!(pieces, ["HTTPServer's", "Ġfoo", "Bar", "Ġ", "123", "45", "Ġ./ĊĊ", "Ġ", "Ġx"]);
     }
 }

@@ -21,7 +21,7 @@ const SDIST_SHA256: &str = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a3637
 /// The vocabularies checked, by `tokenizer.ggml.pre` family: SentencePiece
 /// (Llama 2, Phi-3), Llama 3, Qwen2, DeepSeek Coder, GPT-2, MPT,
 /// StarCoder, Refact, Command-R.
-const VOCABS: [&str; 10] = ["llama-spm", "phi-3", "llama-bpe", "qwen2", "deepseek-coder", "gpt-2", "mpt", "starcoder", "refact", "command-r"];
+const VOCABS: [&str; 11] = ["llama-spm", "phi-3", "llama-bpe", "qwen2", "deepseek-llm", "deepseek-coder", "gpt-2", "mpt", "starcoder", "refact", "command-r"];
 
 /// The folder holding the fixtures, fetched on first use (once per run).
 fn fixtures() -> PathBuf {

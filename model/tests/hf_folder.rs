@@ -80,7 +80,12 @@ fn what_the_forward_cannot_run_is_refused_by_name() {
         (serde_json::json!({ "rope_scaling": { "rope_type": "llama3", "factor": 8.0 } }), "without a numeric `low_freq_factor`"),
         (serde_json::json!({ "model_type": "gemma" }), "model_type `gemma`"),
         (serde_json::json!({ "model_type": "qwen2", "use_sliding_window": true }), "use_sliding_window"),
-        (serde_json::json!({ "model_type": "phi3", "partial_rotary_factor": 0.75 }), "partial_rotary_factor"),
+        // One dimension of each head's 16: not a pair.
+        (serde_json::json!({ "model_type": "phi3", "partial_rotary_factor": 0.1 }), "partial_rotary_factor: RoPE over 1 of each head's 16"),
+        (
+            serde_json::json!({ "rope_scaling": { "type": "longrope", "long_factor": [1.0] }, "original_max_position_embeddings": 64 }),
+            "`short_factor` has 0 numbers",
+        ),
         (serde_json::json!({}), "model.safetensors"),
     ] {
         config(extra);

@@ -1,9 +1,10 @@
 //! Qwen2 and Phi-3: Q and K rows in rotate-half order in their GGUF files
 //! as in Hugging Face folders, Qwen2's Q/K/V biases, Phi-3's stacked
-//! projections (`attn_qkv`, `ffn_up` holding gate and up). A tiny random
-//! model, written each way, gives the logits of a plain forward written here
-//! the way transformers computes (rotate-half RoPE, biases added after the
-//! projections).
+//! projections (`attn_qkv`, `ffn_up` holding gate and up), and the RoPE of
+//! Phi-3.5 and Phi-4-mini (LongRoPE's short factors and attention factor,
+//! rotation of part of each head). A tiny random model, written each way,
+//! gives the logits of a plain forward written here the way transformers
+//! computes (rotate-half RoPE, biases added after the projections).
 
 mod common;
 
@@ -28,6 +29,34 @@ const TOLERANCE: f32 = 5e-3;
 
 /// Row-major matrices and vectors by Hugging Face name.
 type Weights = HashMap<String, (Vec<f32>, Vec<usize>)>;
+
+/// How the model's RoPE turns each head.
+#[derive(Clone)]
+struct Rope {
+    /// The first dimensions of each head, rotated; the rest pass through.
+    rotary_dim: usize,
+    /// LongRoPE: the short factors (one per rotated pair), the long ones
+    /// (which a context within the original one leaves unused) and the
+    /// contexts, original and extended.
+    long_rope: Option<LongRope>,
+}
+
+#[derive(Clone)]
+struct LongRope {
+    short: Vec<f32>,
+    long: Vec<f32>,
+    original: usize,
+    extended: usize,
+}
+
+impl LongRope {
+    /// transformers' default: √(1 + ln(extended/original) / ln(original)).
+    fn attn_factor(&self) -> f32 {
+        (1.0 + (self.extended as f32 / self.original as f32).ln() / (self.original as f32).ln()).sqrt()
+    }
+}
+
+const PLAIN: Rope = Rope { rotary_dim: HEAD_DIM, long_rope: None };
 
 fn random_weights(seed: u64) -> Weights {
     let mut rng = SessionRng::new(seed);
@@ -87,22 +116,30 @@ fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
 /// Writes the weights as llama.cpp writes a GGUF of `arch` (`qwen2` or
 /// `phi3`): tensors in rotate-half order, metadata under `ARCH.`; Phi-3's
 /// Q, K and V stacked in `attn_qkv`, its gate and up in `ffn_up`.
-fn write_gguf(w: &Weights, path: &std::path::Path, arch: &str) {
+fn write_gguf(w: &Weights, rope: &Rope, path: &std::path::Path, arch: &str) {
     let u = |v: usize| gguf_file::Value::U32(v as u32);
     let key = |k: &str| format!("{arch}.{k}");
-    let metadata = vec![
+    let mut metadata = vec![
         ("general.architecture".to_string(), gguf_file::Value::String(arch.into())),
         (key("block_count"), u(LAYERS)),
-        (key("context_length"), u(64)),
+        (key("context_length"), u(rope.long_rope.as_ref().map_or(64, |l| l.extended))),
         (key("embedding_length"), u(HIDDEN)),
         (key("feed_forward_length"), u(FFN)),
         (key("attention.head_count"), u(HEADS)),
         (key("attention.head_count_kv"), u(KV_HEADS)),
-        (key("rope.dimension_count"), u(HEAD_DIM)),
+        (key("rope.dimension_count"), u(rope.rotary_dim)),
         (key("rope.freq_base"), gguf_file::Value::F32(THETA)),
         (key("attention.layer_norm_rms_epsilon"), gguf_file::Value::F32(EPS)),
     ];
     let mut named: HashMap<String, (Vec<f32>, Vec<usize>)> = w.iter().map(|(name, t)| (gguf_name(name), t.clone())).collect();
+    // As llama.cpp's converter writes LongRoPE: both factor sets as
+    // tensors, the original context and the attention factor as metadata.
+    if let Some(l) = &rope.long_rope {
+        metadata.push((key("rope.scaling.original_context_length"), u(l.original)));
+        metadata.push((key("rope.scaling.attn_factor"), gguf_file::Value::F32(l.attn_factor())));
+        named.insert("rope_factors_short.weight".into(), (l.short.clone(), vec![l.short.len()]));
+        named.insert("rope_factors_long.weight".into(), (l.long.clone(), vec![l.long.len()]));
+    }
     if arch == "phi3" {
         for l in 0..LAYERS {
             let mut stack = |parts: [&str; 3], into: &str| {
@@ -129,7 +166,7 @@ fn write_gguf(w: &Weights, path: &std::path::Path, arch: &str) {
 /// `phi3` with Q, K and V stacked in `qkv_proj` and gate and up in
 /// `gate_up_proj`), with a tokenizer of the same size borrowed from a tiny
 /// llama.
-fn write_folder(w: &Weights, dir: &std::path::Path, model_type: &str) {
+fn write_folder(w: &Weights, rope: &Rope, dir: &std::path::Path, model_type: &str) {
     let mut tensors: HashMap<String, Tensor> = w.iter().map(|(name, (v, shape))| (name.clone(), tensor(v, shape))).collect();
     if model_type == "phi3" {
         for l in 0..LAYERS {
@@ -143,7 +180,7 @@ fn write_folder(w: &Weights, dir: &std::path::Path, model_type: &str) {
         }
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "model_type": model_type,
         "hidden_size": HIDDEN,
         "intermediate_size": FFN,
@@ -159,6 +196,15 @@ fn write_folder(w: &Weights, dir: &std::path::Path, model_type: &str) {
         "bos_token_id": 0,
         "eos_token_id": 1,
     });
+    // As Phi-3.5 and Phi-4-mini write them.
+    if rope.rotary_dim != HEAD_DIM {
+        config["partial_rotary_factor"] = (rope.rotary_dim as f64 / HEAD_DIM as f64).into();
+    }
+    if let Some(l) = &rope.long_rope {
+        config["rope_scaling"] = serde_json::json!({ "type": "longrope", "short_factor": l.short, "long_factor": l.long });
+        config["original_max_position_embeddings"] = l.original.into();
+        config["max_position_embeddings"] = l.extended.into();
+    }
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let spec = TinySpec { vocab: VOCAB, hidden: 8, heads: 2, kv_heads: 1, ffn: 8, layers: 1, dtype: GgmlDType::F32, head_gain: 1.0 };
     let tok = LoadedModel::load(&tiny_llama(dir, "tokenizer-source.gguf", &spec, 1)).unwrap().tokenizer;
@@ -181,13 +227,16 @@ fn rms_norm(x: &[f32], gain: &[f32]) -> Vec<f32> {
     x.iter().zip(gain).map(|(v, g)| v * r * g).collect()
 }
 
-/// Rotate-half RoPE on every head of `x` at `pos`.
-fn rope(x: &mut [f32], pos: usize) {
-    let half = HEAD_DIM / 2;
+/// Rotate-half RoPE on the first `rope.rotary_dim` dimensions of every
+/// head of `x` at `pos`, as transformers computes it.
+fn apply_rope(rope: &Rope, x: &mut [f32], pos: usize) {
+    let half = rope.rotary_dim / 2;
+    let scale = rope.long_rope.as_ref().map_or(1.0, |l| l.attn_factor() as f64);
     for head in x.chunks_exact_mut(HEAD_DIM) {
         for i in 0..half {
-            let angle = pos as f64 / (THETA as f64).powf(2.0 * i as f64 / HEAD_DIM as f64);
-            let (c, s) = (angle.cos() as f32, angle.sin() as f32);
+            let factor = rope.long_rope.as_ref().map_or(1.0, |l| l.short[i] as f64);
+            let angle = pos as f64 / ((THETA as f64).powf(2.0 * i as f64 / rope.rotary_dim as f64) * factor);
+            let (c, s) = ((angle.cos() * scale) as f32, (angle.sin() * scale) as f32);
             let (a, b) = (head[i], head[i + half]);
             head[i] = a * c - b * s;
             head[i + half] = b * c + a * s;
@@ -196,7 +245,7 @@ fn rope(x: &mut [f32], pos: usize) {
 }
 
 /// Logits of every position of `tokens`, computed plainly.
-fn reference(w: &Weights, tokens: &[u32]) -> Vec<Vec<f32>> {
+fn reference(w: &Weights, rope: &Rope, tokens: &[u32]) -> Vec<Vec<f32>> {
     let embed = &w["model.embed_tokens.weight"].0;
     let mut xs: Vec<Vec<f32>> = tokens.iter().map(|&t| embed[t as usize * HIDDEN..][..HIDDEN].to_vec()).collect();
     for l in 0..LAYERS {
@@ -205,8 +254,8 @@ fn reference(w: &Weights, tokens: &[u32]) -> Vec<Vec<f32>> {
         for (pos, x) in xs.iter().enumerate() {
             let h = rms_norm(x, &w[&format!("{p}.input_layernorm.weight")].0);
             let (mut q, mut k) = (matvec(w, &format!("{p}.self_attn.q_proj.weight"), &h), matvec(w, &format!("{p}.self_attn.k_proj.weight"), &h));
-            rope(&mut q, pos);
-            rope(&mut k, pos);
+            apply_rope(rope, &mut q, pos);
+            apply_rope(rope, &mut k, pos);
             qs.push(q);
             ks.push(k);
             vs.push(matvec(w, &format!("{p}.self_attn.v_proj.weight"), &h));
@@ -253,39 +302,68 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 fn a_qwen2_gguf_and_folder_give_the_plain_forwards_logits() {
     let w = random_weights(11);
     let tokens: Vec<u32> = vec![3, 17, 42, 5, 5, 29, 0, 11, 38, 47, 2, 20];
-    let want = assert_gguf_and_folder_match_the_plain_forward(&w, &tokens, "qwen2");
+    let want = assert_gguf_and_folder_match_the_plain_forward(&w, &PLAIN, &tokens, "qwen2");
     // The biases matter here: without them the logits are far off.
     let mut unbiased = w.clone();
     unbiased.retain(|name, _| !name.ends_with(".bias"));
-    assert!(max_diff(&reference(&unbiased, &tokens), &want) > 100.0 * TOLERANCE);
+    assert!(max_diff(&reference(&unbiased, &PLAIN, &tokens), &want) > 100.0 * TOLERANCE);
 }
 
 #[test]
 fn a_phi3_gguf_and_folder_with_stacked_projections_give_the_plain_forwards_logits() {
     let mut w = random_weights(12);
     w.retain(|name, _| !name.ends_with(".bias"));
-    assert_gguf_and_folder_match_the_plain_forward(&w, &[9, 1, 33, 33, 14, 40, 7, 26, 2, 45], "phi3");
+    assert_gguf_and_folder_match_the_plain_forward(&w, &PLAIN, &[9, 1, 33, 33, 14, 40, 7, 26, 2, 45], "phi3");
+}
+
+/// Phi-4-mini's RoPE, scaled down: LongRoPE over 3/4 of each head. The
+/// model serves its original context, with the short factors.
+#[test]
+fn a_phi3_with_long_rope_over_part_of_each_head_gives_the_plain_forwards_logits() {
+    let mut w = random_weights(13);
+    w.retain(|name, _| !name.ends_with(".bias"));
+    let long_rope = LongRope { short: vec![1.0, 1.7, 3.1], long: vec![2.0, 5.0, 9.0], original: 48, extended: 256 };
+    let rope = Rope { rotary_dim: 6, long_rope: Some(long_rope) };
+    // Positions far enough apart for the factors to turn them visibly.
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % VOCAB as u32).collect();
+    let want = assert_gguf_and_folder_match_the_plain_forward(&w, &rope, &tokens, "phi3");
+    // Each part matters: the whole head rotated, or plain frequencies, or
+    // no attention factor, give other logits.
+    let long_rope = rope.long_rope.clone().unwrap();
+    let whole_heads = LongRope { short: vec![1.0, 1.7, 3.1, 1.0], long: vec![1.0; 4], ..long_rope.clone() };
+    let plain_factors = LongRope { short: vec![1.0; 3], ..long_rope.clone() };
+    let unscaled = LongRope { extended: 48, ..long_rope };
+    let others = [(HEAD_DIM, whole_heads), (6, plain_factors), (6, unscaled)];
+    for other in others.map(|(rotary_dim, l)| Rope { rotary_dim, long_rope: Some(l) }) {
+        assert!(max_diff(&reference(&w, &other, &tokens), &want) > 20.0 * TOLERANCE);
+    }
 }
 
 /// Writes `w` as an `arch` GGUF and as a folder, checks that both give the
-/// plain forward's logits for `tokens`, and returns those.
-fn assert_gguf_and_folder_match_the_plain_forward(w: &Weights, tokens: &[u32], arch: &str) -> Vec<Vec<f32>> {
-    let want = reference(w, tokens);
+/// plain forward's logits for `tokens` and serve the context they should,
+/// and returns those logits.
+fn assert_gguf_and_folder_match_the_plain_forward(w: &Weights, rope: &Rope, tokens: &[u32], arch: &str) -> Vec<Vec<f32>> {
+    let want = reference(w, rope, tokens);
+    let context = rope.long_rope.as_ref().map_or(64, |l| l.original);
     let dir = scratch(arch);
     let gguf = dir.join(format!("tiny-{arch}.gguf"));
-    write_gguf(w, &gguf, arch);
-    let got = logits(&load_gguf(&gguf), tokens);
+    write_gguf(w, rope, &gguf, arch);
+    let llama = load_gguf(&gguf);
+    assert_eq!(llama.config().context_len, context);
+    let got = logits(&llama, tokens);
     assert!(max_diff(&got, &want) < TOLERANCE, "{arch} GGUF: max |Δ| {}", max_diff(&got, &want));
-    let got = logits(&load_folder(w, &dir, arch), tokens);
+    let llama = load_folder(w, rope, &dir, arch);
+    assert_eq!(llama.config().context_len, context);
+    let got = logits(&llama, tokens);
     assert!(max_diff(&got, &want) < TOLERANCE, "{arch} folder: max |Δ| {}", max_diff(&got, &want));
     std::fs::remove_dir_all(dir).unwrap();
     want
 }
 
-fn load_folder(w: &Weights, dir: &std::path::Path, model_type: &str) -> std::sync::Arc<Llama> {
+fn load_folder(w: &Weights, rope: &Rope, dir: &std::path::Path, model_type: &str) -> std::sync::Arc<Llama> {
     let folder = dir.join(model_type);
     std::fs::create_dir_all(&folder).unwrap();
-    write_folder(w, &folder, model_type);
+    write_folder(w, rope, &folder, model_type);
     LoadedModel::load(&folder).unwrap().llama
 }
 

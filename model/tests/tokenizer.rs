@@ -49,7 +49,7 @@ fn chat_template_is_chatml_with_default_system_message() {
     ); // A conversation: its own system turn replaces the default one.
     let turn = |role: &str, content: &str| tandem_model::ChatMessage { role: role.into(), content: content.into() };
     assert_eq!(
-        tok.chat_messages(&[turn("system", "Be brief."), turn("user", "Hi"), turn("assistant", "Hello."), turn("user", "Bye")]),
+        tok.chat_messages(&[turn("system", "Be brief."), turn("user", "Hi"), turn("assistant", "Hello."), turn("user", "Bye")], None),
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
          <|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
     );
