@@ -547,9 +547,13 @@ fn free_port() -> Result<u16> {
 
 /// The flags of the server the bench starts for `policy`: its model (and
 /// how it is quantized), its metrics address, where the wisp server writes
-/// its calibration, and the tenants file.
+/// its calibration, and the tenants file. Its prefix cache is off: the
+/// bench's devices cycle through a fixed prompt set, so every prompt after
+/// its first session would be copied whole, which no deployment sees (and
+/// the simulator does not model).
 fn server_args(cfg: &LiveConfig, policy: Policy, metrics: &str, calibration_out: Option<&Path>, tenants: Option<&Path>) -> Vec<String> {
-    let mut args: Vec<String> = vec!["--policy".into(), policy.server_policy().into(), "--metrics-listen".into(), metrics.into()];
+    let mut args: Vec<String> =
+        ["--policy", policy.server_policy(), "--metrics-listen", metrics, "--prefix-cache-mb", "0"].into_iter().map(String::from).collect();
     let path = |p: &Path| p.display().to_string();
     let flags = [
         ("--model", cfg.model.as_deref().map(path)),
@@ -677,13 +681,26 @@ mod tests {
         };
         let calibration = Path::new("/tmp/calibration.json");
         let args = server_args(&cfg, Policy::Wisp, "127.0.0.1:9", Some(calibration), None);
-        assert_eq!(args, ["--policy", "wisp", "--metrics-listen", "127.0.0.1:9", "--calibration-out", "/tmp/calibration.json"]);
+        assert_eq!(args, ["--policy", "wisp", "--metrics-listen", "127.0.0.1:9", "--prefix-cache-mb", "0", "--calibration-out", "/tmp/calibration.json"]);
         cfg.model = Some("/models/folder".into());
         cfg.quantize = Some("q4_1".into());
         let args = server_args(&cfg, Policy::Sled, "127.0.0.1:9", Some(calibration), Some(Path::new("/tmp/tenants.toml")));
         assert_eq!(
             args,
-            ["--policy", "fcfs", "--metrics-listen", "127.0.0.1:9", "--model", "/models/folder", "--quantize", "q4_1", "--tenants", "/tmp/tenants.toml"]
+            [
+                "--policy",
+                "fcfs",
+                "--metrics-listen",
+                "127.0.0.1:9",
+                "--prefix-cache-mb",
+                "0",
+                "--model",
+                "/models/folder",
+                "--quantize",
+                "q4_1",
+                "--tenants",
+                "/tmp/tenants.toml"
+            ]
         );
     }
 }

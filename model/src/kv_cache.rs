@@ -64,6 +64,25 @@ impl KvCache {
         }
     }
 
+    /// Copies the first `len` positions of `other` (a cache of the same
+    /// shape) into this empty one, into the room [`Self::reserve`] made:
+    /// a prompt's prefix computed for one sequence, reused by another
+    /// (the server's prefix cache). Positions are computed the same way
+    /// whatever the pass they ran in (see `kernels`), so the copy is what
+    /// the sequence's own prefill would have written.
+    pub fn extend_from_prefix(&mut self, other: &KvCache, len: usize) {
+        assert!(self.is_empty() && len <= other.len(), "extend_from_prefix: an empty cache and at most the source's positions");
+        assert!(
+            (self.n_kv_heads, self.head_dim, self.keys.len()) == (other.n_kv_heads, other.head_dim, other.keys.len()),
+            "extend_from_prefix: caches of different shapes"
+        );
+        let key_slots = len.div_ceil(KEY_BLOCK) * KEY_BLOCK * self.head_dim;
+        for i in 0..self.keys.len() {
+            self.keys[i].extend_from_slice(&other.keys[i][..key_slots]);
+            self.values[i].extend_from_slice(&other.values[i][..len * self.head_dim]);
+        }
+    }
+
     /// Bytes of keys and values held now.
     pub fn bytes(&self) -> usize {
         self.len() * self.bytes_per_position()

@@ -32,6 +32,31 @@ fn rollback_then_new_tokens_equals_a_fresh_run() {
     assert!(after_rollback[0].data == direct[0].data[(all.len() - 2) * vocab..], "rolled-back cache gives different logits");
 }
 
+/// A prefix copied from another sequence's cache, then the rest of the
+/// prompt, gives the bits the whole prompt gives (the server's prefix
+/// cache): also when the prefix ends inside a key block.
+#[test]
+fn a_copied_prefix_continues_as_the_whole_prompt_would() {
+    let model = default_model();
+    let llama = &model.llama;
+    let shared = model.tokenizer.encode("The quick brown fox jumps over the lazy dog while the cat watches from the warm windowsill").unwrap();
+    let prompt = [&shared[..], &[1234, 567, 89]].concat();
+    let vocab = llama.config().vocab;
+    let mut whole = llama.new_cache(llama.config().n_layers);
+    let direct = llama.forward(&mut [SeqPass { cache: &mut whole, tokens: &prompt, logits: LogitsFor::All }]).unwrap().remove(0);
+    // Another sequence computed the shared part, with other tokens after.
+    let mut other = llama.new_cache(llama.config().n_layers);
+    llama.forward(&mut [SeqPass { cache: &mut other, tokens: &[&shared[..], &[42, 43]].concat(), logits: LogitsFor::None }]).unwrap();
+    for reused in [shared.len(), 16, 5] {
+        let mut cache = llama.new_cache(llama.config().n_layers);
+        cache.reserve(prompt.len());
+        cache.extend_from_prefix(&other, reused);
+        assert_eq!(cache.len(), reused);
+        let rest = llama.forward(&mut [SeqPass { cache: &mut cache, tokens: &prompt[reused..], logits: LogitsFor::All }]).unwrap().remove(0);
+        assert!(rest.data == direct.data[reused * vocab..], "reusing {reused} positions changed the logits");
+    }
+}
+
 #[test]
 fn a_failed_pass_leaves_caches_untouched_and_names_the_problem() {
     let model = default_model();

@@ -25,6 +25,10 @@ pub struct ServerConfig {
     pub device: String,
     /// KV cache memory all sessions together may hold, MiB.
     pub kv_budget_mb: usize,
+    /// KV cache memory of prompts kept after their prefill for later
+    /// sessions of the same tenant to copy (`prefix_cache`), MiB, on top
+    /// of `kv_budget_mb`; 0 keeps none.
+    pub prefix_cache_mb: usize,
     /// TOML file with `[[tenant]]` tables; None admits only loopback clients.
     pub tenants: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
@@ -61,6 +65,7 @@ impl Default for ServerConfig {
             quantize: None,
             device: "cpu".into(),
             kv_budget_mb: 2048,
+            prefix_cache_mb: 64,
             tenants: None,
             tls_cert: None,
             tls_key: None,

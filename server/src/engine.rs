@@ -7,6 +7,7 @@ use crate::auth::Tenant;
 use crate::batcher::{batch_shape, Batcher, PendingWork, RoundsDue, Scheduled, SessionId, WorkKind};
 use crate::kv_budget::KvBudget;
 use crate::metrics::Metrics;
+use crate::prefix_cache::{EntryId, PrefixIndex};
 use crate::session::{feed, new_acceptance, opening_demand, HandedOff, RecentLengths, Session, TypicalRound, ASSUMED_DRAFTS};
 use crate::validate::{ValidOpen, ValidVerify};
 use crate::ServeError;
@@ -15,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_estimators::{AcceptanceEstimator, BatchShape, CounterWeights, ServiceGap, VerifyTimeCalibration};
-use tandem_model::{judge_round, LoadedModel, LogitsFor, SeqPass, Verdict};
+use tandem_model::{judge_round, KvCache, LoadedModel, LogitsFor, SeqPass, Verdict};
 use tandem_protocol::features;
 use tandem_protocol::limits::MAX_DRAFT_TOKENS;
 use tandem_protocol::wire::{Hints, Opened, ServerKind, ServerMessage, Tokens, Verdict as WireVerdict};
@@ -161,6 +162,9 @@ pub struct EngineConfig {
     /// An earlier start's calibration to warm-start the estimator from
     /// (`--calibration`); None: the profiling sweep.
     pub warm_start: Option<VerifyTimeCalibration>,
+    /// KV bytes of prompts kept for reuse (`prefix_cache`), on top of
+    /// `kv_budget_bytes`; 0: none kept.
+    pub prefix_cache_bytes: usize,
 }
 
 pub struct Engine {
@@ -183,6 +187,10 @@ pub struct Engine {
     lengths: RecentLengths,
     /// Fairness as served, whatever the policy (the simulator's measure).
     service_gap: ServiceGap,
+    /// Prompts whose caches are kept for later sessions to copy from, and
+    /// those caches.
+    prefixes: PrefixIndex,
+    prefix_caches: HashMap<EntryId, KvCache>,
 }
 
 impl Engine {
@@ -217,6 +225,7 @@ impl Engine {
             service_gap.set_weight(tenant, *weight);
         }
         let handle = EngineHandle { tx, admission: admission.clone(), metrics: metrics.clone(), kv_bytes_per_position, calibration };
+        let cfg_prefix_positions = cfg.prefix_cache_bytes / kv_bytes_per_position;
         let engine = Engine {
             model,
             batcher,
@@ -232,6 +241,8 @@ impl Engine {
             last_pass_ms: 10.0,
             lengths: RecentLengths::default(),
             service_gap,
+            prefixes: PrefixIndex::new(cfg_prefix_positions),
+            prefix_caches: HashMap::new(),
         };
         let thread = std::thread::Builder::new()
             .name("tandem-runner".into())
@@ -353,9 +364,14 @@ impl Engine {
         let id = ticket.id;
         let resumed = open.resumed > 0;
         let prefill_target = open.prefill_target();
+        // A draft that reads the target's hidden states needs them for the
+        // whole prompt; copied positions come without.
+        let reused = if open.want_features { 0 } else { self.reuse_prefix(&tenant.name, &open.prompt[..prefill_target], &mut cache) };
         self.metrics.tenant(&tenant.name, |t| {
             t.sessions_opened += 1;
-            t.prefill_tokens += prefill_target as u64;
+            t.prefill_tokens += (prefill_target - reused) as u64;
+            t.prefix_cache_queries += if open.want_features { 0 } else { prefill_target as u64 };
+            t.prefix_cache_hits += reused as u64;
         });
         let now = Instant::now();
         debug!(session = id, tenant = %tenant.name, prompt = open.prompt.len(), resumed = open.resumed, "session admitted");
@@ -386,7 +402,7 @@ impl Engine {
             last_k: None,
             round_clock: Default::default(),
         };
-        self.queue.push_back(session.work(id, WorkKind::Prefill, prefill_target, now, self.pass_time(), self.lengths.reach()));
+        self.queue.push_back(session.work(id, WorkKind::Prefill, prefill_target - reused, now, self.pass_time(), self.lengths.reach()));
         self.sessions.insert(id, session);
         self.update_gauges();
         id
@@ -581,6 +597,32 @@ impl Engine {
         }
     }
 
+    /// Copies into `cache` (empty) the longest start of `prompt` the prefix
+    /// cache holds for `tenant`, leaving at least the last token to compute
+    /// (the pass that samples the first token needs its logits); returns
+    /// the positions copied.
+    fn reuse_prefix(&mut self, tenant: &str, prompt: &[u32], cache: &mut KvCache) -> usize {
+        let Some(reuse) = self.prefixes.lookup(tenant, prompt, prompt.len().saturating_sub(1)) else { return 0 };
+        cache.extend_from_prefix(&self.prefix_caches[&reuse.entry], reuse.positions);
+        debug!(tenant, positions = reuse.positions, "prompt prefix reused");
+        reuse.positions
+    }
+
+    /// Offers the prefix cache a prompt (or a finished session's prompt
+    /// and answer) whose positions `cache` holds now.
+    fn keep_prefix(&mut self, tenant: &str, prompt: &[u32], cache: &KvCache) {
+        let Some(inserted) = self.prefixes.insert(tenant, prompt) else { return };
+        for entry in inserted.evicted {
+            self.prefix_caches.remove(&entry);
+        }
+        let mut kept = self.model.llama.new_cache(cache.n_layers());
+        kept.reserve(prompt.len());
+        kept.extend_from_prefix(cache, prompt.len());
+        self.prefix_caches.insert(inserted.entry, kept);
+        let bytes = self.prefixes.held_positions() * cache.bytes_per_position();
+        self.metrics.prefix_cache_bytes.store(bytes as i64, Ordering::Relaxed);
+    }
+
     /// Returns whether the session lives on.
     fn after_prefill(&mut self, id: SessionId, scheduled: &Scheduled, s: &mut Session, logits: &tandem_model::Logits, states: &[f32]) -> bool {
         let done = s.cache.len();
@@ -592,6 +634,7 @@ impl Engine {
             self.queue.push_front(PendingWork { tokens: s.prefill_target - done, context: done, ..scheduled.work.clone() });
             return true;
         }
+        self.keep_prefix(&s.tenant.name, &s.context[..s.prefill_target], &s.cache);
         if s.sample_first {
             let first = s.sampling.sample_at(logits.row(0), s.context.len());
             s.context.push(first);
@@ -730,6 +773,10 @@ impl Engine {
         let Some(s) = self.sessions.remove(&id) else { return };
         if error.is_none() && s.finished(self.model.tokenizer.eos_tokens()) {
             self.lengths.record(s.generated);
+            // The next turn of a chat sends this prompt and answer back
+            // with its question after them.
+            let positions = s.cache.len().min(s.context.len());
+            self.keep_prefix(&s.tenant.name, &s.context[..positions], &s.cache);
         }
         self.queue.retain(|w| w.session != id);
         if let Some((_, reply, _)) = s.pending_verify {

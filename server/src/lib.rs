@@ -10,6 +10,7 @@ mod error;
 pub mod kv_budget;
 pub mod listen;
 pub mod metrics;
+pub mod prefix_cache;
 pub mod process;
 pub mod profile;
 pub mod service;

@@ -45,6 +45,11 @@ struct Cli {
     /// KV cache memory budget in MiB [default: 2048].
     #[arg(long)]
     kv_budget_mb: Option<usize>,
+    /// KV cache memory of prompts kept for later sessions of the same
+    /// tenant to reuse, MiB, on top of --kv-budget-mb; 0 keeps none
+    /// [default: 64].
+    #[arg(long)]
+    prefix_cache_mb: Option<usize>,
     /// Tenants file (TOML `[[tenant]]` tables with name, api_key, weight, max_sessions).
     #[arg(long)]
     tenants: Option<PathBuf>,
@@ -102,7 +107,7 @@ fn load_config(cli: Cli) -> Result<ServerConfig> {
     if let Some(p) = cli.policy.clone() {
         cfg.batcher.policy = p;
     }
-    set!(listen, device, kv_budget_mb, idle_ttl_s, drain_s, pin_threads, hand_offs);
+    set!(listen, device, kv_budget_mb, prefix_cache_mb, idle_ttl_s, drain_s, pin_threads, hand_offs);
     set_opt!(model, quantize, tenants, tls_cert, tls_key, metrics_listen, calibration);
     cfg.batcher.check().map_err(anyhow::Error::msg)?;
     Ok(cfg)
@@ -230,6 +235,7 @@ async fn serve() -> Result<()> {
         tenant_weights,
         hand_offs: cfg.hand_offs,
         warm_start,
+        prefix_cache_bytes: cfg.prefix_cache_mb << 20,
     };
     // For the simulator, which adds it to the sweep's back-to-back fit (the
     // server's own estimator refits from the passes it serves, after idle

@@ -59,6 +59,11 @@ pub struct TenantStats {
     /// Positions the model verified (drafts + 1 per round).
     pub verified_positions: u64,
     pub prefill_tokens: u64,
+    /// Prompt positions looked up in the prefix cache, and those found
+    /// there (copied rather than prefilled): vLLM's `prefix_cache_queries`
+    /// and `prefix_cache_hits`.
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
     pub generated_tokens: u64,
     /// Requests (prefill, verification round, decode step) done by their deadline.
     pub slo_met: u64,
@@ -75,6 +80,8 @@ pub struct Metrics {
     pub kv_bytes_in_use: AtomicI64,
     pub kv_bytes_reserved: AtomicI64,
     pub kv_budget_bytes: AtomicI64,
+    /// KV cache bytes the prefix cache holds (on top of the sessions' budget).
+    pub prefix_cache_bytes: AtomicI64,
     pub batch_seqs: Histogram,
     pub batch_tokens: Histogram,
     pub pass_seconds: Histogram,
@@ -104,6 +111,7 @@ impl Default for Metrics {
             kv_bytes_in_use: AtomicI64::new(0),
             kv_bytes_reserved: AtomicI64::new(0),
             kv_budget_bytes: AtomicI64::new(0),
+            prefix_cache_bytes: AtomicI64::new(0),
             batch_seqs: Histogram::new(&[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
             batch_tokens: Histogram::new(&[1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0]),
             pass_seconds: Histogram::new(&[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]),
@@ -179,6 +187,7 @@ impl Metrics {
         gauge(&mut out, "tandem_kv_bytes_in_use", "KV cache bytes held by sessions.", self.kv_bytes_in_use.load(Ordering::Relaxed));
         gauge(&mut out, "tandem_kv_bytes_reserved", "KV cache bytes reserved by admitted sessions.", self.kv_bytes_reserved.load(Ordering::Relaxed));
         gauge(&mut out, "tandem_kv_budget_bytes", "KV cache budget.", self.kv_budget_bytes.load(Ordering::Relaxed));
+        gauge(&mut out, "tandem_prefix_cache_bytes", "KV cache bytes of prompts kept for reuse.", self.prefix_cache_bytes.load(Ordering::Relaxed));
         self.batch_seqs.render(&mut out, "tandem_batch_sequences", "Sequences per forward pass.");
         self.batch_tokens.render(&mut out, "tandem_batch_tokens", "New tokens per forward pass.");
         self.pass_seconds.render(&mut out, "tandem_pass_seconds", "Forward pass latency.");
@@ -225,7 +234,7 @@ impl Metrics {
         );
         // (metric, help, value of one tenant)
         type Counter = (&'static str, &'static str, fn(&TenantStats) -> u64);
-        let counters: [Counter; 11] = [
+        let counters: [Counter; 13] = [
             ("tandem_slo_met_total", "Requests finished by their SLO deadline.", |t| t.slo_met),
             ("tandem_slo_missed_total", "Requests finished after their SLO deadline.", |t| t.slo_missed),
             ("tandem_sessions_opened_total", "Sessions opened.", |t| t.sessions_opened),
@@ -236,6 +245,8 @@ impl Metrics {
             ("tandem_spec_decode_num_accepted_tokens_total", "Draft tokens accepted.", |t| t.num_accepted_tokens),
             ("tandem_verified_positions_total", "Positions verified (drafts + 1 per round).", |t| t.verified_positions),
             ("tandem_prefill_tokens_total", "Prompt tokens prefilled.", |t| t.prefill_tokens),
+            ("tandem_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.", |t| t.prefix_cache_queries),
+            ("tandem_prefix_cache_hits_total", "Prompt tokens found in the prefix cache (copied, not prefilled).", |t| t.prefix_cache_hits),
             ("tandem_generated_tokens_total", "Tokens generated.", |t| t.generated_tokens),
         ];
         for (name, help, get) in counters {

@@ -111,6 +111,46 @@ fn concurrent_sessions_of_two_tenants_are_each_lossless() {
     let _ = std::fs::remove_file(tenants);
 }
 
+/// Prompts that start alike: a later session of the same tenant copies
+/// the positions an earlier one computed (the prefix cache), including a
+/// finished session's answer (the next turn of a chat), and gives plain
+/// decoding's output; another tenant's session computes its own.
+#[test]
+fn a_shared_prompt_start_is_computed_once_per_tenant() {
+    let tenants = write_file("tenants-prefix.toml", TENANTS);
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let server = ServerProcess::start(&["--tenants", tenants.to_str().unwrap(), "--metrics-listen", &metrics_addr]);
+    let document = "The lighthouse keeper climbed the spiral stairs every evening at dusk, trimmed the wick, \
+                    and watched the fishing boats come home across the grey water of the bay.";
+    let first = request(&format!("{document}\n\nSummarise the text above in one sentence."), 12);
+    let second = request(&format!("{document}\n\nWho climbs the stairs?"), 12);
+    let shared = first.prompt.iter().zip(&second.prompt).take_while(|(a, b)| a == b).count();
+    assert!(shared >= 30, "the prompts share only {shared} tokens");
+    let run = |key: &str, req: &tandem_edge::GenerateRequest| {
+        let g = remote(&server.url(), Some(key), &DraftSpec::Ngram, req).unwrap();
+        assert_eq!(g.tokens, local(req), "{key}: the output differs from plain decoding");
+        g.tokens
+    };
+    let answer = run("alpha-key-123", &first);
+    run("alpha-key-123", &second);
+    run("beta-key-456", &second);
+    // The next turn: the first prompt, its answer, and more.
+    let next = tandem_edge::GenerateRequest { prompt: [&first.prompt[..], &answer, &[198, 198]].concat(), ..first.clone() };
+    run("alpha-key-123", &next);
+    let metrics = parse_metrics(&scrape(&metrics_addr));
+    let get = |name: &str, tenant: &str| metric(&metrics, &format!("{name}{{tenant=\"{tenant}\"}}")).unwrap();
+    let asked = (first.prompt.len() + second.prompt.len() + next.prompt.len()) as f64;
+    // The first answer's last token never entered its cache.
+    let hits = shared + first.prompt.len() + answer.len() - 1;
+    assert_eq!(get("tandem_prefix_cache_queries_total", "alpha"), asked);
+    assert_eq!(get("tandem_prefix_cache_hits_total", "alpha"), hits as f64);
+    assert_eq!(get("tandem_prefill_tokens_total", "alpha"), asked - hits as f64);
+    assert_eq!(get("tandem_prefix_cache_hits_total", "beta"), 0.0);
+    assert_eq!(get("tandem_prefill_tokens_total", "beta"), second.prompt.len() as f64);
+    assert!(metric(&metrics, "tandem_prefix_cache_bytes").unwrap() > 0.0);
+    let _ = std::fs::remove_file(tenants);
+}
+
 #[test]
 fn bad_inputs_get_statuses_naming_the_field_and_the_server_keeps_serving() {
     let server = ServerProcess::start(&[]);
