@@ -61,8 +61,10 @@ impl CandleLayers {
         let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Format(format!("`{}` is not a readable GGUF file: {e}", path.display())))?;
         let cfg = LlamaConfig::from_gguf(&content)?;
         let arch = content.metadata.get("general.architecture").and_then(|a| a.to_string().ok()).cloned().unwrap_or_default();
-        if arch == "phi3" {
-            return Err(EdgeError::InvalidArgument("the candle backends do not run Phi-3's stacked projections; use --backend cpu or wgpu".into()));
+        match arch.as_str() {
+            "phi3" => return Err(EdgeError::InvalidArgument("the candle backends do not run Phi-3's stacked projections; use --backend cpu or wgpu".into())),
+            "qwen3" => return Err(EdgeError::InvalidArgument("the candle backends do not run Qwen3's Q/K norms; use --backend cpu".into())),
+            _ => {}
         }
         if cfg.rotary_dim != cfg.head_dim {
             return Err(EdgeError::InvalidArgument("the candle backends rotate whole heads, not RoPE over part of each; use --backend cpu or wgpu".into()));

@@ -90,10 +90,12 @@ pub(crate) fn read_json(path: &Path) -> Result<Value> {
 /// implement is refused by name rather than run wrongly.
 fn config_of(c: &Value) -> Result<LlamaConfig> {
     let model_type = c["model_type"].as_str().unwrap_or_default();
-    if !matches!(model_type, "llama" | "mistral" | "qwen2" | "phi3") {
-        return Err(ModelError::Format(format!("config.json: model_type `{model_type}` is not llama-family (expected `llama`, `mistral`, `qwen2` or `phi3`)")));
+    if !matches!(model_type, "llama" | "mistral" | "qwen2" | "qwen3" | "phi3") {
+        return Err(ModelError::Format(format!(
+            "config.json: model_type `{model_type}` is not llama-family (expected `llama`, `mistral`, `qwen2`, `qwen3` or `phi3`)"
+        )));
     }
-    // Qwen2 may restrict some layers' attention to a window; this forward
+    // Qwen2 and Qwen3 may restrict some layers' attention to a window; this forward
     // attends to the whole context.
     if c["use_sliding_window"].as_bool() == Some(true) {
         return Err(ModelError::Format("config.json: use_sliding_window is not supported (attention here spans the whole context)".into()));
@@ -110,10 +112,7 @@ fn config_of(c: &Value) -> Result<LlamaConfig> {
             e => e,
         }
     };
-    let head_dim = LlamaConfig::head_dim(hidden, n_heads, n_kv_heads).map_err(in_config(""))?;
-    if uint("head_dim").is_ok_and(|d| d != head_dim) {
-        return Err(ModelError::Format(format!("config.json: head_dim {} is not hidden_size / num_attention_heads ({head_dim})", c["head_dim"])));
-    }
+    let head_dim = LlamaConfig::head_dim(hidden, n_heads, n_kv_heads, uint("head_dim").ok()).map_err(in_config(""))?;
     // transformers rounds the rotated width down (Phi-4-mini: 3/4 of 128).
     let rotary_dim = (head_dim as f64 * c["partial_rotary_factor"].as_f64().unwrap_or(1.0)) as usize;
     let rotary_dim = LlamaConfig::rotary_dim(rotary_dim, head_dim).map_err(in_config("partial_rotary_factor: "))?;
@@ -290,6 +289,8 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         "attn_v.weight" => "self_attn.v_proj.weight",
         "attn_q.bias" => "self_attn.q_proj.bias",
         "attn_k.bias" => "self_attn.k_proj.bias",
+        "attn_q_norm.weight" => "self_attn.q_norm.weight",
+        "attn_k_norm.weight" => "self_attn.k_norm.weight",
         "attn_v.bias" => "self_attn.v_proj.bias",
         "attn_output.weight" => "self_attn.o_proj.weight",
         "ffn_norm.weight" => "post_attention_layernorm.weight",

@@ -28,7 +28,7 @@ pub use draft::{
 };
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
-pub use llama::{LayerWeights, Llama, LlamaConfig, Logits, LogitsFor, SeqPass};
+pub use llama::{LayerWeights, Llama, LlamaConfig, Logits, LogitsFor, QkNorm, SeqPass};
 pub use pool::build_compute_pool;
 pub use sampling::{argmax, SamplingParams, SessionRng, SparseDist};
 pub use tokenizer::{template_date, ChatMessage, TextStream, Tokenizer};

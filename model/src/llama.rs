@@ -1,5 +1,5 @@
 //! Llama-family decoder (llama, SmolLM, Mistral-style GQA, Qwen2's Q/K/V
-//! biases, Phi-3's stacked projections) from GGUF files (or a Hugging Face
+//! biases, Qwen3's Q/K norms, Phi-3's stacked projections) from GGUF files (or a Hugging Face
 //! folder, read by `hf` into the same tensors).
 //!
 //! Unlike candle-transformers' `quantized_llama`, one forward call takes a
@@ -50,14 +50,19 @@ impl LlamaConfig {
         let md = &content.metadata;
         let get = |key: &str| md.get(key).ok_or_else(|| ModelError::Format(format!("missing metadata `{key}`")));
         let arch = get("general.architecture")?.to_string()?.clone();
-        if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "phi3") {
-            return Err(ModelError::Format(format!("architecture `{arch}` is not llama-family (expected `llama`, `mistral`, `qwen2` or `phi3`)")));
+        if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "qwen3" | "phi3") {
+            return Err(ModelError::Format(format!("architecture `{arch}` is not llama-family (expected `llama`, `mistral`, `qwen2`, `qwen3` or `phi3`)")));
         }
         let u = |key: &str| -> Result<usize> { Ok(get(&format!("{arch}.{key}"))?.to_u32()? as usize) };
         let hidden = u("embedding_length")?;
         let n_heads = u("attention.head_count")?;
         let n_kv_heads = u("attention.head_count_kv").unwrap_or(n_heads);
-        let head_dim = Self::head_dim(hidden, n_heads, n_kv_heads)?;
+        // Qwen3 and Mistral Nemo give heads a width of their own.
+        let key_length = u("attention.key_length").ok();
+        if key_length.is_some() && u("attention.value_length").ok() != key_length {
+            return Err(ModelError::Format("keys and values of different widths (`attention.key_length`, `attention.value_length`) are not supported".into()));
+        }
+        let head_dim = Self::head_dim(hidden, n_heads, n_kv_heads, key_length)?;
         let rotary_dim = Self::rotary_dim(u("rope.dimension_count").unwrap_or(head_dim), head_dim)?;
         let mut context_len = u("context_length").unwrap_or(4096);
         // LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini) has two sets of
@@ -92,13 +97,19 @@ impl LlamaConfig {
         })
     }
 
-    /// Each head's width, for the head layouts this forward runs: query
-    /// heads sharing K/V heads evenly, and an even width for RoPE's pairs.
-    pub(crate) fn head_dim(hidden: usize, n_heads: usize, n_kv_heads: usize) -> Result<usize> {
-        if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) || !hidden.is_multiple_of(n_heads) || !(hidden / n_heads).is_multiple_of(2) {
-            return Err(ModelError::Format(format!("unsupported head layout: {n_heads} heads, {n_kv_heads} kv heads, hidden {hidden}")));
+    /// Each head's width (`explicit`, else hidden / heads), for the head
+    /// layouts this forward runs: query heads sharing K/V heads evenly, and
+    /// an even width for RoPE's pairs.
+    pub(crate) fn head_dim(hidden: usize, n_heads: usize, n_kv_heads: usize, explicit: Option<usize>) -> Result<usize> {
+        let head_dim = match explicit {
+            Some(d) => d,
+            None if n_heads > 0 && hidden.is_multiple_of(n_heads) => hidden / n_heads,
+            None => 0,
+        };
+        if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) || head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(ModelError::Format(format!("unsupported head layout: {n_heads} heads of {head_dim}, {n_kv_heads} kv heads, hidden {hidden}")));
         }
-        Ok(hidden / n_heads)
+        Ok(head_dim)
     }
 
     /// How many of each head's dimensions RoPE rotates: an even number,
@@ -124,6 +135,9 @@ pub(crate) struct Layer {
     qkv: QLinear,
     /// Their biases, in the same order (Qwen2; llama has none).
     qkv_bias: Option<Arc<Vec<f32>>>,
+    /// Gains of the RMS norms over each query and key head before RoPE
+    /// (Qwen3; llama has none).
+    qk_norm: Option<QkNorm>,
     wo: QLinear,
     ffn_norm: Arc<Vec<f32>>,
     /// Gate and up projections fused: `[t, hidden] → [t, 2·ffn]`.
@@ -147,6 +161,7 @@ impl Layer {
         Ok(Layer {
             qkv: QLinear::fused(vec![linear("attn_q", q, h)?, linear("attn_k", kv, h)?, linear("attn_v", kv, h)?]),
             qkv_bias: None,
+            qk_norm: None,
             wo: linear("attn_output", h, q)?,
             gate_up: QLinear::fused(vec![linear("ffn_gate", ffn, h)?, linear("ffn_up", ffn, h)?]),
             down: linear("ffn_down", h, ffn)?,
@@ -207,6 +222,8 @@ pub struct LayerWeights<'a> {
     pub qkv: &'a QLinear,
     /// Their biases, stacked the same way, if the model has them.
     pub qkv_bias: Option<&'a [f32]>,
+    /// Norms over each query and key head before RoPE, if the model has them.
+    pub qk_norm: Option<&'a QkNorm>,
     pub wo: &'a QLinear,
     pub ffn_norm: &'a [f32],
     /// Gate and up projections stacked in that order.
@@ -237,7 +254,7 @@ impl Llama {
         // RoPE; architectures it runs with NEOX (rotate-half) RoPE keep
         // Hugging Face's order, and are reordered here.
         let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
-        let rotate_half = matches!(arch.as_str(), "qwen2" | "phi3").then(|| RotateHalf::of(&cfg));
+        let rotate_half = matches!(arch.as_str(), "qwen2" | "qwen3" | "phi3").then(|| RotateHalf::of(&cfg));
         let stacked = Stacked::of(&cfg);
         Self::from_source(cfg, GgufSource { content, reader, rotate_half, stacked }, kernels)
     }
@@ -262,6 +279,12 @@ impl Llama {
             } else {
                 None
             };
+            let qk_norm = if tensors.source.contains(&format!("{p}.attn_q_norm.weight")) {
+                let gain = |tensors: &mut TensorReader<_>, part: &str| tensors.vector(&format!("{p}.{part}.weight"), cfg.head_dim).map(Arc::new);
+                Some(QkNorm { q: gain(&mut tensors, "attn_q_norm")?, k: gain(&mut tensors, "attn_k_norm")? })
+            } else {
+                None
+            };
             layers.push(Layer {
                 attn_norm: Arc::new(tensors.vector(&format!("{p}.attn_norm.weight"), cfg.hidden)?),
                 qkv: QLinear::fused(vec![
@@ -270,6 +293,7 @@ impl Llama {
                     tensors.linear(&format!("{p}.attn_v.weight"), cfg.kv_dim(), cfg.hidden)?,
                 ]),
                 qkv_bias,
+                qk_norm,
                 wo: tensors.linear(&format!("{p}.attn_output.weight"), cfg.hidden, cfg.n_heads * cfg.head_dim)?,
                 ffn_norm: Arc::new(tensors.vector(&format!("{p}.ffn_norm.weight"), cfg.hidden)?),
                 gate_up: QLinear::fused(vec![
@@ -306,6 +330,7 @@ impl Llama {
             attn_norm: &l.attn_norm,
             qkv: &l.qkv,
             qkv_bias: l.qkv_bias.as_deref().map(Vec::as_slice),
+            qk_norm: l.qk_norm.as_ref(),
             wo: &l.wo,
             ffn_norm: &l.ffn_norm,
             gate_up: &l.gate_up,
@@ -488,6 +513,10 @@ impl Llama {
                 }
             }
             let (mut q, mut k, v) = split_qkv(&qkv, total, cfg.n_heads * cfg.head_dim, cfg.kv_dim());
+            if let Some(norm) = &layer.qk_norm {
+                head_rms_norm(&mut q, &norm.q, cfg.rms_eps);
+                head_rms_norm(&mut k, &norm.k, cfg.rms_eps);
+            }
             self.apply_rope(&mut q, cfg.n_heads, &positions);
             self.apply_rope(&mut k, cfg.n_kv_heads, &positions);
 
@@ -768,12 +797,15 @@ impl RotateHalf {
     }
 
     /// `t` with its rows reordered when `name`'s GGUF name says it is a Q
-    /// or K tensor; other tensors pass unchanged. Rows are moved whole, so
+    /// or K tensor (or a Q or K norm's gains); other tensors pass
+    /// unchanged. Rows are moved whole, so
     /// a quantized tensor stays as it is, block for block.
     pub fn rows_for_pair_rope(&self, t: QTensor, name: &str) -> Result<QTensor> {
         let heads = match name.rsplit('.').nth(1) {
             Some("attn_q") => self.heads.0,
             Some("attn_k") => self.heads.1,
+            // Qwen3's per-head norm gains: one head's dimensions.
+            Some("attn_q_norm" | "attn_k_norm") => 1,
             _ => return Ok(t),
         };
         let rows = t.shape().dims()[0];
@@ -827,6 +859,24 @@ fn rope_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
         sin.extend(std::iter::repeat_n(0.0, half - rotated));
     }
     (cos, sin)
+}
+
+/// Qwen3's norms over each query and key head, before RoPE: one gain per
+/// dimension of a head, shared by all heads (in the pair order the Q and K
+/// rows were loaded in).
+#[derive(Clone, Debug)]
+pub struct QkNorm {
+    pub q: Arc<Vec<f32>>,
+    pub k: Arc<Vec<f32>>,
+}
+
+/// RMS norm of every `gain.len()`-wide head of `x`, in place.
+fn head_rms_norm(x: &mut [f32], gain: &[f32], eps: f32) {
+    for head in x.chunks_exact_mut(gain.len()) {
+        let mean_square = head.iter().map(|v| v * v).sum::<f32>() / head.len() as f32;
+        let scale = 1.0 / (mean_square + eps).sqrt();
+        head.iter_mut().zip(gain).for_each(|(v, g)| *v *= scale * g);
+    }
 }
 
 /// Splits fused `[t, q | k | v]` rows into three row-major buffers.

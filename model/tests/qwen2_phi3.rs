@@ -1,6 +1,8 @@
-//! Qwen2 and Phi-3: Q and K rows in rotate-half order in their GGUF files
-//! as in Hugging Face folders, Qwen2's Q/K/V biases, Phi-3's stacked
-//! projections (`attn_qkv`, `ffn_up` holding gate and up), and the RoPE of
+//! Qwen2, Qwen3 and Phi-3: Q and K rows in rotate-half order in their GGUF
+//! files as in Hugging Face folders, Qwen2's Q/K/V biases, Qwen3's norms
+//! over each query and key head and heads wider than hidden / heads,
+//! Phi-3's stacked projections (`attn_qkv`, `ffn_up` holding gate and up),
+//! and the RoPE of
 //! Phi-3.5 and Phi-4-mini (LongRoPE's short factors and attention factor,
 //! rotation of part of each head). A tiny random model, written each way,
 //! gives the logits of a plain forward written here the way transformers
@@ -58,14 +60,16 @@ impl LongRope {
 
 const PLAIN: Rope = Rope { rotary_dim: HEAD_DIM, long_rope: None };
 
-fn random_weights(seed: u64) -> Weights {
+/// A tiny model with heads `head_dim` wide (Q/K/V biases included), and
+/// Qwen3's Q and K norms with `qk_norms`.
+fn random_weights(seed: u64, head_dim: usize, qk_norms: bool) -> Weights {
     let mut rng = SessionRng::new(seed);
     let mut w = Weights::new();
     let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
         let v = (0..shape.iter().product()).map(|_| offset + (rng.next_f64() as f32 * 2.0 - 1.0) * scale).collect();
         w.insert(name, (v, shape));
     };
-    let (q, kv) = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
+    let (q, kv) = (HEADS * head_dim, KV_HEADS * head_dim);
     put("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN], 1.0, 0.0);
     put("model.norm.weight".into(), vec![HIDDEN], 0.2, 1.0);
     put("lm_head.weight".into(), vec![VOCAB, HIDDEN], 0.5, 0.0);
@@ -85,8 +89,18 @@ fn random_weights(seed: u64) -> Weights {
         put(format!("{p}.mlp.gate_proj.weight"), vec![FFN, HIDDEN], 1.7 * s, 0.0);
         put(format!("{p}.mlp.up_proj.weight"), vec![FFN, HIDDEN], 1.7 * s, 0.0);
         put(format!("{p}.mlp.down_proj.weight"), vec![HIDDEN, FFN], 1.7 / (FFN as f32).sqrt(), 0.0);
+        if qk_norms {
+            // Gains far from one, so a gain on the wrong dimension shows.
+            put(format!("{p}.self_attn.q_norm.weight"), vec![head_dim], 0.6, 1.0);
+            put(format!("{p}.self_attn.k_norm.weight"), vec![head_dim], 0.6, 1.0);
+        }
     }
     w
+}
+
+/// Each head's width in `w`.
+fn head_dim(w: &Weights) -> usize {
+    w["model.layers.0.self_attn.q_proj.weight"].1[0] / HEADS
 }
 
 /// GGUF's name of a Hugging Face tensor name.
@@ -95,7 +109,7 @@ fn gguf_name(hf_name: &str) -> String {
     if let Some(n) = names.iter().find(|n| hf::hf_name(n).as_deref() == Some(hf_name)) {
         return n.to_string();
     }
-    let parts = ["attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+    let parts = ["attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_q_norm", "attn_k_norm"];
     for l in 0..LAYERS {
         for part in parts {
             for kind in ["weight", "bias"] {
@@ -131,6 +145,10 @@ fn write_gguf(w: &Weights, rope: &Rope, path: &std::path::Path, arch: &str) {
         (key("rope.freq_base"), gguf_file::Value::F32(THETA)),
         (key("attention.layer_norm_rms_epsilon"), gguf_file::Value::F32(EPS)),
     ];
+    if head_dim(w) != HIDDEN / HEADS {
+        metadata.push((key("attention.key_length"), u(head_dim(w))));
+        metadata.push((key("attention.value_length"), u(head_dim(w))));
+    }
     let mut named: HashMap<String, (Vec<f32>, Vec<usize>)> = w.iter().map(|(name, t)| (gguf_name(name), t.clone())).collect();
     // As llama.cpp's converter writes LongRoPE: both factor sets as
     // tensors, the original context and the attention factor as metadata.
@@ -189,6 +207,7 @@ fn write_folder(w: &Weights, rope: &Rope, dir: &std::path::Path, model_type: &st
         "num_hidden_layers": LAYERS,
         "vocab_size": VOCAB,
         "max_position_embeddings": 64,
+        "head_dim": head_dim(w),
         "rope_theta": THETA,
         "rms_norm_eps": EPS,
         "tie_word_embeddings": false,
@@ -197,8 +216,8 @@ fn write_folder(w: &Weights, rope: &Rope, dir: &std::path::Path, model_type: &st
         "eos_token_id": 1,
     });
     // As Phi-3.5 and Phi-4-mini write them.
-    if rope.rotary_dim != HEAD_DIM {
-        config["partial_rotary_factor"] = (rope.rotary_dim as f64 / HEAD_DIM as f64).into();
+    if rope.rotary_dim != head_dim(w) {
+        config["partial_rotary_factor"] = (rope.rotary_dim as f64 / head_dim(w) as f64).into();
     }
     if let Some(l) = &rope.long_rope {
         config["rope_scaling"] = serde_json::json!({ "type": "longrope", "short_factor": l.short, "long_factor": l.long });
@@ -229,10 +248,10 @@ fn rms_norm(x: &[f32], gain: &[f32]) -> Vec<f32> {
 
 /// Rotate-half RoPE on the first `rope.rotary_dim` dimensions of every
 /// head of `x` at `pos`, as transformers computes it.
-fn apply_rope(rope: &Rope, x: &mut [f32], pos: usize) {
+fn apply_rope(rope: &Rope, x: &mut [f32], head_dim: usize, pos: usize) {
     let half = rope.rotary_dim / 2;
     let scale = rope.long_rope.as_ref().map_or(1.0, |l| l.attn_factor() as f64);
-    for head in x.chunks_exact_mut(HEAD_DIM) {
+    for head in x.chunks_exact_mut(head_dim) {
         for i in 0..half {
             let factor = rope.long_rope.as_ref().map_or(1.0, |l| l.short[i] as f64);
             let angle = pos as f64 / ((THETA as f64).powf(2.0 * i as f64 / rope.rotary_dim as f64) * factor);
@@ -246,6 +265,13 @@ fn apply_rope(rope: &Rope, x: &mut [f32], pos: usize) {
 
 /// Logits of every position of `tokens`, computed plainly.
 fn reference(w: &Weights, rope: &Rope, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let hd = head_dim(w);
+    // Qwen3's norm over each head, where the model has one.
+    let head_norm = |x: &mut Vec<f32>, name: String| {
+        if let Some((gain, _)) = w.get(&name) {
+            *x = x.chunks_exact(hd).flat_map(|head| rms_norm(head, gain)).collect();
+        }
+    };
     let embed = &w["model.embed_tokens.weight"].0;
     let mut xs: Vec<Vec<f32>> = tokens.iter().map(|&t| embed[t as usize * HIDDEN..][..HIDDEN].to_vec()).collect();
     for l in 0..LAYERS {
@@ -254,25 +280,26 @@ fn reference(w: &Weights, rope: &Rope, tokens: &[u32]) -> Vec<Vec<f32>> {
         for (pos, x) in xs.iter().enumerate() {
             let h = rms_norm(x, &w[&format!("{p}.input_layernorm.weight")].0);
             let (mut q, mut k) = (matvec(w, &format!("{p}.self_attn.q_proj.weight"), &h), matvec(w, &format!("{p}.self_attn.k_proj.weight"), &h));
-            apply_rope(rope, &mut q, pos);
-            apply_rope(rope, &mut k, pos);
+            head_norm(&mut q, format!("{p}.self_attn.q_norm.weight"));
+            head_norm(&mut k, format!("{p}.self_attn.k_norm.weight"));
+            apply_rope(rope, &mut q, hd, pos);
+            apply_rope(rope, &mut k, hd, pos);
             qs.push(q);
             ks.push(k);
             vs.push(matvec(w, &format!("{p}.self_attn.v_proj.weight"), &h));
         }
         for (pos, x) in xs.iter_mut().enumerate() {
-            let mut attn = vec![0f32; HEADS * HEAD_DIM];
+            let mut attn = vec![0f32; HEADS * hd];
             for head in 0..HEADS {
                 let kv = head / (HEADS / KV_HEADS);
-                let q = &qs[pos][head * HEAD_DIM..][..HEAD_DIM];
-                let scores: Vec<f32> =
-                    (0..=pos).map(|j| q.iter().zip(&ks[j][kv * HEAD_DIM..][..HEAD_DIM]).map(|(a, b)| a * b).sum::<f32>() / (HEAD_DIM as f32).sqrt()).collect();
+                let q = &qs[pos][head * hd..][..hd];
+                let scores: Vec<f32> = (0..=pos).map(|j| q.iter().zip(&ks[j][kv * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt()).collect();
                 let max = scores.iter().cloned().fold(f32::MIN, f32::max);
                 let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
                 let sum: f32 = e.iter().sum();
                 for (j, p) in e.iter().enumerate() {
-                    for d in 0..HEAD_DIM {
-                        attn[head * HEAD_DIM + d] += p / sum * vs[j][kv * HEAD_DIM + d];
+                    for d in 0..hd {
+                        attn[head * hd + d] += p / sum * vs[j][kv * hd + d];
                     }
                 }
             }
@@ -300,7 +327,7 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 
 #[test]
 fn a_qwen2_gguf_and_folder_give_the_plain_forwards_logits() {
-    let w = random_weights(11);
+    let w = random_weights(11, HEAD_DIM, false);
     let tokens: Vec<u32> = vec![3, 17, 42, 5, 5, 29, 0, 11, 38, 47, 2, 20];
     let want = assert_gguf_and_folder_match_the_plain_forward(&w, &PLAIN, &tokens, "qwen2");
     // The biases matter here: without them the logits are far off.
@@ -311,16 +338,32 @@ fn a_qwen2_gguf_and_folder_give_the_plain_forwards_logits() {
 
 #[test]
 fn a_phi3_gguf_and_folder_with_stacked_projections_give_the_plain_forwards_logits() {
-    let mut w = random_weights(12);
+    let mut w = random_weights(12, HEAD_DIM, false);
     w.retain(|name, _| !name.ends_with(".bias"));
     assert_gguf_and_folder_match_the_plain_forward(&w, &PLAIN, &[9, 1, 33, 33, 14, 40, 7, 26, 2, 45], "phi3");
+}
+
+/// Qwen3: no biases, a norm over each query and key head before RoPE,
+/// and heads wider than hidden / heads (12 here, as Qwen3-0.6B's 16 heads
+/// of 128 make 2048 for a hidden size of 1024).
+#[test]
+fn a_qwen3_gguf_and_folder_with_head_norms_and_wide_heads_give_the_plain_forwards_logits() {
+    let mut w = random_weights(14, 12, true);
+    w.retain(|name, _| !name.ends_with(".bias"));
+    let rope = Rope { rotary_dim: 12, long_rope: None };
+    let tokens: Vec<u32> = vec![4, 19, 19, 40, 2, 33, 8, 27, 11, 46, 0, 5];
+    let want = assert_gguf_and_folder_match_the_plain_forward(&w, &rope, &tokens, "qwen3");
+    // The norms matter: without them the logits are far off.
+    let mut unnormed = w.clone();
+    unnormed.retain(|name, _| !name.ends_with(".q_norm.weight") && !name.ends_with(".k_norm.weight"));
+    assert!(max_diff(&reference(&unnormed, &rope, &tokens), &want) > 100.0 * TOLERANCE);
 }
 
 /// Phi-4-mini's RoPE, scaled down: LongRoPE over 3/4 of each head. The
 /// model serves its original context, with the short factors.
 #[test]
 fn a_phi3_with_long_rope_over_part_of_each_head_gives_the_plain_forwards_logits() {
-    let mut w = random_weights(13);
+    let mut w = random_weights(13, HEAD_DIM, false);
     w.retain(|name, _| !name.ends_with(".bias"));
     let long_rope = LongRope { short: vec![1.0, 1.7, 3.1], long: vec![2.0, 5.0, 9.0], original: 48, extended: 256 };
     let rope = Rope { rotary_dim: 6, long_rope: Some(long_rope) };

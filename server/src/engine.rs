@@ -225,7 +225,7 @@ impl Engine {
             service_gap.set_weight(tenant, *weight);
         }
         let handle = EngineHandle { tx, admission: admission.clone(), metrics: metrics.clone(), kv_bytes_per_position, calibration };
-        let cfg_prefix_positions = cfg.prefix_cache_bytes / kv_bytes_per_position;
+        let prefix_positions = cfg.prefix_cache_bytes / kv_bytes_per_position;
         let engine = Engine {
             model,
             batcher,
@@ -241,7 +241,7 @@ impl Engine {
             last_pass_ms: 10.0,
             lengths: RecentLengths::default(),
             service_gap,
-            prefixes: PrefixIndex::new(cfg_prefix_positions),
+            prefixes: PrefixIndex::new(prefix_positions),
             prefix_caches: HashMap::new(),
         };
         let thread = std::thread::Builder::new()

@@ -149,9 +149,12 @@ impl WgpuModel {
         if n_layers == 0 || n_layers > cfg.n_layers {
             return Err(EdgeError::InvalidArgument(format!("`n_layers` must be between 1 and the model's {}, got {n_layers}", cfg.n_layers)));
         }
-        // The WGSL forward has no bias stage.
+        // The WGSL forward has no bias or per-head norm stage.
         if (0..n_layers).any(|i| llama.layer(i).qkv_bias.is_some()) {
             return Err(EdgeError::InvalidArgument("the wgpu backend does not run models with Q/K/V biases (Qwen2); use --backend cpu".into()));
+        }
+        if (0..n_layers).any(|i| llama.layer(i).qk_norm.is_some()) {
+            return Err(EdgeError::InvalidArgument("the wgpu backend does not run models with Q/K norms (Qwen3); use --backend cpu".into()));
         }
         let gpu = Gpu::new(options.limits.as_ref())?;
         check_kernel_limits(&gpu)?;
