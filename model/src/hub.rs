@@ -11,10 +11,16 @@
 //! token file `huggingface-cli login` writes, or `HF_TOKEN_PATH`) and
 //! `HF_HUB_OFFLINE` (cache only). When the Hub cannot be reached, a
 //! snapshot already in the cache is used, with a warning.
+//!
+//! As in Python, a branch means its latest commit: when it has moved on
+//! since the cache fetched it, the new commit's snapshot is made, a file
+//! whose content the cache holds already (same ETag, the Hub's content
+//! hash) linked to that blob rather than downloaded again (`hf-hub` 0.4
+//! alone downloads every file of a new commit).
 
 use crate::hf::{shards, SHARD_INDEX};
 use crate::{ModelError, Result};
-use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
+use hf_hub::api::sync::{Api, ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 use std::path::{Path, PathBuf};
 
@@ -130,21 +136,9 @@ pub fn fetch(model: &HubModel, options: &HubOptions) -> Result<PathBuf> {
     // from the partial file's end), a few times, rather than failing a
     // download of gigabytes.
     builder = builder.with_token(options.token.clone()).with_retries(RETRIES);
-    let api = builder.build().map_err(|e| hub_error(model, e.to_string()))?.repo(model.repo());
-    match download(model, &api) {
-        Ok((path, latest)) => {
-            // The cache answers first: after the branch has moved on, its
-            // older snapshot still serves, rather than the model changing
-            // under a running deployment; say so.
-            if !path.components().any(|c| c.as_os_str() == latest.as_str()) {
-                tracing::warn!(
-                    "{model}: the Hub's {} is now at commit {latest}; serving the cached {} (pin @{latest} to fetch that one)",
-                    model.revision,
-                    path.display()
-                );
-            }
-            Ok(path)
-        }
+    let api = builder.build().map_err(|e| hub_error(model, e.to_string()))?;
+    match download(model, &api, options) {
+        Ok(path) => Ok(path),
         // Unreachable (not refused): a snapshot fetched before still serves.
         Err(Failure::Unreachable(why)) => match cached(model, |f| cache.get(f)) {
             Some(path) => {
@@ -178,46 +172,100 @@ impl Failure {
     }
 }
 
-/// The model's local path, and the commit the Hub's revision is at now.
-fn download(model: &HubModel, api: &ApiRepo) -> Result<(PathBuf, String), Failure> {
-    let get = |file: &str| api.get(file).map_err(|e| Failure::of(file, e));
-    let info = api.info().map_err(|e| Failure::of("the repo's file list", e))?;
-    if let Some(file) = &model.file {
-        return Ok((get(file)?, info.sha));
-    }
-    let has = |name: &str| info.siblings.iter().any(|s| s.rfilename == name);
-    for required in ["config.json", "tokenizer.json"] {
-        if !has(required) {
-            return Err(Failure::Refused(no_folder(&info.siblings, required)));
+/// The model's local path: its files at the commit the Hub's revision is
+/// at now, in that commit's snapshot folder, which the revision's ref
+/// then names.
+fn download(model: &HubModel, api: &Api, options: &HubOptions) -> Result<PathBuf, Failure> {
+    let info = api.repo(model.repo()).info().map_err(|e| Failure::of("the repo's file list", e))?;
+    let commit = Repo::with_revision(model.repo.clone(), RepoType::Model, info.sha.clone());
+    let at_commit =
+        CommitFiles { api: api.repo(commit.clone()), repo_dir: options.cache().path().join(commit.folder_name()), commit: info.sha.clone(), options };
+    let get = |file: &str| at_commit.get(file);
+    let path = match &model.file {
+        Some(file) => get(file)?,
+        None => {
+            let has = |name: &str| info.siblings.iter().any(|s| s.rfilename == name);
+            for required in ["config.json", "tokenizer.json"] {
+                if !has(required) {
+                    return Err(Failure::Refused(no_folder(&info.siblings, required)));
+                }
+            }
+            let config = get("config.json")?;
+            get("tokenizer.json")?;
+            if has("tokenizer_config.json") {
+                get("tokenizer_config.json")?;
+            }
+            if has(SHARD_INDEX) {
+                for shard in shards(&get(SHARD_INDEX)?).map_err(|e| Failure::Refused(e.to_string()))? {
+                    get(&shard)?;
+                }
+            } else if has("model.safetensors") {
+                get("model.safetensors")?;
+            } else {
+                return Err(Failure::Refused(no_folder(&info.siblings, "model.safetensors")));
+            }
+            snapshot_of(&config)
         }
+    };
+    // Only now, with every file in place, does the revision name the commit.
+    if model.revision != info.sha {
+        options.cache().repo(model.repo()).create_ref(&info.sha).map_err(|e| Failure::Refused(format!("writing the cache's ref: {e}")))?;
     }
-    let mut files = vec![get("config.json")?, get("tokenizer.json")?];
-    if has("tokenizer_config.json") {
-        files.push(get("tokenizer_config.json")?);
-    }
-    if has(SHARD_INDEX) {
-        let index = get(SHARD_INDEX)?;
-        for shard in shards(&index).map_err(|e| Failure::Refused(e.to_string()))? {
-            files.push(get(&shard)?);
+    Ok(path)
+}
+
+/// A repo's files at one commit, in the cache.
+struct CommitFiles<'a> {
+    /// The Hub, at that commit.
+    api: ApiRepo,
+    /// `models--OWNER--NAME` in the cache.
+    repo_dir: PathBuf,
+    commit: String,
+    options: &'a HubOptions,
+}
+
+impl CommitFiles<'_> {
+    /// `file` in the commit's snapshot folder: there already; linked to
+    /// the blob of an earlier commit with the same content; or downloaded.
+    fn get(&self, file: &str) -> Result<PathBuf, Failure> {
+        let path = self.repo_dir.join("snapshots").join(&self.commit).join(file);
+        if path.exists() {
+            return Ok(path);
         }
-        files.push(index);
-    } else if has("model.safetensors") {
-        files.push(get("model.safetensors")?);
-    } else {
-        return Err(Failure::Refused(no_folder(&info.siblings, "model.safetensors")));
+        let blob = self.repo_dir.join("blobs").join(self.etag(file)?);
+        if !blob.is_file() {
+            return self.api.download(file).map_err(|e| Failure::of(file, e));
+        }
+        let linked = || -> std::io::Result<()> {
+            std::fs::create_dir_all(path.parent().expect("a snapshot file has a folder"))?;
+            // Relative, as the Hub's tools link: `../../blobs/ETAG`, one
+            // more `..` for each folder the file sits in.
+            #[cfg(unix)]
+            return std::os::unix::fs::symlink(
+                Path::new(&"../".repeat(Path::new(file).components().count() + 1)).join("blobs").join(blob.file_name().expect("a blob has a name")),
+                &path,
+            );
+            // Windows may refuse links without developer mode: a copy.
+            #[cfg(not(unix))]
+            return std::fs::copy(&blob, &path).map(|_| ());
+        };
+        linked().map_err(|e| Failure::Refused(format!("{file}: linking {} to its cached blob: {e}", path.display())))?;
+        tracing::info!("{file}: unchanged at commit {}, linked to the cached blob", self.commit);
+        Ok(path)
     }
-    // Files already cached come from the snapshot the cache holds, new
-    // ones from the repo's latest commit: if the repo has gained files
-    // since, they land in another snapshot folder than the cached ones.
-    let folder = snapshot_of(&files[0]);
-    match files.iter().find(|f| snapshot_of(f) != folder) {
-        None => Ok((folder, info.sha)),
-        Some(f) => Err(Failure::Refused(format!(
-            "the repo changed since it was cached: {} and {} are in different snapshots; pin a revision (@COMMIT) or remove {}",
-            files[0].display(),
-            f.display(),
-            folder.parent().and_then(Path::parent).map_or_else(|| folder.display().to_string(), |p| p.display().to_string())
-        ))),
+
+    /// The ETag the Hub gives `file` at the commit: `X-Linked-Etag` (the
+    /// content's SHA-256, on the redirect to the CDN for large files) or
+    /// `ETag`, unquoted; the name its blob has in the cache.
+    fn etag(&self, file: &str) -> Result<String, Failure> {
+        let agent = ureq::AgentBuilder::new().redirects(0).build();
+        let mut request = agent.get(&self.api.url(file)).set("Range", "bytes=0-0");
+        if let Some(token) = &self.options.token {
+            request = request.set("Authorization", &format!("Bearer {token}"));
+        }
+        let response = request.call().map_err(|e| Failure::of(file, ApiError::RequestError(Box::new(e))))?;
+        let etag = response.header("x-linked-etag").or(response.header("etag")).ok_or_else(|| Failure::Refused(format!("{file}: the Hub gave no ETag")))?;
+        Ok(etag.trim_start_matches("W/").trim_matches('"').to_string())
     }
 }
 
