@@ -67,16 +67,27 @@ enum ChatTemplate {
     /// their knowledge cut-off and a date, then the system message if
     /// there is one.
     Llama3 { bos: String, preamble: Option<Llama3Preamble> },
-    /// Llama 2 chat and Mistral instruct: `[INST] user [/INST]answer</s>`.
-    /// Llama 2 (`system_block`) opens every exchange with BOS, puts the
-    /// system message in a `<<SYS>>` block of the first user turn and
-    /// pads the answer with spaces; Mistral writes BOS once and the system
-    /// message as the first user turn's first paragraph.
-    Inst { bos: String, eos: String, system_block: bool },
+    /// Llama 2 chat and Mistral instruct: `[INST] user [/INST]answer</s>`,
+    /// as `format` writes it.
+    Inst { bos: String, eos: String, format: InstFormat },
     /// Role tags: `<|role|>\ncontent` and the turn's end, then a newline.
     /// Zephyr (TinyLlama chat) ends a turn with EOS, Phi-3 with `<|end|>`;
     /// Phi-4-mini writes neither newline (`newlines` false).
     RoleTags { end: String, newlines: bool },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum InstFormat {
+    /// Llama 2 chat: BOS before every exchange, the system message in a
+    /// `<<SYS>>` block of the first user turn, answers padded with spaces.
+    Llama2,
+    /// Mistral v0.1 and v0.2: BOS once, contents trimmed, a system message
+    /// as the first user turn's first paragraph.
+    Mistral,
+    /// Mistral v0.3, Nemo, Codestral: `[INST] user[/INST] answer</s>`,
+    /// contents as written, a system message as the last user turn's
+    /// first paragraph.
+    MistralV3,
 }
 
 impl ChatTemplate {
@@ -87,7 +98,14 @@ impl ChatTemplate {
             return Some(ChatTemplate::Llama3 { bos: bos.to_string(), preamble: Llama3Preamble::recognise(text) });
         }
         if text.contains("[INST]") {
-            return Some(ChatTemplate::Inst { bos: bos.to_string(), eos: eos.to_string(), system_block: text.contains("<<SYS>>") });
+            let format = if text.contains("<<SYS>>") {
+                InstFormat::Llama2
+            } else if text.contains("+ '[/INST]'") {
+                InstFormat::MistralV3
+            } else {
+                InstFormat::Mistral
+            };
+            return Some(ChatTemplate::Inst { bos: bos.to_string(), eos: eos.to_string(), format });
         }
         // Phi-4-mini builds each tag from the role's name.
         let built_tags = text.contains("'<|' + message['role'] + '|>'");
@@ -143,7 +161,23 @@ impl ChatTemplate {
                 }
                 s.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
             }
-            ChatTemplate::Inst { bos, eos, system_block } => {
+            ChatTemplate::Inst { bos, eos, format: InstFormat::MistralV3 } => {
+                let (system, turns) = match messages.split_first() {
+                    Some((first, rest)) if first.role == "system" => (Some(first.content.as_str()), rest),
+                    _ => (None, messages),
+                };
+                let last_user = turns.iter().rposition(|m| m.role != "assistant");
+                s.push_str(bos);
+                for (i, m) in turns.iter().enumerate() {
+                    match (m.role.as_str(), system.filter(|_| Some(i) == last_user)) {
+                        ("assistant", _) => s.push_str(&format!(" {}{eos}", m.content)),
+                        (_, Some(sys)) => s.push_str(&format!("[INST] {sys}\n\n{}[/INST]", m.content)),
+                        _ => s.push_str(&format!("[INST] {}[/INST]", m.content)),
+                    }
+                }
+            }
+            ChatTemplate::Inst { bos, eos, format } => {
+                let system_block = *format == InstFormat::Llama2;
                 let (system, turns) = match messages.split_first() {
                     Some((first, rest)) if first.role == "system" => (Some(first.content.trim()), rest),
                     _ => (None, messages),
@@ -154,11 +188,11 @@ impl ChatTemplate {
                 for (i, m) in turns.iter().enumerate() {
                     let content = m.content.trim();
                     match (m.role.as_str(), system.filter(|_| i == 0)) {
-                        ("assistant", _) if *system_block => s.push_str(&format!(" {content} {eos}")),
+                        ("assistant", _) if system_block => s.push_str(&format!(" {content} {eos}")),
                         ("assistant", _) => s.push_str(&format!("{content}{eos}")),
-                        (_, Some(sys)) if *system_block => s.push_str(&format!("{bos}[INST] <<SYS>>\n{sys}\n<</SYS>>\n\n{content} [/INST]")),
+                        (_, Some(sys)) if system_block => s.push_str(&format!("{bos}[INST] <<SYS>>\n{sys}\n<</SYS>>\n\n{content} [/INST]")),
                         (_, Some(sys)) => s.push_str(&format!("[INST] {sys}\n\n{content} [/INST]")),
-                        _ if *system_block => s.push_str(&format!("{bos}[INST] {content} [/INST]")),
+                        _ if system_block => s.push_str(&format!("{bos}[INST] {content} [/INST]")),
                         _ => s.push_str(&format!("[INST] {content} [/INST]")),
                     }
                 }
@@ -747,6 +781,19 @@ mod tests {
             "<s>[INST] Hi [/INST]Hello.</s>[INST] Bye [/INST]"
         );
         assert_eq!(chat.render(&[turn("system", "Be brief."), turn("user", "Hi")], None), "<s>[INST] Be brief.\n\nHi [/INST]");
+    }
+
+    /// Mistral-7B-Instruct-v0.3's template (Nemo's and Codestral's too): no
+    /// space before `[/INST]`, one before each answer, contents untrimmed,
+    /// the system message in the last user turn.
+    #[test]
+    fn a_mistral_v0_3_template_renders_its_tighter_inst_format() {
+        let template = "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content'] %}\n    {%- set loop_messages = messages[1:] %}\n{%- else %}\n    {%- set loop_messages = messages %}\n{%- endif %}\n\n{{- bos_token }}\n{%- for message in loop_messages %}\n    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}\n    {%- endif %}\n    {%- if message['role'] == 'user' %}\n        {%- if loop.last and system_message is defined %}\n            {{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}\n        {%- else %}\n            {{- '[INST] ' + message['content'] + '[/INST]' }}\n        {%- endif %}\n    {%- elif message['role'] == 'assistant' %}\n        {{- ' ' + message['content'] + eos_token}}\n    {%- else %}\n        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}\n    {%- endif %}\n{%- endfor %}\n";
+        let chat = ChatTemplate::recognise(template, "<s>", "</s>").expect("recognised");
+        assert_eq!(
+            chat.render(&[turn("system", "Be brief."), turn("user", "Hi"), turn("assistant", "Hello!"), turn("user", "  padded  ")], None),
+            "<s>[INST] Hi[/INST] Hello!</s>[INST] Be brief.\n\n  padded  [/INST]"
+        );
     }
 
     /// TinyLlama-1.1B-Chat's (Zephyr) template, and Phi-3-mini's.
