@@ -136,6 +136,9 @@ fn config_of(c: &Value) -> Result<LlamaConfig> {
         rope_freq_factors: rope.freq_factors,
         rope_attn_factor: rope.attn_factor,
         rms_eps: float("rms_norm_eps", 1e-5),
+        // Gemma 2 folders are refused above (their norms hold w for
+        // 1 + w, under other names): GGUF files only.
+        gemma: None,
     })
 }
 

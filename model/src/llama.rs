@@ -1,5 +1,6 @@
 //! Llama-family decoder (llama, SmolLM, Mistral-style GQA, Qwen2's Q/K/V
-//! biases, Qwen3's Q/K norms, Phi-3's stacked projections) from GGUF files (or a Hugging Face
+//! biases, Qwen3's Q/K norms, Phi-3's stacked projections, Gemma 2's
+//! soft-capped GeGLU layers) from GGUF files (or a Hugging Face
 //! folder, read by `hf` into the same tensors).
 //!
 //! Unlike candle-transformers' `quantized_llama`, one forward call takes a
@@ -8,7 +9,9 @@
 //! whole batch, runs attention per sequence, and returns logits for every
 //! position asked for. Every kernel is batch-invariant (see `kernels`).
 
-use crate::kernels::{attend, attention_split_rows, residual_add, rms_norm, rope_heads, silu_mul, KvView, MatmulKernels, QLinear, QMatrix, RunRows};
+use crate::kernels::{
+    attend, attention_split_rows, residual_add, rms_norm, rope_heads, silu_mul, KvView, MatmulKernels, QLinear, QMatrix, RunRows, ScoreScale,
+};
 use crate::{KvCache, ModelError, Result};
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
@@ -43,6 +46,20 @@ pub struct LlamaConfig {
     /// 128k, Phi-3.5, Phi-4-mini), 1 otherwise.
     pub rope_attn_factor: f32,
     pub rms_eps: f32,
+    /// Gemma 2's differences from llama; None for llama.
+    pub gemma: Option<GemmaConfig>,
+}
+
+/// What Gemma 2 does beyond llama: embeddings scaled by √hidden, GeGLU
+/// (GELU, tanh approximation, for SiLU) in the feed-forward, norms on the
+/// attention's and the feed-forward's outputs (the layers' `post_*_norm`),
+/// its own query scale, and attention scores and output logits soft-capped
+/// (`cap · tanh(x / cap)`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GemmaConfig {
+    pub query_scale: f32,
+    pub attn_softcap: Option<f32>,
+    pub final_softcap: Option<f32>,
 }
 
 impl LlamaConfig {
@@ -50,8 +67,10 @@ impl LlamaConfig {
         let md = &content.metadata;
         let get = |key: &str| md.get(key).ok_or_else(|| ModelError::Format(format!("missing metadata `{key}`")));
         let arch = get("general.architecture")?.to_string()?.clone();
-        if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "qwen3" | "phi3") {
-            return Err(ModelError::Format(format!("architecture `{arch}` is not llama-family (expected `llama`, `mistral`, `qwen2`, `qwen3` or `phi3`)")));
+        if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "gemma2") {
+            return Err(ModelError::Format(format!(
+                "architecture `{arch}` is not llama-family (expected `llama`, `mistral`, `qwen2`, `qwen3`, `phi3` or `gemma2`)"
+            )));
         }
         let u = |key: &str| -> Result<usize> { Ok(get(&format!("{arch}.{key}"))?.to_u32()? as usize) };
         let hidden = u("embedding_length")?;
@@ -76,6 +95,26 @@ impl LlamaConfig {
         if content.tensor_infos.contains_key("rope_factors_short.weight") {
             context_len = context_len.min(u("rope.scaling.original_context_length").unwrap_or(context_len));
         }
+        let float = |key: &str| md.get(&format!("{arch}.{key}")).map(|v| v.to_f32()).transpose();
+        let gemma = if arch == "gemma2" {
+            // Every other layer of Gemma 2 attends to a window of the last
+            // 4096 positions; within it, all layers see the whole context,
+            // so Tandem serves the window's length, as it does not mask.
+            if let Ok(window) = u("attention.sliding_window") {
+                context_len = context_len.min(window);
+            }
+            // Queries scaled by 1/√(query_pre_attn_scalar): the head width
+            // for 2B and 9B, hidden / heads for 27B (46 layers), as
+            // llama.cpp decides, its GGUF files not saying.
+            let query_width = if u("block_count")? == 46 { hidden / n_heads } else { head_dim };
+            Some(GemmaConfig {
+                query_scale: 1.0 / (query_width as f32).sqrt(),
+                attn_softcap: float("attn_logit_softcapping")?,
+                final_softcap: float("final_logit_softcapping")?,
+            })
+        } else {
+            None
+        };
         let embd = content.tensor_infos.get("token_embd.weight").ok_or_else(|| ModelError::Format("missing tensor `token_embd.weight`".into()))?;
         Ok(LlamaConfig {
             hidden,
@@ -94,6 +133,7 @@ impl LlamaConfig {
             // (LongRoPE files converted before mid-2024).
             rope_attn_factor: md.get(&format!("{arch}.rope.scaling.attn_factor")).map_or(Ok(1.0), |v| v.to_f32())?,
             rms_eps: md.get(&format!("{arch}.attention.layer_norm_rms_epsilon")).map_or(Ok(1e-5), |v| v.to_f32())?,
+            gemma,
         })
     }
 
@@ -143,6 +183,15 @@ pub(crate) struct Layer {
     /// Gate and up projections fused: `[t, hidden] → [t, 2·ffn]`.
     gate_up: QLinear,
     down: QLinear,
+    post_norms: Option<PostNorms>,
+}
+
+/// Gemma 2's norms of the attention's and the feed-forward's outputs,
+/// before each joins the residual.
+#[derive(Clone)]
+struct PostNorms {
+    attn: Arc<Vec<f32>>,
+    ffn: Arc<Vec<f32>>,
 }
 
 /// Values of a named `rows × cols` tensor, row-major.
@@ -167,6 +216,7 @@ impl Layer {
             down: linear("ffn_down", h, ffn)?,
             attn_norm: Arc::new(get("attn_norm", 1, h)?),
             ffn_norm: Arc::new(get("ffn_norm", 1, h)?),
+            post_norms: None,
         })
     }
 }
@@ -254,7 +304,7 @@ impl Llama {
         // RoPE; architectures it runs with NEOX (rotate-half) RoPE keep
         // Hugging Face's order, and are reordered here.
         let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
-        let rotate_half = matches!(arch.as_str(), "qwen2" | "qwen3" | "phi3").then(|| RotateHalf::of(&cfg));
+        let rotate_half = matches!(arch.as_str(), "qwen2" | "qwen3" | "phi3" | "gemma2").then(|| RotateHalf::of(&cfg));
         let stacked = Stacked::of(&cfg);
         Self::from_source(cfg, GgufSource { content, reader, rotate_half, stacked }, kernels)
     }
@@ -276,6 +326,12 @@ impl Llama {
                 bias.extend(tensors.vector(&format!("{p}.attn_k.bias"), kv)?);
                 bias.extend(tensors.vector(&format!("{p}.attn_v.bias"), kv)?);
                 Some(Arc::new(bias))
+            } else {
+                None
+            };
+            let post_norms = if tensors.source.contains(&format!("{p}.post_attention_norm.weight")) {
+                let gain = |tensors: &mut TensorReader<_>, part: &str| tensors.vector(&format!("{p}.{part}.weight"), cfg.hidden).map(Arc::new);
+                Some(PostNorms { attn: gain(&mut tensors, "post_attention_norm")?, ffn: gain(&mut tensors, "post_ffw_norm")? })
             } else {
                 None
             };
@@ -301,6 +357,7 @@ impl Llama {
                     tensors.linear(&format!("{p}.ffn_up.weight"), cfg.ffn, cfg.hidden)?,
                 ]),
                 down: tensors.linear(&format!("{p}.ffn_down.weight"), cfg.hidden, cfg.ffn)?,
+                post_norms,
             });
         }
         let norm = Arc::new(tensors.vector("output_norm.weight", cfg.hidden)?);
@@ -492,6 +549,10 @@ impl Llama {
                         embedded.extend(self.embed.dequantize_row(t as usize));
                     }
                 }
+                if cfg.gemma.is_some() {
+                    let scale = (cfg.hidden as f32).sqrt();
+                    embedded.iter_mut().for_each(|x| *x *= scale);
+                }
                 Tensor::from_vec(embedded, (total, cfg.hidden), &Device::Cpu)?
             }
         };
@@ -530,11 +591,15 @@ impl Llama {
             let caches: Vec<&KvCache> = batch.iter().map(|s| &*s.cache).collect();
             let attn = self.attention(&caches, &rows, li, &q);
             let attn = Tensor::from_vec(attn, (total, cfg.n_heads * cfg.head_dim), &Device::Cpu)?;
-            x = residual_add(&x, &layer.wo.forward(&attn)?)?;
+            let post_norm = |y: Tensor, gain: Option<&Arc<Vec<f32>>>| match gain {
+                Some(gain) => rms_norm(&y, gain, cfg.rms_eps),
+                None => Ok(y),
+            };
+            x = residual_add(&x, &post_norm(layer.wo.forward(&attn)?, layer.post_norms.as_ref().map(|n| &n.attn))?)?;
 
             let h = rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
-            let gated = layer.gate_up.forward(&h)?.apply_op1_no_bwd(&SwiGlu)?;
-            x = residual_add(&x, &layer.down.forward(&gated)?)?;
+            let gated = layer.gate_up.forward(&h)?.apply_op1_no_bwd(&GatedFfn { gelu: cfg.gemma.is_some() })?;
+            x = residual_add(&x, &post_norm(layer.down.forward(&gated)?, layer.post_norms.as_ref().map(|n| &n.ffn))?)?;
             keep(li + 1, &x)?;
         }
 
@@ -559,7 +624,11 @@ impl Llama {
             let n = wanted.len();
             let idx = Tensor::from_vec(wanted, n, &Device::Cpu)?;
             let h = rms_norm(&x.index_select(&idx, 0)?, &self.norm, cfg.rms_eps)?;
-            self.head.forward_split(&h, &runs)?.into_iter().map(|data| Logits { vocab: self.head.rows(), data }).collect()
+            let mut rows = self.head.forward_split(&h, &runs)?;
+            if let Some(cap) = cfg.gemma.as_ref().and_then(|g| g.final_softcap) {
+                rows.iter_mut().flatten().for_each(|l| *l = cap * (*l / cap).tanh());
+            }
+            rows.into_iter().map(|data| Logits { vocab: self.head.rows(), data }).collect()
         };
         Ok((out, captured))
     }
@@ -589,7 +658,10 @@ impl Llama {
         let hd = cfg.head_dim;
         let group = cfg.n_heads / cfg.n_kv_heads;
         let width = cfg.n_heads * hd;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = match &cfg.gemma {
+            Some(g) => ScoreScale { scale: g.query_scale, softcap: g.attn_softcap },
+            None => ScoreScale::plain(1.0 / (hd as f32).sqrt()),
+        };
         // (first token, tokens, kv head): runs of one sequence's tokens.
         let mut units = Vec::new();
         let mut t = 0;
@@ -891,12 +963,24 @@ fn split_qkv(qkv: &[f32], t: usize, q_dim: usize, kv_dim: usize) -> (Vec<f32>, V
     (q, k, v)
 }
 
-/// `silu(gate) · up` over fused `[t, gate | up]` rows → `[t, ffn]`.
-struct SwiGlu;
+/// `silu(gate) · up` (or, `gelu`, Gemma's `gelu(gate) · up` with GELU's
+/// tanh approximation) over fused `[t, gate | up]` rows → `[t, ffn]`.
+struct GatedFfn {
+    gelu: bool,
+}
 
-impl CustomOp1 for SwiGlu {
+/// `gelu(gate) · up`, GELU by its tanh approximation (Gemma's
+/// `gelu_pytorch_tanh`, llama.cpp's GEGLU).
+fn gelu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = 0.5 * g * (1.0 + (SQRT_2_OVER_PI * (g + 0.044_715 * g * g * g)).tanh()) * u;
+    }
+}
+
+impl CustomOp1 for GatedFfn {
     fn name(&self) -> &'static str {
-        "tandem-swiglu"
+        "tandem-gated-ffn"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -911,7 +995,11 @@ impl CustomOp1 for SwiGlu {
         let mut out = vec![0f32; t * ffn];
         let row = |(row, out): (&[f32], &mut [f32])| {
             let (gate, up) = row.split_at(ffn);
-            silu_mul(gate, up, out);
+            if self.gelu {
+                gelu_mul(gate, up, out);
+            } else {
+                silu_mul(gate, up, out);
+            }
         };
         // Rows in parallel from four rows: on one thread, a 40-row pass's
         // activations left the other thread idle for about 2 % of the

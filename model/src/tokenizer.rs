@@ -74,6 +74,11 @@ enum ChatTemplate {
     /// Zephyr (TinyLlama chat) ends a turn with EOS, Phi-3 with `<|end|>`;
     /// Phi-4-mini writes neither newline (`newlines` false).
     RoleTags { end: String, newlines: bool },
+    /// Gemma: BOS, then `<start_of_turn>role\ncontent<end_of_turn>\n` with
+    /// the assistant's role named `model` and each content trimmed; a
+    /// system message opens the first user turn (Gemma 3's template; Gemma
+    /// 2's refuses one).
+    Gemma { bos: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -106,6 +111,9 @@ impl ChatTemplate {
                 InstFormat::Mistral
             };
             return Some(ChatTemplate::Inst { bos: bos.to_string(), eos: eos.to_string(), format });
+        }
+        if text.contains("<start_of_turn>") {
+            return Some(ChatTemplate::Gemma { bos: bos.to_string() });
         }
         // Phi-4-mini builds each tag from the role's name.
         let built_tags = text.contains("'<|' + message['role'] + '|>'");
@@ -196,6 +204,19 @@ impl ChatTemplate {
                         _ => s.push_str(&format!("[INST] {content} [/INST]")),
                     }
                 }
+            }
+            ChatTemplate::Gemma { bos } => {
+                let (system, turns) = match messages.split_first() {
+                    Some((first, rest)) if first.role == "system" => (Some(first.content.trim()), rest),
+                    _ => (None, messages),
+                };
+                s.push_str(bos);
+                for (i, m) in turns.iter().enumerate() {
+                    let role = if m.role == "assistant" { "model" } else { m.role.as_str() };
+                    let prefix = system.filter(|_| i == 0).map(|sys| format!("{sys}\n\n")).unwrap_or_default();
+                    s.push_str(&format!("<start_of_turn>{role}\n{prefix}{}<end_of_turn>\n", m.content.trim()));
+                }
+                s.push_str("<start_of_turn>model\n");
             }
             ChatTemplate::RoleTags { end, newlines } => {
                 let newline = if *newlines { "\n" } else { "" };
@@ -509,10 +530,10 @@ fn token_text<'a>(tokens: &'a [String], id: Option<&u32>) -> &'a str {
 }
 
 /// ChatML models end a turn with <|im_end|> and a document with
-/// <|endoftext|>, Llama 3 a turn with <|eot_id|>, Phi-3 with <|end|>; each
-/// ends generation.
+/// <|endoftext|>, Llama 3 a turn with <|eot_id|>, Phi-3 with <|end|>, Gemma
+/// with <end_of_turn>; each ends generation.
 fn add_turn_ends(tokens: &[String], eos: &mut Vec<u32>) {
-    for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>"] {
+    for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
         if let Some(i) = tokens.iter().position(|t| t == name) {
             if !eos.contains(&(i as u32)) {
                 eos.push(i as u32);
@@ -807,6 +828,23 @@ mod tests {
         assert_eq!(
             chat.render(&[turn("user", "Hi"), turn("assistant", "Hello."), turn("user", "Bye")], None),
             "<|user|>\nHi<|end|>\n<|assistant|>\nHello.<|end|>\n<|user|>\nBye<|end|>\n<|assistant|>\n"
+        );
+    }
+
+    /// Gemma 2's template (gemma-2-2b-it): `model` for the assistant,
+    /// contents trimmed; a system message opens the first user turn, as
+    /// Gemma 3's template writes it.
+    #[test]
+    fn a_gemma_template_renders_its_turns() {
+        let template = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}";
+        let chat = ChatTemplate::recognise(template, "<bos>", "<eos>").expect("recognised");
+        assert_eq!(
+            chat.render(&[turn("user", " Hi "), turn("assistant", "Hello."), turn("user", "Bye")], None),
+            "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+        assert_eq!(
+            chat.render(&[turn("system", "Be brief."), turn("user", "Hi")], None),
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
         );
     }
 

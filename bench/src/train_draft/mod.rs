@@ -185,6 +185,9 @@ pub fn run(r: &TrainRun) -> Result<DraftCard> {
     // Checked before tracing (minutes): a mistyped `--out` must not quietly
     // train from scratch.
     anyhow::ensure!(!r.resume || ckpt.exists(), "--resume: no checkpoint at {} (check --out)", ckpt.display());
+    // The draft layer trains as a llama layer and runs as one of the
+    // target's: Gemma's would run with GeGLU and soft caps it never trained with.
+    anyhow::ensure!(r.model.llama.config().gemma.is_none(), "--model: training a draft layer for a Gemma target is not supported");
     let cfg = &r.cfg;
     let (train, data_desc) = training_data(r)?;
     let eval = eval_data(r)?;

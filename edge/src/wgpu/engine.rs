@@ -153,6 +153,9 @@ impl WgpuModel {
         if (0..n_layers).any(|i| llama.layer(i).qkv_bias.is_some()) {
             return Err(EdgeError::InvalidArgument("the wgpu backend does not run models with Q/K/V biases (Qwen2); use --backend cpu".into()));
         }
+        if cfg.gemma.is_some() {
+            return Err(EdgeError::InvalidArgument("the wgpu backend does not run Gemma's layers (GeGLU, soft caps, output norms); use --backend cpu".into()));
+        }
         if (0..n_layers).any(|i| llama.layer(i).qk_norm.is_some()) {
             return Err(EdgeError::InvalidArgument("the wgpu backend does not run models with Q/K norms (Qwen3); use --backend cpu".into()));
         }

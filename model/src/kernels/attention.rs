@@ -62,12 +62,27 @@ pub struct RunRows {
     pub first_visible: usize,
 }
 
+/// How a query's dot product with a key becomes its score: times
+/// `scale`, then, with `softcap` (Gemma 2), squashed into (−cap, cap) as
+/// `cap · tanh(score / cap)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ScoreScale {
+    pub scale: f32,
+    pub softcap: Option<f32>,
+}
+
+impl ScoreScale {
+    pub fn plain(scale: f32) -> Self {
+        ScoreScale { scale, softcap: None }
+    }
+}
+
 /// Attention of some consecutive rows of a run of one sequence's new
 /// tokens (`queries`: vectors of `head_dim`) against its cache. `out` has
 /// the queries' shape. With `share`, a call over a long context offers
 /// parts of its work to idle threads: for passes of few calls (each part
 /// is less efficient than the whole when no thread takes it).
-pub fn attend(queries: &[f32], at: RunRows, kv: &KvView, scale: f32, share: bool, out: &mut [f32]) {
+pub fn attend(queries: &[f32], at: RunRows, kv: &KvView, scale: ScoreScale, share: bool, out: &mut [f32]) {
     let RunRows { group, first_row, first_visible } = at;
     let hd = kv.head_dim;
     assert!(group > 0 && hd > 0 && !queries.is_empty() && queries.len().is_multiple_of(hd) && out.len() == queries.len());
@@ -158,7 +173,7 @@ struct Task<'a> {
     first_row: usize,
     first_visible: usize,
     kv: &'a KvView<'a>,
-    scale: f32,
+    scale: ScoreScale,
 }
 
 /// Sixteen f32 lanes; every operation is lane-wise IEEE arithmetic, so an
@@ -307,8 +322,9 @@ unsafe fn scores_part<V: Lanes>(t: &Task, x: &Extent, blocks: Range<usize>, e: *
 fn softmax(t: &Task, x: &Extent, e: &mut [f32], sums: &mut [f32]) {
     for (r, (row, sum)) in e.chunks_exact_mut(x.padded).zip(sums.iter_mut()).enumerate() {
         let (seen, unseen) = row.split_at_mut(t.visible(r));
-        for s in seen.iter_mut() {
-            *s *= t.scale;
+        match t.scale.softcap {
+            None => seen.iter_mut().for_each(|s| *s *= t.scale.scale),
+            Some(cap) => seen.iter_mut().for_each(|s| *s = cap * (*s * t.scale.scale / cap).tanh()),
         }
         unseen.fill(f32::NEG_INFINITY);
         // The max is exact in any order: sixteen lanes over whole blocks,
@@ -778,8 +794,8 @@ mod tests {
             let first = n - tokens + 1;
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             let mut got = vec![0f32; queries.len()];
-            attend(&queries, RunRows { group, first_row: 0, first_visible: first }, &kv, 0.25, false, &mut got);
-            let task = Task { queries: &queries, group, first_row: 0, first_visible: first, kv: &kv, scale: 0.25 };
+            attend(&queries, RunRows { group, first_row: 0, first_visible: first }, &kv, ScoreScale::plain(0.25), false, &mut got);
+            let task = Task { queries: &queries, group, first_row: 0, first_visible: first, kv: &kv, scale: ScoreScale::plain(0.25) };
             let mut plain = vec![1f32; queries.len()];
             // SAFETY: plain array arithmetic.
             run_task(&task, &mut plain, false, &|part| unsafe { part_body::<Scalar>(&task, part) });
@@ -790,7 +806,14 @@ mod tests {
             let per_token = group * hd;
             for t in 0..tokens {
                 let mut one = vec![0f32; per_token];
-                attend(&queries[t * per_token..(t + 1) * per_token], RunRows { group, first_row: 0, first_visible: first + t }, &kv, 0.25, false, &mut one);
+                attend(
+                    &queries[t * per_token..(t + 1) * per_token],
+                    RunRows { group, first_row: 0, first_visible: first + t },
+                    &kv,
+                    ScoreScale::plain(0.25),
+                    false,
+                    &mut one,
+                );
                 assert_eq!(bits(&one), bits(&got[t * per_token..(t + 1) * per_token]), "hd {hd} token {t}: alone vs batched");
             }
             // Split into calls of some rows each, cutting across tokens.
@@ -799,7 +822,7 @@ mod tests {
                 let mut parts = vec![0f32; queries.len()];
                 for r0 in (0..rows).step_by(split) {
                     let r = r0 * hd..(r0 + split).min(rows) * hd;
-                    attend(&queries[r.clone()], RunRows { group, first_row: r0, first_visible: first }, &kv, 0.25, false, &mut parts[r]);
+                    attend(&queries[r.clone()], RunRows { group, first_row: r0, first_visible: first }, &kv, ScoreScale::plain(0.25), false, &mut parts[r]);
                 }
                 assert_eq!(bits(&parts), bits(&got), "hd {hd}: calls of {split} rows vs one call");
             }

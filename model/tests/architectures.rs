@@ -1,6 +1,8 @@
-//! Qwen2, Qwen3 and Phi-3: Q and K rows in rotate-half order in their GGUF
-//! files as in Hugging Face folders, Qwen2's Q/K/V biases, Qwen3's norms
-//! over each query and key head and heads wider than hidden / heads,
+//! Qwen2, Qwen3, Phi-3 and Gemma 2: Q and K rows in rotate-half order in
+//! their GGUF files as in Hugging Face folders, Qwen2's Q/K/V biases,
+//! Qwen3's norms over each query and key head and heads wider than hidden
+//! / heads, Gemma 2's scaled embeddings, GeGLU, output norms and
+//! soft-capped scores and logits,
 //! Phi-3's stacked projections (`attn_qkv`, `ffn_up` holding gate and up),
 //! and the RoPE of
 //! Phi-3.5 and Phi-4-mini (LongRoPE's short factors and attention factor,
@@ -25,6 +27,10 @@ const FFN: usize = 40;
 const LAYERS: usize = 2;
 const THETA: f32 = 1_000_000.0;
 const EPS: f32 = 1e-6;
+/// Gemma 2's soft caps, scaled down to the tiny model's scores (a few
+/// units) and logits (about five), so they bend them visibly.
+const GEMMA_ATTN_CAP: f32 = 2.0;
+const GEMMA_FINAL_CAP: f32 = 3.0;
 /// The kernels' f32 arithmetic differs from the plain loops' (order of
 /// sums, polynomial exp): a few parts in 10⁴ of logits of about 5.
 const TOLERANCE: f32 = 5e-3;
@@ -109,6 +115,14 @@ fn gguf_name(hf_name: &str) -> String {
     if let Some(n) = names.iter().find(|n| hf::hf_name(n).as_deref() == Some(hf_name)) {
         return n.to_string();
     }
+    // Gemma 2's output norms, named here apart from llama's names (its
+    // folders call its pre-feed-forward norm `pre_feedforward_layernorm`
+    // and its attention output's `post_attention_layernorm`).
+    for (here, gguf) in [("post_attn_out_norm", "post_attention_norm"), ("post_ffn_out_norm", "post_ffw_norm")] {
+        if let Some(layer) = hf_name.strip_prefix("model.layers.").and_then(|r| r.strip_suffix(&format!(".{here}.weight"))) {
+            return format!("blk.{layer}.{gguf}.weight");
+        }
+    }
     let parts = ["attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_q_norm", "attn_k_norm"];
     for l in 0..LAYERS {
         for part in parts {
@@ -145,6 +159,11 @@ fn write_gguf(w: &Weights, rope: &Rope, path: &std::path::Path, arch: &str) {
         (key("rope.freq_base"), gguf_file::Value::F32(THETA)),
         (key("attention.layer_norm_rms_epsilon"), gguf_file::Value::F32(EPS)),
     ];
+    if arch == "gemma2" {
+        metadata.push((key("attn_logit_softcapping"), gguf_file::Value::F32(GEMMA_ATTN_CAP)));
+        metadata.push((key("final_logit_softcapping"), gguf_file::Value::F32(GEMMA_FINAL_CAP)));
+        metadata.push((key("attention.sliding_window"), u(48)));
+    }
     if head_dim(w) != HIDDEN / HEADS {
         metadata.push((key("attention.key_length"), u(head_dim(w))));
         metadata.push((key("attention.value_length"), u(head_dim(w))));
@@ -272,8 +291,17 @@ fn reference(w: &Weights, rope: &Rope, tokens: &[u32]) -> Vec<Vec<f32>> {
             *x = x.chunks_exact(hd).flat_map(|head| rms_norm(head, gain)).collect();
         }
     };
+    let gemma = w.contains_key("model.layers.0.post_attn_out_norm.weight");
+    // Gemma 2: soft caps, and norms of the attention's and the
+    // feed-forward's outputs.
+    let cap = |x: f32, cap: f32| if gemma { cap * (x / cap).tanh() } else { x };
+    let out_norm = |y: Vec<f32>, name: String| match w.get(&name) {
+        Some((gain, _)) => rms_norm(&y, gain),
+        None => y,
+    };
     let embed = &w["model.embed_tokens.weight"].0;
-    let mut xs: Vec<Vec<f32>> = tokens.iter().map(|&t| embed[t as usize * HIDDEN..][..HIDDEN].to_vec()).collect();
+    let embed_scale = if gemma { (HIDDEN as f32).sqrt() } else { 1.0 };
+    let mut xs: Vec<Vec<f32>> = tokens.iter().map(|&t| embed[t as usize * HIDDEN..][..HIDDEN].iter().map(|v| v * embed_scale).collect()).collect();
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}");
         let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
@@ -293,7 +321,9 @@ fn reference(w: &Weights, rope: &Rope, tokens: &[u32]) -> Vec<Vec<f32>> {
             for head in 0..HEADS {
                 let kv = head / (HEADS / KV_HEADS);
                 let q = &qs[pos][head * hd..][..hd];
-                let scores: Vec<f32> = (0..=pos).map(|j| q.iter().zip(&ks[j][kv * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt()).collect();
+                let scores: Vec<f32> = (0..=pos)
+                    .map(|j| cap(q.iter().zip(&ks[j][kv * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt(), GEMMA_ATTN_CAP))
+                    .collect();
                 let max = scores.iter().cloned().fold(f32::MIN, f32::max);
                 let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
                 let sum: f32 = e.iter().sum();
@@ -303,16 +333,25 @@ fn reference(w: &Weights, rope: &Rope, tokens: &[u32]) -> Vec<Vec<f32>> {
                     }
                 }
             }
-            let o = matvec(w, &format!("{p}.self_attn.o_proj.weight"), &attn);
+            let o = out_norm(matvec(w, &format!("{p}.self_attn.o_proj.weight"), &attn), format!("{p}.post_attn_out_norm.weight"));
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let h = rms_norm(x, &w[&format!("{p}.post_attention_layernorm.weight")].0);
             let (gate, up) = (matvec(w, &format!("{p}.mlp.gate_proj.weight"), &h), matvec(w, &format!("{p}.mlp.up_proj.weight"), &h));
-            let gated: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-            let down = matvec(w, &format!("{p}.mlp.down_proj.weight"), &gated);
+            let act = |g: f32| {
+                if gemma {
+                    0.5 * g * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (g + 0.044715 * g.powi(3))).tanh())
+                } else {
+                    g / (1.0 + (-g).exp())
+                }
+            };
+            let gated: Vec<f32> = gate.iter().zip(&up).map(|(&g, u)| act(g) * u).collect();
+            let down = out_norm(matvec(w, &format!("{p}.mlp.down_proj.weight"), &gated), format!("{p}.post_ffn_out_norm.weight"));
             x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
         }
     }
-    xs.iter().map(|x| matvec(w, "lm_head.weight", &rms_norm(x, &w["model.norm.weight"].0))).collect()
+    // Tied (Gemma): the embedding table is the head.
+    let head = if w.contains_key("lm_head.weight") { "lm_head.weight" } else { "model.embed_tokens.weight" };
+    xs.iter().map(|x| matvec(w, head, &rms_norm(x, &w["model.norm.weight"].0)).into_iter().map(|l| cap(l, GEMMA_FINAL_CAP)).collect()).collect()
 }
 
 fn logits(llama: &Llama, tokens: &[u32]) -> Vec<Vec<f32>> {
@@ -357,6 +396,38 @@ fn a_qwen3_gguf_and_folder_with_head_norms_and_wide_heads_give_the_plain_forward
     let mut unnormed = w.clone();
     unnormed.retain(|name, _| !name.ends_with(".q_norm.weight") && !name.ends_with(".k_norm.weight"));
     assert!(max_diff(&reference(&unnormed, &rope, &tokens), &want) > 100.0 * TOLERANCE);
+}
+
+/// Gemma 2, as llama.cpp writes its GGUF files: tied embeddings scaled by
+/// √hidden, GeGLU, norms of the attention's and the feed-forward's
+/// outputs, soft-capped scores and logits; served within its sliding
+/// window (48 of 64 positions here). Hugging Face folders of Gemma are
+/// refused (`model/tests/hf_folder.rs`).
+#[test]
+fn a_gemma2_gguf_gives_the_plain_forwards_logits() {
+    let mut w = random_weights(15, HEAD_DIM, false);
+    w.retain(|name, _| !name.ends_with(".bias") && name != "lm_head.weight");
+    let mut rng = SessionRng::new(16);
+    for l in 0..LAYERS {
+        for norm in ["post_attn_out_norm", "post_ffn_out_norm"] {
+            let gain = (0..HIDDEN).map(|_| 1.0 + (rng.next_f64() as f32 * 2.0 - 1.0) * 0.2).collect();
+            w.insert(format!("model.layers.{l}.{norm}.weight"), (gain, vec![HIDDEN]));
+        }
+    }
+    let tokens: Vec<u32> = vec![6, 31, 2, 2, 45, 17, 9, 38, 0, 23, 12, 41];
+    let want = reference(&w, &PLAIN, &tokens);
+    let path = scratch("gemma2").join("tiny-gemma2.gguf");
+    write_gguf(&w, &PLAIN, &path, "gemma2");
+    let llama = load_gguf(&path);
+    assert_eq!(llama.config().context_len, 48);
+    let got = logits(&llama, &tokens);
+    assert!(max_diff(&got, &want) < TOLERANCE, "gemma2 GGUF: max |Δ| {}", max_diff(&got, &want));
+    // What Gemma adds matters: as a llama, the logits are far off.
+    let mut as_llama = w.clone();
+    as_llama.retain(|name, _| !name.contains("_out_norm"));
+    as_llama.insert("lm_head.weight".into(), (w["model.embed_tokens.weight"].0.clone(), vec![VOCAB, HIDDEN]));
+    assert!(max_diff(&reference(&as_llama, &PLAIN, &tokens), &want) > 100.0 * TOLERANCE);
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
 }
 
 /// Phi-4-mini's RoPE, scaled down: LongRoPE over 3/4 of each head. The
