@@ -64,7 +64,7 @@ impl CandleLayers {
         match arch.as_str() {
             "phi3" => return Err(EdgeError::InvalidArgument("the candle backends do not run Phi-3's stacked projections; use --backend cpu or wgpu".into())),
             "qwen3" => return Err(EdgeError::InvalidArgument("the candle backends do not run Qwen3's Q/K norms; use --backend cpu".into())),
-            "gemma2" => return Err(EdgeError::InvalidArgument("the candle backends do not run Gemma's layers; use --backend cpu".into())),
+            "gemma2" | "gemma3" => return Err(EdgeError::InvalidArgument("the candle backends do not run Gemma's layers; use --backend cpu".into())),
             _ => {}
         }
         if cfg.rotary_dim != cfg.head_dim {

@@ -9,9 +9,7 @@
 //! whole batch, runs attention per sequence, and returns logits for every
 //! position asked for. Every kernel is batch-invariant (see `kernels`).
 
-use crate::kernels::{
-    attend, attention_split_rows, residual_add, rms_norm, rope_heads, silu_mul, KvView, MatmulKernels, QLinear, QMatrix, RunRows, ScoreScale,
-};
+use crate::kernels::{attend, attention_split_rows, residual_add, rms_norm, rope_heads, silu_mul, KvView, MatmulKernels, QLinear, QMatrix, RunRows, Scoring};
 use crate::{KvCache, ModelError, Result};
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
@@ -50,16 +48,35 @@ pub struct LlamaConfig {
     pub gemma: Option<GemmaConfig>,
 }
 
-/// What Gemma 2 does beyond llama: embeddings scaled by √hidden, GeGLU
-/// (GELU, tanh approximation, for SiLU) in the feed-forward, norms on the
-/// attention's and the feed-forward's outputs (the layers' `post_*_norm`),
-/// its own query scale, and attention scores and output logits soft-capped
-/// (`cap · tanh(x / cap)`).
+/// What Gemma 2 and 3 do beyond llama: embeddings scaled by √hidden,
+/// GeGLU (GELU, tanh approximation, for SiLU) in the feed-forward, norms on
+/// the attention's and the feed-forward's outputs (the layers'
+/// `post_*_norm`), their own query scale, attention scores and output
+/// logits soft-capped (`cap · tanh(x / cap)`; Gemma 2), and local layers
+/// (Gemma 3).
 #[derive(Clone, Debug, PartialEq)]
 pub struct GemmaConfig {
     pub query_scale: f32,
     pub attn_softcap: Option<f32>,
     pub final_softcap: Option<f32>,
+    pub local_layers: Option<LocalLayers>,
+}
+
+/// Gemma 3's local layers: five of every six (layer `i` with `i % 6 < 5`)
+/// attend to the last `window` positions only, with RoPE of their own
+/// base and no scaling; the sixth attends to the whole context.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalLayers {
+    pub window: usize,
+    pub every: usize,
+    pub rope_theta: f32,
+}
+
+impl LlamaConfig {
+    /// Whether layer `i` is a local (sliding-window) layer.
+    pub fn is_local_layer(&self, i: usize) -> bool {
+        self.gemma.as_ref().and_then(|g| g.local_layers.as_ref()).is_some_and(|l| i % l.every < l.every - 1)
+    }
 }
 
 impl LlamaConfig {
@@ -67,9 +84,9 @@ impl LlamaConfig {
         let md = &content.metadata;
         let get = |key: &str| md.get(key).ok_or_else(|| ModelError::Format(format!("missing metadata `{key}`")));
         let arch = get("general.architecture")?.to_string()?.clone();
-        if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "gemma2") {
+        if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "gemma2" | "gemma3") {
             return Err(ModelError::Format(format!(
-                "architecture `{arch}` is not llama-family (expected `llama`, `mistral`, `qwen2`, `qwen3`, `phi3` or `gemma2`)"
+                "architecture `{arch}` is not llama-family (expected `llama`, `mistral`, `qwen2`, `qwen3`, `phi3`, `gemma2` or `gemma3`)"
             )));
         }
         let u = |key: &str| -> Result<usize> { Ok(get(&format!("{arch}.{key}"))?.to_u32()? as usize) };
@@ -96,24 +113,37 @@ impl LlamaConfig {
             context_len = context_len.min(u("rope.scaling.original_context_length").unwrap_or(context_len));
         }
         let float = |key: &str| md.get(&format!("{arch}.{key}")).map(|v| v.to_f32()).transpose();
-        let gemma = if arch == "gemma2" {
-            // Every other layer of Gemma 2 attends to a window of the last
-            // 4096 positions; within it, all layers see the whole context,
-            // so Tandem serves the window's length, as it does not mask.
-            if let Ok(window) = u("attention.sliding_window") {
-                context_len = context_len.min(window);
+        let gemma = match arch.as_str() {
+            "gemma2" | "gemma3" => {
+                // Gemma 2: every other layer attends to a window of the
+                // last 4096 positions; within it, all layers see the whole
+                // context, so Tandem serves the window's length.
+                if arch == "gemma2" {
+                    if let Ok(window) = u("attention.sliding_window") {
+                        context_len = context_len.min(window);
+                    }
+                }
+                // Queries scaled by 1/√(query_pre_attn_scalar): the head
+                // width, but hidden / heads for the 27B models (Gemma 2's
+                // 46 layers, Gemma 3's 62), as llama.cpp decides, its GGUF
+                // files not saying.
+                let query_width = if matches!((arch.as_str(), u("block_count")?), ("gemma2", 46) | ("gemma3", 62)) { hidden / n_heads } else { head_dim };
+                // Gemma 3's windows span 512 (1B and up) or more positions,
+                // far less than its context: masked (`Scoring::window`).
+                // llama.cpp fixes the pattern and the local RoPE base.
+                let local_layers = (arch == "gemma3").then(|| u("attention.sliding_window").ok()).flatten().map(|window| LocalLayers {
+                    window,
+                    every: 6,
+                    rope_theta: 10_000.0,
+                });
+                Some(GemmaConfig {
+                    query_scale: 1.0 / (query_width as f32).sqrt(),
+                    attn_softcap: float("attn_logit_softcapping")?,
+                    final_softcap: float("final_logit_softcapping")?,
+                    local_layers,
+                })
             }
-            // Queries scaled by 1/√(query_pre_attn_scalar): the head width
-            // for 2B and 9B, hidden / heads for 27B (46 layers), as
-            // llama.cpp decides, its GGUF files not saying.
-            let query_width = if u("block_count")? == 46 { hidden / n_heads } else { head_dim };
-            Some(GemmaConfig {
-                query_scale: 1.0 / (query_width as f32).sqrt(),
-                attn_softcap: float("attn_logit_softcapping")?,
-                final_softcap: float("final_logit_softcapping")?,
-            })
-        } else {
-            None
+            _ => None,
         };
         let embd = content.tensor_infos.get("token_embd.weight").ok_or_else(|| ModelError::Format("missing tensor `token_embd.weight`".into()))?;
         Ok(LlamaConfig {
@@ -127,14 +157,30 @@ impl LlamaConfig {
             context_len,
             rope_theta: md.get(&format!("{arch}.rope.freq_base")).map_or(Ok(10_000.0), |v| v.to_f32())?,
             rotary_dim,
-            // Read with the tensors (`Llama::from_source`).
-            rope_freq_factors: None,
+            // A `rope_freqs.weight` tensor replaces these when the file
+            // has one (`Llama::from_source`).
+            rope_freq_factors: Self::gguf_rope_scaling(md, &arch, rotary_dim)?,
             // llama.cpp scales by the file's factor, 1 when it has none
             // (LongRoPE files converted before mid-2024).
             rope_attn_factor: md.get(&format!("{arch}.rope.scaling.attn_factor")).map_or(Ok(1.0), |v| v.to_f32())?,
             rms_eps: md.get(&format!("{arch}.attention.layer_norm_rms_epsilon")).map_or(Ok(1e-5), |v| v.to_f32())?,
             gemma,
         })
+    }
+
+    /// The frequency divisors of a GGUF's `rope.scaling.type` and
+    /// `.factor`, as llama.cpp applies them: `linear` divides every
+    /// frequency by the factor (Gemma 3 4B and up, on its global layers).
+    /// YaRN is refused; other types are carried by tensors
+    /// (`rope_freqs.weight`, LongRoPE's factors) or change nothing.
+    fn gguf_rope_scaling(md: &std::collections::HashMap<String, gguf_file::Value>, arch: &str, rotary_dim: usize) -> Result<Option<Vec<f32>>> {
+        let Some(kind) = md.get(&format!("{arch}.rope.scaling.type")) else { return Ok(None) };
+        let factor = md.get(&format!("{arch}.rope.scaling.factor")).map(|v| v.to_f32()).transpose()?.unwrap_or(1.0);
+        match kind.to_string()?.as_str() {
+            "linear" if factor != 1.0 => Ok(Some(vec![factor; rotary_dim / 2])),
+            "yarn" => Err(ModelError::Format(format!("RoPE scaling of type `yarn` (`{arch}.rope.scaling.type`) is not supported (linear is)"))),
+            _ => Ok(None),
+        }
     }
 
     /// Each head's width (`explicit`, else hidden / heads), for the head
@@ -290,6 +336,8 @@ pub struct Llama {
     /// cos/sin per (position, pair), `context_len × head_dim/2` each.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
+    /// The same for Gemma 3's local layers (their own RoPE base).
+    local_rope: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl Llama {
@@ -304,7 +352,7 @@ impl Llama {
         // RoPE; architectures it runs with NEOX (rotate-half) RoPE keep
         // Hugging Face's order, and are reordered here.
         let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
-        let rotate_half = matches!(arch.as_str(), "qwen2" | "qwen3" | "phi3" | "gemma2").then(|| RotateHalf::of(&cfg));
+        let rotate_half = matches!(arch.as_str(), "qwen2" | "qwen3" | "phi3" | "gemma2" | "gemma3").then(|| RotateHalf::of(&cfg));
         let stacked = Stacked::of(&cfg);
         Self::from_source(cfg, GgufSource { content, reader, rotate_half, stacked }, kernels)
     }
@@ -368,7 +416,12 @@ impl Llama {
             tensors.stock(QLinear::from_arc(embed.clone()), "token_embd.weight")?
         };
         let (rope_cos, rope_sin) = rope_tables(&cfg);
-        Ok(Llama { cfg, embed, layers, norm, head, rope_cos, rope_sin })
+        let local_rope = cfg
+            .gemma
+            .as_ref()
+            .and_then(|g| g.local_layers.as_ref())
+            .map(|l| rope_tables(&LlamaConfig { rope_theta: l.rope_theta, rope_freq_factors: None, rope_attn_factor: 1.0, ..cfg.clone() }));
+        Ok(Llama { cfg, embed, layers, norm, head, rope_cos, rope_sin, local_rope })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -515,6 +568,7 @@ impl Llama {
             head: self.head.clone(),
             rope_cos: self.rope_cos.clone(),
             rope_sin: self.rope_sin.clone(),
+            local_rope: self.local_rope.clone(),
         }
     }
 
@@ -578,8 +632,9 @@ impl Llama {
                 head_rms_norm(&mut q, &norm.q, cfg.rms_eps);
                 head_rms_norm(&mut k, &norm.k, cfg.rms_eps);
             }
-            self.apply_rope(&mut q, cfg.n_heads, &positions);
-            self.apply_rope(&mut k, cfg.n_kv_heads, &positions);
+            let local = cfg.is_local_layer(li);
+            self.apply_rope(&mut q, cfg.n_heads, &positions, local);
+            self.apply_rope(&mut k, cfg.n_kv_heads, &positions, local);
 
             let kvd = cfg.kv_dim();
             let mut row = 0;
@@ -635,12 +690,15 @@ impl Llama {
 
     /// Rotates adjacent pairs `(x[2i], x[2i+1])` of every head (GGUF stores
     /// llama Q/K weights permuted for this interleaved form).
-    fn apply_rope(&self, x: &mut [f32], n_heads: usize, positions: &[usize]) {
+    fn apply_rope(&self, x: &mut [f32], n_heads: usize, positions: &[usize], local: bool) {
         let hd = self.cfg.head_dim;
         let half = hd / 2;
         for (t, &pos) in positions.iter().enumerate() {
-            let cos = &self.rope_cos[pos * half..(pos + 1) * half];
-            let sin = &self.rope_sin[pos * half..(pos + 1) * half];
+            let (cos, sin) = match (&self.local_rope, local) {
+                (Some((cos, sin)), true) => (cos, sin),
+                _ => (&self.rope_cos, &self.rope_sin),
+            };
+            let (cos, sin) = (&cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half]);
             rope_heads(&mut x[t * n_heads * hd..(t + 1) * n_heads * hd], cos, sin);
         }
     }
@@ -659,8 +717,12 @@ impl Llama {
         let group = cfg.n_heads / cfg.n_kv_heads;
         let width = cfg.n_heads * hd;
         let scale = match &cfg.gemma {
-            Some(g) => ScoreScale { scale: g.query_scale, softcap: g.attn_softcap },
-            None => ScoreScale::plain(1.0 / (hd as f32).sqrt()),
+            Some(g) => Scoring {
+                scale: g.query_scale,
+                softcap: g.attn_softcap,
+                window: g.local_layers.as_ref().filter(|_| cfg.is_local_layer(layer)).map(|l| l.window),
+            },
+            None => Scoring::plain(1.0 / (hd as f32).sqrt()),
         };
         // (first token, tokens, kv head): runs of one sequence's tokens.
         let mut units = Vec::new();

@@ -24,6 +24,7 @@ const HEADS: usize = 4;
 const KV_HEADS: usize = 2;
 const HEAD_DIM: usize = HIDDEN / HEADS;
 const FFN: usize = 40;
+/// Layers of the tiny models (Gemma 3's has six: five local, one global).
 const LAYERS: usize = 2;
 const THETA: f32 = 1_000_000.0;
 const EPS: f32 = 1e-6;
@@ -47,6 +48,8 @@ struct Rope {
     /// (which a context within the original one leaves unused) and the
     /// contexts, original and extended.
     long_rope: Option<LongRope>,
+    /// Every frequency divided by this (`rope.scaling.factor`, linear).
+    linear: f32,
 }
 
 #[derive(Clone)]
@@ -64,11 +67,26 @@ impl LongRope {
     }
 }
 
-const PLAIN: Rope = Rope { rotary_dim: HEAD_DIM, long_rope: None };
+const PLAIN: Rope = Rope { rotary_dim: HEAD_DIM, long_rope: None, linear: 1.0 };
 
-/// A tiny model with heads `head_dim` wide (Q/K/V biases included), and
-/// Qwen3's Q and K norms with `qk_norms`.
-fn random_weights(seed: u64, head_dim: usize, qk_norms: bool) -> Weights {
+/// Gemma 3's local layers in the tiny model: a window of this many
+/// positions, RoPE of this base (llama.cpp's, fixed).
+const GEMMA3_WINDOW: usize = 4;
+const GEMMA3_LOCAL_THETA: f32 = 10_000.0;
+
+/// Layers in `w`.
+fn layers(w: &Weights) -> usize {
+    w.keys().filter(|name| name.ends_with(".input_layernorm.weight")).count()
+}
+
+/// Gemma 3 (Gemma with per-head Q/K norms), whose layers `l % 6 < 5` are local.
+fn is_gemma3(w: &Weights) -> bool {
+    w.contains_key("model.layers.0.post_attn_out_norm.weight") && w.contains_key("model.layers.0.self_attn.q_norm.weight")
+}
+
+/// A tiny model of `layers` layers with heads `head_dim` wide (Q/K/V
+/// biases included), and Qwen3's Q and K norms with `qk_norms`.
+fn random_weights(seed: u64, layers: usize, head_dim: usize, qk_norms: bool) -> Weights {
     let mut rng = SessionRng::new(seed);
     let mut w = Weights::new();
     let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
@@ -79,7 +97,7 @@ fn random_weights(seed: u64, head_dim: usize, qk_norms: bool) -> Weights {
     put("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN], 1.0, 0.0);
     put("model.norm.weight".into(), vec![HIDDEN], 0.2, 1.0);
     put("lm_head.weight".into(), vec![VOCAB, HIDDEN], 0.5, 0.0);
-    for l in 0..LAYERS {
+    for l in 0..layers {
         let p = format!("model.layers.{l}");
         let s = 1.0 / (HIDDEN as f32).sqrt();
         put(format!("{p}.input_layernorm.weight"), vec![HIDDEN], 0.2, 1.0);
@@ -124,7 +142,7 @@ fn gguf_name(hf_name: &str) -> String {
         }
     }
     let parts = ["attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_q_norm", "attn_k_norm"];
-    for l in 0..LAYERS {
+    for l in 0..8 {
         for part in parts {
             for kind in ["weight", "bias"] {
                 let name = format!("blk.{l}.{part}.{kind}");
@@ -149,7 +167,7 @@ fn write_gguf(w: &Weights, rope: &Rope, path: &std::path::Path, arch: &str) {
     let key = |k: &str| format!("{arch}.{k}");
     let mut metadata = vec![
         ("general.architecture".to_string(), gguf_file::Value::String(arch.into())),
-        (key("block_count"), u(LAYERS)),
+        (key("block_count"), u(layers(w))),
         (key("context_length"), u(rope.long_rope.as_ref().map_or(64, |l| l.extended))),
         (key("embedding_length"), u(HIDDEN)),
         (key("feed_forward_length"), u(FFN)),
@@ -163,6 +181,13 @@ fn write_gguf(w: &Weights, rope: &Rope, path: &std::path::Path, arch: &str) {
         metadata.push((key("attn_logit_softcapping"), gguf_file::Value::F32(GEMMA_ATTN_CAP)));
         metadata.push((key("final_logit_softcapping"), gguf_file::Value::F32(GEMMA_FINAL_CAP)));
         metadata.push((key("attention.sliding_window"), u(48)));
+    }
+    if arch == "gemma3" {
+        metadata.push((key("attention.sliding_window"), u(GEMMA3_WINDOW)));
+    }
+    if rope.linear != 1.0 {
+        metadata.push((key("rope.scaling.type"), gguf_file::Value::String("linear".into())));
+        metadata.push((key("rope.scaling.factor"), gguf_file::Value::F32(rope.linear)));
     }
     if head_dim(w) != HIDDEN / HEADS {
         metadata.push((key("attention.key_length"), u(head_dim(w))));
@@ -178,7 +203,7 @@ fn write_gguf(w: &Weights, rope: &Rope, path: &std::path::Path, arch: &str) {
         named.insert("rope_factors_long.weight".into(), (l.long.clone(), vec![l.long.len()]));
     }
     if arch == "phi3" {
-        for l in 0..LAYERS {
+        for l in 0..layers(w) {
             let mut stack = |parts: [&str; 3], into: &str| {
                 let (mut values, mut rows) = (Vec::new(), 0);
                 for part in parts.iter().filter(|p| !p.is_empty()) {
@@ -206,7 +231,7 @@ fn write_gguf(w: &Weights, rope: &Rope, path: &std::path::Path, arch: &str) {
 fn write_folder(w: &Weights, rope: &Rope, dir: &std::path::Path, model_type: &str) {
     let mut tensors: HashMap<String, Tensor> = w.iter().map(|(name, (v, shape))| (name.clone(), tensor(v, shape))).collect();
     if model_type == "phi3" {
-        for l in 0..LAYERS {
+        for l in 0..layers(w) {
             let p = format!("model.layers.{l}");
             let mut stack = |parts: &[&str], into: &str| {
                 let parts: Vec<Tensor> = parts.iter().map(|part| tensors.remove(&format!("{p}.{part}.weight")).unwrap()).collect();
@@ -223,7 +248,7 @@ fn write_folder(w: &Weights, rope: &Rope, dir: &std::path::Path, model_type: &st
         "intermediate_size": FFN,
         "num_attention_heads": HEADS,
         "num_key_value_heads": KV_HEADS,
-        "num_hidden_layers": LAYERS,
+        "num_hidden_layers": layers(w),
         "vocab_size": VOCAB,
         "max_position_embeddings": 64,
         "head_dim": head_dim(w),
@@ -266,14 +291,17 @@ fn rms_norm(x: &[f32], gain: &[f32]) -> Vec<f32> {
 }
 
 /// Rotate-half RoPE on the first `rope.rotary_dim` dimensions of every
-/// head of `x` at `pos`, as transformers computes it.
-fn apply_rope(rope: &Rope, x: &mut [f32], head_dim: usize, pos: usize) {
+/// head of `x` at `pos`, as transformers computes it (`local`: a Gemma 3
+/// local layer's, of its own base and unscaled).
+fn apply_rope(rope: &Rope, x: &mut [f32], head_dim: usize, pos: usize, local: bool) {
     let half = rope.rotary_dim / 2;
     let scale = rope.long_rope.as_ref().map_or(1.0, |l| l.attn_factor() as f64);
     for head in x.chunks_exact_mut(head_dim) {
         for i in 0..half {
             let factor = rope.long_rope.as_ref().map_or(1.0, |l| l.short[i] as f64);
-            let angle = pos as f64 / ((THETA as f64).powf(2.0 * i as f64 / rope.rotary_dim as f64) * factor);
+            let theta = if local { GEMMA3_LOCAL_THETA } else { THETA } as f64;
+            let divisor = if local { 1.0 } else { factor * rope.linear as f64 };
+            let angle = pos as f64 / (theta.powf(2.0 * i as f64 / rope.rotary_dim as f64) * divisor);
             let (c, s) = ((angle.cos() * scale) as f32, (angle.sin() * scale) as f32);
             let (a, b) = (head[i], head[i + half]);
             head[i] = a * c - b * s;
@@ -292,9 +320,10 @@ fn reference(w: &Weights, rope: &Rope, tokens: &[u32]) -> Vec<Vec<f32>> {
         }
     };
     let gemma = w.contains_key("model.layers.0.post_attn_out_norm.weight");
-    // Gemma 2: soft caps, and norms of the attention's and the
-    // feed-forward's outputs.
-    let cap = |x: f32, cap: f32| if gemma { cap * (x / cap).tanh() } else { x };
+    // Gemma 2 and 3: norms of the attention's and the feed-forward's
+    // outputs; Gemma 2: soft caps.
+    let capped = gemma && !is_gemma3(w);
+    let cap = |x: f32, cap: f32| if capped { cap * (x / cap).tanh() } else { x };
     let out_norm = |y: Vec<f32>, name: String| match w.get(&name) {
         Some((gain, _)) => rms_norm(&y, gain),
         None => y,
@@ -302,16 +331,17 @@ fn reference(w: &Weights, rope: &Rope, tokens: &[u32]) -> Vec<Vec<f32>> {
     let embed = &w["model.embed_tokens.weight"].0;
     let embed_scale = if gemma { (HIDDEN as f32).sqrt() } else { 1.0 };
     let mut xs: Vec<Vec<f32>> = tokens.iter().map(|&t| embed[t as usize * HIDDEN..][..HIDDEN].iter().map(|v| v * embed_scale).collect()).collect();
-    for l in 0..LAYERS {
+    for l in 0..layers(w) {
         let p = format!("model.layers.{l}");
+        let local = is_gemma3(w) && l % 6 < 5;
         let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
         for (pos, x) in xs.iter().enumerate() {
             let h = rms_norm(x, &w[&format!("{p}.input_layernorm.weight")].0);
             let (mut q, mut k) = (matvec(w, &format!("{p}.self_attn.q_proj.weight"), &h), matvec(w, &format!("{p}.self_attn.k_proj.weight"), &h));
             head_norm(&mut q, format!("{p}.self_attn.q_norm.weight"));
             head_norm(&mut k, format!("{p}.self_attn.k_norm.weight"));
-            apply_rope(rope, &mut q, hd, pos);
-            apply_rope(rope, &mut k, hd, pos);
+            apply_rope(rope, &mut q, hd, pos, local);
+            apply_rope(rope, &mut k, hd, pos, local);
             qs.push(q);
             ks.push(k);
             vs.push(matvec(w, &format!("{p}.self_attn.v_proj.weight"), &h));
@@ -324,8 +354,10 @@ fn reference(w: &Weights, rope: &Rope, tokens: &[u32]) -> Vec<Vec<f32>> {
                 let scores: Vec<f32> = (0..=pos)
                     .map(|j| cap(q.iter().zip(&ks[j][kv * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt(), GEMMA_ATTN_CAP))
                     .collect();
-                let max = scores.iter().cloned().fold(f32::MIN, f32::max);
-                let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                // A local layer sees the last GEMMA3_WINDOW positions.
+                let first = if local { (pos + 1).saturating_sub(GEMMA3_WINDOW) } else { 0 };
+                let max = scores[first..].iter().cloned().fold(f32::MIN, f32::max);
+                let e: Vec<f32> = scores.iter().enumerate().map(|(j, s)| if j < first { 0.0 } else { (s - max).exp() }).collect();
                 let sum: f32 = e.iter().sum();
                 for (j, p) in e.iter().enumerate() {
                     for d in 0..hd {
@@ -355,7 +387,7 @@ fn reference(w: &Weights, rope: &Rope, tokens: &[u32]) -> Vec<Vec<f32>> {
 }
 
 fn logits(llama: &Llama, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let mut cache = llama.new_cache(LAYERS);
+    let mut cache = llama.new_cache(llama.config().n_layers);
     let out = llama.forward(&mut [SeqPass { cache: &mut cache, tokens, logits: LogitsFor::All }]).unwrap();
     (0..tokens.len()).map(|i| out[0].row(i).to_vec()).collect()
 }
@@ -366,7 +398,7 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 
 #[test]
 fn a_qwen2_gguf_and_folder_give_the_plain_forwards_logits() {
-    let w = random_weights(11, HEAD_DIM, false);
+    let w = random_weights(11, LAYERS, HEAD_DIM, false);
     let tokens: Vec<u32> = vec![3, 17, 42, 5, 5, 29, 0, 11, 38, 47, 2, 20];
     let want = assert_gguf_and_folder_match_the_plain_forward(&w, &PLAIN, &tokens, "qwen2");
     // The biases matter here: without them the logits are far off.
@@ -377,7 +409,7 @@ fn a_qwen2_gguf_and_folder_give_the_plain_forwards_logits() {
 
 #[test]
 fn a_phi3_gguf_and_folder_with_stacked_projections_give_the_plain_forwards_logits() {
-    let mut w = random_weights(12, HEAD_DIM, false);
+    let mut w = random_weights(12, LAYERS, HEAD_DIM, false);
     w.retain(|name, _| !name.ends_with(".bias"));
     assert_gguf_and_folder_match_the_plain_forward(&w, &PLAIN, &[9, 1, 33, 33, 14, 40, 7, 26, 2, 45], "phi3");
 }
@@ -387,9 +419,9 @@ fn a_phi3_gguf_and_folder_with_stacked_projections_give_the_plain_forwards_logit
 /// of 128 make 2048 for a hidden size of 1024).
 #[test]
 fn a_qwen3_gguf_and_folder_with_head_norms_and_wide_heads_give_the_plain_forwards_logits() {
-    let mut w = random_weights(14, 12, true);
+    let mut w = random_weights(14, LAYERS, 12, true);
     w.retain(|name, _| !name.ends_with(".bias"));
-    let rope = Rope { rotary_dim: 12, long_rope: None };
+    let rope = Rope { rotary_dim: 12, long_rope: None, linear: 1.0 };
     let tokens: Vec<u32> = vec![4, 19, 19, 40, 2, 33, 8, 27, 11, 46, 0, 5];
     let want = assert_gguf_and_folder_match_the_plain_forward(&w, &rope, &tokens, "qwen3");
     // The norms matter: without them the logits are far off.
@@ -405,15 +437,8 @@ fn a_qwen3_gguf_and_folder_with_head_norms_and_wide_heads_give_the_plain_forward
 /// refused (`model/tests/hf_folder.rs`).
 #[test]
 fn a_gemma2_gguf_gives_the_plain_forwards_logits() {
-    let mut w = random_weights(15, HEAD_DIM, false);
-    w.retain(|name, _| !name.ends_with(".bias") && name != "lm_head.weight");
-    let mut rng = SessionRng::new(16);
-    for l in 0..LAYERS {
-        for norm in ["post_attn_out_norm", "post_ffn_out_norm"] {
-            let gain = (0..HIDDEN).map(|_| 1.0 + (rng.next_f64() as f32 * 2.0 - 1.0) * 0.2).collect();
-            w.insert(format!("model.layers.{l}.{norm}.weight"), (gain, vec![HIDDEN]));
-        }
-    }
+    let mut w = random_weights(15, LAYERS, HEAD_DIM, false);
+    as_gemma(&mut w, 16);
     let tokens: Vec<u32> = vec![6, 31, 2, 2, 45, 17, 9, 38, 0, 23, 12, 41];
     let want = reference(&w, &PLAIN, &tokens);
     let path = scratch("gemma2").join("tiny-gemma2.gguf");
@@ -430,14 +455,48 @@ fn a_gemma2_gguf_gives_the_plain_forwards_logits() {
     std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
 }
 
+/// `w` as Gemma's: no biases, a tied head, norms of each layer's
+/// attention and feed-forward outputs.
+fn as_gemma(w: &mut Weights, seed: u64) {
+    w.retain(|name, _| !name.ends_with(".bias") && name != "lm_head.weight");
+    let mut rng = SessionRng::new(seed);
+    for l in 0..layers(w) {
+        for norm in ["post_attn_out_norm", "post_ffn_out_norm"] {
+            let gain = (0..HIDDEN).map(|_| 1.0 + (rng.next_f64() as f32 * 2.0 - 1.0) * 0.2).collect();
+            w.insert(format!("model.layers.{l}.{norm}.weight"), (gain, vec![HIDDEN]));
+        }
+    }
+}
+
+/// Gemma 3, its 1B layout scaled down: Gemma 2's layers without soft
+/// caps, Qwen3's per-head norms, and six layers, the first five local
+/// (the last 4 positions, RoPE of base 10000 unscaled), the sixth global
+/// (the whole context, RoPE frequencies divided by the linear factor of
+/// the 4B and larger models). The context is not cut to the window.
+#[test]
+fn a_gemma3_gguf_with_local_layers_gives_the_plain_forwards_logits() {
+    let mut w = random_weights(17, 6, HEAD_DIM, true);
+    as_gemma(&mut w, 18);
+    let rope = Rope { linear: 2.0, ..PLAIN };
+    let tokens: Vec<u32> = (0..14).map(|i| (i * 11 + 5) % VOCAB as u32).collect();
+    let want = reference(&w, &rope, &tokens);
+    let path = scratch("gemma3").join("tiny-gemma3.gguf");
+    write_gguf(&w, &rope, &path, "gemma3");
+    let llama = load_gguf(&path);
+    assert_eq!(llama.config().context_len, 64);
+    let got = logits(&llama, &tokens);
+    assert!(max_diff(&got, &want) < TOLERANCE, "gemma3 GGUF: max |Δ| {}", max_diff(&got, &want));
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+}
+
 /// Phi-4-mini's RoPE, scaled down: LongRoPE over 3/4 of each head. The
 /// model serves its original context, with the short factors.
 #[test]
 fn a_phi3_with_long_rope_over_part_of_each_head_gives_the_plain_forwards_logits() {
-    let mut w = random_weights(13, HEAD_DIM, false);
+    let mut w = random_weights(13, LAYERS, HEAD_DIM, false);
     w.retain(|name, _| !name.ends_with(".bias"));
     let long_rope = LongRope { short: vec![1.0, 1.7, 3.1], long: vec![2.0, 5.0, 9.0], original: 48, extended: 256 };
-    let rope = Rope { rotary_dim: 6, long_rope: Some(long_rope) };
+    let rope = Rope { rotary_dim: 6, long_rope: Some(long_rope), linear: 1.0 };
     // Positions far enough apart for the factors to turn them visibly.
     let tokens: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % VOCAB as u32).collect();
     let want = assert_gguf_and_folder_match_the_plain_forward(&w, &rope, &tokens, "phi3");
@@ -448,7 +507,7 @@ fn a_phi3_with_long_rope_over_part_of_each_head_gives_the_plain_forwards_logits(
     let plain_factors = LongRope { short: vec![1.0; 3], ..long_rope.clone() };
     let unscaled = LongRope { extended: 48, ..long_rope };
     let others = [(HEAD_DIM, whole_heads), (6, plain_factors), (6, unscaled)];
-    for other in others.map(|(rotary_dim, l)| Rope { rotary_dim, long_rope: Some(l) }) {
+    for other in others.map(|(rotary_dim, l)| Rope { rotary_dim, long_rope: Some(l), linear: 1.0 }) {
         assert!(max_diff(&reference(&w, &other, &tokens), &want) > 20.0 * TOLERANCE);
     }
 }

@@ -64,16 +64,18 @@ pub struct RunRows {
 
 /// How a query's dot product with a key becomes its score: times
 /// `scale`, then, with `softcap` (Gemma 2), squashed into (−cap, cap) as
-/// `cap · tanh(score / cap)`.
+/// `cap · tanh(score / cap)`; with `window` (Gemma 3's local layers), only
+/// the last `window` positions a query sees count, the others weigh 0.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ScoreScale {
+pub struct Scoring {
     pub scale: f32,
     pub softcap: Option<f32>,
+    pub window: Option<usize>,
 }
 
-impl ScoreScale {
+impl Scoring {
     pub fn plain(scale: f32) -> Self {
-        ScoreScale { scale, softcap: None }
+        Scoring { scale, softcap: None, window: None }
     }
 }
 
@@ -82,7 +84,7 @@ impl ScoreScale {
 /// the queries' shape. With `share`, a call over a long context offers
 /// parts of its work to idle threads: for passes of few calls (each part
 /// is less efficient than the whole when no thread takes it).
-pub fn attend(queries: &[f32], at: RunRows, kv: &KvView, scale: ScoreScale, share: bool, out: &mut [f32]) {
+pub fn attend(queries: &[f32], at: RunRows, kv: &KvView, scale: Scoring, share: bool, out: &mut [f32]) {
     let RunRows { group, first_row, first_visible } = at;
     let hd = kv.head_dim;
     assert!(group > 0 && hd > 0 && !queries.is_empty() && queries.len().is_multiple_of(hd) && out.len() == queries.len());
@@ -173,7 +175,7 @@ struct Task<'a> {
     first_row: usize,
     first_visible: usize,
     kv: &'a KvView<'a>,
-    scale: ScoreScale,
+    scale: Scoring,
 }
 
 /// Sixteen f32 lanes; every operation is lane-wise IEEE arithmetic, so an
@@ -327,6 +329,10 @@ fn softmax(t: &Task, x: &Extent, e: &mut [f32], sums: &mut [f32]) {
             Some(cap) => seen.iter_mut().for_each(|s| *s = cap * (*s * t.scale.scale / cap).tanh()),
         }
         unseen.fill(f32::NEG_INFINITY);
+        // Positions before the window: scored (the key loops stay the
+        // same for every row), then left out of the max and weighted 0.
+        let outside = t.scale.window.map_or(0, |w| t.visible(r).saturating_sub(w));
+        row[..outside].fill(f32::NEG_INFINITY);
         // The max is exact in any order: sixteen lanes over whole blocks,
         // written as the compare that vmaxps is, so it vectorizes (NaN
         // scores are not expected; a NaN is skipped rather than propagated).
@@ -343,6 +349,7 @@ fn softmax(t: &Task, x: &Extent, e: &mut [f32], sums: &mut [f32]) {
             *s = exp(*s - max);
         }
         unseen.fill(0.0);
+        row[..outside].fill(0.0);
         let mut lanes = [0f32; KEY_BLOCK];
         for block in row.chunks_exact(KEY_BLOCK) {
             let block: &[f32; KEY_BLOCK] = block.try_into().expect("whole blocks");
@@ -794,8 +801,8 @@ mod tests {
             let first = n - tokens + 1;
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             let mut got = vec![0f32; queries.len()];
-            attend(&queries, RunRows { group, first_row: 0, first_visible: first }, &kv, ScoreScale::plain(0.25), false, &mut got);
-            let task = Task { queries: &queries, group, first_row: 0, first_visible: first, kv: &kv, scale: ScoreScale::plain(0.25) };
+            attend(&queries, RunRows { group, first_row: 0, first_visible: first }, &kv, Scoring::plain(0.25), false, &mut got);
+            let task = Task { queries: &queries, group, first_row: 0, first_visible: first, kv: &kv, scale: Scoring::plain(0.25) };
             let mut plain = vec![1f32; queries.len()];
             // SAFETY: plain array arithmetic.
             run_task(&task, &mut plain, false, &|part| unsafe { part_body::<Scalar>(&task, part) });
@@ -810,7 +817,7 @@ mod tests {
                     &queries[t * per_token..(t + 1) * per_token],
                     RunRows { group, first_row: 0, first_visible: first + t },
                     &kv,
-                    ScoreScale::plain(0.25),
+                    Scoring::plain(0.25),
                     false,
                     &mut one,
                 );
@@ -822,7 +829,7 @@ mod tests {
                 let mut parts = vec![0f32; queries.len()];
                 for r0 in (0..rows).step_by(split) {
                     let r = r0 * hd..(r0 + split).min(rows) * hd;
-                    attend(&queries[r.clone()], RunRows { group, first_row: r0, first_visible: first }, &kv, ScoreScale::plain(0.25), false, &mut parts[r]);
+                    attend(&queries[r.clone()], RunRows { group, first_row: r0, first_visible: first }, &kv, Scoring::plain(0.25), false, &mut parts[r]);
                 }
                 assert_eq!(bits(&parts), bits(&got), "hd {hd}: calls of {split} rows vs one call");
             }

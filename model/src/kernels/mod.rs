@@ -25,7 +25,7 @@ mod group;
 mod matmul;
 mod ops;
 
-pub use attention::{attend, attention_split_rows, silu_mul, KvView, RunRows, ScoreScale, KEY_BLOCK};
+pub use attention::{attend, attention_split_rows, silu_mul, KvView, RunRows, Scoring, KEY_BLOCK};
 pub use dot::{dot_f32, simd_level, BlockKind, SimdLevel};
 pub use matmul::{matmul_parts, matmul_parts_split, quantize_activations, QActivations, QMatrix, QStorage, WeightType};
 pub use ops::{residual_add, rms_norm, rope_heads, MatmulKernels, QLinear};
