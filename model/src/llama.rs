@@ -62,9 +62,10 @@ pub struct GemmaConfig {
     pub local_layers: Option<LocalLayers>,
 }
 
-/// Gemma 3's local layers: five of every six (layer `i` with `i % 6 < 5`)
-/// attend to the last `window` positions only, with RoPE of their own
-/// base and no scaling; the sixth attends to the whole context.
+/// Gemma's local layers: all but the last of every `every` (layer `i`
+/// with `i % every < every - 1`) attend to the last `window` positions
+/// only, with RoPE of base `rope_theta`, unscaled; the others attend to
+/// the whole context.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LocalLayers {
     pub window: usize,
@@ -115,27 +116,18 @@ impl LlamaConfig {
         let float = |key: &str| md.get(&format!("{arch}.{key}")).map(|v| v.to_f32()).transpose();
         let gemma = match arch.as_str() {
             "gemma2" | "gemma3" => {
-                // Gemma 2: every other layer attends to a window of the
-                // last 4096 positions; within it, all layers see the whole
-                // context, so Tandem serves the window's length.
-                if arch == "gemma2" {
-                    if let Ok(window) = u("attention.sliding_window") {
-                        context_len = context_len.min(window);
-                    }
-                }
                 // Queries scaled by 1/√(query_pre_attn_scalar): the head
                 // width, but hidden / heads for the 27B models (Gemma 2's
                 // 46 layers, Gemma 3's 62), as llama.cpp decides, its GGUF
                 // files not saying.
                 let query_width = if matches!((arch.as_str(), u("block_count")?), ("gemma2", 46) | ("gemma3", 62)) { hidden / n_heads } else { head_dim };
-                // Gemma 3's windows span 512 (1B and up) or more positions,
-                // far less than its context: masked (`Scoring::window`).
-                // llama.cpp fixes the pattern and the local RoPE base.
-                let local_layers = (arch == "gemma3").then(|| u("attention.sliding_window").ok()).flatten().map(|window| LocalLayers {
-                    window,
-                    every: 6,
-                    rope_theta: 10_000.0,
-                });
+                // Local layers attend to a window (`Scoring::window`):
+                // Gemma 2's every other one, 4096 positions, with the
+                // global RoPE; Gemma 3's five of six, 512 or more, with
+                // RoPE of base 10000, as llama.cpp fixes them.
+                let theta = md.get(&format!("{arch}.rope.freq_base")).map_or(Ok(10_000.0), |v| v.to_f32())?;
+                let (every, rope_theta) = if arch == "gemma2" { (2, theta) } else { (6, 10_000.0) };
+                let local_layers = u("attention.sliding_window").ok().map(|window| LocalLayers { window, every, rope_theta });
                 Some(GemmaConfig {
                     query_scale: 1.0 / (query_width as f32).sqrt(),
                     attn_softcap: float("attn_logit_softcapping")?,
@@ -336,7 +328,7 @@ pub struct Llama {
     /// cos/sin per (position, pair), `context_len × head_dim/2` each.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
-    /// The same for Gemma 3's local layers (their own RoPE base).
+    /// The same for Gemma's local layers, where their RoPE differs.
     local_rope: Option<(Vec<f32>, Vec<f32>)>,
 }
 
@@ -416,10 +408,13 @@ impl Llama {
             tensors.stock(QLinear::from_arc(embed.clone()), "token_embd.weight")?
         };
         let (rope_cos, rope_sin) = rope_tables(&cfg);
+        // Tables of their own only where local layers turn otherwise.
+        let plain_global = cfg.rope_freq_factors.is_none() && cfg.rope_attn_factor == 1.0;
         let local_rope = cfg
             .gemma
             .as_ref()
             .and_then(|g| g.local_layers.as_ref())
+            .filter(|l| !(plain_global && l.rope_theta == cfg.rope_theta))
             .map(|l| rope_tables(&LlamaConfig { rope_theta: l.rope_theta, rope_freq_factors: None, rope_attn_factor: 1.0, ..cfg.clone() }));
         Ok(Llama { cfg, embed, layers, norm, head, rope_cos, rope_sin, local_rope })
     }

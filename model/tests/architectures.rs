@@ -69,8 +69,10 @@ impl LongRope {
 
 const PLAIN: Rope = Rope { rotary_dim: HEAD_DIM, long_rope: None, linear: 1.0 };
 
-/// Gemma 3's local layers in the tiny model: a window of this many
-/// positions, RoPE of this base (llama.cpp's, fixed).
+/// Gemma's local layers in the tiny models: windows of this many
+/// positions (Gemma 2's every other layer, Gemma 3's five of six), and
+/// Gemma 3's RoPE base there (llama.cpp's, fixed).
+const GEMMA2_WINDOW: usize = 5;
 const GEMMA3_WINDOW: usize = 4;
 const GEMMA3_LOCAL_THETA: f32 = 10_000.0;
 
@@ -180,7 +182,7 @@ fn write_gguf(w: &Weights, rope: &Rope, path: &std::path::Path, arch: &str) {
     if arch == "gemma2" {
         metadata.push((key("attn_logit_softcapping"), gguf_file::Value::F32(GEMMA_ATTN_CAP)));
         metadata.push((key("final_logit_softcapping"), gguf_file::Value::F32(GEMMA_FINAL_CAP)));
-        metadata.push((key("attention.sliding_window"), u(48)));
+        metadata.push((key("attention.sliding_window"), u(GEMMA2_WINDOW)));
     }
     if arch == "gemma3" {
         metadata.push((key("attention.sliding_window"), u(GEMMA3_WINDOW)));
@@ -333,7 +335,13 @@ fn reference(w: &Weights, rope: &Rope, tokens: &[u32]) -> Vec<Vec<f32>> {
     let mut xs: Vec<Vec<f32>> = tokens.iter().map(|&t| embed[t as usize * HIDDEN..][..HIDDEN].iter().map(|v| v * embed_scale).collect()).collect();
     for l in 0..layers(w) {
         let p = format!("model.layers.{l}");
-        let local = is_gemma3(w) && l % 6 < 5;
+        // Local layers: their window, and Gemma 3's own RoPE.
+        let window = match (w.contains_key("model.layers.0.post_attn_out_norm.weight"), is_gemma3(w)) {
+            (true, true) => Some(GEMMA3_WINDOW).filter(|_| l % 6 < 5),
+            (true, false) => Some(GEMMA2_WINDOW).filter(|_| l % 2 == 0),
+            _ => None,
+        };
+        let local = window.is_some() && is_gemma3(w);
         let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
         for (pos, x) in xs.iter().enumerate() {
             let h = rms_norm(x, &w[&format!("{p}.input_layernorm.weight")].0);
@@ -354,8 +362,7 @@ fn reference(w: &Weights, rope: &Rope, tokens: &[u32]) -> Vec<Vec<f32>> {
                 let scores: Vec<f32> = (0..=pos)
                     .map(|j| cap(q.iter().zip(&ks[j][kv * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt(), GEMMA_ATTN_CAP))
                     .collect();
-                // A local layer sees the last GEMMA3_WINDOW positions.
-                let first = if local { (pos + 1).saturating_sub(GEMMA3_WINDOW) } else { 0 };
+                let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
                 let max = scores[first..].iter().cloned().fold(f32::MIN, f32::max);
                 let e: Vec<f32> = scores.iter().enumerate().map(|(j, s)| if j < first { 0.0 } else { (s - max).exp() }).collect();
                 let sum: f32 = e.iter().sum();
@@ -432,9 +439,9 @@ fn a_qwen3_gguf_and_folder_with_head_norms_and_wide_heads_give_the_plain_forward
 
 /// Gemma 2, as llama.cpp writes its GGUF files: tied embeddings scaled by
 /// √hidden, GeGLU, norms of the attention's and the feed-forward's
-/// outputs, soft-capped scores and logits; served within its sliding
-/// window (48 of 64 positions here). Hugging Face folders of Gemma are
-/// refused (`model/tests/hf_folder.rs`).
+/// outputs, soft-capped scores and logits, every other layer (the even
+/// ones) attending to the last 5 positions. Hugging Face folders of Gemma
+/// are refused (`model/tests/hf_folder.rs`).
 #[test]
 fn a_gemma2_gguf_gives_the_plain_forwards_logits() {
     let mut w = random_weights(15, LAYERS, HEAD_DIM, false);
@@ -444,7 +451,7 @@ fn a_gemma2_gguf_gives_the_plain_forwards_logits() {
     let path = scratch("gemma2").join("tiny-gemma2.gguf");
     write_gguf(&w, &PLAIN, &path, "gemma2");
     let llama = load_gguf(&path);
-    assert_eq!(llama.config().context_len, 48);
+    assert_eq!(llama.config().context_len, 64);
     let got = logits(&llama, &tokens);
     assert!(max_diff(&got, &want) < TOLERANCE, "gemma2 GGUF: max |Δ| {}", max_diff(&got, &want));
     // What Gemma adds matters: as a llama, the logits are far off.
