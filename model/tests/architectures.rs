@@ -447,19 +447,31 @@ fn a_gemma2_gguf_gives_the_plain_forwards_logits() {
     let mut w = random_weights(15, LAYERS, HEAD_DIM, false);
     as_gemma(&mut w, 16);
     let tokens: Vec<u32> = vec![6, 31, 2, 2, 45, 17, 9, 38, 0, 23, 12, 41];
-    let want = reference(&w, &PLAIN, &tokens);
-    let path = scratch("gemma2").join("tiny-gemma2.gguf");
-    write_gguf(&w, &PLAIN, &path, "gemma2");
-    let llama = load_gguf(&path);
-    assert_eq!(llama.config().context_len, 64);
-    let got = logits(&llama, &tokens);
-    assert!(max_diff(&got, &want) < TOLERANCE, "gemma2 GGUF: max |Δ| {}", max_diff(&got, &want));
+    let want = assert_gguf_matches_the_plain_forward(&w, &PLAIN, &tokens, "gemma2");
     // What Gemma adds matters: as a llama, the logits are far off.
     let mut as_llama = w.clone();
     as_llama.retain(|name, _| !name.contains("_out_norm"));
     as_llama.insert("lm_head.weight".into(), (w["model.embed_tokens.weight"].0.clone(), vec![VOCAB, HIDDEN]));
     assert!(max_diff(&reference(&as_llama, &PLAIN, &tokens), &want) > 100.0 * TOLERANCE);
+}
+
+/// Writes `w` as an `arch` GGUF, checks that it gives the plain forward's
+/// logits for `tokens` and serves the context it should (all 64 positions,
+/// or LongRoPE's original context), and returns those logits.
+fn assert_gguf_matches_the_plain_forward(w: &Weights, rope: &Rope, tokens: &[u32], arch: &str) -> Vec<Vec<f32>> {
+    let want = reference(w, rope, tokens);
+    let path = scratch(arch).join(format!("tiny-{arch}.gguf"));
+    write_gguf(w, rope, &path, arch);
+    let llama = load_gguf(&path);
+    assert_eq!(llama.config().context_len, context_served(rope));
+    let got = logits(&llama, tokens);
+    assert!(max_diff(&got, &want) < TOLERANCE, "{arch} GGUF: max |Δ| {}", max_diff(&got, &want));
     std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    want
+}
+
+fn context_served(rope: &Rope) -> usize {
+    rope.long_rope.as_ref().map_or(64, |l| l.original)
 }
 
 /// `w` as Gemma's: no biases, a tied head, norms of each layer's
@@ -484,16 +496,8 @@ fn as_gemma(w: &mut Weights, seed: u64) {
 fn a_gemma3_gguf_with_local_layers_gives_the_plain_forwards_logits() {
     let mut w = random_weights(17, 6, HEAD_DIM, true);
     as_gemma(&mut w, 18);
-    let rope = Rope { linear: 2.0, ..PLAIN };
     let tokens: Vec<u32> = (0..14).map(|i| (i * 11 + 5) % VOCAB as u32).collect();
-    let want = reference(&w, &rope, &tokens);
-    let path = scratch("gemma3").join("tiny-gemma3.gguf");
-    write_gguf(&w, &rope, &path, "gemma3");
-    let llama = load_gguf(&path);
-    assert_eq!(llama.config().context_len, 64);
-    let got = logits(&llama, &tokens);
-    assert!(max_diff(&got, &want) < TOLERANCE, "gemma3 GGUF: max |Δ| {}", max_diff(&got, &want));
-    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    assert_gguf_matches_the_plain_forward(&w, &Rope { linear: 2.0, ..PLAIN }, &tokens, "gemma3");
 }
 
 /// Phi-4-mini's RoPE, scaled down: LongRoPE over 3/4 of each head. The
@@ -519,21 +523,13 @@ fn a_phi3_with_long_rope_over_part_of_each_head_gives_the_plain_forwards_logits(
     }
 }
 
-/// Writes `w` as an `arch` GGUF and as a folder, checks that both give the
-/// plain forward's logits for `tokens` and serve the context they should,
-/// and returns those logits.
+/// [`assert_gguf_matches_the_plain_forward`], and the same of `w` written
+/// as a Hugging Face folder.
 fn assert_gguf_and_folder_match_the_plain_forward(w: &Weights, rope: &Rope, tokens: &[u32], arch: &str) -> Vec<Vec<f32>> {
-    let want = reference(w, rope, tokens);
-    let context = rope.long_rope.as_ref().map_or(64, |l| l.original);
-    let dir = scratch(arch);
-    let gguf = dir.join(format!("tiny-{arch}.gguf"));
-    write_gguf(w, rope, &gguf, arch);
-    let llama = load_gguf(&gguf);
-    assert_eq!(llama.config().context_len, context);
-    let got = logits(&llama, tokens);
-    assert!(max_diff(&got, &want) < TOLERANCE, "{arch} GGUF: max |Δ| {}", max_diff(&got, &want));
+    let want = assert_gguf_matches_the_plain_forward(w, rope, tokens, arch);
+    let dir = scratch(&format!("{arch}-folder"));
     let llama = load_folder(w, rope, &dir, arch);
-    assert_eq!(llama.config().context_len, context);
+    assert_eq!(llama.config().context_len, context_served(rope));
     let got = logits(&llama, tokens);
     assert!(max_diff(&got, &want) < TOLERANCE, "{arch} folder: max |Δ| {}", max_diff(&got, &want));
     std::fs::remove_dir_all(dir).unwrap();
