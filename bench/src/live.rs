@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem_edge::client::{ClientConfig, RemoteTarget};
 use tandem_edge::controller::{SpeculationController, StopRule};
-use tandem_edge::{Decoded, EdgeError, GenerateRequest, Generation, RoundOutcome, Speculator, Target};
-use tandem_model::{DraftFeatures, DraftSource, LoadedModel, NgramDraft, Proposal, SamplingParams, SessionRng, SparseDist, SyntheticDraft};
+use tandem_edge::{Decoded, EdgeError, Emitted, GenerateRequest, Generation, LogprobsWanted, RoundOutcome, Speculator, Target, TargetFeatures};
+use tandem_model::{DraftFeatures, DraftSource, LoadedModel, NgramDraft, Proposal, SamplingParams, SessionRng, SparseDist, SyntheticDraft, TokenLogprob};
 use tandem_server::process::ServerProcess;
 
 /// An edge device: how fast it drafts and what its link is like.
@@ -297,11 +297,31 @@ impl<T: Target> Target for EmulatedLink<T> {
 
     /// The hand-off goes up the link; the decoded tokens come back one way
     /// (the last one's trip is waited for).
-    fn hand_off(&mut self, context: &[u32], on_token: &mut dyn FnMut(u32), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<Decoded, EdgeError> {
+    fn hand_off(&mut self, context: &[u32], on_token: &mut dyn FnMut(Emitted), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<Decoded, EdgeError> {
         self.one_way(32, self.profile.uplink_kbps);
         let decoded = self.inner.hand_off(context, on_token, eos, stop)?;
         self.one_way(64, self.profile.downlink_kbps);
         Ok(decoded)
+    }
+
+    fn want_features(&mut self, on: bool) {
+        self.inner.want_features(on)
+    }
+
+    fn take_features(&mut self) -> Option<TargetFeatures> {
+        self.inner.take_features()
+    }
+
+    fn want_logprobs(&mut self, wanted: Option<LogprobsWanted>) {
+        self.inner.want_logprobs(wanted)
+    }
+
+    fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
+        self.inner.take_logprobs()
+    }
+
+    fn take_prompt_logprobs(&mut self) -> Vec<TokenLogprob> {
+        self.inner.take_prompt_logprobs()
     }
 }
 
@@ -381,6 +401,7 @@ fn run_session(
         max_new_tokens: cfg.max_new_tokens,
         draft_len: cfg.draft_len,
         sampling: SamplingParams { seed: cfg.seed, ..SamplingParams::default() },
+        logprobs: None,
     };
     let start = Instant::now();
     let result = match policy {

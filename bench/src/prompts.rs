@@ -90,7 +90,7 @@ fn references(model: &LoadedModel, prompts: &[(String, Vec<u32>)], max_new_token
                 return Ok(r.clone());
             }
             eprintln!("live: reference output for {id} ...");
-            let req = GenerateRequest { prompt: tokens.clone(), max_new_tokens, draft_len: 0, sampling: Default::default() };
+            let req = GenerateRequest { prompt: tokens.clone(), max_new_tokens, draft_len: 0, sampling: Default::default(), logprobs: None };
             let mut spec = Speculator::new(LocalTarget::new(model.clone()), DraftSpec::None.build(model)?, model.tokenizer.clone());
             let g = spec.generate(&req, |_| {})?;
             let r: Vec<u32> = tokens.iter().copied().chain(g.tokens).collect();

@@ -4,14 +4,15 @@
 //! so nothing is lost or duplicated.
 
 use crate::controller::RoundHints;
-use crate::target::{Decoded, RoundOutcome, Target, TargetFeatures};
+use crate::target::{Decoded, Emitted, LogprobsWanted, RoundOutcome, Target, TargetFeatures};
 use crate::EdgeError;
 use std::time::{Duration, Instant};
-use tandem_model::{SamplingParams, SparseDist, Verdict};
+use tandem_model::{SamplingParams, SparseDist, TokenLogprob, TopLogprob, Verdict};
 use tandem_protocol::features;
 use tandem_protocol::limits::MAX_MESSAGE_BYTES;
 use tandem_protocol::wire::{
-    DraftMode, EdgeKind, EdgeMessage, Handoff, Open, Opened, Sampling, ServerKind, ServerMessage, Slo, SparseDist as WireDist, VerifierClient, Verify,
+    DraftMode, EdgeKind, EdgeMessage, Handoff, Open, Opened, Sampling, ServerKind, ServerMessage, Slo, SparseDist as WireDist, TokenLogprob as WireLogprob,
+    VerifierClient, Verify,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -95,6 +96,11 @@ pub struct RemoteTarget {
     want_features: bool,
     /// States received and not yet taken by the draft.
     features: Option<TargetFeatures>,
+    /// Which log-probabilities to ask for; those received with `opened`
+    /// and verdicts, and the prompt's, not yet taken.
+    logprobs_wanted: Option<LogprobsWanted>,
+    logprobs: Vec<TokenLogprob>,
+    prompt_logprobs: Vec<TokenLogprob>,
     /// A stream has been opened once: from then on an unreachable server
     /// is waited for (it may be restarting); before, it is reported at
     /// once (a wrong URL or a server that is not running).
@@ -118,6 +124,9 @@ impl RemoteTarget {
             resumes: 0,
             want_features: false,
             features: None,
+            logprobs_wanted: None,
+            logprobs: vec![],
+            prompt_logprobs: vec![],
             reached: false,
         })
     }
@@ -143,10 +152,14 @@ impl RemoteTarget {
         let prefilled = open.prompt.len() - usize::from(open.resumed > 0);
         let result = self.rt.block_on(Self::open_stream_with(&self.cfg, &self.routing_key, open));
         match result {
-            Ok((stream, opened)) => {
+            Ok((stream, opened, prompt_logprobs)) => {
                 self.reached = true;
                 let start = opened.features_start as usize;
                 self.receive_features(start, prefilled.saturating_sub(start), &opened.features)?;
+                self.logprobs.extend(opened.logprobs.into_iter().map(from_wire));
+                if !prompt_logprobs.is_empty() {
+                    self.prompt_logprobs = prompt_logprobs;
+                }
                 Ok((stream, opened.first_token, opened.finished))
             }
             Err(e) => {
@@ -169,8 +182,9 @@ impl RemoteTarget {
         Ok(())
     }
 
-    /// Opens a stream and sends `open`; returns the stream and `Opened`.
-    async fn open_stream_with(cfg: &ClientConfig, routing_key: &str, open: Open) -> Result<(Stream, Opened), EdgeError> {
+    /// Opens a stream and sends `open`; returns the stream, `Opened` and
+    /// the prompt's log-probabilities that came before it.
+    async fn open_stream_with(cfg: &ClientConfig, routing_key: &str, open: Open) -> Result<(Stream, Opened, Vec<TokenLogprob>), EdgeError> {
         let channel = Self::channel(cfg).await?;
         let mut client = VerifierClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (tx, rx) = mpsc::channel(4);
@@ -183,9 +197,13 @@ impl RemoteTarget {
             request.metadata_mut().insert("authorization", value);
         }
         let mut inbound = client.session(request).await.map_err(EdgeError::Server)?.into_inner();
-        match inbound.message().await.map_err(EdgeError::Server)? {
-            Some(ServerMessage { kind: Some(ServerKind::Opened(o)) }) => Ok((Stream { tx, rx: inbound, seq: 0 }, o)),
-            other => Err(EdgeError::Server(Status::internal(format!("expected `opened`, got {other:?}")))),
+        let mut prompt_logprobs = vec![];
+        loop {
+            match inbound.message().await.map_err(EdgeError::Server)? {
+                Some(ServerMessage { kind: Some(ServerKind::PromptLogprobs(p)) }) => prompt_logprobs.extend(p.logprobs.into_iter().map(from_wire)),
+                Some(ServerMessage { kind: Some(ServerKind::Opened(o)) }) => return Ok((Stream { tx, rx: inbound, seq: 0 }, o, prompt_logprobs)),
+                other => return Err(EdgeError::Server(Status::internal(format!("expected `opened`, got {other:?}")))),
+            }
         }
     }
 
@@ -203,6 +221,10 @@ impl RemoteTarget {
             draft_mode: if server_only { DraftMode::ServerOnly } else { DraftMode::Edge } as i32,
             resumed: (context.len() - self.prompt_len) as u32,
             want_features: self.want_features && !server_only,
+            want_logprobs: self.logprobs_wanted.is_some(),
+            top_logprobs: self.logprobs_wanted.map_or(0, |w| w.top) as u32,
+            // A resumed stream's prompt was reported by the first.
+            want_prompt_logprobs: self.logprobs_wanted.is_some_and(|w| w.prompt) && context.len() == self.prompt_len,
         }
     }
 
@@ -213,6 +235,8 @@ impl RemoteTarget {
         self.max_new_tokens = max_new_tokens;
         self.routing_key = self.cfg.routing_key.clone().unwrap_or_else(new_routing_key);
         self.features = None;
+        self.logprobs.clear();
+        self.prompt_logprobs.clear();
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the reconnect
@@ -282,7 +306,7 @@ impl RemoteTarget {
         prompt: &[u32],
         sampling: &SamplingParams,
         max_new_tokens: usize,
-        mut on_token: impl FnMut(u32),
+        mut on_token: impl FnMut(Emitted),
         eos: &[u32],
     ) -> Result<Vec<u32>, EdgeError> {
         self.start(prompt, sampling, max_new_tokens);
@@ -294,7 +318,8 @@ impl RemoteTarget {
             Ok((first, finished))
         })?;
         context.push(first);
-        on_token(first);
+        let first_logprob = self.take_logprobs().pop();
+        on_token(Emitted { token: first, logprob: first_logprob.as_ref() });
         if !finished && !eos.contains(&first) {
             // Sessions opened in server-only mode are never handed back.
             self.receive_decoded(&mut context, false, &mut on_token, eos, &|| false)?;
@@ -313,7 +338,7 @@ impl RemoteTarget {
         &mut self,
         context: &mut Vec<u32>,
         handed_off: bool,
-        on_token: &mut dyn FnMut(u32),
+        on_token: &mut dyn FnMut(Emitted),
         eos: &[u32],
         stop: &dyn Fn() -> bool,
     ) -> Result<bool, EdgeError> {
@@ -338,9 +363,10 @@ impl RemoteTarget {
             let Some(ServerKind::Tokens(tokens)) = msg.kind else {
                 return Err(EdgeError::Server(Status::internal("expected `tokens` in server-only mode")));
             };
+            let mut logprobs = tokens.logprobs.into_iter().map(from_wire);
             for t in tokens.tokens {
                 context.push(t);
-                on_token(t);
+                on_token(Emitted { token: t, logprob: logprobs.next().as_ref() });
                 done |= eos.contains(&t);
             }
             done |= tokens.finished;
@@ -362,6 +388,18 @@ impl Target for RemoteTarget {
 
     fn take_features(&mut self) -> Option<TargetFeatures> {
         self.features.take()
+    }
+
+    fn want_logprobs(&mut self, wanted: Option<LogprobsWanted>) {
+        self.logprobs_wanted = wanted;
+    }
+
+    fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
+        std::mem::take(&mut self.logprobs)
+    }
+
+    fn take_prompt_logprobs(&mut self) -> Vec<TokenLogprob> {
+        std::mem::take(&mut self.prompt_logprobs)
     }
 
     fn open(&mut self, prompt: &[u32], sampling: &SamplingParams, max_new_tokens: usize) -> Result<u32, EdgeError> {
@@ -396,6 +434,7 @@ impl Target for RemoteTarget {
             match reply {
                 Ok(Some(ServerMessage { kind: Some(ServerKind::Verdict(v)) })) => {
                     t.receive_features(context.len() - 1, v.accepted as usize + 1, &v.features)?;
+                    t.logprobs.extend(v.logprobs.into_iter().map(from_wire));
                     Ok(RoundOutcome {
                         verdict: Verdict { accepted: v.accepted as usize, next: v.next_token },
                         verified: (v.verified as usize).min(drafts.len()),
@@ -417,7 +456,7 @@ impl Target for RemoteTarget {
         })
     }
 
-    fn hand_off(&mut self, context: &[u32], on_token: &mut dyn FnMut(u32), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<Decoded, EdgeError> {
+    fn hand_off(&mut self, context: &[u32], on_token: &mut dyn FnMut(Emitted), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<Decoded, EdgeError> {
         self.with_resume(|t| match t.stream.is_some() {
             true => t.send_handoff(context),
             false => t.ensure_handed_off(context),
@@ -426,4 +465,8 @@ impl Target for RemoteTarget {
         let handed_back = self.receive_decoded(&mut decoded, true, on_token, eos, stop)?;
         Ok(Decoded { tokens: decoded.split_off(context.len()), handed_back })
     }
+}
+
+fn from_wire(lp: WireLogprob) -> TokenLogprob {
+    TokenLogprob { token: lp.token, logprob: lp.logprob, top: lp.top.into_iter().map(|t| TopLogprob { token: t.token, logprob: t.logprob }).collect() }
 }

@@ -5,7 +5,7 @@
 use crate::candle_draft::CandleLayers;
 use crate::client::{ClientConfig, RemoteTarget};
 use crate::controller::SpeculationController;
-use crate::{EdgeError, GenerateRequest, Generation, LocalTarget, Speculator};
+use crate::{EdgeError, Emitted, GenerateRequest, Generation, LocalTarget, Speculator};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -132,7 +132,7 @@ impl Edge {
 
     /// Generates; ends early (keeping the tokens so far) once the flag of
     /// [`Edge::cancel_flag`] is set. The flag is cleared at the start.
-    pub fn generate(&mut self, req: &GenerateRequest, on_token: impl FnMut(u32)) -> Result<Generation, EdgeError> {
+    pub fn generate(&mut self, req: &GenerateRequest, on_token: impl FnMut(Emitted)) -> Result<Generation, EdgeError> {
         self.cancel.store(false, Ordering::Relaxed);
         match &mut self.speculator {
             AnySpeculator::Local(s) => s.generate(req, on_token),

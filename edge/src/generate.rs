@@ -1,15 +1,15 @@
 //! The speculative loop: draft, verify, apply the verdict, repeat.
 
 use crate::controller::SpeculationController;
-use crate::target::{RoundOutcome, Target};
+use crate::target::{Emitted, LogprobsWanted, RoundOutcome, Target};
 use crate::EdgeError;
 use serde::Serialize;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tandem_model::{DraftFeatures, DraftSource, Proposal, SamplingParams, SessionRng, SparseDist, Tokenizer};
-use tandem_protocol::limits::{MAX_DRAFT_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS};
+use tandem_model::{DraftFeatures, DraftSource, Proposal, SamplingParams, SessionRng, SparseDist, TokenLogprob, Tokenizer};
+use tandem_protocol::limits::{MAX_DRAFT_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_TOP_LOGPROBS};
 
 /// One generation.
 #[derive(Clone, Debug)]
@@ -20,6 +20,9 @@ pub struct GenerateRequest {
     /// controller lands).
     pub draft_len: usize,
     pub sampling: SamplingParams,
+    /// Report each generated token's log-probability under the target
+    /// (see [`TokenLogprob`]), and perhaps the prompt's (None: none).
+    pub logprobs: Option<LogprobsWanted>,
 }
 
 impl GenerateRequest {
@@ -34,6 +37,9 @@ impl GenerateRequest {
         if self.max_new_tokens == 0 || self.max_new_tokens > MAX_NEW_TOKENS {
             return bad(format!("`max_new_tokens` must be in 1..={MAX_NEW_TOKENS}, got {}", self.max_new_tokens));
         }
+        if let Some(w) = self.logprobs.filter(|w| w.top > MAX_TOP_LOGPROBS) {
+            return bad(format!("`logprobs` must list at most {MAX_TOP_LOGPROBS} alternatives, got {}", w.top));
+        }
         if self.draft_len > MAX_DRAFT_TOKENS {
             return bad(format!("`draft_len` must be ≤ {MAX_DRAFT_TOKENS}, got {}", self.draft_len));
         }
@@ -46,6 +52,12 @@ impl GenerateRequest {
 pub struct Generation {
     pub text: String,
     pub tokens: Vec<u32>,
+    /// With `GenerateRequest::logprobs`: one per token of `tokens`, and
+    /// when asked one per prompt token after the first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprob>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prompt_logprobs: Vec<TokenLogprob>,
     pub prompt_tokens: usize,
     /// Verification rounds after the first token.
     pub rounds: usize,
@@ -93,6 +105,13 @@ pub struct ControllerSample {
 }
 
 impl Generation {
+    /// Adds a token that is final and passes it on.
+    pub fn emit(&mut self, e: Emitted, on_token: &mut impl FnMut(Emitted)) {
+        self.tokens.push(e.token);
+        self.logprobs.extend(e.logprob.cloned());
+        on_token(e);
+    }
+
     /// Fills in text and the derived rates.
     pub fn finish(mut self, tokenizer: &Tokenizer, eos: &[u32], started: Instant) -> Result<Self, EdgeError> {
         let visible: Vec<u32> = self.tokens.iter().copied().filter(|&t| !tokenizer.is_special(t)).collect();
@@ -175,15 +194,17 @@ impl<T: Target + Send> Speculator<T> {
     }
 
     /// Generates, calling `on_token` with each token as soon as it is final.
-    pub fn generate(&mut self, req: &GenerateRequest, mut on_token: impl FnMut(u32)) -> Result<Generation, EdgeError> {
+    pub fn generate(&mut self, req: &GenerateRequest, mut on_token: impl FnMut(Emitted)) -> Result<Generation, EdgeError> {
         req.validate()?;
         let start = Instant::now();
         let eos = self.tokenizer.eos_tokens().to_vec();
+        self.target.want_logprobs(req.logprobs);
         let first = self.target.open(&req.prompt, &req.sampling, req.max_new_tokens)?;
         self.pass_features();
         let mut g = Generation { prompt_tokens: req.prompt.len(), ttft_ms: start.elapsed().as_secs_f64() * 1e3, ..Default::default() };
-        g.tokens.push(first);
-        on_token(first);
+        g.prompt_logprobs = self.target.take_prompt_logprobs();
+        let logprobs = self.target.take_logprobs();
+        g.emit(Emitted { token: first, logprob: logprobs.first() }, &mut on_token);
 
         let mut context = req.prompt.clone();
         context.push(first);
@@ -252,10 +273,10 @@ impl<T: Target + Send> Speculator<T> {
                 }
             }
             // An accepted end-of-sequence draft ends the generation there.
-            for &t in drafts[..verdict.accepted].iter().chain([&verdict.next]) {
-                g.tokens.push(t);
+            let logprobs = self.target.take_logprobs();
+            for (i, &t) in drafts[..verdict.accepted].iter().chain([&verdict.next]).enumerate() {
                 context.push(t);
-                on_token(t);
+                g.emit(Emitted { token: t, logprob: logprobs.get(i) }, &mut on_token);
                 if eos.contains(&t) {
                     break;
                 }
@@ -265,10 +286,9 @@ impl<T: Target + Send> Speculator<T> {
                 g.handed_off_after.get_or_insert(g.tokens.len());
                 let cancel = self.cancel.clone();
                 let cancelled = || cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
-                let decoded = self.target.hand_off(&context, &mut on_token, &eos, &cancelled)?;
+                let decoded = self.target.hand_off(&context, &mut |e| g.emit(e, &mut on_token), &eos, &cancelled)?;
                 g.server_decoded += decoded.tokens.len();
                 context.extend_from_slice(&decoded.tokens);
-                g.tokens.extend(decoded.tokens);
                 if !decoded.handed_back {
                     g.cancelled = cancelled() && g.tokens.len() < req.max_new_tokens && !eos.contains(g.tokens.last().expect("non-empty"));
                     break;

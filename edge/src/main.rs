@@ -10,8 +10,9 @@ use tandem_edge::chat::Conversation;
 use tandem_edge::client::{ClientConfig, RemoteTarget};
 use tandem_edge::config::EdgeConfig;
 use tandem_edge::controller::{RejectionPredictor, SpeculationController, StopRule};
-use tandem_edge::{explain, Backend, ControllerSample, Edge, EdgeError, EdgeOptions, GenerateRequest, Generation, Verifier};
+use tandem_edge::{explain, Backend, ControllerSample, Edge, EdgeError, EdgeOptions, Emitted, GenerateRequest, Generation, LogprobsWanted, Target, Verifier};
 use tandem_model::{fetch, DraftSpec, LoadedModel, SamplingParams};
+use tandem_protocol::limits::MAX_TOP_LOGPROBS;
 
 #[derive(Parser)]
 #[command(name = "tandem-edge", version, about = "Tandem edge client: draft locally, verify on a server")]
@@ -179,6 +180,13 @@ struct GenerateArgs {
     /// Print one JSON object with the text, token ids and speculation statistics.
     #[arg(long)]
     json: bool,
+    /// With --json: each token's log-probability under the target's raw
+    /// distribution and the N most likely tokens at its position (0..=20).
+    #[arg(long, value_name = "N")]
+    logprobs: Option<usize>,
+    /// With --logprobs: the prompt's tokens' too (`prompt_logprobs`).
+    #[arg(long, requires = "logprobs")]
+    prompt_logprobs: bool,
 }
 
 #[derive(Args)]
@@ -360,6 +368,13 @@ fn open_edge(args: &EdgeArgs, file: &EdgeConfig) -> Result<Edge> {
 fn generate(args: GenerateArgs, file: &EdgeConfig) -> Result<()> {
     let sampling = args.sampling.params();
     let json = args.json;
+    if args.logprobs.is_some() && !json {
+        anyhow::bail!("`--logprobs` needs `--json`: the log-probabilities are reported in the JSON object");
+    }
+    if args.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+        anyhow::bail!("`--logprobs` must be at most {MAX_TOP_LOGPROBS}");
+    }
+    let logprobs = args.logprobs.map(|top| LogprobsWanted { top, prompt: args.prompt_logprobs });
     if args.server_only {
         let Verifier::Server(cfg) = verifier(&args.edge, file)? else {
             anyhow::bail!("`--server-only` needs `--server URL`, not `--local`");
@@ -367,17 +382,17 @@ fn generate(args: GenerateArgs, file: &EdgeConfig) -> Result<()> {
         let path = model_path(&args.edge, file)?;
         let model = LoadedModel::load(&path).with_context(|| format!("loading --model {}", path.display()))?;
         let prompt = encode_prompt(&model.tokenizer, &args.prompt, args.raw)?;
-        let req = GenerateRequest { prompt, max_new_tokens: args.sampling.max_new_tokens, draft_len: 0, sampling };
+        let req = GenerateRequest { prompt, max_new_tokens: args.sampling.max_new_tokens, draft_len: 0, sampling, logprobs };
         let mut out = TokenPrinter::new(&model.tokenizer, !json);
-        let g = server_only(RemoteTarget::new(cfg)?, &req, &model.tokenizer, |t| out.push(t))?;
+        let g = server_only(RemoteTarget::new(cfg)?, &req, &model.tokenizer, |e| out.push(e.token))?;
         return report(&g, json, "server_only", &path);
     }
     let mut edge = open_edge(&args.edge, file)?;
     let tokenizer = edge.tokenizer.clone();
     let prompt = encode_prompt(&tokenizer, &args.prompt, args.raw)?;
-    let req = GenerateRequest { prompt, max_new_tokens: args.sampling.max_new_tokens, draft_len: edge.draft_len, sampling };
+    let req = GenerateRequest { prompt, max_new_tokens: args.sampling.max_new_tokens, draft_len: edge.draft_len, sampling, logprobs };
     let mut out = TokenPrinter::new(&tokenizer, !json);
-    let g = edge.generate(&req, |t| out.push(t))?;
+    let g = edge.generate(&req, |e| out.push(e.token))?;
     report(&g, json, &edge.draft.to_string(), &edge.model_path)
 }
 
@@ -475,10 +490,16 @@ fn chat(args: ChatArgs, file: &EdgeConfig) -> Result<()> {
                         continue;
                     }
                 };
-                let req = GenerateRequest { prompt, max_new_tokens: args.sampling.max_new_tokens, draft_len: edge.draft_len, sampling: args.sampling.params() };
+                let req = GenerateRequest {
+                    prompt,
+                    max_new_tokens: args.sampling.max_new_tokens,
+                    draft_len: edge.draft_len,
+                    sampling: args.sampling.params(),
+                    logprobs: None,
+                };
                 let mut out = TokenPrinter::new(&tokenizer, true);
                 generating.store(true, Ordering::SeqCst);
-                let result = edge.generate(&req, |t| out.push(t));
+                let result = edge.generate(&req, |e| out.push(e.token));
                 generating.store(false, Ordering::SeqCst);
                 match result {
                     Ok(g) => {
@@ -539,11 +560,14 @@ async fn shutdown_signal() {
 }
 
 /// `--server-only`: the server decodes; tokens stream back.
-fn server_only(mut remote: RemoteTarget, req: &GenerateRequest, tokenizer: &tandem_model::Tokenizer, on_token: impl FnMut(u32)) -> Result<Generation> {
+fn server_only(mut remote: RemoteTarget, req: &GenerateRequest, tokenizer: &tandem_model::Tokenizer, mut on_token: impl FnMut(Emitted)) -> Result<Generation> {
     req.validate()?;
     let start = std::time::Instant::now();
     let eos = tokenizer.eos_tokens().to_vec();
-    let tokens = remote.generate_server_only(&req.prompt, &req.sampling, req.max_new_tokens, on_token, &eos)?;
-    let g = Generation { prompt_tokens: req.prompt.len(), rounds: tokens.len().saturating_sub(1), tokens, ..Default::default() };
+    let mut g = Generation { prompt_tokens: req.prompt.len(), ..Default::default() };
+    remote.want_logprobs(req.logprobs);
+    remote.generate_server_only(&req.prompt, &req.sampling, req.max_new_tokens, |e| g.emit(e, &mut on_token), &eos)?;
+    g.prompt_logprobs = remote.take_prompt_logprobs();
+    g.rounds = g.tokens.len().saturating_sub(1);
     Ok(g.finish(tokenizer, &eos, start)?)
 }

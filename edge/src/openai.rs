@@ -11,15 +11,27 @@
 //! * Defaults follow OpenAI: `temperature` 1, `top_p` 1, `max_tokens` 16
 //!   for completions, up to the protocol's limit for chat; `seed` absent
 //!   draws one. `n` must be 1; `stop` takes up to 4 strings.
-//! * Parameters Tandem cannot honour (`tools`, `logprobs`, penalties,
-//!   `response_format`, …) are refused with a 400 naming them rather than
-//!   silently ignored.
+//! * Parameters Tandem cannot honour (`tools`, penalties,
+//!   `response_format`, `echo` with `stream`, …) are refused with a 400
+//!   naming them rather than silently ignored.
+//! * `logprobs` (chat: `logprobs: true` and `top_logprobs` 0..=20;
+//!   completions: `logprobs` 0..=20, vLLM's limit where OpenAI's is 5) are
+//!   the target's, of its raw distribution (before temperature and
+//!   top-p), as vLLM reports them: speculation leaves them as plain
+//!   decoding would give them. They cover the tokens whose text is in the
+//!   answer: not the end-of-sequence token, nor those cut with a stop
+//!   string; in a stream each chunk carries its text's tokens.
+//! * Completions' `echo` puts the prompt before the answer, and with
+//!   `logprobs` the prompt's tokens' (the first has none: null), as
+//!   evaluation harnesses score text with (lm-evaluation-harness's
+//!   `loglikelihood`). Not in streams.
 //! * `usage.tandem` carries the speculation counts (drafted, accepted,
 //!   rounds, …); streaming responses carry usage when asked with
 //!   `stream_options: {"include_usage": true}`.
 //! * A client that disconnects mid-stream cancels its generation.
 
 use crate::edge::Edge;
+use crate::LogprobsWanted;
 use crate::{EdgeError, GenerateRequest, Generation};
 use axum::body::Bytes;
 use axum::extract::State;
@@ -29,11 +41,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Map, Value};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tandem_model::{ChatMessage, SamplingParams, Tokenizer};
-use tandem_protocol::limits::{MAX_NEW_TOKENS, MAX_PROMPT_TOKENS};
+use tandem_model::{ChatMessage, SamplingParams, TokenLogprob, Tokenizer};
+use tandem_protocol::limits::{MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_TOP_LOGPROBS};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -130,10 +143,43 @@ struct ValidCompletion {
     stop: Vec<String>,
     stream: bool,
     include_usage: bool,
+    /// Log-probabilities with this many alternatives (None: none).
+    logprobs: Option<usize>,
+    /// Completions' `echo`: the prompt's text, put before the answer.
+    echo: Option<String>,
 }
 
 /// Fields refused rather than ignored (unless null, false or empty).
-const UNSUPPORTED: [&str; 8] = ["tools", "functions", "logprobs", "top_logprobs", "response_format", "logit_bias", "echo", "suffix"];
+const UNSUPPORTED: [&str; 5] = ["tools", "functions", "response_format", "logit_bias", "suffix"];
+
+/// `logprobs`: chat's flag with `top_logprobs`, or completions' count.
+fn logprobs(kind: Kind, obj: &Map<String, Value>) -> Result<Option<usize>, ApiError> {
+    let count = |name: &'static str| match number(obj, name)? {
+        None => Ok(None),
+        Some(n) if n >= 0.0 && n <= MAX_TOP_LOGPROBS as f64 && n.fract() == 0.0 => Ok(Some(n as usize)),
+        Some(_) => Err(ApiError::invalid(name, format!("`{name}` must be an integer in 0..={MAX_TOP_LOGPROBS}"))),
+    };
+    match kind {
+        Kind::Chat => {
+            let on = match obj.get("logprobs") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return Err(ApiError::invalid("logprobs", "`logprobs` must be true or false")),
+            };
+            match (on, count("top_logprobs")?) {
+                (false, Some(n)) if n > 0 => Err(ApiError::invalid("top_logprobs", "`top_logprobs` needs `logprobs: true`")),
+                (false, _) => Ok(None),
+                (true, top) => Ok(Some(top.unwrap_or(0))),
+            }
+        }
+        Kind::Text => {
+            if obj.get("top_logprobs").is_some_and(|v| !v.is_null()) {
+                return Err(ApiError::invalid("top_logprobs", "completions take the number of alternatives as `logprobs`"));
+            }
+            count("logprobs")
+        }
+    }
+}
 
 fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, today: &str) -> Result<ValidCompletion, ApiError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", format!("the body is not JSON: {e}")))?;
@@ -160,6 +206,11 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, today: &str) ->
     let text = match kind {
         Kind::Chat => tokenizer.chat_messages(&messages(obj)?, Some(today)),
         Kind::Text => prompt_text(obj)?,
+    };
+    let echo = match obj.get("echo") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) if kind == Kind::Text => true,
+        Some(_) => return Err(ApiError::invalid("echo", "`echo` is a completions parameter: true or false")),
     };
     let prompt = tokenizer.encode_prompt(&text).map_err(EdgeError::from)?;
     if prompt.is_empty() {
@@ -209,6 +260,10 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, today: &str) ->
         Some(_) => return Err(ApiError::invalid("stream", "`stream` must be true or false")),
     };
     let include_usage = obj.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
+    let logprobs = logprobs(kind, obj)?;
+    if echo && stream {
+        return Err(ApiError::invalid("echo", "`echo` is not supported with `stream`"));
+    }
     Ok(ValidCompletion {
         prompt,
         max_new_tokens: max as usize,
@@ -216,6 +271,8 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, today: &str) ->
         stop,
         stream,
         include_usage,
+        logprobs,
+        echo: echo.then_some(text),
     })
 }
 
@@ -324,10 +381,58 @@ impl StopMatcher {
     }
 }
 
+/// A token's log-probability as the chat API writes it (`token`,
+/// `logprob`, `bytes`, `top_logprobs`); completions' arrays are made from
+/// these. A token's text is its bytes, lossily: a character split across
+/// tokens shows in `bytes`.
+fn logprob_entry(tokenizer: &Tokenizer, lp: &TokenLogprob) -> Value {
+    let token = |id: u32, logprob: f32| {
+        let bytes = tokenizer.bytes(&[id]).unwrap_or_default();
+        // JSON has no −∞; OpenAI writes −9999 for a token of no mass.
+        json!({"token": String::from_utf8_lossy(&bytes), "logprob": logprob.max(-9999.0), "bytes": bytes})
+    };
+    let mut entry = token(lp.token, lp.logprob);
+    entry["top_logprobs"] = lp.top.iter().map(|t| token(t.token, t.logprob)).collect();
+    entry
+}
+
+/// Hands out tokens' log-probabilities as the text they make is shown (the
+/// stop matcher holds text back, and a stop string cuts the rest): an
+/// entry goes once the answer's text up to its token's end has.
+#[derive(Debug, Default)]
+struct LogprobRelease {
+    /// Entries not out yet, with where their token's text starts and ends
+    /// in the answer, in characters.
+    pending: VecDeque<(Value, usize, usize)>,
+    pushed: usize,
+    shown: usize,
+}
+
+impl LogprobRelease {
+    fn push(&mut self, entry: Value, piece_chars: usize) {
+        self.pending.push_back((entry, self.pushed, self.pushed + piece_chars));
+        self.pushed += piece_chars;
+    }
+
+    /// `chars` more characters were shown: the entries now out, each with
+    /// its text's offset.
+    fn shown(&mut self, chars: usize) -> Vec<(Value, usize)> {
+        self.shown += chars;
+        let out = self.pending.iter().take_while(|e| e.2 <= self.shown).count();
+        self.pending.drain(..out).map(|(entry, start, _)| (entry, start)).collect()
+    }
+}
+
 /// What the generating thread sends to the response.
 enum Update {
-    Text(String),
-    Done { generation: Box<Generation>, stopped: bool },
+    /// Text now final, and the log-probabilities of its tokens (when asked).
+    Text(String, Vec<(Value, usize)>),
+    /// `echo`: the prompt's text and its tokens' log-probabilities come at the end.
+    Done {
+        generation: Box<Generation>,
+        stopped: bool,
+        echo: Option<(String, Vec<(Value, usize)>)>,
+    },
     Failed(ApiError),
 }
 
@@ -335,22 +440,29 @@ enum Update {
 /// sending text as it becomes final.
 fn spawn_generation(state: &AppState, req: ValidCompletion, tx: mpsc::Sender<Update>) {
     let edge = state.edge.clone();
-    let request = GenerateRequest { prompt: req.prompt, max_new_tokens: req.max_new_tokens, draft_len: state.draft_len, sampling: req.sampling };
+    let logprobs = req.logprobs.map(|top| LogprobsWanted { top, prompt: req.echo.is_some() });
+    let request = GenerateRequest { prompt: req.prompt, max_new_tokens: req.max_new_tokens, draft_len: state.draft_len, sampling: req.sampling, logprobs };
     tokio::task::spawn_blocking(move || {
         let mut edge = edge.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let cancel = edge.cancel_flag();
         let tokenizer = edge.tokenizer.clone();
+        let eos = tokenizer.eos_tokens().to_vec();
         let mut pieces = tokenizer.stream();
         let mut matcher = StopMatcher::new(req.stop);
+        let mut release = LogprobRelease::default();
         let mut stopped = false;
-        let result = edge.generate(&request, |t| {
+        let result = edge.generate(&request, |e| {
             if stopped {
                 return;
             }
-            let piece = pieces.push(t).unwrap_or_default();
+            let piece = pieces.push(e.token).unwrap_or_default();
+            if let Some(lp) = e.logprob.filter(|_| !eos.contains(&e.token)) {
+                release.push(logprob_entry(&tokenizer, lp), piece.chars().count());
+            }
             let (shown, hit) = matcher.push(&piece);
+            let logprobs = release.shown(shown.chars().count());
             // A client that went away ends the generation.
-            if !shown.is_empty() && tx.blocking_send(Update::Text(shown)).is_err() {
+            if !(shown.is_empty() && logprobs.is_empty()) && tx.blocking_send(Update::Text(shown, logprobs)).is_err() {
                 cancel.store(true, Ordering::Relaxed);
             }
             if hit {
@@ -361,11 +473,27 @@ fn spawn_generation(state: &AppState, req: ValidCompletion, tx: mpsc::Sender<Upd
         let update = match result {
             Ok(generation) => {
                 let rest = if stopped { String::new() } else { matcher.finish() };
-                if !rest.is_empty() {
-                    let _ = tx.blocking_send(Update::Text(rest));
+                let logprobs = release.shown(rest.chars().count());
+                if !(rest.is_empty() && logprobs.is_empty()) {
+                    let _ = tx.blocking_send(Update::Text(rest, logprobs));
                 }
                 info!(tokens = generation.tokens.len(), acceptance = generation.acceptance_rate, "completion served");
-                Update::Done { generation: Box::new(generation), stopped }
+                let echo = req.echo.map(|text| {
+                    // The first prompt token has no log-probability.
+                    let first = logprob_entry(&tokenizer, &TokenLogprob { token: request.prompt[0], logprob: 0.0, top: vec![] });
+                    let first = json!({"token": first["token"], "logprob": null, "bytes": first["bytes"], "top_logprobs": null});
+                    let mut at = 0;
+                    let entries = std::iter::once(first)
+                        .chain(generation.prompt_logprobs.iter().map(|lp| logprob_entry(&tokenizer, lp)))
+                        .map(|e| {
+                            let start = at;
+                            at += e["token"].as_str().map_or(0, |t| t.chars().count());
+                            (e, start)
+                        })
+                        .collect::<Vec<_>>();
+                    (text, if request.logprobs.is_some() { entries } else { vec![] })
+                });
+                Update::Done { generation: Box::new(generation), stopped, echo }
             }
             Err(e) => {
                 warn!(error = %e, "completion failed");
@@ -410,35 +538,81 @@ async fn completions(State(s): State<AppState>, body: Bytes) -> Response {
     complete(s, Kind::Text, body).await
 }
 
+/// A choice's `logprobs`: null when not asked for; chat's `content` list,
+/// or completions' parallel arrays (offsets into the answer's text).
+fn choice_logprobs(kind: Kind, asked: bool, entries: &[(Value, usize)]) -> Value {
+    if !asked {
+        return Value::Null;
+    }
+    match kind {
+        Kind::Chat => json!({"content": entries.iter().map(|e| e.0.clone()).collect::<Vec<_>>()}),
+        Kind::Text => {
+            let top = |e: &Value| -> Value {
+                match e["top_logprobs"].as_array() {
+                    Some(alternatives) => {
+                        Value::Object(alternatives.iter().map(|t| (t["token"].as_str().unwrap_or_default().to_string(), t["logprob"].clone())).collect())
+                    }
+                    None => Value::Null,
+                }
+            };
+            json!({
+                "tokens": entries.iter().map(|e| e.0["token"].clone()).collect::<Vec<_>>(),
+                "token_logprobs": entries.iter().map(|e| e.0["logprob"].clone()).collect::<Vec<_>>(),
+                "top_logprobs": entries.iter().map(|e| top(&e.0)).collect::<Vec<_>>(),
+                "text_offset": entries.iter().map(|e| e.1).collect::<Vec<_>>(),
+            })
+        }
+    }
+}
+
 async fn complete(state: AppState, kind: Kind, body: Bytes) -> Response {
     let req = match parse_request(kind, &body, &state.tokenizer, &crate::chat::today()) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
     let (tx, rx) = mpsc::channel(64);
-    let (stream, include_usage) = (req.stream, req.include_usage);
+    let (stream, include_usage, logprobs) = (req.stream, req.include_usage, req.logprobs.is_some());
     spawn_generation(&state, req, tx);
-    let id = next_id(kind);
-    let created = unix_now();
-    let model = state.model_id.to_string();
+    let head = ResponseHead { kind, id: next_id(kind), created: unix_now(), model: state.model_id.to_string(), logprobs };
     if stream {
-        stream_response(kind, id, created, model, include_usage, rx).into_response()
+        stream_response(head, include_usage, rx).into_response()
     } else {
-        whole_response(kind, id, created, model, rx).await
+        whole_response(head, rx).await
     }
 }
 
-async fn whole_response(kind: Kind, id: String, created: u64, model: String, mut rx: mpsc::Receiver<Update>) -> Response {
+/// What every response (or chunk) of a request repeats.
+struct ResponseHead {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    /// Log-probabilities were asked for.
+    logprobs: bool,
+}
+
+async fn whole_response(head: ResponseHead, mut rx: mpsc::Receiver<Update>) -> Response {
+    let ResponseHead { kind, id, created, model, logprobs } = head;
     let mut text = String::new();
+    let mut entries = vec![];
     while let Some(update) = rx.recv().await {
         match update {
-            Update::Text(t) => text.push_str(&t),
+            Update::Text(t, lp) => {
+                text.push_str(&t);
+                entries.extend(lp);
+            }
             Update::Failed(e) => return e.into_response(),
-            Update::Done { generation, stopped } => {
+            Update::Done { generation, stopped, echo } => {
                 let reason = finish_reason(&generation, stopped);
+                if let Some((prompt, prompt_entries)) = echo {
+                    let shift = prompt.chars().count();
+                    entries = prompt_entries.into_iter().chain(entries.into_iter().map(|(e, at)| (e, at + shift))).collect();
+                    text.insert_str(0, &prompt);
+                }
+                let logprobs = choice_logprobs(kind, logprobs, &entries);
                 let choice = match kind {
-                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": null}),
-                    Kind::Text => json!({"index": 0, "text": text, "finish_reason": reason, "logprobs": null}),
+                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": logprobs}),
+                    Kind::Text => json!({"index": 0, "text": text, "finish_reason": reason, "logprobs": logprobs}),
                 };
                 let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
                 return json_response(
@@ -450,7 +624,8 @@ async fn whole_response(kind: Kind, id: String, created: u64, model: String, mut
     ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: "the generation ended without a result".into(), param: None }.into_response()
 }
 
-fn stream_response(kind: Kind, id: String, created: u64, model: String, include_usage: bool, mut rx: mpsc::Receiver<Update>) -> impl IntoResponse {
+fn stream_response(head: ResponseHead, include_usage: bool, mut rx: mpsc::Receiver<Update>) -> impl IntoResponse {
+    let ResponseHead { kind, id, created, model, logprobs } = head;
     let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
     let chunk = move |choices: Value, usage: Option<Value>| {
         let mut c = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
@@ -459,9 +634,12 @@ fn stream_response(kind: Kind, id: String, created: u64, model: String, include_
         }
         Event::default().data(c.to_string())
     };
-    let choice = move |text: Option<&str>, reason: Option<&str>| match kind {
-        Kind::Chat => json!([{"index": 0, "delta": text.map_or(json!({}), |t| json!({"content": t})), "finish_reason": reason, "logprobs": null}]),
-        Kind::Text => json!([{"index": 0, "text": text.unwrap_or(""), "finish_reason": reason, "logprobs": null}]),
+    let choice = move |text: Option<&str>, reason: Option<&str>, entries: &[(Value, usize)]| {
+        let logprobs = choice_logprobs(kind, logprobs && text.is_some(), entries);
+        match kind {
+            Kind::Chat => json!([{"index": 0, "delta": text.map_or(json!({}), |t| json!({"content": t})), "finish_reason": reason, "logprobs": logprobs}]),
+            Kind::Text => json!([{"index": 0, "text": text.unwrap_or(""), "finish_reason": reason, "logprobs": logprobs}]),
+        }
     };
     // Updates become events on a task of their own; a full channel waits
     // for the client, a closed one (client gone) drops the updates.
@@ -473,9 +651,9 @@ fn stream_response(kind: Kind, id: String, created: u64, model: String, include_
         }
         while let Some(update) = rx.recv().await {
             let events = match update {
-                Update::Text(t) => vec![chunk(choice(Some(&t), None), None)],
-                Update::Done { generation, stopped } => {
-                    let mut last = vec![chunk(choice(None, Some(finish_reason(&generation, stopped))), None)];
+                Update::Text(t, lp) => vec![chunk(choice(Some(&t), None, &lp), None)],
+                Update::Done { generation, stopped, .. } => {
+                    let mut last = vec![chunk(choice(None, Some(finish_reason(&generation, stopped)), &[]), None)];
                     if include_usage {
                         last.push(chunk(json!([]), Some(usage(&generation))));
                     }
@@ -519,6 +697,16 @@ mod tests {
         let text = parse_request(Kind::Text, br#"{"prompt":["Once upon"],"max_tokens":5}"#, &tok, "07 Dec 2026").unwrap();
         assert_eq!(tok.decode(&text.prompt).unwrap(), "Once upon");
         assert_eq!(parse_request(Kind::Text, br#"{"prompt":"x"}"#, &tok, "07 Dec 2026").unwrap().max_new_tokens, 16);
+        assert_eq!(ok.logprobs, None);
+        let lp = |kind, body: &str| parse_request(kind, body.as_bytes(), &tok, "07 Dec 2026").map(|r| r.logprobs).map_err(|e| e.param);
+        assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":3}"#), Ok(Some(3)));
+        assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true}"#), Ok(Some(0)));
+        assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"top_logprobs":3}"#), Err(Some("top_logprobs")));
+        assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21}"#), Err(Some("top_logprobs")));
+        assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":2}"#), Err(Some("logprobs")));
+        assert_eq!(lp(Kind::Text, r#"{"prompt":"x","logprobs":0}"#), Ok(Some(0)));
+        assert_eq!(lp(Kind::Text, r#"{"prompt":"x","logprobs":true}"#), Err(Some("logprobs")));
+        assert_eq!(lp(Kind::Text, r#"{"prompt":"x","logprobs":2,"top_logprobs":2}"#), Err(Some("top_logprobs")));
 
         let cases = [
             ("not json", "body"),
@@ -544,6 +732,24 @@ mod tests {
             assert_eq!(err.body()["error"]["param"], param);
         }
         assert_eq!(parse_request(Kind::Text, br#"{"prompt":7}"#, &tok, "07 Dec 2026").unwrap_err().param, Some("prompt"));
+    }
+
+    #[test]
+    fn log_probabilities_go_out_with_the_text_of_their_tokens() {
+        let mut release = LogprobRelease::default();
+        let mut m = StopMatcher::new(vec!["END".into()]);
+        let mut out = vec![];
+        for (i, piece) in ["Hello", "", " wor", "ld E", "NDING"].into_iter().enumerate() {
+            release.push(json!(i), piece.chars().count());
+            let (shown, _) = m.push(piece);
+            out.push(release.shown(shown.chars().count()));
+        }
+        let ids = |v: &[(Value, usize)]| v.iter().map(|(e, at)| (e.as_u64().unwrap(), *at)).collect::<Vec<_>>();
+        assert_eq!(ids(&out[0]), [(0, 0)]);
+        assert_eq!(ids(&out[1]), [(1, 5)], "a token of no text (half a character) goes with what came before");
+        assert_eq!(ids(&out[2]), [(2, 5)]);
+        assert_eq!(ids(&out[3]), [], "\"ld \" is shown but the token's \"E\" is held back");
+        assert!(out[4].is_empty(), "tokens cut by the stop string never go out");
     }
 
     #[test]

@@ -3,7 +3,15 @@
 
 use crate::controller::RoundHints;
 use crate::EdgeError;
-use tandem_model::{judge_round, KvCache, LoadedModel, Logits, LogitsFor, SamplingParams, SeqPass, SparseDist, Verdict};
+use tandem_model::{judge_round, KvCache, LoadedModel, Logits, LogitsFor, SamplingParams, SeqPass, SparseDist, TokenLogprob, Verdict};
+
+/// A generated token as it becomes final, with its log-probability when
+/// the generation asked for them.
+#[derive(Clone, Copy, Debug)]
+pub struct Emitted<'a> {
+    pub token: u32,
+    pub logprob: Option<&'a TokenLogprob>,
+}
 
 /// Verifies drafts for one generation at a time.
 pub trait Target {
@@ -19,7 +27,7 @@ pub trait Target {
     /// comes, until the end, until `stop` says so, or until the target
     /// hands the generation back. Only a server does (see
     /// `SpeculationController::hand_off`).
-    fn hand_off(&mut self, _context: &[u32], _on_token: &mut dyn FnMut(u32), _eos: &[u32], _stop: &dyn Fn() -> bool) -> Result<Decoded, EdgeError> {
+    fn hand_off(&mut self, _context: &[u32], _on_token: &mut dyn FnMut(Emitted), _eos: &[u32], _stop: &dyn Fn() -> bool) -> Result<Decoded, EdgeError> {
         Err(EdgeError::InvalidArgument("only a server target decodes a handed-off generation".into()))
     }
 
@@ -32,6 +40,29 @@ pub trait Target {
     fn take_features(&mut self) -> Option<TargetFeatures> {
         None
     }
+
+    /// Asks for the log-probability of every token `open` and `verify`
+    /// emit from now on (None: none).
+    fn want_logprobs(&mut self, wanted: Option<LogprobsWanted>);
+
+    /// The log-probabilities of the tokens `open` and `verify` emitted
+    /// since the last call, in order (handed-off tokens carry theirs in
+    /// [`Emitted`]).
+    fn take_logprobs(&mut self) -> Vec<TokenLogprob>;
+
+    /// With [`LogprobsWanted::prompt`], after `open`: the prompt's tokens'
+    /// log-probabilities, each after the first.
+    fn take_prompt_logprobs(&mut self) -> Vec<TokenLogprob>;
+}
+
+/// Which log-probabilities a generation reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogprobsWanted {
+    /// Alternatives listed with each token (≤ `MAX_TOP_LOGPROBS`).
+    pub top: usize,
+    /// The prompt's tokens' too (each after the first), not only the
+    /// generated ones.
+    pub prompt: bool,
 }
 
 /// What the target decoded of a generation handed to it.
@@ -90,12 +121,30 @@ pub struct LocalTarget {
     sampling: SamplingParams,
     want_features: bool,
     features: Option<TargetFeatures>,
+    logprobs_wanted: Option<LogprobsWanted>,
+    logprobs: Vec<TokenLogprob>,
+    prompt_logprobs: Vec<TokenLogprob>,
 }
 
 impl LocalTarget {
     pub fn new(model: LoadedModel) -> Self {
         let cache = model.llama.new_cache(model.llama.config().n_layers);
-        LocalTarget { model, cache, sampling: SamplingParams::default(), want_features: false, features: None }
+        LocalTarget {
+            model,
+            cache,
+            sampling: SamplingParams::default(),
+            want_features: false,
+            features: None,
+            logprobs_wanted: None,
+            logprobs: vec![],
+            prompt_logprobs: vec![],
+        }
+    }
+
+    /// The log-probabilities of `tokens`, the i-th from row `first + i`.
+    fn logprobs_of(&self, logits: &Logits, first: usize, tokens: impl Iterator<Item = u32>) -> Vec<TokenLogprob> {
+        let Some(w) = self.logprobs_wanted else { return vec![] };
+        tokens.enumerate().map(|(i, t)| TokenLogprob::from_logits(logits.row(first + i), t, w.top)).collect()
     }
 
     /// One pass over `tokens` at the cache's end; records their final
@@ -121,8 +170,13 @@ impl Target for LocalTarget {
         self.cache = llama.new_cache(llama.config().n_layers);
         self.sampling = sampling.clone();
         self.features = None;
-        let logits = self.pass(prompt, LogitsFor::Last)?;
-        Ok(sampling.sample_at(logits.row(0), prompt.len()))
+        let of_prompt = self.logprobs_wanted.is_some_and(|w| w.prompt);
+        let logits = self.pass(prompt, if of_prompt { LogitsFor::All } else { LogitsFor::Last })?;
+        let last = logits.rows() - 1;
+        let first = sampling.sample_at(logits.row(last), prompt.len());
+        self.logprobs = self.logprobs_of(&logits, last, [first].into_iter());
+        self.prompt_logprobs = if of_prompt { self.logprobs_of(&logits, 0, prompt[1..].iter().copied()) } else { vec![] };
+        Ok(first)
     }
 
     fn verify(&mut self, context: &[u32], drafts: &[u32], q: &[SparseDist]) -> Result<RoundOutcome, EdgeError> {
@@ -134,6 +188,8 @@ impl Target for LocalTarget {
         feed.extend_from_slice(drafts);
         let logits = self.pass(&feed, LogitsFor::All)?;
         let verdict = judge_round(&self.sampling, context.len(), drafts, q, &logits);
+        let logprobs = self.logprobs_of(&logits, 0, drafts[..verdict.accepted].iter().copied().chain([verdict.next]));
+        self.logprobs.extend(logprobs);
         self.cache.truncate(base + 1 + verdict.accepted);
         // States past the accepted drafts belong to rejected tokens.
         if let Some(f) = self.features.as_mut() {
@@ -150,6 +206,18 @@ impl Target for LocalTarget {
 
     fn take_features(&mut self) -> Option<TargetFeatures> {
         self.features.take()
+    }
+
+    fn want_logprobs(&mut self, wanted: Option<LogprobsWanted>) {
+        self.logprobs_wanted = wanted;
+    }
+
+    fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
+        std::mem::take(&mut self.logprobs)
+    }
+
+    fn take_prompt_logprobs(&mut self) -> Vec<TokenLogprob> {
+        std::mem::take(&mut self.prompt_logprobs)
     }
 }
 

@@ -75,13 +75,13 @@ fn every_draft_source_reproduces_plain_greedy_decoding() {
     ];
     let mut failures = Vec::new();
     for (name, prompt) in prompts(&target.tokenizer) {
-        let req = GenerateRequest { prompt, max_new_tokens: 32, draft_len: 4, sampling: SamplingParams::default() };
+        let req = GenerateRequest { prompt, max_new_tokens: 32, draft_len: 4, sampling: SamplingParams::default(), logprobs: None };
         let plain = speculator(&target, &DraftSpec::None).generate(&req, |_| {}).unwrap();
         assert_eq!(plain.rounds, plain.tokens.len() - 1, "plain decoding verifies one token per round");
         for spec in &drafts {
             let mut gen = speculator(&target, spec);
             let mut streamed = Vec::new();
-            let g = gen.generate(&req, |t| streamed.push(t)).unwrap();
+            let g = gen.generate(&req, |e| streamed.push(e.token)).unwrap();
             let label = if matches!(spec, DraftSpec::Model(_)) { "model:q4_0".to_string() } else { spec.to_string() };
             eprintln!("{name:>13} {label:>10}: acceptance {:5.1} %, {:.2} tokens/round, {} rounds", 100.0 * g.acceptance_rate, g.tokens_per_round, g.rounds);
             assert_eq!(streamed, g.tokens, "streamed tokens differ from the result");

@@ -11,7 +11,7 @@ use tandem_model::{fetch, DraftSpec, LoadedModel, SamplingParams, SyntheticDraft
 fn setup() -> (LoadedModel, GenerateRequest, Vec<u32>) {
     let model = LoadedModel::load(&fetch::ensure_default_model(false).unwrap()).unwrap();
     let prompt = model.tokenizer.encode(&model.tokenizer.chat_prompt("Write a Python function that reverses a list.")).unwrap();
-    let req = GenerateRequest { prompt, max_new_tokens: 40, draft_len: 4, sampling: SamplingParams::default() };
+    let req = GenerateRequest { prompt, max_new_tokens: 40, draft_len: 4, sampling: SamplingParams::default(), logprobs: None };
     let plain = Speculator::new(LocalTarget::new(model.clone()), DraftSpec::None.build(&model).unwrap(), model.tokenizer.clone())
         .generate(&req, |_| {})
         .unwrap()

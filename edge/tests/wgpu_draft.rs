@@ -308,7 +308,7 @@ fn a_model_too_large_for_the_limits_fails_naming_the_limit() {
 fn build_draft_serves_a_lossless_session() {
     let target = model();
     let prompt = target.tokenizer.encode(&target.tokenizer.chat_prompt("Write a haiku about the sea.")).unwrap();
-    let req = GenerateRequest { prompt, max_new_tokens: 16, draft_len: 4, sampling: SamplingParams::default() };
+    let req = GenerateRequest { prompt, max_new_tokens: 16, draft_len: 4, sampling: SamplingParams::default(), logprobs: None };
     let run = |draft: Box<dyn DraftSource>| Speculator::new(LocalTarget::new(target.clone()), draft, target.tokenizer.clone()).generate(&req, |_| {}).unwrap();
     let plain = run(DraftSpec::None.build(&target).unwrap());
     let gpu = run(build_draft(&DraftSpec::Layers(25), &target).unwrap());

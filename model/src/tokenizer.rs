@@ -393,7 +393,9 @@ impl Tokenizer {
         Ok(String::from_utf8_lossy(&self.bytes(ids)?).into_owned())
     }
 
-    fn bytes(&self, ids: &[u32]) -> Result<Vec<u8>> {
+    /// The bytes `ids` stand for, special tokens included: the text before
+    /// UTF-8 decoding (a character may be split across tokens).
+    pub fn bytes(&self, ids: &[u32]) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         for &id in ids {
             let b = self.token_bytes.get(id as usize).ok_or_else(|| ModelError::InvalidArgument(format!("token id {id} is outside the vocabulary")))?;

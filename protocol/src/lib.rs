@@ -17,7 +17,10 @@ pub mod wire {
     pub use crate::pb::server_message::Kind as ServerKind;
     pub use crate::pb::verifier_client::VerifierClient;
     pub use crate::pb::verifier_server::{Verifier, VerifierServer};
-    pub use crate::pb::{Close, DraftMode, EdgeMessage, Handoff, Hints, Open, Opened, Sampling, ServerMessage, Slo, SparseDist, Tokens, Verdict, Verify};
+    pub use crate::pb::{
+        Close, DraftMode, EdgeMessage, Handoff, Hints, Open, Opened, PromptLogprobs, Sampling, ServerMessage, Slo, SparseDist, TokenLogprob, Tokens,
+        TopLogprob, Verdict, Verify,
+    };
 }
 
 /// Limits enforced on both ends of the wire. A message that breaks one is
@@ -36,6 +39,9 @@ pub mod limits {
     pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
     /// Largest `opened.features`: the latest prompt positions' states that fit.
     pub const MAX_FEATURE_BYTES: usize = 512 << 10;
+    /// Most alternatives listed with a token's log-probability (OpenAI's
+    /// and vLLM's limit).
+    pub const MAX_TOP_LOGPROBS: usize = 20;
     /// Tolerance on the total mass of a sparse distribution (f32 rounding).
     pub const MASS_TOLERANCE: f32 = 1e-3;
 }

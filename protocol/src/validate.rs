@@ -58,6 +58,15 @@ pub fn validate_open(open: &Open, vocab: usize) -> Result<(), WireError> {
             return Err(WireError::invalid(format!("`open.sampling.top_p` must be in (0, 1], got {}", s.top_p)));
         }
     }
+    if open.top_logprobs as usize > MAX_TOP_LOGPROBS || (open.top_logprobs > 0 && !open.want_logprobs) {
+        return Err(WireError::invalid(format!(
+            "`open.top_logprobs` must be in 0..={MAX_TOP_LOGPROBS}, and 0 without `open.want_logprobs`; got {}",
+            open.top_logprobs
+        )));
+    }
+    if open.want_prompt_logprobs && (!open.want_logprobs || resumed > 0) {
+        return Err(WireError::invalid("`open.want_prompt_logprobs` needs `open.want_logprobs` and a fresh prompt (`open.resumed` = 0)"));
+    }
     if crate::pb::DraftMode::try_from(open.draft_mode).is_err() {
         return Err(WireError::invalid(format!("`open.draft_mode` = {} is not a known mode", open.draft_mode)));
     }
@@ -126,6 +135,7 @@ mod tests {
     #[test]
     fn every_open_limit_names_its_field() {
         assert_eq!(validate_open(&open(), 100), Ok(()));
+        assert_eq!(validate_open(&Open { want_logprobs: true, top_logprobs: MAX_TOP_LOGPROBS as u32, ..open() }, 100), Ok(()));
         let cases: Vec<(Open, &str)> = vec![
             (Open { prompt: vec![], ..open() }, "open.prompt"),
             (Open { prompt: vec![1; MAX_PROMPT_TOKENS + 1], ..open() }, "open.prompt"),
@@ -136,6 +146,10 @@ mod tests {
             (Open { sampling: Some(Sampling { temperature: -1.0, ..Default::default() }), ..open() }, "temperature"),
             (Open { sampling: Some(Sampling { top_p: 1.5, ..Default::default() }), ..open() }, "top_p"),
             (Open { draft_mode: 7, ..open() }, "open.draft_mode"),
+            (Open { want_logprobs: true, top_logprobs: MAX_TOP_LOGPROBS as u32 + 1, ..open() }, "open.top_logprobs"),
+            (Open { top_logprobs: 2, ..open() }, "open.top_logprobs"),
+            (Open { want_prompt_logprobs: true, ..open() }, "open.want_prompt_logprobs"),
+            (Open { want_logprobs: true, want_prompt_logprobs: true, resumed: 1, ..open() }, "open.want_prompt_logprobs"),
         ];
         for (o, field) in cases {
             let err = validate_open(&o, 100).unwrap_err();

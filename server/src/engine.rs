@@ -19,7 +19,7 @@ use tandem_estimators::{AcceptanceEstimator, BatchShape, CounterWeights, Service
 use tandem_model::{judge_round, KvCache, LoadedModel, LogitsFor, SeqPass, Verdict};
 use tandem_protocol::features;
 use tandem_protocol::limits::MAX_DRAFT_TOKENS;
-use tandem_protocol::wire::{Hints, Opened, ServerKind, ServerMessage, Tokens, Verdict as WireVerdict};
+use tandem_protocol::wire::{Hints, Opened, PromptLogprobs, ServerKind, ServerMessage, Tokens, Verdict as WireVerdict};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 use tracing::{debug, info, instrument, warn};
@@ -365,12 +365,14 @@ impl Engine {
         let resumed = open.resumed > 0;
         let prefill_target = open.prefill_target();
         // A draft that reads the target's hidden states needs them for the
-        // whole prompt; copied positions come without.
-        let reused = if open.want_features { 0 } else { self.reuse_prefix(&tenant.name, &open.prompt[..prefill_target], &mut cache) };
+        // whole prompt, and prompt log-probabilities need its logits;
+        // copied positions come without.
+        let whole = open.want_features || open.prompt_logprobs;
+        let reused = if whole { 0 } else { self.reuse_prefix(&tenant.name, &open.prompt[..prefill_target], &mut cache) };
         self.metrics.tenant(&tenant.name, |t| {
             t.sessions_opened += 1;
             t.prefill_tokens += (prefill_target - reused) as u64;
-            t.prefix_cache_queries += if open.want_features { 0 } else { prefill_target as u64 };
+            t.prefix_cache_queries += if whole { 0 } else { prefill_target as u64 };
             t.prefix_cache_hits += reused as u64;
         });
         let now = Instant::now();
@@ -390,6 +392,8 @@ impl Engine {
             handed_off: None,
             want_features: open.want_features,
             held_features: Vec::new(),
+            logprobs: open.logprobs,
+            prompt_logprobs: open.prompt_logprobs,
             opened: false,
             pending_verify: None,
             out,
@@ -629,14 +633,27 @@ impl Engine {
         if s.want_features {
             s.hold_features(states, self.model.llama.config().hidden);
         }
+        if s.prompt_logprobs {
+            // Row j of the pass follows position from + j: the prompt's
+            // next token, or past its end the first generated one.
+            let from = done - scheduled.tokens;
+            let next = s.context[from + 1..s.prefill_target].iter().take(scheduled.tokens).copied().collect::<Vec<_>>();
+            let msg = PromptLogprobs { start: (from + 1) as u32, logprobs: s.logprobs_of(logits, &next) };
+            if !next.is_empty() && !send(&s.out, ServerKind::PromptLogprobs(msg)) {
+                return false;
+            }
+        }
         if done < s.prefill_target {
             // Continue with the next chunk before anything queued later.
             self.queue.push_front(PendingWork { tokens: s.prefill_target - done, context: done, ..scheduled.work.clone() });
             return true;
         }
         self.keep_prefix(&s.tenant.name, &s.context[..s.prefill_target], &s.cache);
+        let mut first_logprob = vec![];
         if s.sample_first {
-            let first = s.sampling.sample_at(logits.row(0), s.context.len());
+            let last = logits.rows() - 1;
+            let first = s.sampling.sample_at(logits.row(last), s.context.len());
+            first_logprob = s.logprobs_of_row(logits, last, first);
             s.context.push(first);
             s.generated += 1;
             self.metrics.tenant(&s.tenant.name, |t| t.generated_tokens += 1);
@@ -654,6 +671,7 @@ impl Engine {
             finished,
             features,
             features_start,
+            logprobs: first_logprob,
         };
         if !send(&s.out, ServerKind::Opened(msg)) || finished {
             return false;
@@ -676,6 +694,8 @@ impl Engine {
             Some(j) => Verdict { accepted: j, next: drafts[j] },
             None => verdict,
         };
+        let emitted: Vec<u32> = drafts[..verdict.accepted].iter().copied().chain([verdict.next]).collect();
+        let logprobs = s.logprobs_of(logits, &emitted);
         let base = s.context.len() - 1;
         s.cache.truncate(base + 1 + verdict.accepted);
         s.context.extend_from_slice(&drafts[..verdict.accepted]);
@@ -707,6 +727,7 @@ impl Engine {
                 true => features::encode(states.get(..(verdict.accepted + 1) * self.model.llama.config().hidden).unwrap_or_default()),
                 false => vec![],
             },
+            logprobs,
         };
         s.ticket.update(s.demand(self.admission.typical_round()));
         s.round_clock.answered(Instant::now());
@@ -717,6 +738,7 @@ impl Engine {
 
     fn after_decode(&mut self, id: SessionId, s: &mut Session, logits: &tandem_model::Logits, states: &[f32]) -> bool {
         let token = s.sampling.sample_at(logits.row(0), s.context.len());
+        let logprobs = s.logprobs_of(logits, &[token]);
         s.context.push(token);
         s.generated += 1;
         self.metrics.tenant(&s.tenant.name, |t| {
@@ -742,7 +764,7 @@ impl Engine {
             }
             false => (vec![], 0),
         };
-        if !send(&s.out, ServerKind::Tokens(Tokens { tokens: vec![token], finished, handed_back, features, features_start })) || finished {
+        if !send(&s.out, ServerKind::Tokens(Tokens { tokens: vec![token], finished, handed_back, features, features_start, logprobs })) || finished {
             return false;
         }
         if handed_back {

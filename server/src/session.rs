@@ -10,8 +10,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_estimators::{AcceptanceEstimator, BatchShape};
-use tandem_model::{KvCache, LogitsFor, SamplingParams};
+use tandem_model::{KvCache, Logits, LogitsFor, SamplingParams, TokenLogprob};
 use tandem_protocol::limits::{MAX_DRAFT_TOKENS, MAX_FEATURE_BYTES};
+use tandem_protocol::wire::{TokenLogprob as WireLogprob, TopLogprob as WireTop};
 use tokio::sync::oneshot;
 
 /// A verification waiting for its pass: the request, where its outcome
@@ -44,6 +45,11 @@ pub(crate) struct Session {
     /// hand-back (the latest that fit in one message).
     pub(crate) want_features: bool,
     pub(crate) held_features: Vec<f32>,
+    /// Report generated tokens' log-probabilities, with this many
+    /// alternatives (None: none).
+    pub(crate) logprobs: Option<usize>,
+    /// Also the prompt's: its prefill passes compute every position's logits.
+    pub(crate) prompt_logprobs: bool,
     pub(crate) opened: bool,
     pub(crate) pending_verify: Option<PendingVerify>,
     pub(crate) out: OutSender,
@@ -63,6 +69,19 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    /// The wire log-probabilities of `emitted`, the i-th read from row i
+    /// of `logits`; none unless the session asked for them.
+    pub(crate) fn logprobs_of(&self, logits: &Logits, emitted: &[u32]) -> Vec<WireLogprob> {
+        emitted.iter().enumerate().flat_map(|(i, &t)| self.logprobs_of_row(logits, i, t)).collect()
+    }
+
+    /// Row `row`'s for `token`, as [`Self::logprobs_of`].
+    pub(crate) fn logprobs_of_row(&self, logits: &Logits, row: usize, token: u32) -> Vec<WireLogprob> {
+        let Some(top) = self.logprobs else { return vec![] };
+        let lp = TokenLogprob::from_logits(logits.row(row), token, top);
+        vec![WireLogprob { token: lp.token, logprob: lp.logprob, top: lp.top.iter().map(|t| WireTop { token: t.token, logprob: t.logprob }).collect() }]
+    }
+
     /// Holds `states` (rows of `hidden`) to send later, keeping the latest
     /// `MAX_FEATURE_BYTES` of them.
     pub(crate) fn hold_features(&mut self, states: &[f32], hidden: usize) {
@@ -260,7 +279,11 @@ pub(crate) fn feed(s: &Scheduled, sess: &Session) -> (Vec<u32>, LogitsFor) {
         WorkKind::Prefill => {
             let from = sess.cache.len();
             let to = from + s.tokens;
-            let logits = if to == sess.prefill_target && sess.sample_first { LogitsFor::Last } else { LogitsFor::None };
+            let logits = match (sess.prompt_logprobs, to == sess.prefill_target && sess.sample_first) {
+                (true, _) => LogitsFor::All,
+                (false, true) => LogitsFor::Last,
+                (false, false) => LogitsFor::None,
+            };
             (sess.context[from..to].to_vec(), logits)
         }
         WorkKind::Verify => {

@@ -18,6 +18,11 @@ pub struct ValidOpen {
     pub server_only: bool,
     /// Report the target's hidden states (EAGLE-style edge drafts).
     pub want_features: bool,
+    /// Report generated tokens' log-probabilities with this many
+    /// alternatives each (None: none).
+    pub logprobs: Option<usize>,
+    /// Report the prompt's tokens' log-probabilities too.
+    pub prompt_logprobs: bool,
     /// TTFT and TPOT objectives, ms (None: no objective).
     pub ttft_ms: Option<u32>,
     pub tpot_ms: Option<u32>,
@@ -46,6 +51,8 @@ impl ValidOpen {
             },
             server_only: open.draft_mode == DraftMode::ServerOnly as i32,
             want_features: open.want_features,
+            logprobs: open.want_logprobs.then_some(open.top_logprobs as usize),
+            prompt_logprobs: open.want_prompt_logprobs,
             ttft_ms: (slo.ttft_ms > 0).then_some(slo.ttft_ms),
             tpot_ms: (slo.tpot_ms > 0).then_some(slo.tpot_ms),
             prompt: open.prompt,

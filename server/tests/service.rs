@@ -7,8 +7,8 @@
 use std::time::Duration;
 use tandem_edge::client::RemoteTarget;
 use tandem_edge::controller::{SpeculationController, StopRule};
-use tandem_edge::{Decoded, EdgeError, RoundOutcome, Speculator, Target, TargetFeatures};
-use tandem_model::{DraftSpec, SamplingParams, SyntheticDraft};
+use tandem_edge::{Decoded, EdgeError, Emitted, GenerateRequest, LogprobsWanted, RoundOutcome, Speculator, Target, TargetFeatures};
+use tandem_model::{DraftSpec, LogitsFor, SamplingParams, SeqPass, SyntheticDraft, TokenLogprob};
 use tandem_protocol::wire::{EdgeMessage, Open, ServerKind, ServerMessage, SparseDist, Tokens, VerifierClient};
 use tandem_tests::*;
 use tokio_stream::wrappers::ReceiverStream;
@@ -49,6 +49,58 @@ fn lossless_under_policy(policy: &str, prompts: &[&str]) {
         }
         assert_eq!(remote_server_only(&server.url(), &req), reference, "{prompt:?} server-only");
     }
+}
+
+/// Each token's log-probability comes from the row the target computed
+/// for its position, so drafting (greedy and sampled), a hand-off,
+/// server-only decoding and a prompt prefilled in chunks report the bits
+/// plain decoding does, and those of one forward pass over the whole text.
+#[test]
+fn log_probabilities_are_those_of_plain_decoding() {
+    let config = write_file("chunks.toml", "[batcher]\nprefill_chunk = 8\n");
+    let server = ServerProcess::start(&["--config", config.to_str().unwrap()]);
+    let m = model();
+    let top5 = LogprobsWanted { top: 5, prompt: true };
+    let req = GenerateRequest { logprobs: Some(top5), ..request("Name three planets.", 24) };
+    // Every position's after the first, from one pass over the whole text.
+    let one_pass = |prompt: &[u32], tokens: &[u32], top: usize| -> Vec<TokenLogprob> {
+        let text = [prompt, tokens].concat();
+        let mut cache = m.llama.new_cache(m.llama.config().n_layers);
+        let rows = m.llama.forward(&mut [SeqPass { cache: &mut cache, tokens: &text[..text.len() - 1], logits: LogitsFor::All }]).unwrap().remove(0);
+        text[1..].iter().enumerate().map(|(i, &t)| TokenLogprob::from_logits(rows.row(i), t, top)).collect()
+    };
+    let plain = local_with(&DraftSpec::None, &req);
+    let p = req.prompt.len();
+    assert_eq!([&plain.prompt_logprobs[..], &plain.logprobs[..]].concat(), one_pass(&req.prompt, &plain.tokens, 5));
+    assert_eq!((plain.prompt_logprobs.len(), plain.logprobs.len()), (p - 1, plain.tokens.len()));
+    assert!(plain.logprobs.iter().zip(&plain.tokens).all(|(lp, &t)| lp.top[0].token == t), "greedy decoding takes the most likely token");
+    for draft in [DraftSpec::Layers(25), DraftSpec::Ngram] {
+        let g = remote(&server.url(), None, &draft, &req).unwrap();
+        assert_eq!((&g.tokens, &g.logprobs), (&plain.tokens, &plain.logprobs), "drafting with {draft}");
+        assert_eq!(g.prompt_logprobs, plain.prompt_logprobs, "the prompt, prefilled 8 positions a pass");
+    }
+    let req = GenerateRequest { logprobs: Some(LogprobsWanted { prompt: false, ..top5 }), ..req };
+    let sampling = SamplingParams { temperature: 0.8, top_p: 0.9, seed: 11, ..SamplingParams::default() };
+    let sampled = GenerateRequest { sampling, logprobs: Some(LogprobsWanted { top: 2, prompt: false }), ..req.clone() };
+    // Sampled speculation draws other tokens than sampled decoding (the
+    // same distribution, other draws): their log-probabilities are still
+    // those the target gives them.
+    let g = remote(&server.url(), None, &DraftSpec::Layers(25), &sampled).unwrap();
+    assert_eq!(g.logprobs, one_pass(&req.prompt, &g.tokens, 2)[p - 1..], "sampled with drafts");
+    assert!(g.accepted > 0, "some drafts were judged and accepted");
+
+    let mut target = client(&server.url(), None);
+    target.want_logprobs(req.logprobs);
+    let mut decoded = vec![];
+    target.generate_server_only(&req.prompt, &req.sampling, req.max_new_tokens, |e| decoded.extend(e.logprob.cloned()), m.tokenizer.eos_tokens()).unwrap();
+    assert_eq!(decoded, plain.logprobs, "server-only");
+    // A session the server decodes after a hand-off (its hints always
+    // suggest so): the tokens it decodes carry theirs too.
+    let controller = SpeculationController::new(StopRule::Fixed, 4, true).with_tpot_objective(Some(1000.0));
+    let spec = Speculator::new(PrefersDecoding(client(&server.url(), None)), DraftSpec::Layers(25).build(&m).unwrap(), m.tokenizer.clone());
+    let g = spec.with_controller(controller).generate(&req, |_| {}).unwrap();
+    assert!(g.server_decoded > 0, "handed off after {:?} tokens", g.handed_off_after);
+    assert_eq!((&g.tokens, &g.logprobs), (&plain.tokens, &plain.logprobs), "handed off");
 }
 
 /// The trained (EAGLE-style) draft reads the target's hidden states: over
@@ -219,7 +271,7 @@ fn a_handed_off_session_is_decoded_by_the_server_losslessly() {
     context.extend_from_slice(&reference[1..3]);
     context.push(round.verdict.next);
     let mut streamed = Vec::new();
-    let decoded = target.hand_off(&context, &mut |t| streamed.push(t), model().tokenizer.eos_tokens(), &|| false).unwrap();
+    let decoded = target.hand_off(&context, &mut |e| streamed.push(e.token), model().tokenizer.eos_tokens(), &|| false).unwrap();
     assert!(!decoded.handed_back, "an idle server kept the session to its end");
     let decoded = decoded.tokens;
     assert_eq!(decoded, streamed, "each decoded token is passed on as it comes");
@@ -277,7 +329,7 @@ impl Target for PrefersDecoding {
         round.hints.suggested_k = Some(0);
         Ok(round)
     }
-    fn hand_off(&mut self, context: &[u32], on_token: &mut dyn FnMut(u32), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<Decoded, EdgeError> {
+    fn hand_off(&mut self, context: &[u32], on_token: &mut dyn FnMut(Emitted), eos: &[u32], stop: &dyn Fn() -> bool) -> Result<Decoded, EdgeError> {
         self.0.hand_off(context, on_token, eos, stop)
     }
     fn want_features(&mut self, on: bool) {
@@ -285,6 +337,15 @@ impl Target for PrefersDecoding {
     }
     fn take_features(&mut self) -> Option<TargetFeatures> {
         self.0.take_features()
+    }
+    fn want_logprobs(&mut self, wanted: Option<LogprobsWanted>) {
+        self.0.want_logprobs(wanted)
+    }
+    fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
+        self.0.take_logprobs()
+    }
+    fn take_prompt_logprobs(&mut self) -> Vec<TokenLogprob> {
+        self.0.take_prompt_logprobs()
     }
 }
 

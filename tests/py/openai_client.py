@@ -28,6 +28,26 @@ usage = [c.usage for c in chunks if c.usage]
 text = client.completions.create(model="tandem", prompt="The capital of France is", max_tokens=4, temperature=0)
 models = [m.id for m in client.models.list()]
 
+# Log-probabilities: chat's (whole and streamed) and completions' format.
+def entries(content):
+    return [
+        {"token": t.token, "logprob": t.logprob, "bytes": t.bytes, "top": [[a.token, a.logprob] for a in t.top_logprobs]}
+        for t in content
+    ]
+
+with_logprobs = client.chat.completions.create(
+    model="tandem", messages=question, max_tokens=24, temperature=0, logprobs=True, top_logprobs=3
+)
+streamed_logprobs = []
+for c in client.chat.completions.create(
+    model="tandem", messages=question, max_tokens=24, temperature=0, logprobs=True, top_logprobs=3, stream=True
+):
+    if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content:
+        streamed_logprobs += entries(c.choices[0].logprobs.content)
+text_logprobs = client.completions.create(model="tandem", prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2)
+# As lm-evaluation-harness scores a continuation: echo, one new token.
+echoed = client.completions.create(model="tandem", prompt="The capital of France is", max_tokens=1, temperature=0, logprobs=1, echo=True)
+
 try:
     client.chat.completions.create(model="tandem", messages=question, temperature=5)
     refused = None
@@ -47,6 +67,13 @@ print(
             "completion": text.choices[0].text,
             "models": models,
             "refused_param": refused,
+            "logprobs_text": with_logprobs.choices[0].message.content,
+            "logprobs": entries(with_logprobs.choices[0].logprobs.content),
+            "streamed_logprobs": streamed_logprobs,
+            "completion_logprobs_text": text_logprobs.choices[0].text,
+            "completion_logprobs": text_logprobs.choices[0].logprobs.model_dump(),
+            "echo_text": echoed.choices[0].text,
+            "echo_logprobs": echoed.choices[0].logprobs.model_dump(),
         }
     )
 )

@@ -29,7 +29,13 @@ pub fn model() -> LoadedModel {
 
 pub fn request(prompt: &str, max_new_tokens: usize) -> GenerateRequest {
     let m = model();
-    GenerateRequest { prompt: m.tokenizer.encode(&m.tokenizer.chat_prompt(prompt)).unwrap(), max_new_tokens, draft_len: 4, sampling: SamplingParams::default() }
+    GenerateRequest {
+        prompt: m.tokenizer.encode(&m.tokenizer.chat_prompt(prompt)).unwrap(),
+        max_new_tokens,
+        draft_len: 4,
+        sampling: SamplingParams::default(),
+        logprobs: None,
+    }
 }
 
 /// Plain target decoding in this process: the reference output.

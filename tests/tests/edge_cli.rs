@@ -214,6 +214,67 @@ fn serve_answers_the_official_openai_client() {
     assert!(v["completion"].as_str().unwrap().contains("Paris"), "{v}");
     assert_eq!(v["models"], serde_json::json!(["SmolLM2-135M-Instruct.Q4_1"]));
     assert_eq!(v["refused_param"], "temperature");
+
+    // Log-probabilities: one per answer token (none for a stop token), their
+    // bytes making the text, the same streamed, and the same as the
+    // target's in `generate --logprobs` (another draft, another process).
+    let logprobs = v["logprobs"].as_array().unwrap();
+    assert_eq!(v["logprobs_text"], generated["text"], "{v}");
+    assert_eq!(logprobs.len(), 24, "{v}");
+    let bytes: Vec<u8> = logprobs.iter().flat_map(|e| e["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8)).collect();
+    assert_eq!(String::from_utf8(bytes).unwrap(), generated["text"].as_str().unwrap());
+    assert_eq!(v["streamed_logprobs"], v["logprobs"], "streamed chunks carry their tokens' log-probabilities");
+    let as_f32 = |x: &Value| x.as_f64().unwrap() as f32;
+    let reference = json_of(edge().args([
+        "generate",
+        "--server",
+        &server.url(),
+        "--draft",
+        "ngram",
+        "--prompt",
+        "Name three colours.",
+        "--max-new-tokens",
+        "24",
+        "--json",
+        "--logprobs",
+        "3",
+    ]));
+    for (e, r) in logprobs.iter().zip(reference["logprobs"].as_array().unwrap()) {
+        assert_eq!(as_f32(&e["logprob"]), as_f32(&r["logprob"]), "{e} against {r}");
+        let top = e["top"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert_eq!((&top[0][0], as_f32(&top[0][1])), (&e["token"], as_f32(&e["logprob"])), "greedy takes the most likely token: {e}");
+        assert!(top.windows(2).all(|w| as_f32(&w[0][1]) >= as_f32(&w[1][1])), "{e}");
+        let alternatives: Vec<f32> = r["top"].as_array().unwrap().iter().map(|t| as_f32(&t["logprob"])).collect();
+        assert_eq!(top.iter().map(|t| as_f32(&t[1])).collect::<Vec<_>>(), alternatives);
+    }
+    let completion = &v["completion_logprobs"];
+    let tokens: Vec<&str> = completion["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(tokens.concat(), v["completion_logprobs_text"].as_str().unwrap(), "{completion}");
+    let offsets: Vec<usize> = completion["text_offset"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap() as usize).collect();
+    let starts: Vec<usize> = tokens.iter().scan(0, |at, t| Some(std::mem::replace(at, *at + t.chars().count()))).collect();
+    assert_eq!(offsets, starts, "{completion}");
+    assert!(completion["top_logprobs"].as_array().unwrap().iter().all(|m| m.as_object().unwrap().len() == 2), "{completion}");
+
+    // `echo`: the prompt, then the answer, with the prompt's tokens'
+    // log-probabilities (null for the first), as `--prompt-logprobs` gives them.
+    let echoed = &v["echo_logprobs"];
+    let prompt = "The capital of France is";
+    assert!(v["echo_text"].as_str().unwrap().starts_with(prompt), "{v}");
+    let scored = json_of(edge().args(["generate", "--server", &server.url(), "--raw", "--prompt", prompt, "--max-new-tokens", "1", "--json"]).args([
+        "--logprobs",
+        "1",
+        "--prompt-logprobs",
+    ]));
+    let prompt_logprobs = scored["prompt_logprobs"].as_array().unwrap();
+    let token_logprobs = echoed["token_logprobs"].as_array().unwrap();
+    assert_eq!(token_logprobs.len(), prompt_logprobs.len() + 2, "the prompt's tokens and one new one: {echoed}");
+    assert!(token_logprobs[0].is_null() && echoed["top_logprobs"][0].is_null(), "{echoed}");
+    for (e, r) in token_logprobs[1..].iter().zip(prompt_logprobs.iter().chain(scored["logprobs"].as_array().unwrap())) {
+        assert_eq!(as_f32(e), as_f32(&r["logprob"]), "{echoed} against {scored}");
+    }
+    let tokens: Vec<&str> = echoed["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(tokens.concat(), v["echo_text"].as_str().unwrap());
 }
 
 #[test]
