@@ -69,6 +69,8 @@ pub fn router(edge: Edge) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/health", get(|| async { "ok" }))
         .with_state(state)
 }
@@ -128,6 +130,40 @@ async fn models(State(s): State<AppState>) -> Response {
     json_response(json!({"object": "list", "data": [{"id": &*s.model_id, "object": "model", "created": unix_now(), "owned_by": "tandem"}]}))
 }
 
+/// vLLM's `POST /tokenize`: `{"prompt": …}` (a string or token ids) as a
+/// completion takes it, or `{"messages": […]}` in the chat template, as a
+/// chat completion does; answers `{"tokens", "count"}`.
+async fn tokenize(State(s): State<AppState>, body: Bytes) -> Response {
+    let tokens = || -> Result<Vec<u32>, ApiError> {
+        let obj = &json_object(&body)?;
+        if obj.contains_key("messages") {
+            let text = s.tokenizer.chat_messages(&messages(obj)?, Some(&crate::chat::today()));
+            return Ok(s.tokenizer.encode_prompt(&text).map_err(EdgeError::from)?);
+        }
+        Ok(completion_prompt(obj, &s.tokenizer)?.0)
+    };
+    match tokens() {
+        Ok(t) => json_response(json!({"count": t.len(), "tokens": t})),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// vLLM's `POST /detokenize`: `{"tokens": […]}` → `{"prompt": text}`
+/// (special tokens included).
+async fn detokenize(State(s): State<AppState>, body: Bytes) -> Response {
+    let text = || -> Result<String, ApiError> {
+        let ids: Vec<u32> = json_object(&body)?
+            .get("tokens")
+            .and_then(|t| serde_json::from_value(t.clone()).ok())
+            .ok_or_else(|| ApiError::invalid("tokens", "`tokens` must be an array of token ids"))?;
+        Ok(s.tokenizer.decode(&ids).map_err(|e| ApiError::invalid("tokens", e.to_string()))?)
+    };
+    match text() {
+        Ok(t) => json_response(json!({"prompt": t})),
+        Err(e) => e.into_response(),
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Kind {
     Chat,
@@ -181,9 +217,16 @@ fn logprobs(kind: Kind, obj: &Map<String, Value>) -> Result<Option<usize>, ApiEr
     }
 }
 
+/// A request body: a JSON object.
+fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", format!("the body is not JSON: {e}")))? {
+        Value::Object(obj) => Ok(obj),
+        _ => Err(ApiError::invalid("body", "the body must be a JSON object")),
+    }
+}
+
 fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, today: &str) -> Result<ValidCompletion, ApiError> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", format!("the body is not JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| ApiError::invalid("body", "the body must be a JSON object"))?;
+    let obj = &json_object(body)?;
     for name in UNSUPPORTED {
         let off = |x: &Value| match x {
             Value::Null | Value::Bool(false) => true,
@@ -203,16 +246,18 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, today: &str) ->
     if number(obj, "n")?.is_some_and(|n| n != 1.0) {
         return Err(ApiError::invalid("n", "`n` must be 1"));
     }
-    let text = match kind {
-        Kind::Chat => tokenizer.chat_messages(&messages(obj)?, Some(today)),
-        Kind::Text => prompt_text(obj)?,
+    let (prompt, text) = match kind {
+        Kind::Chat => {
+            let text = tokenizer.chat_messages(&messages(obj)?, Some(today));
+            (tokenizer.encode_prompt(&text).map_err(EdgeError::from)?, text)
+        }
+        Kind::Text => completion_prompt(obj, tokenizer)?,
     };
     let echo = match obj.get("echo") {
         None | Some(Value::Null) | Some(Value::Bool(false)) => false,
         Some(Value::Bool(true)) if kind == Kind::Text => true,
         Some(_) => return Err(ApiError::invalid("echo", "`echo` is a completions parameter: true or false")),
     };
-    let prompt = tokenizer.encode_prompt(&text).map_err(EdgeError::from)?;
     if prompt.is_empty() {
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
     }
@@ -321,11 +366,29 @@ fn content_text(content: Option<&Value>) -> Result<String, ApiError> {
     }
 }
 
-fn prompt_text(obj: &Map<String, Value>) -> Result<String, ApiError> {
-    match obj.get("prompt") {
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => Ok(a[0].as_str().expect("checked").to_string()),
-        _ => Err(ApiError::invalid("prompt", "`prompt` must be a string (or an array of one string)")),
+/// A completion's prompt, tokens and text: a string, or token ids as
+/// evaluation harnesses send them (lm-evaluation-harness's
+/// `tokenized_requests`), each alone or as an array of one.
+fn completion_prompt(obj: &Map<String, Value>, tokenizer: &Tokenizer) -> Result<(Vec<u32>, String), ApiError> {
+    const WHAT: &str = "`prompt` must be a string or an array of token ids (or an array of one of them)";
+    let prompt = match obj.get("prompt") {
+        Some(Value::Array(a)) if a.len() == 1 && (a[0].is_string() || a[0].is_array()) => &a[0],
+        Some(p) => p,
+        None => return Err(ApiError::invalid("prompt", WHAT)),
+    };
+    match prompt {
+        Value::String(s) => Ok((tokenizer.encode_prompt(s).map_err(EdgeError::from)?, s.clone())),
+        Value::Array(ids) => {
+            let vocab = tokenizer.vocab_size();
+            let ids = ids
+                .iter()
+                .map(|id| id.as_u64().filter(|&id| (id as usize) < vocab).map(|id| id as u32))
+                .collect::<Option<Vec<u32>>>()
+                .ok_or_else(|| ApiError::invalid("prompt", format!("{WHAT}; token ids are integers below the vocabulary's {vocab}")))?;
+            let text = tokenizer.decode(&ids).map_err(EdgeError::from)?;
+            Ok((ids, text))
+        }
+        _ => Err(ApiError::invalid("prompt", WHAT)),
     }
 }
 
@@ -732,6 +795,16 @@ mod tests {
             assert_eq!(err.body()["error"]["param"], param);
         }
         assert_eq!(parse_request(Kind::Text, br#"{"prompt":7}"#, &tok, "07 Dec 2026").unwrap_err().param, Some("prompt"));
+        let ids = tok.encode("Once upon").unwrap();
+        for body in [json!({"prompt": ids}), json!({"prompt": [ids]})] {
+            let r = parse_request(Kind::Text, body.to_string().as_bytes(), &tok, "07 Dec 2026").unwrap();
+            assert_eq!(r.prompt, ids, "token ids are taken as they are");
+        }
+        let echoed = parse_request(Kind::Text, json!({"prompt": [ids], "echo": true}).to_string().as_bytes(), &tok, "07 Dec 2026").unwrap();
+        assert_eq!(echoed.echo.as_deref(), Some("Once upon"));
+        for bad in [json!({"prompt": [1, -2]}), json!({"prompt": [49_152]}), json!({"prompt": [[1], [2]]}), json!({"prompt": [1.5]})] {
+            assert_eq!(parse_request(Kind::Text, bad.to_string().as_bytes(), &tok, "07 Dec 2026").unwrap_err().param, Some("prompt"), "{bad}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ Prints one JSON object: the non-streamed and streamed answers and usage.
 """
 import json
 import sys
+import urllib.request
 
 import openai
 
@@ -45,8 +46,19 @@ for c in client.chat.completions.create(
     if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content:
         streamed_logprobs += entries(c.choices[0].logprobs.content)
 text_logprobs = client.completions.create(model="tandem", prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2)
-# As lm-evaluation-harness scores a continuation: echo, one new token.
+# As lm-evaluation-harness scores a continuation: echo, one new token,
+# the prompt as text and as the token ids /tokenize gives (its
+# `tokenized_requests`).
 echoed = client.completions.create(model="tandem", prompt="The capital of France is", max_tokens=1, temperature=0, logprobs=1, echo=True)
+
+
+def post(path, body):
+    request = urllib.request.Request(sys.argv[1].removesuffix("/v1") + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(request))
+
+
+ids = post("/tokenize", {"prompt": "The capital of France is"})["tokens"]
+echoed_ids = client.completions.create(model="tandem", prompt=[ids], max_tokens=1, temperature=0, logprobs=1, echo=True)
 
 try:
     client.chat.completions.create(model="tandem", messages=question, temperature=5)
@@ -74,6 +86,9 @@ print(
             "completion_logprobs": text_logprobs.choices[0].logprobs.model_dump(),
             "echo_text": echoed.choices[0].text,
             "echo_logprobs": echoed.choices[0].logprobs.model_dump(),
+            "echo_ids_text": echoed_ids.choices[0].text,
+            "echo_ids_logprobs": echoed_ids.choices[0].logprobs.model_dump(),
+            "detokenized": post("/detokenize", {"tokens": ids})["prompt"],
         }
     )
 )

@@ -263,6 +263,9 @@ fn serve_answers_the_official_openai_client() {
     }
     let tokens: Vec<&str> = echoed["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     assert_eq!(tokens.concat(), v["echo_text"].as_str().unwrap());
+    // The prompt as /tokenize's token ids: the same tokens, the same scores.
+    assert_eq!((&v["echo_ids_text"], &v["echo_ids_logprobs"]), (&v["echo_text"], echoed));
+    assert_eq!(v["detokenized"], prompt);
 }
 
 #[test]
