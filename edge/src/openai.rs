@@ -156,7 +156,7 @@ async fn detokenize(State(s): State<AppState>, body: Bytes) -> Response {
             .get("tokens")
             .and_then(|t| serde_json::from_value(t.clone()).ok())
             .ok_or_else(|| ApiError::invalid("tokens", "`tokens` must be an array of token ids"))?;
-        Ok(s.tokenizer.decode(&ids).map_err(|e| ApiError::invalid("tokens", e.to_string()))?)
+        s.tokenizer.decode(&ids).map_err(|e| ApiError::invalid("tokens", e.to_string()))
     };
     match text() {
         Ok(t) => json_response(json!({"prompt": t})),
