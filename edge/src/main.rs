@@ -11,7 +11,7 @@ use tandem_edge::client::{ClientConfig, RemoteTarget};
 use tandem_edge::config::EdgeConfig;
 use tandem_edge::controller::{RejectionPredictor, SpeculationController, StopRule};
 use tandem_edge::{explain, Backend, ControllerSample, Edge, EdgeError, EdgeOptions, Emitted, GenerateRequest, Generation, LogprobsWanted, Target, Verifier};
-use tandem_model::{fetch, DraftSpec, LoadedModel, SamplingParams};
+use tandem_model::{fetch, DraftSpec, LoadedModel, Penalties, SamplingParams};
 use tandem_protocol::limits::MAX_TOP_LOGPROBS;
 
 #[derive(Parser)]
@@ -155,11 +155,21 @@ struct SamplingArgs {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Subtracted from a token's logit once per time the answer holds it (-2..2).
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Subtracted from the logit of every token the answer holds (-2..2).
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Divides the positive logits (multiplies the negative) of tokens in the prompt or answer (1: none).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
 }
 
 impl SamplingArgs {
     fn params(&self) -> SamplingParams {
-        SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed }
+        let penalties = Penalties { frequency: self.frequency_penalty, presence: self.presence_penalty, repetition: self.repetition_penalty };
+        SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed, penalties }
     }
 }
 

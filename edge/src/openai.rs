@@ -11,7 +11,9 @@
 //! * Defaults follow OpenAI: `temperature` 1, `top_p` 1, `max_tokens` 16
 //!   for completions, up to the protocol's limit for chat; `seed` absent
 //!   draws one. `n` must be 1; `stop` takes up to 4 strings.
-//! * Parameters Tandem cannot honour (`tools`, penalties,
+//! * `frequency_penalty` and `presence_penalty` are OpenAI's, and vLLM's
+//!   `repetition_penalty` is taken too (see `Penalties`).
+//! * Parameters Tandem cannot honour (`tools`, `logit_bias`,
 //!   `response_format`, `echo` with `stream`, …) are refused with a 400
 //!   naming them rather than silently ignored.
 //! * `logprobs` (chat: `logprobs: true` and `top_logprobs` 0..=20;
@@ -45,7 +47,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tandem_model::{ChatMessage, SamplingParams, TokenLogprob, Tokenizer};
+use tandem_model::{ChatMessage, Penalties, SamplingParams, TokenLogprob, Tokenizer};
 use tandem_protocol::limits::{MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_TOP_LOGPROBS};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -238,11 +240,15 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, today: &str) ->
             return Err(ApiError::invalid(name, format!("`{name}` is not supported by Tandem")));
         }
     }
-    for name in ["frequency_penalty", "presence_penalty"] {
-        if number(obj, name)?.is_some_and(|p| p != 0.0) {
-            return Err(ApiError::invalid(name, format!("`{name}` is not supported by Tandem (only 0)")));
-        }
-    }
+    let penalty = |name: &'static str, default: f64, ok: fn(f64) -> bool, range: &str| match number(obj, name)? {
+        Some(v) if !ok(v) => Err(ApiError::invalid(name, format!("`{name}` must be {range}"))),
+        v => Ok(v.unwrap_or(default) as f32),
+    };
+    let penalties = Penalties {
+        frequency: penalty("frequency_penalty", 0.0, |v| (-2.0..=2.0).contains(&v), "in [-2, 2]")?,
+        presence: penalty("presence_penalty", 0.0, |v| (-2.0..=2.0).contains(&v), "in [-2, 2]")?,
+        repetition: penalty("repetition_penalty", 1.0, |v| v > 0.0 && v.is_finite(), "> 0")?,
+    };
     if number(obj, "n")?.is_some_and(|n| n != 1.0) {
         return Err(ApiError::invalid("n", "`n` must be 1"));
     }
@@ -312,7 +318,7 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, today: &str) ->
     Ok(ValidCompletion {
         prompt,
         max_new_tokens: max as usize,
-        sampling: SamplingParams { temperature: temperature as f32, top_k: 0, top_p: top_p as f32, seed },
+        sampling: SamplingParams { temperature: temperature as f32, top_k: 0, top_p: top_p as f32, seed, penalties },
         stop,
         stream,
         include_usage,
@@ -761,6 +767,8 @@ mod tests {
         assert_eq!(tok.decode(&text.prompt).unwrap(), "Once upon");
         assert_eq!(parse_request(Kind::Text, br#"{"prompt":"x"}"#, &tok, "07 Dec 2026").unwrap().max_new_tokens, 16);
         assert_eq!(ok.logprobs, None);
+        let penalized = chat(r#"{"messages":[{"role":"user","content":"x"}],"presence_penalty":0.5,"frequency_penalty":-1,"repetition_penalty":1.2}"#).unwrap();
+        assert_eq!(penalized.sampling.penalties, Penalties { frequency: -1.0, presence: 0.5, repetition: 1.2 });
         let lp = |kind, body: &str| parse_request(kind, body.as_bytes(), &tok, "07 Dec 2026").map(|r| r.logprobs).map_err(|e| e.param);
         assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":3}"#), Ok(Some(3)));
         assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true}"#), Ok(Some(0)));
@@ -786,7 +794,9 @@ mod tests {
             (r#"{"messages":[{"role":"user","content":"x"}],"seed":"s"}"#, "seed"),
             (r#"{"messages":[{"role":"user","content":"x"}],"stream":"yes"}"#, "stream"),
             (r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}"#, "tools"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"presence_penalty":0.5}"#, "presence_penalty"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"presence_penalty":2.5}"#, "presence_penalty"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"frequency_penalty":"high"}"#, "frequency_penalty"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"repetition_penalty":0}"#, "repetition_penalty"),
         ];
         for (body, param) in cases {
             let err = chat(body).expect_err(body);

@@ -124,6 +124,8 @@ pub struct LocalTarget {
     logprobs_wanted: Option<LogprobsWanted>,
     logprobs: Vec<TokenLogprob>,
     prompt_logprobs: Vec<TokenLogprob>,
+    /// Of the generation's context (penalties tell prompt from output).
+    prompt_len: usize,
 }
 
 impl LocalTarget {
@@ -138,6 +140,7 @@ impl LocalTarget {
             logprobs_wanted: None,
             logprobs: vec![],
             prompt_logprobs: vec![],
+            prompt_len: 0,
         }
     }
 
@@ -169,11 +172,12 @@ impl Target for LocalTarget {
         let llama = &self.model.llama;
         self.cache = llama.new_cache(llama.config().n_layers);
         self.sampling = sampling.clone();
+        self.prompt_len = prompt.len();
         self.features = None;
         let of_prompt = self.logprobs_wanted.is_some_and(|w| w.prompt);
         let logits = self.pass(prompt, if of_prompt { LogitsFor::All } else { LogitsFor::Last })?;
         let last = logits.rows() - 1;
-        let first = sampling.sample_at(logits.row(last), prompt.len());
+        let first = sampling.next_token(logits.row(last), prompt, 0);
         self.logprobs = self.logprobs_of(&logits, last, [first].into_iter());
         self.prompt_logprobs = if of_prompt { self.logprobs_of(&logits, 0, prompt[1..].iter().copied()) } else { vec![] };
         Ok(first)
@@ -187,7 +191,7 @@ impl Target for LocalTarget {
         let mut feed = vec![*context.last().expect("context is never empty")];
         feed.extend_from_slice(drafts);
         let logits = self.pass(&feed, LogitsFor::All)?;
-        let verdict = judge_round(&self.sampling, context.len(), drafts, q, &logits);
+        let verdict = judge_round(&self.sampling, context, context.len() - self.prompt_len, drafts, q, &logits);
         let logprobs = self.logprobs_of(&logits, 0, drafts[..verdict.accepted].iter().copied().chain([verdict.next]));
         self.logprobs.extend(logprobs);
         self.cache.truncate(base + 1 + verdict.accepted);

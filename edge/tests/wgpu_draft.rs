@@ -187,7 +187,7 @@ fn draft_rounds_match_the_cpu_draft_greedy_and_sampled() {
     let stop = target.tokenizer.eos_tokens().to_vec();
     let mut gpu = wgpu_draft(&target.llama, n_layers, stop.clone(), &WgpuOptions::default()).unwrap();
     let mut cpu = ModelDraft::from_layers(target.llama.clone(), n_layers, stop);
-    let sampled = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 7 };
+    let sampled = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 7, ..Default::default() };
     for sampling in [SamplingParams::default(), sampled] {
         for prompt in prompts(&target) {
             let mut context = prompt.clone();

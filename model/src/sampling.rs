@@ -13,11 +13,75 @@ pub struct SamplingParams {
     /// Keep the smallest set of most likely tokens whose mass reaches p; 1 keeps all.
     pub top_p: f32,
     pub seed: u64,
+    /// Applied to the target's logits before all of the above (greedy
+    /// decoding included); drafts propose without them.
+    pub penalties: Penalties,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, penalties: Penalties::default() }
+    }
+}
+
+/// vLLM's penalties: `repetition` (> 0; 1 is none) divides the positive
+/// logits of every token in the prompt or the output and multiplies the
+/// negative ones; then OpenAI's `frequency` and `presence` (in [−2, 2])
+/// subtract `frequency · count + presence` from each token the output
+/// holds `count > 0` times. Functions of the text so far, so a verified
+/// position is penalized by the tokens before it, drafts included: the
+/// rule stays exact (a draft's distribution is whatever it sampled from).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Penalties {
+    pub frequency: f32,
+    pub presence: f32,
+    pub repetition: f32,
+}
+
+impl Default for Penalties {
+    fn default() -> Self {
+        Penalties { frequency: 0.0, presence: 0.0, repetition: 1.0 }
+    }
+}
+
+impl Penalties {
+    pub fn is_none(&self) -> bool {
+        *self == Penalties::default()
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [("frequency_penalty", self.frequency), ("presence_penalty", self.presence)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(ModelError::InvalidArgument(format!("`{name}` must be in [-2, 2], got {v}")));
+            }
+        }
+        if !(self.repetition.is_finite() && self.repetition > 0.0) {
+            return Err(ModelError::InvalidArgument(format!("`repetition_penalty` must be > 0, got {}", self.repetition)));
+        }
+        Ok(())
+    }
+
+    /// Penalizes `row`, the logits that follow `prompt` then `output`.
+    pub fn apply(&self, row: &mut [f32], prompt: &[u32], output: &[u32]) {
+        if self.repetition != 1.0 {
+            let mut seen = std::collections::HashSet::new();
+            for &t in prompt.iter().chain(output) {
+                if let Some(l) = row.get_mut(t as usize).filter(|_| seen.insert(t)) {
+                    *l = if *l > 0.0 { *l / self.repetition } else { *l * self.repetition };
+                }
+            }
+        }
+        if self.frequency != 0.0 || self.presence != 0.0 {
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
+            for &t in output {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, count) in counts {
+                if let Some(l) = row.get_mut(t as usize) {
+                    *l -= self.frequency * count as f32 + self.presence;
+                }
+            }
+        }
     }
 }
 
@@ -29,7 +93,7 @@ impl SamplingParams {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(ModelError::InvalidArgument(format!("`top_p` must be in (0, 1], got {}", self.top_p)));
         }
-        Ok(())
+        self.penalties.validate()
     }
 
     pub fn is_greedy(&self) -> bool {
@@ -45,9 +109,23 @@ impl SamplingParams {
     }
 
     /// Draws a token from `logits` for sequence position `position`
-    /// (draws keyed by position, see [`SessionRng::at`]).
+    /// (draws keyed by position, see [`SessionRng::at`]). No penalties:
+    /// see [`Self::next_token`].
     pub fn sample_at(&self, logits: &[f32], position: usize) -> u32 {
         self.distribution(logits).sample(&mut SessionRng::at(self.seed, position))
+    }
+
+    /// The target's token after `context`, whose last `generated` tokens
+    /// are output, from its `logits`: penalized, then drawn at the
+    /// context's length.
+    pub fn next_token(&self, logits: &[f32], context: &[u32], generated: usize) -> u32 {
+        if self.penalties.is_none() {
+            return self.sample_at(logits, context.len());
+        }
+        let mut row = logits.to_vec();
+        let (prompt, output) = context.split_at(context.len() - generated);
+        self.penalties.apply(&mut row, prompt, output);
+        self.sample_at(&row, context.len())
     }
 
     /// The distribution these parameters sample from, given raw logits.
@@ -400,6 +478,21 @@ mod tests {
             let lp = TokenLogprob::from_logits(&row, t, 1);
             assert!((lp.logprob as f64 - (row[t as usize] as f64 - z.ln())).abs() < 1e-5, "{lp:?}");
         }
+    }
+
+    #[test]
+    fn penalties_follow_vllm() {
+        let penalties = Penalties { frequency: 0.5, presence: 0.25, repetition: 2.0 };
+        let mut row = [1.0f32, -1.0, 2.0, 0.5, 3.0];
+        penalties.apply(&mut row, &[0, 1], &[2, 2, 3, 9]);
+        // Repetition over prompt and output, once per token; then
+        // frequency · count + presence over the output (id 9 is past the row).
+        assert_eq!(row, [0.5, -2.0, 1.0 - 1.25, 0.25 - 0.75, 3.0]);
+        assert!(Penalties::default().is_none());
+        let bad = Penalties { repetition: 0.0, ..Penalties::default() };
+        assert!(SamplingParams { penalties: bad, ..Default::default() }.validate().unwrap_err().to_string().contains("repetition_penalty"));
+        let bad = Penalties { presence: -2.5, ..Penalties::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("presence_penalty"));
     }
 
     #[test]

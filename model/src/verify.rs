@@ -55,15 +55,30 @@ pub fn verify_sampled(drafts: &[u32], q: &[SparseDist], mut target: impl FnMut(u
     Verdict { accepted: drafts.len(), next: target(drafts.len()).sample(rng) }
 }
 
-/// Judges one round from the target's k + 1 rows of logits: the greedy
-/// rule, or speculative sampling under `sampling` with the draws keyed by
-/// `position` (the session's length before the round), so any verifier of
-/// the same session (local, a server, a resumed one) makes the same draws.
-pub fn judge_round(sampling: &SamplingParams, position: usize, drafts: &[u32], q: &[SparseDist], logits: &Logits) -> Verdict {
+/// Judges one round of `drafts` after `context` (whose last `generated`
+/// tokens are output) from the target's k + 1 rows of logits, penalized
+/// as `sampling` says (row i by the context and the drafts before it):
+/// the greedy rule, or speculative sampling with the draws keyed by the
+/// context's length, so any verifier of the same session (local, a
+/// server, a resumed one) makes the same draws.
+pub fn judge_round(sampling: &SamplingParams, context: &[u32], generated: usize, drafts: &[u32], q: &[SparseDist], logits: &Logits) -> Verdict {
+    let penalized;
+    let logits = if sampling.penalties.is_none() {
+        logits
+    } else {
+        let mut rows = logits.clone();
+        let (prompt, output) = context.split_at(context.len() - generated);
+        for i in 0..rows.rows() {
+            let output = [output, &drafts[..i.min(drafts.len())]].concat();
+            sampling.penalties.apply(&mut rows.data[i * rows.vocab..(i + 1) * rows.vocab], prompt, &output);
+        }
+        penalized = rows;
+        &penalized
+    };
     if sampling.is_greedy() {
         return verify_greedy(drafts, |i| logits.row(i));
     }
-    verify_sampled(drafts, q, |i| sampling.distribution(logits.row(i)), &mut SessionRng::at(sampling.seed, position))
+    verify_sampled(drafts, q, |i| sampling.distribution(logits.row(i)), &mut SessionRng::at(sampling.seed, context.len()))
 }
 
 #[cfg(test)]

@@ -25,12 +25,29 @@ fn spec(layers: usize, head_gain: f32) -> TinySpec {
     TinySpec { vocab: VOCAB, hidden: 32, heads: 4, kv_heads: 2, ffn: 64, layers, dtype: GgmlDType::F32, head_gain }
 }
 
+/// vLLM's penalties, written out here on their own: repetition over the
+/// prompt's and output's tokens, then frequency and presence over the output's.
+fn penalized(row: &[f32], prompt: &[u32], output: &[u32], p: &Penalties) -> Vec<f32> {
+    let mut row = row.to_vec();
+    for (t, l) in row.iter_mut().enumerate() {
+        let t = t as u32;
+        if prompt.contains(&t) || output.contains(&t) {
+            *l = if *l > 0.0 { *l / p.repetition } else { *l * p.repetition };
+        }
+        let count = output.iter().filter(|&&o| o == t).count();
+        if count > 0 {
+            *l -= p.frequency * count as f32 + p.presence;
+        }
+    }
+    row
+}
+
 /// The target's exact distribution over (t1, t2).
 fn exact_joint(target: &Llama, params: &SamplingParams, prompt: &[u32]) -> Vec<f64> {
     let dist = |tokens: &[u32]| {
         let mut cache = target.new_cache(target.config().n_layers);
         let logits = target.forward(&mut [SeqPass { cache: &mut cache, tokens, logits: LogitsFor::Last }]).unwrap();
-        params.distribution(logits[0].row(0))
+        params.distribution(&penalized(logits[0].row(0), prompt, &tokens[prompt.len()..], &params.penalties))
     };
     let p1 = dist(prompt);
     let mut joint = vec![0.0; VOCAB * VOCAB];
@@ -50,6 +67,9 @@ fn exact_joint(target: &Llama, params: &SamplingParams, prompt: &[u32]) -> Vec<f
 #[derive(Clone, Copy, PartialEq)]
 enum Rule {
     Correct,
+    /// `judge_round`, as servers run it (penalties applied there), with a
+    /// seed of its own for each sample: its draws are keyed by position.
+    JudgeRound,
     /// After a rejection, sample from p instead of normalize(max(0, p − q)).
     ResampleFromTarget,
 }
@@ -80,6 +100,10 @@ fn speculative_pair(
         let p: Vec<SparseDist> = (0..feed.len()).map(|i| params.distribution(logits[0].row(i))).collect();
         let verdict = match rule {
             Rule::Correct => verify_sampled(&proposal.tokens, &proposal.dists, |i| p[i].clone(), rng),
+            Rule::JudgeRound => {
+                let params = SamplingParams { seed: rng.next_u64(), ..params.clone() };
+                judge_round(&params, &context, out.len(), &proposal.tokens, &proposal.dists, &logits[0])
+            }
             Rule::ResampleFromTarget => {
                 let mut accepted = proposal.tokens.len();
                 for (i, &d) in proposal.tokens.iter().enumerate() {
@@ -153,7 +177,7 @@ fn run(params: SamplingParams, rule: Rule, lookup: bool) -> (f64, f64) {
 
 #[test]
 fn speculative_sampling_matches_target_distribution() {
-    let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 42 };
+    let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 42, ..Default::default() };
     let (stat, crit) = run(params, Rule::Correct, false);
     assert!(stat < crit, "chi-square {stat:.1} ≥ critical {crit:.1}: speculative output is not the target distribution");
 }
@@ -162,14 +186,27 @@ fn speculative_sampling_matches_target_distribution() {
 fn speculative_sampling_matches_truncated_target_distribution() {
     // Truncation on both sides: the draft's q (top-k 64 ⊇ all 8 tokens, top-p)
     // and the target's p (top-k 5, top-p 0.95) differ in support.
-    let params = SamplingParams { temperature: 0.8, top_k: 5, top_p: 0.95, seed: 7 };
+    let params = SamplingParams { temperature: 0.8, top_k: 5, top_p: 0.95, seed: 7, ..Default::default() };
     let (stat, crit) = run(params, Rule::Correct, false);
     assert!(stat < crit, "chi-square {stat:.1} ≥ critical {crit:.1}");
 }
 
 #[test]
+fn speculative_sampling_with_penalties_matches_the_penalized_target() {
+    // Drafts propose without penalties; the target's rows are penalized by
+    // the tokens before each, drafts included.
+    let penalties = Penalties { frequency: 0.6, presence: 0.4, repetition: 1.8 };
+    let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 5, penalties };
+    let (stat, crit) = run(params.clone(), Rule::JudgeRound, false);
+    assert!(stat < crit, "chi-square {stat:.1} ≥ critical {crit:.1}");
+    // The harness tells penalties from none: the unpenalized rule misses.
+    let (stat, crit) = run(params, Rule::Correct, false);
+    assert!(stat > crit, "penalties changed nothing the harness can see: chi-square {stat:.1} < {crit:.1}");
+}
+
+#[test]
 fn a_wrong_rule_is_detected() {
-    let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 42 };
+    let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 42, ..Default::default() };
     let (stat, crit) = run(params, Rule::ResampleFromTarget, false);
     assert!(stat > crit, "the harness cannot tell a wrong rule apart: chi-square {stat:.1} < {crit:.1}");
 }
@@ -177,7 +214,7 @@ fn a_wrong_rule_is_detected() {
 #[test]
 fn speculative_sampling_with_prompt_lookup_matches_target_distribution() {
     // Copied drafts are point masses: accepted with probability p(t).
-    let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 3 };
+    let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 3, ..Default::default() };
     let (stat, crit) = run(params, Rule::Correct, true);
     assert!(stat < crit, "chi-square {stat:.1} ≥ critical {crit:.1}");
 }

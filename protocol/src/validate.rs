@@ -57,6 +57,14 @@ pub fn validate_open(open: &Open, vocab: usize) -> Result<(), WireError> {
         if !(s.top_p.is_finite() && (0.0..=1.0).contains(&s.top_p)) {
             return Err(WireError::invalid(format!("`open.sampling.top_p` must be in (0, 1], got {}", s.top_p)));
         }
+        for (name, v) in [("frequency_penalty", s.frequency_penalty), ("presence_penalty", s.presence_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(WireError::invalid(format!("`open.sampling.{name}` must be in [-2, 2], got {v}")));
+            }
+        }
+        if !(s.repetition_penalty.is_finite() && s.repetition_penalty >= 0.0) {
+            return Err(WireError::invalid(format!("`open.sampling.repetition_penalty` must be > 0 (0: none), got {}", s.repetition_penalty)));
+        }
     }
     if open.top_logprobs as usize > MAX_TOP_LOGPROBS || (open.top_logprobs > 0 && !open.want_logprobs) {
         return Err(WireError::invalid(format!(
@@ -145,6 +153,9 @@ mod tests {
             (Open { resumed: 3, ..open() }, "open.resumed"),
             (Open { sampling: Some(Sampling { temperature: -1.0, ..Default::default() }), ..open() }, "temperature"),
             (Open { sampling: Some(Sampling { top_p: 1.5, ..Default::default() }), ..open() }, "top_p"),
+            (Open { sampling: Some(Sampling { presence_penalty: 2.5, ..Default::default() }), ..open() }, "open.sampling.presence_penalty"),
+            (Open { sampling: Some(Sampling { frequency_penalty: f32::NAN, ..Default::default() }), ..open() }, "open.sampling.frequency_penalty"),
+            (Open { sampling: Some(Sampling { repetition_penalty: -1.0, ..Default::default() }), ..open() }, "open.sampling.repetition_penalty"),
             (Open { draft_mode: 7, ..open() }, "open.draft_mode"),
             (Open { want_logprobs: true, top_logprobs: MAX_TOP_LOGPROBS as u32 + 1, ..open() }, "open.top_logprobs"),
             (Open { top_logprobs: 2, ..open() }, "open.top_logprobs"),

@@ -652,7 +652,7 @@ impl Engine {
         let mut first_logprob = vec![];
         if s.sample_first {
             let last = logits.rows() - 1;
-            let first = s.sampling.sample_at(logits.row(last), s.context.len());
+            let first = s.sampling.next_token(logits.row(last), &s.context, s.generated);
             first_logprob = s.logprobs_of_row(logits, last, first);
             s.context.push(first);
             s.generated += 1;
@@ -687,7 +687,7 @@ impl Engine {
     fn after_verify(&mut self, s: &mut Session, logits: &tandem_model::Logits, states: &[f32]) -> bool {
         let Some((verify, reply, queued_at)) = s.pending_verify.take() else { return true };
         let drafts = &verify.draft;
-        let verdict = judge_round(&s.sampling, s.context.len(), drafts, &verify.q, logits);
+        let verdict = judge_round(&s.sampling, &s.context, s.generated, drafts, &verify.q, logits);
         // An accepted end-of-sequence draft ends the output there.
         let eos = self.model.tokenizer.eos_tokens();
         let verdict = match drafts[..verdict.accepted].iter().position(|t| eos.contains(t)) {
@@ -737,7 +737,7 @@ impl Engine {
     }
 
     fn after_decode(&mut self, id: SessionId, s: &mut Session, logits: &tandem_model::Logits, states: &[f32]) -> bool {
-        let token = s.sampling.sample_at(logits.row(0), s.context.len());
+        let token = s.sampling.next_token(logits.row(0), &s.context, s.generated);
         let logprobs = s.logprobs_of(logits, &[token]);
         s.context.push(token);
         s.generated += 1;

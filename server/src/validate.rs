@@ -2,7 +2,7 @@
 //! protobuf, and nothing invalid reaches the model.
 
 use crate::ServeError;
-use tandem_model::{SamplingParams, SparseDist};
+use tandem_model::{Penalties, SamplingParams, SparseDist};
 use tandem_protocol::wire::{DraftMode, Open, Verify};
 use tandem_protocol::{validate_open, validate_verify};
 
@@ -48,6 +48,11 @@ impl ValidOpen {
                 top_k: sampling.top_k as usize,
                 top_p: if sampling.top_p == 0.0 { 1.0 } else { sampling.top_p },
                 seed: sampling.seed,
+                penalties: Penalties {
+                    frequency: sampling.frequency_penalty,
+                    presence: sampling.presence_penalty,
+                    repetition: if sampling.repetition_penalty == 0.0 { 1.0 } else { sampling.repetition_penalty },
+                },
             },
             server_only: open.draft_mode == DraftMode::ServerOnly as i32,
             want_features: open.want_features,

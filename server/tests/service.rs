@@ -8,7 +8,7 @@ use std::time::Duration;
 use tandem_edge::client::RemoteTarget;
 use tandem_edge::controller::{SpeculationController, StopRule};
 use tandem_edge::{Decoded, EdgeError, Emitted, GenerateRequest, LogprobsWanted, RoundOutcome, Speculator, Target, TargetFeatures};
-use tandem_model::{DraftSpec, LogitsFor, SamplingParams, SeqPass, SyntheticDraft, TokenLogprob};
+use tandem_model::{DraftSpec, LogitsFor, Penalties, SamplingParams, SeqPass, SyntheticDraft, TokenLogprob};
 use tandem_protocol::wire::{EdgeMessage, Open, ServerKind, ServerMessage, SparseDist, Tokens, VerifierClient};
 use tandem_tests::*;
 use tokio_stream::wrappers::ReceiverStream;
@@ -101,6 +101,23 @@ fn log_probabilities_are_those_of_plain_decoding() {
     let g = spec.with_controller(controller).generate(&req, |_| {}).unwrap();
     assert!(g.server_decoded > 0, "handed off after {:?} tokens", g.handed_off_after);
     assert_eq!((&g.tokens, &g.logprobs), (&plain.tokens, &plain.logprobs), "handed off");
+}
+
+/// Penalties change what the target picks; drafting, which proposes
+/// without them, still gives plain decoding's output, over gRPC as here
+/// (`model/tests/speculative_sampling.rs` checks the sampled rule).
+#[test]
+fn penalized_output_is_plain_decodings() {
+    let server = ServerProcess::start(&[]);
+    let unpenalized = request("List ten fruits, one per line.", 40);
+    let penalties = Penalties { frequency: 0.5, presence: 0.3, repetition: 1.3 };
+    let req = GenerateRequest { sampling: SamplingParams { penalties, ..SamplingParams::default() }, ..unpenalized.clone() };
+    let plain = local(&req);
+    assert_ne!(plain, local(&unpenalized), "the penalties change the answer");
+    for draft in [DraftSpec::Layers(25), DraftSpec::Ngram] {
+        assert_eq!(remote(&server.url(), None, &draft, &req).unwrap().tokens, plain, "drafting with {draft}");
+    }
+    assert_eq!(remote_server_only(&server.url(), &req), plain, "server-only");
 }
 
 /// The trained (EAGLE-style) draft reads the target's hidden states: over
