@@ -95,6 +95,22 @@ mod tests {
     }
 
     #[test]
+    fn penalties_count_the_drafts_before_each_position() {
+        use crate::sampling::Penalties;
+        // Token 0 leads token 1 by 0.5 at every position; one count of it
+        // costs 1. Prompt [2]; output so far [3].
+        let logits = Logits { vocab: 4, data: [2.0, 1.5, 0.0, 0.0].repeat(3) };
+        let greedy = SamplingParams { penalties: Penalties { frequency: 1.0, ..Penalties::default() }, ..SamplingParams::default() };
+        let verdict = judge_round(&greedy, &[2, 3], 1, &[0, 0], &[], &logits);
+        assert_eq!(verdict, Verdict { accepted: 1, next: 1 }, "the first draft's 0 counts against the second");
+        let verdict = judge_round(&SamplingParams::default(), &[2, 3], 1, &[0, 0], &[], &logits);
+        assert_eq!(verdict, Verdict { accepted: 2, next: 0 });
+        // The output's tokens count, the prompt's do not.
+        assert_eq!(judge_round(&greedy, &[0, 3], 1, &[0], &[], &logits).accepted, 1);
+        assert_eq!(judge_round(&greedy, &[3, 0], 1, &[0], &[], &logits), Verdict { accepted: 0, next: 1 });
+    }
+
+    #[test]
     fn sampled_rejects_tokens_the_target_cannot_produce() {
         let q = [SparseDist::point(3)];
         let p = [SparseDist { tokens: vec![1, 2], probs: vec![0.5, 0.5] }, SparseDist::point(0)];
