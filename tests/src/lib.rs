@@ -168,7 +168,12 @@ pub fn raw(url: &str, key: Option<&str>, open: Open, then: impl Fn(&ServerMessag
 }
 
 pub fn open_msg(prompt: Vec<u32>, max_new: u32, temperature: f32) -> Open {
-    Open { prompt, max_new_tokens: max_new, sampling: Some(Sampling { temperature, top_k: 0, top_p: 1.0, seed: 1, ..Default::default() }), ..Default::default() }
+    Open {
+        prompt,
+        max_new_tokens: max_new,
+        sampling: Some(Sampling { temperature, top_k: 0, top_p: 1.0, seed: 1, ..Default::default() }),
+        ..Default::default()
+    }
 }
 
 pub fn verify(base_len: usize, draft: Vec<u32>, q: Vec<SparseDist>) -> EdgeMessage {

@@ -420,7 +420,8 @@ fn fuzz_decoding_and_validation() -> String {
     let open = (proptest::collection::vec(0u32..70_000, 0..64), 0u32..6000, 0u32..80, -2.0f32..3.0, 0u32..100, -1.0f32..2.0, -3.0f32..3.0, -1.0f32..3.0);
     runner
         .run(&open, |(prompt, max_new, resumed, temperature, top_k, top_p, presence_penalty, repetition_penalty)| {
-            let sampling = Some(tandem_protocol::wire::Sampling { temperature, top_k, top_p, seed: 1, presence_penalty, repetition_penalty, ..Default::default() });
+            let sampling =
+                Some(tandem_protocol::wire::Sampling { temperature, top_k, top_p, seed: 1, presence_penalty, repetition_penalty, ..Default::default() });
             let o = Open { prompt, max_new_tokens: max_new, resumed, sampling, ..Default::default() };
             if let Ok(valid) = ValidOpen::new(o, vocab, context) {
                 prop_assert!(!valid.prompt.is_empty() && valid.prompt.len() <= MAX_PROMPT_TOKENS + valid.resumed);
