@@ -218,6 +218,7 @@ impl RemoteTarget {
                 frequency_penalty: self.sampling.penalties.frequency,
                 presence_penalty: self.sampling.penalties.presence,
                 repetition_penalty: self.sampling.penalties.repetition,
+                logit_bias: self.sampling.logit_bias.iter().copied().collect(),
             }),
             slo: Some(Slo { ttft_ms: self.cfg.ttft_ms, tpot_ms: self.cfg.tpot_ms }),
             max_new_tokens: self.max_new_tokens as u32,

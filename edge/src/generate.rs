@@ -196,6 +196,10 @@ impl<T: Target + Send> Speculator<T> {
     /// Generates, calling `on_token` with each token as soon as it is final.
     pub fn generate(&mut self, req: &GenerateRequest, mut on_token: impl FnMut(Emitted)) -> Result<Generation, EdgeError> {
         req.validate()?;
+        let vocab = self.tokenizer.vocab_size();
+        if let Some(&(t, _)) = req.sampling.logit_bias.iter().find(|b| b.0 as usize >= vocab) {
+            return Err(EdgeError::InvalidArgument(format!("`logit_bias` names token {t}, outside the vocabulary of {vocab}")));
+        }
         let start = Instant::now();
         let eos = self.tokenizer.eos_tokens().to_vec();
         self.target.want_logprobs(req.logprobs);

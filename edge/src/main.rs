@@ -164,12 +164,22 @@ struct SamplingArgs {
     /// Divides the positive logits (multiplies the negative) of tokens in the prompt or answer (1: none).
     #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f32,
+    /// Adds BIAS (-100..100) to the logit of token ID; repeatable.
+    #[arg(long, value_name = "ID=BIAS", value_parser = parse_logit_bias)]
+    logit_bias: Vec<(u32, f32)>,
+}
+
+fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
+    let parsed = s.split_once('=').and_then(|(id, bias)| Some((id.trim().parse().ok()?, bias.trim().parse().ok()?)));
+    parsed.filter(|(_, b): &(u32, f32)| (-100.0..=100.0).contains(b)).ok_or_else(|| format!("expected ID=BIAS with BIAS in [-100, 100], got `{s}`"))
 }
 
 impl SamplingArgs {
     fn params(&self) -> SamplingParams {
         let penalties = Penalties { frequency: self.frequency_penalty, presence: self.presence_penalty, repetition: self.repetition_penalty };
-        SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed, penalties }
+        // Ids ascending; a token given twice keeps its last bias.
+        let logit_bias = self.logit_bias.iter().copied().collect::<std::collections::BTreeMap<_, _>>().into_iter().collect();
+        SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed, penalties, logit_bias }
     }
 }
 

@@ -13,9 +13,10 @@
 //!   draws one. `n` must be 1; `stop` takes up to 4 strings.
 //! * `frequency_penalty` and `presence_penalty` are OpenAI's, and vLLM's
 //!   `repetition_penalty` is taken too (see `Penalties`).
-//! * Parameters Tandem cannot honour (`tools`, `logit_bias`,
-//!   `response_format`, `echo` with `stream`, …) are refused with a 400
-//!   naming them rather than silently ignored.
+//! * `logit_bias` is added to the target's logits before the penalties.
+//! * Parameters Tandem cannot honour (`tools`, `response_format`, `echo`
+//!   with `stream`, …) are refused with a 400 naming them rather than
+//!   silently ignored.
 //! * `logprobs` (chat: `logprobs: true` and `top_logprobs` 0..=20;
 //!   completions: `logprobs` 0..=20, vLLM's limit where OpenAI's is 5) are
 //!   the target's, of its raw distribution (before temperature and
@@ -48,7 +49,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tandem_model::{ChatMessage, Penalties, SamplingParams, TokenLogprob, Tokenizer};
-use tandem_protocol::limits::{MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_TOP_LOGPROBS};
+use tandem_protocol::limits::{MAX_LOGIT_BIAS, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_TOP_LOGPROBS};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -188,7 +189,28 @@ struct ValidCompletion {
 }
 
 /// Fields refused rather than ignored (unless null, false or empty).
-const UNSUPPORTED: [&str; 5] = ["tools", "functions", "response_format", "logit_bias", "suffix"];
+const UNSUPPORTED: [&str; 4] = ["tools", "functions", "response_format", "suffix"];
+
+/// `logit_bias`: `{"token id": bias in [-100, 100]}`, ids ascending.
+fn logit_bias(obj: &Map<String, Value>, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    let bad = || ApiError::invalid("logit_bias", format!("`logit_bias` maps up to {MAX_LOGIT_BIAS} token ids below {vocab} to biases in [-100, 100]"));
+    let map = match obj.get("logit_bias") {
+        None | Some(Value::Null) => return Ok(vec![]),
+        Some(Value::Object(map)) if map.len() <= MAX_LOGIT_BIAS => map,
+        Some(_) => return Err(bad()),
+    };
+    let mut bias = map
+        .iter()
+        .map(|(id, b)| {
+            let id = id.parse::<u32>().ok().filter(|&id| (id as usize) < vocab)?;
+            let b = b.as_f64().filter(|b| (-100.0..=100.0).contains(b))?;
+            Some((id, b as f32))
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(bad)?;
+    bias.sort_by_key(|b| b.0);
+    Ok(bias)
+}
 
 /// `logprobs`: chat's flag with `top_logprobs`, or completions' count.
 fn logprobs(kind: Kind, obj: &Map<String, Value>) -> Result<Option<usize>, ApiError> {
@@ -318,7 +340,14 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, today: &str) ->
     Ok(ValidCompletion {
         prompt,
         max_new_tokens: max as usize,
-        sampling: SamplingParams { temperature: temperature as f32, top_k: 0, top_p: top_p as f32, seed, penalties },
+        sampling: SamplingParams {
+            temperature: temperature as f32,
+            top_k: 0,
+            top_p: top_p as f32,
+            seed,
+            penalties,
+            logit_bias: logit_bias(obj, tokenizer.vocab_size())?,
+        },
         stop,
         stream,
         include_usage,
@@ -769,6 +798,8 @@ mod tests {
         assert_eq!(ok.logprobs, None);
         let penalized = chat(r#"{"messages":[{"role":"user","content":"x"}],"presence_penalty":0.5,"frequency_penalty":-1,"repetition_penalty":1.2}"#).unwrap();
         assert_eq!(penalized.sampling.penalties, Penalties { frequency: -1.0, presence: 0.5, repetition: 1.2 });
+        let biased = chat(r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"198":-100,"2":5.5}}"#).unwrap();
+        assert_eq!(biased.sampling.logit_bias, [(2, 5.5), (198, -100.0)]);
         let lp = |kind, body: &str| parse_request(kind, body.as_bytes(), &tok, "07 Dec 2026").map(|r| r.logprobs).map_err(|e| e.param);
         assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":3}"#), Ok(Some(3)));
         assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true}"#), Ok(Some(0)));
@@ -797,6 +828,9 @@ mod tests {
             (r#"{"messages":[{"role":"user","content":"x"}],"presence_penalty":2.5}"#, "presence_penalty"),
             (r#"{"messages":[{"role":"user","content":"x"}],"frequency_penalty":"high"}"#, "frequency_penalty"),
             (r#"{"messages":[{"role":"user","content":"x"}],"repetition_penalty":0}"#, "repetition_penalty"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"abc":1}}"#, "logit_bias"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"5":-101}}"#, "logit_bias"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"49152":1}}"#, "logit_bias"),
         ];
         for (body, param) in cases {
             let err = chat(body).expect_err(body);

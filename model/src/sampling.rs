@@ -14,13 +14,16 @@ pub struct SamplingParams {
     pub top_p: f32,
     pub seed: u64,
     /// Applied to the target's logits before all of the above (greedy
-    /// decoding included); drafts propose without them.
+    /// decoding included), after `logit_bias`; drafts propose without them.
     pub penalties: Penalties,
+    /// OpenAI's `logit_bias`: (token, bias in [−100, 100]) added to the
+    /// target's logits first, ids ascending; drafts propose without it.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, penalties: Penalties::default() }
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, penalties: Penalties::default(), logit_bias: vec![] }
     }
 }
 
@@ -93,7 +96,26 @@ impl SamplingParams {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(ModelError::InvalidArgument(format!("`top_p` must be in (0, 1], got {}", self.top_p)));
         }
+        if let Some(&(t, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return Err(ModelError::InvalidArgument(format!("`logit_bias` of token {t} must be in [-100, 100], got {b}")));
+        }
         self.penalties.validate()
+    }
+
+    /// Whether the target's logits are changed before sampling.
+    pub fn adjusts_logits(&self) -> bool {
+        !(self.penalties.is_none() && self.logit_bias.is_empty())
+    }
+
+    /// Changes `row`, the target's logits after `prompt` then `output`:
+    /// the logit bias, then the penalties (vLLM's order).
+    pub fn adjust_logits(&self, row: &mut [f32], prompt: &[u32], output: &[u32]) {
+        for &(t, bias) in &self.logit_bias {
+            if let Some(l) = row.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
+        self.penalties.apply(row, prompt, output);
     }
 
     pub fn is_greedy(&self) -> bool {
@@ -109,22 +131,22 @@ impl SamplingParams {
     }
 
     /// Draws a token from `logits` for sequence position `position`
-    /// (draws keyed by position, see [`SessionRng::at`]). No penalties:
-    /// see [`Self::next_token`].
+    /// (draws keyed by position, see [`SessionRng::at`]). No bias nor
+    /// penalties: see [`Self::next_token`].
     pub fn sample_at(&self, logits: &[f32], position: usize) -> u32 {
         self.distribution(logits).sample(&mut SessionRng::at(self.seed, position))
     }
 
     /// The target's token after `context`, whose last `generated` tokens
-    /// are output, from its `logits`: penalized, then drawn at the
+    /// are output, from its `logits`: adjusted, then drawn at the
     /// context's length.
     pub fn next_token(&self, logits: &[f32], context: &[u32], generated: usize) -> u32 {
-        if self.penalties.is_none() {
+        if !self.adjusts_logits() {
             return self.sample_at(logits, context.len());
         }
         let mut row = logits.to_vec();
         let (prompt, output) = context.split_at(context.len() - generated);
-        self.penalties.apply(&mut row, prompt, output);
+        self.adjust_logits(&mut row, prompt, output);
         self.sample_at(&row, context.len())
     }
 

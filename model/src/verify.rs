@@ -56,21 +56,22 @@ pub fn verify_sampled(drafts: &[u32], q: &[SparseDist], mut target: impl FnMut(u
 }
 
 /// Judges one round of `drafts` after `context` (whose last `generated`
-/// tokens are output) from the target's k + 1 rows of logits, penalized
-/// as `sampling` says (row i by the context and the drafts before it):
+/// tokens are output) from the target's k + 1 rows of logits, biased and
+/// penalized as `sampling` says (row i by the context and the drafts
+/// before it):
 /// the greedy rule, or speculative sampling with the draws keyed by the
 /// context's length, so any verifier of the same session (local, a
 /// server, a resumed one) makes the same draws.
 pub fn judge_round(sampling: &SamplingParams, context: &[u32], generated: usize, drafts: &[u32], q: &[SparseDist], logits: &Logits) -> Verdict {
     let penalized;
-    let logits = if sampling.penalties.is_none() {
+    let logits = if !sampling.adjusts_logits() {
         logits
     } else {
         let mut rows = logits.clone();
         let (prompt, output) = context.split_at(context.len() - generated);
         for i in 0..rows.rows() {
             let output = [output, &drafts[..i.min(drafts.len())]].concat();
-            sampling.penalties.apply(&mut rows.data[i * rows.vocab..(i + 1) * rows.vocab], prompt, &output);
+            sampling.adjust_logits(&mut rows.data[i * rows.vocab..(i + 1) * rows.vocab], prompt, &output);
         }
         penalized = rows;
         &penalized
@@ -108,6 +109,10 @@ mod tests {
         // The output's tokens count, the prompt's do not.
         assert_eq!(judge_round(&greedy, &[0, 3], 1, &[0], &[], &logits).accepted, 1);
         assert_eq!(judge_round(&greedy, &[3, 0], 1, &[0], &[], &logits), Verdict { accepted: 0, next: 1 });
+        // A bias comes first: token 1 lifted by 1 leads everywhere.
+        let biased = SamplingParams { logit_bias: vec![(1, 1.0)], ..greedy };
+        assert_eq!(judge_round(&biased, &[2, 3], 1, &[0], &[], &logits), Verdict { accepted: 0, next: 1 });
+        assert_eq!(judge_round(&biased, &[2, 3], 1, &[1, 1], &[], &logits), Verdict { accepted: 1, next: 0 }, "1.5 + 1 − 1 < 2");
     }
 
     #[test]

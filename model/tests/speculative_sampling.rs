@@ -196,7 +196,7 @@ fn speculative_sampling_with_penalties_matches_the_penalized_target() {
     // Drafts propose without penalties; the target's rows are penalized by
     // the tokens before each, drafts included.
     let penalties = Penalties { frequency: 0.6, presence: 0.4, repetition: 1.8 };
-    let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 5, penalties };
+    let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 5, penalties, ..Default::default() };
     let (stat, crit) = run(params.clone(), Rule::JudgeRound, false);
     assert!(stat < crit, "chi-square {stat:.1} ≥ critical {crit:.1}");
     // The harness tells penalties from none: the unpenalized rule misses.

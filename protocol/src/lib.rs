@@ -42,6 +42,8 @@ pub mod limits {
     /// Most alternatives listed with a token's log-probability (OpenAI's
     /// and vLLM's limit).
     pub const MAX_TOP_LOGPROBS: usize = 20;
+    /// Most tokens one `logit_bias` may list.
+    pub const MAX_LOGIT_BIAS: usize = 1024;
     /// Tolerance on the total mass of a sparse distribution (f32 rounding).
     pub const MASS_TOLERANCE: f32 = 1e-3;
 }

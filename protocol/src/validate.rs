@@ -62,6 +62,14 @@ pub fn validate_open(open: &Open, vocab: usize) -> Result<(), WireError> {
                 return Err(WireError::invalid(format!("`open.sampling.{name}` must be in [-2, 2], got {v}")));
             }
         }
+        if s.logit_bias.len() > MAX_LOGIT_BIAS {
+            return Err(WireError::invalid(format!("`open.sampling.logit_bias` lists {} tokens; at most {MAX_LOGIT_BIAS}", s.logit_bias.len())));
+        }
+        for (&t, &b) in &s.logit_bias {
+            if t as usize >= vocab || !(-100.0..=100.0).contains(&b) {
+                return Err(WireError::invalid(format!("`open.sampling.logit_bias[{t}]` = {b}: ids below {vocab}, biases in [-100, 100]")));
+            }
+        }
         if !(s.repetition_penalty.is_finite() && s.repetition_penalty >= 0.0) {
             return Err(WireError::invalid(format!("`open.sampling.repetition_penalty` must be > 0 (0: none), got {}", s.repetition_penalty)));
         }
@@ -156,6 +164,12 @@ mod tests {
             (Open { sampling: Some(Sampling { presence_penalty: 2.5, ..Default::default() }), ..open() }, "open.sampling.presence_penalty"),
             (Open { sampling: Some(Sampling { frequency_penalty: f32::NAN, ..Default::default() }), ..open() }, "open.sampling.frequency_penalty"),
             (Open { sampling: Some(Sampling { repetition_penalty: -1.0, ..Default::default() }), ..open() }, "open.sampling.repetition_penalty"),
+            (Open { sampling: Some(Sampling { logit_bias: [(100, 1.0)].into(), ..Default::default() }), ..open() }, "open.sampling.logit_bias[100]"),
+            (Open { sampling: Some(Sampling { logit_bias: [(5, -101.0)].into(), ..Default::default() }), ..open() }, "open.sampling.logit_bias[5]"),
+            (
+                Open { sampling: Some(Sampling { logit_bias: (0..MAX_LOGIT_BIAS as u32 + 1).map(|t| (t, 0.0)).collect(), ..Default::default() }), ..open() },
+                "open.sampling.logit_bias",
+            ),
             (Open { draft_mode: 7, ..open() }, "open.draft_mode"),
             (Open { want_logprobs: true, top_logprobs: MAX_TOP_LOGPROBS as u32 + 1, ..open() }, "open.top_logprobs"),
             (Open { top_logprobs: 2, ..open() }, "open.top_logprobs"),

@@ -53,6 +53,11 @@ impl ValidOpen {
                     presence: sampling.presence_penalty,
                     repetition: if sampling.repetition_penalty == 0.0 { 1.0 } else { sampling.repetition_penalty },
                 },
+                logit_bias: {
+                    let mut bias: Vec<(u32, f32)> = sampling.logit_bias.into_iter().collect();
+                    bias.sort_by_key(|b| b.0);
+                    bias
+                },
             },
             server_only: open.draft_mode == DraftMode::ServerOnly as i32,
             want_features: open.want_features,

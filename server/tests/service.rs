@@ -103,17 +103,23 @@ fn log_probabilities_are_those_of_plain_decoding() {
     assert_eq!((&g.tokens, &g.logprobs), (&plain.tokens, &plain.logprobs), "handed off");
 }
 
-/// Penalties change what the target picks; drafting, which proposes
-/// without them, still gives plain decoding's output, over gRPC as here
-/// (`model/tests/speculative_sampling.rs` checks the sampled rule).
+/// Penalties and a logit bias change what the target picks; drafting,
+/// which proposes without them, still gives plain decoding's output, over
+/// gRPC as here (`model/tests/speculative_sampling.rs` checks the sampled
+/// rule).
 #[test]
 fn penalized_output_is_plain_decodings() {
     let server = ServerProcess::start(&[]);
     let unpenalized = request("List ten fruits, one per line.", 40);
+    let usual = local(&unpenalized);
     let penalties = Penalties { frequency: 0.5, presence: 0.3, repetition: 1.3 };
-    let req = GenerateRequest { sampling: SamplingParams { penalties, ..SamplingParams::default() }, ..unpenalized.clone() };
+    // The usual first token banned.
+    let sampling = SamplingParams { penalties, logit_bias: vec![(usual[0], -100.0)], ..SamplingParams::default() };
+    let req = GenerateRequest { sampling, ..unpenalized.clone() };
     let plain = local(&req);
-    assert_ne!(plain, local(&unpenalized), "the penalties change the answer");
+    assert_ne!(plain[0], usual[0], "the bias bans the usual first token");
+    let only_penalties = GenerateRequest { sampling: SamplingParams { penalties, ..SamplingParams::default() }, ..unpenalized };
+    assert_ne!(local(&only_penalties), usual, "the penalties change the answer");
     for draft in [DraftSpec::Layers(25), DraftSpec::Ngram] {
         assert_eq!(remote(&server.url(), None, &draft, &req).unwrap().tokens, plain, "drafting with {draft}");
     }
