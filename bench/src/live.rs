@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem_edge::client::{ClientConfig, RemoteTarget};
 use tandem_edge::controller::{SpeculationController, StopRule};
-use tandem_edge::{Decoded, EdgeError, Emitted, GenerateRequest, Generation, LogprobsWanted, RoundOutcome, Speculator, Target, TargetFeatures};
-use tandem_model::{DraftFeatures, DraftSource, LoadedModel, NgramDraft, Proposal, SamplingParams, SessionRng, SparseDist, SyntheticDraft, TokenLogprob};
+use tandem_edge::{Decoded, EdgeError, Emitted, GenerateRequest, Generation, LogprobInbox, RoundOutcome, Speculator, Target, TargetFeatures};
+use tandem_model::{DraftFeatures, DraftSource, LoadedModel, NgramDraft, Proposal, SamplingParams, SessionRng, SparseDist, SyntheticDraft};
 use tandem_server::process::ServerProcess;
 
 /// An edge device: how fast it drafts and what its link is like.
@@ -312,16 +312,8 @@ impl<T: Target> Target for EmulatedLink<T> {
         self.inner.take_features()
     }
 
-    fn want_logprobs(&mut self, wanted: Option<LogprobsWanted>) {
-        self.inner.want_logprobs(wanted)
-    }
-
-    fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
-        self.inner.take_logprobs()
-    }
-
-    fn take_prompt_logprobs(&mut self) -> Vec<TokenLogprob> {
-        self.inner.take_prompt_logprobs()
+    fn logprob_inbox(&mut self) -> &mut LogprobInbox {
+        self.inner.logprob_inbox()
     }
 }
 

@@ -4,7 +4,7 @@
 //! so nothing is lost or duplicated.
 
 use crate::controller::RoundHints;
-use crate::target::{Decoded, Emitted, LogprobsWanted, RoundOutcome, Target, TargetFeatures};
+use crate::target::{Decoded, Emitted, LogprobInbox, RoundOutcome, Target, TargetFeatures};
 use crate::EdgeError;
 use std::time::{Duration, Instant};
 use tandem_model::{SamplingParams, SparseDist, TokenLogprob, TopLogprob, Verdict};
@@ -98,9 +98,7 @@ pub struct RemoteTarget {
     features: Option<TargetFeatures>,
     /// Which log-probabilities to ask for; those received with `opened`
     /// and verdicts, and the prompt's, not yet taken.
-    logprobs_wanted: Option<LogprobsWanted>,
-    logprobs: Vec<TokenLogprob>,
-    prompt_logprobs: Vec<TokenLogprob>,
+    logprobs: LogprobInbox,
     /// A stream has been opened once: from then on an unreachable server
     /// is waited for (it may be restarting); before, it is reported at
     /// once (a wrong URL or a server that is not running).
@@ -124,9 +122,7 @@ impl RemoteTarget {
             resumes: 0,
             want_features: false,
             features: None,
-            logprobs_wanted: None,
-            logprobs: vec![],
-            prompt_logprobs: vec![],
+            logprobs: LogprobInbox::default(),
             reached: false,
         })
     }
@@ -156,9 +152,9 @@ impl RemoteTarget {
                 self.reached = true;
                 let start = opened.features_start as usize;
                 self.receive_features(start, prefilled.saturating_sub(start), &opened.features)?;
-                self.logprobs.extend(opened.logprobs.into_iter().map(from_wire));
+                self.logprobs.generated.extend(opened.logprobs.into_iter().map(from_wire));
                 if !prompt_logprobs.is_empty() {
-                    self.prompt_logprobs = prompt_logprobs;
+                    self.logprobs.prompt = prompt_logprobs;
                 }
                 Ok((stream, opened.first_token, opened.finished))
             }
@@ -225,10 +221,10 @@ impl RemoteTarget {
             draft_mode: if server_only { DraftMode::ServerOnly } else { DraftMode::Edge } as i32,
             resumed: (context.len() - self.prompt_len) as u32,
             want_features: self.want_features && !server_only,
-            want_logprobs: self.logprobs_wanted.is_some(),
-            top_logprobs: self.logprobs_wanted.map_or(0, |w| w.top) as u32,
+            want_logprobs: self.logprobs.wanted.is_some(),
+            top_logprobs: self.logprobs.wanted.map_or(0, |w| w.top) as u32,
             // A resumed stream's prompt was reported by the first.
-            want_prompt_logprobs: self.logprobs_wanted.is_some_and(|w| w.prompt) && context.len() == self.prompt_len,
+            want_prompt_logprobs: self.logprobs.wanted.is_some_and(|w| w.prompt) && context.len() == self.prompt_len,
         }
     }
 
@@ -239,8 +235,8 @@ impl RemoteTarget {
         self.max_new_tokens = max_new_tokens;
         self.routing_key = self.cfg.routing_key.clone().unwrap_or_else(new_routing_key);
         self.features = None;
-        self.logprobs.clear();
-        self.prompt_logprobs.clear();
+        self.logprobs.generated.clear();
+        self.logprobs.prompt.clear();
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the reconnect
@@ -394,16 +390,8 @@ impl Target for RemoteTarget {
         self.features.take()
     }
 
-    fn want_logprobs(&mut self, wanted: Option<LogprobsWanted>) {
-        self.logprobs_wanted = wanted;
-    }
-
-    fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
-        std::mem::take(&mut self.logprobs)
-    }
-
-    fn take_prompt_logprobs(&mut self) -> Vec<TokenLogprob> {
-        std::mem::take(&mut self.prompt_logprobs)
+    fn logprob_inbox(&mut self) -> &mut LogprobInbox {
+        &mut self.logprobs
     }
 
     fn open(&mut self, prompt: &[u32], sampling: &SamplingParams, max_new_tokens: usize) -> Result<u32, EdgeError> {
@@ -438,7 +426,7 @@ impl Target for RemoteTarget {
             match reply {
                 Ok(Some(ServerMessage { kind: Some(ServerKind::Verdict(v)) })) => {
                     t.receive_features(context.len() - 1, v.accepted as usize + 1, &v.features)?;
-                    t.logprobs.extend(v.logprobs.into_iter().map(from_wire));
+                    t.logprobs.generated.extend(v.logprobs.into_iter().map(from_wire));
                     Ok(RoundOutcome {
                         verdict: Verdict { accepted: v.accepted as usize, next: v.next_token },
                         verified: (v.verified as usize).min(drafts.len()),

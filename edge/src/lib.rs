@@ -18,4 +18,4 @@ pub mod wgpu;
 pub use edge::{build_draft, Backend, Edge, EdgeOptions, Verifier};
 pub use error::{explain, EdgeError};
 pub use generate::{ControllerSample, GenerateRequest, Generation, Speculator};
-pub use target::{Decoded, Emitted, LocalTarget, LogprobsWanted, RoundOutcome, Target, TargetFeatures};
+pub use target::{Decoded, Emitted, LocalTarget, LogprobInbox, LogprobsWanted, RoundOutcome, Target, TargetFeatures};

@@ -41,18 +41,37 @@ pub trait Target {
         None
     }
 
+    /// Where the target keeps the log-probabilities asked for and not yet
+    /// taken.
+    fn logprob_inbox(&mut self) -> &mut LogprobInbox;
+
     /// Asks for the log-probability of every token `open` and `verify`
     /// emit from now on (None: none).
-    fn want_logprobs(&mut self, wanted: Option<LogprobsWanted>);
+    fn want_logprobs(&mut self, wanted: Option<LogprobsWanted>) {
+        self.logprob_inbox().wanted = wanted;
+    }
 
     /// The log-probabilities of the tokens `open` and `verify` emitted
     /// since the last call, in order (handed-off tokens carry theirs in
     /// [`Emitted`]).
-    fn take_logprobs(&mut self) -> Vec<TokenLogprob>;
+    fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
+        std::mem::take(&mut self.logprob_inbox().generated)
+    }
 
     /// With [`LogprobsWanted::prompt`], after `open`: the prompt's tokens'
     /// log-probabilities, each after the first.
-    fn take_prompt_logprobs(&mut self) -> Vec<TokenLogprob>;
+    fn take_prompt_logprobs(&mut self) -> Vec<TokenLogprob> {
+        std::mem::take(&mut self.logprob_inbox().prompt)
+    }
+}
+
+/// The log-probabilities a target was asked for, and those it has that
+/// the generation has not taken yet.
+#[derive(Clone, Debug, Default)]
+pub struct LogprobInbox {
+    pub wanted: Option<LogprobsWanted>,
+    pub generated: Vec<TokenLogprob>,
+    pub prompt: Vec<TokenLogprob>,
 }
 
 /// Which log-probabilities a generation reports.
@@ -121,9 +140,7 @@ pub struct LocalTarget {
     sampling: SamplingParams,
     want_features: bool,
     features: Option<TargetFeatures>,
-    logprobs_wanted: Option<LogprobsWanted>,
-    logprobs: Vec<TokenLogprob>,
-    prompt_logprobs: Vec<TokenLogprob>,
+    logprobs: LogprobInbox,
     /// Of the generation's context (penalties tell prompt from output).
     prompt_len: usize,
 }
@@ -137,16 +154,14 @@ impl LocalTarget {
             sampling: SamplingParams::default(),
             want_features: false,
             features: None,
-            logprobs_wanted: None,
-            logprobs: vec![],
-            prompt_logprobs: vec![],
+            logprobs: LogprobInbox::default(),
             prompt_len: 0,
         }
     }
 
     /// The log-probabilities of `tokens`, the i-th from row `first + i`.
     fn logprobs_of(&self, logits: &Logits, first: usize, tokens: impl Iterator<Item = u32>) -> Vec<TokenLogprob> {
-        let Some(w) = self.logprobs_wanted else { return vec![] };
+        let Some(w) = self.logprobs.wanted else { return vec![] };
         tokens.enumerate().map(|(i, t)| TokenLogprob::from_logits(logits.row(first + i), t, w.top)).collect()
     }
 
@@ -174,12 +189,12 @@ impl Target for LocalTarget {
         self.sampling = sampling.clone();
         self.prompt_len = prompt.len();
         self.features = None;
-        let of_prompt = self.logprobs_wanted.is_some_and(|w| w.prompt);
+        let of_prompt = self.logprobs.wanted.is_some_and(|w| w.prompt);
         let logits = self.pass(prompt, if of_prompt { LogitsFor::All } else { LogitsFor::Last })?;
         let last = logits.rows() - 1;
         let first = sampling.next_token(logits.row(last), prompt, 0);
-        self.logprobs = self.logprobs_of(&logits, last, [first].into_iter());
-        self.prompt_logprobs = if of_prompt { self.logprobs_of(&logits, 0, prompt[1..].iter().copied()) } else { vec![] };
+        self.logprobs.generated = self.logprobs_of(&logits, last, [first].into_iter());
+        self.logprobs.prompt = if of_prompt { self.logprobs_of(&logits, 0, prompt[1..].iter().copied()) } else { vec![] };
         Ok(first)
     }
 
@@ -193,7 +208,7 @@ impl Target for LocalTarget {
         let logits = self.pass(&feed, LogitsFor::All)?;
         let verdict = judge_round(&self.sampling, context, context.len() - self.prompt_len, drafts, q, &logits);
         let logprobs = self.logprobs_of(&logits, 0, drafts[..verdict.accepted].iter().copied().chain([verdict.next]));
-        self.logprobs.extend(logprobs);
+        self.logprobs.generated.extend(logprobs);
         self.cache.truncate(base + 1 + verdict.accepted);
         // States past the accepted drafts belong to rejected tokens.
         if let Some(f) = self.features.as_mut() {
@@ -212,16 +227,8 @@ impl Target for LocalTarget {
         self.features.take()
     }
 
-    fn want_logprobs(&mut self, wanted: Option<LogprobsWanted>) {
-        self.logprobs_wanted = wanted;
-    }
-
-    fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
-        std::mem::take(&mut self.logprobs)
-    }
-
-    fn take_prompt_logprobs(&mut self) -> Vec<TokenLogprob> {
-        std::mem::take(&mut self.prompt_logprobs)
+    fn logprob_inbox(&mut self) -> &mut LogprobInbox {
+        &mut self.logprobs
     }
 }
 

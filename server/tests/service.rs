@@ -7,7 +7,7 @@
 use std::time::Duration;
 use tandem_edge::client::RemoteTarget;
 use tandem_edge::controller::{SpeculationController, StopRule};
-use tandem_edge::{Decoded, EdgeError, Emitted, GenerateRequest, LogprobsWanted, RoundOutcome, Speculator, Target, TargetFeatures};
+use tandem_edge::{Decoded, EdgeError, Emitted, GenerateRequest, LogprobInbox, LogprobsWanted, RoundOutcome, Speculator, Target, TargetFeatures};
 use tandem_model::{DraftSpec, LogitsFor, Penalties, SamplingParams, SeqPass, SyntheticDraft, TokenLogprob};
 use tandem_protocol::wire::{EdgeMessage, Open, ServerKind, ServerMessage, SparseDist, Tokens, VerifierClient};
 use tandem_tests::*;
@@ -361,14 +361,8 @@ impl Target for PrefersDecoding {
     fn take_features(&mut self) -> Option<TargetFeatures> {
         self.0.take_features()
     }
-    fn want_logprobs(&mut self, wanted: Option<LogprobsWanted>) {
-        self.0.want_logprobs(wanted)
-    }
-    fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
-        self.0.take_logprobs()
-    }
-    fn take_prompt_logprobs(&mut self) -> Vec<TokenLogprob> {
-        self.0.take_prompt_logprobs()
+    fn logprob_inbox(&mut self) -> &mut LogprobInbox {
+        self.0.logprob_inbox()
     }
 }
 
