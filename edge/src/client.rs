@@ -210,6 +210,7 @@ impl RemoteTarget {
                 temperature: self.sampling.temperature,
                 top_k: self.sampling.top_k as u32,
                 top_p: self.sampling.top_p,
+                min_p: self.sampling.min_p,
                 seed: self.sampling.seed,
                 frequency_penalty: self.sampling.penalties.frequency,
                 presence_penalty: self.sampling.penalties.presence,

@@ -153,6 +153,9 @@ struct SamplingArgs {
     top_k: usize,
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// Keep the tokens at least this fraction as likely as the most likely (0..1; 0 keeps all).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Subtracted from a token's logit once per time the answer holds it (-2..2).
@@ -179,7 +182,7 @@ impl SamplingArgs {
         let penalties = Penalties { frequency: self.frequency_penalty, presence: self.presence_penalty, repetition: self.repetition_penalty };
         // Ids ascending; a token given twice keeps its last bias.
         let logit_bias = self.logit_bias.iter().copied().collect::<std::collections::BTreeMap<_, _>>().into_iter().collect();
-        SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed, penalties, logit_bias }
+        SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, min_p: self.min_p, seed: self.seed, penalties, logit_bias }
     }
 }
 

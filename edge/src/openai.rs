@@ -12,7 +12,8 @@
 //!   for completions, up to the protocol's limit for chat; `seed` absent
 //!   draws one. `n` must be 1; `stop` takes up to 4 strings.
 //! * `frequency_penalty` and `presence_penalty` are OpenAI's, and vLLM's
-//!   `repetition_penalty` is taken too (see `Penalties`).
+//!   `repetition_penalty` is taken too (see `Penalties`), as are vLLM's
+//!   `top_k` (-1 or 0: all) and `min_p`.
 //! * `logit_bias` is added to the target's logits before the penalties.
 //! * Parameters Tandem cannot honour (`tools`, `response_format`, `echo`
 //!   with `stream`, …) are refused with a 400 naming them rather than
@@ -310,6 +311,15 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, today: &str) ->
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid("top_p", "`top_p` must be in (0, 1]"));
     }
+    // vLLM's extra parameters (not OpenAI's): `top_k` (-1 or 0 keeps all) and `min_p`.
+    let top_k = number(obj, "top_k")?.unwrap_or(0.0);
+    if !(top_k >= -1.0 && top_k.fract() == 0.0) {
+        return Err(ApiError::invalid("top_k", "`top_k` must be an integer ≥ -1 (-1 or 0: all)"));
+    }
+    let min_p = number(obj, "min_p")?.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::invalid("min_p", "`min_p` must be in [0, 1]"));
+    }
     let seed = match obj.get("seed") {
         None | Some(Value::Null) => fresh_seed(),
         Some(s) => s.as_u64().or_else(|| s.as_i64().map(|i| i as u64)).ok_or_else(|| ApiError::invalid("seed", "`seed` must be an integer"))?,
@@ -342,8 +352,9 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, today: &str) ->
         max_new_tokens: max as usize,
         sampling: SamplingParams {
             temperature: temperature as f32,
-            top_k: 0,
+            top_k: top_k.max(0.0) as usize,
             top_p: top_p as f32,
+            min_p: min_p as f32,
             seed,
             penalties,
             logit_bias: logit_bias(obj, tokenizer.vocab_size())?,
@@ -800,6 +811,9 @@ mod tests {
         assert_eq!(penalized.sampling.penalties, Penalties { frequency: -1.0, presence: 0.5, repetition: 1.2 });
         let biased = chat(r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"198":-100,"2":5.5}}"#).unwrap();
         assert_eq!(biased.sampling.logit_bias, [(2, 5.5), (198, -100.0)]);
+        let vllm = chat(r#"{"messages":[{"role":"user","content":"x"}],"top_k":40,"min_p":0.05}"#).unwrap();
+        assert_eq!((vllm.sampling.top_k, vllm.sampling.min_p), (40, 0.05));
+        assert_eq!(chat(r#"{"messages":[{"role":"user","content":"x"}],"top_k":-1}"#).unwrap().sampling.top_k, 0);
         let lp = |kind, body: &str| parse_request(kind, body.as_bytes(), &tok, "07 Dec 2026").map(|r| r.logprobs).map_err(|e| e.param);
         assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":3}"#), Ok(Some(3)));
         assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true}"#), Ok(Some(0)));
@@ -828,6 +842,8 @@ mod tests {
             (r#"{"messages":[{"role":"user","content":"x"}],"presence_penalty":2.5}"#, "presence_penalty"),
             (r#"{"messages":[{"role":"user","content":"x"}],"frequency_penalty":"high"}"#, "frequency_penalty"),
             (r#"{"messages":[{"role":"user","content":"x"}],"repetition_penalty":0}"#, "repetition_penalty"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"min_p":1.5}"#, "min_p"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"top_k":2.5}"#, "top_k"),
             (r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"abc":1}}"#, "logit_bias"),
             (r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"5":-101}}"#, "logit_bias"),
             (r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"49152":1}}"#, "logit_bias"),

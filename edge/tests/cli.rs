@@ -82,13 +82,14 @@ fn text_mode_streams_the_answer() {
 
 #[test]
 fn bad_flags_get_messages_naming_them() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["generate", "--local", "--draft", "bogus", "--prompt", "x"], "--draft"),
         (&["generate", "--local", "--draft", "layers:99", "--prompt", "x"], "--draft"),
         (&["generate", "--local", "--model", "/nonexistent.gguf", "--prompt", "x"], "--model"),
         (&["generate", "--local", "--model", "hf:no-owner", "--prompt", "x"], "--model"),
         (&["generate", "--local", "--draft", "model:hf:owner/name/weights.bin", "--prompt", "x"], ".gguf"),
         (&["generate", "--local", "--prompt", "x", "--top-p", "0"], "top_p"),
+        (&["generate", "--local", "--prompt", "x", "--min-p", "2"], "min_p"),
         (&["generate", "--prompt", "x"], "--local"),
     ];
     for (args, flag) in cases {

@@ -185,8 +185,8 @@ fn speculative_sampling_matches_target_distribution() {
 #[test]
 fn speculative_sampling_matches_truncated_target_distribution() {
     // Truncation on both sides: the draft's q (top-k 64 ⊇ all 8 tokens, top-p)
-    // and the target's p (top-k 5, top-p 0.95) differ in support.
-    let params = SamplingParams { temperature: 0.8, top_k: 5, top_p: 0.95, seed: 7, ..Default::default() };
+    // and the target's p (top-k 5, top-p 0.95, min-p 0.05) differ in support.
+    let params = SamplingParams { temperature: 0.8, top_k: 5, top_p: 0.95, min_p: 0.05, seed: 7, ..Default::default() };
     let (stat, crit) = run(params, Rule::Correct, false);
     assert!(stat < crit, "chi-square {stat:.1} ≥ critical {crit:.1}");
 }

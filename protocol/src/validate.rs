@@ -57,6 +57,9 @@ pub fn validate_open(open: &Open, vocab: usize) -> Result<(), WireError> {
         if !(s.top_p.is_finite() && (0.0..=1.0).contains(&s.top_p)) {
             return Err(WireError::invalid(format!("`open.sampling.top_p` must be in (0, 1], got {}", s.top_p)));
         }
+        if !(0.0..=1.0).contains(&s.min_p) {
+            return Err(WireError::invalid(format!("`open.sampling.min_p` must be in [0, 1], got {}", s.min_p)));
+        }
         for (name, v) in [("frequency_penalty", s.frequency_penalty), ("presence_penalty", s.presence_penalty)] {
             if !(-2.0..=2.0).contains(&v) {
                 return Err(WireError::invalid(format!("`open.sampling.{name}` must be in [-2, 2], got {v}")));
@@ -161,6 +164,7 @@ mod tests {
             (Open { resumed: 3, ..open() }, "open.resumed"),
             (Open { sampling: Some(Sampling { temperature: -1.0, ..Default::default() }), ..open() }, "temperature"),
             (Open { sampling: Some(Sampling { top_p: 1.5, ..Default::default() }), ..open() }, "top_p"),
+            (Open { sampling: Some(Sampling { min_p: -0.1, ..Default::default() }), ..open() }, "min_p"),
             (Open { sampling: Some(Sampling { presence_penalty: 2.5, ..Default::default() }), ..open() }, "open.sampling.presence_penalty"),
             (Open { sampling: Some(Sampling { frequency_penalty: f32::NAN, ..Default::default() }), ..open() }, "open.sampling.frequency_penalty"),
             (Open { sampling: Some(Sampling { repetition_penalty: -1.0, ..Default::default() }), ..open() }, "open.sampling.repetition_penalty"),

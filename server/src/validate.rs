@@ -47,6 +47,7 @@ impl ValidOpen {
                 temperature: sampling.temperature,
                 top_k: sampling.top_k as usize,
                 top_p: if sampling.top_p == 0.0 { 1.0 } else { sampling.top_p },
+                min_p: sampling.min_p,
                 seed: sampling.seed,
                 penalties: Penalties {
                     frequency: sampling.frequency_penalty,

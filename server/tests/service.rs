@@ -124,6 +124,12 @@ fn penalized_output_is_plain_decodings() {
         assert_eq!(remote(&server.url(), None, &draft, &req).unwrap().tokens, plain, "drafting with {draft}");
     }
     assert_eq!(remote_server_only(&server.url(), &req), plain, "server-only");
+    // Min-p 1 keeps only the most likely token: sampling at temperature 1
+    // with it is greedy decoding, on both sides of the wire.
+    let min_p_1 = SamplingParams { temperature: 1.0, min_p: 1.0, seed: 9, ..req.sampling.clone() };
+    let g = remote(&server.url(), None, &DraftSpec::Layers(25), &GenerateRequest { sampling: min_p_1, ..req }).unwrap();
+    assert_eq!(g.tokens, plain, "sampled with min_p 1");
+    assert!(g.accepted > 0, "drafts sampled with min_p 1 are accepted");
 }
 
 /// The trained (EAGLE-style) draft reads the target's hidden states: over
