@@ -402,7 +402,7 @@ fn run_session(
             // The open goes up the link; tokens stream back one way.
             link.one_way(64 + 4 * request.prompt.len(), profile.uplink_kbps);
             let mut first_at = None;
-            let eos = model.tokenizer.eos_tokens().to_vec();
+            let eos = request.sampling.stop_tokens(model.tokenizer.eos_tokens()).to_vec();
             link.inner
                 .generate_server_only(
                     &request.prompt,

@@ -216,6 +216,11 @@ impl RemoteTarget {
                 presence_penalty: self.sampling.penalties.presence,
                 repetition_penalty: self.sampling.penalties.repetition,
                 logit_bias: self.sampling.logit_bias.iter().copied().collect(),
+                // Resolved here, so the list holds the end-of-sequence
+                // tokens, and the server's own are ignored.
+                stop_token_ids: self.sampling.stop.as_ref().map_or(vec![], |s| s.tokens.clone()),
+                ignore_eos: self.sampling.stop.is_some(),
+                min_tokens: self.sampling.stop.as_ref().map_or(0, |s| s.min_tokens as u32),
             }),
             slo: Some(Slo { ttft_ms: self.cfg.ttft_ms, tpot_ms: self.cfg.tpot_ms }),
             max_new_tokens: self.max_new_tokens as u32,

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tandem_model::{DraftFeatures, DraftSource, Proposal, SamplingParams, SessionRng, SparseDist, TokenLogprob, Tokenizer};
-use tandem_protocol::limits::{MAX_DRAFT_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_TOP_LOGPROBS};
+use tandem_protocol::limits::{MAX_DRAFT_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS};
 
 /// One generation.
 #[derive(Clone, Debug)]
@@ -43,6 +43,15 @@ impl GenerateRequest {
         if self.draft_len > MAX_DRAFT_TOKENS {
             return bad(format!("`draft_len` must be ≤ {MAX_DRAFT_TOKENS}, got {}", self.draft_len));
         }
+        if let Some(stop) = &self.sampling.stop {
+            // They travel as one list, the end-of-sequence tokens included.
+            if stop.tokens.len() > MAX_STOP_TOKEN_IDS {
+                return bad(format!("`stop_token_ids` and the end-of-sequence tokens may be {MAX_STOP_TOKEN_IDS} tokens, got {}", stop.tokens.len()));
+            }
+            if stop.min_tokens > self.max_new_tokens {
+                return bad(format!("`min_tokens` {} exceeds `max_new_tokens` {}", stop.min_tokens, self.max_new_tokens));
+            }
+        }
         self.sampling.validate().map_err(EdgeError::Model)
     }
 }
@@ -68,7 +77,8 @@ pub struct Generation {
     pub tokens_per_round: f64,
     pub ttft_ms: f64,
     pub wall_ms: f64,
-    /// Stopped on an end-of-sequence token (else on `max_new_tokens`).
+    /// Stopped on a stop token: end-of-sequence or one of `stop_token_ids`
+    /// (else on `max_new_tokens`).
     pub stopped_on_eos: bool,
     /// Server time of each round (remote runs only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -112,15 +122,17 @@ impl Generation {
         on_token(e);
     }
 
-    /// Fills in text and the derived rates.
-    pub fn finish(mut self, tokenizer: &Tokenizer, eos: &[u32], started: Instant) -> Result<Self, EdgeError> {
-        let visible: Vec<u32> = self.tokens.iter().copied().filter(|&t| !tokenizer.is_special(t)).collect();
+    /// Fills in text and the derived rates. `stop`: the tokens that end
+    /// the generation; the one it ended on is not in the text (vLLM's way).
+    pub fn finish(mut self, tokenizer: &Tokenizer, stop: &[u32], started: Instant) -> Result<Self, EdgeError> {
+        self.stopped_on_eos = self.tokens.last().is_some_and(|t| stop.contains(t));
+        let shown = &self.tokens[..self.tokens.len() - self.stopped_on_eos as usize];
+        let visible: Vec<u32> = shown.iter().copied().filter(|&t| !tokenizer.is_special(t)).collect();
         self.text = tokenizer.decode(&visible)?;
         self.acceptance_rate = if self.drafted == 0 { 0.0 } else { self.accepted as f64 / self.drafted as f64 };
         // Tokens the server decoded after a hand-off came from no round.
         let from_rounds = self.tokens.len() - 1 - self.server_decoded;
         self.tokens_per_round = if self.rounds == 0 { 0.0 } else { from_rounds as f64 / self.rounds as f64 };
-        self.stopped_on_eos = self.tokens.last().is_some_and(|t| eos.contains(t));
         self.wall_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok(self)
     }
@@ -201,7 +213,7 @@ impl<T: Target + Send> Speculator<T> {
             return Err(EdgeError::InvalidArgument(format!("`logit_bias` names token {t}, outside the vocabulary of {vocab}")));
         }
         let start = Instant::now();
-        let eos = self.tokenizer.eos_tokens().to_vec();
+        let eos = req.sampling.stop_tokens(self.tokenizer.eos_tokens()).to_vec();
         self.target.want_logprobs(req.logprobs);
         let first = self.target.open(&req.prompt, &req.sampling, req.max_new_tokens)?;
         self.pass_features();

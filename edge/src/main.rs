@@ -11,7 +11,7 @@ use tandem_edge::client::{ClientConfig, RemoteTarget};
 use tandem_edge::config::EdgeConfig;
 use tandem_edge::controller::{RejectionPredictor, SpeculationController, StopRule};
 use tandem_edge::{explain, Backend, ControllerSample, Edge, EdgeError, EdgeOptions, Emitted, GenerateRequest, Generation, LogprobsWanted, Target, Verifier};
-use tandem_model::{fetch, DraftSpec, LoadedModel, Penalties, SamplingParams};
+use tandem_model::{fetch, DraftSpec, LoadedModel, Penalties, SamplingParams, StopTokens};
 use tandem_protocol::limits::MAX_TOP_LOGPROBS;
 
 #[derive(Parser)]
@@ -170,6 +170,15 @@ struct SamplingArgs {
     /// Adds BIAS (-100..100) to the logit of token ID; repeatable.
     #[arg(long, value_name = "ID=BIAS", value_parser = parse_logit_bias)]
     logit_bias: Vec<(u32, f32)>,
+    /// Token ID also ends the answer (besides end-of-sequence); repeatable.
+    #[arg(long = "stop-token-id", value_name = "ID")]
+    stop_token_ids: Vec<u32>,
+    /// End-of-sequence tokens do not end the answer.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// No token may end the answer before it holds this many.
+    #[arg(long, default_value_t = 0)]
+    min_tokens: usize,
 }
 
 fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
@@ -178,11 +187,14 @@ fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
 }
 
 impl SamplingArgs {
-    fn params(&self) -> SamplingParams {
+    /// `eos`: the model's end-of-sequence tokens.
+    fn params(&self, eos: &[u32]) -> SamplingParams {
         let penalties = Penalties { frequency: self.frequency_penalty, presence: self.presence_penalty, repetition: self.repetition_penalty };
         // Ids ascending; a token given twice keeps its last bias.
         let logit_bias = self.logit_bias.iter().copied().collect::<std::collections::BTreeMap<_, _>>().into_iter().collect();
-        SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, min_p: self.min_p, seed: self.seed, penalties, logit_bias }
+        let stop = (self.ignore_eos || self.min_tokens > 0 || !self.stop_token_ids.is_empty())
+            .then(|| StopTokens::new(eos, &self.stop_token_ids, self.ignore_eos, self.min_tokens));
+        SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, min_p: self.min_p, seed: self.seed, penalties, logit_bias, stop }
     }
 }
 
@@ -389,7 +401,6 @@ fn open_edge(args: &EdgeArgs, file: &EdgeConfig) -> Result<Edge> {
 }
 
 fn generate(args: GenerateArgs, file: &EdgeConfig) -> Result<()> {
-    let sampling = args.sampling.params();
     let json = args.json;
     if args.logprobs.is_some() && !json {
         anyhow::bail!("`--logprobs` needs `--json`: the log-probabilities are reported in the JSON object");
@@ -405,16 +416,18 @@ fn generate(args: GenerateArgs, file: &EdgeConfig) -> Result<()> {
         let path = model_path(&args.edge, file)?;
         let model = LoadedModel::load(&path).with_context(|| format!("loading --model {}", path.display()))?;
         let prompt = encode_prompt(&model.tokenizer, &args.prompt, args.raw)?;
+        let sampling = args.sampling.params(model.tokenizer.eos_tokens());
         let req = GenerateRequest { prompt, max_new_tokens: args.sampling.max_new_tokens, draft_len: 0, sampling, logprobs };
-        let mut out = TokenPrinter::new(&model.tokenizer, !json);
+        let mut out = TokenPrinter::new(&model.tokenizer, !json, &req);
         let g = server_only(RemoteTarget::new(cfg)?, &req, &model.tokenizer, |e| out.push(e.token))?;
         return report(&g, json, "server_only", &path);
     }
     let mut edge = open_edge(&args.edge, file)?;
     let tokenizer = edge.tokenizer.clone();
     let prompt = encode_prompt(&tokenizer, &args.prompt, args.raw)?;
+    let sampling = args.sampling.params(tokenizer.eos_tokens());
     let req = GenerateRequest { prompt, max_new_tokens: args.sampling.max_new_tokens, draft_len: edge.draft_len, sampling, logprobs };
-    let mut out = TokenPrinter::new(&tokenizer, !json);
+    let mut out = TokenPrinter::new(&tokenizer, !json, &req);
     let g = edge.generate(&req, |e| out.push(e.token))?;
     report(&g, json, &edge.draft.to_string(), &edge.model_path)
 }
@@ -429,14 +442,20 @@ fn encode_prompt(tokenizer: &tandem_model::Tokenizer, prompt: &str, raw: bool) -
 struct TokenPrinter<'a> {
     stream: Option<tandem_model::TextStream<'a>>,
     shown: String,
+    /// The token that ends the answer shows no text.
+    stop_tokens: Vec<u32>,
 }
 
 impl<'a> TokenPrinter<'a> {
-    fn new(tokenizer: &'a tandem_model::Tokenizer, print: bool) -> Self {
-        TokenPrinter { stream: print.then(|| tokenizer.stream()), shown: String::new() }
+    fn new(tokenizer: &'a tandem_model::Tokenizer, print: bool, req: &GenerateRequest) -> Self {
+        let stop_tokens = req.sampling.stop_tokens(tokenizer.eos_tokens()).to_vec();
+        TokenPrinter { stream: print.then(|| tokenizer.stream()), shown: String::new(), stop_tokens }
     }
 
     fn push(&mut self, t: u32) {
+        if self.stop_tokens.contains(&t) {
+            return;
+        }
         if let Some(piece) = self.stream.as_mut().and_then(|s| s.push(t).ok()) {
             let mut stdout = std::io::stdout();
             let _ = stdout.write_all(piece.as_bytes());
@@ -517,10 +536,10 @@ fn chat(args: ChatArgs, file: &EdgeConfig) -> Result<()> {
                     prompt,
                     max_new_tokens: args.sampling.max_new_tokens,
                     draft_len: edge.draft_len,
-                    sampling: args.sampling.params(),
+                    sampling: args.sampling.params(tokenizer.eos_tokens()),
                     logprobs: None,
                 };
-                let mut out = TokenPrinter::new(&tokenizer, true);
+                let mut out = TokenPrinter::new(&tokenizer, true, &req);
                 generating.store(true, Ordering::SeqCst);
                 let result = edge.generate(&req, |e| out.push(e.token));
                 generating.store(false, Ordering::SeqCst);
@@ -586,7 +605,7 @@ async fn shutdown_signal() {
 fn server_only(mut remote: RemoteTarget, req: &GenerateRequest, tokenizer: &tandem_model::Tokenizer, mut on_token: impl FnMut(Emitted)) -> Result<Generation> {
     req.validate()?;
     let start = std::time::Instant::now();
-    let eos = tokenizer.eos_tokens().to_vec();
+    let eos = req.sampling.stop_tokens(tokenizer.eos_tokens()).to_vec();
     let mut g = Generation { prompt_tokens: req.prompt.len(), ..Default::default() };
     remote.want_logprobs(req.logprobs);
     remote.generate_server_only(&req.prompt, &req.sampling, req.max_new_tokens, |e| g.emit(e, &mut on_token), &eos)?;

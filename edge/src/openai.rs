@@ -14,6 +14,9 @@
 //! * `frequency_penalty` and `presence_penalty` are OpenAI's, and vLLM's
 //!   `repetition_penalty` is taken too (see `Penalties`), as are vLLM's
 //!   `top_k` (-1 or 0: all) and `min_p`.
+//! * vLLM's `stop_token_ids`, `ignore_eos` and `min_tokens` too: the token
+//!   that ends an answer shows no text, and before `min_tokens` the
+//!   target may not pick one.
 //! * `logit_bias` is added to the target's logits before the penalties.
 //! * Parameters Tandem cannot honour (`tools`, `response_format`, `echo`
 //!   with `stream`, …) are refused with a 400 naming them rather than
@@ -49,8 +52,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tandem_model::{ChatMessage, Penalties, SamplingParams, TokenLogprob, Tokenizer};
-use tandem_protocol::limits::{MAX_LOGIT_BIAS, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_TOP_LOGPROBS};
+use tandem_model::{ChatMessage, Penalties, SamplingParams, StopTokens, TokenLogprob, Tokenizer};
+use tandem_protocol::limits::{MAX_LOGIT_BIAS, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -213,6 +216,37 @@ fn logit_bias(obj: &Map<String, Value>, vocab: usize) -> Result<Vec<(u32, f32)>,
     Ok(bias)
 }
 
+/// vLLM's `stop_token_ids`, `ignore_eos` and `min_tokens` (None: all absent).
+fn stop_tokens(obj: &Map<String, Value>, tokenizer: &Tokenizer, max_new_tokens: usize) -> Result<Option<StopTokens>, ApiError> {
+    let vocab = tokenizer.vocab_size();
+    let ids = match obj.get("stop_token_ids") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|id| id.as_u64().filter(|&id| (id as usize) < vocab).map(|id| id as u32))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ApiError::invalid("stop_token_ids", format!("`stop_token_ids` must be token ids below {vocab}")))?,
+        Some(_) => return Err(ApiError::invalid("stop_token_ids", "`stop_token_ids` must be an array of token ids")),
+    };
+    let ignore_eos = match obj.get("ignore_eos") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::invalid("ignore_eos", "`ignore_eos` must be true or false")),
+    };
+    let min_tokens = number(obj, "min_tokens")?.unwrap_or(0.0);
+    if !(min_tokens >= 0.0 && min_tokens <= max_new_tokens as f64 && min_tokens.fract() == 0.0) {
+        return Err(ApiError::invalid("min_tokens", format!("`min_tokens` must be an integer in 0..={max_new_tokens} (the answer's limit)")));
+    }
+    if ids.is_empty() && !ignore_eos && min_tokens == 0.0 {
+        return Ok(None);
+    }
+    let stop = StopTokens::new(tokenizer.eos_tokens(), &ids, ignore_eos, min_tokens as usize);
+    if stop.tokens.len() > MAX_STOP_TOKEN_IDS {
+        return Err(ApiError::invalid("stop_token_ids", format!("`stop_token_ids` may list {MAX_STOP_TOKEN_IDS} tokens with the end-of-sequence ones")));
+    }
+    Ok(Some(stop))
+}
+
 /// `logprobs`: chat's flag with `top_logprobs`, or completions' count.
 fn logprobs(kind: Kind, obj: &Map<String, Value>) -> Result<Option<usize>, ApiError> {
     let count = |name: &'static str| match number(obj, name)? {
@@ -358,6 +392,7 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, today: &str) ->
             seed,
             penalties,
             logit_bias: logit_bias(obj, tokenizer.vocab_size())?,
+            stop: stop_tokens(obj, tokenizer, max as usize)?,
         },
         stop,
         stream,
@@ -555,17 +590,18 @@ fn spawn_generation(state: &AppState, req: ValidCompletion, tx: mpsc::Sender<Upd
         let mut edge = edge.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let cancel = edge.cancel_flag();
         let tokenizer = edge.tokenizer.clone();
-        let eos = tokenizer.eos_tokens().to_vec();
+        // The token that ends the answer shows no text (vLLM's way).
+        let stop_tokens = request.sampling.stop_tokens(tokenizer.eos_tokens()).to_vec();
         let mut pieces = tokenizer.stream();
         let mut matcher = StopMatcher::new(req.stop);
         let mut release = LogprobRelease::default();
         let mut stopped = false;
         let result = edge.generate(&request, |e| {
-            if stopped {
+            if stopped || stop_tokens.contains(&e.token) {
                 return;
             }
             let piece = pieces.push(e.token).unwrap_or_default();
-            if let Some(lp) = e.logprob.filter(|_| !eos.contains(&e.token)) {
+            if let Some(lp) = e.logprob {
                 release.push(logprob_entry(&tokenizer, lp), piece.chars().count());
             }
             let (shown, hit) = matcher.push(&piece);

@@ -30,7 +30,7 @@ pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use llama::{LayerWeights, Llama, LlamaConfig, Logits, LogitsFor, QkNorm, SeqPass};
 pub use pool::build_compute_pool;
-pub use sampling::{argmax, Penalties, SamplingParams, SessionRng, SparseDist, TokenLogprob, TopLogprob};
+pub use sampling::{argmax, Penalties, SamplingParams, SessionRng, SparseDist, StopTokens, TokenLogprob, TopLogprob};
 pub use tokenizer::{template_date, ChatMessage, TextStream, Tokenizer};
 pub use trained::trained_draft_fingerprint;
 pub use verify::{judge_round, verify_greedy, verify_sampled, Verdict};

@@ -24,11 +24,37 @@ pub struct SamplingParams {
     /// OpenAI's `logit_bias`: (token, bias in [−100, 100]) added to the
     /// target's logits first, ids ascending; drafts propose without it.
     pub logit_bias: Vec<(u32, f32)>,
+    /// The tokens that end the generation; None: the model's end-of-sequence
+    /// tokens, from the first output token on.
+    pub stop: Option<StopTokens>,
+}
+
+/// vLLM's `stop_token_ids`, `ignore_eos` and `min_tokens`, resolved against
+/// a model's end-of-sequence tokens: the tokens that end a generation, and
+/// how many output tokens must come first. Until then the target may not
+/// pick them (their logits are −∞, as in vLLM), so drafting stays exact
+/// and a generation never ends early.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StopTokens {
+    /// Ascending, without repeats.
+    pub tokens: Vec<u32>,
+    pub min_tokens: usize,
+}
+
+impl StopTokens {
+    /// `eos` (unless `ignore_eos`) and `extra`.
+    pub fn new(eos: &[u32], extra: &[u32], ignore_eos: bool, min_tokens: usize) -> Self {
+        let mut tokens: Vec<u32> = if ignore_eos { vec![] } else { eos.to_vec() };
+        tokens.extend_from_slice(extra);
+        tokens.sort_unstable();
+        tokens.dedup();
+        StopTokens { tokens, min_tokens }
+    }
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 0, penalties: Penalties::default(), logit_bias: vec![] }
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 0, penalties: Penalties::default(), logit_bias: vec![], stop: None }
     }
 }
 
@@ -112,11 +138,12 @@ impl SamplingParams {
 
     /// Whether the target's logits are changed before sampling.
     pub fn adjusts_logits(&self) -> bool {
-        !(self.penalties.is_none() && self.logit_bias.is_empty())
+        !(self.penalties.is_none() && self.logit_bias.is_empty() && self.stop.as_ref().is_none_or(|s| s.min_tokens == 0))
     }
 
     /// Changes `row`, the target's logits after `prompt` then `output`:
-    /// the logit bias, then the penalties (vLLM's order).
+    /// the logit bias, then the penalties (vLLM's order), and the stop
+    /// tokens banned before `min_tokens`.
     pub fn adjust_logits(&self, row: &mut [f32], prompt: &[u32], output: &[u32]) {
         for &(t, bias) in &self.logit_bias {
             if let Some(l) = row.get_mut(t as usize) {
@@ -124,6 +151,18 @@ impl SamplingParams {
             }
         }
         self.penalties.apply(row, prompt, output);
+        if let Some(stop) = self.stop.as_ref().filter(|s| output.len() < s.min_tokens) {
+            for &t in &stop.tokens {
+                if let Some(l) = row.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+
+    /// The tokens that end the generation, given the model's `eos`.
+    pub fn stop_tokens<'a>(&'a self, eos: &'a [u32]) -> &'a [u32] {
+        self.stop.as_ref().map_or(eos, |s| &s.tokens)
     }
 
     pub fn is_greedy(&self) -> bool {

@@ -116,6 +116,29 @@ mod tests {
     }
 
     #[test]
+    fn stop_tokens_are_banned_until_min_tokens_drafts_included() {
+        use crate::sampling::StopTokens;
+        // Token 0 (end-of-sequence) leads everywhere; output so far [3].
+        let logits = Logits { vocab: 4, data: [2.0, 1.5, 0.0, 0.0].repeat(3) };
+        let min = |min_tokens| SamplingParams { stop: Some(StopTokens::new(&[0], &[], false, min_tokens)), ..SamplingParams::default() };
+        // Three output tokens before a stop token (vLLM's count): with the
+        // drafted 1 there are two, so 0 may come fourth at the earliest.
+        assert_eq!(judge_round(&min(3), &[2, 3], 1, &[1, 0], &[], &logits), Verdict { accepted: 1, next: 1 });
+        assert_eq!(judge_round(&min(3), &[2, 3], 1, &[1, 1], &[], &logits), Verdict { accepted: 2, next: 0 });
+        assert_eq!(judge_round(&min(2), &[2, 3], 1, &[0], &[], &logits), Verdict { accepted: 0, next: 1 });
+        assert_eq!(judge_round(&min(1), &[2, 3], 1, &[0], &[], &logits), Verdict { accepted: 1, next: 0 });
+        // Sampled: the banned token has no mass.
+        let sampled = SamplingParams { temperature: 1.0, ..min(3) };
+        assert_eq!(judge_round(&sampled, &[2, 3], 1, &[0], &[SparseDist::point(0)], &logits).accepted, 0);
+        // What ends it: the end-of-sequence tokens unless ignored, and the extra ones.
+        assert_eq!(StopTokens::new(&[0, 2], &[7, 2], false, 0).tokens, [0, 2, 7]);
+        assert_eq!(StopTokens::new(&[0, 2], &[7], true, 0).tokens, [7]);
+        assert_eq!(min(0).stop_tokens(&[5]), [0]);
+        assert_eq!(SamplingParams::default().stop_tokens(&[5]), [5]);
+        assert!(!min(0).adjusts_logits() && min(1).adjusts_logits());
+    }
+
+    #[test]
     fn sampled_rejects_tokens_the_target_cannot_produce() {
         let q = [SparseDist::point(3)];
         let p = [SparseDist { tokens: vec![1, 2], probs: vec![0.5, 0.5] }, SparseDist::point(0)];

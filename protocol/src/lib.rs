@@ -44,6 +44,8 @@ pub mod limits {
     pub const MAX_TOP_LOGPROBS: usize = 20;
     /// Most tokens one `logit_bias` may list.
     pub const MAX_LOGIT_BIAS: usize = 1024;
+    /// Most tokens `stop_token_ids` may list.
+    pub const MAX_STOP_TOKEN_IDS: usize = 64;
     /// Tolerance on the total mass of a sparse distribution (f32 rounding).
     pub const MASS_TOLERANCE: f32 = 1e-3;
 }

@@ -73,6 +73,13 @@ pub fn validate_open(open: &Open, vocab: usize) -> Result<(), WireError> {
                 return Err(WireError::invalid(format!("`open.sampling.logit_bias[{t}]` = {b}: ids below {vocab}, biases in [-100, 100]")));
             }
         }
+        if s.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(WireError::invalid(format!("`open.sampling.stop_token_ids` lists {} tokens; at most {MAX_STOP_TOKEN_IDS}", s.stop_token_ids.len())));
+        }
+        check_ids("open.sampling.stop_token_ids", &s.stop_token_ids, vocab)?;
+        if s.min_tokens as usize > max_new {
+            return Err(WireError::invalid(format!("`open.sampling.min_tokens` = {} exceeds `open.max_new_tokens` {max_new}", s.min_tokens)));
+        }
         if !(s.repetition_penalty.is_finite() && s.repetition_penalty >= 0.0) {
             return Err(WireError::invalid(format!("`open.sampling.repetition_penalty` must be > 0 (0: none), got {}", s.repetition_penalty)));
         }
@@ -165,6 +172,9 @@ mod tests {
             (Open { sampling: Some(Sampling { temperature: -1.0, ..Default::default() }), ..open() }, "temperature"),
             (Open { sampling: Some(Sampling { top_p: 1.5, ..Default::default() }), ..open() }, "top_p"),
             (Open { sampling: Some(Sampling { min_p: -0.1, ..Default::default() }), ..open() }, "min_p"),
+            (Open { sampling: Some(Sampling { stop_token_ids: vec![9], ..Default::default() }), ..open() }, "open.sampling.stop_token_ids[0]"),
+            (Open { sampling: Some(Sampling { stop_token_ids: vec![1; 65], ..Default::default() }), ..open() }, "stop_token_ids"),
+            (Open { sampling: Some(Sampling { min_tokens: 9, ..Default::default() }), ..open() }, "min_tokens"),
             (Open { sampling: Some(Sampling { presence_penalty: 2.5, ..Default::default() }), ..open() }, "open.sampling.presence_penalty"),
             (Open { sampling: Some(Sampling { frequency_penalty: f32::NAN, ..Default::default() }), ..open() }, "open.sampling.frequency_penalty"),
             (Open { sampling: Some(Sampling { repetition_penalty: -1.0, ..Default::default() }), ..open() }, "open.sampling.repetition_penalty"),

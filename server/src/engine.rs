@@ -688,9 +688,10 @@ impl Engine {
         let Some((verify, reply, queued_at)) = s.pending_verify.take() else { return true };
         let drafts = &verify.draft;
         let verdict = judge_round(&s.sampling, &s.context, s.generated, drafts, &verify.q, logits);
-        // An accepted end-of-sequence draft ends the output there.
+        // An accepted stop token (end-of-sequence, …) ends the output there.
         let eos = self.model.tokenizer.eos_tokens();
-        let verdict = match drafts[..verdict.accepted].iter().position(|t| eos.contains(t)) {
+        let stop = s.sampling.stop_tokens(eos);
+        let verdict = match drafts[..verdict.accepted].iter().position(|t| stop.contains(t)) {
             Some(j) => Verdict { accepted: j, next: drafts[j] },
             None => verdict,
         };

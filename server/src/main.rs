@@ -212,6 +212,7 @@ async fn serve() -> Result<()> {
     let quantize = cfg.quantize.as_deref().map(str::parse::<Quantize>).transpose()?;
     let model = LoadedModel::load_as(&model_path, MatmulKernels::Tandem, quantize).with_context(|| format!("loading --model {}", model_path.display()))?;
     let (vocab, context_len) = (model.llama.config().vocab, model.llama.config().context_len);
+    let eos: Arc<[u32]> = model.tokenizer.eos_tokens().into();
     let measured_on = measured_on(&model_path, quantize, &cfg.device, threads)?;
     if cfg.calibration.is_some() && cfg.batcher.policy != "wisp" {
         bail!("`--calibration` needs `--policy wisp` (fcfs has no estimator)");
@@ -263,7 +264,7 @@ async fn serve() -> Result<()> {
         tokio::spawn(serve_metrics(listener, metrics.clone()));
     }
     let open_timeout = Duration::from_secs(cfg.idle_ttl_s);
-    let service = VerifierServer::new(VerifierService { engine: engine.clone(), auth: Arc::new(auth), vocab, context_len, open_timeout })
+    let service = VerifierServer::new(VerifierService { engine: engine.clone(), auth: Arc::new(auth), vocab, context_len, eos, open_timeout })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Keepalive pings find clients that vanished without closing their

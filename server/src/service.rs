@@ -17,6 +17,8 @@ pub struct VerifierService {
     pub auth: Arc<Auth>,
     pub vocab: usize,
     pub context_len: usize,
+    /// The model's end-of-sequence tokens.
+    pub eos: Arc<[u32]>,
     /// A stream that sends no `open` for this long is ended (it holds no
     /// KV memory, but a task and an HTTP/2 stream).
     pub open_timeout: std::time::Duration,
@@ -34,7 +36,14 @@ impl Verifier for VerifierService {
         let tenant = self.auth.authenticate(request.metadata())?;
         let inbound = request.into_inner();
         let (out, rx) = mpsc::channel(OUT_CAPACITY);
-        let stream = StreamTask { engine: self.engine.clone(), vocab: self.vocab, context_len: self.context_len, open_timeout: self.open_timeout, out };
+        let stream = StreamTask {
+            engine: self.engine.clone(),
+            vocab: self.vocab,
+            context_len: self.context_len,
+            eos: self.eos.clone(),
+            open_timeout: self.open_timeout,
+            out,
+        };
         tokio::spawn(stream.run(tenant, inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -44,6 +53,7 @@ struct StreamTask {
     engine: EngineHandle,
     vocab: usize,
     context_len: usize,
+    eos: Arc<[u32]>,
     open_timeout: std::time::Duration,
     out: mpsc::Sender<Result<ServerMessage, Status>>,
 }
@@ -69,7 +79,7 @@ impl StreamTask {
             Err(status) => return drop(self.out.send(Err(status)).await),
         };
         let sampled = open.sampling.as_ref().is_some_and(|s| s.temperature > 0.0);
-        let valid = match ValidOpen::new(open, self.vocab, self.context_len) {
+        let valid = match ValidOpen::new(open, self.vocab, self.context_len, &self.eos) {
             Ok(v) => v,
             Err(e) => return self.fail(e).await,
         };

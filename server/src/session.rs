@@ -130,8 +130,10 @@ impl Session {
         Some(now.saturating_duration_since(at).as_secs_f64() * 1e3 / tokens as f64)
     }
 
+    /// Whether it reached `max_new` tokens or a stop token (`eos`: the model's).
     pub(crate) fn finished(&self, eos: &[u32]) -> bool {
-        self.generated >= self.max_new || (self.generated > 0 && self.context.last().is_some_and(|t| eos.contains(t)))
+        let stop = self.sampling.stop_tokens(eos);
+        self.generated >= self.max_new || (self.generated > 0 && self.context.last().is_some_and(|t| stop.contains(t)))
     }
 }
 

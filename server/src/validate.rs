@@ -2,7 +2,7 @@
 //! protobuf, and nothing invalid reaches the model.
 
 use crate::ServeError;
-use tandem_model::{Penalties, SamplingParams, SparseDist};
+use tandem_model::{Penalties, SamplingParams, SparseDist, StopTokens};
 use tandem_protocol::wire::{DraftMode, Open, Verify};
 use tandem_protocol::{validate_open, validate_verify};
 
@@ -29,7 +29,8 @@ pub struct ValidOpen {
 }
 
 impl ValidOpen {
-    pub fn new(open: Open, vocab: usize, context_len: usize) -> Result<Self, ServeError> {
+    /// `eos`: the model's end-of-sequence tokens.
+    pub fn new(open: Open, vocab: usize, context_len: usize, eos: &[u32]) -> Result<Self, ServeError> {
         validate_open(&open, vocab)?;
         let sampling = open.sampling.unwrap_or_default();
         let fresh_prompt = open.prompt.len() - open.resumed as usize;
@@ -59,6 +60,8 @@ impl ValidOpen {
                     bias.sort_by_key(|b| b.0);
                     bias
                 },
+                stop: (sampling.ignore_eos || sampling.min_tokens > 0 || !sampling.stop_token_ids.is_empty())
+                    .then(|| StopTokens::new(eos, &sampling.stop_token_ids, sampling.ignore_eos, sampling.min_tokens as usize)),
             },
             server_only: open.draft_mode == DraftMode::ServerOnly as i32,
             want_features: open.want_features,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tandem_edge::client::RemoteTarget;
 use tandem_edge::controller::{SpeculationController, StopRule};
 use tandem_edge::{Decoded, EdgeError, Emitted, GenerateRequest, LogprobInbox, LogprobsWanted, RoundOutcome, Speculator, Target, TargetFeatures};
-use tandem_model::{DraftSpec, LogitsFor, Penalties, SamplingParams, SeqPass, SyntheticDraft, TokenLogprob};
+use tandem_model::{DraftSpec, LogitsFor, Penalties, SamplingParams, SeqPass, StopTokens, SyntheticDraft, TokenLogprob};
 use tandem_protocol::wire::{EdgeMessage, Open, ServerKind, ServerMessage, SparseDist, Tokens, VerifierClient};
 use tandem_tests::*;
 use tokio_stream::wrappers::ReceiverStream;
@@ -130,6 +130,40 @@ fn penalized_output_is_plain_decodings() {
     let g = remote(&server.url(), None, &DraftSpec::Layers(25), &GenerateRequest { sampling: min_p_1, ..req }).unwrap();
     assert_eq!(g.tokens, plain, "sampled with min_p 1");
     assert!(g.accepted > 0, "drafts sampled with min_p 1 are accepted");
+}
+
+/// vLLM's `stop_token_ids`, `ignore_eos` and `min_tokens` end the answer
+/// where plain decoding does, drafting over gRPC or not.
+#[test]
+fn stop_tokens_end_the_answer_where_plain_decoding_does() {
+    let server = ServerProcess::start(&[]);
+    let m = model();
+    let eos = m.tokenizer.eos_tokens();
+    let base = request("What is the capital of France? Answer in one sentence.", 32);
+    let usual = local_with(&DraftSpec::None, &base);
+    assert!(usual.stopped_on_eos && usual.tokens.len() < 24, "{usual:?}");
+    let with = |stop: StopTokens| GenerateRequest { sampling: SamplingParams { stop: Some(stop), ..base.sampling.clone() }, ..base.clone() };
+    // A token the answer holds first at position i ends it there, unshown.
+    let i = (2..usual.tokens.len() - 1).find(|&i| !usual.tokens[..i].contains(&usual.tokens[i])).unwrap();
+    let stop_at = with(StopTokens::new(eos, &[usual.tokens[i]], false, 0));
+    let g = local_with(&DraftSpec::None, &stop_at);
+    assert_eq!((&g.tokens[..], g.stopped_on_eos), (&usual.tokens[..=i], true));
+    assert_eq!(g.text, m.tokenizer.decode(&usual.tokens[..i]).unwrap());
+    // Longer: the end-of-sequence token banned for a while, or ignored.
+    let min_tokens = with(StopTokens::new(eos, &[], false, usual.tokens.len() + 2));
+    let longer = local(&min_tokens);
+    assert!(longer.len() > usual.tokens.len() + 2, "{} tokens", longer.len());
+    assert_eq!(longer[..usual.tokens.len() - 1], usual.tokens[..usual.tokens.len() - 1], "the same up to the banned end");
+    let ignore_eos = with(StopTokens::new(eos, &[], true, 0));
+    assert_eq!(local(&ignore_eos).len(), 32, "only max_new_tokens ends it");
+    for req in [stop_at, min_tokens, ignore_eos] {
+        let plain = local_with(&DraftSpec::None, &req);
+        for draft in [DraftSpec::Layers(25), DraftSpec::Ngram] {
+            let g = remote(&server.url(), None, &draft, &req).unwrap();
+            assert_eq!((&g.tokens, &g.text), (&plain.tokens, &plain.text), "drafting with {draft}, {:?}", req.sampling.stop);
+        }
+        assert_eq!(remote_server_only(&server.url(), &req), plain.tokens, "server-only, {:?}", req.sampling.stop);
+    }
 }
 
 /// The trained (EAGLE-style) draft reads the target's hidden states: over

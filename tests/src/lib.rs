@@ -66,7 +66,8 @@ pub fn remote(url: &str, api_key: Option<&str>, draft: &DraftSpec, req: &Generat
 /// Server-only decoding.
 pub fn remote_server_only(url: &str, req: &GenerateRequest) -> Vec<u32> {
     let m = model();
-    client(url, None).generate_server_only(&req.prompt, &req.sampling, req.max_new_tokens, |_| {}, m.tokenizer.eos_tokens()).unwrap()
+    let stop = req.sampling.stop_tokens(m.tokenizer.eos_tokens());
+    client(url, None).generate_server_only(&req.prompt, &req.sampling, req.max_new_tokens, |_| {}, stop).unwrap()
 }
 
 /// `GET /metrics` over plain HTTP/1.1.

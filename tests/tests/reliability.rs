@@ -389,7 +389,7 @@ fn fuzz_decoding_and_validation() -> String {
         .run(&proptest::collection::vec(any::<u8>(), 0..512), |bytes| {
             if let Ok(EdgeMessage { kind: Some(kind) }) = EdgeMessage::decode(bytes.as_slice()) {
                 match kind {
-                    EdgeKind::Open(o) => drop(ValidOpen::new(o, vocab, context)),
+                    EdgeKind::Open(o) => drop(ValidOpen::new(o, vocab, context, &[2])),
                     EdgeKind::Verify(v) => drop(ValidVerify::new(v, vocab, true).and(ValidVerify::new(Verify::default(), vocab, false))),
                     // Checked against the session's state, as `Verify.base_len` is.
                     EdgeKind::Close(_) | EdgeKind::Handoff(_) => {}
@@ -423,7 +423,7 @@ fn fuzz_decoding_and_validation() -> String {
             let sampling =
                 Some(tandem_protocol::wire::Sampling { temperature, top_k, top_p, seed: 1, presence_penalty, repetition_penalty, ..Default::default() });
             let o = Open { prompt, max_new_tokens: max_new, resumed, sampling, ..Default::default() };
-            if let Ok(valid) = ValidOpen::new(o, vocab, context) {
+            if let Ok(valid) = ValidOpen::new(o, vocab, context, &[2]) {
                 prop_assert!(!valid.prompt.is_empty() && valid.prompt.len() <= MAX_PROMPT_TOKENS + valid.resumed);
                 prop_assert!(valid.resumed < valid.prompt.len() || valid.resumed == 0);
                 prop_assert!(valid.max_new_tokens >= 1 && valid.max_new_tokens <= MAX_NEW_TOKENS && valid.resumed <= valid.max_new_tokens);
@@ -444,15 +444,15 @@ fn limits_at_and_over_the_edge() {
         let e = r.expect_err("over the limit was accepted").to_string();
         assert!(e.contains(field), "{e:?} does not name {field}");
     };
-    assert!(ValidOpen::new(open(MAX_PROMPT_TOKENS, 16), vocab, context).is_ok());
-    named(ValidOpen::new(open(MAX_PROMPT_TOKENS + 1, 16), vocab, context), "open.prompt");
-    assert!(ValidOpen::new(open(8, MAX_NEW_TOKENS as u32), vocab, context).is_ok());
-    named(ValidOpen::new(open(8, MAX_NEW_TOKENS as u32 + 1), vocab, context), "open.max_new_tokens");
+    assert!(ValidOpen::new(open(MAX_PROMPT_TOKENS, 16), vocab, context, &[2]).is_ok());
+    named(ValidOpen::new(open(MAX_PROMPT_TOKENS + 1, 16), vocab, context, &[2]), "open.prompt");
+    assert!(ValidOpen::new(open(8, MAX_NEW_TOKENS as u32), vocab, context, &[2]).is_ok());
+    named(ValidOpen::new(open(8, MAX_NEW_TOKENS as u32 + 1), vocab, context, &[2]), "open.max_new_tokens");
     let mut at_vocab = open(2, 4);
     at_vocab.prompt[1] = vocab as u32 - 1;
-    assert!(ValidOpen::new(at_vocab.clone(), vocab, context).is_ok());
+    assert!(ValidOpen::new(at_vocab.clone(), vocab, context, &[2]).is_ok());
     at_vocab.prompt[1] = vocab as u32;
-    named(ValidOpen::new(at_vocab, vocab, context), "open.prompt[1]");
+    named(ValidOpen::new(at_vocab, vocab, context, &[2]), "open.prompt[1]");
     let point = |id: u32| SparseDist { ids: vec![id], probs: vec![1.0] };
     let verify = |n: usize, support: usize| Verify {
         seq: 1,
