@@ -212,6 +212,9 @@ impl<T: Target + Send> Speculator<T> {
         if let Some(&(t, _)) = req.sampling.logit_bias.iter().find(|b| b.0 as usize >= vocab) {
             return Err(EdgeError::InvalidArgument(format!("`logit_bias` names token {t}, outside the vocabulary of {vocab}")));
         }
+        if let Some(t) = req.sampling.stop.iter().flat_map(|s| &s.tokens).find(|&&t| t as usize >= vocab) {
+            return Err(EdgeError::InvalidArgument(format!("`stop_token_ids` names token {t}, outside the vocabulary of {vocab}")));
+        }
         let start = Instant::now();
         let eos = req.sampling.stop_tokens(self.tokenizer.eos_tokens()).to_vec();
         self.target.want_logprobs(req.logprobs);

@@ -850,6 +850,12 @@ mod tests {
         let vllm = chat(r#"{"messages":[{"role":"user","content":"x"}],"top_k":40,"min_p":0.05}"#).unwrap();
         assert_eq!((vllm.sampling.top_k, vllm.sampling.min_p), (40, 0.05));
         assert_eq!(chat(r#"{"messages":[{"role":"user","content":"x"}],"top_k":-1}"#).unwrap().sampling.top_k, 0);
+        let eos = tok.eos_tokens();
+        let stop = chat(r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":8,"stop_token_ids":[13],"min_tokens":3}"#).unwrap();
+        assert_eq!(stop.sampling.stop, Some(StopTokens::new(eos, &[13], false, 3)));
+        let ignoring = chat(r#"{"messages":[{"role":"user","content":"x"}],"ignore_eos":true}"#).unwrap();
+        assert_eq!(ignoring.sampling.stop, Some(StopTokens { tokens: vec![], min_tokens: 0 }));
+        assert_eq!(chat(r#"{"messages":[{"role":"user","content":"x"}],"ignore_eos":false,"stop_token_ids":[]}"#).unwrap().sampling.stop, None);
         let lp = |kind, body: &str| parse_request(kind, body.as_bytes(), &tok, "07 Dec 2026").map(|r| r.logprobs).map_err(|e| e.param);
         assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":3}"#), Ok(Some(3)));
         assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true}"#), Ok(Some(0)));
@@ -880,6 +886,10 @@ mod tests {
             (r#"{"messages":[{"role":"user","content":"x"}],"repetition_penalty":0}"#, "repetition_penalty"),
             (r#"{"messages":[{"role":"user","content":"x"}],"min_p":1.5}"#, "min_p"),
             (r#"{"messages":[{"role":"user","content":"x"}],"top_k":2.5}"#, "top_k"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"stop_token_ids":[49152]}"#, "stop_token_ids"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"stop_token_ids":7}"#, "stop_token_ids"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"ignore_eos":1}"#, "ignore_eos"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":4,"min_tokens":5}"#, "min_tokens"),
             (r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"abc":1}}"#, "logit_bias"),
             (r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"5":-101}}"#, "logit_bias"),
             (r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"49152":1}}"#, "logit_bias"),

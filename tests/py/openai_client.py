@@ -60,6 +60,15 @@ def post(path, body):
 ids = post("/tokenize", {"prompt": "The capital of France is"})["tokens"]
 echoed_ids = client.completions.create(model="tandem", prompt=[ids], max_tokens=1, temperature=0, logprobs=1, echo=True)
 
+# vLLM's stop_token_ids: the answer ends on the first comma, unshown.
+comma = post("/tokenize", {"prompt": ","})["tokens"]
+at_comma = client.chat.completions.create(model="tandem", messages=question, max_tokens=24, temperature=0, extra_body={"stop_token_ids": comma})
+at_comma_chunks = list(
+    client.chat.completions.create(
+        model="tandem", messages=question, max_tokens=24, temperature=0, stream=True, extra_body={"stop_token_ids": comma}
+    )
+)
+
 try:
     client.chat.completions.create(model="tandem", messages=question, temperature=5)
     refused = None
@@ -89,6 +98,9 @@ print(
             "echo_ids_text": echoed_ids.choices[0].text,
             "echo_ids_logprobs": echoed_ids.choices[0].logprobs.model_dump(),
             "detokenized": post("/detokenize", {"tokens": ids})["prompt"],
+            "comma": comma,
+            "at_comma": [at_comma.choices[0].message.content, at_comma.choices[0].finish_reason, at_comma.usage.completion_tokens],
+            "at_comma_streamed": "".join(c.choices[0].delta.content or "" for c in at_comma_chunks if c.choices),
         }
     )
 )

@@ -216,6 +216,12 @@ fn serve_answers_the_official_openai_client() {
     assert!(v["completion"].as_str().unwrap().contains("Paris"), "{v}");
     assert_eq!(v["models"], serde_json::json!(["SmolLM2-135M-Instruct.Q4_1"]));
     assert_eq!(v["refused_param"], "temperature");
+    // `stop_token_ids`: the answer up to its first comma, which ends it unshown.
+    let comma = v["comma"][0].as_u64().unwrap();
+    let until_comma = generated["tokens"].as_array().unwrap().iter().position(|t| t.as_u64() == Some(comma)).expect("the answer has a comma");
+    let before_comma = generated["text"].as_str().unwrap().split(',').next().unwrap();
+    assert_eq!(v["at_comma"], serde_json::json!([before_comma, "stop", until_comma + 1]), "{v}");
+    assert_eq!(v["at_comma_streamed"], before_comma, "{v}");
 
     // Log-probabilities: one per answer token (none for a stop token), their
     // bytes making the text, the same streamed, and the same as the
