@@ -221,6 +221,7 @@ impl RemoteTarget {
                 stop_token_ids: self.sampling.stop.as_ref().map_or(vec![], |s| s.tokens.clone()),
                 ignore_eos: self.sampling.stop.is_some(),
                 min_tokens: self.sampling.stop.as_ref().map_or(0, |s| s.min_tokens as u32),
+                json_object: self.sampling.json_object.is_some(),
             }),
             slo: Some(Slo { ttft_ms: self.cfg.ttft_ms, tpot_ms: self.cfg.tpot_ms }),
             max_new_tokens: self.max_new_tokens as u32,

@@ -11,7 +11,7 @@ use tandem_edge::client::{ClientConfig, RemoteTarget};
 use tandem_edge::config::EdgeConfig;
 use tandem_edge::controller::{RejectionPredictor, SpeculationController, StopRule};
 use tandem_edge::{explain, Backend, ControllerSample, Edge, EdgeError, EdgeOptions, Emitted, GenerateRequest, Generation, LogprobsWanted, Target, Verifier};
-use tandem_model::{fetch, DraftSpec, LoadedModel, Penalties, SamplingParams, StopTokens};
+use tandem_model::{fetch, DraftSpec, JsonObjectMode, LoadedModel, Penalties, SamplingParams, StopTokens, Tokenizer};
 use tandem_protocol::limits::MAX_TOP_LOGPROBS;
 
 #[derive(Parser)]
@@ -179,6 +179,9 @@ struct SamplingArgs {
     /// No token may end the answer before it holds this many.
     #[arg(long, default_value_t = 0)]
     min_tokens: usize,
+    /// Answer with one JSON object (OpenAI's JSON mode).
+    #[arg(long)]
+    json_mode: bool,
 }
 
 fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
@@ -187,14 +190,15 @@ fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
 }
 
 impl SamplingArgs {
-    /// `eos`: the model's end-of-sequence tokens.
-    fn params(&self, eos: &[u32]) -> SamplingParams {
+    fn params(&self, tokenizer: &Arc<Tokenizer>) -> SamplingParams {
+        let eos = tokenizer.eos_tokens();
         let penalties = Penalties { frequency: self.frequency_penalty, presence: self.presence_penalty, repetition: self.repetition_penalty };
         // Ids ascending; a token given twice keeps its last bias.
         let logit_bias = self.logit_bias.iter().copied().collect::<std::collections::BTreeMap<_, _>>().into_iter().collect();
         let stop = (self.ignore_eos || self.min_tokens > 0 || !self.stop_token_ids.is_empty())
             .then(|| StopTokens::new(eos, &self.stop_token_ids, self.ignore_eos, self.min_tokens));
-        SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, min_p: self.min_p, seed: self.seed, penalties, logit_bias, stop }
+        let json_object = self.json_mode.then(|| JsonObjectMode::new(tokenizer.clone()));
+        SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, min_p: self.min_p, seed: self.seed, penalties, logit_bias, stop, json_object }
     }
 }
 
@@ -416,7 +420,7 @@ fn generate(args: GenerateArgs, file: &EdgeConfig) -> Result<()> {
         let path = model_path(&args.edge, file)?;
         let model = LoadedModel::load(&path).with_context(|| format!("loading --model {}", path.display()))?;
         let prompt = encode_prompt(&model.tokenizer, &args.prompt, args.raw)?;
-        let sampling = args.sampling.params(model.tokenizer.eos_tokens());
+        let sampling = args.sampling.params(&model.tokenizer);
         let req = GenerateRequest { prompt, max_new_tokens: args.sampling.max_new_tokens, draft_len: 0, sampling, logprobs };
         let mut out = TokenPrinter::new(&model.tokenizer, !json, &req);
         let g = server_only(RemoteTarget::new(cfg)?, &req, &model.tokenizer, |e| out.push(e.token))?;
@@ -425,7 +429,7 @@ fn generate(args: GenerateArgs, file: &EdgeConfig) -> Result<()> {
     let mut edge = open_edge(&args.edge, file)?;
     let tokenizer = edge.tokenizer.clone();
     let prompt = encode_prompt(&tokenizer, &args.prompt, args.raw)?;
-    let sampling = args.sampling.params(tokenizer.eos_tokens());
+    let sampling = args.sampling.params(&tokenizer);
     let req = GenerateRequest { prompt, max_new_tokens: args.sampling.max_new_tokens, draft_len: edge.draft_len, sampling, logprobs };
     let mut out = TokenPrinter::new(&tokenizer, !json, &req);
     let g = edge.generate(&req, |e| out.push(e.token))?;
@@ -536,7 +540,7 @@ fn chat(args: ChatArgs, file: &EdgeConfig) -> Result<()> {
                     prompt,
                     max_new_tokens: args.sampling.max_new_tokens,
                     draft_len: edge.draft_len,
-                    sampling: args.sampling.params(tokenizer.eos_tokens()),
+                    sampling: args.sampling.params(&tokenizer),
                     logprobs: None,
                 };
                 let mut out = TokenPrinter::new(&tokenizer, true, &req);

@@ -18,7 +18,10 @@
 //!   that ends an answer shows no text, and before `min_tokens` the
 //!   target may not pick one.
 //! * `logit_bias` is added to the target's logits before the penalties.
-//! * Parameters Tandem cannot honour (`tools`, `response_format`, `echo`
+//! * `response_format: {"type": "json_object"}` is OpenAI's JSON mode: the
+//!   answer is one JSON object (see `JsonObjectMode`); `json_schema` is
+//!   refused.
+//! * Parameters Tandem cannot honour (`tools`, `json_schema`, `echo`
 //!   with `stream`, …) are refused with a 400 naming them rather than
 //!   silently ignored.
 //! * `logprobs` (chat: `logprobs: true` and `top_logprobs` 0..=20;
@@ -52,7 +55,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tandem_model::{ChatMessage, Penalties, SamplingParams, StopTokens, TokenLogprob, Tokenizer};
+use tandem_model::{ChatMessage, JsonObjectMode, Penalties, SamplingParams, StopTokens, TokenLogprob, Tokenizer};
 use tandem_protocol::limits::{MAX_LOGIT_BIAS, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -193,7 +196,7 @@ struct ValidCompletion {
 }
 
 /// Fields refused rather than ignored (unless null, false or empty).
-const UNSUPPORTED: [&str; 4] = ["tools", "functions", "response_format", "suffix"];
+const UNSUPPORTED: [&str; 3] = ["tools", "functions", "suffix"];
 
 /// `logit_bias`: `{"token id": bias in [-100, 100]}`, ids ascending.
 fn logit_bias(obj: &Map<String, Value>, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
@@ -284,13 +287,13 @@ fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
-fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, today: &str) -> Result<ValidCompletion, ApiError> {
+fn parse_request(kind: Kind, body: &[u8], tokenizer: &Arc<Tokenizer>, today: &str) -> Result<ValidCompletion, ApiError> {
     let obj = &json_object(body)?;
     for name in UNSUPPORTED {
         let off = |x: &Value| match x {
             Value::Null | Value::Bool(false) => true,
             Value::Array(a) => a.is_empty(),
-            Value::Object(o) => o.is_empty() || o.get("type").and_then(Value::as_str) == Some("text"),
+            Value::Object(o) => o.is_empty(),
             _ => false,
         };
         if obj.get(name).is_some_and(|x| !off(x)) {
@@ -305,6 +308,14 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, today: &str) ->
         frequency: penalty("frequency_penalty", 0.0, |v| (-2.0..=2.0).contains(&v), "in [-2, 2]")?,
         presence: penalty("presence_penalty", 0.0, |v| (-2.0..=2.0).contains(&v), "in [-2, 2]")?,
         repetition: penalty("repetition_penalty", 1.0, |v| v > 0.0 && v.is_finite(), "> 0")?,
+    };
+    let json_mode = match obj.get("response_format") {
+        None | Some(Value::Null) => false,
+        Some(format) => match format.get("type").and_then(Value::as_str) {
+            Some("text") => false,
+            Some("json_object") => true,
+            _ => return Err(ApiError::invalid("response_format", "`response_format` must be of type `text` or `json_object` (`json_schema` is not supported)")),
+        },
     };
     if number(obj, "n")?.is_some_and(|n| n != 1.0) {
         return Err(ApiError::invalid("n", "`n` must be 1"));
@@ -393,6 +404,7 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, today: &str) ->
             penalties,
             logit_bias: logit_bias(obj, tokenizer.vocab_size())?,
             stop: stop_tokens(obj, tokenizer, max as usize)?,
+            json_object: json_mode.then(|| JsonObjectMode::new(tokenizer.clone())),
         },
         stop,
         stream,
@@ -856,6 +868,9 @@ mod tests {
         let ignoring = chat(r#"{"messages":[{"role":"user","content":"x"}],"ignore_eos":true}"#).unwrap();
         assert_eq!(ignoring.sampling.stop, Some(StopTokens { tokens: vec![], min_tokens: 0 }));
         assert_eq!(chat(r#"{"messages":[{"role":"user","content":"x"}],"ignore_eos":false,"stop_token_ids":[]}"#).unwrap().sampling.stop, None);
+        let json = chat(r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#).unwrap();
+        assert_eq!(json.sampling.json_object, Some(JsonObjectMode::new(tok.clone())));
+        assert_eq!(chat(r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"text"}}"#).unwrap().sampling.json_object, None);
         let lp = |kind, body: &str| parse_request(kind, body.as_bytes(), &tok, "07 Dec 2026").map(|r| r.logprobs).map_err(|e| e.param);
         assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":3}"#), Ok(Some(3)));
         assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true}"#), Ok(Some(0)));
@@ -889,6 +904,7 @@ mod tests {
             (r#"{"messages":[{"role":"user","content":"x"}],"stop_token_ids":[49152]}"#, "stop_token_ids"),
             (r#"{"messages":[{"role":"user","content":"x"}],"stop_token_ids":7}"#, "stop_token_ids"),
             (r#"{"messages":[{"role":"user","content":"x"}],"ignore_eos":1}"#, "ignore_eos"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{}}}"#, "response_format"),
             (r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":4,"min_tokens":5}"#, "min_tokens"),
             (r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"abc":1}}"#, "logit_bias"),
             (r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"5":-101}}"#, "logit_bias"),

@@ -9,6 +9,7 @@
 
 mod draft;
 mod error;
+mod json_mode;
 pub mod fetch;
 pub mod hf;
 #[cfg(feature = "hub")]
@@ -27,6 +28,7 @@ pub use draft::{
     PromptLookup, Proposal, StepForward, SyntheticDraft,
 };
 pub use error::{ModelError, Result};
+pub use json_mode::{JsonObjectMode, JsonState};
 pub use kv_cache::KvCache;
 pub use llama::{LayerWeights, Llama, LlamaConfig, Logits, LogitsFor, QkNorm, SeqPass};
 pub use pool::build_compute_pool;

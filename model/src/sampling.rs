@@ -1,6 +1,6 @@
 //! Sampling parameters, truncated distributions and the per-session RNG.
 
-use crate::{ModelError, Result};
+use crate::{JsonObjectMode, ModelError, Result};
 use tandem_protocol::limits::MAX_SPARSE_SUPPORT;
 
 /// How tokens are chosen. Temperature 0 is greedy (argmax, ties to the
@@ -27,6 +27,9 @@ pub struct SamplingParams {
     /// The tokens that end the generation; None: the model's end-of-sequence
     /// tokens, from the first output token on.
     pub stop: Option<StopTokens>,
+    /// OpenAI's JSON mode: the output is one JSON object (see
+    /// [`JsonObjectMode`]); drafts propose without it.
+    pub json_object: Option<JsonObjectMode>,
 }
 
 /// vLLM's `stop_token_ids`, `ignore_eos` and `min_tokens`, resolved against
@@ -54,7 +57,7 @@ impl StopTokens {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 0, penalties: Penalties::default(), logit_bias: vec![], stop: None }
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 0, penalties: Penalties::default(), logit_bias: vec![], stop: None, json_object: None }
     }
 }
 
@@ -138,12 +141,12 @@ impl SamplingParams {
 
     /// Whether the target's logits are changed before sampling.
     pub fn adjusts_logits(&self) -> bool {
-        !(self.penalties.is_none() && self.logit_bias.is_empty() && self.stop.as_ref().is_none_or(|s| s.min_tokens == 0))
+        !(self.penalties.is_none() && self.logit_bias.is_empty() && self.stop.as_ref().is_none_or(|s| s.min_tokens == 0) && self.json_object.is_none())
     }
 
     /// Changes `row`, the target's logits after `prompt` then `output`:
-    /// the logit bias, then the penalties (vLLM's order), and the stop
-    /// tokens banned before `min_tokens`.
+    /// the logit bias, then the penalties (vLLM's order), the stop tokens
+    /// banned before `min_tokens`, and JSON mode's mask.
     pub fn adjust_logits(&self, row: &mut [f32], prompt: &[u32], output: &[u32]) {
         for &(t, bias) in &self.logit_bias {
             if let Some(l) = row.get_mut(t as usize) {
@@ -157,6 +160,9 @@ impl SamplingParams {
                     *l = f32::NEG_INFINITY;
                 }
             }
+        }
+        if let Some(json) = &self.json_object {
+            json.mask(row, output, self.stop.as_ref());
         }
     }
 

@@ -172,7 +172,7 @@ mod tests {
             (Open { sampling: Some(Sampling { temperature: -1.0, ..Default::default() }), ..open() }, "temperature"),
             (Open { sampling: Some(Sampling { top_p: 1.5, ..Default::default() }), ..open() }, "top_p"),
             (Open { sampling: Some(Sampling { min_p: -0.1, ..Default::default() }), ..open() }, "min_p"),
-            (Open { sampling: Some(Sampling { stop_token_ids: vec![9], ..Default::default() }), ..open() }, "open.sampling.stop_token_ids[0]"),
+            (Open { sampling: Some(Sampling { stop_token_ids: vec![100], ..Default::default() }), ..open() }, "open.sampling.stop_token_ids[0]"),
             (Open { sampling: Some(Sampling { stop_token_ids: vec![1; 65], ..Default::default() }), ..open() }, "stop_token_ids"),
             (Open { sampling: Some(Sampling { min_tokens: 9, ..Default::default() }), ..open() }, "min_tokens"),
             (Open { sampling: Some(Sampling { presence_penalty: 2.5, ..Default::default() }), ..open() }, "open.sampling.presence_penalty"),

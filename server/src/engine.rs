@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_estimators::{AcceptanceEstimator, BatchShape, CounterWeights, ServiceGap, VerifyTimeCalibration};
-use tandem_model::{judge_round, KvCache, LoadedModel, LogitsFor, SeqPass, Verdict};
+use tandem_model::{judge_round, JsonObjectMode, KvCache, LoadedModel, LogitsFor, SamplingParams, SeqPass, Verdict};
 use tandem_protocol::features;
 use tandem_protocol::limits::MAX_DRAFT_TOKENS;
 use tandem_protocol::wire::{Hints, Opened, PromptLogprobs, ServerKind, ServerMessage, Tokens, Verdict as WireVerdict};
@@ -387,7 +387,7 @@ impl Engine {
             sample_first: !resumed,
             generated: open.resumed,
             max_new: open.max_new_tokens,
-            sampling: open.sampling,
+            sampling: SamplingParams { json_object: open.json_object.then(|| JsonObjectMode::new(self.model.tokenizer.clone())), ..open.sampling },
             server_only: open.server_only,
             handed_off: None,
             want_features: open.want_features,

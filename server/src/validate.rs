@@ -14,7 +14,10 @@ pub struct ValidOpen {
     /// How many tokens at the end of `prompt` were generated earlier.
     pub resumed: usize,
     pub max_new_tokens: usize,
+    /// Without JSON mode's vocabulary table, which the engine attaches.
     pub sampling: SamplingParams,
+    /// OpenAI's JSON mode.
+    pub json_object: bool,
     pub server_only: bool,
     /// Report the target's hidden states (EAGLE-style edge drafts).
     pub want_features: bool,
@@ -62,7 +65,9 @@ impl ValidOpen {
                 },
                 stop: (sampling.ignore_eos || sampling.min_tokens > 0 || !sampling.stop_token_ids.is_empty())
                     .then(|| StopTokens::new(eos, &sampling.stop_token_ids, sampling.ignore_eos, sampling.min_tokens as usize)),
+                json_object: None,
             },
+            json_object: sampling.json_object,
             server_only: open.draft_mode == DraftMode::ServerOnly as i32,
             want_features: open.want_features,
             logprobs: open.want_logprobs.then_some(open.top_logprobs as usize),

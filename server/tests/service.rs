@@ -7,8 +7,8 @@
 use std::time::Duration;
 use tandem_edge::client::RemoteTarget;
 use tandem_edge::controller::{SpeculationController, StopRule};
-use tandem_edge::{Decoded, EdgeError, Emitted, GenerateRequest, LogprobInbox, LogprobsWanted, RoundOutcome, Speculator, Target, TargetFeatures};
-use tandem_model::{DraftSpec, LogitsFor, Penalties, SamplingParams, SeqPass, StopTokens, SyntheticDraft, TokenLogprob};
+use tandem_edge::{Decoded, EdgeError, Emitted, GenerateRequest, Generation, LogprobInbox, LogprobsWanted, RoundOutcome, Speculator, Target, TargetFeatures};
+use tandem_model::{DraftSpec, JsonObjectMode, LogitsFor, Penalties, SamplingParams, SeqPass, StopTokens, SyntheticDraft, TokenLogprob};
 use tandem_protocol::wire::{EdgeMessage, Open, ServerKind, ServerMessage, SparseDist, Tokens, VerifierClient};
 use tandem_tests::*;
 use tokio_stream::wrappers::ReceiverStream;
@@ -163,6 +163,34 @@ fn stop_tokens_end_the_answer_where_plain_decoding_does() {
             assert_eq!((&g.tokens, &g.text), (&plain.tokens, &plain.text), "drafting with {draft}, {:?}", req.sampling.stop);
         }
         assert_eq!(remote_server_only(&server.url(), &req), plain.tokens, "server-only, {:?}", req.sampling.stop);
+    }
+}
+
+/// JSON mode: the answer is one JSON object, closed before it ends, and
+/// drafting over gRPC (which proposes without the mask) gives plain
+/// decoding's answer; sampled answers are JSON objects too.
+#[test]
+fn json_mode_answers_are_json_objects_as_plain_decoding_gives_them() {
+    let server = ServerProcess::start(&[]);
+    let m = model();
+    let json = SamplingParams { json_object: Some(JsonObjectMode::new(m.tokenizer.clone())), ..SamplingParams::default() };
+    let req = GenerateRequest { sampling: json, ..request("Describe a cat as JSON with the keys name, age and colour.", 96) };
+    let plain = local_with(&DraftSpec::None, &req);
+    let object = |g: &Generation| {
+        assert!(g.stopped_on_eos, "the object was not closed in {} tokens: {:?}", g.tokens.len(), g.text);
+        serde_json::from_str::<serde_json::Value>(&g.text).unwrap_or_else(|e| panic!("{e}: {:?}", g.text)).is_object()
+    };
+    assert!(object(&plain), "{:?}", plain.text);
+    assert_ne!(plain.tokens, local(&request("Describe a cat as JSON with the keys name, age and colour.", 96)), "the mask changed the answer");
+    for draft in [DraftSpec::Layers(25), DraftSpec::Ngram] {
+        let g = remote(&server.url(), None, &draft, &req).unwrap();
+        assert_eq!((&g.tokens, &g.text), (&plain.tokens, &plain.text), "drafting with {draft}");
+    }
+    assert_eq!(remote_server_only(&server.url(), &req), plain.tokens, "server-only");
+    for seed in 1..=3 {
+        let sampled = GenerateRequest { sampling: SamplingParams { temperature: 0.7, seed, ..req.sampling.clone() }, ..req.clone() };
+        let g = remote(&server.url(), None, &DraftSpec::Layers(25), &sampled).unwrap();
+        assert!(object(&g), "seed {seed}: {:?}", g.text);
     }
 }
 

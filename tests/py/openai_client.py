@@ -68,6 +68,14 @@ at_comma_chunks = list(
         model="tandem", messages=question, max_tokens=24, temperature=0, stream=True, extra_body={"stop_token_ids": comma}
     )
 )
+# JSON mode.
+as_json = client.chat.completions.create(
+    model="tandem",
+    messages=[{"role": "user", "content": "Describe a cat as JSON with the keys name, age and colour."}],
+    max_tokens=96,
+    temperature=0,
+    response_format={"type": "json_object"},
+)
 
 try:
     client.chat.completions.create(model="tandem", messages=question, temperature=5)
@@ -100,6 +108,7 @@ print(
             "detokenized": post("/detokenize", {"tokens": ids})["prompt"],
             "comma": comma,
             "at_comma": [at_comma.choices[0].message.content, at_comma.choices[0].finish_reason, at_comma.usage.completion_tokens],
+            "json_mode": [as_json.choices[0].message.content, as_json.choices[0].finish_reason],
             "at_comma_streamed": "".join(c.choices[0].delta.content or "" for c in at_comma_chunks if c.choices),
         }
     )

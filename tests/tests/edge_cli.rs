@@ -222,6 +222,9 @@ fn serve_answers_the_official_openai_client() {
     let before_comma = generated["text"].as_str().unwrap().split(',').next().unwrap();
     assert_eq!(v["at_comma"], serde_json::json!([before_comma, "stop", until_comma + 1]), "{v}");
     assert_eq!(v["at_comma_streamed"], before_comma, "{v}");
+    // JSON mode: one object, closed.
+    assert_eq!(v["json_mode"][1], "stop", "{v}");
+    assert!(serde_json::from_str::<Value>(v["json_mode"][0].as_str().unwrap()).unwrap().is_object(), "{v}");
 
     // Log-probabilities: one per answer token (none for a stop token), their
     // bytes making the text, the same streamed, and the same as the
