@@ -198,7 +198,17 @@ impl SamplingArgs {
         let stop = (self.ignore_eos || self.min_tokens > 0 || !self.stop_token_ids.is_empty())
             .then(|| StopTokens::new(eos, &self.stop_token_ids, self.ignore_eos, self.min_tokens));
         let json_object = self.json_mode.then(|| JsonObjectMode::new(tokenizer.clone()));
-        SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, min_p: self.min_p, seed: self.seed, penalties, logit_bias, stop, json_object }
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            seed: self.seed,
+            penalties,
+            logit_bias,
+            stop,
+            json_object,
+        }
     }
 }
 

@@ -314,7 +314,9 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Arc<Tokenizer>, today: &st
         Some(format) => match format.get("type").and_then(Value::as_str) {
             Some("text") => false,
             Some("json_object") => true,
-            _ => return Err(ApiError::invalid("response_format", "`response_format` must be of type `text` or `json_object` (`json_schema` is not supported)")),
+            _ => {
+                return Err(ApiError::invalid("response_format", "`response_format` must be of type `text` or `json_object` (`json_schema` is not supported)"))
+            }
         },
     };
     if number(obj, "n")?.is_some_and(|n| n != 1.0) {

@@ -39,10 +39,17 @@ enum Lex {
     /// In a string (a key if `key`). `escape`: 0 none, 1 after `\`, 2..=5
     /// inside `\uXXXX` (4 hex digits from 2); `utf8`: continuation bytes
     /// still due.
-    Str { key: bool, escape: u8, utf8: u8 },
+    Str {
+        key: bool,
+        escape: u8,
+        utf8: u8,
+    },
     Number(Num),
     /// In `true`, `false` or `null` (`WORDS[word]`), `at` bytes matched.
-    Literal { word: u8, at: u8 },
+    Literal {
+        word: u8,
+        at: u8,
+    },
 }
 
 /// A number's states: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
@@ -396,11 +403,7 @@ mod tests {
             for (t, &l) in row.iter().enumerate() {
                 let t = t as u32;
                 let bytes = tokenizer.token_bytes(t);
-                let expected = if eos.contains(&t) {
-                    state.complete()
-                } else {
-                    !tokenizer.is_special(t) && !bytes.is_empty() && { state }.feed_all(bytes)
-                };
+                let expected = if eos.contains(&t) { state.complete() } else { !tokenizer.is_special(t) && !bytes.is_empty() && { state }.feed_all(bytes) };
                 assert_eq!(l.is_finite(), expected, "token {t} ({:?}) after {:?}", String::from_utf8_lossy(bytes), tokenizer.decode(&output));
             }
         }

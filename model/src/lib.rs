@@ -9,11 +9,11 @@
 
 mod draft;
 mod error;
-mod json_mode;
 pub mod fetch;
 pub mod hf;
 #[cfg(feature = "hub")]
 pub mod hub;
+mod json_mode;
 pub mod kernels;
 mod kv_cache;
 mod llama;

@@ -57,7 +57,17 @@ impl StopTokens {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 0, penalties: Penalties::default(), logit_bias: vec![], stop: None, json_object: None }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 0,
+            penalties: Penalties::default(),
+            logit_bias: vec![],
+            stop: None,
+            json_object: None,
+        }
     }
 }
 
@@ -135,6 +145,9 @@ impl SamplingParams {
         }
         if let Some(&(t, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
             return Err(ModelError::InvalidArgument(format!("`logit_bias` of token {t} must be in [-100, 100], got {b}")));
+        }
+        if self.json_object.is_some() && self.stop.as_ref().is_some_and(|s| s.tokens.is_empty()) {
+            return Err(ModelError::InvalidArgument("`json_object` needs a token to end the answer: not `ignore_eos` without `stop_token_ids`".into()));
         }
         self.penalties.validate()
     }

@@ -191,6 +191,9 @@ pub struct Engine {
     /// those caches.
     prefixes: PrefixIndex,
     prefix_caches: HashMap<EntryId, KvCache>,
+    /// JSON mode's tables for this vocabulary, built by the first session
+    /// that asks (4 ms) and shared.
+    json_mode: Option<JsonObjectMode>,
 }
 
 impl Engine {
@@ -243,6 +246,7 @@ impl Engine {
             service_gap,
             prefixes: PrefixIndex::new(prefix_positions),
             prefix_caches: HashMap::new(),
+            json_mode: None,
         };
         let thread = std::thread::Builder::new()
             .name("tandem-runner".into())
@@ -387,7 +391,10 @@ impl Engine {
             sample_first: !resumed,
             generated: open.resumed,
             max_new: open.max_new_tokens,
-            sampling: SamplingParams { json_object: open.json_object.then(|| JsonObjectMode::new(self.model.tokenizer.clone())), ..open.sampling },
+            sampling: SamplingParams {
+                json_object: open.json_object.then(|| self.json_mode.get_or_insert_with(|| JsonObjectMode::new(self.model.tokenizer.clone())).clone()),
+                ..open.sampling
+            },
             server_only: open.server_only,
             handed_off: None,
             want_features: open.want_features,
