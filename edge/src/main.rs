@@ -195,8 +195,7 @@ impl SamplingArgs {
         let penalties = Penalties { frequency: self.frequency_penalty, presence: self.presence_penalty, repetition: self.repetition_penalty };
         // Ids ascending; a token given twice keeps its last bias.
         let logit_bias = self.logit_bias.iter().copied().collect::<std::collections::BTreeMap<_, _>>().into_iter().collect();
-        let stop = (self.ignore_eos || self.min_tokens > 0 || !self.stop_token_ids.is_empty())
-            .then(|| StopTokens::new(eos, &self.stop_token_ids, self.ignore_eos, self.min_tokens));
+        let stop = StopTokens::resolve(eos, &self.stop_token_ids, self.ignore_eos, self.min_tokens);
         let json_object = self.json_mode.then(|| JsonObjectMode::new(tokenizer.clone()));
         SamplingParams {
             temperature: self.temperature,

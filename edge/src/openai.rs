@@ -240,14 +240,11 @@ fn stop_tokens(obj: &Map<String, Value>, tokenizer: &Tokenizer, max_new_tokens: 
     if !(min_tokens >= 0.0 && min_tokens <= max_new_tokens as f64 && min_tokens.fract() == 0.0) {
         return Err(ApiError::invalid("min_tokens", format!("`min_tokens` must be an integer in 0..={max_new_tokens} (the answer's limit)")));
     }
-    if ids.is_empty() && !ignore_eos && min_tokens == 0.0 {
-        return Ok(None);
-    }
-    let stop = StopTokens::new(tokenizer.eos_tokens(), &ids, ignore_eos, min_tokens as usize);
-    if stop.tokens.len() > MAX_STOP_TOKEN_IDS {
+    let stop = StopTokens::resolve(tokenizer.eos_tokens(), &ids, ignore_eos, min_tokens as usize);
+    if stop.as_ref().is_some_and(|s| s.tokens.len() > MAX_STOP_TOKEN_IDS) {
         return Err(ApiError::invalid("stop_token_ids", format!("`stop_token_ids` may list {MAX_STOP_TOKEN_IDS} tokens with the end-of-sequence ones")));
     }
-    Ok(Some(stop))
+    Ok(stop)
 }
 
 /// `logprobs`: chat's flag with `top_logprobs`, or completions' count.
@@ -866,7 +863,7 @@ mod tests {
         assert_eq!(chat(r#"{"messages":[{"role":"user","content":"x"}],"top_k":-1}"#).unwrap().sampling.top_k, 0);
         let eos = tok.eos_tokens();
         let stop = chat(r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":8,"stop_token_ids":[13],"min_tokens":3}"#).unwrap();
-        assert_eq!(stop.sampling.stop, Some(StopTokens::new(eos, &[13], false, 3)));
+        assert_eq!(stop.sampling.stop, StopTokens::resolve(eos, &[13], false, 3));
         let ignoring = chat(r#"{"messages":[{"role":"user","content":"x"}],"ignore_eos":true}"#).unwrap();
         assert_eq!(ignoring.sampling.stop, Some(StopTokens { tokens: vec![], min_tokens: 0 }));
         assert_eq!(chat(r#"{"messages":[{"role":"user","content":"x"}],"ignore_eos":false,"stop_token_ids":[]}"#).unwrap().sampling.stop, None);

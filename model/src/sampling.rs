@@ -45,13 +45,17 @@ pub struct StopTokens {
 }
 
 impl StopTokens {
-    /// `eos` (unless `ignore_eos`) and `extra`.
-    pub fn new(eos: &[u32], extra: &[u32], ignore_eos: bool, min_tokens: usize) -> Self {
+    /// `eos` (unless `ignore_eos`) and `extra`; None when that is just
+    /// `eos` from the first token on (the default).
+    pub fn resolve(eos: &[u32], extra: &[u32], ignore_eos: bool, min_tokens: usize) -> Option<Self> {
+        if extra.is_empty() && !ignore_eos && min_tokens == 0 {
+            return None;
+        }
         let mut tokens: Vec<u32> = if ignore_eos { vec![] } else { eos.to_vec() };
         tokens.extend_from_slice(extra);
         tokens.sort_unstable();
         tokens.dedup();
-        StopTokens { tokens, min_tokens }
+        Some(StopTokens { tokens, min_tokens })
     }
 }
 

@@ -120,7 +120,7 @@ mod tests {
         use crate::sampling::StopTokens;
         // Token 0 (end-of-sequence) leads everywhere; output so far [3].
         let logits = Logits { vocab: 4, data: [2.0, 1.5, 0.0, 0.0].repeat(3) };
-        let min = |min_tokens| SamplingParams { stop: Some(StopTokens::new(&[0], &[], false, min_tokens)), ..SamplingParams::default() };
+        let min = |min_tokens| SamplingParams { stop: StopTokens::resolve(&[0], &[], false, min_tokens), ..SamplingParams::default() };
         // Three output tokens before a stop token (vLLM's count): with the
         // drafted 1 there are two, so 0 may come fourth at the earliest.
         assert_eq!(judge_round(&min(3), &[2, 3], 1, &[1, 0], &[], &logits), Verdict { accepted: 1, next: 1 });
@@ -131,11 +131,12 @@ mod tests {
         let sampled = SamplingParams { temperature: 1.0, ..min(3) };
         assert_eq!(judge_round(&sampled, &[2, 3], 1, &[0], &[SparseDist::point(0)], &logits).accepted, 0);
         // What ends it: the end-of-sequence tokens unless ignored, and the extra ones.
-        assert_eq!(StopTokens::new(&[0, 2], &[7, 2], false, 0).tokens, [0, 2, 7]);
-        assert_eq!(StopTokens::new(&[0, 2], &[7], true, 0).tokens, [7]);
-        assert_eq!(min(0).stop_tokens(&[5]), [0]);
+        assert_eq!(StopTokens::resolve(&[0, 2], &[7, 2], false, 0).unwrap().tokens, [0, 2, 7]);
+        assert_eq!(StopTokens::resolve(&[0, 2], &[7], true, 0).unwrap().tokens, [7]);
+        assert_eq!(StopTokens::resolve(&[0, 2], &[], false, 0), None);
         assert_eq!(SamplingParams::default().stop_tokens(&[5]), [5]);
-        assert!(!min(0).adjusts_logits() && min(1).adjusts_logits());
+        assert!(min(1).adjusts_logits() && !SamplingParams { stop: StopTokens::resolve(&[0], &[3], false, 0), ..SamplingParams::default() }.adjusts_logits());
+        assert_eq!(min(1).stop_tokens(&[5]), [0]);
     }
 
     #[test]

@@ -63,8 +63,7 @@ impl ValidOpen {
                     bias.sort_by_key(|b| b.0);
                     bias
                 },
-                stop: (sampling.ignore_eos || sampling.min_tokens > 0 || !sampling.stop_token_ids.is_empty())
-                    .then(|| StopTokens::new(eos, &sampling.stop_token_ids, sampling.ignore_eos, sampling.min_tokens as usize)),
+                stop: StopTokens::resolve(eos, &sampling.stop_token_ids, sampling.ignore_eos, sampling.min_tokens as usize),
                 json_object: None,
             },
             json_object: sampling.json_object,

@@ -142,19 +142,19 @@ fn stop_tokens_end_the_answer_where_plain_decoding_does() {
     let base = request("What is the capital of France? Answer in one sentence.", 32);
     let usual = local_with(&DraftSpec::None, &base);
     assert!(usual.stopped_on_eos && usual.tokens.len() < 24, "{usual:?}");
-    let with = |stop: StopTokens| GenerateRequest { sampling: SamplingParams { stop: Some(stop), ..base.sampling.clone() }, ..base.clone() };
+    let with = |stop: Option<StopTokens>| GenerateRequest { sampling: SamplingParams { stop, ..base.sampling.clone() }, ..base.clone() };
     // A token the answer holds first at position i ends it there, unshown.
     let i = (2..usual.tokens.len() - 1).find(|&i| !usual.tokens[..i].contains(&usual.tokens[i])).unwrap();
-    let stop_at = with(StopTokens::new(eos, &[usual.tokens[i]], false, 0));
+    let stop_at = with(StopTokens::resolve(eos, &[usual.tokens[i]], false, 0));
     let g = local_with(&DraftSpec::None, &stop_at);
     assert_eq!((&g.tokens[..], g.stopped_on_eos), (&usual.tokens[..=i], true));
     assert_eq!(g.text, m.tokenizer.decode(&usual.tokens[..i]).unwrap());
     // Longer: the end-of-sequence token banned for a while, or ignored.
-    let min_tokens = with(StopTokens::new(eos, &[], false, usual.tokens.len() + 2));
+    let min_tokens = with(StopTokens::resolve(eos, &[], false, usual.tokens.len() + 2));
     let longer = local(&min_tokens);
     assert!(longer.len() > usual.tokens.len() + 2, "{} tokens", longer.len());
     assert_eq!(longer[..usual.tokens.len() - 1], usual.tokens[..usual.tokens.len() - 1], "the same up to the banned end");
-    let ignore_eos = with(StopTokens::new(eos, &[], true, 0));
+    let ignore_eos = with(StopTokens::resolve(eos, &[], true, 0));
     assert_eq!(local(&ignore_eos).len(), 32, "only max_new_tokens ends it");
     for req in [stop_at, min_tokens, ignore_eos] {
         let plain = local_with(&DraftSpec::None, &req);
