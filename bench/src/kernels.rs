@@ -339,7 +339,7 @@ fn time_trained_draft(model: &LoadedModel, mut draft: Box<dyn DraftSource>) -> R
         while c + DRAFT_K < tokens.len() {
             draft.observe_target_features(0, &states[..(c - 1) * h]);
             let start = Instant::now();
-            let proposal = draft.propose(&tokens[..c], DRAFT_K, &greedy, &mut SessionRng::new(0))?;
+            let proposal = draft.propose(&tokens[..c], c - prompt_len, DRAFT_K, &greedy, &mut SessionRng::new(0))?;
             let round_ms = start.elapsed().as_secs_f64() * 1e3;
             let start = Instant::now();
             llama.forward(&mut [SeqPass { cache: &mut target, tokens: &tokens[c - 1..c], logits: LogitsFor::Last }])?;

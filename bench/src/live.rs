@@ -335,6 +335,7 @@ impl<D: DraftSource> DraftSource for Paced<D> {
     fn propose_until(
         &mut self,
         context: &[u32],
+        generated: usize,
         k: usize,
         sampling: &SamplingParams,
         rng: &mut SessionRng,
@@ -344,7 +345,7 @@ impl<D: DraftSource> DraftSource for Paced<D> {
         // device, so the edge's timestamps (wasted drafting) include it;
         // a source that never asks (n-gram lookup) is paced after.
         let (pace, mut paced) = (self.pace, 0u32);
-        let proposal = self.inner.propose_until(context, k, sampling, rng, &mut |f| {
+        let proposal = self.inner.propose_until(context, generated, k, sampling, rng, &mut |f| {
             std::thread::sleep(pace);
             paced += 1;
             keep_going(f)

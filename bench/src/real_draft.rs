@@ -107,7 +107,7 @@ fn propose_all(spec: &DraftSpec, draft_len: usize, model: &LoadedModel, p: &Benc
             draft.observe_target_features(0, &states[..(context - 1) * hidden]);
         }
         let mut rng = SessionRng::new(0);
-        let proposal = draft.propose_until(&p.reference[..context], k, &SamplingParams::default(), &mut rng, &mut |_| true)?;
+        let proposal = draft.propose_until(&p.reference[..context], context - p.tokens.len(), k, &SamplingParams::default(), &mut rng, &mut |_| true)?;
         out.insert(context, Cached { tokens: proposal.tokens, features: proposal.features });
     }
     Ok(out)
@@ -123,6 +123,7 @@ impl DraftSource for CachedDraft {
     fn propose_until(
         &mut self,
         context: &[u32],
+        _generated: usize,
         k: usize,
         _sampling: &SamplingParams,
         _rng: &mut SessionRng,

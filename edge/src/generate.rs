@@ -8,7 +8,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tandem_model::{DraftFeatures, DraftSource, Proposal, SamplingParams, SessionRng, SparseDist, TokenLogprob, Tokenizer};
+use tandem_model::{DraftFeatures, DraftSource, Proposal, SamplingParams, SessionRng, SparseDist, TokenLogprob, Tokenizer, DRAFT_STREAM};
 use tandem_protocol::limits::{MAX_DRAFT_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS};
 
 /// One generation.
@@ -238,7 +238,7 @@ impl<T: Target + Send> Speculator<T> {
             let planned = self.controller.as_ref().map_or(req.draft_len, |c| c.round_k().min(req.draft_len));
             let k = planned.min(req.max_new_tokens - g.tokens.len() - 1);
             let draft_start = Instant::now();
-            let (proposal, stamps, fresh) = self.draft_round(&context, k, carried.take(), &req.sampling)?;
+            let (proposal, stamps, fresh) = self.draft_round(&context, k, carried.take(), req)?;
             let draft_ms = draft_start.elapsed().as_secs_f64() * 1e3;
             let n = proposal.tokens.len();
             let drafts = &proposal.tokens[..];
@@ -333,13 +333,8 @@ impl<T: Target + Send> Speculator<T> {
     /// ahead, re-judged by the controller, then fresh ones. Returns the
     /// proposal, each token's completion time (ms since the round began;
     /// carried tokens cost the round nothing) and how many were fresh.
-    fn draft_round(
-        &mut self,
-        context: &[u32],
-        k: usize,
-        carried: Option<Proposal>,
-        sampling: &SamplingParams,
-    ) -> Result<(Proposal, Vec<f64>, usize), EdgeError> {
+    fn draft_round(&mut self, context: &[u32], k: usize, carried: Option<Proposal>, req: &GenerateRequest) -> Result<(Proposal, Vec<f64>, usize), EdgeError> {
+        let sampling = &req.sampling;
         let started = Instant::now();
         let mut proposal = carried.unwrap_or_default();
         truncate(&mut proposal, k);
@@ -359,7 +354,8 @@ impl<T: Target + Send> Speculator<T> {
             let extended: std::borrow::Cow<[u32]> = if carried_n == 0 { context.into() } else { [context, &proposal.tokens[..]].concat().into() };
             // Draft draws are keyed like the target's, from their own stream.
             let mut rng = SessionRng::at(sampling.seed ^ DRAFT_STREAM, extended.len());
-            let fresh = self.draft.propose_until(&extended, k - carried_n, sampling, &mut rng, &mut |f| {
+            let generated = extended.len() - req.prompt.len();
+            let fresh = self.draft.propose_until(&extended, generated, k - carried_n, sampling, &mut rng, &mut |f| {
                 stamps.push(started.elapsed().as_secs_f64() * 1e3);
                 controller.as_mut().is_none_or(|c| c.keep_going(f))
             })?;
@@ -392,7 +388,7 @@ impl<T: Target + Send> Speculator<T> {
             let started = Instant::now();
             // The cumulative stop rule goes on from the round in flight:
             // ahead work is kept only if all of it is accepted.
-            let ahead = draft.propose_until(&assumed, req.draft_len + 1, &req.sampling, &mut rng, &mut |f| {
+            let ahead = draft.propose_until(&assumed, assumed.len() - req.prompt.len(), req.draft_len + 1, &req.sampling, &mut rng, &mut |f| {
                 !arrived.load(Ordering::Acquire) && controller.as_mut().is_none_or(|c| c.keep_going(f))
             });
             let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -401,9 +397,6 @@ impl<T: Target + Send> Speculator<T> {
         Ok((round?, ahead?))
     }
 }
-
-/// Key of the draft's random stream (the target's is the seed itself).
-const DRAFT_STREAM: u64 = 0x5EED_D4AF_7000_0001;
 
 /// The proposal without its first `skip` tokens.
 fn tail(p: Proposal, skip: usize) -> Proposal {

@@ -10,7 +10,11 @@
 //!   does): apps configured with another name keep working.
 //! * Defaults follow OpenAI: `temperature` 1, `top_p` 1, `max_tokens` 16
 //!   for completions, up to the protocol's limit for chat; `seed` absent
-//!   draws one. `n` must be 1; `stop` takes up to 4 strings.
+//!   draws one; `stop` takes up to 4 strings.
+//! * `n` choices (up to 16) are generated one after another, choice i
+//!   drawing with `seed + i`: a seeded request's choices differ from each
+//!   other. Greedy choices are all the same
+//!   (as with OpenAI and vLLM). Completions' `best_of` may only equal `n`.
 //! * `frequency_penalty` and `presence_penalty` are OpenAI's, and vLLM's
 //!   `repetition_penalty` is taken too (see `Penalties`), as are vLLM's
 //!   `top_k` (-1 or 0: all) and `min_p`.
@@ -68,13 +72,12 @@ struct AppState {
     /// Shared with the edge, so requests are checked while another generates.
     tokenizer: Arc<Tokenizer>,
     model_id: Arc<str>,
-    draft_len: usize,
 }
 
 /// The endpoint's routes over `edge`.
 pub fn router(edge: Edge) -> Router {
     let model_id: Arc<str> = edge.model_id().into();
-    let state = AppState { tokenizer: edge.tokenizer.clone(), draft_len: edge.draft_len, edge: Arc::new(Mutex::new(edge)), model_id };
+    let state = AppState { tokenizer: edge.tokenizer.clone(), edge: Arc::new(Mutex::new(edge)), model_id };
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -184,6 +187,8 @@ enum Kind {
 #[derive(Debug)]
 struct ValidCompletion {
     prompt: Vec<u32>,
+    /// Choices asked for.
+    n: usize,
     max_new_tokens: usize,
     sampling: SamplingParams,
     stop: Vec<String>,
@@ -194,6 +199,10 @@ struct ValidCompletion {
     /// Completions' `echo`: the prompt's text, put before the answer.
     echo: Option<String>,
 }
+
+/// The most choices (`n`) one request may ask for: they are generated
+/// one after another on this device.
+const MAX_CHOICES: usize = 16;
 
 /// Fields refused rather than ignored (unless null, false or empty).
 const UNSUPPORTED: [&str; 3] = ["tools", "functions", "suffix"];
@@ -316,8 +325,12 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Arc<Tokenizer>, today: &st
             }
         },
     };
-    if number(obj, "n")?.is_some_and(|n| n != 1.0) {
-        return Err(ApiError::invalid("n", "`n` must be 1"));
+    let n = number(obj, "n")?.unwrap_or(1.0);
+    if !(1.0..=MAX_CHOICES as f64).contains(&n) || n.fract() != 0.0 {
+        return Err(ApiError::invalid("n", format!("`n` must be an integer in 1..={MAX_CHOICES}")));
+    }
+    if number(obj, "best_of")?.is_some_and(|b| b != n) {
+        return Err(ApiError::invalid("best_of", "`best_of` must equal `n`: Tandem returns every choice it generates"));
     }
     let (prompt, text) = match kind {
         Kind::Chat => {
@@ -393,6 +406,7 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Arc<Tokenizer>, today: &st
     }
     Ok(ValidCompletion {
         prompt,
+        n: n as usize,
         max_new_tokens: max as usize,
         sampling: SamplingParams {
             temperature: temperature as f32,
@@ -580,10 +594,16 @@ impl LogprobRelease {
 
 /// What the generating thread sends to the response.
 enum Update {
-    /// Text now final, and the log-probabilities of its tokens (when asked).
-    Text(String, Vec<(Value, usize)>),
+    /// Choice `index`'s text now final, and the log-probabilities of its
+    /// tokens (when asked).
+    Text {
+        index: usize,
+        text: String,
+        logprobs: Vec<(Value, usize)>,
+    },
     /// `echo`: the prompt's text and its tokens' log-probabilities come at the end.
     Done {
+        index: usize,
         generation: Box<Generation>,
         stopped: bool,
         echo: Option<(String, Vec<(Value, usize)>)>,
@@ -595,85 +615,109 @@ enum Update {
 /// sending text as it becomes final.
 fn spawn_generation(state: &AppState, req: ValidCompletion, tx: mpsc::Sender<Update>) {
     let edge = state.edge.clone();
-    let logprobs = req.logprobs.map(|top| LogprobsWanted { top, prompt: req.echo.is_some() });
-    let request = GenerateRequest { prompt: req.prompt, max_new_tokens: req.max_new_tokens, draft_len: state.draft_len, sampling: req.sampling, logprobs };
     tokio::task::spawn_blocking(move || {
         let mut edge = edge.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let cancel = edge.cancel_flag();
-        let tokenizer = edge.tokenizer.clone();
-        // The token that ends the answer shows no text (vLLM's way).
-        let stop_tokens = request.sampling.stop_tokens(tokenizer.eos_tokens()).to_vec();
-        let mut pieces = tokenizer.stream();
-        let mut matcher = StopMatcher::new(req.stop);
-        let mut release = LogprobRelease::default();
-        let mut stopped = false;
-        let result = edge.generate(&request, |e| {
-            if stopped || stop_tokens.contains(&e.token) {
+        for index in 0..req.n {
+            let (update, client_gone) = generate_choice(&mut edge, &req, index, &tx);
+            let failed = matches!(update, Update::Failed(_));
+            if tx.blocking_send(update).is_err() || client_gone || failed {
                 return;
             }
-            let piece = pieces.push(e.token).unwrap_or_default();
-            if let Some(lp) = e.logprob {
-                release.push(logprob_entry(&tokenizer, lp), piece.chars().count());
-            }
-            let (shown, hit) = matcher.push(&piece);
-            let logprobs = release.shown(shown.chars().count());
-            // A client that went away ends the generation.
-            if !(shown.is_empty() && logprobs.is_empty()) && tx.blocking_send(Update::Text(shown, logprobs)).is_err() {
-                cancel.store(true, Ordering::Relaxed);
-            }
-            if hit {
-                stopped = true;
-                cancel.store(true, Ordering::Relaxed);
-            }
-        });
-        let update = match result {
-            Ok(generation) => {
-                let rest = if stopped { String::new() } else { matcher.finish() };
-                let logprobs = release.shown(rest.chars().count());
-                if !(rest.is_empty() && logprobs.is_empty()) {
-                    let _ = tx.blocking_send(Update::Text(rest, logprobs));
-                }
-                info!(tokens = generation.tokens.len(), acceptance = generation.acceptance_rate, "completion served");
-                let echo = req.echo.map(|text| {
-                    // The first prompt token has no log-probability.
-                    let first = logprob_entry(&tokenizer, &TokenLogprob { token: request.prompt[0], logprob: 0.0, top: vec![] });
-                    let first = json!({"token": first["token"], "logprob": null, "bytes": first["bytes"], "top_logprobs": null});
-                    let mut at = 0;
-                    let entries = std::iter::once(first)
-                        .chain(generation.prompt_logprobs.iter().map(|lp| logprob_entry(&tokenizer, lp)))
-                        .map(|e| {
-                            let start = at;
-                            at += e["token"].as_str().map_or(0, |t| t.chars().count());
-                            (e, start)
-                        })
-                        .collect::<Vec<_>>();
-                    (text, if request.logprobs.is_some() { entries } else { vec![] })
-                });
-                Update::Done { generation: Box::new(generation), stopped, echo }
-            }
-            Err(e) => {
-                warn!(error = %e, "completion failed");
-                Update::Failed(e.into())
-            }
-        };
-        let _ = tx.blocking_send(update);
+        }
     });
 }
 
-fn usage(g: &Generation) -> Value {
+/// Generates choice `index` of `req` (drawing with `seed + index`),
+/// sending its text as it becomes final; returns the closing update and
+/// whether the client went away.
+fn generate_choice(edge: &mut Edge, req: &ValidCompletion, index: usize, tx: &mpsc::Sender<Update>) -> (Update, bool) {
+    let logprobs = req.logprobs.map(|top| LogprobsWanted { top, prompt: req.echo.is_some() });
+    let sampling = SamplingParams { seed: req.sampling.seed.wrapping_add(index as u64), ..req.sampling.clone() };
+    let request = GenerateRequest { prompt: req.prompt.clone(), max_new_tokens: req.max_new_tokens, draft_len: edge.draft_len, sampling, logprobs };
+    let cancel = edge.cancel_flag();
+    let tokenizer = edge.tokenizer.clone();
+    // The token that ends the answer shows no text (vLLM's way).
+    let stop_tokens = request.sampling.stop_tokens(tokenizer.eos_tokens()).to_vec();
+    let mut pieces = tokenizer.stream();
+    let mut matcher = StopMatcher::new(req.stop.clone());
+    let mut release = LogprobRelease::default();
+    let (mut stopped, mut client_gone) = (false, false);
+    let result = edge.generate(&request, |e| {
+        if stopped || stop_tokens.contains(&e.token) {
+            return;
+        }
+        let piece = pieces.push(e.token).unwrap_or_default();
+        if let Some(lp) = e.logprob {
+            release.push(logprob_entry(&tokenizer, lp), piece.chars().count());
+        }
+        let (text, hit) = matcher.push(&piece);
+        let logprobs = release.shown(text.chars().count());
+        // A client that went away ends the generation.
+        if !(text.is_empty() && logprobs.is_empty()) && tx.blocking_send(Update::Text { index, text, logprobs }).is_err() {
+            client_gone = true;
+            cancel.store(true, Ordering::Relaxed);
+        }
+        if hit {
+            stopped = true;
+            cancel.store(true, Ordering::Relaxed);
+        }
+    });
+    let update = match result {
+        Ok(generation) => {
+            let text = if stopped { String::new() } else { matcher.finish() };
+            let logprobs = release.shown(text.chars().count());
+            if !(text.is_empty() && logprobs.is_empty()) {
+                let _ = tx.blocking_send(Update::Text { index, text, logprobs });
+            }
+            info!(tokens = generation.tokens.len(), acceptance = generation.acceptance_rate, index, "completion served");
+            let echo = req.echo.clone().map(|text| {
+                // The first prompt token has no log-probability.
+                let first = logprob_entry(&tokenizer, &TokenLogprob { token: request.prompt[0], logprob: 0.0, top: vec![] });
+                let first = json!({"token": first["token"], "logprob": null, "bytes": first["bytes"], "top_logprobs": null});
+                let mut at = 0;
+                let entries = std::iter::once(first)
+                    .chain(generation.prompt_logprobs.iter().map(|lp| logprob_entry(&tokenizer, lp)))
+                    .map(|e| {
+                        let start = at;
+                        at += e["token"].as_str().map_or(0, |t| t.chars().count());
+                        (e, start)
+                    })
+                    .collect::<Vec<_>>();
+                (text, if request.logprobs.is_some() { entries } else { vec![] })
+            });
+            Update::Done { index, generation: Box::new(generation), stopped, echo }
+        }
+        Err(e) => {
+            warn!(error = %e, "completion failed");
+            Update::Failed(e.into())
+        }
+    };
+    (update, client_gone)
+}
+
+/// The request's usage: its choices' tokens and speculation counts added
+/// up (the prompt counted once; rates over the sums; the first choice's
+/// time to first token and all choices' wall time, as they run in turn).
+fn usage(choices: &[Generation]) -> Value {
+    let sum = |f: fn(&Generation) -> usize| choices.iter().map(f).sum::<usize>();
+    let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let (prompt_tokens, completion_tokens) = (choices.first().map_or(0, |g| g.prompt_tokens), sum(|g| g.tokens.len()));
+    let (drafted, accepted, rounds) = (sum(|g| g.drafted), sum(|g| g.accepted), sum(|g| g.rounds));
+    // Tokens the server decoded after a hand-off came from no round.
+    let from_rounds = sum(|g| g.tokens.len().saturating_sub(1 + g.server_decoded));
     json!({
-        "prompt_tokens": g.prompt_tokens,
-        "completion_tokens": g.tokens.len(),
-        "total_tokens": g.prompt_tokens + g.tokens.len(),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
         "tandem": {
-            "drafted": g.drafted,
-            "accepted": g.accepted,
-            "acceptance_rate": g.acceptance_rate,
-            "rounds": g.rounds,
-            "tokens_per_round": g.tokens_per_round,
-            "wasted_draft_ms": g.wasted_draft_ms,
-            "ttft_ms": g.ttft_ms,
-            "wall_ms": g.wall_ms,
+            "drafted": drafted,
+            "accepted": accepted,
+            "acceptance_rate": ratio(accepted, drafted),
+            "rounds": rounds,
+            "tokens_per_round": ratio(from_rounds, rounds),
+            "wasted_draft_ms": choices.iter().map(|g| g.wasted_draft_ms).sum::<f64>(),
+            "ttft_ms": choices.first().map_or(0.0, |g| g.ttft_ms),
+            "wall_ms": choices.iter().map(|g| g.wall_ms).sum::<f64>(),
         }
     })
 }
@@ -727,9 +771,9 @@ async fn complete(state: AppState, kind: Kind, body: Bytes) -> Response {
         Err(e) => return e.into_response(),
     };
     let (tx, rx) = mpsc::channel(64);
-    let (stream, include_usage, logprobs) = (req.stream, req.include_usage, req.logprobs.is_some());
+    let (stream, include_usage, logprobs, n) = (req.stream, req.include_usage, req.logprobs.is_some(), req.n);
     spawn_generation(&state, req, tx);
-    let head = ResponseHead { kind, id: next_id(kind), created: unix_now(), model: state.model_id.to_string(), logprobs };
+    let head = ResponseHead { kind, id: next_id(kind), created: unix_now(), model: state.model_id.to_string(), logprobs, n };
     if stream {
         stream_response(head, include_usage, rx).into_response()
     } else {
@@ -745,20 +789,24 @@ struct ResponseHead {
     model: String,
     /// Log-probabilities were asked for.
     logprobs: bool,
+    /// Choices asked for.
+    n: usize,
 }
 
 async fn whole_response(head: ResponseHead, mut rx: mpsc::Receiver<Update>) -> Response {
-    let ResponseHead { kind, id, created, model, logprobs } = head;
-    let mut text = String::new();
-    let mut entries = vec![];
+    let ResponseHead { kind, id, created, model, logprobs, n } = head;
+    let mut texts = vec![String::new(); n];
+    let mut entries = vec![vec![]; n];
+    let (mut choices, mut generations) = (vec![], vec![]);
     while let Some(update) = rx.recv().await {
         match update {
-            Update::Text(t, lp) => {
-                text.push_str(&t);
-                entries.extend(lp);
+            Update::Text { index, text, logprobs } => {
+                texts[index].push_str(&text);
+                entries[index].extend(logprobs);
             }
             Update::Failed(e) => return e.into_response(),
-            Update::Done { generation, stopped, echo } => {
+            Update::Done { index, generation, stopped, echo } => {
+                let (mut text, mut entries) = (std::mem::take(&mut texts[index]), std::mem::take(&mut entries[index]));
                 let reason = finish_reason(&generation, stopped);
                 if let Some((prompt, prompt_entries)) = echo {
                     let shift = prompt.chars().count();
@@ -766,14 +814,17 @@ async fn whole_response(head: ResponseHead, mut rx: mpsc::Receiver<Update>) -> R
                     text.insert_str(0, &prompt);
                 }
                 let logprobs = choice_logprobs(kind, logprobs, &entries);
-                let choice = match kind {
-                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": logprobs}),
-                    Kind::Text => json!({"index": 0, "text": text, "finish_reason": reason, "logprobs": logprobs}),
-                };
-                let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
-                return json_response(
-                    json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage(&generation)}),
-                );
+                choices.push(match kind {
+                    Kind::Chat => json!({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": logprobs}),
+                    Kind::Text => json!({"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}),
+                });
+                generations.push(*generation);
+                if choices.len() == n {
+                    let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+                    return json_response(
+                        json!({"id": id, "object": object, "created": created, "model": model, "choices": choices, "usage": usage(&generations)}),
+                    );
+                }
             }
         }
     }
@@ -781,7 +832,7 @@ async fn whole_response(head: ResponseHead, mut rx: mpsc::Receiver<Update>) -> R
 }
 
 fn stream_response(head: ResponseHead, include_usage: bool, mut rx: mpsc::Receiver<Update>) -> impl IntoResponse {
-    let ResponseHead { kind, id, created, model, logprobs } = head;
+    let ResponseHead { kind, id, created, model, logprobs, n } = head;
     let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
     let chunk = move |choices: Value, usage: Option<Value>| {
         let mut c = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
@@ -790,30 +841,37 @@ fn stream_response(head: ResponseHead, include_usage: bool, mut rx: mpsc::Receiv
         }
         Event::default().data(c.to_string())
     };
-    let choice = move |text: Option<&str>, reason: Option<&str>, entries: &[(Value, usize)]| {
+    let choice = move |index: usize, text: Option<&str>, reason: Option<&str>, entries: &[(Value, usize)]| {
         let logprobs = choice_logprobs(kind, logprobs && text.is_some(), entries);
         match kind {
-            Kind::Chat => json!([{"index": 0, "delta": text.map_or(json!({}), |t| json!({"content": t})), "finish_reason": reason, "logprobs": logprobs}]),
-            Kind::Text => json!([{"index": 0, "text": text.unwrap_or(""), "finish_reason": reason, "logprobs": logprobs}]),
+            Kind::Chat => json!([{"index": index, "delta": text.map_or(json!({}), |t| json!({"content": t})), "finish_reason": reason, "logprobs": logprobs}]),
+            Kind::Text => json!([{"index": index, "text": text.unwrap_or(""), "finish_reason": reason, "logprobs": logprobs}]),
         }
     };
     // Updates become events on a task of their own; a full channel waits
     // for the client, a closed one (client gone) drops the updates.
     let (events_tx, events_rx) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
+        // Each choice's role comes first, as vLLM sends it.
         if kind == Kind::Chat {
-            let opening = chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null, "logprobs": null}]), None);
-            let _ = events_tx.send(opening).await;
+            for index in 0..n {
+                let opening = chunk(json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": null, "logprobs": null}]), None);
+                let _ = events_tx.send(opening).await;
+            }
         }
+        let mut generations = vec![];
         while let Some(update) = rx.recv().await {
             let events = match update {
-                Update::Text(t, lp) => vec![chunk(choice(Some(&t), None, &lp), None)],
-                Update::Done { generation, stopped, .. } => {
-                    let mut last = vec![chunk(choice(None, Some(finish_reason(&generation, stopped)), &[]), None)];
-                    if include_usage {
-                        last.push(chunk(json!([]), Some(usage(&generation))));
+                Update::Text { index, text, logprobs } => vec![chunk(choice(index, Some(&text), None, &logprobs), None)],
+                Update::Done { index, generation, stopped, .. } => {
+                    let mut last = vec![chunk(choice(index, None, Some(finish_reason(&generation, stopped)), &[]), None)];
+                    generations.push(*generation);
+                    if generations.len() == n {
+                        if include_usage {
+                            last.push(chunk(json!([]), Some(usage(&generations))));
+                        }
+                        last.push(Event::default().data("[DONE]"));
                     }
-                    last.push(Event::default().data("[DONE]"));
                     last
                 }
                 Update::Failed(e) => vec![Event::default().data(e.body().to_string())],
@@ -853,6 +911,7 @@ mod tests {
         let text = parse_request(Kind::Text, br#"{"prompt":["Once upon"],"max_tokens":5}"#, &tok, "07 Dec 2026").unwrap();
         assert_eq!(tok.decode(&text.prompt).unwrap(), "Once upon");
         assert_eq!(parse_request(Kind::Text, br#"{"prompt":"x"}"#, &tok, "07 Dec 2026").unwrap().max_new_tokens, 16);
+        assert_eq!((ok.n, parse_request(Kind::Text, br#"{"prompt":"x","n":3,"best_of":3}"#, &tok, "07 Dec 2026").unwrap().n), (1, 3));
         assert_eq!(ok.logprobs, None);
         let penalized = chat(r#"{"messages":[{"role":"user","content":"x"}],"presence_penalty":0.5,"frequency_penalty":-1,"repetition_penalty":1.2}"#).unwrap();
         assert_eq!(penalized.sampling.penalties, Penalties { frequency: -1.0, presence: 0.5, repetition: 1.2 });
@@ -889,7 +948,9 @@ mod tests {
             (r#"{"messages":[{"role":"user","content":"x"}],"max_completion_tokens":1e9}"#, "max_completion_tokens"),
             (r#"{"messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#, "temperature"),
             (r#"{"messages":[{"role":"user","content":"x"}],"top_p":0}"#, "top_p"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#, "n"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"n":17}"#, "n"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"n":1.5}"#, "n"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"n":2,"best_of":3}"#, "best_of"),
             (r#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#, "stop"),
             (r#"{"messages":[{"role":"user","content":"x"}],"stop":[""]}"#, "stop"),
             (r#"{"messages":[{"role":"user","content":"x"}],"seed":"s"}"#, "seed"),

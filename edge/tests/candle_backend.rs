@@ -25,8 +25,8 @@ fn candle_device_drafts_match_the_cpu_backend() {
     // Extend by the drafts, then roll back by two (the cached prefix is
     // reused and truncated), several times.
     for round in 0..4 {
-        let a = cpu.propose(&context, 6, &greedy, &mut rng).unwrap();
-        let b = candle.propose(&context, 6, &greedy, &mut rng).unwrap();
+        let a = cpu.propose(&context, 0, 6, &greedy, &mut rng).unwrap();
+        let b = candle.propose(&context, 0, 6, &greedy, &mut rng).unwrap();
         assert_eq!(a.tokens, b.tokens, "round {round}: drafts differ");
         // Different kernels (candle's quantize activations differently)
         // move this small model's probabilities by a few hundredths: on
@@ -43,8 +43,8 @@ fn candle_device_drafts_match_the_cpu_backend() {
     }
     assert!(compared >= 20, "{compared}");
     // A fresh, shorter context after all that: the cache rolls back fully.
-    let a = cpu.propose(&prompt, 4, &greedy, &mut rng).unwrap();
-    let b = candle.propose(&prompt, 4, &greedy, &mut rng).unwrap();
+    let a = cpu.propose(&prompt, 0, 4, &greedy, &mut rng).unwrap();
+    let b = candle.propose(&prompt, 0, 4, &greedy, &mut rng).unwrap();
     assert_eq!(a.tokens, b.tokens);
 }
 
@@ -118,8 +118,8 @@ fn candle_device_drafts_match_the_cpu_backend_on_qwen2() {
     let (greedy, mut rng) = (SamplingParams::default(), SessionRng::new(0));
     let mut context = model.tokenizer.encode(&model.tokenizer.chat_prompt("Write a haiku about autumn leaves.")).unwrap();
     for round in 0..3 {
-        let a = cpu.propose(&context, 6, &greedy, &mut rng).unwrap();
-        let b = candle.propose(&context, 6, &greedy, &mut rng).unwrap();
+        let a = cpu.propose(&context, 0, 6, &greedy, &mut rng).unwrap();
+        let b = candle.propose(&context, 0, 6, &greedy, &mut rng).unwrap();
         assert_eq!(a.tokens, b.tokens, "round {round}: drafts differ");
         context.extend_from_slice(&a.tokens);
     }

@@ -19,7 +19,7 @@
 use tandem_edge::wgpu::{build_draft, wgpu_draft, Activations, Limits, TopLogits, WgpuModel, WgpuOptions};
 use tandem_edge::{EdgeError, GenerateRequest, LocalTarget, Speculator};
 use tandem_model::kernels::MatmulKernels;
-use tandem_model::{fetch, DraftSource, DraftSpec, KvCache, LoadedModel, LogitsFor, ModelDraft, SamplingParams, SeqPass, SessionRng, SparseDist};
+use tandem_model::{fetch, DraftSource, DraftSpec, KvCache, LoadedModel, LogitsFor, ModelDraft, Penalties, SamplingParams, SeqPass, SessionRng, SparseDist};
 
 /// Largest relative error allowed on the top-64 logits against the f32
 /// reference. Both backends keep the KV cache in half precision: an f32
@@ -188,13 +188,18 @@ fn draft_rounds_match_the_cpu_draft_greedy_and_sampled() {
     let mut gpu = wgpu_draft(&target.llama, n_layers, stop.clone(), &WgpuOptions::default()).unwrap();
     let mut cpu = ModelDraft::from_layers(target.llama.clone(), n_layers, stop);
     let sampled = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 7, ..Default::default() };
-    for sampling in [SamplingParams::default(), sampled] {
+    // Penalties over the GPU's 64 logits read back and over the CPU's full
+    // row: at most 36 output tokens are penalized down, so the sampled
+    // draft's top 20 lie within the 64 unpenalized.
+    let penalties = Penalties { frequency: 1.5, presence: 0.5, ..Penalties::default() };
+    let penalized = [SamplingParams { penalties, ..Default::default() }, SamplingParams { top_k: 20, penalties, ..sampled.clone() }];
+    for sampling in [SamplingParams::default(), sampled].into_iter().chain(penalized) {
         for prompt in prompts(&target) {
             let mut context = prompt.clone();
             for round in 0..6 {
                 let (mut rng_g, mut rng_c) = (SessionRng::new(round), SessionRng::new(round));
-                let g = gpu.propose(&context, 5, &sampling, &mut rng_g).unwrap();
-                let c = cpu.propose(&context, 5, &sampling, &mut rng_c).unwrap();
+                let g = gpu.propose(&context, context.len() - prompt.len(), 5, &sampling, &mut rng_g).unwrap();
+                let c = cpu.propose(&context, context.len() - prompt.len(), 5, &sampling, &mut rng_c).unwrap();
                 // Tokens agree up to a near tie (the reference's f32 sums run
                 // in another order on another CPU, so a tie can fall either
                 // way); positions after it condition on different tokens.

@@ -19,43 +19,80 @@ pub struct Proposal {
 
 impl Proposal {
     /// Draws the next draft token from `scores` (greedy, or from the draft
-    /// distribution) and records it with its features; also returns
-    /// whether drafting goes on (not past an end token, nor where
-    /// `keep_going` stops it).
+    /// distribution with the draws keyed by its position, see
+    /// [`DRAFT_STREAM`]), which follow `sequence` (the context and the
+    /// drafts so far), adjusted as the request's target rows are, and records it
+    /// with the features of the unadjusted scores. Returns the token and
+    /// whether drafting goes on (not past a stop token, nor where
+    /// `keep_going` stops it); None when the adjustments leave no token.
     pub(crate) fn take(
         &mut self,
-        scores: &impl NextTokenScores,
-        sampling: &SamplingParams,
-        draft_sampling: &SamplingParams,
-        rng: &mut SessionRng,
-        stop: &[u32],
+        scores: &mut impl NextTokenScores,
+        sequence: &[u32],
+        round: &DraftRound,
         keep_going: &mut dyn FnMut(&DraftFeatures) -> bool,
-    ) -> (u32, bool) {
-        let token = if sampling.is_greedy() {
+    ) -> Option<(u32, bool)> {
+        let features = scores.features(self.features.len());
+        if round.sampling.adjusts_logits() {
+            let (prompt, output) = sequence.split_at(round.prompt_len);
+            if !scores.adjust(round.sampling, prompt, output) {
+                return None;
+            }
+        }
+        let token = if round.sampling.is_greedy() {
             scores.argmax()
         } else {
-            let q = scores.distribution(draft_sampling);
-            let t = q.sample(rng);
+            let q = scores.distribution(&round.draft_sampling);
+            let t = q.sample(&mut SessionRng::at(round.seed, sequence.len()));
             self.dists.push(q);
             t
         };
-        let features = scores.features(self.features.len());
-        self.record(token, features, stop, keep_going)
+        Some(self.record(token, features, round.stop, keep_going))
     }
 
     /// Records `token`, copied by prompt lookup: a point mass.
-    pub(crate) fn take_copy(&mut self, token: u32, sampling: &SamplingParams, stop: &[u32], keep_going: &mut dyn FnMut(&DraftFeatures) -> bool) -> (u32, bool) {
-        if !sampling.is_greedy() {
+    pub(crate) fn take_copy(&mut self, token: u32, round: &DraftRound, keep_going: &mut dyn FnMut(&DraftFeatures) -> bool) -> (u32, bool) {
+        if !round.sampling.is_greedy() {
             self.dists.push(SparseDist::point(token));
         }
         let features = DraftFeatures { top1: 1.0, entropy: 0.0, margin: 1.0, spread: 0.0, position: self.features.len() as u32, copied: true };
-        self.record(token, features, stop, keep_going)
+        self.record(token, features, round.stop, keep_going)
     }
 
     fn record(&mut self, token: u32, features: DraftFeatures, stop: &[u32], keep_going: &mut dyn FnMut(&DraftFeatures) -> bool) -> (u32, bool) {
         self.tokens.push(token);
         self.features.push(features);
         (token, !stop.contains(&token) && keep_going(&features))
+    }
+}
+
+/// Key of a sampled draft's draws, next to the request's seed (the
+/// target's draws are keyed by the seed itself). A model draft draws the
+/// token at sequence position P from `SessionRng::at(seed ^ DRAFT_STREAM,
+/// P)`: the same context gives the same drafts however rounds are cut
+/// (drafted ahead and carried over, or fresh), so with a fixed k a seeded
+/// request's answer does not depend on timing.
+pub const DRAFT_STREAM: u64 = 0x5EED_D4AF_7000_0001;
+
+/// What a model draft's round draws under.
+pub(crate) struct DraftRound<'a> {
+    sampling: &'a SamplingParams,
+    /// `sampling.seed ^ DRAFT_STREAM`.
+    seed: u64,
+    /// `sampling` with top-k ≤ 64 ([`SamplingParams::for_draft`]).
+    draft_sampling: SamplingParams,
+    /// The tokens after which drafting ends: the request's.
+    stop: &'a [u32],
+    /// Where the output starts in the sequence drafted after.
+    prompt_len: usize,
+}
+
+impl<'a> DraftRound<'a> {
+    /// For drafting after `context`, whose last `generated` tokens are
+    /// output; `eos`: the model's end-of-sequence tokens.
+    pub(crate) fn new(sampling: &'a SamplingParams, eos: &'a [u32], context: &[u32], generated: usize) -> Self {
+        let prompt_len = context.len().saturating_sub(generated);
+        DraftRound { sampling, seed: sampling.seed ^ DRAFT_STREAM, draft_sampling: sampling.for_draft(), stop: sampling.stop_tokens(eos), prompt_len }
     }
 }
 
@@ -132,11 +169,15 @@ impl DraftFeatures {
 /// rejection needs no separate rollback call.
 pub trait DraftSource: Send {
     /// Proposes up to `k` tokens to follow `context` (prompt and every token
-    /// accepted so far). After each drafted token `keep_going` sees its
-    /// features (model drafts) and may end the round early.
+    /// accepted so far), whose last `generated` tokens are output (what the
+    /// penalties count). After each drafted token `keep_going` sees its
+    /// features (model drafts) and may end the round early. Model drafts
+    /// key their draws by position ([`DRAFT_STREAM`]); `rng` is for
+    /// sources that simulate drafting.
     fn propose_until(
         &mut self,
         context: &[u32],
+        generated: usize,
         k: usize,
         sampling: &SamplingParams,
         rng: &mut SessionRng,
@@ -159,8 +200,8 @@ pub trait DraftSource: Send {
     }
 
     /// Proposes exactly up to `k` tokens, never stopping early.
-    fn propose(&mut self, context: &[u32], k: usize, sampling: &SamplingParams, rng: &mut SessionRng) -> Result<Proposal> {
-        self.propose_until(context, k, sampling, rng, &mut |_| true)
+    fn propose(&mut self, context: &[u32], generated: usize, k: usize, sampling: &SamplingParams, rng: &mut SessionRng) -> Result<Proposal> {
+        self.propose_until(context, generated, k, sampling, rng, &mut |_| true)
     }
 }
 
@@ -288,7 +329,15 @@ fn check_same_vocab(target: &LoadedModel, draft: &LoadedModel, name: &str) -> Re
 pub struct NoDraft;
 
 impl DraftSource for NoDraft {
-    fn propose_until(&mut self, _: &[u32], _: usize, _: &SamplingParams, _: &mut SessionRng, _: &mut dyn FnMut(&DraftFeatures) -> bool) -> Result<Proposal> {
+    fn propose_until(
+        &mut self,
+        _: &[u32],
+        _: usize,
+        _: usize,
+        _: &SamplingParams,
+        _: &mut SessionRng,
+        _: &mut dyn FnMut(&DraftFeatures) -> bool,
+    ) -> Result<Proposal> {
         Ok(Proposal::default())
     }
 }
@@ -357,6 +406,7 @@ impl DraftSource for NgramDraft {
     fn propose_until(
         &mut self,
         context: &[u32],
+        _: usize,
         k: usize,
         sampling: &SamplingParams,
         _: &mut SessionRng,
@@ -387,6 +437,9 @@ pub trait NextTokenScores {
     /// comes from [`SamplingParams::for_draft`] (top-k ≤ 64).
     fn distribution(&self, draft_sampling: &SamplingParams) -> SparseDist;
     fn features(&self, position: usize) -> DraftFeatures;
+    /// Applies [`SamplingParams::adjust_logits`] after `prompt` then
+    /// `output`; false when no token is left to draft.
+    fn adjust(&mut self, sampling: &SamplingParams, prompt: &[u32], output: &[u32]) -> bool;
 }
 
 /// A full row of logits.
@@ -399,6 +452,10 @@ impl NextTokenScores for Vec<f32> {
     }
     fn features(&self, position: usize) -> DraftFeatures {
         DraftFeatures::from_logits(self, position)
+    }
+    fn adjust(&mut self, sampling: &SamplingParams, prompt: &[u32], output: &[u32]) -> bool {
+        sampling.adjust_logits(self.as_mut_slice(), prompt, output);
+        max_of(self) > f32::NEG_INFINITY
     }
 }
 
@@ -438,9 +495,10 @@ impl<F: StepForward> DraftSource for Autoregressive<F> {
     fn propose_until(
         &mut self,
         context: &[u32],
+        generated: usize,
         k: usize,
         sampling: &SamplingParams,
-        rng: &mut SessionRng,
+        _: &mut SessionRng,
         keep_going: &mut dyn FnMut(&DraftFeatures) -> bool,
     ) -> Result<Proposal> {
         let mut proposal = Proposal::default();
@@ -450,16 +508,19 @@ impl<F: StepForward> DraftSource for Autoregressive<F> {
         let common = reusable_prefix(&self.cached, context);
         self.forward.truncate(common);
         self.cached.truncate(common);
-        let draft_sampling = sampling.for_draft();
+        let round = DraftRound::new(sampling, &self.stop, context, generated);
         let mut sequence = context.to_vec();
         for _ in 0..k {
             let (token, more) = match self.lookup.and_then(|l| l.next(&sequence)) {
-                Some(copy) => proposal.take_copy(copy, sampling, &self.stop, keep_going),
+                Some(copy) => proposal.take_copy(copy, &round, keep_going),
                 None => {
                     let feed = &sequence[self.cached.len()..];
-                    let scores = self.forward.step(feed)?;
+                    let mut scores = self.forward.step(feed)?;
                     self.cached.extend_from_slice(feed);
-                    proposal.take(&scores, sampling, &draft_sampling, rng, &self.stop, keep_going)
+                    match proposal.take(&mut scores, &sequence, &round, keep_going) {
+                        Some(drawn) => drawn,
+                        None => break,
+                    }
                 }
             };
             if !more {
@@ -529,6 +590,7 @@ impl DraftSource for SyntheticDraft {
     fn propose_until(
         &mut self,
         context: &[u32],
+        _generated: usize,
         k: usize,
         _sampling: &SamplingParams,
         rng: &mut SessionRng,

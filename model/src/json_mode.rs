@@ -9,6 +9,7 @@
 //! most one space, or a newline followed by up to 20 spaces or tabs. An
 //! unbounded run would let a small model pad forever.
 
+use crate::sampling::TokenLogits;
 use crate::{StopTokens, Tokenizer};
 use std::sync::Arc;
 
@@ -304,24 +305,25 @@ impl JsonObjectMode {
     /// cannot come next: one that leaves the grammar, special tokens and
     /// empty ones, and the stop tokens (`stop`, else the end-of-sequence
     /// ones) until the object is complete, after which only they remain.
-    pub fn mask(&self, row: &mut [f32], output: &[u32], stop: Option<&StopTokens>) {
+    pub fn mask<R: TokenLogits + ?Sized>(&self, row: &mut R, output: &[u32], stop: Option<&StopTokens>) {
         let Some(state) = self.state_after(output) else { return };
         let stop = stop.map_or(self.tokenizer.eos_tokens(), |s| &s.tokens);
         let complete = state.complete();
-        let stop_logits: Vec<(usize, f32)> = stop.iter().filter_map(|&t| Some((t as usize, *row.get(t as usize)?))).collect();
+        let stop_logits: Vec<(u32, f32)> = stop.iter().filter_map(|&t| Some((t, *row.logit_mut(t)?))).collect();
         let first_ok: [bool; 256] = std::array::from_fn(|b| { state }.feed(b as u8));
         let in_plain_string = matches!(state.lex, Lex::Str { escape: 0, utf8: 0, .. });
         let classes = &self.tokens;
-        for (t, l) in row.iter_mut().enumerate() {
-            let allowed = !classes.banned[t]
-                && first_ok[classes.first[t] as usize]
-                && ((in_plain_string && classes.plain_text[t]) || { state }.feed_all(self.tokenizer.token_bytes(t as u32)));
+        row.for_each_logit(|t, l| {
+            let i = t as usize;
+            let allowed = !classes.banned[i]
+                && first_ok[classes.first[i] as usize]
+                && ((in_plain_string && classes.plain_text[i]) || { state }.feed_all(self.tokenizer.token_bytes(t)));
             if !allowed {
                 *l = f32::NEG_INFINITY;
             }
-        }
+        });
         for (t, l) in stop_logits {
-            row[t] = if complete { l } else { f32::NEG_INFINITY };
+            *row.logit_mut(t).expect("held above") = if complete { l } else { f32::NEG_INFINITY };
         }
     }
 }
@@ -399,7 +401,7 @@ mod tests {
         for output in outputs {
             let Some(state) = mode.state_after(&output) else { continue };
             let mut row = vec![0.5f32; tokenizer.vocab_size()];
-            mode.mask(&mut row, &output, None);
+            mode.mask(&mut row[..], &output, None);
             for (t, &l) in row.iter().enumerate() {
                 let t = t as u32;
                 let bytes = tokenizer.token_bytes(t);

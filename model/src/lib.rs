@@ -25,14 +25,14 @@ mod verify;
 
 pub use draft::{
     check_layers, load_model_draft, Autoregressive, DraftFeatures, DraftSource, DraftSpec, LlamaLayers, ModelDraft, NextTokenScores, NgramDraft, NoDraft,
-    PromptLookup, Proposal, StepForward, SyntheticDraft,
+    PromptLookup, Proposal, StepForward, SyntheticDraft, DRAFT_STREAM,
 };
 pub use error::{ModelError, Result};
 pub use json_mode::{JsonObjectMode, JsonState};
 pub use kv_cache::KvCache;
 pub use llama::{LayerWeights, Llama, LlamaConfig, Logits, LogitsFor, QkNorm, SeqPass};
 pub use pool::build_compute_pool;
-pub use sampling::{argmax, Penalties, SamplingParams, SessionRng, SparseDist, StopTokens, TokenLogprob, TopLogprob};
+pub use sampling::{argmax, Candidates, Penalties, SamplingParams, SessionRng, SparseDist, StopTokens, TokenLogits, TokenLogprob, TopLogprob};
 pub use tokenizer::{template_date, ChatMessage, TextStream, Tokenizer};
 pub use trained::trained_draft_fingerprint;
 pub use verify::{judge_round, verify_greedy, verify_sampled, Verdict};

@@ -18,17 +18,18 @@ pub struct SamplingParams {
     /// scales by the temperature last).
     pub min_p: f32,
     pub seed: u64,
-    /// Applied to the target's logits before all of the above (greedy
-    /// decoding included), after `logit_bias`; drafts propose without them.
+    /// Applied to the logits before all of the above (greedy decoding
+    /// included), after `logit_bias`; the target's and the drafts' alike
+    /// (see [`Self::adjust_logits`]).
     pub penalties: Penalties,
     /// OpenAI's `logit_bias`: (token, bias in [−100, 100]) added to the
-    /// target's logits first, ids ascending; drafts propose without it.
+    /// logits first, ids ascending.
     pub logit_bias: Vec<(u32, f32)>,
     /// The tokens that end the generation; None: the model's end-of-sequence
     /// tokens, from the first output token on.
     pub stop: Option<StopTokens>,
     /// OpenAI's JSON mode: the output is one JSON object (see
-    /// [`JsonObjectMode`]); drafts propose without it.
+    /// [`JsonObjectMode`]).
     pub json_object: Option<JsonObjectMode>,
 }
 
@@ -56,6 +57,54 @@ impl StopTokens {
         tokens.sort_unstable();
         tokens.dedup();
         Some(StopTokens { tokens, min_tokens })
+    }
+}
+
+/// Logits that [`SamplingParams::adjust_logits`] changes: a full row
+/// (token t's logit at index t), or [`Candidates`].
+pub trait TokenLogits {
+    /// Token `t`'s logit, if held.
+    fn logit_mut(&mut self, token: u32) -> Option<&mut f32>;
+    /// Calls `f` on every (token, logit) held.
+    fn for_each_logit(&mut self, f: impl FnMut(u32, &mut f32));
+}
+
+impl TokenLogits for [f32] {
+    fn logit_mut(&mut self, token: u32) -> Option<&mut f32> {
+        self.get_mut(token as usize)
+    }
+
+    fn for_each_logit(&mut self, mut f: impl FnMut(u32, &mut f32)) {
+        for (t, l) in self.iter_mut().enumerate() {
+            f(t as u32, l);
+        }
+    }
+}
+
+/// The logits of some tokens: what a draft that scores part of the
+/// vocabulary holds (a trained draft's head, the GPU draft's top 64).
+pub struct Candidates<'a> {
+    ids: &'a [u32],
+    logits: &'a mut [f32],
+}
+
+impl<'a> Candidates<'a> {
+    /// `ids` ascending, one logit each.
+    pub fn new(ids: &'a [u32], logits: &'a mut [f32]) -> Self {
+        debug_assert!(ids.len() == logits.len() && ids.windows(2).all(|w| w[0] < w[1]));
+        Candidates { ids, logits }
+    }
+}
+
+impl TokenLogits for Candidates<'_> {
+    fn logit_mut(&mut self, token: u32) -> Option<&mut f32> {
+        self.ids.binary_search(&token).ok().map(|i| &mut self.logits[i])
+    }
+
+    fn for_each_logit(&mut self, mut f: impl FnMut(u32, &mut f32)) {
+        for (&t, l) in self.ids.iter().zip(self.logits.iter_mut()) {
+            f(t, l);
+        }
     }
 }
 
@@ -113,11 +162,11 @@ impl Penalties {
     }
 
     /// Penalizes `row`, the logits that follow `prompt` then `output`.
-    pub fn apply(&self, row: &mut [f32], prompt: &[u32], output: &[u32]) {
+    pub fn apply<R: TokenLogits + ?Sized>(&self, row: &mut R, prompt: &[u32], output: &[u32]) {
         if self.repetition != 1.0 {
             let mut seen = std::collections::HashSet::new();
             for &t in prompt.iter().chain(output) {
-                if let Some(l) = row.get_mut(t as usize).filter(|_| seen.insert(t)) {
+                if let Some(l) = row.logit_mut(t).filter(|_| seen.insert(t)) {
                     *l = if *l > 0.0 { *l / self.repetition } else { *l * self.repetition };
                 }
             }
@@ -128,7 +177,7 @@ impl Penalties {
                 *counts.entry(t).or_default() += 1;
             }
             for (t, count) in counts {
-                if let Some(l) = row.get_mut(t as usize) {
+                if let Some(l) = row.logit_mut(t) {
                     *l -= self.frequency * count as f32 + self.presence;
                 }
             }
@@ -156,24 +205,28 @@ impl SamplingParams {
         self.penalties.validate()
     }
 
-    /// Whether the target's logits are changed before sampling.
+    /// Whether the logits are changed before sampling.
     pub fn adjusts_logits(&self) -> bool {
         !(self.penalties.is_none() && self.logit_bias.is_empty() && self.stop.as_ref().is_none_or(|s| s.min_tokens == 0) && self.json_object.is_none())
     }
 
-    /// Changes `row`, the target's logits after `prompt` then `output`:
-    /// the logit bias, then the penalties (vLLM's order), the stop tokens
-    /// banned before `min_tokens`, and JSON mode's mask.
-    pub fn adjust_logits(&self, row: &mut [f32], prompt: &[u32], output: &[u32]) {
+    /// Changes `row`, the logits after `prompt` then `output`: the logit
+    /// bias, then the penalties (vLLM's order), the stop tokens banned
+    /// before `min_tokens`, and JSON mode's mask. The target's rows get
+    /// this, and so do a draft's (its drafts so far counted as output): a
+    /// draft that proposes under the same constraints is accepted more
+    /// often, and the rule stays exact, since a draft's distribution is
+    /// whatever it sampled from.
+    pub fn adjust_logits<R: TokenLogits + ?Sized>(&self, row: &mut R, prompt: &[u32], output: &[u32]) {
         for &(t, bias) in &self.logit_bias {
-            if let Some(l) = row.get_mut(t as usize) {
+            if let Some(l) = row.logit_mut(t) {
                 *l += bias;
             }
         }
         self.penalties.apply(row, prompt, output);
         if let Some(stop) = self.stop.as_ref().filter(|s| output.len() < s.min_tokens) {
             for &t in &stop.tokens {
-                if let Some(l) = row.get_mut(t as usize) {
+                if let Some(l) = row.logit_mut(t) {
                     *l = f32::NEG_INFINITY;
                 }
             }
@@ -216,7 +269,7 @@ impl SamplingParams {
         }
         let mut row = logits.to_vec();
         let (prompt, output) = context.split_at(context.len() - generated);
-        self.adjust_logits(&mut row, prompt, output);
+        self.adjust_logits(row.as_mut_slice(), prompt, output);
         self.sample_at(&row, context.len())
     }
 
@@ -289,7 +342,10 @@ fn most_likely_first(a: &(u32, f64), b: &(u32, f64)) -> std::cmp::Ordering {
 
 /// The `n` most likely candidates (all, if fewer), most likely first:
 /// those weighing at least the n-th largest weight, found by selection
-/// over the weights alone, sorted, then cut to `n` (ties by id).
+/// over the weights alone, sorted, then cut to `n` (ties by id). Weights
+/// of 0 (a logit of −∞, or one whose exponential underflowed) are left
+/// out: they are never drawn, and a draft's distribution travels with
+/// probabilities in (0, 1] only.
 fn most_likely(ids: &[u32], weights: &[f32], n: usize) -> Vec<(u32, f64)> {
     let n = n.min(weights.len());
     if n == 0 {
@@ -297,7 +353,7 @@ fn most_likely(ids: &[u32], weights: &[f32], n: usize) -> Vec<(u32, f64)> {
     }
     let mut scratch = weights.to_vec();
     let (_, &mut nth, _) = scratch.select_nth_unstable_by(n - 1, |a, b| b.total_cmp(a));
-    let mut top: Vec<(u32, f64)> = ids.iter().zip(weights).filter(|(_, &w)| w >= nth).map(|(&i, &w)| (i, w as f64)).collect();
+    let mut top: Vec<(u32, f64)> = ids.iter().zip(weights).filter(|(_, &w)| w >= nth && w > 0.0).map(|(&i, &w)| (i, w as f64)).collect();
     top.sort_by(most_likely_first);
     top.truncate(n);
     top
@@ -582,7 +638,7 @@ mod tests {
     fn penalties_follow_vllm() {
         let penalties = Penalties { frequency: 0.5, presence: 0.25, repetition: 2.0 };
         let mut row = [1.0f32, -1.0, 2.0, 0.5, 3.0];
-        penalties.apply(&mut row, &[0, 1], &[2, 2, 3, 9]);
+        penalties.apply(&mut row[..], &[0, 1], &[2, 2, 3, 9]);
         // Repetition over prompt and output, once per token; then
         // frequency · count + presence over the output (id 9 is past the row).
         assert_eq!(row, [0.5, -2.0, 1.0 - 1.25, 0.25 - 0.75, 3.0]);
@@ -610,6 +666,17 @@ mod tests {
         // softmax mass of token 3 alone is 0.64 ≥ 0.5.
         assert_eq!(p.tokens, vec![3]);
         assert_eq!(SamplingParams { temperature: 1.0, ..Default::default() }.for_draft().top_k, MAX_SPARSE_SUPPORT);
+        // Weights of 0 stay out: −∞ (a masked token), and e^(−100 / 0.5),
+        // which underflows. A draft's distribution travels with
+        // probabilities in (0, 1] only.
+        let logits = [0.0f32, -5.0, -100.0, f32::NEG_INFINITY];
+        for params in
+            [SamplingParams { temperature: 0.5, top_k: 4, ..Default::default() }, SamplingParams { temperature: 0.5, top_p: 0.999_999, ..Default::default() }]
+        {
+            let p = params.distribution(&logits);
+            assert_eq!(p.tokens, vec![0, 1]);
+            assert!(p.probs.iter().all(|&x| x > 0.0), "{p:?}");
+        }
     }
 
     #[test]

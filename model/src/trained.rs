@@ -14,10 +14,10 @@
 //! The default model's trained draft is built into the binary
 //! (`--draft trained`); `--draft trained:DIR` loads another.
 
-use crate::draft::{reusable_prefix, DraftFeatures, DraftSource, NextTokenScores, PromptLookup, Proposal};
+use crate::draft::{reusable_prefix, DraftFeatures, DraftRound, DraftSource, NextTokenScores, PromptLookup, Proposal};
 use crate::kernels::{QLinear, QMatrix};
 use crate::llama::Layer;
-use crate::sampling::{argmax, SamplingParams, SessionRng, SparseDist};
+use crate::sampling::{argmax, max_of, Candidates, SamplingParams, SessionRng, SparseDist};
 use crate::{KvCache, Llama, LoadedModel, ModelDraft, ModelError, Result, SeqPass};
 use candle_core::{Device, Tensor};
 use std::borrow::Cow;
@@ -148,6 +148,10 @@ impl NextTokenScores for HeadScores {
     }
     fn features(&self, position: usize) -> DraftFeatures {
         DraftFeatures::from_logits(&self.logits, position)
+    }
+    fn adjust(&mut self, sampling: &SamplingParams, prompt: &[u32], output: &[u32]) -> bool {
+        sampling.adjust_logits(&mut Candidates::new(&self.ids, &mut self.logits), prompt, output);
+        max_of(&self.logits) > f32::NEG_INFINITY
     }
 }
 
@@ -345,9 +349,10 @@ impl DraftSource for EagleDraft {
     fn propose_until(
         &mut self,
         context: &[u32],
+        generated: usize,
         k: usize,
         sampling: &SamplingParams,
-        rng: &mut SessionRng,
+        _: &mut SessionRng,
         keep_going: &mut dyn FnMut(&DraftFeatures) -> bool,
     ) -> Result<Proposal> {
         let mut proposal = Proposal::default();
@@ -368,14 +373,19 @@ impl DraftSource for EagleDraft {
         }
         self.truncate(common);
 
-        let draft_sampling = sampling.for_draft();
+        // Copied: `catch_up` borrows the draft mutably below.
+        let eos = self.stop.clone();
+        let round = DraftRound::new(sampling, &eos, context, generated);
         let mut sequence = context.to_vec();
         loop {
             let (token, more) = match self.lookup.and_then(|l| l.next(&sequence)) {
-                Some(copy) => proposal.take_copy(copy, sampling, &self.stop, keep_going),
+                Some(copy) => proposal.take_copy(copy, &round, keep_going),
                 None => {
-                    let scores = self.catch_up(&sequence)?;
-                    proposal.take(&scores, sampling, &draft_sampling, rng, &self.stop, keep_going)
+                    let mut scores = self.catch_up(&sequence)?;
+                    match proposal.take(&mut scores, &sequence, &round, keep_going) {
+                        Some(drawn) => drawn,
+                        None => break,
+                    }
                 }
             };
             if !more || proposal.tokens.len() == k {

@@ -86,13 +86,16 @@ fn speculative_pair(
     rng: &mut SessionRng,
     draft_rng: &mut SessionRng,
 ) -> (u32, u32) {
+    // Each sample is a request with a seed of its own: a model draft keys
+    // its draws by the seed and the position.
+    let params = &SamplingParams { seed: draft_rng.next_u64(), ..params.clone() };
     let mut cache = target.new_cache(target.config().n_layers);
     let prefix = &prompt[..prompt.len() - 1];
     target.forward(&mut [SeqPass { cache: &mut cache, tokens: prefix, logits: LogitsFor::None }]).unwrap();
     let mut out: Vec<u32> = Vec::new();
     let mut context = prompt.to_vec();
     while out.len() < 2 {
-        let proposal = draft.propose(&context, k, params, draft_rng).unwrap();
+        let proposal = draft.propose(&context, out.len(), k, params, draft_rng).unwrap();
         let mut feed = vec![*context.last().unwrap()];
         feed.extend(&proposal.tokens);
         let base = cache.len();
@@ -193,8 +196,8 @@ fn speculative_sampling_matches_truncated_target_distribution() {
 
 #[test]
 fn speculative_sampling_with_penalties_matches_the_penalized_target() {
-    // Drafts propose without penalties; the target's rows are penalized by
-    // the tokens before each, drafts included.
+    // The draft's rows and the target's are penalized alike, by the output
+    // before each position, drafts included.
     let penalties = Penalties { frequency: 0.6, presence: 0.4, repetition: 1.8 };
     let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 5, penalties, ..Default::default() };
     let (stat, crit) = run(params.clone(), Rule::JudgeRound, false);

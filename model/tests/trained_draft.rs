@@ -2,7 +2,7 @@
 //! to: given the target's states of the context, its first proposal is the
 //! target's greedy token far more often than the untrained drafts'.
 
-use tandem_model::{argmax, fetch, DraftSpec, LoadedModel, LogitsFor, SamplingParams, SeqPass, SessionRng};
+use tandem_model::{argmax, fetch, DraftSpec, JsonObjectMode, LoadedModel, LogitsFor, SamplingParams, SeqPass, SessionRng, StopTokens};
 
 fn agreement(model: &LoadedModel, spec: &DraftSpec, text: &str) -> f64 {
     let llama = &model.llama;
@@ -16,7 +16,7 @@ fn agreement(model: &LoadedModel, spec: &DraftSpec, text: &str) -> f64 {
     let (mut agree, mut total) = (0, 0);
     for c in tokens.len() / 2..tokens.len() {
         draft.observe_target_features(0, &states[..(c - 1) * h]);
-        let p = draft.propose(&tokens[..c], 1, &SamplingParams::default(), &mut SessionRng::new(0)).unwrap();
+        let p = draft.propose(&tokens[..c], 0, 1, &SamplingParams::default(), &mut SessionRng::new(0)).unwrap();
         agree += (p.tokens.first() == Some(&argmax(logits[0].row(c - 1)))) as usize;
         total += 1;
     }
@@ -72,7 +72,7 @@ fn a_draft_listing_its_tokens_proposes_only_those() {
     for c in tokens.len() / 2..tokens.len() {
         let first = |d: &mut Box<dyn tandem_model::DraftSource>| {
             d.observe_target_features(0, &states[0][..(c - 1) * h]);
-            d.propose(&tokens[..c], 1, &SamplingParams::default(), &mut SessionRng::new(0)).unwrap().tokens[0]
+            d.propose(&tokens[..c], 0, 1, &SamplingParams::default(), &mut SessionRng::new(0)).unwrap().tokens[0]
         };
         let (w, p) = (first(&mut whole), first(&mut part));
         assert!(listed.binary_search(&p).is_ok(), "position {c}: proposed {p}, not listed");
@@ -106,10 +106,10 @@ fn a_draft_carried_across_rounds_proposes_what_a_fresh_one_does() {
         let (_, states) = llama.forward_capturing(&mut [SeqPass { cache: &mut cache, tokens: &context, logits: LogitsFor::None }], &[n]).unwrap();
         let known = &states[0][..(context.len() - 1) * h];
         carried.observe_target_features(0, known);
-        let proposal = carried.propose(&context, 5, &greedy, &mut SessionRng::new(0)).unwrap();
+        let proposal = carried.propose(&context, 0, 5, &greedy, &mut SessionRng::new(0)).unwrap();
         let mut fresh = DraftSpec::Trained(None).build(&model).unwrap();
         fresh.observe_target_features(0, known);
-        assert_eq!(proposal.tokens, fresh.propose(&context, 5, &greedy, &mut SessionRng::new(0)).unwrap().tokens, "round {round}");
+        assert_eq!(proposal.tokens, fresh.propose(&context, 0, 5, &greedy, &mut SessionRng::new(0)).unwrap().tokens, "round {round}");
         // Greedy verification: the drafts the target agrees with, then its own token.
         let mut cache = llama.new_cache(n);
         let all = [context.as_slice(), &proposal.tokens].concat();
@@ -126,4 +126,65 @@ fn a_draft_carried_across_rounds_proposes_what_a_fresh_one_does() {
     }
     eprintln!("{accepted_drafts} drafts accepted in 12 rounds");
     assert!(accepted_drafts > 0, "no draft was accepted: the carried rows were never reused");
+}
+
+/// Drafts propose under the request's adjustments, as the target's rows
+/// are judged: a layer-skip draft over whole rows, the trained draft over
+/// its head's tokens. In JSON mode every drafted prefix stays inside the
+/// grammar, greedy or sampled (no probability of 0 in what is sent); stop
+/// tokens wait for `min_tokens`, then a logit bias brings one at once.
+#[test]
+fn drafts_propose_under_the_requests_logit_adjustments() {
+    let model = LoadedModel::load(&fetch::ensure_default_model(false).unwrap()).unwrap();
+    let tokenizer = &model.tokenizer;
+    let prompt = tokenizer.encode(&tokenizer.chat_prompt("Describe a cat called Tom, aged 3, in a few words.")).unwrap();
+    let json = JsonObjectMode::new(tokenizer.clone());
+    let eos = tokenizer.eos_tokens()[0];
+    let greedy = SamplingParams { json_object: Some(json.clone()), ..SamplingParams::default() };
+    let sampled = SamplingParams { temperature: 0.7, seed: 3, ..greedy.clone() };
+    let early_stop = SamplingParams { logit_bias: vec![(eos, 100.0)], stop: StopTokens::resolve(&[eos], &[], false, 3), ..SamplingParams::default() };
+    for spec in [DraftSpec::Layers(12), DraftSpec::Trained(None)] {
+        let mut draft = spec.build(&model).unwrap();
+        for sampling in [&greedy, &sampled] {
+            let mut context = prompt.clone();
+            for round in 0..8 {
+                let p = draft.propose(&context, context.len() - prompt.len(), 5, sampling, &mut SessionRng::new(round)).unwrap();
+                assert!(!p.tokens.is_empty(), "{spec}, round {round}: nothing drafted");
+                assert!(p.dists.iter().all(|q| q.probs.iter().all(|&x| x > 0.0)), "{spec}: a probability of 0 in {:?}", p.dists);
+                context.extend_from_slice(&p.tokens);
+                // An end-of-sequence token may only end a complete object.
+                let ended = tokenizer.eos_tokens().contains(p.tokens.last().unwrap());
+                let body = &context[prompt.len()..context.len() - ended as usize];
+                let text = tokenizer.decode(body).unwrap();
+                let state = json.state_after(body);
+                assert!(state.is_some_and(|s| !ended || s.complete()), "{spec}, temperature {}: the drafts left JSON: {text:?}", sampling.temperature);
+                if ended {
+                    break;
+                }
+            }
+        }
+        let p = draft.propose(&prompt, 0, 5, &early_stop, &mut SessionRng::new(0)).unwrap();
+        assert_eq!(p.tokens.len(), 4, "{spec}: {:?}", p.tokens);
+        assert!(!p.tokens[..3].contains(&eos) && p.tokens[3] == eos, "{spec}: {:?}", p.tokens);
+    }
+}
+
+/// A sampled draft's token at each position is drawn with the request's
+/// seed keyed by that position: drafting 6 at once, or 2 then 4 after
+/// them (a round drafted ahead and carried over), proposes the same.
+#[test]
+fn sampled_drafts_do_not_depend_on_how_rounds_are_cut() {
+    let model = LoadedModel::load(&fetch::ensure_default_model(false).unwrap()).unwrap();
+    let prompt = model.tokenizer.encode(&model.tokenizer.chat_prompt("Write a line about the sea.")).unwrap();
+    for spec in [DraftSpec::Layers(12), DraftSpec::Trained(None)] {
+        let mut draft = spec.build(&model).unwrap();
+        for seed in 0..4 {
+            let sampling = SamplingParams { temperature: 1.0, seed, ..SamplingParams::default() };
+            let whole = draft.propose(&prompt, 0, 6, &sampling, &mut SessionRng::new(1)).unwrap().tokens;
+            let first = draft.propose(&prompt, 0, 2, &sampling, &mut SessionRng::new(2)).unwrap().tokens;
+            let context = [&prompt[..], &first].concat();
+            let rest = draft.propose(&context, 2, 4, &sampling, &mut SessionRng::new(3)).unwrap().tokens;
+            assert_eq!(whole, [first, rest].concat(), "{spec}, seed {seed}");
+        }
+    }
 }

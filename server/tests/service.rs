@@ -104,7 +104,7 @@ fn log_probabilities_are_those_of_plain_decoding() {
 }
 
 /// Penalties and a logit bias change what the target picks; drafting,
-/// which proposes without them, still gives plain decoding's output, over
+/// which proposes under them too, gives plain decoding's output, over
 /// gRPC as here (`model/tests/speculative_sampling.rs` checks the sampled
 /// rule).
 #[test]
@@ -124,6 +124,12 @@ fn penalized_output_is_plain_decodings() {
         assert_eq!(remote(&server.url(), None, &draft, &req).unwrap().tokens, plain, "drafting with {draft}");
     }
     assert_eq!(remote_server_only(&server.url(), &req), plain, "server-only");
+    // At temperature 0.05 most of a draft's top 64 weigh 0 after the
+    // exponential; they stay out of what is sent, since the server refuses
+    // a probability of 0 (it did: `verify.q[0].probs[0]` = 0).
+    let cold = GenerateRequest { sampling: SamplingParams { temperature: 0.05, seed: 4, ..SamplingParams::default() }, ..req.clone() };
+    let g = remote(&server.url(), None, &DraftSpec::Layers(25), &cold).unwrap();
+    assert!(g.accepted > 0, "cold drafts are accepted");
     // Min-p 1 keeps only the most likely token: sampling at temperature 1
     // with it is greedy decoding, on both sides of the wire.
     let min_p_1 = SamplingParams { temperature: 1.0, min_p: 1.0, seed: 9, ..req.sampling.clone() };

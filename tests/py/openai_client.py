@@ -77,6 +77,15 @@ as_json = client.chat.completions.create(
     response_format={"type": "json_object"},
 )
 
+# n choices: sampled ones draw with seed + i; greedy ones are alike.
+poem = [{"role": "user", "content": "Write a line about the sea."}]
+several = client.chat.completions.create(model="tandem", messages=poem, max_tokens=12, temperature=1, seed=11, n=3)
+several_chunks = list(
+    client.chat.completions.create(
+        model="tandem", messages=question, max_tokens=24, temperature=0, n=2, stream=True, stream_options={"include_usage": True}
+    )
+)
+
 try:
     client.chat.completions.create(model="tandem", messages=question, temperature=5)
     refused = None
@@ -110,6 +119,14 @@ print(
             "at_comma": [at_comma.choices[0].message.content, at_comma.choices[0].finish_reason, at_comma.usage.completion_tokens],
             "json_mode": [as_json.choices[0].message.content, as_json.choices[0].finish_reason],
             "at_comma_streamed": "".join(c.choices[0].delta.content or "" for c in at_comma_chunks if c.choices),
+            "several": [[c.index, c.message.content, c.finish_reason] for c in several.choices],
+            "several_tokens": several.usage.completion_tokens,
+            "several_streamed": [
+                "".join(c.choices[0].delta.content or "" for c in several_chunks if c.choices and c.choices[0].index == i) for i in range(2)
+            ],
+            "several_stream_roles": [c.choices[0].index for c in several_chunks if c.choices and c.choices[0].delta.role],
+            "several_stream_finish": [[c.choices[0].index, c.choices[0].finish_reason] for c in several_chunks if c.choices and c.choices[0].finish_reason],
+            "several_stream_tokens": [c.usage.completion_tokens for c in several_chunks if c.usage],
         }
     )
 )

@@ -222,6 +222,19 @@ fn serve_answers_the_official_openai_client() {
     let before_comma = generated["text"].as_str().unwrap().split(',').next().unwrap();
     assert_eq!(v["at_comma"], serde_json::json!([before_comma, "stop", until_comma + 1]), "{v}");
     assert_eq!(v["at_comma_streamed"], before_comma, "{v}");
+    // `n`: sampled choices draw with seeds of their own (11, 12, 13), so
+    // they differ; greedy ones, streamed, are each the greedy answer. Usage
+    // adds the choices up, in one chunk at the end of a stream.
+    let several = v["several"].as_array().unwrap();
+    assert_eq!(several.iter().map(|c| c[0].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1, 2], "{v}");
+    assert!(several[0][1] != several[1][1] && several[1][1] != several[2][1], "{v}");
+    assert!(several.iter().all(|c| c[2] == "stop" || c[2] == "length"), "{v}");
+    let sampled_tokens = v["several_tokens"].as_u64().unwrap();
+    assert!(sampled_tokens > 12 && sampled_tokens <= 36, "{v}");
+    assert_eq!(v["several_streamed"], serde_json::json!([generated["text"], generated["text"]]), "{v}");
+    assert_eq!(v["several_stream_roles"], serde_json::json!([0, 1]), "{v}");
+    assert_eq!(v["several_stream_finish"], serde_json::json!([[0, "length"], [1, "length"]]), "{v}");
+    assert_eq!(v["several_stream_tokens"], serde_json::json!([48]), "{v}");
     // JSON mode: one object, closed.
     assert_eq!(v["json_mode"][1], "stop", "{v}");
     assert!(serde_json::from_str::<Value>(v["json_mode"][0].as_str().unwrap()).unwrap().is_object(), "{v}");

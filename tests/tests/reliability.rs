@@ -688,6 +688,7 @@ impl tandem_model::DraftSource for TenantBDraft {
     fn propose_until(
         &mut self,
         context: &[u32],
+        generated: usize,
         k: usize,
         sampling: &tandem_model::SamplingParams,
         rng: &mut tandem_model::SessionRng,
@@ -696,7 +697,7 @@ impl tandem_model::DraftSource for TenantBDraft {
         if self.stop.load(Ordering::Relaxed) {
             return Err(tandem_model::ModelError::InvalidArgument("phase over".into()));
         }
-        let proposal = self.draft.propose_until(context, k, sampling, rng, keep_going)?;
+        let proposal = self.draft.propose_until(context, generated, k, sampling, rng, keep_going)?;
         let mut sent = self.sent.lock().unwrap();
         (sent.0, sent.1) = (sent.0 + 1, sent.1 + proposal.tokens.len());
         Ok(proposal)

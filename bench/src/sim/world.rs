@@ -742,7 +742,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
         let planned = s.controller.as_ref().map_or(draft_len, |c| c.round_k().min(draft_len));
         let k = planned.min(max_new.saturating_sub(s.tokens + 1));
         let context = &prompt.reference[..prompt.tokens.len() + s.tokens];
-        let mut rng = SessionRng::at(seed ^ 0x5EED_D4AF_7000_0001, context.len());
+        let mut rng = SessionRng::at(seed ^ tandem_model::DRAFT_STREAM, context.len());
         if let Some(c) = s.controller.as_mut() {
             c.begin_round();
         }
@@ -751,7 +751,7 @@ impl<'a, F: EdgeFactory> World<'a, F> {
             .draft
             .as_mut()
             .expect("drafting policies have a draft")
-            .propose_until(context, k, &SamplingParams::default(), &mut rng, &mut |f| controller.as_mut().is_none_or(|c| c.keep_going(f)))
+            .propose_until(context, s.tokens, k, &SamplingParams::default(), &mut rng, &mut |f| controller.as_mut().is_none_or(|c| c.keep_going(f)))
             // Synthetic, n-gram and cached drafts do not fail; were one to,
             // the round would go out with no drafts, as a plain decode step.
             .unwrap_or_default();

@@ -572,7 +572,7 @@ fn baselines(model: &LoadedModel, eval: &[Traced]) -> Result<Vec<(String, Agreem
     for s in eval {
         let e = per_kind.entry(s.kind).or_default();
         for i in s.prompt_len..s.positions() {
-            let p = tandem_model::DraftSource::propose(&mut ngram, &s.tokens[..=i], 1, &Default::default(), &mut rng)?;
+            let p = tandem_model::DraftSource::propose(&mut ngram, &s.tokens[..=i], 0, 1, &Default::default(), &mut rng)?;
             e.0 += (p.tokens.first() == Some(&s.labels[i])) as u32 as f64;
             e.1 += 1.0;
         }

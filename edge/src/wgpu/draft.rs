@@ -4,8 +4,8 @@ use super::engine::{TopLogits, WgpuModel, WgpuOptions};
 use crate::edge::trained_on_cpu_only;
 use crate::EdgeError;
 use tandem_model::{
-    check_layers, load_model_draft, Autoregressive, DraftFeatures, DraftSource, DraftSpec, Llama, LoadedModel, ModelError, NextTokenScores, SamplingParams,
-    SparseDist, StepForward,
+    check_layers, load_model_draft, Autoregressive, Candidates, DraftFeatures, DraftSource, DraftSpec, Llama, LoadedModel, ModelError, NextTokenScores,
+    SamplingParams, SparseDist, StepForward,
 };
 
 /// A llama-family model (or its first N layers) drafting on the GPU, with
@@ -42,6 +42,20 @@ impl NextTokenScores for TopLogits {
 
     fn features(&self, position: usize) -> DraftFeatures {
         TopLogits::features(self, position)
+    }
+
+    /// Over the 64 tokens read back (the rest stay out of the draft), which
+    /// are then ordered largest first again; `max` and the sums, which
+    /// only the features read, keep the unadjusted row's values.
+    fn adjust(&mut self, sampling: &SamplingParams, prompt: &[u32], output: &[u32]) -> bool {
+        let mut by_id: Vec<(u32, f32)> = self.tokens.iter().copied().zip(self.logits.iter().copied()).collect();
+        by_id.sort_unstable_by_key(|p| p.0);
+        let (ids, mut logits): (Vec<u32>, Vec<f32>) = by_id.into_iter().unzip();
+        sampling.adjust_logits(&mut Candidates::new(&ids, &mut logits), prompt, output);
+        let mut ranked: Vec<(u32, f32)> = ids.into_iter().zip(logits).collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        (self.tokens, self.logits) = ranked.into_iter().unzip();
+        self.logits.first().is_some_and(|&l| l > f32::NEG_INFINITY)
     }
 }
 
