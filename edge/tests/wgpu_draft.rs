@@ -189,8 +189,9 @@ fn draft_rounds_match_the_cpu_draft_greedy_and_sampled() {
     let mut cpu = ModelDraft::from_layers(target.llama.clone(), n_layers, stop);
     let sampled = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 7, ..Default::default() };
     // Penalties over the GPU's 64 logits read back and over the CPU's full
-    // row: at most 36 output tokens are penalized down, so the sampled
-    // draft's top 20 lie within the 64 unpenalized.
+    // row: at most 41 output tokens (the rounds' and a round's drafts) are
+    // penalized down, so the sampled draft's top 20 lie within the 64
+    // unpenalized.
     let penalties = Penalties { frequency: 1.5, presence: 0.5, ..Penalties::default() };
     let penalized = [SamplingParams { penalties, ..Default::default() }, SamplingParams { top_k: 20, penalties, ..sampled.clone() }];
     for sampling in [SamplingParams::default(), sampled].into_iter().chain(penalized) {
@@ -221,8 +222,9 @@ fn draft_rounds_match_the_cpu_draft_greedy_and_sampled() {
                     same + 1
                 };
                 assert_eq!(g.dists.is_empty(), c.dists.is_empty(), "round {round}: one side drew from distributions");
+                let at = format!("round {round}, top-k {}, top-p {}, {:?}", sampling.top_k, sampling.top_p, sampling.penalties);
                 for (q, p) in g.dists.iter().zip(&c.dists).take(compared) {
-                    assert_close_dists(q, p, round);
+                    assert_close_dists(q, p, &at);
                 }
                 for (a, b) in g.features.iter().zip(&c.features).take(compared) {
                     assert_eq!(a.position, b.position);
@@ -239,21 +241,28 @@ fn draft_rounds_match_the_cpu_draft_greedy_and_sampled() {
 }
 
 /// Two draft distributions agree token by token within the feature
-/// tolerance. Near-equal probabilities may come in either order, and a
-/// token at the edge of top-k / top-p (no more likely than the least
-/// likely token of the other support) may be in one support only.
-fn assert_close_dists(q: &SparseDist, p: &SparseDist, round: u64) {
+/// tolerance, over the tokens both keep, renormalized there: where one
+/// side's top-k or top-p keeps a token more than the other's (a float's
+/// difference at the edge), its other probabilities are divided by a
+/// larger sum (seen: 0.971 against 0.948 at top-p 0.95). Near-equal
+/// probabilities may come in either order, and a token in one support
+/// only must be at its edge: no more likely than the least likely token
+/// of the other support.
+fn assert_close_dists(q: &SparseDist, p: &SparseDist, at: &str) {
     let tol = FEATURE_TOLERANCE as f32;
-    for (this, other) in [(q, p), (p, q)] {
+    let shared_mass =
+        |d: &SparseDist, other: &SparseDist| -> f32 { d.tokens.iter().zip(&d.probs).filter(|(t, _)| other.tokens.contains(t)).map(|(_, &x)| x).sum() };
+    let (q_shared, p_shared) = (shared_mass(q, p), shared_mass(p, q));
+    for (this, other, this_shared, other_shared) in [(q, p, q_shared, p_shared), (p, q, p_shared, q_shared)] {
         let edge = other.probs.iter().fold(f32::INFINITY, |m, &v| m.min(v));
         for (t, &a) in this.tokens.iter().zip(&this.probs) {
             match other.tokens.iter().position(|&o| o == *t) {
                 Some(i) => {
-                    let b = other.probs[i];
-                    assert!((a - b).abs() <= tol * b.max(1e-2), "round {round}: probability of token {t}: {a} vs {b}");
+                    let (a, b) = (a / this_shared, other.probs[i] / other_shared);
+                    assert!((a - b).abs() <= tol * b.max(1e-2), "{at}: probability of token {t} among the shared tokens: {a} vs {b}");
                 }
                 None => {
-                    assert!(a <= edge + tol * edge.max(1e-2), "round {round}: token {t} (probability {a}) missing from a support whose least token has {edge}")
+                    assert!(a <= edge + tol * edge.max(1e-2), "{at}: token {t} (probability {a}) missing from a support whose least token has {edge}")
                 }
             }
         }
