@@ -13,8 +13,8 @@
 //!   draws one; `stop` takes up to 4 strings.
 //! * `n` choices (up to 16) are generated one after another, choice i
 //!   drawing with `seed + i`: a seeded request's choices differ from each
-//!   other. Greedy choices are all the same
-//!   (as with OpenAI and vLLM). Completions' `best_of` may only equal `n`.
+//!   other. Greedy choices are all the same (as with OpenAI and vLLM).
+//!   Completions' `best_of` may only equal `n`.
 //! * `frequency_penalty` and `presence_penalty` are OpenAI's, and vLLM's
 //!   `repetition_penalty` is taken too (see `Penalties`), as are vLLM's
 //!   `top_k` (-1 or 0: all) and `min_p`.
