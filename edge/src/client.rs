@@ -222,6 +222,7 @@ impl RemoteTarget {
                 ignore_eos: self.sampling.stop.is_some(),
                 min_tokens: self.sampling.stop.as_ref().map_or(0, |s| s.min_tokens as u32),
                 json_object: self.sampling.json_object.is_some(),
+                json_schema: self.sampling.json_object.as_ref().and_then(|j| j.schema()).map_or(String::new(), |s| s.source().to_string()),
             }),
             slo: Some(Slo { ttft_ms: self.cfg.ttft_ms, tpot_ms: self.cfg.tpot_ms }),
             max_new_tokens: self.max_new_tokens as u32,

@@ -11,7 +11,7 @@ use tandem_edge::client::{ClientConfig, RemoteTarget};
 use tandem_edge::config::EdgeConfig;
 use tandem_edge::controller::{RejectionPredictor, SpeculationController, StopRule};
 use tandem_edge::{explain, Backend, ControllerSample, Edge, EdgeError, EdgeOptions, Emitted, GenerateRequest, Generation, LogprobsWanted, Target, Verifier};
-use tandem_model::{fetch, DraftSpec, JsonObjectMode, LoadedModel, Penalties, SamplingParams, StopTokens, Tokenizer};
+use tandem_model::{fetch, DraftSpec, JsonObjectMode, JsonSchema, LoadedModel, Penalties, SamplingParams, StopTokens, Tokenizer};
 use tandem_protocol::limits::MAX_TOP_LOGPROBS;
 
 #[derive(Parser)]
@@ -182,6 +182,11 @@ struct SamplingArgs {
     /// Answer with one JSON object (OpenAI's JSON mode).
     #[arg(long)]
     json_mode: bool,
+    /// Answer with one JSON object that satisfies this JSON Schema (a
+    /// file; OpenAI's structured outputs, Tandem's subset; implies
+    /// --json-mode).
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<PathBuf>,
 }
 
 fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
@@ -190,14 +195,21 @@ fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
 }
 
 impl SamplingArgs {
-    fn params(&self, tokenizer: &Arc<Tokenizer>) -> SamplingParams {
+    fn params(&self, tokenizer: &Arc<Tokenizer>) -> Result<SamplingParams> {
         let eos = tokenizer.eos_tokens();
         let penalties = Penalties { frequency: self.frequency_penalty, presence: self.presence_penalty, repetition: self.repetition_penalty };
         // Ids ascending; a token given twice keeps its last bias.
         let logit_bias = self.logit_bias.iter().copied().collect::<std::collections::BTreeMap<_, _>>().into_iter().collect();
         let stop = StopTokens::resolve(eos, &self.stop_token_ids, self.ignore_eos, self.min_tokens);
-        let json_object = self.json_mode.then(|| JsonObjectMode::new(tokenizer.clone()));
-        SamplingParams {
+        let schema = match &self.json_schema {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("`--json-schema`: reading {}", path.display()))?;
+                Some(Arc::new(JsonSchema::parse(&text).with_context(|| format!("`--json-schema` {}", path.display()))?))
+            }
+        };
+        let json_object = (self.json_mode || schema.is_some()).then(|| JsonObjectMode::new(tokenizer.clone()).with_schema(schema));
+        Ok(SamplingParams {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
@@ -207,7 +219,7 @@ impl SamplingArgs {
             logit_bias,
             stop,
             json_object,
-        }
+        })
     }
 }
 
@@ -429,7 +441,7 @@ fn generate(args: GenerateArgs, file: &EdgeConfig) -> Result<()> {
         let path = model_path(&args.edge, file)?;
         let model = LoadedModel::load(&path).with_context(|| format!("loading --model {}", path.display()))?;
         let prompt = encode_prompt(&model.tokenizer, &args.prompt, args.raw)?;
-        let sampling = args.sampling.params(&model.tokenizer);
+        let sampling = args.sampling.params(&model.tokenizer)?;
         let req = GenerateRequest { prompt, max_new_tokens: args.sampling.max_new_tokens, draft_len: 0, sampling, logprobs };
         let mut out = TokenPrinter::new(&model.tokenizer, !json, &req);
         let g = server_only(RemoteTarget::new(cfg)?, &req, &model.tokenizer, |e| out.push(e.token))?;
@@ -438,7 +450,7 @@ fn generate(args: GenerateArgs, file: &EdgeConfig) -> Result<()> {
     let mut edge = open_edge(&args.edge, file)?;
     let tokenizer = edge.tokenizer.clone();
     let prompt = encode_prompt(&tokenizer, &args.prompt, args.raw)?;
-    let sampling = args.sampling.params(&tokenizer);
+    let sampling = args.sampling.params(&tokenizer)?;
     let req = GenerateRequest { prompt, max_new_tokens: args.sampling.max_new_tokens, draft_len: edge.draft_len, sampling, logprobs };
     let mut out = TokenPrinter::new(&tokenizer, !json, &req);
     let g = edge.generate(&req, |e| out.push(e.token))?;
@@ -510,6 +522,7 @@ fn report(g: &Generation, json: bool, draft: &str, model: &std::path::Path) -> R
 fn chat(args: ChatArgs, file: &EdgeConfig) -> Result<()> {
     let mut edge = open_edge(&args.edge, file)?;
     let tokenizer = edge.tokenizer.clone();
+    let sampling = args.sampling.params(&tokenizer)?;
     let generating = Arc::new(AtomicBool::new(false));
     watch_ctrl_c(edge.cancel_flag(), generating.clone())?;
     let mut conversation = Conversation::new(args.system.clone());
@@ -549,7 +562,7 @@ fn chat(args: ChatArgs, file: &EdgeConfig) -> Result<()> {
                     prompt,
                     max_new_tokens: args.sampling.max_new_tokens,
                     draft_len: edge.draft_len,
-                    sampling: args.sampling.params(&tokenizer),
+                    sampling: sampling.clone(),
                     logprobs: None,
                 };
                 let mut out = TokenPrinter::new(&tokenizer, true, &req);

@@ -23,11 +23,14 @@
 //!   target may not pick one.
 //! * `logit_bias` is added to the target's logits before the penalties.
 //! * `response_format: {"type": "json_object"}` is OpenAI's JSON mode: the
-//!   answer is one JSON object (see `JsonObjectMode`); `json_schema` is
-//!   refused.
-//! * Parameters Tandem cannot honour (`tools`, `json_schema`, `echo`
-//!   with `stream`, …) are refused with a 400 naming them rather than
-//!   silently ignored.
+//!   answer is one JSON object (see `JsonObjectMode`). With `{"type":
+//!   "json_schema", "json_schema": {"schema": …}}` (structured outputs)
+//!   the object also satisfies the schema: Tandem's subset of JSON
+//!   Schema (see `JsonSchema`); a keyword outside it gets a 400 naming it.
+//!   vLLM's `guided_json` (a schema, or its JSON text) is the same; its
+//!   other `guided_*` parameters are refused.
+//! * Parameters Tandem cannot honour (`tools`, `echo` with `stream`, …)
+//!   are refused with a 400 naming them rather than silently ignored.
 //! * `logprobs` (chat: `logprobs: true` and `top_logprobs` 0..=20;
 //!   completions: `logprobs` 0..=20, vLLM's limit where OpenAI's is 5) are
 //!   the target's, of its raw distribution (before temperature and
@@ -59,7 +62,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tandem_model::{ChatMessage, JsonObjectMode, Penalties, SamplingParams, StopTokens, TokenLogprob, Tokenizer};
+use tandem_model::{ChatMessage, JsonObjectMode, JsonSchema, Penalties, SamplingParams, StopTokens, TokenLogprob, Tokenizer};
 use tandem_protocol::limits::{MAX_LOGIT_BIAS, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -205,7 +208,9 @@ struct ValidCompletion {
 const MAX_CHOICES: usize = 16;
 
 /// Fields refused rather than ignored (unless null, false or empty).
-const UNSUPPORTED: [&str; 3] = ["tools", "functions", "suffix"];
+/// Refused when set: silently ignoring one would answer unconstrained
+/// (vLLM's `guided_*` other than `guided_json` among them).
+const UNSUPPORTED: [&str; 6] = ["tools", "functions", "suffix", "guided_regex", "guided_choice", "guided_grammar"];
 
 /// `logit_bias`: `{"token id": bias in [-100, 100]}`, ids ascending.
 fn logit_bias(obj: &Map<String, Value>, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
@@ -315,15 +320,35 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Arc<Tokenizer>, today: &st
         presence: penalty("presence_penalty", 0.0, |v| (-2.0..=2.0).contains(&v), "in [-2, 2]")?,
         repetition: penalty("repetition_penalty", 1.0, |v| v > 0.0 && v.is_finite(), "> 0")?,
     };
-    let json_mode = match obj.get("response_format") {
-        None | Some(Value::Null) => false,
+    // None: text; Some(None): any object; Some(Some(schema)).
+    let json_mode: Option<Option<Arc<JsonSchema>>> = match obj.get("response_format") {
+        None | Some(Value::Null) => None,
         Some(format) => match format.get("type").and_then(Value::as_str) {
-            Some("text") => false,
-            Some("json_object") => true,
-            _ => {
-                return Err(ApiError::invalid("response_format", "`response_format` must be of type `text` or `json_object` (`json_schema` is not supported)"))
-            }
+            Some("text") => None,
+            Some("json_object") => Some(None),
+            Some("json_schema") => match format.get("json_schema").map(|j| j.get("schema")) {
+                Some(None | Some(Value::Null)) => Some(None),
+                Some(Some(schema)) => Some(Some(Arc::new(
+                    JsonSchema::from_value(schema).map_err(|e| ApiError::invalid("response_format", format!("`response_format.json_schema.schema`: {e}")))?,
+                ))),
+                None => return Err(ApiError::invalid("response_format", "`response_format` of type `json_schema` needs a `json_schema` object")),
+            },
+            _ => return Err(ApiError::invalid("response_format", "`response_format` must be of type `text`, `json_object` or `json_schema`")),
         },
+    };
+    // vLLM's `guided_json`: a schema, as an object or as JSON text.
+    let json_mode = match obj.get("guided_json") {
+        None | Some(Value::Null) => json_mode,
+        Some(_) if matches!(json_mode, Some(Some(_))) => {
+            return Err(ApiError::invalid("guided_json", "`guided_json` and `response_format` both give a schema"))
+        }
+        Some(schema) => {
+            let schema = match schema {
+                Value::String(text) => JsonSchema::parse(text),
+                _ => JsonSchema::from_value(schema),
+            };
+            Some(Some(Arc::new(schema.map_err(|e| ApiError::invalid("guided_json", format!("`guided_json`: {e}")))?)))
+        }
     };
     let n = number(obj, "n")?.unwrap_or(1.0);
     if !(1.0..=MAX_CHOICES as f64).contains(&n) || n.fract() != 0.0 {
@@ -417,7 +442,7 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Arc<Tokenizer>, today: &st
             penalties,
             logit_bias: logit_bias(obj, tokenizer.vocab_size())?,
             stop: stop_tokens(obj, tokenizer, max as usize)?,
-            json_object: json_mode.then(|| JsonObjectMode::new(tokenizer.clone())),
+            json_object: json_mode.map(|schema| JsonObjectMode::new(tokenizer.clone()).with_schema(schema)),
         },
         stop,
         stream,
@@ -617,8 +642,10 @@ fn spawn_generation(state: &AppState, req: ValidCompletion, tx: mpsc::Sender<Upd
     let edge = state.edge.clone();
     tokio::task::spawn_blocking(move || {
         let mut edge = edge.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // With `echo` and `logprobs`, the prompt's, asked for once.
+        let mut prompt_logprobs = None;
         for index in 0..req.n {
-            let (update, client_gone) = generate_choice(&mut edge, &req, index, &tx);
+            let (update, client_gone) = generate_choice(&mut edge, &req, index, &mut prompt_logprobs, &tx);
             let failed = matches!(update, Update::Failed(_));
             if tx.blocking_send(update).is_err() || client_gone || failed {
                 return;
@@ -629,9 +656,17 @@ fn spawn_generation(state: &AppState, req: ValidCompletion, tx: mpsc::Sender<Upd
 
 /// Generates choice `index` of `req` (drawing with `seed + index`),
 /// sending its text as it becomes final; returns the closing update and
-/// whether the client went away.
-fn generate_choice(edge: &mut Edge, req: &ValidCompletion, index: usize, tx: &mpsc::Sender<Update>) -> (Update, bool) {
-    let logprobs = req.logprobs.map(|top| LogprobsWanted { top, prompt: req.echo.is_some() });
+/// whether the client went away. `prompt_logprobs`: the prompt's, once an
+/// earlier choice brought them (they are the same for every choice, and
+/// a session asking for them cannot start from the server's prefix cache).
+fn generate_choice(
+    edge: &mut Edge,
+    req: &ValidCompletion,
+    index: usize,
+    prompt_logprobs: &mut Option<Vec<TokenLogprob>>,
+    tx: &mpsc::Sender<Update>,
+) -> (Update, bool) {
+    let logprobs = req.logprobs.map(|top| LogprobsWanted { top, prompt: req.echo.is_some() && prompt_logprobs.is_none() });
     let sampling = SamplingParams { seed: req.sampling.seed.wrapping_add(index as u64), ..req.sampling.clone() };
     let request = GenerateRequest { prompt: req.prompt.clone(), max_new_tokens: req.max_new_tokens, draft_len: edge.draft_len, sampling, logprobs };
     let cancel = edge.cancel_flag();
@@ -670,13 +705,14 @@ fn generate_choice(edge: &mut Edge, req: &ValidCompletion, index: usize, tx: &mp
                 let _ = tx.blocking_send(Update::Text { index, text, logprobs });
             }
             info!(tokens = generation.tokens.len(), acceptance = generation.acceptance_rate, index, "completion served");
+            let prompt_logprobs = prompt_logprobs.get_or_insert_with(|| generation.prompt_logprobs.clone());
             let echo = req.echo.clone().map(|text| {
                 // The first prompt token has no log-probability.
                 let first = logprob_entry(&tokenizer, &TokenLogprob { token: request.prompt[0], logprob: 0.0, top: vec![] });
                 let first = json!({"token": first["token"], "logprob": null, "bytes": first["bytes"], "top_logprobs": null});
                 let mut at = 0;
                 let entries = std::iter::once(first)
-                    .chain(generation.prompt_logprobs.iter().map(|lp| logprob_entry(&tokenizer, lp)))
+                    .chain(prompt_logprobs.iter().map(|lp| logprob_entry(&tokenizer, lp)))
                     .map(|e| {
                         let start = at;
                         at += e["token"].as_str().map_or(0, |t| t.chars().count());
@@ -928,6 +964,16 @@ mod tests {
         assert_eq!(chat(r#"{"messages":[{"role":"user","content":"x"}],"ignore_eos":false,"stop_token_ids":[]}"#).unwrap().sampling.stop, None);
         let json = chat(r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#).unwrap();
         assert_eq!(json.sampling.json_object, Some(JsonObjectMode::new(tok.clone())));
+        let schema = r#"{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"]}"#;
+        let structured = chat(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"response_format":{{"type":"json_schema","json_schema":{{"name":"t","strict":true,"schema":{schema}}}}}}}"#)).unwrap();
+        assert_eq!(
+            structured.sampling.json_object.as_ref().and_then(|j| j.schema()).map(|s| s.source()),
+            Some(&*serde_json::from_str::<Value>(schema).unwrap().to_string())
+        );
+        let guided = chat(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"guided_json":{}}}"#, serde_json::to_string(schema).unwrap())).unwrap();
+        assert_eq!(guided.sampling.json_object, structured.sampling.json_object);
+        let unnamed = chat(r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"t"}}}"#).unwrap();
+        assert_eq!(unnamed.sampling.json_object, Some(JsonObjectMode::new(tok.clone())));
         assert_eq!(chat(r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"text"}}"#).unwrap().sampling.json_object, None);
         let lp = |kind, body: &str| parse_request(kind, body.as_bytes(), &tok, "07 Dec 2026").map(|r| r.logprobs).map_err(|e| e.param);
         assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":3}"#), Ok(Some(3)));
@@ -964,7 +1010,18 @@ mod tests {
             (r#"{"messages":[{"role":"user","content":"x"}],"stop_token_ids":[49152]}"#, "stop_token_ids"),
             (r#"{"messages":[{"role":"user","content":"x"}],"stop_token_ids":7}"#, "stop_token_ids"),
             (r#"{"messages":[{"role":"user","content":"x"}],"ignore_eos":1}"#, "ignore_eos"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{}}}"#, "response_format"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema"}}"#, "response_format"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"schema":{"type":"object","properties":{"a":{"type":"string","pattern":"x"}}}}}}"#,
+                "response_format",
+            ),
+            (r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"yaml"}}"#, "response_format"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"guided_json":{"type":"string"}}"#, "guided_json"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"guided_json":{},"response_format":{"type":"json_schema","json_schema":{"schema":{"type":"object"}}}}"#,
+                "guided_json",
+            ),
+            (r#"{"messages":[{"role":"user","content":"x"}],"guided_choice":["a","b"]}"#, "guided_choice"),
             (r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":4,"min_tokens":5}"#, "min_tokens"),
             (r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"abc":1}}"#, "logit_bias"),
             (r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"5":-101}}"#, "logit_bias"),

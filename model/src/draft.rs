@@ -1,6 +1,6 @@
 //! Draft sources: what proposes tokens for the target to verify.
 
-use crate::sampling::{argmax, max_of, SamplingParams, SessionRng, SparseDist};
+use crate::sampling::{argmax, max_of, Candidates, SamplingParams, SessionRng, SparseDist};
 use crate::{Llama, LoadedModel, LogitsFor, ModelError, Result, SeqPass};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -93,6 +93,21 @@ impl<'a> DraftRound<'a> {
     pub(crate) fn new(sampling: &'a SamplingParams, eos: &'a [u32], context: &[u32], generated: usize) -> Self {
         let prompt_len = context.len().saturating_sub(generated);
         DraftRound { sampling, seed: sampling.seed ^ DRAFT_STREAM, draft_sampling: sampling.for_draft(), stop: sampling.stop_tokens(eos), prompt_len }
+    }
+
+    /// Whether a prompt-lookup copy of `token` after `sequence` is worth
+    /// proposing under the request's adjustments, which a copy, having no
+    /// logits, does not go through: not banned (JSON mode's mask, a stop
+    /// token before `min_tokens`) nor pushed down by more than 30 (a
+    /// logit bias of −100, heavy penalties). Otherwise the model drafts.
+    pub(crate) fn allows_copy(&self, sequence: &[u32], token: u32) -> bool {
+        if !self.sampling.adjusts_logits() {
+            return true;
+        }
+        let (prompt, output) = sequence.split_at(self.prompt_len);
+        let mut logit = [0.0f32];
+        self.sampling.adjust_logits(&mut Candidates::new(&[token], &mut logit), prompt, output);
+        logit[0] > -30.0
     }
 }
 
@@ -511,7 +526,7 @@ impl<F: StepForward> DraftSource for Autoregressive<F> {
         let round = DraftRound::new(sampling, &self.stop, context, generated);
         let mut sequence = context.to_vec();
         for _ in 0..k {
-            let (token, more) = match self.lookup.and_then(|l| l.next(&sequence)) {
+            let (token, more) = match self.lookup.and_then(|l| l.next(&sequence)).filter(|&copy| round.allows_copy(&sequence, copy)) {
                 Some(copy) => proposal.take_copy(copy, &round, keep_going),
                 None => {
                     let feed = &sequence[self.cached.len()..];

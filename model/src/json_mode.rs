@@ -9,6 +9,7 @@
 //! most one space, or a newline followed by up to 20 spaces or tabs. An
 //! unbounded run would let a small model pad forever.
 
+use crate::json_schema::JsonSchema;
 use crate::sampling::TokenLogits;
 use crate::{StopTokens, Tokenizer};
 use std::sync::Arc;
@@ -55,7 +56,7 @@ enum Lex {
 
 /// A number's states: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Num {
+pub(crate) enum Num {
     Minus,
     Zero,
     Int,
@@ -67,7 +68,17 @@ enum Num {
 }
 
 impl Num {
-    fn next(self, b: u8) -> Option<Num> {
+    /// A number's first byte.
+    pub(crate) fn first(b: u8) -> Option<Num> {
+        match b {
+            b'-' => Some(Num::Minus),
+            b'0' => Some(Num::Zero),
+            b'1'..=b'9' => Some(Num::Int),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn next(self, b: u8) -> Option<Num> {
         use Num::*;
         Some(match (self, b) {
             (Minus, b'0') => Zero,
@@ -81,8 +92,13 @@ impl Num {
         })
     }
 
-    fn complete(self) -> bool {
+    pub(crate) fn complete(self) -> bool {
         matches!(self, Num::Zero | Num::Int | Num::Frac | Num::ExpDigits)
+    }
+
+    /// Still an integer (no fraction or exponent yet).
+    pub(crate) fn integral(self) -> bool {
+        matches!(self, Num::Minus | Num::Zero | Num::Int)
     }
 }
 
@@ -114,6 +130,23 @@ impl JsonState {
     /// Feeds `bytes`; false (and a state to drop) if they leave the grammar.
     pub fn feed_all(&mut self, bytes: &[u8]) -> bool {
         bytes.iter().all(|&b| self.feed(b))
+    }
+
+    /// Before one JSON value of any kind, not only an object (a JSON
+    /// schema's unconstrained value).
+    pub(crate) fn before_value() -> Self {
+        JsonState { lex: Lex::Value, ..JsonState::default() }
+    }
+
+    /// Whether the value read so far may end before the next byte (a
+    /// complete number may also go on).
+    pub(crate) fn can_end(&self) -> bool {
+        self.complete() || matches!(self.lex, Lex::Number(n) if n.complete())
+    }
+
+    /// Inside a string between characters, where plain text changes nothing.
+    pub(crate) fn in_plain_string(&self) -> bool {
+        matches!(self.lex, Lex::Str { escape: 0, utf8: 0, .. })
     }
 
     pub fn feed(&mut self, b: u8) -> bool {
@@ -171,9 +204,7 @@ impl JsonState {
             b'{' => return self.open(true),
             b'[' => return self.open(false),
             b'"' => Lex::Str { key: false, escape: 0, utf8: 0 },
-            b'-' => Lex::Number(Num::Minus),
-            b'0' => Lex::Number(Num::Zero),
-            b'1'..=b'9' => Lex::Number(Num::Int),
+            b'-' | b'0'..=b'9' => Lex::Number(Num::first(b).expect("a number's first byte")),
             b't' => Lex::Literal { word: 0, at: 1 },
             b'f' => Lex::Literal { word: 1, at: 1 },
             b'n' => Lex::Literal { word: 2, at: 1 },
@@ -202,44 +233,95 @@ impl JsonState {
         if self.complete() {
             return false;
         }
-        self.ws = match (self.ws, b) {
-            (0, b' ') => 1,
-            (0, b'\n') => 2,
-            (w, b' ' | b'\t') if w >= 2 && w - 2 < MAX_INDENT => w + 1,
-            _ => return false,
-        };
-        true
+        whitespace_step(&mut self.ws, b)
     }
 
     fn string(&mut self, key: bool, escape: u8, utf8: u8, b: u8) -> bool {
-        let (escape, utf8) = match (escape, utf8, b) {
-            (0, 0, b'"') => {
-                self.lex = if key { Lex::Colon } else { Lex::After };
-                return true;
-            }
-            (0, 0, b'\\') => (1, 0),
-            (0, 0, 0..=0x1f) => return false,
-            (0, 0, 0x20..=0x7f) => (0, 0),
-            // UTF-8: a lead byte, then its continuation bytes.
-            (0, 0, 0xc2..=0xdf) => (0, 1),
-            (0, 0, 0xe0..=0xef) => (0, 2),
-            (0, 0, 0xf0..=0xf4) => (0, 3),
-            (0, n, 0x80..=0xbf) if n > 0 => (0, n - 1),
-            (1, _, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => (0, 0),
-            (1, _, b'u') => (2, 0),
-            (2..=5, _, b) if b.is_ascii_hexdigit() => (if escape == 5 { 0 } else { escape + 1 }, 0),
-            _ => return false,
-        };
-        self.lex = Lex::Str { key, escape, utf8 };
+        match string_step(escape, utf8, b) {
+            StrStep::Closed => self.lex = if key { Lex::Colon } else { Lex::After },
+            StrStep::In { escape, utf8 } => self.lex = Lex::Str { key, escape, utf8 },
+            StrStep::Refused => return false,
+        }
         true
     }
 }
 
-/// JSON mode for one model's vocabulary.
+/// The whitespace run `ws` (0 none, 1 one space, 2 + n a newline and n
+/// spaces or tabs) after `b`; false if the run may not go on.
+pub(crate) fn whitespace_step(ws: &mut u8, b: u8) -> bool {
+    *ws = match (*ws, b) {
+        (0, b' ') => 1,
+        (0, b'\n') => 2,
+        (w, b' ' | b'\t') if w >= 2 && w - 2 < MAX_INDENT => w + 1,
+        _ => return false,
+    };
+    true
+}
+
+/// A string's next byte, from inside it (`escape` and `utf8` as in
+/// [`Lex::Str`]).
+pub(crate) enum StrStep {
+    /// The closing quote.
+    Closed,
+    In {
+        escape: u8,
+        utf8: u8,
+    },
+    Refused,
+}
+
+pub(crate) fn string_step(escape: u8, utf8: u8, b: u8) -> StrStep {
+    let (escape, utf8) = match (escape, utf8, b) {
+        (0, 0, b'"') => return StrStep::Closed,
+        (0, 0, b'\\') => (1, 0),
+        (0, 0, 0..=0x1f) => return StrStep::Refused,
+        (0, 0, 0x20..=0x7f) => (0, 0),
+        // UTF-8: a lead byte, then its continuation bytes.
+        (0, 0, 0xc2..=0xdf) => (0, 1),
+        (0, 0, 0xe0..=0xef) => (0, 2),
+        (0, 0, 0xf0..=0xf4) => (0, 3),
+        (0, n, 0x80..=0xbf) if n > 0 => (0, n - 1),
+        (1, _, b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => (0, 0),
+        (1, _, b'u') => (2, 0),
+        (2..=5, _, b) if b.is_ascii_hexdigit() => (if escape == 5 { 0 } else { escape + 1 }, 0),
+        _ => return StrStep::Refused,
+    };
+    StrStep::In { escape, utf8 }
+}
+
+/// A grammar the mask tries tokens on, byte by byte: a copy per try.
+pub(crate) trait ByteGrammar: Copy {
+    /// False (and a state to drop) if `b` leaves the grammar.
+    fn feed(&mut self, b: u8) -> bool;
+    /// Whether the output is complete (then only the end may follow).
+    fn complete(&self) -> bool;
+    /// Inside a string between characters, where plain text changes nothing.
+    fn in_plain_string(&self) -> bool;
+
+    fn feed_all(&mut self, bytes: &[u8]) -> bool {
+        bytes.iter().all(|&b| self.feed(b))
+    }
+}
+
+impl ByteGrammar for JsonState {
+    fn feed(&mut self, b: u8) -> bool {
+        JsonState::feed(self, b)
+    }
+    fn complete(&self) -> bool {
+        JsonState::complete(self)
+    }
+    fn in_plain_string(&self) -> bool {
+        JsonState::in_plain_string(self)
+    }
+}
+
+/// JSON mode for one model's vocabulary: any JSON object, or with a
+/// schema ([`JsonSchema`]) one that satisfies it.
 #[derive(Clone)]
 pub struct JsonObjectMode {
     tokenizer: Arc<Tokenizer>,
     tokens: Arc<TokenClasses>,
+    schema: Option<Arc<JsonSchema>>,
 }
 
 /// What the mask needs of each token at a glance. Trying every token's
@@ -276,14 +358,17 @@ impl TokenClasses {
 
 impl std::fmt::Debug for JsonObjectMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("JsonObjectMode")
+        match &self.schema {
+            None => f.write_str("JsonObjectMode"),
+            Some(schema) => write!(f, "JsonObjectMode({})", schema.source()),
+        }
     }
 }
 
-/// Equal for the same vocabulary.
+/// Equal for the same vocabulary and schema.
 impl PartialEq for JsonObjectMode {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.tokenizer, &other.tokenizer)
+        Arc::ptr_eq(&self.tokenizer, &other.tokenizer) && self.schema.as_ref().map(|s| s.source()) == other.schema.as_ref().map(|s| s.source())
     }
 }
 
@@ -291,13 +376,30 @@ impl JsonObjectMode {
     /// Builds the vocabulary's tables (a few milliseconds).
     pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
         let tokens = Arc::new(TokenClasses::new(&tokenizer));
-        JsonObjectMode { tokenizer, tokens }
+        JsonObjectMode { tokenizer, tokens, schema: None }
     }
 
-    /// The state after `output`; None if it already left the grammar (an
-    /// output that did not start in JSON mode: nothing is masked then).
-    pub fn state_after(&self, output: &[u32]) -> Option<JsonState> {
-        let mut state = JsonState::default();
+    /// The same vocabulary's tables, constrained by `schema` (None: any
+    /// object).
+    pub fn with_schema(&self, schema: Option<Arc<JsonSchema>>) -> Self {
+        JsonObjectMode { schema, ..self.clone() }
+    }
+
+    pub fn schema(&self) -> Option<&JsonSchema> {
+        self.schema.as_deref()
+    }
+
+    /// Whether `output` is a prefix of an answer: None if it already left
+    /// the grammar (an output that did not start in JSON mode: nothing is
+    /// masked then), else whether the object is complete.
+    pub fn check(&self, output: &[u32]) -> Option<bool> {
+        match &self.schema {
+            None => self.state_after(JsonState::default(), output).map(|s| s.complete()),
+            Some(schema) => self.state_after(schema.start(), output).map(|s| s.complete()),
+        }
+    }
+
+    fn state_after<G: ByteGrammar>(&self, mut state: G, output: &[u32]) -> Option<G> {
         output.iter().all(|&t| state.feed_all(self.tokenizer.token_bytes(t))).then_some(state)
     }
 
@@ -306,18 +408,43 @@ impl JsonObjectMode {
     /// empty ones, and the stop tokens (`stop`, else the end-of-sequence
     /// ones) until the object is complete, after which only they remain.
     pub fn mask<R: TokenLogits + ?Sized>(&self, row: &mut R, output: &[u32], stop: Option<&StopTokens>) {
-        let Some(state) = self.state_after(output) else { return };
+        match &self.schema {
+            None => self.mask_from(self.state_after(JsonState::default(), output), row, stop),
+            Some(schema) => self.mask_from(self.state_after(schema.start(), output), row, stop),
+        }
+    }
+
+    fn mask_from<G: ByteGrammar, R: TokenLogits + ?Sized>(&self, state: Option<G>, row: &mut R, stop: Option<&StopTokens>) {
+        let Some(state) = state else { return };
         let stop = stop.map_or(self.tokenizer.eos_tokens(), |s| &s.tokens);
         let complete = state.complete();
         let stop_logits: Vec<(u32, f32)> = stop.iter().filter_map(|&t| Some((t, *row.logit_mut(t)?))).collect();
         let first_ok: [bool; 256] = std::array::from_fn(|b| { state }.feed(b as u8));
-        let in_plain_string = matches!(state.lex, Lex::Str { escape: 0, utf8: 0, .. });
+        let in_plain_string = state.in_plain_string();
+        // Between values most tokens that pass the first byte (a space, a
+        // quote) fail on the second, and trying one costs a copy of the
+        // state (a schema's cursor is 300 bytes): the second bytes each
+        // first byte's state takes are tabled on first use. Not inside a
+        // string, where the few tokens tried start with ~200 first bytes.
+        let mut second_ok: Vec<Option<Box<[bool; 256]>>> = vec![None; if in_plain_string { 0 } else { 256 }];
+        let mut takes_two = |b0: u8, b1: u8| {
+            second_ok[b0 as usize].get_or_insert_with(|| {
+                let mut after = state;
+                after.feed(b0);
+                Box::new(std::array::from_fn(|b| { after }.feed(b as u8)))
+            })[b1 as usize]
+        };
         let classes = &self.tokens;
         row.for_each_logit(|t, l| {
             let i = t as usize;
-            let allowed = !classes.banned[i]
-                && first_ok[classes.first[i] as usize]
-                && ((in_plain_string && classes.plain_text[i]) || { state }.feed_all(self.tokenizer.token_bytes(t)));
+            let allowed = !classes.banned[i] && first_ok[classes.first[i] as usize] && {
+                if in_plain_string {
+                    classes.plain_text[i] || { state }.feed_all(self.tokenizer.token_bytes(t))
+                } else {
+                    let bytes = self.tokenizer.token_bytes(t);
+                    (bytes.len() < 2 || takes_two(bytes[0], bytes[1])) && { state }.feed_all(bytes)
+                }
+            };
             if !allowed {
                 *l = f32::NEG_INFINITY;
             }
@@ -329,7 +456,7 @@ impl JsonObjectMode {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn fed(text: &str) -> Option<JsonState> {
@@ -387,28 +514,49 @@ mod tests {
         assert!(!{ s }.feed(0x80) && s.feed(0xc3) && !s.feed(b'"'));
     }
 
-    /// The tables give what trying every token's bytes gives.
-    #[test]
-    fn the_mask_is_every_tokens_bytes_tried() {
-        let tokenizer = crate::LoadedModel::load(&crate::fetch::ensure_default_model(false).unwrap()).unwrap().tokenizer;
-        let mode = JsonObjectMode::new(tokenizer.clone());
+    /// The tables give what trying every token's bytes from `start` gives,
+    /// after every prefix of each text's tokens.
+    pub(crate) fn assert_mask_is_every_tokens_bytes_tried<G: ByteGrammar>(mode: &JsonObjectMode, start: G, texts: &[&str]) {
+        let tokenizer = &mode.tokenizer;
         let eos = tokenizer.eos_tokens();
-        let text = "{\n  \"name\": \"Fé\\u00e9lix\",\n  \"age\": [2.5e3, true], \"x\": {}}";
-        let ids = tokenizer.encode(text).unwrap();
-        // Every prefix, and cuts inside multi-byte characters and escapes.
-        let mut outputs: Vec<Vec<u32>> = (0..=ids.len()).map(|n| ids[..n].to_vec()).collect();
-        outputs.extend(["{\"a\":\"\\", "{\"a\":\"\\u00", "{\"a\":\"é", "{\"a\":-", "{\"a\":1", "{\"a\":\n  "].map(|t| tokenizer.encode(t).unwrap()));
-        for output in outputs {
-            let Some(state) = mode.state_after(&output) else { continue };
-            let mut row = vec![0.5f32; tokenizer.vocab_size()];
-            mode.mask(&mut row[..], &output, None);
-            for (t, &l) in row.iter().enumerate() {
-                let t = t as u32;
-                let bytes = tokenizer.token_bytes(t);
-                let expected = if eos.contains(&t) { state.complete() } else { !tokenizer.is_special(t) && !bytes.is_empty() && { state }.feed_all(bytes) };
-                assert_eq!(l.is_finite(), expected, "token {t} ({:?}) after {:?}", String::from_utf8_lossy(bytes), tokenizer.decode(&output));
+        for text in texts {
+            let ids = tokenizer.encode(text).unwrap();
+            for output in (0..=ids.len()).map(|n| &ids[..n]) {
+                let mut state = start;
+                if !output.iter().all(|&t| state.feed_all(tokenizer.token_bytes(t))) {
+                    continue;
+                }
+                assert_eq!(mode.check(output), Some(state.complete()));
+                let mut row = vec![0.5f32; tokenizer.vocab_size()];
+                mode.mask(&mut row[..], output, None);
+                for (t, &l) in row.iter().enumerate() {
+                    let t = t as u32;
+                    let bytes = tokenizer.token_bytes(t);
+                    let expected = if eos.contains(&t) { state.complete() } else { !tokenizer.is_special(t) && !bytes.is_empty() && { state }.feed_all(bytes) };
+                    assert_eq!(l.is_finite(), expected, "token {t} ({:?}) after {:?}", String::from_utf8_lossy(bytes), tokenizer.decode(output));
+                }
             }
         }
+    }
+
+    pub(crate) fn default_tokenizer() -> Arc<Tokenizer> {
+        crate::LoadedModel::load(&crate::fetch::ensure_default_model(false).unwrap()).unwrap().tokenizer
+    }
+
+    #[test]
+    fn the_mask_is_every_tokens_bytes_tried() {
+        let mode = JsonObjectMode::new(default_tokenizer());
+        // Every prefix, and cuts inside multi-byte characters and escapes.
+        let texts = [
+            "{\n  \"name\": \"Fé\\u00e9lix\",\n  \"age\": [2.5e3, true], \"x\": {}}",
+            "{\"a\":\"\\",
+            "{\"a\":\"\\u00",
+            "{\"a\":\"é",
+            "{\"a\":-",
+            "{\"a\":1",
+            "{\"a\":\n  ",
+        ];
+        assert_mask_is_every_tokens_bytes_tried(&mode, JsonState::default(), &texts);
     }
 
     #[test]

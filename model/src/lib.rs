@@ -14,6 +14,7 @@ pub mod hf;
 #[cfg(feature = "hub")]
 pub mod hub;
 mod json_mode;
+mod json_schema;
 pub mod kernels;
 mod kv_cache;
 mod llama;
@@ -28,7 +29,8 @@ pub use draft::{
     PromptLookup, Proposal, StepForward, SyntheticDraft, DRAFT_STREAM,
 };
 pub use error::{ModelError, Result};
-pub use json_mode::{JsonObjectMode, JsonState};
+pub use json_mode::JsonObjectMode;
+pub use json_schema::{JsonSchema, MAX_SCHEMA_DEPTH};
 pub use kv_cache::KvCache;
 pub use llama::{LayerWeights, Llama, LlamaConfig, Logits, LogitsFor, QkNorm, SeqPass};
 pub use pool::build_compute_pool;

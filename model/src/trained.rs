@@ -378,7 +378,7 @@ impl DraftSource for EagleDraft {
         let round = DraftRound::new(sampling, &eos, context, generated);
         let mut sequence = context.to_vec();
         loop {
-            let (token, more) = match self.lookup.and_then(|l| l.next(&sequence)) {
+            let (token, more) = match self.lookup.and_then(|l| l.next(&sequence)).filter(|&copy| round.allows_copy(&sequence, copy)) {
                 Some(copy) => proposal.take_copy(copy, &round, keep_going),
                 None => {
                     let mut scores = self.catch_up(&sequence)?;

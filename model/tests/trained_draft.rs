@@ -156,8 +156,11 @@ fn drafts_propose_under_the_requests_logit_adjustments() {
                 let ended = tokenizer.eos_tokens().contains(p.tokens.last().unwrap());
                 let body = &context[prompt.len()..context.len() - ended as usize];
                 let text = tokenizer.decode(body).unwrap();
-                let state = json.state_after(body);
-                assert!(state.is_some_and(|s| !ended || s.complete()), "{spec}, temperature {}: the drafts left JSON: {text:?}", sampling.temperature);
+                assert!(
+                    json.check(body).is_some_and(|complete| !ended || complete),
+                    "{spec}, temperature {}: the drafts left JSON: {text:?}",
+                    sampling.temperature
+                );
                 if ended {
                     break;
                 }
@@ -166,6 +169,30 @@ fn drafts_propose_under_the_requests_logit_adjustments() {
         let p = draft.propose(&prompt, 0, 5, &early_stop, &mut SessionRng::new(0)).unwrap();
         assert_eq!(p.tokens.len(), 4, "{spec}: {:?}", p.tokens);
         assert!(!p.tokens[..3].contains(&eos) && p.tokens[3] == eos, "{spec}: {:?}", p.tokens);
+    }
+}
+
+/// Prompt lookup (`+lookup`) copies only what the request's adjustments
+/// leave possible: after a complete object in JSON mode the prompt's next
+/// token is banned, so the model drafts (end-of-sequence, the one token
+/// left); a −100 bias on the copied token does the same.
+#[test]
+fn prompt_lookup_copies_respect_the_requests_adjustments() {
+    let model = LoadedModel::load(&fetch::ensure_default_model(false).unwrap()).unwrap();
+    let tokenizer = &model.tokenizer;
+    let prompt = tokenizer.encode(r#"{"a": 1} and then some words"#).unwrap();
+    let output = tokenizer.encode(r#"{"a": 1}"#).unwrap();
+    assert!(prompt.starts_with(&output), "{prompt:?} {output:?}");
+    let copy = prompt[output.len()];
+    let context = [&prompt[..], &output].concat();
+    let json = SamplingParams { json_object: Some(JsonObjectMode::new(tokenizer.clone())), ..SamplingParams::default() };
+    let biased = SamplingParams { logit_bias: vec![(copy, -100.0)], ..SamplingParams::default() };
+    for spec in ["layers:12+lookup", "trained+lookup"] {
+        let mut draft = spec.parse::<DraftSpec>().unwrap().build(&model).unwrap();
+        let mut first = |sampling: &SamplingParams| draft.propose(&context, output.len(), 3, sampling, &mut SessionRng::new(0)).unwrap().tokens[0];
+        assert_eq!(first(&SamplingParams::default()), copy, "{spec}: the lookup did not copy");
+        assert!(tokenizer.eos_tokens().contains(&first(&json)), "{spec}: JSON mode");
+        assert_ne!(first(&biased), copy, "{spec}: a -100 bias");
     }
 }
 

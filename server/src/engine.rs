@@ -36,7 +36,8 @@ pub enum Command {
     /// An admitted session (its ticket holds its KV reservation and slot).
     Open {
         tenant: Arc<Tenant>,
-        open: ValidOpen,
+        /// Boxed: an open is rare and large beside the other commands.
+        open: Box<ValidOpen>,
         ticket: Ticket,
         out: OutSender,
         reply: oneshot::Sender<Result<SessionId, ServeError>>,
@@ -109,7 +110,7 @@ impl EngineHandle {
             }
         })?;
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Open { tenant, open, ticket, out, reply }).await.map_err(|_| Self::gone())?;
+        self.tx.send(Command::Open { tenant, open: Box::new(open), ticket, out, reply }).await.map_err(|_| Self::gone())?;
         rx.await.map_err(|_| Self::gone())?
     }
 
@@ -342,7 +343,7 @@ impl Engine {
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Open { tenant, open, ticket, out, reply } => {
-                let _ = reply.send(Ok(self.admit(tenant, open, ticket, out)));
+                let _ = reply.send(Ok(self.admit(tenant, *open, ticket, out)));
             }
             Command::Verify { session, verify, reply } => {
                 if let Err(e) = self.accept_verify(session, verify, reply) {
@@ -392,7 +393,9 @@ impl Engine {
             generated: open.resumed,
             max_new: open.max_new_tokens,
             sampling: SamplingParams {
-                json_object: open.json_object.then(|| self.json_mode.get_or_insert_with(|| JsonObjectMode::new(self.model.tokenizer.clone())).clone()),
+                json_object: open
+                    .json_object
+                    .then(|| self.json_mode.get_or_insert_with(|| JsonObjectMode::new(self.model.tokenizer.clone())).with_schema(open.json_schema.clone())),
                 ..open.sampling
             },
             server_only: open.server_only,

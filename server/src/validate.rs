@@ -2,7 +2,8 @@
 //! protobuf, and nothing invalid reaches the model.
 
 use crate::ServeError;
-use tandem_model::{Penalties, SamplingParams, SparseDist, StopTokens};
+use std::sync::Arc;
+use tandem_model::{JsonSchema, Penalties, SamplingParams, SparseDist, StopTokens};
 use tandem_protocol::wire::{DraftMode, Open, Verify};
 use tandem_protocol::{validate_open, validate_verify};
 
@@ -18,6 +19,8 @@ pub struct ValidOpen {
     pub sampling: SamplingParams,
     /// OpenAI's JSON mode.
     pub json_object: bool,
+    /// The schema the object must satisfy (structured outputs).
+    pub json_schema: Option<Arc<JsonSchema>>,
     pub server_only: bool,
     /// Report the target's hidden states (EAGLE-style edge drafts).
     pub want_features: bool,
@@ -43,6 +46,10 @@ impl ValidOpen {
                 open.max_new_tokens
             )));
         }
+        let json_schema = match sampling.json_schema.as_str() {
+            "" => None,
+            text => Some(Arc::new(JsonSchema::parse(text).map_err(|e| ServeError::InvalidArgument(format!("`open.sampling.json_schema`: {e}")))?)),
+        };
         let slo = open.slo.unwrap_or_default();
         Ok(ValidOpen {
             resumed: open.resumed as usize,
@@ -66,7 +73,8 @@ impl ValidOpen {
                 stop: StopTokens::resolve(eos, &sampling.stop_token_ids, sampling.ignore_eos, sampling.min_tokens as usize),
                 json_object: None,
             },
-            json_object: sampling.json_object,
+            json_object: sampling.json_object || json_schema.is_some(),
+            json_schema,
             server_only: open.draft_mode == DraftMode::ServerOnly as i32,
             want_features: open.want_features,
             logprobs: open.want_logprobs.then_some(open.top_logprobs as usize),

@@ -4,12 +4,13 @@
 //! Faults, overload and hostile input are in the reliability suite
 //! (`tests/`, crate `tandem-tests`).
 
+use std::sync::Arc;
 use std::time::Duration;
 use tandem_edge::client::RemoteTarget;
 use tandem_edge::controller::{SpeculationController, StopRule};
 use tandem_edge::{Decoded, EdgeError, Emitted, GenerateRequest, Generation, LogprobInbox, LogprobsWanted, RoundOutcome, Speculator, Target, TargetFeatures};
-use tandem_model::{DraftSpec, JsonObjectMode, LogitsFor, Penalties, SamplingParams, SeqPass, StopTokens, SyntheticDraft, TokenLogprob};
-use tandem_protocol::wire::{EdgeMessage, Open, ServerKind, ServerMessage, SparseDist, Tokens, VerifierClient};
+use tandem_model::{DraftSpec, JsonObjectMode, JsonSchema, LogitsFor, Penalties, SamplingParams, SeqPass, StopTokens, SyntheticDraft, TokenLogprob};
+use tandem_protocol::wire::{EdgeMessage, Open, Sampling, ServerKind, ServerMessage, SparseDist, Tokens, VerifierClient};
 use tandem_tests::*;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -200,6 +201,47 @@ fn json_mode_answers_are_json_objects_as_plain_decoding_gives_them() {
     }
 }
 
+fn with_schema(open: Open, schema: &str) -> Open {
+    let sampling = open.sampling.clone().map(|s| Sampling { json_schema: schema.into(), ..s });
+    Open { sampling, ..open }
+}
+
+/// Structured outputs: with a JSON Schema the answer satisfies it. The
+/// schema travels as text and the server compiles it again; drafting over
+/// gRPC, the trained draft's head included, and server-only decoding give
+/// plain decoding's answer, and sampled answers satisfy it too.
+#[test]
+fn json_schema_answers_satisfy_the_schema_as_plain_decoding_gives_them() {
+    let server = ServerProcess::start(&[]);
+    let m = model();
+    let schema = r#"{"type":"object","additionalProperties":false,"required":["name","age","colour"],
+        "properties":{"name":{"type":"string"},"age":{"type":"integer"},"colour":{"enum":["black","white","ginger"]},"indoor":{"type":"boolean"}}}"#;
+    let mode = JsonObjectMode::new(m.tokenizer.clone()).with_schema(Some(Arc::new(JsonSchema::parse(schema).unwrap())));
+    let req = GenerateRequest {
+        sampling: SamplingParams { json_object: Some(mode), ..SamplingParams::default() },
+        ..request("Describe a cat called Tom as JSON.", 96)
+    };
+    let satisfies = |g: &Generation| {
+        assert!(g.stopped_on_eos, "the object was not closed in {} tokens: {:?}", g.tokens.len(), g.text);
+        let v: serde_json::Value = serde_json::from_str(&g.text).unwrap_or_else(|e| panic!("{e}: {:?}", g.text));
+        let o = v.as_object().unwrap();
+        assert!(o.keys().all(|k| ["name", "age", "colour", "indoor"].contains(&k.as_str())) && o.len() >= 3, "{:?}", g.text);
+        assert!(o["name"].is_string() && (o["age"].is_i64() || o["age"].is_u64()), "{:?}", g.text);
+        assert!(["black", "white", "ginger"].iter().any(|c| o["colour"] == *c) && o.get("indoor").is_none_or(|b| b.is_boolean()), "{:?}", g.text);
+    };
+    let plain = local_with(&DraftSpec::None, &req);
+    satisfies(&plain);
+    for draft in [DraftSpec::Layers(25), DraftSpec::Trained(None)] {
+        let g = remote(&server.url(), None, &draft, &req).unwrap();
+        assert_eq!((&g.tokens, &g.text), (&plain.tokens, &plain.text), "drafting with {draft}");
+    }
+    assert_eq!(remote_server_only(&server.url(), &req), plain.tokens, "server-only");
+    for seed in 1..=3 {
+        let sampled = GenerateRequest { sampling: SamplingParams { temperature: 0.8, seed, ..req.sampling.clone() }, ..req.clone() };
+        satisfies(&remote(&server.url(), None, &DraftSpec::Layers(25), &sampled).unwrap());
+    }
+}
+
 /// The trained (EAGLE-style) draft reads the target's hidden states: over
 /// gRPC they come with every verdict, as half floats, and the draft makes
 /// the same proposals as beside a local target (whose states it also sees
@@ -318,6 +360,12 @@ fn bad_inputs_get_statuses_naming_the_field_and_the_server_keeps_serving() {
         (open_msg(vec![], 4, 0.0), Code::InvalidArgument, "open.prompt"),
         (open_msg(prompt.clone(), 0, 0.0), Code::InvalidArgument, "open.max_new_tokens"),
         (open_msg(prompt.clone(), 4, -1.0), Code::InvalidArgument, "temperature"),
+        (
+            with_schema(open_msg(prompt.clone(), 4, 0.0), r#"{"type":"object","properties":{"a":{"format":"date"}}}"#),
+            Code::InvalidArgument,
+            "open.sampling.json_schema",
+        ),
+        (with_schema(open_msg(prompt.clone(), 4, 0.0), "{"), Code::InvalidArgument, "open.sampling.json_schema"),
     ];
     for (open, code, field) in open_cases {
         let (_, status) = raw(&url, None, open, nothing);

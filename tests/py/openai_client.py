@@ -5,9 +5,11 @@ Prints one JSON object: the non-streamed and streamed answers and usage.
 """
 import json
 import sys
+import typing
 import urllib.request
 
 import openai
+import pydantic
 
 client = openai.OpenAI(base_url=sys.argv[1], api_key="unused-by-a-local-endpoint")
 question = [{"role": "user", "content": "Name three colours."}]
@@ -50,6 +52,8 @@ text_logprobs = client.completions.create(model="tandem", prompt="The capital of
 # the prompt as text and as the token ids /tokenize gives (its
 # `tokenized_requests`).
 echoed = client.completions.create(model="tandem", prompt="The capital of France is", max_tokens=1, temperature=0, logprobs=1, echo=True)
+# Two choices: the prompt's log-probabilities (asked for once) echoed with each.
+echoed_twice = client.completions.create(model="tandem", prompt="The capital of France is", max_tokens=1, temperature=0, logprobs=1, echo=True, n=2)
 
 
 def post(path, body):
@@ -75,6 +79,23 @@ as_json = client.chat.completions.create(
     max_tokens=96,
     temperature=0,
     response_format={"type": "json_object"},
+)
+# Structured outputs through the client's own helper: it sends the
+# model's strict JSON Schema and parses the answer with Pydantic.
+class Cat(pydantic.BaseModel):
+    name: str
+    age: int
+    colour: typing.Literal["black", "white", "ginger"]
+    nickname: typing.Optional[str]
+    toys: typing.List[str] = pydantic.Field(max_length=3)
+
+
+structured = client.chat.completions.parse(
+    model="tandem",
+    messages=[{"role": "user", "content": "Describe a cat called Tom as JSON."}],
+    max_tokens=128,
+    temperature=0,
+    response_format=Cat,
 )
 
 # n choices: sampled ones draw with seed + i; greedy ones are alike.
@@ -112,12 +133,14 @@ print(
             "completion_logprobs": text_logprobs.choices[0].logprobs.model_dump(),
             "echo_text": echoed.choices[0].text,
             "echo_logprobs": echoed.choices[0].logprobs.model_dump(),
+            "echo_twice_logprobs": [c.logprobs.model_dump() for c in echoed_twice.choices],
             "echo_ids_text": echoed_ids.choices[0].text,
             "echo_ids_logprobs": echoed_ids.choices[0].logprobs.model_dump(),
             "detokenized": post("/detokenize", {"tokens": ids})["prompt"],
             "comma": comma,
             "at_comma": [at_comma.choices[0].message.content, at_comma.choices[0].finish_reason, at_comma.usage.completion_tokens],
             "json_mode": [as_json.choices[0].message.content, as_json.choices[0].finish_reason],
+            "structured": [structured.choices[0].message.content, structured.choices[0].finish_reason, structured.choices[0].message.parsed.model_dump()],
             "at_comma_streamed": "".join(c.choices[0].delta.content or "" for c in at_comma_chunks if c.choices),
             "several": [[c.index, c.message.content, c.finish_reason] for c in several.choices],
             "several_tokens": several.usage.completion_tokens,

@@ -238,6 +238,12 @@ fn serve_answers_the_official_openai_client() {
     // JSON mode: one object, closed.
     assert_eq!(v["json_mode"][1], "stop", "{v}");
     assert!(serde_json::from_str::<Value>(v["json_mode"][0].as_str().unwrap()).unwrap().is_object(), "{v}");
+    // Structured outputs: the client's helper parsed the answer into its
+    // Pydantic model (which it validates); the text is that object.
+    assert_eq!(v["structured"][1], "stop", "{v}");
+    let cat = &v["structured"][2];
+    assert_eq!(serde_json::from_str::<Value>(v["structured"][0].as_str().unwrap()).unwrap(), *cat, "{v}");
+    assert!(cat["toys"].as_array().is_some_and(|t| t.len() <= 3) && ["black", "white", "ginger"].iter().any(|c| cat["colour"] == *c), "{v}");
 
     // Log-probabilities: one per answer token (none for a stop token), their
     // bytes making the text, the same streamed, and the same as the
@@ -287,6 +293,8 @@ fn serve_answers_the_official_openai_client() {
     assert_eq!(tokens.concat(), v["echo_text"].as_str().unwrap());
     // The prompt as /tokenize's token ids: the same tokens, the same scores.
     assert_eq!((&v["echo_ids_text"], &v["echo_ids_logprobs"]), (&v["echo_text"], echoed));
+    // With `n` 2 each choice echoes them, though the server was asked once.
+    assert_eq!(v["echo_twice_logprobs"], serde_json::json!([echoed, echoed]), "{v}");
     assert_eq!(v["detokenized"], prompt);
 }
 
