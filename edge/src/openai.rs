@@ -207,9 +207,9 @@ struct ValidCompletion {
 /// one after another on this device.
 const MAX_CHOICES: usize = 16;
 
-/// Fields refused rather than ignored (unless null, false or empty).
-/// Refused when set: silently ignoring one would answer unconstrained
-/// (vLLM's `guided_*` other than `guided_json` among them).
+/// Fields refused rather than ignored (unless null, false or empty):
+/// ignoring one would answer as if it had not been asked (vLLM's
+/// `guided_*` other than `guided_json` among them).
 const UNSUPPORTED: [&str; 6] = ["tools", "functions", "suffix", "guided_regex", "guided_choice", "guided_grammar"];
 
 /// `logit_bias`: `{"token id": bias in [-100, 100]}`, ids ascending.
