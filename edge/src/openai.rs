@@ -29,8 +29,28 @@
 //!   Schema (see `JsonSchema`); a keyword outside it gets a 400 naming it.
 //!   vLLM's `guided_json` (a schema, or its JSON text) is the same; its
 //!   other `guided_*` parameters are refused.
-//! * Parameters Tandem cannot honour (`tools`, `echo` with `stream`, …)
-//!   are refused with a 400 naming them rather than silently ignored.
+//! * Function calling over structured outputs. The chat templates Tandem
+//!   renders have no tool format, so the functions' names, descriptions
+//!   and schemas go into the system turn (llama.cpp's generic tool format
+//!   does alike), and the answer's shape is a schema:
+//!   - `tool_choice` naming a function: the answer is its arguments,
+//!     satisfying its `parameters` (none: `{}`); in a stream the call's
+//!     id and name come first, then the arguments;
+//!   - `required`: with one tool, that one; with several, `{"name": …,
+//!     "arguments": …}`, a union the name tags, streamed whole at the end;
+//!   - `auto` (the default with tools): `{"kind": "reply", "content": …}`
+//!     or `{"kind": "call", "call": {"name": …, "arguments": …}}`; a
+//!     reply's text streams out of its JSON string, a call comes whole at
+//!     the end with `finish_reason` `tool_calls`. Stop strings and
+//!     log-probabilities, which would be of the JSON around the reply,
+//!     are refused with it;
+//!   - `none` ignores the tools.
+//!
+//!   A forced call ends with `finish_reason` `stop`, as OpenAI gives it.
+//!   Earlier calls in `messages` are the assistant's turns (their
+//!   arguments' text), and `tool` results a turn of their own.
+//! * Parameters Tandem cannot honour (`functions`, `echo` with `stream`,
+//!   …) are refused with a 400 naming them rather than silently ignored.
 //! * `logprobs` (chat: `logprobs: true` and `top_logprobs` 0..=20;
 //!   completions: `logprobs` 0..=20, vLLM's limit where OpenAI's is 5) are
 //!   the target's, of its raw distribution (before temperature and
@@ -74,13 +94,17 @@ struct AppState {
     edge: Arc<Mutex<Edge>>,
     /// Shared with the edge, so requests are checked while another generates.
     tokenizer: Arc<Tokenizer>,
+    /// JSON mode's token tables, built once (a few milliseconds) and
+    /// shared by every JSON request.
+    json_tables: JsonObjectMode,
     model_id: Arc<str>,
 }
 
 /// The endpoint's routes over `edge`.
 pub fn router(edge: Edge) -> Router {
     let model_id: Arc<str> = edge.model_id().into();
-    let state = AppState { tokenizer: edge.tokenizer.clone(), edge: Arc::new(Mutex::new(edge)), model_id };
+    let (tokenizer, json_tables) = (edge.tokenizer.clone(), JsonObjectMode::new(edge.tokenizer.clone()));
+    let state = AppState { tokenizer, json_tables, edge: Arc::new(Mutex::new(edge)), model_id };
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -147,14 +171,15 @@ async fn models(State(s): State<AppState>) -> Response {
 }
 
 /// vLLM's `POST /tokenize`: `{"prompt": …}` (a string or token ids) as a
-/// completion takes it, or `{"messages": […]}` in the chat template, as a
-/// chat completion does; answers `{"tokens", "count"}`.
+/// completion takes it, or `{"messages": […]}` (with `tools` and
+/// `tool_choice`) in the chat template, as a chat completion does;
+/// answers `{"tokens", "count"}`.
 async fn tokenize(State(s): State<AppState>, body: Bytes) -> Response {
     let tokens = || -> Result<Vec<u32>, ApiError> {
         let obj = &json_object(&body)?;
         if obj.contains_key("messages") {
-            let text = s.tokenizer.chat_messages(&messages(obj)?, Some(&crate::chat::today()));
-            return Ok(s.tokenizer.encode_prompt(&text).map_err(EdgeError::from)?);
+            let forced = tool_use(Kind::Chat, obj)?;
+            return Ok(chat_prompt(obj, &s.tokenizer, forced.as_ref(), &crate::chat::today())?.0);
         }
         Ok(completion_prompt(obj, &s.tokenizer)?.0)
     };
@@ -201,6 +226,8 @@ struct ValidCompletion {
     logprobs: Option<usize>,
     /// Completions' `echo`: the prompt's text, put before the answer.
     echo: Option<String>,
+    /// The function call the answer is.
+    tool_call: Option<Call>,
 }
 
 /// The most choices (`n`) one request may ask for: they are generated
@@ -210,7 +237,180 @@ const MAX_CHOICES: usize = 16;
 /// Fields refused rather than ignored (unless null, false or empty):
 /// ignoring one would answer as if it had not been asked (vLLM's
 /// `guided_*` other than `guided_json` among them).
-const UNSUPPORTED: [&str; 6] = ["tools", "functions", "suffix", "guided_regex", "guided_choice", "guided_grammar"];
+const UNSUPPORTED: [&str; 5] = ["functions", "suffix", "guided_regex", "guided_choice", "guided_grammar"];
+
+/// How a chat answer uses the tools.
+#[derive(Clone, Debug, PartialEq)]
+enum Call {
+    /// It calls this function: the answer is its arguments.
+    Named(String),
+    /// It calls one of several: `{"name": …, "arguments": …}`.
+    Chosen,
+    /// It calls one or replies: `{"kind": "call", "call": {"name": …,
+    /// "arguments": …}}` or `{"kind": "reply", "content": …}`.
+    Auto,
+}
+
+/// A `Chosen` answer's function and arguments (None: cut short).
+fn chosen_call(text: &str) -> Option<(String, String)> {
+    named_call(&serde_json::from_str(text).ok()?)
+}
+
+fn named_call(v: &Value) -> Option<(String, String)> {
+    Some((v.get("name")?.as_str()?.to_string(), v.get("arguments")?.to_string()))
+}
+
+/// What an `Auto` answer is: a reply's text, or a call (None: cut short).
+fn auto_answer(text: &str) -> Option<Result<String, (String, String)>> {
+    let v: Value = serde_json::from_str(text).ok()?;
+    match v.get("kind")?.as_str()? {
+        "reply" => Some(Ok(v.get("content")?.as_str()?.to_string())),
+        _ => Some(Err(named_call(v.get("call")?)?)),
+    }
+}
+
+/// How a chat answer must use the tools, from `tools` and `tool_choice`.
+#[derive(Debug)]
+struct ToolUse {
+    call: Call,
+    /// What the system turn tells the model of the function.
+    instruction: String,
+    schema: Arc<JsonSchema>,
+}
+
+impl ToolUse {
+    /// Adds the instruction to the conversation's system turn (the
+    /// template's default one when it has none).
+    fn instruct(&self, messages: &mut Vec<ChatMessage>, default_system: Option<&str>) {
+        match messages.first_mut() {
+            Some(m) if m.role == "system" => m.content = format!("{}\n\n{}", m.content, self.instruction),
+            _ => {
+                let content = default_system.map_or(self.instruction.clone(), |s| format!("{s}\n\n{}", self.instruction));
+                messages.insert(0, ChatMessage { role: "system".into(), content });
+            }
+        }
+    }
+}
+
+/// OpenAI's rule for function names: 1 to 64 letters, digits, `_` or `-`.
+fn is_function_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `tools` and `tool_choice`: how the answer uses the tools (None: it
+/// does not). Every tool is checked, used or not, as OpenAI does.
+fn tool_use(kind: Kind, obj: &Map<String, Value>) -> Result<Option<ToolUse>, ApiError> {
+    const TOOL: &str = "each of `tools` is {\"type\": \"function\", \"function\": {\"name\", \"description\", \"parameters\"}}";
+    let tools = match obj.get("tools") {
+        None | Some(Value::Null) => &[][..],
+        Some(Value::Array(a)) => a.as_slice(),
+        Some(_) => return Err(ApiError::invalid("tools", format!("`tools` must be an array; {TOOL}"))),
+    };
+    let choice = obj.get("tool_choice").filter(|c| !c.is_null());
+    if kind == Kind::Text && (!tools.is_empty() || choice.is_some()) {
+        let param = if tools.is_empty() { "tool_choice" } else { "tools" };
+        return Err(ApiError::invalid(param, format!("`{param}` is a chat completions parameter")));
+    }
+    let mut functions: Vec<(&str, &Value)> = vec![];
+    for (i, tool) in tools.iter().enumerate() {
+        let function = tool.get("function").filter(|_| tool.get("type").and_then(Value::as_str) == Some("function"));
+        let name = function.and_then(|f| f.get("name")).and_then(Value::as_str).ok_or_else(|| ApiError::invalid("tools", format!("`tools[{i}]`: {TOOL}")))?;
+        if !is_function_name(name) || functions.iter().any(|f| f.0 == name) {
+            return Err(ApiError::invalid("tools", format!("`tools[{i}].function.name` must be 1 to 64 letters, digits, `_` or `-`, and unique")));
+        }
+        functions.push((name, function.expect("has a name")));
+    }
+    let call = match choice {
+        None if functions.is_empty() => return Ok(None),
+        Some(Value::String(c)) if c == "none" => return Ok(None),
+        _ if functions.is_empty() => return Err(ApiError::invalid("tool_choice", "`tool_choice` needs `tools`")),
+        None => Call::Auto,
+        Some(Value::String(c)) if c == "auto" => Call::Auto,
+        Some(Value::String(c)) if c == "required" && functions.len() == 1 => Call::Named(functions[0].0.to_string()),
+        Some(Value::String(c)) if c == "required" => Call::Chosen,
+        Some(Value::String(_)) => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "`tool_choice` must be `none`, `auto`, `required` or {\"type\": \"function\", \"function\": {\"name\": …}}",
+            ))
+        }
+        Some(c) => {
+            let name = c.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
+            let (name, _) = functions
+                .iter()
+                .find(|f| Some(f.0) == name)
+                .ok_or_else(|| ApiError::invalid("tool_choice", "`tool_choice.function.name` must name one of `tools`"))?;
+            Call::Named(name.to_string())
+        }
+    };
+    let mut parameters = vec![];
+    for (i, (_, function)) in functions.iter().enumerate() {
+        // No parameters: a function of none, called with `{}`.
+        let schema = function.get("parameters").filter(|p| !p.is_null()).cloned().unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+        let bad = |e: String| ApiError::invalid("tools", format!("`tools[{i}].function.parameters`: {e}"));
+        if schema.get("type").and_then(Value::as_str) != Some("object") {
+            return Err(bad("must be the schema of an object (`\"type\": \"object\"`)".into()));
+        }
+        parameters.push((JsonSchema::from_value(&schema).map_err(|e| bad(e.to_string()))?, schema));
+    }
+    let describe =
+        |(name, function): &(&str, &Value)| function.get("description").and_then(Value::as_str).map_or(format!("`{name}`"), |d| format!("`{name}` ({d})"));
+    let list = functions.iter().map(|f| format!("- {}", describe(f))).collect::<Vec<_>>().join("\n");
+    // A call naming its function: a union the name tags (see `JsonSchema`).
+    let named_call = || {
+        let arms: Vec<Value> = functions
+            .iter()
+            .zip(&parameters)
+            .map(|((name, _), (_, schema))| {
+                json!({"type": "object", "properties": {"name": {"const": name}, "arguments": schema}, "required": ["name", "arguments"], "additionalProperties": false})
+            })
+            .collect();
+        if arms.len() == 1 {
+            arms[0].clone()
+        } else {
+            json!({"anyOf": arms})
+        }
+    };
+    let (schema, instruction) = match &call {
+        Call::Named(name) => {
+            let i = functions.iter().position(|f| f.0 == name).expect("a function of `tools`");
+            let (compiled, schema) = parameters.swap_remove(i);
+            let instruction = format!(
+                "Call the function {}.\nReply with its arguments alone, as a JSON object that satisfies this JSON Schema:\n{schema}",
+                describe(&functions[i])
+            );
+            return Ok(Some(ToolUse { call, instruction, schema: Arc::new(compiled) }));
+        }
+        Call::Chosen => (
+            named_call(),
+            format!("Call one of these functions:\n{list}\nReply with a JSON object of the function's `name` and its `arguments` that satisfies this JSON Schema:\n"),
+        ),
+        Call::Auto => {
+            let reply = json!({"type": "object", "properties": {"kind": {"const": "reply"}, "content": {"type": "string"}}, "required": ["kind", "content"], "additionalProperties": false});
+            let called = json!({"type": "object", "properties": {"kind": {"const": "call"}, "call": named_call()}, "required": ["kind", "call"], "additionalProperties": false});
+            let instruction = format!(
+                "You can call these functions:\n{list}\nTo call one, reply with {{\"kind\": \"call\", \"call\": {{\"name\": …, \"arguments\": …}}}}; \
+                 otherwise answer with {{\"kind\": \"reply\", \"content\": your answer}}. Either satisfies this JSON Schema:\n"
+            );
+            (json!({"anyOf": [reply, called]}), instruction)
+        }
+    };
+    // The functions' definitions go to the root, where their `$ref`s point.
+    let mut schema = schema;
+    for (_, parameters) in &parameters {
+        for key in ["$defs", "definitions"] {
+            for (name, definition) in parameters.get(key).and_then(Value::as_object).into_iter().flatten() {
+                let held = schema.as_object_mut().expect("an object").entry(key).or_insert_with(|| json!({}));
+                if held.get(name).is_some_and(|d| d != definition) {
+                    return Err(ApiError::invalid("tools", format!("`tools`: two functions define `{key}.{name}` differently")));
+                }
+                held[name] = definition.clone();
+            }
+        }
+    }
+    let compiled = JsonSchema::from_value(&schema).map_err(|e| ApiError::invalid("tools", format!("`tools`: {e}")))?;
+    Ok(Some(ToolUse { call, instruction: format!("{instruction}{schema}"), schema: Arc::new(compiled) }))
+}
 
 /// `logit_bias`: `{"token id": bias in [-100, 100]}`, ids ascending.
 fn logit_bias(obj: &Map<String, Value>, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
@@ -298,7 +498,8 @@ fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
-fn parse_request(kind: Kind, body: &[u8], tokenizer: &Arc<Tokenizer>, today: &str) -> Result<ValidCompletion, ApiError> {
+/// `json_tables`: JSON mode's, for `tokenizer`.
+fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, json_tables: &JsonObjectMode, today: &str) -> Result<ValidCompletion, ApiError> {
     let obj = &json_object(body)?;
     for name in UNSUPPORTED {
         let off = |x: &Value| match x {
@@ -350,6 +551,15 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Arc<Tokenizer>, today: &st
             Some(Some(Arc::new(schema.map_err(|e| ApiError::invalid("guided_json", format!("`guided_json`: {e}")))?)))
         }
     };
+    let forced = tool_use(kind, obj)?;
+    let json_mode = match (json_mode, &forced) {
+        (Some(_), Some(_)) => {
+            let param = if obj.get("guided_json").is_some_and(|g| !g.is_null()) { "guided_json" } else { "response_format" };
+            return Err(ApiError::invalid(param, format!("`{param}` and a forced `tool_choice` both constrain the answer")));
+        }
+        (json_mode, None) => json_mode,
+        (None, Some(call)) => Some(Some(call.schema.clone())),
+    };
     let n = number(obj, "n")?.unwrap_or(1.0);
     if !(1.0..=MAX_CHOICES as f64).contains(&n) || n.fract() != 0.0 {
         return Err(ApiError::invalid("n", format!("`n` must be an integer in 1..={MAX_CHOICES}")));
@@ -358,10 +568,7 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Arc<Tokenizer>, today: &st
         return Err(ApiError::invalid("best_of", "`best_of` must equal `n`: Tandem returns every choice it generates"));
     }
     let (prompt, text) = match kind {
-        Kind::Chat => {
-            let text = tokenizer.chat_messages(&messages(obj)?, Some(today));
-            (tokenizer.encode_prompt(&text).map_err(EdgeError::from)?, text)
-        }
+        Kind::Chat => chat_prompt(obj, tokenizer, forced.as_ref(), today)?,
         Kind::Text => completion_prompt(obj, tokenizer)?,
     };
     let echo = match obj.get("echo") {
@@ -429,6 +636,13 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Arc<Tokenizer>, today: &st
     if echo && stream {
         return Err(ApiError::invalid("echo", "`echo` is not supported with `stream`"));
     }
+    // An `auto` answer is JSON around the reply: stop strings and
+    // log-probabilities would be of that text, not the reply's.
+    if forced.as_ref().is_some_and(|t| t.call == Call::Auto) {
+        if let Some(param) = [("stop", !stop.is_empty()), ("logprobs", logprobs.is_some())].into_iter().find_map(|(p, on)| on.then_some(p)) {
+            return Err(ApiError::invalid(param, format!("`{param}` is not supported with `tools` when `tool_choice` is `auto`")));
+        }
+    }
     Ok(ValidCompletion {
         prompt,
         n: n as usize,
@@ -442,13 +656,14 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Arc<Tokenizer>, today: &st
             penalties,
             logit_bias: logit_bias(obj, tokenizer.vocab_size())?,
             stop: stop_tokens(obj, tokenizer, max as usize)?,
-            json_object: json_mode.map(|schema| JsonObjectMode::new(tokenizer.clone()).with_schema(schema)),
+            json_object: json_mode.map(|schema| json_tables.with_schema(schema)),
         },
         stop,
         stream,
         include_usage,
         logprobs,
         echo: echo.then_some(text),
+        tool_call: forced.map(|forced| forced.call),
     })
 }
 
@@ -472,11 +687,33 @@ fn messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
                 "system" | "developer" => "system",
                 "user" => "user",
                 "assistant" => "assistant",
-                other => return Err(ApiError::invalid("messages", format!("message role `{other}` is not supported (system, user, assistant)"))),
+                "tool" => "tool",
+                other => return Err(ApiError::invalid("messages", format!("message role `{other}` is not supported (system, user, assistant, tool)"))),
             };
-            Ok(ChatMessage { role: role.into(), content: content_text(m.get("content"))? })
+            let mut content = content_text(m.get("content"))?;
+            // An earlier call: the text the model wrote, its arguments.
+            if let Some(calls) = m.get("tool_calls").filter(|c| role == "assistant" && !c.is_null()) {
+                let arguments = calls.as_array().and_then(|calls| {
+                    calls.iter().map(|c| c.get("function").and_then(|f| f.get("arguments")).and_then(Value::as_str)).collect::<Option<Vec<_>>>()
+                });
+                let arguments =
+                    arguments.ok_or_else(|| ApiError::invalid("messages", "an assistant's `tool_calls` must be an array of {function: {name, arguments}}"))?;
+                content.push_str(&arguments.join("\n"));
+            }
+            Ok(ChatMessage { role: role.into(), content })
         })
         .collect()
+}
+
+/// A chat's prompt, tokens and text: its messages in the chat template,
+/// the forced call's instruction in the system turn.
+fn chat_prompt(obj: &Map<String, Value>, tokenizer: &Tokenizer, forced: Option<&ToolUse>, today: &str) -> Result<(Vec<u32>, String), ApiError> {
+    let mut messages = messages(obj)?;
+    if let Some(call) = forced {
+        call.instruct(&mut messages, tokenizer.default_system());
+    }
+    let text = tokenizer.chat_messages(&messages, Some(today));
+    Ok((tokenizer.encode_prompt(&text).map_err(EdgeError::from)?, text))
 }
 
 /// A message's content: a string, or an array of parts of which only
@@ -531,10 +768,10 @@ fn fresh_seed() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
-fn next_id(kind: Kind) -> String {
+/// A response's (`chatcmpl`, `cmpl`) or a tool call's (`call`) id.
+fn next_id(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
     format!("{prefix}-{:x}{n:04x}", unix_now())
 }
 
@@ -802,14 +1039,15 @@ fn choice_logprobs(kind: Kind, asked: bool, entries: &[(Value, usize)]) -> Value
 }
 
 async fn complete(state: AppState, kind: Kind, body: Bytes) -> Response {
-    let req = match parse_request(kind, &body, &state.tokenizer, &crate::chat::today()) {
+    let req = match parse_request(kind, &body, &state.tokenizer, &state.json_tables, &crate::chat::today()) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
     let (tx, rx) = mpsc::channel(64);
-    let (stream, include_usage, logprobs, n) = (req.stream, req.include_usage, req.logprobs.is_some(), req.n);
+    let (stream, include_usage, logprobs, n, tool_call) = (req.stream, req.include_usage, req.logprobs.is_some(), req.n, req.tool_call.clone());
     spawn_generation(&state, req, tx);
-    let head = ResponseHead { kind, id: next_id(kind), created: unix_now(), model: state.model_id.to_string(), logprobs, n };
+    let id = next_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
+    let head = ResponseHead { kind, id, created: unix_now(), model: state.model_id.to_string(), logprobs, n, tool_call };
     if stream {
         stream_response(head, include_usage, rx).into_response()
     } else {
@@ -827,10 +1065,32 @@ struct ResponseHead {
     logprobs: bool,
     /// Choices asked for.
     n: usize,
+    /// The function call each chat choice is.
+    tool_call: Option<Call>,
+}
+
+/// A chat choice's whole message: its text, or the call it is (a chosen
+/// call cut short stays text).
+fn chat_message(text: String, tool_call: Option<&Call>) -> Value {
+    let call = |name: &str, arguments: &str| {
+        json!({"role": "assistant", "content": null, "tool_calls": [
+            {"id": next_id("call"), "type": "function", "function": {"name": name, "arguments": arguments}}
+        ]})
+    };
+    match tool_call {
+        Some(Call::Named(name)) => call(name, &text),
+        Some(Call::Chosen) => chosen_call(&text).map_or_else(|| json!({"role": "assistant", "content": text}), |(name, arguments)| call(&name, &arguments)),
+        Some(Call::Auto) => match auto_answer(&text) {
+            Some(Ok(reply)) => json!({"role": "assistant", "content": reply}),
+            Some(Err((name, arguments))) => call(&name, &arguments),
+            None => json!({"role": "assistant", "content": text}),
+        },
+        None => json!({"role": "assistant", "content": text}),
+    }
 }
 
 async fn whole_response(head: ResponseHead, mut rx: mpsc::Receiver<Update>) -> Response {
-    let ResponseHead { kind, id, created, model, logprobs, n } = head;
+    let ResponseHead { kind, id, created, model, logprobs, n, tool_call } = head;
     let mut texts = vec![String::new(); n];
     let mut entries = vec![vec![]; n];
     let (mut choices, mut generations) = (vec![], vec![]);
@@ -851,7 +1111,11 @@ async fn whole_response(head: ResponseHead, mut rx: mpsc::Receiver<Update>) -> R
                 }
                 let logprobs = choice_logprobs(kind, logprobs, &entries);
                 choices.push(match kind {
-                    Kind::Chat => json!({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": logprobs}),
+                    Kind::Chat => {
+                        let message = chat_message(text, tool_call.as_ref());
+                        let reason = if message["tool_calls"].is_array() { call_reason(tool_call.as_ref(), reason) } else { reason };
+                        json!({"index": index, "message": message, "finish_reason": reason, "logprobs": logprobs})
+                    }
                     Kind::Text => json!({"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}),
                 });
                 generations.push(*generation);
@@ -868,7 +1132,7 @@ async fn whole_response(head: ResponseHead, mut rx: mpsc::Receiver<Update>) -> R
 }
 
 fn stream_response(head: ResponseHead, include_usage: bool, mut rx: mpsc::Receiver<Update>) -> impl IntoResponse {
-    let ResponseHead { kind, id, created, model, logprobs, n } = head;
+    let ResponseHead { kind, id, created, model, logprobs, n, tool_call } = head;
     let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
     let chunk = move |choices: Value, usage: Option<Value>| {
         let mut c = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
@@ -877,13 +1141,20 @@ fn stream_response(head: ResponseHead, include_usage: bool, mut rx: mpsc::Receiv
         }
         Event::default().data(c.to_string())
     };
-    let choice = move |index: usize, text: Option<&str>, reason: Option<&str>, entries: &[(Value, usize)]| {
+    let choice = move |index: usize, delta: Value, text: Option<&str>, reason: Option<&str>, entries: &[(Value, usize)]| {
         let logprobs = choice_logprobs(kind, logprobs && text.is_some(), entries);
         match kind {
-            Kind::Chat => json!([{"index": index, "delta": text.map_or(json!({}), |t| json!({"content": t})), "finish_reason": reason, "logprobs": logprobs}]),
+            Kind::Chat => json!([{"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}]),
             Kind::Text => json!([{"index": index, "text": text.unwrap_or(""), "finish_reason": reason, "logprobs": logprobs}]),
         }
     };
+    // A named call's arguments come as its deltas, after its name and id
+    // in the opening one. A chosen call comes whole at the end, its name
+    // being known only from the answer; so does an `auto` answer's call,
+    // while its reply's text streams out of its JSON string.
+    let named = matches!(tool_call, Some(Call::Named(_)));
+    let (chosen, auto) = (tool_call == Some(Call::Chosen), tool_call == Some(Call::Auto));
+    let text_delta = move |t: &str| if named { json!({"tool_calls": [{"index": 0, "function": {"arguments": t}}]}) } else { json!({"content": t}) };
     // Updates become events on a task of their own; a full channel waits
     // for the client, a closed one (client gone) drops the updates.
     let (events_tx, events_rx) = mpsc::channel::<Event>(64);
@@ -891,16 +1162,52 @@ fn stream_response(head: ResponseHead, include_usage: bool, mut rx: mpsc::Receiv
         // Each choice's role comes first, as vLLM sends it.
         if kind == Kind::Chat {
             for index in 0..n {
-                let opening = chunk(json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": null, "logprobs": null}]), None);
+                let delta = match &tool_call {
+                    None => json!({"role": "assistant", "content": ""}),
+                    Some(Call::Named(name)) => json!({"role": "assistant", "content": null, "tool_calls": [
+                        {"index": 0, "id": next_id("call"), "type": "function", "function": {"name": name, "arguments": ""}}
+                    ]}),
+                    Some(Call::Chosen) => json!({"role": "assistant", "content": null}),
+                    Some(Call::Auto) => json!({"role": "assistant"}),
+                };
+                let opening = chunk(json!([{"index": index, "delta": delta, "finish_reason": null, "logprobs": null}]), None);
                 let _ = events_tx.send(opening).await;
             }
         }
         let mut generations = vec![];
+        // A chosen call's or an `auto` answer's text and log-probabilities,
+        // held to the end, and the reply text streamed out of the latter.
+        let mut held = vec![(String::new(), vec![]); if chosen || auto { n } else { 0 }];
+        let mut replies: Vec<AutoReply> = (0..if auto { n } else { 0 }).map(|_| AutoReply::default()).collect();
         while let Some(update) = rx.recv().await {
             let events = match update {
-                Update::Text { index, text, logprobs } => vec![chunk(choice(index, Some(&text), None, &logprobs), None)],
+                Update::Text { index, text, logprobs } if chosen || auto => {
+                    held[index].0.push_str(&text);
+                    held[index].1.extend(logprobs);
+                    let shown = if auto { replies[index].push(&text) } else { String::new() };
+                    if shown.is_empty() {
+                        vec![]
+                    } else {
+                        vec![chunk(choice(index, json!({"content": shown}), Some(&shown), None, &[]), None)]
+                    }
+                }
+                Update::Text { index, text, logprobs } => vec![chunk(choice(index, text_delta(&text), Some(&text), None, &logprobs), None)],
                 Update::Done { index, generation, stopped, .. } => {
-                    let mut last = vec![chunk(choice(index, None, Some(finish_reason(&generation, stopped)), &[]), None)];
+                    let mut last = vec![];
+                    let mut reason = finish_reason(&generation, stopped);
+                    if chosen || auto && replies[index].is_call() {
+                        let (text, entries) = std::mem::take(&mut held[index]);
+                        let message = chat_message(text.clone(), tool_call.as_ref());
+                        let delta = match message["tool_calls"].as_array() {
+                            Some(calls) => {
+                                reason = call_reason(tool_call.as_ref(), reason);
+                                json!({"tool_calls": [{"index": 0, "id": calls[0]["id"], "type": "function", "function": calls[0]["function"]}]})
+                            }
+                            None => json!({"content": text}),
+                        };
+                        last.push(chunk(choice(index, delta, Some(&text), None, &entries), None));
+                    }
+                    last.push(chunk(choice(index, json!({}), None, Some(reason), &[]), None));
                     generations.push(*generation);
                     if generations.len() == n {
                         if include_usage {
@@ -923,6 +1230,120 @@ fn stream_response(head: ResponseHead, include_usage: bool, mut rx: mpsc::Receiv
     Sse::new(events)
 }
 
+/// A call's `finish_reason`: `tool_calls` where the model chose to call
+/// (`auto`); a forced call's stays `stop`, as OpenAI gives it.
+fn call_reason(call: Option<&Call>, reason: &'static str) -> &'static str {
+    if call == Some(&Call::Auto) && reason == "stop" {
+        "tool_calls"
+    } else {
+        reason
+    }
+}
+
+/// An `auto` answer read as it comes: its reply's text is decoded out of
+/// its JSON string as soon as whole (`{"kind": "reply", "content": "…`),
+/// and a call is known at its kind.
+#[derive(Debug, Default)]
+struct AutoReply {
+    raw: String,
+    /// Bytes of `raw` read.
+    at: usize,
+    phase: ReplyPhase,
+}
+
+#[derive(Debug, Default, PartialEq)]
+enum ReplyPhase {
+    #[default]
+    Head,
+    Content,
+    Call,
+    Done,
+}
+
+impl AutoReply {
+    /// Takes the answer's next text; returns the reply's text it completes.
+    fn push(&mut self, text: &str) -> String {
+        self.raw.push_str(text);
+        if self.phase == ReplyPhase::Head {
+            // The schema puts the kind first, and nothing before the
+            // content's string has whitespace of its own.
+            const REPLY: &str = r#"{"kind":"reply","content":""#;
+            const CALL: &str = r#"{"kind":"call""#;
+            let mut seen = String::new();
+            for (i, c) in self.raw.char_indices().filter(|(_, c)| !c.is_ascii_whitespace()) {
+                seen.push(c);
+                if seen == REPLY {
+                    (self.phase, self.at) = (ReplyPhase::Content, i + 1);
+                    break;
+                }
+                if seen == CALL {
+                    self.phase = ReplyPhase::Call;
+                    break;
+                }
+            }
+        }
+        let mut out = String::new();
+        while self.phase == ReplyPhase::Content {
+            let rest = &self.raw[self.at..];
+            let Some(c) = rest.chars().next() else { break };
+            let (decoded, used) = match c {
+                '"' => {
+                    self.phase = ReplyPhase::Done;
+                    (None, 1)
+                }
+                '\\' => match json_escape(rest) {
+                    Some(step) => step,
+                    None => break,
+                },
+                c => (Some(c), c.len_utf8()),
+            };
+            out.extend(decoded);
+            self.at += used;
+        }
+        out
+    }
+
+    fn is_call(&self) -> bool {
+        self.phase == ReplyPhase::Call
+    }
+}
+
+/// The character an escape at the start of `s` stands for, and its
+/// length; None while the escape is incomplete (a lone surrogate becomes
+/// U+FFFD, as serde_json would refuse it).
+fn json_escape(s: &str) -> Option<(Option<char>, usize)> {
+    let b = s.as_bytes();
+    let hex = |at: usize| b.get(at..at + 4).and_then(|h| u32::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+    Some(match *b.get(1)? {
+        b'u' => {
+            let unit = hex(2)?;
+            if (0xd800..0xdc00).contains(&unit) {
+                if b.len() < 12 {
+                    return None;
+                }
+                match (b[6], b[7], hex(8)) {
+                    (b'\\', b'u', Some(low)) if (0xdc00..0xe000).contains(&low) => (char::from_u32(0x10000 + ((unit - 0xd800) << 10) + (low - 0xdc00)), 12),
+                    _ => (Some('\u{fffd}'), 6),
+                }
+            } else {
+                (Some(char::from_u32(unit).unwrap_or('\u{fffd}')), 6)
+            }
+        }
+        e => (Some(unescaped_char(e)), 2),
+    })
+}
+
+fn unescaped_char(e: u8) -> char {
+    match e {
+        b'n' => '\n',
+        b't' => '\t',
+        b'r' => '\r',
+        b'b' => '\u{8}',
+        b'f' => '\u{c}',
+        other => other as char,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -935,7 +1356,8 @@ mod tests {
     #[test]
     fn requests_are_checked_once_with_errors_naming_the_field() {
         let tok = tokenizer();
-        let chat = |body: &str| parse_request(Kind::Chat, body.as_bytes(), &tok, "07 Dec 2026");
+        let tables = JsonObjectMode::new(tok.clone());
+        let chat = |body: &str| parse_request(Kind::Chat, body.as_bytes(), &tok, &tables, "07 Dec 2026");
         let ok = chat(r#"{"model":"x","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":[{"type":"text","text":"Hi"}]}]}"#).unwrap();
         assert_eq!(ok.max_new_tokens, MAX_NEW_TOKENS);
         assert_eq!((ok.sampling.temperature, ok.sampling.top_p, ok.stream), (1.0, 1.0, false));
@@ -944,10 +1366,10 @@ mod tests {
         assert!(text.contains("Be brief.") && text.contains("Hi") && !text.contains("named SmolLM"), "{text}");
         let ok = chat(r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":7,"temperature":0,"seed":3,"stop":["\n","END"],"stream":true,"stream_options":{"include_usage":true},"tools":[],"logprobs":false}"#).unwrap();
         assert_eq!((ok.max_new_tokens, ok.sampling.seed, ok.stop.len(), ok.stream, ok.include_usage), (7, 3, 2, true, true));
-        let text = parse_request(Kind::Text, br#"{"prompt":["Once upon"],"max_tokens":5}"#, &tok, "07 Dec 2026").unwrap();
+        let text = parse_request(Kind::Text, br#"{"prompt":["Once upon"],"max_tokens":5}"#, &tok, &tables, "07 Dec 2026").unwrap();
         assert_eq!(tok.decode(&text.prompt).unwrap(), "Once upon");
-        assert_eq!(parse_request(Kind::Text, br#"{"prompt":"x"}"#, &tok, "07 Dec 2026").unwrap().max_new_tokens, 16);
-        assert_eq!((ok.n, parse_request(Kind::Text, br#"{"prompt":"x","n":3,"best_of":3}"#, &tok, "07 Dec 2026").unwrap().n), (1, 3));
+        assert_eq!(parse_request(Kind::Text, br#"{"prompt":"x"}"#, &tok, &tables, "07 Dec 2026").unwrap().max_new_tokens, 16);
+        assert_eq!((ok.n, parse_request(Kind::Text, br#"{"prompt":"x","n":3,"best_of":3}"#, &tok, &tables, "07 Dec 2026").unwrap().n), (1, 3));
         assert_eq!(ok.logprobs, None);
         let penalized = chat(r#"{"messages":[{"role":"user","content":"x"}],"presence_penalty":0.5,"frequency_penalty":-1,"repetition_penalty":1.2}"#).unwrap();
         assert_eq!(penalized.sampling.penalties, Penalties { frequency: -1.0, presence: 0.5, repetition: 1.2 });
@@ -963,7 +1385,7 @@ mod tests {
         assert_eq!(ignoring.sampling.stop, Some(StopTokens { tokens: vec![], min_tokens: 0 }));
         assert_eq!(chat(r#"{"messages":[{"role":"user","content":"x"}],"ignore_eos":false,"stop_token_ids":[]}"#).unwrap().sampling.stop, None);
         let json = chat(r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#).unwrap();
-        assert_eq!(json.sampling.json_object, Some(JsonObjectMode::new(tok.clone())));
+        assert_eq!(json.sampling.json_object, Some(tables.clone()));
         let schema = r#"{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"]}"#;
         let structured = chat(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"response_format":{{"type":"json_schema","json_schema":{{"name":"t","strict":true,"schema":{schema}}}}}}}"#)).unwrap();
         assert_eq!(
@@ -973,9 +1395,101 @@ mod tests {
         let guided = chat(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"guided_json":{}}}"#, serde_json::to_string(schema).unwrap())).unwrap();
         assert_eq!(guided.sampling.json_object, structured.sampling.json_object);
         let unnamed = chat(r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"t"}}}"#).unwrap();
-        assert_eq!(unnamed.sampling.json_object, Some(JsonObjectMode::new(tok.clone())));
+        assert_eq!(unnamed.sampling.json_object, Some(tables.clone()));
         assert_eq!(chat(r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"text"}}"#).unwrap().sampling.json_object, None);
-        let lp = |kind, body: &str| parse_request(kind, body.as_bytes(), &tok, "07 Dec 2026").map(|r| r.logprobs).map_err(|e| e.param);
+        // Forced calls: the named function's schema constrains the answer,
+        // and the system turn (the template's default one here) describes it.
+        let weather = r#"{"type":"function","function":{"name":"get_weather","description":"Today's weather in a city.","parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}}"#;
+        let other = r#"{"type":"function","function":{"name":"noop"}}"#;
+        let forced = chat(&format!(
+            r#"{{"messages":[{{"role":"user","content":"x"}}],"tools":[{other},{weather}],"tool_choice":{{"type":"function","function":{{"name":"get_weather"}}}},"parallel_tool_calls":false}}"#
+        ))
+        .unwrap();
+        assert_eq!(forced.tool_call, Some(Call::Named("get_weather".into())));
+        let parameters = r#"{"properties":{"city":{"type":"string"}},"required":["city"],"type":"object"}"#;
+        assert_eq!(forced.sampling.json_object.as_ref().and_then(|j| j.schema()).map(|s| s.source()), Some(parameters));
+        let text = tok.decode(&forced.prompt).unwrap();
+        let instruction = format!("Call the function `get_weather` (Today's weather in a city.).\nReply with its arguments alone, as a JSON object that satisfies this JSON Schema:\n{parameters}");
+        assert!(
+            text.starts_with(&format!("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face\n\n{instruction}<|im_end|>")),
+            "{text}"
+        );
+        let noop = chat(&format!(
+            r#"{{"messages":[{{"role":"system","content":"Be brief."}},{{"role":"user","content":"x"}}],"tools":[{other}],"tool_choice":"required"}}"#
+        ))
+        .unwrap();
+        assert_eq!(noop.sampling.json_object.as_ref().and_then(|j| j.schema()).map(|s| s.source()), Some(r#"{"properties":{},"type":"object"}"#));
+        assert!(tok.decode(&noop.prompt).unwrap().starts_with("<|im_start|>system\nBe brief.\n\nCall the function `noop`.\nReply"));
+        // `required` with several tools: the answer names one, and the
+        // schema is their union, tagged by the name.
+        let either = chat(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"tools":[{other},{weather}],"tool_choice":"required"}}"#)).unwrap();
+        assert_eq!(either.tool_call, Some(Call::Chosen));
+        let schema = either.sampling.json_object.as_ref().and_then(|j| j.schema()).unwrap();
+        let arm = |name: &str, arguments: &str| {
+            format!(
+                r#"{{"additionalProperties":false,"properties":{{"arguments":{arguments},"name":{{"const":"{name}"}}}},"required":["name","arguments"],"type":"object"}}"#
+            )
+        };
+        assert_eq!(schema.source(), format!(r#"{{"anyOf":[{},{}]}}"#, arm("noop", r#"{"properties":{},"type":"object"}"#), arm("get_weather", parameters)));
+        let text = tok.decode(&either.prompt).unwrap();
+        assert!(text.contains("Call one of these functions:\n- `noop`\n- `get_weather` (Today's weather in a city.)\nReply with a JSON object"), "{text}");
+        assert_eq!(chosen_call(r#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#), Some(("get_weather".into(), r#"{"city":"Paris"}"#.into())));
+        assert_eq!(chosen_call(r#"{"name": "get_weather", "argu"#), None, "cut short");
+        // Their `$defs` are hoisted to the union's root, where `$ref`s point.
+        let with_defs = |name: &str, city: &str| {
+            format!(
+                r##"{{"type":"function","function":{{"name":"{name}","parameters":{{"$defs":{{"City":{city}}},"type":"object","properties":{{"at":{{"$ref":"#/$defs/City"}}}},"required":["at"]}}}}}}"##
+            )
+        };
+        let city = r#"{"type":"string","maxLength":30}"#;
+        let both = chat(&format!(
+            r#"{{"messages":[{{"role":"user","content":"x"}}],"tools":[{},{}],"tool_choice":"required"}}"#,
+            with_defs("a", city),
+            with_defs("b", city)
+        ));
+        assert!(both.is_ok_and(|r| r.tool_call == Some(Call::Chosen)));
+        let clash = chat(&format!(
+            r#"{{"messages":[{{"role":"user","content":"x"}}],"tools":[{},{}],"tool_choice":"required"}}"#,
+            with_defs("a", city),
+            with_defs("b", "{}")
+        ));
+        assert!(clash.is_err_and(|e| e.param == Some("tools") && e.message.contains("`$defs.City` differently")));
+        // `auto` (the default with tools): a reply or a call, told apart by
+        // `kind`; no stop strings or log-probabilities of the JSON around it.
+        let auto = chat(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"tools":[{weather}]}}"#)).unwrap();
+        assert_eq!(auto.tool_call, Some(Call::Auto));
+        let text = tok.decode(&auto.prompt).unwrap();
+        assert!(text.contains("You can call these functions:\n- `get_weather` (Today's weather in a city.)\nTo call one, reply with"), "{text}");
+        let schema = auto.sampling.json_object.as_ref().and_then(|j| j.schema()).unwrap();
+        assert!(
+            schema.source().starts_with(r#"{"anyOf":[{"additionalProperties":false,"properties":{"content":{"type":"string"},"kind":{"const":"reply"}}"#),
+            "{}",
+            schema.source()
+        );
+        assert_eq!(
+            chat(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"tools":[{weather}],"tool_choice":"auto"}}"#)).unwrap().tool_call,
+            Some(Call::Auto)
+        );
+        assert_eq!(auto_answer(r#"{"kind": "reply", "content": "Hi \"you\""}"#), Some(Ok("Hi \"you\"".into())));
+        assert_eq!(
+            auto_answer(r#"{"kind":"call","call":{"name":"get_weather","arguments":{"city":"Paris"}}}"#),
+            Some(Err(("get_weather".into(), r#"{"city":"Paris"}"#.into())))
+        );
+        assert_eq!(auto_answer(r#"{"kind":"reply","content":"cut"#), None);
+        assert_eq!(
+            [call_reason(Some(&Call::Auto), "stop"), call_reason(Some(&Call::Auto), "length"), call_reason(Some(&Call::Chosen), "stop")],
+            ["tool_calls", "length", "stop"]
+        );
+        let unused = chat(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"tools":[{weather}],"tool_choice":"none"}}"#)).unwrap();
+        assert_eq!(
+            (unused.tool_call, unused.sampling.json_object, unused.prompt),
+            (None, None, chat(r#"{"messages":[{"role":"user","content":"x"}]}"#).unwrap().prompt)
+        );
+        // An earlier call is the assistant's turn of its arguments; its result, a `tool` turn.
+        let history = chat(r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":null,"tool_calls":[{"id":"call-1","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]},{"role":"tool","tool_call_id":"call-1","content":"sunny"}]}"#).unwrap();
+        let text = tok.decode(&history.prompt).unwrap();
+        assert!(text.ends_with("<|im_start|>assistant\n{\"city\":\"Paris\"}<|im_end|>\n<|im_start|>tool\nsunny<|im_end|>\n<|im_start|>assistant\n"), "{text}");
+        let lp = |kind, body: &str| parse_request(kind, body.as_bytes(), &tok, &tables, "07 Dec 2026").map(|r| r.logprobs).map_err(|e| e.param);
         assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":3}"#), Ok(Some(3)));
         assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true}"#), Ok(Some(0)));
         assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"top_logprobs":3}"#), Err(Some("top_logprobs")));
@@ -988,7 +1502,8 @@ mod tests {
         let cases = [
             ("not json", "body"),
             (r#"{"messages":[]}"#, "messages"),
-            (r#"{"messages":[{"role":"tool","content":"x"}]}"#, "messages"),
+            (r#"{"messages":[{"role":"function","content":"x"}]}"#, "messages"),
+            (r#"{"messages":[{"role":"assistant","tool_calls":[{"function":{"name":"f"}}]}]}"#, "messages"),
             (r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#, "messages"),
             (r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, "max_tokens"),
             (r#"{"messages":[{"role":"user","content":"x"}],"max_completion_tokens":1e9}"#, "max_completion_tokens"),
@@ -1002,6 +1517,32 @@ mod tests {
             (r#"{"messages":[{"role":"user","content":"x"}],"seed":"s"}"#, "seed"),
             (r#"{"messages":[{"role":"user","content":"x"}],"stream":"yes"}"#, "stream"),
             (r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}"#, "tools"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"tools":{"type":"function"}}"#, "tools"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"a b"}}],"tool_choice":"required"}"#, "tools"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}},{"type":"function","function":{"name":"f"}}],"tool_choice":"none"}"#,
+                "tools",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"a":{"type":"string","format":"uri"}}}}}],"tool_choice":"required"}"#,
+                "tools",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"string"}}}],"tool_choice":"required"}"#,
+                "tools",
+            ),
+            (r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"sometimes"}"#, "tool_choice"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"stop":"."}"#, "stop"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"logprobs":true}"#, "logprobs"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"type":"function","function":{"name":"g"}}}"#,
+                "tool_choice",
+            ),
+            (r#"{"messages":[{"role":"user","content":"x"}],"tool_choice":{"type":"function","function":{"name":"g"}}}"#, "tool_choice"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"required","response_format":{"type":"json_object"}}"#,
+                "response_format",
+            ),
             (r#"{"messages":[{"role":"user","content":"x"}],"presence_penalty":2.5}"#, "presence_penalty"),
             (r#"{"messages":[{"role":"user","content":"x"}],"frequency_penalty":"high"}"#, "frequency_penalty"),
             (r#"{"messages":[{"role":"user","content":"x"}],"repetition_penalty":0}"#, "repetition_penalty"),
@@ -1012,7 +1553,7 @@ mod tests {
             (r#"{"messages":[{"role":"user","content":"x"}],"ignore_eos":1}"#, "ignore_eos"),
             (r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema"}}"#, "response_format"),
             (
-                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"schema":{"type":"object","properties":{"a":{"type":"string","pattern":"x"}}}}}}"#,
+                r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"schema":{"type":"object","properties":{"a":{"type":"string","format":"uri"}}}}}}"#,
                 "response_format",
             ),
             (r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"yaml"}}"#, "response_format"),
@@ -1033,17 +1574,45 @@ mod tests {
             assert_eq!(err.status, StatusCode::BAD_REQUEST);
             assert_eq!(err.body()["error"]["param"], param);
         }
-        assert_eq!(parse_request(Kind::Text, br#"{"prompt":7}"#, &tok, "07 Dec 2026").unwrap_err().param, Some("prompt"));
+        assert_eq!(parse_request(Kind::Text, br#"{"prompt":7}"#, &tok, &tables, "07 Dec 2026").unwrap_err().param, Some("prompt"));
+        assert_eq!(
+            parse_request(Kind::Text, br#"{"prompt":"x","tools":[{"type":"function","function":{"name":"f"}}]}"#, &tok, &tables, "07 Dec 2026")
+                .unwrap_err()
+                .param,
+            Some("tools")
+        );
         let ids = tok.encode("Once upon").unwrap();
         for body in [json!({"prompt": ids}), json!({"prompt": [ids]})] {
-            let r = parse_request(Kind::Text, body.to_string().as_bytes(), &tok, "07 Dec 2026").unwrap();
+            let r = parse_request(Kind::Text, body.to_string().as_bytes(), &tok, &tables, "07 Dec 2026").unwrap();
             assert_eq!(r.prompt, ids, "token ids are taken as they are");
         }
-        let echoed = parse_request(Kind::Text, json!({"prompt": [ids], "echo": true}).to_string().as_bytes(), &tok, "07 Dec 2026").unwrap();
+        let echoed = parse_request(Kind::Text, json!({"prompt": [ids], "echo": true}).to_string().as_bytes(), &tok, &tables, "07 Dec 2026").unwrap();
         assert_eq!(echoed.echo.as_deref(), Some("Once upon"));
         for bad in [json!({"prompt": [1, -2]}), json!({"prompt": [49_152]}), json!({"prompt": [[1], [2]]}), json!({"prompt": [1.5]})] {
-            assert_eq!(parse_request(Kind::Text, bad.to_string().as_bytes(), &tok, "07 Dec 2026").unwrap_err().param, Some("prompt"), "{bad}");
+            assert_eq!(parse_request(Kind::Text, bad.to_string().as_bytes(), &tok, &tables, "07 Dec 2026").unwrap_err().param, Some("prompt"), "{bad}");
         }
+    }
+
+    /// An `auto` reply's text comes out of its JSON string however the
+    /// answer is cut into pieces, escapes and surrogate pairs included.
+    #[test]
+    fn auto_replies_stream_out_of_their_json_string() {
+        let answer = "{\n  \"kind\": \"reply\",\n  \"content\": \"Na\\u00efve \\\"caf\u{e9}\\\"\\n\\ud83d\\ude00 \\\\ end\"\n}";
+        let content: Value = serde_json::from_str(answer).unwrap();
+        let whole = content["content"].as_str().unwrap();
+        let cuts: Vec<usize> = (1..answer.len()).filter(|&i| answer.is_char_boundary(i)).collect();
+        for &cut in &cuts {
+            let mut reply = AutoReply::default();
+            let out = reply.push(&answer[..cut]) + &reply.push(&answer[cut..]);
+            assert_eq!(out, whole, "cut at {cut}");
+            assert!(!reply.is_call());
+        }
+        let mut reply = AutoReply::default();
+        let out: String = answer.chars().map(|c| reply.push(&c.to_string())).collect();
+        assert_eq!(out, whole, "a character at a time");
+        let mut call = AutoReply::default();
+        assert_eq!(call.push("{ \"kind\" : \"call\", \"call\": {\"name\": \"f\", \"arguments\": {\"content\": \"x\"}}}"), "");
+        assert!(call.is_call());
     }
 
     #[test]

@@ -295,8 +295,10 @@ pub(crate) trait ByteGrammar: Copy {
     fn feed(&mut self, b: u8) -> bool;
     /// Whether the output is complete (then only the end may follow).
     fn complete(&self) -> bool;
-    /// Inside a string between characters, where plain text changes nothing.
-    fn in_plain_string(&self) -> bool;
+    /// Inside a string between characters, how many characters of plain
+    /// text it takes (`u32::MAX`: any number; they change nothing else);
+    /// None elsewhere.
+    fn plain_text_room(&self) -> Option<u32>;
 
     fn feed_all(&mut self, bytes: &[u8]) -> bool {
         bytes.iter().all(|&b| self.feed(b))
@@ -310,8 +312,8 @@ impl ByteGrammar for JsonState {
     fn complete(&self) -> bool {
         JsonState::complete(self)
     }
-    fn in_plain_string(&self) -> bool {
-        JsonState::in_plain_string(self)
+    fn plain_text_room(&self) -> Option<u32> {
+        self.in_plain_string().then_some(u32::MAX)
     }
 }
 
@@ -333,9 +335,10 @@ struct TokenClasses {
     first: Vec<u8>,
     /// Special or empty: never allowed (except as a stop token).
     banned: Vec<bool>,
-    /// Whole UTF-8 characters without `"`, `\\` or control bytes: inside a
-    /// string, between characters, they change nothing.
-    plain_text: Vec<bool>,
+    /// Characters of tokens that are whole UTF-8 characters without `"`,
+    /// `\\` or control bytes (0: other tokens). Inside a string, between
+    /// characters, such a token changes nothing but the string's length.
+    plain_chars: Vec<u16>,
 }
 
 impl TokenClasses {
@@ -346,10 +349,16 @@ impl TokenClasses {
         TokenClasses {
             first: (0..n).map(|t| bytes(t).first().copied().unwrap_or(0)).collect(),
             banned: (0..n).map(|t| tokenizer.is_special(t) || bytes(t).is_empty()).collect(),
-            plain_text: (0..n)
+            plain_chars: (0..n)
                 .map(|t| {
                     let mut s = in_string;
-                    s.feed_all(bytes(t)) && s == in_string
+                    // Escapes are tried: a counted string takes no `\u`.
+                    let plain = s.feed_all(bytes(t)) && s == in_string && !bytes(t).contains(&b'\\');
+                    if plain {
+                        String::from_utf8_lossy(bytes(t)).chars().count() as u16
+                    } else {
+                        0
+                    }
                 })
                 .collect(),
         }
@@ -420,13 +429,13 @@ impl JsonObjectMode {
         let complete = state.complete();
         let stop_logits: Vec<(u32, f32)> = stop.iter().filter_map(|&t| Some((t, *row.logit_mut(t)?))).collect();
         let first_ok: [bool; 256] = std::array::from_fn(|b| { state }.feed(b as u8));
-        let in_plain_string = state.in_plain_string();
+        let plain_text_room = state.plain_text_room();
         // Between values most tokens that pass the first byte (a space, a
         // quote) fail on the second, and trying one costs a copy of the
         // state (a schema's cursor is 300 bytes): the second bytes each
         // first byte's state takes are tabled on first use. Not inside a
         // string, where the few tokens tried start with ~200 first bytes.
-        let mut second_ok: Vec<Option<Box<[bool; 256]>>> = vec![None; if in_plain_string { 0 } else { 256 }];
+        let mut second_ok: Vec<Option<Box<[bool; 256]>>> = vec![None; if plain_text_room.is_some() { 0 } else { 256 }];
         let mut takes_two = |b0: u8, b1: u8| {
             second_ok[b0 as usize].get_or_insert_with(|| {
                 let mut after = state;
@@ -438,8 +447,11 @@ impl JsonObjectMode {
         row.for_each_logit(|t, l| {
             let i = t as usize;
             let allowed = !classes.banned[i] && first_ok[classes.first[i] as usize] && {
-                if in_plain_string {
-                    classes.plain_text[i] || { state }.feed_all(self.tokenizer.token_bytes(t))
+                if let Some(room) = plain_text_room {
+                    match classes.plain_chars[i] {
+                        0 => { state }.feed_all(self.tokenizer.token_bytes(t)),
+                        chars => chars as u32 <= room,
+                    }
                 } else {
                     let bytes = self.tokenizer.token_bytes(t);
                     (bytes.len() < 2 || takes_two(bytes[0], bytes[1])) && { state }.feed_all(bytes)

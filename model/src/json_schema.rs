@@ -14,16 +14,31 @@
 //!   any `additionalProperties`. An object without `properties` (and
 //!   without `additionalProperties` other than `true`) is any object;
 //! - arrays: `items` (absent: any values), `minItems`, `maxItems`;
+//! - strings: `pattern` (found anywhere in the string unless anchored, as
+//!   JSON Schema means it; Rust's `regex` syntax, which Pydantic
+//!   validates with too: no look-around or back-references), `format`
+//!   (`date`, `time`, `date-time`, `uuid`, `email`, `ipv4`), or
+//!   `minLength` and `maxLength` (in characters). Each compiles to a DFA
+//!   over the string's decoded bytes; one such string writes no `\u`
+//!   escapes, so control characters other than `\b\f\n\r\t` stay out;
+//! - numbers: `minimum`, `maximum`, `exclusiveMinimum`,
+//!   `exclusiveMaximum` (an integer's may be fractions; a number's must
+//!   be whole). The range compiles to a regex of the numbers inside as
+//!   JSON writes them (no exponent, no `-0`), stepped like a pattern;
 //! - `enum` and `const` (JSON values, written as `serde_json` writes them);
-//! - `anyOf` whose branches start differently: at most one object branch
-//!   and one array branch, and an enum or const value that starts like
-//!   another branch's values only where that branch admits it anyway (a
-//!   string among free strings); `allOf` of one schema (Pydantic's
+//! - `anyOf` whose branches start differently: at most one array branch,
+//!   and an enum or const value that starts like another branch's values
+//!   only where that branch admits it anyway (a string among free
+//!   strings). Several object branches need a tag: a property each
+//!   requires whose values are literals no other branch has (Pydantic's
+//!   discriminated unions); the object then reads its tag first, which
+//!   picks the branch. `oneOf` is taken where no value satisfies two
+//!   branches (objects: by their tags); `allOf` of one schema (Pydantic's
 //!   wrapper of a described `$ref`), and `$ref` to `#/$defs/…` or
 //!   `#/definitions/…`, inlined (a recursive schema is refused at the
 //!   nesting limit);
-//! - annotations (`title`, `description`, `default`, `examples`, …) are
-//!   ignored.
+//! - annotations (`title`, `description`, `default`, `examples`,
+//!   `discriminator`, …) are ignored.
 //!
 //! Keys and enum strings are produced as `serde_json` escapes them; free
 //! strings and numbers follow JSON's grammar, whitespace JSON mode's rule.
@@ -32,6 +47,9 @@
 
 use crate::json_mode::{string_step, whitespace_step, ByteGrammar, JsonState, Num, StrStep};
 use crate::{ModelError, Result};
+use regex_automata::dfa::{dense, Automaton, StartKind};
+use regex_automata::util::primitives::StateID;
+use regex_automata::{Anchored, Input, MatchKind};
 use serde_json::{Map, Value};
 
 /// Deepest nesting of constrained objects and arrays.
@@ -39,13 +57,251 @@ pub const MAX_SCHEMA_DEPTH: usize = 16;
 /// Most properties of one object, and most enum values of one node (a bit
 /// each in the cursor).
 const MAX_CHOICES: usize = 64;
-const ANNOTATIONS: [&str; 10] = ["title", "description", "default", "examples", "$comment", "$schema", "$id", "$defs", "definitions", "strict"];
-const SUPPORTED: &str = "type, properties, required, additionalProperties, items, minItems, maxItems, enum, const, anyOf, allOf of one schema, $ref";
+const ANNOTATIONS: [&str; 11] =
+    ["title", "description", "default", "examples", "$comment", "$schema", "$id", "$defs", "definitions", "strict", "discriminator"];
+const SUPPORTED: &str = "type, properties, required, additionalProperties, items, minItems, maxItems, pattern, format, minLength, maxLength, \
+                         minimum, maximum, exclusiveMinimum, exclusiveMaximum, enum, const, anyOf, oneOf, allOf of one schema, $ref";
+/// Largest magnitude of a numeric bound (exact in f64 and in the ranges' arithmetic).
+const MAX_BOUND: f64 = 1e15;
+/// Memory the string constraints' DFAs of one schema may take together.
+const MAX_DFA_BYTES: usize = 4 << 20;
+
+/// The `format`s produced: a regex of the whole string. Each is stricter
+/// than its RFC where a validator might be (years 0001–9999, no leap
+/// second, at most 6 fraction digits, lowercase UUIDs), never looser.
+fn format_regex(format: &str) -> Option<String> {
+    const YEAR: &str = "(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)";
+    const MONTH_DAY: &str = "(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))";
+    const LEAP_YEAR: &str = "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)";
+    const TIME: &str = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])";
+    const OCTET: &str = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
+    let date = format!("(?:{YEAR}-{MONTH_DAY}|{LEAP_YEAR}-02-29)");
+    Some(match format {
+        "date" => date,
+        "time" => TIME.to_string(),
+        "date-time" => format!("{date}T{TIME}"),
+        "uuid" => "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}".to_string(),
+        "email" => r"[A-Za-z0-9_%+-]+(?:\.[A-Za-z0-9_%+-]+)*@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}".to_string(),
+        "ipv4" => format!(r"{OCTET}(?:\.{OCTET}){{3}}"),
+        _ => return None,
+    })
+}
+
+/// A regex of the numbers `width` digits long (zero-padded) in `lo..=hi`.
+fn fixed_width(lo: u64, hi: u64, width: u32) -> String {
+    if width == 0 {
+        return String::new();
+    }
+    let unit = 10u64.pow(width - 1);
+    let (lo_head, lo_tail, hi_head, hi_tail) = (lo / unit, lo % unit, hi / unit, hi % unit);
+    if lo_head == hi_head {
+        return format!("{lo_head}{}", fixed_width(lo_tail, hi_tail, width - 1));
+    }
+    let mut alternatives = vec![];
+    let mut first_whole = lo_head;
+    if lo_tail != 0 {
+        alternatives.push(format!("{lo_head}{}", fixed_width(lo_tail, unit - 1, width - 1)));
+        first_whole += 1;
+    }
+    let last_whole = if hi_tail == unit - 1 { hi_head } else { hi_head - 1 };
+    if first_whole <= last_whole {
+        alternatives.push(format!("[{first_whole}-{last_whole}][0-9]{{{}}}", width - 1));
+    }
+    if hi_tail != unit - 1 {
+        alternatives.push(format!("{hi_head}{}", fixed_width(0, hi_tail, width - 1)));
+    }
+    format!("(?:{})", alternatives.join("|"))
+}
+
+/// A regex of the naturals in `lo..=hi` (None: no end) as JSON writes
+/// them (no leading zeros).
+fn naturals(lo: u64, hi: Option<u64>) -> String {
+    let digits = |n: u64| n.checked_ilog10().unwrap_or(0) + 1;
+    let longest = hi.map_or(digits(lo), digits);
+    let mut alternatives = vec![];
+    for width in digits(lo)..=longest {
+        let (from, to) = (lo.max(if width == 1 { 0 } else { 10u64.pow(width - 1) }), hi.unwrap_or(u64::MAX).min(10u64.pow(width) - 1));
+        if from <= to {
+            alternatives.push(fixed_width(from, to, width));
+        }
+    }
+    if hi.is_none() {
+        alternatives.push(format!("[1-9][0-9]{{{longest},}}"));
+    }
+    format!("(?:{})", alternatives.join("|"))
+}
+
+/// One end of a numeric range: a whole number, and whether it is excluded.
+#[derive(Clone, Copy, Debug)]
+struct Bound {
+    at: u64,
+    excluded: bool,
+}
+
+/// A regex of the non-negative numbers in `lo..hi` (each end a whole
+/// number, included or not; `hi` None: no end) as JSON writes them, with
+/// a fraction when `fractions` and never an exponent.
+fn magnitudes(lo: Bound, hi: Option<Bound>, fractions: bool) -> Option<String> {
+    let fraction = if fractions { r"(?:\.[0-9]+)?" } else { "" };
+    let mut alternatives = vec![];
+    // Whole parts strictly inside take any fraction.
+    let first = lo.at + lo.excluded as u64;
+    let last = hi.map(|h| h.at.checked_sub(1));
+    if last.is_none_or(|last| last.is_some_and(|last| first <= last)) {
+        alternatives.push(format!("{}{fraction}", naturals(first, last.flatten())));
+    }
+    // The upper end itself, with a zero fraction.
+    if let Some(h) = hi.filter(|h| !h.excluded && (h.at > lo.at || h.at == lo.at && !lo.excluded)) {
+        alternatives.push(format!("{}{}", h.at, if fractions { r"(?:\.0+)?" } else { "" }));
+    }
+    // An excluded lower end, with a fraction that is not zero.
+    if fractions && lo.excluded && hi.is_none_or(|h| h.at > lo.at) {
+        alternatives.push(format!(r"{}\.[0-9]*[1-9][0-9]*", lo.at));
+    }
+    (!alternatives.is_empty()).then(|| format!("(?:{})", alternatives.join("|")))
+}
+
+/// A regex of the numbers between `lo` and `hi` (None: no end; whole
+/// numbers) as JSON writes them, without exponents; integers only unless
+/// `fractions`. Negative values are the magnitudes of the mirrored range.
+fn numbers_between(lo: Option<(i64, bool)>, hi: Option<(i64, bool)>, fractions: bool) -> Option<String> {
+    let bound = |at: i64, excluded: bool| Bound { at: at.unsigned_abs(), excluded };
+    let mut alternatives = vec![];
+    // Zero and up.
+    if hi.is_none_or(|(h, excluded)| h > 0 || h == 0 && !excluded) {
+        let lower = match lo {
+            Some((l, excluded)) if l >= 0 => bound(l, excluded),
+            _ => bound(0, false),
+        };
+        alternatives.extend(magnitudes(lower, hi.map(|(h, e)| bound(h, e)), fractions));
+    }
+    // Below zero (never `-0`): magnitudes above zero, or above -hi.
+    if lo.is_none_or(|(l, _)| l < 0) {
+        let lower = match hi {
+            Some((h, excluded)) if h < 0 => bound(h, excluded),
+            _ => bound(0, true),
+        };
+        alternatives.extend(magnitudes(lower, lo.map(|(l, e)| bound(l, e)), fractions).map(|m| format!("-{m}")));
+    }
+    (!alternatives.is_empty()).then(|| format!("(?:{})", alternatives.join("|")))
+}
+
+/// A constrained string's rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StringRule {
+    /// `pattern` or `format`: the schema's regex of this index.
+    Regex(u16),
+    /// `minLength` and `maxLength`, counted as the string is written.
+    Length { min: u32, max: u32 },
+}
+
+/// A `pattern`, a `format` or a numeric range: a DFA over a value's
+/// bytes (a string's decoded ones), anchored at its start, matching where
+/// the whole value satisfies it.
+#[derive(Debug)]
+struct Dfa {
+    dfa: dense::DFA<Vec<u32>>,
+    start: StateID,
+    /// By state id: some continuation the answer can write (bytes
+    /// 0x20..=0xFF, or an escape's `\b\f\n\r\t`) reaches a match. Only
+    /// those states are entered, so none is a dead end.
+    live: Vec<bool>,
+}
+
+/// Decoded bytes a constrained string can hold: what it writes as itself
+/// (UTF-8 the DFA checks), and the control characters it escapes.
+fn writable(b: u8) -> bool {
+    b >= 0x20 || matches!(b, 0x08 | 0x09 | 0x0a | 0x0c | 0x0d)
+}
+
+impl Dfa {
+    fn new(regex: &str) -> Result<Dfa, String> {
+        let config = dense::Config::new()
+            .match_kind(MatchKind::All)
+            .start_kind(StartKind::Anchored)
+            .dfa_size_limit(Some(MAX_DFA_BYTES))
+            .determinize_size_limit(Some(MAX_DFA_BYTES));
+        let dfa = dense::Builder::new().configure(config).build(regex).map_err(|e| e.to_string())?;
+        let start = dfa.start_state_forward(&Input::new("").anchored(Anchored::Yes)).map_err(|e| e.to_string())?;
+        // The states reached from the start, and their edges reversed: one
+        // byte per class of bytes the DFA does not tell apart.
+        let classes = dfa.byte_classes();
+        let mut bytes: Vec<u8> = Vec::new();
+        for b in (0..=255u8).filter(|&b| writable(b)) {
+            if !bytes.iter().any(|&x| classes.get(x) == classes.get(b)) {
+                bytes.push(b);
+            }
+        }
+        let (mut seen, mut order, mut edges) = (vec![start], 0, Vec::new());
+        let mut known = std::collections::HashSet::from([start]);
+        while order < seen.len() {
+            let from = seen[order];
+            order += 1;
+            for &b in &bytes {
+                let to = dfa.next_state(from, b);
+                if !dfa.is_dead_state(to) {
+                    edges.push((to, from));
+                    if known.insert(to) {
+                        seen.push(to);
+                    }
+                }
+            }
+        }
+        let mut live = vec![false; seen.iter().map(|s| s.as_usize()).max().unwrap_or(0) + 1];
+        let mut work: Vec<StateID> = seen.iter().copied().filter(|&s| dfa.is_match_state(dfa.next_eoi_state(s))).collect();
+        edges.sort_unstable();
+        while let Some(s) = work.pop() {
+            if std::mem::replace(&mut live[s.as_usize()], true) {
+                continue;
+            }
+            let at = edges.partition_point(|e| e.0 < s);
+            work.extend(edges[at..].iter().take_while(|e| e.0 == s).map(|e| e.1).filter(|p| !live[p.as_usize()]));
+        }
+        if !live[start.as_usize()] {
+            return Err("no string the answer can write satisfies it".into());
+        }
+        Ok(Dfa { dfa, start, live })
+    }
+
+    /// The state after decoded byte `b`, if live.
+    fn step(&self, state: StateID, b: u8) -> Option<StateID> {
+        let next = self.dfa.next_state(state, b);
+        self.live.get(next.as_usize()).copied().unwrap_or(false).then_some(next)
+    }
+
+    /// Whether the string may end in `state`.
+    fn may_end(&self, state: StateID) -> bool {
+        self.dfa.is_match_state(self.dfa.next_eoi_state(state))
+    }
+
+    /// Whether a constrained string can be `text` (an enum value's).
+    fn accepts(&self, text: &str) -> bool {
+        text.bytes().try_fold(self.start, |s, b| if writable(b) { self.step(s, b) } else { None }).is_some_and(|s| self.may_end(s))
+    }
+
+    fn memory(&self) -> usize {
+        self.dfa.memory_usage() + self.live.len()
+    }
+}
+
+/// The byte an escape's letter stands for.
+fn unescaped(b: u8) -> Option<u8> {
+    Some(match b {
+        b'"' | b'\\' | b'/' => b,
+        b'b' => 0x08,
+        b'f' => 0x0c,
+        b'n' => b'\n',
+        b'r' => b'\r',
+        b't' => b'\t',
+        _ => return None,
+    })
+}
 
 /// A compiled schema.
 #[derive(Debug)]
 pub struct JsonSchema {
     nodes: Vec<Node>,
+    regexes: Vec<Dfa>,
     root: u16,
     /// The schema as compact JSON text (what travels on the wire).
     source: String,
@@ -56,12 +312,18 @@ pub struct JsonSchema {
 struct Node {
     /// Any JSON value.
     any: bool,
-    /// Any string.
+    /// Any string, or those of a rule.
     string: bool,
+    string_rule: Option<StringRule>,
     /// Any number, or only integers.
     number: bool,
     integer: bool,
+    /// The numbers' range, as a regex (either kind).
+    number_rule: Option<u16>,
     object: Option<ObjectShape>,
+    /// Object alternatives: `object` is then the tag alone, and each of
+    /// the tag node's literals picks an arm.
+    arms: Vec<Arm>,
     array: Option<ArrayShape>,
     /// Whole values as JSON text: enum and const values, `true` and
     /// `false` for booleans, `null`.
@@ -79,7 +341,14 @@ struct ObjectShape {
     required: u64,
 }
 
-#[derive(Debug)]
+/// An object alternative of a union: its node, and its tag's property bit.
+#[derive(Clone, Copy, Debug)]
+struct Arm {
+    node: u16,
+    tag: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
 struct ArrayShape {
     items: u16,
     min: u64,
@@ -95,14 +364,14 @@ impl JsonSchema {
 
     /// Compiles a schema. Errors name the keyword's place in the schema.
     pub fn from_value(schema: &Value) -> Result<Self> {
-        let mut compiler = Compiler { root: schema, nodes: Vec::new(), refs: 0 };
+        let mut compiler = Compiler { root: schema, nodes: Vec::new(), regexes: Vec::new(), refs: 0 };
         let root = compiler.node(schema, "schema", 0).map_err(ModelError::InvalidArgument)?;
-        let nodes = compiler.nodes;
+        let Compiler { nodes, regexes, .. } = compiler;
         let r = &nodes[root as usize];
         if r.any || r.string || r.number || r.integer || r.array.is_some() || !r.literals.is_empty() || r.object.is_none() {
             return Err(ModelError::InvalidArgument("the schema must describe an object (`\"type\": \"object\"`), as JSON mode answers with one".into()));
         }
-        Ok(JsonSchema { nodes, root, source: schema.to_string() })
+        Ok(JsonSchema { nodes, regexes, root, source: schema.to_string() })
     }
 
     pub fn source(&self) -> &str {
@@ -119,6 +388,7 @@ struct Compiler<'a> {
     /// For `$ref`s.
     root: &'a Value,
     nodes: Vec<Node>,
+    regexes: Vec<Dfa>,
     /// `$ref`s being inlined, one inside another.
     refs: usize,
 }
@@ -136,8 +406,21 @@ impl Compiler<'_> {
             let integral = !literal.iter().any(|b| matches!(b, b'.' | b'e' | b'E'));
             let (covered, clash) = match literal[0] {
                 _ if node.any => (true, false),
-                b'"' => (node.string, false),
-                b'-' | b'0'..=b'9' => (node.number || node.integer && integral, node.integer),
+                b'"' => match node.string_rule.filter(|_| node.string) {
+                    Some(rule) => {
+                        let text: String = serde_json::from_slice(&literal).expect("a literal string is JSON");
+                        let covered = match rule {
+                            StringRule::Regex(i) => self.regexes[i as usize].accepts(&text),
+                            StringRule::Length { min, max } => (min as usize..=max as usize).contains(&text.chars().count()) && text.bytes().all(writable),
+                        };
+                        (covered, true)
+                    }
+                    None => (node.string, false),
+                },
+                b'-' | b'0'..=b'9' => match node.number_rule {
+                    Some(rule) => (std::str::from_utf8(&literal).is_ok_and(|text| self.regexes[rule as usize].accepts(text)), true),
+                    None => (node.number || node.integer && integral, node.integer),
+                },
                 b'{' => (node.object.as_ref().is_some_and(|o| o.free), node.object.is_some()),
                 b'[' => (false, node.array.is_some()),
                 _ => (false, false),
@@ -166,8 +449,29 @@ impl Compiler<'_> {
             Value::Object(map) => map,
             _ => return Err(format!("`{path}` must be a schema (an object or a boolean)")),
         };
-        const KEYWORDS: [&str; 12] =
-            ["type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum", "const", "anyOf", "allOf", "$ref"];
+        const KEYWORDS: [&str; 21] = [
+            "type",
+            "properties",
+            "required",
+            "additionalProperties",
+            "items",
+            "minItems",
+            "maxItems",
+            "pattern",
+            "format",
+            "minLength",
+            "maxLength",
+            "minimum",
+            "maximum",
+            "exclusiveMinimum",
+            "exclusiveMaximum",
+            "enum",
+            "const",
+            "anyOf",
+            "oneOf",
+            "allOf",
+            "$ref",
+        ];
         if let Some(key) = map.keys().find(|k| !KEYWORDS.contains(&k.as_str()) && !ANNOTATIONS.contains(&k.as_str())) {
             return Err(format!("`{path}.{key}` is not supported (Tandem's JSON Schema subset: {SUPPORTED})"));
         }
@@ -188,16 +492,27 @@ impl Compiler<'_> {
             }
             return self.build(one, &format!("{path}.allOf[0]"), depth);
         }
-        if let Some(branches) = map.get("anyOf") {
+        // `oneOf` as `anyOf`, where no value satisfies two alternatives.
+        if let Some((key, branches)) = ["anyOf", "oneOf"].into_iter().find_map(|k| Some((k, map.get(k)?))) {
             if constraints.len() > 1 {
-                return Err(format!("`{path}.anyOf` beside other keywords is not supported"));
+                return Err(format!("`{path}.{key}` beside other keywords is not supported"));
             }
-            let branches = branches.as_array().filter(|b| !b.is_empty()).ok_or_else(|| format!("`{path}.anyOf` must be a non-empty array of schemas"))?;
-            let mut node = Node::default();
+            let branches = branches.as_array().filter(|b| !b.is_empty()).ok_or_else(|| format!("`{path}.{key}` must be a non-empty array of schemas"))?;
+            let (mut node, mut built, mut objects) = (Node::default(), Vec::<Node>::new(), vec![]);
             for (i, branch) in branches.iter().enumerate() {
-                let branch = self.build(branch, &format!("{path}.anyOf[{i}]"), depth)?;
+                let mut branch = self.build(branch, &format!("{path}.{key}[{i}]"), depth)?;
+                objects.extend(branch.object.take());
+                if key == "oneOf" && built.iter().any(|b| overlap(b, &branch)) {
+                    return Err(format!("`{path}.oneOf[{i}]` admits values of another alternative; not supported"));
+                }
+                let (any, string, number, integer, array) = (branch.any, branch.string, branch.number, branch.integer, branch.array);
+                built.push(Node { any, string, number, integer, array, literals: branch.literals.clone(), ..Node::default() });
                 merge(&mut node, branch, path)?;
             }
+            (node.object, node.arms) = match objects.len() {
+                0 | 1 => (objects.pop(), vec![]),
+                _ => self.union(objects, path).map(|(shape, arms)| (Some(shape), arms))?,
+            };
             return Ok(node);
         }
         if let Some(value) = map.get("const") {
@@ -220,7 +535,13 @@ impl Compiler<'_> {
         let types: Vec<&str> = match map.get("type") {
             None if map.contains_key("properties") || map.contains_key("required") => vec!["object"],
             None if map.contains_key("items") => vec!["array"],
-            None => return Ok(Node { any: true, ..Node::default() }),
+            // String and number keywords (`pattern` to `exclusiveMaximum`)
+            // apply to their kind only, so beside any value they would
+            // need a rule beside free values.
+            None => match KEYWORDS[7..15].iter().find(|k| map.contains_key(**k)) {
+                Some(key) => return Err(format!("`{path}.{key}` without a `type` it applies to is not supported")),
+                None => return Ok(Node { any: true, ..Node::default() }),
+            },
             Some(Value::String(t)) => vec![t.as_str()],
             Some(Value::Array(ts)) if !ts.is_empty() => {
                 ts.iter().map(|t| t.as_str().ok_or_else(|| format!("`{path}.type` must list type names"))).collect::<Result<_, _>>()?
@@ -232,9 +553,9 @@ impl Compiler<'_> {
             let one = match t {
                 "object" => Node { object: Some(self.object(map, path, depth)?), ..Node::default() },
                 "array" => Node { array: Some(self.array(map, path, depth)?), ..Node::default() },
-                "string" => Node { string: true, ..Node::default() },
-                "number" => Node { number: true, ..Node::default() },
-                "integer" => Node { integer: true, ..Node::default() },
+                "string" => Node { string: true, string_rule: self.string_rule(map, path)?, ..Node::default() },
+                "number" => Node { number: true, number_rule: self.number_rule(map, path, false)?, ..Node::default() },
+                "integer" => Node { integer: true, number_rule: self.number_rule(map, path, true)?, ..Node::default() },
                 "boolean" => Node { literals: vec![b"true".to_vec(), b"false".to_vec()], ..Node::default() },
                 "null" => Node { literals: vec![b"null".to_vec()], ..Node::default() },
                 _ => return Err(format!("`{path}.type`: `{t}` is not a JSON Schema type")),
@@ -306,6 +627,134 @@ impl Compiler<'_> {
         Ok(shape)
     }
 
+    /// A string node's `pattern`, `format` or lengths, as a rule (None:
+    /// any string).
+    fn string_rule(&mut self, map: &Map<String, Value>, path: &str) -> Result<Option<StringRule>, String> {
+        let text = |key: &str| match map.get(key) {
+            None => Ok(None),
+            Some(Value::String(t)) => Ok(Some(t.as_str())),
+            Some(_) => Err(format!("`{path}.{key}` must be a string")),
+        };
+        let count = |key: &str| match map.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_u64().and_then(|n| u32::try_from(n).ok()).map(Some).ok_or_else(|| format!("`{path}.{key}` must be a non-negative integer")),
+        };
+        let (min, max) = (count("minLength")?, count("maxLength")?);
+        let regex = match (text("pattern")?, text("format")?) {
+            (Some(_), Some(_)) => return Err(format!("`{path}`: `pattern` beside `format` is not supported")),
+            (Some(_), _) | (_, Some(_)) if min.is_some() || max.is_some() => {
+                return Err(format!("`{path}`: `minLength` or `maxLength` beside `pattern` or `format` is not supported"))
+            }
+            // JSON Schema's patterns are found anywhere unless anchored.
+            (Some(pattern), None) => format!("(?s:.*)(?:{pattern})(?s:.*)"),
+            (None, Some(format)) => {
+                format_regex(format).ok_or_else(|| format!("`{path}.format`: `{format}` is not supported (date, time, date-time, uuid, email, ipv4)"))?
+            }
+            (None, None) => {
+                return match (min.unwrap_or(0), max.unwrap_or(u32::MAX)) {
+                    (0, u32::MAX) => Ok(None),
+                    (min, max) if min > max => Err(format!("`{path}`: `minLength` {min} exceeds `maxLength` {max}")),
+                    (min, max) => Ok(Some(StringRule::Length { min, max })),
+                }
+            }
+        };
+        let key = if map.contains_key("pattern") { "pattern" } else { "format" };
+        self.regex(regex, path, key).map(|r| Some(StringRule::Regex(r)))
+    }
+
+    /// A number node's `minimum`, `maximum`, `exclusiveMinimum` and
+    /// `exclusiveMaximum`, as a regex (None: any number of its kind).
+    fn number_rule(&mut self, map: &Map<String, Value>, path: &str, integer: bool) -> Result<Option<u16>, String> {
+        let end = |inclusive: &str, exclusive: &str| -> Result<Option<(f64, bool)>, String> {
+            let get = |key: &str| match map.get(key) {
+                None => Ok(None),
+                Some(v) => {
+                    v.as_f64().filter(|v| v.abs() <= MAX_BOUND).map(Some).ok_or_else(|| format!("`{path}.{key}` must be a number of magnitude at most 1e15"))
+                }
+            };
+            match (get(inclusive)?, get(exclusive)?) {
+                (Some(_), Some(_)) => Err(format!("`{path}`: `{inclusive}` beside `{exclusive}` is not supported")),
+                (at, excluded) => Ok(at.map(|a| (a, false)).or(excluded.map(|e| (e, true)))),
+            }
+        };
+        let (lo, hi) = (end("minimum", "exclusiveMinimum")?, end("maximum", "exclusiveMaximum")?);
+        if lo.is_none() && hi.is_none() {
+            return Ok(None);
+        }
+        // An integer's ends become the nearest integers inside; a
+        // number's must be whole.
+        let whole = |end: Option<(f64, bool)>, lower: bool| -> Result<Option<(i64, bool)>, String> {
+            Ok(match end {
+                None => None,
+                Some((at, excluded)) if integer => {
+                    let inside = match (lower, excluded) {
+                        (true, true) => at.floor() + 1.0,
+                        (true, false) => at.ceil(),
+                        (false, true) => at.ceil() - 1.0,
+                        (false, false) => at.floor(),
+                    };
+                    Some((inside as i64, false))
+                }
+                Some((at, _)) if at.fract() != 0.0 => return Err(format!("`{path}`: the bounds of a `number` must be whole numbers")),
+                Some((at, excluded)) => Some((at as i64, excluded)),
+            })
+        };
+        let regex = numbers_between(whole(lo, true)?, whole(hi, false)?, !integer).ok_or_else(|| format!("no number satisfies `{path}`"))?;
+        let key = ["minimum", "exclusiveMinimum", "maximum"].into_iter().find(|k| map.contains_key(*k)).unwrap_or("exclusiveMaximum");
+        self.regex(regex, path, key).map(Some)
+    }
+
+    /// Compiles a pattern, format or range (`key`, for errors).
+    fn regex(&mut self, regex: String, path: &str, key: &str) -> Result<u16, String> {
+        let compiled = Dfa::new(&regex).map_err(|e| format!("`{path}.{key}`: {e}"))?;
+        if self.regexes.iter().map(Dfa::memory).sum::<usize>() + compiled.memory() > MAX_DFA_BYTES {
+            return Err(format!("`{path}.{key}`: the schema's patterns take more than {} MiB", MAX_DFA_BYTES >> 20));
+        }
+        self.regexes.push(compiled);
+        u16::try_from(self.regexes.len() - 1).map_err(|_| "the schema is too large".to_string())
+    }
+
+    /// Object alternatives told apart by a tag: a property each requires
+    /// whose values are literals no other alternative has (Pydantic's
+    /// discriminated unions, a choice of functions). The object reads its
+    /// tag first, which picks the alternative (see [`Arm`]).
+    fn union(&mut self, shapes: Vec<ObjectShape>, path: &str) -> Result<(ObjectShape, Vec<Arm>), String> {
+        let no_tag = || format!("`{path}`: object alternatives need a tag (a property each requires, of literal values no other has)");
+        if shapes.iter().any(|s| s.free) {
+            return Err(no_tag());
+        }
+        let literal_only = |n: &Node| !(n.any || n.string || n.number || n.integer || n.object.is_some() || n.array.is_some());
+        let tag_of = |key: &Vec<u8>| -> Option<Vec<(usize, Vec<Vec<u8>>)>> {
+            let per: Vec<(usize, Vec<Vec<u8>>)> = shapes
+                .iter()
+                .map(|s| {
+                    let i = s.keys.iter().position(|k| k == key)?;
+                    let value = &self.nodes[s.values[i] as usize];
+                    (s.required >> i & 1 == 1 && literal_only(value)).then(|| (i, value.literals.clone()))
+                })
+                .collect::<Option<_>>()?;
+            let mut all: Vec<&Vec<u8>> = per.iter().flat_map(|p| &p.1).collect();
+            let count = all.len();
+            all.sort();
+            all.dedup();
+            (all.len() == count).then_some(per)
+        };
+        let (key, per) = shapes[0].keys.iter().find_map(|k| Some((k.clone(), tag_of(k)?))).ok_or_else(no_tag)?;
+        let (mut literals, mut arms) = (vec![], vec![]);
+        for (shape, (i, tags)) in shapes.into_iter().zip(per) {
+            self.nodes.push(Node { object: Some(shape), ..Node::default() });
+            let node = u16::try_from(self.nodes.len() - 1).map_err(|_| "the schema is too large".to_string())?;
+            arms.extend(tags.iter().map(|_| Arm { node, tag: 1 << i }));
+            literals.extend(tags);
+        }
+        if literals.len() > MAX_CHOICES {
+            return Err(format!("`{path}`: the alternatives' tags take {} values; at most {MAX_CHOICES}", literals.len()));
+        }
+        self.nodes.push(Node { literals, ..Node::default() });
+        let tag = u16::try_from(self.nodes.len() - 1).map_err(|_| "the schema is too large".to_string())?;
+        Ok((ObjectShape { free: false, keys: vec![key], values: vec![tag], required: 1 }, arms))
+    }
+
     fn array(&mut self, map: &Map<String, Value>, path: &str, depth: usize) -> Result<ArrayShape, String> {
         if depth == MAX_SCHEMA_DEPTH {
             return Err(format!("`{path}`: objects and arrays nest deeper than {MAX_SCHEMA_DEPTH}"));
@@ -323,11 +772,46 @@ impl Compiler<'_> {
     }
 }
 
+/// Whether some value satisfies both alternatives (objects aside: theirs
+/// are told apart by a tag, or refused).
+fn overlap(a: &Node, b: &Node) -> bool {
+    let numeric = |n: &Node| n.number || n.integer;
+    let admits = |n: &Node, literal: &[u8]| match literal[0] {
+        b'"' => n.string,
+        b'-' | b'0'..=b'9' => numeric(n),
+        b'[' => n.array.is_some(),
+        _ => false,
+    };
+    a.any
+        || b.any
+        || a.string && b.string
+        || numeric(a) && numeric(b)
+        || a.array.is_some() && b.array.is_some()
+        || a.literals.iter().any(|l| admits(b, l) || b.literals.contains(l))
+        || b.literals.iter().any(|l| admits(a, l))
+}
+
 /// Adds `branch`'s values to `node`'s (a type list, `anyOf`).
 fn merge(node: &mut Node, branch: Node, path: &str) -> Result<(), String> {
     if node.object.is_some() && branch.object.is_some() || node.array.is_some() && branch.array.is_some() {
         return Err(format!("`{path}`: at most one object and one array alternative are supported"));
     }
+    // Strings of two rules would need the DFAs' product; a free string
+    // covers any rule.
+    node.string_rule = match (node.string, branch.string) {
+        (true, true) if node.string_rule != branch.string_rule && node.string_rule.is_some() && branch.string_rule.is_some() => {
+            return Err(format!("`{path}`: two constrained string alternatives are not supported"))
+        }
+        (true, true) => node.string_rule.and(branch.string_rule),
+        (false, _) => branch.string_rule,
+        (true, false) => node.string_rule,
+    };
+    // A range beside other numbers would need their union.
+    let numeric = |n: &Node| n.number || n.integer;
+    if numeric(node) && numeric(&branch) && (node.number_rule.is_some() || branch.number_rule.is_some()) {
+        return Err(format!("`{path}`: a bounded number beside other numbers is not supported"));
+    }
+    node.number_rule = node.number_rule.or(branch.number_rule);
     node.any |= branch.any;
     node.string |= branch.string;
     node.number |= branch.number;
@@ -381,9 +865,28 @@ enum Cur {
         escape: u8,
         utf8: u8,
     },
+    /// In a string of regex `regex`, the DFA in `state`; after a
+    /// backslash when `escape`.
+    Regex {
+        regex: u16,
+        state: StateID,
+        escape: bool,
+    },
+    /// In a string of node `node`'s lengths, `count` characters written.
+    Len {
+        node: u16,
+        count: u32,
+        escape: u8,
+        utf8: u8,
+    },
     Num {
         num: Num,
         integer: bool,
+    },
+    /// In a number of a range: regex `regex`'s DFA in `state`.
+    Range {
+        regex: u16,
+        state: StateID,
     },
     /// In an unconstrained value.
     Any(JsonState),
@@ -464,8 +967,18 @@ impl<'a> SchemaCursor<'a> {
                 None => return false,
             },
             b'[' if node.array.is_some() => return self.open(n, false),
-            b'"' if node.string => Cur::Str { escape: 0, utf8: 0 },
-            b'-' | b'0'..=b'9' if node.number || node.integer => Cur::Num { num: Num::first(b).expect("a number's first byte"), integer: !node.number },
+            b'"' if node.string => match node.string_rule {
+                Some(StringRule::Regex(regex)) => Cur::Regex { regex, state: self.schema.regexes[regex as usize].start, escape: false },
+                Some(StringRule::Length { .. }) => Cur::Len { node: n, count: 0, escape: 0, utf8: 0 },
+                None => Cur::Str { escape: 0, utf8: 0 },
+            },
+            b'-' | b'0'..=b'9' if node.number || node.integer => match node.number_rule {
+                Some(regex) => match self.schema.regexes[regex as usize].step(self.schema.regexes[regex as usize].start, b) {
+                    Some(state) => Cur::Range { regex, state },
+                    None => return false,
+                },
+                None => Cur::Num { num: Num::first(b).expect("a number's first byte"), integer: !node.number },
+            },
             _ => return false,
         };
         true
@@ -506,6 +1019,45 @@ impl ByteGrammar for SchemaCursor<'_> {
                 };
                 return true;
             }
+            Cur::Regex { regex, state, escape } => {
+                let r = &self.schema.regexes[regex as usize];
+                let decoded = match (escape, b) {
+                    (false, b'"') if r.may_end(state) => {
+                        self.cur = Cur::After;
+                        return true;
+                    }
+                    // An escape begins where some escaped byte may follow.
+                    (false, b'\\') => {
+                        self.cur = Cur::Regex { regex, state, escape: true };
+                        return b"\"\\/bfnrt".iter().any(|&e| r.step(state, unescaped(e).expect("an escape")).is_some());
+                    }
+                    (false, b'"' | 0..=0x1f) => return false,
+                    (false, b) => b,
+                    (true, b) => match unescaped(b) {
+                        Some(b) => b,
+                        None => return false,
+                    },
+                };
+                let Some(state) = r.step(state, decoded) else { return false };
+                self.cur = Cur::Regex { regex, state, escape: false };
+                return true;
+            }
+            Cur::Len { node, count, escape, utf8 } => {
+                let Some(StringRule::Length { min, max }) = self.node(node).string_rule else { unreachable!("a counted string's node has lengths") };
+                // A character begins at a byte outside any character (not
+                // the closing quote) and counts at its first byte; an
+                // escape counts at its backslash and writes no `\u`.
+                let begins = escape == 0 && utf8 == 0 && b != b'"';
+                if escape == 1 && b == b'u' || begins && count == max {
+                    return false;
+                }
+                self.cur = match string_step(escape, utf8, b) {
+                    StrStep::Closed if count >= min => Cur::After,
+                    StrStep::In { escape, utf8 } => Cur::Len { node, count: count + begins as u32, escape, utf8 },
+                    StrStep::Closed | StrStep::Refused => return false,
+                };
+                return true;
+            }
             Cur::Key { cands, at } => {
                 let frame = self.top().expect("keys are inside an object");
                 let keys = &self.shape(frame).keys;
@@ -529,8 +1081,11 @@ impl ByteGrammar for SchemaCursor<'_> {
                     return true;
                 }
                 // The byte ends a complete literal and is read after it.
-                if !bits(cands).any(|i| literals[i].len() == at as usize) {
-                    return false;
+                let Some(done) = bits(cands).find(|&i| literals[i].len() == at as usize) else { return false };
+                // A union's tag (its only value) picks the alternative.
+                if let Some(frame) = self.top().filter(|f| f.object && !self.node(f.node).arms.is_empty()) {
+                    let arm = self.node(frame.node).arms[done];
+                    self.frames[self.depth as usize - 1] = Frame { node: arm.node, object: true, bits: arm.tag };
                 }
                 self.cur = Cur::After;
             }
@@ -542,6 +1097,18 @@ impl ByteGrammar for SchemaCursor<'_> {
                 None if num.complete() => self.cur = Cur::After,
                 None => return false,
             },
+            Cur::Range { regex, state } => {
+                let r = &self.schema.regexes[regex as usize];
+                match r.step(state, b) {
+                    Some(state) => {
+                        self.cur = Cur::Range { regex, state };
+                        return true;
+                    }
+                    // The byte ends the number and is read after it.
+                    None if r.may_end(state) => self.cur = Cur::After,
+                    None => return false,
+                }
+            }
             Cur::Any(inner) => {
                 let mut next = inner;
                 if next.feed(b) {
@@ -592,11 +1159,15 @@ impl ByteGrammar for SchemaCursor<'_> {
         self.depth == 0 && (self.cur == Cur::After || matches!(self.cur, Cur::Any(inner) if inner.complete()))
     }
 
-    fn in_plain_string(&self) -> bool {
+    fn plain_text_room(&self) -> Option<u32> {
         match self.cur {
-            Cur::Str { escape: 0, utf8: 0 } => true,
-            Cur::Any(inner) => inner.in_plain_string(),
-            _ => false,
+            Cur::Str { escape: 0, utf8: 0 } => Some(u32::MAX),
+            Cur::Any(inner) => inner.in_plain_string().then_some(u32::MAX),
+            Cur::Len { node, count, escape: 0, utf8: 0 } => match self.node(node).string_rule {
+                Some(StringRule::Length { max, .. }) => Some(max - count),
+                _ => unreachable!("a counted string's node has lengths"),
+            },
+            _ => None,
         }
     }
 }
@@ -629,6 +1200,20 @@ mod tests {
         },
         "required": ["name", "age", "colour", "tags"]
     }"##;
+
+    /// String constraints: patterns, formats, lengths.
+    const STRINGS: &str = r#"{"type": "object", "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3}$"},
+        "word": {"type": "string", "pattern": "ab"},
+        "day": {"type": "string", "format": "date"},
+        "at": {"type": "string", "format": "date-time"},
+        "t": {"type": "string", "format": "time"},
+        "id": {"type": "string", "format": "uuid"},
+        "mail": {"type": "string", "format": "email"},
+        "ip": {"type": "string", "format": "ipv4"},
+        "short": {"type": "string", "minLength": 2, "maxLength": 4},
+        "opt": {"anyOf": [{"type": "string", "maxLength": 3}, {"type": "null"}, {"enum": ["no"]}]}
+    }, "required": ["code", "day", "short"]}"#;
 
     fn fed<'a>(schema: &'a JsonSchema, text: &str) -> Option<SchemaCursor<'a>> {
         let mut s = schema.start();
@@ -681,6 +1266,180 @@ mod tests {
         }
     }
 
+    #[test]
+    fn strings_follow_their_pattern_format_and_lengths() {
+        let root: Value = serde_json::from_str(STRINGS).unwrap();
+        let schema = JsonSchema::from_value(&root).unwrap();
+        for text in [
+            r#"{"code":"AB-123","day":"2024-02-29","short":"ab"}"#,
+            concat!(
+                r#"{"short":"é\n\"/","code":"ZZ-000","word":"x\\ab\\","day":"0001-12-31","at":"2026-12-07T21:30:00.123456Z","#,
+                r#""t":"00:00:59-11:30","id":"123e4567-e89b-12d3-a456-426614174000","mail":"a.b+c@mail.example.org","ip":"255.0.10.199","opt":"no"}"#
+            ),
+            r#"{"code":"AB-123","day":"2000-02-29","short":"abcd","opt":null,"word":"ab"}"#,
+        ] {
+            assert!(satisfies(&root, &root, &serde_json::from_str(text).unwrap()), "{text}");
+            assert!(fed(&schema, text).is_some_and(|s| s.complete()), "{text:?}");
+        }
+        // Each is refused at its last byte, not before.
+        for text in [
+            r#"{"code":"Ab"#,
+            r#"{"code":"AB-1234"#,
+            r#"{"word":"x\u"#,
+            r#"{"word":"xyz""#,
+            r#"{"day":"2023-02-29"#,
+            r#"{"day":"1900-02-29"#,
+            r#"{"day":"2024-04-31"#,
+            r#"{"day":"0000"#,
+            r#"{"at":"2024-01-01 "#,
+            r#"{"t":"24"#,
+            r#"{"t":"12:00:00""#,
+            r#"{"t":"12:00:00.1234567"#,
+            r#"{"id":"123E"#,
+            r#"{"mail":"a@b""#,
+            r#"{"mail":"a.."#,
+            r#"{"ip":"256"#,
+            r#"{"ip":"1.2.3.4."#,
+            r#"{"short":"a""#,
+            r#"{"short":"abcde"#,
+            r#"{"short":"abcd\"#,
+            r#"{"short":"\u"#,
+            r#"{"opt":"abcd"#,
+            r#"{"ip":"01"#,
+        ] {
+            assert!(fed(&schema, &text[..text.len() - 1]).is_some(), "{text:?} was refused early");
+            assert!(fed(&schema, text).is_none(), "{text:?} was taken");
+        }
+        // A control character the DFA takes comes through its escape.
+        let tabs = JsonSchema::parse(r#"{"type":"object","properties":{"a":{"type":"string","pattern":"^\\t+$"}}}"#).unwrap();
+        assert!(fed(&tabs, r#"{"a":"\t\t"}"#).is_some_and(|s| s.complete()));
+        assert!(fed(&tabs, r#"{"a":"\n"#).is_none());
+    }
+
+    /// Integers and numbers between bounds, each end included or not.
+    const NUMBERS: &str = r#"{"type": "object", "properties": {
+        "age": {"type": "integer", "minimum": 0, "maximum": 30},
+        "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "temp": {"type": "integer", "exclusiveMaximum": -5},
+        "n": {"type": ["integer", "null"], "minimum": 2.5},
+        "big": {"type": "number", "minimum": -1000000}
+    }, "required": ["age", "score"]}"#;
+
+    #[test]
+    fn numbers_stay_within_their_bounds() {
+        let root: Value = serde_json::from_str(NUMBERS).unwrap();
+        let schema = JsonSchema::from_value(&root).unwrap();
+        for text in [
+            r#"{"age":0,"score":1}"#,
+            r#"{"age":30,"score":0.001,"temp":-6,"n":3,"big":-999999.5}"#,
+            r#"{"score":1.000,"age":7,"n":null,"temp":-1234567,"big":123456789012}"#,
+        ] {
+            assert!(satisfies(&root, &root, &serde_json::from_str(text).unwrap()), "{text}");
+            assert!(fed(&schema, text).is_some_and(|s| s.complete()), "{text:?}");
+        }
+        // Each is refused at its last byte, not before.
+        for text in [
+            r#"{"age":-"#,
+            r#"{"age":31"#,
+            r#"{"age":300"#,
+            r#"{"age":3."#,
+            r#"{"age":07"#,
+            r#"{"score":2"#,
+            r#"{"score":1.1"#,
+            r#"{"score":0,"#,
+            r#"{"score":0.00}"#,
+            r#"{"score":1e"#,
+            r#"{"temp":-5,"#,
+            r#"{"temp":0"#,
+            r#"{"n":2,"#,
+            r#"{"big":-1000000.01"#,
+        ] {
+            assert!(fed(&schema, &text[..text.len() - 1]).is_some(), "{text:?} was refused early");
+            assert!(fed(&schema, text).is_none(), "{text:?} was taken");
+        }
+    }
+
+    /// Every range's regex against the numbers' values, over integers and
+    /// decimals around its ends.
+    #[test]
+    fn ranges_take_exactly_the_numbers_inside() {
+        let ends = [None, Some(-1000), Some(-123), Some(-10), Some(-1), Some(0), Some(1), Some(9), Some(10), Some(99), Some(100), Some(1000)];
+        let mut texts: Vec<String> = (-1100..=1100).map(|n: i64| n.to_string()).collect();
+        for n in (-130..=130).chain([-1000, -999, 999, 1000]) {
+            for fraction in ["5", "25", "0", "00", "05", "999"] {
+                let sign = if n == 0 { "-" } else { "" };
+                texts.push(format!("{n}.{fraction}"));
+                texts.push(format!("{sign}{n}.{fraction}").replace("--", "-"));
+            }
+        }
+        texts.retain(|t| !(t.starts_with('-') && t.parse::<f64>().unwrap() == 0.0));
+        texts.dedup();
+        for lo in ends.iter().flat_map(|e| [e.map(|e| (e, false)), e.map(|e| (e, true))]) {
+            for hi in ends.iter().flat_map(|e| [e.map(|e| (e, false)), e.map(|e| (e, true))]) {
+                for fractions in [false, true] {
+                    let inside = |t: &str| {
+                        let v: f64 = t.parse().unwrap();
+                        (fractions || !t.contains('.'))
+                            && lo.is_none_or(|(l, excluded)| if excluded { v > l as f64 } else { v >= l as f64 })
+                            && hi.is_none_or(|(h, excluded)| if excluded { v < h as f64 } else { v <= h as f64 })
+                    };
+                    match numbers_between(lo, hi, fractions) {
+                        None => assert!(!texts.iter().any(|t| inside(t)), "{lo:?}..{hi:?} has numbers"),
+                        Some(regex) => {
+                            let dfa = Dfa::new(&regex).unwrap();
+                            for t in &texts {
+                                assert_eq!(dfa.accepts(t), inside(t), "{t} in {lo:?}..{hi:?} (fractions: {fractions}): {regex}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A discriminated union as Pydantic writes it (`oneOf` of `$ref`s
+    /// with a `const` tag), and `oneOf` of kinds.
+    const UNION: &str = r##"{"$defs": {
+        "Cat": {"type": "object", "properties": {"pet_type": {"const": "cat", "type": "string"}, "meows": {"type": "integer"}},
+            "required": ["pet_type", "meows"], "additionalProperties": false},
+        "Dog": {"type": "object", "properties": {"pet_type": {"const": "dog", "type": "string"}, "barks": {"type": "number"}, "good": {"type": "boolean"}},
+            "required": ["pet_type", "barks"]},
+        "Bird": {"type": "object", "properties": {"kind": {"enum": ["parrot", "crow"]}, "pet_type": {"enum": ["bird", "fowl"]}}, "required": ["pet_type"]}
+    }, "type": "object", "properties": {
+        "pet": {"oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}, {"$ref": "#/$defs/Bird"}], "discriminator": {"propertyName": "pet_type"}},
+        "owner": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        "maybe": {"oneOf": [{"type": "integer"}, {"type": "string"}, {"type": "null"}]}
+    }, "required": ["pet"]}"##;
+
+    #[test]
+    fn a_union_reads_its_tag_first_and_then_that_alternative() {
+        let root: Value = serde_json::from_str(UNION).unwrap();
+        let schema = JsonSchema::from_value(&root).unwrap();
+        for text in [
+            r#"{"pet":{"pet_type":"cat","meows":3}}"#,
+            r#"{"pet":{"pet_type":"dog","good":true,"barks":1.5},"owner":null,"maybe":"x"}"#,
+            r#"{"pet": {"pet_type": "fowl"}, "maybe": 3}"#,
+            r#"{"maybe":null,"pet":{"pet_type":"bird","kind":"crow"}}"#,
+        ] {
+            assert!(satisfies(&root, &root, &serde_json::from_str(text).unwrap()), "{text}");
+            assert!(fed(&schema, text).is_some_and(|s| s.complete()), "{text:?}");
+        }
+        // Each is refused at its last byte, not before.
+        for text in [
+            r#"{"pet":{"m"#,
+            r#"{"pet":{}"#,
+            r#"{"pet":{"pet_type":"co"#,
+            r#"{"pet":{"pet_type":"cat","b"#,
+            r#"{"pet":{"pet_type":"cat"}"#,
+            r#"{"pet":{"pet_type":"dog","m"#,
+            r#"{"pet":{"pet_type":"bird","kind":"crow","#,
+            r#"{"pet":{"pet_type":"cat","meows":1."#,
+        ] {
+            assert!(fed(&schema, &text[..text.len() - 1]).is_some(), "{text:?} was refused early");
+            assert!(fed(&schema, text).is_none(), "{text:?} was taken");
+        }
+    }
+
     /// Enum values a branch's kind admits anyway do not narrow it.
     #[test]
     fn values_another_branch_covers_leave_it_whole() {
@@ -695,7 +1454,30 @@ mod tests {
     fn unsupported_or_contradictory_schemas_are_refused_by_name() {
         let many = format!(r#"{{"type":"object","properties":{{"a":{{"enum":[{}]}}}}}}"#, (0..65).map(|i| i.to_string()).collect::<Vec<_>>().join(","));
         for (schema, says) in [
-            (r#"{"type":"object","properties":{"a":{"type":"string","pattern":"x"}}}"#, "`schema.properties.a.pattern` is not supported"),
+            (r#"{"type":"object","properties":{"a":{"type":"string","pattern":"(?<=x)y"}}}"#, "`schema.properties.a.pattern`: "),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"string","pattern":"^\\u0001$"}}}"#,
+                "`schema.properties.a.pattern`: no string the answer can write",
+            ),
+            (r#"{"type":"object","properties":{"a":{"type":"string","pattern":"\\w{4000}"}}}"#, "`schema.properties.a.pattern`: "),
+            (r#"{"type":"object","properties":{"a":{"type":"string","format":"uri"}}}"#, "`schema.properties.a.format`: `uri` is not supported"),
+            (r#"{"type":"object","properties":{"a":{"type":"number","minimum":0.5}}}"#, "the bounds of a `number` must be whole numbers"),
+            (r#"{"type":"object","properties":{"a":{"type":"integer","minimum":1,"exclusiveMinimum":0}}}"#, "`minimum` beside `exclusiveMinimum`"),
+            (r#"{"type":"object","properties":{"a":{"type":"integer","minimum":5,"exclusiveMaximum":5}}}"#, "no number satisfies `schema.properties.a`"),
+            (r#"{"type":"object","properties":{"a":{"type":"integer","maximum":1e16}}}"#, "`schema.properties.a.maximum` must be a number of magnitude"),
+            (r#"{"type":"object","properties":{"a":{"anyOf":[{"type":"integer","minimum":0},{"type":"number"}]}}}"#, "a bounded number beside other numbers"),
+            (r#"{"type":"object","properties":{"a":{"anyOf":[{"type":"integer","minimum":0},{"enum":[-1]}]}}}"#, "the value -1 starts like"),
+            (r#"{"type":"object","properties":{"a":{"minimum":0}}}"#, "`schema.properties.a.minimum` without a `type`"),
+            (r#"{"type":"object","properties":{"a":{"format":"date"}}}"#, "`schema.properties.a.format` without a `type` it applies to"),
+            (r#"{"type":"object","properties":{"a":{"type":"string","format":"date","pattern":"x"}}}"#, "`pattern` beside `format`"),
+            (r#"{"type":"object","properties":{"a":{"type":"string","pattern":"x","maxLength":3}}}"#, "`maxLength` beside `pattern`"),
+            (r#"{"type":"object","properties":{"a":{"type":"string","minLength":3,"maxLength":2}}}"#, "`minLength` 3 exceeds `maxLength` 2"),
+            (r#"{"type":"object","properties":{"a":{"type":"string","minLength":-1}}}"#, "`schema.properties.a.minLength` must be a non-negative integer"),
+            (
+                r#"{"type":"object","properties":{"a":{"anyOf":[{"type":"string","format":"date"},{"type":"string","format":"uuid"}]}}}"#,
+                "two constrained string",
+            ),
+            (r#"{"type":"object","properties":{"a":{"anyOf":[{"type":"string","pattern":"^x+$"},{"enum":["xx","y"]}]}}}"#, "the value \"y\" starts like"),
             (r#"{"type":"array"}"#, "must describe an object"),
             (r#"{"type":"object","required":["a"]}"#, "`schema.required` names `a`"),
             (r#"{"type":"object","properties":{"a":{"type":"decimal"}}}"#, "`decimal` is not a JSON Schema type"),
@@ -703,7 +1485,23 @@ mod tests {
             (r##"{"type":"object","properties":{"a":{"$ref":"#/$defs/Missing"}}}"##, "`#/$defs/Missing` is not a schema"),
             (r##"{"$defs":{"N":{"type":"object","properties":{"next":{"$ref":"#/$defs/N"}}}},"$ref":"#/$defs/N"}"##, "deeper than 16"),
             (r#"{"type":"object","properties":{"a":false}}"#, "`schema.properties.a` is `false`"),
-            (r#"{"type":"object","properties":{"a":{"anyOf":[{"type":"object"},{"type":"object"}]}}}"#, "at most one object"),
+            (
+                r#"{"type":"object","properties":{"a":{"anyOf":[{"type":"object"},{"type":"object"}]}}}"#,
+                "`schema.properties.a`: object alternatives need a tag",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"anyOf":[{"type":"object","properties":{"t":{"const":1}},"required":["t"]},{"type":"object","properties":{"t":{"enum":[2,1]}},"required":["t"]}]}}}"#,
+                "object alternatives need a tag",
+            ),
+            (
+                r#"{"type":"object","properties":{"a":{"anyOf":[{"type":"object","properties":{"t":{"const":1}},"required":["t"]},{"type":"object","properties":{"t":{"const":2}}}]}}}"#,
+                "object alternatives need a tag",
+            ),
+            (r#"{"type":"object","properties":{"a":{"oneOf":[{"type":"string"},{"enum":["x"]}]}}}"#, "`schema.properties.a.oneOf[1]` admits values of another"),
+            (
+                r#"{"type":"object","properties":{"a":{"oneOf":[{"type":"integer"},{"type":"number"}]}}}"#,
+                "`schema.properties.a.oneOf[1]` admits values of another",
+            ),
             (r#"{"type":"object","properties":{"a":{"enum":[]}}}"#, "`schema.properties.a.enum` must be a non-empty array"),
             (r#"{"type":"object","properties":{"a":{"allOf":[{"type":"string"},{"type":"null"}]}}}"#, "`schema.properties.a.allOf` of more than one"),
             (&many, "at most 64"),
@@ -723,11 +1521,14 @@ mod tests {
         // No `e`: serde_json refuses exponents out of f64's range, which
         // JSON allows (`true` and `false` still get theirs, the only byte
         // taken there).
-        let alphabet: Vec<u8> = b"{}[]\",: \n-.0123456789trufalsnxyz\\".to_vec();
+        let alphabet: Vec<u8> = b"{}[]\",: \n-.0123456789trufalsnxyzb@\\".to_vec();
         for source in [
             PERSON,
             r#"{"type":"object"}"#,
             r#"{"type":"object","properties":{"a":{"type":"array","items":{"type":["integer","null"]},"maxItems":2}},"required":["a"]}"#,
+            STRINGS,
+            NUMBERS,
+            UNION,
         ] {
             let root: Value = serde_json::from_str(source).unwrap();
             let schema = JsonSchema::from_value(&root).unwrap();
@@ -768,6 +1569,16 @@ mod tests {
         let cuts = [r#"{"colour":"gr"#, r#"{"address":{"c"#, r#"{"age":-"#, r#"{"tags":["a","#, r#"{"extra":[1, {"#];
         let texts: Vec<&str> = [VALID[1], VALID[4]].iter().chain(&cuts).copied().collect();
         assert_mask_is_every_tokens_bytes_tried(&mode, schema.start(), &texts);
+        let strings = Arc::new(JsonSchema::parse(STRINGS).unwrap());
+        let mode = mode.with_schema(Some(strings.clone()));
+        let texts = [r#"{"code":"AB-12"#, r#"{"at":"2024-02-2"#, r#"{"mail":"a.b@x"#, r#"{"short":"é"#, r#"{"short":"abc"#, r#"{"word":"a\"#];
+        assert_mask_is_every_tokens_bytes_tried(&mode, strings.start(), &texts);
+        let numbers = Arc::new(JsonSchema::parse(NUMBERS).unwrap());
+        let mode = mode.with_schema(Some(numbers.clone()));
+        assert_mask_is_every_tokens_bytes_tried(&mode, numbers.start(), &[r#"{"age":3"#, r#"{"score":0."#, r#"{"temp":-"#, r#"{"big":12"#]);
+        let union = Arc::new(JsonSchema::parse(UNION).unwrap());
+        let mode = mode.with_schema(Some(union.clone()));
+        assert_mask_is_every_tokens_bytes_tried(&mode, union.start(), &[r#"{"pet":{"#, r#"{"pet":{"pet_type":"#, r#"{"pet":{"pet_type":"dog","#]);
     }
 
     /// A small validator of the subset's meaning (JSON Schema's, not
@@ -779,6 +1590,9 @@ mod tests {
         }
         if let Some(branches) = m.get("anyOf") {
             return branches.as_array().unwrap().iter().any(|b| satisfies(b, root, v));
+        }
+        if let Some(branches) = m.get("oneOf") {
+            return branches.as_array().unwrap().iter().filter(|b| satisfies(b, root, v)).count() == 1;
         }
         if let Some(all) = m.get("allOf") {
             return all.as_array().unwrap().iter().all(|b| satisfies(b, root, v));
@@ -811,12 +1625,81 @@ mod tests {
                         None => m.get("additionalProperties").is_none_or(|a| satisfies(a, root, x)),
                     })
             }
+            Value::Number(n) => {
+                let v = n.as_f64().unwrap();
+                let bound = |key: &str, ok: fn(f64, f64) -> bool| m.get(key).is_none_or(|b| ok(v, b.as_f64().unwrap()));
+                bound("minimum", |v, b| v >= b)
+                    && bound("maximum", |v, b| v <= b)
+                    && bound("exclusiveMinimum", |v, b| v > b)
+                    && bound("exclusiveMaximum", |v, b| v < b)
+            }
+            Value::String(text) => {
+                let count = |key: &str, default: u64| m.get(key).and_then(Value::as_u64).unwrap_or(default);
+                let chars = text.chars().count() as u64;
+                (count("minLength", 0)..=count("maxLength", u64::MAX)).contains(&chars)
+                    && m.get("pattern").is_none_or(|p| regex::Regex::new(p.as_str().unwrap()).unwrap().is_match(text))
+                    && m.get("format").is_none_or(|f| has_format(f.as_str().unwrap(), text))
+            }
             Value::Array(a) => {
                 let count = |key: &str, default: u64| m.get(key).and_then(Value::as_u64).unwrap_or(default);
                 (count("minItems", 0)..=count("maxItems", u64::MAX)).contains(&(a.len() as u64))
                     && a.iter().all(|x| m.get("items").is_none_or(|i| satisfies(i, root, x)))
             }
             _ => true,
+        }
+    }
+
+    /// The formats' meaning, checked by hand rather than by regex.
+    fn has_format(format: &str, text: &str) -> bool {
+        let digits = |t: &str, n: usize| t.len() == n && t.bytes().all(|b| b.is_ascii_digit());
+        let number = |t: &str| t.parse::<u32>().unwrap_or(u32::MAX);
+        let date = |t: &str| {
+            let parts: Vec<&str> = t.split('-').collect();
+            let [y, m, d] = parts[..] else { return false };
+            let (year, month, day) = (number(y), number(m), number(d));
+            let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+            let days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+            digits(y, 4) && digits(m, 2) && digits(d, 2) && year >= 1 && (1..=12).contains(&month) && (1..=days[month as usize - 1]).contains(&day)
+        };
+        let clock = |t: &str| {
+            let parts: Vec<&str> = t.split(':').collect();
+            parts.len() >= 2 && parts.iter().all(|p| digits(p, 2)) && number(parts[0]) < 24 && parts[1..].iter().all(|p| number(p) < 60)
+        };
+        let time = |t: &str| {
+            let (rest, zone) = match t.strip_suffix('Z') {
+                Some(rest) => (rest, "00:00"),
+                None if t.len() > 6 && matches!(t.as_bytes()[t.len() - 6], b'+' | b'-') => (&t[..t.len() - 6], &t[t.len() - 5..]),
+                None => return false,
+            };
+            let (hms, fraction) = rest.split_once('.').unwrap_or((rest, "0"));
+            hms.len() == 8 && clock(hms) && zone.len() == 5 && clock(zone) && (1..=6).contains(&fraction.len()) && fraction.bytes().all(|b| b.is_ascii_digit())
+        };
+        match format {
+            "date" => date(text),
+            "time" => time(text),
+            "date-time" => text.split_once('T').is_some_and(|(d, t)| date(d) && time(t)),
+            "uuid" => {
+                text.len() == 36 && text.char_indices().all(|(i, c)| if [8, 13, 18, 23].contains(&i) { c == '-' } else { matches!(c, '0'..='9' | 'a'..='f') })
+            }
+            "email" => text.split_once('@').is_some_and(|(local, domain)| {
+                let atom = |a: &str| !a.is_empty() && a.bytes().all(|b| b.is_ascii_alphanumeric() || b"_%+-".contains(&b));
+                let label = |l: &str| {
+                    (1..=63).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !l.starts_with('-') && !l.ends_with('-')
+                };
+                let labels: Vec<&str> = domain.split('.').collect();
+                local.split('.').all(atom)
+                    && labels.len() >= 2
+                    && labels.iter().all(|l| label(l))
+                    && labels.last().is_some_and(|t| t.len() >= 2 && t.bytes().all(|b| b.is_ascii_alphabetic()))
+            }),
+            "ipv4" => {
+                let parts: Vec<&str> = text.split('.').collect();
+                parts.len() == 4
+                    && parts.iter().all(|p| {
+                        !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()) && (p.len() == 1 || !p.starts_with('0')) && number(p) <= 255
+                    })
+            }
+            _ => false,
         }
     }
 }

@@ -35,7 +35,7 @@ const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 /// One turn of a conversation.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant`, or `tool` (a function's result).
     pub role: String,
     pub content: String,
 }
@@ -165,7 +165,9 @@ impl ChatTemplate {
                     s.push_str(&format!("<|start_header_id|>system<|end_header_id|>\n\n{preamble}{system}<|eot_id|>"));
                 }
                 for m in messages {
-                    s.push_str(&format!("<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>", m.role, m.content.trim()));
+                    // Llama 3.1's template names a function's result `ipython`.
+                    let role = if m.role == "tool" { "ipython" } else { &m.role };
+                    s.push_str(&format!("<|start_header_id|>{role}<|end_header_id|>\n\n{}<|eot_id|>", m.content.trim()));
                 }
                 s.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
             }
@@ -442,6 +444,15 @@ impl Tokenizer {
         match &self.chat {
             Some(template) => template.render(messages, today),
             None => messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n"),
+        }
+    }
+
+    /// The system prompt the chat template writes when a conversation has
+    /// none (SmolLM2's names the assistant).
+    pub fn default_system(&self) -> Option<&str> {
+        match &self.chat {
+            Some(ChatTemplate::ChatMl { default_system }) => default_system.as_deref(),
+            _ => None,
         }
     }
 
@@ -753,6 +764,10 @@ mod tests {
             chat.render(&[turn("system", " Be brief. "), turn("user", "Hi")], None),
             format!("{preamble}Be brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
         );
+        // A function's result is an `ipython` turn, as Llama 3.1's tool branches write it.
+        assert!(chat
+            .render(&[turn("user", "Hi"), turn("assistant", "{}"), turn("tool", "42")], None)
+            .ends_with("<|start_header_id|>ipython<|end_header_id|>\n\n42<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"));
         // Llama 3.1's keeps its date whatever the day.
         assert_eq!(chat.render(&[turn("user", "Hi")], Some("07 Dec 2026")), chat.render(&[turn("user", "Hi")], None));
         // Llama 3.2's asks for today's date, and has the default otherwise.

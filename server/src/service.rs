@@ -79,7 +79,11 @@ impl StreamTask {
             Err(status) => return drop(self.out.send(Err(status)).await),
         };
         let sampled = open.sampling.as_ref().is_some_and(|s| s.temperature > 0.0);
-        let valid = match ValidOpen::new(open, self.vocab, self.context_len, &self.eos) {
+        // A schema's patterns may take up to a second to compile: off the
+        // runtime's worker, so other streams go on meanwhile.
+        let has_schema = open.sampling.as_ref().is_some_and(|s| !s.json_schema.is_empty());
+        let validate = || ValidOpen::new(open, self.vocab, self.context_len, &self.eos);
+        let valid = match if has_schema { tokio::task::block_in_place(validate) } else { validate() } {
             Ok(v) => v,
             Err(e) => return self.fail(e).await,
         };

@@ -206,7 +206,8 @@ fn with_schema(open: Open, schema: &str) -> Open {
     Open { sampling, ..open }
 }
 
-/// Structured outputs: with a JSON Schema the answer satisfies it. The
+/// Structured outputs: with a JSON Schema (bounds, a pattern, a format
+/// and a length among its constraints) the answer satisfies it. The
 /// schema travels as text and the server compiles it again; drafting over
 /// gRPC, the trained draft's head included, and server-only decoding give
 /// plain decoding's answer, and sampled answers satisfy it too.
@@ -214,20 +215,27 @@ fn with_schema(open: Open, schema: &str) -> Open {
 fn json_schema_answers_satisfy_the_schema_as_plain_decoding_gives_them() {
     let server = ServerProcess::start(&[]);
     let m = model();
-    let schema = r#"{"type":"object","additionalProperties":false,"required":["name","age","colour"],
-        "properties":{"name":{"type":"string"},"age":{"type":"integer"},"colour":{"enum":["black","white","ginger"]},"indoor":{"type":"boolean"}}}"#;
+    let schema = r#"{"type":"object","additionalProperties":false,"required":["name","age","colour","born","chip"],
+        "properties":{"name":{"type":"string"},"age":{"type":"integer","minimum":0,"maximum":30},"colour":{"enum":["black","white","ginger"]},"indoor":{"type":"boolean"},
+        "born":{"type":"string","format":"date"},"chip":{"type":"string","pattern":"^[A-Z]{2}[0-9]{4}$"},"motto":{"type":"string","maxLength":20}}}"#;
     let mode = JsonObjectMode::new(m.tokenizer.clone()).with_schema(Some(Arc::new(JsonSchema::parse(schema).unwrap())));
     let req = GenerateRequest {
         sampling: SamplingParams { json_object: Some(mode), ..SamplingParams::default() },
-        ..request("Describe a cat called Tom as JSON.", 96)
+        ..request("Describe a cat called Tom as JSON.", 160)
     };
     let satisfies = |g: &Generation| {
         assert!(g.stopped_on_eos, "the object was not closed in {} tokens: {:?}", g.tokens.len(), g.text);
         let v: serde_json::Value = serde_json::from_str(&g.text).unwrap_or_else(|e| panic!("{e}: {:?}", g.text));
         let o = v.as_object().unwrap();
-        assert!(o.keys().all(|k| ["name", "age", "colour", "indoor"].contains(&k.as_str())) && o.len() >= 3, "{:?}", g.text);
-        assert!(o["name"].is_string() && (o["age"].is_i64() || o["age"].is_u64()), "{:?}", g.text);
+        assert!(o.keys().all(|k| ["name", "age", "colour", "indoor", "born", "chip", "motto"].contains(&k.as_str())) && o.len() >= 5, "{:?}", g.text);
+        assert!(o["name"].is_string() && o["age"].as_u64().is_some_and(|a| a <= 30), "{:?}", g.text);
         assert!(["black", "white", "ginger"].iter().any(|c| o["colour"] == *c) && o.get("indoor").is_none_or(|b| b.is_boolean()), "{:?}", g.text);
+        let text = |k: &str| o[k].as_str().unwrap_or_else(|| panic!("{k} in {:?}", g.text)).as_bytes();
+        let (born, chip) = (text("born"), text("chip"));
+        let digits = |b: &[u8]| b.iter().all(u8::is_ascii_digit);
+        assert!(born.len() == 10 && digits(&born[..4]) && born[4] == b'-' && digits(&born[5..7]) && born[7] == b'-' && digits(&born[8..]), "{:?}", g.text);
+        assert!(chip.len() == 6 && chip[..2].iter().all(u8::is_ascii_uppercase) && digits(&chip[2..]), "{:?}", g.text);
+        assert!(o.get("motto").is_none_or(|m| m.as_str().is_some_and(|m| m.chars().count() <= 20)), "{:?}", g.text);
     };
     let plain = local_with(&DraftSpec::None, &req);
     satisfies(&plain);
@@ -361,7 +369,7 @@ fn bad_inputs_get_statuses_naming_the_field_and_the_server_keeps_serving() {
         (open_msg(prompt.clone(), 0, 0.0), Code::InvalidArgument, "open.max_new_tokens"),
         (open_msg(prompt.clone(), 4, -1.0), Code::InvalidArgument, "temperature"),
         (
-            with_schema(open_msg(prompt.clone(), 4, 0.0), r#"{"type":"object","properties":{"a":{"format":"date"}}}"#),
+            with_schema(open_msg(prompt.clone(), 4, 0.0), r#"{"type":"object","properties":{"a":{"type":"string","format":"uri"}}}"#),
             Code::InvalidArgument,
             "open.sampling.json_schema",
         ),

@@ -3,6 +3,7 @@
 Usage: openai_client.py BASE_URL
 Prints one JSON object: the non-streamed and streamed answers and usage.
 """
+import datetime
 import json
 import sys
 import typing
@@ -82,21 +83,67 @@ as_json = client.chat.completions.create(
 )
 # Structured outputs through the client's own helper: it sends the
 # model's strict JSON Schema and parses the answer with Pydantic.
+# Bounded strings: a 135M model can repeat a word inside a free string
+# until max_tokens.
+Word = typing.Annotated[str, pydantic.StringConstraints(max_length=24)]
+
+
 class Cat(pydantic.BaseModel):
-    name: str
-    age: int
+    name: Word
+    age: int = pydantic.Field(ge=0, le=30)
     colour: typing.Literal["black", "white", "ginger"]
-    nickname: typing.Optional[str]
-    toys: typing.List[str] = pydantic.Field(max_length=3)
+    nickname: typing.Optional[Word]
+    toys: typing.List[Word] = pydantic.Field(max_length=3)
+    # Constraints: bounds, a format, a pattern, a length.
+    born: datetime.date
+    chip: str = pydantic.Field(pattern=r"^[A-Z]{2}[0-9]{4}$")
+    motto: str = pydantic.Field(max_length=20)
+    weight_kg: float = pydantic.Field(gt=0, le=20)
 
 
 structured = client.chat.completions.parse(
     model="tandem",
     messages=[{"role": "user", "content": "Describe a cat called Tom as JSON."}],
-    max_tokens=128,
+    max_tokens=192,
     temperature=0,
     response_format=Cat,
 )
+
+# Forced function calling through the client's helper: it builds a strict
+# tool from the Pydantic model and parses the call's arguments with it.
+cat_tool = openai.pydantic_function_tool(Cat, name="describe_cat", description="Records a cat.")
+cat_question = [{"role": "user", "content": "Describe a cat called Tom."}]
+forced = {"type": "function", "function": {"name": "describe_cat"}}
+called = client.chat.completions.parse(model="tandem", messages=cat_question, max_tokens=192, temperature=0, tools=[cat_tool], tool_choice=forced)
+called_chunks = list(
+    client.chat.completions.create(model="tandem", messages=cat_question, max_tokens=192, temperature=0, tools=[cat_tool], tool_choice=forced, stream=True)
+)
+called_prompt = post("/tokenize", {"messages": cat_question, "tools": [cat_tool], "tool_choice": forced})["count"]
+# `required` with two tools: the answer picks one.
+weather_tool = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False},
+    },
+}
+weather_question = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+picked = client.chat.completions.create(
+    model="tandem", messages=weather_question, max_tokens=192, temperature=0, tools=[cat_tool, weather_tool], tool_choice="required"
+)
+picked_chunks = list(
+    client.chat.completions.create(
+        model="tandem", messages=weather_question, max_tokens=192, temperature=0, tools=[cat_tool, weather_tool], tool_choice="required", stream=True
+    )
+)
+# `auto` (the default with tools): a reply or a call, the model's choice.
+auto = client.chat.completions.create(model="tandem", messages=weather_question, max_tokens=192, temperature=0, tools=[weather_tool])
+auto_chunks = list(
+    client.chat.completions.create(model="tandem", messages=weather_question, max_tokens=192, temperature=0, tools=[weather_tool], stream=True)
+)
+picked_deltas = [call for c in picked_chunks if c.choices for call in (c.choices[0].delta.tool_calls or [])]
+called_deltas = [call for c in called_chunks if c.choices for call in (c.choices[0].delta.tool_calls or [])]
 
 # n choices: sampled ones draw with seed + i; greedy ones are alike.
 poem = [{"role": "user", "content": "Write a line about the sea."}]
@@ -140,7 +187,34 @@ print(
             "comma": comma,
             "at_comma": [at_comma.choices[0].message.content, at_comma.choices[0].finish_reason, at_comma.usage.completion_tokens],
             "json_mode": [as_json.choices[0].message.content, as_json.choices[0].finish_reason],
-            "structured": [structured.choices[0].message.content, structured.choices[0].finish_reason, structured.choices[0].message.parsed.model_dump()],
+            "structured": [structured.choices[0].message.content, structured.choices[0].finish_reason, structured.choices[0].message.parsed.model_dump(mode="json")],
+            "tool_call": [
+                called.choices[0].message.content,
+                called.choices[0].finish_reason,
+                [[t.type, t.function.name, t.function.arguments, t.function.parsed_arguments.model_dump(mode="json")] for t in called.choices[0].message.tool_calls],
+                [called.usage.prompt_tokens, called_prompt, post("/tokenize", {"messages": cat_question})["count"]],
+            ],
+            "tool_call_streamed": [
+                [[d.index, d.id, d.function.name] for d in called_deltas if d.id],
+                "".join(d.function.arguments or "" for d in called_deltas),
+                [c.choices[0].finish_reason for c in called_chunks if c.choices and c.choices[0].finish_reason],
+                any(c.choices[0].delta.content for c in called_chunks if c.choices),
+            ],
+            "picked": [
+                picked.choices[0].finish_reason,
+                [[t.function.name, t.function.arguments] for t in picked.choices[0].message.tool_calls or []],
+                [[d.function.name, d.function.arguments] for d in picked_deltas],
+            ],
+            "auto": [
+                [auto.choices[0].finish_reason],
+                auto.choices[0].message.content or "",
+                [[t.function.name, t.function.arguments] for t in auto.choices[0].message.tool_calls or []],
+            ],
+            "auto_streamed": [
+                [c.choices[0].finish_reason for c in auto_chunks if c.choices and c.choices[0].finish_reason],
+                "".join(c.choices[0].delta.content or "" for c in auto_chunks if c.choices),
+                [[d.function.name, d.function.arguments] for c in auto_chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])],
+            ],
             "at_comma_streamed": "".join(c.choices[0].delta.content or "" for c in at_comma_chunks if c.choices),
             "several": [[c.index, c.message.content, c.finish_reason] for c in several.choices],
             "several_tokens": several.usage.completion_tokens,

@@ -154,6 +154,16 @@ fn script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("py").join(name)
 }
 
+/// `v` with every number a float: Pydantic gives a `float` field's 20 as 20.0.
+fn as_floats(v: Value) -> Value {
+    match v {
+        Value::Number(n) => serde_json::json!(n.as_f64().unwrap()),
+        Value::Array(a) => Value::Array(a.into_iter().map(as_floats).collect()),
+        Value::Object(o) => Value::Object(o.into_iter().map(|(k, x)| (k, as_floats(x))).collect()),
+        other => other,
+    }
+}
+
 #[test]
 fn serve_answers_the_official_openai_client() {
     let _one = serial();
@@ -242,8 +252,53 @@ fn serve_answers_the_official_openai_client() {
     // Pydantic model (which it validates); the text is that object.
     assert_eq!(v["structured"][1], "stop", "{v}");
     let cat = &v["structured"][2];
-    assert_eq!(serde_json::from_str::<Value>(v["structured"][0].as_str().unwrap()).unwrap(), *cat, "{v}");
+    assert_eq!(as_floats(serde_json::from_str(v["structured"][0].as_str().unwrap()).unwrap()), as_floats(cat.clone()), "{v}");
     assert!(cat["toys"].as_array().is_some_and(|t| t.len() <= 3) && ["black", "white", "ginger"].iter().any(|c| cat["colour"] == *c), "{v}");
+    // Pydantic took the bounds, the date, the pattern and the length; the same here.
+    let chip = cat["chip"].as_str().unwrap().as_bytes();
+    assert!(chip.len() == 6 && chip[..2].iter().all(u8::is_ascii_uppercase) && chip[2..].iter().all(u8::is_ascii_digit), "{v}");
+    assert!(cat["motto"].as_str().unwrap().chars().count() <= 20 && cat["born"].as_str().unwrap().len() == 10, "{v}");
+    assert!(cat["age"].as_u64().is_some_and(|a| a <= 30) && cat["weight_kg"].as_f64().is_some_and(|w| w > 0.0 && w <= 20.0), "{v}");
+    // A forced call: no content, one call of the named function whose
+    // arguments the helper parsed into the model; the same streamed, its
+    // name and id in the first delta and the arguments after.
+    let call = &v["tool_call"];
+    assert_eq!((&call[0], &call[1]), (&Value::Null, &serde_json::json!("stop")), "{v}");
+    let calls = call[2].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{v}");
+    assert_eq!((&calls[0][0], &calls[0][1]), (&serde_json::json!("function"), &serde_json::json!("describe_cat")), "{v}");
+    // /tokenize counts the prompt with the call's instruction, as the request sent it.
+    let prompts = &call[3];
+    assert!(prompts[0] == prompts[1] && prompts[1].as_u64() > prompts[2].as_u64(), "{v}");
+    let arguments = calls[0][2].as_str().unwrap();
+    assert_eq!(as_floats(serde_json::from_str(arguments).unwrap()), as_floats(calls[0][3].clone()), "{v}");
+    let streamed = &v["tool_call_streamed"];
+    let opening = streamed[0].as_array().unwrap();
+    assert!(opening.len() == 1 && opening[0][0] == 0 && opening[0][2] == "describe_cat", "{v}");
+    assert!(opening[0][1].as_str().is_some_and(|id| id.starts_with("call-")), "{v}");
+    assert_eq!((&streamed[1], &streamed[2], &streamed[3]), (&serde_json::json!(arguments), &serde_json::json!(["stop"]), &serde_json::json!(false)), "{v}");
+    // `required` with two tools: one call of either, its arguments its
+    // function's; streamed whole at the end, the same.
+    let picked = &v["picked"];
+    assert_eq!(picked[0], "stop", "{v}");
+    let calls = picked[1].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{v}");
+    let arguments: Value = serde_json::from_str(calls[0][1].as_str().unwrap()).unwrap();
+    match calls[0][0].as_str().unwrap() {
+        "get_weather" => assert!(arguments["city"].is_string() && arguments.as_object().unwrap().len() == 1, "{v}"),
+        "describe_cat" => assert!(arguments["chip"].is_string(), "{v}"),
+        other => panic!("{other} is not a tool: {v}"),
+    }
+    assert_eq!(picked[2], picked[1], "{v}");
+    // `auto`: a reply (its text out of the JSON around it) or a call
+    // (`tool_calls`), the same whole and streamed.
+    let auto = &v["auto"];
+    assert_eq!(v["auto_streamed"], *auto, "{v}");
+    match auto[2].as_array().unwrap().as_slice() {
+        [] => assert!(auto[0] == serde_json::json!(["stop"]) && !auto[1].as_str().unwrap().is_empty(), "{v}"),
+        [call] => assert!(auto[0] == serde_json::json!(["tool_calls"]) && call[0] == "get_weather" && auto[1] == "", "{v}"),
+        _ => panic!("one call at most: {v}"),
+    }
 
     // Log-probabilities: one per answer token (none for a stop token), their
     // bytes making the text, the same streamed, and the same as the
