@@ -36,19 +36,23 @@
 //!   - `tool_choice` naming a function: the answer is its arguments,
 //!     satisfying its `parameters` (none: `{}`); in a stream the call's
 //!     id and name come first, then the arguments;
-//!   - `required`: with one tool, that one; with several, `{"name": …,
-//!     "arguments": …}`, a union the name tags, streamed whole at the end;
+//!   - `required`: `{"calls": [{"name": …, "arguments": …}, …]}`, each
+//!     call a union its name tags; in a stream each call comes whole as
+//!     soon as its object closes;
 //!   - `auto` (the default with tools): `{"kind": "reply", "content": …}`
-//!     or `{"kind": "call", "call": {"name": …, "arguments": …}}`; a
-//!     reply's text streams out of its JSON string, a call comes whole at
-//!     the end with `finish_reason` `tool_calls`. Stop strings and
-//!     log-probabilities, which would be of the JSON around the reply,
-//!     are refused with it;
+//!     or `{"kind": "call", "calls": […]}`; a reply's text streams out of
+//!     its JSON string, calls as with `required`, with `finish_reason`
+//!     `tool_calls`. Stop strings and log-probabilities, which would be
+//!     of the JSON around the reply, are refused with it;
 //!   - `none` ignores the tools.
 //!
-//!   A forced call ends with `finish_reason` `stop`, as OpenAI gives it.
-//!   Earlier calls in `messages` are the assistant's turns (their
-//!   arguments' text), and `tool` results a turn of their own.
+//!   `parallel_tool_calls` (true unless false, as OpenAI has it) lets an
+//!   answer hold up to 16 calls; false holds it to one, and `required`
+//!   with one tool is then that tool named. A forced call ends with
+//!   `finish_reason` `stop`, as OpenAI gives it.
+//!   Earlier assistant turns in `messages` take the shape the answer is
+//!   held to (calls listed, an `auto` reply inside its JSON; a named
+//!   call's arguments' text), and `tool` results a turn of their own.
 //! * Parameters Tandem cannot honour (`functions`, `echo` with `stream`,
 //!   …) are refused with a 400 naming them rather than silently ignored.
 //! * `logprobs` (chat: `logprobs: true` and `top_logprobs` 0..=20;
@@ -242,30 +246,81 @@ const UNSUPPORTED: [&str; 5] = ["functions", "suffix", "guided_regex", "guided_c
 /// How a chat answer uses the tools.
 #[derive(Clone, Debug, PartialEq)]
 enum Call {
-    /// It calls this function: the answer is its arguments.
+    /// It calls this function once: the answer is its arguments.
     Named(String),
-    /// It calls one of several: `{"name": …, "arguments": …}`.
+    /// It makes calls: `{"calls": [{"name": …, "arguments": …}, …]}`.
     Chosen,
-    /// It calls one or replies: `{"kind": "call", "call": {"name": …,
-    /// "arguments": …}}` or `{"kind": "reply", "content": …}`.
+    /// It makes calls or replies: `{"kind": "call", "calls": […]}` or
+    /// `{"kind": "reply", "content": …}`.
     Auto,
 }
 
-/// A `Chosen` answer's function and arguments (None: cut short).
-fn chosen_call(text: &str) -> Option<(String, String)> {
-    named_call(&serde_json::from_str(text).ok()?)
-}
+/// Most calls in one answer where `parallel_tool_calls` allows several:
+/// a bound on a small model's repeating itself, far above what one turn
+/// of a conversation asks for.
+const MAX_TOOL_CALLS: usize = 16;
 
-fn named_call(v: &Value) -> Option<(String, String)> {
-    Some((v.get("name")?.as_str()?.to_string(), v.get("arguments")?.to_string()))
-}
-
-/// What an `Auto` answer is: a reply's text, or a call (None: cut short).
-fn auto_answer(text: &str) -> Option<Result<String, (String, String)>> {
+/// An `Auto` answer's reply text (None: a call, or cut short).
+fn auto_reply(text: &str) -> Option<String> {
     let v: Value = serde_json::from_str(text).ok()?;
-    match v.get("kind")?.as_str()? {
-        "reply" => Some(Ok(v.get("content")?.as_str()?.to_string())),
-        _ => Some(Err(named_call(v.get("call")?)?)),
+    (v.get("kind")? == "reply").then(|| v.get("content")?.as_str().map(str::to_string)).flatten()
+}
+
+/// The calls of a `Chosen` or `Auto` answer, read as it comes: each
+/// element of `calls` (an object at depth 2: the schema puts no other
+/// array in the answer's root) once it closes. An answer cut short
+/// keeps the calls it completed.
+#[derive(Debug, Default)]
+struct CallScanner {
+    raw: String,
+    /// Bytes of `raw` read.
+    at: usize,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    /// Where the element being read began.
+    start: usize,
+    /// Calls found so far.
+    found: usize,
+}
+
+impl CallScanner {
+    /// Takes the answer's next text; returns the calls (function name,
+    /// arguments' JSON) it completes.
+    fn push(&mut self, text: &str) -> Vec<(String, String)> {
+        self.raw.push_str(text);
+        let mut calls = vec![];
+        for (i, &b) in self.raw.as_bytes().iter().enumerate().skip(self.at) {
+            if self.in_string {
+                match b {
+                    _ if self.escaped => self.escaped = false,
+                    b'\\' => self.escaped = true,
+                    b'"' => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => {
+                    if self.depth == 2 {
+                        self.start = i;
+                    }
+                    self.depth += 1;
+                }
+                b'}' | b']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 2 {
+                        let element: Option<Value> = serde_json::from_str(&self.raw[self.start..=i]).ok();
+                        calls.extend(element.and_then(|v| Some((v.get("name")?.as_str()?.to_string(), v.get("arguments")?.to_string()))));
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.at = self.raw.len();
+        self.found += calls.len();
+        calls
     }
 }
 
@@ -320,13 +375,19 @@ fn tool_use(kind: Kind, obj: &Map<String, Value>) -> Result<Option<ToolUse>, Api
         }
         functions.push((name, function.expect("has a name")));
     }
+    // OpenAI's default is true.
+    let parallel = match obj.get("parallel_tool_calls") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(p)) => *p,
+        Some(_) => return Err(ApiError::invalid("parallel_tool_calls", "`parallel_tool_calls` must be true or false")),
+    };
     let call = match choice {
         None if functions.is_empty() => return Ok(None),
         Some(Value::String(c)) if c == "none" => return Ok(None),
         _ if functions.is_empty() => return Err(ApiError::invalid("tool_choice", "`tool_choice` needs `tools`")),
         None => Call::Auto,
         Some(Value::String(c)) if c == "auto" => Call::Auto,
-        Some(Value::String(c)) if c == "required" && functions.len() == 1 => Call::Named(functions[0].0.to_string()),
+        Some(Value::String(c)) if c == "required" && functions.len() == 1 && !parallel => Call::Named(functions[0].0.to_string()),
         Some(Value::String(c)) if c == "required" => Call::Chosen,
         Some(Value::String(_)) => {
             return Err(ApiError::invalid(
@@ -356,8 +417,9 @@ fn tool_use(kind: Kind, obj: &Map<String, Value>) -> Result<Option<ToolUse>, Api
     let describe =
         |(name, function): &(&str, &Value)| function.get("description").and_then(Value::as_str).map_or(format!("`{name}`"), |d| format!("`{name}` ({d})"));
     let list = functions.iter().map(|f| format!("- {}", describe(f))).collect::<Vec<_>>().join("\n");
-    // A call naming its function: a union the name tags (see `JsonSchema`).
-    let named_call = || {
+    // The calls: each names its function, a union the name tags (see
+    // `JsonSchema`).
+    let calls = {
         let arms: Vec<Value> = functions
             .iter()
             .zip(&parameters)
@@ -365,12 +427,10 @@ fn tool_use(kind: Kind, obj: &Map<String, Value>) -> Result<Option<ToolUse>, Api
                 json!({"type": "object", "properties": {"name": {"const": name}, "arguments": schema}, "required": ["name", "arguments"], "additionalProperties": false})
             })
             .collect();
-        if arms.len() == 1 {
-            arms[0].clone()
-        } else {
-            json!({"anyOf": arms})
-        }
+        let call = if arms.len() == 1 { arms[0].clone() } else { json!({"anyOf": arms}) };
+        json!({"type": "array", "items": call, "minItems": 1, "maxItems": if parallel { MAX_TOOL_CALLS } else { 1 }})
     };
+    let (one_or_more, calls_are) = if parallel { ("one or more", "each call's") } else { ("one", "the call's") };
     let (schema, instruction) = match &call {
         Call::Named(name) => {
             let i = functions.iter().position(|f| f.0 == name).expect("a function of `tools`");
@@ -382,14 +442,17 @@ fn tool_use(kind: Kind, obj: &Map<String, Value>) -> Result<Option<ToolUse>, Api
             return Ok(Some(ToolUse { call, instruction, schema: Arc::new(compiled) }));
         }
         Call::Chosen => (
-            named_call(),
-            format!("Call one of these functions:\n{list}\nReply with a JSON object of the function's `name` and its `arguments` that satisfies this JSON Schema:\n"),
+            json!({"type": "object", "properties": {"calls": calls}, "required": ["calls"], "additionalProperties": false}),
+            format!(
+                "Call {one_or_more} of these functions:\n{list}\nReply with a JSON object whose `calls` lists {calls_are} function `name` and \
+                 `arguments`, that satisfies this JSON Schema:\n"
+            ),
         ),
         Call::Auto => {
             let reply = json!({"type": "object", "properties": {"kind": {"const": "reply"}, "content": {"type": "string"}}, "required": ["kind", "content"], "additionalProperties": false});
-            let called = json!({"type": "object", "properties": {"kind": {"const": "call"}, "call": named_call()}, "required": ["kind", "call"], "additionalProperties": false});
+            let called = json!({"type": "object", "properties": {"kind": {"const": "call"}, "calls": calls}, "required": ["kind", "calls"], "additionalProperties": false});
             let instruction = format!(
-                "You can call these functions:\n{list}\nTo call one, reply with {{\"kind\": \"call\", \"call\": {{\"name\": …, \"arguments\": …}}}}; \
+                "You can call {one_or_more} of these functions:\n{list}\nTo call, reply with {{\"kind\": \"call\", \"calls\": [{{\"name\": …, \"arguments\": …}}]}}; \
                  otherwise answer with {{\"kind\": \"reply\", \"content\": your answer}}. Either satisfies this JSON Schema:\n"
             );
             (json!({"anyOf": [reply, called]}), instruction)
@@ -674,7 +737,9 @@ fn number(obj: &Map<String, Value>, name: &'static str) -> Result<Option<f64>, A
     }
 }
 
-fn messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
+/// The conversation's turns; earlier assistant turns as the model would
+/// have written them under `call` (see `assistant_turn`).
+fn messages(obj: &Map<String, Value>, call: Option<&Call>) -> Result<Vec<ChatMessage>, ApiError> {
     let list = obj.get("messages").and_then(Value::as_array).ok_or_else(|| ApiError::invalid("messages", "`messages` must be an array of {role, content}"))?;
     if list.is_empty() {
         return Err(ApiError::invalid("messages", "`messages` is empty"));
@@ -691,24 +756,58 @@ fn messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
                 other => return Err(ApiError::invalid("messages", format!("message role `{other}` is not supported (system, user, assistant, tool)"))),
             };
             let mut content = content_text(m.get("content"))?;
-            // An earlier call: the text the model wrote, its arguments.
-            if let Some(calls) = m.get("tool_calls").filter(|c| role == "assistant" && !c.is_null()) {
-                let arguments = calls.as_array().and_then(|calls| {
-                    calls.iter().map(|c| c.get("function").and_then(|f| f.get("arguments")).and_then(Value::as_str)).collect::<Option<Vec<_>>>()
-                });
-                let arguments =
-                    arguments.ok_or_else(|| ApiError::invalid("messages", "an assistant's `tool_calls` must be an array of {function: {name, arguments}}"))?;
-                content.push_str(&arguments.join("\n"));
+            if role == "assistant" {
+                let calls = match m.get("tool_calls") {
+                    None | Some(Value::Null) => Some(vec![]),
+                    Some(calls) => calls.as_array().and_then(|calls| {
+                        calls
+                            .iter()
+                            .map(|c| {
+                                let f = c.get("function")?;
+                                Some((f.get("name")?.as_str()?, f.get("arguments")?.as_str()?))
+                            })
+                            .collect::<Option<Vec<_>>>()
+                    }),
+                };
+                let calls =
+                    calls.ok_or_else(|| ApiError::invalid("messages", "an assistant's `tool_calls` must be an array of {function: {name, arguments}}"))?;
+                content = assistant_turn(content, &calls, call);
             }
             Ok(ChatMessage { role: role.into(), content })
         })
         .collect()
 }
 
+/// An earlier assistant turn (its text and calls: function name and
+/// arguments' JSON) as the model writes its answer under `call`, so that
+/// the conversation shows it the shape it is held to: calls listed as in
+/// the schema (tags first), an `auto` reply inside its JSON. Where the
+/// answer is arguments alone, or without tools, the arguments' text.
+fn assistant_turn(content: String, calls: &[(&str, &str)], call: Option<&Call>) -> String {
+    let listed = || {
+        let calls: Vec<String> = calls
+            .iter()
+            .map(|(name, arguments)| {
+                // Arguments as sent, where they are JSON (their keys' order kept).
+                let arguments = if serde_json::from_str::<Value>(arguments).is_ok() { arguments.to_string() } else { json!(arguments).to_string() };
+                format!(r#"{{"name":{},"arguments":{arguments}}}"#, json!(name))
+            })
+            .collect();
+        format!("[{}]", calls.join(","))
+    };
+    match call {
+        Some(Call::Auto) if calls.is_empty() => format!(r#"{{"kind":"reply","content":{}}}"#, json!(content)),
+        _ if calls.is_empty() => content,
+        Some(Call::Auto) => format!(r#"{content}{{"kind":"call","calls":{}}}"#, listed()),
+        Some(Call::Chosen) => format!(r#"{content}{{"calls":{}}}"#, listed()),
+        None | Some(Call::Named(_)) => content + &calls.iter().map(|c| c.1).collect::<Vec<_>>().join("\n"),
+    }
+}
+
 /// A chat's prompt, tokens and text: its messages in the chat template,
 /// the forced call's instruction in the system turn.
 fn chat_prompt(obj: &Map<String, Value>, tokenizer: &Tokenizer, forced: Option<&ToolUse>, today: &str) -> Result<(Vec<u32>, String), ApiError> {
-    let mut messages = messages(obj)?;
+    let mut messages = messages(obj, forced.map(|f| &f.call))?;
     if let Some(call) = forced {
         call.instruct(&mut messages, tokenizer.default_system());
     }
@@ -1069,24 +1168,26 @@ struct ResponseHead {
     tool_call: Option<Call>,
 }
 
-/// A chat choice's whole message: its text, or the call it is (a chosen
-/// call cut short stays text).
+/// One entry of a message's `tool_calls`.
+fn tool_call_entry(name: &str, arguments: &str) -> Value {
+    json!({"id": next_id("call"), "type": "function", "function": {"name": name, "arguments": arguments}})
+}
+
+/// A chat choice's whole message: its text, or the calls it makes (an
+/// answer cut short before its first call closed stays text).
 fn chat_message(text: String, tool_call: Option<&Call>) -> Value {
-    let call = |name: &str, arguments: &str| {
-        json!({"role": "assistant", "content": null, "tool_calls": [
-            {"id": next_id("call"), "type": "function", "function": {"name": name, "arguments": arguments}}
-        ]})
+    let reply = if tool_call == Some(&Call::Auto) { auto_reply(&text) } else { None };
+    let calls = match tool_call {
+        _ if reply.is_some() => vec![],
+        None => vec![],
+        Some(Call::Named(name)) => vec![(name.clone(), text.clone())],
+        Some(Call::Chosen | Call::Auto) => CallScanner::default().push(&text),
     };
-    match tool_call {
-        Some(Call::Named(name)) => call(name, &text),
-        Some(Call::Chosen) => chosen_call(&text).map_or_else(|| json!({"role": "assistant", "content": text}), |(name, arguments)| call(&name, &arguments)),
-        Some(Call::Auto) => match auto_answer(&text) {
-            Some(Ok(reply)) => json!({"role": "assistant", "content": reply}),
-            Some(Err((name, arguments))) => call(&name, &arguments),
-            None => json!({"role": "assistant", "content": text}),
-        },
-        None => json!({"role": "assistant", "content": text}),
+    if calls.is_empty() {
+        return json!({"role": "assistant", "content": reply.unwrap_or(text)});
     }
+    let entries: Vec<Value> = calls.iter().map(|(name, arguments)| tool_call_entry(name, arguments)).collect();
+    json!({"role": "assistant", "content": null, "tool_calls": entries})
 }
 
 async fn whole_response(head: ResponseHead, mut rx: mpsc::Receiver<Update>) -> Response {
@@ -1149,9 +1250,9 @@ fn stream_response(head: ResponseHead, include_usage: bool, mut rx: mpsc::Receiv
         }
     };
     // A named call's arguments come as its deltas, after its name and id
-    // in the opening one. A chosen call comes whole at the end, its name
-    // being known only from the answer; so does an `auto` answer's call,
-    // while its reply's text streams out of its JSON string.
+    // in the opening one. Chosen calls, and an `auto` answer's, come each
+    // whole once its object closes, their names being known only from the
+    // answer; an `auto` reply's text streams out of its JSON string.
     let named = matches!(tool_call, Some(Call::Named(_)));
     let (chosen, auto) = (tool_call == Some(Call::Chosen), tool_call == Some(Call::Auto));
     let text_delta = move |t: &str| if named { json!({"tool_calls": [{"index": 0, "function": {"arguments": t}}]}) } else { json!({"content": t}) };
@@ -1175,39 +1276,48 @@ fn stream_response(head: ResponseHead, include_usage: bool, mut rx: mpsc::Receiv
             }
         }
         let mut generations = vec![];
-        // A chosen call's or an `auto` answer's text and log-probabilities,
-        // held to the end, and the reply text streamed out of the latter.
-        let mut held = vec![(String::new(), vec![]); if chosen || auto { n } else { 0 }];
+        // Chosen calls' or an `auto` answer's calls as they close, the
+        // log-probabilities not yet sent with one, and the reply text
+        // streamed out of the latter.
+        let mut scanners: Vec<CallScanner> = (0..if chosen || auto { n } else { 0 }).map(|_| CallScanner::default()).collect();
+        let mut pending = vec![vec![]; scanners.len()];
         let mut replies: Vec<AutoReply> = (0..if auto { n } else { 0 }).map(|_| AutoReply::default()).collect();
         while let Some(update) = rx.recv().await {
             let events = match update {
                 Update::Text { index, text, logprobs } if chosen || auto => {
-                    held[index].0.push_str(&text);
-                    held[index].1.extend(logprobs);
+                    pending[index].extend(logprobs);
+                    let mut events = vec![];
                     let shown = if auto { replies[index].push(&text) } else { String::new() };
-                    if shown.is_empty() {
-                        vec![]
-                    } else {
-                        vec![chunk(choice(index, json!({"content": shown}), Some(&shown), None, &[]), None)]
+                    if !shown.is_empty() {
+                        events.push(chunk(choice(index, json!({"content": shown}), Some(&shown), None, &[]), None));
                     }
+                    let before = scanners[index].found;
+                    for (i, (name, arguments)) in scanners[index].push(&text).into_iter().enumerate() {
+                        let mut entry = tool_call_entry(&name, &arguments);
+                        entry["index"] = json!(before + i);
+                        let entries = std::mem::take(&mut pending[index]);
+                        events.push(chunk(choice(index, json!({"tool_calls": [entry]}), Some(""), None, &entries), None));
+                    }
+                    events
                 }
                 Update::Text { index, text, logprobs } => vec![chunk(choice(index, text_delta(&text), Some(&text), None, &logprobs), None)],
                 Update::Done { index, generation, stopped, .. } => {
                     let mut last = vec![];
                     let mut reason = finish_reason(&generation, stopped);
+                    let mut entries = vec![];
                     if chosen || auto && replies[index].is_call() {
-                        let (text, entries) = std::mem::take(&mut held[index]);
-                        let message = chat_message(text.clone(), tool_call.as_ref());
-                        let delta = match message["tool_calls"].as_array() {
-                            Some(calls) => {
-                                reason = call_reason(tool_call.as_ref(), reason);
-                                json!({"tool_calls": [{"index": 0, "id": calls[0]["id"], "type": "function", "function": calls[0]["function"]}]})
-                            }
-                            None => json!({"content": text}),
-                        };
-                        last.push(chunk(choice(index, delta, Some(&text), None, &entries), None));
+                        entries = std::mem::take(&mut pending[index]);
+                        if scanners[index].found > 0 {
+                            reason = call_reason(tool_call.as_ref(), reason);
+                        } else {
+                            // Cut short before a call closed: the answer's text.
+                            let text = std::mem::take(&mut scanners[index].raw);
+                            last.push(chunk(choice(index, json!({"content": text}), Some(&text), None, &std::mem::take(&mut entries)), None));
+                        }
                     }
-                    last.push(chunk(choice(index, json!({}), None, Some(reason), &[]), None));
+                    // Log-probabilities of the answer's closing tokens, if any.
+                    let closing = (!entries.is_empty()).then_some("");
+                    last.push(chunk(choice(index, json!({}), closing, Some(reason), &entries), None));
                     generations.push(*generation);
                     if generations.len() == n {
                         if include_usage {
@@ -1414,27 +1524,72 @@ mod tests {
             text.starts_with(&format!("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face\n\n{instruction}<|im_end|>")),
             "{text}"
         );
+        // `required` with one tool and no parallel calls: that tool, named.
         let noop = chat(&format!(
-            r#"{{"messages":[{{"role":"system","content":"Be brief."}},{{"role":"user","content":"x"}}],"tools":[{other}],"tool_choice":"required"}}"#
+            r#"{{"messages":[{{"role":"system","content":"Be brief."}},{{"role":"user","content":"x"}}],"tools":[{other}],"tool_choice":"required","parallel_tool_calls":false}}"#
         ))
         .unwrap();
+        assert_eq!(noop.tool_call, Some(Call::Named("noop".into())));
         assert_eq!(noop.sampling.json_object.as_ref().and_then(|j| j.schema()).map(|s| s.source()), Some(r#"{"properties":{},"type":"object"}"#));
         assert!(tok.decode(&noop.prompt).unwrap().starts_with("<|im_start|>system\nBe brief.\n\nCall the function `noop`.\nReply"));
-        // `required` with several tools: the answer names one, and the
-        // schema is their union, tagged by the name.
-        let either = chat(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"tools":[{other},{weather}],"tool_choice":"required"}}"#)).unwrap();
-        assert_eq!(either.tool_call, Some(Call::Chosen));
-        let schema = either.sampling.json_object.as_ref().and_then(|j| j.schema()).unwrap();
+        // `required` otherwise: a list of calls, each naming its function,
+        // the functions' union tagged by the name; up to 16 of them, or
+        // one without parallel calls.
+        let required = |tools: &str, parallel: &str| {
+            chat(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"tools":[{tools}],"tool_choice":"required"{parallel}}}"#)).unwrap()
+        };
         let arm = |name: &str, arguments: &str| {
             format!(
                 r#"{{"additionalProperties":false,"properties":{{"arguments":{arguments},"name":{{"const":"{name}"}}}},"required":["name","arguments"],"type":"object"}}"#
             )
         };
-        assert_eq!(schema.source(), format!(r#"{{"anyOf":[{},{}]}}"#, arm("noop", r#"{"properties":{},"type":"object"}"#), arm("get_weather", parameters)));
+        let listed = |call: String, most: usize| {
+            format!(
+                r#"{{"additionalProperties":false,"properties":{{"calls":{{"items":{call},"maxItems":{most},"minItems":1,"type":"array"}}}},"required":["calls"],"type":"object"}}"#
+            )
+        };
+        let source = |r: &ValidCompletion| r.sampling.json_object.as_ref().and_then(|j| j.schema()).map(|s| s.source().to_string());
+        let repeated = required(other, "");
+        assert_eq!((&repeated.tool_call, source(&repeated)), (&Some(Call::Chosen), Some(listed(arm("noop", r#"{"properties":{},"type":"object"}"#), 16))));
+        let either = required(&format!("{other},{weather}"), "");
+        assert_eq!(either.tool_call, Some(Call::Chosen));
+        let union = format!(r#"{{"anyOf":[{},{}]}}"#, arm("noop", r#"{"properties":{},"type":"object"}"#), arm("get_weather", parameters));
+        assert_eq!(source(&either), Some(listed(union.clone(), 16)));
         let text = tok.decode(&either.prompt).unwrap();
-        assert!(text.contains("Call one of these functions:\n- `noop`\n- `get_weather` (Today's weather in a city.)\nReply with a JSON object"), "{text}");
-        assert_eq!(chosen_call(r#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#), Some(("get_weather".into(), r#"{"city":"Paris"}"#.into())));
-        assert_eq!(chosen_call(r#"{"name": "get_weather", "argu"#), None, "cut short");
+        assert!(
+            text.contains("Call one or more of these functions:\n- `noop`\n- `get_weather` (Today's weather in a city.)\nReply with a JSON object whose `calls` lists each call's"),
+            "{text}"
+        );
+        let single = required(&format!("{other},{weather}"), r#","parallel_tool_calls":false"#);
+        assert_eq!(source(&single), Some(listed(union, 1)));
+        assert!(tok.decode(&single.prompt).unwrap().contains("Call one of these functions:\n"));
+        // The schema holds the answer to the calls it allows.
+        let validates = |r: &ValidCompletion, text: &str| r.sampling.json_object.as_ref().unwrap().check(&tok.encode(text).unwrap()) == Some(true);
+        let schema = |text: &str| validates(&single, text);
+        let one = r#"{"calls":[{"name":"noop","arguments":{}}]}"#;
+        assert!(schema(one) && !schema(r#"{"calls":[{"name":"noop","arguments":{}},{"name":"noop","arguments":{}}]}"#));
+        assert!(!schema(r#"{"calls":[]}"#) && !schema(r#"{"calls":[{"name":"other","arguments":{}}]}"#));
+        assert!(validates(&either, r#"{"calls":[{"name":"noop","arguments":{}},{"name":"get_weather","arguments":{"city":"Paris"}}]}"#));
+        // Calls are read as their objects close, whole or cut short.
+        let two = r#"{"calls": [{"name": "get_weather", "arguments": {"city": "Pa\"ris}", "at": [1, {"x": "]"}]}}, {"name": "noop", "arguments": {}}]}"#;
+        let calls = [("get_weather".to_string(), r#"{"at":[1,{"x":"]"}],"city":"Pa\"ris}"}"#.to_string()), ("noop".to_string(), "{}".to_string())];
+        assert_eq!(CallScanner::default().push(two), calls);
+        let second = two.find(r#"{"name": "noop""#).unwrap();
+        // Where each call's object closes.
+        let ends = [second - 3, two.len() - 3];
+        for cut in (1..two.len()).filter(|&c| two.is_char_boundary(c)) {
+            let mut scanner = CallScanner::default();
+            let (head, rest) = (scanner.push(&two[..cut]), scanner.push(&two[cut..]));
+            assert_eq!(head.len(), ends.iter().filter(|&&end| end < cut).count(), "cut at {cut}");
+            assert_eq!([head, rest].concat(), calls, "cut at {cut}");
+        }
+        let message = chat_message(two.to_string(), Some(&Call::Chosen));
+        let names: Vec<_> =
+            message["tool_calls"].as_array().unwrap().iter().map(|c| (c["function"]["name"].clone(), c["id"].as_str().unwrap().to_string())).collect();
+        assert!(names.len() == 2 && names[0].0 == "get_weather" && names[1].0 == "noop" && names[0].1 != names[1].1, "{message}");
+        let cut = &two[..second];
+        assert_eq!(chat_message(cut.to_string(), Some(&Call::Chosen))["tool_calls"].as_array().map(Vec::len), Some(1), "a cut answer keeps its whole calls");
+        assert_eq!(chat_message(two[..30].to_string(), Some(&Call::Chosen)), json!({"role": "assistant", "content": &two[..30]}));
         // Their `$defs` are hoisted to the union's root, where `$ref`s point.
         let with_defs = |name: &str, city: &str| {
             format!(
@@ -1459,7 +1614,7 @@ mod tests {
         let auto = chat(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"tools":[{weather}]}}"#)).unwrap();
         assert_eq!(auto.tool_call, Some(Call::Auto));
         let text = tok.decode(&auto.prompt).unwrap();
-        assert!(text.contains("You can call these functions:\n- `get_weather` (Today's weather in a city.)\nTo call one, reply with"), "{text}");
+        assert!(text.contains("You can call one or more of these functions:\n- `get_weather` (Today's weather in a city.)\nTo call, reply with"), "{text}");
         let schema = auto.sampling.json_object.as_ref().and_then(|j| j.schema()).unwrap();
         assert!(
             schema.source().starts_with(r#"{"anyOf":[{"additionalProperties":false,"properties":{"content":{"type":"string"},"kind":{"const":"reply"}}"#),
@@ -1470,12 +1625,19 @@ mod tests {
             chat(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"tools":[{weather}],"tool_choice":"auto"}}"#)).unwrap().tool_call,
             Some(Call::Auto)
         );
-        assert_eq!(auto_answer(r#"{"kind": "reply", "content": "Hi \"you\""}"#), Some(Ok("Hi \"you\"".into())));
+        assert_eq!(auto_reply(r#"{"kind": "reply", "content": "Hi \"you\""}"#), Some("Hi \"you\"".into()));
+        let called = r#"{"kind":"call","calls":[{"name":"get_weather","arguments":{"city":"Paris"}}]}"#;
+        assert_eq!(auto_reply(called), None);
+        assert!(validates(&auto, called) && validates(&auto, r#"{"kind": "reply", "content": "[{\"name\": 1}]"}"#));
         assert_eq!(
-            auto_answer(r#"{"kind":"call","call":{"name":"get_weather","arguments":{"city":"Paris"}}}"#),
-            Some(Err(("get_weather".into(), r#"{"city":"Paris"}"#.into())))
+            chat_message(called.into(), Some(&Call::Auto))["tool_calls"][0]["function"],
+            json!({"name": "get_weather", "arguments": r#"{"city":"Paris"}"#})
         );
-        assert_eq!(auto_answer(r#"{"kind":"reply","content":"cut"#), None);
+        assert_eq!(
+            chat_message(r#"{"kind": "reply", "content": "[{\"name\": \"a\", \"arguments\": 1}]"}"#.into(), Some(&Call::Auto))["content"],
+            r#"[{"name": "a", "arguments": 1}]"#
+        );
+        assert_eq!(auto_reply(r#"{"kind":"reply","content":"cut"#), None);
         assert_eq!(
             [call_reason(Some(&Call::Auto), "stop"), call_reason(Some(&Call::Auto), "length"), call_reason(Some(&Call::Chosen), "stop")],
             ["tool_calls", "length", "stop"]
@@ -1489,6 +1651,24 @@ mod tests {
         let history = chat(r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":null,"tool_calls":[{"id":"call-1","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]},{"role":"tool","tool_call_id":"call-1","content":"sunny"}]}"#).unwrap();
         let text = tok.decode(&history.prompt).unwrap();
         assert!(text.ends_with("<|im_start|>assistant\n{\"city\":\"Paris\"}<|im_end|>\n<|im_start|>tool\nsunny<|im_end|>\n<|im_start|>assistant\n"), "{text}");
+        // With tools, earlier turns take the answer's shape: its tags first,
+        // an `auto` reply inside its JSON; such a turn satisfies the schema.
+        let turns = r#"{"role":"user","content":"x"},{"role":"assistant","content":"Hi \"you\""},{"role":"user","content":"y"},{"role":"assistant","content":null,"tool_calls":[{"id":"call-1","type":"function","function":{"name":"get_weather","arguments":"{\"city\": \"Paris\"}"}},{"id":"call-2","type":"function","function":{"name":"noop","arguments":"{}"}}]},{"role":"tool","tool_call_id":"call-1","content":"sunny"}"#;
+        let with_tools = |choice: &str| chat(&format!(r#"{{"messages":[{turns}],"tools":[{other},{weather}]{choice}}}"#)).unwrap();
+        let (auto_history, required_history) = (with_tools(""), with_tools(r#","tool_choice":"required""#));
+        let calls = r#"[{"name":"get_weather","arguments":{"city": "Paris"}},{"name":"noop","arguments":{}}]"#;
+        let reply = r#"{"kind":"reply","content":"Hi \"you\""}"#;
+        let text = tok.decode(&auto_history.prompt).unwrap();
+        assert!(text.contains(&format!("<|im_start|>assistant\n{reply}<|im_end|>")), "{text}");
+        let called = format!(r#"{{"kind":"call","calls":{calls}}}"#);
+        assert!(text.contains(&format!("<|im_start|>assistant\n{called}<|im_end|>")), "{text}");
+        assert!(validates(&auto_history, reply) && validates(&auto_history, &called));
+        let text = tok.decode(&required_history.prompt).unwrap();
+        assert!(
+            text.contains(&format!("<|im_start|>assistant\n{{\"calls\":{calls}}}<|im_end|>")) && text.contains("<|im_start|>assistant\nHi \"you\"<|im_end|>"),
+            "{text}"
+        );
+        assert!(validates(&required_history, &format!(r#"{{"calls":{calls}}}"#)));
         let lp = |kind, body: &str| parse_request(kind, body.as_bytes(), &tok, &tables, "07 Dec 2026").map(|r| r.logprobs).map_err(|e| e.param);
         assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":3}"#), Ok(Some(3)));
         assert_eq!(lp(Kind::Chat, r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true}"#), Ok(Some(0)));
@@ -1532,6 +1712,10 @@ mod tests {
                 "tools",
             ),
             (r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"sometimes"}"#, "tool_choice"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"parallel_tool_calls":"yes"}"#,
+                "parallel_tool_calls",
+            ),
             (r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"stop":"."}"#, "stop"),
             (r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"logprobs":true}"#, "logprobs"),
             (
@@ -1591,6 +1775,57 @@ mod tests {
         for bad in [json!({"prompt": [1, -2]}), json!({"prompt": [49_152]}), json!({"prompt": [[1], [2]]}), json!({"prompt": [1.5]})] {
             assert_eq!(parse_request(Kind::Text, bad.to_string().as_bytes(), &tok, &tables, "07 Dec 2026").unwrap_err().param, Some("prompt"), "{bad}");
         }
+    }
+
+    /// A stream of calls: each call's delta (its index, a fresh id, its
+    /// name and arguments) once its object closes, then the reason; an
+    /// answer cut short before a call closed is text; an `auto` reply
+    /// streams as content.
+    #[tokio::test]
+    async fn calls_stream_one_delta_each_in_order() {
+        async fn stream(call: Call, pieces: Vec<&str>, stopped: bool) -> (Vec<Value>, String, Vec<Value>) {
+            let head = ResponseHead { kind: Kind::Chat, id: "chatcmpl-1".into(), created: 0, model: "m".into(), logprobs: false, n: 1, tool_call: Some(call) };
+            let (tx, rx) = mpsc::channel(64);
+            for text in pieces {
+                tx.send(Update::Text { index: 0, text: text.into(), logprobs: vec![] }).await.unwrap();
+            }
+            tx.send(Update::Done { index: 0, generation: Box::default(), stopped, echo: None }).await.unwrap();
+            drop(tx);
+            let body = axum::body::to_bytes(stream_response(head, false, rx).into_response().into_body(), usize::MAX).await.unwrap();
+            let chunks: Vec<Value> = std::str::from_utf8(&body)
+                .unwrap()
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter(|d| *d != "[DONE]")
+                .map(|d| serde_json::from_str::<Value>(d).unwrap()["choices"][0].clone())
+                .collect();
+            let calls: Vec<Value> = chunks.iter().flat_map(|c| c["delta"]["tool_calls"].as_array().cloned().unwrap_or_default()).collect();
+            let content: String = chunks.iter().filter_map(|c| c["delta"]["content"].as_str()).collect();
+            let reasons: Vec<Value> = chunks.iter().map(|c| c["finish_reason"].clone()).filter(|r| !r.is_null()).collect();
+            (calls, content, reasons)
+        }
+        let answer = r#"{"calls": [{"name": "a", "arguments": {"x": "}]"}}, {"name": "b", "arguments": {}}, {"name": "a", "arguments": {"x": ""}}]}"#;
+        let pieces: Vec<&str> = answer.as_bytes().chunks(5).map(|c| std::str::from_utf8(c).unwrap()).collect();
+        let (calls, content, reasons) = stream(Call::Chosen, pieces.clone(), true).await;
+        let seen: Vec<(u64, &str, &str)> = calls
+            .iter()
+            .map(|c| (c["index"].as_u64().unwrap(), c["function"]["name"].as_str().unwrap(), c["function"]["arguments"].as_str().unwrap()))
+            .collect();
+        assert_eq!(seen, [(0, "a", r#"{"x":"}]"}"#), (1, "b", "{}"), (2, "a", r#"{"x":""}"#)]);
+        let ids: std::collections::HashSet<&str> = calls.iter().map(|c| c["id"].as_str().unwrap()).collect();
+        assert!(ids.len() == 3 && calls.iter().all(|c| c["type"] == "function"));
+        assert_eq!((content.as_str(), reasons), ("", vec![json!("stop")]));
+        // Under `auto`, calls end with `tool_calls`; a reply is content.
+        let called = format!(r#"{{"kind": "call", {}"#, &answer[1..]);
+        let (calls, content, reasons) = stream(Call::Auto, vec![&called], true).await;
+        assert_eq!((calls.len(), content.as_str(), reasons), (3, "", vec![json!("tool_calls")]));
+        let (calls, content, reasons) = stream(Call::Auto, vec![r#"{"kind": "reply", "content": "Hi [{"#, r#"\"x\"}]"}"#], true).await;
+        assert_eq!((calls.len(), content.as_str(), reasons), (0, r#"Hi [{"x"}]"#, vec![json!("stop")]));
+        // Cut short: the calls that closed, or the text where none did.
+        let (calls, content, _) = stream(Call::Chosen, vec![&answer[..answer.find(r#"{"name": "b""#).unwrap()]], false).await;
+        assert_eq!((calls.len(), content.as_str()), (1, ""));
+        let (calls, content, _) = stream(Call::Chosen, vec![&answer[..20]], false).await;
+        assert_eq!((calls.len(), content.as_str()), (0, &answer[..20]));
     }
 
     /// An `auto` reply's text comes out of its JSON string however the

@@ -119,7 +119,7 @@ called_chunks = list(
     client.chat.completions.create(model="tandem", messages=cat_question, max_tokens=192, temperature=0, tools=[cat_tool], tool_choice=forced, stream=True)
 )
 called_prompt = post("/tokenize", {"messages": cat_question, "tools": [cat_tool], "tool_choice": forced})["count"]
-# `required` with two tools: the answer picks one.
+# `required` with two tools: the answer picks among them.
 weather_tool = {
     "type": "function",
     "function": {
@@ -137,7 +137,17 @@ picked_chunks = list(
         model="tandem", messages=weather_question, max_tokens=192, temperature=0, tools=[cat_tool, weather_tool], tool_choice="required", stream=True
     )
 )
-# `auto` (the default with tools): a reply or a call, the model's choice.
+# Parallel calls (the default): one or more in an answer, each streamed
+# whole as it closes; without them, one.
+two_cities = [{"role": "user", "content": "What is the weather like in Paris and in London today?"}]
+parallel = client.chat.completions.create(model="tandem", messages=two_cities, max_tokens=192, temperature=0, tools=[weather_tool], tool_choice="required")
+parallel_chunks = list(
+    client.chat.completions.create(model="tandem", messages=two_cities, max_tokens=192, temperature=0, tools=[weather_tool], tool_choice="required", stream=True)
+)
+single = client.chat.completions.create(
+    model="tandem", messages=two_cities, max_tokens=192, temperature=0, tools=[cat_tool, weather_tool], tool_choice="required", parallel_tool_calls=False
+)
+# `auto` (the default with tools): a reply or calls, the model's choice.
 auto = client.chat.completions.create(model="tandem", messages=weather_question, max_tokens=192, temperature=0, tools=[weather_tool])
 auto_chunks = list(
     client.chat.completions.create(model="tandem", messages=weather_question, max_tokens=192, temperature=0, tools=[weather_tool], stream=True)
@@ -204,6 +214,12 @@ print(
                 picked.choices[0].finish_reason,
                 [[t.function.name, t.function.arguments] for t in picked.choices[0].message.tool_calls or []],
                 [[d.function.name, d.function.arguments] for d in picked_deltas],
+            ],
+            "parallel": [
+                parallel.choices[0].finish_reason,
+                [[t.function.name, t.function.arguments] for t in parallel.choices[0].message.tool_calls or []],
+                [[d.index, d.id, d.function.name, d.function.arguments] for c in parallel_chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])],
+                [[t.function.name, t.function.arguments] for t in single.choices[0].message.tool_calls or []],
             ],
             "auto": [
                 [auto.choices[0].finish_reason],

@@ -277,27 +277,42 @@ fn serve_answers_the_official_openai_client() {
     assert!(opening.len() == 1 && opening[0][0] == 0 && opening[0][2] == "describe_cat", "{v}");
     assert!(opening[0][1].as_str().is_some_and(|id| id.starts_with("call-")), "{v}");
     assert_eq!((&streamed[1], &streamed[2], &streamed[3]), (&serde_json::json!(arguments), &serde_json::json!(["stop"]), &serde_json::json!(false)), "{v}");
-    // `required` with two tools: one call of either, its arguments its
-    // function's; streamed whole at the end, the same.
+    // `required` with two tools: calls of either, each with its function's
+    // arguments; each streamed whole, the same.
+    let is_call = |call: &Value| {
+        let arguments: Value = serde_json::from_str(call[1].as_str().unwrap()).unwrap();
+        match call[0].as_str().unwrap() {
+            "get_weather" => arguments["city"].is_string() && arguments.as_object().unwrap().len() == 1,
+            "describe_cat" => arguments["chip"].is_string(),
+            _ => false,
+        }
+    };
     let picked = &v["picked"];
     assert_eq!(picked[0], "stop", "{v}");
     let calls = picked[1].as_array().unwrap();
-    assert_eq!(calls.len(), 1, "{v}");
-    let arguments: Value = serde_json::from_str(calls[0][1].as_str().unwrap()).unwrap();
-    match calls[0][0].as_str().unwrap() {
-        "get_weather" => assert!(arguments["city"].is_string() && arguments.as_object().unwrap().len() == 1, "{v}"),
-        "describe_cat" => assert!(arguments["chip"].is_string(), "{v}"),
-        other => panic!("{other} is not a tool: {v}"),
-    }
+    assert!((1..=16).contains(&calls.len()) && calls.iter().all(is_call), "{v}");
     assert_eq!(picked[2], picked[1], "{v}");
+    // Parallel calls: up to 16 of the weather, streamed one by one with
+    // their indices and ids, the same as whole; one without them.
+    let parallel = &v["parallel"];
+    assert_eq!(parallel[0], "stop", "{v}");
+    let (calls, deltas) = (parallel[1].as_array().unwrap(), parallel[2].as_array().unwrap());
+    assert!((1..=16).contains(&calls.len()) && calls.iter().all(|c| c[0] == "get_weather" && is_call(c)), "{v}");
+    assert_eq!(
+        deltas.iter().map(|d| [d[2].clone(), d[3].clone()]).collect::<Vec<_>>(),
+        calls.iter().map(|c| [c[0].clone(), c[1].clone()]).collect::<Vec<_>>(),
+        "{v}"
+    );
+    let ids: std::collections::HashSet<&str> = deltas.iter().map(|d| d[1].as_str().unwrap()).collect();
+    assert!(deltas.iter().enumerate().all(|(i, d)| d[0] == i) && ids.len() == deltas.len(), "{v}");
+    assert!(parallel[3].as_array().is_some_and(|calls| calls.len() == 1 && is_call(&calls[0])), "{v}");
     // `auto`: a reply (its text out of the JSON around it) or a call
     // (`tool_calls`), the same whole and streamed.
     let auto = &v["auto"];
     assert_eq!(v["auto_streamed"], *auto, "{v}");
     match auto[2].as_array().unwrap().as_slice() {
         [] => assert!(auto[0] == serde_json::json!(["stop"]) && !auto[1].as_str().unwrap().is_empty(), "{v}"),
-        [call] => assert!(auto[0] == serde_json::json!(["tool_calls"]) && call[0] == "get_weather" && auto[1] == "", "{v}"),
-        _ => panic!("one call at most: {v}"),
+        calls => assert!(auto[0] == serde_json::json!(["tool_calls"]) && calls.iter().all(|c| c[0] == "get_weather" && is_call(c)) && auto[1] == "", "{v}"),
     }
 
     // Log-probabilities: one per answer token (none for a stop token), their
