@@ -11,7 +11,7 @@ use tandem_edge::client::{ClientConfig, RemoteTarget};
 use tandem_edge::config::EdgeConfig;
 use tandem_edge::controller::{RejectionPredictor, SpeculationController, StopRule};
 use tandem_edge::{explain, Backend, ControllerSample, Edge, EdgeError, EdgeOptions, Emitted, GenerateRequest, Generation, LogprobsWanted, Target, Verifier};
-use tandem_model::{fetch, DraftSpec, JsonObjectMode, JsonSchema, LoadedModel, Penalties, SamplingParams, StopTokens, Tokenizer};
+use tandem_model::{fetch, DraftSpec, JsonObjectMode, JsonSchema, LoadedModel, OutputRegex, Penalties, SamplingParams, StopTokens, Tokenizer};
 use tandem_protocol::limits::MAX_TOP_LOGPROBS;
 
 #[derive(Parser)]
@@ -187,6 +187,10 @@ struct SamplingArgs {
     /// --json-mode).
     #[arg(long, value_name = "FILE")]
     json_schema: Option<PathBuf>,
+    /// Answer with text the whole of which matches this regex (Rust's
+    /// regex syntax; vLLM's guided_regex).
+    #[arg(long, value_name = "REGEX", conflicts_with_all = ["json_mode", "json_schema"])]
+    regex: Option<String>,
 }
 
 fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
@@ -208,7 +212,10 @@ impl SamplingArgs {
                 Some(Arc::new(JsonSchema::parse(&text).with_context(|| format!("`--json-schema` {}", path.display()))?))
             }
         };
-        let json_object = (self.json_mode || schema.is_some()).then(|| JsonObjectMode::new(tokenizer.clone()).with_schema(schema));
+        let json_object = match &self.regex {
+            Some(regex) => Some(JsonObjectMode::new(tokenizer.clone()).with_regex(Arc::new(OutputRegex::new(regex).context("`--regex`")?))),
+            None => (self.json_mode || schema.is_some()).then(|| JsonObjectMode::new(tokenizer.clone()).with_schema(schema)),
+        };
         Ok(SamplingParams {
             temperature: self.temperature,
             top_k: self.top_k,

@@ -27,8 +27,10 @@
 //!   "json_schema", "json_schema": {"schema": …}}` (structured outputs)
 //!   the object also satisfies the schema: Tandem's subset of JSON
 //!   Schema (see `JsonSchema`); a keyword outside it gets a 400 naming it.
-//!   vLLM's `guided_json` (a schema, or its JSON text) is the same; its
-//!   other `guided_*` parameters are refused.
+//!   vLLM's `guided_json` (a schema, or its JSON text) is the same.
+//! * vLLM's `guided_regex` (Rust's regex syntax) and `guided_choice` (a
+//!   list of strings): the whole answer matches the regex, or is one of
+//!   the strings (see `OutputRegex`); `guided_grammar` is refused.
 //! * Function calling over structured outputs. The chat templates Tandem
 //!   renders have no tool format, so the functions' names, descriptions
 //!   and schemas go into the system turn (llama.cpp's generic tool format
@@ -86,7 +88,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tandem_model::{ChatMessage, JsonObjectMode, JsonSchema, Penalties, SamplingParams, StopTokens, TokenLogprob, Tokenizer};
+use tandem_model::{ChatMessage, JsonObjectMode, JsonSchema, OutputRegex, Penalties, SamplingParams, StopTokens, TokenLogprob, Tokenizer};
 use tandem_protocol::limits::{MAX_LOGIT_BIAS, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -240,8 +242,8 @@ const MAX_CHOICES: usize = 16;
 
 /// Fields refused rather than ignored (unless null, false or empty):
 /// ignoring one would answer as if it had not been asked (vLLM's
-/// `guided_*` other than `guided_json` among them).
-const UNSUPPORTED: [&str; 5] = ["functions", "suffix", "guided_regex", "guided_choice", "guided_grammar"];
+/// `guided_grammar` among them).
+const UNSUPPORTED: [&str; 3] = ["functions", "suffix", "guided_grammar"];
 
 /// How a chat answer uses the tools.
 #[derive(Clone, Debug, PartialEq)]
@@ -623,6 +625,13 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, json_tables: &J
         (json_mode, None) => json_mode,
         (None, Some(call)) => Some(Some(call.schema.clone())),
     };
+    let regex = output_regex(obj)?;
+    if let Some((param, _)) = regex.as_ref().filter(|_| json_mode.is_some()) {
+        return Err(ApiError::invalid(
+            param,
+            format!("`{param}` and a JSON answer (`response_format`, `guided_json` or a forced `tool_choice`) both constrain the answer"),
+        ));
+    }
     let n = number(obj, "n")?.unwrap_or(1.0);
     if !(1.0..=MAX_CHOICES as f64).contains(&n) || n.fract() != 0.0 {
         return Err(ApiError::invalid("n", format!("`n` must be an integer in 1..={MAX_CHOICES}")));
@@ -719,7 +728,10 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, json_tables: &J
             penalties,
             logit_bias: logit_bias(obj, tokenizer.vocab_size())?,
             stop: stop_tokens(obj, tokenizer, max as usize)?,
-            json_object: json_mode.map(|schema| json_tables.with_schema(schema)),
+            json_object: match regex {
+                Some((_, regex)) => Some(json_tables.with_regex(regex)),
+                None => json_mode.map(|schema| json_tables.with_schema(schema)),
+            },
         },
         stop,
         stream,
@@ -728,6 +740,27 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, json_tables: &J
         echo: echo.then_some(text),
         tool_call: forced.map(|forced| forced.call),
     })
+}
+
+/// vLLM's `guided_regex` (a regex the whole answer matches) or
+/// `guided_choice` (strings, one of which is the answer), and which.
+fn output_regex(obj: &Map<String, Value>) -> Result<Option<(&'static str, Arc<OutputRegex>)>, ApiError> {
+    let given = |name: &str| obj.get(name).filter(|v| !v.is_null());
+    let (param, regex) = match (given("guided_regex"), given("guided_choice")) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => return Err(ApiError::invalid("guided_choice", "`guided_regex` and `guided_choice` both constrain the answer")),
+        (Some(regex), None) => {
+            let regex = regex.as_str().ok_or_else(|| ApiError::invalid("guided_regex", "`guided_regex` must be a string"))?;
+            ("guided_regex", OutputRegex::new(regex))
+        }
+        (None, Some(choice)) => {
+            let options = choice.as_array().filter(|c| !c.is_empty()).and_then(|c| c.iter().map(Value::as_str).collect::<Option<Vec<_>>>());
+            let options = options.ok_or_else(|| ApiError::invalid("guided_choice", "`guided_choice` must be a non-empty array of strings"))?;
+            ("guided_choice", OutputRegex::choice(&options))
+        }
+    };
+    let regex = regex.map_err(|e| ApiError::invalid(param, format!("`{param}`: {e}")))?;
+    Ok(Some((param, Arc::new(regex))))
 }
 
 fn number(obj: &Map<String, Value>, name: &'static str) -> Result<Option<f64>, ApiError> {
@@ -1138,7 +1171,8 @@ fn choice_logprobs(kind: Kind, asked: bool, entries: &[(Value, usize)]) -> Value
 }
 
 async fn complete(state: AppState, kind: Kind, body: Bytes) -> Response {
-    let req = match parse_request(kind, &body, &state.tokenizer, &state.json_tables, &crate::chat::today()) {
+    // A schema or a regex may take a while to compile: off the worker.
+    let req = match tokio::task::block_in_place(|| parse_request(kind, &body, &state.tokenizer, &state.json_tables, &crate::chat::today())) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -1507,6 +1541,14 @@ mod tests {
         let unnamed = chat(r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"t"}}}"#).unwrap();
         assert_eq!(unnamed.sampling.json_object, Some(tables.clone()));
         assert_eq!(chat(r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"text"}}"#).unwrap().sampling.json_object, None);
+        // vLLM's `guided_regex` and `guided_choice`: a regex of the whole answer.
+        let regex = |body: &str| chat(body).unwrap().sampling.json_object.and_then(|j| j.regex().map(|r| r.source().to_string()));
+        assert_eq!(regex(r#"{"messages":[{"role":"user","content":"x"}],"guided_regex":"[0-9]{3}"}"#).as_deref(), Some("[0-9]{3}"));
+        assert_eq!(regex(r#"{"messages":[{"role":"user","content":"x"}],"guided_choice":["yes","no (why?)"]}"#).as_deref(), Some(r"yes|no \(why\?\)"));
+        let choice = chat(
+            r#"{"messages":[{"role":"user","content":"x"}],"guided_choice":["yes","no"],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"none"}"#,
+        );
+        assert!(choice.is_ok_and(|c| c.tool_call.is_none() && c.sampling.json_object.is_some_and(|j| j.regex().is_some())));
         // Forced calls: the named function's schema constrains the answer,
         // and the system turn (the template's default one here) describes it.
         let weather = r#"{"type":"function","function":{"name":"get_weather","description":"Today's weather in a city.","parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}}"#;
@@ -1746,7 +1788,17 @@ mod tests {
                 r#"{"messages":[{"role":"user","content":"x"}],"guided_json":{},"response_format":{"type":"json_schema","json_schema":{"schema":{"type":"object"}}}}"#,
                 "guided_json",
             ),
-            (r#"{"messages":[{"role":"user","content":"x"}],"guided_choice":["a","b"]}"#, "guided_choice"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"guided_grammar":"root ::= x"}"#, "guided_grammar"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"guided_choice":[]}"#, "guided_choice"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"guided_choice":["a",1]}"#, "guided_choice"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"guided_choice":["a"],"guided_regex":"a"}"#, "guided_choice"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"guided_regex":"("}"#, "guided_regex"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"guided_regex":7}"#, "guided_regex"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"guided_regex":"a","response_format":{"type":"json_object"}}"#, "guided_regex"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"guided_choice":["a"],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"required"}"#,
+                "guided_choice",
+            ),
             (r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":4,"min_tokens":5}"#, "min_tokens"),
             (r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"abc":1}}"#, "logit_bias"),
             (r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"5":-101}}"#, "logit_bias"),

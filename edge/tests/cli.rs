@@ -82,7 +82,7 @@ fn text_mode_streams_the_answer() {
 
 #[test]
 fn bad_flags_get_messages_naming_them() {
-    let cases: [(&[&str], &str); 12] = [
+    let cases: [(&[&str], &str); 14] = [
         (&["generate", "--local", "--draft", "bogus", "--prompt", "x"], "--draft"),
         (&["generate", "--local", "--draft", "layers:99", "--prompt", "x"], "--draft"),
         (&["generate", "--local", "--model", "/nonexistent.gguf", "--prompt", "x"], "--model"),
@@ -94,6 +94,8 @@ fn bad_flags_get_messages_naming_them() {
         (&["generate", "--local", "--prompt", "x", "--stop-token-id", "49152"], "stop_token_ids"),
         (&["generate", "--local", "--prompt", "x", "--json-mode", "--ignore-eos"], "json_object"),
         (&["generate", "--local", "--prompt", "x", "--json-schema", "/nonexistent.json"], "--json-schema"),
+        (&["generate", "--local", "--prompt", "x", "--regex", "("], "--regex"),
+        (&["generate", "--local", "--prompt", "x", "--regex", "a", "--json-mode"], "--regex"),
         (&["generate", "--prompt", "x"], "--local"),
     ];
     for (args, flag) in cases {

@@ -9,7 +9,7 @@
 //! most one space, or a newline followed by up to 20 spaces or tabs. An
 //! unbounded run would let a small model pad forever.
 
-use crate::json_schema::JsonSchema;
+use crate::json_schema::{JsonSchema, OutputRegex};
 use crate::sampling::TokenLogits;
 use crate::{StopTokens, Tokenizer};
 use std::sync::Arc;
@@ -293,7 +293,8 @@ pub(crate) fn string_step(escape: u8, utf8: u8, b: u8) -> StrStep {
 pub(crate) trait ByteGrammar: Copy {
     /// False (and a state to drop) if `b` leaves the grammar.
     fn feed(&mut self, b: u8) -> bool;
-    /// Whether the output is complete (then only the end may follow).
+    /// Whether the output may end here: the stop tokens are let through
+    /// (a JSON object then takes no more bytes; a regex's match may go on).
     fn complete(&self) -> bool;
     /// Inside a string between characters, how many characters of plain
     /// text it takes (`u32::MAX`: any number; they change nothing else);
@@ -318,12 +319,14 @@ impl ByteGrammar for JsonState {
 }
 
 /// JSON mode for one model's vocabulary: any JSON object, or with a
-/// schema ([`JsonSchema`]) one that satisfies it.
+/// schema ([`JsonSchema`]) one that satisfies it; or, on the same tables,
+/// text that matches a regex ([`OutputRegex`], vLLM's `guided_regex`).
 #[derive(Clone)]
 pub struct JsonObjectMode {
     tokenizer: Arc<Tokenizer>,
     tokens: Arc<TokenClasses>,
     schema: Option<Arc<JsonSchema>>,
+    regex: Option<Arc<OutputRegex>>,
 }
 
 /// What the mask needs of each token at a glance. Trying every token's
@@ -367,17 +370,20 @@ impl TokenClasses {
 
 impl std::fmt::Debug for JsonObjectMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.schema {
-            None => f.write_str("JsonObjectMode"),
-            Some(schema) => write!(f, "JsonObjectMode({})", schema.source()),
+        match (&self.schema, &self.regex) {
+            (_, Some(regex)) => write!(f, "JsonObjectMode(regex {})", regex.source()),
+            (None, None) => f.write_str("JsonObjectMode"),
+            (Some(schema), None) => write!(f, "JsonObjectMode({})", schema.source()),
         }
     }
 }
 
-/// Equal for the same vocabulary and schema.
+/// Equal for the same vocabulary and schema or regex.
 impl PartialEq for JsonObjectMode {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.tokenizer, &other.tokenizer) && self.schema.as_ref().map(|s| s.source()) == other.schema.as_ref().map(|s| s.source())
+        Arc::ptr_eq(&self.tokenizer, &other.tokenizer)
+            && self.schema.as_ref().map(|s| s.source()) == other.schema.as_ref().map(|s| s.source())
+            && self.regex.as_ref().map(|r| r.source()) == other.regex.as_ref().map(|r| r.source())
     }
 }
 
@@ -385,26 +391,37 @@ impl JsonObjectMode {
     /// Builds the vocabulary's tables (a few milliseconds).
     pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
         let tokens = Arc::new(TokenClasses::new(&tokenizer));
-        JsonObjectMode { tokenizer, tokens, schema: None }
+        JsonObjectMode { tokenizer, tokens, schema: None, regex: None }
     }
 
     /// The same vocabulary's tables, constrained by `schema` (None: any
     /// object).
     pub fn with_schema(&self, schema: Option<Arc<JsonSchema>>) -> Self {
-        JsonObjectMode { schema, ..self.clone() }
+        JsonObjectMode { schema, regex: None, ..self.clone() }
+    }
+
+    /// The same vocabulary's tables, for text that matches `regex`.
+    pub fn with_regex(&self, regex: Arc<OutputRegex>) -> Self {
+        JsonObjectMode { schema: None, regex: Some(regex), ..self.clone() }
     }
 
     pub fn schema(&self) -> Option<&JsonSchema> {
         self.schema.as_deref()
     }
 
+    pub fn regex(&self) -> Option<&OutputRegex> {
+        self.regex.as_deref()
+    }
+
     /// Whether `output` is a prefix of an answer: None if it already left
     /// the grammar (an output that did not start in JSON mode: nothing is
-    /// masked then), else whether the object is complete.
+    /// masked then), else whether the answer may end here (the object is
+    /// complete, the regex matched).
     pub fn check(&self, output: &[u32]) -> Option<bool> {
-        match &self.schema {
-            None => self.state_after(JsonState::default(), output).map(|s| s.complete()),
-            Some(schema) => self.state_after(schema.start(), output).map(|s| s.complete()),
+        match (&self.schema, &self.regex) {
+            (_, Some(regex)) => self.state_after(regex.start(), output).map(|s| s.complete()),
+            (None, None) => self.state_after(JsonState::default(), output).map(|s| s.complete()),
+            (Some(schema), None) => self.state_after(schema.start(), output).map(|s| s.complete()),
         }
     }
 
@@ -415,11 +432,13 @@ impl JsonObjectMode {
     /// Gives −∞ to every token of `row` (the logits after `output`) that
     /// cannot come next: one that leaves the grammar, special tokens and
     /// empty ones, and the stop tokens (`stop`, else the end-of-sequence
-    /// ones) until the object is complete, after which only they remain.
+    /// ones) until the answer may end (an object's once it is complete,
+    /// after which only they remain; a regex's at each match).
     pub fn mask<R: TokenLogits + ?Sized>(&self, row: &mut R, output: &[u32], stop: Option<&StopTokens>) {
-        match &self.schema {
-            None => self.mask_from(self.state_after(JsonState::default(), output), row, stop),
-            Some(schema) => self.mask_from(self.state_after(schema.start(), output), row, stop),
+        match (&self.schema, &self.regex) {
+            (_, Some(regex)) => self.mask_from(self.state_after(regex.start(), output), row, stop),
+            (None, None) => self.mask_from(self.state_after(JsonState::default(), output), row, stop),
+            (Some(schema), None) => self.mask_from(self.state_after(schema.start(), output), row, stop),
         }
     }
 

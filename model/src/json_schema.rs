@@ -17,10 +17,12 @@
 //! - strings: `pattern` (found anywhere in the string unless anchored, as
 //!   JSON Schema means it; Rust's `regex` syntax, which Pydantic
 //!   validates with too: no look-around or back-references), `format`
-//!   (`date`, `time`, `date-time`, `uuid`, `email`, `ipv4`), or
-//!   `minLength` and `maxLength` (in characters). Each compiles to a DFA
-//!   over the string's decoded bytes; one such string writes no `\u`
-//!   escapes, so control characters other than `\b\f\n\r\t` stay out;
+//!   (`date`, `time`, `date-time`, `uuid`, `email`, `ipv4`), and
+//!   `minLength` and `maxLength` (in characters). A pattern or format
+//!   compiles to a DFA over the string's decoded bytes (with lengths,
+//!   stepped beside a count of characters; see [`Lengths`]); lengths
+//!   alone are counted. Such a string writes no `\u` escapes, so control
+//!   characters other than `\b\f\n\r\t` stay out;
 //! - numbers: `minimum`, `maximum`, `exclusiveMinimum`,
 //!   `exclusiveMaximum` (an integer's may be fractions; a number's must
 //!   be whole). The range compiles to a regex of the numbers inside as
@@ -35,8 +37,11 @@
 //!   picks the branch. `oneOf` is taken where no value satisfies two
 //!   branches (objects: by their tags); `allOf` of one schema (Pydantic's
 //!   wrapper of a described `$ref`), and `$ref` to `#/$defs/…` or
-//!   `#/definitions/…`, inlined (a recursive schema is refused at the
-//!   nesting limit);
+//!   `#/definitions/…`, inlined, each once per depth. A recursive
+//!   schema (Pydantic's self-referencing models) is unrolled down to the
+//!   nesting limit, past which its objects and arrays have no value: a
+//!   tree's deepest children are `[]`, and optional properties and
+//!   alternatives that would nest deeper are left out;
 //! - annotations (`title`, `description`, `default`, `examples`,
 //!   `discriminator`, …) are ignored.
 //!
@@ -51,6 +56,7 @@ use regex_automata::dfa::{dense, Automaton, StartKind};
 use regex_automata::util::primitives::StateID;
 use regex_automata::{Anchored, Input, MatchKind};
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 
 /// Deepest nesting of constrained objects and arrays.
 pub const MAX_SCHEMA_DEPTH: usize = 16;
@@ -206,6 +212,73 @@ struct Dfa {
     /// 0x20..=0xFF, or an escape's `\b\f\n\r\t`) reaches a match. Only
     /// those states are entered, so none is a dead end.
     live: Vec<bool>,
+    /// A string's `minLength` and `maxLength` beside its pattern or format.
+    lengths: Option<Lengths>,
+}
+
+/// Lengths (in characters) beside a string's DFA: the product of its
+/// states and the count of characters written, by which pairs some
+/// continuation still matches within the lengths. The cursor enters only
+/// those, so a pattern never leads past `maxLength` or short of
+/// `minLength` (`[0-9]` within 4 characters: the fourth is a digit if the
+/// first three were not).
+#[derive(Debug)]
+struct Lengths {
+    min: u32,
+    /// None: no most; the count then stops at `min`, past which only the
+    /// DFA matters.
+    max: Option<u32>,
+    /// Each reachable state's row, by state id (`u32::MAX`: unreachable).
+    row: Vec<u32>,
+    /// By `row * (top + 1) + count`.
+    live: Vec<bool>,
+}
+
+impl Lengths {
+    /// The highest count kept.
+    fn top(&self) -> u32 {
+        self.max.unwrap_or(self.min)
+    }
+
+    /// The count after a byte that begins a character or not (None: past
+    /// the most).
+    fn next(&self, count: u32, begins: bool) -> Option<u32> {
+        match (begins, self.max) {
+            (false, _) => Some(count),
+            (true, Some(max)) => (count < max).then_some(count + 1),
+            (true, None) => Some((count + 1).min(self.min)),
+        }
+    }
+
+    fn live(&self, state: StateID, count: u32) -> bool {
+        let row = self.row.get(state.as_usize()).copied().unwrap_or(u32::MAX);
+        row != u32::MAX && self.live[row as usize * (self.top() as usize + 1) + count as usize]
+    }
+}
+
+/// Whether a decoded byte begins a character (is no UTF-8 continuation byte).
+fn begins_char(b: u8) -> bool {
+    b & 0xc0 != 0x80
+}
+
+/// Most (state, count) pairs a pattern beside lengths may take, and most
+/// edges walked to find the live ones: about a second of one core.
+const MAX_LENGTH_CELLS: usize = 1 << 21;
+const MAX_LENGTH_STEPS: usize = 1 << 27;
+
+/// What went wrong building a DFA, on one line: a syntax error's reason
+/// (the cause of "error building NFA", whose text draws the regex with
+/// a caret under the place), or the error itself.
+fn build_error(e: &dyn std::error::Error) -> String {
+    let mut innermost = e;
+    while let Some(cause) = innermost.source() {
+        innermost = cause;
+    }
+    let text = innermost.to_string();
+    match text.lines().last() {
+        Some(reason) if text.contains("regex parse error") => format!("regex parse error: {}", reason.trim_start_matches("error: ")),
+        _ => text,
+    }
 }
 
 /// Decoded bytes a constrained string can hold: what it writes as itself
@@ -215,20 +288,23 @@ fn writable(b: u8) -> bool {
 }
 
 impl Dfa {
-    fn new(regex: &str) -> Result<Dfa, String> {
+    /// The DFA of `regex`; with `lengths` (`minLength`, `maxLength`), of
+    /// the strings it matches that are that long.
+    fn new(regex: &str, lengths: Option<(u32, Option<u32>)>) -> Result<Dfa, String> {
         let config = dense::Config::new()
             .match_kind(MatchKind::All)
             .start_kind(StartKind::Anchored)
             .dfa_size_limit(Some(MAX_DFA_BYTES))
             .determinize_size_limit(Some(MAX_DFA_BYTES));
-        let dfa = dense::Builder::new().configure(config).build(regex).map_err(|e| e.to_string())?;
+        let dfa = dense::Builder::new().configure(config).build(regex).map_err(|e| build_error(&e))?;
         let start = dfa.start_state_forward(&Input::new("").anchored(Anchored::Yes)).map_err(|e| e.to_string())?;
         // The states reached from the start, and their edges reversed: one
-        // byte per class of bytes the DFA does not tell apart.
+        // byte per class of bytes the DFA does not tell apart (and per
+        // kind, beginning a character or not, for the lengths' count).
         let classes = dfa.byte_classes();
         let mut bytes: Vec<u8> = Vec::new();
         for b in (0..=255u8).filter(|&b| writable(b)) {
-            if !bytes.iter().any(|&x| classes.get(x) == classes.get(b)) {
+            if !bytes.iter().any(|&x| classes.get(x) == classes.get(b) && begins_char(x) == begins_char(b)) {
                 bytes.push(b);
             }
         }
@@ -240,7 +316,7 @@ impl Dfa {
             for &b in &bytes {
                 let to = dfa.next_state(from, b);
                 if !dfa.is_dead_state(to) {
-                    edges.push((to, from));
+                    edges.push((to, from, begins_char(b)));
                     if known.insert(to) {
                         seen.push(to);
                     }
@@ -248,7 +324,8 @@ impl Dfa {
             }
         }
         let mut live = vec![false; seen.iter().map(|s| s.as_usize()).max().unwrap_or(0) + 1];
-        let mut work: Vec<StateID> = seen.iter().copied().filter(|&s| dfa.is_match_state(dfa.next_eoi_state(s))).collect();
+        let matches = |s: StateID| dfa.is_match_state(dfa.next_eoi_state(s));
+        let mut work: Vec<StateID> = seen.iter().copied().filter(|&s| matches(s)).collect();
         edges.sort_unstable();
         while let Some(s) = work.pop() {
             if std::mem::replace(&mut live[s.as_usize()], true) {
@@ -257,30 +334,156 @@ impl Dfa {
             let at = edges.partition_point(|e| e.0 < s);
             work.extend(edges[at..].iter().take_while(|e| e.0 == s).map(|e| e.1).filter(|p| !live[p.as_usize()]));
         }
-        if !live[start.as_usize()] {
+        let lengths = match lengths {
+            None | Some((0, None)) => None,
+            Some((min, max)) => Some(Self::lengths(&seen, &edges, &matches, min, max)?),
+        };
+        if !live[start.as_usize()] || lengths.as_ref().is_some_and(|l| !l.live(start, 0)) {
             return Err("no string the answer can write satisfies it".into());
         }
-        Ok(Dfa { dfa, start, live })
+        Ok(Dfa { dfa, start, live, lengths })
     }
 
-    /// The state after decoded byte `b`, if live.
+    /// The live (state, count) pairs, counts from the top down: a pair is
+    /// live where its state may end there, or an edge leads to a live
+    /// pair. An edge that begins a character leads to the next count
+    /// (done before); one that does not stays at this count, so those
+    /// are followed back within it.
+    fn lengths(seen: &[StateID], edges: &[(StateID, StateID, bool)], matches: &dyn Fn(StateID) -> bool, min: u32, max: Option<u32>) -> Result<Lengths, String> {
+        let mut l = Lengths { min, max, row: vec![u32::MAX; seen.iter().map(|s| s.as_usize()).max().unwrap_or(0) + 1], live: vec![] };
+        let width = l.top() as usize + 1;
+        if seen.len().saturating_mul(width) > MAX_LENGTH_CELLS || edges.len().saturating_mul(width) > MAX_LENGTH_STEPS {
+            return Err(format!("the pattern beside these lengths takes too many steps ({} states, {width} counts)", seen.len()));
+        }
+        for (i, s) in seen.iter().enumerate() {
+            l.row[s.as_usize()] = i as u32;
+        }
+        l.live = vec![false; seen.len() * width];
+        let at = |l: &Lengths, s: StateID, count: u32| l.row[s.as_usize()] as usize * width + count as usize;
+        for count in (0..width as u32).rev() {
+            let mut work: Vec<StateID> = seen.iter().copied().filter(|&s| count >= min && matches(s)).collect();
+            for &(to, from, begins) in edges {
+                if let Some(next) = l.next(count, begins).filter(|&n| n != count) {
+                    if l.live[at(&l, to, next)] {
+                        work.push(from);
+                    }
+                }
+            }
+            while let Some(s) = work.pop() {
+                let cell = at(&l, s, count);
+                if std::mem::replace(&mut l.live[cell], true) {
+                    continue;
+                }
+                let first = edges.partition_point(|e| e.0 < s);
+                let within = edges[first..].iter().take_while(|e| e.0 == s).filter(|e| l.next(count, e.2) == Some(count));
+                work.extend(within.map(|e| e.1).filter(|&p| !l.live[at(&l, p, count)]));
+            }
+        }
+        Ok(l)
+    }
+
+    /// The state after decoded byte `b`, if live (a number's range).
     fn step(&self, state: StateID, b: u8) -> Option<StateID> {
         let next = self.dfa.next_state(state, b);
         self.live.get(next.as_usize()).copied().unwrap_or(false).then_some(next)
     }
 
-    /// Whether the string may end in `state`.
-    fn may_end(&self, state: StateID) -> bool {
-        self.dfa.is_match_state(self.dfa.next_eoi_state(state))
+    /// A string's state and count of characters after decoded byte `b`,
+    /// if live.
+    fn step_char(&self, state: StateID, count: u32, b: u8) -> Option<(StateID, u32)> {
+        let Some(lengths) = &self.lengths else { return self.step(state, b).map(|s| (s, 0)) };
+        let next = self.dfa.next_state(state, b);
+        let count = lengths.next(count, begins_char(b))?;
+        lengths.live(next, count).then_some((next, count))
+    }
+
+    /// Whether the value may end in `state`, `count` characters long.
+    fn may_end(&self, state: StateID, count: u32) -> bool {
+        self.dfa.is_match_state(self.dfa.next_eoi_state(state)) && self.lengths.as_ref().is_none_or(|l| count >= l.min)
     }
 
     /// Whether a constrained string can be `text` (an enum value's).
     fn accepts(&self, text: &str) -> bool {
-        text.bytes().try_fold(self.start, |s, b| if writable(b) { self.step(s, b) } else { None }).is_some_and(|s| self.may_end(s))
+        let end = text.bytes().try_fold((self.start, 0), |(s, count), b| if writable(b) { self.step_char(s, count, b) } else { None });
+        end.is_some_and(|(s, count)| self.may_end(s, count))
     }
 
     fn memory(&self) -> usize {
-        self.dfa.memory_usage() + self.live.len()
+        self.dfa.memory_usage() + self.live.len() + self.lengths.as_ref().map_or(0, |l| l.live.len() + 4 * l.row.len())
+    }
+}
+
+/// vLLM's `guided_regex` and `guided_choice`: the whole output is a
+/// match of a regex (Rust's `regex` syntax, as for `pattern`), whose DFA
+/// the mask steps over the output's bytes. As in a constrained string,
+/// the cursor enters only states from which a match can still be
+/// written, and control characters other than `\b\t\n\f\r` stay out.
+#[derive(Debug)]
+pub struct OutputRegex {
+    dfa: Dfa,
+    source: String,
+}
+
+impl OutputRegex {
+    /// Compiles `regex`, matched against the whole output. Errors say why
+    /// (syntax, past 4 MiB of DFA, or nothing writable matches).
+    pub fn new(regex: &str) -> Result<Self> {
+        let dfa = Dfa::new(&format!("(?:{regex})"), None).map_err(ModelError::InvalidArgument)?;
+        if dfa.memory() > MAX_DFA_BYTES {
+            return Err(ModelError::InvalidArgument(format!("its DFA takes more than {} MiB", MAX_DFA_BYTES >> 20)));
+        }
+        Ok(OutputRegex { dfa, source: regex.to_string() })
+    }
+
+    /// A regex of exactly these strings (`guided_choice`).
+    pub fn choice(options: &[&str]) -> Result<Self> {
+        // Rust regex's meta characters; any other character is itself.
+        let escape = |o: &str| {
+            o.chars().fold(String::new(), |mut out, c| {
+                if r"\.+*?()|[]{}^$#&-~".contains(c) {
+                    out.push('\\');
+                }
+                out.push(c);
+                out
+            })
+        };
+        OutputRegex::new(&options.iter().map(|o| escape(o)).collect::<Vec<_>>().join("|"))
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub(crate) fn start(&self) -> RegexCursor<'_> {
+        RegexCursor { dfa: &self.dfa, state: self.dfa.start }
+    }
+}
+
+/// Where the output stands in an [`OutputRegex`]'s DFA.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RegexCursor<'a> {
+    dfa: &'a Dfa,
+    state: StateID,
+}
+
+impl ByteGrammar for RegexCursor<'_> {
+    fn feed(&mut self, b: u8) -> bool {
+        match self.dfa.step(self.state, b).filter(|_| writable(b)) {
+            Some(next) => {
+                self.state = next;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A match may end here; it may also go on.
+    fn complete(&self) -> bool {
+        self.dfa.may_end(self.state, 0)
+    }
+
+    fn plain_text_room(&self) -> Option<u32> {
+        None
     }
 }
 
@@ -308,7 +511,7 @@ pub struct JsonSchema {
 }
 
 /// The values one (sub)schema admits, by how they start.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Node {
     /// Any JSON value.
     any: bool,
@@ -330,7 +533,7 @@ struct Node {
     literals: Vec<Vec<u8>>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct ObjectShape {
     /// Any object (no properties named).
     free: bool,
@@ -364,8 +567,8 @@ impl JsonSchema {
 
     /// Compiles a schema. Errors name the keyword's place in the schema.
     pub fn from_value(schema: &Value) -> Result<Self> {
-        let mut compiler = Compiler { root: schema, nodes: Vec::new(), regexes: Vec::new(), refs: 0 };
-        let root = compiler.node(schema, "schema", 0).map_err(ModelError::InvalidArgument)?;
+        let mut compiler = Compiler { root: schema, nodes: Vec::new(), regexes: Vec::new(), refs: Vec::new(), recursive: 0, inlined: HashMap::new() };
+        let root = compiler.node(schema, "schema", 0).map_err(ModelError::InvalidArgument)?.expect("outside a recursion, no value is an error");
         let Compiler { nodes, regexes, .. } = compiler;
         let r = &nodes[root as usize];
         if r.any || r.string || r.number || r.integer || r.array.is_some() || !r.literals.is_empty() || r.object.is_none() {
@@ -389,15 +592,26 @@ struct Compiler<'a> {
     root: &'a Value,
     nodes: Vec<Node>,
     regexes: Vec<Dfa>,
-    /// `$ref`s being inlined, one inside another.
-    refs: usize,
+    /// `$ref`s being inlined, one inside another, and the depth of each.
+    refs: Vec<(String, usize)>,
+    /// How many of those refer to one of their own.
+    recursive: usize,
+    /// Each definition's node at each depth, built once.
+    inlined: HashMap<(String, usize), Node>,
 }
+
+/// Most `$ref`s inlined one inside another.
+const MAX_REFS: usize = 4 * MAX_SCHEMA_DEPTH;
 
 impl Compiler<'_> {
     /// Compiles `schema` (at `path`, inside `depth` constrained
-    /// containers) and returns its node.
-    fn node(&mut self, schema: &Value, path: &str, depth: usize) -> Result<u16, String> {
+    /// containers) and returns its node; None where a recursive schema
+    /// has no value this deep (see `reference`).
+    fn node(&mut self, schema: &Value, path: &str, depth: usize) -> Result<Option<u16>, String> {
         let mut node = self.build(schema, path, depth)?;
+        if self.recursive > 0 && is_empty(&node) {
+            return Ok(None);
+        }
         // The cursor takes a value's first byte as a literal's if one starts
         // with it, so a literal may not start like a kind's other values:
         // those a kind admits anyway go, the others are refused.
@@ -435,9 +649,13 @@ impl Compiler<'_> {
         if node.literals.len() > MAX_CHOICES {
             return Err(format!("`{path}` admits {} enum values; at most {MAX_CHOICES}", node.literals.len()));
         }
-        if !(node.any || node.string || node.number || node.integer || node.object.is_some() || node.array.is_some() || !node.literals.is_empty()) {
+        if is_empty(&node) {
             return Err(format!("no value satisfies `{path}`"));
         }
+        self.push(node).map(Some)
+    }
+
+    fn push(&mut self, node: Node) -> Result<u16, String> {
         self.nodes.push(node);
         u16::try_from(self.nodes.len() - 1).map_err(|_| "the schema is too large".to_string())
     }
@@ -551,8 +769,8 @@ impl Compiler<'_> {
         let mut node = Node::default();
         for t in types {
             let one = match t {
-                "object" => Node { object: Some(self.object(map, path, depth)?), ..Node::default() },
-                "array" => Node { array: Some(self.array(map, path, depth)?), ..Node::default() },
+                "object" => Node { object: self.object(map, path, depth)?, ..Node::default() },
+                "array" => Node { array: self.array(map, path, depth)?, ..Node::default() },
                 "string" => Node { string: true, string_rule: self.string_rule(map, path)?, ..Node::default() },
                 "number" => Node { number: true, number_rule: self.number_rule(map, path, false)?, ..Node::default() },
                 "integer" => Node { integer: true, number_rule: self.number_rule(map, path, true)?, ..Node::default() },
@@ -572,16 +790,33 @@ impl Compiler<'_> {
             .iter()
             .find_map(|prefix| root.get(&prefix[2..prefix.len() - 1])?.get(name.strip_prefix(prefix)?))
             .ok_or_else(|| format!("`{path}.$ref`: `{name}` is not a schema under `#/$defs` or `#/definitions`"))?;
-        if self.refs == MAX_SCHEMA_DEPTH {
-            return Err(format!("`{path}.$ref`: references nest deeper than {MAX_SCHEMA_DEPTH} (a recursive schema?)"));
+        // A recursive schema is unrolled as deep as the cursor goes: past
+        // that, its objects and arrays have no value, which drops the
+        // alternatives and optional properties that hold them, and holds
+        // such arrays empty (a tree's leaves). Each definition is built
+        // once per depth.
+        if let Some(node) = self.inlined.get(&(name.to_string(), depth)) {
+            return Ok(node.clone());
         }
-        self.refs += 1;
+        if self.refs.iter().any(|(n, d)| n == name && *d == depth) {
+            return Err(format!("`{path}.$ref`: `{name}` refers to itself outside any object or array"));
+        }
+        if self.refs.len() == MAX_REFS {
+            return Err(format!("`{path}.$ref`: references nest deeper than {MAX_REFS}"));
+        }
+        let recursive = self.refs.iter().any(|(n, _)| n == name);
+        self.recursive += recursive as usize;
+        self.refs.push((name.to_string(), depth));
         let node = self.build(resolved, path, depth);
-        self.refs -= 1;
-        node
+        self.refs.pop();
+        self.recursive -= recursive as usize;
+        let node = node?;
+        self.inlined.insert((name.to_string(), depth), node.clone());
+        Ok(node)
     }
 
-    fn object(&mut self, map: &Map<String, Value>, path: &str, depth: usize) -> Result<ObjectShape, String> {
+    /// An object's shape (None: none this deep in a recursive schema).
+    fn object(&mut self, map: &Map<String, Value>, path: &str, depth: usize) -> Result<Option<ObjectShape>, String> {
         let properties = match map.get("properties") {
             None => None,
             Some(Value::Object(p)) => Some(p),
@@ -604,27 +839,38 @@ impl Compiler<'_> {
             }
             // Any members, unless the schema limits the extra ones.
             let free = matches!(additional, None | Some(Value::Bool(true)));
-            return Ok(ObjectShape { free, keys: vec![], values: vec![], required: 0 });
+            return Ok(Some(ObjectShape { free, keys: vec![], values: vec![], required: 0 }));
         };
         if properties.len() > MAX_CHOICES {
             return Err(format!("`{path}.properties` lists {} properties; at most {MAX_CHOICES}", properties.len()));
         }
+        if let Some(name) = required.iter().find(|n| !properties.contains_key(**n)) {
+            return Err(format!("`{path}.required` names `{name}`, which `{path}.properties` does not describe"));
+        }
         if depth == MAX_SCHEMA_DEPTH {
-            return Err(format!("`{path}`: objects and arrays nest deeper than {MAX_SCHEMA_DEPTH}"));
+            return match self.recursive {
+                0 => Err(format!("`{path}`: objects and arrays nest deeper than {MAX_SCHEMA_DEPTH}")),
+                _ => Ok(None),
+            };
         }
         let mut shape = ObjectShape { free: false, keys: vec![], values: vec![], required: 0 };
         for (name, schema) in properties {
+            let needed = required.contains(&name.as_str());
+            // A property of no value this deep is left out, or leaves out
+            // the object that requires it.
+            let Some(value) = self.node(schema, &format!("{path}.properties.{name}"), depth + 1)? else {
+                if needed {
+                    return Ok(None);
+                }
+                continue;
+            };
+            if needed {
+                shape.required |= 1 << shape.keys.len();
+            }
             shape.keys.push(Value::String(name.clone()).to_string().into_bytes());
-            shape.values.push(self.node(schema, &format!("{path}.properties.{name}"), depth + 1)?);
+            shape.values.push(value);
         }
-        for name in required {
-            let i = properties
-                .keys()
-                .position(|k| k == name)
-                .ok_or_else(|| format!("`{path}.required` names `{name}`, which `{path}.properties` does not describe"))?;
-            shape.required |= 1 << i;
-        }
-        Ok(shape)
+        Ok(Some(shape))
     }
 
     /// A string node's `pattern`, `format` or lengths, as a rule (None:
@@ -640,26 +886,26 @@ impl Compiler<'_> {
             Some(v) => v.as_u64().and_then(|n| u32::try_from(n).ok()).map(Some).ok_or_else(|| format!("`{path}.{key}` must be a non-negative integer")),
         };
         let (min, max) = (count("minLength")?, count("maxLength")?);
+        let (min, max) = (min.unwrap_or(0), max);
+        if max.is_some_and(|max| min > max) {
+            return Err(format!("`{path}`: `minLength` {min} exceeds `maxLength` {}", max.unwrap_or(0)));
+        }
         let regex = match (text("pattern")?, text("format")?) {
             (Some(_), Some(_)) => return Err(format!("`{path}`: `pattern` beside `format` is not supported")),
-            (Some(_), _) | (_, Some(_)) if min.is_some() || max.is_some() => {
-                return Err(format!("`{path}`: `minLength` or `maxLength` beside `pattern` or `format` is not supported"))
-            }
             // JSON Schema's patterns are found anywhere unless anchored.
             (Some(pattern), None) => format!("(?s:.*)(?:{pattern})(?s:.*)"),
             (None, Some(format)) => {
                 format_regex(format).ok_or_else(|| format!("`{path}.format`: `{format}` is not supported (date, time, date-time, uuid, email, ipv4)"))?
             }
             (None, None) => {
-                return match (min.unwrap_or(0), max.unwrap_or(u32::MAX)) {
-                    (0, u32::MAX) => Ok(None),
-                    (min, max) if min > max => Err(format!("`{path}`: `minLength` {min} exceeds `maxLength` {max}")),
-                    (min, max) => Ok(Some(StringRule::Length { min, max })),
-                }
+                return Ok(match (min, max) {
+                    (0, None) => None,
+                    (min, max) => Some(StringRule::Length { min, max: max.unwrap_or(u32::MAX) }),
+                })
             }
         };
         let key = if map.contains_key("pattern") { "pattern" } else { "format" };
-        self.regex(regex, path, key).map(|r| Some(StringRule::Regex(r)))
+        self.regex(regex, path, key, Some((min, max))).map(|r| Some(StringRule::Regex(r)))
     }
 
     /// A number node's `minimum`, `maximum`, `exclusiveMinimum` and
@@ -701,12 +947,12 @@ impl Compiler<'_> {
         };
         let regex = numbers_between(whole(lo, true)?, whole(hi, false)?, !integer).ok_or_else(|| format!("no number satisfies `{path}`"))?;
         let key = ["minimum", "exclusiveMinimum", "maximum"].into_iter().find(|k| map.contains_key(*k)).unwrap_or("exclusiveMaximum");
-        self.regex(regex, path, key).map(Some)
+        self.regex(regex, path, key, None).map(Some)
     }
 
     /// Compiles a pattern, format or range (`key`, for errors).
-    fn regex(&mut self, regex: String, path: &str, key: &str) -> Result<u16, String> {
-        let compiled = Dfa::new(&regex).map_err(|e| format!("`{path}.{key}`: {e}"))?;
+    fn regex(&mut self, regex: String, path: &str, key: &str, lengths: Option<(u32, Option<u32>)>) -> Result<u16, String> {
+        let compiled = Dfa::new(&regex, lengths).map_err(|e| format!("`{path}.{key}`: {e}"))?;
         if self.regexes.iter().map(Dfa::memory).sum::<usize>() + compiled.memory() > MAX_DFA_BYTES {
             return Err(format!("`{path}.{key}`: the schema's patterns take more than {} MiB", MAX_DFA_BYTES >> 20));
         }
@@ -755,9 +1001,13 @@ impl Compiler<'_> {
         Ok((ObjectShape { free: false, keys: vec![key], values: vec![tag], required: 1 }, arms))
     }
 
-    fn array(&mut self, map: &Map<String, Value>, path: &str, depth: usize) -> Result<ArrayShape, String> {
+    /// An array's shape (None: none this deep in a recursive schema).
+    fn array(&mut self, map: &Map<String, Value>, path: &str, depth: usize) -> Result<Option<ArrayShape>, String> {
         if depth == MAX_SCHEMA_DEPTH {
-            return Err(format!("`{path}`: objects and arrays nest deeper than {MAX_SCHEMA_DEPTH}"));
+            return match self.recursive {
+                0 => Err(format!("`{path}`: objects and arrays nest deeper than {MAX_SCHEMA_DEPTH}")),
+                _ => Ok(None),
+            };
         }
         let count = |key: &str, default: u64| match map.get(key) {
             None => Ok(default),
@@ -768,8 +1018,18 @@ impl Compiler<'_> {
             return Err(format!("`{path}`: `minItems` {min} exceeds `maxItems` {max}"));
         }
         let items = self.node(map.get("items").unwrap_or(&Value::Bool(true)), &format!("{path}.items"), depth + 1)?;
-        Ok(ArrayShape { items, min, max })
+        Ok(match items {
+            Some(items) => Some(ArrayShape { items, min, max }),
+            // Items of no value this deep: only `[]`, where allowed.
+            None if min == 0 => Some(ArrayShape { items: self.push(Node::default())?, min, max: 0 }),
+            None => None,
+        })
     }
+}
+
+/// Whether a node admits no value.
+fn is_empty(n: &Node) -> bool {
+    !(n.any || n.string || n.number || n.integer || n.object.is_some() || n.array.is_some() || !n.literals.is_empty())
 }
 
 /// Whether some value satisfies both alternatives (objects aside: theirs
@@ -871,6 +1131,8 @@ enum Cur {
         regex: u16,
         state: StateID,
         escape: bool,
+        /// Characters written (where the pattern has lengths beside it).
+        count: u32,
     },
     /// In a string of node `node`'s lengths, `count` characters written.
     Len {
@@ -968,7 +1230,7 @@ impl<'a> SchemaCursor<'a> {
             },
             b'[' if node.array.is_some() => return self.open(n, false),
             b'"' if node.string => match node.string_rule {
-                Some(StringRule::Regex(regex)) => Cur::Regex { regex, state: self.schema.regexes[regex as usize].start, escape: false },
+                Some(StringRule::Regex(regex)) => Cur::Regex { regex, state: self.schema.regexes[regex as usize].start, escape: false, count: 0 },
                 Some(StringRule::Length { .. }) => Cur::Len { node: n, count: 0, escape: 0, utf8: 0 },
                 None => Cur::Str { escape: 0, utf8: 0 },
             },
@@ -1019,17 +1281,17 @@ impl ByteGrammar for SchemaCursor<'_> {
                 };
                 return true;
             }
-            Cur::Regex { regex, state, escape } => {
+            Cur::Regex { regex, state, escape, count } => {
                 let r = &self.schema.regexes[regex as usize];
                 let decoded = match (escape, b) {
-                    (false, b'"') if r.may_end(state) => {
+                    (false, b'"') if r.may_end(state, count) => {
                         self.cur = Cur::After;
                         return true;
                     }
                     // An escape begins where some escaped byte may follow.
                     (false, b'\\') => {
-                        self.cur = Cur::Regex { regex, state, escape: true };
-                        return b"\"\\/bfnrt".iter().any(|&e| r.step(state, unescaped(e).expect("an escape")).is_some());
+                        self.cur = Cur::Regex { regex, state, escape: true, count };
+                        return b"\"\\/bfnrt".iter().any(|&e| r.step_char(state, count, unescaped(e).expect("an escape")).is_some());
                     }
                     (false, b'"' | 0..=0x1f) => return false,
                     (false, b) => b,
@@ -1038,8 +1300,8 @@ impl ByteGrammar for SchemaCursor<'_> {
                         None => return false,
                     },
                 };
-                let Some(state) = r.step(state, decoded) else { return false };
-                self.cur = Cur::Regex { regex, state, escape: false };
+                let Some((state, count)) = r.step_char(state, count, decoded) else { return false };
+                self.cur = Cur::Regex { regex, state, escape: false, count };
                 return true;
             }
             Cur::Len { node, count, escape, utf8 } => {
@@ -1105,7 +1367,7 @@ impl ByteGrammar for SchemaCursor<'_> {
                         return true;
                     }
                     // The byte ends the number and is read after it.
-                    None if r.may_end(state) => self.cur = Cur::After,
+                    None if r.may_end(state, 0) => self.cur = Cur::After,
                     None => return false,
                 }
             }
@@ -1212,7 +1474,10 @@ mod tests {
         "mail": {"type": "string", "format": "email"},
         "ip": {"type": "string", "format": "ipv4"},
         "short": {"type": "string", "minLength": 2, "maxLength": 4},
-        "opt": {"anyOf": [{"type": "string", "maxLength": 3}, {"type": "null"}, {"enum": ["no"]}]}
+        "opt": {"anyOf": [{"type": "string", "maxLength": 3}, {"type": "null"}, {"enum": ["no"]}]},
+        "slug": {"type": "string", "pattern": "^[a-z]+(-[a-z]+)*$", "minLength": 3, "maxLength": 8},
+        "pin": {"type": "string", "pattern": "[0-9]", "maxLength": 4},
+        "long_mail": {"type": "string", "format": "email", "minLength": 12}
     }, "required": ["code", "day", "short"]}"#;
 
     fn fed<'a>(schema: &'a JsonSchema, text: &str) -> Option<SchemaCursor<'a>> {
@@ -1277,6 +1542,8 @@ mod tests {
                 r#""t":"00:00:59-11:30","id":"123e4567-e89b-12d3-a456-426614174000","mail":"a.b+c@mail.example.org","ip":"255.0.10.199","opt":"no"}"#
             ),
             r#"{"code":"AB-123","day":"2000-02-29","short":"abcd","opt":null,"word":"ab"}"#,
+            r#"{"code":"AB-123","day":"2000-02-29","short":"ab","slug":"a-b","pin":"ab\n7","long_mail":"a@bb.example"}"#,
+            r#"{"code":"AB-123","day":"2000-02-29","short":"ab","slug":"ab-cdefg","pin":"é5","long_mail":"abcdefgh@x.io"}"#,
         ] {
             assert!(satisfies(&root, &root, &serde_json::from_str(text).unwrap()), "{text}");
             assert!(fed(&schema, text).is_some_and(|s| s.complete()), "{text:?}");
@@ -1306,6 +1573,16 @@ mod tests {
             r#"{"short":"\u"#,
             r#"{"opt":"abcd"#,
             r#"{"ip":"01"#,
+            // A pattern beside lengths: a character past the most, an end
+            // short of the least, one that leaves no room for the rest.
+            r#"{"slug":"abcdefghi"#,
+            r#"{"slug":"ab""#,
+            r#"{"slug":"abcdefg-"#,
+            r#"{"slug":"-"#,
+            r#"{"pin":"abcd"#,
+            r#"{"pin":"\n\né\"#,
+            r#"{"pin":"12345"#,
+            r#"{"long_mail":"a@b.io""#,
         ] {
             assert!(fed(&schema, &text[..text.len() - 1]).is_some(), "{text:?} was refused early");
             assert!(fed(&schema, text).is_none(), "{text:?} was taken");
@@ -1314,6 +1591,125 @@ mod tests {
         let tabs = JsonSchema::parse(r#"{"type":"object","properties":{"a":{"type":"string","pattern":"^\\t+$"}}}"#).unwrap();
         assert!(fed(&tabs, r#"{"a":"\t\t"}"#).is_some_and(|s| s.complete()));
         assert!(fed(&tabs, r#"{"a":"\n"#).is_none());
+    }
+
+    /// vLLM's `guided_regex` and `guided_choice`: the whole output
+    /// matches; an end is allowed at each match, and a match may go on.
+    #[test]
+    fn output_regexes_match_the_whole_output() {
+        fn fed<'a>(r: &'a OutputRegex, text: &str) -> Option<RegexCursor<'a>> {
+            let mut c = r.start();
+            c.feed_all(text.as_bytes()).then_some(c)
+        }
+        let phone = OutputRegex::new(r"\(?[0-9]{3}\)? [0-9]{3}-[0-9]{4}").unwrap();
+        assert!(fed(&phone, "(555) 123-4567").is_some_and(|c| c.complete()));
+        assert!(fed(&phone, "555 123-456").is_some_and(|c| !c.complete()));
+        assert!(fed(&phone, "555 123-45678").is_none() && fed(&phone, "x").is_none());
+        let more = OutputRegex::new("ab+").unwrap();
+        assert!(fed(&more, "ab").is_some_and(|c| c.complete()) && fed(&more, "abbb").is_some_and(|c| c.complete()) && fed(&more, "abc").is_none());
+        // Choices are literals, their meta characters escaped.
+        let choice = OutputRegex::choice(&["positive", "négatif", "a.b", "x|y", "(1+1)*2"]).unwrap();
+        for option in ["positive", "négatif", "a.b", "x|y", "(1+1)*2"] {
+            assert!(fed(&choice, option).is_some_and(|c| c.complete()), "{option}");
+        }
+        for other in ["positives", "a-b", "x", "y", "2"] {
+            assert!(!fed(&choice, other).is_some_and(|c| c.complete()), "{other}");
+        }
+        assert!(fed(&choice, "posi").is_some_and(|c| !c.complete()) && fed(&choice, "pz").is_none());
+        for (bad, why) in [
+            ("(", "unclosed group"),
+            ("\u{1}", "no string"),
+            (r"\w{4000}", "exceeded size limit"),
+            ("a{2,1}", "regex parse error: invalid repetition count range"),
+        ] {
+            assert!(OutputRegex::new(bad).is_err_and(|e| e.to_string().contains(why)), "{bad}: {why}");
+        }
+        // The mask is the same as trying every token's bytes.
+        let mode = JsonObjectMode::new(default_tokenizer());
+        let choice = Arc::new(choice);
+        assert_mask_is_every_tokens_bytes_tried(&mode.with_regex(choice.clone()), choice.start(), &["positive", "négatif", "(1+1)*2"]);
+        let phone = Arc::new(phone);
+        assert_mask_is_every_tokens_bytes_tried(&mode.with_regex(phone.clone()), phone.start(), &["(555) 123-4567"]);
+        let more = Arc::new(more);
+        assert_mask_is_every_tokens_bytes_tried(&mode.with_regex(more.clone()), more.start(), &["abbbb"]);
+    }
+
+    /// A pattern beside lengths keeps exactly the strings both allow.
+    #[test]
+    fn pattern_lengths_are_the_product_of_both() {
+        let cases = [(0, Some(0)), (0, Some(1)), (2, Some(2)), (3, Some(5)), (4, None), (0, Some(7)), (7, None), (2, None), (2, Some(4))];
+        for (pattern, (min, max)) in ["^(ab|c)+$", "^(a|bca)$"].into_iter().flat_map(|p| cases.map(|c| (p, c))) {
+            let regex = regex::Regex::new(pattern).unwrap();
+            let dfa = Dfa::new(pattern, Some((min, max)));
+            // Every string of a, b and c up to 8 long, against the regex.
+            let mut all = vec![String::new()];
+            for _ in 0..8 {
+                all.extend(
+                    all.iter().filter(|s| s.len() == all.last().unwrap().len()).flat_map(|s| ["a", "b", "c"].map(|c| format!("{s}{c}"))).collect::<Vec<_>>(),
+                );
+            }
+            let wanted = |t: &str| regex.is_match(t) && t.len() >= min as usize && max.is_none_or(|m| t.len() <= m as usize);
+            match &dfa {
+                Err(e) => assert!(!all.iter().any(|t| wanted(t)) && e.contains("no string"), "{pattern} {min}..{max:?}: {e}"),
+                Ok(dfa) => {
+                    for t in &all {
+                        assert_eq!(dfa.accepts(t), wanted(t), "{t:?} in {pattern} {min}..{max:?}");
+                        // A prefix is entered only where some string it begins is wanted.
+                        let entered = t.bytes().try_fold((dfa.start, 0), |(s, c), b| dfa.step_char(s, c, b)).is_some();
+                        let extends = all.iter().any(|u| u.starts_with(t.as_str()) && wanted(u)) || max.is_none() && t.len() == 8 && entered;
+                        assert_eq!(entered, extends, "{t:?} in {pattern} {min}..{max:?}");
+                    }
+                }
+            }
+        }
+        // Too large a product is refused.
+        let huge = JsonSchema::parse(r#"{"type":"object","properties":{"a":{"type":"string","pattern":"[a-z]","maxLength":4000000}}}"#);
+        assert!(huge.is_err_and(|e| e.to_string().contains("too many steps")));
+    }
+
+    /// A recursive schema (Pydantic's self-referencing models): a tree
+    /// whose nodes have children and maybe a `next` and a `left`.
+    const TREE: &str = r##"{"$defs": {"Node": {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 3},
+        "children": {"type": "array", "items": {"$ref": "#/$defs/Node"}, "maxItems": 2},
+        "next": {"anyOf": [{"$ref": "#/$defs/Node"}, {"type": "null"}]},
+        "left": {"$ref": "#/$defs/Node"}
+    }, "required": ["name", "children"]}}, "type": "object", "properties": {"root": {"$ref": "#/$defs/Node"}}, "required": ["root"]}"##;
+
+    /// A recursive schema is unrolled as deep as the cursor goes: each
+    /// definition is built once per depth, and at the last level a node's
+    /// children can only be `[]` and its `next` only null.
+    #[test]
+    fn recursive_schemas_unroll_to_the_cursors_depth() {
+        let root: Value = serde_json::from_str(TREE).unwrap();
+        let schema = JsonSchema::from_value(&root).unwrap();
+        // Children's nodes at depths 1, 3, …, 13 (7 levels); a node of
+        // depth 15 would need children at 16.
+        let nest = |levels: usize| {
+            let mut text = r#"{"name":"a","children":[]}"#.to_string();
+            for _ in 1..levels {
+                text = format!(r#"{{"name":"b","next":null,"children":[{text},{{"name":"c","children":[]}}]}}"#);
+            }
+            format!(r#"{{"root":{text}}}"#)
+        };
+        let deepest = nest(7);
+        assert!(satisfies(&root, &root, &serde_json::from_str(&deepest).unwrap()));
+        assert!(fed(&schema, &deepest).is_some_and(|s| s.complete()), "{deepest}");
+        let innermost = deepest.find(r#"{"name":"a""#).unwrap() + r#"{"name":"a","children":["#.len();
+        assert!(fed(&schema, &format!("{}{{", &deepest[..innermost])).is_none(), "an 8th level was taken");
+        // Its `next` (an object at 14) has children at 15: `[]` only, and
+        // its own `next` (at 15) could have none: null only; its `left`,
+        // being optional, is left out.
+        let next = format!(r#"{}],"next":{{"name":"d","children":["#, &deepest[..innermost]);
+        assert!(fed(&schema, &format!("{next}]")).is_some() && fed(&schema, &format!("{next}{{")).is_none());
+        assert!(fed(&schema, &format!(r#"{next}],"l"#)).is_none() && fed(&schema, &format!(r#"{}],"l"#, &deepest[..innermost])).is_some());
+        let last = format!(r#"{next}],"next":"#);
+        assert!(fed(&schema, &format!("{last}n")).is_some() && fed(&schema, &format!("{last}{{")).is_none());
+        // `next` chains alike, one level per object.
+        let chain = (0..6).fold(r#"{"name":"z","children":[]}"#.to_string(), |inner, _| format!(r#"{{"name":"y","children":[],"next":{inner}}}"#));
+        assert!(fed(&schema, &format!(r#"{{"root":{chain}}}"#)).is_some_and(|s| s.complete()));
+        // Three references per level, built once per depth, not 4^7 times.
+        assert!(schema.nodes.len() < 200, "{} nodes", schema.nodes.len());
     }
 
     /// Integers and numbers between bounds, each end included or not.
@@ -1386,7 +1782,7 @@ mod tests {
                     match numbers_between(lo, hi, fractions) {
                         None => assert!(!texts.iter().any(|t| inside(t)), "{lo:?}..{hi:?} has numbers"),
                         Some(regex) => {
-                            let dfa = Dfa::new(&regex).unwrap();
+                            let dfa = Dfa::new(&regex, None).unwrap();
                             for t in &texts {
                                 assert_eq!(dfa.accepts(t), inside(t), "{t} in {lo:?}..{hi:?} (fractions: {fractions}): {regex}");
                             }
@@ -1470,7 +1866,10 @@ mod tests {
             (r#"{"type":"object","properties":{"a":{"minimum":0}}}"#, "`schema.properties.a.minimum` without a `type`"),
             (r#"{"type":"object","properties":{"a":{"format":"date"}}}"#, "`schema.properties.a.format` without a `type` it applies to"),
             (r#"{"type":"object","properties":{"a":{"type":"string","format":"date","pattern":"x"}}}"#, "`pattern` beside `format`"),
-            (r#"{"type":"object","properties":{"a":{"type":"string","pattern":"x","maxLength":3}}}"#, "`maxLength` beside `pattern`"),
+            (
+                r#"{"type":"object","properties":{"a":{"type":"string","pattern":"^xyz$","maxLength":2}}}"#,
+                "`schema.properties.a.pattern`: no string the answer can write",
+            ),
             (r#"{"type":"object","properties":{"a":{"type":"string","minLength":3,"maxLength":2}}}"#, "`minLength` 3 exceeds `maxLength` 2"),
             (r#"{"type":"object","properties":{"a":{"type":"string","minLength":-1}}}"#, "`schema.properties.a.minLength` must be a non-negative integer"),
             (
@@ -1483,7 +1882,18 @@ mod tests {
             (r#"{"type":"object","properties":{"a":{"type":"decimal"}}}"#, "`decimal` is not a JSON Schema type"),
             (r#"{"type":"object","properties":{"a":{"type":"array","minItems":3,"maxItems":2}}}"#, "`schema.properties.a`: `minItems` 3 exceeds `maxItems` 2"),
             (r##"{"type":"object","properties":{"a":{"$ref":"#/$defs/Missing"}}}"##, "`#/$defs/Missing` is not a schema"),
-            (r##"{"$defs":{"N":{"type":"object","properties":{"next":{"$ref":"#/$defs/N"}}}},"$ref":"#/$defs/N"}"##, "deeper than 16"),
+            (
+                r##"{"$defs":{"N":{"type":"object","properties":{"next":{"$ref":"#/$defs/N"}},"required":["next"]}},"$ref":"#/$defs/N"}"##,
+                "no value satisfies `schema.properties.next`",
+            ),
+            (
+                r##"{"$defs":{"A":{"anyOf":[{"$ref":"#/$defs/A"},{"type":"null"}]}},"type":"object","properties":{"a":{"$ref":"#/$defs/A"}}}"##,
+                "`#/$defs/A` refers to itself outside any object",
+            ),
+            (
+                r##"{"$defs":{"L":{"type":"array","items":{"$ref":"#/$defs/L"},"minItems":1}},"type":"object","properties":{"a":{"$ref":"#/$defs/L"}},"required":["a"]}"##,
+                "no value satisfies `schema.properties.a.items`",
+            ),
             (r#"{"type":"object","properties":{"a":false}}"#, "`schema.properties.a` is `false`"),
             (
                 r#"{"type":"object","properties":{"a":{"anyOf":[{"type":"object"},{"type":"object"}]}}}"#,
@@ -1529,6 +1939,10 @@ mod tests {
             STRINGS,
             NUMBERS,
             UNION,
+            // A recursive list whose items may hold one more.
+            r##"{"$defs": {"Item": {"type": "object", "properties": {"v": {"type": "integer", "maximum": 9}, "rest": {"anyOf": [{"$ref": "#/$defs/Item"}, {"type": "null"}]},
+                "kids": {"type": "array", "items": {"$ref": "#/$defs/Item"}, "maxItems": 1}}, "required": ["v"]}},
+                "type": "object", "properties": {"list": {"$ref": "#/$defs/Item"}}, "required": ["list"]}"##,
         ] {
             let root: Value = serde_json::from_str(source).unwrap();
             let schema = JsonSchema::from_value(&root).unwrap();
@@ -1571,7 +1985,16 @@ mod tests {
         assert_mask_is_every_tokens_bytes_tried(&mode, schema.start(), &texts);
         let strings = Arc::new(JsonSchema::parse(STRINGS).unwrap());
         let mode = mode.with_schema(Some(strings.clone()));
-        let texts = [r#"{"code":"AB-12"#, r#"{"at":"2024-02-2"#, r#"{"mail":"a.b@x"#, r#"{"short":"é"#, r#"{"short":"abc"#, r#"{"word":"a\"#];
+        let texts = [
+            r#"{"code":"AB-12"#,
+            r#"{"at":"2024-02-2"#,
+            r#"{"mail":"a.b@x"#,
+            r#"{"short":"é"#,
+            r#"{"short":"abc"#,
+            r#"{"word":"a\"#,
+            r#"{"pin":"ab"#,
+            r#"{"slug":"ab-c"#,
+        ];
         assert_mask_is_every_tokens_bytes_tried(&mode, strings.start(), &texts);
         let numbers = Arc::new(JsonSchema::parse(NUMBERS).unwrap());
         let mode = mode.with_schema(Some(numbers.clone()));

@@ -30,7 +30,7 @@ pub use draft::{
 };
 pub use error::{ModelError, Result};
 pub use json_mode::JsonObjectMode;
-pub use json_schema::{JsonSchema, MAX_SCHEMA_DEPTH};
+pub use json_schema::{JsonSchema, OutputRegex, MAX_SCHEMA_DEPTH};
 pub use kv_cache::KvCache;
 pub use llama::{LayerWeights, Llama, LlamaConfig, Logits, LogitsFor, QkNorm, SeqPass};
 pub use pool::build_compute_pool;

@@ -48,6 +48,8 @@ pub mod limits {
     pub const MAX_STOP_TOKEN_IDS: usize = 64;
     /// Largest `json_schema`, in bytes of JSON text.
     pub const MAX_JSON_SCHEMA_BYTES: usize = 64 << 10;
+    /// Largest `regex`, in bytes.
+    pub const MAX_REGEX_BYTES: usize = 16 << 10;
     /// Tolerance on the total mass of a sparse distribution (f32 rounding).
     pub const MASS_TOLERANCE: f32 = 1e-3;
 }

@@ -393,9 +393,13 @@ impl Engine {
             generated: open.resumed,
             max_new: open.max_new_tokens,
             sampling: SamplingParams {
-                json_object: open
-                    .json_object
-                    .then(|| self.json_mode.get_or_insert_with(|| JsonObjectMode::new(self.model.tokenizer.clone())).with_schema(open.json_schema.clone())),
+                json_object: (open.json_object || open.regex.is_some()).then(|| {
+                    let tables = self.json_mode.get_or_insert_with(|| JsonObjectMode::new(self.model.tokenizer.clone()));
+                    match &open.regex {
+                        Some(regex) => tables.with_regex(regex.clone()),
+                        None => tables.with_schema(open.json_schema.clone()),
+                    }
+                }),
                 ..open.sampling
             },
             server_only: open.server_only,

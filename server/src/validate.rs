@@ -3,7 +3,7 @@
 
 use crate::ServeError;
 use std::sync::Arc;
-use tandem_model::{JsonSchema, Penalties, SamplingParams, SparseDist, StopTokens};
+use tandem_model::{JsonSchema, OutputRegex, Penalties, SamplingParams, SparseDist, StopTokens};
 use tandem_protocol::wire::{DraftMode, Open, Verify};
 use tandem_protocol::{validate_open, validate_verify};
 
@@ -21,6 +21,8 @@ pub struct ValidOpen {
     pub json_object: bool,
     /// The schema the object must satisfy (structured outputs).
     pub json_schema: Option<Arc<JsonSchema>>,
+    /// The regex the whole output matches (vLLM's `guided_regex`).
+    pub regex: Option<Arc<OutputRegex>>,
     pub server_only: bool,
     /// Report the target's hidden states (EAGLE-style edge drafts).
     pub want_features: bool,
@@ -50,6 +52,10 @@ impl ValidOpen {
             "" => None,
             text => Some(Arc::new(JsonSchema::parse(text).map_err(|e| ServeError::InvalidArgument(format!("`open.sampling.json_schema`: {e}")))?)),
         };
+        let regex = match sampling.regex.as_str() {
+            "" => None,
+            text => Some(Arc::new(OutputRegex::new(text).map_err(|e| ServeError::InvalidArgument(format!("`open.sampling.regex`: {e}")))?)),
+        };
         let slo = open.slo.unwrap_or_default();
         Ok(ValidOpen {
             resumed: open.resumed as usize,
@@ -75,6 +81,7 @@ impl ValidOpen {
             },
             json_object: sampling.json_object || json_schema.is_some(),
             json_schema,
+            regex,
             server_only: open.draft_mode == DraftMode::ServerOnly as i32,
             want_features: open.want_features,
             logprobs: open.want_logprobs.then_some(open.top_logprobs as usize),

@@ -9,7 +9,9 @@ use std::time::Duration;
 use tandem_edge::client::RemoteTarget;
 use tandem_edge::controller::{SpeculationController, StopRule};
 use tandem_edge::{Decoded, EdgeError, Emitted, GenerateRequest, Generation, LogprobInbox, LogprobsWanted, RoundOutcome, Speculator, Target, TargetFeatures};
-use tandem_model::{DraftSpec, JsonObjectMode, JsonSchema, LogitsFor, Penalties, SamplingParams, SeqPass, StopTokens, SyntheticDraft, TokenLogprob};
+use tandem_model::{
+    DraftSpec, JsonObjectMode, JsonSchema, LogitsFor, OutputRegex, Penalties, SamplingParams, SeqPass, StopTokens, SyntheticDraft, TokenLogprob,
+};
 use tandem_protocol::wire::{EdgeMessage, Open, Sampling, ServerKind, ServerMessage, SparseDist, Tokens, VerifierClient};
 use tandem_tests::*;
 use tokio_stream::wrappers::ReceiverStream;
@@ -250,6 +252,37 @@ fn json_schema_answers_satisfy_the_schema_as_plain_decoding_gives_them() {
     }
 }
 
+/// vLLM's `guided_regex`: the whole answer matches the regex. It travels
+/// as text and the server compiles it again; drafting over gRPC and
+/// server-only decoding give plain decoding's answer, and sampled
+/// answers match too.
+#[test]
+fn regex_answers_match_as_plain_decoding_gives_them() {
+    let server = ServerProcess::start(&[]);
+    let m = model();
+    let mode = JsonObjectMode::new(m.tokenizer.clone()).with_regex(Arc::new(OutputRegex::new(r"(Yes|No), because [a-z ,]{10,60}\.").unwrap()));
+    let req = GenerateRequest {
+        sampling: SamplingParams { json_object: Some(mode.clone()), ..SamplingParams::default() },
+        ..request("Is the sky blue? Answer yes or no, and say why.", 48)
+    };
+    let matches = |g: &Generation| {
+        assert!(g.stopped_on_eos, "no end in {} tokens: {:?}", g.tokens.len(), g.text);
+        assert_eq!(mode.check(&g.tokens[..g.tokens.len() - 1]), Some(true), "{:?}", g.text);
+        assert!((g.text.starts_with("Yes, because ") || g.text.starts_with("No, because ")) && g.text.ends_with('.'), "{:?}", g.text);
+    };
+    let plain = local_with(&DraftSpec::None, &req);
+    matches(&plain);
+    for draft in [DraftSpec::Layers(25), DraftSpec::Ngram] {
+        let g = remote(&server.url(), None, &draft, &req).unwrap();
+        assert_eq!((&g.tokens, &g.text), (&plain.tokens, &plain.text), "drafting with {draft}");
+    }
+    assert_eq!(remote_server_only(&server.url(), &req), plain.tokens, "server-only");
+    for seed in 1..=3 {
+        let sampled = GenerateRequest { sampling: SamplingParams { temperature: 0.8, seed, ..req.sampling.clone() }, ..req.clone() };
+        matches(&remote(&server.url(), None, &DraftSpec::Layers(25), &sampled).unwrap());
+    }
+}
+
 /// The trained (EAGLE-style) draft reads the target's hidden states: over
 /// gRPC they come with every verdict, as half floats, and the draft makes
 /// the same proposals as beside a local target (whose states it also sees
@@ -374,6 +407,14 @@ fn bad_inputs_get_statuses_naming_the_field_and_the_server_keeps_serving() {
             "open.sampling.json_schema",
         ),
         (with_schema(open_msg(prompt.clone(), 4, 0.0), "{"), Code::InvalidArgument, "open.sampling.json_schema"),
+        (
+            {
+                let open = open_msg(prompt.clone(), 4, 0.0);
+                Open { sampling: open.sampling.clone().map(|s| Sampling { regex: "(".into(), ..s }), ..open }
+            },
+            Code::InvalidArgument,
+            "open.sampling.regex",
+        ),
     ];
     for (open, code, field) in open_cases {
         let (_, status) = raw(&url, None, open, nothing);

@@ -89,7 +89,8 @@ Word = typing.Annotated[str, pydantic.StringConstraints(max_length=24)]
 
 
 class Cat(pydantic.BaseModel):
-    name: Word
+    # A pattern and a length together.
+    name: str = pydantic.Field(pattern=r"^[A-Z][a-z]+$", max_length=12)
     age: int = pydantic.Field(ge=0, le=30)
     colour: typing.Literal["black", "white", "ginger"]
     nickname: typing.Optional[Word]
@@ -139,7 +140,7 @@ picked_chunks = list(
 )
 # Parallel calls (the default): one or more in an answer, each streamed
 # whole as it closes; without them, one.
-two_cities = [{"role": "user", "content": "What is the weather like in Paris and in London today?"}]
+two_cities = [{"role": "user", "content": "Weather in Paris and London?"}]
 parallel = client.chat.completions.create(model="tandem", messages=two_cities, max_tokens=192, temperature=0, tools=[weather_tool], tool_choice="required")
 parallel_chunks = list(
     client.chat.completions.create(model="tandem", messages=two_cities, max_tokens=192, temperature=0, tools=[weather_tool], tool_choice="required", stream=True)
@@ -154,6 +155,14 @@ auto_chunks = list(
 )
 picked_deltas = [call for c in picked_chunks if c.choices for call in (c.choices[0].delta.tool_calls or [])]
 called_deltas = [call for c in called_chunks if c.choices for call in (c.choices[0].delta.tool_calls or [])]
+
+# vLLM's guided_choice and guided_regex, through extra_body as with vLLM.
+chosen_word = client.chat.completions.create(
+    model="tandem", messages=[{"role": "user", "content": "Is the sky blue? Answer yes or no."}], max_tokens=8, temperature=0, extra_body={"guided_choice": ["yes", "no"]}
+)
+phone = client.chat.completions.create(
+    model="tandem", messages=[{"role": "user", "content": "Give a phone number."}], max_tokens=24, temperature=0, extra_body={"guided_regex": r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}"}
+)
 
 # n choices: sampled ones draw with seed + i; greedy ones are alike.
 poem = [{"role": "user", "content": "Write a line about the sea."}]
@@ -231,6 +240,7 @@ print(
                 "".join(c.choices[0].delta.content or "" for c in auto_chunks if c.choices),
                 [[d.function.name, d.function.arguments] for c in auto_chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])],
             ],
+            "guided": [[chosen_word.choices[0].message.content, chosen_word.choices[0].finish_reason], [phone.choices[0].message.content, phone.choices[0].finish_reason]],
             "at_comma_streamed": "".join(c.choices[0].delta.content or "" for c in at_comma_chunks if c.choices),
             "several": [[c.index, c.message.content, c.finish_reason] for c in several.choices],
             "several_tokens": several.usage.completion_tokens,

@@ -258,6 +258,8 @@ fn serve_answers_the_official_openai_client() {
     let chip = cat["chip"].as_str().unwrap().as_bytes();
     assert!(chip.len() == 6 && chip[..2].iter().all(u8::is_ascii_uppercase) && chip[2..].iter().all(u8::is_ascii_digit), "{v}");
     assert!(cat["motto"].as_str().unwrap().chars().count() <= 20 && cat["born"].as_str().unwrap().len() == 10, "{v}");
+    let name = cat["name"].as_str().unwrap().as_bytes();
+    assert!(name.len() <= 12 && name[0].is_ascii_uppercase() && name[1..].iter().all(u8::is_ascii_lowercase) && name.len() > 1, "{v}");
     assert!(cat["age"].as_u64().is_some_and(|a| a <= 30) && cat["weight_kg"].as_f64().is_some_and(|w| w > 0.0 && w <= 20.0), "{v}");
     // A forced call: no content, one call of the named function whose
     // arguments the helper parsed into the model; the same streamed, its
@@ -292,8 +294,9 @@ fn serve_answers_the_official_openai_client() {
     let calls = picked[1].as_array().unwrap();
     assert!((1..=16).contains(&calls.len()) && calls.iter().all(is_call), "{v}");
     assert_eq!(picked[2], picked[1], "{v}");
-    // Parallel calls: up to 16 of the weather, streamed one by one with
-    // their indices and ids, the same as whole; one without them.
+    // Parallel calls: up to 16 of the weather (the default model calls it
+    // for Paris, then London), streamed one by one with their indices and
+    // ids, the same as whole; one without them.
     let parallel = &v["parallel"];
     assert_eq!(parallel[0], "stop", "{v}");
     let (calls, deltas) = (parallel[1].as_array().unwrap(), parallel[2].as_array().unwrap());
@@ -306,6 +309,22 @@ fn serve_answers_the_official_openai_client() {
     let ids: std::collections::HashSet<&str> = deltas.iter().map(|d| d[1].as_str().unwrap()).collect();
     assert!(deltas.iter().enumerate().all(|(i, d)| d[0] == i) && ids.len() == deltas.len(), "{v}");
     assert!(parallel[3].as_array().is_some_and(|calls| calls.len() == 1 && is_call(&calls[0])), "{v}");
+    // vLLM's `guided_choice` and `guided_regex`: one of the strings, a match.
+    let guided = &v["guided"];
+    assert!(["yes", "no"].iter().any(|c| guided[0][0] == *c) && guided[0][1] == "stop", "{v}");
+    let phone = guided[1][0].as_str().unwrap().as_bytes();
+    let digits = |b: &[u8]| b.iter().all(u8::is_ascii_digit);
+    assert!(
+        phone.len() == 14
+            && phone[0] == b'('
+            && digits(&phone[1..4])
+            && &phone[4..6] == b") "
+            && digits(&phone[6..9])
+            && phone[9] == b'-'
+            && digits(&phone[10..]),
+        "{v}"
+    );
+    assert_eq!(guided[1][1], "stop", "{v}");
     // `auto`: a reply (its text out of the JSON around it) or a call
     // (`tool_calls`), the same whole and streamed.
     let auto = &v["auto"];
