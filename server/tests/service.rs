@@ -184,23 +184,38 @@ fn json_mode_answers_are_json_objects_as_plain_decoding_gives_them() {
     let m = model();
     let json = SamplingParams { json_object: Some(JsonObjectMode::new(m.tokenizer.clone())), ..SamplingParams::default() };
     let req = GenerateRequest { sampling: json, ..request("Describe a cat as JSON with the keys name, age and colour.", 96) };
-    let plain = local_with(&DraftSpec::None, &req);
     let object = |g: &Generation| {
         assert!(g.stopped_on_eos, "the object was not closed in {} tokens: {:?}", g.tokens.len(), g.text);
-        serde_json::from_str::<serde_json::Value>(&g.text).unwrap_or_else(|e| panic!("{e}: {:?}", g.text)).is_object()
+        let v = serde_json::from_str::<serde_json::Value>(&g.text).unwrap_or_else(|e| panic!("{e}: {:?}", g.text));
+        assert!(v.is_object(), "{:?}", g.text);
     };
-    assert!(object(&plain), "{:?}", plain.text);
+    let plain = as_plain_decoding_gives_it(&server, &req, &[DraftSpec::Layers(25), DraftSpec::Ngram], 0.7, object);
     assert_ne!(plain.tokens, local(&request("Describe a cat as JSON with the keys name, age and colour.", 96)), "the mask changed the answer");
-    for draft in [DraftSpec::Layers(25), DraftSpec::Ngram] {
-        let g = remote(&server.url(), None, &draft, &req).unwrap();
+}
+
+/// A constrained request's answer, plain decoding's, which `check`
+/// passes: drafting over gRPC with each of `drafts` and server-only
+/// decoding give the same, and sampled answers (seeds 1 to 3 at
+/// `temperature`, drafting with the first) pass `check` too.
+fn as_plain_decoding_gives_it(
+    server: &ServerProcess,
+    req: &GenerateRequest,
+    drafts: &[DraftSpec],
+    temperature: f32,
+    check: impl Fn(&Generation),
+) -> Generation {
+    let plain = local_with(&DraftSpec::None, req);
+    check(&plain);
+    for draft in drafts {
+        let g = remote(&server.url(), None, draft, req).unwrap();
         assert_eq!((&g.tokens, &g.text), (&plain.tokens, &plain.text), "drafting with {draft}");
     }
-    assert_eq!(remote_server_only(&server.url(), &req), plain.tokens, "server-only");
+    assert_eq!(remote_server_only(&server.url(), req), plain.tokens, "server-only");
     for seed in 1..=3 {
-        let sampled = GenerateRequest { sampling: SamplingParams { temperature: 0.7, seed, ..req.sampling.clone() }, ..req.clone() };
-        let g = remote(&server.url(), None, &DraftSpec::Layers(25), &sampled).unwrap();
-        assert!(object(&g), "seed {seed}: {:?}", g.text);
+        let sampled = GenerateRequest { sampling: SamplingParams { temperature, seed, ..req.sampling.clone() }, ..req.clone() };
+        check(&remote(&server.url(), None, &drafts[0], &sampled).unwrap());
     }
+    plain
 }
 
 fn with_schema(open: Open, schema: &str) -> Open {
@@ -239,17 +254,7 @@ fn json_schema_answers_satisfy_the_schema_as_plain_decoding_gives_them() {
         assert!(chip.len() == 6 && chip[..2].iter().all(u8::is_ascii_uppercase) && digits(&chip[2..]), "{:?}", g.text);
         assert!(o.get("motto").is_none_or(|m| m.as_str().is_some_and(|m| m.chars().count() <= 20)), "{:?}", g.text);
     };
-    let plain = local_with(&DraftSpec::None, &req);
-    satisfies(&plain);
-    for draft in [DraftSpec::Layers(25), DraftSpec::Trained(None)] {
-        let g = remote(&server.url(), None, &draft, &req).unwrap();
-        assert_eq!((&g.tokens, &g.text), (&plain.tokens, &plain.text), "drafting with {draft}");
-    }
-    assert_eq!(remote_server_only(&server.url(), &req), plain.tokens, "server-only");
-    for seed in 1..=3 {
-        let sampled = GenerateRequest { sampling: SamplingParams { temperature: 0.8, seed, ..req.sampling.clone() }, ..req.clone() };
-        satisfies(&remote(&server.url(), None, &DraftSpec::Layers(25), &sampled).unwrap());
-    }
+    as_plain_decoding_gives_it(&server, &req, &[DraftSpec::Layers(25), DraftSpec::Trained(None)], 0.8, satisfies);
 }
 
 /// vLLM's `guided_regex`: the whole answer matches the regex. It travels
@@ -270,17 +275,7 @@ fn regex_answers_match_as_plain_decoding_gives_them() {
         assert_eq!(mode.check(&g.tokens[..g.tokens.len() - 1]), Some(true), "{:?}", g.text);
         assert!((g.text.starts_with("Yes, because ") || g.text.starts_with("No, because ")) && g.text.ends_with('.'), "{:?}", g.text);
     };
-    let plain = local_with(&DraftSpec::None, &req);
-    matches(&plain);
-    for draft in [DraftSpec::Layers(25), DraftSpec::Ngram] {
-        let g = remote(&server.url(), None, &draft, &req).unwrap();
-        assert_eq!((&g.tokens, &g.text), (&plain.tokens, &plain.text), "drafting with {draft}");
-    }
-    assert_eq!(remote_server_only(&server.url(), &req), plain.tokens, "server-only");
-    for seed in 1..=3 {
-        let sampled = GenerateRequest { sampling: SamplingParams { temperature: 0.8, seed, ..req.sampling.clone() }, ..req.clone() };
-        matches(&remote(&server.url(), None, &DraftSpec::Layers(25), &sampled).unwrap());
-    }
+    as_plain_decoding_gives_it(&server, &req, &[DraftSpec::Layers(25), DraftSpec::Ngram], 0.8, matches);
 }
 
 /// The trained (EAGLE-style) draft reads the target's hidden states: over
