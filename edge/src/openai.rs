@@ -30,7 +30,9 @@
 //!   vLLM's `guided_json` (a schema, or its JSON text) is the same.
 //! * vLLM's `guided_regex` (Rust's regex syntax) and `guided_choice` (a
 //!   list of strings): the whole answer matches the regex, or is one of
-//!   the strings (see `OutputRegex`); `guided_grammar` is refused.
+//!   the strings (see `OutputRegex`); `guided_grammar` is refused. vLLM's
+//!   newer `structured_outputs: {"json" | "regex" | "choice" |
+//!   "json_object"}` is the same as those fields.
 //! * Function calling over structured outputs. The chat templates Tandem
 //!   renders have no tool format, so the functions' names, descriptions
 //!   and schemas go into the system turn (llama.cpp's generic tool format
@@ -602,35 +604,34 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, json_tables: &J
             _ => return Err(ApiError::invalid("response_format", "`response_format` must be of type `text`, `json_object` or `json_schema`")),
         },
     };
+    let guided = guided(obj)?;
+    let json_mode = if guided.json_object && json_mode.is_none() { Some(None) } else { json_mode };
     // vLLM's `guided_json`: a schema, as an object or as JSON text.
-    let json_mode = match obj.get("guided_json") {
-        None | Some(Value::Null) => json_mode,
-        Some(_) if matches!(json_mode, Some(Some(_))) => {
-            return Err(ApiError::invalid("guided_json", "`guided_json` and `response_format` both give a schema"))
+    let json_mode = match guided.json {
+        None => json_mode,
+        Some((param, _)) if matches!(json_mode, Some(Some(_))) => {
+            return Err(ApiError::invalid(param, format!("`{param}` and `response_format` both give a schema")))
         }
-        Some(schema) => {
+        Some((param, schema)) => {
             let schema = match schema {
                 Value::String(text) => JsonSchema::parse(text),
                 _ => JsonSchema::from_value(schema),
             };
-            Some(Some(Arc::new(schema.map_err(|e| ApiError::invalid("guided_json", format!("`guided_json`: {e}")))?)))
+            Some(Some(Arc::new(schema.map_err(|e| ApiError::invalid(param, format!("`{param}`: {e}")))?)))
         }
     };
     let forced = tool_use(kind, obj)?;
     let json_mode = match (json_mode, &forced) {
         (Some(_), Some(_)) => {
-            let param = if obj.get("guided_json").is_some_and(|g| !g.is_null()) { "guided_json" } else { "response_format" };
+            let param = guided.json.map_or("response_format", |j| j.0);
             return Err(ApiError::invalid(param, format!("`{param}` and a forced `tool_choice` both constrain the answer")));
         }
         (json_mode, None) => json_mode,
         (None, Some(call)) => Some(Some(call.schema.clone())),
     };
-    let regex = output_regex(obj)?;
+    let regex = output_regex(&guided)?;
     if let Some((param, _)) = regex.as_ref().filter(|_| json_mode.is_some()) {
-        return Err(ApiError::invalid(
-            param,
-            format!("`{param}` and a JSON answer (`response_format`, `guided_json` or a forced `tool_choice`) both constrain the answer"),
-        ));
+        return Err(ApiError::invalid(param, format!("`{param}` and a JSON answer (`response_format`, a schema or `tools`) both constrain the answer")));
     }
     let n = number(obj, "n")?.unwrap_or(1.0);
     if !(1.0..=MAX_CHOICES as f64).contains(&n) || n.fract() != 0.0 {
@@ -742,21 +743,65 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, json_tables: &J
     })
 }
 
+/// vLLM's constraints beside OpenAI's `response_format`: the
+/// `guided_json`, `guided_regex` and `guided_choice` fields or, as vLLM
+/// names them since 0.10, `structured_outputs: {"json", "regex",
+/// "choice", "json_object"}`. Each one given, with the name errors use.
+struct Guided<'a> {
+    json: Option<(&'static str, &'a Value)>,
+    regex: Option<(&'static str, &'a Value)>,
+    choice: Option<(&'static str, &'a Value)>,
+    /// `structured_outputs.json_object: true`: JSON mode.
+    json_object: bool,
+}
+
+fn guided(obj: &Map<String, Value>) -> Result<Guided<'_>, ApiError> {
+    fn given(v: Option<&Value>) -> Option<&Value> {
+        v.filter(|v| !v.is_null())
+    }
+    let old = |name: &'static str| given(obj.get(name)).map(|v| (name, v));
+    let Some(outputs) = given(obj.get("structured_outputs")) else {
+        return Ok(Guided { json: old("guided_json"), regex: old("guided_regex"), choice: old("guided_choice"), json_object: false });
+    };
+    let bad = |message: String| ApiError::invalid("structured_outputs", message);
+    let outputs = outputs.as_object().ok_or_else(|| bad("`structured_outputs` must be an object".into()))?;
+    if let Some((name, _)) = old("guided_json").or(old("guided_regex")).or(old("guided_choice")) {
+        return Err(bad(format!("`structured_outputs` and `{name}` both constrain the answer")));
+    }
+    // Options set to false change nothing (`disable_fallback`, …).
+    if let Some(key) =
+        outputs.iter().find(|(k, v)| !matches!(v, Value::Null | Value::Bool(false)) && !["json", "regex", "choice", "json_object"].contains(&k.as_str()))
+    {
+        return Err(bad(format!("`structured_outputs.{}` is not supported (json, regex, choice, json_object)", key.0)));
+    }
+    let json_object = match given(outputs.get("json_object")) {
+        None => false,
+        Some(Value::Bool(on)) => *on,
+        Some(_) => return Err(bad("`structured_outputs.json_object` must be true or false".into())),
+    };
+    let new = |key: &str, name: &'static str| given(outputs.get(key)).map(|v| (name, v));
+    Ok(Guided {
+        json: new("json", "structured_outputs.json"),
+        regex: new("regex", "structured_outputs.regex"),
+        choice: new("choice", "structured_outputs.choice"),
+        json_object,
+    })
+}
+
 /// vLLM's `guided_regex` (a regex the whole answer matches) or
 /// `guided_choice` (strings, one of which is the answer), and which.
-fn output_regex(obj: &Map<String, Value>) -> Result<Option<(&'static str, Arc<OutputRegex>)>, ApiError> {
-    let given = |name: &str| obj.get(name).filter(|v| !v.is_null());
-    let (param, regex) = match (given("guided_regex"), given("guided_choice")) {
+fn output_regex(guided: &Guided) -> Result<Option<(&'static str, Arc<OutputRegex>)>, ApiError> {
+    let (param, regex) = match (guided.regex, guided.choice) {
         (None, None) => return Ok(None),
-        (Some(_), Some(_)) => return Err(ApiError::invalid("guided_choice", "`guided_regex` and `guided_choice` both constrain the answer")),
-        (Some(regex), None) => {
-            let regex = regex.as_str().ok_or_else(|| ApiError::invalid("guided_regex", "`guided_regex` must be a string"))?;
-            ("guided_regex", OutputRegex::new(regex))
+        (Some((regex, _)), Some((choice, _))) => return Err(ApiError::invalid(choice, format!("`{regex}` and `{choice}` both constrain the answer"))),
+        (Some((param, regex)), None) => {
+            let regex = regex.as_str().ok_or_else(|| ApiError::invalid(param, format!("`{param}` must be a string")))?;
+            (param, OutputRegex::new(regex))
         }
-        (None, Some(choice)) => {
+        (None, Some((param, choice))) => {
             let options = choice.as_array().filter(|c| !c.is_empty()).and_then(|c| c.iter().map(Value::as_str).collect::<Option<Vec<_>>>());
-            let options = options.ok_or_else(|| ApiError::invalid("guided_choice", "`guided_choice` must be a non-empty array of strings"))?;
-            ("guided_choice", OutputRegex::choice(&options))
+            let options = options.ok_or_else(|| ApiError::invalid(param, format!("`{param}` must be a non-empty array of strings")))?;
+            (param, OutputRegex::choice(&options))
         }
     };
     let regex = regex.map_err(|e| ApiError::invalid(param, format!("`{param}`: {e}")))?;
@@ -1545,6 +1590,15 @@ mod tests {
         let regex = |body: &str| chat(body).unwrap().sampling.json_object.and_then(|j| j.regex().map(|r| r.source().to_string()));
         assert_eq!(regex(r#"{"messages":[{"role":"user","content":"x"}],"guided_regex":"[0-9]{3}"}"#).as_deref(), Some("[0-9]{3}"));
         assert_eq!(regex(r#"{"messages":[{"role":"user","content":"x"}],"guided_choice":["yes","no (why?)"]}"#).as_deref(), Some(r"yes|no \(why\?\)"));
+        // The same under vLLM's newer `structured_outputs`.
+        assert_eq!(
+            regex(r#"{"messages":[{"role":"user","content":"x"}],"structured_outputs":{"regex":"[0-9]{3}","disable_fallback":false}}"#).as_deref(),
+            Some("[0-9]{3}")
+        );
+        assert_eq!(regex(r#"{"messages":[{"role":"user","content":"x"}],"structured_outputs":{"choice":["yes","no"]}}"#).as_deref(), Some("yes|no"));
+        let outputs = |so: &str| chat(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"structured_outputs":{so}}}"#)).unwrap().sampling.json_object;
+        assert_eq!(outputs(&format!(r#"{{"json":{schema}}}"#)), structured.sampling.json_object);
+        assert_eq!(outputs(r#"{"json_object":true}"#), Some(tables.clone()));
         let choice = chat(
             r#"{"messages":[{"role":"user","content":"x"}],"guided_choice":["yes","no"],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"none"}"#,
         );
@@ -1794,6 +1848,12 @@ mod tests {
             (r#"{"messages":[{"role":"user","content":"x"}],"guided_choice":["a"],"guided_regex":"a"}"#, "guided_choice"),
             (r#"{"messages":[{"role":"user","content":"x"}],"guided_regex":"("}"#, "guided_regex"),
             (r#"{"messages":[{"role":"user","content":"x"}],"guided_regex":7}"#, "guided_regex"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"structured_outputs":{"regex":"("}}"#, "structured_outputs.regex"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"structured_outputs":{"choice":"yes"}}"#, "structured_outputs.choice"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"structured_outputs":{"json":{"type":"string"}}}"#, "structured_outputs.json"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"structured_outputs":{"grammar":"root ::= x"}}"#, "structured_outputs"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"structured_outputs":{"regex":"a"},"guided_regex":"a"}"#, "structured_outputs"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"structured_outputs":[]}"#, "structured_outputs"),
             (r#"{"messages":[{"role":"user","content":"x"}],"guided_regex":"a","response_format":{"type":"json_object"}}"#, "guided_regex"),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"guided_choice":["a"],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"required"}"#,

@@ -156,12 +156,13 @@ auto_chunks = list(
 picked_deltas = [call for c in picked_chunks if c.choices for call in (c.choices[0].delta.tool_calls or [])]
 called_deltas = [call for c in called_chunks if c.choices for call in (c.choices[0].delta.tool_calls or [])]
 
-# vLLM's guided_choice and guided_regex, through extra_body as with vLLM.
+# vLLM's guided_choice, and a regex under structured_outputs (vLLM 0.10's
+# name for the guided_* fields), through extra_body as with vLLM.
 chosen_word = client.chat.completions.create(
     model="tandem", messages=[{"role": "user", "content": "Is the sky blue? Answer yes or no."}], max_tokens=8, temperature=0, extra_body={"guided_choice": ["yes", "no"]}
 )
 phone = client.chat.completions.create(
-    model="tandem", messages=[{"role": "user", "content": "Give a phone number."}], max_tokens=24, temperature=0, extra_body={"guided_regex": r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}"}
+    model="tandem", messages=[{"role": "user", "content": "Give a phone number."}], max_tokens=24, temperature=0, extra_body={"structured_outputs": {"regex": r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}"}}
 )
 
 # n choices: sampled ones draw with seed + i; greedy ones are alike.
