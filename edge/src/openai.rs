@@ -41,8 +41,8 @@
 //!     satisfying its `parameters` (none: `{}`); in a stream the call's
 //!     id and name come first, then the arguments;
 //!   - `required`: `{"calls": [{"name": …, "arguments": …}, …]}`, each
-//!     call a union its name tags; in a stream each call comes whole as
-//!     soon as its object closes;
+//!     call a union its name tags; in a stream each call opens once its
+//!     name is written, and its arguments follow as they are written;
 //!   - `auto` (the default with tools): `{"kind": "reply", "content": …}`
 //!     or `{"kind": "call", "calls": […]}`; a reply's text streams out of
 //!     its JSON string, calls as with `required`, with `finish_reason`
@@ -270,10 +270,24 @@ fn auto_reply(text: &str) -> Option<String> {
     (v.get("kind")? == "reply").then(|| v.get("content")?.as_str().map(str::to_string)).flatten()
 }
 
-/// The calls of a `Chosen` or `Auto` answer, read as it comes: each
-/// element of `calls` (an object at depth 2: the schema puts no other
-/// array in the answer's root) once it closes. An answer cut short
-/// keeps the calls it completed.
+/// What a stream sends of a `Chosen` or `Auto` answer's calls.
+#[derive(Debug, PartialEq)]
+enum CallDelta {
+    /// A call begins: its index and name; its arguments follow.
+    Opened { index: usize, name: String },
+    /// More of the open call's arguments' text.
+    Arguments { index: usize, text: String },
+    /// A call whose name came after its arguments, once it closes.
+    Whole { index: usize, name: String, arguments: String },
+}
+
+/// The calls of a `Chosen` or `Auto` answer, read as it comes. Each
+/// element of `calls` is an object at depth 2 (the schema puts no other
+/// array in the answer's root) holding a name and its arguments, the only
+/// object at depth 3. A call whose name comes first (as the tag of a
+/// union of functions does) opens as its arguments begin, and their text
+/// follows as it is written; the arguments are the model's text, as
+/// OpenAI's are.
 #[derive(Debug, Default)]
 struct CallScanner {
     raw: String,
@@ -282,19 +296,24 @@ struct CallScanner {
     depth: usize,
     in_string: bool,
     escaped: bool,
-    /// Where the element being read began.
+    /// Where the element being read began, and its arguments.
     start: usize,
-    /// Calls found so far.
-    found: usize,
+    arguments: Option<usize>,
+    /// Where its arguments ended (the closing brace).
+    arguments_end: Option<usize>,
+    /// The open call's name, and the bytes of `raw` its deltas hold.
+    open: Option<(String, usize)>,
+    /// Calls closed: name and arguments' text.
+    calls: Vec<(String, String)>,
 }
 
 impl CallScanner {
-    /// Takes the answer's next text; returns the calls (function name,
-    /// arguments' JSON) it completes.
-    fn push(&mut self, text: &str) -> Vec<(String, String)> {
+    /// Takes the answer's next text; returns what it adds to the calls.
+    fn push(&mut self, text: &str) -> Vec<CallDelta> {
         self.raw.push_str(text);
-        let mut calls = vec![];
-        for (i, &b) in self.raw.as_bytes().iter().enumerate().skip(self.at) {
+        let mut deltas = vec![];
+        for i in self.at..self.raw.len() {
+            let b = self.raw.as_bytes()[i];
             if self.in_string {
                 match b {
                     _ if self.escaped => self.escaped = false,
@@ -307,23 +326,70 @@ impl CallScanner {
             match b {
                 b'"' => self.in_string = true,
                 b'{' | b'[' => {
-                    if self.depth == 2 {
-                        self.start = i;
+                    match self.depth {
+                        2 => (self.start, self.arguments, self.arguments_end) = (i, None, None),
+                        3 => {
+                            self.arguments = Some(i);
+                            // The name so far, if the members before the arguments hold it.
+                            let head: Option<Value> = serde_json::from_str(&format!("{}null}}", &self.raw[self.start..i])).ok();
+                            if let Some(name) = head.as_ref().and_then(|h| h.get("name")?.as_str()) {
+                                deltas.push(CallDelta::Opened { index: self.calls.len(), name: name.to_string() });
+                                self.open = Some((name.to_string(), i));
+                            }
+                        }
+                        _ => {}
                     }
                     self.depth += 1;
                 }
                 b'}' | b']' => {
                     self.depth = self.depth.saturating_sub(1);
-                    if self.depth == 2 {
-                        let element: Option<Value> = serde_json::from_str(&self.raw[self.start..=i]).ok();
-                        calls.extend(element.and_then(|v| Some((v.get("name")?.as_str()?.to_string(), v.get("arguments")?.to_string()))));
+                    match self.depth {
+                        3 => {
+                            self.arguments_end = Some(i);
+                            deltas.extend(self.more_arguments(i + 1));
+                        }
+                        2 => {
+                            let (Some(from), Some(to)) = (self.arguments, self.arguments_end) else { continue };
+                            let arguments = self.raw[from..=to].to_string();
+                            match self.open.take() {
+                                Some((name, _)) => self.calls.push((name, arguments)),
+                                None => {
+                                    let element: Option<Value> = serde_json::from_str(&self.raw[self.start..=i]).ok();
+                                    if let Some(name) = element.as_ref().and_then(|e| e.get("name")?.as_str()) {
+                                        deltas.push(CallDelta::Whole { index: self.calls.len(), name: name.to_string(), arguments: arguments.clone() });
+                                        self.calls.push((name.to_string(), arguments));
+                                    }
+                                }
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 _ => {}
             }
         }
         self.at = self.raw.len();
-        self.found += calls.len();
+        if self.arguments_end.is_none() {
+            deltas.extend(self.more_arguments(self.raw.len()));
+        }
+        deltas
+    }
+
+    /// The open call's arguments up to `to`, if it adds to them.
+    fn more_arguments(&mut self, to: usize) -> Option<CallDelta> {
+        let (_, sent) = self.open.as_mut()?;
+        let text = self.raw[*sent..to].to_string();
+        *sent = to;
+        (!text.is_empty()).then_some(CallDelta::Arguments { index: self.calls.len(), text })
+    }
+
+    /// The calls so far: those closed, and one still open with the
+    /// arguments written so far (an answer cut short).
+    fn calls(&self) -> Vec<(String, String)> {
+        let mut calls = self.calls.clone();
+        if let (Some((name, _)), Some(from)) = (&self.open, self.arguments) {
+            calls.push((name.clone(), self.raw[from..self.arguments_end.map_or(self.raw.len(), |e| e + 1)].to_string()));
+        }
         calls
     }
 }
@@ -1253,14 +1319,18 @@ fn tool_call_entry(name: &str, arguments: &str) -> Value {
 }
 
 /// A chat choice's whole message: its text, or the calls it makes (an
-/// answer cut short before its first call closed stays text).
+/// answer cut short before its first call opened stays text).
 fn chat_message(text: String, tool_call: Option<&Call>) -> Value {
     let reply = if tool_call == Some(&Call::Auto) { auto_reply(&text) } else { None };
     let calls = match tool_call {
         _ if reply.is_some() => vec![],
         None => vec![],
         Some(Call::Named(name)) => vec![(name.clone(), text.clone())],
-        Some(Call::Chosen | Call::Auto) => CallScanner::default().push(&text),
+        Some(Call::Chosen | Call::Auto) => {
+            let mut scanner = CallScanner::default();
+            scanner.push(&text);
+            scanner.calls()
+        }
     };
     if calls.is_empty() {
         return json!({"role": "assistant", "content": reply.unwrap_or(text)});
@@ -1329,9 +1399,9 @@ fn stream_response(head: ResponseHead, include_usage: bool, mut rx: mpsc::Receiv
         }
     };
     // A named call's arguments come as its deltas, after its name and id
-    // in the opening one. Chosen calls, and an `auto` answer's, come each
-    // whole once its object closes, their names being known only from the
-    // answer; an `auto` reply's text streams out of its JSON string.
+    // in the opening one; so do chosen calls' and an `auto` answer's, each
+    // opening once its name is written (see `CallScanner`). An `auto`
+    // reply's text streams out of its JSON string.
     let named = matches!(tool_call, Some(Call::Named(_)));
     let (chosen, auto) = (tool_call == Some(Call::Chosen), tool_call == Some(Call::Auto));
     let text_delta = move |t: &str| if named { json!({"tool_calls": [{"index": 0, "function": {"arguments": t}}]}) } else { json!({"content": t}) };
@@ -1355,8 +1425,8 @@ fn stream_response(head: ResponseHead, include_usage: bool, mut rx: mpsc::Receiv
             }
         }
         let mut generations = vec![];
-        // Chosen calls' or an `auto` answer's calls as they close, the
-        // log-probabilities not yet sent with one, and the reply text
+        // Chosen calls' or an `auto` answer's calls as they come, the
+        // log-probabilities not yet sent with them, and the reply text
         // streamed out of the latter.
         let mut scanners: Vec<CallScanner> = (0..if chosen || auto { n } else { 0 }).map(|_| CallScanner::default()).collect();
         let mut pending = vec![vec![]; scanners.len()];
@@ -1370,10 +1440,16 @@ fn stream_response(head: ResponseHead, include_usage: bool, mut rx: mpsc::Receiv
                     if !shown.is_empty() {
                         events.push(chunk(choice(index, json!({"content": shown}), Some(&shown), None, &[]), None));
                     }
-                    let before = scanners[index].found;
-                    for (i, (name, arguments)) in scanners[index].push(&text).into_iter().enumerate() {
-                        let mut entry = tool_call_entry(&name, &arguments);
-                        entry["index"] = json!(before + i);
+                    for delta in scanners[index].push(&text) {
+                        let entry = match delta {
+                            CallDelta::Opened { index, name } => {
+                                json!({"index": index, "id": next_id("call"), "type": "function", "function": {"name": name, "arguments": ""}})
+                            }
+                            CallDelta::Arguments { index, text } => json!({"index": index, "function": {"arguments": text}}),
+                            CallDelta::Whole { index, name, arguments } => {
+                                json!({"index": index, "id": next_id("call"), "type": "function", "function": {"name": name, "arguments": arguments}})
+                            }
+                        };
                         let entries = std::mem::take(&mut pending[index]);
                         events.push(chunk(choice(index, json!({"tool_calls": [entry]}), Some(""), None, &entries), None));
                     }
@@ -1386,10 +1462,10 @@ fn stream_response(head: ResponseHead, include_usage: bool, mut rx: mpsc::Receiv
                     let mut entries = vec![];
                     if chosen || auto && replies[index].is_call() {
                         entries = std::mem::take(&mut pending[index]);
-                        if scanners[index].found > 0 {
+                        if !scanners[index].calls().is_empty() {
                             reason = call_reason(tool_call.as_ref(), reason);
                         } else {
-                            // Cut short before a call closed: the answer's text.
+                            // Cut short before a call opened: the answer's text.
                             let text = std::mem::take(&mut scanners[index].raw);
                             last.push(chunk(choice(index, json!({"content": text}), Some(&text), None, &std::mem::take(&mut entries)), None));
                         }
@@ -1666,26 +1742,58 @@ mod tests {
         assert!(schema(one) && !schema(r#"{"calls":[{"name":"noop","arguments":{}},{"name":"noop","arguments":{}}]}"#));
         assert!(!schema(r#"{"calls":[]}"#) && !schema(r#"{"calls":[{"name":"other","arguments":{}}]}"#));
         assert!(validates(&either, r#"{"calls":[{"name":"noop","arguments":{}},{"name":"get_weather","arguments":{"city":"Paris"}}]}"#));
-        // Calls are read as their objects close, whole or cut short.
-        let two = r#"{"calls": [{"name": "get_weather", "arguments": {"city": "Pa\"ris}", "at": [1, {"x": "]"}]}}, {"name": "noop", "arguments": {}}]}"#;
-        let calls = [("get_weather".to_string(), r#"{"at":[1,{"x":"]"}],"city":"Pa\"ris}"}"#.to_string()), ("noop".to_string(), "{}".to_string())];
-        assert_eq!(CallScanner::default().push(two), calls);
-        let second = two.find(r#"{"name": "noop""#).unwrap();
-        // Where each call's object closes.
-        let ends = [second - 3, two.len() - 3];
-        for cut in (1..two.len()).filter(|&c| two.is_char_boundary(c)) {
+        // Calls are read as they come: one opens as its arguments begin,
+        // after its name, and their text follows; one whose name comes
+        // after its arguments comes whole as it closes.
+        let three = r#"{"calls": [{"name": "get_weather", "arguments": {"city": "Pa\"ris}", "at": [1, {"x": "]é"}]}}, {"name":"noop","arguments":{}}, {"arguments": {"q": 1}, "name": "noop"}]}"#;
+        let calls = [("get_weather", r#"{"city": "Pa\"ris}", "at": [1, {"x": "]é"}]}"#), ("noop", "{}"), ("noop", r#"{"q": 1}"#)]
+            .map(|(n, a)| (n.to_string(), a.to_string()));
+        let assemble = |deltas: Vec<CallDelta>| {
+            let mut calls: Vec<(String, String)> = vec![];
+            for d in deltas {
+                match d {
+                    CallDelta::Opened { index, name } if index == calls.len() => calls.push((name, String::new())),
+                    CallDelta::Whole { index, name, arguments } if index == calls.len() => calls.push((name, arguments)),
+                    CallDelta::Arguments { index, text } => calls[index].1.push_str(&text),
+                    other => panic!("out of order: {other:?}"),
+                }
+            }
+            calls
+        };
+        let first_arguments = three.find(r#"{"city""#).unwrap();
+        let mut scanner = CallScanner::default();
+        assert_eq!(
+            scanner.push(&three[..=first_arguments]),
+            [CallDelta::Opened { index: 0, name: "get_weather".into() }, CallDelta::Arguments { index: 0, text: "{".into() }]
+        );
+        assert_eq!(scanner.push(r#""ci"#), [CallDelta::Arguments { index: 0, text: r#""ci"#.into() }]);
+        let whole = CallScanner::default().push(three);
+        assert!(matches!(whole.last(), Some(CallDelta::Whole { index: 2, .. })), "{whole:?}");
+        assert_eq!(assemble(whole), calls);
+        for cut in (1..three.len()).filter(|&c| three.is_char_boundary(c)) {
             let mut scanner = CallScanner::default();
-            let (head, rest) = (scanner.push(&two[..cut]), scanner.push(&two[cut..]));
-            assert_eq!(head.len(), ends.iter().filter(|&&end| end < cut).count(), "cut at {cut}");
-            assert_eq!([head, rest].concat(), calls, "cut at {cut}");
+            let mut deltas = scanner.push(&three[..cut]);
+            deltas.extend(scanner.push(&three[cut..]));
+            assert_eq!(assemble(deltas), calls, "cut at {cut}");
         }
-        let message = chat_message(two.to_string(), Some(&Call::Chosen));
-        let names: Vec<_> =
-            message["tool_calls"].as_array().unwrap().iter().map(|c| (c["function"]["name"].clone(), c["id"].as_str().unwrap().to_string())).collect();
-        assert!(names.len() == 2 && names[0].0 == "get_weather" && names[1].0 == "noop" && names[0].1 != names[1].1, "{message}");
-        let cut = &two[..second];
-        assert_eq!(chat_message(cut.to_string(), Some(&Call::Chosen))["tool_calls"].as_array().map(Vec::len), Some(1), "a cut answer keeps its whole calls");
-        assert_eq!(chat_message(two[..30].to_string(), Some(&Call::Chosen)), json!({"role": "assistant", "content": &two[..30]}));
+        let mut scanner = CallScanner::default();
+        let deltas: Vec<CallDelta> = three.chars().flat_map(|c| scanner.push(&c.to_string())).collect();
+        assert_eq!((assemble(deltas), scanner.calls()), (calls.to_vec(), calls.to_vec()));
+        let message = chat_message(three.to_string(), Some(&Call::Chosen));
+        let listed: Vec<_> = message["tool_calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["function"]["name"].clone(), c["function"]["arguments"].clone(), c["id"].as_str().unwrap().to_string()))
+            .collect();
+        assert!(
+            listed.len() == 3 && listed[0].0 == "get_weather" && listed[0].1 == calls[0].1 && listed[2].0 == "noop" && listed[0].2 != listed[1].2,
+            "{message}"
+        );
+        // Cut short: the calls so far, the open one with its arguments so far.
+        let cut = &three[..first_arguments + 8];
+        assert_eq!(chat_message(cut.to_string(), Some(&Call::Chosen))["tool_calls"][0]["function"], json!({"name": "get_weather", "arguments": r#"{"city":"#}));
+        assert_eq!(chat_message(three[..30].to_string(), Some(&Call::Chosen)), json!({"role": "assistant", "content": &three[..30]}));
         // Their `$defs` are hoisted to the union's root, where `$ref`s point.
         let with_defs = |name: &str, city: &str| {
             format!(
@@ -1889,12 +1997,12 @@ mod tests {
         }
     }
 
-    /// A stream of calls: each call's delta (its index, a fresh id, its
-    /// name and arguments) once its object closes, then the reason; an
-    /// answer cut short before a call closed is text; an `auto` reply
-    /// streams as content.
+    /// A stream of calls: each opens with its index, a fresh id and its
+    /// name, its arguments follow as they are written, then the reason;
+    /// an answer cut short keeps its calls so far, and is text before the
+    /// first; an `auto` reply streams as content.
     #[tokio::test]
-    async fn calls_stream_one_delta_each_in_order() {
+    async fn calls_stream_in_order_as_they_are_written() {
         async fn stream(call: Call, pieces: Vec<&str>, stopped: bool) -> (Vec<Value>, String, Vec<Value>) {
             let head = ResponseHead { kind: Kind::Chat, id: "chatcmpl-1".into(), created: 0, model: "m".into(), logprobs: false, n: 1, tool_call: Some(call) };
             let (tx, rx) = mpsc::channel(64);
@@ -1918,26 +2026,40 @@ mod tests {
         }
         let answer = r#"{"calls": [{"name": "a", "arguments": {"x": "}]"}}, {"name": "b", "arguments": {}}, {"name": "a", "arguments": {"x": ""}}]}"#;
         let pieces: Vec<&str> = answer.as_bytes().chunks(5).map(|c| std::str::from_utf8(c).unwrap()).collect();
-        let (calls, content, reasons) = stream(Call::Chosen, pieces.clone(), true).await;
-        let seen: Vec<(u64, &str, &str)> = calls
-            .iter()
-            .map(|c| (c["index"].as_u64().unwrap(), c["function"]["name"].as_str().unwrap(), c["function"]["arguments"].as_str().unwrap()))
-            .collect();
-        assert_eq!(seen, [(0, "a", r#"{"x":"}]"}"#), (1, "b", "{}"), (2, "a", r#"{"x":""}"#)]);
-        let ids: std::collections::HashSet<&str> = calls.iter().map(|c| c["id"].as_str().unwrap()).collect();
-        assert!(ids.len() == 3 && calls.iter().all(|c| c["type"] == "function"));
+        // Each call: its index, id, name and arguments' text put together.
+        let whole = |deltas: &[Value]| {
+            let mut calls: Vec<(u64, String, String, String)> = vec![];
+            for d in deltas {
+                let index = d["index"].as_u64().unwrap();
+                if let Some(id) = d["id"].as_str() {
+                    assert!(index as usize == calls.len() && d["type"] == "function", "{d}");
+                    calls.push((index, id.to_string(), d["function"]["name"].as_str().unwrap().to_string(), String::new()));
+                } else {
+                    assert!(index as usize + 1 == calls.len() && d["function"].get("name").is_none(), "{d}");
+                }
+                calls[index as usize].3.push_str(d["function"]["arguments"].as_str().unwrap());
+            }
+            calls
+        };
+        let (deltas, content, reasons) = stream(Call::Chosen, pieces.clone(), true).await;
+        let calls = whole(&deltas);
+        let seen: Vec<(u64, &str, &str)> = calls.iter().map(|c| (c.0, c.2.as_str(), c.3.as_str())).collect();
+        assert_eq!(seen, [(0, "a", r#"{"x": "}]"}"#), (1, "b", "{}"), (2, "a", r#"{"x": ""}"#)]);
+        let ids: std::collections::HashSet<&str> = calls.iter().map(|c| c.1.as_str()).collect();
+        assert!(ids.len() == 3 && deltas.len() > 6, "arguments in several pieces: {deltas:?}");
         assert_eq!((content.as_str(), reasons), ("", vec![json!("stop")]));
         // Under `auto`, calls end with `tool_calls`; a reply is content.
         let called = format!(r#"{{"kind": "call", {}"#, &answer[1..]);
-        let (calls, content, reasons) = stream(Call::Auto, vec![&called], true).await;
-        assert_eq!((calls.len(), content.as_str(), reasons), (3, "", vec![json!("tool_calls")]));
-        let (calls, content, reasons) = stream(Call::Auto, vec![r#"{"kind": "reply", "content": "Hi [{"#, r#"\"x\"}]"}"#], true).await;
-        assert_eq!((calls.len(), content.as_str(), reasons), (0, r#"Hi [{"x"}]"#, vec![json!("stop")]));
-        // Cut short: the calls that closed, or the text where none did.
-        let (calls, content, _) = stream(Call::Chosen, vec![&answer[..answer.find(r#"{"name": "b""#).unwrap()]], false).await;
-        assert_eq!((calls.len(), content.as_str()), (1, ""));
-        let (calls, content, _) = stream(Call::Chosen, vec![&answer[..20]], false).await;
-        assert_eq!((calls.len(), content.as_str()), (0, &answer[..20]));
+        let (deltas, content, reasons) = stream(Call::Auto, vec![&called], true).await;
+        assert_eq!((whole(&deltas).len(), content.as_str(), reasons), (3, "", vec![json!("tool_calls")]));
+        let (deltas, content, reasons) = stream(Call::Auto, vec![r#"{"kind": "reply", "content": "Hi [{"#, r#"\"x\"}]"}"#], true).await;
+        assert_eq!((deltas.len(), content.as_str(), reasons), (0, r#"Hi [{"x"}]"#, vec![json!("stop")]));
+        // Cut short: the calls so far, the last with its arguments so far,
+        // or the text before the first.
+        let (deltas, content, reasons) = stream(Call::Chosen, vec![&answer[..answer.find(r#""}]"#).unwrap()]], false).await;
+        assert_eq!((whole(&deltas)[0].3.as_str(), content.as_str(), reasons), (r#"{"x": "#, "", vec![json!("length")]));
+        let (deltas, content, _) = stream(Call::Chosen, vec![&answer[..20]], false).await;
+        assert_eq!((deltas.len(), content.as_str()), (0, &answer[..20]));
     }
 
     /// An `auto` reply's text comes out of its JSON string however the

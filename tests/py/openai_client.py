@@ -153,7 +153,18 @@ auto = client.chat.completions.create(model="tandem", messages=weather_question,
 auto_chunks = list(
     client.chat.completions.create(model="tandem", messages=weather_question, max_tokens=192, temperature=0, tools=[weather_tool], stream=True)
 )
-picked_deltas = [call for c in picked_chunks if c.choices for call in (c.choices[0].delta.tool_calls or [])]
+
+
+def streamed_calls(chunks):
+    """Tool calls put together from their deltas: [index, id, name, arguments]."""
+    calls = []
+    for call in (call for c in chunks if c.choices for call in (c.choices[0].delta.tool_calls or [])):
+        if call.id:
+            calls.append([call.index, call.id, call.function.name, ""])
+        calls[call.index][3] += call.function.arguments or ""
+    return calls
+
+
 called_deltas = [call for c in called_chunks if c.choices for call in (c.choices[0].delta.tool_calls or [])]
 
 # vLLM's guided_choice, and a regex under structured_outputs (vLLM 0.10's
@@ -223,12 +234,12 @@ print(
             "picked": [
                 picked.choices[0].finish_reason,
                 [[t.function.name, t.function.arguments] for t in picked.choices[0].message.tool_calls or []],
-                [[d.function.name, d.function.arguments] for d in picked_deltas],
+                [[c[2], c[3]] for c in streamed_calls(picked_chunks)],
             ],
             "parallel": [
                 parallel.choices[0].finish_reason,
                 [[t.function.name, t.function.arguments] for t in parallel.choices[0].message.tool_calls or []],
-                [[d.index, d.id, d.function.name, d.function.arguments] for c in parallel_chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])],
+                streamed_calls(parallel_chunks),
                 [[t.function.name, t.function.arguments] for t in single.choices[0].message.tool_calls or []],
             ],
             "auto": [
@@ -239,7 +250,7 @@ print(
             "auto_streamed": [
                 [c.choices[0].finish_reason for c in auto_chunks if c.choices and c.choices[0].finish_reason],
                 "".join(c.choices[0].delta.content or "" for c in auto_chunks if c.choices),
-                [[d.function.name, d.function.arguments] for c in auto_chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])],
+                [[c[2], c[3]] for c in streamed_calls(auto_chunks)],
             ],
             "guided": [[chosen_word.choices[0].message.content, chosen_word.choices[0].finish_reason], [phone.choices[0].message.content, phone.choices[0].finish_reason]],
             "at_comma_streamed": "".join(c.choices[0].delta.content or "" for c in at_comma_chunks if c.choices),

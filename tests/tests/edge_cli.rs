@@ -280,7 +280,7 @@ fn serve_answers_the_official_openai_client() {
     assert!(opening[0][1].as_str().is_some_and(|id| id.starts_with("call-")), "{v}");
     assert_eq!((&streamed[1], &streamed[2], &streamed[3]), (&serde_json::json!(arguments), &serde_json::json!(["stop"]), &serde_json::json!(false)), "{v}");
     // `required` with two tools: calls of either, each with its function's
-    // arguments; each streamed whole, the same.
+    // arguments; streamed, the same.
     let is_call = |call: &Value| {
         let arguments: Value = serde_json::from_str(call[1].as_str().unwrap()).unwrap();
         match call[0].as_str().unwrap() {
@@ -295,8 +295,9 @@ fn serve_answers_the_official_openai_client() {
     assert!((1..=16).contains(&calls.len()) && calls.iter().all(is_call), "{v}");
     assert_eq!(picked[2], picked[1], "{v}");
     // Parallel calls: up to 16 of the weather (the default model calls it
-    // for Paris, then London), streamed one by one with their indices and
-    // ids, the same as whole; one without them.
+    // for Paris, then London), each streamed with its index and id and
+    // then its arguments as written, put together the same as whole; one
+    // without them.
     let parallel = &v["parallel"];
     assert_eq!(parallel[0], "stop", "{v}");
     let (calls, deltas) = (parallel[1].as_array().unwrap(), parallel[2].as_array().unwrap());
