@@ -11,7 +11,7 @@ use tandem_edge::client::{ClientConfig, RemoteTarget};
 use tandem_edge::config::EdgeConfig;
 use tandem_edge::controller::{RejectionPredictor, SpeculationController, StopRule};
 use tandem_edge::{explain, Backend, ControllerSample, Edge, EdgeError, EdgeOptions, Emitted, GenerateRequest, Generation, LogprobsWanted, Target, Verifier};
-use tandem_model::{fetch, DraftSpec, JsonObjectMode, JsonSchema, LoadedModel, OutputRegex, Penalties, SamplingParams, StopTokens, Tokenizer};
+use tandem_model::{fetch, DraftSpec, JsonObjectMode, JsonSchema, LoadedModel, OutputGrammar, OutputRegex, Penalties, SamplingParams, StopTokens, Tokenizer};
 use tandem_protocol::limits::MAX_TOP_LOGPROBS;
 
 #[derive(Parser)]
@@ -191,6 +191,13 @@ struct SamplingArgs {
     /// regex syntax; vLLM's guided_regex).
     #[arg(long, value_name = "REGEX", conflicts_with_all = ["json_mode", "json_schema"])]
     regex: Option<String>,
+    /// Answer with text that follows this GBNF grammar's `root` rule
+    /// (llama.cpp's grammar syntax and flag; vLLM's guided_grammar).
+    #[arg(long, value_name = "GBNF", conflicts_with_all = ["json_mode", "json_schema", "regex"])]
+    grammar: Option<String>,
+    /// --grammar, read from a file (llama.cpp's `.gbnf` files).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["json_mode", "json_schema", "regex", "grammar"])]
+    grammar_file: Option<PathBuf>,
 }
 
 fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
@@ -212,9 +219,19 @@ impl SamplingArgs {
                 Some(Arc::new(JsonSchema::parse(&text).with_context(|| format!("`--json-schema` {}", path.display()))?))
             }
         };
-        let json_object = match &self.regex {
-            Some(regex) => Some(JsonObjectMode::new(tokenizer.clone()).with_regex(Arc::new(OutputRegex::new(regex).context("`--regex`")?))),
-            None => (self.json_mode || schema.is_some()).then(|| JsonObjectMode::new(tokenizer.clone()).with_schema(schema)),
+        let grammar = match (&self.grammar, &self.grammar_file) {
+            (Some(text), _) => Some(OutputGrammar::new(text).context("`--grammar`")?),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("`--grammar-file`: reading {}", path.display()))?;
+                Some(OutputGrammar::new(&text).with_context(|| format!("`--grammar-file` {}", path.display()))?)
+            }
+            (None, None) => None,
+        };
+        let tables = || JsonObjectMode::new(tokenizer.clone());
+        let json_object = match (&self.regex, grammar) {
+            (Some(regex), _) => Some(tables().with_regex(Arc::new(OutputRegex::new(regex).context("`--regex`")?))),
+            (None, Some(grammar)) => Some(tables().with_grammar(Arc::new(grammar))),
+            (None, None) => (self.json_mode || schema.is_some()).then(|| tables().with_schema(schema)),
         };
         Ok(SamplingParams {
             temperature: self.temperature,

@@ -30,8 +30,10 @@
 //!   vLLM's `guided_json` (a schema, or its JSON text) is the same.
 //! * vLLM's `guided_regex` (Rust's regex syntax) and `guided_choice` (a
 //!   list of strings): the whole answer matches the regex, or is one of
-//!   the strings (see `OutputRegex`); `guided_grammar` is refused. vLLM's
-//!   newer `structured_outputs: {"json" | "regex" | "choice" |
+//!   the strings (see `OutputRegex`). vLLM's `guided_grammar` and
+//!   llama.cpp's `grammar`: a GBNF grammar whose `root` rule the whole
+//!   answer follows (see `OutputGrammar`). vLLM's newer
+//!   `structured_outputs: {"json" | "regex" | "choice" | "grammar" |
 //!   "json_object"}` is the same as those fields.
 //! * Function calling over structured outputs. The chat templates Tandem
 //!   renders have no tool format, so the functions' names, descriptions
@@ -90,7 +92,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tandem_model::{ChatMessage, JsonObjectMode, JsonSchema, OutputRegex, Penalties, SamplingParams, StopTokens, TokenLogprob, Tokenizer};
+use tandem_model::{ChatMessage, JsonObjectMode, JsonSchema, OutputGrammar, OutputRegex, Penalties, SamplingParams, StopTokens, TokenLogprob, Tokenizer};
 use tandem_protocol::limits::{MAX_LOGIT_BIAS, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -243,9 +245,9 @@ struct ValidCompletion {
 const MAX_CHOICES: usize = 16;
 
 /// Fields refused rather than ignored (unless null, false or empty):
-/// ignoring one would answer as if it had not been asked (vLLM's
-/// `guided_grammar` among them).
-const UNSUPPORTED: [&str; 3] = ["functions", "suffix", "guided_grammar"];
+/// ignoring one would answer as if it had not been asked (the legacy
+/// `functions`; `suffix`, which needs a fill-in-the-middle model).
+const UNSUPPORTED: [&str; 2] = ["functions", "suffix"];
 
 /// How a chat answer uses the tools.
 #[derive(Clone, Debug, PartialEq)]
@@ -695,8 +697,8 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, json_tables: &J
         (json_mode, None) => json_mode,
         (None, Some(call)) => Some(Some(call.schema.clone())),
     };
-    let regex = output_regex(&guided)?;
-    if let Some((param, _)) = regex.as_ref().filter(|_| json_mode.is_some()) {
+    let rule = text_rule(&guided)?;
+    if let Some((param, _)) = rule.as_ref().filter(|_| json_mode.is_some()) {
         return Err(ApiError::invalid(param, format!("`{param}` and a JSON answer (`response_format`, a schema or `tools`) both constrain the answer")));
     }
     let n = number(obj, "n")?.unwrap_or(1.0);
@@ -795,8 +797,9 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, json_tables: &J
             penalties,
             logit_bias: logit_bias(obj, tokenizer.vocab_size())?,
             stop: stop_tokens(obj, tokenizer, max as usize)?,
-            json_object: match regex {
-                Some((_, regex)) => Some(json_tables.with_regex(regex)),
+            json_object: match rule {
+                Some((_, TextRule::Regex(regex))) => Some(json_tables.with_regex(regex)),
+                Some((_, TextRule::Grammar(grammar))) => Some(json_tables.with_grammar(grammar)),
                 None => json_mode.map(|schema| json_tables.with_schema(schema)),
             },
         },
@@ -810,13 +813,15 @@ fn parse_request(kind: Kind, body: &[u8], tokenizer: &Tokenizer, json_tables: &J
 }
 
 /// vLLM's constraints beside OpenAI's `response_format`: the
-/// `guided_json`, `guided_regex` and `guided_choice` fields or, as vLLM
-/// names them since 0.10, `structured_outputs: {"json", "regex",
-/// "choice", "json_object"}`. Each one given, with the name errors use.
+/// `guided_json`, `guided_regex`, `guided_choice` and `guided_grammar`
+/// fields (llama.cpp's `grammar` for the last) or, as vLLM names them
+/// since 0.10, `structured_outputs: {"json", "regex", "choice",
+/// "grammar", "json_object"}`. Each one given, with the name errors use.
 struct Guided<'a> {
     json: Option<(&'static str, &'a Value)>,
     regex: Option<(&'static str, &'a Value)>,
     choice: Option<(&'static str, &'a Value)>,
+    grammar: Option<(&'static str, &'a Value)>,
     /// `structured_outputs.json_object: true`: JSON mode.
     json_object: bool,
 }
@@ -827,18 +832,22 @@ fn guided(obj: &Map<String, Value>) -> Result<Guided<'_>, ApiError> {
     }
     let old = |name: &'static str| given(obj.get(name)).map(|v| (name, v));
     let Some(outputs) = given(obj.get("structured_outputs")) else {
-        return Ok(Guided { json: old("guided_json"), regex: old("guided_regex"), choice: old("guided_choice"), json_object: false });
+        if let (Some(_), Some(_)) = (old("guided_grammar"), old("grammar")) {
+            return Err(ApiError::invalid("grammar", "`guided_grammar` and `grammar` both constrain the answer"));
+        }
+        let grammar = old("guided_grammar").or(old("grammar"));
+        return Ok(Guided { json: old("guided_json"), regex: old("guided_regex"), choice: old("guided_choice"), grammar, json_object: false });
     };
     let bad = |message: String| ApiError::invalid("structured_outputs", message);
     let outputs = outputs.as_object().ok_or_else(|| bad("`structured_outputs` must be an object".into()))?;
-    if let Some((name, _)) = old("guided_json").or(old("guided_regex")).or(old("guided_choice")) {
+    let olds = ["guided_json", "guided_regex", "guided_choice", "guided_grammar", "grammar"];
+    if let Some((name, _)) = olds.into_iter().find_map(old) {
         return Err(bad(format!("`structured_outputs` and `{name}` both constrain the answer")));
     }
     // Options set to false change nothing (`disable_fallback`, …).
-    if let Some(key) =
-        outputs.iter().find(|(k, v)| !matches!(v, Value::Null | Value::Bool(false)) && !["json", "regex", "choice", "json_object"].contains(&k.as_str()))
-    {
-        return Err(bad(format!("`structured_outputs.{}` is not supported (json, regex, choice, json_object)", key.0)));
+    const KEYS: [&str; 5] = ["json", "regex", "choice", "grammar", "json_object"];
+    if let Some(key) = outputs.iter().find(|(k, v)| !matches!(v, Value::Null | Value::Bool(false)) && !KEYS.contains(&k.as_str())) {
+        return Err(bad(format!("`structured_outputs.{}` is not supported ({})", key.0, KEYS.join(", "))));
     }
     let json_object = match given(outputs.get("json_object")) {
         None => false,
@@ -850,28 +859,40 @@ fn guided(obj: &Map<String, Value>) -> Result<Guided<'_>, ApiError> {
         json: new("json", "structured_outputs.json"),
         regex: new("regex", "structured_outputs.regex"),
         choice: new("choice", "structured_outputs.choice"),
+        grammar: new("grammar", "structured_outputs.grammar"),
         json_object,
     })
 }
 
-/// vLLM's `guided_regex` (a regex the whole answer matches) or
-/// `guided_choice` (strings, one of which is the answer), and which.
-fn output_regex(guided: &Guided) -> Result<Option<(&'static str, Arc<OutputRegex>)>, ApiError> {
-    let (param, regex) = match (guided.regex, guided.choice) {
-        (None, None) => return Ok(None),
-        (Some((regex, _)), Some((choice, _))) => return Err(ApiError::invalid(choice, format!("`{regex}` and `{choice}` both constrain the answer"))),
-        (Some((param, regex)), None) => {
-            let regex = regex.as_str().ok_or_else(|| ApiError::invalid(param, format!("`{param}` must be a string")))?;
-            (param, OutputRegex::new(regex))
-        }
-        (None, Some((param, choice))) => {
+/// A constraint on the answer's text (rather than a JSON answer).
+enum TextRule {
+    Regex(Arc<OutputRegex>),
+    Grammar(Arc<OutputGrammar>),
+}
+
+/// vLLM's `guided_regex` (a regex the whole answer matches),
+/// `guided_choice` (strings, one of which is the answer) or
+/// `guided_grammar` (a GBNF grammar it follows), and which.
+fn text_rule(guided: &Guided) -> Result<Option<(&'static str, TextRule)>, ApiError> {
+    let given = [guided.regex, guided.choice, guided.grammar];
+    if let [first, second, ..] = given.iter().flatten().map(|g| g.0).collect::<Vec<_>>()[..] {
+        return Err(ApiError::invalid(second, format!("`{first}` and `{second}` both constrain the answer")));
+    }
+    fn string<'v>((param, v): (&'static str, &'v Value)) -> Result<&'v str, ApiError> {
+        v.as_str().ok_or_else(|| ApiError::invalid(param, format!("`{param}` must be a string")))
+    }
+    let (param, rule) = match given {
+        [Some(regex), _, _] => (regex.0, OutputRegex::new(string(regex)?).map(|r| TextRule::Regex(Arc::new(r)))),
+        [_, Some((param, choice)), _] => {
             let options = choice.as_array().filter(|c| !c.is_empty()).and_then(|c| c.iter().map(Value::as_str).collect::<Option<Vec<_>>>());
             let options = options.ok_or_else(|| ApiError::invalid(param, format!("`{param}` must be a non-empty array of strings")))?;
-            (param, OutputRegex::choice(&options))
+            (param, OutputRegex::choice(&options).map(|r| TextRule::Regex(Arc::new(r))))
         }
+        [_, _, Some(grammar)] => (grammar.0, OutputGrammar::new(string(grammar)?).map(|g| TextRule::Grammar(Arc::new(g)))),
+        [None, None, None] => return Ok(None),
     };
-    let regex = regex.map_err(|e| ApiError::invalid(param, format!("`{param}`: {e}")))?;
-    Ok(Some((param, Arc::new(regex))))
+    let rule = rule.map_err(|e| ApiError::invalid(param, format!("`{param}`: {e}")))?;
+    Ok(Some((param, rule)))
 }
 
 fn number(obj: &Map<String, Value>, name: &'static str) -> Result<Option<f64>, ApiError> {
@@ -1672,6 +1693,13 @@ mod tests {
             Some("[0-9]{3}")
         );
         assert_eq!(regex(r#"{"messages":[{"role":"user","content":"x"}],"structured_outputs":{"choice":["yes","no"]}}"#).as_deref(), Some("yes|no"));
+        // vLLM's `guided_grammar`, llama.cpp's `grammar`: GBNF.
+        let grammar = |body: &str| chat(body).unwrap().sampling.json_object.and_then(|j| j.grammar().map(|g| g.source().to_string()));
+        for field in [r#""guided_grammar":"#, r#""grammar":"#, r#""structured_outputs":{"grammar":"#] {
+            let close = if field.contains('{') { "}" } else { "" };
+            let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{field}"root ::= [a-z]+ \"!\""{close}}}"#);
+            assert_eq!(grammar(&body).as_deref(), Some(r#"root ::= [a-z]+ "!""#), "{body}");
+        }
         let outputs = |so: &str| chat(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"structured_outputs":{so}}}"#)).unwrap().sampling.json_object;
         assert_eq!(outputs(&format!(r#"{{"json":{schema}}}"#)), structured.sampling.json_object);
         assert_eq!(outputs(r#"{"json_object":true}"#), Some(tables.clone()));
@@ -1959,7 +1987,15 @@ mod tests {
             (r#"{"messages":[{"role":"user","content":"x"}],"structured_outputs":{"regex":"("}}"#, "structured_outputs.regex"),
             (r#"{"messages":[{"role":"user","content":"x"}],"structured_outputs":{"choice":"yes"}}"#, "structured_outputs.choice"),
             (r#"{"messages":[{"role":"user","content":"x"}],"structured_outputs":{"json":{"type":"string"}}}"#, "structured_outputs.json"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"structured_outputs":{"grammar":"root ::= x"}}"#, "structured_outputs"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"structured_outputs":{"grammar":"root ::= x"}}"#, "structured_outputs.grammar"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"grammar":7}"#, "grammar"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"guided_grammar":"root ::= \"a\"","grammar":"root ::= \"a\""}"#, "grammar"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"guided_grammar":"root ::= \"a\"","guided_regex":"a"}"#, "guided_grammar"),
+            (r#"{"messages":[{"role":"user","content":"x"}],"grammar":"root ::= \"a\"","response_format":{"type":"json_object"}}"#, "grammar"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"structured_outputs":{"grammar":"root ::= \"a\""},"grammar":"root ::= \"a\""}"#,
+                "structured_outputs",
+            ),
             (r#"{"messages":[{"role":"user","content":"x"}],"structured_outputs":{"regex":"a"},"guided_regex":"a"}"#, "structured_outputs"),
             (r#"{"messages":[{"role":"user","content":"x"}],"structured_outputs":[]}"#, "structured_outputs"),
             (r#"{"messages":[{"role":"user","content":"x"}],"guided_regex":"a","response_format":{"type":"json_object"}}"#, "guided_regex"),

@@ -80,9 +80,21 @@ fn text_mode_streams_the_answer() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
 }
 
+/// `--grammar-file`: a llama.cpp `.gbnf` file the whole answer follows.
+#[test]
+fn a_grammar_file_shapes_the_answer() {
+    let file = std::env::temp_dir().join(format!("tandem-answer-{}.gbnf", std::process::id()));
+    std::fs::write(&file, "# yes or no, then why\nroot ::= (\"Yes\" | \"No\") \", \" [a-z]+ \".\"\n").unwrap();
+    let v = tokens_of(&["generate", "--local", "--prompt", "Is the sky blue?", "--max-new-tokens", "16", "--grammar-file", file.to_str().unwrap(), "--json"]);
+    std::fs::remove_file(&file).unwrap();
+    let text = v["text"].as_str().unwrap();
+    let word = text.strip_prefix("Yes, ").or(text.strip_prefix("No, ")).and_then(|t| t.strip_suffix('.'));
+    assert!(word.is_some_and(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase())), "{text:?}");
+}
+
 #[test]
 fn bad_flags_get_messages_naming_them() {
-    let cases: [(&[&str], &str); 14] = [
+    let cases: [(&[&str], &str); 17] = [
         (&["generate", "--local", "--draft", "bogus", "--prompt", "x"], "--draft"),
         (&["generate", "--local", "--draft", "layers:99", "--prompt", "x"], "--draft"),
         (&["generate", "--local", "--model", "/nonexistent.gguf", "--prompt", "x"], "--model"),
@@ -96,6 +108,9 @@ fn bad_flags_get_messages_naming_them() {
         (&["generate", "--local", "--prompt", "x", "--json-schema", "/nonexistent.json"], "--json-schema"),
         (&["generate", "--local", "--prompt", "x", "--regex", "("], "--regex"),
         (&["generate", "--local", "--prompt", "x", "--regex", "a", "--json-mode"], "--regex"),
+        (&["generate", "--local", "--prompt", "x", "--grammar", "root ::= x"], "--grammar"),
+        (&["generate", "--local", "--prompt", "x", "--grammar-file", "/nonexistent.gbnf"], "--grammar-file"),
+        (&["generate", "--local", "--prompt", "x", "--grammar", "root ::= \"a\"", "--regex", "a"], "--grammar"),
         (&["generate", "--prompt", "x"], "--local"),
     ];
     for (args, flag) in cases {

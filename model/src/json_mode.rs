@@ -9,10 +9,13 @@
 //! most one space, or a newline followed by up to 20 spaces or tabs. An
 //! unbounded run would let a small model pad forever.
 
+use crate::grammar::OutputGrammar;
 use crate::json_schema::{JsonSchema, OutputRegex};
 use crate::sampling::TokenLogits;
 use crate::{StopTokens, Tokenizer};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
 
 /// Deepest nesting of objects and arrays.
 const MAX_DEPTH: u8 = 64;
@@ -21,7 +24,7 @@ const MAX_INDENT: u8 = 20;
 const WORDS: [&[u8]; 3] = [b"true", b"false", b"null"];
 
 /// Where the lexer stands between two bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Lex {
     /// Before the top-level object: `{`.
     Start,
@@ -55,7 +58,7 @@ enum Lex {
 }
 
 /// A number's states: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Num {
     Minus,
     Zero,
@@ -104,7 +107,7 @@ impl Num {
 
 /// A valid prefix of one JSON object, byte by byte. Copy, so a candidate
 /// token is tried on a copy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct JsonState {
     lex: Lex,
     depth: u8,
@@ -300,7 +303,6 @@ pub(crate) trait ByteGrammar: Copy {
     /// text it takes (`u32::MAX`: any number; they change nothing else);
     /// None elsewhere.
     fn plain_text_room(&self) -> Option<u32>;
-
     fn feed_all(&mut self, bytes: &[u8]) -> bool {
         bytes.iter().all(|&b| self.feed(b))
     }
@@ -318,15 +320,87 @@ impl ByteGrammar for JsonState {
     }
 }
 
+/// Masks of the vocabulary (a bit per token) by state: along an answer
+/// the states recur (every character of free text or of a JSON string
+/// leads back to the same one), and computing a mask costs a pass over
+/// the vocabulary. The key is what the mask depends on: a JSON state, a
+/// schema cursor's stack and place, a regex's or grammar's state number.
+pub(crate) struct MaskTable<K>(Mutex<HashMap<K, Arc<[u64]>>>);
+
+/// Most masks one table holds (6 KiB each for this vocabulary); a full
+/// table starts again.
+const MAX_MASKS: usize = 512;
+
+impl<K> Default for MaskTable<K> {
+    fn default() -> Self {
+        MaskTable(Mutex::default())
+    }
+}
+
+impl<K> std::fmt::Debug for MaskTable<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MaskTable({} masks)", self.lock().len())
+    }
+}
+
+impl<K> MaskTable<K> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Arc<[u64]>>> {
+        // Entries are inserted whole: a panic elsewhere leaves it sound.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+impl<K: Hash + Eq> MaskTable<K> {
+    /// `key`'s mask, from the table or computed and tabled. It is
+    /// computed unlocked: it feeds cursors that may take locks.
+    fn get_or_compute(&self, key: K, compute: impl FnOnce() -> Vec<u64>) -> Arc<[u64]> {
+        if let Some(mask) = self.lock().get(&key) {
+            return mask.clone();
+        }
+        let mask: Arc<[u64]> = compute().into();
+        let mut masks = self.lock();
+        if masks.len() >= MAX_MASKS {
+            masks.clear();
+        }
+        masks.insert(key, mask.clone());
+        mask
+    }
+}
+
 /// JSON mode for one model's vocabulary: any JSON object, or with a
 /// schema ([`JsonSchema`]) one that satisfies it; or, on the same tables,
-/// text that matches a regex ([`OutputRegex`], vLLM's `guided_regex`).
+/// text that matches a regex ([`OutputRegex`], vLLM's `guided_regex`) or
+/// follows a grammar ([`OutputGrammar`], llama.cpp's GBNF).
 #[derive(Clone)]
 pub struct JsonObjectMode {
     tokenizer: Arc<Tokenizer>,
     tokens: Arc<TokenClasses>,
-    schema: Option<Arc<JsonSchema>>,
-    regex: Option<Arc<OutputRegex>>,
+    constraint: Constraint,
+}
+
+/// What the output must be.
+#[derive(Clone)]
+enum Constraint {
+    /// A JSON object (satisfying the schema, if any).
+    Object(Option<Arc<JsonSchema>>),
+    Regex(Arc<OutputRegex>),
+    Grammar(Arc<OutputGrammar>),
+}
+
+impl Constraint {
+    /// The schema, regex or grammar as given (None: any object).
+    fn source(&self) -> Option<&str> {
+        match self {
+            Constraint::Object(schema) => schema.as_ref().map(|s| s.source()),
+            Constraint::Regex(regex) => Some(regex.source()),
+            Constraint::Grammar(grammar) => Some(grammar.source()),
+        }
+    }
 }
 
 /// What the mask needs of each token at a glance. Trying every token's
@@ -342,6 +416,8 @@ struct TokenClasses {
     /// `\\` or control bytes (0: other tokens). Inside a string, between
     /// characters, such a token changes nothing but the string's length.
     plain_chars: Vec<u16>,
+    /// JSON mode's masks, shared by every answer in JSON mode.
+    json_masks: MaskTable<JsonState>,
 }
 
 impl TokenClasses {
@@ -364,26 +440,29 @@ impl TokenClasses {
                     }
                 })
                 .collect(),
+            json_masks: MaskTable::default(),
         }
     }
 }
 
 impl std::fmt::Debug for JsonObjectMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (&self.schema, &self.regex) {
-            (_, Some(regex)) => write!(f, "JsonObjectMode(regex {})", regex.source()),
-            (None, None) => f.write_str("JsonObjectMode"),
-            (Some(schema), None) => write!(f, "JsonObjectMode({})", schema.source()),
+        match &self.constraint {
+            Constraint::Object(None) => f.write_str("JsonObjectMode"),
+            Constraint::Object(Some(schema)) => write!(f, "JsonObjectMode({})", schema.source()),
+            Constraint::Regex(regex) => write!(f, "JsonObjectMode(regex {})", regex.source()),
+            Constraint::Grammar(grammar) => write!(f, "JsonObjectMode(grammar {:?})", grammar.source()),
         }
     }
 }
 
-/// Equal for the same vocabulary and schema or regex.
+/// Equal for the same vocabulary and the same kind of constraint, given
+/// by the same text.
 impl PartialEq for JsonObjectMode {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.tokenizer, &other.tokenizer)
-            && self.schema.as_ref().map(|s| s.source()) == other.schema.as_ref().map(|s| s.source())
-            && self.regex.as_ref().map(|r| r.source()) == other.regex.as_ref().map(|r| r.source())
+            && std::mem::discriminant(&self.constraint) == std::mem::discriminant(&other.constraint)
+            && self.constraint.source() == other.constraint.source()
     }
 }
 
@@ -391,37 +470,61 @@ impl JsonObjectMode {
     /// Builds the vocabulary's tables (a few milliseconds).
     pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
         let tokens = Arc::new(TokenClasses::new(&tokenizer));
-        JsonObjectMode { tokenizer, tokens, schema: None, regex: None }
+        JsonObjectMode { tokenizer, tokens, constraint: Constraint::Object(None) }
     }
 
     /// The same vocabulary's tables, constrained by `schema` (None: any
     /// object).
     pub fn with_schema(&self, schema: Option<Arc<JsonSchema>>) -> Self {
-        JsonObjectMode { schema, regex: None, ..self.clone() }
+        JsonObjectMode { constraint: Constraint::Object(schema), ..self.clone() }
     }
 
     /// The same vocabulary's tables, for text that matches `regex`.
     pub fn with_regex(&self, regex: Arc<OutputRegex>) -> Self {
-        JsonObjectMode { schema: None, regex: Some(regex), ..self.clone() }
+        JsonObjectMode { constraint: Constraint::Regex(regex), ..self.clone() }
+    }
+
+    /// The same vocabulary's tables, for text that follows `grammar`.
+    pub fn with_grammar(&self, grammar: Arc<OutputGrammar>) -> Self {
+        JsonObjectMode { constraint: Constraint::Grammar(grammar), ..self.clone() }
+    }
+
+    /// Whether the output is a JSON object (with or without a schema).
+    pub fn is_object(&self) -> bool {
+        matches!(self.constraint, Constraint::Object(_))
     }
 
     pub fn schema(&self) -> Option<&JsonSchema> {
-        self.schema.as_deref()
+        match &self.constraint {
+            Constraint::Object(schema) => schema.as_deref(),
+            _ => None,
+        }
     }
 
     pub fn regex(&self) -> Option<&OutputRegex> {
-        self.regex.as_deref()
+        match &self.constraint {
+            Constraint::Regex(regex) => Some(regex),
+            _ => None,
+        }
+    }
+
+    pub fn grammar(&self) -> Option<&OutputGrammar> {
+        match &self.constraint {
+            Constraint::Grammar(grammar) => Some(grammar),
+            _ => None,
+        }
     }
 
     /// Whether `output` is a prefix of an answer: None if it already left
     /// the grammar (an output that did not start in JSON mode: nothing is
     /// masked then), else whether the answer may end here (the object is
-    /// complete, the regex matched).
+    /// complete, the regex matched, the grammar's root is whole).
     pub fn check(&self, output: &[u32]) -> Option<bool> {
-        match (&self.schema, &self.regex) {
-            (_, Some(regex)) => self.state_after(regex.start(), output).map(|s| s.complete()),
-            (None, None) => self.state_after(JsonState::default(), output).map(|s| s.complete()),
-            (Some(schema), None) => self.state_after(schema.start(), output).map(|s| s.complete()),
+        match &self.constraint {
+            Constraint::Object(None) => self.state_after(JsonState::default(), output).map(|s| s.complete()),
+            Constraint::Object(Some(schema)) => self.state_after(schema.start(), output).map(|s| s.complete()),
+            Constraint::Regex(regex) => self.state_after(regex.start(), output).map(|s| s.complete()),
+            Constraint::Grammar(grammar) => self.state_after(grammar.start(), output).map(|s| s.complete()),
         }
     }
 
@@ -435,18 +538,55 @@ impl JsonObjectMode {
     /// ones) until the answer may end (an object's once it is complete,
     /// after which only they remain; a regex's at each match).
     pub fn mask<R: TokenLogits + ?Sized>(&self, row: &mut R, output: &[u32], stop: Option<&StopTokens>) {
-        match (&self.schema, &self.regex) {
-            (_, Some(regex)) => self.mask_from(self.state_after(regex.start(), output), row, stop),
-            (None, None) => self.mask_from(self.state_after(JsonState::default(), output), row, stop),
-            (Some(schema), None) => self.mask_from(self.state_after(schema.start(), output), row, stop),
+        match &self.constraint {
+            Constraint::Object(None) => self.mask_from(self.state_after(JsonState::default(), output), &self.tokens.json_masks, |s| *s, row, stop),
+            Constraint::Object(Some(schema)) => self.mask_from(self.state_after(schema.start(), output), schema.masks(), |c| c.mask_key(), row, stop),
+            Constraint::Regex(regex) => self.mask_from(self.state_after(regex.start(), output), regex.masks(), |c| c.mask_key(), row, stop),
+            Constraint::Grammar(grammar) => self.mask_from(self.state_after(grammar.start(), output), grammar.masks(), |c| c.mask_key(), row, stop),
         }
     }
 
-    fn mask_from<G: ByteGrammar, R: TokenLogits + ?Sized>(&self, state: Option<G>, row: &mut R, stop: Option<&StopTokens>) {
+    /// The mask of `state` (None: the output left the grammar, nothing is
+    /// masked), from `table` under `key(state)` or computed and tabled.
+    fn mask_from<G: ByteGrammar, K: Hash + Eq, R: TokenLogits + ?Sized>(
+        &self,
+        state: Option<G>,
+        table: &MaskTable<K>,
+        key: impl Fn(&G) -> K,
+        row: &mut R,
+        stop: Option<&StopTokens>,
+    ) {
         let Some(state) = state else { return };
+        let vocab = self.tokenizer.vocab_size();
+        let bits = table.get_or_compute(key(&state), || {
+            let mut allowed = self.token_filter(state);
+            let mut bits = vec![0u64; vocab.div_ceil(64)];
+            for t in (0..vocab).filter(|&t| allowed(t as u32)) {
+                bits[t / 64] |= 1 << (t % 64);
+            }
+            bits
+        });
+        self.mask_with(row, stop, state.complete(), |t| bits.get(t as usize / 64).is_some_and(|w| w >> (t % 64) & 1 == 1));
+    }
+
+    /// Gives −∞ to the tokens of `row` not `allowed`, and to the stop
+    /// tokens unless the answer is `complete`.
+    fn mask_with<R: TokenLogits + ?Sized>(&self, row: &mut R, stop: Option<&StopTokens>, complete: bool, mut allowed: impl FnMut(u32) -> bool) {
         let stop = stop.map_or(self.tokenizer.eos_tokens(), |s| &s.tokens);
-        let complete = state.complete();
         let stop_logits: Vec<(u32, f32)> = stop.iter().filter_map(|&t| Some((t, *row.logit_mut(t)?))).collect();
+        row.for_each_logit(|t, l| {
+            if !allowed(t) {
+                *l = f32::NEG_INFINITY;
+            }
+        });
+        for (t, l) in stop_logits {
+            *row.logit_mut(t).expect("held above") = if complete { l } else { f32::NEG_INFINITY };
+        }
+    }
+
+    /// Whether a token may come next from `state`: not special or empty,
+    /// and its bytes keep the output in the grammar.
+    fn token_filter<'a, G: ByteGrammar + 'a>(&'a self, state: G) -> impl FnMut(u32) -> bool + 'a {
         let first_ok: [bool; 256] = std::array::from_fn(|b| { state }.feed(b as u8));
         let plain_text_room = state.plain_text_room();
         // Between values most tokens that pass the first byte (a space, a
@@ -455,33 +595,27 @@ impl JsonObjectMode {
         // first byte's state takes are tabled on first use. Not inside a
         // string, where the few tokens tried start with ~200 first bytes.
         let mut second_ok: Vec<Option<Box<[bool; 256]>>> = vec![None; if plain_text_room.is_some() { 0 } else { 256 }];
-        let mut takes_two = |b0: u8, b1: u8| {
-            second_ok[b0 as usize].get_or_insert_with(|| {
-                let mut after = state;
-                after.feed(b0);
-                Box::new(std::array::from_fn(|b| { after }.feed(b as u8)))
-            })[b1 as usize]
-        };
         let classes = &self.tokens;
-        row.for_each_logit(|t, l| {
+        move |t| {
             let i = t as usize;
-            let allowed = !classes.banned[i] && first_ok[classes.first[i] as usize] && {
+            !classes.banned[i] && first_ok[classes.first[i] as usize] && {
+                let bytes = self.tokenizer.token_bytes(t);
                 if let Some(room) = plain_text_room {
                     match classes.plain_chars[i] {
-                        0 => { state }.feed_all(self.tokenizer.token_bytes(t)),
+                        0 => { state }.feed_all(bytes),
                         chars => chars as u32 <= room,
                     }
                 } else {
-                    let bytes = self.tokenizer.token_bytes(t);
+                    let mut takes_two = |b0: u8, b1: u8| {
+                        second_ok[b0 as usize].get_or_insert_with(|| {
+                            let mut after = state;
+                            after.feed(b0);
+                            Box::new(std::array::from_fn(|b| { after }.feed(b as u8)))
+                        })[b1 as usize]
+                    };
                     (bytes.len() < 2 || takes_two(bytes[0], bytes[1])) && { state }.feed_all(bytes)
                 }
-            };
-            if !allowed {
-                *l = f32::NEG_INFINITY;
             }
-        });
-        for (t, l) in stop_logits {
-            *row.logit_mut(t).expect("held above") = if complete { l } else { f32::NEG_INFINITY };
         }
     }
 }
@@ -558,13 +692,19 @@ pub(crate) mod tests {
                     continue;
                 }
                 assert_eq!(mode.check(output), Some(state.complete()));
-                let mut row = vec![0.5f32; tokenizer.vocab_size()];
-                mode.mask(&mut row[..], output, None);
-                for (t, &l) in row.iter().enumerate() {
-                    let t = t as u32;
-                    let bytes = tokenizer.token_bytes(t);
-                    let expected = if eos.contains(&t) { state.complete() } else { !tokenizer.is_special(t) && !bytes.is_empty() && { state }.feed_all(bytes) };
-                    assert_eq!(l.is_finite(), expected, "token {t} ({:?}) after {:?}", String::from_utf8_lossy(bytes), tokenizer.decode(output));
+                // Twice: a tabled mask is computed, then read from its table.
+                for row in [0, 1].map(|_| {
+                    let mut row = vec![0.5f32; tokenizer.vocab_size()];
+                    mode.mask(&mut row[..], output, None);
+                    row
+                }) {
+                    for (t, &l) in row.iter().enumerate() {
+                        let t = t as u32;
+                        let bytes = tokenizer.token_bytes(t);
+                        let expected =
+                            if eos.contains(&t) { state.complete() } else { !tokenizer.is_special(t) && !bytes.is_empty() && { state }.feed_all(bytes) };
+                        assert_eq!(l.is_finite(), expected, "token {t} ({:?}) after {:?}", String::from_utf8_lossy(bytes), tokenizer.decode(output));
+                    }
                 }
             }
         }

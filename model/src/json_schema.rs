@@ -50,7 +50,7 @@
 //! No state is a dead end: every state the cursor reaches lets some byte
 //! through until the object is complete.
 
-use crate::json_mode::{string_step, whitespace_step, ByteGrammar, JsonState, Num, StrStep};
+use crate::json_mode::{string_step, whitespace_step, ByteGrammar, JsonState, MaskTable, Num, StrStep};
 use crate::{ModelError, Result};
 use regex_automata::dfa::{dense, Automaton, StartKind};
 use regex_automata::util::primitives::StateID;
@@ -422,6 +422,7 @@ impl Dfa {
 pub struct OutputRegex {
     dfa: Dfa,
     source: String,
+    masks: MaskTable<StateID>,
 }
 
 impl OutputRegex {
@@ -432,7 +433,7 @@ impl OutputRegex {
         if dfa.memory() > MAX_DFA_BYTES {
             return Err(ModelError::InvalidArgument(format!("its DFA takes more than {} MiB", MAX_DFA_BYTES >> 20)));
         }
-        Ok(OutputRegex { dfa, source: regex.to_string() })
+        Ok(OutputRegex { dfa, source: regex.to_string(), masks: MaskTable::default() })
     }
 
     /// A regex of exactly these strings (`guided_choice`).
@@ -454,21 +455,31 @@ impl OutputRegex {
         &self.source
     }
 
+    pub(crate) fn masks(&self) -> &MaskTable<StateID> {
+        &self.masks
+    }
+
     pub(crate) fn start(&self) -> RegexCursor<'_> {
-        RegexCursor { dfa: &self.dfa, state: self.dfa.start }
+        RegexCursor { regex: self, state: self.dfa.start }
     }
 }
 
 /// Where the output stands in an [`OutputRegex`]'s DFA.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RegexCursor<'a> {
-    dfa: &'a Dfa,
+    regex: &'a OutputRegex,
     state: StateID,
+}
+
+impl RegexCursor<'_> {
+    pub(crate) fn mask_key(&self) -> StateID {
+        self.state
+    }
 }
 
 impl ByteGrammar for RegexCursor<'_> {
     fn feed(&mut self, b: u8) -> bool {
-        match self.dfa.step(self.state, b).filter(|_| writable(b)) {
+        match self.regex.dfa.step(self.state, b).filter(|_| writable(b)) {
             Some(next) => {
                 self.state = next;
                 true
@@ -479,7 +490,7 @@ impl ByteGrammar for RegexCursor<'_> {
 
     /// A match may end here; it may also go on.
     fn complete(&self) -> bool {
-        self.dfa.may_end(self.state, 0)
+        self.regex.dfa.may_end(self.state, 0)
     }
 
     fn plain_text_room(&self) -> Option<u32> {
@@ -508,6 +519,7 @@ pub struct JsonSchema {
     root: u16,
     /// The schema as compact JSON text (what travels on the wire).
     source: String,
+    masks: MaskTable<SchemaKey>,
 }
 
 /// The values one (sub)schema admits, by how they start.
@@ -574,7 +586,7 @@ impl JsonSchema {
         if r.any || r.string || r.number || r.integer || r.array.is_some() || !r.literals.is_empty() || r.object.is_none() {
             return Err(ModelError::InvalidArgument("the schema must describe an object (`\"type\": \"object\"`), as JSON mode answers with one".into()));
         }
-        Ok(JsonSchema { nodes, regexes, root, source: schema.to_string() })
+        Ok(JsonSchema { nodes, regexes, root, source: schema.to_string(), masks: MaskTable::default() })
     }
 
     pub fn source(&self) -> &str {
@@ -582,6 +594,10 @@ impl JsonSchema {
     }
 
     /// Before the answer's first byte.
+    pub(crate) fn masks(&self) -> &MaskTable<SchemaKey> {
+        &self.masks
+    }
+
     pub(crate) fn start(&self) -> SchemaCursor<'_> {
         SchemaCursor { schema: self, frames: [Frame::default(); MAX_SCHEMA_DEPTH], depth: 0, cur: Cur::Value(self.root), ws: 0 }
     }
@@ -1087,7 +1103,7 @@ fn merge(node: &mut Node, branch: Node, path: &str) -> Result<(), String> {
 }
 
 /// One open constrained container.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 struct Frame {
     node: u16,
     object: bool,
@@ -1097,7 +1113,7 @@ struct Frame {
 }
 
 /// Where the cursor stands between two bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Cur {
     /// Before a value of a node.
     Value(u16),
@@ -1166,6 +1182,19 @@ pub(crate) struct SchemaCursor<'a> {
     depth: u8,
     cur: Cur,
     ws: u8,
+}
+
+/// What a [`SchemaCursor`]'s mask depends on: its open containers, its
+/// place and its whitespace (the frames past the depth cleared).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct SchemaKey([Frame; MAX_SCHEMA_DEPTH], u8, Cur, u8);
+
+impl SchemaCursor<'_> {
+    pub(crate) fn mask_key(&self) -> SchemaKey {
+        let mut frames = self.frames;
+        frames[self.depth as usize..].fill(Frame::default());
+        SchemaKey(frames, self.depth, self.cur, self.ws)
+    }
 }
 
 /// The candidates in `cands` whose byte `at` is `b`.

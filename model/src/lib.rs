@@ -10,6 +10,7 @@
 mod draft;
 mod error;
 pub mod fetch;
+mod grammar;
 pub mod hf;
 #[cfg(feature = "hub")]
 pub mod hub;
@@ -29,6 +30,7 @@ pub use draft::{
     PromptLookup, Proposal, StepForward, SyntheticDraft, DRAFT_STREAM,
 };
 pub use error::{ModelError, Result};
+pub use grammar::{OutputGrammar, MAX_GRAMMAR_DEPTH};
 pub use json_mode::JsonObjectMode;
 pub use json_schema::{JsonSchema, OutputRegex, MAX_SCHEMA_DEPTH};
 pub use kv_cache::KvCache;

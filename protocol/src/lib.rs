@@ -50,6 +50,8 @@ pub mod limits {
     pub const MAX_JSON_SCHEMA_BYTES: usize = 64 << 10;
     /// Largest `regex`, in bytes.
     pub const MAX_REGEX_BYTES: usize = 16 << 10;
+    /// Largest `grammar`, in bytes.
+    pub const MAX_GRAMMAR_BYTES: usize = 16 << 10;
     /// Tolerance on the total mass of a sparse distribution (f32 rounding).
     pub const MASS_TOLERANCE: f32 = 1e-3;
 }

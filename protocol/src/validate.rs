@@ -81,20 +81,24 @@ pub fn validate_open(open: &Open, vocab: usize) -> Result<(), WireError> {
             return Err(WireError::invalid(format!("`open.sampling.min_tokens` = {} exceeds `open.max_new_tokens` {max_new}", s.min_tokens)));
         }
         let json = s.json_object || !s.json_schema.is_empty();
-        if json && !s.regex.is_empty() {
-            return Err(WireError::invalid("`open.sampling.regex` is not taken with `json_object` or `json_schema`"));
+        let constraints = [("json_object", json), ("regex", !s.regex.is_empty()), ("grammar", !s.grammar.is_empty())];
+        let mut given = constraints.iter().filter(|c| c.1).map(|c| c.0);
+        if let (Some(first), Some(second)) = (given.next(), given.next()) {
+            return Err(WireError::invalid(format!("`open.sampling.{second}` is not taken with `{first}`: one constraint on the output")));
         }
-        let constrained = if json { "json_object" } else { "regex" };
-        if (json || !s.regex.is_empty()) && s.ignore_eos && s.stop_token_ids.is_empty() {
-            return Err(WireError::invalid(format!(
-                "`open.sampling.{constrained}` needs a token to end the answer: not `ignore_eos` without `stop_token_ids`"
-            )));
+        if let Some((constrained, _)) = constraints.iter().find(|c| c.1) {
+            if s.ignore_eos && s.stop_token_ids.is_empty() {
+                return Err(WireError::invalid(format!(
+                    "`open.sampling.{constrained}` needs a token to end the answer: not `ignore_eos` without `stop_token_ids`"
+                )));
+            }
         }
-        if s.json_schema.len() > MAX_JSON_SCHEMA_BYTES {
-            return Err(WireError::invalid(format!("`open.sampling.json_schema` is {} bytes; at most {MAX_JSON_SCHEMA_BYTES}", s.json_schema.len())));
-        }
-        if s.regex.len() > MAX_REGEX_BYTES {
-            return Err(WireError::invalid(format!("`open.sampling.regex` is {} bytes; at most {MAX_REGEX_BYTES}", s.regex.len())));
+        for (name, text, most) in
+            [("json_schema", &s.json_schema, MAX_JSON_SCHEMA_BYTES), ("regex", &s.regex, MAX_REGEX_BYTES), ("grammar", &s.grammar, MAX_GRAMMAR_BYTES)]
+        {
+            if text.len() > most {
+                return Err(WireError::invalid(format!("`open.sampling.{name}` is {} bytes; at most {most}", text.len())));
+            }
         }
         if !(s.repetition_penalty.is_finite() && s.repetition_penalty >= 0.0) {
             return Err(WireError::invalid(format!("`open.sampling.repetition_penalty` must be > 0 (0: none), got {}", s.repetition_penalty)));
@@ -200,6 +204,9 @@ mod tests {
             (Open { sampling: Some(Sampling { regex: "a".repeat(MAX_REGEX_BYTES + 1), ..Default::default() }), ..open() }, "open.sampling.regex"),
             (Open { sampling: Some(Sampling { regex: "a".into(), json_object: true, ..Default::default() }), ..open() }, "open.sampling.regex"),
             (Open { sampling: Some(Sampling { regex: "a".into(), ignore_eos: true, ..Default::default() }), ..open() }, "open.sampling.regex"),
+            (Open { sampling: Some(Sampling { grammar: "a".repeat(MAX_GRAMMAR_BYTES + 1), ..Default::default() }), ..open() }, "open.sampling.grammar"),
+            (Open { sampling: Some(Sampling { grammar: "a".into(), regex: "a".into(), ..Default::default() }), ..open() }, "open.sampling.grammar"),
+            (Open { sampling: Some(Sampling { grammar: "a".into(), ignore_eos: true, ..Default::default() }), ..open() }, "open.sampling.grammar"),
             (Open { sampling: Some(Sampling { presence_penalty: 2.5, ..Default::default() }), ..open() }, "open.sampling.presence_penalty"),
             (Open { sampling: Some(Sampling { frequency_penalty: f32::NAN, ..Default::default() }), ..open() }, "open.sampling.frequency_penalty"),
             (Open { sampling: Some(Sampling { repetition_penalty: -1.0, ..Default::default() }), ..open() }, "open.sampling.repetition_penalty"),

@@ -9,7 +9,7 @@ use crate::kv_budget::KvBudget;
 use crate::metrics::Metrics;
 use crate::prefix_cache::{EntryId, PrefixIndex};
 use crate::session::{feed, new_acceptance, opening_demand, HandedOff, RecentLengths, Session, TypicalRound, ASSUMED_DRAFTS};
-use crate::validate::{ValidOpen, ValidVerify};
+use crate::validate::{OutputConstraint, ValidOpen, ValidVerify};
 use crate::ServeError;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -393,11 +393,12 @@ impl Engine {
             generated: open.resumed,
             max_new: open.max_new_tokens,
             sampling: SamplingParams {
-                json_object: (open.json_object || open.regex.is_some()).then(|| {
+                json_object: open.constraint.as_ref().map(|constraint| {
                     let tables = self.json_mode.get_or_insert_with(|| JsonObjectMode::new(self.model.tokenizer.clone()));
-                    match &open.regex {
-                        Some(regex) => tables.with_regex(regex.clone()),
-                        None => tables.with_schema(open.json_schema.clone()),
+                    match constraint {
+                        OutputConstraint::Object(schema) => tables.with_schema(schema.clone()),
+                        OutputConstraint::Regex(regex) => tables.with_regex(regex.clone()),
+                        OutputConstraint::Grammar(grammar) => tables.with_grammar(grammar.clone()),
                     }
                 }),
                 ..open.sampling

@@ -79,11 +79,12 @@ impl StreamTask {
             Err(status) => return drop(self.out.send(Err(status)).await),
         };
         let sampled = open.sampling.as_ref().is_some_and(|s| s.temperature > 0.0);
-        // A schema's patterns may take up to a second to compile: off the
-        // runtime's worker, so other streams go on meanwhile.
-        let has_schema = open.sampling.as_ref().is_some_and(|s| !s.json_schema.is_empty());
+        // A schema's patterns, a regex or a grammar may take up to a second
+        // to compile: off the runtime's worker, so other streams go on
+        // meanwhile.
+        let compiles = open.sampling.as_ref().is_some_and(|s| !(s.json_schema.is_empty() && s.regex.is_empty() && s.grammar.is_empty()));
         let validate = || ValidOpen::new(open, self.vocab, self.context_len, &self.eos);
-        let valid = match if has_schema { tokio::task::block_in_place(validate) } else { validate() } {
+        let valid = match if compiles { tokio::task::block_in_place(validate) } else { validate() } {
             Ok(v) => v,
             Err(e) => return self.fail(e).await,
         };

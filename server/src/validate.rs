@@ -3,7 +3,7 @@
 
 use crate::ServeError;
 use std::sync::Arc;
-use tandem_model::{JsonSchema, OutputRegex, Penalties, SamplingParams, SparseDist, StopTokens};
+use tandem_model::{JsonSchema, OutputGrammar, OutputRegex, Penalties, SamplingParams, SparseDist, StopTokens};
 use tandem_protocol::wire::{DraftMode, Open, Verify};
 use tandem_protocol::{validate_open, validate_verify};
 
@@ -17,12 +17,8 @@ pub struct ValidOpen {
     pub max_new_tokens: usize,
     /// Without JSON mode's vocabulary table, which the engine attaches.
     pub sampling: SamplingParams,
-    /// OpenAI's JSON mode.
-    pub json_object: bool,
-    /// The schema the object must satisfy (structured outputs).
-    pub json_schema: Option<Arc<JsonSchema>>,
-    /// The regex the whole output matches (vLLM's `guided_regex`).
-    pub regex: Option<Arc<OutputRegex>>,
+    /// What the whole output must be (None: any text).
+    pub constraint: Option<OutputConstraint>,
     pub server_only: bool,
     /// Report the target's hidden states (EAGLE-style edge drafts).
     pub want_features: bool,
@@ -34,6 +30,19 @@ pub struct ValidOpen {
     /// TTFT and TPOT objectives, ms (None: no objective).
     pub ttft_ms: Option<u32>,
     pub tpot_ms: Option<u32>,
+}
+
+/// What a session's whole output must be: the engine attaches the
+/// vocabulary's tables to it (`JsonObjectMode`).
+#[derive(Clone, Debug)]
+pub enum OutputConstraint {
+    /// OpenAI's JSON mode: one object, satisfying the schema if any
+    /// (structured outputs).
+    Object(Option<Arc<JsonSchema>>),
+    /// vLLM's `guided_regex`.
+    Regex(Arc<OutputRegex>),
+    /// A GBNF grammar (llama.cpp's `grammar`, vLLM's `guided_grammar`).
+    Grammar(Arc<OutputGrammar>),
 }
 
 impl ValidOpen {
@@ -48,13 +57,18 @@ impl ValidOpen {
                 open.max_new_tokens
             )));
         }
-        let json_schema = match sampling.json_schema.as_str() {
-            "" => None,
-            text => Some(Arc::new(JsonSchema::parse(text).map_err(|e| ServeError::InvalidArgument(format!("`open.sampling.json_schema`: {e}")))?)),
-        };
-        let regex = match sampling.regex.as_str() {
-            "" => None,
-            text => Some(Arc::new(OutputRegex::new(text).map_err(|e| ServeError::InvalidArgument(format!("`open.sampling.regex`: {e}")))?)),
+        let invalid = |field: &str, e: tandem_model::ModelError| ServeError::InvalidArgument(format!("`open.sampling.{field}`: {e}"));
+        // The wire's validation let through at most one of them.
+        let constraint = if !sampling.json_schema.is_empty() {
+            Some(OutputConstraint::Object(Some(Arc::new(JsonSchema::parse(&sampling.json_schema).map_err(|e| invalid("json_schema", e))?))))
+        } else if sampling.json_object {
+            Some(OutputConstraint::Object(None))
+        } else if !sampling.regex.is_empty() {
+            Some(OutputConstraint::Regex(Arc::new(OutputRegex::new(&sampling.regex).map_err(|e| invalid("regex", e))?)))
+        } else if !sampling.grammar.is_empty() {
+            Some(OutputConstraint::Grammar(Arc::new(OutputGrammar::new(&sampling.grammar).map_err(|e| invalid("grammar", e))?)))
+        } else {
+            None
         };
         let slo = open.slo.unwrap_or_default();
         Ok(ValidOpen {
@@ -79,9 +93,7 @@ impl ValidOpen {
                 stop: StopTokens::resolve(eos, &sampling.stop_token_ids, sampling.ignore_eos, sampling.min_tokens as usize),
                 json_object: None,
             },
-            json_object: sampling.json_object || json_schema.is_some(),
-            json_schema,
-            regex,
+            constraint,
             server_only: open.draft_mode == DraftMode::ServerOnly as i32,
             want_features: open.want_features,
             logprobs: open.want_logprobs.then_some(open.top_logprobs as usize),

@@ -10,7 +10,7 @@ use tandem_edge::client::RemoteTarget;
 use tandem_edge::controller::{SpeculationController, StopRule};
 use tandem_edge::{Decoded, EdgeError, Emitted, GenerateRequest, Generation, LogprobInbox, LogprobsWanted, RoundOutcome, Speculator, Target, TargetFeatures};
 use tandem_model::{
-    DraftSpec, JsonObjectMode, JsonSchema, LogitsFor, OutputRegex, Penalties, SamplingParams, SeqPass, StopTokens, SyntheticDraft, TokenLogprob,
+    DraftSpec, JsonObjectMode, JsonSchema, LogitsFor, OutputGrammar, OutputRegex, Penalties, SamplingParams, SeqPass, StopTokens, SyntheticDraft, TokenLogprob,
 };
 use tandem_protocol::wire::{EdgeMessage, Open, Sampling, ServerKind, ServerMessage, SparseDist, Tokens, VerifierClient};
 use tandem_tests::*;
@@ -257,25 +257,34 @@ fn json_schema_answers_satisfy_the_schema_as_plain_decoding_gives_them() {
     as_plain_decoding_gives_it(&server, &req, &[DraftSpec::Layers(25), DraftSpec::Trained(None)], 0.8, satisfies);
 }
 
-/// vLLM's `guided_regex`: the whole answer matches the regex. It travels
-/// as text and the server compiles it again; drafting over gRPC and
-/// server-only decoding give plain decoding's answer, and sampled
-/// answers match too.
+/// vLLM's `guided_regex` and `guided_grammar`: the whole answer matches
+/// the regex, or follows the GBNF grammar. Each travels as text and the
+/// server compiles it again; drafting over gRPC and server-only decoding
+/// give plain decoding's answer, and sampled answers match too.
 #[test]
-fn regex_answers_match_as_plain_decoding_gives_them() {
+fn regex_and_grammar_answers_match_as_plain_decoding_gives_them() {
     let server = ServerProcess::start(&[]);
     let m = model();
-    let mode = JsonObjectMode::new(m.tokenizer.clone()).with_regex(Arc::new(OutputRegex::new(r"(Yes|No), because [a-z ,]{10,60}\.").unwrap()));
-    let req = GenerateRequest {
-        sampling: SamplingParams { json_object: Some(mode.clone()), ..SamplingParams::default() },
-        ..request("Is the sky blue? Answer yes or no, and say why.", 48)
-    };
-    let matches = |g: &Generation| {
-        assert!(g.stopped_on_eos, "no end in {} tokens: {:?}", g.tokens.len(), g.text);
-        assert_eq!(mode.check(&g.tokens[..g.tokens.len() - 1]), Some(true), "{:?}", g.text);
-        assert!((g.text.starts_with("Yes, because ") || g.text.starts_with("No, because ")) && g.text.ends_with('.'), "{:?}", g.text);
-    };
-    as_plain_decoding_gives_it(&server, &req, &[DraftSpec::Layers(25), DraftSpec::Ngram], 0.8, matches);
+    let tables = JsonObjectMode::new(m.tokenizer.clone());
+    let grammar = r#"root ::= answer ", because " reason "."
+answer ::= "Yes" | "No"
+reason ::= word (" " word){2,12}   # a few words
+word ::= [a-z]{1,12}"#;
+    for mode in [
+        tables.with_regex(Arc::new(OutputRegex::new(r"(Yes|No), because [a-z ,]{10,60}\.").unwrap())),
+        tables.with_grammar(Arc::new(OutputGrammar::new(grammar).unwrap())),
+    ] {
+        let req = GenerateRequest {
+            sampling: SamplingParams { json_object: Some(mode.clone()), ..SamplingParams::default() },
+            ..request("Is the sky blue? Answer yes or no, and say why.", 48)
+        };
+        let matches = |g: &Generation| {
+            assert!(g.stopped_on_eos, "no end in {} tokens: {:?}", g.tokens.len(), g.text);
+            assert_eq!(mode.check(&g.tokens[..g.tokens.len() - 1]), Some(true), "{:?}", g.text);
+            assert!((g.text.starts_with("Yes, because ") || g.text.starts_with("No, because ")) && g.text.ends_with('.'), "{:?}", g.text);
+        };
+        as_plain_decoding_gives_it(&server, &req, &[DraftSpec::Layers(25), DraftSpec::Ngram], 0.8, matches);
+    }
 }
 
 /// The trained (EAGLE-style) draft reads the target's hidden states: over
@@ -409,6 +418,14 @@ fn bad_inputs_get_statuses_naming_the_field_and_the_server_keeps_serving() {
             },
             Code::InvalidArgument,
             "open.sampling.regex",
+        ),
+        (
+            {
+                let open = open_msg(prompt.clone(), 4, 0.0);
+                Open { sampling: open.sampling.clone().map(|s| Sampling { grammar: "root ::= x".into(), ..s }), ..open }
+            },
+            Code::InvalidArgument,
+            "open.sampling.grammar",
         ),
     ];
     for (open, code, field) in open_cases {

@@ -175,6 +175,12 @@ chosen_word = client.chat.completions.create(
 phone = client.chat.completions.create(
     model="tandem", messages=[{"role": "user", "content": "Give a phone number."}], max_tokens=24, temperature=0, extra_body={"structured_outputs": {"regex": r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}"}}
 )
+# A GBNF grammar, as llama.cpp's server and vLLM's guided_grammar take it.
+fruit_grammar = r"""root ::= item ("\n" item){1,2}
+item ::= "- " [A-Z] [a-z]{1,12}   # one capitalized word"""
+fruits = client.chat.completions.create(
+    model="tandem", messages=[{"role": "user", "content": "Name three fruits."}], max_tokens=32, temperature=0, extra_body={"guided_grammar": fruit_grammar}
+)
 
 # n choices: sampled ones draw with seed + i; greedy ones are alike.
 poem = [{"role": "user", "content": "Write a line about the sea."}]
@@ -252,7 +258,7 @@ print(
                 "".join(c.choices[0].delta.content or "" for c in auto_chunks if c.choices),
                 [[c[2], c[3]] for c in streamed_calls(auto_chunks)],
             ],
-            "guided": [[chosen_word.choices[0].message.content, chosen_word.choices[0].finish_reason], [phone.choices[0].message.content, phone.choices[0].finish_reason]],
+            "guided": [[chosen_word.choices[0].message.content, chosen_word.choices[0].finish_reason], [phone.choices[0].message.content, phone.choices[0].finish_reason], [fruits.choices[0].message.content, fruits.choices[0].finish_reason]],
             "at_comma_streamed": "".join(c.choices[0].delta.content or "" for c in at_comma_chunks if c.choices),
             "several": [[c.index, c.message.content, c.finish_reason] for c in several.choices],
             "several_tokens": several.usage.completion_tokens,

@@ -326,6 +326,14 @@ fn serve_answers_the_official_openai_client() {
         "{v}"
     );
     assert_eq!(guided[1][1], "stop", "{v}");
+    // A GBNF grammar (`guided_grammar`): two or three lines "- Word".
+    let lines: Vec<&str> = guided[2][0].as_str().unwrap().split('\n').collect();
+    let item = |l: &&str| {
+        l.strip_prefix("- ").is_some_and(|w| {
+            w.chars().next().is_some_and(|c| c.is_ascii_uppercase()) && w[1..].chars().all(|c| c.is_ascii_lowercase()) && (2..=13).contains(&w.len())
+        })
+    };
+    assert!((2..=3).contains(&lines.len()) && lines.iter().all(item) && guided[2][1] == "stop", "{v}");
     // `auto`: a reply (its text out of the JSON around it) or a call
     // (`tool_calls`), the same whole and streamed.
     let auto = &v["auto"];
